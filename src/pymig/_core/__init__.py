@@ -1,0 +1,1 @@
+"""Compiled kernels.  Private: import them through :mod:`pymig.core` and friends."""

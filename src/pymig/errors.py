@@ -1,0 +1,87 @@
+"""The exception tree.  Compiled code and its pure-Python twin raise the same classes.
+
+    PymigError
+    ├── StreamError        a malformed, truncated or unexpected migration stream (offset, reason)
+    │   └── PacketError    a RAM packet that fails a check (offset inside the packet, reason)
+    ├── KvmError           an ioctl failed (errno, ioctl name); also an OSError
+    ├── GuestError         the guest stopped in a way it cannot continue from (exit data)
+    ├── TransportError     a URI that does not parse, a connection that fails or drops
+    │   └── UriError       a bad URI (also a ValueError)
+    ├── MigrationError     a migration that cannot start or did not complete
+    └── StateError         device state that does not load (entry, field, versions)
+"""
+
+from __future__ import annotations
+
+
+class PymigError(Exception):
+    """Base of every error pymig raises on purpose."""
+
+
+class StreamError(PymigError):
+    """The stream is not what the format allows.
+
+    ``offset`` is the byte offset of the problem from the start of the unit being parsed (the
+    stream for stream-level errors, the packet for :class:`PacketError`), ``reason`` says what
+    is wrong in words a user can act on.
+    """
+
+    def __init__(self, offset: int, reason: str):
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"at byte {offset}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.offset, self.reason))
+
+
+class PacketError(StreamError):
+    """A RAM packet failed a check; no byte outside its declared pages was written."""
+
+
+class KvmError(PymigError, OSError):
+    """An ioctl on /dev/kvm, a VM or a vCPU failed."""
+
+    def __init__(self, errno: int, ioctl: str, detail: str = ""):
+        import os
+
+        self.ioctl = ioctl
+        text = f"{ioctl}: {os.strerror(errno)}" + (f" ({detail})" if detail else "")
+        OSError.__init__(self, errno, text)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return (type(self), (self.errno, self.ioctl))
+
+
+class GuestError(PymigError):
+    """The guest stopped in a state it cannot continue from (triple fault, failed entry...)."""
+
+
+class TransportError(PymigError):
+    """A channel could not be opened, or broke while in use."""
+
+
+class UriError(TransportError, ValueError):
+    """A migration URI that pymig cannot use, with the reason."""
+
+
+class MigrationError(PymigError):
+    """A migration that cannot start or did not complete; the source guest keeps running."""
+
+
+class StateError(PymigError):
+    """Device state that does not save or load.
+
+    ``entry`` is the state entry (idstr), ``field`` the field being handled (or None), and
+    ``versions`` the (stream, minimum, current) versions involved when versions are the cause.
+    """
+
+    def __init__(self, message: str, entry: str | None = None, field: str | None = None,
+                 versions: tuple[int, ...] | None = None):
+        self.entry = entry
+        self.field = field
+        self.versions = versions
+        super().__init__(message)
