@@ -1,0 +1,166 @@
+"""What migration needs from a guest, whatever runs it (KVM or the simulated writer).
+
+Everything above ``pymig.guest`` (RAM entry, migration thread, destination) talks to a guest
+only through :class:`Guest`, so the same code paths run on a machine without /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from pymig.memory import RamBlock
+
+GiB = 1 << 30
+# PC layout: RAM below the 3 GiB PCI hole, the rest from 4 GiB, as firmware would report it.
+LOW_RAM_LIMIT = 3 * GiB
+HIGH_RAM_BASE = 4 * GiB
+
+
+@dataclass(frozen=True)
+class RamLayout:
+    """One RAM block of a guest's memory map."""
+
+    name: str
+    size_bytes: int
+    guest_phys_addr: int
+
+
+def pc_layout(memory_bytes: int) -> list[RamLayout]:
+    """Split ``memory_bytes`` of RAM around the PC hole: ``ram-low`` at 0, ``ram-high`` at 4 GiB."""
+    if memory_bytes <= 0:
+        raise ValueError(f"guest memory size must be positive, not {memory_bytes}")
+    low = min(memory_bytes, LOW_RAM_LIMIT)
+    blocks = [RamLayout("ram-low", low, 0)]
+    if memory_bytes > low:
+        blocks.append(RamLayout("ram-high", memory_bytes - low, HIGH_RAM_BASE))
+    return blocks
+
+
+@dataclass
+class GuestConfig:
+    """Everything a destination needs to build an identical, paused guest.
+
+    ``kind`` is ``"kvm"`` or ``"simulated"``; ``workload`` names a built-in workload (or
+    ``"image"`` for a user's boot sector / flat binary) and ``params`` its parameters.  The
+    guest's memory and vCPU state travel in the migration stream, so an image itself is not part
+    of the configuration.
+    """
+
+    kind: str
+    memory_bytes: int
+    vcpus: int = 1
+    workload: str = "idle"
+    params: dict[str, Any] = field(default_factory=dict)
+    blocks: list[RamLayout] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            self.blocks = pc_layout(self.memory_bytes)
+        self.blocks = [b if isinstance(b, RamLayout) else RamLayout(**b) for b in self.blocks]
+        if sum(b.size_bytes for b in self.blocks) != self.memory_bytes:
+            raise ValueError("RAM blocks do not add up to the guest's memory size")
+        if self.vcpus < 1:
+            raise ValueError(f"a guest needs at least one vCPU, not {self.vcpus}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GuestConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown guest configuration keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class Console:
+    """The guest's serial output: kept in memory, appended to files, fanned out to callbacks."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[bytes], None]] = []
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._data += data
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            callback(data)
+
+    def data(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+    def text(self) -> str:
+        return self.data().decode("utf-8", "replace")
+
+    def subscribe(self, callback: Callable[[bytes], None]) -> None:
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def unsubscribe(self, callback: Callable[[bytes], None]) -> None:
+        with self._lock:
+            self._subscribers.remove(callback)
+
+    def tee_to_file(self, path: str) -> Callable[[bytes], None]:
+        """Append everything the guest prints from now on to ``path``; returns the callback."""
+        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - closed with the console's guest
+
+        def write(data: bytes) -> None:
+            handle.write(data)
+
+        write.close = handle.close  # type: ignore[attr-defined]
+        self.subscribe(write)
+        return write
+
+
+@runtime_checkable
+class Guest(Protocol):
+    """A running guest as migration sees it.  ``KvmGuest`` and ``SimulatedGuest`` implement it."""
+
+    config: GuestConfig
+    ram_blocks: list[RamBlock]
+    vcpu_count: int
+    console: Console
+
+    @property
+    def status(self) -> str:
+        """``created`` | ``running`` | ``paused`` | ``shutdown`` | ``error``."""
+
+    def start(self) -> None: ...
+    def pause(self) -> None:
+        """Return once no vCPU (or writer) is changing guest memory or its own state."""
+    def resume(self) -> None: ...
+    def close(self) -> None: ...
+
+    def start_dirty_log(self) -> None: ...
+    def stop_dirty_log(self) -> None: ...
+    def sync_dirty(self) -> list[np.ndarray]:
+        """Per block, the pages dirtied since the last sync/clear; valid until the next sync."""
+    def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
+        """Re-arm dirty tracking for that range (a no-op where syncing already did)."""
+
+    def save_state(self) -> Any: ...
+    def load_state(self, state: Any) -> None: ...
+    def set_throttle(self, percent: int) -> None: ...
+    def progress(self) -> dict[str, int]: ...
+
+
+def create(config: GuestConfig, **options: Any) -> Guest:
+    """Build a new, paused guest with fresh RAM for ``config`` (source or destination)."""
+    if config.kind == "kvm":
+        from pymig.guest.kvm_guest import KvmGuest
+
+        return KvmGuest.create(config, **options)
+    if config.kind == "simulated":
+        from pymig.guest.simulated import SimulatedGuest
+
+        return SimulatedGuest.create(config, **options)
+    raise ValueError(f"unknown guest kind {config.kind!r} (use 'kvm' or 'simulated')")
