@@ -1,0 +1,135 @@
+"""Destination side: accept one migration, load it completely, then (and only then) run it.
+
+::
+
+    listen(uri) ── accept ── header ── config (FULL "pymig.config") ── build a paused guest
+        ── sections: RAM START / PART... / END, device state FULL ... ── EOF
+        ── every entry complete? ── load vCPU + device state ── LOADED ──► source
+        ◄── COMMIT ── start vCPUs ── ACK(start time) ──► source
+
+Every packet checksum, every section footer and every page bound is checked on the way in.  On
+any failure the destination reports it on the return path, never starts the guest, frees it and
+raises; the source then resumes its own copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pymig import stream, transport
+from pymig.errors import MigrationError, PymigError, StreamError
+from pymig.guest import GuestConfig
+from pymig.machine import Machine, load_config
+
+
+@dataclass
+class IncomingResult:
+    """What a finished incoming migration produced: a running guest and how it got there."""
+
+    machine: Machine
+    bytes_received: int
+    load_time_s: float
+    started_ns: int
+    stats: dict = field(default_factory=dict)
+
+
+class Incoming:
+    """One incoming migration on ``uri``.
+
+    ``check_config`` may refuse the stream's guest configuration (e.g. a CLI option that
+    disagrees with it) by raising ValueError; ``guest_options`` go to the guest factory.
+    """
+
+    def __init__(self, uri: str, *, check_config: Callable[[GuestConfig], None] | None = None,
+                 guest_options: dict | None = None, accept_timeout: float | None = None,
+                 commit_timeout: float = 60.0):
+        transport.parse_uri(uri)
+        self.uri = uri
+        self.check_config = check_config
+        self.guest_options = guest_options or {}
+        self.accept_timeout = accept_timeout
+        self.commit_timeout = commit_timeout
+        self.status = "none"
+        self.error: BaseException | None = None
+        self.machine: Machine | None = None
+        self._listener = None
+        self._listeners: list[Callable[[str, str], None]] = []
+        self._lock = threading.Lock()
+
+    def on_status(self, callback: Callable[[str, str], None]) -> None:
+        self._listeners.append(callback)
+
+    def _set_status(self, new: str) -> None:
+        with self._lock:
+            old, self.status = self.status, new
+        for callback in list(self._listeners):
+            callback(old, new)
+
+    def listen(self) -> str:
+        """Start listening; returns the address actually bound (e.g. the port for tcp:...:0)."""
+        self._listener = transport.listen(self.uri)
+        self._set_status("setup")
+        return self._listener.uri
+
+    def run(self) -> IncomingResult:
+        """Accept, load and start; raises on any failure without ever starting the guest."""
+        if self._listener is None:
+            self.listen()
+        channel = None
+        rp = None
+        try:
+            channel = self._listener.accept(self.accept_timeout)
+            self._listener.close()
+            self._set_status("active")
+            t0 = time.monotonic()
+            reader = stream.StreamReader(channel)
+            reader.read_header()
+            if channel.has_return_path:
+                rp = stream.ReturnPathWriter(channel)
+                rp.ready()
+            config = load_config(reader)
+            if self.check_config is not None:
+                self.check_config(config)
+            self.machine = Machine.incoming(config, **self.guest_options)
+            self.machine.load_stream(reader)
+            load_time = time.monotonic() - t0
+            if rp is not None:
+                rp.loaded()
+                channel.settimeout(self.commit_timeout)
+                stream.recv_commit(channel)
+            started_ns = time.time_ns()
+            self.machine.guest.resume()
+            if rp is not None:
+                rp.ack(started_ns)
+            self._set_status("completed")
+            return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
+                                  self.machine.load_counters())
+        except BaseException as exc:
+            self.error = exc
+            if rp is not None:
+                try:
+                    rp.load_error(describe(exc))
+                except PymigError:
+                    pass
+            if self.machine is not None:
+                self.machine.close()
+                self.machine = None
+            self._set_status("failed")
+            if isinstance(exc, (PymigError, ValueError)):
+                raise MigrationError(f"incoming migration failed: {describe(exc)}") from exc
+            raise
+        finally:
+            if channel is not None:
+                channel.close()
+            if self._listener is not None:
+                self._listener.close()
+
+
+def describe(exc: BaseException) -> str:
+    """One line saying what went wrong, for the return path and the user."""
+    if isinstance(exc, StreamError):
+        return f"{type(exc).__name__} {exc}"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,435 @@
+"""Source side: the migration state machine and the migration thread.
+
+.. code-block:: text
+
+    stateDiagram-v2
+        none --> setup : migrate(uri)
+        setup --> active : entries set up, stream header sent
+        active --> device : policy says switch over; vCPUs stop
+        device --> completed : destination loaded everything, committed, started
+        setup --> failed
+        active --> failed
+        device --> failed
+        setup --> cancelling : migrate_cancel
+        active --> cancelling
+        device --> cancelling
+        cancelling --> cancelled
+        cancelling --> failed
+        failed --> setup : migrate again
+        cancelled --> setup
+
+Every transition is compare-and-set (:meth:`Migration._transition`) and emits an event.
+Whatever goes wrong before the destination is told to commit, the source guest ends up running
+with its memory intact, dirty logging off, the throttle lifted and the channel closed.  After
+the commit the guest belongs to the destination: the source stays paused even if the final
+acknowledgement is lost, so a guest never runs in two places.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pymig import policy as policy_mod
+from pymig import stream, transport
+from pymig.errors import MigrationError, PymigError
+from pymig.machine import Machine, SectionOut
+from pymig.parameters import MigrationParameters, ParameterStore
+from pymig.stats import MigrationStats, TraceWriter
+
+
+class Status(str, enum.Enum):
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    DEVICE = "device"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+_ALLOWED: dict[Status, set[Status]] = {
+    Status.NONE: {Status.SETUP},
+    Status.SETUP: {Status.ACTIVE, Status.FAILED, Status.CANCELLING},
+    Status.ACTIVE: {Status.DEVICE, Status.FAILED, Status.CANCELLING},
+    Status.DEVICE: {Status.COMPLETED, Status.FAILED, Status.CANCELLING},
+    Status.CANCELLING: {Status.CANCELLED, Status.FAILED},
+    Status.FAILED: {Status.SETUP},
+    Status.CANCELLED: {Status.SETUP},
+    Status.COMPLETED: set(),
+}
+ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING}
+
+
+class Cancelled(MigrationError):
+    """The migration was cancelled (by the user or by a limit); the source keeps running."""
+
+
+@dataclass
+class Bandwidth:
+    """Bytes/s the channel carried, from iterations that sent enough to be meaningful."""
+
+    bytes_per_s: float = 0.0
+    min_sample_bytes: int = 4 << 20
+
+    def sample(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        if nbytes >= self.min_sample_bytes or self.bytes_per_s == 0:
+            self.bytes_per_s = rate
+
+
+class Migration:
+    """Outgoing migration of one machine (guest + state registry)."""
+
+    def __init__(self, machine: Machine, params: ParameterStore | None = None,
+                 decide: Callable = policy_mod.decide):
+        self.machine = machine
+        self.params = params or ParameterStore()
+        self.decide = decide
+        self.stats = MigrationStats()
+        self._status = Status.NONE
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._listeners: list[Callable[[Status, Status], None]] = []
+        self._pass_listeners: list[Callable[[dict], None]] = []
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._manual_switchover = threading.Event()
+        self._continue_switchover = threading.Event()
+        self._channel = None
+        self.trace_path: str | None = None
+        self.error: BaseException | None = None
+        self.params.on_change(self._params_changed)
+
+    # -- state machine -----------------------------------------------------------------------
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def on_status(self, callback: Callable[[Status, Status], None]) -> None:
+        """``callback(old, new)`` after every transition (from the thread that made it)."""
+        self._listeners.append(callback)
+
+    def on_pass(self, callback: Callable[[dict], None]) -> None:
+        """``callback(trace_record)`` after every dirty-log sync (QMP's MIGRATION_PASS)."""
+        self._pass_listeners.append(callback)
+
+    def _transition(self, expected: Status, new: Status) -> bool:
+        """Move ``expected`` → ``new`` if the state is still ``expected``; False otherwise."""
+        with self._lock:
+            if self._status != expected:
+                return False
+            if new not in _ALLOWED[expected]:
+                raise AssertionError(f"transition {expected.value} -> {new.value} not allowed")
+            self._status = new
+            self.stats.set_status(new.value)
+            self._changed.notify_all()
+        for callback in list(self._listeners):
+            callback(expected, new)
+        return True
+
+    # -- control -----------------------------------------------------------------------------
+    def start(self, uri: str, *, trace_path: str | None = None) -> None:
+        """Begin migrating to ``uri`` in the background; refuses while one is active."""
+        transport.parse_uri(uri)  # a bad URI is the caller's error, before any state changes
+        self.machine.registry.check_migratable()
+        with self._lock:
+            current = self._status
+        if current in ACTIVE_STATES:
+            raise MigrationError(f"a migration is already {current.value}")
+        if current == Status.COMPLETED:
+            raise MigrationError("this guest has already migrated away")
+        if not self._transition(current, Status.SETUP):
+            raise MigrationError("a migration started concurrently")
+        self._cancel.clear()
+        self._manual_switchover.clear()
+        self._continue_switchover.clear()
+        self.error = None
+        self.trace_path = trace_path
+        self.stats = MigrationStats()
+        self.stats.set_status(Status.SETUP.value)
+        self._thread = threading.Thread(target=self._run, args=(uri,), name="pymig-migration",
+                                        daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Ask the migration to stop; the source guest keeps (or resumes) running."""
+        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+            if self._transition(state, Status.CANCELLING):
+                break
+        self._cancel.set()
+        channel = self._channel
+        if channel is not None:
+            channel.shutdown()  # unblocks a send stuck on a full socket
+
+    def switchover(self) -> None:
+        """Switch over at the next decision, whatever the expected downtime (manual)."""
+        self._manual_switchover.set()
+
+    def continue_switchover(self) -> None:
+        """Release a migration waiting with the pause-before-switchover capability."""
+        self._continue_switchover.set()
+
+    def wait(self, timeout: float | None = None) -> Status:
+        """Block until the migration ends (or ``timeout``); returns the status."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self._status
+
+    def query(self) -> dict:
+        return self.stats.query()
+
+    def _params_changed(self, changed: dict) -> None:
+        channel = self._channel
+        if channel is not None and "max_bandwidth" in changed:
+            channel.set_max_bandwidth(changed["max_bandwidth"])
+
+    # -- the migration thread ----------------------------------------------------------------
+    def _run(self, uri: str) -> None:
+        machine, guest = self.machine, self.machine.guest
+        stats = self.stats
+        trace = TraceWriter(self.trace_path) if self.trace_path else None
+        paused_by_us = False
+        committed = False
+        saver = machine.ram_saver
+        saver.cancelled = self._cancel.is_set
+        ret = None
+        try:
+            started = time.monotonic()
+            stats.start(started, ram_total=sum(b.size_bytes for b in guest.ram_blocks),
+                        page_size=guest.ram_blocks[0].page_size)
+            params = self.params.snapshot()
+            channel = transport.connect(uri, timeout=10.0)
+            self._channel = channel
+            if self._cancel.is_set():
+                raise Cancelled("migration cancelled")
+            channel.set_max_bandwidth(params.max_bandwidth)
+            writer = stream.StreamWriter(channel)
+            if channel.has_return_path:
+                ret = ReturnPath(channel)
+            writer.write_header()
+            machine.save_config(writer)
+            for entry in machine.registry.live_entries():
+                entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
+            stats.setup_done(time.monotonic())
+            if not self._transition(Status.SETUP, Status.ACTIVE):
+                raise Cancelled("migration cancelled")
+
+            bandwidth = Bandwidth()
+            if params.max_bandwidth:
+                bandwidth.bytes_per_s = float(params.max_bandwidth)
+            iteration = 0
+            last_sync = time.monotonic()
+            sent_since_sync = 0
+            while True:
+                self._check(ret)
+                params = self.params.snapshot()
+                dirtied = saver.sync()
+                now = time.monotonic()
+                iteration += 1
+                pending = sum(e.handlers.pending(e.opaque)
+                              for e in machine.registry.live_entries())
+                metrics = policy_mod.Metrics(
+                    iteration=iteration,
+                    elapsed_s=now - started,
+                    ram_bytes=stats.ram_total,
+                    page_size=stats.page_size,
+                    pending_bytes=pending,
+                    bandwidth_bps=bandwidth.bytes_per_s,
+                    dirty_rate_bps=dirtied * stats.page_size / max(now - last_sync, 1e-6),
+                    bytes_sent_total=channel.bytes_sent,
+                    bytes_sent_period=sent_since_sync,
+                    bytes_dirtied_period=dirtied * stats.page_size,
+                    throttle_pct=guest_throttle(guest),
+                    manual_switchover_requested=self._manual_switchover.is_set(),
+                )
+                decision = self.decide(metrics, policy_params(params))
+                record = stats.iteration(now, metrics, decision, dirtied,
+                                         self._ram_counters())
+                if trace:
+                    trace.write(record)
+                for callback in list(self._pass_listeners):
+                    callback(record)
+                last_sync = now
+                if decision.throttle_pct != metrics.throttle_pct:
+                    guest.set_throttle(decision.throttle_pct)
+                    stats.set_throttle(decision.throttle_pct)
+                if decision.action == "switchover":
+                    stats.switchover(decision.reason, decision.expected_downtime_s)
+                    break
+                if decision.action == "cancel":
+                    raise Cancelled(f"migration cancelled: {decision.reason}")
+                t0, b0 = time.monotonic(), channel.bytes_sent
+                for entry in machine.registry.live_entries():
+                    entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
+                sent_since_sync = channel.bytes_sent - b0
+                bandwidth.sample(sent_since_sync, time.monotonic() - t0)
+                stats.progress(channel.bytes_sent, self._ram_counters(),
+                               saver.pending_pages() * stats.page_size)
+
+            if params.capabilities.get("pause-before-switchover"):
+                while not self._continue_switchover.wait(0.05):
+                    self._check(ret)
+            if not self._transition(Status.ACTIVE, Status.DEVICE):
+                raise Cancelled("migration cancelled")
+            # stop-and-copy: from here the guest is paused until the destination runs it, or
+            # until we resume it here because something failed before the commit
+            stop_wall = time.time_ns()
+            stop_mono = time.monotonic()
+            guest.pause()
+            paused_by_us = True
+            for entry in machine.registry.live_entries():
+                entry.handlers.complete(entry.opaque, SectionOut(writer, entry))
+            machine.save_device_state(writer)
+            writer.eof()
+            stats.progress(channel.bytes_sent, self._ram_counters(), 0)
+            if ret is not None:
+                ret.wait_for(stream.RP_LOADED, timeout=60.0, check=self._check)
+                self._check(ret)
+                stream.send_commit(channel)
+                committed = True
+                ack = ret.wait_for(stream.RP_ACK, timeout=60.0, check=None)
+                downtime_ms = (ack.start_ns - stop_wall) / 1e6
+            else:
+                committed = True  # one-way channel: the stream is all there is
+                downtime_ms = (time.monotonic() - stop_mono) * 1e3
+            stats.completed(time.monotonic(), downtime_ms, channel.bytes_sent)
+            self._transition(Status.DEVICE, Status.COMPLETED)
+        except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest running
+            self._fail(exc, paused_by_us and not committed, committed)
+        finally:
+            for entry in machine.registry.live_entries():
+                try:
+                    entry.handlers.cleanup(entry.opaque)
+                except PymigError:
+                    pass
+            if guest_throttle(guest):
+                guest.set_throttle(0)
+            self.stats.set_throttle(0)
+            if ret is not None:
+                ret.stop()
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+            if trace:
+                trace.close()
+
+    def _check(self, ret: "ReturnPath | None") -> None:
+        if self._cancel.is_set():
+            raise Cancelled("migration cancelled")
+        if ret is not None and ret.error is not None:
+            raise MigrationError(f"destination failed: {ret.error}")
+
+    def _ram_counters(self):
+        return self.machine.ram_saver.counters
+
+    def _fail(self, exc: BaseException, resume: bool, committed: bool) -> None:
+        guest = self.machine.guest
+        if resume:
+            try:
+                guest.resume()
+            except PymigError as resume_exc:  # pragma: no cover - reported, never hidden
+                exc = MigrationError(f"{exc}; and resuming the source failed: {resume_exc}")
+        cancelled = isinstance(exc, Cancelled) or self._cancel.is_set()
+        if committed:
+            text = (f"the destination was told to start but did not confirm: {exc}; the guest "
+                    f"stays paused here so it never runs twice")
+        elif isinstance(exc, PymigError):
+            text = str(exc)
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        self.error = exc
+        self.stats.failed(time.monotonic(), text, cancelled)
+        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+            if self._transition(state, Status.CANCELLING if cancelled else Status.FAILED):
+                break
+        if self._status == Status.CANCELLING:
+            self._transition(Status.CANCELLING, Status.CANCELLED if cancelled else Status.FAILED)
+
+
+def guest_throttle(guest) -> int:
+    return int(getattr(guest, "throttle_pct", 0) or 0)
+
+
+def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
+    """The policy's view of the current parameters and capabilities."""
+    caps = params.capabilities
+    return policy_mod.PolicyParams(
+        downtime_limit_s=params.downtime_limit_ms / 1000.0,
+        auto_converge=caps.get("auto-converge", False),
+        throttle_initial_pct=params.throttle_initial_pct,
+        throttle_increment_pct=params.throttle_increment_pct,
+        throttle_max_pct=params.throttle_max_pct,
+        throttle_trigger_threshold=params.throttle_trigger_threshold / 100.0,
+        throttle_mode=params.throttle_mode,
+        dirty_limit_pages_per_s=(params.dirty_limit_pages_per_s or None)
+        if caps.get("dirty-limit") else None,
+        max_iterations=params.max_iterations or None,
+        max_total_time_s=(params.max_total_time_ms / 1000.0) or None,
+        max_bytes_ratio=params.max_bytes_ratio or None,
+        limit_action=params.limit_action,
+    )
+
+
+class ReturnPath:
+    """Reads the destination's messages in a thread: errors fail the migration at once."""
+
+    def __init__(self, channel):
+        self.reader = stream.ReturnPathReader(channel)
+        self.error: str | None = None
+        self._messages: dict[int, object] = {}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="pymig-return-path",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            try:
+                message = self.reader.recv(timeout=None)
+            except PymigError as exc:
+                with self._cond:
+                    if not self._stopped and self.error is None and stream.RP_ACK not in \
+                            self._messages:
+                        self.error = f"return path lost: {exc}"
+                    self._stopped = True
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                if message.type == stream.RP_LOAD_ERROR:
+                    self.error = message.text
+                self._messages[message.type] = message
+                self._cond.notify_all()
+
+    def wait_for(self, kind: int, timeout: float, check: Callable | None):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while kind not in self._messages:
+                if self.error is not None:
+                    raise MigrationError(f"destination failed: {self.error}")
+                if self._stopped:
+                    raise MigrationError("the destination closed the connection")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MigrationError(f"no answer from the destination in {timeout:.0f} s")
+                self._cond.wait(min(remaining, 0.05))
+                if check is not None:
+                    self._cond.release()
+                    try:
+                        check(None)
+                    finally:
+                        self._cond.acquire()
+            return self._messages[kind]
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()

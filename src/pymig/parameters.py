@@ -1,0 +1,153 @@
+"""Migration parameters and capabilities, under the names QMP users know.
+
+Parameters are values (``downtime-limit``, ``max-bandwidth``...), capabilities are switches
+(``auto-converge``...).  Both may change while a migration runs: ``max-bandwidth`` takes effect
+at once (the channel's token bucket), everything else at the next iteration, because the
+migration thread reads a fresh snapshot before every decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One tunable: its QMP name, attribute, type, bounds and meaning."""
+
+    name: str
+    attr: str
+    kind: type
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("downtime-limit", "downtime_limit_ms", int, 300,
+              "longest pause (ms) the guest may see at switchover", 1, 2_000_000),
+    Parameter("max-bandwidth", "max_bandwidth", int, 0,
+              "cap on the stream, bytes/s (0: uncapped)", 0, None),
+    Parameter("throttle-trigger-threshold", "throttle_trigger_threshold", int, 50,
+              "auto-converge starts when bytes dirtied per period exceed this % of bytes sent",
+              1, 100),
+    Parameter("cpu-throttle-initial", "throttle_initial_pct", int, 20,
+              "first throttle step (%)", 1, 99),
+    Parameter("cpu-throttle-increment", "throttle_increment_pct", int, 10,
+              "throttle added per period still not converging (%)", 1, 99),
+    Parameter("max-cpu-throttle", "throttle_max_pct", int, 99,
+              "highest throttle (%)", 1, 99),
+    Parameter("throttle-mode", "throttle_mode", str, "aim",
+              "step: +increment per period (QEMU); aim: the throttle that fits the bandwidth",
+              choices=("step", "aim")),
+    Parameter("vcpu-dirty-limit", "dirty_limit_pages_per_s", int, 0,
+              "with the dirty-limit capability: cap each vCPU's dirty rate (pages/s)", 0, None),
+    Parameter("max-iterations", "max_iterations", int, 0,
+              "after this many iterations apply limit-action (0: no limit)", 0, None),
+    Parameter("max-total-time", "max_total_time_ms", int, 0,
+              "after this long apply limit-action, ms (0: no limit)", 0, None),
+    Parameter("max-bytes-ratio", "max_bytes_ratio", float, 0.0,
+              "after sending this multiple of RAM apply limit-action (0: no limit)", 0, None),
+    Parameter("limit-action", "limit_action", str, "switchover",
+              "what a reached limit does: switchover (accept a longer downtime) or cancel",
+              choices=("switchover", "cancel")),
+)
+
+CAPABILITIES: dict[str, str] = {
+    "auto-converge": "throttle the vCPUs when the guest dirties memory faster than it moves",
+    "dirty-limit": "cap the dirty rate of each vCPU instead of throttling them all",
+    "pause-before-switchover": "wait for 'migrate-continue' before stopping the guest",
+}
+
+_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+@dataclass
+class MigrationParameters:
+    """A snapshot of every parameter and capability (attribute names; QMP names via maps)."""
+
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0
+    throttle_trigger_threshold: int = 50
+    throttle_initial_pct: int = 20
+    throttle_increment_pct: int = 10
+    throttle_max_pct: int = 99
+    throttle_mode: str = "aim"
+    dirty_limit_pages_per_s: int = 0
+    max_iterations: int = 0
+    max_total_time_ms: int = 0
+    max_bytes_ratio: float = 0.0
+    limit_action: str = "switchover"
+    capabilities: dict[str, bool] = dataclasses.field(
+        default_factory=lambda: {name: False for name in CAPABILITIES})
+
+    def qmp(self) -> dict[str, Any]:
+        """The parameters under their QMP names (``query-migrate-parameters``)."""
+        return {p.name: getattr(self, p.attr) for p in PARAMETERS}
+
+
+def validate(name: str, value: Any) -> Any:
+    """Check and convert one parameter given by its QMP name; raises ValueError saying why."""
+    spec = _BY_NAME.get(name)
+    if spec is None:
+        raise ValueError(f"unknown migration parameter {name!r}; known: "
+                         f"{', '.join(sorted(_BY_NAME))}")
+    if spec.kind is str:
+        if not isinstance(value, str) or value not in spec.choices:
+            raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if spec.kind is int and value != int(value):
+        raise ValueError(f"{name} must be a whole number, not {value!r}")
+    value = spec.kind(value)
+    if spec.minimum is not None and value < spec.minimum:
+        raise ValueError(f"{name} must be at least {spec.minimum}, not {value}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ValueError(f"{name} must be at most {spec.maximum}, not {value}")
+    return value
+
+
+class ParameterStore:
+    """Thread-safe parameters: the control socket writes, the migration thread snapshots."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._params = MigrationParameters()
+        self._listeners: list = []
+
+    def snapshot(self) -> MigrationParameters:
+        with self._lock:
+            return dataclasses.replace(self._params,
+                                       capabilities=dict(self._params.capabilities))
+
+    def set(self, **qmp_values: Any) -> None:
+        """Set parameters by QMP name, all or none (every value is checked first)."""
+        checked = {_BY_NAME[n].attr if n in _BY_NAME else n: validate(n, v)
+                   for n, v in qmp_values.items()}
+        with self._lock:
+            for attr, value in checked.items():
+                setattr(self._params, attr, value)
+            listeners = list(self._listeners)
+        for callback in listeners:
+            callback(checked)
+
+    def set_capabilities(self, **caps: bool) -> None:
+        for name, value in caps.items():
+            if name not in CAPABILITIES:
+                raise ValueError(f"unknown migration capability {name!r}; known: "
+                                 f"{', '.join(sorted(CAPABILITIES))}")
+            if not isinstance(value, bool):
+                raise ValueError(f"capability {name} must be true or false, not {value!r}")
+        with self._lock:
+            self._params.capabilities.update(caps)
+
+    def on_change(self, callback) -> None:
+        """``callback(changed: dict[attr, value])`` after every successful :meth:`set`."""
+        with self._lock:
+            self._listeners.append(callback)

@@ -1,0 +1,209 @@
+"""The RAM live entry: guest memory as START / PART... / END sections of core packets.
+
+Source (:class:`RamSaver`)::
+
+    setup     start dirty logging, then seed the migration bitmap with the pages that may hold
+              data (mincore): pages never touched are zero on both sides and are never read;
+              START carries the block list so the destination can refuse a mismatch
+    sync      pull the dirty log and OR it into the migration bitmap (the migration thread
+              calls this once per iteration, before asking the policy)
+    iterate   take pages from the migration bitmap in packets (core.encode_packet: test-and-
+              clear, zero check, copy, checksum, all in C) and send each as a PART section;
+              re-arm dirty tracking (KVM_CLEAR_DIRTY_LOG) one chunk ahead of the reader, so a
+              write after the clear is logged again and a write before it is in the copy
+    complete  vCPUs are stopped: a last sync and everything still dirty, then END
+
+Destination (:class:`RamLoader`): checks the block list against its own guest, then decodes
+each packet straight into the block it names (core.decode_packet: bounds-checked, checksummed);
+a page the destination never received stays untouched, which for fresh memory means zero.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from pymig import core
+from pymig.errors import MigrationError, StateError
+from pymig.memory import RamBlock
+
+RAM_IDSTR = "ram"
+RAM_VERSION = 1
+PACKET_BYTES = 1 << 20  # 256 pages of 4 KiB: ~1k Python calls per GiB, each GIL-free inside
+CLEAR_CHUNK_PAGES = 1 << 14  # re-protect 64 MiB at a time, just ahead of the sender
+
+
+@dataclass
+class RamCounters:
+    """What the RAM entry has sent (source) or loaded (destination); read by the stats."""
+
+    normal_pages: int = 0
+    zero_pages: int = 0
+    packets: int = 0
+    bytes: int = 0  # packet bytes, headers included
+
+
+def describe_blocks(blocks: list[RamBlock]) -> bytes:
+    """The START payload: the block list, so a destination refuses a guest of another shape."""
+    return json.dumps([
+        {"name": b.name, "id": b.block_id, "size": b.size_bytes, "page_size": b.page_size,
+         "gpa": b.guest_phys_addr} for b in blocks
+    ]).encode()
+
+
+class RamSaver:
+    """Source half of the RAM entry for one guest."""
+
+    def __init__(self, guest, packet_bytes: int = PACKET_BYTES):
+        self.guest = guest
+        self.blocks: list[RamBlock] = list(guest.ram_blocks)
+        self.bitmaps = [core.new_bitmap(b.npages) for b in self.blocks]
+        self.counters = RamCounters()
+        self.packet = bytearray(packet_bytes)
+        self.dirty_pages_last_sync = 0
+        self._cleared_upto: list[int] = [0] * len(self.blocks)
+        self._logging = False
+        self._lock = threading.Lock()
+        self.cancelled: Callable[[], bool] = lambda: False
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self, out) -> None:
+        """Turn dirty logging on, then seed the bitmap with every page that may hold data."""
+        self.guest.start_dirty_log()
+        self._logging = True
+        # Order matters: logging first, then mincore. A page first written after the mincore
+        # is in the dirty log; one written before is resident, so it is in `touched`.
+        for bitmap, block in zip(self.bitmaps, self.blocks):
+            core.bitmap_merge(bitmap, block.touched(), block.npages)
+        out.start(describe_blocks(self.blocks))
+
+    # -- per iteration -----------------------------------------------------------------------
+    def sync(self) -> int:
+        """Merge the dirty log into the migration bitmap; returns pages newly dirtied."""
+        newly = 0
+        for bitmap, block, log in zip(self.bitmaps, self.blocks, self.guest.sync_dirty()):
+            newly += core.bitmap_merge(bitmap, log, block.npages)
+        self._cleared_upto = [0] * len(self.blocks)
+        self.dirty_pages_last_sync = newly
+        return newly
+
+    def pending_pages(self) -> int:
+        return sum(core.bitmap_count(bm, b.npages) for bm, b in zip(self.bitmaps, self.blocks))
+
+    def pending(self) -> int:
+        """Bytes the destination still lacks, as far as the last sync knows."""
+        return sum(core.bitmap_count(bm, b.npages) * b.page_size
+                   for bm, b in zip(self.bitmaps, self.blocks))
+
+    def iterate(self, out) -> bool:
+        """Send every page the migration bitmap holds; True when it is empty."""
+        for index, (block, bitmap) in enumerate(zip(self.blocks, self.bitmaps)):
+            cursor = 0
+            while True:
+                cursor = core.bitmap_find_next(bitmap, block.npages, cursor)
+                if cursor >= block.npages:
+                    break
+                self._clear_ahead(index, cursor)
+                if self.cancelled():
+                    raise MigrationError("migration cancelled")
+                limit = min(block.npages, self._cleared_upto[index])
+                result = core.encode_packet(block.array, block.page_size, block.block_id, bitmap,
+                                            limit, cursor, self.packet)
+                if result.nbytes == 0:  # nothing left below the cleared limit
+                    cursor = limit
+                    continue
+                out.part(memoryview(self.packet)[: result.nbytes], nocsum=True)
+                c = self.counters
+                c.normal_pages += result.normal_pages
+                c.zero_pages += result.zero_pages
+                c.packets += 1
+                c.bytes += result.nbytes
+                cursor = result.cursor
+        return True
+
+    def _clear_ahead(self, index: int, page: int) -> None:
+        """Re-arm dirty tracking for the chunk holding ``page`` before any of it is read."""
+        if page < self._cleared_upto[index]:
+            return
+        block = self.blocks[index]
+        start = page - page % CLEAR_CHUNK_PAGES
+        count = min(CLEAR_CHUNK_PAGES, block.npages - start)
+        self.guest.clear_dirty(index, start, count)
+        self._cleared_upto[index] = start + count
+
+    # -- stop-and-copy -----------------------------------------------------------------------
+    def complete(self, out) -> None:
+        """With the vCPUs stopped: last sync, every remaining page, then END."""
+        self.sync()
+        self.iterate(out)
+        out.end(b"")
+
+    def cleanup(self) -> None:
+        """Stop dirty logging (success or failure); safe to call twice."""
+        if self._logging:
+            self._logging = False
+            self.guest.stop_dirty_log()
+
+
+class RamLoader:
+    """Destination half of the RAM entry for one guest."""
+
+    def __init__(self, guest):
+        self.guest = guest
+        self.blocks: list[RamBlock] = list(guest.ram_blocks)
+        self.by_id = {b.block_id: b for b in self.blocks}
+        # Fresh memory: no page may be non-zero until a NORMAL run writes it, so ZERO runs for
+        # pages never written cost neither a read nor a fault.
+        self.present = {b.block_id: core.new_bitmap(b.npages) for b in self.blocks}
+        self.counters = RamCounters()
+        self.started = False
+        self.ended = False
+
+    def load_start(self, payload) -> None:
+        try:
+            theirs = json.loads(bytes(payload))
+        except ValueError as exc:
+            raise StateError(f"RAM block list is not valid JSON: {exc}", entry=RAM_IDSTR) from None
+        ours = json.loads(describe_blocks(self.blocks))
+        if theirs != ours:
+            raise StateError(
+                f"RAM layout differs: the stream has {_layout_text(theirs)}, this guest has "
+                f"{_layout_text(ours)}", entry=RAM_IDSTR)
+        self.started = True
+
+    def load_part(self, payload) -> None:
+        if not self.started:
+            raise StateError("RAM data before the RAM block list", entry=RAM_IDSTR)
+        info = core.packet_info(payload)
+        block = self.by_id.get(info.block_id)
+        if block is None:
+            raise StateError(f"RAM packet for unknown block id {info.block_id}", entry=RAM_IDSTR)
+        result = core.decode_packet(payload, block.array, block.page_size, block.block_id,
+                                    block.npages, self.present[block.block_id])
+        c = self.counters
+        c.normal_pages += result.normal_pages
+        c.zero_pages += result.zero_pages
+        c.packets += 1
+        c.bytes += len(payload)
+
+    def load_end(self, payload) -> None:
+        if not self.started:
+            raise StateError("RAM end before the RAM block list", entry=RAM_IDSTR)
+        self.ended = True
+
+
+def _layout_text(blocks) -> str:
+    if not isinstance(blocks, list):
+        return repr(blocks)
+    return ", ".join(f"{b.get('name')}={b.get('size')} bytes" if isinstance(b, dict) else repr(b)
+                     for b in blocks)
+
+
+def block_digests(blocks: list[RamBlock]) -> list[str]:
+    """A digest per block of its whole content (tests compare source and destination)."""
+    import xxhash
+
+    return [xxhash.xxh3_128_hexdigest(b.mem) for b in blocks]
+
