@@ -46,10 +46,12 @@ MSR_VMSD = VMStateDescription("msr", 1, 1, [Field.u32("index"), Field.u64("value
 PAT_VMSD = VMStateDescription(
     "cpu/pat", 1, 1, [Field.u64("pat")], needed=lambda cpu: cpu.pat != 0x0007040600070406
 )
-XCR_VMSD = VMStateDescription("cpu/xcr", 1, 1, [Field.u64("xcr0")], needed=lambda cpu: cpu.xcr0 != 1)
+XCR_VMSD = VMStateDescription("cpu/xcr", 1, 1, [Field.u64("xcr0")],
+                              needed=lambda cpu: cpu.xcr0 != 1)
 
 
-def cpu_vmsd(version_id: int = 2, subsections: tuple[VMStateDescription, ...] = (PAT_VMSD, XCR_VMSD),
+def cpu_vmsd(version_id: int = 2,
+             subsections: tuple[VMStateDescription, ...] = (PAT_VMSD, XCR_VMSD),
              **hooks: Any) -> VMStateDescription:
     """The vCPU description; version 1 lacks ``halted`` (added in version 2)."""
     fields_ = [

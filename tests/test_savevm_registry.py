@@ -62,7 +62,8 @@ class RecordingHandlers:
 
 def test_auto_instance_ids_count_per_idstr_from_the_highest():
     reg = SaveStateRegistry()
-    ids = [reg.register_vmstate("serial", None, SERIAL_VMSD, Serial()).instance_id for _ in range(3)]
+    ids = [reg.register_vmstate("serial", None, SERIAL_VMSD, Serial()).instance_id
+           for _ in range(3)]
     assert ids == [0, 1, 2]
     assert reg.register_vmstate("timer", -1, SERIAL_VMSD, Serial()).instance_id == 0
     assert reg.register_vmstate("serial", 7, SERIAL_VMSD, Serial()).instance_id == 7

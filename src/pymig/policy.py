@@ -90,7 +90,7 @@ class PolicyParams:
     throttle_max_pct: int = 99
     throttle_trigger_threshold: float = 0.5  # bytes dirtied / bytes sent, per period
     throttle_mode: str = "step"  # "step" | "aim"
-    throttle_aim_margin: float = 0.5  # aim: the throttled dirty rate may use this share of bandwidth
+    throttle_aim_margin: float = 0.5  # aim: share of bandwidth the throttled dirty rate may use
     dirty_limit_pages_per_s: int | None = None  # per vCPU; instead of time throttling
     max_iterations: int | None = None
     max_total_time_s: float | None = None

@@ -103,6 +103,7 @@ SCALARS: dict[str, Scalar] = {
     "bool": Scalar("bool", "B", 1, 0, 1),
 }
 
+
 def _element(elem: str | Scalar | VMStateDescription) -> Scalar | VMStateDescription:
     if isinstance(elem, (Scalar, VMStateDescription)):
         return elem
@@ -112,6 +113,17 @@ def _element(elem: str | Scalar | VMStateDescription) -> Scalar | VMStateDescrip
         raise ValueError(
             f"array element must be one of {sorted(SCALARS)} or a VMStateDescription, not {elem!r}"
         ) from None
+
+
+def _scalar_constructor(type_name: str) -> classmethod:
+    """``Field.u32("eax")`` and its siblings: one constructor per scalar type."""
+
+    def make(cls: type[Field], name: str, *, version_id: int = 0) -> Field:
+        return cls.scalar(name, type_name, version_id=version_id)
+
+    make.__name__ = make.__qualname__ = type_name
+    make.__doc__ = f"A {type_name} field."
+    return classmethod(make)
 
 
 @dataclass(frozen=True)
@@ -156,41 +168,15 @@ class Field:
             raise ValueError(f"field {name}: unknown scalar type {type_name!r}")
         return cls(name, "scalar", SCALARS[type_name], version_id=version_id)
 
-    @classmethod
-    def u8(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "u8", version_id=version_id)
-
-    @classmethod
-    def u16(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "u16", version_id=version_id)
-
-    @classmethod
-    def u32(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "u32", version_id=version_id)
-
-    @classmethod
-    def u64(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "u64", version_id=version_id)
-
-    @classmethod
-    def i8(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "i8", version_id=version_id)
-
-    @classmethod
-    def i16(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "i16", version_id=version_id)
-
-    @classmethod
-    def i32(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "i32", version_id=version_id)
-
-    @classmethod
-    def i64(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "i64", version_id=version_id)
-
-    @classmethod
-    def bool(cls, name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, "bool", version_id=version_id)
+    u8 = _scalar_constructor("u8")
+    u16 = _scalar_constructor("u16")
+    u32 = _scalar_constructor("u32")
+    u64 = _scalar_constructor("u64")
+    i8 = _scalar_constructor("i8")
+    i16 = _scalar_constructor("i16")
+    i32 = _scalar_constructor("i32")
+    i64 = _scalar_constructor("i64")
+    bool = _scalar_constructor("bool")
 
     # --- composites --------------------------------------------------------------------------
     @classmethod
