@@ -462,7 +462,8 @@ def load(vmsd: VMStateDescription, obj: Any, data: bytes | bytearray | memoryvie
     """Load ``data`` (written at ``version_id``) into ``obj``.
 
     The whole entry is parsed and checked before anything is set, so on :class:`StateError`
-    from the stream ``obj`` is unchanged (a failing ``post_load`` may leave it half-applied).
+    from the stream ``obj`` is unchanged (a failing ``post_load``, ``factory`` or attribute
+    assignment, which only the object's own code can cause, may leave it half-applied).
     """
     parsed = _parse_entry(vmsd, data, version_id)
     _apply(parsed, obj, _Context(vmsd.name))
