@@ -1,0 +1,308 @@
+"""What users measure: ``query-migrate`` counters and a per-iteration trace.
+
+:class:`MigrationStats` is updated by the migration thread and read by anyone (the control
+socket, the CLI's progress line, tests) at any moment: every method takes one lock, and
+:meth:`~MigrationStats.query` returns a fresh dict, never a live view.
+
+``query()`` fields (QEMU's ``query-migrate`` names, then pymig's own):
+
+    =================================  =========================================================
+    status                             none | setup | active | device | completed | failed |
+                                       cancelling | cancelled
+    total-time                         ms since the migration began (frozen when it ends)
+    setup-time                         ms the setup phase took (once it is over)
+    downtime                           ms the guest was stopped, measured (once completed)
+    expected-downtime                  ms to send what is pending, as last estimated (while in
+                                       progress, when the bandwidth is known)
+    ram.transferred                    bytes of RAM data put on the wire (headers included)
+    ram.remaining                      bytes still dirty at the last sync
+    ram.total                          bytes of guest RAM
+    ram.duplicate                      zero pages sent (as a marker, not as data)
+    ram.normal                         pages sent with their data
+    ram.normal-bytes                   bytes of those pages (normal * page-size)
+    ram.dirty-pages-rate               pages/s the guest dirtied, at the last sync
+    ram.dirty-sync-count               dirty-log syncs so far
+    ram.mbps                           megabits/s (10^6 bit/s) sent over the last sync period;
+                                       over the whole migration once it has ended
+    ram.pages-per-second               pages/s sent, over the same span as mbps
+    ram.page-size                      bytes
+    cpu-throttle-percentage            vCPU throttle in force, percent
+    error-desc                         why it failed (only when status is failed)
+    switchover-reason                  the policy's reason to stop the guest (once it did)
+    iterations                         the migration's iteration count at the last sync
+    downtime-expected-at-switchover    ms the policy expected when it switched over (once it
+                                       did and the estimate was known)
+    =================================  =========================================================
+
+:class:`TraceWriter` writes one JSON line per dirty-log sync (keys: :class:`TraceRecord`'s
+fields), flushed per line so a trace of a migration that is still running, or that crashed,
+can be read with :func:`read_trace` and plotted with :func:`pymig.plot.plot_trace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling",
+            "cancelled")
+IN_PROGRESS = ("setup", "active", "device", "cancelling")
+ENDED = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """One dirty-log sync, as one trace line."""
+
+    time: float  # s since the migration began
+    iteration: int
+    dirty_pages: int  # pages found dirty by this sync
+    pages_sent: int  # pages (normal + zero) sent since the previous sync
+    bytes: int  # bytes sent since the previous sync
+    bandwidth: float  # bytes/s, the estimate the policy used
+    expected_downtime: float | None  # ms; None when unknown
+    pending_bytes: int
+    throttle_pct: int
+    dirty_rate: float  # pages/s
+    page_size: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+
+class TraceWriter:
+    """Appends :class:`TraceRecord` lines to ``path`` (created or truncated), one flush each."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._lock = threading.Lock()
+
+    def write(self, record: TraceRecord) -> None:
+        with self._lock:
+            self._file.write(record.to_json() + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of a trace file, as dicts.
+
+    A last line without its newline is a record being written (or a writer that died): it is
+    skipped if it does not parse.  Any other bad line is a ValueError naming its number.
+    """
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # no newline after it: unfinished
+                break
+            raise ValueError(f"{path}:{number}: not a trace record: {exc}") from None
+    return records
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+class MigrationStats:
+    """The counters of one migration (thread-safe).  ``clock`` returns seconds (monotonic)."""
+
+    def __init__(self, *, page_size: int = 4096, ram_total_bytes: int = 0,
+                 trace: TraceWriter | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._trace = trace
+        self.page_size = page_size
+        self._status = "none"
+        self._ram_total = ram_total_bytes
+        self._start = self._setup_end = self._end = None
+        self._stopped_at: float | None = None
+        self._downtime_s: float | None = None
+        self._expected_downtime_s = math.inf
+        self._transferred = self._normal = self._duplicate = 0
+        self._remaining = 0
+        self._dirty_pages_rate = 0.0
+        self._syncs = 0
+        self._iterations = 0
+        self._throttle = 0
+        self._mbps = 0.0
+        self._pages_per_second = 0.0
+        self._last_sync_time: float | None = None
+        self._last_sync_bytes = 0
+        self._last_sync_pages = 0
+        self._error: str | None = None
+        self._switchover_reason: str | None = None
+        self._expected_at_switchover: float | None = None
+
+    # --- the migration thread's side --------------------------------------------------------
+
+    def begin(self, ram_total_bytes: int | None = None) -> None:
+        """The migration starts (status ``setup``)."""
+        with self._lock:
+            now = self._clock()
+            self._start = self._last_sync_time = now
+            if ram_total_bytes is not None:
+                self._ram_total = ram_total_bytes
+            self._status = "setup"
+
+    def setup_done(self) -> None:
+        """Setup is over, iterations begin (status ``active``)."""
+        with self._lock:
+            self._setup_end = self._clock()
+            self._status = "active"
+
+    def set_status(self, status: str) -> None:
+        """Any other status change (e.g. ``cancelling``)."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown migration status {status!r}; one of {STATUSES}")
+        with self._lock:
+            self._status = status
+
+    def add_sent(self, *, nbytes: int, normal_pages: int = 0, zero_pages: int = 0) -> None:
+        """RAM data went out: ``nbytes`` on the wire, carrying those pages."""
+        with self._lock:
+            self._transferred += nbytes
+            self._normal += normal_pages
+            self._duplicate += zero_pages
+
+    def set_throttle(self, percent: int) -> None:
+        with self._lock:
+            self._throttle = percent
+
+    def record_sync(self, *, iteration: int, dirty_pages: int, remaining_bytes: int,
+                    bandwidth_bps: float, dirty_rate_pps: float, expected_downtime_s: float,
+                    throttle_pct: int) -> TraceRecord:
+        """A dirty-log sync happened: update the rates and write a trace line (if tracing)."""
+        with self._lock:
+            now = self._clock()
+            since = self._last_sync_time if self._last_sync_time is not None else now
+            period = now - since
+            sent_bytes = self._transferred - self._last_sync_bytes
+            pages = self._normal + self._duplicate
+            sent_pages = pages - self._last_sync_pages
+            if period > 0:
+                self._mbps = sent_bytes * 8 / period / 1e6
+                self._pages_per_second = sent_pages / period
+            self._last_sync_time, self._last_sync_bytes, self._last_sync_pages = now, \
+                self._transferred, pages
+            self._syncs += 1
+            self._iterations = iteration
+            self._remaining = remaining_bytes
+            self._dirty_pages_rate = dirty_rate_pps
+            self._expected_downtime_s = expected_downtime_s
+            self._throttle = throttle_pct
+            record = TraceRecord(
+                time=now - (self._start if self._start is not None else now),
+                iteration=iteration, dirty_pages=dirty_pages, pages_sent=sent_pages,
+                bytes=sent_bytes, bandwidth=bandwidth_bps,
+                expected_downtime=(_ms(expected_downtime_s) if math.isfinite(expected_downtime_s)
+                                   else None),
+                pending_bytes=remaining_bytes, throttle_pct=throttle_pct,
+                dirty_rate=dirty_rate_pps, page_size=self.page_size)
+            if self._trace is not None:
+                self._trace.write(record)
+            return record
+
+    def switchover(self, reason: str, expected_downtime_s: float) -> None:
+        """The guest is being stopped for the last pass (status ``device``)."""
+        with self._lock:
+            self._stopped_at = self._clock()
+            self._switchover_reason = reason
+            self._expected_at_switchover = expected_downtime_s
+            self._status = "device"
+
+    def completed(self, downtime_s: float | None = None) -> None:
+        """Done.  ``downtime_s``: as the destination measured it (stop to resume); default:
+        from :meth:`switchover` to now."""
+        with self._lock:
+            now = self._clock()
+            if downtime_s is None and self._stopped_at is not None:
+                downtime_s = now - self._stopped_at
+            self._downtime_s = downtime_s
+            self._remaining = 0
+            self._finish(now, "completed")
+
+    def failed(self, error: str) -> None:
+        with self._lock:
+            self._error = error
+            self._finish(self._clock(), "failed")
+
+    def cancelled(self) -> None:
+        with self._lock:
+            self._finish(self._clock(), "cancelled")
+
+    def _finish(self, now: float, status: str) -> None:
+        self._end = now
+        self._status = status
+        if self._start is not None and now > self._start:
+            span = now - self._start
+            self._mbps = self._transferred * 8 / span / 1e6
+            self._pages_per_second = (self._normal + self._duplicate) / span
+
+    # --- anyone's side ----------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        with self._lock:
+            return self._status
+
+    def query(self) -> dict[str, Any]:
+        """A snapshot in ``query-migrate`` shape (see the module docstring for each field)."""
+        with self._lock:
+            info: dict[str, Any] = {"status": self._status}
+            if self._status == "none" or self._start is None:
+                return info
+            end = self._end if self._end is not None else self._clock()
+            info["total-time"] = _ms(end - self._start)
+            if self._setup_end is not None:
+                info["setup-time"] = _ms(self._setup_end - self._start)
+            if self._status == "completed" and self._downtime_s is not None:
+                info["downtime"] = _ms(self._downtime_s)
+            if self._status in IN_PROGRESS and math.isfinite(self._expected_downtime_s):
+                info["expected-downtime"] = _ms(self._expected_downtime_s)
+            info["ram"] = {
+                "transferred": self._transferred,
+                "remaining": self._remaining,
+                "total": self._ram_total,
+                "duplicate": self._duplicate,
+                "normal": self._normal,
+                "normal-bytes": self._normal * self.page_size,
+                "dirty-pages-rate": int(round(self._dirty_pages_rate)),
+                "dirty-sync-count": self._syncs,
+                "mbps": self._mbps,
+                "pages-per-second": int(round(self._pages_per_second)),
+                "page-size": self.page_size,
+            }
+            info["cpu-throttle-percentage"] = self._throttle
+            if self._status == "failed":
+                info["error-desc"] = self._error or "unknown error"
+            if self._switchover_reason is not None:
+                info["switchover-reason"] = self._switchover_reason
+            info["iterations"] = self._iterations
+            if self._expected_at_switchover is not None and math.isfinite(
+                    self._expected_at_switchover):
+                info["downtime-expected-at-switchover"] = _ms(self._expected_at_switchover)
+            return info
