@@ -175,14 +175,21 @@ class SimulatedGuest:
                 raise GuestError("the guest is shut down")
 
     def close(self) -> None:
-        """Join the writers and unmap the RAM.  Idempotent."""
+        """Join the writers and unmap the RAM.  Idempotent.
+
+        A block that a caller still holds a view of (say ``block.array[...]`` kept in a local)
+        stays mapped until the last such view is gone; the guest is shut down either way.
+        """
         with self._lock:
             if self._status == "shutdown":
                 return
             self._writers.close()
             self._status = "shutdown"
             for block in self.ram_blocks:
-                block.close()
+                try:
+                    block.close()
+                except BufferError:
+                    pass  # unmapped when the caller's view and this guest are collected
 
     def __enter__(self) -> "SimulatedGuest":
         return self
