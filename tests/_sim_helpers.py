@@ -47,6 +47,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
         time.sleep(0.002)
 
 
+def run_until(guest: SimulatedGuest, key: str, at_least: int) -> dict[str, int]:
+    """Run (or resume) the guest until ``progress()[key] >= at_least``, pause it, and return its
+    progress."""
+    guest.resume()
+    wait_for(lambda: guest.progress()[key] >= at_least, what=f"{key} >= {at_least}")
+    guest.pause()
+    return guest.progress()
+
+
 def bitmap_pages(bitmap: np.ndarray, npages: int) -> np.ndarray:
     """Page indices whose bit is set (KVM layout: little-endian u64 words, bit i = page i)."""
     bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
@@ -95,15 +104,11 @@ def run_destination(job: dict[str, Any]) -> dict[str, Any]:
             block.array[:] = np.fromfile(path, dtype=np.uint8)
         guest.load_state(state_from_json(job["state"]))
         before = guest.progress()
-        guest.resume()
         if job["until"] == "done":
-            wait_for(lambda: guest.progress()["done"] == 1, what="the compute workload to finish")
+            after = run_until(guest, "done", 1)
         else:
-            target = before["passes"] + job["more_passes"]
-            wait_for(lambda: guest.progress()["passes"] >= target, what="more selfcheck passes")
-        guest.pause()
-        report: dict[str, Any] = {"untouched": untouched, "before": before,
-                                  "after": guest.progress()}
+            after = run_until(guest, "passes", before["passes"] + job["more_passes"])
+        report: dict[str, Any] = {"untouched": untouched, "before": before, "after": after}
         if config.workload == "selfcheck":
             check = verify_selfcheck(guest, exact=True)
             report["selfcheck"] = {"ok": check.ok, "passes": check.passes,

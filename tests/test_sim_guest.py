@@ -10,7 +10,16 @@ import time
 import numpy as np
 import pytest
 
-from _sim_helpers import MiB, PAGE, bitmap_pages, copy_dirty, pages_of, sim_guest, wait_for
+from _sim_helpers import (
+    MiB,
+    PAGE,
+    bitmap_pages,
+    copy_dirty,
+    pages_of,
+    run_until,
+    sim_guest,
+    wait_for,
+)
 from pymig.errors import GuestError
 from pymig.guest import create
 from pymig.guest.base import MAILBOX_GPA, PARAMS_GPA, WORKSET_GPA, Guest, GuestConfig
@@ -97,9 +106,7 @@ def test_sync_needs_logging_and_logs_nothing_from_before():
     with sim_guest("selfcheck", {"working_set_bytes": MiB}) as guest:
         with pytest.raises(GuestError, match="dirty logging"):
             guest.sync_dirty()
-        guest.start()
-        wait_for(lambda: guest.progress()["passes"] >= 2, what="two passes")
-        guest.pause()
+        run_until(guest, "passes", 2)
         guest.start_dirty_log()
         assert not any(b.any() for b in guest.sync_dirty())
         guest.stop_dirty_log()
@@ -130,9 +137,7 @@ def test_dirty_log_is_exactly_the_pages_that_changed():
 def test_clear_dirty_is_a_checked_no_op():
     with sim_guest("dirtier", {"working_set_bytes": MiB, "pattern": "sequential"}) as guest:
         guest.start_dirty_log()
-        guest.start()
-        wait_for(lambda: guest.progress()["passes"] >= 1, what="a pass")
-        guest.pause()
+        run_until(guest, "passes", 1)
         (bitmap,) = guest.sync_dirty()
         guest.clear_dirty(0, 0, guest.ram_blocks[0].npages)
         assert bitmap_pages(bitmap, guest.ram_blocks[0].npages).size == 257  # 256 + mailbox
@@ -169,23 +174,18 @@ def test_no_write_is_lost_by_concurrent_syncs(workload, params):
 
 def test_selfcheck_keeps_its_invariant_with_two_vcpus():
     with sim_guest("selfcheck", {"working_set_bytes": MiB}, vcpus=2) as guest:
-        guest.start()
         for _ in range(5):
-            wait_for(lambda: guest.progress()["pages_written"] > 0, what="writes")
-            guest.pause()
+            written = guest.progress()["pages_written"]
+            run_until(guest, "pages_written", written + 1)
             report = verify_selfcheck(guest, exact=True)
             assert report.ok, report.detail
             assert report.passes == guest.progress()["passes"]
-            guest.resume()
-        guest.pause()
 
 
 def test_compute_result_and_final_memory_match_the_reference():
     params = {"region_bytes": 256 * 1024, "rounds": 20}
     with sim_guest("compute", params, vcpus=2) as guest:
-        guest.start()
-        wait_for(lambda: guest.progress()["done"] == 1, what="compute to finish")
-        progress = guest.progress()
+        progress = run_until(guest, "done", 1)
         assert progress["result"] == expected_compute_result(params, 2)
         assert progress["passes"] == 20
         assert progress["pages_written"] == 64 * 21
@@ -194,17 +194,13 @@ def test_compute_result_and_final_memory_match_the_reference():
             start = share.first_gpa
             ram = guest.ram_blocks[0].array[start:start + share.npages * PAGE].view("<u8")
             assert np.array_equal(ram, words)
-        guest.pause()
 
 
 def test_dirtier_writes_increment_first_bytes_only():
     params = {"working_set_bytes": 512 * 1024, "rate_pages_per_s": 20_000,
               "pattern": "sequential"}
     with sim_guest("dirtier", params, vcpus=2) as guest:
-        guest.start()
-        wait_for(lambda: guest.progress()["pages_written"] >= 500, what="500 writes")
-        guest.pause()
-        written = guest.progress()["pages_written"]
+        written = run_until(guest, "pages_written", 500)["pages_written"]
         pages = pages_of(guest, 0)[WORKSET_GPA // PAGE:WORKSET_GPA // PAGE + 128]
         assert not pages[:, 1:].any()
         counts = pages[:, 0].astype(np.int64)
@@ -218,10 +214,7 @@ def test_hotspot_sends_the_hot_share_of_writes_to_the_hot_pages():
     params = {"working_set_bytes": 4 * MiB, "rate_pages_per_s": 40_000, "pattern": "hotspot",
               "hot_fraction": 0.1, "hot_share": 0.9}
     with sim_guest("dirtier", params, vcpus=2, memory_bytes=8 * MiB) as guest:
-        guest.start()
-        wait_for(lambda: guest.progress()["pages_written"] >= 5000, what="5000 writes")
-        guest.pause()
-        written = guest.progress()["pages_written"]
+        written = run_until(guest, "pages_written", 5000)["pages_written"]
         counts = pages_of(guest, 0)[:, 0].astype(np.int64)
         assert counts[WORKSET_GPA // PAGE:].sum() == written, "a first byte wrapped"
         hot = sum(counts[s.first_gpa // PAGE:s.first_gpa // PAGE + s.hot_pages].sum()
@@ -232,9 +225,7 @@ def test_hotspot_sends_the_hot_share_of_writes_to_the_hot_pages():
 def test_uniform_spreads_writes_over_the_share():
     params = {"working_set_bytes": 4 * MiB, "rate_pages_per_s": 40_000}
     with sim_guest("dirtier", params, memory_bytes=8 * MiB) as guest:
-        guest.start()
-        wait_for(lambda: guest.progress()["pages_written"] >= 8000, what="8000 writes")
-        guest.pause()
+        run_until(guest, "pages_written", 8000)
         counts = pages_of(guest, 0)[WORKSET_GPA // PAGE:WORKSET_GPA // PAGE + 1024, 0]
         first_tenth = counts[:102].astype(np.int64).sum() / counts.astype(np.int64).sum()
         assert 0.07 < first_tenth < 0.13
@@ -244,9 +235,7 @@ def test_uniform_spreads_writes_over_the_share():
 
 def test_pause_stops_every_writer():
     with sim_guest("dirtier", {"working_set_bytes": 2 * MiB}, vcpus=2) as guest:
-        guest.start()
-        wait_for(lambda: guest.progress()["pages_written"] > 10_000, what="writes")
-        guest.pause()
+        run_until(guest, "pages_written", 10_000)
         snapshot = pages_of(guest, 0).copy()
         written = guest.progress()["pages_written"]
         time.sleep(0.05)

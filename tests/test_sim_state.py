@@ -21,9 +21,9 @@ from _sim_helpers import (
     copy_dirty,
     migrate_in_process,
     pages_of,
+    run_until,
     sim_guest,
     state_to_json,
-    wait_for,
 )
 from pymig.errors import StateError
 from pymig.guest.base import GuestState
@@ -49,14 +49,10 @@ def test_state_is_typed_and_versioned():
 def test_selfcheck_continues_after_load_with_no_inconsistency():
     with sim_guest("selfcheck", SELFCHECK, vcpus=2) as source, \
             sim_guest("selfcheck", SELFCHECK, vcpus=2, incoming=True) as dest:
-        source.start()
-        wait_for(lambda: source.progress()["passes"] >= 2, what="two passes")
-        source.pause()
+        run_until(source, "passes", 2)
         migrate_in_process(source, dest)
         passes = dest.progress()["passes"]
-        dest.resume()
-        wait_for(lambda: dest.progress()["passes"] >= passes + 3, what="three more passes")
-        dest.pause()
+        run_until(dest, "passes", passes + 3)
         report = verify_selfcheck(dest, exact=True)
         assert report.ok, report.detail
         assert report.errors == 0 and report.passes >= passes + 3
@@ -65,31 +61,21 @@ def test_selfcheck_continues_after_load_with_no_inconsistency():
 def test_the_guest_itself_notices_memory_that_did_not_migrate():
     with sim_guest("selfcheck", SELFCHECK) as source, \
             sim_guest("selfcheck", SELFCHECK, incoming=True) as dest:
-        source.start()
-        wait_for(lambda: source.progress()["passes"] >= 1, what="a pass")
-        source.pause()
+        run_until(source, "passes", 1)
         migrate_in_process(source, dest)
         share = resolve(dest.config).shares[0]
         pages_of(dest, 0)[share.first_gpa // 4096:][:share.npages] = 0  # lose the working set
-        dest.resume()
-        wait_for(lambda: dest.progress()["errors"] > 0, what="the guest to count errors")
-        dest.pause()
+        run_until(dest, "errors", 1)
         assert not verify_selfcheck(dest).ok
 
 
 def test_compute_finishes_with_the_right_result_after_load():
     with sim_guest("compute", COMPUTE, vcpus=2) as source, \
             sim_guest("compute", COMPUTE, vcpus=2, incoming=True) as dest:
-        source.start()
-        wait_for(lambda: source.progress()["passes"] >= 1, what="a fold round")
-        source.pause()
-        assert not source.progress()["done"], "the workload finished before it could migrate"
+        assert not run_until(source, "passes", 1)["done"], "finished before it could migrate"
         state = migrate_in_process(source, dest)
         assert any(cpu.phase == 1 and 0 < cpu.pass_number < 400 for cpu in state.cpus)
-        dest.resume()
-        wait_for(lambda: dest.progress()["done"] == 1, what="compute to finish")
-        assert dest.progress()["result"] == expected_compute_result(COMPUTE, 2)
-        dest.pause()
+        assert run_until(dest, "done", 1)["result"] == expected_compute_result(COMPUTE, 2)
 
 
 def test_load_refuses_state_of_another_guest():
@@ -129,10 +115,7 @@ def _run_child(tmp_path: Path, source, until: str, more_passes: int = 0) -> dict
 
 def test_selfcheck_continues_in_another_process(tmp_path):
     with sim_guest("selfcheck", SELFCHECK, vcpus=2) as source:
-        source.start()
-        wait_for(lambda: source.progress()["passes"] >= 2, what="two passes")
-        source.pause()
-        passes = source.progress()["passes"]
+        passes = run_until(source, "passes", 2)["passes"]
         report = _run_child(tmp_path, source, "passes", more_passes=3)
     assert report["untouched"], "an incoming guest wrote to its RAM before the migration did"
     assert report["before"]["passes"] == passes
@@ -143,10 +126,7 @@ def test_selfcheck_continues_in_another_process(tmp_path):
 
 def test_compute_finishes_in_another_process(tmp_path):
     with sim_guest("compute", COMPUTE) as source:
-        source.start()
-        wait_for(lambda: source.progress()["passes"] >= 1, what="a fold round")
-        source.pause()
-        assert not source.progress()["done"]
+        assert not run_until(source, "passes", 1)["done"]
         report = _run_child(tmp_path, source, "done")
     assert report["untouched"]
     assert report["after"]["done"] == 1

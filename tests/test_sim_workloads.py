@@ -1,4 +1,4 @@
-"""Host-side workload definitions: parameters, layouts, the selfcheck verifier, compute reference."""
+"""Host-side workload definitions: parameters, layouts, selfcheck verifier, compute reference."""
 
 from __future__ import annotations
 

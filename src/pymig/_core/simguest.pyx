@@ -1,5 +1,5 @@
 # distutils: sources = src/pymig/_core/c/simguest.c
-"""The simulated guest's native writers (private: use :class:`pymig.guest.simulated.SimulatedGuest`).
+"""Native writers of the simulated guest (private: see :mod:`pymig.guest.simulated`).
 
 :class:`Writers` owns one C thread per simulated vCPU.  The threads run without the GIL; every
 method that may wait for them (pause, dirty-log switches) releases it too.  The object keeps a
@@ -62,6 +62,9 @@ cdef extern from "simguest.h" nogil:
     int pymig_sim_set_cpu(pymig_sim *sim, uint32_t index, const pymig_sim_cpu *cpu)
 
 PAGE_SIZE = 4096
+# Below this many bitmap words (64 Ki pages) a sync is quicker than giving the GIL away.
+cdef enum:
+    NOGIL_MIN_WORDS = 1024
 CPU_FIELDS = ("phase", "pos", "pass_number", "rng", "acc", "partial_sum")
 
 
@@ -167,8 +170,11 @@ cdef class Writers:
         if out.shape[0] != self.nwords[block]:
             raise ValueError(f"block {block}'s bitmap has {self.nwords[block]} words, not "
                              f"{out.shape[0]}")
-        with nogil:
+        if out.shape[0] < NOGIL_MIN_WORDS:
             pymig_sim_sync(sim, block, &out[0])
+        else:
+            with nogil:
+                pymig_sim_sync(sim, block, &out[0])
 
     def get_cpu(self, uint32_t index):
         """Writer ``index``'s state as a dict of ``CPU_FIELDS``; the writers must be paused."""

@@ -224,15 +224,16 @@ class SimulatedGuest:
 
         Every write whose bit a sync returns is visible in the block once this returns.
         """
-        self._check_open()
-        if not self._logging:
-            raise GuestError("sync_dirty() needs dirty logging on (start_dirty_log)")
-        bitmaps = []
-        for index, words in enumerate(self._writers.nwords):
-            out = np.empty(words, dtype=np.uint64)
-            self._writers.sync(index, out)
-            bitmaps.append(out)
-        return bitmaps
+        with self._lock:  # close() must not free the bitmaps under a sync
+            self._check_open()
+            if not self._logging:
+                raise GuestError("sync_dirty() needs dirty logging on (start_dirty_log)")
+            bitmaps = []
+            for index, words in enumerate(self._writers.nwords):
+                out = np.empty(words, dtype=np.uint64)
+                self._writers.sync(index, out)
+                bitmaps.append(out)
+            return bitmaps
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
         """A no-op: :meth:`sync_dirty` cleared the bits it returned (see the module docstring)."""

@@ -32,10 +32,12 @@ Mailbox record of vCPU i at 0x6000 + 64*i (u64 each, written only by that vCPU):
     +0 passes   +8 pages_written   +16 errors   +24 result   +32 done   +40 reserved
 
 Shares: with m_total pages in the area and v vCPUs, vCPU i owns pages
-[i*m_total//v, (i+1)*m_total//v).  ``rate_pages_per_s`` is the whole guest's rate, each vCPU
-writes rate/v pages per second.  Seeds: ``seed64_i = SEED ^ (i * GOLDEN mod 2**64)`` (SEED when
-that is 0) and ``seed32_i = (seed64_i ^ seed64_i >> 32) & 0xFFFFFFFF`` (0x9E3779B9 when 0), with
-``SEED = 0x853C49E6748FEA9B`` and ``GOLDEN = 0x9E3779B97F4A7C15``.
+[i*m_total//v, (i+1)*m_total//v).  ``rate_pages_per_s`` counts page writes (a page written
+twice counts twice) of the whole guest: each vCPU writes rate/v pages per second.  Seeds:
+``seed64_i = SEED ^ (i * GOLDEN mod 2**64)`` (SEED when that is 0) and
+``seed32_i = (seed64_i ^ seed64_i >> 32) & 0xFFFFFFFF`` (0x9E3779B9 when 0), with
+``SEED = 0x853C49E6748FEA9B`` and ``GOLDEN = 0x9E3779B97F4A7C15``.  The host precomputes all of
+it into the parameter block.
 
 Generators (all shifts logical, values wrap at the register width)::
 
