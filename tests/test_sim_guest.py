@@ -33,6 +33,7 @@ from pymig.guest.workloads import (
 )
 
 MAILBOX_PAGE = MAILBOX_GPA // PAGE
+pytestmark = pytest.mark.timeout(120)  # a deadlocked writer fails the test, not the run
 
 
 def test_create_dispatches_and_implements_the_protocol():

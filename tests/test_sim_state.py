@@ -33,6 +33,7 @@ from pymig.guest.workloads import expected_compute_result, resolve, verify_selfc
 HELPERS = Path(__file__).with_name("_sim_helpers.py")
 SELFCHECK = {"working_set_bytes": 2 * MiB, "rate_pages_per_s": 200_000}
 COMPUTE = {"region_bytes": 512 * 1024, "rounds": 400}
+pytestmark = pytest.mark.timeout(120)  # a deadlocked writer fails the test, not the run
 
 
 def test_state_is_typed_and_versioned():

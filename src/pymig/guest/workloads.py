@@ -31,6 +31,10 @@ Mailbox record of vCPU i at 0x6000 + 64*i (u64 each, written only by that vCPU):
 
     +0 passes   +8 pages_written   +16 errors   +24 result   +32 done   +40 reserved
 
+The counters live in RAM: a vCPU adds to them in place after every page (the simulated writer
+after every batch, and it stops only between batches), so they migrate with the memory and a
+destination carries on counting from the source's values.
+
 Shares: with m_total pages in the area and v vCPUs, vCPU i owns pages
 [i*m_total//v, (i+1)*m_total//v).  ``rate_pages_per_s`` counts page writes (a page written
 twice counts twice) of the whole guest: each vCPU writes rate/v pages per second.  Seeds:
