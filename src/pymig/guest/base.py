@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -19,6 +19,20 @@ GiB = 1 << 30
 # PC layout: RAM below the 3 GiB PCI hole, the rest from 4 GiB, as firmware would report it.
 LOW_RAM_LIMIT = 3 * GiB
 HIGH_RAM_BASE = 4 * GiB
+
+# Guest-physical map shared by the KVM and the simulated guest (both run the same workloads):
+#
+#   0x0000_5000  parameter block, one page, written by the host before start
+#   0x0000_6000  mailbox: one 64-byte progress record per vCPU, written by the guest
+#   0x0010_0000  working set / compute region (1 MiB upwards)
+#
+# The field layouts of the parameter block and the mailbox are in pymig.guest.workloads.
+GUEST_PAGE_SIZE = 4096
+PARAMS_GPA = 0x5000
+MAILBOX_GPA = 0x6000
+MAILBOX_RECORD_BYTES = 64
+WORKSET_GPA = 0x100000
+MAX_VCPUS = GUEST_PAGE_SIZE // MAILBOX_RECORD_BYTES  # every record fits the one mailbox page
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,36 @@ class GuestConfig:
         if unknown:
             raise ValueError(f"unknown guest configuration keys: {sorted(unknown)}")
         return cls(**data)
+
+
+def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) -> tuple[int, int]:
+    """Which block holds guest-physical ``[gpa, gpa + nbytes)``: ``(block index, byte offset)``.
+
+    The whole range must lie inside one block; a range across a hole or a block edge raises
+    ValueError (workloads keep their structures inside one block).
+    """
+    for index, block in enumerate(blocks):
+        offset = gpa - block.guest_phys_addr
+        if 0 <= offset and offset + nbytes <= block.size_bytes:
+            return index, offset
+    raise ValueError(f"guest-physical range [{gpa:#x}, {gpa + nbytes:#x}) is not inside one RAM "
+                     f"block")
+
+
+@dataclass
+class GuestState:
+    """What ``Guest.save_state()`` returns and ``Guest.load_state()`` takes.
+
+    ``cpus`` holds one state object per vCPU (``CpuState`` for KVM, ``SimCpuState`` for the
+    simulated writer) and ``devices`` the device states by name.  Every element is a dataclass
+    with a ``VERSION`` class attribute and typed fields only, so a declarative state description
+    can serialise it.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    cpus: list
+    devices: dict[str, object] = field(default_factory=dict)
 
 
 class Console:

@@ -1,0 +1,331 @@
+"""A guest without KVM: native writer threads stand in for vCPUs.
+
+:class:`SimulatedGuest` behaves like a KVM guest as far as migration can tell: its RAM blocks
+change while migration reads them, its dirty log has KVM's semantics (a write is logged after it
+lands; a sync fetches and clears), it pauses with bounded latency, it can be throttled, and its
+"vCPU state" (each writer's position, pass, generator state, partial checksum) saves into a
+:class:`~pymig.guest.base.GuestState` that, loaded into a destination built with
+``create(config, incoming=True)``, continues the workload exactly where the source stopped.
+
+The writers are C threads (``pymig._core.simguest``) that hold no GIL, in both backends: they
+stand in for a guest, not for a kernel with a Python twin.  The workloads, the parameter block
+and the mailbox are those of :mod:`pymig.guest.workloads`, shared with the KVM guest.
+
+Status transitions::
+
+    created --start()/resume()--> running --pause()--> paused --resume()--> running
+    any --close()--> shutdown
+
+``clear_dirty`` is a no-op: ``sync_dirty`` already cleared the bits it returned, atomically with
+reading them.  KVM's manual-protect mode separates the two so that re-protection can happen
+just before a range is sent instead of at sync time; either way a write that lands after the
+range is re-armed is reported by the next sync, and a write before it is in the data the
+migration reads after clearing.  Clearing at sync time re-arms earlier than any clear_dirty
+could, so it reports a superset of what manual mode reports (at worst a page sent twice) and
+never fewer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pymig._core.simguest import CPU_FIELDS, Writers
+from pymig.errors import GuestError, StateError
+from pymig.guest.base import (
+    GUEST_PAGE_SIZE,
+    MAILBOX_GPA,
+    PARAMS_GPA,
+    Console,
+    GuestConfig,
+    GuestState,
+    locate,
+)
+from pymig.guest.workloads import (
+    PATTERN_IDS,
+    Workload,
+    pack_params,
+    progress_from_mailbox,
+    resolve,
+)
+from pymig.memory import Backing, RamBlock
+
+
+@dataclass
+class SimCpuState:
+    """One simulated vCPU (writer): where it is in its workload and what it carries.
+
+    ``index``, ``workload``, ``first_frame`` and ``npages`` say which share of which workload the
+    state belongs to (checked on load); the rest is the writer's position: ``phase`` (compute:
+    0 fill, 1 fold, 2 done), ``pos`` (next page of the share), ``pass_number`` (selfcheck: the
+    pass being stamped; compute: the round), ``rng`` (xorshift32 or xorshift64 state), ``acc``
+    and ``partial_sum`` (compute checksum so far and this round's sum).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    index: int
+    workload: int
+    first_frame: int
+    npages: int
+    phase: int
+    pos: int
+    pass_number: int
+    rng: int
+    acc: int
+    partial_sum: int
+
+
+class SimulatedGuest:
+    """A :class:`~pymig.guest.base.Guest` whose vCPUs are native writer threads."""
+
+    def __init__(self, config: GuestConfig, workload: Workload, ram_blocks: list[RamBlock],
+                 writers: Writers, incoming: bool):
+        self.config = config
+        self.workload = workload
+        self.ram_blocks = ram_blocks
+        self.vcpu_count = config.vcpus
+        self.console = Console()
+        self.incoming = incoming
+        self._writers = writers
+        self._status = "created"
+        self._has_state = not incoming
+        self._logging = False
+        self._throttle = 0
+        self._lock = threading.RLock()
+
+    @classmethod
+    def create(cls, config: GuestConfig, incoming: bool = False, *, backing: Backing = "anon",
+               hugepages: bool = True) -> "SimulatedGuest":
+        """A new, stopped guest with fresh RAM.
+
+        A source (``incoming=False``) gets its parameter block written and its writers set at the
+        workload's start.  A destination (``incoming=True``) gets nothing written at all, not
+        even the parameter block or the mailbox: the migration brings the memory, then
+        :meth:`load_state` the writers' state.
+        """
+        if config.kind != "simulated":
+            raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
+        workload = resolve(config)
+        blocks: list[RamBlock] = []
+        try:
+            for index, layout in enumerate(config.blocks):
+                blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
+                                                layout.guest_phys_addr, block_id=index,
+                                                backing=backing, hugepages=hugepages))
+            writers = Writers([b.array for b in blocks], workload.params.workload_id,
+                              PATTERN_IDS[workload.params.pattern],
+                              workload.params.hot_share_q16, workload.params.rate_pages_per_s,
+                              workload.params.rounds, _share_tuples(config, workload),
+                              locate(config.blocks, MAILBOX_GPA, GUEST_PAGE_SIZE))
+        except BaseException:
+            for block in blocks:
+                block.close()
+            raise
+        guest = cls(config, workload, blocks, writers, incoming)
+        if not incoming:
+            index, offset = locate(config.blocks, PARAMS_GPA, GUEST_PAGE_SIZE)
+            blocks[index].array[offset:offset + GUEST_PAGE_SIZE] = np.frombuffer(
+                pack_params(workload), dtype=np.uint8)
+        return guest
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def start(self) -> None:
+        """Run the workload from its start (a source) or from the loaded state (a destination)."""
+        with self._lock:
+            if self._status != "created":
+                raise GuestError(f"start() needs a created guest; this one is {self._status}")
+            if not self.incoming:
+                self.console.write(f"pymig simulated guest: {self.vcpu_count} vCPU(s), workload "
+                                   f"{self.workload.name}\n".encode())
+            self._run()
+
+    def resume(self) -> None:
+        """Continue a paused guest, or run a created one (a destination after load_state)."""
+        with self._lock:
+            if self._status == "running":
+                return
+            if self._status not in ("created", "paused"):
+                raise GuestError(f"cannot resume a guest that is {self._status}")
+            self._run()
+
+    def _run(self) -> None:
+        if not self._has_state:
+            raise GuestError("an incoming guest runs only after load_state() gave it its vCPU "
+                             "state")
+        self._writers.run()
+        self._status = "running"
+
+    def pause(self) -> None:
+        """Return once every writer is stopped between two page writes (within one batch)."""
+        with self._lock:
+            if self._status == "running":
+                self._writers.pause()
+                self._status = "paused"
+            elif self._status == "shutdown":
+                raise GuestError("the guest is shut down")
+
+    def close(self) -> None:
+        """Join the writers and unmap the RAM.  Idempotent.
+
+        A block that a caller still holds a view of (say ``block.array[...]`` kept in a local)
+        stays mapped until the last such view is gone; the guest is shut down either way.
+        """
+        with self._lock:
+            if self._status == "shutdown":
+                return
+            self._writers.close()
+            self._status = "shutdown"
+            for block in self.ram_blocks:
+                try:
+                    block.close()
+                except BufferError:
+                    pass  # unmapped when the caller's view and this guest are collected
+
+    def __enter__(self) -> "SimulatedGuest":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._status == "shutdown":
+            raise GuestError("the guest is shut down")
+
+    # --- dirty log ---------------------------------------------------------------------------
+
+    def start_dirty_log(self) -> None:
+        """Log every write from the moment this returns (the bitmaps start empty)."""
+        with self._lock:
+            self._check_open()
+            if not self._logging:
+                self._writers.set_logging(True)
+                self._logging = True
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging and forget what was logged since the last sync."""
+        with self._lock:
+            self._check_open()
+            if self._logging:
+                self._writers.set_logging(False)
+                self._logging = False
+
+    def sync_dirty(self) -> list[np.ndarray]:
+        """Per block, a new bitmap of the pages written since the previous sync (fetch-and-clear).
+
+        Every write whose bit a sync returns is visible in the block once this returns.
+        """
+        with self._lock:  # close() must not free the bitmaps under a sync
+            self._check_open()
+            if not self._logging:
+                raise GuestError("sync_dirty() needs dirty logging on (start_dirty_log)")
+            bitmaps = []
+            for index, words in enumerate(self._writers.nwords):
+                out = np.empty(words, dtype=np.uint64)
+                self._writers.sync(index, out)
+                bitmaps.append(out)
+            return bitmaps
+
+    def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
+        """A no-op: :meth:`sync_dirty` cleared the bits it returned (see the module docstring)."""
+        block = self.ram_blocks[block_index]
+        if start_page < 0 or npages < 0 or start_page + npages > block.npages:
+            raise ValueError(f"pages [{start_page}, {start_page + npages}) outside RAM block "
+                             f"{block.name!r} of {block.npages} pages")
+
+    # --- state -------------------------------------------------------------------------------
+
+    def save_state(self) -> GuestState:
+        """Every writer's state; the guest must be stopped (created or paused)."""
+        with self._lock:
+            if self._status not in ("created", "paused"):
+                raise GuestError(f"save_state() needs a stopped guest; this one is "
+                                 f"{self._status}")
+            if not self._has_state:
+                raise GuestError("this incoming guest has no vCPU state yet")
+            cpus = [SimCpuState(index=share.index, workload=self.workload.params.workload_id,
+                                first_frame=share.first_frame, npages=share.npages,
+                                **self._writers.get_cpu(share.index))
+                    for share in self.workload.shares]
+            return GuestState(cpus=cpus, devices={})
+
+    def load_state(self, state: GuestState) -> None:
+        """Give every writer the state a source saved; the guest must be stopped."""
+        with self._lock:
+            if self._status not in ("created", "paused"):
+                raise GuestError(f"load_state() needs a stopped guest; this one is "
+                                 f"{self._status}")
+            if len(state.cpus) != self.vcpu_count:
+                raise StateError(f"state has {len(state.cpus)} vCPUs, the guest "
+                                 f"{self.vcpu_count}", entry="cpu")
+            for share, cpu in zip(self.workload.shares, state.cpus):
+                _check_cpu(share.index, self.workload.params.workload_id, share.first_frame,
+                           share.npages, cpu)
+            for cpu in state.cpus:
+                self._writers.set_cpu(cpu.index, {name: getattr(cpu, name) for name in CPU_FIELDS})
+            self._has_state = True
+
+    # --- workload ----------------------------------------------------------------------------
+
+    def set_throttle(self, percent: int) -> None:
+        """Take ``percent`` (0..99) of every writer's run time, in 10 ms timeslices."""
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 99:
+            raise ValueError(f"throttle must be an integer percentage 0..99, not {percent!r}")
+        with self._lock:
+            self._check_open()
+            self._writers.set_throttle(percent)
+            self._throttle = percent
+
+    @property
+    def throttle(self) -> int:
+        return self._throttle
+
+    def progress(self) -> dict[str, int]:
+        """The workload's counters from the mailbox in guest RAM (see progress_from_mailbox)."""
+        self._check_open()
+        return progress_from_mailbox(self.ram_blocks, self.vcpu_count)
+
+    def __repr__(self) -> str:
+        return (f"SimulatedGuest({self.workload.name}, {self.vcpu_count} vCPU(s), "
+                f"{self.config.memory_bytes} bytes, {self._status})")
+
+
+def _share_tuples(config: GuestConfig, workload: Workload) -> list[tuple[int, ...]]:
+    """The shares as the writers take them: (block, first page in it, npages, hot pages,
+    first frame, seed32, seed64)."""
+    shares = []
+    for share in workload.shares:
+        block, page = 0, 0
+        if share.npages:
+            block, offset = locate(config.blocks, share.first_gpa, share.npages * GUEST_PAGE_SIZE)
+            page = offset // GUEST_PAGE_SIZE
+        shares.append((block, page, share.npages, share.hot_pages, share.first_frame,
+                       share.seed32, share.seed64))
+    return shares
+
+
+def _check_cpu(index: int, workload: int, first_frame: int, npages: int, cpu: Any) -> None:
+    """Refuse a vCPU state that does not belong to this guest's vCPU ``index``."""
+    if not isinstance(cpu, SimCpuState):
+        raise StateError(f"vCPU {index}: expected a SimCpuState, got {type(cpu).__name__}",
+                         entry="cpu")
+    expected = {"index": index, "workload": workload, "first_frame": first_frame,
+                "npages": npages}
+    for name, value in expected.items():
+        if getattr(cpu, name) != value:
+            raise StateError(f"vCPU {index}: state is for {name} {getattr(cpu, name)}, this "
+                             f"guest has {value}", entry="cpu", field=name)
+    for f in dataclasses.fields(cpu):
+        value = getattr(cpu, f.name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+            raise StateError(f"vCPU {index}: {f.name} = {value!r} is not a u64", entry="cpu",
+                             field=f.name)
