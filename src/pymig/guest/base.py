@@ -123,6 +123,28 @@ class GuestState:
     devices: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StateSpec:
+    """One piece of a guest's state as the migration registry sees it: the entry's idstr and
+    instance, its state description, and where its object lives in :class:`GuestState`
+    (``cpus[cpu]`` or ``devices[device]``)."""
+
+    idstr: str
+    instance_id: int
+    vmsd: Any  # pymig.vmstate.VMStateDescription (not imported: guests stay below vmstate)
+    cpu: int | None = None
+    device: str | None = None
+
+    def get(self, state: GuestState) -> Any:
+        return state.cpus[self.cpu] if self.cpu is not None else state.devices[self.device]
+
+    def put(self, state: GuestState, obj: Any) -> None:
+        if self.cpu is not None:
+            state.cpus[self.cpu] = obj
+        else:
+            state.devices[self.device] = obj
+
+
 class Console:
     """The guest's serial output: kept in memory, appended to files, fanned out to callbacks."""
 
@@ -193,6 +215,8 @@ class Guest(Protocol):
 
     def save_state(self) -> Any: ...
     def load_state(self, state: Any) -> None: ...
+    def state_specs(self) -> list[StateSpec]:
+        """The state entries this guest migrates besides RAM (vCPUs, devices)."""
     def set_throttle(self, percent: int) -> None: ...
     def progress(self) -> dict[str, int]: ...
 

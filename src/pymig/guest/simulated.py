@@ -43,6 +43,7 @@ from pymig.guest.base import (
     Console,
     GuestConfig,
     GuestState,
+    StateSpec,
     locate,
 )
 from pymig.guest.workloads import (
@@ -53,6 +54,7 @@ from pymig.guest.workloads import (
     resolve,
 )
 from pymig.memory import Backing, RamBlock
+from pymig.vmstate import Field, VMStateDescription
 
 
 @dataclass
@@ -78,6 +80,13 @@ class SimCpuState:
     rng: int
     acc: int
     partial_sum: int
+
+
+SIM_CPU_VMSD = VMStateDescription(
+    "cpu", version_id=SimCpuState.VERSION, minimum_version_id=1,
+    fields=[Field.u64(f.name) for f in dataclasses.fields(SimCpuState)],
+    factory=lambda: SimCpuState(*[0] * len(dataclasses.fields(SimCpuState))),
+)
 
 
 class SimulatedGuest:
@@ -273,6 +282,10 @@ class SimulatedGuest:
             for cpu in state.cpus:
                 self._writers.set_cpu(cpu.index, {name: getattr(cpu, name) for name in CPU_FIELDS})
             self._has_state = True
+
+    def state_specs(self) -> list[StateSpec]:
+        """One ``cpu`` entry per writer; the simulated guest has no devices."""
+        return [StateSpec("cpu", i, SIM_CPU_VMSD, cpu=i) for i in range(self.vcpu_count)]
 
     # --- workload ----------------------------------------------------------------------------
 

@@ -1,0 +1,199 @@
+"""A guest plus everything migration needs to move it: its state registry and its RAM entry.
+
+The registry of a machine holds, in stream order:
+
+* ``ram`` (live, RAM priority): :class:`pymig.ram.RamSaver` / :class:`pymig.ram.RamLoader`;
+* ``cpu`` instance *i* per vCPU (or simulated writer): the vCPU state description;
+* one entry per device the guest has (serial port, control port, ...).
+
+Before the registry's sections, a stream carries the machine's configuration as a FULL section
+named ``pymig.config`` (JSON of :class:`~pymig.guest.GuestConfig`), so a destination needs no
+arguments to build the guest it is about to receive.
+"""
+
+from __future__ import annotations
+
+import json
+from pymig import stream
+from pymig.errors import StateError, StreamError
+from pymig.guest import GuestConfig, create
+from pymig.guest.base import GuestState, StateSpec
+from pymig.ram import RAM_IDSTR, RAM_VERSION, RamLoader, RamSaver
+from pymig.savevm import SaveStateEntry, SaveStateRegistry
+
+CONFIG_IDSTR = "pymig.config"
+CONFIG_VERSION = 1
+CONFIG_SECTION_ID = 0xFFFF_FFFF  # outside the registry's ids: it is read before one exists
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class SectionOut:
+    """The section writer a live entry's handlers get: frames what they emit for that entry."""
+
+    def __init__(self, writer: "stream.StreamWriter", entry: SaveStateEntry):
+        self.writer = writer
+        self.entry = entry
+
+    def start(self, payload) -> None:
+        e = self.entry
+        self.writer.start(e.section_id, e.idstr, e.instance_id, e.version_id, payload)
+
+    def part(self, payload, *, nocsum: bool = False) -> None:
+        self.writer.part(self.entry.section_id, payload, nocsum=nocsum)
+
+    def end(self, payload) -> None:
+        self.writer.end(self.entry.section_id, payload)
+
+
+class _RamHandlers:
+    """Adapts the RAM saver / loader to the registry's live-handler protocol."""
+
+    def setup(self, machine: "Machine", out: SectionOut) -> None:
+        machine.ram_saver.setup(out)
+
+    def iterate(self, machine: "Machine", out: SectionOut) -> bool:
+        return machine.ram_saver.iterate(out)
+
+    def pending(self, machine: "Machine") -> int:
+        return machine.ram_saver.pending()
+
+    def complete(self, machine: "Machine", out: SectionOut) -> None:
+        machine.ram_saver.complete(out)
+
+    def load(self, machine: "Machine", data, version_id: int, section_type: int) -> None:
+        loader = machine.ram_loader
+        if section_type == stream.START:
+            loader.load_start(data)
+        elif section_type == stream.PART:
+            loader.load_part(data)
+        elif section_type == stream.END:
+            loader.load_end(data)
+        else:
+            raise StateError(f"RAM cannot load a section of type {section_type}",
+                             entry=RAM_IDSTR)
+
+    def cleanup(self, machine: "Machine") -> None:
+        if machine.ram_saver is not None:
+            machine.ram_saver.cleanup()
+
+
+class Machine:
+    """A guest and its registry, as a migration source or destination."""
+
+    def __init__(self, guest, *, incoming: bool):
+        self.guest = guest
+        self.incoming = incoming
+        self.registry = SaveStateRegistry()
+        self.ram_saver = None if incoming else RamSaver(guest)
+        self.ram_loader = RamLoader(guest) if incoming else None
+        self.registry.register_savevm_live(RAM_IDSTR, 0, RAM_VERSION, _RamHandlers(), self)
+        self.specs: dict[int, StateSpec] = {}
+        for spec in guest.state_specs():
+            entry = self.registry.register_vmstate(spec.idstr, spec.instance_id, spec.vmsd, None)
+            self.specs[entry.section_id] = spec
+
+    @classmethod
+    def source(cls, guest) -> "Machine":
+        return cls(guest, incoming=False)
+
+    @classmethod
+    def incoming(cls, config: GuestConfig, **guest_options) -> "Machine":
+        """A destination machine: a new paused guest with fresh RAM for ``config``."""
+        return cls(create(config, incoming=True, **guest_options), incoming=True)
+
+    # -- source ------------------------------------------------------------------------------
+    def save_config(self, writer: "stream.StreamWriter") -> None:
+        payload = json.dumps(self.guest.config.to_dict()).encode()
+        writer.full(CONFIG_SECTION_ID, CONFIG_IDSTR, 0, CONFIG_VERSION, payload)
+
+    def save_device_state(self, writer: "stream.StreamWriter") -> None:
+        """Every state entry as a FULL section (vCPUs paused)."""
+        state = self.guest.save_state()
+        for entry in self.registry.state_entries():
+            entry.opaque = self.specs[entry.section_id].get(state)
+            try:
+                payload = entry.save_state()
+            finally:
+                entry.opaque = None
+            writer.full(entry.section_id, entry.idstr, entry.instance_id, entry.version_id,
+                        payload)
+
+    # -- destination -------------------------------------------------------------------------
+    def load_stream(self, reader: "stream.StreamReader") -> None:
+        """Load sections until EOF, then hand the vCPU and device state to the guest.
+
+        Each section is matched to an entry by (idstr, instance) on START/FULL and by section id
+        after that; the source's section ids need not equal ours.
+        """
+        by_stream_id: dict[int, SaveStateEntry] = {}
+        versions: dict[int, int] = {}
+        state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
+        loaded: set[int] = set()
+        while True:
+            record = reader.next_record()
+            if record.type == stream.EOF:
+                break
+            if record.type in (stream.START, stream.FULL):
+                entry = self.registry.find(record.idstr, record.instance_id)
+                if entry is None:
+                    raise StreamError(record.offset, f"unknown section {record.idstr!r} "
+                                                     f"instance {record.instance_id}")
+                entry.check_load_version(record.version_id)
+                if record.type == stream.START and not entry.is_live:
+                    raise StreamError(record.offset, f"{entry.name} is not a live entry")
+                by_stream_id[record.section_id] = entry
+                version = record.version_id
+                versions[record.section_id] = version
+            else:
+                entry = by_stream_id.get(record.section_id)
+                if entry is None:
+                    raise StreamError(record.offset, f"section id {record.section_id} was "
+                                                     f"never started")
+                version = versions[record.section_id]
+            payload = reader.read_payload()
+            if entry.is_live:
+                entry.handlers.load(self, payload, version, record.type)
+            else:
+                spec = self.specs[entry.section_id]
+                entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
+                entry.load_state(payload, version)
+                spec.put(state, entry.opaque)
+                entry.opaque = None
+            loaded.add(entry.section_id)
+        self._check_complete(state, loaded)
+        self.guest.load_state(state)
+
+    def _check_complete(self, state: GuestState, loaded: set[int]) -> None:
+        missing = [e.name for e in self.registry.entries() if e.section_id not in loaded]
+        if missing:
+            raise StateError(f"the stream ended without state for {', '.join(missing)}")
+        if not self.ram_loader.ended:
+            raise StateError("the stream ended before the RAM was complete", entry=RAM_IDSTR)
+
+    def load_counters(self) -> dict:
+        c = self.ram_loader.counters
+        return {"normal": c.normal_pages, "duplicate": c.zero_pages, "packets": c.packets,
+                "bytes": c.bytes}
+
+    def close(self) -> None:
+        self.guest.close()
+
+
+def load_config(reader: "stream.StreamReader") -> GuestConfig:
+    """Read the ``pymig.config`` section that opens every stream."""
+    record = reader.next_record()
+    if record.type != stream.FULL or record.idstr != CONFIG_IDSTR:
+        raise StreamError(record.offset, f"expected the {CONFIG_IDSTR} section first, found "
+                                         f"{record.idstr or 'a record of type ' + str(record.type)}")
+    if record.version_id != CONFIG_VERSION:
+        raise StreamError(record.offset, f"{CONFIG_IDSTR} version {record.version_id} is not "
+                                         f"supported (this build reads {CONFIG_VERSION})")
+    if record.payload_len > MAX_CONFIG_BYTES:
+        raise StreamError(record.offset, f"{CONFIG_IDSTR} section of {record.payload_len} bytes "
+                                         f"is too large")
+    payload = bytes(reader.read_payload())
+    try:
+        return GuestConfig.from_dict(json.loads(payload))
+    except (ValueError, TypeError) as exc:
+        raise StreamError(record.offset, f"bad guest configuration: {exc}") from None
+

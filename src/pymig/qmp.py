@@ -1,0 +1,108 @@
+"""A small client for pymig's control socket (the CLI's, and any script's)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+from pymig.errors import PymigError
+
+
+class QmpError(PymigError):
+    """The server answered a command with an error object."""
+
+    def __init__(self, klass: str, desc: str):
+        self.klass = klass
+        self.desc = desc
+        super().__init__(f"{klass}: {desc}")
+
+
+class QmpClient:
+    """Connects, negotiates capabilities, runs commands and collects events.
+
+    ``address`` is a unix socket path, or ``(host, port)`` for loopback TCP.
+    """
+
+    def __init__(self, address: str | tuple[str, int], timeout: float = 30.0):
+        if isinstance(address, tuple):
+            self.sock = socket.create_connection(address, timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(address)
+            except OSError as exc:
+                self.sock.close()
+                raise PymigError(f"cannot reach the control socket {address}: "
+                                 f"{exc.strerror or exc}") from None
+        self.timeout = timeout
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        self._answers: "queue.Queue[dict]" = queue.Queue()
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._file = self.sock.makefile("rb")
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise PymigError(f"{address} is not a pymig control socket")
+        self.greeting = greeting["QMP"]
+        self.sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="qmp-client")
+        self._reader.start()
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict:
+        line = self._file.readline()
+        if not line:
+            raise PymigError("the control socket closed the connection")
+        return json.loads(line)
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                message = self._read()
+            except (PymigError, OSError, ValueError) as exc:
+                self._answers.put({"error": {"class": "ConnectionLost", "desc": str(exc)}})
+                return
+            if "event" in message:
+                self.events.put(message)
+            else:
+                self._answers.put(message)
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        """Run one command; returns its value or raises :class:`QmpError`."""
+        with self._lock:
+            self._next_id += 1
+            ident = self._next_id
+            message: dict[str, Any] = {"execute": name, "id": ident}
+            if arguments:
+                message["arguments"] = arguments
+            self.sock.sendall((json.dumps(message) + "\n").encode())
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    answer = self._answers.get(timeout=max(deadline - time.monotonic(), 0.001))
+                except queue.Empty:
+                    raise PymigError(f"no answer to {name} in {self.timeout:.0f} s") from None
+                if answer.get("id") not in (ident, None):
+                    continue
+                if "error" in answer:
+                    err = answer["error"]
+                    raise QmpError(err.get("class", "GenericError"), err.get("desc", ""))
+                return answer.get("return")
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> "QmpClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
