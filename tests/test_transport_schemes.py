@@ -196,3 +196,14 @@ def test_pipe_read_timeout(tmp_path):
             dst.close()
     finally:
         os.close(write_fd)
+
+
+def test_pipe_write_timeout_bounds_a_large_blocked_write():
+    read_fd, write_fd = os.pipe()
+    try:
+        with transport.connect(f"fd:{write_fd}") as src:
+            src.settimeout(0.2)
+            with pytest.raises(TransportError, match="writing to .* timed out after 0.2 s"):
+                src.send(bytes(8 << 20))  # nobody reads: far more than the pipe holds
+    finally:
+        os.close(read_fd)

@@ -139,8 +139,7 @@ def measure_throughput(send: Callable[[socket.socket, int], None], kind: str = "
 
 def sendall_loop(write_bytes: int) -> Callable[[socket.socket, int], None]:
     """A send function: ``sock.sendall`` of one ``write_bytes`` buffer until the total is sent."""
-    data = memoryview(bytearray(os.urandom(min(write_bytes, 1 << 16))) * max(
-        1, write_bytes // (1 << 16)))[:write_bytes]
+    data = memoryview(bytearray(os.urandom(write_bytes)))
 
     def send(sock: socket.socket, total_bytes: int) -> None:
         left = total_bytes

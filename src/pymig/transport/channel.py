@@ -191,7 +191,7 @@ class Channel:
     def sendv(self, buffers: Iterable) -> None:
         """Send several buffers back to back without joining them (scatter-gather)."""
         views = [byte_view(b) for b in buffers]
-        total = sum(len(v) for v in views)
+        total = sum(map(len, views))
         limiter = self.rate_limiter
         if limiter.rate and total > limiter.burst_bytes:
             # Too big for one bucket charge: pace it piece by piece instead.
@@ -394,7 +394,7 @@ class FdChannel(Channel):
             raise TransportError(f"{self.name} is open for {mode} only")
 
     def _wait(self, events: int, action: str) -> None:
-        if self._timeout is not None and not _poll(self._fd, events, self._timeout):
+        if not _poll(self._fd, events, self._timeout):
             raise TransportError(f"{action} timed out after {self._timeout:g} s")
 
     def _send_all(self, view: memoryview) -> None:
@@ -405,8 +405,11 @@ class FdChannel(Channel):
         action = f"writing to {self.name}"
 
         def writev(vs: list[memoryview]) -> int:
-            self._wait(select.POLLOUT, action)
-            return os.writev(self._fd, vs)
+            while True:
+                try:
+                    return os.writev(self._fd, vs)
+                except BlockingIOError:  # only with a timeout: the fd is non-blocking then
+                    self._wait(select.POLLOUT, action)
 
         try:
             _send_views(writev, views)
@@ -416,14 +419,23 @@ class FdChannel(Channel):
     def _recv_some(self, view: memoryview) -> int:
         self._check_direction(False)
         action = f"reading from {self.name}"
-        self._wait(select.POLLIN, action)
         try:
-            return os.readv(self._fd, [view])
+            while True:
+                try:
+                    return os.readv(self._fd, [view])
+                except BlockingIOError:
+                    self._wait(select.POLLIN, action)
         except OSError as exc:
             raise transport_error(action, exc) from exc
 
     def _apply_timeout(self, seconds: float | None) -> None:
-        pass  # enforced with poll() before each read or write
+        # With a timeout the descriptor turns non-blocking, so that a large write
+        # into a pipe nobody drains comes back (EAGAIN) to wait in poll() instead
+        # of blocking for good inside the kernel.  Regular files ignore this.
+        try:
+            os.set_blocking(self._fd, seconds is None)
+        except OSError as exc:
+            raise transport_error(f"setting a timeout on {self.name}", exc) from exc
 
     def wait_readable(self, timeout: float | None) -> bool:
         self._check_direction(False)
