@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from pymig import transport
-from pymig.stream import RecordType, StreamWriter
+from pymig.stream import RecordType, StreamReader, StreamWriter
 from pymig.transport import BytesChannel, Channel, SocketChannel
 
 #: Every way to get a connected, full-duplex pair of channels on this machine.
@@ -113,3 +113,16 @@ def sample_stream(records=SAMPLE_RECORDS) -> bytes:
     channel = BytesChannel()
     write_records(StreamWriter(channel), records)
     return channel.getvalue()
+
+
+def read_stream(reader: StreamReader) -> list[tuple]:
+    """Read a whole stream (header to EOF) in the shape of expected_records()."""
+    reader.read_header()
+    out = []
+    while True:
+        h = reader.next_record()
+        payload = bytes(reader.read_payload())
+        out.append((h.type, h.section_id, h.idstr, h.instance_id, h.version_id, payload,
+                    h.nocsum))
+        if h.type is RecordType.EOF:
+            return out

@@ -17,7 +17,7 @@ from pymig.stream import (DEFAULT_MAX_PAYLOAD, FOOTER_BYTES, HEADER_BYTES, MAGIC
 from pymig.transport import BytesChannel, Channel
 
 from _wire_helpers import (SAMPLE_RECORDS, SOCKET_KINDS, Background, channel_pair,
-                           expected_records, sample_stream, write_records)
+                           expected_records, read_stream, sample_stream, write_records)
 
 HEADER = MAGIC + struct.pack("<II", 1, 0)
 
@@ -25,18 +25,6 @@ HEADER = MAGIC + struct.pack("<II", 1, 0)
 def parse_all(data: bytes, **kw) -> list[tuple]:
     """Every record of a complete stream, in the shape of expected_records()."""
     return read_stream(StreamReader(BytesChannel(data), **kw))
-
-
-def read_stream(reader: StreamReader) -> list[tuple]:
-    reader.read_header()
-    out = []
-    while True:
-        h = reader.next_record()
-        payload = bytes(reader.read_payload())
-        out.append((h.type, h.section_id, h.idstr, h.instance_id, h.version_id, payload,
-                    h.nocsum))
-        if h.type is RecordType.EOF:
-            return out
 
 
 def record(rtype: int, section_id: int, payload: bytes = b"", *, flags: int = 0,

@@ -15,23 +15,13 @@ from pymig.errors import StreamError, TransportError
 from pymig.stream import ReturnPathWriter, StreamReader, StreamWriter
 from pymig.transport import FdChannel, SocketChannel
 
-from _wire_helpers import WAIT_S, expected_records, sample_stream, write_records
+from _wire_helpers import WAIT_S, expected_records, read_stream, sample_stream, write_records
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 def read_all(channel) -> list[tuple]:
-    """Read a whole stream from ``channel`` into the shape of expected_records()."""
-    reader = StreamReader(channel)
-    reader.read_header()
-    out = []
-    while True:
-        h = reader.next_record()
-        payload = bytes(reader.read_payload())
-        out.append((h.type, h.section_id, h.idstr, h.instance_id, h.version_id, payload,
-                    h.nocsum))
-        if h.type.name == "EOF":
-            return out
+    return read_stream(StreamReader(channel))
 
 
 def test_file_round_trip(tmp_path):
@@ -207,3 +197,16 @@ def test_pipe_write_timeout_bounds_a_large_blocked_write():
                 src.send(bytes(8 << 20))  # nobody reads: far more than the pipe holds
     finally:
         os.close(read_fd)
+
+
+def test_closed_channel_refuses_io(tmp_path):
+    src = transport.connect(f"file:{tmp_path}/out")
+    src.close()
+    with pytest.raises(TransportError, match="is closed"):
+        src.send(b"x")
+    with pytest.raises(TransportError, match="is closed"):
+        src.sendv([b"x"])
+    dst = transport.listen(f"file:{tmp_path}/out").accept()
+    dst.close()
+    with pytest.raises(TransportError, match="is closed"):
+        dst.recv_exact(1)

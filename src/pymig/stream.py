@@ -201,6 +201,8 @@ class StreamReader:
 
     Call :meth:`read_header` once, then :meth:`next_record` and
     :meth:`read_payload` (or :meth:`skip_payload`) for each record until EOF.
+    A stream that ends early is a :class:`StreamError`; a connection that
+    breaks (reset, timeout) stays a :class:`~pymig.errors.TransportError`.
     """
 
     def __init__(self, channel: Channel, *, max_payload: int = DEFAULT_MAX_PAYLOAD):

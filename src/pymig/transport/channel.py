@@ -122,11 +122,39 @@ def _poll(fd: int, events: int, timeout: float | None) -> bool:
             continue
 
 
-class Channel:
+class Closable:
+    """``close()`` runs the subclass's ``_close()`` once, however often it is called;
+    ``with`` closes on the way out."""
+
+    _closed = False
+
+    def close(self) -> None:
+        """Release the object; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Channel(Closable):
     """A byte pipe to the peer; see the module docstring for the guarantees.
 
     Subclasses implement ``_send_all``, ``_send_vector``, ``_recv_some``,
-    ``_apply_timeout``, :meth:`wait_readable`, :meth:`shutdown` and ``_close``.
+    ``_apply_timeout``, :meth:`wait_readable`, :meth:`shutdown` and ``_close``;
+    :meth:`close` is idempotent and a channel is a context manager.
     """
 
     #: True when the peer can send back on this channel (full-duplex sockets).
@@ -138,7 +166,6 @@ class Channel:
         self.bytes_received = 0
         self.rate_limiter = RateLimiter(0)
         self._timeout: float | None = None
-        self._closed = False
 
     # --- configuration -------------------------------------------------------------------
     def settimeout(self, seconds: float | None) -> None:
@@ -165,13 +192,15 @@ class Channel:
     def max_bandwidth(self) -> int:
         return self.rate_limiter.rate
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     # --- sending --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        # A closed descriptor's number may already belong to another file: never touch it.
+        if self._closed:
+            raise TransportError(f"{self.name} is closed")
+
     def send(self, buf) -> None:
         """Send every byte of ``buf`` (any C-contiguous buffer), honouring the rate limit."""
+        self._check_open()
         view = byte_view(buf)
         size = len(view)
         limiter = self.rate_limiter
@@ -190,6 +219,7 @@ class Channel:
 
     def sendv(self, buffers: Iterable) -> None:
         """Send several buffers back to back without joining them (scatter-gather)."""
+        self._check_open()
         views = [byte_view(b) for b in buffers]
         total = sum(map(len, views))
         limiter = self.rate_limiter
@@ -208,6 +238,7 @@ class Channel:
 
         Raises :class:`PeerClosedError` if the peer closes first.
         """
+        self._check_open()
         view = byte_view(buf)
         if view.readonly:
             raise TypeError("recv_into needs a writable buffer")
@@ -241,21 +272,8 @@ class Channel:
         """Stop the channel in both directions, waking any thread blocked on it."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Release the channel; safe to call more than once."""
-        if self._closed:
-            return
-        self._closed = True
-        self._close()
-
     def fileno(self) -> int:
         raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -272,9 +290,6 @@ class Channel:
         raise NotImplementedError
 
     def _apply_timeout(self, seconds: float | None) -> None:
-        raise NotImplementedError
-
-    def _close(self) -> None:
         raise NotImplementedError
 
     def _closed_detail(self) -> str:
@@ -414,7 +429,8 @@ class FdChannel(Channel):
         try:
             _send_views(writev, views)
         except OSError as exc:
-            raise transport_error(action + self._closed_detail(prefix=" "), exc) from exc
+            detail = self._closed_detail()
+            raise transport_error(action + (f" ({detail})" if detail else ""), exc) from exc
 
     def _recv_some(self, view: memoryview) -> int:
         self._check_direction(False)
@@ -463,15 +479,16 @@ class FdChannel(Channel):
         if status and not (not self._writable and status == -signal.SIGPIPE):
             raise TransportError(f"{self.name}: the command {_describe_status(status)}")
 
-    def _closed_detail(self, prefix: str = "") -> str:
+    def _closed_detail(self) -> str:
         if self.process is None:
             return ""
         try:
+            # The command usually exits right after closing its end; a short
+            # wait lets the error say how it ended.
             status = self.process.wait(0.2)
         except subprocess.TimeoutExpired:
             return ""
-        text = f"the command {_describe_status(status)}"
-        return f"{prefix}({text})" if prefix else text
+        return f"the command {_describe_status(status)}"
 
 
 def _describe_status(status: int) -> str:

@@ -11,35 +11,23 @@ import socket
 from collections.abc import Callable
 
 from pymig.errors import TransportError
-from pymig.transport.channel import Channel, SocketChannel, transport_error
+from pymig.transport.channel import Channel, Closable, SocketChannel, transport_error
 from pymig.transport.uri import Uri
 
 
-class Listener:
-    """Where a destination waits for the source; ``uri`` is the real address."""
+class Listener(Closable):
+    """Where a destination waits for the source; ``uri`` is the real address.
+
+    :meth:`close` stops listening and releases what the listener created; it is
+    idempotent, and a listener is a context manager.
+    """
 
     def __init__(self, uri: Uri):
         self.uri = uri
-        self._closed = False
 
     def accept(self, timeout: float | None = None) -> Channel:
         """Wait up to ``timeout`` seconds (None: forever) for the source; return its channel."""
         raise NotImplementedError
-
-    def close(self) -> None:
-        """Stop listening and release what the listener created; safe to repeat."""
-        if not self._closed:
-            self._closed = True
-            self._close()
-
-    def _close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uri}>"
