@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pymig.errors import StreamError
 from pymig.stream import (DEFAULT_MAX_PAYLOAD, FOOTER_BYTES, HEADER_BYTES, MAGIC, RecordType,
                           StreamReader, StreamWriter)
-from pymig.transport import BytesChannel, Channel
+from pymig.transport import BytesChannel
 
 from _wire_helpers import (SAMPLE_RECORDS, SOCKET_KINDS, Background, channel_pair,
                            expected_records, read_stream, sample_stream, write_records)
@@ -96,11 +96,11 @@ def test_layout_of_each_structure_byte_for_byte():
     assert len(data) == w.bytes_written
 
 
-class _Recorder(Channel):
+class _Recorder(BytesChannel):
     """Keeps the buffers the writer hands to the channel."""
 
     def __init__(self):
-        super().__init__("recorder")
+        super().__init__(name="recorder")
         self.vectors = []
 
     def _send_vector(self, views):

@@ -118,7 +118,8 @@ def test_delayed_link_shows_in_the_round_trip():
         port = server.stdout.readline().strip()
         probe = net.python("a", "import socket, sys, time\n"
                                 "t = time.perf_counter()\n"
-                                "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 10)\n"
+                                "address = (sys.argv[1], int(sys.argv[2]))\n"
+                                "s = socket.create_connection(address, 10)\n"
                                 "print(time.perf_counter() - t)\n", net.ipv4("b"), port)
         out, _ = probe.communicate(timeout=WAIT_S)
     assert probe.returncode == 0

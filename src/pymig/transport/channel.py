@@ -27,6 +27,7 @@ Every send goes through the channel's :class:`RateLimiter`, so
 
 from __future__ import annotations
 
+import abc
 import errno
 import os
 import select
@@ -122,7 +123,7 @@ def _poll(fd: int, events: int, timeout: float | None) -> bool:
             continue
 
 
-class Closable:
+class Closable(abc.ABC):
     """``close()`` runs the subclass's ``_close()`` once, however often it is called;
     ``with`` closes on the way out."""
 
@@ -135,8 +136,9 @@ class Closable:
         self._closed = True
         self._close()
 
+    @abc.abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Release the underlying resource; called once, by :meth:`close`."""
 
     @property
     def closed(self) -> bool:
@@ -263,34 +265,39 @@ class Channel(Closable):
         self.recv_into(buf)
         return bytes(buf)
 
+    @abc.abstractmethod
     def wait_readable(self, timeout: float | None) -> bool:
         """True once a receive would not block (data, end of stream or error)."""
-        raise NotImplementedError
 
     # --- life cycle ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop the channel in both directions, waking any thread blocked on it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fileno(self) -> int:
-        raise NotImplementedError
+        """The descriptor the channel reads or writes (for poll/select)."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {self.name} {state}>"
 
     # --- for subclasses ---------------------------------------------------------------------
+    @abc.abstractmethod
     def _send_all(self, view: memoryview) -> None:
-        raise NotImplementedError
+        """Send every byte of a flat byte view, or raise TransportError."""
 
+    @abc.abstractmethod
     def _send_vector(self, views: list[memoryview]) -> None:
-        raise NotImplementedError
+        """Send the views back to back without joining them, or raise TransportError."""
 
+    @abc.abstractmethod
     def _recv_some(self, view: memoryview) -> int:
-        raise NotImplementedError
+        """Receive into ``view``; returns how many bytes came, 0 at end of stream."""
 
+    @abc.abstractmethod
     def _apply_timeout(self, seconds: float | None) -> None:
-        raise NotImplementedError
+        """Make each later wait for the peer give up after ``seconds`` (None: never)."""
 
     def _closed_detail(self) -> str:
         """Extra words for a premature end of stream (e.g. a command's exit status)."""

@@ -7,6 +7,7 @@ reads the bytes and hands it over once.
 
 from __future__ import annotations
 
+import abc
 import socket
 from collections.abc import Callable
 
@@ -25,9 +26,9 @@ class Listener(Closable):
     def __init__(self, uri: Uri):
         self.uri = uri
 
+    @abc.abstractmethod
     def accept(self, timeout: float | None = None) -> Channel:
         """Wait up to ``timeout`` seconds (None: forever) for the source; return its channel."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uri}>"
