@@ -294,3 +294,25 @@ def test_socket_channel_from_a_plain_socket_is_full_duplex():
     finally:
         src.close()
         dst.close()
+
+
+def test_partial_vector_send_bookkeeping():
+    """After a sendmsg that took only part (a timeout or signal), the rest is exactly what
+    remains: whole views dropped, the cut one sliced, empty ones gone."""
+    from pymig.transport.channel import _send_views, _skip_sent
+
+    views = [memoryview(b"abc"), memoryview(b""), memoryview(b"defgh"), memoryview(b"ij")]
+    for sent in range(11):
+        rest = _skip_sent(views, sent)
+        assert b"".join(bytes(v) for v in rest) == b"abcdefghij"[sent:]
+        assert all(len(v) for v in rest)
+
+    out = bytearray()
+
+    def trickle(vs):  # a writer that takes at most 3 bytes per call
+        taken = b"".join(bytes(v) for v in vs)[:3]
+        out.extend(taken)
+        return len(taken)
+
+    _send_views(trickle, views)
+    assert bytes(out) == b"abcdefghij"

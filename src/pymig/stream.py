@@ -66,6 +66,7 @@ HEADER = struct.Struct("<8sII")
 HEADER_BYTES = HEADER.size  # 16
 
 RECORD_HEAD = struct.Struct("<BBHI")  # type, flags, reserved, section_id
+PLAIN_HEAD = struct.Struct("<BBHII")  # ... then payload_len: a whole PART/END/EOF header
 SECTION_INFO = struct.Struct("<II")  # instance_id, version_id (after the idstr)
 U8 = struct.Struct("<B")
 U32 = struct.Struct("<I")
@@ -170,18 +171,25 @@ class StreamWriter:
     def _record(self, rtype: RecordType, section_id: int, payload, nocsum: bool,
                 info: bytes = b"") -> None:
         views = _payload_views(payload)
-        payload_len = sum(len(v) for v in views)
+        payload_len = sum(map(len, views))
         if payload_len > MAX_U32:
             raise ValueError(f"a record payload of {payload_len} bytes does not fit in 32 bits")
+        if not 0 <= section_id <= MAX_U32:
+            raise ValueError(f"section id {section_id} does not fit in 32 bits")
         flags = FLAG_NOCSUM if nocsum else 0
-        head = (RECORD_HEAD.pack(rtype, flags, 0, _u32("section id", section_id)) + info
-                + U32.pack(payload_len))
-        hasher = xxhash.xxh3_64(head)
-        if not nocsum:
+        if info:
+            head = (RECORD_HEAD.pack(rtype, flags, 0, section_id) + info
+                    + U32.pack(payload_len))
+        else:  # PART/END/EOF: one pack for the whole 12-byte header
+            head = PLAIN_HEAD.pack(rtype, flags, 0, section_id, payload_len)
+        if nocsum or not payload_len:
+            checksum = xxhash.xxh3_64_intdigest(head)
+        else:
+            hasher = xxhash.xxh3_64(head)
             for view in views:
                 hasher.update(view)
-        footer = FOOTER.pack(FOOTER_MAGIC, section_id, hasher.intdigest())
-        self.channel.sendv([head, *views, footer])
+            checksum = hasher.intdigest()
+        self.channel.sendv([head, *views, FOOTER.pack(FOOTER_MAGIC, section_id, checksum)])
         self.bytes_written += len(head) + payload_len + FOOTER_BYTES
 
 

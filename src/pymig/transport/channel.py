@@ -95,6 +95,18 @@ def byte_view(buf) -> memoryview:
     return view
 
 
+def _skip_sent(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What remains of ``views`` once their first ``sent`` bytes went out."""
+    rest = []
+    for view in views:
+        if sent >= len(view):
+            sent -= len(view)
+        else:
+            rest.append(view[sent:] if sent else view)
+            sent = 0
+    return rest
+
+
 def _send_views(write: Callable[[list[memoryview]], int], views: list[memoryview]) -> None:
     """Call ``write`` (sendmsg/writev: returns bytes taken) until every view is sent."""
     views = [v for v in views if len(v)]
@@ -342,6 +354,12 @@ class SocketChannel(Channel):
     def _send_vector(self, views: list[memoryview]) -> None:
         sendmsg = self.sock.sendmsg
         try:
+            if len(views) <= IOV_MAX:
+                # A blocking sendmsg normally takes everything in one call.
+                sent = sendmsg(views, (), socket.MSG_NOSIGNAL)
+                if sent == sum(map(len, views)):
+                    return
+                views = _skip_sent(views, sent)
             _send_views(lambda vs: sendmsg(vs, (), socket.MSG_NOSIGNAL), views)
         except OSError as exc:
             raise transport_error(f"sending to {self.name}", exc, self._timeout) from exc
