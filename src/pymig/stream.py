@@ -1,0 +1,582 @@
+"""The migration stream: framing of sections, and the return path.  Nothing about RAM.
+
+All integers are little-endian.  Full description: docs/stream-format.md, "Migration stream".
+
+Stream header (16 bytes)::
+
+    0        8          12         16
+    +--------+----------+----------+
+    |PYMIGSTR|version u32|flags u32 |   version 1, flags 0
+    +--------+----------+----------+
+
+Record (START, PART, END, FULL, EOF)::
+
+    0      1       2            4              8
+    +------+-------+------------+--------------+
+    | type | flags | reserved=0 | section_id   |          8 bytes
+    +------+-------+------------+--------------+
+    START/FULL only:
+    +------------+-----------------+-------------+------------+
+    | idstr_len  | idstr (1..255)  | instance_id | version_id |
+    | u8         | ASCII           | u32         | u32        |
+    +------------+-----------------+-------------+------------+
+    +-------------+---------------------+
+    | payload_len | payload             |
+    | u32         | payload_len bytes   |
+    +-------------+---------------------+
+    footer (16 bytes):
+    +---------+------------+----------------------------------------+
+    | "PMFT"  | section_id | checksum u64 = xxh3-64(record header   |
+    |         | u32        |   bytes + payload; header only if      |
+    |         |            |   flags & NOCSUM)                      |
+    +---------+------------+----------------------------------------+
+
+    type: 1 START, 2 PART, 3 END, 4 FULL, 0x0F EOF (section 0, no payload)
+    flags: bit 0 NOCSUM (the payload checks itself, e.g. a RAM packet)
+
+Return-path message (destination -> source, same full-duplex socket)::
+
+    0          2              4           8
+    +----------+--------------+-----------+---------------+
+    | type u16 | reserved u16 | len u32   | payload (len) |
+    +----------+--------------+-----------+---------------+
+
+A reader refuses a length above its limit before allocating anything, and every
+error is a :class:`~pymig.errors.StreamError` giving the absolute byte offset
+in the stream of the byte found wrong (or of the end, for a truncated stream).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import ClassVar, NamedTuple
+
+import xxhash
+
+from pymig.errors import StreamError, TransportError
+from pymig.transport.channel import Channel, PeerClosedError, byte_view
+
+MAGIC = b"PYMIGSTR"
+VERSION = 1
+HEADER = struct.Struct("<8sII")
+HEADER_BYTES = HEADER.size  # 16
+
+RECORD_HEAD = struct.Struct("<BBHI")  # type, flags, reserved, section_id
+PLAIN_HEAD = struct.Struct("<BBHII")  # ... then payload_len: a whole PART/END/EOF header
+SECTION_INFO = struct.Struct("<II")  # instance_id, version_id (after the idstr)
+U8 = struct.Struct("<B")
+U32 = struct.Struct("<I")
+FOOTER = struct.Struct("<4sIQ")  # marker, section_id, checksum
+FOOTER_MAGIC = b"PMFT"
+FOOTER_BYTES = FOOTER.size  # 16
+
+FLAG_NOCSUM = 0x01
+KNOWN_FLAGS = FLAG_NOCSUM
+MAX_IDSTR_BYTES = 255
+MAX_U32 = 0xFFFF_FFFF
+DEFAULT_MAX_PAYLOAD = 64 << 20
+
+
+class RecordType(IntEnum):
+    """What a record is: the pieces of a section, or the end of the stream."""
+
+    START = 1  # first part of an iterative section: names the entry
+    PART = 2  # a middle part
+    END = 3  # the last part
+    FULL = 4  # a whole section in one record: names the entry
+    EOF = 0x0F  # the stream is complete
+
+
+_NAMED = (RecordType.START, RecordType.FULL)
+_TYPES = {int(t): t for t in RecordType}
+
+
+class RecordHeader(NamedTuple):
+    """A record's header as read; ``idstr``, ``instance_id`` and ``version_id`` are None
+    except for START and FULL.  ``offset`` is where the record starts in the stream."""
+
+    type: RecordType
+    flags: int
+    section_id: int
+    idstr: str | None
+    instance_id: int | None
+    version_id: int | None
+    payload_len: int
+    offset: int
+
+    @property
+    def nocsum(self) -> bool:
+        return bool(self.flags & FLAG_NOCSUM)
+
+    def describe(self) -> str:
+        return f"{self.type.name} record of section {self.section_id} at byte {self.offset}"
+
+
+def _u32(name: str, value: int) -> int:
+    if not 0 <= value <= MAX_U32:
+        raise ValueError(f"{name} {value} does not fit in 32 bits")
+    return value
+
+
+def _payload_views(payload) -> list[memoryview]:
+    if isinstance(payload, (list, tuple)):
+        return [byte_view(p) for p in payload]
+    return [byte_view(payload)]
+
+
+class StreamWriter:
+    """Writes the stream to a channel.  One thread writes; records are never interleaved.
+
+    Payloads are any buffer or a list of buffers; they go to the channel by
+    scatter-gather next to the small header and footer, never copied.
+    """
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.bytes_written = 0
+
+    def write_header(self) -> None:
+        """Write the 16-byte stream header."""
+        self.channel.send(HEADER.pack(MAGIC, VERSION, 0))
+        self.bytes_written += HEADER_BYTES
+
+    def start(self, section_id: int, idstr: str, instance_id: int, version_id: int,
+              payload=b"", *, nocsum: bool = False) -> None:
+        """Open an iterative section for entry (idstr, instance_id) at version_id."""
+        self._record(RecordType.START, section_id, payload, nocsum,
+                     _section_info(idstr, instance_id, version_id))
+
+    def part(self, section_id: int, payload=b"", *, nocsum: bool = False) -> None:
+        """Continue a section opened by :meth:`start`."""
+        self._record(RecordType.PART, section_id, payload, nocsum)
+
+    def end(self, section_id: int, payload=b"", *, nocsum: bool = False) -> None:
+        """Complete a section opened by :meth:`start`."""
+        self._record(RecordType.END, section_id, payload, nocsum)
+
+    def full(self, section_id: int, idstr: str, instance_id: int, version_id: int,
+             payload=b"", *, nocsum: bool = False) -> None:
+        """A whole section (e.g. one device's state) in a single record."""
+        self._record(RecordType.FULL, section_id, payload, nocsum,
+                     _section_info(idstr, instance_id, version_id))
+
+    def eof(self) -> None:
+        """Mark the end of the stream."""
+        self._record(RecordType.EOF, 0, b"", False)
+
+    def _record(self, rtype: RecordType, section_id: int, payload, nocsum: bool,
+                info: bytes = b"") -> None:
+        views = _payload_views(payload)
+        payload_len = sum(map(len, views))
+        if payload_len > MAX_U32:
+            raise ValueError(f"a record payload of {payload_len} bytes does not fit in 32 bits")
+        if not 0 <= section_id <= MAX_U32:
+            raise ValueError(f"section id {section_id} does not fit in 32 bits")
+        flags = FLAG_NOCSUM if nocsum else 0
+        if info:
+            head = (RECORD_HEAD.pack(rtype, flags, 0, section_id) + info
+                    + U32.pack(payload_len))
+        else:  # PART/END/EOF: one pack for the whole 12-byte header
+            head = PLAIN_HEAD.pack(rtype, flags, 0, section_id, payload_len)
+        if nocsum or not payload_len:
+            checksum = xxhash.xxh3_64_intdigest(head)
+        else:
+            hasher = xxhash.xxh3_64(head)
+            for view in views:
+                hasher.update(view)
+            checksum = hasher.intdigest()
+        self.channel.sendv([head, *views, FOOTER.pack(FOOTER_MAGIC, section_id, checksum)])
+        self.bytes_written += len(head) + payload_len + FOOTER_BYTES
+
+
+def _section_info(idstr: str, instance_id: int, version_id: int) -> bytes:
+    try:
+        raw = idstr.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"idstr {idstr!r} is not ASCII") from None
+    if not 1 <= len(raw) <= MAX_IDSTR_BYTES:
+        raise ValueError(f"idstr must be 1..{MAX_IDSTR_BYTES} bytes, {idstr!r} is {len(raw)}")
+    return (U8.pack(len(raw)) + raw
+            + SECTION_INFO.pack(_u32("instance id", instance_id), _u32("version id", version_id)))
+
+
+class StreamReader:
+    """Reads and checks the stream from a channel, tracking the absolute offset.
+
+    Call :meth:`read_header` once, then :meth:`next_record` and
+    :meth:`read_payload` (or :meth:`skip_payload`) for each record until EOF.
+    A stream that ends early is a :class:`StreamError`; a connection that
+    breaks (reset, timeout) stays a :class:`~pymig.errors.TransportError`.
+    """
+
+    def __init__(self, channel: Channel, *, max_payload: int = DEFAULT_MAX_PAYLOAD):
+        self.channel = channel
+        self.max_payload = max_payload
+        #: Bytes of the stream consumed so far (= offset of the next byte).
+        self.offset = 0
+        self.version: int | None = None
+        self._scratch = bytearray(MAX_IDSTR_BYTES + FOOTER_BYTES)
+        self._buf = bytearray(0)
+        self._hasher = xxhash.xxh3_64()
+        self._pending: RecordHeader | None = None
+
+    # --- low level --------------------------------------------------------------------------
+    def _read(self, view: memoryview, what: str) -> memoryview:
+        """Fill ``view`` from the channel; a premature end is a StreamError at that offset."""
+        try:
+            self.channel.recv_into(view)
+        except PeerClosedError as exc:
+            raise StreamError(self.offset + exc.received,
+                              f"stream truncated in {what}: {exc.received} of {len(view)} bytes "
+                              f"arrived before the end of the stream") from exc
+        self.offset += len(view)
+        return view
+
+    def _small(self, nbytes: int, what: str) -> memoryview:
+        return self._read(memoryview(self._scratch)[:nbytes], what)
+
+    # --- stream header ----------------------------------------------------------------------
+    def read_header(self) -> int:
+        """Read and check the stream header; returns the stream version."""
+        raw = self._small(HEADER_BYTES, "the stream header")
+        magic, version, flags = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise StreamError(0, f"not a pymig migration stream (starts with {bytes(magic)!r}, "
+                                 f"expected {MAGIC!r})")
+        if version != VERSION:
+            raise StreamError(8, f"unsupported stream version {version}; this pymig reads "
+                                 f"version {VERSION}")
+        if flags:
+            raise StreamError(12, f"unsupported stream flags 0x{flags:08x}; version {VERSION} "
+                                  "defines none")
+        self.version = version
+        return version
+
+    # --- records ----------------------------------------------------------------------------
+    def next_record(self) -> RecordHeader:
+        """Read the next record's header (and, for an empty payload, its footer)."""
+        if self._pending is not None:
+            if self._pending.payload_len:
+                raise RuntimeError("read_payload() or skip_payload() must come before "
+                                   "the next next_record()")
+            self._pending = None
+        start = self.offset
+        try:
+            head = self._small(RECORD_HEAD.size, f"the header of the record at byte {start}")
+        except StreamError as exc:
+            if exc.offset == start:
+                raise StreamError(start, "stream ended without an EOF record") from exc.__cause__
+            raise
+        rtype, flags, reserved, section_id = RECORD_HEAD.unpack(head)
+        if rtype not in _TYPES:
+            raise StreamError(start, f"unknown record type 0x{rtype:02x}")
+        rtype = _TYPES[rtype]
+        if flags & ~KNOWN_FLAGS:
+            raise StreamError(start + 1, f"unknown flags 0x{flags:02x} in the {rtype.name} "
+                                         f"record at byte {start}")
+        if reserved:
+            raise StreamError(start + 2, f"reserved field is 0x{reserved:04x}, expected 0, in "
+                                         f"the {rtype.name} record at byte {start}")
+        hasher = self._hasher
+        hasher.reset()
+        hasher.update(head)
+        idstr = instance_id = version_id = None
+        what = f"the header of the {rtype.name} record at byte {start}"
+        if rtype in _NAMED:
+            raw_idstr_len = self._small(1, what)
+            hasher.update(raw_idstr_len)
+            idstr_len = raw_idstr_len[0]
+            if idstr_len == 0:
+                raise StreamError(self.offset - 1, f"empty idstr in {what}")
+            raw = self._small(idstr_len, what)
+            hasher.update(raw)
+            try:
+                idstr = bytes(raw).decode("ascii")
+            except UnicodeDecodeError:
+                raise StreamError(self.offset - idstr_len,
+                                  f"idstr {bytes(raw)!r} in {what} is not ASCII") from None
+            info = self._small(SECTION_INFO.size, what)
+            hasher.update(info)
+            instance_id, version_id = SECTION_INFO.unpack(info)
+        len_offset = self.offset
+        raw_len = self._small(U32.size, what)
+        hasher.update(raw_len)
+        (payload_len,) = U32.unpack(raw_len)
+        if rtype is RecordType.EOF:
+            if section_id:
+                raise StreamError(start + 4, f"the EOF record carries section id {section_id}; "
+                                             "it must be 0")
+            if payload_len:
+                raise StreamError(len_offset, f"the EOF record declares a {payload_len}-byte "
+                                              "payload; it must be empty")
+        if payload_len > self.max_payload:
+            raise StreamError(len_offset, f"payload length {payload_len} of the {rtype.name} "
+                                          f"record at byte {start} exceeds the limit of "
+                                          f"{self.max_payload} bytes")
+        header = RecordHeader(rtype, flags, section_id, idstr, instance_id, version_id,
+                              payload_len, start)
+        self._pending = header
+        if payload_len == 0:
+            self._check_footer(header)
+        return header
+
+    def read_payload(self, into=None) -> memoryview:
+        """Read the pending record's payload and check its footer.
+
+        Without ``into`` the payload lands in a buffer the reader owns and
+        reuses: the view is valid until the next :meth:`read_payload`.  With
+        ``into`` (any writable buffer at least ``payload_len`` long) it lands
+        there and the view covers its first ``payload_len`` bytes.
+        """
+        header = self._pending
+        if header is None:
+            raise RuntimeError("no record payload to read: call next_record() first")
+        self._pending = None
+        size = header.payload_len
+        if size == 0:
+            return memoryview(b"")
+        if into is None:
+            if len(self._buf) < size:
+                # Replace rather than resize: a caller may still hold a view of the old one.
+                self._buf = bytearray(size)
+            view = memoryview(self._buf)[:size]
+        else:
+            view = byte_view(into)
+            if view.readonly:
+                raise TypeError("read_payload(into=...) needs a writable buffer")
+            if len(view) < size:
+                raise ValueError(f"buffer of {len(view)} bytes is too small for the "
+                                 f"{size}-byte payload of the {header.describe()}")
+            view = view[:size]
+        self._read(view, f"the payload of the {header.describe()}")
+        if not header.nocsum:
+            self._hasher.update(view)
+        self._check_footer(header)
+        return view
+
+    def skip_payload(self) -> None:
+        """Read and check the pending record without keeping its payload."""
+        self.read_payload()
+
+    def _check_footer(self, header: RecordHeader) -> None:
+        at = self.offset
+        raw = self._small(FOOTER_BYTES, f"the footer of the {header.describe()}")
+        marker, section_id, checksum = FOOTER.unpack(raw)
+        if marker != FOOTER_MAGIC:
+            raise StreamError(at, f"footer marker of the {header.describe()} is {marker!r}, "
+                                  f"expected {FOOTER_MAGIC!r}")
+        if section_id != header.section_id:
+            raise StreamError(at + 4, f"footer of the {header.describe()} names section "
+                                      f"{section_id}")
+        computed = self._hasher.intdigest()
+        if checksum != computed:
+            covered = "header" if header.nocsum else "header and payload"
+            raise StreamError(at + 8, f"checksum mismatch over the {covered} of the "
+                                      f"{header.describe()}: stored 0x{checksum:016x}, "
+                                      f"computed 0x{computed:016x}")
+
+
+# --- return path ------------------------------------------------------------------------------
+
+RP_HEAD = struct.Struct("<HHI")  # type, reserved, len
+RP_HEAD_BYTES = RP_HEAD.size  # 8
+#: Longest return-path payload (LOAD_ERROR text is cut to fit).
+MAX_RETURN_PAYLOAD = 4096
+
+
+class ReturnType(IntEnum):
+    READY = 1  # the destination read the stream header and is loading
+    LOAD_ERROR = 2  # loading failed: utf-8 text
+    ACK = 3  # the destination runs the guest: u64 vcpu_start_ns, u64 sent_ns
+    PAGE_REQUEST = 4  # u32 block_id, u64 first_page, u32 npages (post-copy)
+    PING = 5  # u32 id
+    PONG = 6  # u32 id, echoing a PING
+    SHUT = 7  # the destination is closing the return path
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The destination read the stream header and is loading."""
+
+    TYPE: ClassVar[ReturnType] = ReturnType.READY
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """The destination failed to load the stream; ``text`` says why."""
+
+    text: str
+    TYPE: ClassVar[ReturnType] = ReturnType.LOAD_ERROR
+    FORMAT: ClassVar[None] = None  # variable length
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The destination's vCPUs run.  Both times are CLOCK_REALTIME in ns, so the source
+    can compute the true downtime (its stop time to ``vcpu_start_ns``)."""
+
+    vcpu_start_ns: int
+    sent_ns: int
+    TYPE: ClassVar[ReturnType] = ReturnType.ACK
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQ")
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """The destination needs ``npages`` pages of block ``block_id`` from ``first_page``."""
+
+    block_id: int
+    first_page: int
+    npages: int
+    TYPE: ClassVar[ReturnType] = ReturnType.PAGE_REQUEST
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<IQI")
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: int
+    TYPE: ClassVar[ReturnType] = ReturnType.PING
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Pong:
+    id: int
+    TYPE: ClassVar[ReturnType] = ReturnType.PONG
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Shut:
+    """The destination closes the return path; nothing follows."""
+
+    TYPE: ClassVar[ReturnType] = ReturnType.SHUT
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
+
+
+ReturnMessage = Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut
+_MESSAGES = {cls.TYPE: cls for cls in (Ready, LoadError, Ack, PageRequest, Ping, Pong, Shut)}
+
+
+def encode_return(message: ReturnMessage) -> bytes:
+    """The bytes of one return-path message."""
+    if isinstance(message, LoadError):
+        payload = _cut_utf8(message.text, MAX_RETURN_PAYLOAD)
+    else:
+        values = [getattr(message, f.name) for f in fields(message)]
+        try:
+            payload = message.FORMAT.pack(*values)
+        except struct.error as exc:
+            raise ValueError(f"{message!r} does not fit the wire format: {exc}") from None
+    return RP_HEAD.pack(message.TYPE, 0, len(payload)) + payload
+
+
+def _cut_utf8(text: str, limit: int) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _require_return_path(channel: Channel) -> None:
+    if not channel.has_return_path:
+        raise TransportError(f"{channel.name} has no return path (exec:, file: and pipes carry "
+                             "one direction only)")
+
+
+class ReturnPathWriter:
+    """The destination's sender of return-path messages; safe to use from several threads."""
+
+    def __init__(self, channel: Channel):
+        _require_return_path(channel)
+        self.channel = channel
+        self._lock = threading.Lock()
+
+    def send(self, message: ReturnMessage) -> None:
+        data = encode_return(message)
+        with self._lock:
+            self.channel.send(data)
+
+    def ready(self) -> None:
+        self.send(Ready())
+
+    def load_error(self, text: str) -> None:
+        self.send(LoadError(text))
+
+    def ack(self, vcpu_start_ns: int, sent_ns: int | None = None) -> None:
+        """Acknowledge the switchover; ``sent_ns`` defaults to now (CLOCK_REALTIME)."""
+        self.send(Ack(vcpu_start_ns, time.time_ns() if sent_ns is None else sent_ns))
+
+    def page_request(self, block_id: int, first_page: int, npages: int) -> None:
+        self.send(PageRequest(block_id, first_page, npages))
+
+    def ping(self, ping_id: int) -> None:
+        self.send(Ping(ping_id))
+
+    def pong(self, ping_id: int) -> None:
+        self.send(Pong(ping_id))
+
+    def shut(self) -> None:
+        self.send(Shut())
+
+
+class ReturnPathReader:
+    """The source's reader of return-path messages (one thread reads)."""
+
+    def __init__(self, channel: Channel):
+        _require_return_path(channel)
+        self.channel = channel
+        #: Bytes of the return path consumed so far.
+        self.offset = 0
+        self._head = bytearray(RP_HEAD_BYTES)
+
+    def _read(self, view: memoryview, what: str, start: int) -> None:
+        try:
+            self.channel.recv_into(view)
+        except PeerClosedError as exc:
+            if exc.received == 0 and self.offset == start:
+                raise  # closed between messages: the peer went away, nothing malformed
+            raise StreamError(self.offset + exc.received,
+                              f"return path truncated in {what} at byte {start}: "
+                              f"{exc.received} of {len(view)} bytes arrived") from exc
+        self.offset += len(view)
+
+    def recv(self, timeout: float | None = None) -> ReturnMessage | None:
+        """The next message, or None if none began within ``timeout`` seconds.
+
+        A return path the destination closed between messages raises
+        :class:`~pymig.transport.channel.PeerClosedError` (a TransportError); a
+        malformed or truncated message raises :class:`StreamError`.
+        """
+        if timeout is not None and not self.channel.wait_readable(timeout):
+            return None
+        start = self.offset
+        head = memoryview(self._head)
+        self._read(head, "a message header", start)
+        rtype, reserved, length = RP_HEAD.unpack(head)
+        cls = _MESSAGES.get(rtype)
+        if cls is None:
+            raise StreamError(start, f"unknown return-path message type {rtype}")
+        if reserved:
+            raise StreamError(start + 2, f"reserved field of the {cls.TYPE.name} message is "
+                                         f"0x{reserved:04x}, expected 0")
+        expected = cls.FORMAT.size if cls.FORMAT is not None else None
+        if (expected is not None and length != expected) or length > MAX_RETURN_PAYLOAD:
+            want = f"{expected}" if expected is not None else f"at most {MAX_RETURN_PAYLOAD}"
+            raise StreamError(start + 4, f"{cls.TYPE.name} message declares {length} payload "
+                                         f"bytes; expected {want}")
+        payload = bytearray(length)
+        if length:
+            self._read(memoryview(payload), f"the {cls.TYPE.name} message", start)
+        if cls is LoadError:
+            try:
+                return LoadError(payload.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise StreamError(start + RP_HEAD_BYTES + exc.start,
+                                  "LOAD_ERROR text is not valid UTF-8") from None
+        return cls(*cls.FORMAT.unpack(payload))

@@ -1,0 +1,526 @@
+"""Channels: a byte pipe between source and destination, whatever carries it.
+
+A :class:`Channel` moves bytes with "all or an error" semantics in both
+directions: :meth:`Channel.send` returns once every byte went out,
+:meth:`Channel.recv_into` once exactly the bytes asked for arrived.  Every OS
+error becomes a :class:`~pymig.errors.TransportError` whose message says what
+was being done, to which address, and the errno name; a peer that closes in the
+middle of a read is a :class:`PeerClosedError` carrying how many bytes had come.
+
+Two carriers exist:
+
+* :class:`SocketChannel` (tcp, unix, fd of a socket): full duplex, so one
+  thread may send while another receives (the return path).  The socket stays
+  in blocking mode so ``sendall``/``sendmsg``/``recv_into(MSG_WAITALL)`` each
+  move a whole buffer in one GIL-free system call; timeouts are the kernel's
+  per-direction ``SO_SNDTIMEO``/``SO_RCVTIMEO``, so a receive timeout set by
+  the return-path thread never cuts short a send in the migration thread.
+  Sends pass ``MSG_NOSIGNAL``: a vanished peer is an ``EPIPE`` error, never a
+  SIGPIPE that kills the process.
+* :class:`FdChannel` (exec, fd of a pipe or file, file): one direction only,
+  no return path.  Optionally owns the child process of an ``exec:`` URI and
+  reports its exit status.
+
+Every send goes through the channel's :class:`RateLimiter`, so
+:meth:`Channel.set_max_bandwidth` caps a migration while it runs.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterable
+
+from pymig.errors import TransportError
+from pymig.transport.ratelimit import RateLimiter
+
+#: Largest number of buffers handed to one sendmsg/writev (Linux IOV_MAX).
+IOV_MAX = 1024
+#: An unlimited send is still cut into pieces this large, so that a bandwidth
+#: limit set while a huge buffer is going out applies to the rest of it.
+UNLIMITED_CHUNK_BYTES = 16 << 20
+#: How long closing an exec: channel waits for its command to finish.
+EXEC_EXIT_WAIT_S = 30.0
+
+
+class PeerClosedError(TransportError):
+    """The peer closed the channel before all requested bytes arrived.
+
+    ``received`` of ``expected`` bytes of the read had arrived (0 means the
+    channel ended exactly at the start of the read).
+    """
+
+    def __init__(self, where: str, received: int, expected: int, detail: str = ""):
+        self.where = where
+        self.received = received
+        self.expected = expected
+        super().__init__(f"{where} closed the connection after {received} of {expected} bytes"
+                         + (f" ({detail})" if detail else ""))
+
+
+def errno_name(code: int | None) -> str:
+    """``ECONNRESET`` for 104, and so on; the number itself if it has no name."""
+    if code is None:
+        return "error"
+    return errno.errorcode.get(code, f"errno {code}")
+
+
+def transport_error(action: str, exc: OSError, timeout: float | None = None) -> TransportError:
+    """Wrap an OS error as a :class:`TransportError` naming the action and the errno.
+
+    ``action`` reads like "sending to tcp:10.0.0.2:4444".  ``EAGAIN`` on a
+    blocking descriptor only ever comes from an expired socket timeout, so it
+    is reported as a timeout.
+    """
+    if isinstance(exc, TimeoutError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        after = f" after {timeout:g} s" if timeout else ""
+        return TransportError(f"{action} timed out{after}")
+    return TransportError(f"{action} failed: {errno_name(exc.errno)} ({exc.strerror or exc})")
+
+
+def byte_view(buf) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer (bytes, mmap, numpy...), no copy."""
+    view = buf if isinstance(buf, memoryview) else memoryview(buf)
+    if view.ndim != 1 or view.format != "B":
+        try:
+            view = view.cast("B")
+        except TypeError as exc:
+            raise TypeError(f"channel buffers must be C-contiguous: {exc}") from None
+    return view
+
+
+def _skip_sent(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What remains of ``views`` once their first ``sent`` bytes went out."""
+    rest = []
+    for view in views:
+        if sent >= len(view):
+            sent -= len(view)
+        else:
+            rest.append(view[sent:] if sent else view)
+            sent = 0
+    return rest
+
+
+def _send_views(write: Callable[[list[memoryview]], int], views: list[memoryview]) -> None:
+    """Call ``write`` (sendmsg/writev: returns bytes taken) until every view is sent."""
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        n = write(views[i:i + IOV_MAX])
+        while n:
+            length = len(views[i])
+            if n >= length:
+                n -= length
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def _poll(fd: int, events: int, timeout: float | None) -> bool:
+    """Wait until ``fd`` has ``events`` (or an error/hang-up); False on timeout."""
+    poller = select.poll()
+    poller.register(fd, events)
+    ms = None if timeout is None else max(0, int(timeout * 1000))
+    while True:
+        try:
+            return bool(poller.poll(ms))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries poll itself
+            continue
+
+
+class Closable(abc.ABC):
+    """``close()`` runs the subclass's ``_close()`` once, however often it is called;
+    ``with`` closes on the way out."""
+
+    _closed = False
+
+    def close(self) -> None:
+        """Release the object; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Release the underlying resource; called once, by :meth:`close`."""
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Channel(Closable):
+    """A byte pipe to the peer; see the module docstring for the guarantees.
+
+    Subclasses implement ``_send_all``, ``_send_vector``, ``_recv_some``,
+    ``_apply_timeout``, :meth:`wait_readable`, :meth:`shutdown` and ``_close``;
+    :meth:`close` is idempotent and a channel is a context manager.
+    """
+
+    #: True when the peer can send back on this channel (full-duplex sockets).
+    has_return_path: bool = False
+
+    def __init__(self, name: str):
+        self.name = name
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rate_limiter = RateLimiter(0)
+        self._timeout: float | None = None
+
+    # --- configuration -------------------------------------------------------------------
+    def settimeout(self, seconds: float | None) -> None:
+        """Bound every wait for the peer to ``seconds`` (None: wait forever).
+
+        A send or receive that makes no progress for that long raises
+        :class:`TransportError`; the channel is unusable afterwards, since the
+        peer may have seen part of the data.
+        """
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"a timeout must be positive or None, got {seconds!r}")
+        self._timeout = seconds
+        self._apply_timeout(seconds)
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    def set_max_bandwidth(self, bytes_per_s: int) -> None:
+        """Cap sending to ``bytes_per_s`` (0 = unlimited); applies to sends in progress."""
+        self.rate_limiter.set_rate(bytes_per_s)
+
+    @property
+    def max_bandwidth(self) -> int:
+        return self.rate_limiter.rate
+
+    # --- sending --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        # A closed descriptor's number may already belong to another file: never touch it.
+        if self._closed:
+            raise TransportError(f"{self.name} is closed")
+
+    def send(self, buf) -> None:
+        """Send every byte of ``buf`` (any C-contiguous buffer), honouring the rate limit."""
+        self._check_open()
+        view = byte_view(buf)
+        size = len(view)
+        limiter = self.rate_limiter
+        if limiter.rate == 0 and size <= UNLIMITED_CHUNK_BYTES:
+            self._send_all(view)
+            self.bytes_sent += size
+            return
+        offset = 0
+        while offset < size:
+            chunk = limiter.burst_bytes if limiter.rate else UNLIMITED_CHUNK_BYTES
+            piece = view[offset:offset + chunk]
+            limiter.acquire(len(piece))
+            self._send_all(piece)
+            self.bytes_sent += len(piece)
+            offset += len(piece)
+
+    def sendv(self, buffers: Iterable) -> None:
+        """Send several buffers back to back without joining them (scatter-gather)."""
+        self._check_open()
+        views = [byte_view(b) for b in buffers]
+        total = sum(map(len, views))
+        limiter = self.rate_limiter
+        if limiter.rate and total > limiter.burst_bytes:
+            # Too big for one bucket charge: pace it piece by piece instead.
+            for view in views:
+                self.send(view)
+            return
+        limiter.acquire(total)
+        self._send_vector(views)
+        self.bytes_sent += total
+
+    # --- receiving ------------------------------------------------------------------------
+    def recv_into(self, buf, nbytes: int | None = None) -> int:
+        """Fill the first ``nbytes`` (default: all) of ``buf``; returns ``nbytes``.
+
+        Raises :class:`PeerClosedError` if the peer closes first.
+        """
+        self._check_open()
+        view = byte_view(buf)
+        if view.readonly:
+            raise TypeError("recv_into needs a writable buffer")
+        if nbytes is None:
+            nbytes = len(view)
+        elif not 0 <= nbytes <= len(view):
+            raise ValueError(f"cannot receive {nbytes} bytes into a buffer of {len(view)}")
+        if nbytes < len(view):
+            view = view[:nbytes]
+        got = 0
+        while got < nbytes:
+            n = self._recv_some(view[got:] if got else view)
+            if n == 0:
+                raise PeerClosedError(self.name, got, nbytes, self._closed_detail())
+            got += n
+            self.bytes_received += n
+        return nbytes
+
+    def recv_exact(self, nbytes: int) -> bytes:
+        """Receive exactly ``nbytes`` and return them as bytes (for small messages)."""
+        buf = bytearray(nbytes)
+        self.recv_into(buf)
+        return bytes(buf)
+
+    @abc.abstractmethod
+    def wait_readable(self, timeout: float | None) -> bool:
+        """True once a receive would not block (data, end of stream or error)."""
+
+    # --- life cycle ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop the channel in both directions, waking any thread blocked on it."""
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """The descriptor the channel reads or writes (for poll/select)."""
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self.name} {state}>"
+
+    # --- for subclasses ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _send_all(self, view: memoryview) -> None:
+        """Send every byte of a flat byte view, or raise TransportError."""
+
+    @abc.abstractmethod
+    def _send_vector(self, views: list[memoryview]) -> None:
+        """Send the views back to back without joining them, or raise TransportError."""
+
+    @abc.abstractmethod
+    def _recv_some(self, view: memoryview) -> int:
+        """Receive into ``view``; returns how many bytes came, 0 at end of stream."""
+
+    @abc.abstractmethod
+    def _apply_timeout(self, seconds: float | None) -> None:
+        """Make each later wait for the peer give up after ``seconds`` (None: never)."""
+
+    def _closed_detail(self) -> str:
+        """Extra words for a premature end of stream (e.g. a command's exit status)."""
+        return ""
+
+
+def _timeval(seconds: float | None) -> bytes:
+    """A ``struct timeval`` for SO_SNDTIMEO/SO_RCVTIMEO; all-zero means "no timeout"."""
+    if seconds is None:
+        return struct.pack("@ll", 0, 0)
+    whole = int(seconds)
+    micros = int(round((seconds - whole) * 1e6))
+    if whole == 0 and micros == 0:
+        micros = 1  # a zero timeval would mean "forever"
+    return struct.pack("@ll", whole, micros)
+
+
+class SocketChannel(Channel):
+    """A connected stream socket (TCP or AF_UNIX): full duplex, with a return path."""
+
+    has_return_path = True
+
+    def __init__(self, sock: socket.socket, name: str):
+        super().__init__(name)
+        sock.setblocking(True)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Records are written whole with sendmsg, so Nagle only delays the
+            # small ones: return-path acks and the last record before switchover.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._fd = sock.fileno()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _send_all(self, view: memoryview) -> None:
+        try:
+            self.sock.sendall(view, socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            raise transport_error(f"sending to {self.name}", exc, self._timeout) from exc
+
+    def _send_vector(self, views: list[memoryview]) -> None:
+        sendmsg = self.sock.sendmsg
+        try:
+            if len(views) <= IOV_MAX:
+                # A blocking sendmsg normally takes everything in one call.
+                sent = sendmsg(views, (), socket.MSG_NOSIGNAL)
+                if sent == sum(map(len, views)):
+                    return
+                views = _skip_sent(views, sent)
+            _send_views(lambda vs: sendmsg(vs, (), socket.MSG_NOSIGNAL), views)
+        except OSError as exc:
+            raise transport_error(f"sending to {self.name}", exc, self._timeout) from exc
+
+    def _recv_some(self, view: memoryview) -> int:
+        try:
+            # MSG_WAITALL: the kernel fills the whole view before waking us,
+            # one wake-up per buffer instead of one per segment.
+            return self.sock.recv_into(view, len(view), socket.MSG_WAITALL)
+        except OSError as exc:
+            raise transport_error(f"receiving from {self.name}", exc, self._timeout) from exc
+
+    def _apply_timeout(self, seconds: float | None) -> None:
+        tv = _timeval(seconds)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        except OSError as exc:
+            raise transport_error(f"setting a timeout on {self.name}", exc) from exc
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        return _poll(self._fd, select.POLLIN, timeout)
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected (any more): nothing to wake
+
+    def _close(self) -> None:
+        # Shut down first: a thread blocked in recv on this socket wakes up with
+        # end-of-stream instead of sleeping on a closed descriptor.
+        self.shutdown()
+        self.sock.close()
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """Grow a pipe to 1 MiB (the default pipe-max-size) so big writes take fewer wake-ups."""
+    try:
+        import fcntl
+
+        if hasattr(fcntl, "F_SETPIPE_SZ"):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass  # not a pipe, or the limit is lower here: the default size still works
+
+
+class FdChannel(Channel):
+    """One direction over a pipe or file descriptor (``exec:``, ``fd:``, ``file:``).
+
+    Owns ``fd`` and closes it.  With ``process`` (the ``sh -c`` child of an
+    ``exec:`` URI), :meth:`close` waits for the command and raises
+    :class:`TransportError` if it failed.
+    """
+
+    has_return_path = False
+
+    def __init__(self, fd: int, name: str, *, writable: bool,
+                 process: subprocess.Popen | None = None):
+        super().__init__(name)
+        self._fd = fd
+        self._writable = writable
+        self.process = process
+        _enlarge_pipe(fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _check_direction(self, want_write: bool) -> None:
+        if want_write != self._writable:
+            mode = "writing" if self._writable else "reading"
+            raise TransportError(f"{self.name} is open for {mode} only")
+
+    def _wait(self, events: int, action: str) -> None:
+        if not _poll(self._fd, events, self._timeout):
+            raise TransportError(f"{action} timed out after {self._timeout:g} s")
+
+    def _send_all(self, view: memoryview) -> None:
+        self._send_vector([view])
+
+    def _send_vector(self, views: list[memoryview]) -> None:
+        self._check_direction(True)
+        action = f"writing to {self.name}"
+
+        def writev(vs: list[memoryview]) -> int:
+            while True:
+                try:
+                    return os.writev(self._fd, vs)
+                except BlockingIOError:  # only with a timeout: the fd is non-blocking then
+                    self._wait(select.POLLOUT, action)
+
+        try:
+            _send_views(writev, views)
+        except OSError as exc:
+            detail = self._closed_detail()
+            raise transport_error(action + (f" ({detail})" if detail else ""), exc) from exc
+
+    def _recv_some(self, view: memoryview) -> int:
+        self._check_direction(False)
+        action = f"reading from {self.name}"
+        try:
+            while True:
+                try:
+                    return os.readv(self._fd, [view])
+                except BlockingIOError:
+                    self._wait(select.POLLIN, action)
+        except OSError as exc:
+            raise transport_error(action, exc) from exc
+
+    def _apply_timeout(self, seconds: float | None) -> None:
+        # With a timeout the descriptor turns non-blocking, so that a large write
+        # into a pipe nobody drains comes back (EAGAIN) to wait in poll() instead
+        # of blocking for good inside the kernel.  Regular files ignore this.
+        try:
+            os.set_blocking(self._fd, seconds is None)
+        except OSError as exc:
+            raise transport_error(f"setting a timeout on {self.name}", exc) from exc
+
+    def wait_readable(self, timeout: float | None) -> bool:
+        self._check_direction(False)
+        return _poll(self._fd, select.POLLIN, timeout)
+
+    def shutdown(self) -> None:
+        # A pipe has no shutdown(); ending the command at the other end gives a
+        # blocked reader end-of-stream and a blocked writer EPIPE.
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    def _close(self) -> None:
+        os.close(self._fd)
+        if self.process is None:
+            return
+        try:
+            status = self.process.wait(EXEC_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise TransportError(f"{self.name}: the command did not exit within "
+                                 f"{EXEC_EXIT_WAIT_S:g} s of the end of the stream; killed it")
+        # A reader that stops early makes a still-writing command die of SIGPIPE;
+        # that is the reader's doing, not the command failing.
+        if status and not (not self._writable and status == -signal.SIGPIPE):
+            raise TransportError(f"{self.name}: the command {_describe_status(status)}")
+
+    def _closed_detail(self) -> str:
+        if self.process is None:
+            return ""
+        try:
+            # The command usually exits right after closing its end; a short
+            # wait lets the error say how it ended.
+            status = self.process.wait(0.2)
+        except subprocess.TimeoutExpired:
+            return ""
+        return f"the command {_describe_status(status)}"
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"was killed by {name}"
+    return f"exited with status {status}"
