@@ -1,0 +1,101 @@
+# distutils: sources = src/pymig/_core/c/packet.c
+# cython: boundscheck=False, wraparound=False
+"""RAM packets: encode dirty pages into one packet, inspect a header, decode into memory.
+
+The layout is in docs/stream-format.md ("RAM packets").  The checks and their order are the
+reference's (pymig._reference); faults come back from C as numbers and are worded by
+pymig._coreshared.packet_error, so both backends raise the same PacketError.
+"""
+
+from pymig._coreshared import (DecodeResult, EncodeResult, PacketInfo, byte_view, decode_args,
+                               encode_args, packet_error)
+
+from cpython.pystate cimport PyThreadState
+from libc.stdint cimport uint32_t, uint64_t
+
+from pymig._core.cpu cimport current_ops
+from pymig._core.kernels cimport (NOGIL_MIN_BYTES, pymig_decode_packet, pymig_decode_result,
+                                  pymig_encode_packet, pymig_encode_result,
+                                  pymig_packet_error, pymig_packet_header,
+                                  pymig_packet_header_parse, pymig_ops, pymig_xxh3_64,
+                                  reacquire_gil, release_gil_if)
+
+
+cdef inline const unsigned char *_ro(const unsigned char[::1] view) noexcept:
+    return &view[0] if view.shape[0] else NULL
+
+
+cdef _raise(const pymig_packet_error *err):
+    raise packet_error(err.fault, err.offset, err.args[0], err.args[1], err.args[2],
+                       err.args[3])
+
+
+def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeResult:
+    """Move dirty pages from ``bm`` (at or after ``cursor``; each bit taken is cleared) into
+    one packet written at the start of ``out``, whose length is the packet capacity."""
+    mem, page_size, block_id, bm, npages, cursor, out = encode_args(
+        mem, page_size, block_id, bm, npages, cursor, out)
+    if npages == 0:
+        return EncodeResult(0, 0, 0, 0, 0)
+    cdef const unsigned char[::1] src = mem
+    cdef uint64_t[::1] dirty = bm
+    cdef unsigned char[::1] dst = out
+    cdef const unsigned char *src_ptr = &src[0]
+    cdef uint64_t *bits = &dirty[0]
+    cdef unsigned char *dst_ptr = &dst[0]
+    cdef uint32_t ps = page_size, block = block_id
+    cdef uint64_t n = npages, start = cursor
+    cdef size_t cap = dst.shape[0]
+    cdef pymig_encode_result res
+    cdef const pymig_ops *ops = current_ops()
+    cdef PyThreadState *ts = release_gil_if(cap >= NOGIL_MIN_BYTES)
+    pymig_encode_packet(src_ptr, ps, block, bits, n, start, dst_ptr, cap, ops, &res)
+    reacquire_gil(ts)
+    return EncodeResult(res.nbytes, res.cursor, res.normal_pages, res.zero_pages, res.runs)
+
+
+def packet_info(buf) -> PacketInfo:
+    """Parse and check the 32-byte header at the start of ``buf`` (the rest is not read)."""
+    cdef const unsigned char[::1] view = byte_view(buf, "buf")
+    cdef pymig_packet_header h
+    cdef pymig_packet_error err
+    if pymig_packet_header_parse(_ro(view), view.shape[0], &h, &err):
+        _raise(&err)
+    return PacketInfo(h.version, h.block_id, h.page_size, h.record_count, h.payload_len,
+                      h.checksum, 32 + <uint64_t>h.payload_len)
+
+
+def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> DecodeResult:
+    """Check ``packet`` completely, then apply it to ``mem`` (``npages`` pages); see
+    pymig.core for the rules.  Raises PacketError without writing anything on a bad packet."""
+    packet, mem, page_size, block_id, npages, present = decode_args(
+        packet, mem, page_size, block_id, npages, present)
+    cdef const unsigned char[::1] pkt = packet
+    cdef unsigned char[::1] dst = mem
+    cdef uint64_t[::1] bits
+    cdef uint64_t *bits_ptr = NULL
+    cdef uint32_t ps = page_size, block = block_id
+    cdef uint64_t n = npages
+    cdef size_t size = pkt.shape[0]
+    cdef const unsigned char *pkt_ptr = _ro(pkt)
+    cdef unsigned char *mem_ptr = &dst[0] if dst.shape[0] else NULL
+    cdef pymig_decode_result res
+    cdef pymig_packet_error err
+    cdef const pymig_ops *ops = current_ops()
+    if present is not None and n:
+        bits = present
+        bits_ptr = &bits[0]
+    cdef PyThreadState *ts = release_gil_if(size >= NOGIL_MIN_BYTES)
+    cdef int rc = pymig_decode_packet(pkt_ptr, size, mem_ptr, ps, block, n, bits_ptr, ops,
+                                      &res, &err)
+    reacquire_gil(ts)
+    if rc:
+        _raise(&err)
+    return DecodeResult(res.normal_pages, res.zero_pages, res.runs)
+
+
+def _xxh3_64(buf) -> int:
+    """xxh3-64 (seed 0) of ``buf`` by the vendored C xxHash (tests compare it with the
+    xxhash package)."""
+    cdef const unsigned char[::1] view = byte_view(buf, "buf")
+    return pymig_xxh3_64(_ro(view), view.shape[0])
