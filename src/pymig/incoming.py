@@ -45,13 +45,15 @@ class Incoming:
 
     def __init__(self, uri: str, *, check_config: Callable[[GuestConfig], None] | None = None,
                  guest_options: dict | None = None, accept_timeout: float | None = None,
-                 commit_timeout: float = 60.0):
+                 commit_timeout: float = 60.0,
+                 before_start: Callable[[Machine], None] | None = None):
         transport.parse_uri(uri)
         self.uri = uri
         self.check_config = check_config
         self.guest_options = guest_options or {}
         self.accept_timeout = accept_timeout
         self.commit_timeout = commit_timeout
+        self.before_start = before_start  # sees the loaded machine before its vCPUs run
         self.status = "none"
         self.error: BaseException | None = None
         self.machine: Machine | None = None
@@ -98,8 +100,9 @@ class Incoming:
             load_time = time.monotonic() - t0
             if rp is not None:
                 rp.loaded()
-                channel.settimeout(self.commit_timeout)
-                stream.recv_commit(channel)
+                await_commit(channel, self.commit_timeout)
+            if self.before_start is not None:
+                self.before_start(self.machine)
             started_ns = time.time_ns()
             self.machine.guest.resume()
             if rp is not None:
@@ -126,6 +129,16 @@ class Incoming:
                 channel.close()
             if self._listener is not None:
                 self._listener.close()
+
+
+def await_commit(channel, timeout: float) -> None:
+    """Block until the source's COMMIT; anything else (or nothing in time) is a failure."""
+    message = stream.ReturnPathReader(channel).recv(timeout)
+    if message is None:
+        raise MigrationError(f"the source did not commit within {timeout:.0f} s; the guest was "
+                             f"not started here")
+    if not isinstance(message, stream.Commit):
+        raise MigrationError(f"expected COMMIT from the source, got {type(message).__name__}")
 
 
 def describe(exc: BaseException) -> str:

@@ -62,11 +62,11 @@ class _RamHandlers:
 
     def load(self, machine: "Machine", data, version_id: int, section_type: int) -> None:
         loader = machine.ram_loader
-        if section_type == stream.START:
+        if section_type == stream.RecordType.START:
             loader.load_start(data)
-        elif section_type == stream.PART:
+        elif section_type == stream.RecordType.PART:
             loader.load_part(data)
-        elif section_type == stream.END:
+        elif section_type == stream.RecordType.END:
             loader.load_end(data)
         else:
             raise StateError(f"RAM cannot load a section of type {section_type}",
@@ -87,6 +87,7 @@ class Machine:
         self.ram_saver = None if incoming else RamSaver(guest)
         self.ram_loader = RamLoader(guest) if incoming else None
         self.registry.register_savevm_live(RAM_IDSTR, 0, RAM_VERSION, _RamHandlers(), self)
+        self.ram_bytes = sum(b.size_bytes for b in guest.ram_blocks)
         self.specs: dict[int, StateSpec] = {}
         for spec in guest.state_specs():
             entry = self.registry.register_vmstate(spec.idstr, spec.instance_id, spec.vmsd, None)
@@ -131,15 +132,15 @@ class Machine:
         loaded: set[int] = set()
         while True:
             record = reader.next_record()
-            if record.type == stream.EOF:
+            if record.type == stream.RecordType.EOF:
                 break
-            if record.type in (stream.START, stream.FULL):
+            if record.type in (stream.RecordType.START, stream.RecordType.FULL):
                 entry = self.registry.find(record.idstr, record.instance_id)
                 if entry is None:
                     raise StreamError(record.offset, f"unknown section {record.idstr!r} "
                                                      f"instance {record.instance_id}")
                 entry.check_load_version(record.version_id)
-                if record.type == stream.START and not entry.is_live:
+                if record.type == stream.RecordType.START and not entry.is_live:
                     raise StreamError(record.offset, f"{entry.name} is not a live entry")
                 by_stream_id[record.section_id] = entry
                 version = record.version_id
@@ -182,7 +183,7 @@ class Machine:
 def load_config(reader: "stream.StreamReader") -> GuestConfig:
     """Read the ``pymig.config`` section that opens every stream."""
     record = reader.next_record()
-    if record.type != stream.FULL or record.idstr != CONFIG_IDSTR:
+    if record.type != stream.RecordType.FULL or record.idstr != CONFIG_IDSTR:
         raise StreamError(record.offset, f"expected the {CONFIG_IDSTR} section first, found "
                                          f"{record.idstr or 'a record of type ' + str(record.type)}")
     if record.version_id != CONFIG_VERSION:

@@ -35,7 +35,7 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.errors import MigrationError, PymigError
+from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
 from pymig.stats import MigrationStats, TraceWriter
@@ -76,6 +76,11 @@ class Bandwidth:
     bytes_per_s: float = 0.0
     min_sample_bytes: int = 4 << 20
 
+    def cap(self, bytes_per_s: int) -> None:
+        """A bandwidth cap bounds the estimate (and is the estimate before any sample)."""
+        if self.bytes_per_s == 0 or self.bytes_per_s > bytes_per_s:
+            self.bytes_per_s = float(bytes_per_s)
+
     def sample(self, nbytes: int, seconds: float) -> None:
         if nbytes <= 0 or seconds <= 0:
             return
@@ -103,7 +108,7 @@ class Migration:
         self._manual_switchover = threading.Event()
         self._continue_switchover = threading.Event()
         self._channel = None
-        self.trace_path: str | None = None
+        self._trace: TraceWriter | None = None
         self.error: BaseException | None = None
         self.params.on_change(self._params_changed)
 
@@ -151,8 +156,11 @@ class Migration:
         self._manual_switchover.clear()
         self._continue_switchover.clear()
         self.error = None
-        self.trace_path = trace_path
-        self.stats = MigrationStats()
+        blocks = self.machine.guest.ram_blocks
+        self._trace = TraceWriter(trace_path) if trace_path else None
+        self.stats = MigrationStats(page_size=blocks[0].page_size,
+                                    ram_total_bytes=sum(b.size_bytes for b in blocks),
+                                    trace=self._trace)
         self.stats.set_status(Status.SETUP.value)
         self._thread = threading.Thread(target=self._run, args=(uri,), name="pymig-migration",
                                         daemon=True)
@@ -195,16 +203,17 @@ class Migration:
     def _run(self, uri: str) -> None:
         machine, guest = self.machine, self.machine.guest
         stats = self.stats
-        trace = TraceWriter(self.trace_path) if self.trace_path else None
-        paused_by_us = False
-        committed = False
+        trace = self._trace
+        paused_by_us = committed = False
         saver = machine.ram_saver
         saver.cancelled = self._cancel.is_set
+        saver.on_packet = lambda nbytes, normal, zero: stats.add_sent(
+            nbytes=nbytes, normal_pages=normal, zero_pages=zero)
         ret = None
+        throttle = 0
         try:
             started = time.monotonic()
-            stats.start(started, ram_total=sum(b.size_bytes for b in guest.ram_blocks),
-                        page_size=guest.ram_blocks[0].page_size)
+            stats.begin()
             params = self.params.snapshot()
             channel = transport.connect(uri, timeout=10.0)
             self._channel = channel
@@ -218,69 +227,69 @@ class Migration:
             machine.save_config(writer)
             for entry in machine.registry.live_entries():
                 entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
-            stats.setup_done(time.monotonic())
             if not self._transition(Status.SETUP, Status.ACTIVE):
                 raise Cancelled("migration cancelled")
+            stats.setup_done()
 
             bandwidth = Bandwidth()
-            if params.max_bandwidth:
-                bandwidth.bytes_per_s = float(params.max_bandwidth)
             iteration = 0
             last_sync = time.monotonic()
-            sent_since_sync = 0
+            sent_period = 0
             while True:
                 self._check(ret)
                 params = self.params.snapshot()
+                if params.max_bandwidth:
+                    bandwidth.cap(params.max_bandwidth)
                 dirtied = saver.sync()
                 now = time.monotonic()
+                period = max(now - last_sync, 1e-6)
+                last_sync = now
                 iteration += 1
                 pending = sum(e.handlers.pending(e.opaque)
                               for e in machine.registry.live_entries())
                 metrics = policy_mod.Metrics(
                     iteration=iteration,
                     elapsed_s=now - started,
-                    ram_bytes=stats.ram_total,
+                    ram_bytes=machine.ram_bytes,
                     page_size=stats.page_size,
                     pending_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s,
-                    dirty_rate_bps=dirtied * stats.page_size / max(now - last_sync, 1e-6),
+                    dirty_rate_bps=dirtied * stats.page_size / period,
                     bytes_sent_total=channel.bytes_sent,
-                    bytes_sent_period=sent_since_sync,
+                    bytes_sent_period=sent_period,
                     bytes_dirtied_period=dirtied * stats.page_size,
-                    throttle_pct=guest_throttle(guest),
+                    throttle_pct=throttle,
                     manual_switchover_requested=self._manual_switchover.is_set(),
                 )
                 decision = self.decide(metrics, policy_params(params))
-                record = stats.iteration(now, metrics, decision, dirtied,
-                                         self._ram_counters())
-                if trace:
-                    trace.write(record)
+                record = stats.record_sync(
+                    iteration=iteration, dirty_pages=dirtied, remaining_bytes=pending,
+                    bandwidth_bps=bandwidth.bytes_per_s, dirty_rate_pps=dirtied / period,
+                    expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle)
                 for callback in list(self._pass_listeners):
                     callback(record)
-                last_sync = now
-                if decision.throttle_pct != metrics.throttle_pct:
-                    guest.set_throttle(decision.throttle_pct)
-                    stats.set_throttle(decision.throttle_pct)
-                if decision.action == "switchover":
+                if decision.throttle_pct != throttle:
+                    throttle = decision.throttle_pct
+                    guest.set_throttle(throttle)
+                    stats.set_throttle(throttle)
+                if decision.action == policy_mod.Action.SWITCHOVER:
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
-                if decision.action == "cancel":
+                if decision.action == policy_mod.Action.CANCEL:
                     raise Cancelled(f"migration cancelled: {decision.reason}")
                 t0, b0 = time.monotonic(), channel.bytes_sent
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
-                sent_since_sync = channel.bytes_sent - b0
-                bandwidth.sample(sent_since_sync, time.monotonic() - t0)
-                stats.progress(channel.bytes_sent, self._ram_counters(),
-                               saver.pending_pages() * stats.page_size)
+                sent_period = channel.bytes_sent - b0
+                bandwidth.sample(sent_period, time.monotonic() - t0)
 
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
                     self._check(ret)
             if not self._transition(Status.ACTIVE, Status.DEVICE):
                 raise Cancelled("migration cancelled")
-            # stop-and-copy: from here the guest is paused until the destination runs it, or
-            # until we resume it here because something failed before the commit
+            # Stop-and-copy: from here the guest is paused until the destination runs it, or
+            # until it resumes here because something failed before the commit.
             stop_wall = time.time_ns()
             stop_mono = time.monotonic()
             guest.pause()
@@ -289,30 +298,32 @@ class Migration:
                 entry.handlers.complete(entry.opaque, SectionOut(writer, entry))
             machine.save_device_state(writer)
             writer.eof()
-            stats.progress(channel.bytes_sent, self._ram_counters(), 0)
             if ret is not None:
-                ret.wait_for(stream.RP_LOADED, timeout=60.0, check=self._check)
+                ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
                 self._check(ret)
-                stream.send_commit(channel)
+                stream.ReturnPathWriter(channel).commit()
                 committed = True
-                ack = ret.wait_for(stream.RP_ACK, timeout=60.0, check=None)
-                downtime_ms = (ack.start_ns - stop_wall) / 1e6
+                ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
+                downtime_s = (ack.vcpu_start_ns - stop_wall) / 1e9
             else:
-                committed = True  # one-way channel: the stream is all there is
-                downtime_ms = (time.monotonic() - stop_mono) * 1e3
-            stats.completed(time.monotonic(), downtime_ms, channel.bytes_sent)
+                committed = True  # a one-way channel: the stream is all there is
+                downtime_s = time.monotonic() - stop_mono
+            stats.completed(downtime_s)
             self._transition(Status.DEVICE, Status.COMPLETED)
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest running
-            self._fail(exc, paused_by_us and not committed, committed)
+            if ret is not None and isinstance(exc, TransportError):
+                # A destination that refuses the stream says why on the return path, then
+                # closes; that reason matters more than the broken pipe it causes here.
+                reason = ret.error_after_close(timeout=2.0)
+                if reason is not None:
+                    exc = MigrationError(f"destination failed: {reason}")
+            self._fail(exc, resume=paused_by_us and not committed, committed=committed)
         finally:
             for entry in machine.registry.live_entries():
-                try:
-                    entry.handlers.cleanup(entry.opaque)
-                except PymigError:
-                    pass
-            if guest_throttle(guest):
+                entry.handlers.cleanup(entry.opaque)
+            if throttle:
                 guest.set_throttle(0)
-            self.stats.set_throttle(0)
+                stats.set_throttle(0)
             if ret is not None:
                 ret.stop()
             if self._channel is not None:
@@ -327,35 +338,36 @@ class Migration:
         if ret is not None and ret.error is not None:
             raise MigrationError(f"destination failed: {ret.error}")
 
-    def _ram_counters(self):
-        return self.machine.ram_saver.counters
-
-    def _fail(self, exc: BaseException, resume: bool, committed: bool) -> None:
+    def _fail(self, exc: BaseException, *, resume: bool, committed: bool) -> None:
         guest = self.machine.guest
         if resume:
             try:
                 guest.resume()
-            except PymigError as resume_exc:  # pragma: no cover - reported, never hidden
+            except PymigError as resume_exc:  # reported, never hidden
                 exc = MigrationError(f"{exc}; and resuming the source failed: {resume_exc}")
         cancelled = isinstance(exc, Cancelled) or self._cancel.is_set()
         if committed:
             text = (f"the destination was told to start but did not confirm: {exc}; the guest "
-                    f"stays paused here so it never runs twice")
+                    f"stays paused here so that it never runs twice")
         elif isinstance(exc, PymigError):
             text = str(exc)
         else:
             text = f"{type(exc).__name__}: {exc}"
         self.error = exc
-        self.stats.failed(time.monotonic(), text, cancelled)
-        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
-            if self._transition(state, Status.CANCELLING if cancelled else Status.FAILED):
-                break
-        if self._status == Status.CANCELLING:
-            self._transition(Status.CANCELLING, Status.CANCELLED if cancelled else Status.FAILED)
+        if cancelled:
+            self.stats.cancelled()
+            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+                if self._transition(state, Status.CANCELLING):
+                    break
+            self._transition(Status.CANCELLING, Status.CANCELLED)
+        else:
+            self.stats.failed(text)
+            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING):
+                if self._transition(state, Status.FAILED):
+                    break
 
 
-def guest_throttle(guest) -> int:
-    return int(getattr(guest, "throttle_pct", 0) or 0)
+ACK_TIMEOUT_S = 60.0
 
 
 def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
@@ -379,12 +391,12 @@ def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
 
 
 class ReturnPath:
-    """Reads the destination's messages in a thread: errors fail the migration at once."""
+    """Reads the destination's messages in a thread; an error fails the migration at once."""
 
     def __init__(self, channel):
         self.reader = stream.ReturnPathReader(channel)
         self.error: str | None = None
-        self._messages: dict[int, object] = {}
+        self._messages: dict[type, object] = {}
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="pymig-return-path",
@@ -392,27 +404,31 @@ class ReturnPath:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stopped:
+        while True:
             try:
                 message = self.reader.recv(timeout=None)
             except PymigError as exc:
                 with self._cond:
-                    if not self._stopped and self.error is None and stream.RP_ACK not in \
-                            self._messages:
+                    if not self._stopped and self.error is None \
+                            and stream.Ack not in self._messages:
                         self.error = f"return path lost: {exc}"
                     self._stopped = True
                     self._cond.notify_all()
                 return
             with self._cond:
-                if message.type == stream.RP_LOAD_ERROR:
+                if isinstance(message, stream.LoadError):
                     self.error = message.text
-                self._messages[message.type] = message
+                self._messages[type(message)] = message
                 self._cond.notify_all()
 
-    def wait_for(self, kind: int, timeout: float, check: Callable | None):
+    def wait_for(self, kind: type, timeout: float, check: Callable | None):
+        """The first message of type ``kind``; raises if the destination failed or went away,
+        if ``check(None)`` raises (cancel), or after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while kind not in self._messages:
+        while True:
+            with self._cond:
+                if kind in self._messages:
+                    return self._messages[kind]
                 if self.error is not None:
                     raise MigrationError(f"destination failed: {self.error}")
                 if self._stopped:
@@ -421,13 +437,22 @@ class ReturnPath:
                 if remaining <= 0:
                     raise MigrationError(f"no answer from the destination in {timeout:.0f} s")
                 self._cond.wait(min(remaining, 0.05))
-                if check is not None:
-                    self._cond.release()
-                    try:
-                        check(None)
-                    finally:
-                        self._cond.acquire()
-            return self._messages[kind]
+            if check is not None:
+                check(None)
+
+    def error_after_close(self, timeout: float) -> str | None:
+        """The destination's LOAD_ERROR text, waiting up to ``timeout`` for the return path
+        to deliver it or close."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.error is None and not self._stopped:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self.error is not None and not self.error.startswith("return path lost"):
+                return self.error
+            return None
 
     def stop(self) -> None:
         with self._cond:

@@ -67,6 +67,8 @@ class RamSaver:
         self._logging = False
         self._lock = threading.Lock()
         self.cancelled: Callable[[], bool] = lambda: False
+        # on_packet(nbytes, normal_pages, zero_pages) after each packet is on the wire
+        self.on_packet: Callable[[int, int, int], None] = lambda nbytes, normal, zero: None
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, out) -> None:
@@ -120,6 +122,7 @@ class RamSaver:
                 c.zero_pages += result.zero_pages
                 c.packets += 1
                 c.bytes += result.nbytes
+                self.on_packet(result.nbytes, result.normal_pages, result.zero_pages)
                 cursor = result.cursor
         return True
 

@@ -172,7 +172,7 @@ class Session:
             return self.migration.query()
         if self.incoming is not None:
             status = self.incoming.status
-            out: dict[str, Any] = {"status": status}
+            out: dict[str, Any] = {"status": status, "socket-address": self.incoming_uri}
             if self.incoming.error is not None:
                 out["error-desc"] = str(self.incoming.error)
             if self.incoming_result is not None:

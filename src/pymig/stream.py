@@ -396,6 +396,8 @@ class ReturnType(IntEnum):
     PING = 5  # u32 id
     PONG = 6  # u32 id, echoing a PING
     SHUT = 7  # the destination is closing the return path
+    LOADED = 8  # the destination loaded everything and waits for COMMIT before starting
+    COMMIT = 9  # source to destination, on the stream's channel: start the guest now
 
 
 @dataclass(frozen=True)
@@ -459,8 +461,28 @@ class Shut:
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
 
 
-ReturnMessage = Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut
-_MESSAGES = {cls.TYPE: cls for cls in (Ready, LoadError, Ack, PageRequest, Ping, Pong, Shut)}
+@dataclass(frozen=True)
+class Loaded:
+    """Every section loaded and checked; the destination waits for :class:`Commit`."""
+
+    TYPE: ClassVar[ReturnType] = ReturnType.LOADED
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Sent by the source after LOADED, in the stream's direction: run the guest there.
+
+    The two-step ending means a guest never runs twice: the destination starts only on COMMIT,
+    and the source resumes its own copy only if it never sent one."""
+
+    TYPE: ClassVar[ReturnType] = ReturnType.COMMIT
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
+
+
+ReturnMessage = Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut | Loaded | Commit
+_MESSAGES = {cls.TYPE: cls for cls in (Ready, LoadError, Ack, PageRequest, Ping, Pong, Shut,
+                                       Loaded, Commit)}
 
 
 def encode_return(message: ReturnMessage) -> bytes:
@@ -523,6 +545,12 @@ class ReturnPathWriter:
 
     def shut(self) -> None:
         self.send(Shut())
+
+    def loaded(self) -> None:
+        self.send(Loaded())
+
+    def commit(self) -> None:
+        self.send(Commit())
 
 
 class ReturnPathReader:

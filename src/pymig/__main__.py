@@ -1,0 +1,3 @@
+from pymig.cli import main
+
+main()

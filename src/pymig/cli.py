@@ -1,0 +1,279 @@
+"""The ``pymig`` command: parse, call the library, print.  No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from pymig.units import parse_size
+
+WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
+PATTERNS = ("uniform", "sequential", "hotspot")
+
+
+class Size(click.ParamType):
+    """A byte size such as 4096, 64M or 1G."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"pymig: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pymig")
+def main() -> None:
+    """Pre-copy live migration of KVM guests."""
+
+
+# -- run ------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--workload", type=click.Choice(WORKLOADS), default="idle", show_default=True,
+              help="built-in guest workload")
+@click.option("--boot-sector", type=click.Path(exists=True, dir_okay=False),
+              help="run a raw 512-byte boot sector (real mode at 0000:7c00) instead")
+@click.option("--flat", type=click.Path(exists=True, dir_okay=False),
+              help="run a flat binary in 32-bit protected mode instead")
+@click.option("--load-address", type=str, default=None,
+              help="where --flat is loaded and entered (default 0x100000)")
+@click.option("--memory", type=SIZE, default="256M", show_default=True, help="guest RAM")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--working-set", type=SIZE, default=None, help="dirtier/selfcheck working set")
+@click.option("--rate", type=int, default=None, help="pages/s the workload writes (0: flat out)")
+@click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
+@click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
+@click.option("--rounds", type=int, default=None, help="compute: rounds")
+@click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
+@click.option("--control", type=click.Path(), default=None,
+              help="serve the QMP-style control socket on this unix path")
+@click.option("--control-tcp", type=int, default=None,
+              help="also serve it on this loopback TCP port")
+@click.option("--serial", type=click.Path(dir_okay=False), default=None,
+              help="append the guest's serial output to this file")
+@click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
+def run(workload, boot_sector, flat, load_address, memory, vcpus, working_set, rate, pattern,
+        hot_fraction, rounds, simulated, control, control_tcp, serial, quiet) -> None:
+    """Run a guest, with its serial output live and its dirty rate once a second."""
+    from pymig import guest as guests
+    from pymig.errors import PymigError
+    from pymig.process import serve
+    from pymig.session import Session
+
+    if boot_sector and flat:
+        _fail("give --boot-sector or --flat, not both")
+    params = {k: v for k, v in {"working_set_bytes": working_set, "rate_pages_per_s": rate,
+                                "pattern": pattern, "hot_fraction": hot_fraction,
+                                "rounds": rounds}.items() if v is not None}
+    try:
+        config = guests.make_config(
+            kind="simulated" if simulated else "kvm", workload=workload, params=params,
+            memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat,
+            load_address=int(load_address, 0) if load_address else None)
+        guest = guests.create(config)
+        guest.start()
+    except (PymigError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    session = Session(guest)
+    sys.exit(serve(session, control=control,
+                   control_tcp=("127.0.0.1", control_tcp) if control_tcp else None,
+                   serial_file=serial, quiet=quiet))
+
+
+# -- incoming -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("uri")
+@click.option("--control", type=click.Path(), default=None, help="control socket path")
+@click.option("--control-tcp", type=int, default=None, help="control socket loopback TCP port")
+@click.option("--serial", type=click.Path(dir_okay=False), default=None,
+              help="append the guest's serial output to this file")
+@click.option("--memory", type=SIZE, default=None, help="refuse a stream of another RAM size")
+@click.option("--vcpus", type=int, default=None, help="refuse a stream with another vCPU count")
+@click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
+def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
+    """Receive a migration on URI (tcp:HOST:PORT, unix:PATH, ... or 'defer'), then run it.
+
+    The guest's configuration comes from the stream; --memory/--vcpus only make sure it is
+    the guest you expect.
+    """
+    from pymig.process import serve
+    from pymig.session import CommandError, Session
+
+    def check(config):
+        if memory is not None and config.memory_bytes != memory:
+            raise ValueError(f"the stream's guest has {config.memory_bytes} bytes of RAM, "
+                             f"--memory says {memory}")
+        if vcpus is not None and config.vcpus != vcpus:
+            raise ValueError(f"the stream's guest has {config.vcpus} vCPUs, --vcpus says "
+                             f"{vcpus}")
+
+    session = Session()
+    session.incoming_options = {"check_config": check}
+    if uri != "defer":
+        try:
+            bound = session.migrate_incoming(uri)
+        except (CommandError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        if not quiet:
+            click.echo(f"[pymig] waiting for a migration on {bound}", err=True)
+    elif control is None and control_tcp is None:
+        _fail("'defer' needs --control (migrate-incoming gives the URI later)")
+    sys.exit(serve(session, control=control,
+                   control_tcp=("127.0.0.1", control_tcp) if control_tcp else None,
+                   serial_file=serial, quiet=quiet))
+
+
+# -- migrate --------------------------------------------------------------------------------------
+@main.command()
+@click.option("--control", required=True, type=click.Path(),
+              help="control socket of the running guest (pymig run --control)")
+@click.argument("uri")
+@click.option("--max-bandwidth", type=SIZE, default=None, help="cap, bytes/s (e.g. 100M)")
+@click.option("--downtime-limit", type=int, default=None, help="ms (default 300)")
+@click.option("--auto-converge", is_flag=True, help="throttle a guest that will not converge")
+@click.option("--trace", type=click.Path(dir_okay=False), default=None,
+              help="write one JSON line per iteration to this file (on the source's side)")
+@click.option("--keep-source", is_flag=True,
+              help="leave the source process running after success (it stays paused)")
+@click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
+def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, keep_source,
+            as_json) -> None:
+    """Migrate the guest behind --control to URI, with a progress bar."""
+    from pymig.errors import PymigError
+    from pymig.monitor import ProgressView, follow, stats_table
+    from pymig.qmp import QmpClient
+
+    try:
+        client = QmpClient(control)
+    except PymigError as exc:
+        _fail(str(exc))
+    with client:
+        try:
+            params = {}
+            if max_bandwidth is not None:
+                params["max-bandwidth"] = max_bandwidth
+            if downtime_limit is not None:
+                params["downtime-limit"] = downtime_limit
+            if params:
+                client.command("migrate-set-parameters", **params)
+            if auto_converge:
+                client.command("migrate-set-capabilities",
+                               capabilities=[{"capability": "auto-converge", "state": True}])
+            arguments = {"uri": uri}
+            if trace:
+                arguments["trace"] = trace
+            client.command("migrate", **arguments)
+            if as_json:
+                final = follow(client)
+            else:
+                with ProgressView() as view:
+                    final = follow(client, on_update=view.update)
+            if final.get("status") == "completed" and not keep_source:
+                client.command("quit")
+        except PymigError as exc:
+            _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(final))
+    else:
+        Console().print(stats_table(final))
+    sys.exit(0 if final.get("status") == "completed" else 1)
+
+
+# -- demo -----------------------------------------------------------------------------------------
+@main.command()
+@click.option("--simulated", is_flag=True, default=None,
+              help="use the simulated guest even where /dev/kvm works")
+@click.option("--memory", type=SIZE, default="1G", show_default=True)
+@click.option("--working-set", type=SIZE, default="128M", show_default=True)
+@click.option("--rate", type=int, default=0, help="pages/s (0: as fast as the guest can)")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--transport", type=click.Choice(["tcp", "unix"]), default="tcp",
+              show_default=True)
+@click.option("--downtime-limit", type=int, default=300, show_default=True, help="ms")
+@click.option("--max-bandwidth", type=SIZE, default="0", help="bytes/s (0: uncapped)")
+@click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
+def demo(simulated, memory, working_set, rate, vcpus, transport, downtime_limit, max_bandwidth,
+         as_json) -> None:
+    """Migrate a running self-checking guest between two processes, and prove it carries on."""
+    from pymig.demo import DemoOptions, run_demo
+    from pymig.errors import PymigError
+    from pymig.monitor import ProgressView, stats_table
+
+    options = DemoOptions(simulated=simulated or None, memory=memory, working_set=working_set,
+                          rate=rate, vcpus=vcpus, transport=transport,
+                          downtime_limit_ms=downtime_limit, max_bandwidth=max_bandwidth)
+    console = Console(stderr=True)
+    try:
+        if as_json:
+            result = run_demo(options, say=lambda text: console.print(text))
+        else:
+            with ProgressView(console) as view:
+                result = run_demo(options, on_update=view.update,
+                                  say=lambda text: console.print(text))
+    except PymigError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        out = Console()
+        out.print(stats_table(result, title=f"live migration of a {result['guest_kind']} guest"))
+        if result.get("guest_verified"):
+            p = result["destination_progress"]
+            out.print(f"[green]guest verified on the destination[/]: passes keep growing "
+                      f"({p['passes']} so far), self-check consistent, 0 errors")
+        else:
+            out.print("[red]the guest could not be verified on the destination[/]")
+    sys.exit(0 if result.get("guest_verified") else 1)
+
+
+# -- bench ----------------------------------------------------------------------------------------
+@main.group()
+def bench() -> None:
+    """Benchmarks that report ratios to this machine's ceilings."""
+
+
+@bench.command("core")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object keyed by benchmark")
+@click.option("--quick", is_flag=True, help="smaller buffers, fewer rounds")
+def bench_core(as_json, quick) -> None:
+    """Bitmap scan, zero detection, packet encode/decode vs memory bandwidth."""
+    from pymig.benchcore import format_table, run_core_benchmarks
+
+    results = run_core_benchmarks(quick=quick)
+    if as_json:
+        click.echo(json.dumps(results))
+    else:
+        Console().print(format_table(results))
+
+
+# -- plot -----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("trace", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="PNG to write")
+def plot(trace, output) -> None:
+    """Plot a migration trace: dirty rate vs bandwidth, pending bytes, throttle."""
+    from pymig.plot import plot_trace
+
+    try:
+        plot_trace(trace, output)
+    except (ImportError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(output)
+
+
+if __name__ == "__main__":
+    main()

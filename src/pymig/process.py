@@ -1,0 +1,133 @@
+"""The life of a ``pymig run`` or ``pymig incoming`` process around its :class:`Session`.
+
+It serves the control socket, shows the guest's serial output live (stdout) and a status line
+about once a second (stderr: run state, the guest's dirty rate from its own page counter,
+passes, self-check errors, migration progress), and ends on ``quit``, Ctrl-C, guest power-off,
+or a failed incoming migration.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from typing import BinaryIO, Callable
+
+from pymig.control import ControlServer
+from pymig.session import Session
+from pymig.units import format_bytes
+
+
+class _Serial:
+    """Copies the guest console to stdout and/or a file, from the moment it is attached."""
+
+    def __init__(self, out: BinaryIO | None, path: str | None):
+        self.out = out
+        self.path = path
+        self.guest = None
+        self._tee = None
+        self._callback = None
+
+    def attach(self, guest) -> None:
+        self.guest = guest
+        if self.out is not None:
+            def write(data: bytes, out=self.out) -> None:
+                out.write(data)
+                out.flush()
+
+            self._callback = write
+            guest.console.subscribe(write)
+        if self.path:
+            self._tee = guest.console.tee_to_file(self.path)
+
+    def detach(self) -> None:
+        if self.guest is None:
+            return
+        if self._callback is not None:
+            self.guest.console.unsubscribe(self._callback)
+        if self._tee is not None:
+            self.guest.console.unsubscribe(self._tee)
+            self._tee.close()
+        self.guest = None
+
+
+def status_line(session: Session, elapsed: float, rate: float | None) -> str:
+    state = session.run_state()
+    parts = [f"[pymig] {elapsed:7.1f} s  {state:<14}"]
+    guest = session.guest
+    if guest is not None and state in ("running", "paused", "finish-migrate"):
+        progress = guest.progress()
+        if rate is not None:
+            parts.append(f"{rate:>11,.0f} pages/s")
+        parts.append(f"passes {progress['passes']}  errors {progress['errors']}")
+    migration = session.query_migrate()
+    if migration.get("status") in ("setup", "active", "device"):
+        ram = migration.get("ram", {})
+        parts.append(f"migration {migration['status']}: {format_bytes(ram.get('remaining', 0))}"
+                     f" left")
+    return "  ".join(parts)
+
+
+def serve(session: Session, *, control: str | None = None,
+          control_tcp: tuple[str, int] | None = None, serial_file: str | None = None,
+          serial_out: BinaryIO | None = None, quiet: bool = False, interval: float = 1.0,
+          say: Callable[[str], None] | None = None) -> int:
+    """Run until the session ends; returns the process exit code.
+
+    0: quit, Ctrl-C or a clean guest power-off; 1: a guest error or a failed incoming
+    migration (the guest never started here).
+    """
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    server = ControlServer(session, control, control_tcp) if (control or control_tcp) else None
+    serial = _Serial(None if quiet and serial_out is None else (serial_out or sys.stdout.buffer),
+                     serial_file)
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    start = time.monotonic()
+    last_written: int | None = None
+    last_t = start
+    code = 0
+    try:
+        while not stop.is_set():
+            if session.guest_ready.is_set() and serial.guest is not session.guest:
+                serial.detach()
+                serial.attach(session.guest)
+                if session.incoming_result is not None and not quiet:
+                    say(f"[pymig] incoming migration loaded in "
+                        f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
+            if session.quit_requested.wait(interval):
+                break
+            if session.incoming_failed is not None:
+                say(f"[pymig] incoming migration failed: {session.incoming_failed}")
+                code = 1
+                break
+            guest = session.guest
+            now = time.monotonic()
+            rate = None
+            if guest is not None and guest.status in ("running", "paused"):
+                written = guest.progress()["pages_written"]
+                if last_written is not None:
+                    rate = (written - last_written) / max(now - last_t, 1e-9)
+                last_written, last_t = written, now
+            if not quiet:
+                say(status_line(session, now - start, rate))
+            if guest is not None and guest.status in ("shutdown", "error"):
+                reason = getattr(guest, "stop_reason", None) or guest.status
+                say(f"[pymig] guest stopped: {reason}")
+                code = 1 if guest.status == "error" else 0
+                break
+    except KeyboardInterrupt:
+        say("[pymig] interrupted")
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+        if session.incoming_failed is not None and code == 0:
+            code = 1
+        serial.detach()
+        if server is not None:
+            server.close()
+        session.close()
+    return code

@@ -1,0 +1,128 @@
+"""Helpers for migration tests: guests of either kind, and a source and a destination in one
+process (threads) or in two (subprocesses through the CLI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from pymig.guest import GuestConfig, create
+from pymig.incoming import Incoming
+from pymig.machine import Machine
+from pymig.migration import Migration
+from pymig.parameters import ParameterStore
+from pymig.ram import block_digests
+
+MiB = 1 << 20
+
+GUEST_KINDS = [
+    pytest.param("simulated", id="simulated"),
+    pytest.param("kvm", id="kvm", marks=pytest.mark.kvm),
+]
+
+
+def guest_config(kind: str, workload: str = "selfcheck", *, memory: int = 64 * MiB,
+                 working_set: int = 16 * MiB, rate: int | None = None, vcpus: int = 1,
+                 **params) -> GuestConfig:
+    if workload in ("selfcheck", "dirtier"):
+        params.setdefault("working_set_bytes", working_set)
+        # the simulated writer flat out (~60M pages/s) never converges; KVM flat out does
+        params.setdefault("rate_pages_per_s", rate if rate is not None
+                          else (100_000 if kind == "simulated" else 0))
+    return GuestConfig(kind, memory, vcpus=vcpus, workload=workload, params=params)
+
+
+def running_guest(config: GuestConfig, *, min_passes: int = 1, timeout: float = 30.0):
+    guest = create(config)
+    guest.start()
+    deadline = time.monotonic() + timeout
+    while config.workload == "selfcheck" and guest.progress()["passes"] < min_passes:
+        assert time.monotonic() < deadline, "the guest made no progress"
+        time.sleep(0.01)
+    return guest
+
+
+@dataclass
+class LocalMigration:
+    """A finished in-process migration: both sides and what was recorded at switchover."""
+
+    migration: Migration
+    incoming: Incoming
+    result: object | None
+    error: BaseException | None
+    digests_at_load: list[str] = field(default_factory=list)
+
+    @property
+    def destination(self):
+        return self.result.machine.guest if self.result is not None else None
+
+
+def migrate_locally(guest, uri: str, *, params: dict | None = None,
+                    capabilities: dict | None = None, timeout: float = 120.0,
+                    decide=None, during=None, trace_path: str | None = None) -> LocalMigration:
+    """Migrate ``guest`` to a destination in this process; ``during(migration)`` runs in the
+    test's thread once the migration is under way."""
+    digests: list[str] = []
+    incoming = Incoming(uri, accept_timeout=timeout,
+                        before_start=lambda m: digests.extend(block_digests(
+                            m.guest.ram_blocks)))
+    bound = incoming.listen()
+    box: dict = {}
+
+    def destination() -> None:
+        try:
+            box["result"] = incoming.run()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            box["error"] = exc
+
+    thread = threading.Thread(target=destination, daemon=True)
+    thread.start()
+    store = ParameterStore()
+    if params:
+        store.set(**params)
+    if capabilities:
+        store.set_capabilities(**capabilities)
+    kwargs = {"decide": decide} if decide is not None else {}
+    migration = Migration(Machine.source(guest), store, **kwargs)
+    migration.start(bound, trace_path=trace_path)
+    if during is not None:
+        during(migration)
+    migration.wait(timeout)
+    assert migration.status.value in ("completed", "failed", "cancelled"), \
+        f"migration still {migration.status.value} after {timeout} s"
+    thread.join(timeout)
+    assert not thread.is_alive(), "the destination did not finish"
+    return LocalMigration(migration, incoming, box.get("result"), box.get("error"), digests)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.01, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def pymig_process(*args: str, **popen) -> subprocess.Popen:
+    """``python -m pymig ARGS`` in a child process (inheriting this interpreter and path)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.Popen([sys.executable, "-m", "pymig", *args], env=env,
+                            stdin=subprocess.DEVNULL, **popen)
+
+
+def wait_for_path(path: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            out = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise AssertionError(f"process exited ({proc.returncode}) before {path}: {out}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
