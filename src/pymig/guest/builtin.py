@@ -53,7 +53,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dirtier": {"working_set_bytes": 64 << 20, "rate_pages_per_s": 0, "pattern": "uniform",
                 "hot_fraction": 0.1, "hot_share": 0.9},
     "selfcheck": {"working_set_bytes": 64 << 20, "rate_pages_per_s": 0},
-    "compute": {"rounds": 64, "region_bytes": 4 << 20},
+    # rate_pages_per_s paces compute's page writes too (0 = as fast as it can); a pymig
+    # extension so tests can stop it half-way.
+    "compute": {"rounds": 64, "region_bytes": 4 << 20, "rate_pages_per_s": 0},
 }
 
 

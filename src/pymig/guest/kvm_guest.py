@@ -99,18 +99,14 @@ class KvmGuest:
     def _load(self) -> None:
         """Load the workload or image and point the vCPUs at it."""
         base = [cpustate._sregs_from_kvm(_get_sregs(v)) for v in self.machine.vcpus]
+        top = max(b.guest_phys_addr + b.size_bytes for b in self.ram_blocks)
         if self.config.workload == "image":
             p = self.config.params
-            data = loader.read_image(p["image"])
             kind = p.get("kind", "bootsector")
-            load_address = p.get("load_address")
-            for gpa, chunk in loader.image_writes(kind, data, load_address):
+            for gpa, chunk in loader.image_writes(kind, loader.read_image(p["image"]),
+                                                  p.get("load_address"), top):
                 self.write_phys(gpa, chunk)
-            if kind == "bootsector":
-                entries = [loader.boot_sector_entry(base[0])]
-            else:
-                entries = [loader.flat_entry(base[0], p.get("entry", load_address),
-                                             p.get("stack", load_address))]
+            entries = [loader.image_entry(kind, base[0], p)]
         else:
             workload = self.config.workload
             params = builtin.resolve_params(workload, self.config.params)
@@ -120,7 +116,6 @@ class KvmGuest:
             self.write_phys(builtin.CODE_ADDR, builtin.image(workload))
             enter = loader.flat_entry
             if workload in builtin.USER64_WORKLOADS:
-                top = max(b.guest_phys_addr + b.size_bytes for b in self.ram_blocks)
                 for gpa, chunk in loader.identity_page_tables(max(top, 1 << 32)):
                     self.write_phys(gpa, chunk)
                 enter = loader.user64_entry

@@ -5,9 +5,13 @@
   BIOS hands over, so the same image runs under QEMU.  There is no BIOS: every interrupt
   vector points at an ``iret`` (so ``int 10h`` returns without doing anything) and output
   goes through the UART at 0x3f8.  A missing 0x55AA signature is warned about, not refused.
-* **Flat binary**: loaded at ``load_address`` and entered in 32-bit protected mode (flat 4 GiB
-  code/data segments, paging and interrupts off) at ``entry`` (default: the load address),
-  with ESP = ``stack`` (default: the load address; the stack grows below the image).
+* **Flat binary** (``kind="flat"``): loaded at ``load_address`` and entered in 32-bit
+  protected mode (flat 4 GiB code/data segments, paging and interrupts off) at ``entry``
+  (default: the load address), with ESP = ``stack`` (default: the load address; the stack
+  grows below the image).
+* **64-bit flat binary** (``kind="flat64"``): the same, entered in 64-bit long mode at CPL 3
+  over identity-mapped 2 MiB pages (page tables at 0x10000), the mode kvm_pvm runs natively;
+  it talks to the VMM through the control MMIO page (see :mod:`pymig.kvm.devices`).
 * The built-in workloads are flat binaries too: ``idle`` in 32-bit protected mode (it only
   halts), the others in 64-bit long mode at CPL 3 (:func:`user64_mode`), the only mode
   kvm_pvm runs natively, with RSI = vCPU index.
@@ -157,15 +161,32 @@ def read_image(path: str | Path) -> bytes:
     return Path(path).read_bytes()
 
 
-def image_writes(kind: str, data: bytes, load_address: int | None) -> list[tuple[int, bytes]]:
-    """Memory writes for an image of ``kind`` ("bootsector" or "flat")."""
+IMAGE_KINDS = ("bootsector", "flat", "flat64")
+
+
+def image_writes(kind: str, data: bytes, load_address: int | None,
+                 ram_top: int = 1 << 32) -> list[tuple[int, bytes]]:
+    """Memory writes for an image of ``kind`` (see IMAGE_KINDS); ``ram_top`` is the end of
+    the highest RAM block, which a 64-bit image's identity map must cover."""
     if kind == "bootsector":
         return boot_sector(data)[0]
-    if kind == "flat":
-        if load_address is None:
-            raise ImageError("a flat binary needs a load address")
-        if load_address < 0 or load_address + len(data) > 1 << 32:
-            raise ImageError(f"flat binary of {len(data)} bytes at {load_address:#x} does not "
-                             f"fit below 4 GiB")
-        return [(GDT_ADDR, gdt_bytes()), (load_address, data)]
-    raise ImageError(f"unknown image kind {kind!r} (use 'bootsector' or 'flat')")
+    if kind not in IMAGE_KINDS:
+        raise ImageError(f"unknown image kind {kind!r} (use {', '.join(IMAGE_KINDS)})")
+    if load_address is None:
+        raise ImageError("a flat binary needs a load address")
+    if load_address < 0x1000 or load_address + len(data) > 1 << 32:
+        raise ImageError(f"flat binary of {len(data)} bytes at {load_address:#x} does not fit "
+                         f"between 4 KiB and 4 GiB")
+    writes = [(GDT_ADDR, gdt_bytes())]
+    if kind == "flat64":
+        writes += identity_page_tables(max(ram_top, 1 << 32))
+    return writes + [(load_address, data)]
+
+
+def image_entry(kind: str, base: SpecialRegisters, params: dict) -> Entry:
+    """vCPU 0's entry for an image (``params``: load_address, entry, stack)."""
+    if kind == "bootsector":
+        return boot_sector_entry(base)
+    load_address = params["load_address"]
+    enter = user64_entry if kind == "flat64" else flat_entry
+    return enter(base, params.get("entry", load_address), params.get("stack", load_address))
