@@ -91,6 +91,7 @@ def test_selfcheck_detects_a_corrupted_page():
         low = guest.ram_blocks[0].array
         victim = 0x100000 + 700 * 4096
         low[victim + 8] ^= 0xFF  # the frame number of page 700
+        del low
         assert not verify_selfcheck(guest).ok
         guest.resume()
         wait_for(lambda: guest.progress()["errors"] >= 1, what="the guest to notice")
