@@ -116,7 +116,8 @@ class KvmGuest:
             self.write_phys(builtin.CODE_ADDR, builtin.image(workload))
             enter = loader.flat_entry
             if workload in builtin.USER64_WORKLOADS:
-                for gpa, chunk in loader.identity_page_tables(max(top, 1 << 32)):
+                code = loader.code_pages(builtin.CODE_ADDR, len(builtin.image(workload)))
+                for gpa, chunk in loader.identity_page_tables(max(top, 1 << 32), code):
                     self.write_phys(gpa, chunk)
                 enter = loader.user64_entry
             entries = [enter(base[i], builtin.CODE_ADDR, builtin.stack_top(i), i)

@@ -50,7 +50,9 @@ EFER_LME, EFER_LMA = 0x100, 0x400
 # Page-table entry bits: present, writable, user, accessed, dirty, 2 MiB page.  A and D are
 # preset so KVM never writes the guest's page tables (they stay out of the dirty log).
 PTE_TABLE = 0x1 | 0x2 | 0x4 | 0x20
-PTE_2M = PTE_TABLE | 0x40 | 0x80
+PTE_4K = PTE_TABLE | 0x40
+PTE_2M = PTE_4K | 0x80
+PTE_CODE = 0x1 | 0x4 | 0x20  # present, user, accessed: read-only
 
 
 class ImageError(ValueError):
@@ -83,17 +85,27 @@ def gdt_bytes() -> bytes:
             + _descriptor(TSS_ADDR, TSS_LIMIT, 0x8B, 0x0) + bytes(8))
 
 
-def identity_page_tables(limit_bytes: int) -> list[tuple[int, bytes]]:
-    """Memory writes for 4-level page tables identity-mapping [0, limit) with 2 MiB user pages
-    (limit rounded up to whole GiB)."""
+def identity_page_tables(limit_bytes: int, readonly: range = range(0)) -> list[tuple[int, bytes]]:
+    """Memory writes for 4-level page tables identity-mapping [0, limit) (limit rounded up to
+    whole GiB) for CPL 3: 4 KiB pages for the first 2 MiB, 2 MiB pages above.
+
+    Pages of the first 2 MiB whose frame number is in ``readonly`` (the code) are mapped
+    read-only.  Under shadow paging KVM maps a page writable on its first access when the
+    guest's PTE is writable and dirty, and logs it dirty right then; read-only code pages
+    therefore never show up in the dirty log, whatever KVM rebuilds."""
     gibs = max(1, -(-limit_bytes // GiB))
-    pml4, pdpt, pds = PAGE_TABLES_ADDR, PAGE_TABLES_ADDR + 0x1000, PAGE_TABLES_ADDR + 0x2000
+    pml4, pdpt, pt0 = PAGE_TABLES_ADDR, PAGE_TABLES_ADDR + 0x1000, PAGE_TABLES_ADDR + 0x2000
+    pds = PAGE_TABLES_ADDR + 0x3000
     if pds + gibs * 0x1000 > PAGE_TABLES_END:
         raise ImageError(f"cannot identity-map {gibs} GiB below 1 MiB")
     pdpt_entries = b"".join(struct.pack("<Q", (pds + 0x1000 * i) | PTE_TABLE)
                             for i in range(gibs))
-    pd_entries = b"".join(struct.pack("<Q", (i << 21) | PTE_2M) for i in range(512 * gibs))
-    return [(pml4, struct.pack("<Q", pdpt | PTE_TABLE)), (pdpt, pdpt_entries), (pds, pd_entries)]
+    pt_entries = b"".join(struct.pack("<Q", (i << 12) | (PTE_CODE if i in readonly else PTE_4K))
+                          for i in range(512))
+    pd_entries = struct.pack("<Q", pt0 | PTE_TABLE) + b"".join(
+        struct.pack("<Q", (i << 21) | PTE_2M) for i in range(1, 512 * gibs))
+    return [(pml4, struct.pack("<Q", pdpt | PTE_TABLE)), (pdpt, pdpt_entries), (pt0, pt_entries),
+            (pds, pd_entries)]
 
 
 def protected_mode(base: SpecialRegisters) -> SpecialRegisters:
@@ -164,6 +176,11 @@ def read_image(path: str | Path) -> bytes:
 IMAGE_KINDS = ("bootsector", "flat", "flat64")
 
 
+def code_pages(address: int, size: int) -> range:
+    """Frame numbers of the pages [address, address + size) covers."""
+    return range(address >> 12, (address + max(size, 1) + 4095) >> 12)
+
+
 def image_writes(kind: str, data: bytes, load_address: int | None,
                  ram_top: int = 1 << 32) -> list[tuple[int, bytes]]:
     """Memory writes for an image of ``kind`` (see IMAGE_KINDS); ``ram_top`` is the end of
@@ -179,7 +196,7 @@ def image_writes(kind: str, data: bytes, load_address: int | None,
                          f"between 4 KiB and 4 GiB")
     writes = [(GDT_ADDR, gdt_bytes())]
     if kind == "flat64":
-        writes += identity_page_tables(max(ram_top, 1 << 32))
+        writes += identity_page_tables(max(ram_top, 1 << 32), code_pages(load_address, len(data)))
     return writes + [(load_address, data)]
 
 
