@@ -44,11 +44,12 @@ class Kvm:
         """KVM_CHECK_EXTENSION by name (``"KVM_CAP_IRQCHIP"``) or number; 0 = absent."""
         return _kvm.check_extension(self.fd, _cap_number(cap))
 
-    def require(self, cap: str, what: str = "") -> int:
+    def require(self, cap: str | int, what: str = "") -> int:
         """The capability's value, or :class:`UnsupportedCapability` when it is absent."""
         value = self.check(cap)
         if value <= 0:
-            raise UnsupportedCapability(cap, what)
+            raise UnsupportedCapability(cap if isinstance(cap, str) else f"capability {cap}",
+                                        what)
         return value
 
     def capabilities(self) -> dict[str, int]:

@@ -106,6 +106,7 @@ class VcpuThread:
         self._run_allowed = False
         self._quit = False
         self._nap_request = 0.0
+        self.naps = 0  # throttle naps taken (observability for tests and stats)
         self._parked = True
         self._tid: int | None = None
         self.stopped_by: BaseException | None = None  # set once the thread has ended
@@ -121,6 +122,11 @@ class VcpuThread:
         with self._cond:
             self._run_allowed = True
             self._cond.notify_all()
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The Python thread id of the vCPU thread (for per-thread CPU clocks)."""
+        return self._thread.ident
 
     def request_pause(self) -> None:
         with self._cond:
@@ -212,6 +218,7 @@ class VcpuThread:
                 pending = False
                 continue
             if nap:
+                self.naps += 1
                 self.nap(nap)
                 continue
             exit_ = vcpu.run()
