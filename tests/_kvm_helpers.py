@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -18,10 +20,88 @@ import numpy as np
 
 from pymig.guest import builtin
 from pymig.guest.base import GuestConfig
+from pymig.guest.build_workloads import assemble
+from pymig.guest.kvm_guest import KvmGuest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 MASK64 = (1 << 64) - 1
 WAIT_S = 30.0
+
+
+# --- the writer guest: writes exactly the pages the host lists --------------------------------
+# 64-bit, CPL 3 (native under kvm_pvm).  It spins reading a command page at 0x9000; when the
+# host bumps ``go`` it increments one byte in each page listed in the command table, then
+# stores ``done = go``.  A round dirties exactly the listed pages plus the command page; it has
+# no stack traffic and its code page is mapped read-only.
+
+CMD = 0x9000
+CMD_PAGE = CMD >> 12
+TABLE_MAX = (4096 - 0x108) // 8
+
+WRITER_SOURCE = """
+.intel_syntax noprefix
+.code64
+.global start
+start:
+    mov rbx, 0x9000
+wait:
+    mov rax, qword ptr [rbx]
+    cmp rax, qword ptr [rbx + 8]
+    jne run
+    pause
+    jmp wait
+run:
+    mov rcx, qword ptr [rbx + 0x100]
+    lea rsi, [rbx + 0x108]
+    test rcx, rcx
+    jz 2f
+1:
+    mov rdi, qword ptr [rsi]
+    inc byte ptr [rdi]
+    add rsi, 8
+    dec rcx
+    jnz 1b
+2:
+    mov qword ptr [rbx + 8], rax
+    jmp wait
+"""
+
+
+def build_writer(directory: Path) -> Path:
+    """Assemble the writer guest into ``directory`` (skips the test without GNU as)."""
+    import pytest
+
+    if shutil.which("as") is None:
+        pytest.skip("GNU as is not installed")
+    (directory / "writer.S").write_text(WRITER_SOURCE)
+    assemble(directory / "writer.S", directory / "writer.bin", 0x8000)
+    return directory / "writer.bin"
+
+
+def make_writer_guest(image, memory_bytes=64 << 20, **options) -> KvmGuest:
+    config = GuestConfig(kind="kvm", memory_bytes=memory_bytes, workload="image",
+                         params={"image": str(image), "kind": "flat64",
+                                 "load_address": 0x8000, "stack": 0x7000})
+    return KvmGuest.create(config, **options)
+
+
+def write_round(guest: KvmGuest, gpas: list[int]) -> None:
+    """Have the guest write one byte in each page of ``gpas``; returns once it is done."""
+    assert len(gpas) <= TABLE_MAX
+    go = struct.unpack("<Q", guest.read_phys(CMD, 8))[0] + 1
+    guest.write_phys(CMD + 0x100, struct.pack(f"<Q{len(gpas)}Q", len(gpas), *gpas))
+    guest.write_phys(CMD, struct.pack("<Q", go))
+    wait_for(lambda: struct.unpack("<Q", guest.read_phys(CMD + 8, 8))[0] == go,
+             what="the guest to finish its round")
+
+
+def pages(bitmap: np.ndarray, npages: int) -> set[int]:
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
+    return set(np.flatnonzero(bits).tolist())
+
+
+def dirty(guest: KvmGuest) -> list[set[int]]:
+    return [pages(bm, b.npages) for bm, b in zip(guest.sync_dirty(), guest.ram_blocks)]
 
 
 def kvm_config(workload: str, params: dict | None = None, *, memory_mib: int = 64,

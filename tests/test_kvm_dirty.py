@@ -1,99 +1,30 @@
 """Dirty logging on a real KVM guest: exactly the pages the guest writes, chunked re-protection.
 
-The test guest (64-bit, CPL 3, native under kvm_pvm) spins reading a command page at 0x9000;
-when the host bumps ``go`` it increments one byte in each page listed in the command table,
-then stores ``done = go``.  So a round dirties exactly the listed pages plus the command page
-(the ``done`` store); it has no stack traffic and its code page is never written.
+The writer guest (see ``_kvm_helpers.WRITER_SOURCE``) dirties exactly the pages a round lists
+plus its command page (its ``done`` store); its code page is mapped read-only.
 """
 
 from __future__ import annotations
 
 import errno
-import shutil
-import struct
 
 import numpy as np
 import pytest
-from _kvm_helpers import wait_for
+from _kvm_helpers import CMD_PAGE, build_writer, dirty, make_writer_guest, write_round
 
 from pymig.errors import KvmError
-from pymig.guest.base import GiB, GuestConfig
-from pymig.guest.build_workloads import assemble
-from pymig.guest.kvm_guest import KvmGuest
+from pymig.guest.base import GiB
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
-
-CMD = 0x9000
-CMD_PAGE = CMD >> 12
-TABLE_MAX = (4096 - 0x108) // 8
-
-GUEST = """
-.intel_syntax noprefix
-.code64
-.global start
-start:
-    mov rbx, 0x9000
-wait:
-    mov rax, qword ptr [rbx]
-    cmp rax, qword ptr [rbx + 8]
-    jne run
-    pause
-    jmp wait
-run:
-    mov rcx, qword ptr [rbx + 0x100]
-    lea rsi, [rbx + 0x108]
-    test rcx, rcx
-    jz 2f
-1:
-    mov rdi, qword ptr [rsi]
-    inc byte ptr [rdi]
-    add rsi, 8
-    dec rcx
-    jnz 1b
-2:
-    mov qword ptr [rbx + 8], rax
-    jmp wait
-"""
 
 
 @pytest.fixture(scope="module")
 def writer_image(tmp_path_factory):
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed")
-    d = tmp_path_factory.mktemp("writer")
-    (d / "writer.S").write_text(GUEST)
-    assemble(d / "writer.S", d / "writer.bin", 0x8000)
-    return d / "writer.bin"
-
-
-def make_guest(image, memory_bytes=64 << 20, **options) -> KvmGuest:
-    config = GuestConfig(kind="kvm", memory_bytes=memory_bytes, workload="image",
-                         params={"image": str(image), "kind": "flat64",
-                                 "load_address": 0x8000, "stack": 0x7000})
-    return KvmGuest.create(config, **options)
-
-
-def write_round(guest: KvmGuest, gpas: list[int]) -> None:
-    """Have the guest write one byte in each page of ``gpas``; returns once it is done."""
-    assert len(gpas) <= TABLE_MAX
-    go = struct.unpack("<Q", guest.read_phys(CMD, 8))[0] + 1
-    guest.write_phys(CMD + 0x100, struct.pack(f"<Q{len(gpas)}Q", len(gpas), *gpas))
-    guest.write_phys(CMD, struct.pack("<Q", go))
-    wait_for(lambda: struct.unpack("<Q", guest.read_phys(CMD + 8, 8))[0] == go,
-             what="the guest to finish its round")
-
-
-def pages(bitmap: np.ndarray, npages: int) -> set[int]:
-    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
-    return set(np.flatnonzero(bits).tolist())
-
-
-def dirty(guest: KvmGuest) -> list[set[int]]:
-    return [pages(bm, b.npages) for bm, b in zip(guest.sync_dirty(), guest.ram_blocks)]
+    return build_writer(tmp_path_factory.mktemp("writer"))
 
 
 def test_sync_returns_exactly_the_pages_written_then_nothing_after_clear(writer_image):
-    with make_guest(writer_image) as guest:
+    with make_writer_guest(writer_image) as guest:
         guest.start()
         write_round(guest, [])  # the guest is running and idle in its loop
         guest.start_dirty_log()
@@ -115,7 +46,7 @@ def test_sync_returns_exactly_the_pages_written_then_nothing_after_clear(writer_
 
 
 def test_chunked_clear_reprotects_only_the_range_it_names(writer_image):
-    with make_guest(writer_image) as guest:
+    with make_writer_guest(writer_image) as guest:
         guest.start()
         guest.start_dirty_log()
         base = 0x100000 >> 12  # page 256, 64-aligned
@@ -136,7 +67,7 @@ def test_chunked_clear_reprotects_only_the_range_it_names(writer_image):
 
 def test_two_slots_of_the_pc_layout(writer_image):
     memory = 3 * GiB + (16 << 20)
-    with make_guest(writer_image, memory) as guest:
+    with make_writer_guest(writer_image, memory) as guest:
         assert [b.name for b in guest.ram_blocks] == ["ram-low", "ram-high"]
         guest.start()
         guest.start_dirty_log()
@@ -149,7 +80,7 @@ def test_two_slots_of_the_pc_layout(writer_image):
 
 
 def test_without_manual_protection_sync_clears(writer_image):
-    with make_guest(writer_image, manual_protect=False) as guest:
+    with make_writer_guest(writer_image, manual_protect=False) as guest:
         assert not guest.machine.vm.manual_protect
         guest.start()
         guest.start_dirty_log()
@@ -161,7 +92,7 @@ def test_without_manual_protection_sync_clears(writer_image):
 
 
 def test_logging_off_means_no_dirty_log(writer_image):
-    with make_guest(writer_image) as guest:
+    with make_writer_guest(writer_image) as guest:
         guest.start_dirty_log()
         guest.stop_dirty_log()
         with pytest.raises(KvmError) as info:
@@ -171,7 +102,7 @@ def test_logging_off_means_no_dirty_log(writer_image):
 
 
 def test_dirty_bitmaps_are_uint64_words_in_kvm_layout(writer_image):
-    with make_guest(writer_image) as guest:
+    with make_writer_guest(writer_image) as guest:
         guest.start_dirty_log()
         (bitmap,) = guest.sync_dirty()
         assert bitmap.dtype == np.uint64 and bitmap.flags.c_contiguous
