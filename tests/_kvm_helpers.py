@@ -69,13 +69,7 @@ run:
 
 def build_writer(directory: Path) -> Path:
     """Assemble the writer guest into ``directory`` (skips the test without GNU as)."""
-    import pytest
-
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed")
-    (directory / "writer.S").write_text(WRITER_SOURCE)
-    assemble(directory / "writer.S", directory / "writer.bin", 0x8000)
-    return directory / "writer.bin"
+    return build_image(directory, "writer", WRITER_SOURCE, 0x8000)[0]
 
 
 def make_writer_guest(image, memory_bytes=64 << 20, **options) -> KvmGuest:
@@ -102,6 +96,50 @@ def pages(bitmap: np.ndarray, npages: int) -> set[int]:
 
 def dirty(guest: KvmGuest) -> list[set[int]]:
     return [pages(bm, b.npages) for bm, b in zip(guest.sync_dirty(), guest.ram_blocks)]
+
+
+# A boot sector that prints a line and the boot drive (DL) over the UART, calls int 10h (no
+# BIOS: the iret stub returns) and powers off with exit code 7.
+HELLO_BOOT_SECTOR = r"""
+.intel_syntax noprefix
+.code16
+.global start
+start:
+    cli
+    mov bl, dl
+    xor ax, ax
+    mov ds, ax
+    mov si, offset msg
+    mov dx, 0x3f8
+1:  lodsb
+    test al, al
+    jz 2f
+    out dx, al
+    jmp 1b
+2:  mov al, bl
+    out dx, al
+    int 0x10
+    mov dx, 0x510
+    mov eax, 0x0704
+    out dx, eax
+    hlt
+msg: .asciz "hello from the boot sector\n"
+.org 510
+.byte 0x55, 0xaa
+"""
+HELLO_OUTPUT = b"hello from the boot sector\n\x80"
+HELLO_EXIT_CODE = 7
+
+
+def build_image(directory: Path, name: str, source: str, address: int) -> tuple[Path, bytes]:
+    """Assemble ``source`` into ``directory/name.bin`` (skips the test without GNU as)."""
+    import pytest
+
+    if shutil.which("as") is None:
+        pytest.skip("GNU as is not installed")
+    (directory / f"{name}.S").write_text(source)
+    return directory / f"{name}.bin", assemble(directory / f"{name}.S",
+                                                 directory / f"{name}.bin", address)
 
 
 def kvm_config(workload: str, params: dict | None = None, *, memory_mib: int = 64,

@@ -152,3 +152,18 @@ def test_workload_parameters_are_checked():
         KvmGuest.create(kvm_config("dirtier", {"working_set_bytes": 64 << 20}, memory_mib=32))
     with pytest.raises(ValueError, match="unknown built-in workload"):
         KvmGuest.create(kvm_config("mine"))
+
+
+def test_memfd_backed_ram_is_guest_memory_other_processes_can_map():
+    import os
+
+    config = kvm_config("selfcheck", {"working_set_bytes": 1 << 20})
+    with KvmGuest.create(config, backing="memfd") as guest:
+        guest.start()
+        wait_for(lambda: guest.progress()["passes"] >= 3, what="three passes")
+        guest.pause()
+        block = guest.ram_blocks[0]
+        assert block.fd is not None
+        page = os.pread(block.fd, 4096, builtin.WORKING_SET_BASE)
+        assert page == bytes(block.page(builtin.WORKING_SET_BASE >> 12))
+        assert int.from_bytes(page[:8], "little") >= 3

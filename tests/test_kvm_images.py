@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from _kvm_helpers import wait_for
+from _kvm_helpers import HELLO_BOOT_SECTOR, HELLO_EXIT_CODE, HELLO_OUTPUT, build_image, wait_for
 
 from pymig.errors import GuestError
 from pymig.guest.base import GuestConfig
-from pymig.guest.build_workloads import assemble
 from pymig.guest.kvm_guest import KvmGuest
 from pymig.guest.loader import ImageError
 from pymig.kvm.devices import SerialState
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(60)]
-
-BOOT_SECTOR = r"""
-.intel_syntax noprefix
-.code16
-.global start
-start:
-    cli
-    mov bl, dl                  # the BIOS boot drive
-    xor ax, ax
-    mov ds, ax
-    mov si, offset msg
-    mov dx, 0x3f8
-1:  lodsb
-    test al, al
-    jz 2f
-    out dx, al
-    jmp 1b
-2:  mov al, bl                  # print the boot drive as one byte after the text
-    out dx, al
-    int 0x10                    # no BIOS: returns through the iret stub
-    mov dx, 0x510
-    mov eax, 0x0704             # power off, exit code 7
-    out dx, eax
-    hlt
-msg: .asciz "hello from the boot sector\n"
-.org 510
-.byte 0x55, 0xaa
-"""
 
 FLAT32 = r"""
 .intel_syntax noprefix
@@ -93,15 +62,8 @@ start:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed")
     d = tmp_path_factory.mktemp("images")
-
-    def build(name: str, source: str, address: int):
-        (d / f"{name}.S").write_text(source)
-        return d / f"{name}.bin", assemble(d / f"{name}.S", d / f"{name}.bin", address)
-
-    return build
+    return lambda name, source, address: build_image(d, name, source, address)
 
 
 def image_guest(path, kind, **params) -> KvmGuest:
@@ -111,13 +73,13 @@ def image_guest(path, kind, **params) -> KvmGuest:
 
 
 def test_boot_sector_runs_in_real_mode_and_prints_over_the_uart(build):
-    path, image = build("boot", BOOT_SECTOR, 0x7C00)
+    path, image = build("boot", HELLO_BOOT_SECTOR, 0x7C00)
     assert len(image) == 512
     with image_guest(path, "bootsector") as guest:
         guest.start()
         assert guest.wait(30) == "shutdown"
-        assert guest.machine.exit_code == 7
-        assert guest.console.data() == b"hello from the boot sector\n\x80"
+        assert guest.machine.exit_code == HELLO_EXIT_CODE
+        assert guest.console.data() == HELLO_OUTPUT
 
 
 def test_flat_binary_in_protected_mode_and_device_state(build):

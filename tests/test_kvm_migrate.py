@@ -66,34 +66,36 @@ def test_compute_runs_to_the_expected_result_in_place():
         assert guest.events[-1][1] == 2  # EV_DONE
 
 
-def test_pause_save_load_resume_in_the_same_process():
-    config = kvm_config("selfcheck", {"working_set_bytes": 4 << 20})
-    with KvmGuest.create(config) as guest:
+@pytest.fixture
+def selfcheck_guest():
+    """A selfcheck guest paused after two passes over 4 MiB."""
+    with KvmGuest.create(kvm_config("selfcheck", {"working_set_bytes": 4 << 20})) as guest:
         guest.start()
         wait_for(lambda: guest.progress()["passes"] >= 2, what="two passes")
         guest.pause()
-        state = guest.save_state()
-        guest.load_state(state)
-        before = guest.progress()["passes"]
-        guest.resume()
-        wait_for(lambda: guest.progress()["passes"] >= before + 2, what="more passes")
-        guest.pause()
-        report = verify_selfcheck(guest)
-        assert report.ok, report.detail
+        yield guest
 
 
-def test_selfcheck_detects_a_corrupted_page():
-    config = kvm_config("selfcheck", {"working_set_bytes": 4 << 20})
-    with KvmGuest.create(config) as guest:
-        guest.start()
-        wait_for(lambda: guest.progress()["passes"] >= 2, what="two passes")
-        guest.pause()
-        low = guest.ram_blocks[0].array
-        victim = 0x100000 + 700 * 4096
-        low[victim + 8] ^= 0xFF  # the frame number of page 700
-        del low
-        assert not verify_selfcheck(guest).ok
-        guest.resume()
-        wait_for(lambda: guest.progress()["errors"] >= 1, what="the guest to notice")
-        guest.pause()
-        assert any(code == 3 for _, code, _ in guest.events)  # EV_ERROR
+def test_pause_save_load_resume_in_the_same_process(selfcheck_guest):
+    guest = selfcheck_guest
+    state = guest.save_state()
+    guest.load_state(state)
+    before = guest.progress()["passes"]
+    guest.resume()
+    wait_for(lambda: guest.progress()["passes"] >= before + 2, what="more passes")
+    guest.pause()
+    report = verify_selfcheck(guest)
+    assert report.ok, report.detail
+
+
+def test_selfcheck_detects_a_corrupted_page(selfcheck_guest):
+    guest = selfcheck_guest
+    low = guest.ram_blocks[0].array
+    victim = 0x100000 + 700 * 4096
+    low[victim + 8] ^= 0xFF  # the frame number of page 700
+    del low
+    assert not verify_selfcheck(guest).ok
+    guest.resume()
+    wait_for(lambda: guest.progress()["errors"] >= 1, what="the guest to notice")
+    guest.pause()
+    assert any(code == 3 for _, code, _ in guest.events)  # EV_ERROR

@@ -3,49 +3,23 @@
 from __future__ import annotations
 
 import io
-import shutil
 
 import pytest
+from _kvm_helpers import HELLO_BOOT_SECTOR, HELLO_EXIT_CODE, HELLO_OUTPUT, build_image
 
-from pymig.guest.build_workloads import assemble
 from pymig.guest.runner import make_config, run
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(60)]
 
-HELLO = r"""
-.intel_syntax noprefix
-.code16
-.global start
-start:
-    mov si, offset msg
-    mov dx, 0x3f8
-1:  lodsb
-    test al, al
-    jz 2f
-    out dx, al
-    jmp 1b
-2:  mov dx, 0x510
-    mov eax, 0x0304             # power off, exit code 3
-    out dx, eax
-    hlt
-msg: .asciz "hi\n"
-.org 510
-.byte 0x55, 0xaa
-"""
-
-
 def test_run_shows_serial_output_and_returns_the_exit_code(tmp_path):
-    if shutil.which("as") is None:
-        pytest.skip("GNU as is not installed")
-    (tmp_path / "hello.S").write_text(HELLO)
-    assemble(tmp_path / "hello.S", tmp_path / "hello.img", 0x7C00)
+    image, _ = build_image(tmp_path, "hello", HELLO_BOOT_SECTOR, 0x7C00)
     out, lines = io.BytesIO(), []
-    config = make_config(image=str(tmp_path / "hello.img"), memory_bytes=16 << 20)
+    config = make_config(image=str(image), memory_bytes=16 << 20)
     code = run(config, serial_out=out, serial_file=str(tmp_path / "serial.log"),
                status=lines.append, interval=0.05, duration=20)
-    assert code == 3
-    assert out.getvalue() == b"hi\n"
-    assert (tmp_path / "serial.log").read_bytes() == b"hi\n"
+    assert code == HELLO_EXIT_CODE
+    assert out.getvalue() == HELLO_OUTPUT
+    assert (tmp_path / "serial.log").read_bytes() == HELLO_OUTPUT
     assert "powered off" in lines[-1]
 
 

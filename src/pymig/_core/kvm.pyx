@@ -305,16 +305,8 @@ cdef long _io(int fd, unsigned long request, void *arg, const char *name) except
 
 
 cdef long _io_int(int fd, unsigned long request, unsigned long arg, const char *name) except? -1:
-    """ioctl with an integer argument, GIL released; raises KvmError on failure."""
-    cdef long rc
-    cdef int err = 0
-    with nogil:
-        rc = ioctl(fd, request, arg)
-        if rc < 0:
-            err = errno
-    if rc < 0:
-        _fail(name, err)
-    return rc
+    """ioctl with an integer argument (passed in the same register as a pointer would be)."""
+    return _io(fd, request, <void *>arg, name)
 
 
 # --------------------------------------------------------------------------------------------
