@@ -15,7 +15,7 @@ def test_rebuilding_reproduces_the_checked_in_binaries(tmp_path):
     built = build_workloads.build_all(tmp_path)
     assert set(built) == set(build_workloads.WORKLOADS)
     for name, data in built.items():
-        assert data == image(name), f"{name}.bin is stale: run python -m pymig.guest.build_workloads"
+        assert data == image(name), f"{name}.bin is stale: rebuild with build_workloads"
 
 
 def test_check_mode_reports_a_stale_binary(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ cdef extern from *:
     #include <linux/kvm.h>
 
     /* Layouts pymig relies on (kernel ABI; a mismatch must fail the build). */
-    _Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "kvm_userspace_memory_region");
+    _Static_assert(sizeof(struct kvm_userspace_memory_region) == 32, "memory region layout");
     _Static_assert(sizeof(struct kvm_dirty_log) == 16, "kvm_dirty_log size");
     _Static_assert(offsetof(struct kvm_dirty_log, dirty_bitmap) == 8, "kvm_dirty_log bitmap");
     _Static_assert(sizeof(struct kvm_clear_dirty_log) == 24, "kvm_clear_dirty_log size");
@@ -822,7 +822,9 @@ def run_io(unsigned char[::1] area not None):
     """KVM_EXIT_IO: ``(direction, size, port, count, data_offset)``; the data is ``size * count``
     bytes at ``data_offset`` inside the same area (direction 0 = in, 1 = out)."""
     cdef kvm_run *run = _run_area(area)
-    if run.io.data_offset + <unsigned long long>run.io.size * run.io.count > <unsigned long long>area.shape[0]:
+    cdef unsigned long long end = run.io.data_offset
+    end += <unsigned long long>run.io.size * run.io.count
+    if end > <unsigned long long>area.shape[0]:
         raise ValueError("KVM_EXIT_IO data lies outside the kvm_run area")
     return run.io.direction, run.io.size, run.io.port, run.io.count, run.io.data_offset
 

@@ -1,7 +1,8 @@
 """Rebuild the built-in guest workloads: ``asm/<name>.S`` -> ``bin/<name>.bin``.
 
 Each workload is assembled with GNU ``as --64`` and linked at the load address with ``ld``
-(``-m elf_x86_64``; each source picks .code32 or .code64 itself), then stripped to a flat image with ``objcopy -O binary``.  Flat binaries
+(``-m elf_x86_64``; each source picks .code32 or .code64 itself), then stripped to a flat
+image with ``objcopy -O binary``.  Flat binaries
 carry no timestamps or paths, so the same sources and tools give the same bytes; a test checks
 that a rebuild reproduces the checked-in ``bin/*.bin`` where ``as`` is installed.
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pymig._core import kvm as _kvm
 from pymig.errors import GuestError
 from pymig.guest import builtin, loader
 from pymig.guest.base import Console, GuestConfig
@@ -66,6 +66,8 @@ class KvmGuest:
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
                kvm: Kvm | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``)."""
+        if config.kind != "kvm":
+            raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
         if config.workload != "image":
             params = builtin.resolve_params(config.workload, config.params)
             if config.vcpus > builtin.MAX_VCPUS:
@@ -98,7 +100,7 @@ class KvmGuest:
 
     def _load(self) -> None:
         """Load the workload or image and point the vCPUs at it."""
-        base = [cpustate._sregs_from_kvm(_get_sregs(v)) for v in self.machine.vcpus]
+        base = [cpustate.sregs_from_kvm(_kvm.get_sregs(v.fd)) for v in self.machine.vcpus]
         top = max(b.guest_phys_addr + b.size_bytes for b in self.ram_blocks)
         if self.config.workload == "image":
             p = self.config.params
@@ -255,16 +257,8 @@ class KvmGuest:
         return builtin.read_mailbox(low.array, self.vcpu_count)
 
 
-def _get_sregs(vcpu) -> dict:
-    from pymig._core import kvm as _kvm
-
-    return _kvm.get_sregs(vcpu.fd)
-
-
 def _enter(vcpu, entry: loader.Entry) -> None:
     """Point a fresh vCPU at ``entry`` and make it runnable."""
-    from pymig._core import kvm as _kvm
-
     _kvm.set_sregs(vcpu.fd, cpustate.sregs_to_kvm(entry.sregs))
     regs = _kvm.get_regs(vcpu.fd)
     regs.update(rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rdx=entry.rdx, rflags=0x2)

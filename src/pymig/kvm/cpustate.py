@@ -19,9 +19,11 @@ does not stop the TSC: the guest clock keeps running while it is paused or throt
 from __future__ import annotations
 
 import dataclasses
+import errno
 from dataclasses import dataclass, field
 
 from pymig._core import kvm as _kvm
+from pymig.errors import KvmError
 
 MSR_IA32_TSC = 0x10
 
@@ -163,7 +165,8 @@ def _segment(d: dict) -> Segment:
     return Segment(**{f.name: d[f.name] for f in dataclasses.fields(Segment)})
 
 
-def _sregs_from_kvm(d: dict) -> SpecialRegisters:
+def sregs_from_kvm(d: dict) -> SpecialRegisters:
+    """SpecialRegisters from the dict KVM_GET_SREGS returns."""
     segs = {name: _segment(d[name]) for name in SEGMENT_NAMES}
     tables = {name: DescriptorTable(d[name]["base"], d[name]["limit"]) for name in ("gdt", "idt")}
     return SpecialRegisters(**segs, **tables, cr0=d["cr0"], cr2=d["cr2"], cr3=d["cr3"],
@@ -197,7 +200,7 @@ def capture(vcpu) -> CpuState:
     return CpuState(
         index=vcpu.index,
         regs=Registers(**_kvm.get_regs(fd)),
-        sregs=_sregs_from_kvm(_kvm.get_sregs(fd)),
+        sregs=sregs_from_kvm(_kvm.get_sregs(fd)),
         xsave=_kvm.get_xsave(fd, vcpu.vm.xsave_size),
         xcr_index=[x for x, _ in xcrs],
         xcr_value=[v for _, v in xcrs],
@@ -214,8 +217,6 @@ def capture(vcpu) -> CpuState:
 
 def restore(vcpu, state: CpuState) -> None:
     """Write ``state`` into a paused vCPU of a VM built like the source's."""
-    from pymig.errors import KvmError
-
     fd = vcpu.fd
     if state.lapic and not vcpu.vm.irqchip:
         raise ValueError("the state has a local APIC but this VM has no in-kernel irqchip")
@@ -225,8 +226,6 @@ def restore(vcpu, state: CpuState) -> None:
     _kvm.set_sregs(fd, sregs_to_kvm(state.sregs))
     done = _kvm.set_msrs(fd, list(state.msr_index), list(state.msr_value))
     if done != len(state.msr_index):
-        import errno
-
         raise KvmError(errno.EINVAL, "KVM_SET_MSRS",
                        f"KVM refused MSR {state.msr_index[done]:#x}")
     _kvm.set_mp_state(fd, state.mp_state)

@@ -76,7 +76,8 @@ class Kvm:
         try:
             vcpu_fd = _kvm.create_vcpu(vm_fd, 0)
             try:
-                readable = [i for i in self.msr_index_list if len(_kvm.get_msrs(vcpu_fd, [i])) == 1]
+                readable = [i for i in self.msr_index_list
+                            if len(_kvm.get_msrs(vcpu_fd, [i])) == 1]
                 return readable, _kvm.get_tsc_khz(vcpu_fd)
             finally:
                 os.close(vcpu_fd)
