@@ -132,3 +132,30 @@ def test_kvm_reports_what_this_host_offers():
         assert set(kvm.supported_msrs) <= set(kvm.msr_index_list)
         assert kvm.tsc_khz > 0
     assert kvm.fd == -1
+
+
+def _stopped_vcpu(reason: int, union: bytes):
+    """A stand-in vCPU whose kvm_run area holds one exit (its fd is not open)."""
+    import struct
+    from types import SimpleNamespace
+
+    area = bytearray(12288)
+    struct.pack_into("<I", area, 8, reason)
+    area[32:32 + len(union)] = union
+    return SimpleNamespace(run_area=area, fd=-1, index=1)
+
+
+def test_failed_entry_and_internal_error_carry_their_exit_data():
+    import struct
+
+    from pymig.kvm.machine import describe_stop
+    from pymig.kvm.vcpu import Exit
+
+    vcpu = _stopped_vcpu(_kvm.EXIT_FAIL_ENTRY, struct.pack("<QI", 0x80000021, 1))
+    text = describe_stop(vcpu, Exit(_kvm.EXIT_FAIL_ENTRY, "FAIL_ENTRY"))
+    assert text == ("vCPU 1: VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason 0x80000021, "
+                    "cpu 1)")
+
+    vcpu = _stopped_vcpu(_kvm.EXIT_INTERNAL_ERROR, struct.pack("<II3Q", 1, 3, 0, 0x6e0f66, 7))
+    text = describe_stop(vcpu, Exit(_kvm.EXIT_INTERNAL_ERROR, "INTERNAL_ERROR"))
+    assert "KVM_EXIT_INTERNAL_ERROR, suberror 1, data [0x0, 0x6e0f66, 0x7]" in text

@@ -145,6 +145,14 @@ def test_load_state_refuses_a_running_guest_and_a_wrong_vcpu_count():
             guest.load_state(GuestState(cpus=state.cpus[:1], devices=state.devices))
 
 
+def test_the_package_factory_builds_kvm_guests():
+    from pymig.guest import create
+
+    with create(kvm_config("idle"), incoming=True) as guest:
+        assert isinstance(guest, KvmGuest) and guest.status == "created"
+        assert all(int(b.touched().sum()) == 0 for b in guest.ram_blocks)
+
+
 def test_workload_parameters_are_checked():
     with pytest.raises(ValueError, match="unknown dirtier parameters"):
         KvmGuest.create(kvm_config("dirtier", {"speed": 3}))

@@ -138,3 +138,14 @@ def test_boot_sector_guest_pauses_and_resumes_while_halted(build):
         guest.resume()
         guest.pause()
         assert guest.status == "paused"
+
+
+def test_an_instruction_kvm_cannot_run_stops_the_guest_without_hanging(build):
+    # kvm_pvm emulates 32-bit code, and its emulator has no PINSRD: KVM_EXIT_INTERNAL_ERROR.
+    # Where the CPU runs it natively, the ud2 after it triple-faults instead.
+    source = ".intel_syntax noprefix\n.code32\n.global start\nstart:\n pinsrd xmm0, eax, 1\n ud2\n"
+    path, _ = build("pinsrd", source, 0x100000)
+    with image_guest(path, "flat", load_address=0x100000) as guest:
+        guest.start()
+        with pytest.raises(GuestError, match="KVM_EXIT_INTERNAL_ERROR|triple fault"):
+            guest.wait(30)

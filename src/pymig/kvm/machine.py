@@ -1,8 +1,8 @@
 """``Machine``: a VM with its RAM slots, vCPU threads and port devices, and the controls
 migration needs from it: run, pause (bounded latency), throttle, and how it stopped.
 
-Exits: port I/O goes to the :class:`~pymig.kvm.devices.PortBus`; MMIO to nothing (reads
-all-ones, writes ignored, logged once per page); HLT (only without an in-kernel irqchip) parks
+Exits: port I/O goes to the :class:`~pymig.kvm.devices.PortBus`; MMIO to the control page or
+to nothing (reads all-ones, writes ignored, logged once per page); HLT (only without an in-kernel irqchip) parks
 the vCPU thread until a pause; SHUTDOWN (triple fault), FAIL_ENTRY, INTERNAL_ERROR and any exit
 pymig does not handle stop the guest with a :class:`~pymig.errors.GuestError` carrying the exit
 data.  A guest power-off (control port) or reset request (port 0x92) stops it cleanly.
@@ -122,7 +122,7 @@ class Machine:
         elif reason == _INTR:
             pass
         else:
-            raise GuestError(self._describe_stop(thread, exit_))
+            raise GuestError(describe_stop(thread.vcpu, exit_))
 
     def _handle_io(self, thread: VcpuThread) -> None:
         area = thread.vcpu.run_area
@@ -157,36 +157,6 @@ class Machine:
         if not is_write:
             _kvm.run_set_mmio_data(area, MMIO_FILL[:length])
 
-    def _describe_stop(self, thread: VcpuThread, exit_: Exit) -> str:
-        area = thread.vcpu.run_area
-        reason = exit_.reason
-        if reason == _SHUTDOWN:
-            what = "triple fault (KVM_EXIT_SHUTDOWN)"
-        elif reason == _FAIL_ENTRY:
-            hw, cpu = _kvm.run_fail_entry(area)
-            what = f"VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {hw:#x}, cpu {cpu})"
-        elif reason == _INTERNAL_ERROR:
-            sub, data = _kvm.run_internal_error(area)
-            what = (f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub}, data "
-                    f"[{', '.join(hex(d) for d in data)}])")
-        elif reason == _SYSTEM_EVENT:
-            what = f"system event {_kvm.run_system_event(area)} (KVM_EXIT_SYSTEM_EVENT)"
-        elif reason == _UNKNOWN:
-            what = f"unknown exit (hardware reason {_kvm.run_hardware_exit_reason(area):#x})"
-        elif reason == _EXCEPTION:
-            nr, code = _kvm.run_exception(area)
-            what = f"exception {nr} error code {code:#x} (KVM_EXIT_EXCEPTION)"
-        else:
-            what = f"unhandled exit KVM_EXIT_{exit_.name}"
-        try:
-            regs = _kvm.get_regs(thread.vcpu.fd)
-            sregs = _kvm.get_sregs(thread.vcpu.fd)
-            where = (f" at cs:rip {sregs['cs']['selector']:#x}:{regs['rip']:#x} "
-                     f"rsp {regs['rsp']:#x} cr0 {sregs['cr0']:#x}")
-        except OSError:
-            where = ""
-        return f"vCPU {thread.index}: {what}{where}"
-
     def _on_vcpu_stop(self, thread: VcpuThread) -> None:
         cause = thread.stopped_by
         if isinstance(cause, GuestStopped):
@@ -213,6 +183,38 @@ class Machine:
             self._throttle_thread.join(5)
         self.vm.close()
 
+
+
+def describe_stop(vcpu, exit_: Exit) -> str:
+    """Why a vCPU cannot go on, in words: the exit, its data and where the guest was."""
+    area = vcpu.run_area
+    reason = exit_.reason
+    if reason == _SHUTDOWN:
+        what = "triple fault (KVM_EXIT_SHUTDOWN)"
+    elif reason == _FAIL_ENTRY:
+        hw, cpu = _kvm.run_fail_entry(area)
+        what = f"VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {hw:#x}, cpu {cpu})"
+    elif reason == _INTERNAL_ERROR:
+        sub, data = _kvm.run_internal_error(area)
+        what = (f"KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub}, data "
+                f"[{', '.join(hex(d) for d in data)}])")
+    elif reason == _SYSTEM_EVENT:
+        what = f"system event {_kvm.run_system_event(area)} (KVM_EXIT_SYSTEM_EVENT)"
+    elif reason == _UNKNOWN:
+        what = f"unknown exit (hardware reason {_kvm.run_hardware_exit_reason(area):#x})"
+    elif reason == _EXCEPTION:
+        nr, code = _kvm.run_exception(area)
+        what = f"exception {nr} error code {code:#x} (KVM_EXIT_EXCEPTION)"
+    else:
+        what = f"unhandled exit KVM_EXIT_{exit_.name}"
+    try:
+        regs = _kvm.get_regs(vcpu.fd)
+        sregs = _kvm.get_sregs(vcpu.fd)
+        where = (f" at cs:rip {sregs['cs']['selector']:#x}:{regs['rip']:#x} "
+                 f"rsp {regs['rsp']:#x} cr0 {sregs['cr0']:#x}")
+    except OSError:
+        where = ""
+    return f"vCPU {vcpu.index}: {what}{where}"
 
 
 _IO = _kvm.EXIT_IO
