@@ -2,10 +2,11 @@
 migration needs from it: run, pause (bounded latency), throttle, and how it stopped.
 
 Exits: port I/O goes to the :class:`~pymig.kvm.devices.PortBus`; MMIO to the control page or
-to nothing (reads all-ones, writes ignored, logged once per page); HLT (only without an in-kernel irqchip) parks
-the vCPU thread until a pause; SHUTDOWN (triple fault), FAIL_ENTRY, INTERNAL_ERROR and any exit
-pymig does not handle stop the guest with a :class:`~pymig.errors.GuestError` carrying the exit
-data.  A guest power-off (control port) or reset request (port 0x92) stops it cleanly.
+to nothing (reads all-ones, writes ignored, logged once per page); HLT (only without an
+in-kernel irqchip) parks the vCPU thread until a pause; SHUTDOWN (triple fault), FAIL_ENTRY,
+INTERNAL_ERROR and any exit pymig does not handle stop the guest with a
+:class:`~pymig.errors.GuestError` carrying the exit data (:func:`describe_stop`).  A guest
+power-off (control port) or reset request (port 0x92) stops it cleanly.
 """
 
 from __future__ import annotations
