@@ -107,3 +107,21 @@ def test_dirty_bitmaps_are_uint64_words_in_kvm_layout(writer_image):
         (bitmap,) = guest.sync_dirty()
         assert bitmap.dtype == np.uint64 and bitmap.flags.c_contiguous
         assert bitmap.size == (guest.ram_blocks[0].npages + 63) // 64
+
+
+def test_initially_set_reports_every_page_until_its_first_clear(writer_image):
+    with make_writer_guest(writer_image, initially_set=True) as guest:
+        assert guest.machine.vm.initially_set
+        npages = guest.ram_blocks[0].npages
+        guest.start()
+        write_round(guest, [])
+        guest.start_dirty_log()
+        assert dirty(guest) == [set(range(npages))]
+        guest.clear_dirty(0, 0, 1024)  # the sender reached the first 4 MiB
+        assert dirty(guest) == [set(range(1024, npages))]
+        write_round(guest, [0x2000, 0x200000])
+        assert dirty(guest) == [{2, 0x200, CMD_PAGE} | set(range(1024, npages))]
+        guest.clear_dirty(0, 0, npages)
+        write_round(guest, [0x300000])
+        assert dirty(guest) == [{0x300, CMD_PAGE}]
+        guest.pause()

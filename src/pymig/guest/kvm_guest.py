@@ -64,8 +64,13 @@ class KvmGuest:
     @classmethod
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: str = "anon",
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
-               kvm: Kvm | None = None) -> "KvmGuest":
-        """A new, paused guest for ``config`` (see the module docstring for ``incoming``)."""
+               initially_set: bool = False, kvm: Kvm | None = None) -> "KvmGuest":
+        """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
+
+        ``backing``/``hugepages`` shape the RAM blocks; ``irqchip`` asks for the in-kernel
+        irqchip; ``manual_protect``/``initially_set`` choose the dirty-log mode
+        (:mod:`pymig.kvm.vm`).
+        """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
         if config.workload != "image":
@@ -84,7 +89,7 @@ class KvmGuest:
                                                 backing=backing, hugepages=hugepages))
             console = Console()
             machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
-                              manual_protect=manual_protect)
+                              manual_protect=manual_protect, initially_set=initially_set)
             guest = cls(config, blocks, machine, console, kvm, owns_kvm)
             if not incoming:
                 guest._load()
@@ -218,7 +223,8 @@ class KvmGuest:
 
     def sync_dirty(self) -> list[np.ndarray]:
         """Per block, pages dirtied since logging started or their last clear (KVM bitmap
-        layout); each array stays valid until the next sync."""
+        layout; with ``initially_set`` every page counts as dirty until its first clear);
+        each array stays valid until the next sync."""
         return [slot.sync() for slot in self.machine.slots]
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:

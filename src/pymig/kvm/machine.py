@@ -33,10 +33,11 @@ class Machine:
     """RAM slots + vCPUs + devices of one guest.  Threads start parked; :meth:`resume` runs."""
 
     def __init__(self, kvm, blocks, vcpus: int, serial_output, *, irqchip: bool = True,
-                 manual_protect: bool = True):
+                 manual_protect: bool = True, initially_set: bool = False):
         overlaps = any(b.guest_phys_addr < DEFAULT_TSS_ADDR + TSS_BYTES and
                        DEFAULT_TSS_ADDR < b.guest_phys_addr + b.size_bytes for b in blocks)
         self.vm = Vm(kvm, irqchip=irqchip, manual_protect=manual_protect,
+                     initially_set=initially_set,
                      tss_addr=None if overlaps else DEFAULT_TSS_ADDR)
         self.threads: list[VcpuThread] = []
         try:
