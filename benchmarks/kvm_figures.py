@@ -6,6 +6,8 @@
   all clean and 1 % dirty, with and without manual protection; KVM_CLEAR_DIRTY_LOG of 1 %;
 * the dirtier's achieved rate against the asked rate (1k..200k pages/s, and unpaced, with
   and without dirty logging);
+* the guest's write rate during a migration-like first pass (sync, clear one twentieth of the
+  slot every 50 ms) right after logging is turned on, with and without INITIALLY_SET;
 * vCPU pause latency (median, max) for a busy, a pacing and a halted guest;
 * vCPU state save and restore time.
 
@@ -119,6 +121,32 @@ def rate_figures(rates=(1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000),
     return rows
 
 
+def first_pass_figures(seconds: float = 2.0) -> list[dict]:
+    rows = []
+    for initially_set in (False, True):
+        params = {"working_set_bytes": 1024 * MiB}
+        config = kvm_config("dirtier", params, memory_mib=1536)
+        with KvmGuest.create(config, initially_set=initially_set) as guest:
+            guest.start()
+            wait_for(lambda: guest.progress()["passes"] >= 3)  # every page mapped
+            t0 = time.perf_counter()
+            guest.start_dirty_log()
+            enable = time.perf_counter() - t0
+            npages = guest.ram_blocks[0].npages
+            chunk, i = npages // 20, 0
+            a, t0 = guest.progress()["pages_written"], time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                guest.sync_dirty()
+                guest.clear_dirty(0, (i % 20) * chunk, chunk)
+                i += 1
+                time.sleep(0.05)
+            rate = (guest.progress()["pages_written"] - a) / (time.perf_counter() - t0)
+            guest.pause()
+        rows.append({"initially_set": initially_set, "enable_ms": enable * 1e3,
+                     "writes_per_s": rate})
+    return rows
+
+
 def pause_figures(cycles: int = 200) -> list[dict]:
     cases = {
         "busy (unpaced dirtier)": ("dirtier", {"working_set_bytes": 16 * MiB}),
@@ -167,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {
             "sync": sync_figures(writer, (1, 4) if args.quick else (1, 4, 16)),
             "rate": rate_figures(seconds=1.0 if args.quick else 2.0),
+            "first_pass": first_pass_figures(),
             "pause": pause_figures(50 if args.quick else 200),
             "state": state_figures(),
         }
