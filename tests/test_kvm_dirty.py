@@ -125,3 +125,32 @@ def test_initially_set_reports_every_page_until_its_first_clear(writer_image):
         write_round(guest, [0x300000])
         assert dirty(guest) == [{0x300, CMD_PAGE}]
         guest.pause()
+
+
+def test_dirty_ring_reports_exactly_the_pages_written(writer_image):
+    with make_writer_guest(writer_image, dirty_ring=1024) as guest:
+        vm = guest.machine.vm
+        assert vm.dirty_ring == 1024 and not vm.manual_protect
+        guest.start()
+        write_round(guest, [])
+        guest.start_dirty_log()
+        assert dirty(guest) == [set()]
+        written = [0x100000 + 4096 * i for i in (0, 1, 64, 999)]
+        write_round(guest, written)
+        assert dirty(guest) == [{gpa >> 12 for gpa in written} | {CMD_PAGE}]
+        assert dirty(guest) == [set()]  # harvesting resets: nothing new since
+        write_round(guest, written[:1])  # re-protected by the reset: logged again
+        assert dirty(guest) == [{written[0] >> 12, CMD_PAGE}]
+        guest.pause()
+
+
+def test_a_full_dirty_ring_is_harvested_by_the_vcpu_and_nothing_is_lost(writer_image):
+    with make_writer_guest(writer_image, dirty_ring=1024) as guest:
+        guest.start()
+        write_round(guest, [])
+        guest.start_dirty_log()
+        pages = list(range(0x100, 0x100 + 3000))  # three times the ring
+        for at in range(0, len(pages), 400):
+            write_round(guest, [p << 12 for p in pages[at:at + 400]])
+        assert dirty(guest) == [set(pages) | {CMD_PAGE}]
+        guest.pause()

@@ -37,6 +37,7 @@ CALLS = [
     (_kvm._unsafe_set_user_memory_region, (0, 0, 0, 0, 0), "KVM_SET_USER_MEMORY_REGION"),
     (_kvm.get_dirty_log, (0, BITMAP), "KVM_GET_DIRTY_LOG"),
     (_kvm.clear_dirty_log, (0, BITMAP, 0, 64), "KVM_CLEAR_DIRTY_LOG"),
+    (_kvm.reset_dirty_rings, (), "KVM_RESET_DIRTY_RINGS"),
     (_kvm.create_vcpu, (0,), "KVM_CREATE_VCPU"),
     (_kvm.run, (), "KVM_RUN"),
     (_kvm.get_regs, (), "KVM_GET_REGS"),
@@ -159,3 +160,22 @@ def test_failed_entry_and_internal_error_carry_their_exit_data():
     vcpu = _stopped_vcpu(_kvm.EXIT_INTERNAL_ERROR, struct.pack("<II3Q", 1, 3, 0, 0x6e0f66, 7))
     text = describe_stop(vcpu, Exit(_kvm.EXIT_INTERNAL_ERROR, "INTERNAL_ERROR"))
     assert "KVM_EXIT_INTERNAL_ERROR, suberror 1, data [0x0, 0x6e0f66, 0x7]" in text
+
+
+def test_harvesting_a_dirty_ring_reads_published_entries_and_hands_them_back():
+    import struct
+
+    ring = bytearray(16 * 8)
+    for index, (slot, offset) in enumerate([(0, 5), (1, 7), (0, 9)]):
+        struct.pack_into("<IIQ", ring, 16 * ((6 + index) % 8), 1, slot, offset)  # DIRTY
+    slots, offsets = np.zeros(8, np.int64), np.zeros(8, np.int64)
+
+    n, fetch = _kvm.harvest_dirty_ring(ring, 6, slots, offsets)  # wraps past the end
+
+    assert (n, fetch) == (3, 9)
+    assert slots[:3].tolist() == [0, 1, 0] and offsets[:3].tolist() == [5, 7, 9]
+    flags = [struct.unpack_from("<I", ring, 16 * (i % 8))[0] for i in (6, 7, 8, 9)]
+    assert flags == [2, 2, 2, 0]  # RESET for the three harvested, the next untouched
+    assert _kvm.harvest_dirty_ring(ring, fetch, slots, offsets) == (0, 9)
+    with pytest.raises(ValueError, match="power of two"):
+        _kvm.harvest_dirty_ring(bytearray(16 * 3), 0, slots, offsets)

@@ -59,6 +59,30 @@ cdef extern from *:
     _Static_assert(sizeof(struct kvm_msr_entry) == 16, "kvm_msr_entry");
     _Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2");
     _Static_assert(sizeof(unsigned long) == 8, "dirty bitmaps are 64-bit words");
+    _Static_assert(sizeof(struct kvm_dirty_gfn) == 16, "kvm_dirty_gfn");
+    _Static_assert(offsetof(struct kvm_dirty_gfn, offset) == 8, "kvm_dirty_gfn.offset");
+
+    /* Collect the dirty entries of one vCPU's ring from *fetch on: (slot, offset) pairs into
+     * the output arrays, each entry handed back to KVM (flags = RESET) once read.  Stops at
+     * the first entry KVM has not published, or when the output is full.  The flags load is
+     * an acquire and the store a release: KVM publishes slot/offset before the DIRTY flag. */
+    static long pymig_harvest_ring(struct kvm_dirty_gfn *ring, unsigned int entries,
+                                   unsigned long long *fetch, long long *slots,
+                                   long long *offsets, long capacity)
+    {
+        long n = 0;
+        while (n < capacity) {
+            struct kvm_dirty_gfn *e = &ring[*fetch & (entries - 1)];
+            if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY))
+                break;
+            slots[n] = e->slot;
+            offsets[n] = (long long)e->offset;
+            __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+            (*fetch)++;
+            n++;
+        }
+        return n;
+    }
 
     #define PYMIG_KICK_OFFSET 3
 
@@ -96,6 +120,10 @@ cdef extern from *:
     int pymig_unblock_kick() nogil
     unsigned long pymig_thread_self() nogil
     int pymig_kick_thread(unsigned long tid) nogil
+    struct kvm_dirty_gfn
+    long pymig_harvest_ring(kvm_dirty_gfn *ring, unsigned int entries,
+                            unsigned long long *fetch, long long *slots, long long *offsets,
+                            long capacity) nogil
 
 ctypedef uint8_t __u8
 ctypedef uint16_t __u16
@@ -114,6 +142,7 @@ cdef extern from "linux/kvm.h":
     const unsigned long KVM_GET_MP_STATE, KVM_SET_MP_STATE
     const unsigned long KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS
     const unsigned long KVM_GET_DEBUGREGS, KVM_SET_DEBUGREGS, KVM_GET_TSC_KHZ, KVM_SET_CPUID2
+    const unsigned long KVM_RESET_DIRTY_RINGS
 
     struct kvm_userspace_memory_region:
         __u32 slot
@@ -479,6 +508,34 @@ def clear_dirty_log(int vm_fd, unsigned int slot, unsigned long long[::1] bitmap
     log.num_pages = num_pages
     log.dirty_bitmap = &bitmap[0]
     _io(vm_fd, KVM_CLEAR_DIRTY_LOG, &log, b"KVM_CLEAR_DIRTY_LOG")
+
+
+def reset_dirty_rings(int vm_fd):
+    """KVM_RESET_DIRTY_RINGS on a VM (KVM_CAP_DIRTY_LOG_RING enabled): write-protect again the
+    pages of every ring entry userspace marked RESET and recycle those entries; returns how
+    many were reset.  Errnos: EBADF, ENOTTY, EINVAL (no dirty ring).
+    """
+    return _io_int(vm_fd, KVM_RESET_DIRTY_RINGS, 0, b"KVM_RESET_DIRTY_RINGS")
+
+
+def harvest_dirty_ring(unsigned char[::1] ring not None, unsigned long long fetch,
+                       long long[::1] slots not None, long long[::1] offsets not None):
+    """Read a vCPU's mmap'd dirty ring (KVM_CAP_DIRTY_LOG_RING) from index ``fetch``: store
+    each dirty entry's slot (``as_id << 16 | slot id``) and page offset, and mark the entry
+    RESET for KVM_RESET_DIRTY_RINGS.  Returns ``(count, next fetch index)``; fewer than
+    ``len(slots)`` entries means the ring is drained.  Not an ioctl: reads shared memory.
+    """
+    cdef unsigned int entries = ring.shape[0] // 16
+    if entries == 0 or entries & (entries - 1):
+        raise ValueError("a dirty ring holds a power of two of 16-byte entries")
+    cdef long capacity = min(slots.shape[0], offsets.shape[0])
+    cdef long n = 0
+    if capacity == 0:
+        return 0, fetch
+    with nogil:
+        n = pymig_harvest_ring(<kvm_dirty_gfn *>&ring[0], entries, &fetch, &slots[0],
+                               &offsets[0], capacity)
+    return n, fetch
 
 
 def create_vcpu(int vm_fd, unsigned long vcpu_id):
@@ -926,6 +983,7 @@ cdef extern from "linux/kvm.h":
     const int KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR, KVM_EXIT_INTERNAL_ERROR
     const int KVM_EXIT_SYSTEM_EVENT, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT
     const int KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_MP_STATE_HALTED
+    const int KVM_EXIT_DIRTY_RING_FULL, KVM_DIRTY_LOG_PAGE_OFFSET
 
 CAPS = {
     "KVM_CAP_IRQCHIP": KVM_CAP_IRQCHIP, "KVM_CAP_USER_MEMORY": KVM_CAP_USER_MEMORY,
@@ -950,6 +1008,7 @@ EXIT_REASONS = {
     KVM_EXIT_MMIO: "MMIO", KVM_EXIT_IRQ_WINDOW_OPEN: "IRQ_WINDOW_OPEN",
     KVM_EXIT_SHUTDOWN: "SHUTDOWN", KVM_EXIT_FAIL_ENTRY: "FAIL_ENTRY", KVM_EXIT_INTR: "INTR",
     KVM_EXIT_INTERNAL_ERROR: "INTERNAL_ERROR", KVM_EXIT_SYSTEM_EVENT: "SYSTEM_EVENT",
+    KVM_EXIT_DIRTY_RING_FULL: "DIRTY_RING_FULL",
 }
 EXIT_IO_IN = KVM_EXIT_IO_IN
 EXIT_IO_OUT = KVM_EXIT_IO_OUT
@@ -966,3 +1025,6 @@ EXIT_FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY
 EXIT_INTR = KVM_EXIT_INTR
 EXIT_INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR
 EXIT_SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
+EXIT_DIRTY_RING_FULL = KVM_EXIT_DIRTY_RING_FULL
+DIRTY_LOG_PAGE_OFFSET = KVM_DIRTY_LOG_PAGE_OFFSET
+DIRTY_GFN_BYTES = 16

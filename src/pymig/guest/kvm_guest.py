@@ -64,12 +64,13 @@ class KvmGuest:
     @classmethod
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: str = "anon",
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
-               initially_set: bool = False, kvm: Kvm | None = None) -> "KvmGuest":
+               initially_set: bool = False, dirty_ring: int = 0,
+               kvm: Kvm | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
 
         ``backing``/``hugepages`` shape the RAM blocks; ``irqchip`` asks for the in-kernel
-        irqchip; ``manual_protect``/``initially_set`` choose the dirty-log mode
-        (:mod:`pymig.kvm.vm`).
+        irqchip; ``manual_protect``/``initially_set``/``dirty_ring`` (entries per vCPU) choose
+        the dirty-log mode (:mod:`pymig.kvm.vm`).
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
@@ -89,7 +90,8 @@ class KvmGuest:
                                                 backing=backing, hugepages=hugepages))
             console = Console()
             machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
-                              manual_protect=manual_protect, initially_set=initially_set)
+                              manual_protect=manual_protect, initially_set=initially_set,
+                              dirty_ring=dirty_ring)
             guest = cls(config, blocks, machine, console, kvm, owns_kvm)
             if not incoming:
                 guest._load()
@@ -225,7 +227,7 @@ class KvmGuest:
         """Per block, pages dirtied since logging started or their last clear (KVM bitmap
         layout; with ``initially_set`` every page counts as dirty until its first clear);
         each array stays valid until the next sync."""
-        return [slot.sync() for slot in self.machine.slots]
+        return self.machine.vm.sync_dirty()
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
         self.machine.slots[block_index].clear(start_page, npages)

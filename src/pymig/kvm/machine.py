@@ -33,11 +33,12 @@ class Machine:
     """RAM slots + vCPUs + devices of one guest.  Threads start parked; :meth:`resume` runs."""
 
     def __init__(self, kvm, blocks, vcpus: int, serial_output, *, irqchip: bool = True,
-                 manual_protect: bool = True, initially_set: bool = False):
+                 manual_protect: bool = True, initially_set: bool = False,
+                 dirty_ring: int = 0):
         overlaps = any(b.guest_phys_addr < DEFAULT_TSS_ADDR + TSS_BYTES and
                        DEFAULT_TSS_ADDR < b.guest_phys_addr + b.size_bytes for b in blocks)
         self.vm = Vm(kvm, irqchip=irqchip, manual_protect=manual_protect,
-                     initially_set=initially_set,
+                     initially_set=initially_set, dirty_ring=dirty_ring,
                      tss_addr=None if overlaps else DEFAULT_TSS_ADDR)
         self.threads: list[VcpuThread] = []
         try:
@@ -123,6 +124,8 @@ class Machine:
             thread.nap(None)  # no irqchip: nothing can wake it but a pause
         elif reason == _INTR:
             pass
+        elif reason == _DIRTY_RING_FULL:
+            self.vm.harvest_rings()
         else:
             raise GuestError(describe_stop(thread.vcpu, exit_))
 
@@ -229,3 +232,4 @@ _INTERNAL_ERROR = _kvm.EXIT_INTERNAL_ERROR
 _SYSTEM_EVENT = _kvm.EXIT_SYSTEM_EVENT
 _UNKNOWN = _kvm.EXIT_UNKNOWN
 _EXCEPTION = _kvm.EXIT_EXCEPTION
+_DIRTY_RING_FULL = _kvm.EXIT_DIRTY_RING_FULL

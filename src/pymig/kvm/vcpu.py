@@ -54,6 +54,12 @@ class Vcpu:
         try:
             self.run_area = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE)
+            self.ring: mmap.mmap | None = None
+            self.ring_fetch = 0  # index of the next dirty-ring entry to harvest
+            if vm.dirty_ring:
+                self.ring = mmap.mmap(self.fd, vm.dirty_ring * _kvm.DIRTY_GFN_BYTES,
+                                      mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                      offset=_kvm.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
             _kvm.set_cpuid2(self.fd, _cpuid_for(vm.kvm.supported_cpuid, index))
         except BaseException:
             os.close(self.fd)
@@ -72,6 +78,8 @@ class Vcpu:
     def close(self) -> None:
         if self.fd >= 0:
             self.run_area.close()
+            if self.ring is not None:
+                self.ring.close()
             os.close(self.fd)
             self.fd = -1
 
