@@ -175,3 +175,18 @@ def test_memfd_backed_ram_is_guest_memory_other_processes_can_map():
         page = os.pread(block.fd, 4096, builtin.WORKING_SET_BASE)
         assert page == bytes(block.page(builtin.WORKING_SET_BASE >> 12))
         assert int.from_bytes(page[:8], "little") >= 3
+
+
+def test_without_irqchip_a_halted_vcpu_parks_in_the_vmm():
+    with KvmGuest.create(kvm_config("idle"), irqchip=False) as guest:
+        assert not guest.machine.vm.irqchip
+        guest.start()
+        wait_for(lambda: guest.machine.threads[0].parked is False, what="the vCPU to run")
+        time.sleep(0.05)  # long enough to reach HLT; the test holds either way
+        guest.pause()
+        state = guest.save_state()
+        assert state.cpus[0].lapic == b""
+        guest.load_state(state)
+        guest.resume()
+        guest.pause()
+        assert guest.status == "paused"

@@ -14,6 +14,7 @@ Status::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ class KvmGuest:
         self._status = "created"
         self._lock = threading.Lock()
         self.pause_latencies: list[float] = []
-        self.events: list[tuple[int, int, int]] = []  # (vcpu, code, argument) from the guest
+        # the guest's latest control-port events: (vcpu, code, argument)
+        self.events: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
         machine.ports.control.observers.append(lambda *event: self.events.append(event))
 
     # --- construction ------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def capture(vcpu) -> CpuState:
     I/O it exited for already completed)."""
     fd = vcpu.fd
     xcrs = _kvm.get_xcrs(fd)
-    msr_index = list(vcpu.vm.kvm.supported_msrs)
+    msr_index = list(vcpu.vm.kvm.migratable_msrs(vcpu.vm.irqchip))
     msr_value = _kvm.get_msrs(fd, msr_index)
     if len(msr_value) != len(msr_index):
         raise RuntimeError(f"KVM_GET_MSRS stopped at MSR {msr_index[len(msr_value)]:#x}")

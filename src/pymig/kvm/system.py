@@ -31,6 +31,7 @@ class Kvm:
 
     def __init__(self, path: str = KVM_PATH):
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._migratable: dict[bool, list[int]] = {}
         try:
             self.api_version = _kvm.get_api_version(self.fd)
             if self.api_version != KVM_API_VERSION:
@@ -93,6 +94,30 @@ class Kvm:
     def tsc_khz(self) -> int:
         """The guest TSC frequency KVM gives new vCPUs (KVM_GET_TSC_KHZ)."""
         return self._probe[1]
+
+    def migratable_msrs(self, irqchip: bool) -> list[int]:
+        """The MSRs a vCPU's state carries: those of :attr:`supported_msrs` that KVM also
+        takes back (KVM_SET_MSRS of the value just read) on a scratch vCPU of a VM built the
+        same way.  Some depend on the VM: without an in-kernel irqchip KVM refuses e.g.
+        MSR_KVM_ASYNC_PF_INT (0x4b564d06), so a state saved there never carries it."""
+        if irqchip not in self._migratable:
+            from pymig.kvm.vcpu import _cpuid_for
+
+            vm_fd = _kvm.create_vm(self.fd)
+            try:
+                if irqchip:
+                    _kvm.create_irqchip(vm_fd)
+                vcpu_fd = _kvm.create_vcpu(vm_fd, 0)
+                try:
+                    _kvm.set_cpuid2(vcpu_fd, _cpuid_for(self.supported_cpuid, 0))
+                    self._migratable[irqchip] = [
+                        i for i in self.supported_msrs
+                        if _kvm.set_msrs(vcpu_fd, [i], _kvm.get_msrs(vcpu_fd, [i])) == 1]
+                finally:
+                    os.close(vcpu_fd)
+            finally:
+                os.close(vm_fd)
+        return self._migratable[irqchip]
 
     def create_vm(self, **options) -> "Vm":
         from pymig.kvm.vm import Vm

@@ -51,18 +51,19 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self.fd = _kvm.create_vcpu(vm.fd, index)
+        self.run_area: mmap.mmap | None = None
+        self.ring: mmap.mmap | None = None
+        self.ring_fetch = 0  # index of the next dirty-ring entry to harvest
         try:
             self.run_area = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE)
-            self.ring: mmap.mmap | None = None
-            self.ring_fetch = 0  # index of the next dirty-ring entry to harvest
             if vm.dirty_ring:
                 self.ring = mmap.mmap(self.fd, vm.dirty_ring * _kvm.DIRTY_GFN_BYTES,
                                       mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                       offset=_kvm.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
             _kvm.set_cpuid2(self.fd, _cpuid_for(vm.kvm.supported_cpuid, index))
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def run(self) -> Exit | None:
@@ -77,9 +78,9 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.run_area.close()
-            if self.ring is not None:
-                self.ring.close()
+            for area in (self.run_area, self.ring):
+                if area is not None:
+                    area.close()
             os.close(self.fd)
             self.fd = -1
 
