@@ -33,3 +33,14 @@ def test_run_reports_the_dirty_rate_until_the_duration_ends(dirty_log):
     assert code == 0
     samples = [line for line in lines if "pages/s" in line]
     assert samples and all(("dirty log" in s) == dirty_log for s in samples)
+
+
+def test_parse_params_reads_numbers_and_words():
+    from pymig.guest.runner import parse_params
+
+    assert parse_params(["rate_pages_per_s=20000", "working_set_bytes=0x400000",
+                         "hot_share=0.8", "pattern=hotspot"]) == {
+        "rate_pages_per_s": 20000, "working_set_bytes": 0x400000, "hot_share": 0.8,
+        "pattern": "hotspot"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_params(["oops"])

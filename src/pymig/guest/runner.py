@@ -33,6 +33,25 @@ def make_config(*, workload: str = "idle", params: dict[str, Any] | None = None,
                        params=dict(params or {}))
 
 
+def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["rate_pages_per_s=20000", "pattern=hotspot"]`` -> a params dict; values that read
+    as integers (any base prefix) or floats become numbers, the rest stay strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"workload parameter {item!r} is not KEY=VALUE")
+        value: Any = text
+        for convert in (lambda t: int(t, 0), float):
+            try:
+                value = convert(text)
+                break
+            except ValueError:
+                continue
+        params[key.strip()] = value
+    return params
+
+
 @dataclass
 class Sample:
     """One status line: seconds since start, pages/s and what it was measured from."""
