@@ -1,6 +1,6 @@
 """The built-in workloads on KVM: their images, parameter block, shares and mailbox.
 
-Guest-physical layout (low RAM; see ``asm/common.inc`` and docs/vmm.md):
+Guest-physical layout (low RAM; see ``asm/_defs.S`` and docs/vmm.md):
 
     0x1000  GDT (null, code32 0x08, data32 0x10, TSS 0x18)   0x1800  TSS (104 bytes)
     0x2000  stacks, 1 KiB per vCPU                            0x5000  parameter block
@@ -9,7 +9,7 @@ Guest-physical layout (low RAM; see ``asm/common.inc`` and docs/vmm.md):
     0x100000 working set / region                              0xfeb00000 control MMIO page
 
 ``idle`` runs in 32-bit protected mode at CPL 0 (it only halts); the others in 64-bit long
-mode at CPL 3, the only mode kvm_pvm runs natively (see asm/common.inc).
+mode at CPL 3, the only mode kvm_pvm runs natively (see asm/_defs.S).
 
 Parameter block (little-endian, written by the host before start):
 

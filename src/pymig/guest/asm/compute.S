@@ -4,7 +4,7 @@
 #   c = rotl64(c, 1) XOR s;  w[j] += s (mod 2^64) for every word
 # with c = 0 at the start; then writes c to the mailbox result, done = 1, raises EV_DONE and
 # parks.  The running c lives in R13 and is migrated with the vCPU.
-.include "common.inc"
+.include "_defs.S"
 .global start
 start:
     WORKLOAD_ENTRY
@@ -71,4 +71,4 @@ finished:
     EVENT EV_DONE
     HALT_FOREVER
 
-.include "lib.inc"
+.include "_lib.S"

@@ -1,7 +1,7 @@
 # dirtier: increments the first byte of pages of this vCPU's share of the working set, at the
 # paced rate, choosing pages uniformly, sequentially or with a hot spot (the first SH_HOT pages
 # of the share take P_HOT_SHARE of the writes).  passes += 1 every SH_NPAGES writes.
-.include "common.inc"
+.include "_defs.S"
 .global start
 start:
     WORKLOAD_ENTRY
@@ -57,4 +57,4 @@ write:
     PAGE_DONE
     jmp next_page
 
-.include "lib.inc"
+.include "_lib.S"

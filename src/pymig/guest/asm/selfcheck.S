@@ -5,7 +5,7 @@
 # Store order: the tail word first, then offsets 0-15 in one 16-byte store, so a page whose
 # head says p is complete; a vCPU paused mid-page leaves exactly that page with tail p and
 # head p-1 (verify_selfcheck accepts that one page at the boundary).
-.include "common.inc"
+.include "_defs.S"
 .global start
 start:
     WORKLOAD_ENTRY
@@ -60,4 +60,4 @@ stamp:
     EVENT EV_PASS
     jmp next_pass
 
-.include "lib.inc"
+.include "_lib.S"

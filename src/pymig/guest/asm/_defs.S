@@ -1,4 +1,5 @@
-# Shared definitions of pymig's built-in guest workloads (GNU as, Intel syntax, 64-bit).
+# Shared definitions of pymig's built-in guest workloads (GNU as, Intel syntax, 64-bit); included
+# by each workload, never assembled on its own (hence the leading underscore).
 #
 # kvm_pvm runs only 64-bit user-mode (CPL 3) guest code natively; everything else goes
 # through KVM's instruction emulator at ~1 M instructions/s.  So the host enters the
