@@ -1,0 +1,296 @@
+"""``KvmGuest``: the :class:`~pymig.guest.base.Guest` protocol on a real KVM virtual machine.
+
+One :class:`~pymig.kvm.machine.Machine` (VM, RAM slots, vCPU threads, UART / A20 / control
+port) per guest.  A source guest (``incoming=False``) gets its workload loaded and its vCPUs
+set up at creation; a destination (``incoming=True``) gets fresh, untouched RAM and default
+vCPUs, and takes memory from the migration and vCPU/device state from :meth:`load_state`.
+
+Status::
+
+    created --start()/resume()--> running <--pause()/resume()--> paused
+       running/paused --(guest powers off / resets)--> shutdown
+       running --(triple fault, failed entry, internal error)--> error
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pymig._core import kvm as _kvm
+from pymig.errors import GuestError
+from pymig.guest import builtin, loader
+from pymig.guest.base import Console, GuestConfig
+from pymig.kvm import cpustate
+from pymig.kvm.machine import Machine
+from pymig.kvm.system import Kvm
+from pymig.memory import RamBlock
+
+try:  # B2 owns GuestState in base.py; this twin keeps the same shape until the merge
+    from pymig.guest.base import GuestState  # type: ignore[attr-defined]
+except ImportError:
+    @dataclass
+    class GuestState:  # type: ignore[no-redef]
+        """A paused guest's vCPUs (``CpuState`` each) and devices (state dataclasses)."""
+
+        cpus: list = field(default_factory=list)
+        devices: dict[str, object] = field(default_factory=dict)
+
+
+class KvmGuest:
+    """A KVM guest running a built-in workload or a user image."""
+
+    def __init__(self, config: GuestConfig, ram_blocks: list[RamBlock], machine: Machine,
+                 console: Console, kvm: Kvm, owns_kvm: bool):
+        self.config = config
+        self.ram_blocks = ram_blocks
+        self.vcpu_count = config.vcpus
+        self.console = console
+        self.machine = machine
+        self.kvm = kvm
+        self._owns_kvm = owns_kvm
+        self._status = "created"
+        self._lock = threading.Lock()
+        self.pause_latencies: list[float] = []
+        # the guest's latest control-port events: (vcpu, code, argument)
+        self.events: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
+        machine.ports.control.observers.append(lambda *event: self.events.append(event))
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: GuestConfig, incoming: bool = False, *, backing: str = "anon",
+               hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
+               initially_set: bool = False, dirty_ring: int = 0,
+               kvm: Kvm | None = None) -> "KvmGuest":
+        """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
+
+        ``backing``/``hugepages`` shape the RAM blocks; ``irqchip`` asks for the in-kernel
+        irqchip; ``manual_protect``/``initially_set``/``dirty_ring`` (entries per vCPU) choose
+        the dirty-log mode (:mod:`pymig.kvm.vm`).
+        """
+        if config.kind != "kvm":
+            raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
+        if config.workload != "image":
+            params = builtin.resolve_params(config.workload, config.params)
+            if config.vcpus > builtin.MAX_VCPUS:
+                raise ValueError(f"built-in workloads run on at most {builtin.MAX_VCPUS} vCPUs")
+            _check_fits(config, params)
+        blocks: list[RamBlock] = []
+        owns_kvm = kvm is None
+        kvm = kvm or Kvm()
+        machine = None
+        try:
+            for i, layout in enumerate(config.blocks):
+                blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
+                                                layout.guest_phys_addr, block_id=i,
+                                                backing=backing, hugepages=hugepages))
+            console = Console()
+            machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
+                              manual_protect=manual_protect, initially_set=initially_set,
+                              dirty_ring=dirty_ring)
+            guest = cls(config, blocks, machine, console, kvm, owns_kvm)
+            if not incoming:
+                guest._load()
+            return guest
+        except BaseException:
+            if machine is not None:
+                machine.close()
+            for block in blocks:
+                block.close()
+            if owns_kvm:
+                kvm.close()
+            raise
+
+    def _load(self) -> None:
+        """Load the workload or image and point the vCPUs at it."""
+        base = [cpustate.sregs_from_kvm(_kvm.get_sregs(v.fd)) for v in self.machine.vcpus]
+        top = max(b.guest_phys_addr + b.size_bytes for b in self.ram_blocks)
+        if self.config.workload == "image":
+            p = self.config.params
+            kind = p.get("kind", "bootsector")
+            for gpa, chunk in loader.image_writes(kind, loader.read_image(p["image"]),
+                                                  p.get("load_address"), top):
+                self.write_phys(gpa, chunk)
+            entries = [loader.image_entry(kind, base[0], p)]
+        else:
+            workload = self.config.workload
+            params = builtin.resolve_params(workload, self.config.params)
+            self.write_phys(loader.GDT_ADDR, loader.gdt_bytes())
+            self.write_phys(builtin.PARAM_ADDR, builtin.param_block(
+                workload, params, self.config.vcpus, self.kvm.tsc_khz))
+            self.write_phys(builtin.CODE_ADDR, builtin.image(workload))
+            enter = loader.flat_entry
+            if workload in builtin.USER64_WORKLOADS:
+                code = loader.code_pages(builtin.CODE_ADDR, len(builtin.image(workload)))
+                for gpa, chunk in loader.identity_page_tables(max(top, 1 << 32), code):
+                    self.write_phys(gpa, chunk)
+                enter = loader.user64_entry
+            entries = [enter(base[i], builtin.CODE_ADDR, builtin.stack_top(i), i)
+                       for i in range(self.config.vcpus)]
+        for vcpu, entry in zip(self.machine.vcpus, entries):
+            _enter(vcpu, entry)
+
+    # --- memory --------------------------------------------------------------------------------
+
+    def block_at(self, gpa: int) -> tuple[RamBlock, int]:
+        """The RAM block holding guest-physical ``gpa`` and the offset inside it."""
+        for block in self.ram_blocks:
+            if block.guest_phys_addr <= gpa < block.guest_phys_addr + block.size_bytes:
+                return block, gpa - block.guest_phys_addr
+        raise ValueError(f"guest-physical address {gpa:#x} is not RAM")
+
+    def write_phys(self, gpa: int, data: bytes) -> None:
+        block, offset = self.block_at(gpa)
+        if offset + len(data) > block.size_bytes:
+            raise ValueError(f"{len(data)} bytes at {gpa:#x} run past RAM block {block.name!r}")
+        block.array[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    def read_phys(self, gpa: int, size: int) -> bytes:
+        block, offset = self.block_at(gpa)
+        return bytes(block.array[offset:offset + size])
+
+    # --- run control ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        if self.machine.error is not None:
+            return "error"
+        if self.machine.stop_reason is not None:
+            return "shutdown"
+        return self._status
+
+    def start(self) -> None:
+        """Run a freshly created guest."""
+        with self._lock:
+            if self.status != "created":
+                raise GuestError(f"start() needs a created guest; this one is {self.status}")
+            self.machine.resume()
+            self._status = "running"
+
+    def pause(self) -> None:
+        """Return once every vCPU is out of guest mode (a no-op unless running)."""
+        with self._lock:
+            if self._status != "running":
+                return
+            self.pause_latencies.append(self.machine.pause())
+            self._status = "paused"
+        self.machine.raise_if_failed()
+
+    def resume(self) -> None:
+        """Continue a paused guest, or run a destination after load_state()."""
+        with self._lock:
+            if self.status not in ("paused", "created"):
+                if self.status == "running":
+                    return
+                self.machine.raise_if_failed()
+                raise GuestError(f"cannot resume a guest that is {self.status}")
+            self.machine.resume()
+            self._status = "running"
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Wait until the guest stops by itself (power off, reset, error) or ``timeout``
+        passes; returns the status.  Raises the GuestError when it failed."""
+        self.machine.stopped.wait(timeout)
+        self.machine.raise_if_failed()
+        return self.status
+
+    def close(self) -> None:
+        with self._lock:
+            self.machine.close()
+            for block in self.ram_blocks:
+                block.close()
+            if self._owns_kvm:
+                self.kvm.close()
+            self._status = "closed"
+
+    def __enter__(self) -> "KvmGuest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- dirty logging -------------------------------------------------------------------------
+
+    def start_dirty_log(self) -> None:
+        for slot in self.machine.slots:
+            slot.set_logging(True)
+
+    def stop_dirty_log(self) -> None:
+        for slot in self.machine.slots:
+            slot.set_logging(False)
+
+    def sync_dirty(self) -> list[np.ndarray]:
+        """Per block, pages dirtied since logging started or their last clear (KVM bitmap
+        layout; with ``initially_set`` every page counts as dirty until its first clear);
+        each array stays valid until the next sync."""
+        return self.machine.vm.sync_dirty()
+
+    def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
+        self.machine.slots[block_index].clear(start_page, npages)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def save_state(self) -> GuestState:
+        """vCPUs and devices of a guest that is not running."""
+        if self.status == "running":
+            raise GuestError("save_state() needs a paused guest")
+        cpus = [cpustate.capture(v) for v in self.machine.vcpus]
+        devices = {name: dataclasses.replace(s) for name, s in self.machine.ports.save().items()}
+        return GuestState(cpus=cpus, devices=devices)
+
+    def load_state(self, state: GuestState) -> None:
+        """Put a saved guest's vCPUs and devices into this (not running) guest."""
+        if self.status == "running":
+            raise GuestError("load_state() needs a paused guest")
+        if len(state.cpus) != len(self.machine.vcpus):
+            raise GuestError(f"state has {len(state.cpus)} vCPUs, this guest "
+                             f"{len(self.machine.vcpus)}")
+        for vcpu, cpu in zip(self.machine.vcpus, state.cpus):
+            cpustate.restore(vcpu, cpu)
+        self.machine.ports.load(state.devices)
+
+    def set_throttle(self, percent: int) -> None:
+        self.machine.set_throttle(percent)
+
+    def progress(self) -> dict[str, int]:
+        """The mailbox, aggregated (see :func:`pymig.guest.builtin.aggregate`)."""
+        return builtin.aggregate(self.mailbox())
+
+    def mailbox(self) -> list[dict[str, int]]:
+        low = self.ram_blocks[0]
+        return builtin.read_mailbox(low.array, self.vcpu_count)
+
+
+def _enter(vcpu, entry: loader.Entry) -> None:
+    """Point a fresh vCPU at ``entry`` and make it runnable."""
+    _kvm.set_sregs(vcpu.fd, cpustate.sregs_to_kvm(entry.sregs))
+    regs = _kvm.get_regs(vcpu.fd)
+    regs.update(rip=entry.rip, rsp=entry.rsp, rsi=entry.rsi, rdx=entry.rdx, rflags=0x2)
+    _kvm.set_regs(vcpu.fd, regs)
+    if vcpu.vm.irqchip:
+        _kvm.set_mp_state(vcpu.fd, _kvm.MP_STATE_RUNNABLE)
+
+
+def _check_fits(config: GuestConfig, params: dict[str, Any]) -> None:
+    from pymig.kvm.devices import CONTROL_MMIO
+
+    if any(b.guest_phys_addr <= CONTROL_MMIO < b.guest_phys_addr + b.size_bytes
+           for b in config.blocks):
+        raise ValueError(f"built-in workloads need guest-physical {CONTROL_MMIO:#x} (the "
+                         f"control MMIO page) outside RAM; use the PC layout")
+    low = next((b for b in config.blocks if b.guest_phys_addr == 0), None)
+    if low is None:
+        raise ValueError("built-in workloads need RAM at guest-physical 0")
+    end = builtin.WORKING_SET_BASE + builtin.area_pages(config.workload, params) * builtin.PAGE
+    if end > min(low.size_bytes, 1 << 32):
+        raise ValueError(f"{config.workload}: working set ends at {end:#x}, past low RAM "
+                         f"({low.size_bytes:#x} bytes)")
+
+
+__all__ = ["GuestState", "KvmGuest"]
