@@ -255,6 +255,12 @@ class KvmGuest:
             cpustate.restore(vcpu, cpu)
         self.machine.ports.load(state.devices)
 
+    def state_specs(self) -> list:
+        """One ``cpu`` entry per vCPU, then the serial port, the A20 gate, the control port."""
+        from pymig.kvm.statedesc import kvm_state_specs
+
+        return kvm_state_specs(len(self.machine.vcpus))
+
     def set_throttle(self, percent: int) -> None:
         self.machine.set_throttle(percent)
 
