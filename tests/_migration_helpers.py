@@ -65,13 +65,14 @@ class LocalMigration:
 
 def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     capabilities: dict | None = None, timeout: float = 120.0,
-                    decide=None, during=None, trace_path: str | None = None) -> LocalMigration:
+                    decide=None, during=None, trace_path: str | None = None,
+                    digests: bool = True) -> LocalMigration:
     """Migrate ``guest`` to a destination in this process; ``during(migration)`` runs in the
     test's thread once the migration is under way."""
-    digests: list[str] = []
+    at_load: list[str] = []
     incoming = Incoming(uri, accept_timeout=timeout,
-                        before_start=lambda m: digests.extend(block_digests(
-                            m.guest.ram_blocks)))
+                        before_start=(lambda m: at_load.extend(block_digests(
+                            m.guest.ram_blocks))) if digests else None)
     bound = incoming.listen()
     box: dict = {}
 
@@ -98,7 +99,7 @@ def migrate_locally(guest, uri: str, *, params: dict | None = None,
         f"migration still {migration.status.value} after {timeout} s"
     thread.join(timeout)
     assert not thread.is_alive(), "the destination did not finish"
-    return LocalMigration(migration, incoming, box.get("result"), box.get("error"), digests)
+    return LocalMigration(migration, incoming, box.get("result"), box.get("error"), at_load)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.01, what: str = "condition"):

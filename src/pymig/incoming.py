@@ -91,11 +91,12 @@ class Incoming:
             reader.read_header()
             if channel.has_return_path:
                 rp = stream.ReturnPathWriter(channel)
-                rp.ready()
             config = load_config(reader)
             if self.check_config is not None:
                 self.check_config(config)
             self.machine = Machine.incoming(config, **self.guest_options)
+            if rp is not None:
+                rp.ready()  # the guest exists: the source may stop its copy when it likes
             self.machine.load_stream(reader)
             load_time = time.monotonic() - t0
             if rp is not None:

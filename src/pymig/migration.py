@@ -286,6 +286,10 @@ class Migration:
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
                     self._check(ret)
+            if ret is not None:
+                # Never stop the guest before the destination has built its own: creating it
+                # must not count as downtime.
+                ret.wait_for(stream.Ready, timeout=ACK_TIMEOUT_S, check=self._check)
             if not self._transition(Status.ACTIVE, Status.DEVICE):
                 raise Cancelled("migration cancelled")
             # Stop-and-copy: from here the guest is paused until the destination runs it, or

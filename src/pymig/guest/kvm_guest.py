@@ -259,6 +259,9 @@ class KvmGuest:
         """One ``cpu`` entry per vCPU, then the serial port, the A20 gate, the control port."""
         from pymig.kvm.statedesc import kvm_state_specs
 
+        # Which MSRs a vCPU's state carries is probed once per process; do it now, while the
+        # guest runs, rather than inside a migration's downtime.
+        self.kvm.migratable_msrs(self.machine.vm.irqchip)
         return kvm_state_specs(len(self.machine.vcpus))
 
     def set_throttle(self, percent: int) -> None:

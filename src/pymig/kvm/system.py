@@ -27,11 +27,18 @@ class UnsupportedCapability(KvmError):
 
 
 class Kvm:
-    """An open /dev/kvm.  Owns its file descriptor; close() (or ``with``) releases it."""
+    """An open /dev/kvm.  Owns its file descriptor; close() (or ``with``) releases it.
+
+    What the scratch-vCPU probes learn about the host (readable and migratable MSRs, TSC kHz)
+    is kept for the whole process: it does not change, and a probe costs tens of ms that must
+    not land in a migration's downtime.
+    """
+
+    _host_probe: tuple[list[int], int] | None = None
+    _migratable: dict[bool, list[int]] = {}
 
     def __init__(self, path: str = KVM_PATH):
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self._migratable: dict[bool, list[int]] = {}
         try:
             self.api_version = _kvm.get_api_version(self.fd)
             if self.api_version != KVM_API_VERSION:
@@ -70,8 +77,13 @@ class Kvm:
     def supported_cpuid(self) -> list[tuple[int, ...]]:
         return _kvm.get_supported_cpuid(self.fd)
 
-    @cached_property
+    @property
     def _probe(self) -> tuple[list[int], int]:
+        if Kvm._host_probe is None:
+            Kvm._host_probe = self._probe_scratch_vcpu()
+        return Kvm._host_probe
+
+    def _probe_scratch_vcpu(self) -> tuple[list[int], int]:
         """Ask a scratch vCPU which listed MSRs KVM_GET_MSRS really returns, and the TSC kHz."""
         vm_fd = _kvm.create_vm(self.fd)
         try:
@@ -100,7 +112,7 @@ class Kvm:
         takes back (KVM_SET_MSRS of the value just read) on a scratch vCPU of a VM built the
         same way.  Some depend on the VM: without an in-kernel irqchip KVM refuses e.g.
         MSR_KVM_ASYNC_PF_INT (0x4b564d06), so a state saved there never carries it."""
-        if irqchip not in self._migratable:
+        if irqchip not in Kvm._migratable:
             from pymig.kvm.vcpu import _cpuid_for
 
             vm_fd = _kvm.create_vm(self.fd)
@@ -110,14 +122,14 @@ class Kvm:
                 vcpu_fd = _kvm.create_vcpu(vm_fd, 0)
                 try:
                     _kvm.set_cpuid2(vcpu_fd, _cpuid_for(self.supported_cpuid, 0))
-                    self._migratable[irqchip] = [
+                    Kvm._migratable[irqchip] = [
                         i for i in self.supported_msrs
                         if _kvm.set_msrs(vcpu_fd, [i], _kvm.get_msrs(vcpu_fd, [i])) == 1]
                 finally:
                     os.close(vcpu_fd)
             finally:
                 os.close(vm_fd)
-        return self._migratable[irqchip]
+        return Kvm._migratable[irqchip]
 
     def create_vm(self, **options) -> "Vm":
         from pymig.kvm.vm import Vm
