@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from _childenv import child_env
+
 from pymig.guest import GuestConfig, create
 from pymig.incoming import Incoming
 from pymig.machine import Machine
@@ -112,9 +114,7 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.01, what: str
 
 def pymig_process(*args: str, **popen) -> subprocess.Popen:
     """``python -m pymig ARGS`` in a child process (inheriting this interpreter and path)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return subprocess.Popen([sys.executable, "-m", "pymig", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "pymig", *args], env=child_env(),
                             stdin=subprocess.DEVNULL, **popen)
 
 

@@ -37,7 +37,6 @@ IPV4 = {"a": "198.18.0.1", "b": "198.18.0.2"}
 IPV4_PREFIX = 30
 IPV6 = {"a": "2001:2::1", "b": "2001:2::2"}
 IPV6_PREFIX = 64
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 _counter = itertools.count()
 
@@ -193,9 +192,10 @@ class NetnsPair:
     def python(self, side: str, code: str, *args: str, **kwargs) -> subprocess.Popen:
         """Run ``python -c code args`` in ``side`` with pymig importable; stdout piped, text."""
         env = dict(kwargs.pop("env", os.environ))
+        # the child resolves imports as this process does: the installed pymig (or src/ when
+        # the tests run from a source tree), plus this directory for the test helpers
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (SRC, os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH"))
-            if p)
+            [os.path.dirname(os.path.abspath(__file__))] + [p for p in sys.path if p])
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("text", True)
         return self.popen(side, [sys.executable, "-c", code, *args], env=env, **kwargs)

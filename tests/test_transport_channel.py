@@ -18,15 +18,11 @@ from pymig.errors import TransportError, UriError
 from pymig.stream import ReturnPathReader, ReturnPathWriter
 from pymig.transport import PeerClosedError, SocketChannel
 
+from _childenv import child_env
 from _wire_helpers import SOCKET_KINDS, WAIT_S, Background, channel_pair
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-
-
 def _subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return child_env()
 
 
 @pytest.mark.parametrize("kind", SOCKET_KINDS)

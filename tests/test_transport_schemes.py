@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from _childenv import child_env
+
 from pymig import transport
 from pymig.errors import StreamError, TransportError
 from pymig.stream import ReturnPathWriter, StreamReader, StreamWriter
@@ -17,7 +19,6 @@ from pymig.transport import FdChannel, SocketChannel
 
 from _wire_helpers import WAIT_S, expected_records, read_stream, sample_stream, write_records
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 def read_all(channel) -> list[tuple]:
@@ -108,7 +109,7 @@ def test_fd_pipe_round_trip_through_a_child(tmp_path):
         with transport.connect("fd:" + sys.argv[1]) as ch:
             write_records(StreamWriter(ch))
     """)
-    env = dict(os.environ, PYTHONPATH=SRC)
+    env = child_env()
     child = subprocess.Popen([sys.executable, "-c", child_code, str(write_fd),
                               os.path.dirname(__file__)], pass_fds=[write_fd], env=env)
     os.close(write_fd)
@@ -143,7 +144,7 @@ def test_fd_socket_is_full_duplex_with_a_return_path(tmp_path):
             rp.ack(vcpu_start_ns=count)
             ch.close()
     """)
-    env = dict(os.environ, PYTHONPATH=SRC)
+    env = child_env()
     child = subprocess.Popen([sys.executable, "-c", child_code, str(theirs.fileno()),
                               os.path.dirname(__file__)], pass_fds=[theirs.fileno()], env=env)
     theirs.close()
