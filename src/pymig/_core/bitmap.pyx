@@ -60,9 +60,10 @@ def bitmap_indices(bm, npages) -> np.ndarray:
     cdef int64_t[::1] out = result
     cdef int64_t *dst = &out[0]
     ts = release_gil_if(n >= NOGIL_MIN_PAGES)
-    ops.bitmap_indices(bits, n, dst)
+    cdef uint64_t filled = ops.bitmap_indices(bits, n, dst, count)
     reacquire_gil(ts)
-    return result
+    # fewer only if another thread cleared bits meanwhile; the result is then a snapshot
+    return result if filled == count else result[:filled].copy()
 
 
 def bitmap_runs(bm, npages) -> np.ndarray:
@@ -80,9 +81,9 @@ def bitmap_runs(bm, npages) -> np.ndarray:
     cdef int64_t[:, ::1] out = result
     cdef int64_t *dst = &out[0, 0]
     ts = release_gil_if(n >= NOGIL_MIN_PAGES)
-    ops.bitmap_runs(bits, n, dst)
+    cdef uint64_t filled = ops.bitmap_runs(bits, n, dst, count)
     reacquire_gil(ts)
-    return result
+    return result if filled == count else result[:filled].copy()
 
 
 def bitmap_merge(dst, src, npages) -> int:

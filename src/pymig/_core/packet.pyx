@@ -95,7 +95,7 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
 
 
 def _xxh3_64(buf) -> int:
-    """xxh3-64 (seed 0) of ``buf`` by the vendored C xxHash (tests compare it with the
-    xxhash package)."""
+    """xxh3-64 (seed 0) of ``buf`` by the vendored C xxHash, with the current variant's
+    update stage (tests compare it with the xxhash package)."""
     cdef const unsigned char[::1] view = byte_view(buf, "buf")
-    return pymig_xxh3_64(_ro(view), view.shape[0])
+    return pymig_xxh3_64(_ro(view), view.shape[0], current_ops())

@@ -82,9 +82,12 @@ static int fault(pymig_packet_error *err, uint64_t offset, int what, uint64_t a,
     return -EBADMSG;
 }
 
-uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes)
+uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes, const pymig_ops *ops)
 {
-    return XXH3_64bits(buf, len_bytes);
+    XXH3_state_t state;
+    XXH3_64bits_reset(&state);
+    ops->xxh3_update(&state, buf, len_bytes);
+    return XXH3_64bits_digest(&state);
 }
 
 int pymig_packet_header_parse(const unsigned char *buf, size_t len_bytes,
@@ -185,12 +188,12 @@ void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t 
 
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
-    XXH3_64bits_update(&state, out, 24);
+    ops->xxh3_update(&state, out, 24);
     uint64_t off = PYMIG_PACKET_HEADER_BYTES;
     /* Pass 2: walk the records just written, copy and hash. */
     for (uint64_t r = 0; r < res->runs; r++) {
         unsigned char *rec = out + off;
-        XXH3_64bits_update(&state, rec, PYMIG_RUN_HEADER_BYTES);
+        ops->xxh3_update(&state, rec, PYMIG_RUN_HEADER_BYTES);
         off += PYMIG_RUN_HEADER_BYTES;
         if (rec[12] != PYMIG_RUN_NORMAL)
             continue;
@@ -199,7 +202,7 @@ void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t 
         for (uint64_t done = 0; done < total; done += CHUNK_BYTES) {
             size_t n = total - done < CHUNK_BYTES ? (size_t)(total - done) : CHUNK_BYTES;
             memcpy(out + off + done, src + done, n);
-            XXH3_64bits_update(&state, out + off + done, n);
+            ops->xxh3_update(&state, out + off + done, n);
         }
         off += total;
     }
@@ -291,8 +294,8 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
 
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
-    XXH3_64bits_update(&state, pkt, 24);
-    XXH3_64bits_update(&state, pkt + PYMIG_PACKET_HEADER_BYTES, h.payload_len);
+    ops->xxh3_update(&state, pkt, 24);
+    ops->xxh3_update(&state, pkt + PYMIG_PACKET_HEADER_BYTES, h.payload_len);
     uint64_t sum = XXH3_64bits_digest(&state);
     if (sum != h.checksum)
         return fault(err, 24, PYMIG_FAULT_CHECKSUM, h.checksum, sum, 0, 0);
@@ -304,7 +307,7 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
         off += PYMIG_RUN_HEADER_BYTES;
         if (rec[12] == PYMIG_RUN_NORMAL) {
             uint64_t total = count * page_size;
-            memcpy(mem + first * page_size, pkt + off, total);
+            ops->copy_to_guest(mem + first * page_size, pkt + off, total);
             if (present)
                 pymig_set_range(present, first, count);
             off += total;
