@@ -12,20 +12,22 @@ cdef extern from "kernels.h" nogil:
 
     ctypedef struct pymig_ops:
         const char *name
-        int (*is_zero)(const unsigned char *buf, size_t len_bytes) noexcept
-        uint64_t (*read_sum)(const unsigned char *buf, size_t len_bytes) noexcept
-        uint64_t (*bitmap_count)(const uint64_t *bm, uint64_t npages) noexcept
-        uint64_t (*bitmap_count_runs)(const uint64_t *bm, uint64_t npages) noexcept
+        int (*is_zero)(const unsigned char *buf, size_t len_bytes) noexcept nogil
+        uint64_t (*read_sum)(const unsigned char *buf, size_t len_bytes) noexcept nogil
+        uint64_t (*bitmap_count)(const uint64_t *bm, uint64_t npages) noexcept nogil
+        uint64_t (*bitmap_count_runs)(const uint64_t *bm, uint64_t npages) noexcept nogil
         uint64_t (*bitmap_indices)(const uint64_t *bm, uint64_t npages, int64_t *out,
-                                   uint64_t cap) noexcept
+                                   uint64_t cap) noexcept nogil
         uint64_t (*bitmap_runs)(const uint64_t *bm, uint64_t npages, int64_t *out,
-                                uint64_t cap) noexcept
-        uint64_t (*bitmap_merge)(uint64_t *dst, const uint64_t *src, uint64_t npages) noexcept
+                                uint64_t cap) noexcept nogil
+        uint64_t (*bitmap_merge)(uint64_t *dst, const uint64_t *src,
+                                 uint64_t npages) noexcept nogil
         uint64_t (*bitmap_test_and_clear)(uint64_t *bm, uint64_t npages, uint64_t start,
-                                          uint64_t count) noexcept
-        void (*xxh3_update)(void *state, const unsigned char *buf, size_t len_bytes) noexcept
+                                          uint64_t count) noexcept nogil
+        void (*xxh3_update)(void *state, const unsigned char *buf,
+                            size_t len_bytes) noexcept nogil
         void (*copy_to_guest)(unsigned char *dst, const unsigned char *src,
-                              size_t len_bytes) noexcept
+                              size_t len_bytes) noexcept nogil
 
     const pymig_ops *pymig_variant_ops(int variant)
     int pymig_variant_supported(int variant)

@@ -76,18 +76,41 @@ static inline uint64_t PYMIG_FN(word)(const uint64_t *bm, uint64_t i, uint64_t n
  */
 #define PYMIG_BLOCK_WORDS 512
 
-/* Offsets (from first) of the non-zero words among the count words at first.  The last
- * word is taken unmasked here (bits past npages may make it look non-zero); the decoders
- * mask it. */
-static inline uint64_t PYMIG_FN(nonzero_words)(const uint64_t *bm, uint64_t first,
-                                               uint64_t count, uint32_t *offsets)
+/* Walks the non-zero words of a bitmap a block at a time.  The last word is taken unmasked
+ * here (bits past npages may make it look non-zero); the decoders mask it. */
+typedef struct {
+    const uint64_t *bm;
+    uint64_t nwords, block, next_block, m, j;
+    uint32_t offsets[PYMIG_BLOCK_WORDS];
+} PYMIG_FN(nonzero_walk);
+
+static inline void PYMIG_FN(walk_init)(PYMIG_FN(nonzero_walk) *walk, const uint64_t *bm,
+                                       uint64_t nwords)
 {
-    uint64_t m = 0;
-    for (uint64_t k = 0; k < count; k++) {
-        offsets[m] = (uint32_t)k;
-        m += bm[first + k] != 0;
+    walk->bm = bm;
+    walk->nwords = nwords;
+    walk->block = walk->next_block = walk->m = walk->j = 0;
+}
+
+/* The index of the next non-zero word in *i; 0 when there is none. */
+static inline int PYMIG_FN(walk_next)(PYMIG_FN(nonzero_walk) *walk, uint64_t *i)
+{
+    while (walk->j == walk->m) {
+        uint64_t first = walk->next_block, left = walk->nwords - first;
+        if (first >= walk->nwords)
+            return 0;
+        uint64_t size = left < PYMIG_BLOCK_WORDS ? left : PYMIG_BLOCK_WORDS, m = 0;
+        for (uint64_t k = 0; k < size; k++) {
+            walk->offsets[m] = (uint32_t)k;
+            m += walk->bm[first + k] != 0;
+        }
+        walk->block = first;
+        walk->next_block = first + size;
+        walk->m = m;
+        walk->j = 0;
     }
-    return m;
+    *i = walk->block + walk->offsets[walk->j++];
+    return 1;
 }
 
 uint64_t PYMIG_FN(pymig_bitmap_indices)(const uint64_t *bm, uint64_t npages, int64_t *out,
@@ -95,31 +118,27 @@ uint64_t PYMIG_FN(pymig_bitmap_indices)(const uint64_t *bm, uint64_t npages, int
 {
     uint64_t nwords = pymig_words(npages), n = 0;
     int sparse = cap <= 2 * nwords; /* (cap is the caller's count) the two-at-a-time path pays */
-    uint32_t offsets[PYMIG_BLOCK_WORDS];
-    for (uint64_t block = 0; block < nwords; block += PYMIG_BLOCK_WORDS) {
-        uint64_t size = nwords - block < PYMIG_BLOCK_WORDS ? nwords - block : PYMIG_BLOCK_WORDS;
-        uint64_t m = PYMIG_FN(nonzero_words)(bm, block, size, offsets);
-        for (uint64_t j = 0; j < m; j++) {
-            uint64_t i = block + offsets[j], base = i << 6;
-            uint64_t w = PYMIG_FN(word)(bm, i, nwords, npages);
-            if (w == ~UINT64_C(0) && cap - n >= 64) {
-                for (uint64_t b = 0; b < 64; b++)
-                    out[n + b] = (int64_t)(base + b);
-                n += 64;
-                continue;
-            }
-            if (sparse && cap - n >= 2) {
-                uint64_t w2 = w & (w - 1);
-                out[n] = (int64_t)(base + PYMIG_TZ(w));
-                out[n + 1] = (int64_t)(base + PYMIG_TZ(w2));
-                w = w2 & (w2 - 1);
-                n += 1 + (w2 != 0);
-            }
-            for (; w; w &= w - 1) {
-                if (n == cap)
-                    return n;
-                out[n++] = (int64_t)(base + PYMIG_TZ(w));
-            }
+    PYMIG_FN(nonzero_walk) walk;
+    PYMIG_FN(walk_init)(&walk, bm, nwords);
+    for (uint64_t i; PYMIG_FN(walk_next)(&walk, &i);) {
+        uint64_t base = i << 6, w = PYMIG_FN(word)(bm, i, nwords, npages);
+        if (w == ~UINT64_C(0) && cap - n >= 64) {
+            for (uint64_t b = 0; b < 64; b++)
+                out[n + b] = (int64_t)(base + b);
+            n += 64;
+            continue;
+        }
+        if (sparse && cap - n >= 2) {
+            uint64_t w2 = w & (w - 1);
+            out[n] = (int64_t)(base + PYMIG_TZ(w));
+            out[n + 1] = (int64_t)(base + PYMIG_TZ(w2));
+            n += (w != 0) + (w2 != 0);
+            w = w2 & (w2 - 1);
+        }
+        for (; w; w &= w - 1) {
+            if (n == cap)
+                return n;
+            out[n++] = (int64_t)(base + PYMIG_TZ(w));
         }
     }
     return n;
@@ -135,54 +154,51 @@ uint64_t PYMIG_FN(pymig_bitmap_runs)(const uint64_t *bm, uint64_t npages, int64_
      * and of word `resume` only the bits in resume_mask are left */
     uint64_t resume = 0, resume_mask = ~UINT64_C(0);
     int sparse = cap <= 2 * nwords; /* (cap is the caller's count) the two-at-a-time path pays */
-    uint32_t offsets[PYMIG_BLOCK_WORDS];
-    for (uint64_t block = 0; block < nwords; block += PYMIG_BLOCK_WORDS) {
-        uint64_t size = nwords - block < PYMIG_BLOCK_WORDS ? nwords - block : PYMIG_BLOCK_WORDS;
-        uint64_t m = PYMIG_FN(nonzero_words)(bm, block, size, offsets);
-        for (uint64_t j = 0; j < m; j++) {
-            uint64_t i = block + offsets[j], base = i << 6;
-            if (i < resume)
+    PYMIG_FN(nonzero_walk) walk;
+    PYMIG_FN(walk_init)(&walk, bm, nwords);
+    for (uint64_t i; PYMIG_FN(walk_next)(&walk, &i);) {
+        uint64_t base = i << 6;
+        if (i < resume)
+            continue;
+        uint64_t w = PYMIG_FN(word)(bm, i, nwords, npages);
+        if (i == resume)
+            w &= resume_mask;
+        if (sparse && cap - n >= 2) {
+            /* the first two runs of the word, whatever it holds */
+            uint64_t s1 = PYMIG_TZ(w), l1 = PYMIG_TZ(~(w >> (s1 & 63)));
+            uint64_t w2 = pymig_bits_at_or_above(w, s1 + l1);
+            uint64_t s2 = PYMIG_TZ(w2), l2 = PYMIG_TZ(~(w2 >> (s2 & 63)));
+            out[2 * n] = (int64_t)(base + s1);
+            out[2 * n + 1] = (int64_t)l1;
+            out[2 * n + 2] = (int64_t)(base + s2);
+            out[2 * n + 3] = (int64_t)l2;
+            if ((pymig_bits_at_or_above(w2, s2 + l2) | (w >> 63)) == 0) {
+                n += (w != 0) + (w2 != 0);
                 continue;
-            uint64_t w = PYMIG_FN(word)(bm, i, nwords, npages);
-            if (i == resume)
-                w &= resume_mask;
-            if (sparse && cap - n >= 2) {
-                /* the first two runs of the word, whatever it holds */
-                uint64_t s1 = PYMIG_TZ(w), l1 = PYMIG_TZ(~(w >> (s1 & 63)));
-                uint64_t w2 = pymig_bits_at_or_above(w, s1 + l1);
-                uint64_t s2 = PYMIG_TZ(w2), l2 = PYMIG_TZ(~(w2 >> (s2 & 63)));
-                out[2 * n] = (int64_t)(base + s1);
-                out[2 * n + 1] = (int64_t)l1;
-                out[2 * n + 2] = (int64_t)(base + s2);
-                out[2 * n + 3] = (int64_t)l2;
-                if ((pymig_bits_at_or_above(w2, s2 + l2) | (w >> 63)) == 0) {
-                    n += (w != 0) + (w2 != 0);
-                    continue;
-                }
             }
-            while (w) {  /* three runs or more, or one that goes on into the next word */
-                if (n == cap)
-                    return n;
-                unsigned bit = (unsigned)pymig_ctz64(w);
-                uint64_t start = base + bit, inv = ~w & pymig_bits_from(bit);
-                while (inv == 0) {
-                    if (++i >= nwords) {
-                        out[2 * n] = (int64_t)start;
-                        out[2 * n + 1] = (int64_t)(npages - start);
-                        return n + 1;
-                    }
-                    w = PYMIG_FN(word)(bm, i, nwords, npages);
-                    inv = ~w;
-                    base = i << 6;
+        }
+        while (w) {  /* three runs or more, or one that goes on into the next word */
+            if (n == cap)
+                return n;
+            unsigned bit = (unsigned)pymig_ctz64(w);
+            uint64_t start = base + bit, inv = ~w & pymig_bits_from(bit);
+            while (inv == 0) {
+                if (++i >= nwords) {
+                    out[2 * n] = (int64_t)start;
+                    out[2 * n + 1] = (int64_t)(npages - start);
+                    return n + 1;
                 }
-                unsigned end = (unsigned)pymig_ctz64(inv);
-                out[2 * n] = (int64_t)start;
-                out[2 * n + 1] = (int64_t)(base + end - start);
-                n++;
-                w &= pymig_bits_from(end);
-                resume = i;
-                resume_mask = pymig_bits_from(end);
+                w = PYMIG_FN(word)(bm, i, nwords, npages);
+                inv = ~w;
+                base = i << 6;
             }
+            unsigned end = (unsigned)pymig_ctz64(inv);
+            out[2 * n] = (int64_t)start;
+            out[2 * n + 1] = (int64_t)(base + end - start);
+            n++;
+            w &= pymig_bits_from(end);
+            resume = i;
+            resume_mask = pymig_bits_from(end);
         }
     }
     return n;
