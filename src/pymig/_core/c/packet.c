@@ -198,14 +198,19 @@ void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t 
     ops->xxh3_update(&state, out, H_CHECKSUM);
     uint64_t off = PYMIG_PACKET_HEADER_BYTES;
     /* Pass 2: walk the records just written, copy and hash. */
-    for (uint64_t r = 0; r < res->runs; r++) {
+    for (uint64_t r = 0; r < res->runs && used - off >= PYMIG_RUN_HEADER_BYTES; r++) {
         unsigned char *rec = out + off;
         ops->xxh3_update(&state, rec, PYMIG_RUN_HEADER_BYTES);
         off += PYMIG_RUN_HEADER_BYTES;
         if (rec[R_KIND] != PYMIG_RUN_NORMAL)
             continue;
-        uint64_t total = (uint64_t)rd32(rec + R_COUNT) * page_size;
-        const unsigned char *src = mem + rd64(rec + R_FIRST) * page_size;
+        uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
+        uint64_t total = count * page_size;
+        /* out is caller memory: if another thread scribbled on a record meanwhile, stop
+         * rather than read outside mem (the checksum then no longer matches) */
+        if (first >= npages || count > npages - first || total > used - off)
+            break;
+        const unsigned char *src = mem + first * page_size;
         for (uint64_t done = 0; done < total; done += CHUNK_BYTES) {
             size_t n = total - done < CHUNK_BYTES ? (size_t)(total - done) : CHUNK_BYTES;
             memcpy(out + off + done, src + done, n);
@@ -307,13 +312,22 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
     if (sum != h.checksum)
         return fault(err, H_CHECKSUM, PYMIG_FAULT_CHECKSUM, h.checksum, sum, 0, 0);
 
-    uint64_t off = PYMIG_PACKET_HEADER_BYTES;
+    uint64_t off = PYMIG_PACKET_HEADER_BYTES, end = off + h.payload_len;
     for (uint64_t r = 0; r < h.record_count; r++) {
+        /* every record was checked above; the few checks that keep accesses inside the
+         * buffers are repeated because the packet is caller memory that another thread
+         * could change meanwhile */
+        if (end - off < PYMIG_RUN_HEADER_BYTES)
+            return fault(err, off, PYMIG_FAULT_RUN_TRUNCATED, r, end - off, 0, 0);
         const unsigned char *rec = pkt + off;
         uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
+        int normal = rec[R_KIND] == PYMIG_RUN_NORMAL;
+        uint64_t total = normal ? count * page_size : 0;
         off += PYMIG_RUN_HEADER_BYTES;
-        if (rec[R_KIND] == PYMIG_RUN_NORMAL) {
-            uint64_t total = count * page_size;
+        if (first >= npages || count > npages - first || total > end - off)
+            return fault(err, off - PYMIG_RUN_HEADER_BYTES, PYMIG_FAULT_RUN_RANGE, r, first,
+                         count, npages);
+        if (normal) {
             ops->copy_to_guest(mem + first * page_size, pkt + off, total);
             if (present)
                 pymig_set_range(present, first, count);
