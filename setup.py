@@ -36,6 +36,7 @@ extensions = [
         "pymig._core." + os.path.splitext(os.path.basename(pyx))[0],
         [pyx],
         include_dirs=[CORE + "/c"],
+        depends=sorted(glob.glob(CORE + "/c/**/*.h", recursive=True)),
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=ldflags,

@@ -24,7 +24,7 @@ BLOCK = 3
 
 @pytest.mark.parametrize("size", [0, 1, 16, 17, 128, 129, 240, 241, 256, 1024, 4096, 65537,
                                   1 << 20])
-def test_vendored_xxh3_matches_the_xxhash_package(size):
+def test_vendored_xxh3_matches_the_xxhash_package(variant, size):
     from pymig._core.packet import _xxh3_64
 
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()

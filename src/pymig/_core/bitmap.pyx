@@ -45,44 +45,41 @@ def bitmap_count(bm, npages) -> int:
     return total
 
 
-def bitmap_indices(bm, npages) -> np.ndarray:
-    """Indices of the set bits below npages, ascending (int64)."""
+ctypedef uint64_t (*_count_fn)(const uint64_t *bm, uint64_t npages) noexcept nogil
+ctypedef uint64_t (*_fill_fn)(const uint64_t *bm, uint64_t npages, int64_t *out,
+                              uint64_t cap) noexcept nogil
+
+
+cdef object _decode(bm, npages, _count_fn count, _fill_fn fill, Py_ssize_t width):
+    """Count, allocate exactly, fill: ``width`` int64 values per item."""
     cdef uint64_t n = count_arg(npages, "npages")
     cdef const uint64_t[::1] view = bitmap_arg(bm, n)
     cdef const uint64_t *bits = _ro(view)
-    cdef const pymig_ops *ops = current_ops()
     cdef PyThreadState *ts = release_gil_if(n >= NOGIL_MIN_PAGES)
-    cdef uint64_t count = ops.bitmap_count(bits, n) if n else 0
+    cdef uint64_t items = count(bits, n) if n else 0
     reacquire_gil(ts)
-    result = np.empty(count, dtype=np.int64)
-    if count == 0:
-        return result
+    result = np.empty(items * width, dtype=np.int64)
+    cdef uint64_t filled = 0
     cdef int64_t[::1] out = result
-    cdef int64_t *dst = &out[0]
-    ts = release_gil_if(n >= NOGIL_MIN_PAGES)
-    ops.bitmap_indices(bits, n, dst)
-    reacquire_gil(ts)
-    return result
+    if items:
+        ts = release_gil_if(n >= NOGIL_MIN_PAGES)
+        filled = fill(bits, n, &out[0], items)
+        reacquire_gil(ts)
+    if filled < items:  # another thread cleared bits meanwhile: a snapshot, exactly sized
+        result = result[: filled * width].copy()
+    return result if width == 1 else result.reshape(-1, width)
+
+
+def bitmap_indices(bm, npages) -> np.ndarray:
+    """Indices of the set bits below npages, ascending (int64)."""
+    cdef const pymig_ops *ops = current_ops()
+    return _decode(bm, npages, ops.bitmap_count, ops.bitmap_indices, 1)
 
 
 def bitmap_runs(bm, npages) -> np.ndarray:
     """Maximal runs of set bits below npages as an (n, 2) int64 array of (start, length)."""
-    cdef uint64_t n = count_arg(npages, "npages")
-    cdef const uint64_t[::1] view = bitmap_arg(bm, n)
-    cdef const uint64_t *bits = _ro(view)
     cdef const pymig_ops *ops = current_ops()
-    cdef PyThreadState *ts = release_gil_if(n >= NOGIL_MIN_PAGES)
-    cdef uint64_t count = ops.bitmap_count_runs(bits, n) if n else 0
-    reacquire_gil(ts)
-    result = np.empty((count, 2), dtype=np.int64)
-    if count == 0:
-        return result
-    cdef int64_t[:, ::1] out = result
-    cdef int64_t *dst = &out[0, 0]
-    ts = release_gil_if(n >= NOGIL_MIN_PAGES)
-    ops.bitmap_runs(bits, n, dst)
-    reacquire_gil(ts)
-    return result
+    return _decode(bm, npages, ops.bitmap_count_runs, ops.bitmap_runs, 2)
 
 
 def bitmap_merge(dst, src, npages) -> int:
@@ -113,33 +110,36 @@ def bitmap_find_next(bm, npages, start) -> int:
     return found
 
 
+cdef tuple _range_args(bm, npages, start, count):
+    """(npages, start, count, bitmap) of the range kernels, checked for writing."""
+    npages = count_arg(npages, "npages")
+    return (npages, count_arg(start, "start"), count_arg(count, "count"),
+            bitmap_arg(bm, npages, writable=True))
+
+
 def bitmap_test_and_clear(bm, npages, start, count) -> int:
     """Clears bits [start, start + count) (clipped to npages); returns how many were set."""
-    cdef uint64_t n = count_arg(npages, "npages")
-    cdef uint64_t first = count_arg(start, "start")
-    cdef uint64_t c = count_arg(count, "count")
-    cdef uint64_t[::1] view = bitmap_arg(bm, n, writable=True)
-    cdef uint64_t *bits = _rw(view)
+    cdef uint64_t n, first, c
+    n, first, c, array = _range_args(bm, npages, start, count)
+    cdef uint64_t[::1] view = array
     cdef const pymig_ops *ops = current_ops()
     if first >= n or c == 0:
         return 0
     cdef PyThreadState *ts = release_gil_if(c >= NOGIL_MIN_PAGES)
-    cdef uint64_t cleared = ops.bitmap_test_and_clear(bits, n, first, c)
+    cdef uint64_t cleared = ops.bitmap_test_and_clear(&view[0], n, first, c)
     reacquire_gil(ts)
     return cleared
 
 
 def bitmap_set_range(bm, npages, start, count) -> None:
     """Sets bits [start, start + count); the range must lie within npages."""
-    cdef uint64_t n = count_arg(npages, "npages")
-    cdef uint64_t first = count_arg(start, "start")
-    cdef uint64_t c = count_arg(count, "count")
-    cdef uint64_t[::1] view = bitmap_arg(bm, n, writable=True)
-    cdef uint64_t *bits = _rw(view)
+    cdef uint64_t n, first, c
+    n, first, c, array = _range_args(bm, npages, start, count)
+    cdef uint64_t[::1] view = array
     if first + c > n:
         raise ValueError(f"pages [{first}, {first + c}) are outside the bitmap's {n} pages")
     if c == 0:
         return
     cdef PyThreadState *ts = release_gil_if(c >= NOGIL_MIN_PAGES)
-    pymig_bitmap_set_range(bits, first, c)
+    pymig_bitmap_set_range(&view[0], first, c)
     reacquire_gil(ts)

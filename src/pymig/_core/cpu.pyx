@@ -1,4 +1,4 @@
-# distutils: sources = src/pymig/_core/c/cpu.c src/pymig/_core/c/zeropage.c src/pymig/_core/c/zeropage_avx2.c src/pymig/_core/c/zeropage_avx512.c src/pymig/_core/c/bitmap.c src/pymig/_core/c/bitmap_avx2.c
+# distutils: sources = src/pymig/_core/c/cpu.c src/pymig/_core/c/zeropage.c src/pymig/_core/c/zeropage_avx2.c src/pymig/_core/c/zeropage_avx512.c src/pymig/_core/c/bitmap.c src/pymig/_core/c/bitmap_avx2.c src/pymig/_core/c/packet_scalar.c src/pymig/_core/c/packet_avx2.c
 """Runtime SIMD dispatch: which kernel variant runs, chosen once at import.
 
 The first variant of ``avx512``, ``avx2``, ``scalar`` that the CPU and OS support and that

@@ -12,15 +12,22 @@ cdef extern from "kernels.h" nogil:
 
     ctypedef struct pymig_ops:
         const char *name
-        int (*is_zero)(const unsigned char *buf, size_t len_bytes) noexcept
-        uint64_t (*read_sum)(const unsigned char *buf, size_t len_bytes) noexcept
-        uint64_t (*bitmap_count)(const uint64_t *bm, uint64_t npages) noexcept
-        uint64_t (*bitmap_count_runs)(const uint64_t *bm, uint64_t npages) noexcept
-        void (*bitmap_indices)(const uint64_t *bm, uint64_t npages, int64_t *out) noexcept
-        void (*bitmap_runs)(const uint64_t *bm, uint64_t npages, int64_t *out) noexcept
-        uint64_t (*bitmap_merge)(uint64_t *dst, const uint64_t *src, uint64_t npages) noexcept
+        int (*is_zero)(const unsigned char *buf, size_t len_bytes) noexcept nogil
+        uint64_t (*read_sum)(const unsigned char *buf, size_t len_bytes) noexcept nogil
+        uint64_t (*bitmap_count)(const uint64_t *bm, uint64_t npages) noexcept nogil
+        uint64_t (*bitmap_count_runs)(const uint64_t *bm, uint64_t npages) noexcept nogil
+        uint64_t (*bitmap_indices)(const uint64_t *bm, uint64_t npages, int64_t *out,
+                                   uint64_t cap) noexcept nogil
+        uint64_t (*bitmap_runs)(const uint64_t *bm, uint64_t npages, int64_t *out,
+                                uint64_t cap) noexcept nogil
+        uint64_t (*bitmap_merge)(uint64_t *dst, const uint64_t *src,
+                                 uint64_t npages) noexcept nogil
         uint64_t (*bitmap_test_and_clear)(uint64_t *bm, uint64_t npages, uint64_t start,
-                                          uint64_t count) noexcept
+                                          uint64_t count) noexcept nogil
+        void (*xxh3_update)(void *state, const unsigned char *buf,
+                            size_t len_bytes) noexcept nogil
+        void (*copy_to_guest)(unsigned char *dst, const unsigned char *src,
+                              size_t len_bytes) noexcept nogil
 
     const pymig_ops *pymig_variant_ops(int variant)
     int pymig_variant_supported(int variant)
@@ -65,7 +72,7 @@ cdef extern from "kernels.h" nogil:
                             uint32_t page_size, uint32_t block_id, uint64_t npages,
                             uint64_t *present, const pymig_ops *ops, pymig_decode_result *res,
                             pymig_packet_error *err)
-    uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes)
+    uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes, const pymig_ops *ops)
 
 
 cdef extern from "Python.h":

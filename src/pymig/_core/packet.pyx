@@ -48,7 +48,8 @@ def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeRe
     cdef size_t cap = dst.shape[0]
     cdef pymig_encode_result res
     cdef const pymig_ops *ops = current_ops()
-    cdef PyThreadState *ts = release_gil_if(cap >= NOGIL_MIN_BYTES)
+    # the work is the pages examined (zero pages cost no packet space), not the capacity
+    cdef PyThreadState *ts = release_gil_if((n - start) * ps >= NOGIL_MIN_BYTES)
     pymig_encode_packet(src_ptr, ps, block, bits, n, start, dst_ptr, cap, ops, &res)
     reacquire_gil(ts)
     return EncodeResult(res.nbytes, res.cursor, res.normal_pages, res.zero_pages, res.runs)
@@ -85,7 +86,8 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
     if present is not None and n:
         bits = present
         bits_ptr = &bits[0]
-    cdef PyThreadState *ts = release_gil_if(size >= NOGIL_MIN_BYTES)
+    # a small packet may still declare a long ZERO run over a large block
+    cdef PyThreadState *ts = release_gil_if(size >= NOGIL_MIN_BYTES or n * ps >= NOGIL_MIN_BYTES)
     cdef int rc = pymig_decode_packet(pkt_ptr, size, mem_ptr, ps, block, n, bits_ptr, ops,
                                       &res, &err)
     reacquire_gil(ts)
@@ -95,7 +97,7 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
 
 
 def _xxh3_64(buf) -> int:
-    """xxh3-64 (seed 0) of ``buf`` by the vendored C xxHash (tests compare it with the
-    xxhash package)."""
+    """xxh3-64 (seed 0) of ``buf`` by the vendored C xxHash, with the current variant's
+    update stage (tests compare it with the xxhash package)."""
     cdef const unsigned char[::1] view = byte_view(buf, "buf")
-    return pymig_xxh3_64(_ro(view), view.shape[0])
+    return pymig_xxh3_64(_ro(view), view.shape[0], current_ops())

@@ -16,6 +16,7 @@ static inline uint64_t swar_popcount(uint64_t w)
 
 #define PYMIG_SUFFIX scalar
 #define PYMIG_POPCOUNT swar_popcount
+#define PYMIG_TZ pymig_tz64
 #include "bitmap_impl.h"
 
 uint64_t pymig_bitmap_find_next(const uint64_t *bm, uint64_t npages, uint64_t start)

@@ -39,6 +39,19 @@ static inline int pymig_ctz64(uint64_t w)
     return __builtin_ctzll(w);
 }
 
+/* Trailing zeros with 64 for a zero word (one tzcnt with BMI, bsf + cmov without): lets the
+ * decoders below run without a branch per bit. */
+static inline uint64_t pymig_tz64(uint64_t w)
+{
+    return w ? (uint64_t)__builtin_ctzll(w) : 64;
+}
+
+/* The bits of w at position e and above; none when e >= 64. */
+static inline uint64_t pymig_bits_at_or_above(uint64_t w, uint64_t e)
+{
+    return w & (~UINT64_C(0) << (e & 63)) & (UINT64_C(0) - (uint64_t)(e < 64));
+}
+
 /* First set bit at or after start, or npages. */
 static inline uint64_t pymig_next_set(const uint64_t *bm, uint64_t npages, uint64_t start)
 {

@@ -44,12 +44,14 @@ static const pymig_ops avx512_ops = {
     "avx512", pymig_is_zero_avx512, pymig_read_sum_avx512,
     pymig_bitmap_count_avx2, pymig_bitmap_count_runs_avx2, pymig_bitmap_indices_avx2,
     pymig_bitmap_runs_avx2, pymig_bitmap_merge_avx2, pymig_bitmap_test_and_clear_avx2,
+    pymig_xxh3_update_avx2, pymig_copy_to_guest_avx2,
 };
 
 static const pymig_ops avx2_ops = {
     "avx2", pymig_is_zero_avx2, pymig_read_sum_avx2,
     pymig_bitmap_count_avx2, pymig_bitmap_count_runs_avx2, pymig_bitmap_indices_avx2,
     pymig_bitmap_runs_avx2, pymig_bitmap_merge_avx2, pymig_bitmap_test_and_clear_avx2,
+    pymig_xxh3_update_avx2, pymig_copy_to_guest_avx2,
 };
 #endif
 
@@ -57,6 +59,7 @@ static const pymig_ops scalar_ops = {
     "scalar", pymig_is_zero_scalar, pymig_read_sum_scalar,
     pymig_bitmap_count_scalar, pymig_bitmap_count_runs_scalar, pymig_bitmap_indices_scalar,
     pymig_bitmap_runs_scalar, pymig_bitmap_merge_scalar, pymig_bitmap_test_and_clear_scalar,
+    pymig_xxh3_update_scalar, pymig_copy_to_guest_scalar,
 };
 
 const pymig_ops *pymig_variant_ops(int variant)

@@ -36,11 +36,19 @@ typedef struct pymig_ops {
     uint64_t (*read_sum)(const unsigned char *buf, size_t len_bytes);
     uint64_t (*bitmap_count)(const uint64_t *bm, uint64_t npages);
     uint64_t (*bitmap_count_runs)(const uint64_t *bm, uint64_t npages);
-    void (*bitmap_indices)(const uint64_t *bm, uint64_t npages, int64_t *out);
-    void (*bitmap_runs)(const uint64_t *bm, uint64_t npages, int64_t *out_pairs);
+    /* fill out with at most cap indices / (start, length) pairs and return how many: the
+     * caller sizes out with bitmap_count / bitmap_count_runs, and cap keeps a bitmap another
+     * thread changes in between from writing past it */
+    uint64_t (*bitmap_indices)(const uint64_t *bm, uint64_t npages, int64_t *out, uint64_t cap);
+    uint64_t (*bitmap_runs)(const uint64_t *bm, uint64_t npages, int64_t *out_pairs,
+                            uint64_t cap);
     uint64_t (*bitmap_merge)(uint64_t *dst, const uint64_t *src, uint64_t npages);
     uint64_t (*bitmap_test_and_clear)(uint64_t *bm, uint64_t npages, uint64_t start,
                                       uint64_t count);
+    /* XXH3_64bits_update on an XXH3_state_t (void * keeps xxhash.h out of this header) */
+    void (*xxh3_update)(void *state, const unsigned char *buf, size_t len_bytes);
+    /* memcpy into guest memory (large copies bypass the cache) */
+    void (*copy_to_guest)(unsigned char *dst, const unsigned char *src, size_t len_bytes);
 } pymig_ops;
 
 /* The table of a variant, or NULL when it is not compiled in (non-x86 builds). */
@@ -59,6 +67,15 @@ int pymig_is_zero_avx512(const unsigned char *buf, size_t len_bytes);
 uint64_t pymig_read_sum_avx512(const unsigned char *buf, size_t len_bytes);
 #endif
 
+/* ------------------------------------------------ packet helpers (packet_scalar/avx2.c) */
+
+void pymig_xxh3_update_scalar(void *state, const unsigned char *buf, size_t len_bytes);
+void pymig_copy_to_guest_scalar(unsigned char *dst, const unsigned char *src, size_t len_bytes);
+#if defined(__x86_64__)
+void pymig_xxh3_update_avx2(void *state, const unsigned char *buf, size_t len_bytes);
+void pymig_copy_to_guest_avx2(unsigned char *dst, const unsigned char *src, size_t len_bytes);
+#endif
+
 /* out[i] = 1 if page pages[i] of mem is all zero.  -ERANGE (and *bad = i) if a page index lies
  * outside the npages pages of mem; nothing after it is checked. */
 int pymig_zero_pages(const unsigned char *mem, uint64_t npages, uint32_t page_size,
@@ -74,8 +91,10 @@ void pymig_zero_bitmap(const unsigned char *mem, uint32_t page_size, const uint6
 #define PYMIG_BITMAP_DECLARE(suffix)                                                     \
     uint64_t pymig_bitmap_count_##suffix(const uint64_t *bm, uint64_t npages);           \
     uint64_t pymig_bitmap_count_runs_##suffix(const uint64_t *bm, uint64_t npages);      \
-    void pymig_bitmap_indices_##suffix(const uint64_t *bm, uint64_t npages, int64_t *out); \
-    void pymig_bitmap_runs_##suffix(const uint64_t *bm, uint64_t npages, int64_t *out);  \
+    uint64_t pymig_bitmap_indices_##suffix(const uint64_t *bm, uint64_t npages,          \
+                                           int64_t *out, uint64_t cap);                  \
+    uint64_t pymig_bitmap_runs_##suffix(const uint64_t *bm, uint64_t npages, int64_t *out, \
+                                        uint64_t cap);                                   \
     uint64_t pymig_bitmap_merge_##suffix(uint64_t *dst, const uint64_t *src,             \
                                          uint64_t npages);                               \
     uint64_t pymig_bitmap_test_and_clear_##suffix(uint64_t *bm, uint64_t npages,         \
@@ -166,7 +185,8 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
                         uint64_t *present, const pymig_ops *ops, pymig_decode_result *res,
                         pymig_packet_error *err);
 
-/* xxh3-64, seed 0, of one buffer (tests compare it with the Python xxhash package). */
-uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes);
+/* xxh3-64, seed 0, of one buffer through the variant's streaming update (tests compare it
+ * with the Python xxhash package). */
+uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes, const pymig_ops *ops);
 
 #endif /* PYMIG_KERNELS_H */

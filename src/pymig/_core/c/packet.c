@@ -34,7 +34,14 @@
 #define CHUNK_BYTES (32u * 1024u)
 #define PACKET_MAGIC UINT32_C(0x50474d50) /* "PMGP" read as a little-endian u32 */
 
-_Static_assert(sizeof(uint64_t) == 8, "u64");
+/* Field offsets: of the packet header, then of a run record. */
+enum {
+    H_MAGIC = 0, H_VERSION = 4, H_FLAGS = 6, H_BLOCK = 8, H_PAGE_SIZE = 12, H_RECORDS = 16,
+    H_PAYLOAD_LEN = 20, H_CHECKSUM = 24
+};
+enum { R_FIRST = 0, R_COUNT = 8, R_KIND = 12, R_RESERVED8 = 13, R_RESERVED16 = 14 };
+_Static_assert(H_CHECKSUM + 8 == PYMIG_PACKET_HEADER_BYTES, "header: 32 bytes, checksum last");
+_Static_assert(R_RESERVED16 + 2 == PYMIG_RUN_HEADER_BYTES, "run record: 16 bytes");
 
 static inline uint16_t rd16(const unsigned char *p)
 {
@@ -82,9 +89,12 @@ static int fault(pymig_packet_error *err, uint64_t offset, int what, uint64_t a,
     return -EBADMSG;
 }
 
-uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes)
+uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes, const pymig_ops *ops)
 {
-    return XXH3_64bits(buf, len_bytes);
+    XXH3_state_t state;
+    XXH3_64bits_reset(&state);
+    ops->xxh3_update(&state, buf, len_bytes);
+    return XXH3_64bits_digest(&state);
 }
 
 int pymig_packet_header_parse(const unsigned char *buf, size_t len_bytes,
@@ -92,25 +102,25 @@ int pymig_packet_header_parse(const unsigned char *buf, size_t len_bytes,
 {
     if (len_bytes < PYMIG_PACKET_HEADER_BYTES)
         return fault(err, len_bytes, PYMIG_FAULT_HEADER_TRUNCATED, len_bytes, 0, 0, 0);
-    hdr->magic = rd32(buf);
-    hdr->version = rd16(buf + 4);
-    hdr->flags = rd16(buf + 6);
-    hdr->block_id = rd32(buf + 8);
-    hdr->page_size = rd32(buf + 12);
-    hdr->record_count = rd32(buf + 16);
-    hdr->payload_len = rd32(buf + 20);
-    hdr->checksum = rd64(buf + 24);
+    hdr->magic = rd32(buf + H_MAGIC);
+    hdr->version = rd16(buf + H_VERSION);
+    hdr->flags = rd16(buf + H_FLAGS);
+    hdr->block_id = rd32(buf + H_BLOCK);
+    hdr->page_size = rd32(buf + H_PAGE_SIZE);
+    hdr->record_count = rd32(buf + H_RECORDS);
+    hdr->payload_len = rd32(buf + H_PAYLOAD_LEN);
+    hdr->checksum = rd64(buf + H_CHECKSUM);
     if (hdr->magic != PACKET_MAGIC)
-        return fault(err, 0, PYMIG_FAULT_MAGIC, hdr->magic, 0, 0, 0);
+        return fault(err, H_MAGIC, PYMIG_FAULT_MAGIC, hdr->magic, 0, 0, 0);
     if (hdr->version != PYMIG_PACKET_VERSION)
-        return fault(err, 4, PYMIG_FAULT_VERSION, hdr->version, 0, 0, 0);
+        return fault(err, H_VERSION, PYMIG_FAULT_VERSION, hdr->version, 0, 0, 0);
     if (hdr->flags != 0)
-        return fault(err, 6, PYMIG_FAULT_FLAGS, hdr->flags, 0, 0, 0);
+        return fault(err, H_FLAGS, PYMIG_FAULT_FLAGS, hdr->flags, 0, 0, 0);
     uint32_t ps = hdr->page_size;
     if (ps < 512 || ps > PYMIG_MAX_PAGE_SIZE || (ps & (ps - 1)))
-        return fault(err, 12, PYMIG_FAULT_PAGE_SIZE, ps, 0, 0, 0);
+        return fault(err, H_PAGE_SIZE, PYMIG_FAULT_PAGE_SIZE, ps, 0, 0, 0);
     if ((uint64_t)hdr->record_count * PYMIG_RUN_HEADER_BYTES > hdr->payload_len)
-        return fault(err, 16, PYMIG_FAULT_RECORD_COUNT, hdr->record_count, hdr->payload_len, 0,
+        return fault(err, H_RECORDS, PYMIG_FAULT_RECORD_COUNT, hdr->record_count, hdr->payload_len, 0,
                      0);
     return 0;
 }
@@ -136,12 +146,12 @@ static uint64_t plan(const unsigned char *mem, uint32_t ps, uint64_t *bm, uint64
             break;
         if (!extend) {
             if (run)
-                wr32(run + 8, (uint32_t)run_count);
+                wr32(run + R_COUNT, (uint32_t)run_count);
             run = out + used;
-            wr64(run, page);
-            run[12] = (unsigned char)kind;
-            run[13] = 0;
-            wr16(run + 14, 0);
+            wr64(run + R_FIRST, page);
+            run[R_KIND] = (unsigned char)kind;
+            run[R_RESERVED8] = 0;
+            wr16(run + R_RESERVED16, 0);
             run_kind = kind;
             run_count = 0;
             used += PYMIG_RUN_HEADER_BYTES;
@@ -157,7 +167,7 @@ static uint64_t plan(const unsigned char *mem, uint32_t ps, uint64_t *bm, uint64
         bm[page >> 6] &= ~(UINT64_C(1) << (page & 63));
     }
     if (run)
-        wr32(run + 8, (uint32_t)run_count);
+        wr32(run + R_COUNT, (uint32_t)run_count);
     res->cursor = page;
     return used;
 }
@@ -175,35 +185,40 @@ void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t 
         return; /* nothing dirty at or after cursor: nbytes 0, out untouched */
     res->nbytes = used;
 
-    wr32(out, PACKET_MAGIC);
-    wr16(out + 4, PYMIG_PACKET_VERSION);
-    wr16(out + 6, 0);
-    wr32(out + 8, block_id);
-    wr32(out + 12, page_size);
-    wr32(out + 16, (uint32_t)res->runs);
-    wr32(out + 20, (uint32_t)(used - PYMIG_PACKET_HEADER_BYTES));
+    wr32(out + H_MAGIC, PACKET_MAGIC);
+    wr16(out + H_VERSION, PYMIG_PACKET_VERSION);
+    wr16(out + H_FLAGS, 0);
+    wr32(out + H_BLOCK, block_id);
+    wr32(out + H_PAGE_SIZE, page_size);
+    wr32(out + H_RECORDS, (uint32_t)res->runs);
+    wr32(out + H_PAYLOAD_LEN, (uint32_t)(used - PYMIG_PACKET_HEADER_BYTES));
 
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
-    XXH3_64bits_update(&state, out, 24);
+    ops->xxh3_update(&state, out, H_CHECKSUM);
     uint64_t off = PYMIG_PACKET_HEADER_BYTES;
     /* Pass 2: walk the records just written, copy and hash. */
-    for (uint64_t r = 0; r < res->runs; r++) {
+    for (uint64_t r = 0; r < res->runs && used - off >= PYMIG_RUN_HEADER_BYTES; r++) {
         unsigned char *rec = out + off;
-        XXH3_64bits_update(&state, rec, PYMIG_RUN_HEADER_BYTES);
+        ops->xxh3_update(&state, rec, PYMIG_RUN_HEADER_BYTES);
         off += PYMIG_RUN_HEADER_BYTES;
-        if (rec[12] != PYMIG_RUN_NORMAL)
+        if (rec[R_KIND] != PYMIG_RUN_NORMAL)
             continue;
-        uint64_t total = (uint64_t)rd32(rec + 8) * page_size;
-        const unsigned char *src = mem + rd64(rec) * page_size;
+        uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
+        uint64_t total = count * page_size;
+        /* out is caller memory: if another thread scribbled on a record meanwhile, stop
+         * rather than read outside mem (the checksum then no longer matches) */
+        if (first >= npages || count > npages - first || total > used - off)
+            break;
+        const unsigned char *src = mem + first * page_size;
         for (uint64_t done = 0; done < total; done += CHUNK_BYTES) {
             size_t n = total - done < CHUNK_BYTES ? (size_t)(total - done) : CHUNK_BYTES;
             memcpy(out + off + done, src + done, n);
-            XXH3_64bits_update(&state, out + off + done, n);
+            ops->xxh3_update(&state, out + off + done, n);
         }
         off += total;
     }
-    wr64(out + 24, XXH3_64bits_digest(&state));
+    wr64(out + H_CHECKSUM, XXH3_64bits_digest(&state));
 }
 
 /* ------------------------------------------------------------------------------ decode */
@@ -217,12 +232,12 @@ static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_si
     if (pymig_packet_header_parse(pkt, pkt_bytes, h, err))
         return -EBADMSG;
     if (h->block_id != block_id)
-        return fault(err, 8, PYMIG_FAULT_BLOCK, h->block_id, block_id, 0, 0);
+        return fault(err, H_BLOCK, PYMIG_FAULT_BLOCK, h->block_id, block_id, 0, 0);
     if (h->page_size != page_size)
-        return fault(err, 12, PYMIG_FAULT_PAGE_SIZE_MISMATCH, h->page_size, page_size, 0, 0);
+        return fault(err, H_PAGE_SIZE, PYMIG_FAULT_PAGE_SIZE_MISMATCH, h->page_size, page_size, 0, 0);
     uint64_t body = pkt_bytes - PYMIG_PACKET_HEADER_BYTES;
     if (body != h->payload_len)
-        return fault(err, 20, PYMIG_FAULT_LENGTH, h->payload_len, body, 0, 0);
+        return fault(err, H_PAYLOAD_LEN, PYMIG_FAULT_LENGTH, h->payload_len, body, 0, 0);
 
     uint64_t off = PYMIG_PACKET_HEADER_BYTES, end = off + h->payload_len, prev_end = 0;
     for (uint64_t r = 0; r < h->record_count; r++) {
@@ -230,17 +245,17 @@ static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_si
         if (left < PYMIG_RUN_HEADER_BYTES)
             return fault(err, off, PYMIG_FAULT_RUN_TRUNCATED, r, left, 0, 0);
         const unsigned char *rec = pkt + off;
-        uint64_t first = rd64(rec);
-        uint32_t count = rd32(rec + 8);
-        unsigned kind = rec[12];
+        uint64_t first = rd64(rec + R_FIRST);
+        uint32_t count = rd32(rec + R_COUNT);
+        unsigned kind = rec[R_KIND];
         if (count == 0)
-            return fault(err, off + 8, PYMIG_FAULT_RUN_EMPTY, r, 0, 0, 0);
+            return fault(err, off + R_COUNT, PYMIG_FAULT_RUN_EMPTY, r, 0, 0, 0);
         if (kind != PYMIG_RUN_NORMAL && kind != PYMIG_RUN_ZERO)
-            return fault(err, off + 12, PYMIG_FAULT_RUN_KIND, r, kind, 0, 0);
-        if (rec[13] != 0)
-            return fault(err, off + 13, PYMIG_FAULT_RUN_RESERVED, r, 0, 0, 0);
-        if (rd16(rec + 14) != 0)
-            return fault(err, off + 14, PYMIG_FAULT_RUN_RESERVED, r, 0, 0, 0);
+            return fault(err, off + R_KIND, PYMIG_FAULT_RUN_KIND, r, kind, 0, 0);
+        if (rec[R_RESERVED8] != 0)
+            return fault(err, off + R_RESERVED8, PYMIG_FAULT_RUN_RESERVED, r, 0, 0, 0);
+        if (rd16(rec + R_RESERVED16) != 0)
+            return fault(err, off + R_RESERVED16, PYMIG_FAULT_RUN_RESERVED, r, 0, 0, 0);
         if (first >= npages || count > npages - first)
             return fault(err, off, PYMIG_FAULT_RUN_RANGE, r, first, count, npages);
         if (first < prev_end)
@@ -291,20 +306,29 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
 
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
-    XXH3_64bits_update(&state, pkt, 24);
-    XXH3_64bits_update(&state, pkt + PYMIG_PACKET_HEADER_BYTES, h.payload_len);
+    ops->xxh3_update(&state, pkt, H_CHECKSUM);
+    ops->xxh3_update(&state, pkt + PYMIG_PACKET_HEADER_BYTES, h.payload_len);
     uint64_t sum = XXH3_64bits_digest(&state);
     if (sum != h.checksum)
-        return fault(err, 24, PYMIG_FAULT_CHECKSUM, h.checksum, sum, 0, 0);
+        return fault(err, H_CHECKSUM, PYMIG_FAULT_CHECKSUM, h.checksum, sum, 0, 0);
 
-    uint64_t off = PYMIG_PACKET_HEADER_BYTES;
+    uint64_t off = PYMIG_PACKET_HEADER_BYTES, end = off + h.payload_len;
     for (uint64_t r = 0; r < h.record_count; r++) {
+        /* every record was checked above; the few checks that keep accesses inside the
+         * buffers are repeated because the packet is caller memory that another thread
+         * could change meanwhile */
+        if (end - off < PYMIG_RUN_HEADER_BYTES)
+            return fault(err, off, PYMIG_FAULT_RUN_TRUNCATED, r, end - off, 0, 0);
         const unsigned char *rec = pkt + off;
-        uint64_t first = rd64(rec), count = rd32(rec + 8);
+        uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
+        int normal = rec[R_KIND] == PYMIG_RUN_NORMAL;
+        uint64_t total = normal ? count * page_size : 0;
         off += PYMIG_RUN_HEADER_BYTES;
-        if (rec[12] == PYMIG_RUN_NORMAL) {
-            uint64_t total = count * page_size;
-            memcpy(mem + first * page_size, pkt + off, total);
+        if (first >= npages || count > npages - first || total > end - off)
+            return fault(err, off - PYMIG_RUN_HEADER_BYTES, PYMIG_FAULT_RUN_RANGE, r, first,
+                         count, npages);
+        if (normal) {
+            ops->copy_to_guest(mem + first * page_size, pkt + off, total);
             if (present)
                 pymig_set_range(present, first, count);
             off += total;

@@ -1,0 +1,55 @@
+"""pytest-benchmark setup for the page-core benchmarks (not part of the default test run).
+
+``PYMIG_BENCH_QUICK=1`` shrinks the buffers (64 MiB of guest memory instead of 1 GiB) for a
+smoke run.  At the end of the session the ratios to each ceiling are printed as a table.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+
+import pytest
+
+from pymig import benchcore
+
+QUICK = os.environ.get("PYMIG_BENCH_QUICK") == "1"
+_results: dict[str, dict] = {}
+
+
+@pytest.fixture
+def run_case(benchmark):
+    """Time a benchcore case with pytest-benchmark, its ceiling interleaved round by round,
+    and record the ratio (and SIMD variant) in extra_info."""
+
+    def run(case: benchcore.Case) -> dict:
+        ceilings = []
+
+        def before_round():
+            ceilings.append(benchcore.timed(case.ceiling))  # back to back with the kernel
+            case.reset()
+
+        benchcore.prepare(case)
+        benchmark.group = case.group
+        benchmark.pedantic(case.kernel, setup=before_round,
+                           rounds=benchcore.rounds_for(case, QUICK), iterations=1)
+        row = benchcore.result_row(case, benchmark.stats.stats.median,
+                                   statistics.median(ceilings))
+        benchmark.extra_info.update(row)
+        _results[case.name] = row
+        return row
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _results:
+        return
+    from rich.console import Console
+
+    text = io.StringIO()
+    Console(file=text, width=120, force_terminal=False).print(
+        benchcore.format_table(dict(_results)))
+    terminalreporter.write_sep("-", "page core: ratio to ceiling")
+    terminalreporter.write(text.getvalue())

@@ -1,0 +1,274 @@
+"""Benchmarks of the compiled page core, each against the ceiling it cannot beat.
+
+Every benchmark times its kernel and its ceiling back to back on the same buffer, round after
+round, and reports medians, because these hosts are noisy (single-thread memory bandwidth
+varies by 10 % from run to run).  The ceilings:
+
+* zero-page scan, bitmap scans: one plain read pass over the same bytes (the AVX2/u64 sum of
+  ``pymig._core.cpu._read_sum``, as fast as this machine reads);
+* packet encode and decode: ``np.copyto`` of the same page bytes (what memcpy does).
+
+``run_core_benchmarks()`` returns ``{name: {value, unit, ceiling, ceiling_unit, ratio, target,
+ok, variant, ...}}`` where ``ratio`` is the kernel's speed as a share of the ceiling's;
+``format_table()`` renders it.  The pytest-benchmark files in ``benchmarks/`` time the same
+cases.  Full size: 1 GiB of guest memory (populated before timing) and bitmaps of 16 Mi pages
+(64 GiB of 4 KiB pages); ``quick`` shrinks both for a smoke run.
+"""
+
+from __future__ import annotations
+
+import mmap
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+GIB = 1 << 30
+PAGE = 4096
+PACKET_BYTES = 1 << 20  # a GiB of pages in ~1000 encode/decode calls
+BITMAP_PAGES = 16 << 20  # 64 GiB of 4 KiB pages
+DENSITIES = (0.001, 0.01, 0.1, 1.0)
+
+
+@dataclass
+class Target:
+    """``ratio >= value`` (throughput cases) or ``ms <= value`` (latency cases)."""
+
+    kind: str  # "ratio" or "ms"
+    value: float
+
+    def met(self, ratio: float, value_ms: float) -> bool:
+        return ratio >= self.value if self.kind == "ratio" else value_ms <= self.value
+
+    def __str__(self) -> str:
+        return f">= {self.value:g}x ceiling" if self.kind == "ratio" else f"<= {self.value:g} ms"
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Case:
+    """One kernel and its ceiling.  ``setup`` puts the group's shared buffers in this case's
+    state (once, before measuring it); ``reset`` restores what the kernel consumes (before
+    every timed run, untimed)."""
+
+    name: str
+    group: str
+    kernel: Callable[[], object]
+    ceiling: Callable[[], object]
+    nbytes: int  # bytes per run: results in GB/s; 0: results in ms
+    target: Target | None = None
+    setup: Callable[[], object] = _nothing
+    reset: Callable[[], object] = _nothing
+    info: dict = field(default_factory=dict)
+
+
+def _kernels():
+    from pymig.core import load_backend
+
+    return load_backend("compiled")
+
+
+def _read_pass(buf) -> Callable[[], int]:
+    from pymig._core.cpu import _read_sum
+
+    return lambda: _read_sum(buf)
+
+
+def guest_memory(size_bytes: int) -> np.ndarray:
+    """Anonymous memory asking for transparent huge pages, like guest RAM; not faulted in."""
+    mem = mmap.mmap(-1, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mem, dtype=np.uint8)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of fn takes."""
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1e9
+
+
+def prepare(case: Case) -> None:
+    """Bring the buffers into the case's state and run the kernel once (first-touch faults,
+    caches, lazy imports) before anything is timed."""
+    case.setup()
+    case.reset()
+    case.kernel()
+
+
+def result_row(case: Case, kernel_s: float, ceiling_s: float) -> dict:
+    """The result of a case from its median kernel and ceiling times."""
+    if case.nbytes:
+        value, ceiling, unit = case.nbytes / kernel_s / 1e9, case.nbytes / ceiling_s / 1e9, "GB/s"
+    else:
+        value, ceiling, unit = kernel_s * 1e3, ceiling_s * 1e3, "ms"
+    ratio = ceiling_s / kernel_s
+    return {
+        "value": _sig(value), "unit": unit, "ceiling": _sig(ceiling), "ceiling_unit": unit,
+        "ratio": _sig(ratio),
+        "target": str(case.target) if case.target else None,
+        "ok": case.target.met(ratio, kernel_s * 1e3) if case.target else None,
+        "variant": _kernels().cpu_info()["variant"], **case.info,
+    }
+
+
+def _sig(x: float) -> float:
+    """x to 6 significant digits (tidy JSON without losing the small millisecond figures)."""
+    return float(f"{x:.6g}")
+
+
+def measure(case: Case, rounds: int) -> dict:
+    """Median of ``rounds`` back-to-back (ceiling, kernel) timings, as a result row."""
+    prepare(case)
+    ceilings, kernels = [], []
+    for _ in range(rounds):
+        ceilings.append(timed(case.ceiling))
+        case.reset()
+        kernels.append(timed(case.kernel))
+    return result_row(case, statistics.median(kernels), statistics.median(ceilings))
+
+# --------------------------------------------------------------------------------- cases
+
+
+def zero_scan_cases(size_bytes: int) -> list[Case]:
+    """Per-page zero detection over every page (zero_bitmap with all bits set), on zero pages
+    (a full read each) and on pages with data in their first byte (early exit)."""
+    k = _kernels()
+    npages = size_bytes // PAGE
+    every = np.full(k.new_bitmap(npages).shape, 2**64 - 1, dtype=np.uint64)
+    mem = guest_memory(size_bytes)
+    first_bytes = mem.reshape(npages, PAGE)[:, 0]
+
+    def zero_pages():
+        mem[:] = 0  # real zeroed frames, not the shared zero page an untouched mapping reads
+
+    def data_pages():
+        first_bytes[:] = 1
+
+    def scan():
+        return k.zero_bitmap(mem, PAGE, every, npages)
+
+    return [
+        Case("zero_scan_all_zero", "zero", scan, _read_pass(mem), size_bytes,
+             Target("ratio", 0.8), setup=zero_pages),
+        Case("zero_scan_data_pages", "zero", scan, _read_pass(mem), size_bytes,
+             setup=data_pages, info={"note": "early exit per page"}),
+    ]
+
+
+def bitmap_cases(npages: int) -> list[Case]:
+    """bitmap -> runs and bitmap -> indices at several densities, and an all-clear bitmap."""
+    k = _kernels()
+    rng = np.random.default_rng(12345)
+    empty = k.new_bitmap(npages)
+    cases = [Case("bitmap_runs_clear", "bitmap", lambda: k.bitmap_runs(empty, npages),
+                  _read_pass(empty), 0, Target("ms", 0.5))]
+    for density in DENSITIES:
+        if density == 1.0:
+            bm = np.full(empty.shape, 2**64 - 1, dtype=np.uint64)
+        else:
+            bits = rng.random(npages) < density
+            bm = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
+        label = f"{density * 100:g}pct"
+        target = Target("ms", 2.0) if density == 0.01 else None
+        cases.append(Case(f"bitmap_runs_{label}", "bitmap",
+                          lambda bm=bm: k.bitmap_runs(bm, npages), _read_pass(bm), 0, target))
+        cases.append(Case(f"bitmap_indices_{label}", "bitmap",
+                          lambda bm=bm: k.bitmap_indices(bm, npages), _read_pass(bm), 0))
+    return cases
+
+
+def packet_cases(size_bytes: int) -> list[Case]:
+    """Encode all of guest memory (every page with data) into 1 MiB packets, and decode the
+    packets into another guest memory; both against np.copyto of the same bytes."""
+    k = _kernels()
+    npages = size_bytes // PAGE
+    src = guest_memory(size_bytes)
+    src.view(np.uint64)[:] = np.arange(1, size_bytes // 8 + 1, dtype=np.uint64)  # no zero word
+    dst = guest_memory(size_bytes)
+    dst[:] = 0
+    dirty = k.new_bitmap(npages)
+    out = np.empty(PACKET_BYTES, dtype=np.uint8)
+
+    def reset():
+        dirty[:] = 2**64 - 1
+
+    def encode() -> int:
+        cursor, calls = 0, 0
+        while (result := k.encode_packet(src, PAGE, 0, dirty, npages, cursor, out)).nbytes:
+            cursor, calls = result.cursor, calls + 1
+        return calls
+
+    reset()
+    encoding = Case("encode_1MiB_packets", "packet", encode, lambda: np.copyto(dst, src),
+                    size_bytes, Target("ratio", 0.5), reset=reset,
+                    info={"calls_per_GiB": encode() * GIB // size_bytes})
+
+    # every packet of the memory, back to back, as a receiver would have them
+    stream = guest_memory(size_bytes + size_bytes // 64)
+    spans, cursor, offset = [], 0, 0
+    reset()
+    while True:
+        result = k.encode_packet(src, PAGE, 0, dirty, npages, cursor,
+                                 stream[offset:offset + PACKET_BYTES])
+        if not result.nbytes:
+            break
+        spans.append(stream[offset:offset + result.nbytes])
+        cursor, offset = result.cursor, offset + result.nbytes
+
+    def decode():
+        for packet in spans:
+            k.decode_packet(packet, dst, PAGE, 0, npages)
+
+    decoding = Case("decode_1MiB_packets", "packet", decode, lambda: np.copyto(dst, src),
+                    size_bytes, Target("ratio", 0.5),
+                    info={"calls_per_GiB": len(spans) * GIB // size_bytes})
+    return [encoding, decoding]
+
+
+def sizes(quick: bool) -> tuple[int, int]:
+    """(guest memory bytes, bitmap pages) of a full or a quick run."""
+    return (64 << 20, BITMAP_PAGES // 16) if quick else (GIB, BITMAP_PAGES)
+
+
+def groups(quick: bool = False) -> Iterator[list[Case]]:
+    """The cases, one buffer group at a time, so at most ~3 GiB is mapped at once."""
+    memory_bytes, bitmap_pages = sizes(quick)
+    yield zero_scan_cases(memory_bytes)
+    yield bitmap_cases(bitmap_pages)
+    yield packet_cases(memory_bytes)
+
+
+def rounds_for(case: Case, quick: bool) -> int:
+    """Rounds per case: millisecond kernels get more, their median costs nothing."""
+    rounds = 3 if quick else 7
+    return rounds if case.nbytes else rounds * 3
+
+
+def run_core_benchmarks(quick: bool = False) -> dict:
+    """Run every case; results keyed by benchmark name (see the module docstring)."""
+    results = {}
+    for group in groups(quick):
+        for case in group:
+            results[case.name] = measure(case, rounds_for(case, quick))
+    return results
+
+
+def format_table(results: dict):
+    """A rich Table of ``run_core_benchmarks()`` results."""
+    from rich.table import Table
+
+    table = Table(title="pymig compiled core")
+    for column in ("benchmark", "value", "ceiling", "ratio", "target", "ok", "variant"):
+        table.add_column(column, justify="left" if column == "benchmark" else "right")
+    for name, row in results.items():
+        ok = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[row["ok"]]
+        table.add_row(name, f"{row['value']:.3f} {row['unit']}",
+                      f"{row['ceiling']:.3f} {row['ceiling_unit']}", f"{row['ratio']:.2f}x",
+                      row["target"] or "", ok, row["variant"])
+    return table

@@ -1,0 +1,174 @@
+"""Migration between separate processes, driven as a user drives it: ``pymig run``,
+``pymig incoming`` and ``pymig migrate`` over the control socket."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import sys
+
+import pytest
+
+from _childenv import child_env
+from _migration_helpers import GUEST_KINDS, pymig_process, wait_for, wait_for_path
+from pymig.qmp import QmpClient
+
+RATE = {"simulated": "100000", "kvm": "0"}
+
+
+def start_source(kind, tmp_path, *, memory="128M", working_set="32M", rate=None, vcpus=1):
+    ctl = str(tmp_path / "src.sock")
+    args = ["run", "--workload", "selfcheck", "--memory", memory, "--working-set", working_set,
+            "--rate", rate or RATE[kind], "--vcpus", str(vcpus), "--control", ctl, "--quiet",
+            "--serial", str(tmp_path / "src-serial.log")]
+    if kind == "simulated":
+        args.append("--simulated")
+    proc = pymig_process(*args, stderr=subprocess.PIPE)
+    wait_for_path(ctl, proc)
+    return proc, ctl
+
+
+def start_destination(tmp_path, uri="tcp:127.0.0.1:0", *extra):
+    ctl = str(tmp_path / "dst.sock")
+    proc = pymig_process("incoming", uri, "--control", ctl, "--quiet",
+                         "--serial", str(tmp_path / "dst-serial.log"), *extra,
+                         stderr=subprocess.PIPE)
+    wait_for_path(ctl, proc)
+    with QmpClient(ctl) as client:
+        bound = client.command("query-migrate")["socket-address"]
+    return proc, ctl, bound
+
+
+def finish(*procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def guest_passes(ctl):
+    with QmpClient(ctl) as client:
+        return client.command("query-guest")["progress"]["passes"]
+
+
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_cli_migration_carries_the_guest_over(kind, tmp_path):
+    src, src_ctl = start_source(kind, tmp_path)
+    dst, dst_ctl, uri = start_destination(tmp_path)
+    try:
+        wait_for(lambda: guest_passes(src_ctl) >= 1, what="the source guest to run")
+        out = subprocess.run([*_pymig_argv(), "migrate", "--control", src_ctl, uri, "--json"],
+                             capture_output=True, text=True, timeout=180, env=child_env())
+        assert out.returncode == 0, out.stderr
+        stats = json.loads(out.stdout)
+        assert stats["status"] == "completed"
+        assert stats["ram"]["remaining"] == 0 and stats["downtime"] >= 0
+        src.wait(30)  # pymig migrate quits the source once the guest has moved
+        assert src.returncode == 0
+        with QmpClient(dst_ctl) as client:
+            first = client.command("query-guest")["progress"]["passes"]
+            wait_for(lambda: client.command("query-guest")["progress"]["passes"] > first,
+                     what="the guest to carry on at the destination")
+            client.command("stop")
+            report = client.command("query-guest", verify=True)
+            assert report["selfcheck"]["ok"], report["selfcheck"]
+            assert client.command("query-status") == {"running": False, "status": "paused"}
+            client.command("cont")
+            assert client.command("query-status")["running"] is True
+            client.command("quit")
+        assert dst.wait(30) == 0
+    finally:
+        finish(src, dst)
+
+
+def _pymig_argv():
+    return [sys.executable, "-m", "pymig"]
+
+
+def test_killed_destination_leaves_the_source_running(tmp_path):
+    src, src_ctl = start_source("simulated", tmp_path, memory="256M", working_set="128M")
+    dst, dst_ctl, uri = start_destination(tmp_path)
+    try:
+        with QmpClient(src_ctl) as client:
+            client.command("migrate-set-parameters", **{"max-bandwidth": 20 << 20})
+            client.command("migrate", uri=uri)
+            wait_for(lambda: client.command("query-migrate")["ram"]["transferred"] > 8 << 20,
+                     what="the migration to be under way")
+            dst.send_signal(signal.SIGKILL)
+            dst.wait(30)
+            wait_for(lambda: client.command("query-migrate")["status"] == "failed",
+                     timeout=60, what="the source to notice")
+            assert client.command("query-status")["status"] == "running"
+            before = client.command("query-guest")["progress"]["passes"]
+            wait_for(lambda: client.command("query-guest")["progress"]["passes"] > before,
+                     what="the source guest to carry on")
+            client.command("stop")
+            assert client.command("query-guest", verify=True)["selfcheck"]["ok"]
+            client.command("quit")
+        assert src.wait(30) == 0
+    finally:
+        finish(src, dst)
+
+
+class CuttingProxy:
+    """Forwards a TCP connection and cuts it (RST) after ``limit`` bytes from the source."""
+
+    def __init__(self, target: tuple[str, int], limit: int):
+        self.target = target
+        self.limit = limit
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.cut = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        client, _ = self.server.accept()
+        upstream = socket.create_connection(self.target)
+        forwarded = 0
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        while forwarded < self.limit:
+            data = client.recv(1 << 16)
+            if not data:
+                break
+            upstream.sendall(data)
+            forwarded += len(data)
+        for sock in (client, upstream):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self.cut.set()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_cut_connection_fails_both_sides_cleanly(tmp_path):
+    src, src_ctl = start_source("simulated", tmp_path, memory="256M", working_set="128M")
+    dst, dst_ctl, uri = start_destination(tmp_path)
+    host, port = uri.split(":")[1], int(uri.rsplit(":", 1)[1])
+    proxy = CuttingProxy((host, port), limit=16 << 20)
+    try:
+        with QmpClient(src_ctl) as client:
+            client.command("migrate-set-parameters", **{"max-bandwidth": 40 << 20})
+            client.command("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+            assert proxy.cut.wait(60)
+            wait_for(lambda: client.command("query-migrate")["status"] == "failed",
+                     timeout=60, what="the source to notice the cut")
+            assert "error-desc" in client.command("query-migrate")
+            assert client.command("query-status")["status"] == "running"
+            client.command("stop")
+            assert client.command("query-guest", verify=True)["selfcheck"]["ok"]
+            client.command("quit")
+        # the destination never started a partial guest: it exits non-zero
+        assert dst.wait(60) == 1
+        assert "incoming migration failed" in dst.stderr.read().decode()
+    finally:
+        finish(src, dst)
