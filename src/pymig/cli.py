@@ -259,6 +259,35 @@ def bench_core(as_json, quick) -> None:
         Console().print(format_table(results))
 
 
+# -- analyze --------------------------------------------------------------------------------------
+@main.command()
+@click.argument("source", metavar="FILE|-")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object for tools")
+def analyze(source, as_json) -> None:
+    """Describe a saved migration stream (a file: snapshot, or '-' for stdin)."""
+    from pymig.analyze import analyze as run_analysis
+    from pymig.analyze import render
+    from pymig.transport import FdChannel
+
+    try:
+        if source == "-":
+            channel = FdChannel(sys.stdin.fileno(), "stdin", writable=False)
+        else:
+            import os
+
+            channel = FdChannel(os.open(source, os.O_RDONLY | os.O_CLOEXEC), source,
+                                writable=False)
+    except OSError as exc:
+        _fail(f"cannot read {source}: {exc.strerror}")
+    with channel:
+        result = run_analysis(channel)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        render(result, Console())
+    sys.exit(0 if result.ok else 1)
+
+
 # -- plot -----------------------------------------------------------------------------------------
 @main.command()
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False))

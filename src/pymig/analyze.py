@@ -1,0 +1,268 @@
+"""``pymig analyze``: what a saved migration stream holds, and where it is damaged.
+
+It reads a stream (a ``file:`` snapshot, or anything piped in) without a guest: the header,
+every section (type, id, idstr, instance, version, size, offset), RAM statistics from the
+packets' headers and run records (zero and normal pages, bytes, packets, checksum failures;
+no page is copied), the guest configuration, and the vCPU and device state decoded field by
+field through the state descriptions of the guest kind the configuration names.
+
+A damaged stream is reported with the offset of the first problem.  Damage inside a record
+(a footer or packet checksum that does not match, state that does not decode) is counted and
+the analysis goes on with the next record; damage to the framing itself (an unknown record
+type, an impossible length, a truncated stream) ends it there.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from pymig import stream, vmstate
+from pymig.errors import PymigError, StateError, StreamError
+from pymig.machine import CONFIG_IDSTR
+from pymig.ram import RAM_IDSTR
+
+_PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
+_RUN = struct.Struct("<QIBBH")
+_KINDS = {1: "normal", 2: "zero"}
+
+
+@dataclass
+class Problem:
+    offset: int
+    reason: str
+
+
+@dataclass
+class RamStats:
+    packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
+    bytes: int = 0  # packet bytes, headers included
+    page_bytes: int = 0  # bytes of page data
+    checksum_failures: int = 0
+    blocks: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    version: int | None = None
+    sections: list[dict] = field(default_factory=list)
+    config: dict | None = None
+    ram: RamStats = field(default_factory=RamStats)
+    state: dict[str, dict] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    complete: bool = False  # an EOF record was reached
+    bytes_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "complete": self.complete, "bytes": self.bytes_read,
+            "version": self.version, "config": self.config,
+            "first-problem": (None if not self.problems else
+                              {"offset": self.problems[0].offset,
+                               "reason": self.problems[0].reason}),
+            "problems": [{"offset": p.offset, "reason": p.reason} for p in self.problems],
+            "sections": self.sections,
+            "ram": {"packets": self.ram.packets, "normal-pages": self.ram.normal_pages,
+                    "zero-pages": self.ram.zero_pages, "bytes": self.ram.bytes,
+                    "page-bytes": self.ram.page_bytes,
+                    "checksum-failures": self.ram.checksum_failures,
+                    "blocks": self.ram.blocks},
+            "state": self.state,
+        }
+
+
+def state_descriptions(config: dict | None) -> dict[str, vmstate.VMStateDescription]:
+    """idstr → description for the guest kind named by the configuration section."""
+    kind = (config or {}).get("kind")
+    if kind == "kvm":
+        from pymig.kvm.statedesc import CPU, DEVICES
+
+        return {"cpu": CPU, **DEVICES}
+    if kind == "simulated":
+        from pymig.guest.simulated import SIM_CPU_VMSD
+
+        return {"cpu": SIM_CPU_VMSD}
+    return {}
+
+
+def analyze(channel) -> Analysis:
+    """Read the whole stream from ``channel`` and describe it."""
+    result = Analysis()
+    reader = stream.StreamReader(channel)
+    try:
+        result.version = reader.read_header()
+    except PymigError as exc:
+        result.problems.append(_problem(exc, 0))
+        result.bytes_read = reader.offset
+        return result
+    names: dict[int, tuple[str, int, int]] = {}
+    descriptions: dict[str, vmstate.VMStateDescription] = {}
+    while True:
+        try:
+            record = reader.next_record()
+        except PymigError as exc:
+            result.problems.append(_problem(exc, reader.offset))
+            break
+        if record.type == stream.RecordType.EOF:
+            result.sections.append(_section(record, "-", None, None))
+            result.complete = True
+            break
+        if record.idstr is not None:
+            names[record.section_id] = (record.idstr, record.instance_id, record.version_id)
+        idstr, instance, version = names.get(record.section_id, ("?", None, None))
+        result.sections.append(_section(record, idstr, instance, version))
+        payload_offset = reader.offset
+        try:
+            payload = reader.read_payload()
+        except StreamError as exc:
+            result.problems.append(_problem(exc, reader.offset))
+            if "checksum" in exc.reason:
+                continue  # the record was read whole; only its content is suspect
+            break
+        except PymigError as exc:
+            result.problems.append(_problem(exc, reader.offset))
+            break
+        try:
+            if idstr == CONFIG_IDSTR:
+                result.config = json.loads(bytes(payload))
+                descriptions = state_descriptions(result.config)
+            elif idstr == RAM_IDSTR:
+                _ram(record, payload, payload_offset, result)
+            elif idstr in descriptions and version is not None:
+                key = f"{idstr}/{instance}"
+                result.state[key] = _plain(vmstate.decode(descriptions[idstr], payload, version))
+        except (StateError, ValueError) as exc:
+            result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: {exc}"))
+    result.bytes_read = reader.offset
+    return result
+
+
+def _section(record, idstr, instance, version) -> dict:
+    return {"offset": record.offset, "type": record.type.name, "section-id": record.section_id,
+            "idstr": idstr, "instance": instance, "version": version,
+            "size": record.payload_len}
+
+
+def _problem(exc: BaseException, offset: int) -> Problem:
+    if isinstance(exc, StreamError):
+        return Problem(exc.offset, exc.reason)
+    return Problem(offset, str(exc))
+
+
+def _ram(record, payload, offset: int, result: Analysis) -> None:
+    ram = result.ram
+    if record.type == stream.RecordType.START:
+        ram.blocks = json.loads(bytes(payload))
+        return
+    if record.type != stream.RecordType.PART:
+        return
+    # Walk the packet's header and run records only: page data is counted, never copied.
+    if len(payload) < _PACKET_HEAD.size:
+        result.problems.append(Problem(offset, "RAM packet shorter than its header"))
+        return
+    magic, version, _flags, _block, page_size, records, payload_len, checksum = \
+        _PACKET_HEAD.unpack_from(payload)
+    if magic != b"PMGP" or len(payload) != _PACKET_HEAD.size + payload_len:
+        result.problems.append(Problem(offset, "not a RAM packet (bad magic or length)"))
+        return
+    ram.packets += 1
+    ram.bytes += len(payload)
+    state = xxhash.xxh3_64()
+    state.update(payload[:24])
+    state.update(payload[_PACKET_HEAD.size:])
+    if state.intdigest() != checksum:
+        ram.checksum_failures += 1
+        result.problems.append(Problem(offset + 24, "RAM packet checksum mismatch"))
+    pos = _PACKET_HEAD.size
+    for _ in range(records):
+        if pos + _RUN.size > len(payload):
+            result.problems.append(Problem(offset + pos, "RAM packet run records overrun"))
+            return
+        _first, count, kind, _r1, _r2 = _RUN.unpack_from(payload, pos)
+        pos += _RUN.size
+        if kind == 1:
+            ram.normal_pages += count
+            ram.page_bytes += count * page_size
+            pos += count * page_size
+        elif kind == 2:
+            ram.zero_pages += count
+        else:
+            result.problems.append(Problem(offset + pos - _RUN.size,
+                                           f"unknown RAM run kind {kind}"))
+            return
+
+
+def _plain(value: Any) -> Any:
+    """Decoded state as JSON-friendly values (bytes become a short hex summary)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return {"bytes": len(data), "nonzero": sum(1 for b in data if b),
+                "head": data[:16].hex()}
+    return value
+
+
+def render(analysis: Analysis, console) -> None:
+    """Print an analysis for people (``pymig analyze`` without ``--json``)."""
+    from rich.table import Table
+
+    from pymig.units import format_bytes
+
+    verdict = ("[green]complete and intact[/]" if analysis.ok else
+               "[red]damaged[/]" if analysis.problems else "[yellow]incomplete[/]")
+    console.print(f"pymig stream, version {analysis.version}, {analysis.bytes_read:,} bytes: "
+                  f"{verdict}")
+    if analysis.problems:
+        first = analysis.problems[0]
+        console.print(f"first problem at byte {first.offset}: {first.reason}"
+                      + (f" (+{len(analysis.problems) - 1} more)"
+                         if len(analysis.problems) > 1 else ""))
+    if analysis.config:
+        c = analysis.config
+        console.print(f"guest: {c.get('kind')}, {format_bytes(c.get('memory_bytes', 0))} RAM, "
+                      f"{c.get('vcpus')} vCPU(s), workload {c.get('workload')}")
+    table = Table(title="sections", box=None)
+    for column in ("offset", "type", "id", "idstr", "instance", "version", "size"):
+        table.add_column(column, justify="right" if column != "idstr" else "left")
+    parts: dict[str, list[int]] = {}
+    for s in analysis.sections:
+        if s["type"] == "PART":  # RAM parts are many: one line for all of them
+            parts.setdefault(s["idstr"], []).append(s["size"])
+            continue
+        table.add_row(str(s["offset"]), s["type"], str(s["section-id"]), str(s["idstr"]),
+                      str(s["instance"]), str(s["version"]), f"{s['size']:,}")
+    for idstr, sizes in parts.items():
+        table.add_row("", f"PART x{len(sizes)}", "", idstr, "", "", f"{sum(sizes):,}")
+    console.print(table)
+    ram = analysis.ram
+    console.print(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
+                  f"({format_bytes(ram.page_bytes)}), {ram.zero_pages:,} zero pages, "
+                  f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} checksum "
+                  f"failures")
+    for key, fields in analysis.state.items():
+        console.print(f"[bold]{key}[/]")
+        for name, value in _flatten(fields):
+            console.print(f"  {name} = {value}")
+
+
+def _flatten(fields: dict, prefix: str = ""):
+    for name, value in fields.items():
+        if isinstance(value, dict) and "bytes" not in value:
+            yield from _flatten(value, f"{prefix}{name}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield f"{prefix}{name}", f"{value:#x}" if value > 9 else str(value)
+        else:
+            yield f"{prefix}{name}", value
