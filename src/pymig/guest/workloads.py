@@ -38,7 +38,10 @@ Mailbox record of vCPU i at 0x6000 + 64*i (u64 each, written only by that vCPU):
 The counters live in RAM, so they migrate with the memory and a destination carries on
 counting from the source's values.  A KVM vCPU updates them after each page and can stop at any
 instruction, so they may lag RAM by the one page it was writing; the simulated writer updates
-them after each batch and stops only between batches, so they never lag.
+them after each batch and stops only between batches, so they never lag.  Likewise the dirty
+log: both guests log every page they change, and a stopped KVM vCPU may also have logged the
+page it was about to write (KVM logs a page when its write fault makes it writable, before the
+write itself), which it writes, and changes, when it runs again.
 ``guest.progress()`` (:func:`progress_from_mailbox`) aggregates the records: ``passes`` is the
 minimum over vCPUs, ``pages_written`` and ``errors`` are sums, ``done`` is 1 when every vCPU is
 done and ``result`` is the XOR of the vCPUs' results (vCPU 0's with one vCPU).
