@@ -72,6 +72,8 @@ struct writer {
     int started;
     uint32_t index;
     struct share share;
+    uint8_t *base;            /* the share's first page in its RAM block */
+    struct bitmap *bitmap;    /* that block's dirty bitmap */
     struct pymig_sim_cpu cpu; /* touched by the thread only inside a batch or under the lock */
     /* under sim->lock */
     int in_batch;
@@ -177,8 +179,8 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
               uint64_t *passes)
 {
     const struct share *s = &w->share;
-    struct bitmap *bm = &sim->bitmaps[s->block];
-    uint8_t *base = sim->blocks[s->block].base + s->first_page * PYMIG_SIM_PAGE_SIZE;
+    struct bitmap *bm = w->bitmap;
+    uint8_t *base = w->base;
     uint64_t m = s->npages, h = s->hot_pages, pos = w->cpu.pos, x = w->cpu.rng;
     uint64_t hot_share = sim->params.hot_share;
 
@@ -220,8 +222,8 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
                 uint64_t *passes, uint64_t *errors)
 {
     const struct share *s = &w->share;
-    struct bitmap *bm = &sim->bitmaps[s->block];
-    uint8_t *base = sim->blocks[s->block].base + s->first_page * PYMIG_SIM_PAGE_SIZE;
+    struct bitmap *bm = w->bitmap;
+    uint8_t *base = w->base;
 
     for (uint64_t i = 0; i < n; i++) {
         uint64_t pos = w->cpu.pos, p = w->cpu.pass, frame = s->first_frame + pos;
@@ -249,8 +251,8 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
               uint64_t *passes)
 {
     const struct share *s = &w->share;
-    struct bitmap *bm = &sim->bitmaps[s->block];
-    uint8_t *base = sim->blocks[s->block].base + s->first_page * PYMIG_SIM_PAGE_SIZE;
+    struct bitmap *bm = w->bitmap;
+    uint8_t *base = w->base;
     struct pymig_sim_cpu *c = &w->cpu;
     uint64_t written = 0;
 
@@ -595,6 +597,8 @@ pymig_sim_new(const struct pymig_sim_params *params, const struct pymig_sim_bloc
         w->sim = sim;
         w->index = i;
         w->share = shares[i];
+        w->base = sim->blocks[shares[i].block].base + shares[i].first_page * PYMIG_SIM_PAGE_SIZE;
+        w->bitmap = &sim->bitmaps[shares[i].block];
         init_cpu(params, w, &w->cpu);
     }
     for (uint32_t i = 0; i < sim->vcpus; i++) {

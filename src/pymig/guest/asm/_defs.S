@@ -100,6 +100,19 @@
 .Lpage_done\@:
 .endm
 
+# reg = xorshift64(reg) (13, 7, 17); clobbers tmp.
+.macro XORSHIFT64 reg, tmp
+    mov \tmp, \reg
+    shl \tmp, 13
+    xor \reg, \tmp
+    mov \tmp, \reg
+    shr \tmp, 7
+    xor \reg, \tmp
+    mov \tmp, \reg
+    shl \tmp, 17
+    xor \reg, \tmp
+.endm
+
 .macro EVENT code
     mov dword ptr [r15 + CTL_EVENT], \code
 .endm

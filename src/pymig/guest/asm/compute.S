@@ -16,15 +16,7 @@ start:
     mov rax, qword ptr [rbp + SH_SEED]
     xor edi, edi
 fill:
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    XORSHIFT64 rax, rdx
     mov qword ptr [rbx + rdi * 8], rax
     inc rdi
     test edi, 511
