@@ -109,6 +109,28 @@ def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) ->
                      f"block")
 
 
+def allocate_ram(config: GuestConfig, *, backing: str = "anon",
+                 hugepages: bool = True) -> list[RamBlock]:
+    """Fresh, untouched RAM blocks for ``config``'s memory map (all of them or none)."""
+    blocks: list[RamBlock] = []
+    try:
+        for index, layout in enumerate(config.blocks):
+            blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
+                                            layout.guest_phys_addr, block_id=index,
+                                            backing=backing, hugepages=hugepages))
+    except BaseException:
+        for block in blocks:
+            block.close()
+        raise
+    return blocks
+
+
+def write_phys(blocks: Sequence[RamBlock], gpa: int, data: bytes) -> None:
+    """Copy ``data`` to guest-physical ``gpa`` (the range must lie inside one block)."""
+    index, offset = locate(blocks, gpa, len(data))
+    blocks[index].array[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+
 @dataclass
 class GuestState:
     """What ``Guest.save_state()`` returns and ``Guest.load_state()`` takes.

@@ -23,7 +23,7 @@ import numpy as np
 from pymig._core import kvm as _kvm
 from pymig.errors import GuestError
 from pymig.guest import builtin, loader
-from pymig.guest.base import Console, GuestConfig, GuestState
+from pymig.guest.base import Console, GuestConfig, GuestState, allocate_ram, write_phys
 from pymig.guest.workloads import MailboxRecord, progress_from_mailbox, read_mailbox
 from pymig.kvm import cpustate
 from pymig.kvm.machine import Machine
@@ -74,10 +74,7 @@ class KvmGuest:
         kvm = kvm or Kvm()
         machine = None
         try:
-            for i, layout in enumerate(config.blocks):
-                blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
-                                                layout.guest_phys_addr, block_id=i,
-                                                backing=backing, hugepages=hugepages))
+            blocks = allocate_ram(config, backing=backing, hugepages=hugepages)
             console = Console()
             machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
                               manual_protect=manual_protect, initially_set=initially_set,
@@ -125,10 +122,7 @@ class KvmGuest:
         raise ValueError(f"guest-physical address {gpa:#x} is not RAM")
 
     def write_phys(self, gpa: int, data: bytes) -> None:
-        block, offset = self.block_at(gpa)
-        if offset + len(data) > block.size_bytes:
-            raise ValueError(f"{len(data)} bytes at {gpa:#x} run past RAM block {block.name!r}")
-        block.array[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        write_phys(self.ram_blocks, gpa, data)
 
     def read_phys(self, gpa: int, size: int) -> bytes:
         block, offset = self.block_at(gpa)

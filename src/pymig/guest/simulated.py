@@ -39,13 +39,13 @@ import numpy as np
 from pymig._core.simguest import CPU_FIELDS, Writers
 from pymig.errors import GuestError, StateError
 from pymig.guest.base import (
-    GUEST_PAGE_SIZE,
     PARAMS_GPA,
     Console,
     GuestConfig,
     GuestState,
     StateSpec,
-    locate,
+    allocate_ram,
+    write_phys,
 )
 from pymig.guest.workloads import Workload, pack_params, progress_from_mailbox, resolve
 from pymig.memory import Backing, RamBlock
@@ -120,12 +120,8 @@ class SimulatedGuest:
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
         workload = resolve(config)
         params = pack_params(workload, TICK_KHZ)
-        blocks: list[RamBlock] = []
+        blocks = allocate_ram(config, backing=backing, hugepages=hugepages)
         try:
-            for index, layout in enumerate(config.blocks):
-                blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
-                                                layout.guest_phys_addr, block_id=index,
-                                                backing=backing, hugepages=hugepages))
             writers = Writers([(b.guest_phys_addr, b.array) for b in blocks], params)
         except BaseException:
             for block in blocks:
@@ -133,9 +129,7 @@ class SimulatedGuest:
             raise
         guest = cls(config, workload, blocks, writers, incoming)
         if not incoming:
-            index, offset = locate(config.blocks, PARAMS_GPA, GUEST_PAGE_SIZE)
-            blocks[index].array[offset:offset + GUEST_PAGE_SIZE] = np.frombuffer(params,
-                                                                                 dtype=np.uint8)
+            write_phys(blocks, PARAMS_GPA, params)
         return guest
 
     # --- lifecycle ---------------------------------------------------------------------------
