@@ -13,10 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _kvm_helpers import verify_selfcheck, wait_for  # noqa: E402
+from _kvm_helpers import wait_for  # noqa: E402
 
 from pymig.guest.base import GuestConfig  # noqa: E402
 from pymig.guest.kvm_guest import KvmGuest  # noqa: E402
+from pymig.guest.workloads import verify_selfcheck  # noqa: E402
 
 
 def main(directory: Path, action: str) -> dict:

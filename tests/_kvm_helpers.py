@@ -1,7 +1,6 @@
-"""Helpers for the KVM tests: configurations, a subprocess destination, host-side checkers.
-
-``verify_selfcheck`` and ``expected_compute_result`` follow the workload definitions in
-contracts.md and docs/vmm.md; at merge they give way to ``pymig.guest.workloads``.
+"""Helpers for the KVM tests: configurations, guests built from test images, a subprocess
+destination.  What the built-in workloads should leave in RAM is checked with
+:mod:`pymig.guest.workloads`, as for the simulated guest.
 """
 
 from __future__ import annotations
@@ -13,18 +12,15 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pymig.guest import builtin
 from pymig.guest.base import GuestConfig
 from pymig.guest.build_workloads import assemble
 from pymig.guest.kvm_guest import KvmGuest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-MASK64 = (1 << 64) - 1
 WAIT_S = 30.0
 
 
@@ -158,76 +154,6 @@ def wait_for(predicate, timeout: float = WAIT_S, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.002)
-
-
-@dataclass
-class SelfCheckReport:
-    ok: bool
-    passes: int
-    errors: int
-    detail: str
-
-
-def verify_selfcheck(guest) -> SelfCheckReport:
-    """Check the selfcheck invariant from RAM: per vCPU share there is k with pages [0, k) at
-    pass p and [k, n) at pass p-1.  A KVM vCPU pauses between any two instructions, so the
-    page at k may be mid-stamp: tail already p, head still p-1 (the guest's store order)."""
-    params = builtin.resolve_params("selfcheck", guest.config.params)
-    npages = builtin.area_pages("selfcheck", params)
-    low = guest.ram_blocks[0].array
-    base = builtin.WORKING_SET_BASE
-    words = low[base:base + npages * 4096].view(np.uint64).reshape(npages, 512)
-    pfn = (base >> 12) + np.arange(npages, dtype=np.uint64)
-    errors, problems, passes = 0, [], []
-    for first, count in builtin.shares(npages, guest.vcpu_count):
-        head, frame, tail = (words[first:first + count, i] for i in (0, 1, 511))
-        frames = pfn[first:first + count]
-        p = int(head.max())
-        passes.append(p)
-        if p == 0:
-            bad = int(np.count_nonzero(words[first:first + count]))
-            errors += bad
-            continue
-        k = int(np.argmin(head == p)) if (head != p).any() else count
-        done = (head[:k] == p) & (tail[:k] == p) & (frames[:k] == frame[:k])
-        want_frame = frames[k:] if p > 1 else np.zeros(count - k, np.uint64)
-        rest = (head[k:] == p - 1) & (frame[k:] == want_frame)
-        rest_tail = tail[k:] == p - 1
-        if count - k > 0 and tail[k] == p:
-            rest_tail[0] = True  # the page being stamped when the vCPU stopped
-        bad = int((~done).sum() + (~(rest & rest_tail)).sum())
-        if bad:
-            problems.append(f"share at page {first}: {bad} pages break the invariant "
-                            f"(pass {p}, boundary {k})")
-        errors += bad
-    reported = guest.progress()["errors"]
-    return SelfCheckReport(errors == 0 and reported == 0, min(passes), errors + reported,
-                           "; ".join(problems) or "consistent")
-
-
-def expected_compute_result(params: dict, vcpus: int = 1) -> int:
-    """XOR over vCPU shares of the compute checksum (docs/vmm.md, "compute")."""
-    p = builtin.resolve_params("compute", params)
-    npages = builtin.area_pages("compute", p)
-    result = 0
-    for i, (_, count) in enumerate(builtin.shares(npages, vcpus)):
-        n = count * 512
-        x = builtin.COMPUTE_SEED ^ i
-        w = np.empty(n, np.uint64)
-        for j in range(n):
-            x ^= (x << 13) & MASK64
-            x ^= x >> 7
-            x ^= (x << 17) & MASK64
-            w[j] = x
-        k = (np.arange(n) & 63).astype(np.uint64)
-        back = (np.uint64(64) - k) & np.uint64(63)
-        c = 0
-        for _ in range(p["rounds"]):
-            s = int(np.bitwise_xor.reduce((w << k) | (w >> back)))
-            c = (((c << 1) | (c >> 63)) & MASK64) ^ s
-            w += np.uint64(s)
-        result ^= c
-    return result
 
 
 def save_for_destination(guest, state, directory: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 from _kvm_helpers import kvm_config, wait_for
 
 from pymig.errors import GuestError
-from pymig.guest import builtin
-from pymig.guest.base import Guest
-from pymig.guest.kvm_guest import GuestState, KvmGuest
+from pymig.guest.base import WORKSET_GPA, Guest, GuestState
+from pymig.guest.kvm_guest import KvmGuest
+from pymig.guest.workloads import resolve
 from pymig.kvm.cpustate import CpuState
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
@@ -88,20 +88,19 @@ def test_two_vcpus_each_write_their_own_share():
     with KvmGuest.create(kvm_config("dirtier", params, vcpus=2)) as guest:
         guest.start()
         guest.start_dirty_log()
-        before = [r["passes"] for r in guest.mailbox()]
-        wait_for(lambda: all(r["passes"] >= b + 3 for r, b in zip(guest.mailbox(), before)),
+        before = [r.passes for r in guest.mailbox()]
+        wait_for(lambda: all(r.passes >= b + 3 for r, b in zip(guest.mailbox(), before)),
                  what="three passes by both vCPUs while logging")
         guest.pause()
         (bitmap,) = guest.sync_dirty()
         bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
-        first = builtin.WORKING_SET_BASE >> 12
-        npages = (4 << 20) >> 12
-        for start, count in builtin.shares(npages, 2):
-            assert bits[first + start:first + start + count].sum() > count // 2
+        for share in resolve(guest.config).shares:
+            first = share.first_frame
+            assert bits[first:first + share.npages].sum() > share.npages // 2
         state = guest.save_state()
         assert [cpu.index for cpu in state.cpus] == [0, 1]
         progress = guest.progress()
-        assert progress["pages_written"] == sum(r["pages_written"] for r in guest.mailbox())
+        assert progress["pages_written"] == sum(r.pages_written for r in guest.mailbox())
 
 
 def test_saved_state_is_plain_versioned_dataclasses():
@@ -154,12 +153,14 @@ def test_the_package_factory_builds_kvm_guests():
 
 
 def test_workload_parameters_are_checked():
-    with pytest.raises(ValueError, match="unknown dirtier parameters"):
+    with pytest.raises(ValueError, match="no parameter.*speed"):
         KvmGuest.create(kvm_config("dirtier", {"speed": 3}))
-    with pytest.raises(ValueError, match="past low RAM"):
+    with pytest.raises(ValueError, match="do not fit"):
         KvmGuest.create(kvm_config("dirtier", {"working_set_bytes": 64 << 20}, memory_mib=32))
-    with pytest.raises(ValueError, match="unknown built-in workload"):
+    with pytest.raises(ValueError, match="unknown workload"):
         KvmGuest.create(kvm_config("mine"))
+    with pytest.raises(ValueError, match="vCPUs"):
+        KvmGuest.create(kvm_config("idle", vcpus=9))
 
 
 def test_memfd_backed_ram_is_guest_memory_other_processes_can_map():
@@ -172,8 +173,8 @@ def test_memfd_backed_ram_is_guest_memory_other_processes_can_map():
         guest.pause()
         block = guest.ram_blocks[0]
         assert block.fd is not None
-        page = os.pread(block.fd, 4096, builtin.WORKING_SET_BASE)
-        assert page == bytes(block.page(builtin.WORKING_SET_BASE >> 12))
+        page = os.pread(block.fd, 4096, WORKSET_GPA)
+        assert page == bytes(block.page(WORKSET_GPA >> 12))
         assert int.from_bytes(page[:8], "little") >= 3
 
 

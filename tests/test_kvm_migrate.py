@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from _kvm_helpers import (expected_compute_result, kvm_config, run_destination,
-                          save_for_destination, verify_selfcheck, wait_for)
+from _kvm_helpers import kvm_config, run_destination, save_for_destination, wait_for
 
 from pymig.guest.kvm_guest import KvmGuest
+from pymig.guest.workloads import expected_compute_result, verify_selfcheck
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
 

@@ -7,14 +7,15 @@ import io
 import pytest
 from _kvm_helpers import HELLO_BOOT_SECTOR, HELLO_EXIT_CODE, HELLO_OUTPUT, build_image
 
-from pymig.guest.runner import make_config, run
+from pymig.guest import make_config
+from pymig.guest.runner import run
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(60)]
 
 def test_run_shows_serial_output_and_returns_the_exit_code(tmp_path):
     image, _ = build_image(tmp_path, "hello", HELLO_BOOT_SECTOR, 0x7C00)
     out, lines = io.BytesIO(), []
-    config = make_config(image=str(image), memory_bytes=16 << 20)
+    config = make_config(boot_sector=image, memory_bytes=16 << 20)
     code = run(config, serial_out=out, serial_file=str(tmp_path / "serial.log"),
                status=lines.append, interval=0.05, duration=20)
     assert code == HELLO_EXIT_CODE

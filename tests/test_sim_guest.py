@@ -191,7 +191,7 @@ def test_compute_result_and_final_memory_match_the_reference():
         assert progress["passes"] == 20
         assert progress["pages_written"] == 64 * 21
         for share in resolve(guest.config).shares:
-            _, words = compute_share(share.seed64, share.npages, 20)
+            _, words = compute_share(share.seed, share.npages, 20)
             start = share.first_gpa
             ram = guest.ram_blocks[0].array[start:start + share.npages * PAGE].view("<u8")
             assert np.array_equal(ram, words)

@@ -19,16 +19,19 @@ from pymig.guest.base import (
     locate,
 )
 from pymig.guest.workloads import (
+    COMPUTE_SEED,
     GOLDEN,
-    SEED,
     MailboxRecord,
     PhysMemory,
+    compute_rounds,
     compute_share,
+    dirtier_pages,
     expected_compute_result,
     expected_compute_results,
     make_workload,
     pack_mailbox,
     pack_params,
+    pacing,
     parse_params,
     progress_from_mailbox,
     resolve,
@@ -52,7 +55,7 @@ def test_defaults_are_the_documented_ones():
     s = parse_params("selfcheck", {})
     assert (s.area_bytes, s.rate_pages_per_s) == (64 * MiB, 0)
     c = parse_params("compute")
-    assert (c.rounds, c.area_bytes) == (64, 4 * MiB)
+    assert (c.rounds, c.area_bytes, c.rate_pages_per_s) == (64, 4 * MiB, 0)
     assert parse_params("idle").area_bytes == 0
 
 
@@ -70,6 +73,7 @@ def test_defaults_are_the_documented_ones():
     ("compute", {"rounds": 0}, "rounds"),
     ("compute", {"rounds": True}, "rounds"),
     ("compute", {"region_bytes": 100}, "region_bytes"),
+    ("compute", {"rate_pages_per_s": -5}, "rate_pages_per_s"),
     ("idle", {"rounds": 1}, "rounds"),
     ("spin", {}, "spin"),
 ])
@@ -92,6 +96,12 @@ def test_resolve_checks_the_memory_map():
     with pytest.raises(ValueError, match="a page of its own"):
         resolve(GuestConfig("simulated", 4 * MiB, vcpus=3, workload="compute",
                             params={"region_bytes": 2 * GUEST_PAGE_SIZE}))
+    with pytest.raises(ValueError, match="two pages per vCPU"):
+        resolve(GuestConfig("simulated", 4 * MiB, vcpus=2, workload="dirtier",
+                            params={"working_set_bytes": 3 * GUEST_PAGE_SIZE,
+                                    "pattern": "hotspot"}))
+    with pytest.raises(ValueError, match="below 4 GiB"):
+        make_workload(parse_params("selfcheck", {"working_set_bytes": 4 << 30}), 1)
 
 
 def test_locate_finds_the_block_and_refuses_ranges_across_blocks():
@@ -132,37 +142,51 @@ workloads = st.one_of(
 )
 
 
-@given(spec=workloads, vcpus=st.integers(1, MAX_VCPUS))
-def test_parameter_block_round_trips(spec, vcpus):
+@given(spec=workloads, vcpus=st.integers(1, MAX_VCPUS), tick_khz=st.integers(1000, 10**7))
+def test_parameter_block_round_trips(spec, vcpus, tick_khz):
     workload = make_workload(parse_params(spec["workload"], spec["params"]), vcpus)
-    page = pack_params(workload)
+    page = pack_params(workload, tick_khz)
     assert len(page) == GUEST_PAGE_SIZE
     back = unpack_params(page)
     assert back.shares == workload.shares
-    assert back.vcpus == vcpus and back.name == workload.name
-    assert back.params.rate_pages_per_s == workload.params.rate_pages_per_s
-    assert pack_params(back) == page
+    assert back.vcpus == vcpus and back.workload == workload.name
+    assert back.pacing == pacing(workload.params.rate_pages_per_s, vcpus, tick_khz)
+    assert back.pack() == page
     for share in workload.shares:
-        assert share.seed32 != 0 and share.seed64 != 0
-        if share.npages:
-            assert 1 <= share.hot_pages <= share.npages
+        if workload.params.pattern == "hotspot" and workload.name == "dirtier":
+            assert 1 <= share.hot_pages < share.npages
+        else:
+            assert share.hot_pages == 0
 
 
-def test_parameter_block_layout_is_the_documented_one():
+def test_parameter_block_layout_is_the_assemblys():
+    """The offsets of asm/_defs.S (P_*, SH_*), which the checked-in binaries read."""
     workload = make_workload(parse_params("dirtier", {"working_set_bytes": 8 * MiB,
                                                       "rate_pages_per_s": 5000,
                                                       "pattern": "hotspot"}), 2)
-    page = np.frombuffer(pack_params(workload), dtype=np.uint8)
+    page = np.frombuffer(pack_params(workload, 2_000_000), dtype=np.uint8)
     u32 = page[:0x20].view("<u4")
-    assert list(u32[:8]) == [0x4C574D50, 1, 1, 2, 2, round(0.9 * 65536), 0, 4096]
-    u64 = page.view("<u8")
-    assert list(u64[4:7]) == [5000, WORKSET_GPA, 8 * MiB]
-    second = page[0x100 + 32:0x100 + 64]
-    assert second[:8].view("<u8")[0] == WORKSET_GPA + 4 * MiB
-    assert second[8:16].view("<u8")[0] == 1024
-    assert second[16:20].view("<u4")[0] == round(1024 * 0.1)
+    # 2500 pages/s per vCPU: batches of round(0.25) -> 1 page, every 400 us of a 2 GHz clock
+    assert list(u32) == [0x47494D50, 1, 2, 2, 2, int(0.9 * 2**32), 1, 0]
+    assert list(page[0x20:0x30].view("<u8")) == [800_000, 200_000_000]
+    assert page[0x30:0x34].view("<u4")[0] == 2000
+    second = page[0x40 + 64:0x40 + 128]
+    assert list(second[:16].view("<u4")) == [WORKSET_GPA + 4 * MiB, 1024, round(1024 * 0.1), 0]
+    assert second[16:24].view("<u8")[0] == COMPUTE_SEED ^ 1
     with pytest.raises(ValueError, match="magic"):
         unpack_params(bytes(GUEST_PAGE_SIZE))
+
+
+@pytest.mark.parametrize("rate, vcpus, expected", [
+    (0, 2, (64, 0)),
+    (20_000, 2, (1, 100_000)),          # 10k pages/s per vCPU: one page every 100 us
+    (1_000_000, 1, (100, 100_000)),     # 100 pages per 100 us
+    (3, 1, (1, 333_333_333)),
+])
+def test_pacing_splits_the_rate_evenly_in_batches_of_about_100us(rate, vcpus, expected):
+    p = pacing(rate, vcpus, 1_000_000)  # 1 GHz: ticks are nanoseconds
+    assert (p.batch_pages, p.ticks_per_batch) == expected
+    assert p.max_lag_ticks == 100_000_000 and p.ticks_per_us == 1000
 
 
 @given(st.lists(st.tuples(*[st.integers(0, U64)] * 5).map(lambda t: MailboxRecord(*t)),
@@ -188,6 +212,40 @@ def test_guest_state_holds_cpus_and_devices():
     assert state.devices == {} and GuestState.VERSION == 1
 
 
+# --- dirtier reference ---------------------------------------------------------------------
+
+def _dirtier_scalar(workload, index: int, count: int) -> list[int]:
+    """The docstring's dirtier, write by write."""
+    share, p = workload.shares[index], workload.params
+    m, h, x, pos, pages = share.npages, share.hot_pages, share.dirtier_seed, 0, []
+
+    def below(k):
+        nonlocal x
+        x = _xorshift64(x)
+        return (x * k) >> 64
+
+    for _ in range(count):
+        if p.pattern == "sequential":
+            j = pos
+        elif p.pattern == "uniform":
+            j = below(m)
+        else:
+            x = _xorshift64(x)
+            j = below(h) if (x >> 32) < p.hot_share_u32 else h + below(m - h)
+        pages.append(j)
+        pos = (pos + 1) % m
+    return pages
+
+
+@pytest.mark.parametrize("pattern", ["uniform", "sequential", "hotspot"])
+@pytest.mark.parametrize("index", [0, 1])
+def test_dirtier_reference_matches_the_scalar_definition(pattern, index):
+    workload = make_workload(parse_params("dirtier", {"working_set_bytes": 80 * 4096,
+                                                      "pattern": pattern, "hot_share": 0.7}), 2)
+    assert dirtier_pages(workload, index, 3000).tolist() == \
+        _dirtier_scalar(workload, index, 3000)
+
+
 # --- compute reference ---------------------------------------------------------------------
 
 def _xorshift64(x: int) -> int:
@@ -205,42 +263,55 @@ def test_vectorised_xorshift64_matches_the_scalar_steps(seed, count):
     assert xorshift64_sequence(seed, count).tolist() == expected
 
 
+def _rotl(x: int, k: int) -> int:
+    return ((x << k) | (x >> (64 - k))) & U64 if k else x
+
+
 def _compute_scalar(seed: int, nwords: int, rounds: int) -> tuple[int, list[int]]:
-    """The docstring's algorithm, word by word, as a 32-bit guest runs it."""
+    """The docstring's algorithm, word by word, as the assembly runs it."""
     words, x = [], seed
     for _ in range(nwords):
         x = _xorshift64(x)
         words.append(x)
-    acc = 0
-    for r in range(rounds):
-        key, s = (acc + GOLDEN + r) & U64, 0
+    c = 0
+    for _ in range(rounds):
+        s = 0
         for j in range(nwords):
-            v = words[j] ^ key
-            words[j] = ((((v << 7) | (v >> 57)) & U64) + j) & U64
-            s = (s + words[j]) & U64
-        acc = (((acc << 9) | (acc >> 55)) & U64) ^ s
-    return acc, words
+            s ^= _rotl((words[j] + j) & U64, j % 64)
+        c = _rotl(c, 1) ^ s
+        words = [(w + s) & U64 for w in words]
+    return c, words
 
 
 @pytest.mark.parametrize("npages, rounds", [(1, 1), (1, 3), (2, 2)])
 def test_compute_reference_matches_the_scalar_algorithm(npages, rounds):
-    acc, words = _compute_scalar(SEED, npages * 512, rounds)
-    ref_acc, ref_words = compute_share(SEED, npages, rounds)
-    assert ref_acc == acc and ref_words.tolist() == words
+    c, words = _compute_scalar(COMPUTE_SEED ^ 1, npages * 512, rounds)
+    ref_c, ref_words = compute_share(COMPUTE_SEED ^ 1, npages, rounds)
+    assert ref_c == c and ref_words.tolist() == words
 
 
-def test_compute_worked_example():
-    assert xorshift64_sequence(SEED, 3).tolist() == [0x00EA4BE701D3338E, 0x44103C51B1BFB669,
-                                                     0x3FF8298A6D767345]
-    acc, words = compute_share(SEED, 1, 1)
-    assert (int(words[0]), int(words[1]), acc) == (0x6E992F3F4CA7CDCF, 0x13A2F4677AE53E6E,
-                                                   0x991505C3478EEFB0)
-    assert expected_compute_result({"region_bytes": 4096, "rounds": 2}) == 0x22086244583CBE81
-    assert expected_compute_result({}) == 0xD9E680B7A2BBBB07
-    assert expected_compute_result({}, 2) == 0x6C2AA5B60FB08D3E
+def test_compute_pinned_results():
+    """Pinned so that a change of the definition shows (the guests are held to the reference
+    by test_workloads_agree)."""
+    assert COMPUTE_SEED == GOLDEN
+    assert xorshift64_sequence(COMPUTE_SEED, 1).tolist() == [0xDC1B77AE0BF34DAD]
+    c, words = compute_share(COMPUTE_SEED, 1, 1)
+    assert (int(words[0]), int(words[1]), c) == (0x92F95CE05457172C, 0x1BCED3EB4AD229F5,
+                                                 0xB6DDE5324863C97F)
+    assert expected_compute_result({"region_bytes": 4096, "rounds": 2}) == 0xFF2D9EE2C43DFBC4
+    assert expected_compute_result({}) == 0xD53CE98FA7C66EFB
+    assert expected_compute_result({}, 2) == 0xFE5FC1A002C775DB
     results = expected_compute_results({"region_bytes": 8192, "rounds": 5}, 2)
     assert expected_compute_result({"region_bytes": 8192, "rounds": 5}, 2) == \
         results[0] ^ results[1]
+
+
+def test_compute_result_notices_pages_in_the_wrong_place():
+    """Each page starts at a multiple of 64 words, so a fold of rotl64(w[j], j mod 64) alone
+    would not change if two pages swapped; the + j in the fold makes it change."""
+    words = xorshift64_sequence(COMPUTE_SEED, 4 * 512)
+    swapped = words.reshape(4, 512)[[0, 2, 1, 3]].reshape(-1)
+    assert compute_rounds(words, 3)[0] != compute_rounds(swapped, 3)[0]
 
 
 # --- selfcheck verification on synthetic RAM -----------------------------------------------

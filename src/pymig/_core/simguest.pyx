@@ -16,29 +16,11 @@ import os
 cdef extern from "simguest.h" nogil:
     struct pymig_sim_block:
         uint8_t *base
+        uint64_t gpa
         uint64_t npages
 
-    struct pymig_sim_share:
-        uint32_t block
-        uint32_t seed32
-        uint64_t first_page
-        uint64_t npages
-        uint64_t hot_pages
-        uint64_t first_frame
-        uint64_t seed64
-
-    struct pymig_sim_config:
-        uint32_t workload
-        uint32_t pattern
-        uint32_t vcpus
-        uint32_t hot_share_q16
-        uint64_t rate_pages_per_s
-        uint64_t rounds
-        uint32_t nblocks
-        uint32_t mailbox_block
-        uint64_t mailbox_offset
-        const pymig_sim_block *blocks
-        const pymig_sim_share *shares
+    struct pymig_sim_params:
+        pass
 
     struct pymig_sim_cpu:
         uint64_t phase
@@ -51,7 +33,8 @@ cdef extern from "simguest.h" nogil:
     struct pymig_sim:
         pass
 
-    int pymig_sim_new(const pymig_sim_config *cfg, pymig_sim **out)
+    int pymig_sim_new(const pymig_sim_params *params, const pymig_sim_block *blocks,
+                      uint32_t nblocks, pymig_sim **out)
     void pymig_sim_free(pymig_sim *sim)
     void pymig_sim_run(pymig_sim *sim)
     void pymig_sim_pause(pymig_sim *sim)
@@ -75,9 +58,9 @@ cdef _raise(int err, str what):
 cdef class Writers:
     """The writer threads of one simulated guest, created stopped.
 
-    ``blocks``: writable uint8 arrays, one per RAM block.  ``shares``: per vCPU, a tuple
-    ``(block, first_page, npages, hot_pages, first_frame, seed32, seed64)``.  ``mailbox``:
-    ``(block, byte offset)`` of the mailbox page.
+    ``blocks``: ``(guest-physical address, writable uint8 array)`` per RAM block.  ``params``:
+    the parameter block page (pymig.guest.workloads), packed for a clock of one tick per
+    nanosecond; the writers take their workload, shares and pacing from it.
     """
 
     cdef pymig_sim *sim
@@ -88,51 +71,36 @@ cdef class Writers:
     def __cinit__(self):
         self.sim = NULL
 
-    def __init__(self, list blocks, int workload, int pattern, int hot_share_q16,
-                 uint64_t rate_pages_per_s, uint64_t rounds, list shares, tuple mailbox):
-        cdef pymig_sim_config cfg
+    def __init__(self, list blocks, const uint8_t[::1] params not None):
         cdef pymig_sim_block *cblocks = NULL
-        cdef pymig_sim_share *cshares = NULL
         cdef uint8_t[::1] view
         cdef int err
-        if not blocks or not shares:
-            raise ValueError("a simulated guest needs RAM blocks and at least one vCPU")
-        self._blocks = list(blocks)
-        self.vcpus = len(shares)
+        if not blocks:
+            raise ValueError("a simulated guest needs RAM blocks")
+        if params.shape[0] != PAGE_SIZE:
+            raise ValueError(f"a parameter block is {PAGE_SIZE} bytes, not {params.shape[0]}")
+        self._blocks = [array for _, array in blocks]
+        self.vcpus = int.from_bytes(bytes(params[12:16]), "little")
         self.nwords = []
         cblocks = <pymig_sim_block *>calloc(len(blocks), sizeof(pymig_sim_block))
-        cshares = <pymig_sim_share *>calloc(len(shares), sizeof(pymig_sim_share))
         try:
-            if cblocks == NULL or cshares == NULL:
+            if cblocks == NULL:
                 raise MemoryError()
-            for i, block in enumerate(self._blocks):
+            for i, (gpa, block) in enumerate(blocks):
                 view = block
-                if view.shape[0] % PAGE_SIZE or view.shape[0] == 0:
+                if view.shape[0] % PAGE_SIZE or view.shape[0] == 0 or gpa % PAGE_SIZE:
                     raise ValueError(f"RAM block {i} is not a whole number of {PAGE_SIZE}-byte "
                                      f"pages")
                 cblocks[i].base = &view[0]
+                cblocks[i].gpa = gpa
                 cblocks[i].npages = view.shape[0] // PAGE_SIZE
                 self.nwords.append((cblocks[i].npages + 63) // 64)
-            for i, share in enumerate(shares):
-                (cshares[i].block, cshares[i].first_page, cshares[i].npages, cshares[i].hot_pages,
-                 cshares[i].first_frame, cshares[i].seed32, cshares[i].seed64) = share
-            cfg.workload = workload
-            cfg.pattern = pattern
-            cfg.vcpus = len(shares)
-            cfg.hot_share_q16 = hot_share_q16
-            cfg.rate_pages_per_s = rate_pages_per_s
-            cfg.rounds = rounds
-            cfg.nblocks = len(blocks)
-            cfg.mailbox_block = mailbox[0]
-            cfg.mailbox_offset = mailbox[1]
-            cfg.blocks = cblocks
-            cfg.shares = cshares
-            err = pymig_sim_new(&cfg, &self.sim)
+            err = pymig_sim_new(<const pymig_sim_params *>&params[0], cblocks, len(blocks),
+                                &self.sim)
             if err:
                 _raise(err, "cannot start the writers")
         finally:
             free(cblocks)
-            free(cshares)
 
     cdef pymig_sim *_live(self) except NULL:
         if self.sim == NULL:

@@ -1,5 +1,92 @@
 """Guests: the :class:`Guest` protocol and its KVM and simulated implementations."""
 
-from pymig.guest.base import Console, Guest, GuestConfig, RamLayout, create, pc_layout
+from __future__ import annotations
 
-__all__ = ["Console", "Guest", "GuestConfig", "RamLayout", "create", "pc_layout"]
+import os
+from typing import Any
+
+from pymig.guest.base import (
+    GUEST_PAGE_SIZE,
+    Console,
+    Guest,
+    GuestConfig,
+    RamLayout,
+    create,
+    locate,
+    pc_layout,
+)
+
+__all__ = ["Console", "Guest", "GuestConfig", "RamLayout", "create", "make_config", "pc_layout"]
+
+GUEST_KINDS = ("kvm", "simulated")
+DEFAULT_LOAD_ADDRESS = 0x100000  # flat binaries, when the user names no address
+
+
+def make_config(*, kind: str = "kvm", workload: str = "idle", params: dict[str, Any] | None = None,
+                memory_bytes: int, vcpus: int = 1, boot_sector: str | os.PathLike | None = None,
+                flat: str | os.PathLike | None = None, flat64: str | os.PathLike | None = None,
+                load_address: int | None = None) -> GuestConfig:
+    """A checked :class:`GuestConfig` from a user's options (``pymig run``).
+
+    Either a built-in workload (``workload`` and its ``params``, checked by
+    :mod:`pymig.guest.workloads`) or, on KVM only, a user image: ``boot_sector`` (exactly 512
+    bytes), ``flat`` (32-bit protected mode) or ``flat64`` (64-bit, CPL 3), loaded at
+    ``load_address`` (flat binaries; default 1 MiB).  Anything that would not run raises
+    ValueError saying why: an unknown kind, workload or parameter, a working set larger than
+    RAM, an image on a simulated guest, a boot sector of another size...  The image file is
+    read (its size) here, on the source; a destination never needs it.
+    """
+    if kind not in GUEST_KINDS:
+        raise ValueError(f"unknown guest kind {kind!r} (use {' or '.join(GUEST_KINDS)})")
+    if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0 \
+            or memory_bytes % GUEST_PAGE_SIZE:
+        raise ValueError(f"guest memory must be a positive multiple of {GUEST_PAGE_SIZE} bytes, "
+                         f"not {memory_bytes!r}")
+    images = {name: path for name, path in
+              (("bootsector", boot_sector), ("flat", flat), ("flat64", flat64)) if path is not None}
+    if images or workload == "image":
+        return _image_config(kind, workload, params, memory_bytes, vcpus, images, load_address)
+    if load_address is not None:
+        raise ValueError("a load address places a flat binary, and there is none")
+    config = GuestConfig(kind=kind, memory_bytes=memory_bytes, vcpus=vcpus, workload=workload,
+                         params=dict(params or {}))
+    if kind == "kvm":
+        from pymig.guest.builtin import check_config
+    else:
+        from pymig.guest.workloads import resolve as check_config
+    check_config(config)
+    return config
+
+
+def _image_config(kind: str, workload: str, params: dict[str, Any] | None, memory_bytes: int,
+                  vcpus: int, images: dict[str, Any], load_address: int | None) -> GuestConfig:
+    if kind != "kvm":
+        raise ValueError("a user image runs only on a KVM guest, not on a simulated one")
+    if len(images) != 1:
+        raise ValueError("give one image: a boot sector, a flat binary or a 64-bit flat binary"
+                         if images else "workload 'image' needs a boot sector or a flat binary")
+    if workload not in ("idle", "image"):
+        raise ValueError(f"give a built-in workload or an image, not both (workload "
+                         f"{workload!r})")
+    if params:
+        raise ValueError(f"an image takes no workload parameters, not {sorted(params)}")
+    from pymig.guest import loader
+
+    ((image_kind, path),) = images.items()
+    if image_kind != "bootsector" and load_address is None:
+        load_address = DEFAULT_LOAD_ADDRESS
+    image_params: dict[str, Any] = {"image": os.fspath(path), "kind": image_kind}
+    if load_address is not None:
+        image_params["load_address"] = load_address
+    loader.check_image_params(image_params)
+    size = os.path.getsize(path)
+    loader.check_image(image_kind, size, load_address)
+    config = GuestConfig(kind="kvm", memory_bytes=memory_bytes, vcpus=vcpus, workload="image",
+                         params=image_params)
+    start = loader.BOOT_SECTOR_ADDR if image_kind == "bootsector" else load_address
+    try:
+        locate(config.blocks, start, size)
+    except ValueError:
+        raise ValueError(f"the {size}-byte image at {start:#x} does not fit in the guest's RAM "
+                         f"({memory_bytes} bytes)") from None
+    return config

@@ -32,7 +32,9 @@ PARAMS_GPA = 0x5000
 MAILBOX_GPA = 0x6000
 MAILBOX_RECORD_BYTES = 64
 WORKSET_GPA = 0x100000
-MAX_VCPUS = GUEST_PAGE_SIZE // MAILBOX_RECORD_BYTES  # every record fits the one mailbox page
+# Built-in workloads run on at most 8 vCPUs on either kind of guest: the KVM guest's low memory
+# has room for eight stacks (pymig.guest.builtin).
+MAX_VCPUS = 8
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,28 @@ def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) ->
             return index, offset
     raise ValueError(f"guest-physical range [{gpa:#x}, {gpa + nbytes:#x}) is not inside one RAM "
                      f"block")
+
+
+def allocate_ram(config: GuestConfig, *, backing: str = "anon",
+                 hugepages: bool = True) -> list[RamBlock]:
+    """Fresh, untouched RAM blocks for ``config``'s memory map (all of them or none)."""
+    blocks: list[RamBlock] = []
+    try:
+        for index, layout in enumerate(config.blocks):
+            blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
+                                            layout.guest_phys_addr, block_id=index,
+                                            backing=backing, hugepages=hugepages))
+    except BaseException:
+        for block in blocks:
+            block.close()
+        raise
+    return blocks
+
+
+def write_phys(blocks: Sequence[RamBlock], gpa: int, data: bytes) -> None:
+    """Copy ``data`` to guest-physical ``gpa`` (the range must lie inside one block)."""
+    index, offset = locate(blocks, gpa, len(data))
+    blocks[index].array[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
 
 @dataclass

@@ -17,29 +17,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from pymig._core import kvm as _kvm
 from pymig.errors import GuestError
 from pymig.guest import builtin, loader
-from pymig.guest.base import Console, GuestConfig
+from pymig.guest.base import Console, GuestConfig, GuestState, allocate_ram, write_phys
+from pymig.guest.workloads import MailboxRecord, progress_from_mailbox, read_mailbox
 from pymig.kvm import cpustate
 from pymig.kvm.machine import Machine
 from pymig.kvm.system import Kvm
 from pymig.memory import RamBlock
-
-try:  # B2 owns GuestState in base.py; this twin keeps the same shape until the merge
-    from pymig.guest.base import GuestState  # type: ignore[attr-defined]
-except ImportError:
-    @dataclass
-    class GuestState:  # type: ignore[no-redef]
-        """A paused guest's vCPUs (``CpuState`` each) and devices (state dataclasses)."""
-
-        cpus: list = field(default_factory=list)
-        devices: dict[str, object] = field(default_factory=dict)
 
 
 class KvmGuest:
@@ -76,20 +65,16 @@ class KvmGuest:
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
-        if config.workload != "image":
-            params = builtin.resolve_params(config.workload, config.params)
-            if config.vcpus > builtin.MAX_VCPUS:
-                raise ValueError(f"built-in workloads run on at most {builtin.MAX_VCPUS} vCPUs")
-            _check_fits(config, params)
+        if config.workload == "image":
+            loader.check_image_params(config.params)
+        else:
+            builtin.check_config(config)
         blocks: list[RamBlock] = []
         owns_kvm = kvm is None
         kvm = kvm or Kvm()
         machine = None
         try:
-            for i, layout in enumerate(config.blocks):
-                blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
-                                                layout.guest_phys_addr, block_id=i,
-                                                backing=backing, hugepages=hugepages))
+            blocks = allocate_ram(config, backing=backing, hugepages=hugepages)
             console = Console()
             machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
                               manual_protect=manual_protect, initially_set=initially_set,
@@ -119,19 +104,10 @@ class KvmGuest:
                 self.write_phys(gpa, chunk)
             entries = [loader.image_entry(kind, base[0], p)]
         else:
-            workload = self.config.workload
-            params = builtin.resolve_params(workload, self.config.params)
-            self.write_phys(loader.GDT_ADDR, loader.gdt_bytes())
-            self.write_phys(builtin.PARAM_ADDR, builtin.param_block(
-                workload, params, self.config.vcpus, self.kvm.tsc_khz))
-            self.write_phys(builtin.CODE_ADDR, builtin.image(workload))
-            enter = loader.flat_entry
-            if workload in builtin.USER64_WORKLOADS:
-                code = loader.code_pages(builtin.CODE_ADDR, len(builtin.image(workload)))
-                for gpa, chunk in loader.identity_page_tables(max(top, 1 << 32), code):
-                    self.write_phys(gpa, chunk)
-                enter = loader.user64_entry
-            entries = [enter(base[i], builtin.CODE_ADDR, builtin.stack_top(i), i)
+            workload = builtin.check_config(self.config)
+            for gpa, chunk in builtin.memory_writes(workload, self.kvm.tsc_khz, top):
+                self.write_phys(gpa, chunk)
+            entries = [builtin.entry(workload.name, base[i], i)
                        for i in range(self.config.vcpus)]
         for vcpu, entry in zip(self.machine.vcpus, entries):
             _enter(vcpu, entry)
@@ -146,10 +122,7 @@ class KvmGuest:
         raise ValueError(f"guest-physical address {gpa:#x} is not RAM")
 
     def write_phys(self, gpa: int, data: bytes) -> None:
-        block, offset = self.block_at(gpa)
-        if offset + len(data) > block.size_bytes:
-            raise ValueError(f"{len(data)} bytes at {gpa:#x} run past RAM block {block.name!r}")
-        block.array[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        write_phys(self.ram_blocks, gpa, data)
 
     def read_phys(self, gpa: int, size: int) -> bytes:
         block, offset = self.block_at(gpa)
@@ -268,12 +241,13 @@ class KvmGuest:
         self.machine.set_throttle(percent)
 
     def progress(self) -> dict[str, int]:
-        """The mailbox, aggregated (see :func:`pymig.guest.builtin.aggregate`)."""
-        return builtin.aggregate(self.mailbox())
+        """The workload's counters from the mailbox in guest RAM (see
+        :func:`pymig.guest.workloads.progress_from_mailbox`)."""
+        return progress_from_mailbox(self.ram_blocks, self.vcpu_count)
 
-    def mailbox(self) -> list[dict[str, int]]:
-        low = self.ram_blocks[0]
-        return builtin.read_mailbox(low.array, self.vcpu_count)
+    def mailbox(self) -> list[MailboxRecord]:
+        """Each vCPU's mailbox record."""
+        return read_mailbox(self.ram_blocks, self.vcpu_count)
 
 
 def _enter(vcpu, entry: loader.Entry) -> None:
@@ -284,22 +258,6 @@ def _enter(vcpu, entry: loader.Entry) -> None:
     _kvm.set_regs(vcpu.fd, regs)
     if vcpu.vm.irqchip:
         _kvm.set_mp_state(vcpu.fd, _kvm.MP_STATE_RUNNABLE)
-
-
-def _check_fits(config: GuestConfig, params: dict[str, Any]) -> None:
-    from pymig.kvm.devices import CONTROL_MMIO
-
-    if any(b.guest_phys_addr <= CONTROL_MMIO < b.guest_phys_addr + b.size_bytes
-           for b in config.blocks):
-        raise ValueError(f"built-in workloads need guest-physical {CONTROL_MMIO:#x} (the "
-                         f"control MMIO page) outside RAM; use the PC layout")
-    low = next((b for b in config.blocks if b.guest_phys_addr == 0), None)
-    if low is None:
-        raise ValueError("built-in workloads need RAM at guest-physical 0")
-    end = builtin.WORKING_SET_BASE + builtin.area_pages(config.workload, params) * builtin.PAGE
-    if end > min(low.size_bytes, 1 << 32):
-        raise ValueError(f"{config.workload}: working set ends at {end:#x}, past low RAM "
-                         f"({low.size_bytes:#x} bytes)")
 
 
 __all__ = ["GuestState", "KvmGuest"]

@@ -174,6 +174,7 @@ def read_image(path: str | Path) -> bytes:
 
 
 IMAGE_KINDS = ("bootsector", "flat", "flat64")
+IMAGE_PARAMS = ("image", "kind", "load_address", "entry", "stack")
 
 
 def code_pages(address: int, size: int) -> range:
@@ -181,19 +182,46 @@ def code_pages(address: int, size: int) -> range:
     return range(address >> 12, (address + max(size, 1) + 4095) >> 12)
 
 
-def image_writes(kind: str, data: bytes, load_address: int | None,
-                 ram_top: int = 1 << 32) -> list[tuple[int, bytes]]:
-    """Memory writes for an image of ``kind`` (see IMAGE_KINDS); ``ram_top`` is the end of
-    the highest RAM block, which a 64-bit image's identity map must cover."""
+def check_image_params(params: dict) -> None:
+    """Check a user image's configuration (``GuestConfig.params`` of workload ``"image"``)
+    without reading the image: known keys, a known kind, a load address for a flat binary."""
+    unknown = set(params) - set(IMAGE_PARAMS)
+    if unknown:
+        raise ImageError(f"unknown image parameter(s) {sorted(unknown)}; an image takes "
+                         f"{', '.join(IMAGE_PARAMS)}")
+    if not params.get("image"):
+        raise ImageError("an image configuration names its file ('image')")
+    kind = params.get("kind", "bootsector")
+    if kind not in IMAGE_KINDS:
+        raise ImageError(f"unknown image kind {kind!r} (use {', '.join(IMAGE_KINDS)})")
+    if kind == "bootsector" and params.get("load_address") is not None:
+        raise ImageError(f"a boot sector always loads at {BOOT_SECTOR_ADDR:#x}")
+    if kind != "bootsector" and params.get("load_address") is None:
+        raise ImageError("a flat binary needs a load address")
+
+
+def check_image(kind: str, size: int, load_address: int | None) -> None:
+    """Check that an image of ``size`` bytes can be placed as asked."""
     if kind == "bootsector":
-        return boot_sector(data)[0]
+        if size != BOOT_SECTOR_BYTES:
+            raise ImageError(f"a boot sector is exactly {BOOT_SECTOR_BYTES} bytes, not {size}")
+        return
     if kind not in IMAGE_KINDS:
         raise ImageError(f"unknown image kind {kind!r} (use {', '.join(IMAGE_KINDS)})")
     if load_address is None:
         raise ImageError("a flat binary needs a load address")
-    if load_address < 0x1000 or load_address + len(data) > 1 << 32:
-        raise ImageError(f"flat binary of {len(data)} bytes at {load_address:#x} does not fit "
+    if load_address < 0x1000 or load_address + size > 1 << 32:
+        raise ImageError(f"flat binary of {size} bytes at {load_address:#x} does not fit "
                          f"between 4 KiB and 4 GiB")
+
+
+def image_writes(kind: str, data: bytes, load_address: int | None,
+                 ram_top: int = 1 << 32) -> list[tuple[int, bytes]]:
+    """Memory writes for an image of ``kind`` (see IMAGE_KINDS); ``ram_top`` is the end of
+    the highest RAM block, which a 64-bit image's identity map must cover."""
+    check_image(kind, len(data), load_address)
+    if kind == "bootsector":
+        return boot_sector(data)[0]
     writes = [(GDT_ADDR, gdt_bytes())]
     if kind == "flat64":
         writes += identity_page_tables(max(ram_top, 1 << 32), code_pages(load_address, len(data)))

@@ -1,7 +1,8 @@
-"""``pymig run``: start a KVM guest, show its serial output live and its dirty rate about once
-a second, stop cleanly on Ctrl-C or when the guest powers off.
+"""Run a KVM guest in the foreground: its serial output live, its dirty rate about once a
+second, a clean stop on Ctrl-C or when the guest powers off.
 
-The library function :func:`run` does the work; the CLI only parses options and calls it.
+Build the configuration with :func:`pymig.guest.make_config`; :func:`parse_params` reads
+``KEY=VALUE`` workload parameters.
 """
 
 from __future__ import annotations
@@ -15,22 +16,6 @@ import numpy as np
 
 from pymig.errors import GuestError
 from pymig.guest.base import GuestConfig
-
-MiB = 1 << 20
-
-
-def make_config(*, workload: str = "idle", params: dict[str, Any] | None = None,
-                image: str | None = None, image_kind: str = "bootsector",
-                load_address: int | None = None, memory_bytes: int = 256 * MiB,
-                vcpus: int = 1) -> GuestConfig:
-    """The guest configuration for a built-in workload or, with ``image``, a user image."""
-    if image is not None:
-        params = {"image": str(image), "kind": image_kind}
-        if load_address is not None:
-            params["load_address"] = load_address
-        workload = "image"
-    return GuestConfig(kind="kvm", memory_bytes=memory_bytes, vcpus=vcpus, workload=workload,
-                       params=dict(params or {}))
 
 
 def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ lands; a sync fetches and clears), it pauses with bounded latency, it can be thr
 
 The writers are C threads (``pymig._core.simguest``) that hold no GIL, in both backends: they
 stand in for a guest, not for a kernel with a Python twin.  The workloads, the parameter block
-and the mailbox are those of :mod:`pymig.guest.workloads`, shared with the KVM guest.
+and the mailbox are those of :mod:`pymig.guest.workloads`, shared with the KVM guest: the
+writers are configured from the very parameter block a source writes into guest RAM, packed
+for their clock (one tick per nanosecond of CLOCK_MONOTONIC).
 
 Status transitions::
 
@@ -37,24 +39,19 @@ import numpy as np
 from pymig._core.simguest import CPU_FIELDS, Writers
 from pymig.errors import GuestError, StateError
 from pymig.guest.base import (
-    GUEST_PAGE_SIZE,
-    MAILBOX_GPA,
     PARAMS_GPA,
     Console,
     GuestConfig,
     GuestState,
     StateSpec,
-    locate,
+    allocate_ram,
+    write_phys,
 )
-from pymig.guest.workloads import (
-    PATTERN_IDS,
-    Workload,
-    pack_params,
-    progress_from_mailbox,
-    resolve,
-)
+from pymig.guest.workloads import Workload, pack_params, progress_from_mailbox, resolve
 from pymig.memory import Backing, RamBlock
 from pymig.vmstate import Field, VMStateDescription
+
+TICK_KHZ = 1_000_000  # the writers' clock: CLOCK_MONOTONIC, one tick per nanosecond
 
 
 @dataclass
@@ -63,12 +60,14 @@ class SimCpuState:
 
     ``index``, ``workload``, ``first_frame`` and ``npages`` say which share of which workload the
     state belongs to (checked on load); the rest is the writer's position: ``phase`` (compute:
-    0 fill, 1 fold, 2 done), ``pos`` (next page of the share), ``pass_number`` (selfcheck: the
-    pass being stamped; compute: the round), ``rng`` (xorshift32 or xorshift64 state), ``acc``
-    and ``partial_sum`` (compute checksum so far and this round's sum).
+    0 fill, 1 fold, 2 feed, 3 done), ``pos`` (next page of the share), ``pass_number``
+    (selfcheck: the pass being stamped; compute: the round), ``rng`` (xorshift64 state of the
+    dirtier or of compute's fill), ``acc`` and ``partial_sum`` (compute's checksum c so far
+    and this round's s).  Version 2: the workloads of :mod:`pymig.guest.workloads` as the KVM
+    guest runs them (version 1 writers ran other generators and another compute round).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     index: int
     workload: int
@@ -83,7 +82,7 @@ class SimCpuState:
 
 
 SIM_CPU_VMSD = VMStateDescription(
-    "cpu", version_id=SimCpuState.VERSION, minimum_version_id=1,
+    "cpu", version_id=SimCpuState.VERSION, minimum_version_id=SimCpuState.VERSION,
     fields=[Field.u64(f.name) for f in dataclasses.fields(SimCpuState)],
     factory=lambda: SimCpuState(*[0] * len(dataclasses.fields(SimCpuState))),
 )
@@ -120,26 +119,17 @@ class SimulatedGuest:
         if config.kind != "simulated":
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
         workload = resolve(config)
-        blocks: list[RamBlock] = []
+        params = pack_params(workload, TICK_KHZ)
+        blocks = allocate_ram(config, backing=backing, hugepages=hugepages)
         try:
-            for index, layout in enumerate(config.blocks):
-                blocks.append(RamBlock.allocate(layout.name, layout.size_bytes,
-                                                layout.guest_phys_addr, block_id=index,
-                                                backing=backing, hugepages=hugepages))
-            writers = Writers([b.array for b in blocks], workload.params.workload_id,
-                              PATTERN_IDS[workload.params.pattern],
-                              workload.params.hot_share_q16, workload.params.rate_pages_per_s,
-                              workload.params.rounds, _share_tuples(config, workload),
-                              locate(config.blocks, MAILBOX_GPA, GUEST_PAGE_SIZE))
+            writers = Writers([(b.guest_phys_addr, b.array) for b in blocks], params)
         except BaseException:
             for block in blocks:
                 block.close()
             raise
         guest = cls(config, workload, blocks, writers, incoming)
         if not incoming:
-            index, offset = locate(config.blocks, PARAMS_GPA, GUEST_PAGE_SIZE)
-            blocks[index].array[offset:offset + GUEST_PAGE_SIZE] = np.frombuffer(
-                pack_params(workload), dtype=np.uint8)
+            write_phys(blocks, PARAMS_GPA, params)
         return guest
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -310,20 +300,6 @@ class SimulatedGuest:
     def __repr__(self) -> str:
         return (f"SimulatedGuest({self.workload.name}, {self.vcpu_count} vCPU(s), "
                 f"{self.config.memory_bytes} bytes, {self._status})")
-
-
-def _share_tuples(config: GuestConfig, workload: Workload) -> list[tuple[int, ...]]:
-    """The shares as the writers take them: (block, first page in it, npages, hot pages,
-    first frame, seed32, seed64)."""
-    shares = []
-    for share in workload.shares:
-        block, page = 0, 0
-        if share.npages:
-            block, offset = locate(config.blocks, share.first_gpa, share.npages * GUEST_PAGE_SIZE)
-            page = offset // GUEST_PAGE_SIZE
-        shares.append((block, page, share.npages, share.hot_pages, share.first_frame,
-                       share.seed32, share.seed64))
-    return shares
 
 
 def _check_cpu(index: int, workload: int, first_frame: int, npages: int, cpu: Any) -> None:

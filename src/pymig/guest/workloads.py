@@ -1,100 +1,109 @@
-"""The built-in workloads, as the host sees them: parameters, guest-RAM layouts, expected results.
+"""The built-in workloads, defined once: what they do, what they leave in guest RAM, what the
+host expects of them.
 
-The KVM guest (assembly) and the simulated guest (a native writer thread) run the same four
-workloads and keep the same words in guest RAM, so one host-side module describes them, checks
-them, and predicts their results.  Everything here is pure Python/numpy.
+The KVM guest (assembly in ``asm/*.S``) and the simulated guest (native writer threads in
+``_core/c/simguest.c``) run these four workloads.  Both read the same parameter block and keep
+the same mailbox, and this module is the one host-side description of both: names, defaults,
+parameter checks, shares, the parameter block, the mailbox, the self-check verifier and the
+reference results.  ``tests/test_workloads_agree.py`` runs every workload on both guests and
+holds each to what is written here.  Everything here is pure Python/numpy.
 
-Guest-physical map (constants in :mod:`pymig.guest.base`)::
+Guest-physical map (constants in :mod:`pymig.guest.base`; the rest of the KVM guest's low
+memory is in :mod:`pymig.guest.builtin`)::
 
     0x5000  parameter block (one page, host -> guest, written before start)
-    0x6000  mailbox: 64-byte progress record per vCPU (guest -> host)
+    0x6000  mailbox: one 64-byte progress record per vCPU (guest -> host)
     1 MiB   working set (dirtier, selfcheck) or region (compute), split in per-vCPU shares
 
-Parameter block at 0x5000 (little-endian; every value the guest needs is precomputed here so a
-32-bit guest never divides or multiplies 64-bit numbers)::
+Parameter block at 0x5000 (little-endian; the layout of ``asm/_defs.S``, which the checked-in
+binaries are built from; the simulated writers are configured from the same bytes)::
 
-    +0x00 u32 magic 0x4C574D50 ("PMWL")   +0x04 u32 version (1)
-    +0x08 u32 workload: 0 idle, 1 dirtier, 2 selfcheck, 3 compute
+    +0x00 u32 magic 0x47494D50 ("PMIG")   +0x04 u32 version (1)
+    +0x08 u32 workload: 1 idle, 2 dirtier, 3 selfcheck, 4 compute
     +0x0C u32 vcpus                       +0x10 u32 pattern: 0 uniform, 1 sequential, 2 hotspot
-    +0x14 u32 hot_share_q16 (0..65536)    +0x18 u32 rounds (compute)
-    +0x1C u32 page_size (4096)            +0x20 u64 rate_pages_per_s (whole guest; 0 = max)
-    +0x28 u64 area_gpa (0x100000)         +0x30 u64 area_bytes (working set or region)
-    +0x38 .. +0xFF reserved, zero
-    +0x100 + 32*i  per-vCPU share record, i < vcpus:
-        +0 u64 first_gpa   guest-physical address of the share's first page
-        +8 u64 npages      pages in the share (m >= 1; 0 for idle)
-        +16 u32 hot_pages  h: the share's first h pages are its hot part (hotspot)
-        +20 u32 seed32     xorshift32 state to start from (non-zero)
-        +24 u64 seed64     xorshift64 state to start from (non-zero)
+    +0x14 u32 hot_share x 2**32 (saturated at 2**32 - 1)
+    +0x18 u32 batch_pages (>= 1)          +0x1C u32 rounds (compute)
+    +0x20 u64 ticks per batch (0: as fast as it can)
+    +0x28 u64 max lag in ticks            +0x30 u32 ticks per microsecond
+    +0x40 + 64*i  share of vCPU i < vcpus:
+        +0 u32 first_gpa  +4 u32 npages (m)  +8 u32 hot_pages (h)  +12 u32 0  +16 u64 seed
+
+A *tick* is the guest's clock: the TSC on KVM (its frequency from KVM_GET_TSC_KHZ), a
+nanosecond of CLOCK_MONOTONIC for the simulated guest.
 
 Mailbox record of vCPU i at 0x6000 + 64*i (u64 each, written only by that vCPU)::
 
     +0 passes   +8 pages_written   +16 errors   +24 result   +32 done   +40 reserved
 
-The counters live in RAM: a vCPU adds to them in place after every page (the simulated writer
-after every batch, and it stops only between batches), so they migrate with the memory and a
-destination carries on counting from the source's values.
+The counters live in RAM, so they migrate with the memory and a destination carries on
+counting from the source's values.  A KVM vCPU updates them after each page and can stop at any
+instruction, so they may lag RAM by the one page it was writing; the simulated writer updates
+them after each batch and stops only between batches, so they never lag.  Likewise the dirty
+log: both guests log every page they change, and a stopped KVM vCPU may also have logged the
+page it was about to write (KVM logs a page when its write fault makes it writable, before the
+write itself), which it writes, and changes, when it runs again.
+``guest.progress()`` (:func:`progress_from_mailbox`) aggregates the records: ``passes`` is the
+minimum over vCPUs, ``pages_written`` and ``errors`` are sums, ``done`` is 1 when every vCPU is
+done and ``result`` is the XOR of the vCPUs' results (vCPU 0's with one vCPU).
 
-Shares: with m_total pages in the area and v vCPUs, vCPU i owns pages
-[i*m_total//v, (i+1)*m_total//v).  ``rate_pages_per_s`` counts page writes (a page written
-twice counts twice) of the whole guest: each vCPU writes rate/v pages per second.  Seeds:
-``seed64_i = SEED ^ (i * GOLDEN mod 2**64)`` (SEED when that is 0) and
-``seed32_i = (seed64_i ^ seed64_i >> 32) & 0xFFFFFFFF`` (0x9E3779B9 when 0), with
-``SEED = 0x853C49E6748FEA9B`` and ``GOLDEN = 0x9E3779B97F4A7C15``.  The host precomputes all of
-it into the parameter block.
+Shares: with n pages in the area and v vCPUs, vCPU i owns pages [i*n//v, (i+1)*n//v) (m pages,
+m >= 1).  Built-in workloads run on 1 to 8 vCPUs (the KVM guest has eight stacks).
 
-Generators (all shifts logical, values wrap at the register width)::
+Generators: ``xorshift64(x)``: ``x ^= x << 13; x ^= x >> 7; x ^= x << 17`` (64-bit, logical
+shifts); each call advances the state and returns it.  ``below(k)`` = the high 64 bits of
+``xorshift64() * k`` (an integer in [0, k)).
 
-    xorshift32(x): x ^= x << 13; x ^= x >> 17; x ^= x << 5      (32-bit)
-    xorshift64(x): x ^= x << 13; x ^= x >> 7;  x ^= x << 17     (64-bit; in 32-bit code a pair
-                                                                  of registers with shld/shrd)
-    Each call advances the state and returns the new state.
+Pacing (``rate_pages_per_s``, 0 = as fast as it can): the rate is the whole guest's, split
+evenly: each vCPU writes r = rate / v pages per second.  It writes ``batch_pages`` =
+max(1, round(r * 100 us)) pages, then waits until its deadline (deadline += ticks per batch =
+round(batch_pages * tick rate / r), starting from the time it started); a vCPU more than
+100 ms behind (paused, throttled, descheduled) restarts its deadline from now instead of
+bursting.  Unpaced, a batch is 64 pages and nobody waits.  Page writes count as in
+``pages_written`` below.  Throttling differs by design: a KVM vCPU's TSC keeps running while it
+is throttled, so a paced vCPU with CPU to spare catches up; a simulated writer's clock stops
+while it is throttled, so it writes (100 - p) % of its rate.
 
 idle
-    Touches no memory after start.
+    Touches no memory after start (KVM: hlt with interrupts off; a simulated writer sleeps).
 
 dirtier  (working_set_bytes, rate_pages_per_s, pattern, hot_fraction, hot_share)
-    Each write picks a page j of the vCPU's share (m pages, h hot) and increments byte 0 of it
-    (wrapping at 256).  With r = xorshift32 and ``mulhi(r, x) = (r * x) >> 32``:
-    uniform ``j = mulhi(r, m)``; sequential ``j = pos``; hotspot: ``r1 = r``, if
-    ``(r1 >> 16) < hot_share_q16`` then ``j = mulhi(r2, h)`` else ``j = h + mulhi(r2, m - h)``
-    (``mulhi(r2, h)`` when h == m), r2 being the next xorshift32 value.  After each write
-    ``pos += 1``; when pos reaches m it restarts at 0 and ``passes`` is incremented, so passes
-    counts share-sized rounds of writes for every pattern.  ``h = clamp(round(m*hot_fraction),
-    1, m)``, ``hot_share_q16 = round(hot_share * 65536)``.
+    vCPU i's generator starts at ``((i + 1) * GOLDEN mod 2**64) | 1``.  Each write picks a
+    page j of the share and increments its byte 0 (wrapping at 256): ``uniform``:
+    ``j = below(m)``; ``sequential``: ``j = pos``; ``hotspot``: ``r = xorshift64()``, then if
+    ``r >> 32 < hot_share x 2**32`` ``j = below(h)`` (the hot part: the share's first h pages)
+    else ``j = h + below(m - h)``.  After each write ``pages_written += 1`` and ``pos += 1``;
+    when pos reaches m it restarts at 0 and ``passes += 1``, so passes counts share-sized
+    rounds of writes for every pattern.  Hotspot: ``h = clamp(round(m * hot_fraction), 1,
+    m - 1)`` (it needs m >= 2); h = 0 for the other patterns.  :func:`dirtier_pages` replays
+    the writes.
 
 selfcheck  (working_set_bytes, rate_pages_per_s)
     Pass p = 1, 2, ... stamps the share's pages in order.  For page j (gpa g, frame f = g >> 12)
-    it first checks the page's three words hold pass p-1 (u64 at 0 and at 4088, frame f at 8; for
-    p = 1 all three are zero) and adds 1 to ``errors`` per page that does not, then stamps, in
-    this order: word 4088 <- p, word 8 <- f, word 0 <- p; then ``pages_written += 1``; after the
-    share's last page ``passes += 1``.  The rest of every page stays zero.  Invariant: for each
-    share there is k with pages [0, k) at pass p and [k, m) at pass p-1 (see
-    :func:`verify_selfcheck`, which also accepts the one page a vCPU stopped mid-stamp).
+    it first checks the page holds pass p-1 (u64 p-1 at offsets 0 and 4088, frame f at offset
+    8; for p = 1 all three are zero) and adds 1 to ``errors`` per page that does not, then
+    stamps, in this order: word 4088 <- p, then word 8 <- f and word 0 <- p (KVM: one 16-byte
+    store); then ``pages_written += 1``; after the share's last page ``passes = p``.  The rest
+    of every page stays zero.  Invariant: for each share there is k with pages [0, k) at pass
+    p and [k, m) at pass p-1.  A KVM vCPU can stop between the two stores, leaving the page at
+    k with its last word at p and its first word at p-1; :func:`verify_selfcheck` accepts that
+    one page per share by default and nothing of the kind with ``exact=True`` (the simulated
+    guest always satisfies ``exact``).
 
-compute  (rounds, region_bytes)
+compute  (rounds, region_bytes, rate_pages_per_s)
     vCPU i works on the N = 512 * m u64 words w[0..N) of its share (ascending addresses).
-    Fill: ``x = seed64_i``; for J in 0..N-1: ``x = xorshift64(x); w[J] = x``.  Then, with
-    ``acc = 0``, for r in 0..rounds-1::
+    Fill: ``x = 0x9E3779B97F4A7C15 ^ i``; for j in 0..N-1: ``w[j] = x = xorshift64(x)``.  Then,
+    with ``c = 0``, for each of ``rounds`` rounds::
 
-        key = acc + GOLDEN + r                          (mod 2**64)
-        s = 0
-        for J in 0..N-1:
-            w[J] = rotl64(w[J] ^ key, 7) + J            (mod 2**64; written back to RAM)
-            s = s + w[J]                                (mod 2**64)
-        acc = rotl64(acc, 9) ^ s
+        s = XOR over j of rotl64(w[j] + j, j mod 64)      (mod 2**64)
+        c = rotl64(c, 1) ^ s
+        w[j] += s  for every j                            (mod 2**64; written back to RAM)
 
-    then ``result = acc`` and ``done = 1`` in its mailbox record.  Every step is a 64-bit xor,
-    add (add/adc) or rotate (two shld), so 32-bit code implements it without multiplication.
-    ``pages_written`` counts pages filled plus pages folded ((1 + rounds) * m when done);
-    ``passes`` counts completed rounds.  The guest's result (``progress()["result"]``) is the XOR
-    of the vCPUs' results.
-
-    Worked example (SEED, one vCPU): the first xorshift64 outputs are 0x00EA4BE701D3338E,
-    0x44103C51B1BFB669, 0x3FF8298A6D767345; a 4096-byte region with rounds=1 ends with
-    w[0] = 0x6E992F3F4CA7CDCF, w[1] = 0x13A2F4677AE53E6E and result 0x991505C3478EEFB0; with
-    rounds=2 the result is 0x22086244583CBE81.  With the defaults (4 MiB, 64 rounds) the result
-    is 0xD9E680B7A2BBBB07 on one vCPU and 0x6C2AA5B60FB08D3E on two.
+    then ``result = c`` and ``done = 1`` in its mailbox record (KVM also raises event 2 and
+    parks).  ``passes`` counts finished rounds; ``pages_written`` counts pages filled and pages
+    fed ((1 + rounds) * m when done; the fold only reads).  The ``+ j`` ties each word to its
+    place: every page starts at a multiple of 64 words, so a plain XOR of rotated words would
+    give the same result with two pages swapped.  :func:`expected_compute_result` is the
+    reference.
 """
 
 from __future__ import annotations
@@ -120,32 +129,39 @@ from pymig.guest.base import (
 )
 
 MiB = 1 << 20
-SEED = 0x853C49E6748FEA9B
 GOLDEN = 0x9E3779B97F4A7C15
-SEED32_FALLBACK = 0x9E3779B9
+COMPUTE_SEED = GOLDEN
 U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
 
-WORKLOAD_IDS = {"idle": 0, "dirtier": 1, "selfcheck": 2, "compute": 3}
+WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
+WORKLOAD_IDS = {"idle": 1, "dirtier": 2, "selfcheck": 3, "compute": 4}
+PATTERNS = ("uniform", "sequential", "hotspot")
 PATTERN_IDS = {"uniform": 0, "sequential": 1, "hotspot": 2}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "idle": {},
     "dirtier": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0, "pattern": "uniform",
                 "hot_fraction": 0.1, "hot_share": 0.9},
     "selfcheck": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0},
-    "compute": {"rounds": 64, "region_bytes": 4 * MiB},
+    "compute": {"rounds": 64, "region_bytes": 4 * MiB, "rate_pages_per_s": 0},
 }
 
-PARAMS_MAGIC = 0x4C574D50
+BATCH_SECONDS = 100e-6    # a paced batch is ~100 us of writes
+MAX_LAG_SECONDS = 0.100   # behind by more than this, a vCPU stops catching up
+UNPACED_BATCH_PAGES = 64
+
+PARAMS_MAGIC = 0x47494D50
 PARAMS_VERSION = 1
-PARAMS_HEADER = struct.Struct("<IIIIIIIIQQQ")
-SHARE_RECORD = struct.Struct("<QQIIQ")
-SHARES_OFFSET = 0x100
+PARAMS_HEADER = struct.Struct("<IIIIIIIIQQI")
+SHARES_OFFSET = 0x40
+SHARE_STRIDE = 64
+SHARE_RECORD = struct.Struct("<IIIIQ")
 MAILBOX_RECORD = struct.Struct("<QQQQQQ16x")  # 5 words, reserved +40, padding
 # Byte offsets of the mailbox words, for code that reads or writes one word in place.
 MB_PASSES, MB_PAGES_WRITTEN, MB_ERRORS, MB_RESULT, MB_DONE = 0, 8, 16, 24, 32
 
-assert SHARES_OFFSET >= PARAMS_HEADER.size
-assert SHARES_OFFSET + SHARE_RECORD.size * MAX_VCPUS <= GUEST_PAGE_SIZE
+assert SHARES_OFFSET >= PARAMS_HEADER.size and SHARE_STRIDE >= SHARE_RECORD.size
+assert SHARES_OFFSET + SHARE_STRIDE * MAX_VCPUS <= GUEST_PAGE_SIZE
 assert MAILBOX_RECORD.size == MAILBOX_RECORD_BYTES
 
 
@@ -173,24 +189,29 @@ class WorkloadParams:
         return self.area_bytes // GUEST_PAGE_SIZE
 
     @property
-    def hot_share_q16(self) -> int:
-        return round(self.hot_share * 65536)
+    def hot_share_u32(self) -> int:
+        """The parameter block's hot_share: a 32-bit fraction, saturated."""
+        return min(int(self.hot_share * 2**32), U32)
 
 
 @dataclass(frozen=True)
 class Share:
-    """One vCPU's part of the working set and the values it starts from."""
+    """One vCPU's part of the area, as its parameter-block record holds it."""
 
     index: int
     first_gpa: int
     npages: int
     hot_pages: int
-    seed32: int
-    seed64: int
+    seed: int
 
     @property
     def first_frame(self) -> int:
         return self.first_gpa // GUEST_PAGE_SIZE
+
+    @property
+    def dirtier_seed(self) -> int:
+        """Where the dirtier's generator starts (each guest derives it from the index)."""
+        return ((self.index + 1) * GOLDEN & U64) | 1
 
 
 @dataclass(frozen=True)
@@ -253,14 +274,14 @@ def parse_params(workload: str, params: dict[str, Any] | None = None) -> Workloa
     merged = {**DEFAULTS[workload], **given}
     if workload == "idle":
         return WorkloadParams("idle")
+    rate = _int_param("rate_pages_per_s", merged["rate_pages_per_s"], 0)
     if workload == "compute":
         rounds = _int_param("rounds", merged["rounds"], 1)
-        if rounds > 0xFFFFFFFF:
+        if rounds > U32:
             raise ValueError(f"workload parameter 'rounds' must be < 2**32, not {rounds}")
         return WorkloadParams("compute", area_bytes=_size_param("region_bytes",
                                                                 merged["region_bytes"]),
-                              rounds=rounds)
-    rate = _int_param("rate_pages_per_s", merged["rate_pages_per_s"], 0)
+                              rate_pages_per_s=rate, rounds=rounds)
     area = _size_param("working_set_bytes", merged["working_set_bytes"])
     if workload == "selfcheck":
         return WorkloadParams("selfcheck", area_bytes=area, rate_pages_per_s=rate)
@@ -274,16 +295,16 @@ def parse_params(workload: str, params: dict[str, Any] | None = None) -> Workloa
                           hot_share=_fraction_param("hot_share", merged["hot_share"], False))
 
 
-def vcpu_seeds(index: int) -> tuple[int, int]:
-    """``(seed32, seed64)`` of vCPU ``index`` (see the module docstring)."""
-    seed64 = SEED ^ ((index * GOLDEN) & U64) or SEED
-    seed32 = ((seed64 ^ (seed64 >> 32)) & 0xFFFFFFFF) or SEED32_FALLBACK
-    return seed32, seed64
-
-
 def share_bounds(total_pages: int, vcpus: int, index: int) -> tuple[int, int]:
     """Pages ``[start, end)`` of the area that vCPU ``index`` of ``vcpus`` owns."""
     return index * total_pages // vcpus, (index + 1) * total_pages // vcpus
+
+
+def hot_pages(params: WorkloadParams, npages: int) -> int:
+    """h: the hot part of a share of ``npages`` pages (0 unless the dirtier's hotspot)."""
+    if params.workload != "dirtier" or params.pattern != "hotspot":
+        return 0
+    return min(max(round(npages * params.hot_fraction), 1), npages - 1)
 
 
 def make_workload(params: WorkloadParams, vcpus: int) -> Workload:
@@ -294,14 +315,18 @@ def make_workload(params: WorkloadParams, vcpus: int) -> Workload:
     if params.workload != "idle" and total < vcpus:
         raise ValueError(f"{params.workload}: {total} pages cannot give each of {vcpus} vCPUs a "
                          f"page of its own")
+    if WORKSET_GPA + params.area_bytes > 1 << 32:
+        raise ValueError(f"{params.workload}: the area must end below 4 GiB (the parameter "
+                         f"block holds 32-bit addresses), not at "
+                         f"{WORKSET_GPA + params.area_bytes:#x}")
     shares = []
     for index in range(vcpus):
         start, end = share_bounds(total, vcpus, index)
         npages = end - start
-        hot = min(max(round(npages * params.hot_fraction), 1), npages) if npages else 0
-        seed32, seed64 = vcpu_seeds(index)
-        shares.append(Share(index, WORKSET_GPA + start * GUEST_PAGE_SIZE, npages, hot, seed32,
-                            seed64))
+        if params.pattern == "hotspot" and params.workload == "dirtier" and npages < 2:
+            raise ValueError("dirtier: the hotspot pattern needs at least two pages per vCPU")
+        shares.append(Share(index, WORKSET_GPA + start * GUEST_PAGE_SIZE, npages,
+                            hot_pages(params, npages), COMPUTE_SEED ^ index))
     return Workload(params, vcpus, tuple(shares))
 
 
@@ -323,46 +348,96 @@ def resolve(config: GuestConfig) -> Workload:
     return workload
 
 
-# --- the parameter block -------------------------------------------------------------------
+# --- pacing and the parameter block --------------------------------------------------------
 
-def pack_params(workload: Workload) -> bytes:
-    """The parameter block page the host writes at 0x5000 before start."""
+class Pacing(NamedTuple):
+    """How a vCPU paces its page writes, in ticks of the guest's clock (module docstring)."""
+
+    batch_pages: int
+    ticks_per_batch: int  # 0: as fast as it can
+    max_lag_ticks: int
+    ticks_per_us: int
+
+
+def pacing(rate_pages_per_s: int, vcpus: int, tick_khz: int) -> Pacing:
+    """The pacing of each of ``vcpus`` vCPUs for a whole-guest rate, with a clock of
+    ``tick_khz`` kHz."""
+    if tick_khz < 1000:
+        raise ValueError(f"a guest clock of {tick_khz} kHz is too slow to pace by")
+    tick_hz = tick_khz * 1000
+    max_lag = round(MAX_LAG_SECONDS * tick_hz)
+    if not rate_pages_per_s:
+        return Pacing(UNPACED_BATCH_PAGES, 0, max_lag, tick_khz // 1000)
+    per_vcpu = rate_pages_per_s / vcpus
+    batch = min(max(1, round(per_vcpu * BATCH_SECONDS)), U32)
+    return Pacing(batch, max(1, round(batch * tick_hz / per_vcpu)), max_lag, tick_khz // 1000)
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """The parameter block's fields (module docstring): what a guest reads at 0x5000."""
+
+    workload: str
+    vcpus: int
+    pattern: str
+    hot_share_u32: int
+    rounds: int
+    pacing: Pacing
+    shares: tuple[Share, ...]
+
+    def pack(self) -> bytes:
+        page = bytearray(GUEST_PAGE_SIZE)
+        PARAMS_HEADER.pack_into(page, 0, PARAMS_MAGIC, PARAMS_VERSION,
+                                WORKLOAD_IDS[self.workload], self.vcpus,
+                                PATTERN_IDS[self.pattern], self.hot_share_u32,
+                                self.pacing.batch_pages, self.rounds, self.pacing.ticks_per_batch,
+                                self.pacing.max_lag_ticks, self.pacing.ticks_per_us)
+        for share in self.shares:
+            SHARE_RECORD.pack_into(page, SHARES_OFFSET + SHARE_STRIDE * share.index,
+                                   share.first_gpa, share.npages, share.hot_pages, 0, share.seed)
+        return bytes(page)
+
+    @classmethod
+    def unpack(cls, page: bytes | memoryview | np.ndarray) -> "ParamBlock":
+        """Read a parameter block back (tools, tests, a guest double-checking its config)."""
+        buf = bytes(page)
+        if len(buf) < GUEST_PAGE_SIZE:
+            raise ValueError(f"a parameter block is {GUEST_PAGE_SIZE} bytes, not {len(buf)}")
+        (magic, version, workload_id, vcpus, pattern_id, hot_share, batch, rounds, ticks,
+         max_lag, ticks_per_us) = PARAMS_HEADER.unpack_from(buf, 0)
+        if magic != PARAMS_MAGIC:
+            raise ValueError(f"no parameter block here (magic {magic:#010x})")
+        if version != PARAMS_VERSION:
+            raise ValueError(f"parameter block version {version}, this pymig writes "
+                             f"{PARAMS_VERSION}")
+        names = {v: k for k, v in WORKLOAD_IDS.items()}
+        patterns = {v: k for k, v in PATTERN_IDS.items()}
+        if workload_id not in names or pattern_id not in patterns or not 1 <= vcpus <= MAX_VCPUS:
+            raise ValueError(f"parameter block names workload {workload_id}, pattern "
+                             f"{pattern_id}, {vcpus} vCPUs")
+        shares = []
+        for i in range(vcpus):
+            first_gpa, npages, hot, _, seed = SHARE_RECORD.unpack_from(
+                buf, SHARES_OFFSET + SHARE_STRIDE * i)
+            shares.append(Share(i, first_gpa, npages, hot, seed))
+        return cls(names[workload_id], vcpus, patterns[pattern_id], hot_share, rounds,
+                   Pacing(batch, ticks, max_lag, ticks_per_us), tuple(shares))
+
+
+def param_block(workload: Workload, tick_khz: int) -> ParamBlock:
+    """The parameter block of ``workload`` for a guest whose clock runs at ``tick_khz``."""
     p = workload.params
-    page = bytearray(GUEST_PAGE_SIZE)
-    PARAMS_HEADER.pack_into(page, 0, PARAMS_MAGIC, PARAMS_VERSION, p.workload_id, workload.vcpus,
-                            PATTERN_IDS[p.pattern], p.hot_share_q16, p.rounds, GUEST_PAGE_SIZE,
-                            p.rate_pages_per_s, WORKSET_GPA, p.area_bytes)
-    for share in workload.shares:
-        SHARE_RECORD.pack_into(page, SHARES_OFFSET + SHARE_RECORD.size * share.index,
-                               share.first_gpa, share.npages, share.hot_pages, share.seed32,
-                               share.seed64)
-    return bytes(page)
+    return ParamBlock(p.workload, workload.vcpus, p.pattern, p.hot_share_u32, p.rounds,
+                      pacing(p.rate_pages_per_s, workload.vcpus, tick_khz), workload.shares)
 
 
-def unpack_params(page: bytes | memoryview | np.ndarray) -> Workload:
-    """Read a parameter block back (tools, tests, a destination double-checking its config)."""
-    buf = bytes(page)
-    if len(buf) < GUEST_PAGE_SIZE:
-        raise ValueError(f"a parameter block is {GUEST_PAGE_SIZE} bytes, not {len(buf)}")
-    (magic, version, workload_id, vcpus, pattern_id, hot_q16, rounds, page_size, rate, area_gpa,
-     area_bytes) = PARAMS_HEADER.unpack_from(buf, 0)
-    if magic != PARAMS_MAGIC:
-        raise ValueError(f"no parameter block here (magic {magic:#010x})")
-    if version != PARAMS_VERSION or page_size != GUEST_PAGE_SIZE or area_gpa != WORKSET_GPA:
-        raise ValueError(f"parameter block version {version}, page size {page_size}, area at "
-                         f"{area_gpa:#x}: not what this pymig writes")
-    names = {v: k for k, v in WORKLOAD_IDS.items()}
-    patterns = {v: k for k, v in PATTERN_IDS.items()}
-    if workload_id not in names or pattern_id not in patterns or not 1 <= vcpus <= MAX_VCPUS:
-        raise ValueError(f"parameter block names workload {workload_id}, pattern {pattern_id}, "
-                         f"{vcpus} vCPUs")
-    shares = tuple(Share(i, *SHARE_RECORD.unpack_from(buf, SHARES_OFFSET + SHARE_RECORD.size * i))
-                   for i in range(vcpus))
-    hot_fraction = shares[0].hot_pages / shares[0].npages if shares[0].npages else 0.1
-    params = WorkloadParams(names[workload_id], area_bytes=area_bytes, rate_pages_per_s=rate,
-                            pattern=patterns[pattern_id], hot_fraction=hot_fraction,
-                            hot_share=hot_q16 / 65536, rounds=rounds)
-    return Workload(params, vcpus, shares)
+def pack_params(workload: Workload, tick_khz: int) -> bytes:
+    """The parameter block page the host writes at 0x5000 before start."""
+    return param_block(workload, tick_khz).pack()
+
+
+def unpack_params(page: bytes | memoryview | np.ndarray) -> ParamBlock:
+    return ParamBlock.unpack(page)
 
 
 # --- guest memory as the host reads it -----------------------------------------------------
@@ -572,11 +647,7 @@ def verify_selfcheck(guest_or_blocks: Any, config: GuestConfig | None = None, *,
     return SelfCheckReport(not detail, min(passes), errors, detail, half_pages)
 
 
-# --- compute reference ---------------------------------------------------------------------
-
-def _rotl64(x: np.ndarray, k: int) -> np.ndarray:
-    return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
-
+# --- generators ----------------------------------------------------------------------------
 
 def _xorshift64_step(x: int) -> int:
     x ^= (x << 13) & U64
@@ -631,25 +702,66 @@ def xorshift64_sequence(seed: int, count: int) -> np.ndarray:
     return out
 
 
-def compute_share(seed64: int, npages: int, rounds: int) -> tuple[int, np.ndarray]:
-    """One vCPU's compute workload: ``(result, its share's final words)``."""
-    words = xorshift64_sequence(seed64, npages * (GUEST_PAGE_SIZE // 8))
+def _below(x: np.ndarray, k: int | np.ndarray) -> np.ndarray:
+    """``below``: the high 64 bits of ``x * k`` for k < 2**32, in 64-bit arithmetic."""
+    k = np.asarray(k, dtype=np.uint64)
+    high, low = x >> np.uint64(32), x & np.uint64(U32)
+    return (high * k + ((low * k) >> np.uint64(32))) >> np.uint64(32)
+
+
+# --- dirtier reference ---------------------------------------------------------------------
+
+def dirtier_pages(workload: Workload, index: int, count: int) -> np.ndarray:
+    """The pages (indices inside its share) that vCPU ``index``'s first ``count`` dirtier writes
+    go to, in order."""
+    if workload.name != "dirtier":
+        raise ValueError(f"{workload.name} is not the dirtier")
+    share, pattern = workload.shares[index], workload.params.pattern
+    m, h = share.npages, share.hot_pages
+    if pattern == "sequential":
+        return np.arange(count, dtype=np.int64) % m
+    if pattern == "uniform":
+        return _below(xorshift64_sequence(share.dirtier_seed, count), m).astype(np.int64)
+    draws = xorshift64_sequence(share.dirtier_seed, 2 * count)
+    hot = (draws[0::2] >> np.uint64(32)) < np.uint64(workload.params.hot_share_u32)
+    span = np.where(hot, h, m - h).astype(np.uint64)
+    return (np.where(hot, 0, h) + _below(draws[1::2], span)).astype(np.int64)
+
+
+def dirtier_counts(workload: Workload, index: int, count: int) -> np.ndarray:
+    """Byte 0 of each page of vCPU ``index``'s share after its first ``count`` writes (from
+    zero), as uint8."""
+    pages = dirtier_pages(workload, index, count)
+    return (np.bincount(pages, minlength=workload.shares[index].npages) % 256).astype(np.uint8)
+
+
+# --- compute reference ---------------------------------------------------------------------
+
+def compute_rounds(words: np.ndarray, rounds: int, c: int = 0) -> tuple[int, np.ndarray]:
+    """``rounds`` compute rounds over one share's words (j counted from ``words[0]``), from
+    checksum ``c``: ``(c, the words after them)``."""
+    words = words.astype(np.uint64, copy=True)
     index = np.arange(words.size, dtype=np.uint64)
-    acc = 0
-    for r in range(rounds):
-        key = np.uint64((acc + GOLDEN + r) & U64)
-        words = _rotl64(words ^ key, 7)
-        words += index
-        s = int(words.sum(dtype=np.uint64))
-        acc = (((acc << 9) | (acc >> 55)) & U64) ^ s
-    return acc, words
+    left = index & np.uint64(63)
+    right = (np.uint64(64) - left) & np.uint64(63)
+    for _ in range(rounds):
+        v = words + index
+        s = int(np.bitwise_xor.reduce((v << left) | (v >> right))) if words.size else 0
+        c = (((c << 1) | (c >> 63)) & U64) ^ s
+        words += np.uint64(s)
+    return c, words
+
+
+def compute_share(seed: int, npages: int, rounds: int) -> tuple[int, np.ndarray]:
+    """One vCPU's compute workload: ``(result, its share's final words)``."""
+    return compute_rounds(xorshift64_sequence(seed, npages * (GUEST_PAGE_SIZE // 8)), rounds)
 
 
 @functools.lru_cache(maxsize=16)
 def _compute_results(rounds: int, region_bytes: int, vcpus: int) -> tuple[int, ...]:
     params = WorkloadParams("compute", area_bytes=region_bytes, rounds=rounds)
     workload = make_workload(params, vcpus)
-    return tuple(compute_share(s.seed64, s.npages, rounds)[0] for s in workload.shares)
+    return tuple(compute_share(s.seed, s.npages, rounds)[0] for s in workload.shares)
 
 
 def expected_compute_results(params: dict[str, Any] | None, vcpus: int = 1) -> list[int]:

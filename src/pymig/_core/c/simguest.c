@@ -1,5 +1,6 @@
 /*
- * Simulated guest writers (see simguest.h and pymig/guest/workloads.py).
+ * Simulated guest writers (see simguest.h; the workloads are defined in
+ * pymig/guest/workloads.py and each batch_* function below follows that definition).
  *
  * Dirty log, as KVM keeps it: a writer stores to a page, THEN sets the page's bit with release
  * ordering; sync exchanges each word with 0 with acquire ordering.  So every write whose bit a
@@ -13,15 +14,15 @@
  * tens of microseconds) plus scheduling delay; a writer sleeping between batches is already
  * stopped.  The lock is taken twice per batch, never per page.
  *
- * Pacing: each writer writes rate/vcpus pages per second by its own clock, which starts at
- * resume and stops while the writer is throttled.  It computes how many pages are due, writes
- * them in batches and sleeps (a timed condition wait, so pause/close/throttle changes wake it)
- * until the next batch is due.  Debt above 100 ms of writing is forgiven so a writer that cannot
- * keep up runs flat out instead of bursting later.
+ * Pacing follows the parameter block exactly as the KVM guest's pace() does (workloads.py,
+ * "Pacing"), with CLOCK_MONOTONIC nanoseconds as ticks: after every batch_pages page writes the
+ * deadline advances by ticks_per_batch and the writer waits for it (a timed condition wait, so
+ * pause/close/throttle changes wake it); a writer more than max_lag_ticks behind restarts its
+ * deadline from now.  The deadline restarts at every run(), as a vCPU's would after a pause.
  *
  * Throttle p %: in every 10 ms timeslice a writer may run for (100 - p) % of it and sleeps the
- * rest.  Its pacing clock stops while it sleeps, so a throttled writer achieves (100 - p) % of
- * its rate whether or not it is CPU-bound.
+ * rest.  Its deadline moves on by the time it slept (its clock stops), so a throttled writer
+ * achieves (100 - p) % of its rate whether or not it is CPU-bound.
  */
 #define _GNU_SOURCE
 #include "simguest.h"
@@ -30,36 +31,58 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #define WORDS_PER_PAGE (PYMIG_SIM_PAGE_SIZE / 8)
 #define BATCH_MAX 64u             /* pages per batch: bounds pause latency */
-#define BATCH_PERIOD_NS 1000000   /* paced writers aim at one batch per ms at most */
 #define SLICE_NS 10000000         /* throttle timeslice */
-#define MAX_DEBT_NS 100000000     /* pacing debt forgiven beyond this */
 #define GOLDEN 0x9E3779B97F4A7C15ull
+#define PARAMS_MAGIC 0x47494D50u  /* "PMIG" */
+
+/* The parameter block's layout is asm/_defs.S's. */
+_Static_assert(offsetof(struct pymig_sim_params, hot_share) == 0x14, "P_HOT_SHARE");
+_Static_assert(offsetof(struct pymig_sim_params, rounds) == 0x1c, "P_ROUNDS");
+_Static_assert(offsetof(struct pymig_sim_params, ticks_per_batch) == 0x20, "P_TSC_PER_BATCH");
+_Static_assert(offsetof(struct pymig_sim_params, max_lag_ticks) == 0x28, "P_MAX_LAG");
+_Static_assert(offsetof(struct pymig_sim_params, ticks_per_us) == 0x30, "P_TSC_PER_US");
+_Static_assert(offsetof(struct pymig_sim_params, shares) == 0x40, "share table");
+_Static_assert(sizeof(struct pymig_sim_share_record) == 64, "share record stride");
+_Static_assert(offsetof(struct pymig_sim_share_record, seed) == 16, "SH_SEED");
+_Static_assert(sizeof(struct pymig_sim_params) <= PYMIG_SIM_PAGE_SIZE, "one page");
 
 /* Mailbox record words (byte offset / 8). */
 enum { MB_PASSES = 0, MB_PAGES_WRITTEN = 1, MB_ERRORS = 2, MB_RESULT = 3, MB_DONE = 4 };
+
+/* One vCPU's share, located in the RAM blocks. */
+struct share {
+    uint32_t block;       /* RAM block holding the whole share */
+    uint64_t first_page;  /* page index inside that block */
+    uint64_t npages;      /* m >= 1 */
+    uint64_t hot_pages;   /* h (hotspot: 1 <= h < m) */
+    uint64_t first_frame; /* guest frame number of the first page (gpa >> 12) */
+    uint64_t seed;        /* compute: the fill's xorshift64 seed */
+};
 
 struct writer {
     struct pymig_sim *sim;
     pthread_t thread;
     int started;
     uint32_t index;
-    struct pymig_sim_share share;
+    struct share share;
+    uint8_t *base;            /* the share's first page in its RAM block */
+    struct bitmap *bitmap;    /* that block's dirty bitmap */
     struct pymig_sim_cpu cpu; /* touched by the thread only inside a batch or under the lock */
     /* under sim->lock */
     int in_batch;
     int batch_logging;
     uint64_t epoch;
     /* the thread's own pacing and throttle bookkeeping */
-    int64_t t0_ns;
-    int64_t stolen_ns;
+    int64_t deadline_ns;
+    uint64_t left;            /* page writes left in the current pacing batch */
     int64_t slice_start_ns;
-    uint64_t count;
 };
 
 struct bitmap {
@@ -68,12 +91,14 @@ struct bitmap {
 };
 
 struct pymig_sim {
-    struct pymig_sim_config cfg;
+    struct pymig_sim_params params;
     struct pymig_sim_block *blocks;
+    uint32_t nblocks;
+    uint32_t vcpus;
+    uint32_t mailbox_block;
+    uint64_t mailbox_offset;
     struct bitmap *bitmaps;
     struct writer *writers;
-    double rate_per_writer;  /* pages/s, 0 = unpaced */
-    uint64_t batch_pages;
     pthread_mutex_t lock;
     pthread_cond_t wake;     /* writers wait here: run, throttle change, quit */
     pthread_cond_t idle;     /* the host waits here for batches in flight */
@@ -82,7 +107,7 @@ struct pymig_sim {
     int logging;
     int throttle;
     int quit;
-    uint64_t epoch;          /* bumped by every run(): writers restart their pacing clock */
+    uint64_t epoch;          /* bumped by every run(): writers restart their pacing deadline */
 };
 
 static int64_t
@@ -101,15 +126,6 @@ wait_until(struct pymig_sim *sim, int64_t at_ns)
     pthread_cond_timedwait(&sim->wake, &sim->lock, &ts);
 }
 
-static inline uint32_t
-xorshift32(uint32_t x)
-{
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    return x;
-}
-
 static inline uint64_t
 xorshift64(uint64_t x)
 {
@@ -119,16 +135,18 @@ xorshift64(uint64_t x)
     return x;
 }
 
+/* rotl64 for any k in [0, 64): a count of 0 must not shift by 64. */
 static inline uint64_t
 rotl64(uint64_t x, unsigned k)
 {
-    return (x << k) | (x >> (64 - k));
+    return (x << k) | (x >> ((64 - k) & 63));
 }
 
+/* below(k): the high half of x * k, an integer in [0, k). */
 static inline uint64_t
-mulhi32(uint32_t r, uint64_t x)
+below(uint64_t x, uint64_t k)
 {
-    return ((uint64_t)r * x) >> 32;
+    return (uint64_t)(((unsigned __int128)x * k) >> 64);
 }
 
 /* The page's write is done: log it (release, so a sync that consumes the bit sees the write). */
@@ -143,7 +161,7 @@ mark_dirty(struct bitmap *bm, uint64_t page, int logging)
 static inline uint64_t *
 mailbox(struct pymig_sim *sim, uint32_t index)
 {
-    return (uint64_t *)(sim->blocks[sim->cfg.mailbox_block].base + sim->cfg.mailbox_offset +
+    return (uint64_t *)(sim->blocks[sim->mailbox_block].base + sim->mailbox_offset +
                         64u * index);
 }
 
@@ -160,31 +178,31 @@ static uint64_t
 batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
               uint64_t *passes)
 {
-    const struct pymig_sim_share *s = &w->share;
-    struct bitmap *bm = &sim->bitmaps[s->block];
-    uint8_t *base = sim->blocks[s->block].base + s->first_page * PYMIG_SIM_PAGE_SIZE;
-    uint64_t m = s->npages, h = s->hot_pages, pos = w->cpu.pos;
-    uint32_t x = (uint32_t)w->cpu.rng;
+    const struct share *s = &w->share;
+    struct bitmap *bm = w->bitmap;
+    uint8_t *base = w->base;
+    uint64_t m = s->npages, h = s->hot_pages, pos = w->cpu.pos, x = w->cpu.rng;
+    uint64_t hot_share = sim->params.hot_share;
 
     for (uint64_t i = 0; i < n; i++) {
         uint64_t j;
-        switch (sim->cfg.pattern) {
+        switch (sim->params.pattern) {
         case PYMIG_SIM_SEQUENTIAL:
             j = pos;
             break;
         case PYMIG_SIM_HOTSPOT:
-            x = xorshift32(x);
-            if ((x >> 16) < sim->cfg.hot_share_q16 || m == h) {
-                x = xorshift32(x);
-                j = mulhi32(x, h);
+            x = xorshift64(x);
+            if ((x >> 32) < hot_share) {
+                x = xorshift64(x);
+                j = below(x, h);
             } else {
-                x = xorshift32(x);
-                j = h + mulhi32(x, m - h);
+                x = xorshift64(x);
+                j = h + below(x, m - h);
             }
             break;
         default:
-            x = xorshift32(x);
-            j = mulhi32(x, m);
+            x = xorshift64(x);
+            j = below(x, m);
             break;
         }
         base[j * PYMIG_SIM_PAGE_SIZE] += 1;
@@ -203,15 +221,15 @@ static uint64_t
 batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
                 uint64_t *passes, uint64_t *errors)
 {
-    const struct pymig_sim_share *s = &w->share;
-    struct bitmap *bm = &sim->bitmaps[s->block];
-    uint8_t *base = sim->blocks[s->block].base + s->first_page * PYMIG_SIM_PAGE_SIZE;
+    const struct share *s = &w->share;
+    struct bitmap *bm = w->bitmap;
+    uint8_t *base = w->base;
 
     for (uint64_t i = 0; i < n; i++) {
         uint64_t pos = w->cpu.pos, p = w->cpu.pass, frame = s->first_frame + pos;
         uint64_t *pg = (uint64_t *)(base + pos * PYMIG_SIM_PAGE_SIZE);
-        int ok = p == 1 ? (pg[0] == 0 && pg[1] == 0 && pg[WORDS_PER_PAGE - 1] == 0)
-                        : (pg[0] == p - 1 && pg[1] == frame && pg[WORDS_PER_PAGE - 1] == p - 1);
+        uint64_t old_frame = p == 1 ? 0 : frame;
+        int ok = pg[0] == p - 1 && pg[1] == old_frame && pg[WORDS_PER_PAGE - 1] == p - 1;
         *errors += !ok;
         pg[WORDS_PER_PAGE - 1] = p;
         pg[1] = frame;
@@ -226,19 +244,21 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
     return n;
 }
 
-/* Fill or fold up to n pages; stops early when the last round ends. */
+/* Up to n pages of fill, fold or feed; returns the pages written (the fold only reads).  Stops
+ * early when the last round ends. */
 static uint64_t
 batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
               uint64_t *passes)
 {
-    const struct pymig_sim_share *s = &w->share;
-    struct bitmap *bm = &sim->bitmaps[s->block];
-    uint8_t *base = sim->blocks[s->block].base + s->first_page * PYMIG_SIM_PAGE_SIZE;
+    const struct share *s = &w->share;
+    struct bitmap *bm = w->bitmap;
+    uint8_t *base = w->base;
     struct pymig_sim_cpu *c = &w->cpu;
-    uint64_t done = 0;
+    uint64_t written = 0;
 
-    while (done < n && c->phase != PYMIG_SIM_DONE) {
+    for (uint64_t done = 0; done < n && c->phase != PYMIG_SIM_DONE; done++) {
         uint64_t *pg = (uint64_t *)(base + c->pos * PYMIG_SIM_PAGE_SIZE);
+        uint64_t j = c->pos * WORDS_PER_PAGE;
         if (c->phase == PYMIG_SIM_FILL) {
             uint64_t x = c->rng;
             for (unsigned i = 0; i < WORDS_PER_PAGE; i++) {
@@ -246,49 +266,58 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
                 pg[i] = x;
             }
             c->rng = x;
-        } else {
-            uint64_t key = c->acc + GOLDEN + c->pass, sum = c->sum;
-            uint64_t J = c->pos * WORDS_PER_PAGE;
-            for (unsigned i = 0; i < WORDS_PER_PAGE; i++) {
-                uint64_t v = rotl64(pg[i] ^ key, 7) + J + i;
-                pg[i] = v;
-                sum += v;
-            }
+        } else if (c->phase == PYMIG_SIM_FOLD) {
+            uint64_t sum = c->sum;
+            for (unsigned i = 0; i < WORDS_PER_PAGE; i++)
+                sum ^= rotl64(pg[i] + j + i, (unsigned)((j + i) & 63));
             c->sum = sum;
+        } else {
+            for (unsigned i = 0; i < WORDS_PER_PAGE; i++)
+                pg[i] += c->sum;
         }
-        mark_dirty(bm, s->first_page + c->pos, logging);
-        done++;
+        if (c->phase != PYMIG_SIM_FOLD) {
+            mark_dirty(bm, s->first_page + c->pos, logging);
+            written++;
+        }
         if (++c->pos < s->npages)
             continue;
         c->pos = 0;
-        if (c->phase == PYMIG_SIM_FILL) {
+        switch (c->phase) {
+        case PYMIG_SIM_FILL:
             c->phase = PYMIG_SIM_FOLD;
             c->pass = 0;
             c->acc = 0;
             c->sum = 0;
-            continue;
+            break;
+        case PYMIG_SIM_FOLD:
+            c->acc = rotl64(c->acc, 1) ^ c->sum;
+            c->phase = PYMIG_SIM_FEED;
+            break;
+        default:
+            c->pass++;
+            ++*passes;
+            c->sum = 0;
+            c->phase = PYMIG_SIM_FOLD;
+            break;
         }
-        c->acc = rotl64(c->acc, 9) ^ c->sum;
-        c->sum = 0;
-        c->pass++;
-        ++*passes;
-        if (c->pass == sim->cfg.rounds) {
+        if (c->phase == PYMIG_SIM_FOLD && c->pass >= sim->params.rounds) {
             uint64_t *mb = mailbox(sim, w->index);
             c->phase = PYMIG_SIM_DONE;
             __atomic_store_n(&mb[MB_RESULT], c->acc, __ATOMIC_RELAXED);
             __atomic_store_n(&mb[MB_DONE], 1, __ATOMIC_RELAXED);
         }
     }
-    return done;
+    return written;
 }
 
-/* One batch of page writes, then the mailbox; runs without the lock. */
+/* One batch of up to n pages, then the mailbox; runs without the lock.  Returns the pages
+ * written (what pacing counts). */
 static uint64_t
 run_batch(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging)
 {
     uint64_t passes = 0, errors = 0, written = 0;
 
-    switch (sim->cfg.workload) {
+    switch (sim->params.workload) {
     case PYMIG_SIM_DIRTIER:
         written = batch_dirtier(sim, w, n, logging, &passes);
         break;
@@ -306,17 +335,18 @@ run_batch(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging)
     mailbox_add(mb, MB_PASSES, passes);
     mailbox_add(mb, MB_ERRORS, errors);
     /* The mailbox is guest RAM like any other page: its writes are logged too. */
-    uint64_t mb_page = sim->cfg.mailbox_offset / PYMIG_SIM_PAGE_SIZE;
-    mark_dirty(&sim->bitmaps[sim->cfg.mailbox_block], mb_page, logging);
+    if (written || passes || errors || w->cpu.phase == PYMIG_SIM_DONE)
+        mark_dirty(&sim->bitmaps[sim->mailbox_block], sim->mailbox_offset / PYMIG_SIM_PAGE_SIZE,
+                   logging);
     return written;
 }
 
 static int
 has_work(struct pymig_sim *sim, struct writer *w)
 {
-    if (sim->cfg.workload == PYMIG_SIM_IDLE)
+    if (sim->params.workload == PYMIG_SIM_IDLE)
         return 0;
-    return sim->cfg.workload != PYMIG_SIM_COMPUTE || w->cpu.phase != PYMIG_SIM_DONE;
+    return sim->params.workload != PYMIG_SIM_COMPUTE || w->cpu.phase != PYMIG_SIM_DONE;
 }
 
 /*
@@ -326,14 +356,14 @@ has_work(struct pymig_sim *sim, struct writer *w)
 static uint64_t
 next_batch(struct pymig_sim *sim, struct writer *w)
 {
+    const struct pymig_sim_params *p = &sim->params;
     int64_t now = mono_ns();
 
     if (w->epoch != sim->epoch) {
         w->epoch = sim->epoch;
-        w->t0_ns = now;
-        w->stolen_ns = 0;
+        w->deadline_ns = now;
+        w->left = p->batch_pages;
         w->slice_start_ns = now;
-        w->count = 0;
     }
     int64_t run_budget = SLICE_NS;
     if (sim->throttle > 0) {
@@ -342,28 +372,37 @@ next_batch(struct pymig_sim *sim, struct writer *w)
         if (now - w->slice_start_ns >= run_budget) {
             if (now < slice_end) {
                 wait_until(sim, slice_end);
-                w->stolen_ns += mono_ns() - now;
+                w->deadline_ns += mono_ns() - now; /* a throttled writer's clock stops */
                 return 0;
             }
             w->slice_start_ns = now;
         }
     }
-    if (sim->rate_per_writer <= 0)
-        return sim->batch_pages;
+    if (p->ticks_per_batch == 0)
+        return p->batch_pages < BATCH_MAX ? p->batch_pages : BATCH_MAX;
+    if (now < w->deadline_ns) {
+        int64_t at = w->deadline_ns;
+        if (sim->throttle > 0 && at > w->slice_start_ns + run_budget)
+            at = w->slice_start_ns + run_budget;
+        wait_until(sim, at);
+        return 0;
+    }
+    if ((uint64_t)(now - w->deadline_ns) > p->max_lag_ticks)
+        w->deadline_ns = now; /* far behind: start again from now rather than burst */
+    return w->left < BATCH_MAX ? w->left : BATCH_MAX;
+}
 
-    double rate = sim->rate_per_writer;
-    double due = (double)(now - w->t0_ns - w->stolen_ns) * 1e-9 * rate;
-    double max_debt = rate * (MAX_DEBT_NS * 1e-9) + (double)sim->batch_pages;
-    if (due - (double)w->count > max_debt)
-        w->count = (uint64_t)(due - max_debt);
-    if (due - (double)w->count >= (double)sim->batch_pages)
-        return sim->batch_pages;
-    double next_s = (double)(w->count + sim->batch_pages) / rate;
-    int64_t at = w->t0_ns + w->stolen_ns + (int64_t)(next_s * 1e9);
-    if (sim->throttle > 0 && at > w->slice_start_ns + run_budget)
-        at = w->slice_start_ns + run_budget;
-    wait_until(sim, at);
-    return 0;
+/* Account a finished batch's page writes against the pacing batch; lock held. */
+static void
+paced(struct pymig_sim *sim, struct writer *w, uint64_t written)
+{
+    if (sim->params.ticks_per_batch == 0 || written == 0)
+        return;
+    w->left -= written;
+    if (w->left == 0) {
+        w->left = sim->params.batch_pages;
+        w->deadline_ns += (int64_t)sim->params.ticks_per_batch;
+    }
 }
 
 static void *
@@ -395,7 +434,7 @@ writer_main(void *arg)
 
         pthread_mutex_lock(&sim->lock);
         w->in_batch = 0;
-        w->count += written;
+        paced(sim, w, written);
         pthread_cond_broadcast(&sim->idle);
     }
     pthread_mutex_unlock(&sim->lock);
@@ -408,7 +447,7 @@ wait_batches(struct pymig_sim *sim, int logging_only)
 {
     for (;;) {
         int busy = 0;
-        for (uint32_t i = 0; i < sim->cfg.vcpus; i++) {
+        for (uint32_t i = 0; i < sim->vcpus; i++) {
             struct writer *w = &sim->writers[i];
             if (w->in_batch && (!logging_only || w->batch_logging != sim->logging))
                 busy = 1;
@@ -419,21 +458,21 @@ wait_batches(struct pymig_sim *sim, int logging_only)
     }
 }
 
+/* A writer at the start of its workload (workloads.py). */
 static void
-init_cpu(const struct pymig_sim_config *cfg, const struct pymig_sim_share *s,
-         struct pymig_sim_cpu *c)
+init_cpu(const struct pymig_sim_params *p, const struct writer *w, struct pymig_sim_cpu *c)
 {
     memset(c, 0, sizeof(*c));
-    switch (cfg->workload) {
+    switch (p->workload) {
     case PYMIG_SIM_DIRTIER:
-        c->rng = s->seed32;
+        c->rng = ((uint64_t)(w->index + 1) * GOLDEN) | 1;
         break;
     case PYMIG_SIM_SELFCHECK:
         c->pass = 1;
         break;
     case PYMIG_SIM_COMPUTE:
         c->phase = PYMIG_SIM_FILL;
-        c->rng = s->seed64;
+        c->rng = w->share.seed;
         break;
     }
 }
@@ -456,30 +495,79 @@ init_sync(struct pymig_sim *sim)
     return -err;
 }
 
-int
-pymig_sim_new(const struct pymig_sim_config *cfg, struct pymig_sim **out)
+/* The block and page of guest-physical [gpa, gpa + npages pages), all in one block. */
+static int
+locate(const struct pymig_sim_block *blocks, uint32_t nblocks, uint64_t gpa, uint64_t npages,
+       uint32_t *block, uint64_t *page)
 {
+    if (gpa % PYMIG_SIM_PAGE_SIZE)
+        return -EINVAL;
+    for (uint32_t b = 0; b < nblocks; b++) {
+        uint64_t first = blocks[b].gpa / PYMIG_SIM_PAGE_SIZE, at = gpa / PYMIG_SIM_PAGE_SIZE;
+        if (at >= first && at - first + npages <= blocks[b].npages) {
+            *block = b;
+            *page = at - first;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+/* Check the parameter block against the RAM and turn its share records into shares. */
+static int
+check_params(const struct pymig_sim_params *p, const struct pymig_sim_block *blocks,
+             uint32_t nblocks, struct share *shares)
+{
+    if (p->magic != PARAMS_MAGIC || p->version != 1 || p->vcpus == 0 ||
+        p->vcpus > PYMIG_SIM_MAX_VCPUS || p->workload < PYMIG_SIM_IDLE ||
+        p->workload > PYMIG_SIM_COMPUTE || p->pattern > PYMIG_SIM_HOTSPOT ||
+        p->batch_pages == 0 || p->ticks_per_us != PYMIG_SIM_TICKS_PER_US)
+        return -EINVAL;
+    for (uint32_t i = 0; i < p->vcpus; i++) {
+        const struct pymig_sim_share_record *r = &p->shares[i];
+        struct share *s = &shares[i];
+        memset(s, 0, sizeof(*s));
+        s->seed = r->seed;
+        if (p->workload == PYMIG_SIM_IDLE)
+            continue;
+        if (r->npages == 0 || locate(blocks, nblocks, r->first_gpa, r->npages, &s->block,
+                                     &s->first_page))
+            return -EINVAL;
+        if (p->workload == PYMIG_SIM_DIRTIER && p->pattern == PYMIG_SIM_HOTSPOT &&
+            (r->hot_pages == 0 || r->hot_pages >= r->npages))
+            return -EINVAL;
+        s->npages = r->npages;
+        s->hot_pages = r->hot_pages;
+        s->first_frame = r->first_gpa / PYMIG_SIM_PAGE_SIZE;
+    }
+    return 0;
+}
+
+int
+pymig_sim_new(const struct pymig_sim_params *params, const struct pymig_sim_block *blocks,
+              uint32_t nblocks, struct pymig_sim **out)
+{
+    struct share shares[PYMIG_SIM_MAX_VCPUS];
+    uint32_t mb_block;
+    uint64_t mb_page;
     struct pymig_sim *sim;
     int err;
 
     *out = NULL;
-    if (cfg->vcpus == 0 || cfg->nblocks == 0 || cfg->mailbox_block >= cfg->nblocks ||
-        cfg->mailbox_offset % PYMIG_SIM_PAGE_SIZE ||
-        cfg->mailbox_offset / PYMIG_SIM_PAGE_SIZE >= cfg->blocks[cfg->mailbox_block].npages)
+    if (nblocks == 0 || check_params(params, blocks, nblocks, shares) ||
+        locate(blocks, nblocks, PYMIG_SIM_MAILBOX_GPA, 1, &mb_block, &mb_page))
         return -EINVAL;
-    for (uint32_t i = 0; cfg->workload != PYMIG_SIM_IDLE && i < cfg->vcpus; i++) {
-        const struct pymig_sim_share *s = &cfg->shares[i];
-        if (s->block >= cfg->nblocks || s->npages == 0 || s->hot_pages == 0 ||
-            s->hot_pages > s->npages || s->first_page + s->npages > cfg->blocks[s->block].npages)
-            return -EINVAL;
-    }
     sim = calloc(1, sizeof(*sim));
     if (!sim)
         return -ENOMEM;
-    sim->cfg = *cfg;
-    sim->blocks = calloc(cfg->nblocks, sizeof(*sim->blocks));
-    sim->bitmaps = calloc(cfg->nblocks, sizeof(*sim->bitmaps));
-    sim->writers = calloc(cfg->vcpus, sizeof(*sim->writers));
+    sim->params = *params;
+    sim->nblocks = nblocks;
+    sim->vcpus = params->vcpus;
+    sim->mailbox_block = mb_block;
+    sim->mailbox_offset = mb_page * PYMIG_SIM_PAGE_SIZE;
+    sim->blocks = calloc(nblocks, sizeof(*sim->blocks));
+    sim->bitmaps = calloc(nblocks, sizeof(*sim->bitmaps));
+    sim->writers = calloc(sim->vcpus, sizeof(*sim->writers));
     if (!sim->blocks || !sim->bitmaps || !sim->writers) {
         free(sim->blocks);
         free(sim->bitmaps);
@@ -487,9 +575,7 @@ pymig_sim_new(const struct pymig_sim_config *cfg, struct pymig_sim **out)
         free(sim);
         return -ENOMEM;
     }
-    memcpy(sim->blocks, cfg->blocks, cfg->nblocks * sizeof(*sim->blocks));
-    sim->cfg.blocks = sim->blocks;
-    sim->cfg.shares = NULL; /* copied into the writers */
+    memcpy(sim->blocks, blocks, nblocks * sizeof(*sim->blocks));
     err = init_sync(sim);
     if (err) {
         free(sim->blocks);
@@ -498,30 +584,24 @@ pymig_sim_new(const struct pymig_sim_config *cfg, struct pymig_sim **out)
         free(sim);
         return err;
     }
-    for (uint32_t b = 0; b < cfg->nblocks; b++) {
-        sim->bitmaps[b].nwords = (cfg->blocks[b].npages + 63) / 64;
+    for (uint32_t b = 0; b < nblocks; b++) {
+        sim->bitmaps[b].nwords = (blocks[b].npages + 63) / 64;
         sim->bitmaps[b].words = calloc(sim->bitmaps[b].nwords, sizeof(uint64_t));
         if (!sim->bitmaps[b].words) {
             pymig_sim_free(sim);
             return -ENOMEM;
         }
     }
-    if (cfg->rate_pages_per_s) {
-        sim->rate_per_writer = (double)cfg->rate_pages_per_s / cfg->vcpus;
-        double per_period = sim->rate_per_writer * (BATCH_PERIOD_NS * 1e-9);
-        sim->batch_pages = per_period < 1 ? 1 : per_period > BATCH_MAX ? BATCH_MAX
-                                                                         : (uint64_t)per_period;
-    } else {
-        sim->batch_pages = BATCH_MAX;
-    }
-    for (uint32_t i = 0; i < cfg->vcpus; i++) {
+    for (uint32_t i = 0; i < sim->vcpus; i++) {
         struct writer *w = &sim->writers[i];
         w->sim = sim;
         w->index = i;
-        w->share = cfg->shares[i];
-        init_cpu(cfg, &w->share, &w->cpu);
+        w->share = shares[i];
+        w->base = sim->blocks[shares[i].block].base + shares[i].first_page * PYMIG_SIM_PAGE_SIZE;
+        w->bitmap = &sim->bitmaps[shares[i].block];
+        init_cpu(params, w, &w->cpu);
     }
-    for (uint32_t i = 0; i < cfg->vcpus; i++) {
+    for (uint32_t i = 0; i < sim->vcpus; i++) {
         err = pthread_create(&sim->writers[i].thread, NULL, writer_main, &sim->writers[i]);
         if (err) {
             pymig_sim_free(sim);
@@ -542,10 +622,10 @@ pymig_sim_free(struct pymig_sim *sim)
     sim->quit = 1;
     pthread_cond_broadcast(&sim->wake);
     pthread_mutex_unlock(&sim->lock);
-    for (uint32_t i = 0; i < sim->cfg.vcpus; i++)
+    for (uint32_t i = 0; i < sim->vcpus; i++)
         if (sim->writers[i].started)
             pthread_join(sim->writers[i].thread, NULL);
-    for (uint32_t b = 0; b < sim->cfg.nblocks; b++)
+    for (uint32_t b = 0; b < sim->nblocks; b++)
         free(sim->bitmaps[b].words);
     pthread_cond_destroy(&sim->wake);
     pthread_cond_destroy(&sim->idle);
@@ -591,7 +671,7 @@ pymig_sim_set_logging(struct pymig_sim *sim, int on)
     sim->logging = on != 0;
     wait_batches(sim, 1);
     if (!on)
-        for (uint32_t b = 0; b < sim->cfg.nblocks; b++)
+        for (uint32_t b = 0; b < sim->nblocks; b++)
             for (uint64_t i = 0; i < sim->bitmaps[b].nwords; i++)
                 atomic_store_explicit(&sim->bitmaps[b].words[i], 0, memory_order_relaxed);
     pthread_mutex_unlock(&sim->lock);
@@ -614,7 +694,7 @@ pymig_sim_sync(struct pymig_sim *sim, uint32_t block, uint64_t *out)
 int
 pymig_sim_get_cpu(struct pymig_sim *sim, uint32_t index, struct pymig_sim_cpu *cpu)
 {
-    if (index >= sim->cfg.vcpus)
+    if (index >= sim->vcpus)
         return -EINVAL;
     pthread_mutex_lock(&sim->lock);
     *cpu = sim->writers[index].cpu;
@@ -628,7 +708,7 @@ pymig_sim_set_cpu(struct pymig_sim *sim, uint32_t index, const struct pymig_sim_
 {
     int err = 0;
 
-    if (index >= sim->cfg.vcpus)
+    if (index >= sim->vcpus)
         return -EINVAL;
     pthread_mutex_lock(&sim->lock);
     if (sim->running)

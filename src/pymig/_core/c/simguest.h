@@ -1,8 +1,9 @@
 /*
  * The simulated guest's writers: one native thread per simulated vCPU, running a built-in
  * workload over guest RAM with no Python (and no GIL) involved, and a dirty log with KVM's
- * semantics.  The workloads are defined in pymig/guest/workloads.py; this file and that
- * docstring must agree word for word.
+ * semantics.  The workloads are defined in pymig/guest/workloads.py (its docstring is the
+ * definition); the writers are configured from the same parameter block the KVM guest's
+ * assembly reads (asm/_defs.S), so one block means one thing to both guests.
  *
  * Functions return 0 or -errno and never touch Python objects.
  */
@@ -12,12 +13,16 @@
 #include <stdint.h>
 
 #define PYMIG_SIM_PAGE_SIZE 4096u
+#define PYMIG_SIM_MAILBOX_GPA 0x6000u
+#define PYMIG_SIM_MAX_VCPUS 8u
+/* The writers' clock is CLOCK_MONOTONIC: a tick of the parameter block is one nanosecond. */
+#define PYMIG_SIM_TICKS_PER_US 1000u
 
 enum pymig_sim_workload {
-    PYMIG_SIM_IDLE = 0,
-    PYMIG_SIM_DIRTIER = 1,
-    PYMIG_SIM_SELFCHECK = 2,
-    PYMIG_SIM_COMPUTE = 3,
+    PYMIG_SIM_IDLE = 1,
+    PYMIG_SIM_DIRTIER = 2,
+    PYMIG_SIM_SELFCHECK = 3,
+    PYMIG_SIM_COMPUTE = 4,
 };
 
 enum pymig_sim_pattern {
@@ -28,57 +33,62 @@ enum pymig_sim_pattern {
 
 enum pymig_sim_phase {
     PYMIG_SIM_FILL = 0, /* compute: filling the share with xorshift64 */
-    PYMIG_SIM_FOLD = 1, /* compute: folding rounds */
-    PYMIG_SIM_DONE = 2, /* compute: result written; the writer only sleeps from now on */
+    PYMIG_SIM_FOLD = 1, /* compute: reading the share into this round's s */
+    PYMIG_SIM_FEED = 2, /* compute: adding s to every word */
+    PYMIG_SIM_DONE = 3, /* compute: result written; the writer only sleeps from now on */
+};
+
+/* One share record of the parameter block (+0x40 + 64 * i). */
+struct pymig_sim_share_record {
+    uint32_t first_gpa;
+    uint32_t npages;
+    uint32_t hot_pages;
+    uint32_t zero;
+    uint64_t seed;
+    uint8_t reserved[40];
+};
+
+/* The parameter block at guest-physical 0x5000, little-endian (x86 only, like KVM). */
+struct pymig_sim_params {
+    uint32_t magic;             /* "PMIG" */
+    uint32_t version;           /* 1 */
+    uint32_t workload;          /* enum pymig_sim_workload */
+    uint32_t vcpus;
+    uint32_t pattern;           /* enum pymig_sim_pattern */
+    uint32_t hot_share;         /* share of writes to the hot part, x 2^32 */
+    uint32_t batch_pages;       /* pages per pacing batch (>= 1) */
+    uint32_t rounds;            /* compute */
+    uint64_t ticks_per_batch;   /* 0 = as fast as it can */
+    uint64_t max_lag_ticks;
+    uint32_t ticks_per_us;
+    uint32_t reserved[3];
+    struct pymig_sim_share_record shares[PYMIG_SIM_MAX_VCPUS];
 };
 
 /* One RAM block: host address, guest-physical base, size in guest pages. */
 struct pymig_sim_block {
     uint8_t *base;
+    uint64_t gpa;
     uint64_t npages;
-};
-
-/* One vCPU's share of the working set (see the parameter block in workloads.py). */
-struct pymig_sim_share {
-    uint32_t block;       /* RAM block holding the whole share */
-    uint32_t seed32;      /* xorshift32 state to start from (dirtier) */
-    uint64_t first_page;  /* page index inside that block */
-    uint64_t npages;      /* m >= 1 */
-    uint64_t hot_pages;   /* h in [1, m] */
-    uint64_t first_frame; /* guest frame number of the first page (gpa >> 12) */
-    uint64_t seed64;      /* xorshift64 state to start from (compute) */
-};
-
-struct pymig_sim_config {
-    uint32_t workload;
-    uint32_t pattern;
-    uint32_t vcpus;
-    uint32_t hot_share_q16;     /* 0..65536 */
-    uint64_t rate_pages_per_s;  /* whole guest; 0 = as fast as it can */
-    uint64_t rounds;            /* compute */
-    uint32_t nblocks;
-    uint32_t mailbox_block;     /* block holding the mailbox page (0x6000) */
-    uint64_t mailbox_offset;    /* its byte offset inside that block */
-    const struct pymig_sim_block *blocks;
-    const struct pymig_sim_share *shares; /* vcpus of them */
 };
 
 /* A writer's whole state ("vCPU state"): enough to continue exactly where it stopped. */
 struct pymig_sim_cpu {
     uint64_t phase; /* enum pymig_sim_phase (compute), 0 otherwise */
-    uint64_t pos;   /* next page of the share */
+    uint64_t pos;   /* next page of the share (dirtier: writes so far in this pass) */
     uint64_t pass;  /* selfcheck: pass being stamped (>= 1); compute: round */
-    uint64_t rng;   /* xorshift32 (dirtier) or xorshift64 (compute fill) state */
-    uint64_t acc;   /* compute: checksum so far */
-    uint64_t sum;   /* compute: this round's partial sum */
+    uint64_t rng;   /* xorshift64 state (dirtier, compute fill) */
+    uint64_t acc;   /* compute: checksum c so far */
+    uint64_t sum;   /* compute: this round's s (partial while folding) */
 };
 
 struct pymig_sim;
 
-/* Copies the configuration, allocates the dirty bitmaps (logging off), sets every writer to
- * the workload's initial state and starts the threads stopped.  The blocks must outlive the
- * object. */
-int pymig_sim_new(const struct pymig_sim_config *cfg, struct pymig_sim **out);
+/* Checks and copies the parameter block, allocates the dirty bitmaps (logging off), sets every
+ * writer to the workload's initial state and starts the threads stopped.  -EINVAL for a block
+ * that does not describe a workload in these RAM blocks.  The blocks must outlive the object. */
+int pymig_sim_new(const struct pymig_sim_params *params, const struct pymig_sim_block *blocks,
+                  uint32_t nblocks, struct pymig_sim **out);
 /* Stops and joins the writers, frees everything. */
 void pymig_sim_free(struct pymig_sim *sim);
 

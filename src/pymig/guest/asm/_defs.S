@@ -1,5 +1,7 @@
 # Shared definitions of pymig's built-in guest workloads (GNU as, Intel syntax, 64-bit); included
-# by each workload, never assembled on its own (hence the leading underscore).
+# by each workload, never assembled on its own (hence the leading underscore).  What the
+# workloads do and what every parameter-block and mailbox field means is defined once, for this
+# guest and the simulated one, in pymig/guest/workloads.py; this file is its KVM implementation.
 #
 # kvm_pvm runs only 64-bit user-mode (CPL 3) guest code natively; everything else goes
 # through KVM's instruction emulator at ~1 M instructions/s.  So the host enters the
@@ -15,7 +17,7 @@
 #   0x1000 GDT, 0x1800 TSS       written by the host
 #   0x2000-0x3fff                stacks, 1 KiB per vCPU (top = 0x2400 + 0x400*i)
 #   0x5000 parameter block        written by the host before start (layout below)
-#   0x6000 + 64*i mailbox         per-vCPU progress record (contracts: passes, pages_written,
+#   0x6000 + 64*i mailbox         per-vCPU progress record (workloads.py: passes, pages_written,
 #                                 errors, result, done, reserved; u64 each)
 #   0x7000 + 64*i locals          per-vCPU private variables (RBP points here)
 #   0x8000 code
@@ -43,7 +45,7 @@
 .equ SH_NPAGES, -0x1fbc        # u32 pages in the share (>= 1)
 .equ SH_HOT,    -0x1fb8        # u32 pages in the hot part (hotspot: 1 <= hot < npages)
 .equ SH_SEED,   -0x1fb0        # u64 compute: xorshift64 seed of this share
-# Mailbox record at 0x6000 + 64*i (contracts.md), from RBP.
+# Mailbox record at 0x6000 + 64*i (workloads.py), from RBP.
 .equ MB_PASSES,  -0x1000
 .equ MB_WRITTEN, -0x0ff8
 .equ MB_ERRORS,  -0x0ff0
@@ -96,6 +98,19 @@
     jnz .Lpage_done\@
     call pace
 .Lpage_done\@:
+.endm
+
+# reg = xorshift64(reg) (13, 7, 17); clobbers tmp.
+.macro XORSHIFT64 reg, tmp
+    mov \tmp, \reg
+    shl \tmp, 13
+    xor \reg, \tmp
+    mov \tmp, \reg
+    shr \tmp, 7
+    xor \reg, \tmp
+    mov \tmp, \reg
+    shl \tmp, 17
+    xor \reg, \tmp
 .endm
 
 .macro EVENT code

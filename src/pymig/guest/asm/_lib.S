@@ -55,15 +55,7 @@ pace:
 # rand: RAX = next xorshift64 value of this vCPU's generator; clobbers RDX.
 rand:
     mov rax, qword ptr [rbp + L_RNG]
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    XORSHIFT64 rax, rdx
     mov qword ptr [rbp + L_RNG], rax
     ret
 

@@ -1,6 +1,7 @@
-# compute: fills this vCPU's share of the region with a xorshift64 sequence (13, 7, 17) from
-# the share's seed (the first word is the seed's successor), then for P_ROUNDS rounds:
-#   s = XOR over words j of rotl64(w[j], j mod 64)      (j counts from the share's start)
+# compute (defined in pymig/guest/workloads.py): fills this vCPU's share of the region with a
+# xorshift64 sequence (13, 7, 17) from the share's seed (the first word is the seed's
+# successor), then for P_ROUNDS rounds:
+#   s = XOR over words j of rotl64(w[j] + j, j mod 64)   (j counts from the share's start)
 #   c = rotl64(c, 1) XOR s;  w[j] += s (mod 2^64) for every word
 # with c = 0 at the start; then writes c to the mailbox result, done = 1, raises EV_DONE and
 # parks.  The running c lives in R13 and is migrated with the vCPU.
@@ -15,15 +16,7 @@ start:
     mov rax, qword ptr [rbp + SH_SEED]
     xor edi, edi
 fill:
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    XORSHIFT64 rax, rdx
     mov qword ptr [rbx + rdi * 8], rax
     inc rdi
     test edi, 511
@@ -38,11 +31,15 @@ round:
     mov ecx, dword ptr [P_ROUNDS]
     cmp rax, rcx
     jae finished
-    # --- s = XOR of rotl64(w[j], j & 63)   (rol masks its count to 6 bits)
+    # --- s = XOR of rotl64(w[j] + j, j & 63)   (rol masks its count to 6 bits).  Adding j ties
+    # each word to its place: every page starts at a multiple of 64 words, so without it the
+    # XOR could not tell two pages apart and a page delivered to the wrong frame would go
+    # unnoticed.
     xor r14d, r14d
     xor edi, edi
 fold:
     mov rax, qword ptr [rbx + rdi * 8]
+    add rax, rdi
     mov ecx, edi
     rol rax, cl
     xor r14, rax

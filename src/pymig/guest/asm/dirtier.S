@@ -1,6 +1,7 @@
-# dirtier: increments the first byte of pages of this vCPU's share of the working set, at the
-# paced rate, choosing pages uniformly, sequentially or with a hot spot (the first SH_HOT pages
-# of the share take P_HOT_SHARE of the writes).  passes += 1 every SH_NPAGES writes.
+# dirtier (defined in pymig/guest/workloads.py): increments the first byte of pages of this
+# vCPU's share of the working set, at the paced rate, choosing pages uniformly, sequentially or
+# with a hot spot (the first SH_HOT pages of the share take P_HOT_SHARE of the writes).
+# passes += 1 every SH_NPAGES writes.
 .include "_defs.S"
 .global start
 start:

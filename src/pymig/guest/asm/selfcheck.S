@@ -1,4 +1,5 @@
-# selfcheck: stamps every page of this vCPU's share, in order, with the pass number p:
+# selfcheck (defined in pymig/guest/workloads.py): stamps every page of this vCPU's share, in
+# order, with the pass number p:
 #   u64 p at offset 0, u64 page-frame number at offset 8, u64 p at offset 4088.
 # Before stamping, it checks the page still holds pass p-1 (pass 0 = all zero: frame 0 too)
 # and counts each mismatching page in errors (the first one also raises EV_ERROR).
