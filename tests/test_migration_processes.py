@@ -138,6 +138,7 @@ class CuttingProxy:
             forwarded += len(data)
         for sock in (client, upstream):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the pump thread blocked in recv
             sock.close()
         self.cut.set()
 

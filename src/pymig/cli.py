@@ -48,8 +48,10 @@ def main() -> None:
               help="run a raw 512-byte boot sector (real mode at 0000:7c00) instead")
 @click.option("--flat", type=click.Path(exists=True, dir_okay=False),
               help="run a flat binary in 32-bit protected mode instead")
+@click.option("--flat64", type=click.Path(exists=True, dir_okay=False),
+              help="run a flat binary in 64-bit long mode (user mode) instead")
 @click.option("--load-address", type=str, default=None,
-              help="where --flat is loaded and entered (default 0x100000)")
+              help="where --flat/--flat64 is loaded and entered (default 0x100000)")
 @click.option("--memory", type=SIZE, default="256M", show_default=True, help="guest RAM")
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--working-set", type=SIZE, default=None, help="dirtier/selfcheck working set")
@@ -65,7 +67,7 @@ def main() -> None:
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
-def run(workload, boot_sector, flat, load_address, memory, vcpus, working_set, rate, pattern,
+def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
         hot_fraction, rounds, simulated, control, control_tcp, serial, quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
@@ -73,15 +75,15 @@ def run(workload, boot_sector, flat, load_address, memory, vcpus, working_set, r
     from pymig.process import serve
     from pymig.session import Session
 
-    if boot_sector and flat:
-        _fail("give --boot-sector or --flat, not both")
+    if sum(bool(x) for x in (boot_sector, flat, flat64)) > 1:
+        _fail("give one of --boot-sector, --flat and --flat64")
     params = {k: v for k, v in {"working_set_bytes": working_set, "rate_pages_per_s": rate,
                                 "pattern": pattern, "hot_fraction": hot_fraction,
                                 "rounds": rounds}.items() if v is not None}
     try:
         config = guests.make_config(
             kind="simulated" if simulated else "kvm", workload=workload, params=params,
-            memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat,
+            memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
             load_address=int(load_address, 0) if load_address else None)
         guest = guests.create(config)
         guest.start()

@@ -84,7 +84,7 @@ COMMANDS: dict[str, Command] = {
                            {"verify": False}, "workload progress, self-check, console tail"),
     "stop": Command(lambda s, a: s.stop(), {}, "pause the guest"),
     "cont": Command(lambda s, a: s.cont(), {}, "resume the guest"),
-    "quit": Command(lambda s, a: s.quit(), {}, "end this process"),
+    "quit": Command(lambda s, a: None, {}, "end this process (after answering)"),
 }
 
 
@@ -112,11 +112,17 @@ class _Client:
         self.server = server
         self.sock = sock
         self.negotiated = False
+        self._quitting = False
         self.send_lock = threading.Lock()
         self.closed = False
 
     def send(self, message: dict) -> None:
-        data = (json.dumps(message) + "\n").encode()
+        try:
+            data = (json.dumps(message) + "\n").encode()
+        except (TypeError, ValueError) as exc:  # an answer that is not JSON is a bug: say so
+            data = (json.dumps(error(message.get("id"), "GenericError",
+                                     f"internal error: unencodable answer: {exc}"))
+                    + "\n").encode()
         with self.send_lock:
             if self.closed:
                 return
@@ -146,7 +152,11 @@ class _Client:
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     if line.strip():
-                        self.send(self.handle(line))
+                        answer = self.handle(line)
+                        self.send(answer)
+                        if answer.get("return") is not None and self._quitting:
+                            session.quit()  # only now: the answer must reach the client
+
                 if len(buffer) > MAX_LINE_BYTES:
                     self.send(error(None, "GenericError", "message too long"))
                     break
@@ -199,11 +209,15 @@ class _Client:
             return error(ident, exc.klass, str(exc))
         except (PymigError, ValueError, OSError) as exc:
             return error(ident, "GenericError", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the socket down
+            return error(ident, "GenericError", f"internal error in {name}: "
+                                                f"{type(exc).__name__}: {exc}")
         if name == "qmp_capabilities":
             self.negotiated = True
         answer: dict[str, Any] = {"return": {} if value is None else value}
         if ident is not None:
             answer["id"] = ident
+        self._quitting = name == "quit"
         return answer
 
 

@@ -45,7 +45,7 @@ class Incoming:
 
     def __init__(self, uri: str, *, check_config: Callable[[GuestConfig], None] | None = None,
                  guest_options: dict | None = None, accept_timeout: float | None = None,
-                 commit_timeout: float = 60.0,
+                 commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None):
         transport.parse_uri(uri)
         self.uri = uri
@@ -53,6 +53,7 @@ class Incoming:
         self.guest_options = guest_options or {}
         self.accept_timeout = accept_timeout
         self.commit_timeout = commit_timeout
+        self.idle_timeout = idle_timeout  # a source silent this long is gone: fail, not hang
         self.before_start = before_start  # sees the loaded machine before its vCPUs run
         self.status = "none"
         self.error: BaseException | None = None
@@ -74,7 +75,7 @@ class Incoming:
         """Start listening; returns the address actually bound (e.g. the port for tcp:...:0)."""
         self._listener = transport.listen(self.uri)
         self._set_status("setup")
-        return self._listener.uri
+        return str(self._listener.uri)
 
     def run(self) -> IncomingResult:
         """Accept, load and start; raises on any failure without ever starting the guest."""
@@ -85,6 +86,7 @@ class Incoming:
         try:
             channel = self._listener.accept(self.accept_timeout)
             self._listener.close()
+            channel.settimeout(self.idle_timeout)
             self._set_status("active")
             t0 = time.monotonic()
             reader = stream.StreamReader(channel)

@@ -216,6 +216,7 @@ class Migration:
             stats.begin()
             params = self.params.snapshot()
             channel = transport.connect(uri, timeout=10.0)
+            channel.settimeout(SEND_TIMEOUT_S)  # a destination that stops reading fails us
             self._channel = channel
             if self._cancel.is_set():
                 raise Cancelled("migration cancelled")
@@ -372,6 +373,7 @@ class Migration:
 
 
 ACK_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 120.0
 
 
 def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:

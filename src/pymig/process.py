@@ -100,10 +100,6 @@ def serve(session: Session, *, control: str | None = None,
                         f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
             if session.quit_requested.wait(interval):
                 break
-            if session.incoming_failed is not None:
-                say(f"[pymig] incoming migration failed: {session.incoming_failed}")
-                code = 1
-                break
             guest = session.guest
             now = time.monotonic()
             rate = None
@@ -124,7 +120,8 @@ def serve(session: Session, *, control: str | None = None,
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
-        if session.incoming_failed is not None and code == 0:
+        if session.incoming_failed is not None:
+            say(f"[pymig] {session.incoming_failed}; the guest was not started here")
             code = 1
         serial.detach()
         if server is not None:
