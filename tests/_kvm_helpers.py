@@ -20,7 +20,8 @@ from pymig.guest.base import GuestConfig
 from pymig.guest.build_workloads import assemble
 from pymig.guest.kvm_guest import KvmGuest
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+from _childenv import child_env
+
 WAIT_S = 30.0
 
 
@@ -168,7 +169,7 @@ def run_destination(directory: Path, action: str, timeout: float = 120.0) -> dic
     """Run ``_kvm_dest.py`` in a fresh process; returns the JSON it prints."""
     script = Path(__file__).with_name("_kvm_dest.py")
     proc = subprocess.run([sys.executable, str(script), str(directory), action],
-                          env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+                          env=child_env(),
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"destination failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,25 +6,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _childenv import child_env
 
 from _core_helpers import needs_compiled
 from pymig import core
 from pymig.errors import PacketError, StreamError
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_backend_follows_the_environment():
     expected = "reference" if os.environ.get("PYMIG_PUREPYTHON") == "1" else "compiled"
     assert core.backend == expected
     assert core.cpu_info()["backend"] == expected
-    env = dict(os.environ, PYMIG_PUREPYTHON="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH",
-                                                                             "")]))
+    env = child_env(PYMIG_PUREPYTHON="1")
     done = subprocess.run([sys.executable, "-c", "import pymig.core as c; print(c.backend)"],
                           env=env, capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "reference"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from _childenv import child_env
+
 from _core_helpers import COMPILED, REF, needs_compiled
 from pymig._coreshared import SIMD_VARIANTS, disabled_variants
 
@@ -27,7 +29,7 @@ def _cpu_info_with(env_value: str | None, backend: str = "compiled") -> dict:
         env["PYMIG_DISABLE_SIMD"] = env_value
     if backend == "reference":
         env["PYMIG_PUREPYTHON"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = child_env()["PYTHONPATH"]
     code = "import json, pymig.core as c; print(json.dumps(c.cpu_info()))"
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env,
                           capture_output=True, text=True, timeout=60, check=True)

@@ -4,21 +4,19 @@ the test instead of hanging or killing the run."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from _core_helpers import needs_compiled
 
-ROOT = Path(__file__).resolve().parent.parent
+from _childenv import child_env
+
 pytestmark = needs_compiled
 
 
 def _run(code: str, timeout: float = 120) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"

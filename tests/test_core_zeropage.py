@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _core_helpers import (COMPILED, PAGE_SIZES, REF, bitmaps, bits_of, needs_compiled,
+from _core_helpers import (COMPILED, PAGE_SIZES, REF, bits_of, needs_compiled,
                            variant)  # noqa: F401
 from pymig._coreshared import bitmap_words
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import errno
 import os
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from pymig._core import kvm as _kvm
 from pymig.errors import KvmError
+
+if TYPE_CHECKING:
+    from pymig.kvm.vm import Vm
 
 KVM_API_VERSION = 12
 KVM_PATH = "/dev/kvm"
