@@ -150,9 +150,12 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
               help="write one JSON line per iteration to this file (on the source's side)")
 @click.option("--keep-source", is_flag=True,
               help="leave the source process running after success (it stays paused)")
+@click.option("--stop", "stop_guest", is_flag=True,
+              help="file: snapshots: stop the guest once the snapshot is taken (by default "
+                   "it carries on)")
 @click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
 def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, keep_source,
-            as_json) -> None:
+            stop_guest, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar."""
     from pymig.errors import PymigError
     from pymig.monitor import ProgressView, follow, stats_table
@@ -177,14 +180,17 @@ def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, k
             arguments = {"uri": uri}
             if trace:
                 arguments["trace"] = trace
+            if stop_guest:
+                arguments["resume"] = False
             client.command("migrate", **arguments)
             if as_json:
                 final = follow(client)
             else:
                 with ProgressView() as view:
                     final = follow(client, on_update=view.update)
-            if final.get("status") == "completed" and not keep_source:
-                client.command("quit")
+            moved = client.command("query-status")["status"] == "postmigrate"
+            if final.get("status") == "completed" and moved and not keep_source:
+                client.command("quit")  # the guest lives at the destination now
         except PymigError as exc:
             _fail(str(exc))
     if as_json:

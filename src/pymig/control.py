@@ -40,7 +40,10 @@ def _migrate(s: Session, a: dict) -> None:
     if a.get("detach") is False:
         raise CommandError("only detached migration is supported: follow it with query-migrate "
                            "or MIGRATION events")
-    s.migrate(_string(a, "uri"), trace_path=a.get("trace"))
+    resume = a.get("resume")
+    if resume is not None and not isinstance(resume, bool):
+        raise CommandError("'resume' must be true or false")
+    s.migrate(_string(a, "uri"), trace_path=a.get("trace"), resume=resume)
 
 
 def _migrate_incoming(s: Session, a: dict) -> dict:
@@ -60,8 +63,11 @@ COMMANDS: dict[str, Command] = {
     "query-commands": Command(lambda s, a: [{"name": n} for n in sorted(COMMANDS)], {},
                               "every command this server knows"),
     "query-version": Command(lambda s, a: _version(), {}, "pymig's version"),
-    "migrate": Command(_migrate, {"uri": True, "detach": False, "trace": False},
-                       "start migrating the guest to uri (returns at once)"),
+    "migrate": Command(_migrate, {"uri": True, "detach": False, "trace": False,
+                                  "resume": False},
+                       "start migrating the guest to uri (returns at once); resume: whether "
+                       "the guest runs on here afterwards (default: only for file: "
+                       "snapshots)"),
     "migrate-incoming": Command(_migrate_incoming, {"uri": True},
                                 "a destination started with 'defer': listen on uri now"),
     "migrate_cancel": Command(lambda s, a: s.migrate_cancel(), {},

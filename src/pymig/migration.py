@@ -30,11 +30,11 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
+from pymig.estimate import Bandwidth
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -60,33 +60,13 @@ _ALLOWED: dict[Status, set[Status]] = {
     Status.CANCELLING: {Status.CANCELLED, Status.FAILED},
     Status.FAILED: {Status.SETUP},
     Status.CANCELLED: {Status.SETUP},
-    Status.COMPLETED: set(),
+    Status.COMPLETED: {Status.SETUP},  # only after a snapshot: the guest ran on here
 }
 ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING}
 
 
 class Cancelled(MigrationError):
     """The migration was cancelled (by the user or by a limit); the source keeps running."""
-
-
-@dataclass
-class Bandwidth:
-    """Bytes/s the channel carried, from iterations that sent enough to be meaningful."""
-
-    bytes_per_s: float = 0.0
-    min_sample_bytes: int = 4 << 20
-
-    def cap(self, bytes_per_s: int) -> None:
-        """A bandwidth cap bounds the estimate (and is the estimate before any sample)."""
-        if self.bytes_per_s == 0 or self.bytes_per_s > bytes_per_s:
-            self.bytes_per_s = float(bytes_per_s)
-
-    def sample(self, nbytes: int, seconds: float) -> None:
-        if nbytes <= 0 or seconds <= 0:
-            return
-        rate = nbytes / seconds
-        if nbytes >= self.min_sample_bytes or self.bytes_per_s == 0:
-            self.bytes_per_s = rate
 
 
 class Migration:
@@ -109,6 +89,7 @@ class Migration:
         self._continue_switchover = threading.Event()
         self._channel = None
         self._trace: TraceWriter | None = None
+        self.resume_source = False
         self.error: BaseException | None = None
         self.params.on_change(self._params_changed)
 
@@ -140,15 +121,24 @@ class Migration:
         return True
 
     # -- control -----------------------------------------------------------------------------
-    def start(self, uri: str, *, trace_path: str | None = None) -> None:
-        """Begin migrating to ``uri`` in the background; refuses while one is active."""
-        transport.parse_uri(uri)  # a bad URI is the caller's error, before any state changes
+    def start(self, uri: str, *, trace_path: str | None = None,
+              resume_source: bool | None = None) -> None:
+        """Begin migrating to ``uri`` in the background; refuses while one is active.
+
+        ``resume_source``: whether the source guest runs on after success.  By default it does
+        for ``file:`` (a live snapshot: the guest carries on, the file holds its state at the
+        switchover) and does not otherwise (the guest now runs at the destination).
+        """
+        parsed = transport.parse_uri(uri)  # a bad URI is the caller's error, before any change
+        if resume_source is None:
+            resume_source = parsed.scheme == "file"
+        self.resume_source = resume_source
         self.machine.registry.check_migratable()
         with self._lock:
             current = self._status
         if current in ACTIVE_STATES:
             raise MigrationError(f"a migration is already {current.value}")
-        if current == Status.COMPLETED:
+        if current == Status.COMPLETED and not self.resume_source:
             raise MigrationError("this guest has already migrated away")
         if not self._transition(current, Status.SETUP):
             raise MigrationError("a migration started concurrently")
@@ -314,6 +304,8 @@ class Migration:
                 committed = True  # a one-way channel: the stream is all there is
                 downtime_s = time.monotonic() - stop_mono
             stats.completed(downtime_s)
+            if self.resume_source:
+                guest.resume()
             self._transition(Status.DEVICE, Status.COMPLETED)
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest running
             if ret is not None and isinstance(exc, TransportError):

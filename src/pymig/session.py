@@ -83,7 +83,7 @@ class Session:
             return "inmigrate" if self.incoming is not None else "paused"
         migration = self.migration
         if migration is not None:
-            if migration.status == Status.COMPLETED:
+            if migration.status == Status.COMPLETED and not migration.resume_source:
                 return "postmigrate"
             if migration.status == Status.DEVICE:
                 return "finish-migrate"
@@ -136,7 +136,8 @@ class Session:
             raise CommandError(f"cannot {what} during a migration ({migration.status.value})")
 
     # -- outgoing migration ------------------------------------------------------------------
-    def migrate(self, uri: str, *, trace_path: str | None = None) -> None:
+    def migrate(self, uri: str, *, trace_path: str | None = None,
+                resume: bool | None = None) -> None:
         if self.machine is None:
             raise CommandError("there is no guest to migrate")
         if self.machine.guest.status in ("shutdown", "error"):
@@ -146,7 +147,8 @@ class Session:
             self.migration.on_status(self._migration_status)
             self.migration.on_pass(self._migration_pass)
         try:
-            self.migration.start(uri, trace_path=trace_path or self.trace_path)
+            self.migration.start(uri, trace_path=trace_path or self.trace_path,
+                                 resume_source=resume)
         except (MigrationError, ValueError) as exc:
             raise CommandError(str(exc)) from None
 
