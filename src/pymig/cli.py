@@ -86,13 +86,12 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
             memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
             load_address=int(load_address, 0) if load_address else None)
         guest = guests.create(config)
-        guest.start()
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
     session = Session(guest)
     sys.exit(serve(session, control=control,
                    control_tcp=("127.0.0.1", control_tcp) if control_tcp else None,
-                   serial_file=serial, quiet=quiet))
+                   serial_file=serial, quiet=quiet, start=True))
 
 
 # -- incoming -------------------------------------------------------------------------------------

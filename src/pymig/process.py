@@ -30,6 +30,7 @@ class _Serial:
         self._callback = None
 
     def attach(self, guest) -> None:
+        self.detach()
         self.guest = guest
         if self.out is not None:
             def write(data: bytes, out=self.out) -> None:
@@ -72,11 +73,12 @@ def status_line(session: Session, elapsed: float, rate: float | None) -> str:
 def serve(session: Session, *, control: str | None = None,
           control_tcp: tuple[str, int] | None = None, serial_file: str | None = None,
           serial_out: BinaryIO | None = None, quiet: bool = False, interval: float = 1.0,
-          say: Callable[[str], None] | None = None) -> int:
+          start: bool = False, say: Callable[[str], None] | None = None) -> int:
     """Run until the session ends; returns the process exit code.
 
-    0: quit, Ctrl-C or a clean guest power-off; 1: a guest error or a failed incoming
-    migration (the guest never started here).
+    ``start``: start the session's (source) guest once its console is attached.  Exit code
+    0: quit, Ctrl-C or SIGTERM; a power-off: the guest's code; 1: a guest error or a failed
+    incoming migration (the guest never started here).
     """
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     server = ControlServer(session, control, control_tcp) if (control or control_tcp) else None
@@ -86,18 +88,20 @@ def serve(session: Session, *, control: str | None = None,
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    start = time.monotonic()
+    session.on_guest(serial.attach)
+    if start:
+        session.guest.start()
+    began = time.monotonic()
     last_written: int | None = None
-    last_t = start
+    last_t = began
     code = 0
+    announced = False
     try:
         while not stop.is_set():
-            if session.guest_ready.is_set() and serial.guest is not session.guest:
-                serial.detach()
-                serial.attach(session.guest)
-                if session.incoming_result is not None and not quiet:
-                    say(f"[pymig] incoming migration loaded in "
-                        f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
+            if session.incoming_result is not None and not announced and not quiet:
+                announced = True
+                say(f"[pymig] incoming migration loaded in "
+                    f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
             if session.quit_requested.wait(interval):
                 break
             guest = session.guest
@@ -109,11 +113,11 @@ def serve(session: Session, *, control: str | None = None,
                     rate = (written - last_written) / max(now - last_t, 1e-9)
                 last_written, last_t = written, now
             if not quiet:
-                say(status_line(session, now - start, rate))
+                say(status_line(session, now - began, rate))
             if guest is not None and guest.status in ("shutdown", "error"):
                 reason = getattr(guest, "stop_reason", None) or guest.status
                 say(f"[pymig] guest stopped: {reason}")
-                code = 1 if guest.status == "error" else 0
+                code = 1 if guest.status == "error" else (getattr(guest, "exit_code", 0) or 0)
                 break
     except KeyboardInterrupt:
         say("[pymig] interrupted")

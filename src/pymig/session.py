@@ -53,6 +53,7 @@ class Session:
         self.guest_ready = threading.Event()
         self.trace_path: str | None = None
         self.incoming_options: dict[str, Any] = {}
+        self._guest_callbacks: list[Callable[[Guest], None]] = []
         self.incoming_failed: BaseException | None = None
         if guest is not None:
             self.guest_ready.set()
@@ -74,6 +75,18 @@ class Session:
             sink(name, data)
 
     # -- guest -------------------------------------------------------------------------------
+    def on_guest(self, callback: Callable[[Guest], None]) -> None:
+        """``callback(guest)`` as soon as this process has a guest and before it runs here:
+        now for a source, just before the vCPUs start for a destination (so nothing the
+        guest prints is missed)."""
+        self._guest_callbacks.append(callback)
+        if self.machine is not None:
+            callback(self.machine.guest)
+
+    def _guest_arrived(self, machine: Machine) -> None:
+        for callback in list(self._guest_callbacks):
+            callback(machine.guest)
+
     @property
     def guest(self) -> Guest | None:
         return self.machine.guest if self.machine is not None else None
@@ -226,8 +239,15 @@ class Session:
             raise CommandError("this process already has a guest")
         if self.incoming is not None and self.incoming.status not in ("failed",):
             raise CommandError(f"an incoming migration is already {self.incoming.status}")
+        chained = incoming_options.pop("before_start", None)
+
+        def before_start(machine: Machine) -> None:
+            if chained is not None:
+                chained(machine)
+            self._guest_arrived(machine)
+
         try:
-            self.incoming = Incoming(uri, **incoming_options)
+            self.incoming = Incoming(uri, before_start=before_start, **incoming_options)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         self.incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))

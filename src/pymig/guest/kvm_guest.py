@@ -138,6 +138,16 @@ class KvmGuest:
             return "shutdown"
         return self._status
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the guest stopped by itself (power off, reset), or None."""
+        return self.machine.stop_reason
+
+    @property
+    def exit_code(self) -> int | None:
+        """The code a guest passed when it powered off through the control port."""
+        return self.machine.exit_code
+
     def start(self) -> None:
         """Run a freshly created guest."""
         with self._lock:
