@@ -64,6 +64,34 @@ class LocalMigration:
     def destination(self):
         return self.result.machine.guest if self.result is not None else None
 
+    def __enter__(self) -> "LocalMigration":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.destination is not None:
+            self.destination.close()
+
+
+def assert_consistent(guest) -> None:
+    """Pause a self-checking guest and check every page of its working set."""
+    from pymig.guest.workloads import verify_selfcheck
+
+    guest.pause()
+    report = verify_selfcheck(guest)
+    assert report.ok and report.errors == 0, report.detail
+
+
+def save_snapshot(path, config: GuestConfig) -> dict:
+    """Run a guest for ``config``, save it live to ``path`` (file:), return the stats."""
+    guest = running_guest(config)
+    try:
+        migration = Migration(Machine.source(guest))
+        migration.start(f"file:{path}")
+        assert migration.wait(60).value == "completed", migration.query()
+        return migration.query()
+    finally:
+        guest.close()
+
 
 def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     capabilities: dict | None = None, timeout: float = 120.0,

@@ -9,25 +9,15 @@ import sys
 import pytest
 
 from _childenv import child_env
-from _migration_helpers import guest_config, running_guest
+from _migration_helpers import guest_config, save_snapshot
 from pymig.analyze import analyze
-from pymig.machine import Machine
-from pymig.migration import Migration
 from pymig.transport import BytesChannel
 
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     path = tmp_path_factory.mktemp("analyze") / "guest.pymig"
-    guest = running_guest(guest_config("simulated", vcpus=2))
-    try:
-        migration = Migration(Machine.source(guest))
-        migration.start(f"file:{path}")
-        assert migration.wait(60).value == "completed"
-        stats = migration.query()
-    finally:
-        guest.close()
-    return path, stats
+    return path, save_snapshot(path, guest_config("simulated", vcpus=2))
 
 
 def test_a_good_stream_is_described_completely(snapshot):

@@ -6,12 +6,10 @@ import json
 
 import pytest
 
-from _migration_helpers import guest_config, running_guest
+from _migration_helpers import guest_config, save_snapshot
 from pymig import stream
 from pymig.errors import MigrationError
 from pymig.incoming import Incoming
-from pymig.machine import Machine
-from pymig.migration import Migration
 from pymig.transport import BytesChannel
 
 
@@ -19,13 +17,7 @@ from pymig.transport import BytesChannel
 def saved_stream(tmp_path_factory):
     """The bytes of a whole migration of a running self-checking guest."""
     path = tmp_path_factory.mktemp("stream") / "guest.pymig"
-    guest = running_guest(guest_config("simulated", vcpus=2))
-    try:
-        migration = Migration(Machine.source(guest))
-        migration.start(f"file:{path}")
-        assert migration.wait(60).value == "completed", migration.query()
-    finally:
-        guest.close()
+    save_snapshot(path, guest_config("simulated", vcpus=2))
     return path.read_bytes()
 
 
