@@ -171,3 +171,26 @@ def test_trace_has_one_line_per_sync(tmp_path, guests):
         assert [r["iteration"] for r in records] == list(range(1, len(records) + 1))
         assert records[0]["bytes"] == 0  # nothing sent before the first sync
         assert all(r["page_size"] == 4096 for r in records)
+
+
+def test_cancel_after_the_commit_is_refused_and_the_guest_is_not_lost(tmp_path, guests):
+    """Once the destination has been told to start, a cancel would leave the guest nowhere."""
+    source = guests(guest_config("simulated"))
+    refused = []
+    incoming = Incoming(f"unix:{tmp_path}/m.sock", accept_timeout=30,
+                        before_start=lambda machine: _capture(migration.cancel, refused))
+    bound = incoming.listen()
+    result = []
+    thread = threading.Thread(target=lambda: result.append(incoming.run()), daemon=True)
+    thread.start()
+    migration = Migration(Machine.source(source))
+    migration.start(bound)
+    assert migration.wait(60).value == "completed"
+    thread.join(30)
+    assert refused and "too late to cancel" in str(refused[0])
+    dest = result[0].machine.guest
+    try:
+        assert dest.status == "running" and source.status == "paused"
+        migration.cancel()  # after the end: nothing to cancel, no error
+    finally:
+        dest.close()

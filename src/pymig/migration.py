@@ -90,6 +90,7 @@ class Migration:
         self._channel = None
         self._trace: TraceWriter | None = None
         self.resume_source = False
+        self._committed = False
         self.error: BaseException | None = None
         self.params.on_change(self._params_changed)
 
@@ -143,6 +144,7 @@ class Migration:
         if not self._transition(current, Status.SETUP):
             raise MigrationError("a migration started concurrently")
         self._cancel.clear()
+        self._committed = False
         self._manual_switchover.clear()
         self._continue_switchover.clear()
         self.error = None
@@ -157,11 +159,20 @@ class Migration:
         self._thread.start()
 
     def cancel(self) -> None:
-        """Ask the migration to stop; the source guest keeps (or resumes) running."""
+        """Ask the migration to stop; the source guest keeps (or resumes) running.
+
+        Refused (MigrationError) once the destination has been told to start the guest: from
+        then on the guest is the destination's, and stopping halfway would lose it.
+        """
+        with self._lock:
+            if self._status not in ACTIVE_STATES:
+                return  # nothing under way: nothing to cancel
+            if self._committed:
+                raise MigrationError("too late to cancel: the destination is starting the guest")
+            self._cancel.set()
         for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
             if self._transition(state, Status.CANCELLING):
                 break
-        self._cancel.set()
         channel = self._channel
         if channel is not None:
             channel.shutdown()  # unblocks a send stuck on a full socket
@@ -194,7 +205,7 @@ class Migration:
         machine, guest = self.machine, self.machine.guest
         stats = self.stats
         trace = self._trace
-        paused_by_us = committed = False
+        paused_by_us = False
         saver = machine.ram_saver
         saver.cancelled = self._cancel.is_set
         saver.on_packet = lambda nbytes, normal, zero: stats.add_sent(
@@ -292,16 +303,17 @@ class Migration:
             for entry in machine.registry.live_entries():
                 entry.handlers.complete(entry.opaque, SectionOut(writer, entry))
             machine.save_device_state(writer)
-            writer.eof()
             if ret is not None:
+                writer.eof()
                 ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
                 self._check(ret)
+                self._commit()
                 stream.ReturnPathWriter(channel).commit()
-                committed = True
                 ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
                 downtime_s = (ack.vcpu_start_ns - stop_wall) / 1e9
             else:
-                committed = True  # a one-way channel: the stream is all there is
+                self._commit()  # a one-way channel: a whole stream is the commit
+                writer.eof()
                 downtime_s = time.monotonic() - stop_mono
             stats.completed(downtime_s)
             if self.resume_source:
@@ -314,7 +326,8 @@ class Migration:
                 reason = ret.error_after_close(timeout=2.0)
                 if reason is not None:
                     exc = MigrationError(f"destination failed: {reason}")
-            self._fail(exc, resume=paused_by_us and not committed, committed=committed)
+            self._fail(exc, resume=paused_by_us and not self._committed,
+                       committed=self._committed)
         finally:
             for entry in machine.registry.live_entries():
                 entry.handlers.cleanup(entry.opaque)
@@ -328,6 +341,13 @@ class Migration:
                 self._channel = None
             if trace:
                 trace.close()
+
+    def _commit(self) -> None:
+        """Cross the point of no return, unless a cancel got there first."""
+        with self._lock:
+            if self._cancel.is_set():
+                raise Cancelled("migration cancelled")
+            self._committed = True
 
     def _check(self, ret: "ReturnPath | None") -> None:
         if self._cancel.is_set():

@@ -167,7 +167,10 @@ class Session:
 
     def migrate_cancel(self) -> None:
         if self.migration is not None:
-            self.migration.cancel()
+            try:
+                self.migration.cancel()
+            except MigrationError as exc:
+                raise CommandError(str(exc)) from None
         elif self.incoming is not None and self.machine is None:
             raise CommandError("an incoming migration cannot be cancelled from the destination;"
                                " cancel it on the source")
