@@ -16,7 +16,8 @@
  *
  * Pacing follows the parameter block exactly as the KVM guest's pace() does (workloads.py,
  * "Pacing"), with CLOCK_MONOTONIC nanoseconds as ticks: after every batch_pages page writes the
- * deadline advances by ticks_per_batch and the writer waits for it (a timed condition wait, so
+ * deadline advances by ticks_per_batch (both from the writer's share record) and the writer
+ * waits for it (a timed condition wait, so
  * pause/close/throttle changes wake it); a writer more than max_lag_ticks behind restarts its
  * deadline from now.  The deadline restarts at every run(), as a vCPU's would after a pause.
  *
@@ -51,6 +52,9 @@ _Static_assert(offsetof(struct pymig_sim_params, ticks_per_us) == 0x30, "P_TSC_P
 _Static_assert(offsetof(struct pymig_sim_params, shares) == 0x40, "share table");
 _Static_assert(sizeof(struct pymig_sim_share_record) == 64, "share record stride");
 _Static_assert(offsetof(struct pymig_sim_share_record, seed) == 16, "SH_SEED");
+_Static_assert(offsetof(struct pymig_sim_share_record, batch_pages) == 24, "SH_BATCH");
+_Static_assert(offsetof(struct pymig_sim_share_record, ticks_per_batch) == 32,
+               "SH_TSC_PER_BATCH");
 _Static_assert(sizeof(struct pymig_sim_params) <= PYMIG_SIM_PAGE_SIZE, "one page");
 
 /* Mailbox record words (byte offset / 8). */
@@ -64,6 +68,8 @@ struct share {
     uint64_t hot_pages;   /* h (hotspot: 1 <= h < m) */
     uint64_t first_frame; /* guest frame number of the first page (gpa >> 12) */
     uint64_t seed;        /* compute: the fill's xorshift64 seed */
+    uint64_t batch_pages; /* this vCPU's pacing (its share record) */
+    uint64_t ticks_per_batch;
 };
 
 struct writer {
@@ -362,7 +368,7 @@ next_batch(struct pymig_sim *sim, struct writer *w)
     if (w->epoch != sim->epoch) {
         w->epoch = sim->epoch;
         w->deadline_ns = now;
-        w->left = p->batch_pages;
+        w->left = w->share.batch_pages;
         w->slice_start_ns = now;
     }
     int64_t run_budget = SLICE_NS;
@@ -378,8 +384,8 @@ next_batch(struct pymig_sim *sim, struct writer *w)
             w->slice_start_ns = now;
         }
     }
-    if (p->ticks_per_batch == 0)
-        return p->batch_pages < BATCH_MAX ? p->batch_pages : BATCH_MAX;
+    if (w->share.ticks_per_batch == 0)
+        return w->share.batch_pages < BATCH_MAX ? w->share.batch_pages : BATCH_MAX;
     if (now < w->deadline_ns) {
         int64_t at = w->deadline_ns;
         if (sim->throttle > 0 && at > w->slice_start_ns + run_budget)
@@ -396,12 +402,12 @@ next_batch(struct pymig_sim *sim, struct writer *w)
 static void
 paced(struct pymig_sim *sim, struct writer *w, uint64_t written)
 {
-    if (sim->params.ticks_per_batch == 0 || written == 0)
+    if (w->share.ticks_per_batch == 0 || written == 0)
         return;
     w->left -= written;
     if (w->left == 0) {
-        w->left = sim->params.batch_pages;
-        w->deadline_ns += (int64_t)sim->params.ticks_per_batch;
+        w->left = w->share.batch_pages;
+        w->deadline_ns += (int64_t)w->share.ticks_per_batch;
     }
 }
 
@@ -528,8 +534,12 @@ check_params(const struct pymig_sim_params *p, const struct pymig_sim_block *blo
         struct share *s = &shares[i];
         memset(s, 0, sizeof(*s));
         s->seed = r->seed;
+        s->batch_pages = r->batch_pages;
+        s->ticks_per_batch = r->ticks_per_batch;
         if (p->workload == PYMIG_SIM_IDLE)
             continue;
+        if (r->batch_pages == 0)
+            return -EINVAL;
         if (r->npages == 0 || locate(blocks, nblocks, r->first_gpa, r->npages, &s->block,
                                      &s->first_page))
             return -EINVAL;

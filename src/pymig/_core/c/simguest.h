@@ -45,7 +45,10 @@ struct pymig_sim_share_record {
     uint32_t hot_pages;
     uint32_t zero;
     uint64_t seed;
-    uint8_t reserved[40];
+    uint32_t batch_pages;     /* this vCPU's pacing: pages per batch (>= 1) */
+    uint32_t zero2;
+    uint64_t ticks_per_batch; /* this vCPU's ticks per batch, 0 = as fast as it can */
+    uint8_t reserved[24];
 };
 
 /* The parameter block at guest-physical 0x5000, little-endian (x86 only, like KVM). */
@@ -56,9 +59,9 @@ struct pymig_sim_params {
     uint32_t vcpus;
     uint32_t pattern;           /* enum pymig_sim_pattern */
     uint32_t hot_share;         /* share of writes to the hot part, x 2^32 */
-    uint32_t batch_pages;       /* pages per pacing batch (>= 1) */
+    uint32_t batch_pages;       /* pages per pacing batch, even split (writers use shares[]) */
     uint32_t rounds;            /* compute */
-    uint64_t ticks_per_batch;   /* 0 = as fast as it can */
+    uint64_t ticks_per_batch;   /* even split; 0 = as fast as it can */
     uint64_t max_lag_ticks;
     uint32_t ticks_per_us;
     uint32_t reserved[3];
