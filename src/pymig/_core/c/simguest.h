@@ -103,6 +103,11 @@ void pymig_sim_set_throttle(struct pymig_sim *sim, int percent);
 void pymig_sim_set_logging(struct pymig_sim *sim, int on);
 /* Fetch-and-clear block's dirty bitmap into out (npages bits rounded up to u64 words). */
 void pymig_sim_sync(struct pymig_sim *sim, uint32_t block, uint64_t *out);
+/* Cap writer index's dirty rate at pages_per_s (0: no limit); -EINVAL for a bad index or
+ * rate.  A new limit starts from now, with no credit saved up. */
+int pymig_sim_set_dirty_limit(struct pymig_sim *sim, uint32_t index, double pages_per_s);
+/* Each writer's count of the pages of its share it has dirtied (vcpus entries into out). */
+void pymig_sim_dirty_counts(struct pymig_sim *sim, uint64_t *out);
 int pymig_sim_get_cpu(struct pymig_sim *sim, uint32_t index, struct pymig_sim_cpu *cpu);
 /* -EBUSY while running. */
 int pymig_sim_set_cpu(struct pymig_sim *sim, uint32_t index, const struct pymig_sim_cpu *cpu);
