@@ -14,8 +14,8 @@ from pymig.guest import GuestConfig, create
 from pymig.guest.base import GUEST_PAGE_SIZE, MAX_VCPUS, PARAMS_GPA
 from pymig.guest.workloads import (
     make_workload,
-    pack_params,
     pacing,
+    pack_params,
     parse_params,
     read_mailbox,
     unpack_params,
