@@ -14,6 +14,8 @@ import os
 
 
 cdef extern from "simguest.h" nogil:
+    enum: PYMIG_SIM_MAX_VCPUS
+
     struct pymig_sim_block:
         uint8_t *base
         uint64_t gpa
@@ -41,6 +43,8 @@ cdef extern from "simguest.h" nogil:
     void pymig_sim_set_throttle(pymig_sim *sim, int percent)
     void pymig_sim_set_logging(pymig_sim *sim, int on)
     void pymig_sim_sync(pymig_sim *sim, uint32_t block, uint64_t *out)
+    int pymig_sim_set_dirty_limit(pymig_sim *sim, uint32_t index, double pages_per_s)
+    void pymig_sim_dirty_counts(pymig_sim *sim, uint64_t *out)
     int pymig_sim_get_cpu(pymig_sim *sim, uint32_t index, pymig_sim_cpu *cpu)
     int pymig_sim_set_cpu(pymig_sim *sim, uint32_t index, const pymig_sim_cpu *cpu)
 
@@ -143,6 +147,20 @@ cdef class Writers:
         else:
             with nogil:
                 pymig_sim_sync(sim, block, &out[0])
+
+    def set_dirty_limit(self, uint32_t index, double pages_per_s):
+        """Cap writer ``index`` at ``pages_per_s`` dirtied pages per second (0: no limit)."""
+        cdef int err = pymig_sim_set_dirty_limit(self._live(), index, pages_per_s)
+        if err:
+            _raise(err, f"cannot set writer {index}'s dirty limit to {pages_per_s}")
+
+    def dirty_counts(self):
+        """Per writer, the pages of its share it has dirtied so far (counted where it logs
+        them, logging on or not)."""
+        cdef pymig_sim *sim = self._live()
+        cdef uint64_t counts[PYMIG_SIM_MAX_VCPUS]
+        pymig_sim_dirty_counts(sim, counts)
+        return [counts[i] for i in range(self.vcpus)]
 
     def get_cpu(self, uint32_t index):
         """Writer ``index``'s state as a dict of ``CPU_FIELDS``; the writers must be paused."""

@@ -7,6 +7,7 @@ only through :class:`Guest`, so the same code paths run on a machine without /de
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
@@ -211,9 +212,86 @@ class Console:
         return write
 
 
+class DirtyRateMeter:
+    """Per-vCPU pages/s between two readings of cumulative per-vCPU dirty counts."""
+
+    def __init__(self) -> None:
+        self._counts: list[int] | None = None
+        self._time = 0.0
+
+    def restart(self, counts: Sequence[int], now: float) -> None:
+        """Measure from here (dirty tracking has just started)."""
+        self._counts, self._time = list(counts), now
+
+    def rates(self, counts: Sequence[int], now: float) -> list[float]:
+        """Pages/s per vCPU since the previous reading (or the restart); this becomes the
+        previous reading."""
+        if self._counts is None:
+            self.restart(counts, now)
+        elapsed = now - self._time
+        rates = [(new - old) / elapsed if elapsed > 0 else 0.0
+                 for new, old in zip(counts, self._counts)]
+        self.restart(counts, now)
+        return rates
+
+
+def check_vcpu_index(index: Any, vcpus: int) -> int:
+    """A vCPU index of a guest with ``vcpus`` vCPUs (IndexError otherwise)."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+            or not 0 <= index < vcpus:
+        raise IndexError(f"no vCPU {index!r} (the guest has {vcpus})")
+    return int(index)
+
+
+def check_dirty_limit(pages_per_s: Any) -> float | None:
+    """A dirty limit as :meth:`Guest.set_vcpu_dirty_limit` takes it: None, or a finite number
+    of pages per second > 0 (ValueError otherwise)."""
+    if pages_per_s is None:
+        return None
+    if isinstance(pages_per_s, bool) or not isinstance(pages_per_s, (int, float, np.integer,
+                                                                     np.floating)):
+        raise ValueError(f"a dirty limit is a number of pages per second or None, not "
+                         f"{pages_per_s!r}")
+    limit = float(pages_per_s)
+    if not limit > 0 or math.isinf(limit):
+        raise ValueError(f"a dirty limit must be a finite number of pages per second > 0, not "
+                         f"{pages_per_s!r} (None lifts it)")
+    return limit
+
+
 @runtime_checkable
 class Guest(Protocol):
-    """A running guest as migration sees it.  ``KvmGuest`` and ``SimulatedGuest`` implement it."""
+    """A running guest as migration sees it.  ``KvmGuest`` and ``SimulatedGuest`` implement it.
+
+    **Per-vCPU dirty rates and dirty limits** (QEMU's dirty-limit: throttle only the vCPUs that
+    dirty too fast, by sleeping them, instead of every vCPU by run time):
+
+    * ``supports_dirty_limit`` is False where the guest cannot tell which vCPU dirtied a page:
+      a KVM guest created without the dirty ring (``create(config, dirty_ring=N)``;
+      KVM_GET_DIRTY_LOG's bitmap has no owner per page).  The two methods below then raise
+      GuestError saying so; they never make a figure up.  KVM enables the ring only before
+      the vCPUs exist, so ring mode is chosen when the guest is created, never by a migration.
+    * *Dirty tracking* is on while dirty logging is (``start_dirty_log``) or any vCPU has a
+      limit.  A limit turns tracking on by itself (KVM: the slots log while any limit is set,
+      even after ``stop_dirty_log``) and leaves the sync contract untouched:
+      ``start_dirty_log`` still starts from a clean log and ``sync_dirty`` / ``clear_dirty``
+      report every write exactly as without limits.
+    * ``vcpu_dirty_rates()`` -> one float per vCPU: the pages/s it dirtied between the previous
+      call and this one (the first call: since tracking started), measured by the dirty
+      tracking itself, never by the workload.  KVM: ring entries harvested from that vCPU's
+      ring, i.e. pages newly dirtied since KVM last re-protected them, so a page rewritten
+      between two harvests counts once (harvests happen at every sync, ring-full exit, call,
+      and every 10 ms while a limit is set).  Simulated: the pages of its share a writer
+      logged, counted where it sets their dirty bits.  GuestError while tracking is off.
+    * ``set_vcpu_dirty_limit(index, pages_per_s)`` caps vCPU ``index`` at ``pages_per_s``
+      (a finite number > 0) dirtied pages per second, as measured above; ``None`` lifts the
+      cap.  Each page the vCPU dirties costs it 1/quota s (with at most 10 ms of unused quota
+      carried over) and it is kept from running until it has paid (KVM: its thread waits out
+      of guest mode, checked at every harvest; simulated: the writer waits between batches),
+      so only that vCPU slows, in proportion to how far over quota it is, and the guest's
+      clock keeps running.  Limits are lifted when the guest closes; they are not part of the
+      migrated state.  IndexError for a vCPU that does not exist, ValueError for a bad rate.
+    """
 
     config: GuestConfig
     ram_blocks: list[RamBlock]
@@ -243,6 +321,14 @@ class Guest(Protocol):
         """The state entries this guest migrates besides RAM (vCPUs, devices)."""
     def set_throttle(self, percent: int) -> None: ...
     def progress(self) -> dict[str, int]: ...
+
+    @property
+    def supports_dirty_limit(self) -> bool:
+        """Whether this guest measures per-vCPU dirty rates (and so can limit them)."""
+    def vcpu_dirty_rates(self) -> list[float]:
+        """Per vCPU, pages/s dirtied since the previous call (see the class docstring)."""
+    def set_vcpu_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
+        """Cap vCPU ``index``'s dirty rate at ``pages_per_s``; None lifts the cap."""
 
 
 def create(config: GuestConfig, **options: Any) -> Guest:

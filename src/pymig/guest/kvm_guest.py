@@ -10,6 +10,11 @@ Status::
     created --start()/resume()--> running <--pause()/resume()--> paused
        running/paused --(guest powers off / resets)--> shutdown
        running --(triple fault, failed entry, internal error)--> error
+
+Dirty tracking: the slots log while dirty logging is on (:meth:`start_dirty_log`) or any vCPU
+has a dirty limit, which needs the dirty ring (``create(..., dirty_ring=N)``): the ring names
+the vCPU that dirtied each page, so :meth:`vcpu_dirty_rates` counts each vCPU's ring entries and
+the dirty limit (:class:`~pymig.kvm.machine.Machine`) holds a vCPU that produces them too fast.
 """
 
 from __future__ import annotations
@@ -17,13 +22,23 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
 from pymig._core import kvm as _kvm
 from pymig.errors import GuestError
 from pymig.guest import builtin, loader
-from pymig.guest.base import Console, GuestConfig, GuestState, allocate_ram, write_phys
+from pymig.guest.base import (
+    Console,
+    DirtyRateMeter,
+    GuestConfig,
+    GuestState,
+    allocate_ram,
+    check_dirty_limit,
+    check_vcpu_index,
+    write_phys,
+)
 from pymig.guest.workloads import MailboxRecord, progress_from_mailbox, read_mailbox
 from pymig.kvm import cpustate
 from pymig.kvm.machine import Machine
@@ -45,6 +60,9 @@ class KvmGuest:
         self._owns_kvm = owns_kvm
         self._status = "created"
         self._lock = threading.Lock()
+        self._dirty_log = False  # start_dirty_log() is in force (a limit may log on its own)
+        self._tracking = False  # the slots are logging, for either reason
+        self._rates = DirtyRateMeter()
         self.pause_latencies: list[float] = []
         # the guest's latest control-port events: (vcpu, code, argument)
         self.events: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
@@ -61,7 +79,8 @@ class KvmGuest:
 
         ``backing``/``hugepages`` shape the RAM blocks; ``irqchip`` asks for the in-kernel
         irqchip; ``manual_protect``/``initially_set``/``dirty_ring`` (entries per vCPU) choose
-        the dirty-log mode (:mod:`pymig.kvm.vm`).
+        the dirty-log mode (:mod:`pymig.kvm.vm`).  Per-vCPU dirty rates and limits need
+        ``dirty_ring`` (:data:`DIRTY_LIMIT_RING_ENTRIES` is a good size for them).
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
@@ -201,12 +220,27 @@ class KvmGuest:
     # --- dirty logging -------------------------------------------------------------------------
 
     def start_dirty_log(self) -> None:
-        for slot in self.machine.slots:
-            slot.set_logging(True)
+        """Log every write from now on; the first sync reports only those.  In ring mode
+        whatever the rings logged before (for a dirty limit) is discarded and re-protected."""
+        with self._lock:
+            if self.machine.vm.dirty_ring:
+                self.machine.vm.discard_dirty()
+            self._dirty_log = True
+            self._update_tracking()
 
     def stop_dirty_log(self) -> None:
+        """Stop logging (the slots go on logging for a dirty limit while one is set)."""
+        with self._lock:
+            self._dirty_log = False
+            self._update_tracking()
+
+    def _update_tracking(self) -> None:
+        on = self._dirty_log or bool(self.machine.dirty_limits)
         for slot in self.machine.slots:
-            slot.set_logging(False)
+            slot.set_logging(on)
+        if on and not self._tracking and self.machine.vm.dirty_ring:
+            self._rates.restart(self.machine.dirty_counts(), time.monotonic())
+        self._tracking = on
 
     def sync_dirty(self) -> list[np.ndarray]:
         """Per block, pages dirtied since logging started or their last clear (KVM bitmap
@@ -250,6 +284,41 @@ class KvmGuest:
     def set_throttle(self, percent: int) -> None:
         self.machine.set_throttle(percent)
 
+    # --- per-vCPU dirty rates and limits (Guest protocol; dirty ring only) -------------------
+
+    @property
+    def supports_dirty_limit(self) -> bool:
+        """True with the dirty ring, whose entries say which vCPU dirtied each page."""
+        return bool(self.machine.vm.dirty_ring)
+
+    def vcpu_dirty_rates(self) -> list[float]:
+        """Per vCPU, ring entries per second (pages newly dirtied since KVM last re-protected
+        them) since the previous call or since tracking started.  The rings are harvested now
+        (what they held goes to the next sync, as always).  GuestError without the dirty ring
+        or while nothing is tracking."""
+        with self._lock:
+            self._check_open()
+            counts = self.machine.dirty_counts()  # GuestError without the ring
+            if not self._tracking:
+                raise GuestError("vcpu_dirty_rates() measures while dirty logging is on or a "
+                                 "dirty limit is set; call start_dirty_log() first")
+            return self._rates.rates(counts, time.monotonic())
+
+    def set_vcpu_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
+        """Cap vCPU ``index`` at ``pages_per_s`` ring entries per second (None: lift it).
+        The slots log while any limit is set; over quota, the vCPU's thread stays out of
+        guest mode until the excess is paid for (:class:`~pymig.kvm.machine.DirtyQuota`)."""
+        index = check_vcpu_index(index, self.vcpu_count)
+        limit = check_dirty_limit(pages_per_s)
+        with self._lock:
+            self._check_open()
+            self.machine.set_dirty_limit(index, limit)
+            self._update_tracking()
+
+    def _check_open(self) -> None:
+        if self._status == "closed":
+            raise GuestError("the guest is closed")
+
     def progress(self) -> dict[str, int]:
         """The workload's counters from the mailbox in guest RAM (see
         :func:`pymig.guest.workloads.progress_from_mailbox`)."""
@@ -270,4 +339,9 @@ def _enter(vcpu, entry: loader.Entry) -> None:
         _kvm.set_mp_state(vcpu.fd, _kvm.MP_STATE_RUNNABLE)
 
 
-__all__ = ["GuestState", "KvmGuest"]
+# Ring size for per-vCPU dirty rates and limits: a vCPU dirtying flat out fills it every few
+# milliseconds, and each ring-full exit is a harvest (a fresh rate sample) and a point where the
+# vCPU can be held without a kick; QEMU's documentation suggests the same size.
+DIRTY_LIMIT_RING_ENTRIES = 4096
+
+__all__ = ["DIRTY_LIMIT_RING_ENTRIES", "GuestState", "KvmGuest"]

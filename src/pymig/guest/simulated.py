@@ -25,12 +25,17 @@ range is re-armed is reported by the next sync, and a write before it is in the 
 migration reads after clearing.  Clearing at sync time re-arms earlier than any clear_dirty
 could, so it reports a superset of what manual mode reports (at worst a page sent twice) and
 never fewer.
+
+Per-vCPU dirty rates and limits: each writer counts the pages of its share it dirties where it
+sets their dirty bits, so :meth:`~SimulatedGuest.vcpu_dirty_rates` needs no ring; a writer with
+a dirty limit enforces its own quota in C, between batches (``_core/c/simguest.c``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,10 +46,13 @@ from pymig.errors import GuestError, StateError
 from pymig.guest.base import (
     PARAMS_GPA,
     Console,
+    DirtyRateMeter,
     GuestConfig,
     GuestState,
     StateSpec,
     allocate_ram,
+    check_dirty_limit,
+    check_vcpu_index,
     write_phys,
 )
 from pymig.guest.workloads import Workload, pack_params, progress_from_mailbox, resolve
@@ -104,12 +112,17 @@ class SimulatedGuest:
         self._has_state = not incoming
         self._logging = False
         self._throttle = 0
+        self._dirty_limits: dict[int, float] = {}
+        self._rates = DirtyRateMeter()
         self._lock = threading.RLock()
 
     @classmethod
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: Backing = "anon",
-               hugepages: bool = True) -> "SimulatedGuest":
+               hugepages: bool = True, dirty_ring: int = 0) -> "SimulatedGuest":
         """A new, stopped guest with fresh RAM.
+
+        ``dirty_ring`` is accepted so that one set of options builds either kind of guest; the
+        writers count their own dirty pages and need no ring.
 
         A source (``incoming=False``) gets its parameter block written and its writers set at the
         workload's start.  A destination (``incoming=True``) gets nothing written at all, not
@@ -183,6 +196,7 @@ class SimulatedGuest:
             if self._status == "shutdown":
                 return
             self._writers.close()
+            self._dirty_limits.clear()  # limits die with the writers
             self._status = "shutdown"
             for block in self.ram_blocks:
                 try:
@@ -207,6 +221,8 @@ class SimulatedGuest:
         with self._lock:
             self._check_open()
             if not self._logging:
+                if not self._dirty_limits:
+                    self._restart_rates()
                 self._writers.set_logging(True)
                 self._logging = True
 
@@ -291,6 +307,45 @@ class SimulatedGuest:
     @property
     def throttle(self) -> int:
         return self._throttle
+
+    # --- per-vCPU dirty rates and limits (Guest protocol) ------------------------------------
+
+    @property
+    def supports_dirty_limit(self) -> bool:
+        return True
+
+    def vcpu_dirty_rates(self) -> list[float]:
+        """Per writer, the pages of its share it dirtied per second since the previous call
+        (or since tracking started: dirty logging on or a limit set; GuestError otherwise)."""
+        with self._lock:
+            self._check_open()
+            if not (self._logging or self._dirty_limits):
+                raise GuestError("vcpu_dirty_rates() measures while dirty logging is on or a "
+                                 "dirty limit is set; call start_dirty_log() first")
+            return self._rates.rates(self._writers.dirty_counts(), time.monotonic())
+
+    def set_vcpu_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
+        """Cap writer ``index`` at ``pages_per_s`` dirtied pages per second (None: lift it);
+        the writer waits out its excess between batches, the others run on."""
+        index = check_vcpu_index(index, self.vcpu_count)
+        limit = check_dirty_limit(pages_per_s)
+        with self._lock:
+            self._check_open()
+            if not (self._logging or self._dirty_limits) and limit is not None:
+                self._restart_rates()
+            self._writers.set_dirty_limit(index, limit or 0.0)
+            if limit is None:
+                self._dirty_limits.pop(index, None)
+            else:
+                self._dirty_limits[index] = limit
+
+    @property
+    def dirty_limits(self) -> dict[int, float]:
+        """The writers with a dirty limit and their quotas in pages/s."""
+        return dict(self._dirty_limits)
+
+    def _restart_rates(self) -> None:
+        self._rates.restart(self._writers.dirty_counts(), time.monotonic())
 
     def progress(self) -> dict[str, int]:
         """The workload's counters from the mailbox in guest RAM (see progress_from_mailbox)."""

@@ -27,6 +27,7 @@ binaries are built from; the simulated writers are configured from the same byte
     +0x28 u64 max lag in ticks            +0x30 u32 ticks per microsecond
     +0x40 + 64*i  share of vCPU i < vcpus:
         +0 u32 first_gpa  +4 u32 npages (m)  +8 u32 hot_pages (h)  +12 u32 0  +16 u64 seed
+        +24 u32 batch_pages  +28 u32 0  +32 u64 ticks per batch   (this vCPU's pacing)
 
 A *tick* is the guest's clock: the TSC on KVM (its frequency from KVM_GET_TSC_KHZ), a
 nanosecond of CLOCK_MONOTONIC for the simulated guest.
@@ -54,7 +55,10 @@ shifts); each call advances the state and returns it.  ``below(k)`` = the high 6
 ``xorshift64() * k`` (an integer in [0, k)).
 
 Pacing (``rate_pages_per_s``, 0 = as fast as it can): the rate is the whole guest's, split
-evenly: each vCPU writes r = rate / v pages per second.  It writes ``batch_pages`` =
+evenly: each vCPU writes r = rate / v pages per second, unless the dirtier's
+``vcpu_rates_pages_per_s`` gives each vCPU its own r (0 = as fast as it can).  Every vCPU paces
+by its own share record's batch_pages and ticks per batch; the header's are the even split.
+It writes ``batch_pages`` =
 max(1, round(r * 100 us)) pages, then waits until its deadline (deadline += ticks per batch =
 round(batch_pages * tick rate / r), starting from the time it started); a vCPU more than
 100 ms behind (paused, throttled, descheduled) restarts its deadline from now instead of
@@ -66,7 +70,8 @@ while it is throttled, so it writes (100 - p) % of its rate.
 idle
     Touches no memory after start (KVM: hlt with interrupts off; a simulated writer sleeps).
 
-dirtier  (working_set_bytes, rate_pages_per_s, pattern, hot_fraction, hot_share)
+dirtier  (working_set_bytes, rate_pages_per_s, pattern, hot_fraction, hot_share,
+         vcpu_rates_pages_per_s)
     vCPU i's generator starts at ``((i + 1) * GOLDEN mod 2**64) | 1``.  Each write picks a
     page j of the share and increments its byte 0 (wrapping at 256): ``uniform``:
     ``j = below(m)``; ``sequential``: ``j = pos``; ``hotspot``: ``r = xorshift64()``, then if
@@ -141,7 +146,7 @@ PATTERN_IDS = {"uniform": 0, "sequential": 1, "hotspot": 2}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "idle": {},
     "dirtier": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0, "pattern": "uniform",
-                "hot_fraction": 0.1, "hot_share": 0.9},
+                "hot_fraction": 0.1, "hot_share": 0.9, "vcpu_rates_pages_per_s": None},
     "selfcheck": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0},
     "compute": {"rounds": 64, "region_bytes": 4 * MiB, "rate_pages_per_s": 0},
 }
@@ -155,7 +160,7 @@ PARAMS_VERSION = 1
 PARAMS_HEADER = struct.Struct("<IIIIIIIIQQI")
 SHARES_OFFSET = 0x40
 SHARE_STRIDE = 64
-SHARE_RECORD = struct.Struct("<IIIIQ")
+SHARE_RECORD = struct.Struct("<IIIIQIIQ")  # ... seed, then this vCPU's batch and ticks
 MAILBOX_RECORD = struct.Struct("<QQQQQQ16x")  # 5 words, reserved +40, padding
 # Byte offsets of the mailbox words, for code that reads or writes one word in place.
 MB_PASSES, MB_PAGES_WRITTEN, MB_ERRORS, MB_RESULT, MB_DONE = 0, 8, 16, 24, 32
@@ -179,6 +184,7 @@ class WorkloadParams:
     hot_fraction: float = 0.1
     hot_share: float = 0.9
     rounds: int = 0
+    vcpu_rates: tuple[int, ...] = ()  # dirtier: one rate per vCPU instead of the even split
 
     @property
     def workload_id(self) -> int:
@@ -289,10 +295,38 @@ def parse_params(workload: str, params: dict[str, Any] | None = None) -> Workloa
     if pattern not in PATTERN_IDS:
         raise ValueError(f"workload parameter 'pattern' must be one of {sorted(PATTERN_IDS)}, "
                          f"not {pattern!r}")
+    vcpu_rates = _rates_param("vcpu_rates_pages_per_s", merged["vcpu_rates_pages_per_s"])
+    if vcpu_rates and rate:
+        raise ValueError("give the dirtier 'rate_pages_per_s' (the whole guest's) or "
+                         "'vcpu_rates_pages_per_s' (one per vCPU), not both")
     return WorkloadParams("dirtier", area_bytes=area, rate_pages_per_s=rate, pattern=pattern,
                           hot_fraction=_fraction_param("hot_fraction", merged["hot_fraction"],
                                                        True),
-                          hot_share=_fraction_param("hot_share", merged["hot_share"], False))
+                          hot_share=_fraction_param("hot_share", merged["hot_share"], False),
+                          vcpu_rates=vcpu_rates)
+
+
+def _rates_param(name: str, value: Any) -> tuple[int, ...]:
+    """Per-vCPU rates: None, a sequence of integers >= 0, or their comma-separated text (as a
+    command line gives them); () when not given."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: Any = [item.strip() for item in value.split(",")]
+        try:
+            items = [int(item, 0) for item in items]
+        except ValueError:
+            raise ValueError(f"workload parameter {name!r} must list integers, not "
+                             f"{value!r}") from None
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise ValueError(f"workload parameter {name!r} must be a list of integers, not "
+                         f"{value!r}")
+    rates = tuple(_int_param(name, item, 0) for item in items)
+    if not rates:
+        raise ValueError(f"workload parameter {name!r} needs one rate per vCPU")
+    return rates
 
 
 def share_bounds(total_pages: int, vcpus: int, index: int) -> tuple[int, int]:
@@ -312,6 +346,9 @@ def make_workload(params: WorkloadParams, vcpus: int) -> Workload:
     if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"the built-in workloads run on 1 to {MAX_VCPUS} vCPUs, not {vcpus}")
     total = params.area_pages
+    if params.vcpu_rates and len(params.vcpu_rates) != vcpus:
+        raise ValueError(f"{params.workload}: {len(params.vcpu_rates)} rates in "
+                         f"vcpu_rates_pages_per_s for {vcpus} vCPUs")
     if params.workload != "idle" and total < vcpus:
         raise ValueError(f"{params.workload}: {total} pages cannot give each of {vcpus} vCPUs a "
                          f"page of its own")
@@ -384,6 +421,11 @@ class ParamBlock:
     rounds: int
     pacing: Pacing
     shares: tuple[Share, ...]
+    vcpu_pacing: tuple[Pacing, ...] = ()  # each share's own; () = every vCPU paces as ``pacing``
+
+    def share_pacing(self, index: int) -> Pacing:
+        """How vCPU ``index`` paces (its share record's batch_pages and ticks per batch)."""
+        return self.vcpu_pacing[index] if self.vcpu_pacing else self.pacing
 
     def pack(self) -> bytes:
         page = bytearray(GUEST_PAGE_SIZE)
@@ -393,8 +435,10 @@ class ParamBlock:
                                 self.pacing.batch_pages, self.rounds, self.pacing.ticks_per_batch,
                                 self.pacing.max_lag_ticks, self.pacing.ticks_per_us)
         for share in self.shares:
+            own = self.share_pacing(share.index)
             SHARE_RECORD.pack_into(page, SHARES_OFFSET + SHARE_STRIDE * share.index,
-                                   share.first_gpa, share.npages, share.hot_pages, 0, share.seed)
+                                   share.first_gpa, share.npages, share.hot_pages, 0, share.seed,
+                                   own.batch_pages, 0, own.ticks_per_batch)
         return bytes(page)
 
     @classmethod
@@ -415,20 +459,24 @@ class ParamBlock:
         if workload_id not in names or pattern_id not in patterns or not 1 <= vcpus <= MAX_VCPUS:
             raise ValueError(f"parameter block names workload {workload_id}, pattern "
                              f"{pattern_id}, {vcpus} vCPUs")
-        shares = []
+        shares, own = [], []
         for i in range(vcpus):
-            first_gpa, npages, hot, _, seed = SHARE_RECORD.unpack_from(
-                buf, SHARES_OFFSET + SHARE_STRIDE * i)
+            first_gpa, npages, hot, _, seed, share_batch, _, share_ticks = \
+                SHARE_RECORD.unpack_from(buf, SHARES_OFFSET + SHARE_STRIDE * i)
             shares.append(Share(i, first_gpa, npages, hot, seed))
+            own.append(Pacing(share_batch, share_ticks, max_lag, ticks_per_us))
         return cls(names[workload_id], vcpus, patterns[pattern_id], hot_share, rounds,
-                   Pacing(batch, ticks, max_lag, ticks_per_us), tuple(shares))
+                   Pacing(batch, ticks, max_lag, ticks_per_us), tuple(shares), tuple(own))
 
 
 def param_block(workload: Workload, tick_khz: int) -> ParamBlock:
     """The parameter block of ``workload`` for a guest whose clock runs at ``tick_khz``."""
     p = workload.params
-    return ParamBlock(p.workload, workload.vcpus, p.pattern, p.hot_share_u32, p.rounds,
-                      pacing(p.rate_pages_per_s, workload.vcpus, tick_khz), workload.shares)
+    even = pacing(p.rate_pages_per_s, workload.vcpus, tick_khz)
+    own = tuple(pacing(p.vcpu_rates[s.index], 1, tick_khz) if p.vcpu_rates else even
+                for s in workload.shares)
+    return ParamBlock(p.workload, workload.vcpus, p.pattern, p.hot_share_u32, p.rounds, even,
+                      workload.shares, own)
 
 
 def pack_params(workload: Workload, tick_khz: int) -> bytes:

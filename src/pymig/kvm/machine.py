@@ -1,5 +1,6 @@
 """``Machine``: a VM with its RAM slots, vCPU threads and port devices, and the controls
-migration needs from it: run, pause (bounded latency), throttle, and how it stopped.
+migration needs from it: run, pause (bounded latency), throttle, per-vCPU dirty limits, and how
+it stopped.
 
 Exits: port I/O goes to the :class:`~pymig.kvm.devices.PortBus`; MMIO to the control page or
 to nothing (reads all-ones, writes ignored, logged once per page); HLT (only without an
@@ -7,6 +8,12 @@ in-kernel irqchip) parks the vCPU thread until a pause; SHUTDOWN (triple fault),
 INTERNAL_ERROR and any exit pymig does not handle stop the guest with a
 :class:`~pymig.errors.GuestError` carrying the exit data (:func:`describe_stop`).  A guest
 power-off (control port) or reset request (port 0x92) stops it cleanly.
+
+Dirty limit (dirty ring only): each limited vCPU has a :class:`DirtyQuota`.  After every harvest
+that found entries (a sync, a ring-full exit, a rate measurement, and the controller thread's
+harvest every ``DIRTY_LIMIT_PERIOD_S`` while any limit is set), each limited vCPU is charged
+the ring entries it produced since, at 1 / quota seconds per page, and held out of guest mode
+(:meth:`VcpuThread.hold_until`) until its charge is paid.  Only that vCPU stops; its TSC runs.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from pymig._core import kvm as _kvm
 from pymig.errors import GuestError
@@ -25,6 +33,8 @@ from pymig.kvm.vm import DEFAULT_TSS_ADDR, TSS_BYTES, Vm
 log = logging.getLogger(__name__)
 
 THROTTLE_TIMESLICE_S = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE_NS
+DIRTY_LIMIT_PERIOD_S = 0.010  # the controller harvests at least this often while limits are set
+DIRTY_LIMIT_CREDIT_S = 0.010  # quota a limited vCPU may save up while it dirties less
 PAUSE_TIMEOUT_S = 10.0
 MMIO_FILL = b"\xff" * 8
 
@@ -54,6 +64,11 @@ class Machine:
             self._throttle_pct = 0
             self._throttle_wake = threading.Event()
             self._throttle_thread: threading.Thread | None = None
+            self._quotas: dict[int, DirtyQuota] = {}
+            self._quota_lock = threading.Lock()
+            self._limit_wake = threading.Event()
+            self._limit_thread: threading.Thread | None = None
+            self.vm.on_harvest = self._enforce_dirty_limits
             self._closing = False
             self.threads = [VcpuThread(v, self._handle_exit, self._on_vcpu_stop)
                             for v in self.vcpus]
@@ -111,6 +126,76 @@ class Machine:
                 thread.request_nap(share / (1 - share) * THROTTLE_TIMESLICE_S)
             self._throttle_wake.wait(THROTTLE_TIMESLICE_S / (1 - share))
             self._throttle_wake.clear()
+
+    # --- dirty limit (dirty ring) ------------------------------------------------------------
+
+    def dirty_counts(self) -> list[int]:
+        """Harvest the rings now; per vCPU, the ring entries it has produced so far."""
+        self._require_ring()
+        self.vm.harvest_rings()
+        return [vcpu.dirty_pages for vcpu in self.vcpus]
+
+    def set_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
+        """Cap vCPU ``index`` at ``pages_per_s`` newly dirtied pages per second, or lift its
+        cap (None).  The slots must be logging for the ring to see anything (the caller's
+        business, see KvmGuest)."""
+        self._require_ring()
+        if not 0 <= index < len(self.threads):
+            raise IndexError(f"no vCPU {index} (the guest has {len(self.threads)})")
+        self.vm.harvest_rings()  # charge what came before to nobody
+        with self._quota_lock:  # (lock order: quotas, then a vCPU thread's condition)
+            if pages_per_s is None:
+                self._quotas.pop(index, None)
+                self.threads[index].hold_until(0.0)
+            else:
+                self._quotas[index] = DirtyQuota(float(pages_per_s),
+                                                 self.vcpus[index].dirty_pages,
+                                                 time.monotonic())
+        if self._quotas and self._limit_thread is None and not self._closing:
+            self._limit_thread = threading.Thread(target=self._limit_loop,
+                                                  name="pymig-dirtylimit", daemon=True)
+            self._limit_thread.start()
+        self._limit_wake.set()
+
+    @property
+    def dirty_limits(self) -> dict[int, float]:
+        """The vCPUs with a dirty limit and their quotas in pages/s."""
+        with self._quota_lock:
+            return {index: q.pages_per_s for index, q in self._quotas.items()}
+
+    def _require_ring(self) -> None:
+        if not self.vm.dirty_ring:
+            raise GuestError("per-vCPU dirty rates and dirty limits need the dirty ring: create "
+                             "the KVM guest with dirty_ring=N (e.g. 4096); the dirty bitmap "
+                             "(KVM_GET_DIRTY_LOG) says which pages are dirty, not which vCPU "
+                             "dirtied them")
+
+    def _enforce_dirty_limits(self) -> None:
+        """Charge every limited vCPU for its new ring entries; hold those over quota (the
+        Vm's on_harvest, on whichever thread harvested)."""
+        if not self._quotas:
+            return
+        now = time.monotonic()
+        with self._quota_lock:
+            for index, quota in self._quotas.items():
+                until = quota.charge(self.vcpus[index].dirty_pages, now)
+                if until > now:
+                    self.threads[index].hold_until(until)
+
+    def _limit_loop(self) -> None:
+        while not self._closing:
+            if not self._quotas:
+                self._limit_wake.wait()
+                self._limit_wake.clear()
+                continue
+            try:
+                self.vm.harvest_rings()  # charges and holds through on_harvest
+            except OSError as exc:  # KVM_RESET_DIRTY_RINGS failed; close() joins us first
+                log.error("dirty-limit controller stopped, limits now act only at syncs and "
+                          "ring-full exits: %s", exc)
+                return
+            self._limit_wake.wait(DIRTY_LIMIT_PERIOD_S)
+            self._limit_wake.clear()
 
     # --- exits (on vCPU threads) -------------------------------------------------------------
 
@@ -179,14 +264,41 @@ class Machine:
     # --- teardown ----------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop every thread (lifting throttle and dirty limits), then close the VM."""
         self._closing = True
-        if hasattr(self, "_throttle_wake"):
-            self._throttle_wake.set()
+        for wake in ("_throttle_wake", "_limit_wake"):
+            if hasattr(self, wake):
+                getattr(self, wake).set()
+        if getattr(self, "_limit_thread", None) is not None:
+            self._limit_thread.join(5)  # it harvests the rings: done before they are unmapped
+        if hasattr(self, "_quotas"):
+            with self._quota_lock:
+                self._quotas.clear()
         for thread in self.threads:
             thread.stop()
         if getattr(self, "_throttle_thread", None) is not None:
             self._throttle_thread.join(5)
         self.vm.close()
+
+
+@dataclass
+class DirtyQuota:
+    """One vCPU's dirty limit as a GCRA: ``paid`` is the time by which the pages charged so
+    far fall within ``pages_per_s``; ``seen`` is the vCPU's ring count charged up to."""
+
+    pages_per_s: float
+    seen: int
+    paid: float
+
+    def charge(self, count: int, now: float) -> float:
+        """Charge the entries from ``seen`` up to ``count`` at 1 / quota seconds each, with
+        at most DIRTY_LIMIT_CREDIT_S of unused quota carried over; returns the time until which
+        the vCPU must stay out of guest mode (in the past when it is within quota)."""
+        new = count - self.seen
+        self.seen = count
+        if new > 0:
+            self.paid = max(self.paid, now - DIRTY_LIMIT_CREDIT_S) + new / self.pages_per_s
+        return self.paid
 
 
 

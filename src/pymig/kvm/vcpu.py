@@ -12,6 +12,10 @@ thread clears ``immediate_exit`` *before* it looks at the requests, so no kick i
 A vCPU only parks after a KVM_RUN that returned EINTR, so an I/O exit it was handling is
 always completed by KVM first (KVM's rule before saving state).  With an in-kernel irqchip,
 a guest HLT with interrupts off sleeps inside KVM_RUN (no host CPU) and a kick still ends it.
+
+Two ways to take run time from a running vCPU, both outside guest mode with the TSC running:
+a *nap* of some seconds (the throttle's) and a *hold* until a point in time (the dirty limit's,
+:meth:`VcpuThread.hold_until`), which a later call moves or cancels; pause and stop end either.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,6 +59,7 @@ class Vcpu:
         self.run_area: mmap.mmap | None = None
         self.ring: mmap.mmap | None = None
         self.ring_fetch = 0  # index of the next dirty-ring entry to harvest
+        self.dirty_pages = 0  # dirty-ring entries harvested from this vCPU's ring, ever
         try:
             self.run_area = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE)
@@ -116,6 +122,9 @@ class VcpuThread:
         self._quit = False
         self._nap_request = 0.0
         self.naps = 0  # throttle naps taken (observability for tests and stats)
+        self._hold_until = 0.0  # dirty limit: no KVM_RUN before this time.monotonic()
+        self._holding = False
+        self.holds = 0  # dirty-limit holds taken
         self._parked = True
         self._tid: int | None = None
         self.stopped_by: BaseException | None = None  # set once the thread has ended
@@ -147,6 +156,19 @@ class VcpuThread:
         with self._cond:
             if self._run_allowed and not self._parked:
                 self._nap_request = max(self._nap_request, seconds)
+                self._kick_locked()
+
+    def hold_until(self, deadline: float) -> None:
+        """Keep the vCPU out of guest mode until ``time.monotonic()`` reaches ``deadline``
+        (the dirty limit); replaces the previous deadline, so 0 releases a held vCPU at once.
+        A vCPU in guest mode is kicked out unless the caller is its own thread (a ring-full
+        exit), which holds before it re-enters anyway."""
+        with self._cond:
+            later = deadline > self._hold_until
+            self._hold_until = deadline
+            self._cond.notify_all()  # a hold in progress re-reads its deadline
+            if (later and self._run_allowed and not self._parked and not self._holding
+                    and threading.get_ident() != self._thread.ident):
                 self._kick_locked()
 
     def wait_parked(self, timeout: float) -> bool:
@@ -183,6 +205,21 @@ class VcpuThread:
         with self._cond:
             self._cond.wait_for(lambda: not self._run_allowed or self._quit, seconds)
 
+    def _hold(self) -> None:
+        """Stay out of guest mode until the hold deadline (which may move meanwhile), a pause
+        or a stop."""
+        with self._cond:
+            self.holds += 1
+            self._holding = True
+            try:
+                while self._run_allowed and not self._quit:
+                    left = self._hold_until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._holding = False
+
     def _main(self) -> None:
         try:
             _kvm.unblock_kick_signal()
@@ -218,6 +255,7 @@ class VcpuThread:
                         return
                     self._parked = False
                     nap, self._nap_request = self._nap_request, 0.0
+                    hold = self._hold_until > time.monotonic()
             if complete:
                 # KVM finishes the I/O the guest exited for on the next KVM_RUN; with
                 # immediate_exit set it does only that, so the state is whole when we park.
@@ -229,6 +267,9 @@ class VcpuThread:
             if nap:
                 self.naps += 1
                 self.nap(nap)
+                continue
+            if hold:
+                self._hold()
                 continue
             exit_ = vcpu.run()
             if exit_ is None:

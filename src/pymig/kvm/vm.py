@@ -18,12 +18,20 @@ into the per-slot bitmaps and resets them (KVM_RESET_DIRTY_RINGS re-protects wha
 harvested), so clear is a no-op as without manual protection.  A vCPU whose ring fills exits
 with KVM_EXIT_DIRTY_RING_FULL and harvests before it goes on; what it harvested waits in the
 slots' pending bitmaps for the next sync.
+
+The ring also says *who* dirtied a page: every harvest adds the entries it took from a vCPU's
+ring to that vCPU's ``dirty_pages`` count (pages newly dirtied since KVM last re-protected them,
+i.e. since the previous harvest), which is what per-vCPU dirty rates and the dirty limit
+measure.  Harvesting is safe at any time, from any thread: what it takes goes to the pending
+bitmaps, never away from the next sync.  ``on_harvest`` (if set) is called after every harvest
+that found entries, outside the ring lock.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -125,6 +133,7 @@ class Vm:
         self.slots: list[MemorySlot] = []
         self.vcpus: list = []
         self.dirty_ring = dirty_ring
+        self.on_harvest: Callable[[], None] | None = None
         self._ring_lock = threading.Lock()
         self._ring_slots = np.empty(RING_HARVEST_BATCH, dtype=np.int64)
         self._ring_offsets = np.empty(RING_HARVEST_BATCH, dtype=np.int64)
@@ -170,17 +179,35 @@ class Vm:
         if not self.dirty_ring:
             return [slot.sync() for slot in self.slots]
         with self._ring_lock:
-            self._harvest_locked()
+            found = self._harvest_locked()
             for slot in self.slots:
                 np.copyto(slot.bitmap, slot.pending)
                 slot.pending[:] = 0
+        self._harvested(found)
         return [slot.bitmap for slot in self.slots]
 
     def harvest_rings(self) -> int:
         """Move every vCPU ring's entries into the slots' pending bitmaps and reset the rings
-        (called by a vCPU thread on KVM_EXIT_DIRTY_RING_FULL); returns entries harvested."""
+        (a vCPU thread on KVM_EXIT_DIRTY_RING_FULL, the dirty-limit controller, a rate
+        measurement); returns entries harvested."""
         with self._ring_lock:
-            return self._harvest_locked()
+            found = self._harvest_locked()
+        self._harvested(found)
+        return found
+
+    def discard_dirty(self) -> None:
+        """Forget every page logged so far (ring mode): harvest, which re-protects the pages
+        (so their next write is logged again), and clear the pending bitmaps.  For a sync
+        contract that starts now while the slots were already logging."""
+        with self._ring_lock:
+            found = self._harvest_locked()
+            for slot in self.slots:
+                slot.pending[:] = 0
+        self._harvested(found)
+
+    def _harvested(self, found: int) -> None:
+        if found and self.on_harvest is not None:
+            self.on_harvest()
 
     def _harvest_locked(self) -> int:
         total = 0
@@ -189,6 +216,7 @@ class Vm:
             while True:
                 n, vcpu.ring_fetch = _kvm.harvest_dirty_ring(
                     vcpu.ring, vcpu.ring_fetch, self._ring_slots, self._ring_offsets)
+                vcpu.dirty_pages += n
                 ids, offsets = self._ring_slots[:n] & 0xFFFF, self._ring_offsets[:n]
                 for slot_id in np.unique(ids):
                     slot = by_id.get(int(slot_id))

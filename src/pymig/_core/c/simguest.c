@@ -16,13 +16,24 @@
  *
  * Pacing follows the parameter block exactly as the KVM guest's pace() does (workloads.py,
  * "Pacing"), with CLOCK_MONOTONIC nanoseconds as ticks: after every batch_pages page writes the
- * deadline advances by ticks_per_batch and the writer waits for it (a timed condition wait, so
+ * deadline advances by ticks_per_batch (both from the writer's share record) and the writer
+ * waits for it (a timed condition wait, so
  * pause/close/throttle changes wake it); a writer more than max_lag_ticks behind restarts its
  * deadline from now.  The deadline restarts at every run(), as a vCPU's would after a pause.
  *
  * Throttle p %: in every 10 ms timeslice a writer may run for (100 - p) % of it and sleeps the
  * rest.  Its deadline moves on by the time it slept (its clock stops), so a throttled writer
  * achieves (100 - p) % of its rate whether or not it is CPU-bound.
+ *
+ * Dirty rate and dirty limit: where a writer logs a page of its share (page_dirtied) it also
+ * counts it, per writer, in `dirtied` (the host reads the counts to measure each vCPU's dirty
+ * rate; the mailbox page, shared by all writers, is not counted).  A writer with a dirty limit
+ * of q pages/s is charged 1/q s per page it dirtied (a GCRA: `limit_paid_ns` is when its pages
+ * so far fall within the quota, never more than LIMIT_CREDIT_NS in the past) and starts no
+ * batch before that time, in batches of at most q / LIMIT_BATCHES_PER_S pages so that the
+ * rate is even at the millisecond scale.  Unlike the throttle, the limit does not stop the
+ * writer's clock: a paced writer held back by it falls behind and restarts its deadline, as a
+ * KVM vCPU would.  Other writers are not affected.
  */
 #define _GNU_SOURCE
 #include "simguest.h"
@@ -41,6 +52,8 @@
 #define SLICE_NS 10000000         /* throttle timeslice */
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define PARAMS_MAGIC 0x47494D50u  /* "PMIG" */
+#define LIMIT_CREDIT_NS 10000000  /* dirty limit: quota a writer may save up, 10 ms of it */
+#define LIMIT_BATCHES_PER_S 1000  /* dirty limit: at most 1 ms of quota per batch */
 
 /* The parameter block's layout is asm/_defs.S's. */
 _Static_assert(offsetof(struct pymig_sim_params, hot_share) == 0x14, "P_HOT_SHARE");
@@ -51,6 +64,9 @@ _Static_assert(offsetof(struct pymig_sim_params, ticks_per_us) == 0x30, "P_TSC_P
 _Static_assert(offsetof(struct pymig_sim_params, shares) == 0x40, "share table");
 _Static_assert(sizeof(struct pymig_sim_share_record) == 64, "share record stride");
 _Static_assert(offsetof(struct pymig_sim_share_record, seed) == 16, "SH_SEED");
+_Static_assert(offsetof(struct pymig_sim_share_record, batch_pages) == 24, "SH_BATCH");
+_Static_assert(offsetof(struct pymig_sim_share_record, ticks_per_batch) == 32,
+               "SH_TSC_PER_BATCH");
 _Static_assert(sizeof(struct pymig_sim_params) <= PYMIG_SIM_PAGE_SIZE, "one page");
 
 /* Mailbox record words (byte offset / 8). */
@@ -64,6 +80,8 @@ struct share {
     uint64_t hot_pages;   /* h (hotspot: 1 <= h < m) */
     uint64_t first_frame; /* guest frame number of the first page (gpa >> 12) */
     uint64_t seed;        /* compute: the fill's xorshift64 seed */
+    uint64_t batch_pages; /* this vCPU's pacing (its share record) */
+    uint64_t ticks_per_batch;
 };
 
 struct writer {
@@ -83,6 +101,11 @@ struct writer {
     int64_t deadline_ns;
     uint64_t left;            /* page writes left in the current pacing batch */
     int64_t slice_start_ns;
+    /* dirty rate: pages of the share this writer logged (written by the thread, read by the
+     * host); dirty limit: pages per second (0: none) and the GCRA time, under sim->lock */
+    _Atomic uint64_t dirtied;
+    double limit_pages_per_s;
+    int64_t limit_paid_ns;
 };
 
 struct bitmap {
@@ -158,6 +181,14 @@ mark_dirty(struct bitmap *bm, uint64_t page, int logging)
                                  memory_order_release);
 }
 
+/* A page of the writer's share is written: count it against the writer, then log it. */
+static inline void
+page_dirtied(struct bitmap *bm, uint64_t page, int logging, uint64_t *dirtied)
+{
+    ++*dirtied;
+    mark_dirty(bm, page, logging);
+}
+
 static inline uint64_t *
 mailbox(struct pymig_sim *sim, uint32_t index)
 {
@@ -176,7 +207,7 @@ mailbox_add(uint64_t *mb, int word, uint64_t delta)
 
 static uint64_t
 batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
-              uint64_t *passes)
+              uint64_t *passes, uint64_t *dirtied)
 {
     const struct share *s = &w->share;
     struct bitmap *bm = w->bitmap;
@@ -206,7 +237,7 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
             break;
         }
         base[j * PYMIG_SIM_PAGE_SIZE] += 1;
-        mark_dirty(bm, s->first_page + j, logging);
+        page_dirtied(bm, s->first_page + j, logging, dirtied);
         if (++pos == m) {
             pos = 0;
             ++*passes;
@@ -219,7 +250,7 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
 
 static uint64_t
 batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
-                uint64_t *passes, uint64_t *errors)
+                uint64_t *passes, uint64_t *errors, uint64_t *dirtied)
 {
     const struct share *s = &w->share;
     struct bitmap *bm = w->bitmap;
@@ -234,7 +265,7 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
         pg[WORDS_PER_PAGE - 1] = p;
         pg[1] = frame;
         pg[0] = p;
-        mark_dirty(bm, s->first_page + pos, logging);
+        page_dirtied(bm, s->first_page + pos, logging, dirtied);
         if (++w->cpu.pos == s->npages) {
             w->cpu.pos = 0;
             w->cpu.pass++;
@@ -248,7 +279,7 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
  * early when the last round ends. */
 static uint64_t
 batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
-              uint64_t *passes)
+              uint64_t *passes, uint64_t *dirtied)
 {
     const struct share *s = &w->share;
     struct bitmap *bm = w->bitmap;
@@ -276,7 +307,7 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
                 pg[i] += c->sum;
         }
         if (c->phase != PYMIG_SIM_FOLD) {
-            mark_dirty(bm, s->first_page + c->pos, logging);
+            page_dirtied(bm, s->first_page + c->pos, logging, dirtied);
             written++;
         }
         if (++c->pos < s->npages)
@@ -311,25 +342,27 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
 }
 
 /* One batch of up to n pages, then the mailbox; runs without the lock.  Returns the pages
- * written (what pacing counts). */
+ * written (what pacing counts); *dirtied gets the pages the dirty-log hook counted. */
 static uint64_t
-run_batch(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging)
+run_batch(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging, uint64_t *dirtied)
 {
     uint64_t passes = 0, errors = 0, written = 0;
 
+    *dirtied = 0;
     switch (sim->params.workload) {
     case PYMIG_SIM_DIRTIER:
-        written = batch_dirtier(sim, w, n, logging, &passes);
+        written = batch_dirtier(sim, w, n, logging, &passes, dirtied);
         break;
     case PYMIG_SIM_SELFCHECK:
-        written = batch_selfcheck(sim, w, n, logging, &passes, &errors);
+        written = batch_selfcheck(sim, w, n, logging, &passes, &errors, dirtied);
         break;
     case PYMIG_SIM_COMPUTE:
-        written = batch_compute(sim, w, n, logging, &passes);
+        written = batch_compute(sim, w, n, logging, &passes, dirtied);
         break;
     default:
         return 0;
     }
+    atomic_fetch_add_explicit(&w->dirtied, *dirtied, memory_order_relaxed);
     uint64_t *mb = mailbox(sim, w->index);
     mailbox_add(mb, MB_PAGES_WRITTEN, written);
     mailbox_add(mb, MB_PASSES, passes);
@@ -362,7 +395,7 @@ next_batch(struct pymig_sim *sim, struct writer *w)
     if (w->epoch != sim->epoch) {
         w->epoch = sim->epoch;
         w->deadline_ns = now;
-        w->left = p->batch_pages;
+        w->left = w->share.batch_pages;
         w->slice_start_ns = now;
     }
     int64_t run_budget = SLICE_NS;
@@ -378,30 +411,55 @@ next_batch(struct pymig_sim *sim, struct writer *w)
             w->slice_start_ns = now;
         }
     }
-    if (p->ticks_per_batch == 0)
-        return p->batch_pages < BATCH_MAX ? p->batch_pages : BATCH_MAX;
-    if (now < w->deadline_ns) {
-        int64_t at = w->deadline_ns;
-        if (sim->throttle > 0 && at > w->slice_start_ns + run_budget)
-            at = w->slice_start_ns + run_budget;
-        wait_until(sim, at);
+    if (w->limit_pages_per_s > 0 && now < w->limit_paid_ns) {
+        wait_until(sim, w->limit_paid_ns); /* over its dirty limit: sleep the excess off */
         return 0;
     }
-    if ((uint64_t)(now - w->deadline_ns) > p->max_lag_ticks)
-        w->deadline_ns = now; /* far behind: start again from now rather than burst */
-    return w->left < BATCH_MAX ? w->left : BATCH_MAX;
+    uint64_t n;
+    if (w->share.ticks_per_batch == 0) {
+        n = w->share.batch_pages < BATCH_MAX ? w->share.batch_pages : BATCH_MAX;
+    } else {
+        if (now < w->deadline_ns) {
+            int64_t at = w->deadline_ns;
+            if (sim->throttle > 0 && at > w->slice_start_ns + run_budget)
+                at = w->slice_start_ns + run_budget;
+            wait_until(sim, at);
+            return 0;
+        }
+        if ((uint64_t)(now - w->deadline_ns) > p->max_lag_ticks)
+            w->deadline_ns = now; /* far behind: start again from now rather than burst */
+        n = w->left < BATCH_MAX ? w->left : BATCH_MAX;
+    }
+    if (w->limit_pages_per_s > 0) {
+        double most = w->limit_pages_per_s / LIMIT_BATCHES_PER_S;
+        if ((double)n > most)
+            n = most < 1.0 ? 1 : (uint64_t)most;
+    }
+    return n;
+}
+
+/* Charge a finished batch's dirtied pages to the writer's dirty limit; lock held. */
+static void
+charge_limit(struct writer *w, uint64_t dirtied)
+{
+    if (w->limit_pages_per_s <= 0 || dirtied == 0)
+        return;
+    int64_t floor = mono_ns() - LIMIT_CREDIT_NS;
+    if (w->limit_paid_ns < floor)
+        w->limit_paid_ns = floor;
+    w->limit_paid_ns += (int64_t)((double)dirtied * 1e9 / w->limit_pages_per_s);
 }
 
 /* Account a finished batch's page writes against the pacing batch; lock held. */
 static void
 paced(struct pymig_sim *sim, struct writer *w, uint64_t written)
 {
-    if (sim->params.ticks_per_batch == 0 || written == 0)
+    if (w->share.ticks_per_batch == 0 || written == 0)
         return;
     w->left -= written;
     if (w->left == 0) {
-        w->left = sim->params.batch_pages;
-        w->deadline_ns += (int64_t)sim->params.ticks_per_batch;
+        w->left = w->share.batch_pages;
+        w->deadline_ns += (int64_t)w->share.ticks_per_batch;
     }
 }
 
@@ -430,11 +488,13 @@ writer_main(void *arg)
         w->in_batch = 1;
         pthread_mutex_unlock(&sim->lock);
 
-        uint64_t written = run_batch(sim, w, n, logging);
+        uint64_t dirtied;
+        uint64_t written = run_batch(sim, w, n, logging, &dirtied);
 
         pthread_mutex_lock(&sim->lock);
         w->in_batch = 0;
         paced(sim, w, written);
+        charge_limit(w, dirtied);
         pthread_cond_broadcast(&sim->idle);
     }
     pthread_mutex_unlock(&sim->lock);
@@ -528,8 +588,12 @@ check_params(const struct pymig_sim_params *p, const struct pymig_sim_block *blo
         struct share *s = &shares[i];
         memset(s, 0, sizeof(*s));
         s->seed = r->seed;
+        s->batch_pages = r->batch_pages;
+        s->ticks_per_batch = r->ticks_per_batch;
         if (p->workload == PYMIG_SIM_IDLE)
             continue;
+        if (r->batch_pages == 0)
+            return -EINVAL;
         if (r->npages == 0 || locate(blocks, nblocks, r->first_gpa, r->npages, &s->block,
                                      &s->first_page))
             return -EINVAL;
@@ -689,6 +753,27 @@ pymig_sim_sync(struct pymig_sim *sim, uint32_t block, uint64_t *out)
             v = atomic_exchange_explicit(&bm->words[i], 0, memory_order_acquire);
         out[i] = v;
     }
+}
+
+int
+pymig_sim_set_dirty_limit(struct pymig_sim *sim, uint32_t index, double pages_per_s)
+{
+    if (index >= sim->vcpus || !(pages_per_s >= 0.0))
+        return -EINVAL;
+    pthread_mutex_lock(&sim->lock);
+    struct writer *w = &sim->writers[index];
+    w->limit_pages_per_s = pages_per_s;
+    w->limit_paid_ns = mono_ns(); /* a new quota starts now, without saved-up credit */
+    pthread_cond_broadcast(&sim->wake);
+    pthread_mutex_unlock(&sim->lock);
+    return 0;
+}
+
+void
+pymig_sim_dirty_counts(struct pymig_sim *sim, uint64_t *out)
+{
+    for (uint32_t i = 0; i < sim->vcpus; i++)
+        out[i] = atomic_load_explicit(&sim->writers[i].dirtied, memory_order_relaxed);
 }
 
 int

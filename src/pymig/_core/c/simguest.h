@@ -45,7 +45,10 @@ struct pymig_sim_share_record {
     uint32_t hot_pages;
     uint32_t zero;
     uint64_t seed;
-    uint8_t reserved[40];
+    uint32_t batch_pages;     /* this vCPU's pacing: pages per batch (>= 1) */
+    uint32_t zero2;
+    uint64_t ticks_per_batch; /* this vCPU's ticks per batch, 0 = as fast as it can */
+    uint8_t reserved[24];
 };
 
 /* The parameter block at guest-physical 0x5000, little-endian (x86 only, like KVM). */
@@ -56,9 +59,9 @@ struct pymig_sim_params {
     uint32_t vcpus;
     uint32_t pattern;           /* enum pymig_sim_pattern */
     uint32_t hot_share;         /* share of writes to the hot part, x 2^32 */
-    uint32_t batch_pages;       /* pages per pacing batch (>= 1) */
+    uint32_t batch_pages;       /* pages per pacing batch, even split (writers use shares[]) */
     uint32_t rounds;            /* compute */
-    uint64_t ticks_per_batch;   /* 0 = as fast as it can */
+    uint64_t ticks_per_batch;   /* even split; 0 = as fast as it can */
     uint64_t max_lag_ticks;
     uint32_t ticks_per_us;
     uint32_t reserved[3];
@@ -100,6 +103,11 @@ void pymig_sim_set_throttle(struct pymig_sim *sim, int percent);
 void pymig_sim_set_logging(struct pymig_sim *sim, int on);
 /* Fetch-and-clear block's dirty bitmap into out (npages bits rounded up to u64 words). */
 void pymig_sim_sync(struct pymig_sim *sim, uint32_t block, uint64_t *out);
+/* Cap writer index's dirty rate at pages_per_s (0: no limit); -EINVAL for a bad index or
+ * rate.  A new limit starts from now, with no credit saved up. */
+int pymig_sim_set_dirty_limit(struct pymig_sim *sim, uint32_t index, double pages_per_s);
+/* Each writer's count of the pages of its share it has dirtied (vcpus entries into out). */
+void pymig_sim_dirty_counts(struct pymig_sim *sim, uint64_t *out);
 int pymig_sim_get_cpu(struct pymig_sim *sim, uint32_t index, struct pymig_sim_cpu *cpu);
 /* -EBUSY while running. */
 int pymig_sim_set_cpu(struct pymig_sim *sim, uint32_t index, const struct pymig_sim_cpu *cpu);

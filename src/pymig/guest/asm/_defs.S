@@ -35,9 +35,9 @@
 .equ P_VCPUS,         0x500c   # u32
 .equ P_PATTERN,       0x5010   # u32 0 uniform, 1 sequential, 2 hotspot
 .equ P_HOT_SHARE,     0x5014   # u32 share of writes to the hot part, x 2^32
-.equ P_BATCH,         0x5018   # u32 pages per pacing batch (>= 1)
+.equ P_BATCH,         0x5018   # u32 pages per pacing batch, even split (vCPUs use SH_BATCH)
 .equ P_ROUNDS,        0x501c   # u32 compute rounds
-.equ P_TSC_PER_BATCH, 0x5020   # u64 TSC ticks per batch; 0 = as fast as it can
+.equ P_TSC_PER_BATCH, 0x5020   # u64 TSC ticks per batch, even split (SH_TSC_PER_BATCH)
 .equ P_MAX_LAG,       0x5028   # u64 TSC ticks of lag after which pacing stops catching up
 .equ P_TSC_PER_US,    0x5030   # u32 TSC ticks per microsecond (>= 1)
 # Per-vCPU share table at 0x5040 + 64*i; addressed from RBP (= 0x7000 + 64*i).
@@ -45,6 +45,8 @@
 .equ SH_NPAGES, -0x1fbc        # u32 pages in the share (>= 1)
 .equ SH_HOT,    -0x1fb8        # u32 pages in the hot part (hotspot: 1 <= hot < npages)
 .equ SH_SEED,   -0x1fb0        # u64 compute: xorshift64 seed of this share
+.equ SH_BATCH,  -0x1fa8        # u32 this vCPU's pages per pacing batch (>= 1)
+.equ SH_TSC_PER_BATCH, -0x1fa0 # u64 this vCPU's TSC ticks per batch; 0 = as fast as it can
 # Mailbox record at 0x6000 + 64*i (workloads.py), from RBP.
 .equ MB_PASSES,  -0x1000
 .equ MB_WRITTEN, -0x0ff8
@@ -87,7 +89,7 @@
     shl rdx, 32
     or rax, rdx
     mov qword ptr [rbp + L_DEADLINE], rax
-    mov eax, dword ptr [P_BATCH]
+    mov eax, dword ptr [rbp + SH_BATCH]
     mov dword ptr [rbp + L_BATCH], eax
 .endm
 

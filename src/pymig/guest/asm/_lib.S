@@ -10,9 +10,9 @@ pace:
     push rcx
     push rdx
     push r8
-    mov eax, dword ptr [P_BATCH]
+    mov eax, dword ptr [rbp + SH_BATCH]
     mov dword ptr [rbp + L_BATCH], eax
-    mov rax, qword ptr [P_TSC_PER_BATCH]
+    mov rax, qword ptr [rbp + SH_TSC_PER_BATCH]
     test rax, rax
     jz .Lpace_done
     add qword ptr [rbp + L_DEADLINE], rax
