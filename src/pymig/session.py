@@ -186,17 +186,20 @@ class Session:
                 scheme = parse_uri(uri).scheme
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
-            if self.migration is None:
-                self.migration = Migration(self.machine, self.params)
-                self.migration.on_status(self._migration_status)
-                self.migration.on_pass(self._migration_pass)
-            previous = self._target_scheme
-            self._target_scheme = scheme
+            if self.migration is not None and self.migration.status in ACTIVE_STATES:
+                raise CommandError(f"a migration is already {self.migration.status.value}")
+            # A new Migration each time: one that ended (a snapshot that completed, a failure)
+            # keeps its own stats and status for query-migrate until then.
+            migration = Migration(self.machine, self.params)
+            migration.on_status(self._migration_status)
+            migration.on_pass(self._migration_pass)
+            previous = self.migration, self._target_scheme
+            self.migration, self._target_scheme = migration, scheme
             try:
-                self.migration.start(uri, trace_path=trace_path or self.trace_path,
-                                     resume_source=resume)
+                migration.start(uri, trace_path=trace_path or self.trace_path,
+                                resume_source=resume)
             except (MigrationError, ValueError) as exc:
-                self._target_scheme = previous
+                self.migration, self._target_scheme = previous
                 raise CommandError(str(exc)) from None
 
     def migrate_cancel(self) -> None:
@@ -217,8 +220,14 @@ class Session:
         self.migration.switchover()
 
     def query_migrate(self) -> dict[str, Any]:
-        if self.migration is not None:
-            return self.migration.query()
+        migration = self.migration
+        if migration is not None:
+            out = migration.query()
+            # The state machine's status, as the MIGRATION events report it: the stats turn
+            # to "device" when the policy decides, while the guest may still run (waiting for
+            # migrate-continue or for the destination to be ready).
+            out["status"] = migration.status.value
+            return out
         if self.incoming is not None:
             status = self.incoming.status
             out: dict[str, Any] = {"status": status, "socket-address": self.incoming_uri}
