@@ -347,13 +347,13 @@ class _Client:
                     self.closed = True
                     self._out.put(None)
             writer.join(5.0)  # the last answers (quit's above all) reach the client first
+            if quitting:
+                session.quit()
             try:
                 self.sock.close()
             except OSError:
                 pass
             self.server.forget(self)
-            if quitting:
-                session.quit()
 
     def handle(self, text: bytes) -> tuple[dict, str | None]:
         """The answer to one JSON text, and the command it ran (None if none); never raises."""
