@@ -436,7 +436,6 @@ class ControlServer:
                 sock.close()
             raise
         for sock in self._socks:
-            sock.listen(8)
             threading.Thread(target=self._accept, args=(sock,), daemon=True,
                              name="pymig-control").start()
 
@@ -447,6 +446,7 @@ class ControlServer:
         try:
             sock.bind(path)
             os.chmod(path, 0o600)
+            sock.listen(8)  # at once: whoever sees the path appear may connect
         except OSError:
             sock.close()
             raise
@@ -462,6 +462,7 @@ class ControlServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
+            sock.listen(8)
         except OSError:
             sock.close()
             raise
