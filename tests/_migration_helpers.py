@@ -19,6 +19,7 @@ from pymig.incoming import Incoming
 from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
+from pymig.qmp import QmpClient
 from pymig.ram import block_digests
 
 MiB = 1 << 20
@@ -155,3 +156,78 @@ def wait_for_path(path: str, proc: subprocess.Popen, timeout: float = 60.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.02)
+
+
+RATE = {"simulated": "100000", "kvm": "0"}
+
+
+def start_source(kind, tmp_path, *, memory="128M", working_set="32M", rate=None, vcpus=1,
+                 extra=(), **popen):
+    """``pymig run`` with the self-checking workload; returns (process, control path)."""
+    ctl = str(tmp_path / "src.sock")
+    args = ["run", "--workload", "selfcheck", "--memory", memory, "--working-set", working_set,
+            "--rate", rate or RATE[kind], "--vcpus", str(vcpus), "--control", ctl, "--quiet",
+            "--serial", str(tmp_path / "src-serial.log"), *extra]
+    if kind == "simulated":
+        args.append("--simulated")
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = pymig_process(*args, **popen)
+    wait_for_path(ctl, proc)
+    return proc, ctl
+
+
+def start_destination(tmp_path, uri="tcp:127.0.0.1:0", *extra, **popen):
+    """``pymig incoming URI``; returns (process, control path, the address it receives on)."""
+    ctl = str(tmp_path / "dst.sock")
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = pymig_process("incoming", uri, "--control", ctl, "--quiet",
+                         "--serial", str(tmp_path / "dst-serial.log"), *extra, **popen)
+    wait_for_path(ctl, proc)
+    with QmpClient(ctl) as client:
+        bound = client.command("query-migrate").get("socket-address")
+    return proc, ctl, bound
+
+
+def finish(*procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def guest_passes(ctl):
+    with QmpClient(ctl) as client:
+        return client.command("query-guest")["progress"]["passes"]
+
+
+
+
+def run_pymig(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
+    """``python -m pymig ARGS`` to completion, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pymig", *args], capture_output=True, text=True,
+                          timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
+
+
+def e2e_kind() -> str:
+    """The guest kind for end-to-end tests: KVM where /dev/kvm works, else the simulated one."""
+    from conftest import kvm_unusable_reason
+
+    return "kvm" if kvm_unusable_reason() is None else "simulated"
+
+
+def assert_carries_on(ctl: str, *, at_least: int = 0) -> dict:
+    """The guest behind ``ctl`` runs: its passes grow from at least ``at_least``, and stopped,
+    its self-check finds every page consistent.  Returns its progress."""
+    with QmpClient(ctl) as client:
+        wait_for(lambda: client.command("query-status")["status"] == "running", timeout=60,
+                 what="the guest to run (a destination loads it first)")
+        first = client.command("query-guest")["progress"]["passes"]
+        assert first >= at_least, (first, at_least)
+        wait_for(lambda: client.command("query-guest")["progress"]["passes"] > first,
+                 what="the guest's passes to grow")
+        client.command("stop")
+        report = client.command("query-guest", verify=True)
+        assert report["selfcheck"]["ok"], report["selfcheck"]
+        assert report["progress"]["errors"] == 0
+        client.command("cont")
+        return report["progress"]

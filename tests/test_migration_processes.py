@@ -14,45 +14,9 @@ import sys
 import pytest
 
 from _childenv import child_env
-from _migration_helpers import GUEST_KINDS, pymig_process, wait_for, wait_for_path
+from _migration_helpers import (GUEST_KINDS, finish, guest_passes, start_destination,
+                                start_source, wait_for)
 from pymig.qmp import QmpClient
-
-RATE = {"simulated": "100000", "kvm": "0"}
-
-
-def start_source(kind, tmp_path, *, memory="128M", working_set="32M", rate=None, vcpus=1):
-    ctl = str(tmp_path / "src.sock")
-    args = ["run", "--workload", "selfcheck", "--memory", memory, "--working-set", working_set,
-            "--rate", rate or RATE[kind], "--vcpus", str(vcpus), "--control", ctl, "--quiet",
-            "--serial", str(tmp_path / "src-serial.log")]
-    if kind == "simulated":
-        args.append("--simulated")
-    proc = pymig_process(*args, stderr=subprocess.PIPE)
-    wait_for_path(ctl, proc)
-    return proc, ctl
-
-
-def start_destination(tmp_path, uri="tcp:127.0.0.1:0", *extra):
-    ctl = str(tmp_path / "dst.sock")
-    proc = pymig_process("incoming", uri, "--control", ctl, "--quiet",
-                         "--serial", str(tmp_path / "dst-serial.log"), *extra,
-                         stderr=subprocess.PIPE)
-    wait_for_path(ctl, proc)
-    with QmpClient(ctl) as client:
-        bound = client.command("query-migrate")["socket-address"]
-    return proc, ctl, bound
-
-
-def finish(*procs):
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-
-
-def guest_passes(ctl):
-    with QmpClient(ctl) as client:
-        return client.command("query-guest")["progress"]["passes"]
 
 
 @pytest.mark.parametrize("kind", GUEST_KINDS)

@@ -207,6 +207,8 @@ def test_closed_channel_refuses_io(tmp_path):
         src.send(b"x")
     with pytest.raises(TransportError, match="is closed"):
         src.sendv([b"x"])
+    assert not (tmp_path / "out").exists()  # no stream was written: no file either
+    (tmp_path / "out").write_bytes(b"")
     dst = transport.listen(f"file:{tmp_path}/out").accept()
     dst.close()
     with pytest.raises(TransportError, match="is closed"):

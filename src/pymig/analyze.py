@@ -10,6 +10,10 @@ A damaged stream is reported with the offset of the first problem.  Damage insid
 (a footer or packet checksum that does not match, state that does not decode) is counted and
 the analysis goes on with the next record; damage to the framing itself (an unknown record
 type, an impossible length, a truncated stream) ends it there.
+
+After the EOF record a ``file:`` snapshot carries its restore index
+(:mod:`pymig.transport.file`): it is decoded and checked too (each range it lets a restore
+skip must be whole RAM records), and anything else after the EOF record is a problem.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pymig import stream, vmstate
 from pymig.errors import PymigError, StateError, StreamError
 from pymig.machine import CONFIG_IDSTR
 from pymig.ram import RAM_IDSTR
+from pymig.transport import PeerClosedError
+from pymig.transport.file import MAX_INDEX_BYTES, SnapshotIndexError, decode_index
 
 _PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
 _RUN = struct.Struct("<QIBBH")
@@ -58,6 +64,7 @@ class Analysis:
     problems: list[Problem] = field(default_factory=list)
     complete: bool = False  # an EOF record was reached
     bytes_read: int = 0
+    index: dict | None = None  # a snapshot's restore index, when there is one
 
     @property
     def ok(self) -> bool:
@@ -78,6 +85,7 @@ class Analysis:
                     "checksum-failures": self.ram.checksum_failures,
                     "blocks": self.ram.blocks},
             "state": self.state,
+            "index": self.index,
         }
 
 
@@ -116,7 +124,8 @@ def analyze(channel) -> Analysis:
         if record.type == stream.RecordType.EOF:
             result.sections.append(_section(record, "-", None, None))
             result.complete = True
-            break
+            _index(channel, reader.offset, result)
+            return result
         if record.idstr is not None:
             names[record.section_id] = (record.idstr, record.instance_id, record.version_id)
         idstr, instance, version = names.get(record.section_id, ("?", None, None))
@@ -145,6 +154,52 @@ def analyze(channel) -> Analysis:
             result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: {exc}"))
     result.bytes_read = reader.offset
     return result
+
+
+def _index(channel, stream_bytes: int, result: Analysis) -> None:
+    """Whatever follows the EOF record: nothing, or a valid restore index."""
+    rest = _read_rest(channel, MAX_INDEX_BYTES + 64)
+    result.bytes_read = stream_bytes + len(rest)
+    if not rest:
+        return
+    try:
+        index = decode_index(rest, stream_bytes)
+    except SnapshotIndexError as exc:
+        result.problems.append(Problem(exc.offset, f"after the EOF record: {exc.reason}"))
+        return
+    ram_parts = {s["offset"]: s["offset"] + _record_bytes(s) for s in result.sections
+                 if s["type"] == "PART" and s["idstr"] == RAM_IDSTR}
+    boundaries = {s["offset"] for s in result.sections} | {stream_bytes}
+    for offset, length in index.superseded:
+        end = offset
+        while end in ram_parts and end < offset + length:
+            end = ram_parts[end]
+        if end != offset + length or end not in boundaries:
+            result.problems.append(Problem(offset, f"the index skips bytes {offset}.."
+                                                   f"{offset + length} that are not whole RAM "
+                                                   f"records"))
+            break
+    result.index = {"superseded-ranges": len(index.superseded),
+                    "superseded-bytes": index.superseded_bytes,
+                    "restore-reads": stream_bytes - index.superseded_bytes}
+
+
+def _read_rest(channel, limit: int) -> bytes:
+    out = bytearray()
+    chunk = bytearray(1 << 20)
+    while len(out) <= limit:
+        try:
+            channel.recv_into(chunk)
+        except PeerClosedError as exc:
+            out += chunk[:exc.received]
+            break
+        out += chunk
+    return bytes(out)
+
+
+def _record_bytes(section: dict) -> int:
+    """A PART record's length: header (12), payload, footer (16)."""
+    return stream.PLAIN_HEAD.size + section["size"] + stream.FOOTER_BYTES
 
 
 def _section(record, idstr, instance, version) -> dict:
@@ -247,6 +302,11 @@ def render(analysis: Analysis, console) -> None:
     for idstr, sizes in parts.items():
         table.add_row("", f"PART x{len(sizes)}", "", idstr, "", "", f"{sum(sizes):,}")
     console.print(table)
+    if analysis.index:
+        ix = analysis.index
+        console.print(f"restore index: {ix['superseded-ranges']:,} ranges of superseded RAM "
+                      f"records ({format_bytes(ix['superseded-bytes'])}); a restore reads "
+                      f"{format_bytes(ix['restore-reads'])} of the stream")
     ram = analysis.ram
     console.print(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
                   f"({format_bytes(ram.page_bytes)}), {ram.zero_pages:,} zero pages, "

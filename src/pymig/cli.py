@@ -62,8 +62,9 @@ def main() -> None:
 @click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
 @click.option("--control", type=click.Path(), default=None,
               help="serve the QMP-style control socket on this unix path")
-@click.option("--control-tcp", type=int, default=None,
-              help="also serve it on this loopback TCP port")
+@click.option("--control-tcp", type=click.IntRange(0, 65535), default=None,
+              help="also serve it on this loopback TCP port (0: a free one, announced on "
+                   "stderr)")
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
@@ -89,29 +90,36 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
     session = Session(guest)
-    sys.exit(serve(session, control=control,
-                   control_tcp=("127.0.0.1", control_tcp) if control_tcp else None,
+    sys.exit(serve(session, control=control, control_tcp=_loopback(control_tcp),
                    serial_file=serial, quiet=quiet, start=True))
+
+
+def _loopback(port: int | None) -> tuple[str, int] | None:
+    return None if port is None else ("127.0.0.1", port)
 
 
 # -- incoming -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("uri")
 @click.option("--control", type=click.Path(), default=None, help="control socket path")
-@click.option("--control-tcp", type=int, default=None, help="control socket loopback TCP port")
+@click.option("--control-tcp", type=click.IntRange(0, 65535), default=None,
+              help="control socket on this loopback TCP port (0: a free one, announced)")
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
 @click.option("--memory", type=SIZE, default=None, help="refuse a stream of another RAM size")
 @click.option("--vcpus", type=int, default=None, help="refuse a stream with another vCPU count")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
-    """Receive a migration on URI (tcp:HOST:PORT, unix:PATH, ... or 'defer'), then run it.
+    """Receive a migration on URI, then run the guest here.
 
-    The guest's configuration comes from the stream; --memory/--vcpus only make sure it is
-    the guest you expect.
+    URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
+    inherited descriptor), file:PATH (restore a snapshot), or 'defer' (wait for
+    migrate-incoming on the control socket).  The guest's configuration comes from the
+    stream; --memory/--vcpus only make sure it is the guest you expect.
     """
+    from pymig.errors import PymigError
     from pymig.process import serve
-    from pymig.session import CommandError, Session
+    from pymig.session import Session
 
     def check(config):
         if memory is not None and config.memory_bytes != memory:
@@ -121,26 +129,26 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
             raise ValueError(f"the stream's guest has {config.vcpus} vCPUs, --vcpus says "
                              f"{vcpus}")
 
-    session = Session()
+    session = Session(destination=True)
     session.incoming_options = {"check_config": check}
     if uri != "defer":
         try:
-            bound = session.migrate_incoming(uri)
-        except (CommandError, ValueError, OSError) as exc:
+            bound = session.start_incoming(uri)
+        except (PymigError, ValueError, OSError) as exc:
             _fail(str(exc))
         if not quiet:
             click.echo(f"[pymig] waiting for a migration on {bound}", err=True)
     elif control is None and control_tcp is None:
-        _fail("'defer' needs --control (migrate-incoming gives the URI later)")
-    sys.exit(serve(session, control=control,
-                   control_tcp=("127.0.0.1", control_tcp) if control_tcp else None,
+        _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
+    sys.exit(serve(session, control=control, control_tcp=_loopback(control_tcp),
                    serial_file=serial, quiet=quiet))
 
 
 # -- migrate --------------------------------------------------------------------------------------
 @main.command()
-@click.option("--control", required=True, type=click.Path(),
-              help="control socket of the running guest (pymig run --control)")
+@click.option("--control", required=True,
+              help="control socket of the running guest: its unix path (pymig run --control) "
+                   "or tcp:127.0.0.1:PORT (--control-tcp)")
 @click.argument("uri")
 @click.option("--max-bandwidth", type=SIZE, default=None, help="cap, bytes/s (e.g. 100M)")
 @click.option("--downtime-limit", type=int, default=None, help="ms (default 300)")
@@ -158,12 +166,7 @@ def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, k
     """Migrate the guest behind --control to URI, with a progress bar."""
     from pymig.errors import PymigError
     from pymig.monitor import ProgressView, follow, stats_table
-    from pymig.qmp import QmpClient
-
-    try:
-        client = QmpClient(control)
-    except PymigError as exc:
-        _fail(str(exc))
+    client = _connect(control)
     with client:
         try:
             params = {}
@@ -197,6 +200,55 @@ def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, k
     else:
         Console().print(stats_table(final))
     sys.exit(0 if final.get("status") == "completed" else 1)
+
+
+def _connect(control: str):
+    from pymig.errors import PymigError
+    from pymig.qmp import QmpClient, control_address
+
+    try:
+        return QmpClient(control_address(control))
+    except (PymigError, ValueError) as exc:
+        _fail(str(exc))
+
+
+# -- qmp ------------------------------------------------------------------------------------------
+@main.command("qmp")
+@click.option("--control", required=True,
+              help="control socket: a unix path or tcp:127.0.0.1:PORT")
+@click.argument("command")
+@click.argument("arguments", nargs=-1)
+def qmp_command(control, command, arguments) -> None:
+    """Run one control-socket COMMAND and print its answer as JSON.
+
+    ARGUMENTS are NAME=VALUE; a VALUE that parses as JSON is taken as JSON (numbers, true,
+    lists...), anything else as a string:
+
+      pymig qmp --control /tmp/src.sock migrate-set-parameters max-bandwidth=100000000
+
+      pymig qmp --control /tmp/dst.sock migrate-incoming uri=tcp:0.0.0.0:4444
+    """
+    from pymig.errors import PymigError
+    from pymig.qmp import QmpError
+
+    args = {}
+    for item in arguments:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            _fail(f"argument {item!r} is not NAME=VALUE")
+        try:
+            args[name] = json.loads(text)
+        except ValueError:
+            args[name] = text
+    client = _connect(control)
+    with client:
+        try:
+            value = client.command(command, **args)
+        except QmpError as exc:
+            _fail(f"{exc.klass}: {exc.desc}")
+        except PymigError as exc:
+            _fail(str(exc))
+    click.echo(json.dumps(value, indent=2))
 
 
 # -- demo -----------------------------------------------------------------------------------------

@@ -5,15 +5,26 @@ Protocol, as QEMU's QMP: on connect the server sends a greeting
 ``{"execute": "qmp_capabilities"}``; then each command ``{"execute": NAME, "arguments": {...},
 "id": ANY}`` gets exactly one answer, ``{"return": VALUE, "id": ANY}`` or
 ``{"error": {"class": CLASS, "desc": TEXT}, "id": ANY}``.  Events arrive at any time as
-``{"event": NAME, "data": {...}, "timestamp": {"seconds": S, "microseconds": US}}``.  Messages
-are one JSON object per line.  Malformed JSON, a non-object, an unknown command or bad
-arguments get an error answer; the connection and the server carry on.
+``{"event": NAME, "data": {...}, "timestamp": {"seconds": S, "microseconds": US}}``.
+
+Input is a stream of JSON objects, with or without newlines between them (the server splits
+it the way QEMU's JSON streamer does, by bracket depth).  Answers and events go out one per
+line.  Error classes: ``CommandNotFound`` (an unknown command, or any command before
+``qmp_capabilities``) and ``GenericError`` (everything else: malformed JSON, a non-object, bad
+arguments, a command that does not fit the current state).  None of these end the connection;
+only a message above :data:`MAX_MESSAGE_BYTES` does, after its error answer.
+
+Every client has its own outgoing queue and writer thread, so a client that stops reading
+never stalls the migration thread that emits events; once its queue holds
+:data:`MAX_QUEUED_MESSAGES`, the server drops that client.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import socket
 import threading
 import time
@@ -24,81 +35,98 @@ from pymig import __version__
 from pymig.errors import PymigError
 from pymig.session import CommandError, Session
 
-MAX_LINE_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_QUEUED_MESSAGES = 4096
+
+#: JSON types by the names QMP's error messages use.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "boolean": (bool,), "array": (list,), "object": (dict,),
+    "integer": (int,), "any": (object,),
+}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a command: its JSON type and whether it must be given."""
+
+    kind: str = "any"
+    required: bool = False
 
 
 @dataclass(frozen=True)
 class Command:
-    """One control command: its handler and the arguments it takes (name → required?)."""
+    """One control command: its handler, its arguments (None: any, the handler checks) and
+    what it does."""
 
     run: Callable[[Session, dict], Any]
-    args: dict[str, bool]
+    args: dict[str, Arg] | None
     doc: str
 
 
 def _migrate(s: Session, a: dict) -> None:
-    if a.get("detach") is False:
-        raise CommandError("only detached migration is supported: follow it with query-migrate "
-                           "or MIGRATION events")
-    resume = a.get("resume")
-    if resume is not None and not isinstance(resume, bool):
-        raise CommandError("'resume' must be true or false")
-    s.migrate(_string(a, "uri"), trace_path=a.get("trace"), resume=resume)
+    s.migrate(_uri(a), trace_path=a.get("trace"), resume=a.get("resume"))
 
 
-def _migrate_incoming(s: Session, a: dict) -> dict:
-    return {"uri": s.migrate_incoming(_string(a, "uri"))}
+def _uri(args: dict) -> str:
+    if not args["uri"]:
+        raise CommandError("Parameter 'uri' must not be empty")
+    return args["uri"]
 
 
-def _string(args: dict, name: str) -> str:
-    value = args.get(name)
-    if not isinstance(value, str) or not value:
-        raise CommandError(f"'{name}' must be a non-empty string")
-    return value
+def _capabilities(s: Session, a: dict) -> dict:
+    enable = a.get("enable", [])
+    if enable:
+        raise CommandError(f"Capability {enable[0]!r} is not available (this server offers "
+                           f"none)")
+    return {}
+
+
+def _continue(s: Session, a: dict) -> None:
+    if a.get("state", "pre-switchover") != "pre-switchover":
+        raise CommandError(f"Parameter 'state' must be 'pre-switchover', not {a['state']!r}")
+    s.migrate_continue()
 
 
 COMMANDS: dict[str, Command] = {
-    "qmp_capabilities": Command(lambda s, a: {}, {"enable": False},
+    "qmp_capabilities": Command(_capabilities, {"enable": Arg("array")},
                                 "leave capabilities negotiation"),
     "query-commands": Command(lambda s, a: [{"name": n} for n in sorted(COMMANDS)], {},
                               "every command this server knows"),
     "query-version": Command(lambda s, a: _version(), {}, "pymig's version"),
-    "migrate": Command(_migrate, {"uri": True, "detach": False, "trace": False,
-                                  "resume": False},
-                       "start migrating the guest to uri (returns at once); resume: whether "
-                       "the guest runs on here afterwards (default: only for file: "
-                       "snapshots)"),
-    "migrate-incoming": Command(_migrate_incoming, {"uri": True},
-                                "a destination started with 'defer': listen on uri now"),
+    "migrate": Command(_migrate, {"uri": Arg("string", True), "detach": Arg("boolean"),
+                                  "trace": Arg("string"), "resume": Arg("boolean")},
+                       "start migrating the guest to uri; returns at once, whatever 'detach' "
+                       "says (as QEMU), so follow it with query-migrate or MIGRATION events; "
+                       "resume: whether the guest runs on here afterwards (default: only for "
+                       "file: snapshots); trace: a file for one JSON line per iteration"),
+    "migrate-incoming": Command(lambda s, a: {"uri": s.migrate_incoming(_uri(a))},
+                                {"uri": Arg("string", True)},
+                                "a destination started with 'defer': receive on uri now"),
     "migrate_cancel": Command(lambda s, a: s.migrate_cancel(), {},
                               "cancel the outgoing migration; the guest keeps running here"),
-    "migrate-continue": Command(lambda s, a: s.migrate_continue(), {"state": False},
+    "migrate-continue": Command(_continue, {"state": Arg("string")},
                                 "release a migration paused before switchover"),
     "x-migrate-switchover": Command(lambda s, a: s.migrate_switchover(), {},
                                     "switch over now, whatever the expected downtime"),
     "query-migrate": Command(lambda s, a: s.query_migrate(), {}, "migration status and stats"),
-    "migrate-set-parameters": Command(lambda s, a: s.set_parameters(a), {"*": False},
-                                      "set migration parameters (QMP names)"),
+    "migrate-set-parameters": Command(lambda s, a: s.set_parameters(a), None,
+                                      "set migration parameters (QMP names), all or none"),
     "query-migrate-parameters": Command(lambda s, a: s.query_parameters(), {},
                                         "every migration parameter"),
-    "migrate-set-capabilities": Command(lambda s, a: s.set_capabilities(_list(a, "capabilities")),
-                                        {"capabilities": True}, "switch capabilities"),
+    "migrate-set-capabilities": Command(lambda s, a: s.set_capabilities(a["capabilities"]),
+                                        {"capabilities": Arg("array", True)},
+                                        "switch capabilities (not during a migration)"),
     "query-migrate-capabilities": Command(lambda s, a: s.query_capabilities(), {},
                                           "every migration capability and its state"),
     "query-status": Command(lambda s, a: s.query_status(), {}, "the guest's run state"),
-    "query-guest": Command(lambda s, a: s.query_guest(bool(a.get("verify", False))),
-                           {"verify": False}, "workload progress, self-check, console tail"),
+    "query-guest": Command(lambda s, a: s.query_guest(a.get("verify", False)),
+                           {"verify": Arg("boolean")},
+                           "workload progress, self-check (verify: pause-free only when "
+                           "stopped), console tail"),
     "stop": Command(lambda s, a: s.stop(), {}, "pause the guest"),
     "cont": Command(lambda s, a: s.cont(), {}, "resume the guest"),
     "quit": Command(lambda s, a: None, {}, "end this process (after answering)"),
 }
-
-
-def _list(args: dict, name: str) -> list:
-    value = args.get(name)
-    if not isinstance(value, list):
-        raise CommandError(f"'{name}' must be a list")
-    return value
 
 
 def _version() -> dict:
@@ -111,122 +139,6 @@ def timestamp() -> dict[str, int]:
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
 
-class _Client:
-    """One connection: reads lines, answers commands, forwards events once negotiated."""
-
-    def __init__(self, server: "ControlServer", sock: socket.socket):
-        self.server = server
-        self.sock = sock
-        self.negotiated = False
-        self._quitting = False
-        self.send_lock = threading.Lock()
-        self.closed = False
-
-    def send(self, message: dict) -> None:
-        try:
-            data = (json.dumps(message) + "\n").encode()
-        except (TypeError, ValueError) as exc:  # an answer that is not JSON is a bug: say so
-            data = (json.dumps(error(message.get("id"), "GenericError",
-                                     f"internal error: unencodable answer: {exc}"))
-                    + "\n").encode()
-        with self.send_lock:
-            if self.closed:
-                return
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                self.closed = True
-
-    def event(self, name: str, data: dict) -> None:
-        if self.negotiated:
-            self.send({"event": name, "data": data, "timestamp": timestamp()})
-
-    def serve(self) -> None:
-        self.send({"QMP": {"version": _version(), "capabilities": []}})
-        session = self.server.session
-        session.subscribe(self.event)
-        buffer = b""
-        try:
-            while not self.closed:
-                try:
-                    chunk = self.sock.recv(65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        answer = self.handle(line)
-                        self.send(answer)
-                        if answer.get("return") is not None and self._quitting:
-                            session.quit()  # only now: the answer must reach the client
-
-                if len(buffer) > MAX_LINE_BYTES:
-                    self.send(error(None, "GenericError", "message too long"))
-                    break
-        finally:
-            session.unsubscribe(self.event)
-            with self.send_lock:
-                self.closed = True
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-
-    def handle(self, line: bytes) -> dict:
-        try:
-            message = json.loads(line)
-        except ValueError as exc:
-            return error(None, "GenericError", f"JSON parse error: {exc}")
-        if not isinstance(message, dict):
-            return error(None, "GenericError", "QMP input must be a JSON object")
-        ident = message.get("id")
-        name = message.get("execute")
-        if not isinstance(name, str):
-            return error(ident, "GenericError", "QMP input lacks member 'execute'")
-        args = message.get("arguments", {})
-        if not isinstance(args, dict):
-            return error(ident, "GenericError", "QMP input member 'arguments' must be an object")
-        unknown_keys = set(message) - {"execute", "arguments", "id"}
-        if unknown_keys:
-            return error(ident, "GenericError",
-                         f"QMP input member {sorted(unknown_keys)[0]!r} is unexpected")
-        if not self.negotiated and name != "qmp_capabilities":
-            return error(ident, "CommandNotFound",
-                         "Expecting capabilities negotiation with 'qmp_capabilities'")
-        if self.negotiated and name == "qmp_capabilities":
-            return error(ident, "CommandNotFound",
-                         "Capabilities negotiation is already complete, command ignored")
-        command = COMMANDS.get(name)
-        if command is None:
-            return error(ident, "CommandNotFound", f"The command {name} has not been found")
-        if "*" not in command.args:
-            for key in args:
-                if key not in command.args:
-                    return error(ident, "GenericError", f"Parameter '{key}' is unexpected")
-            for key, required in command.args.items():
-                if required and key not in args:
-                    return error(ident, "GenericError", f"Parameter '{key}' is missing")
-        try:
-            value = command.run(self.server.session, args)
-        except CommandError as exc:
-            return error(ident, exc.klass, str(exc))
-        except (PymigError, ValueError, OSError) as exc:
-            return error(ident, "GenericError", str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug must not take the socket down
-            return error(ident, "GenericError", f"internal error in {name}: "
-                                                f"{type(exc).__name__}: {exc}")
-        if name == "qmp_capabilities":
-            self.negotiated = True
-        answer: dict[str, Any] = {"return": {} if value is None else value}
-        if ident is not None:
-            answer["id"] = ident
-        self._quitting = name == "quit"
-        return answer
-
-
 def error(ident: Any, klass: str, desc: str) -> dict:
     answer: dict[str, Any] = {"error": {"class": klass, "desc": desc}}
     if ident is not None:
@@ -234,8 +146,274 @@ def error(ident: Any, klass: str, desc: str) -> dict:
     return answer
 
 
+# -- input -----------------------------------------------------------------------------------
+
+class MessageSplitter:
+    """Cuts a byte stream into JSON texts, as QEMU's JSON streamer does.
+
+    A text that opens with ``{`` or ``[`` ends where its brackets balance (strings and their
+    escapes are skipped); a string ends at its closing quote; anything else (a number, a stray
+    word) ends at the next whitespace or bracket or quote.  Whitespace between texts is dropped.  A text may still
+    be malformed JSON: the caller parses it and answers an error.
+    """
+
+    def __init__(self, limit: int = MAX_MESSAGE_BYTES):
+        self.limit = limit
+        self._text = bytearray()
+        self._depth = 0  # open brackets in the current text
+        self._in_string = False
+        self._escape = False
+        self._bare = False  # the current text is a bare token (ends at whitespace)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The texts ``data`` completes; raises ValueError when one outgrows the limit."""
+        done: list[bytes] = []
+        text = self._text
+        for c in data:
+            if self._bare and (c in _WHITESPACE or c in _STRUCTURAL):
+                done.append(self._take())  # a literal never holds these: it ended
+            if not text:  # between texts
+                if c in _WHITESPACE:
+                    continue
+                text.append(c)
+                if c in _OPEN:
+                    self._depth = 1
+                elif c == _QUOTE:
+                    self._in_string = True
+                elif c in _CLOSE:
+                    done.append(self._take())  # a stray closer: a text of its own
+                else:
+                    self._bare = True
+                continue
+            text.append(c)
+            if self._bare:
+                pass
+            elif self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif c == _BACKSLASH:
+                    self._escape = True
+                elif c == _QUOTE:
+                    self._in_string = False
+                    if not self._depth:  # a string on its own
+                        done.append(self._take())
+            elif c == _QUOTE:
+                self._in_string = True
+            elif c in _OPEN:
+                self._depth += 1
+            elif c in _CLOSE:
+                self._depth -= 1
+                if not self._depth:
+                    done.append(self._take())
+            if len(text) > self.limit:
+                self._take()
+                raise ValueError(f"message longer than {self.limit} bytes")
+        return done
+
+    def _take(self) -> bytes:
+        out = bytes(self._text)
+        self._text.clear()
+        self._depth = 0
+        self._in_string = self._escape = self._bare = False
+        return out
+
+
+_WHITESPACE = frozenset(b" \t\r\n")
+_OPEN = frozenset(b"{[")
+_CLOSE = frozenset(b"}]")
+_QUOTE = ord('"')
+_STRUCTURAL = frozenset(b'{}[]"')
+_BACKSLASH = ord("\\")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_message(text: bytes) -> Any:
+    """JSON as QMP reads it: no NaN, no Infinity, no number that overflows to them."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constants)
+
+
+def check_arguments(spec: dict[str, Arg], args: dict) -> str | None:
+    """Why ``args`` do not fit the command's ``spec`` (None when they do), in QMP's words."""
+    for key, value in args.items():
+        arg = spec.get(key)
+        if arg is None:
+            return f"Parameter '{key}' is unexpected"
+        wanted = _TYPES[arg.kind]
+        # bool is an int in Python but not in JSON
+        if not isinstance(value, wanted) or (arg.kind == "integer" and isinstance(value, bool)):
+            return f"Invalid parameter type for '{key}', expected: {arg.kind}"
+    for key, arg in spec.items():
+        if arg.required and key not in args:
+            return f"Parameter '{key}' is missing"
+    return None
+
+
+# -- connections -----------------------------------------------------------------------------
+
+class _Client:
+    """One connection: reads commands, answers them, and forwards events once negotiated."""
+
+    def __init__(self, server: "ControlServer", sock: socket.socket):
+        self.server = server
+        self.sock = sock
+        self.negotiated = False
+        self.closed = False
+        self._out: "queue.Queue[bytes | None]" = queue.Queue()
+        self._lock = threading.Lock()
+
+    # -- output: one writer thread per client, so nobody waits on a slow reader -------------
+    def send(self, message: dict) -> None:
+        try:
+            data = (json.dumps(message, allow_nan=False) + "\n").encode()
+        except (TypeError, ValueError) as exc:  # an answer that is not JSON is a bug: say so
+            data = (json.dumps(error(message.get("id"), "GenericError",
+                                     f"internal error: unencodable answer: {exc}"))
+                    + "\n").encode()
+        with self._lock:
+            if self.closed:
+                return
+            if self._out.qsize() >= MAX_QUEUED_MESSAGES:
+                self._drop()  # it stopped reading: losing it beats stalling the migration
+                return
+            self._out.put(data)
+
+    def _drop(self) -> None:
+        self.closed = True
+        self._out.put(None)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._out.get()
+            if data is None:
+                return
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                with self._lock:
+                    self._drop()
+                return
+
+    def event(self, name: str, data: dict) -> None:
+        if self.negotiated:
+            self.send({"event": name, "data": data, "timestamp": timestamp()})
+
+    # -- input ------------------------------------------------------------------------------
+    def serve(self) -> None:
+        writer = threading.Thread(target=self._write_loop, daemon=True,
+                                  name="pymig-control-writer")
+        writer.start()
+        self.send({"QMP": {"version": _version(), "capabilities": []}})
+        session = self.server.session
+        session.subscribe(self.event)
+        splitter = MessageSplitter()
+        quitting = False
+        try:
+            while not self.closed and not quitting:
+                try:
+                    chunk = self.sock.recv(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                try:
+                    texts = splitter.feed(chunk)
+                except ValueError as exc:
+                    self.send(error(None, "GenericError", str(exc)))
+                    break
+                for text in texts:
+                    answer, name = self.handle(text)
+                    self.send(answer)
+                    if name == "quit" and "return" in answer:
+                        quitting = True  # what the client sent after quit is not run
+                        break
+        finally:
+            session.unsubscribe(self.event)
+            with self._lock:
+                if not self.closed:
+                    self.closed = True
+                    self._out.put(None)
+            writer.join(5.0)  # the last answers (quit's above all) reach the client first
+            if quitting:
+                session.quit()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.server.forget(self)
+
+    def handle(self, text: bytes) -> tuple[dict, str | None]:
+        """The answer to one JSON text, and the command it ran (None if none); never raises."""
+        try:
+            message = parse_message(text)
+        except (ValueError, RecursionError) as exc:
+            return _failed(None, "GenericError", f"JSON parse error: {exc}")
+        if not isinstance(message, dict):
+            return _failed(None, "GenericError", "QMP input must be a JSON object")
+        ident = message.get("id")
+        name = message.get("execute")
+        if not isinstance(name, str):
+            return _failed(ident, "GenericError", "QMP input lacks member 'execute'")
+        args = message.get("arguments", {})
+        if not isinstance(args, dict):
+            return _failed(ident, "GenericError",
+                           "QMP input member 'arguments' must be an object")
+        unknown_keys = set(message) - {"execute", "arguments", "id"}
+        if unknown_keys:
+            return _failed(ident, "GenericError",
+                           f"QMP input member {sorted(unknown_keys)[0]!r} is unexpected")
+        if not self.negotiated and name != "qmp_capabilities":
+            return _failed(ident, "CommandNotFound",
+                           "Expecting capabilities negotiation with 'qmp_capabilities'")
+        if self.negotiated and name == "qmp_capabilities":
+            return _failed(ident, "CommandNotFound",
+                           "Capabilities negotiation is already complete, command ignored")
+        command = COMMANDS.get(name)
+        if command is None:
+            return _failed(ident, "CommandNotFound", f"The command {name} has not been found")
+        if command.args is not None:
+            problem = check_arguments(command.args, args)
+            if problem is not None:
+                return _failed(ident, "GenericError", problem)
+        try:
+            value = command.run(self.server.session, args)
+        except CommandError as exc:
+            return _failed(ident, exc.klass, str(exc))
+        except (PymigError, ValueError, OSError) as exc:
+            return _failed(ident, "GenericError", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the socket down
+            return _failed(ident, "GenericError", f"internal error in {name}: "
+                                                  f"{type(exc).__name__}: {exc}")
+        if name == "qmp_capabilities":
+            self.negotiated = True
+        answer: dict[str, Any] = {"return": {} if value is None else value}
+        if ident is not None:
+            answer["id"] = ident
+        return answer, name
+
+
+def _failed(ident: Any, klass: str, desc: str) -> tuple[dict, None]:
+    return error(ident, klass, desc), None
+
+
 class ControlServer:
-    """Serves :data:`COMMANDS` for one :class:`Session` on a unix path and/or loopback TCP."""
+    """Serves :data:`COMMANDS` for one :class:`Session` on a unix path and/or loopback TCP.
+
+    ``tcp=(host, 0)`` binds a free port; :attr:`tcp_address` says which.
+    """
 
     def __init__(self, session: Session, path: str | None = None,
                  tcp: tuple[str, int] | None = None):
@@ -244,33 +422,52 @@ class ControlServer:
         self.session = session
         self.path = path
         self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._clients: list[_Client] = []
+        self._clients: set[_Client] = set()
+        self._lock = threading.Lock()
         self._closed = False
-        if path is not None:
-            if os.path.exists(path):
-                _remove_stale_socket(path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.tcp_address: tuple[str, int] | None = None
+        try:
+            if tcp is not None:
+                self._socks.append(self._bind_tcp(*tcp))
+            if path is not None:
+                self._socks.append(self._bind_unix(path))
+        except BaseException:
+            for sock in self._socks:
+                sock.close()
+            raise
+        for sock in self._socks:
+            threading.Thread(target=self._accept, args=(sock,), daemon=True,
+                             name="pymig-control").start()
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        if os.path.exists(path):
+            _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             sock.bind(path)
             os.chmod(path, 0o600)
-            self._socks.append(sock)
-        self.tcp_address: tuple[str, int] | None = None
-        if tcp is not None:
-            host, port = tcp
-            if host not in ("127.0.0.1", "::1", "localhost"):
-                raise ValueError(f"the control socket listens on loopback only, not {host}")
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.listen(8)  # at once: whoever sees the path appear may connect
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _bind_tcp(self, host: str, port: int) -> socket.socket:
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"the control socket listens on loopback only, not {host}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"TCP port {port} is outside 0..65535")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            self.tcp_address = sock.getsockname()[:2]
-            self._socks.append(sock)
-        for sock in self._socks:
             sock.listen(8)
-            thread = threading.Thread(target=self._accept, args=(sock,), daemon=True,
-                                      name="pymig-control")
-            thread.start()
-            self._threads.append(thread)
+        except OSError:
+            sock.close()
+            raise
+        self.tcp_address = sock.getsockname()[:2]
+        return sock
 
     def _accept(self, sock: socket.socket) -> None:
         while not self._closed:
@@ -279,18 +476,28 @@ class ControlServer:
             except OSError:
                 return
             client = _Client(self, conn)
-            self._clients.append(client)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._clients.add(client)
             threading.Thread(target=client.serve, daemon=True, name="pymig-control-client").start()
 
+    def forget(self, client: _Client) -> None:
+        with self._lock:
+            self._clients.discard(client)
+
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            clients = list(self._clients)
         for sock in self._socks:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()
-        for client in self._clients:
+        for client in clients:
             try:
                 client.sock.shutdown(socket.SHUT_RDWR)
             except OSError:

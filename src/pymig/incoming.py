@@ -10,6 +10,12 @@
 Every packet checksum, every section footer and every page bound is checked on the way in.  On
 any failure the destination reports it on the return path, never starts the guest, frees it and
 raises; the source then resumes its own copy.
+
+Restoring a ``file:`` snapshot that has a restore index (:mod:`pymig.transport.file`) reads
+the stream without the RAM records that later ones supersede, so each page is read in its last
+version only.  Should that load fail, the file is loaded once more from its first byte without
+the index: a damaged index never makes a good stream unloadable, and the error a damaged stream
+gets names its offset in the file.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pymig import stream, transport
-from pymig.errors import MigrationError, PymigError, StreamError
+from pymig.errors import MigrationError, PymigError, StateError, StreamError
 from pymig.guest import GuestConfig
 from pymig.machine import Machine, load_config
+from pymig.transport.file import IndexedFileChannel
 
 
 @dataclass
@@ -89,17 +96,17 @@ class Incoming:
             channel.settimeout(self.idle_timeout)
             self._set_status("active")
             t0 = time.monotonic()
-            reader = stream.StreamReader(channel)
-            reader.read_header()
             if channel.has_return_path:
                 rp = stream.ReturnPathWriter(channel)
-            config = load_config(reader)
-            if self.check_config is not None:
-                self.check_config(config)
-            self.machine = Machine.incoming(config, **self.guest_options)
-            if rp is not None:
-                rp.ready()  # the guest exists: the source may stop its copy when it likes
-            self.machine.load_stream(reader)
+            try:
+                self._load(channel, rp)
+            except (StreamError, StateError):
+                if not isinstance(channel, IndexedFileChannel):
+                    raise
+                self._discard_machine()  # and load it all, to report the file's offsets
+                indexed, channel = channel, channel.sequential()
+                indexed.close()
+                self._load(channel, rp)
             load_time = time.monotonic() - t0
             if rp is not None:
                 rp.loaded()
@@ -120,9 +127,7 @@ class Incoming:
                     rp.load_error(describe(exc))
                 except PymigError:
                     pass
-            if self.machine is not None:
-                self.machine.close()
-                self.machine = None
+            self._discard_machine()
             self._set_status("failed")
             if isinstance(exc, (PymigError, ValueError)):
                 raise MigrationError(f"incoming migration failed: {describe(exc)}") from exc
@@ -132,6 +137,23 @@ class Incoming:
                 channel.close()
             if self._listener is not None:
                 self._listener.close()
+
+    def _load(self, channel, rp) -> None:
+        """Read the stream into a new, paused machine (``self.machine``)."""
+        reader = stream.StreamReader(channel)
+        reader.read_header()
+        config = load_config(reader)
+        if self.check_config is not None:
+            self.check_config(config)
+        self.machine = Machine.incoming(config, **self.guest_options)
+        if rp is not None:
+            rp.ready()  # the guest exists: the source may stop its copy when it likes
+        self.machine.load_stream(reader)
+
+    def _discard_machine(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
 
 
 def await_commit(channel, timeout: float) -> None:

@@ -81,7 +81,12 @@ def serve(session: Session, *, control: str | None = None,
     incoming migration (the guest never started here).
     """
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-    server = ControlServer(session, control, control_tcp) if (control or control_tcp) else None
+    server = (ControlServer(session, control, control_tcp)
+              if control is not None or control_tcp is not None else None)
+    if server is not None and server.tcp_address is not None and (
+            not quiet or control_tcp[1] == 0):  # a port the system chose must be told
+        host, port = server.tcp_address
+        say(f"[pymig] control socket on tcp:{'[' + host + ']' if ':' in host else host}:{port}")
     serial = _Serial(None if quiet and serial_out is None else (serial_out or sys.stdout.buffer),
                      serial_file)
     stop = threading.Event()

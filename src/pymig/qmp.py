@@ -21,6 +21,17 @@ class QmpError(PymigError):
         super().__init__(f"{klass}: {desc}")
 
 
+def control_address(text: str) -> str | tuple[str, int]:
+    """A control socket address as users write it: ``tcp:HOST:PORT`` (loopback TCP, as
+    ``--control-tcp`` serves it) or a unix socket path."""
+    if text.startswith("tcp:"):
+        from pymig.transport import parse_uri
+
+        uri = parse_uri(text)
+        return (uri.host or "127.0.0.1", uri.port)
+    return text
+
+
 class QmpClient:
     """Connects, negotiates capabilities, runs commands and collects events.
 
@@ -29,7 +40,11 @@ class QmpClient:
 
     def __init__(self, address: str | tuple[str, int], timeout: float = 30.0):
         if isinstance(address, tuple):
-            self.sock = socket.create_connection(address, timeout=timeout)
+            try:
+                self.sock = socket.create_connection(address, timeout=timeout)
+            except OSError as exc:
+                raise PymigError(f"cannot reach the control socket tcp:{address[0]}:"
+                                 f"{address[1]}: {exc.strerror or exc}") from None
         else:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)

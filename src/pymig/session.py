@@ -4,17 +4,26 @@ the migration parameters, and the events they raise.
 ``pymig run`` and ``pymig incoming`` each hold one :class:`Session`; the control socket
 (:mod:`pymig.control`) and the CLI call only its methods.  Run states follow QEMU's names:
 
-    ``inmigrate``    waiting for, or loading, an incoming migration
+    ``inmigrate``    a destination waiting for (``defer``: for ``migrate-incoming``), or
+                     loading, an incoming migration
     ``running``      the guest runs here
-    ``paused``       stopped by ``stop`` (or by a failed incoming that never started)
+    ``paused``       stopped by ``stop``, or by ``migrate`` with ``resume: false`` to a file
+                     (a snapshot is a copy: ``cont`` carries on)
     ``finish-migrate`` vCPUs stopped for the switchover
-    ``postmigrate``  the guest has moved to the destination; only ``quit`` is left to do
+    ``postmigrate``  the guest has moved (tcp, unix, exec, fd): it runs, or will run, at the
+                     destination; ``cont`` is refused, ``quit`` is what is left to do
     ``shutdown``     the guest powered off or the session quit
     ``internal-error`` the guest hit an error it cannot continue from
+
+Events: ``MIGRATION`` ``{"status"}`` on every status change of the outgoing or incoming
+migration, ``MIGRATION_PASS`` ``{"pass"}`` after every dirty-log sync, ``STOP`` when the guest
+stops (``stop``, or the switchover), ``RESUME`` when it runs again (``cont``, a snapshot or a
+failed migration resuming it, a loaded incoming guest starting), ``SHUTDOWN`` at the end.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, Callable
@@ -23,10 +32,17 @@ from pymig.errors import MigrationError, PymigError
 from pymig.guest import Guest
 from pymig.incoming import Incoming, IncomingResult
 from pymig.machine import Machine
-from pymig.migration import Migration, Status
+from pymig.migration import ACTIVE_STATES, Migration, Status
 from pymig.parameters import CAPABILITIES, ParameterStore
+from pymig.transport import parse_uri
 
 EventSink = Callable[[str, dict], None]
+
+#: Parameters and capabilities the parameter store knows but the migration does not act on
+#: yet (the policy computes per-vCPU dirty caps; nothing applies them to the vCPUs).  They are
+#: neither listed nor settable, so that no one tunes a knob that does nothing.
+UNAVAILABLE_PARAMETERS = {"vcpu-dirty-limit": "per-vCPU dirty caps are not applied yet"}
+UNAVAILABLE_CAPABILITIES = {"dirty-limit": "per-vCPU dirty caps are not applied yet"}
 
 
 class CommandError(PymigError):
@@ -40,7 +56,10 @@ class CommandError(PymigError):
 class Session:
     """A guest process: its machine (once there is a guest), its migrations, its parameters."""
 
-    def __init__(self, guest: Guest | None = None):
+    def __init__(self, guest: Guest | None = None, *, destination: bool = False):
+        if guest is not None and destination:
+            raise ValueError("a destination session starts without a guest")
+        self.destination = destination
         self.params = ParameterStore()
         self.machine: Machine | None = Machine.source(guest) if guest is not None else None
         self.migration: Migration | None = None
@@ -49,14 +68,29 @@ class Session:
         self.incoming_uri: str | None = None
         self._sinks: list[EventSink] = []
         self._lock = threading.Lock()
+        self._command_lock = threading.Lock()  # migrate / migrate-incoming, one at a time
+        self._target_scheme: str | None = None  # of the last outgoing migration
+        self._stopped_for_switchover = False
         self.quit_requested = threading.Event()
         self.guest_ready = threading.Event()
         self.trace_path: str | None = None
         self.incoming_options: dict[str, Any] = {}
-        self._guest_callbacks: list[Callable[[Guest], None]] = []
         self.incoming_failed: BaseException | None = None
+        self._guest_callbacks: list[Callable[[Guest], None]] = []
         if guest is not None:
             self.guest_ready.set()
+
+    def on_guest(self, callback: Callable[[Guest], None]) -> None:
+        """``callback(guest)`` as soon as this process has a guest and before it runs here:
+        now for a source, just before the vCPUs start for a destination (so nothing the
+        guest prints is missed)."""
+        self._guest_callbacks.append(callback)
+        if self.machine is not None:
+            callback(self.machine.guest)
+
+    def _guest_arrived(self, machine: Machine) -> None:
+        for callback in list(self._guest_callbacks):
+            callback(machine.guest)
 
     # -- events ------------------------------------------------------------------------------
     def subscribe(self, sink: EventSink) -> None:
@@ -75,34 +109,28 @@ class Session:
             sink(name, data)
 
     # -- guest -------------------------------------------------------------------------------
-    def on_guest(self, callback: Callable[[Guest], None]) -> None:
-        """``callback(guest)`` as soon as this process has a guest and before it runs here:
-        now for a source, just before the vCPUs start for a destination (so nothing the
-        guest prints is missed)."""
-        self._guest_callbacks.append(callback)
-        if self.machine is not None:
-            callback(self.machine.guest)
-
-    def _guest_arrived(self, machine: Machine) -> None:
-        for callback in list(self._guest_callbacks):
-            callback(machine.guest)
-
     @property
     def guest(self) -> Guest | None:
         return self.machine.guest if self.machine is not None else None
 
     def run_state(self) -> str:
         if self.machine is None:
-            return "inmigrate" if self.incoming is not None else "paused"
+            return "inmigrate" if self.destination or self.incoming is not None else "paused"
+        if self.moved_away():
+            return "postmigrate"
         migration = self.migration
-        if migration is not None:
-            if migration.status == Status.COMPLETED and not migration.resume_source:
-                return "postmigrate"
-            if migration.status == Status.DEVICE:
-                return "finish-migrate"
+        if migration is not None and migration.status == Status.DEVICE:
+            return "finish-migrate"
         status = self.machine.guest.status
         return {"running": "running", "paused": "paused", "created": "paused",
                 "shutdown": "shutdown", "error": "internal-error"}.get(status, status)
+
+    def moved_away(self) -> bool:
+        """True once a migration handed the guest to a destination (a file snapshot does not:
+        the guest stays here, running or, when asked, paused)."""
+        migration = self.migration
+        return (migration is not None and migration.status == Status.COMPLETED
+                and not migration.resume_source and self._target_scheme != "file")
 
     def query_status(self) -> dict[str, Any]:
         state = self.run_state()
@@ -117,8 +145,10 @@ class Session:
     def cont(self) -> None:
         guest = self._require_guest()
         self._refuse_while_migrating("cont")
-        if self.run_state() == "postmigrate":
-            raise CommandError("the guest has migrated away; it runs on the destination now")
+        if self.moved_away():
+            raise CommandError("the guest has migrated away and runs at the destination now; "
+                               "running it here too would make two copies (to save a guest "
+                               "and keep it running, migrate with resume: true)")
         guest.resume()
         self.emit("RESUME", {})
 
@@ -128,6 +158,8 @@ class Session:
         guest = self._require_guest()
         result: dict[str, Any] = {"progress": guest.progress(), "workload": guest.config.workload,
                                   "kind": guest.config.kind, "status": guest.status}
+        if not isinstance(verify, bool):
+            raise CommandError("'verify' must be true or false")
         if verify and guest.config.workload == "selfcheck":
             from pymig.guest.workloads import verify_selfcheck
 
@@ -144,26 +176,44 @@ class Session:
 
     def _refuse_while_migrating(self, what: str) -> None:
         migration = self.migration
-        if migration is not None and migration.status in (Status.SETUP, Status.ACTIVE,
-                                                          Status.DEVICE, Status.CANCELLING):
-            raise CommandError(f"cannot {what} during a migration ({migration.status.value})")
+        if migration is not None and migration.status in ACTIVE_STATES:
+            raise CommandError(f"cannot {what} during a migration ({migration.status.value}); "
+                               f"migrate_cancel first")
 
     # -- outgoing migration ------------------------------------------------------------------
     def migrate(self, uri: str, *, trace_path: str | None = None,
                 resume: bool | None = None) -> None:
-        if self.machine is None:
-            raise CommandError("there is no guest to migrate")
-        if self.machine.guest.status in ("shutdown", "error"):
-            raise CommandError(f"the guest is {self.machine.guest.status}; nothing to migrate")
-        if self.migration is None:
-            self.migration = Migration(self.machine, self.params)
-            self.migration.on_status(self._migration_status)
-            self.migration.on_pass(self._migration_pass)
-        try:
-            self.migration.start(uri, trace_path=trace_path or self.trace_path,
-                                 resume_source=resume)
-        except (MigrationError, ValueError) as exc:
-            raise CommandError(str(exc)) from None
+        """Start migrating to ``uri`` (returns at once).  ``resume``: whether the guest runs on
+        here after success (default: only for ``file:``, a live snapshot)."""
+        with self._command_lock:
+            if self.machine is None:
+                raise CommandError("there is no guest to migrate" + (
+                    " (this is a destination still waiting for its guest)"
+                    if self.destination else ""))
+            if self.machine.guest.status in ("shutdown", "error"):
+                raise CommandError(f"the guest is {self.machine.guest.status}; nothing to "
+                                   f"migrate")
+            if self.moved_away():
+                raise CommandError("the guest has already migrated away")
+            try:
+                scheme = parse_uri(uri).scheme
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            if self.migration is not None and self.migration.status in ACTIVE_STATES:
+                raise CommandError(f"a migration is already {self.migration.status.value}")
+            # A new Migration each time: one that ended (a snapshot that completed, a failure)
+            # keeps its own stats and status for query-migrate until then.
+            migration = Migration(self.machine, self.params)
+            migration.on_status(self._migration_status)
+            migration.on_pass(self._migration_pass)
+            previous = self.migration, self._target_scheme
+            self.migration, self._target_scheme = migration, scheme
+            try:
+                migration.start(uri, trace_path=trace_path or self.trace_path,
+                                resume_source=resume)
+            except (MigrationError, ValueError) as exc:
+                self.migration, self._target_scheme = previous
+                raise CommandError(str(exc)) from None
 
     def migrate_cancel(self) -> None:
         if self.migration is not None:
@@ -186,8 +236,14 @@ class Session:
         self.migration.switchover()
 
     def query_migrate(self) -> dict[str, Any]:
-        if self.migration is not None:
-            return self.migration.query()
+        migration = self.migration
+        if migration is not None:
+            out = migration.query()
+            # The state machine's status, as the MIGRATION events report it: the stats turn
+            # to "device" when the policy decides, while the guest may still run (waiting for
+            # migrate-continue or for the destination to be ready).
+            out["status"] = migration.status.value
+            return out
         if self.incoming is not None:
             status = self.incoming.status
             out: dict[str, Any] = {"status": status, "socket-address": self.incoming_uri}
@@ -202,91 +258,120 @@ class Session:
 
     def _migration_status(self, old: Status, new: Status) -> None:
         self.emit("MIGRATION", {"status": new.value})
+        if new == Status.DEVICE:
+            self._stopped_for_switchover = True
+            self.emit("STOP", {})
+        elif new in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
+            stopped, self._stopped_for_switchover = self._stopped_for_switchover, False
+            if stopped and self.machine is not None and self.machine.guest.status == "running":
+                self.emit("RESUME", {})  # a snapshot carries on, or a failure resumed it
 
     def _migration_pass(self, record) -> None:
         self.emit("MIGRATION_PASS", {"pass": record.iteration})
 
     # -- parameters --------------------------------------------------------------------------
     def set_parameters(self, values: dict[str, Any]) -> None:
+        """Set parameters by QMP name, all or none.  During a migration ``max-bandwidth``
+        applies at once, the others at its next iteration."""
+        for name in values:
+            if name in UNAVAILABLE_PARAMETERS:
+                raise CommandError(f"migration parameter {name!r} is not available: "
+                                   f"{UNAVAILABLE_PARAMETERS[name]}")
+            if name not in self._parameter_names():
+                raise CommandError(f"unknown migration parameter {name!r}; known: "
+                                   f"{', '.join(sorted(self._parameter_names()))}")
         try:
             self.params.set(**values)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
-    def query_parameters(self) -> dict[str, Any]:
-        return self.params.snapshot().qmp()
+    def _parameter_names(self) -> list[str]:
+        return list(self.query_parameters())
 
-    def set_capabilities(self, caps: list[dict]) -> None:
-        if self.migration is not None and self.migration.status in (
-                Status.SETUP, Status.ACTIVE, Status.DEVICE):
-            raise CommandError("capabilities cannot change during a migration")
+    def query_parameters(self) -> dict[str, Any]:
+        return {name: value for name, value in self.params.snapshot().qmp().items()
+                if name not in UNAVAILABLE_PARAMETERS}
+
+    def set_capabilities(self, caps: list) -> None:
+        """Switch capabilities, all or none; refused while a migration runs."""
+        migration = self.migration
+        if migration is not None and migration.status in ACTIVE_STATES:
+            raise CommandError(f"capabilities cannot change during a migration "
+                               f"({migration.status.value})")
         values: dict[str, bool] = {}
         for item in caps:
-            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
-                raise CommandError("each capability is {\"capability\": NAME, \"state\": BOOL}")
-            values[item["capability"]] = item["state"]
-        try:
-            self.params.set_capabilities(**values)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
+            if (not isinstance(item, dict) or set(item) != {"capability", "state"}
+                    or not isinstance(item["capability"], str)
+                    or not isinstance(item["state"], bool)):
+                raise CommandError('each capability is {"capability": NAME, "state": true|false}'
+                                   f", not {json.dumps(item)}")
+            name = item["capability"]
+            if name in UNAVAILABLE_CAPABILITIES:
+                raise CommandError(f"migration capability {name!r} is not available: "
+                                   f"{UNAVAILABLE_CAPABILITIES[name]}")
+            if name not in CAPABILITIES:
+                raise CommandError(f"unknown migration capability {name!r}; known: "
+                                   f"{', '.join(c['capability'] for c in self.query_capabilities())}")
+            values[name] = item["state"]
+        self.params.set_capabilities(**values)
 
     def query_capabilities(self) -> list[dict[str, Any]]:
         caps = self.params.snapshot().capabilities
-        return [{"capability": name, "state": caps.get(name, False)} for name in CAPABILITIES]
+        return [{"capability": name, "state": caps.get(name, False)} for name in CAPABILITIES
+                if name not in UNAVAILABLE_CAPABILITIES]
 
     # -- incoming migration ------------------------------------------------------------------
-    def prepare_incoming(self, uri: str, **incoming_options: Any) -> str:
-        """Listen on ``uri`` now; :meth:`run_incoming` accepts and loads.  Returns the bound
-        address."""
-        if self.machine is not None:
-            raise CommandError("this process already has a guest")
-        if self.incoming is not None and self.incoming.status not in ("failed",):
-            raise CommandError(f"an incoming migration is already {self.incoming.status}")
-        chained = incoming_options.pop("before_start", None)
+    def start_incoming(self, uri: str) -> str:
+        """Receive a migration on ``uri``: listen now, accept and load in a thread, then run the
+        guest here.  Returns the address actually bound (e.g. the port of ``tcp:HOST:0``).
 
-        def before_start(machine: Machine) -> None:
-            if chained is not None:
-                chained(machine)
-            self._guest_arrived(machine)
+        The end shows as ``guest_ready``, or as ``incoming_failed`` with ``quit_requested``: a
+        destination whose migration failed has nothing left to do.
+        """
+        with self._command_lock:
+            if self.machine is not None:
+                raise CommandError("this process already runs a guest; an incoming migration "
+                                   "needs a destination (pymig incoming)")
+            if self.incoming is not None:
+                raise CommandError(f"an incoming migration on {self.incoming_uri} is already "
+                                   f"{self.incoming.status}")
+            options = dict(self.incoming_options)
+            chained = options.pop("before_start", None)
 
+            def before_start(machine: Machine) -> None:
+                if chained is not None:
+                    chained(machine)
+                self._guest_arrived(machine)
+
+            try:
+                incoming = Incoming(uri, before_start=before_start, **options)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))
+            bound = incoming.listen()  # raises (port taken, no such file...) before any change
+            self.incoming, self.incoming_uri = incoming, bound
+        threading.Thread(target=self._receive, name="pymig-incoming", daemon=True).start()
+        return bound
+
+    def migrate_incoming(self, uri: str) -> str:
+        """``migrate-incoming``: give a destination started with ``defer`` its URI."""
+        if not self.destination:
+            raise CommandError("migrate-incoming is for a destination started with 'pymig "
+                               "incoming defer'; this process runs a guest")
+        return self.start_incoming(uri)
+
+    def _receive(self) -> None:
         try:
-            self.incoming = Incoming(uri, before_start=before_start, **incoming_options)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
-        self.incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))
-        self.incoming_uri = self.incoming.listen()
-        return self.incoming_uri
-
-    def run_incoming(self) -> IncomingResult:
-        """Accept and load the migration, then run the guest here (blocks until it is loaded)."""
-        assert self.incoming is not None
-        result = self.incoming.run()
+            result = self.incoming.run()
+        except BaseException as exc:  # noqa: BLE001 - kept for the process to report
+            self.incoming_failed = exc
+            self.quit_requested.set()
+            return
         self.incoming_result = result
         self.machine = result.machine
         self.migration = None
         self.guest_ready.set()
         self.emit("RESUME", {})
-        return result
-
-    def migrate_incoming(self, uri: str) -> str:
-        """Listen on ``uri`` and load a migration in the background (a deferred destination's
-        ``migrate-incoming``); returns the bound address."""
-        if self.incoming is not None and self.incoming.status != "failed":
-            raise CommandError(f"an incoming migration is already {self.incoming.status}")
-        bound = self.prepare_incoming(uri, **self.incoming_options)
-        self.start_incoming_thread()
-        return bound
-
-    def start_incoming_thread(self) -> None:
-        """Accept and load in a thread; ``guest_ready`` or ``incoming_failed`` tells the end."""
-        def body() -> None:
-            try:
-                self.run_incoming()
-            except BaseException as exc:  # noqa: BLE001 - kept for the process to report
-                self.incoming_failed = exc
-                self.quit_requested.set()
-
-        threading.Thread(target=body, name="pymig-incoming", daemon=True).start()
 
     # -- lifetime ----------------------------------------------------------------------------
     def quit(self) -> None:
@@ -294,8 +379,7 @@ class Session:
 
     def close(self) -> None:
         migration = self.migration
-        if migration is not None and migration.status in (Status.SETUP, Status.ACTIVE,
-                                                          Status.DEVICE):
+        if migration is not None and migration.status in ACTIVE_STATES:
             migration.cancel()
             migration.wait(30)
         if self.machine is not None:

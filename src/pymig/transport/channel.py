@@ -413,16 +413,26 @@ class FdChannel(Channel):
     Owns ``fd`` and closes it.  With ``process`` (the ``sh -c`` child of an
     ``exec:`` URI), :meth:`close` waits for the command and raises
     :class:`TransportError` if it failed.
+
+    With ``tap`` (a :class:`~pymig.transport.tap.StreamTap`), the channel follows the
+    migration stream it writes and calls :meth:`_stream_ended` right after the EOF record
+    went out, inside that write: what fails there fails the migration while the source can
+    still resume its guest.  A writing command's channel then ends its input and waits for
+    it, so that a command that fails (a full disk under ``gzip > FILE``, an ssh that drops)
+    is reported as a failed migration rather than after the source gave its guest away.
     """
 
     has_return_path = False
 
     def __init__(self, fd: int, name: str, *, writable: bool,
-                 process: subprocess.Popen | None = None):
+                 process: subprocess.Popen | None = None, tap=None):
         super().__init__(name)
         self._fd = fd
+        self._fd_open = True
         self._writable = writable
         self.process = process
+        self.tap = tap
+        self._command_done = False
         _enlarge_pipe(fd)
 
     def fileno(self) -> int:
@@ -442,6 +452,8 @@ class FdChannel(Channel):
 
     def _send_vector(self, views: list[memoryview]) -> None:
         self._check_direction(True)
+        if not self._fd_open:
+            raise TransportError(f"{self.name}: the stream has ended; nothing more can be sent")
         action = f"writing to {self.name}"
 
         def writev(vs: list[memoryview]) -> int:
@@ -456,6 +468,17 @@ class FdChannel(Channel):
         except OSError as exc:
             detail = self._closed_detail()
             raise transport_error(action + (f" ({detail})" if detail else ""), exc) from exc
+        tap = self.tap
+        if tap is not None and tap.following:
+            tap.feed(views)
+            if tap.ended:
+                self._stream_ended()
+
+    def _stream_ended(self) -> None:
+        """The EOF record has just been written (needs a ``tap``)."""
+        if self.process is not None and self._writable:
+            self._release_fd()  # the command reads the end of its input
+            self._finish_command()
 
     def _recv_some(self, view: memoryview) -> int:
         self._check_direction(False)
@@ -488,10 +511,19 @@ class FdChannel(Channel):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
 
+    def _release_fd(self) -> None:
+        if self._fd_open:
+            self._fd_open = False
+            os.close(self._fd)
+
     def _close(self) -> None:
-        os.close(self._fd)
-        if self.process is None:
-            return
+        self._release_fd()
+        if self.process is not None and not self._command_done:
+            self._finish_command()
+
+    def _finish_command(self) -> None:
+        """Wait for the command; raise if it failed (once: its status is reported once)."""
+        self._command_done = True
         try:
             status = self.process.wait(EXEC_EXIT_WAIT_S)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,211 @@
+"""Following a migration stream as a one-way channel writes it.
+
+A one-way channel (``exec:``, ``file:``) has no return path, so the end of the stream is the
+only moment it can still fail the migration before the source counts it as delivered.  A
+:class:`StreamTap` watches the bytes going out and reports when the EOF record has passed:
+``exec:`` then waits for its command, ``file:`` writes its index.  For ``file:`` it also
+records which RAM pages each RAM record carries, so that the index can tell a restore which
+records later ones supersede entirely (see :class:`RamTracker`).
+
+The tap parses framing only (the layout of docs/stream-format.md); it checks nothing, since
+the writer is our own, and it never fails a write: on bytes it cannot follow it stops
+following (``failed`` says why) and the channel simply does without it.
+
+It is a sans-IO parser: a generator asks for ``n`` bytes (``yield n``, answered with a view
+that is valid only until its next request) or to pass ``n`` bytes over (``yield -n``).
+:meth:`StreamTap.feed` answers from the buffers being written, without copying them except
+for the small pieces that straddle two buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Generator, Iterable
+
+import numpy as np
+
+from pymig.transport.channel import byte_view
+
+#: Layout of a RAM packet header and run record (docs/stream-format.md, "RAM packets").
+PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
+RUN = struct.Struct("<QIBBH")
+PACKET_MAGIC = b"PMGP"
+RUN_NORMAL = 1
+
+
+class TapError(Exception):
+    """Bytes the tap cannot follow."""
+
+
+class RamTracker:
+    """Which RAM record wrote each page last (``last[block_id][page]``: the record's number,
+    counted from 0 in stream order; -1 for a page never written).  ZERO runs count as
+    writes: they too replace what came before.  4 bytes per page: 1 MiB per GiB of RAM."""
+
+    def __init__(self, blocks: list[dict]):
+        self.last: dict[int, np.ndarray] = {}
+        self.page_size: dict[int, int] = {}
+        for block in blocks:
+            npages = block["size"] // block["page_size"]
+            self.last[block["id"]] = np.full(npages, -1, dtype=np.int32)
+            self.page_size[block["id"]] = block["page_size"]
+        #: (first byte, end) of every RAM record carrying a packet, in stream order
+        self.records: list[tuple[int, int]] = []
+
+    def packet(self, payload: memoryview, record: int) -> None:
+        """Note the runs of one packet, the payload of RAM record number ``record``."""
+        if len(payload) < PACKET_HEAD.size:
+            raise TapError("RAM packet shorter than its header")
+        magic, _version, _flags, block_id, page_size, runs, _len, _sum = \
+            PACKET_HEAD.unpack_from(payload)
+        last = self.last.get(block_id)
+        if magic != PACKET_MAGIC or last is None or page_size != self.page_size[block_id]:
+            raise TapError(f"RAM packet of unknown shape (block {block_id})")
+        pos = PACKET_HEAD.size
+        unpack = RUN.unpack_from
+        for _ in range(runs):
+            first, count, kind, _r8, _r16 = unpack(payload, pos)
+            last[first:first + count] = record
+            pos += RUN.size + (count * page_size if kind == RUN_NORMAL else 0)
+
+    def superseded(self) -> list[tuple[int, int]]:
+        """Byte ranges (offset, length) of RAM records whose every page a later record wrote
+        again; adjacent ones are merged."""
+        needed = np.zeros(len(self.records), dtype=bool)
+        for last in self.last.values():
+            needed[last[last >= 0]] = True
+        ranges: list[tuple[int, int]] = []
+        for index in np.flatnonzero(~needed):
+            start, end = self.records[index]
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end - ranges[-1][0])
+            else:
+                ranges.append((start, end - start))
+        return ranges
+
+
+class StreamTap:
+    """Follows the stream written through a channel; see the module docstring.
+
+    ``track_ram``: also follow RAM packets into a :class:`RamTracker` (``ram``).
+    """
+
+    def __init__(self, *, track_ram: bool = False):
+        self.track_ram = track_ram
+        self.ended = False  #: the EOF record has gone out
+        self.stream_bytes = 0  #: the stream's length once ``ended``
+        self.failed: str | None = None  #: why the tap stopped following, if it did
+        self.ram: RamTracker | None = None
+        self.ram_failed: str | None = None  #: why RAM is not tracked (no index then)
+        self._buf = bytearray()
+        self._parser = self._parse()
+        self._want = next(self._parser)
+
+    @property
+    def following(self) -> bool:
+        return self.failed is None and not self.ended
+
+    def feed(self, buffers: Iterable) -> None:
+        """The next bytes of the stream, as written (any buffers)."""
+        if not self.following:
+            if self.ended and any(len(byte_view(b)) for b in buffers):
+                self._stop("bytes after the EOF record")
+            return
+        try:
+            for buf in buffers:
+                self._feed(byte_view(buf))
+                if not self.following:
+                    break
+        except TapError as exc:
+            self._stop(str(exc))
+
+    def _stop(self, reason: str) -> None:
+        self.failed = reason
+        self._parser.close()
+
+    def _feed(self, view: memoryview) -> None:
+        pos, size = 0, len(view)
+        while pos < size:
+            want = self._want
+            if want < 0:  # pass bytes over
+                take = min(-want, size - pos)
+                pos += take
+                if take < -want:
+                    self._want = want + take
+                    return
+                answer = None
+            elif not self._buf and size - pos >= want:
+                answer = view[pos:pos + want]  # whole in this buffer: no copy
+                pos += want
+            else:
+                take = min(want - len(self._buf), size - pos)
+                self._buf += view[pos:pos + take]
+                pos += take
+                if len(self._buf) < want:
+                    return
+                answer = memoryview(bytes(self._buf))
+                self._buf.clear()
+            try:
+                self._want = self._parser.send(answer)
+            except StopIteration:
+                self.ended = True
+                if pos < size:
+                    raise TapError("bytes after the EOF record") from None
+                return
+
+    def _parse(self) -> Generator[int, memoryview | None, None]:
+        from pymig import stream  # here, not at import: pymig.stream imports the transports
+
+        header = yield stream.HEADER_BYTES
+        if bytes(header[:8]) != stream.MAGIC:
+            raise TapError("not a pymig stream")
+        pos = stream.HEADER_BYTES
+        ram_section: int | None = None
+        while True:
+            start = pos
+            rtype, _flags, _reserved, section_id = stream.RECORD_HEAD.unpack((
+                yield stream.RECORD_HEAD.size))
+            pos += stream.RECORD_HEAD.size
+            idstr = None
+            if rtype in (stream.RecordType.START, stream.RecordType.FULL):
+                length = (yield 1)[0]
+                idstr = bytes((yield length)).decode("ascii", "replace") if length else ""
+                yield -stream.SECTION_INFO.size
+                pos += 1 + length + stream.SECTION_INFO.size
+            (payload_len,) = stream.U32.unpack((yield stream.U32.size))
+            pos += stream.U32.size
+            if rtype == stream.RecordType.EOF:
+                yield -stream.FOOTER_BYTES
+                self.stream_bytes = pos + stream.FOOTER_BYTES
+                return
+            if idstr == "ram" and rtype == stream.RecordType.START:
+                ram_section = section_id
+                payload = (yield payload_len) if payload_len else memoryview(b"")
+                self._ram_setup(payload)
+            elif (section_id == ram_section and rtype == stream.RecordType.PART
+                  and self.ram is not None and payload_len):
+                payload = yield payload_len
+                self._ram_packet(payload, start, pos + payload_len + stream.FOOTER_BYTES)
+            elif payload_len:
+                yield -payload_len
+            pos += payload_len
+            yield -stream.FOOTER_BYTES
+            pos += stream.FOOTER_BYTES
+
+    def _ram_setup(self, payload: memoryview) -> None:
+        if not self.track_ram or self.ram_failed:
+            return
+        try:
+            self.ram = RamTracker(json.loads(bytes(payload)))
+        except (ValueError, TypeError, KeyError, ZeroDivisionError) as exc:
+            self.ram_failed = f"RAM block list not understood: {exc}"
+
+    def _ram_packet(self, payload: memoryview, start: int, end: int) -> None:
+        ram = self.ram
+        try:
+            ram.packet(payload, len(ram.records))
+        except (TapError, struct.error, IndexError, ValueError) as exc:
+            self.ram, self.ram_failed = None, f"RAM record at byte {start}: {exc}"
+            return
+        ram.records.append((start, end))

@@ -1,0 +1,139 @@
+"""Helpers for control-socket tests: sessions served in this process, raw and QMP clients, and
+event collection."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import time
+
+from _migration_helpers import guest_config, running_guest, wait_for
+from pymig.control import ControlServer
+from pymig.qmp import QmpClient
+from pymig.session import Session
+
+WAIT_S = 60.0  # generous: the host is shared and noisy
+
+
+class Served:
+    """A :class:`Session` and its control server in this process (unix path, optionally TCP)."""
+
+    def __init__(self, session: Session, path: str, *, tcp: bool = False):
+        self.session = session
+        self.path = path
+        self.server = ControlServer(session, path, ("127.0.0.1", 0) if tcp else None)
+        self._clients: list = []
+
+    def client(self) -> QmpClient:
+        client = QmpClient(self.path, timeout=WAIT_S)
+        self._clients.append(client)
+        return client
+
+    def raw(self) -> "RawClient":
+        client = RawClient(self.path)
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self.server.close()
+        self.session.close()
+
+
+def serve_guest(tmp_path, name: str = "src", kind: str = "simulated", **config) -> Served:
+    """A running self-checking guest behind a control socket at ``tmp_path/name.sock``."""
+    guest = running_guest(guest_config(kind, **config))
+    return Served(Session(guest), str(tmp_path / f"{name}.sock"), tcp=True)
+
+
+def serve_destination(tmp_path, name: str = "dst") -> Served:
+    """A destination started with ``defer``: it waits for migrate-incoming."""
+    return Served(Session(destination=True), str(tmp_path / f"{name}.sock"))
+
+
+class RawClient:
+    """A bare connection for sending any bytes at all; answers are read line by line."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(WAIT_S)
+        self.sock.connect(path)
+        self._file = self.sock.makefile("rb")
+        self.greeting = self.read()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> dict:
+        """The next message (answer or event); raises EOFError when the server closed."""
+        line = self._file.readline()
+        if not line:
+            raise EOFError("the server closed the connection")
+        return json.loads(line)
+
+    def answer(self) -> dict:
+        """The next answer, skipping events."""
+        while True:
+            message = self.read()
+            if "event" not in message:
+                return message
+
+    def execute(self, name: str, **arguments) -> dict:
+        message = {"execute": name}
+        if arguments:
+            message["arguments"] = arguments
+        self.send(json.dumps(message).encode() + b"\n")
+        return self.answer()
+
+    def negotiate(self) -> "RawClient":
+        assert self.execute("qmp_capabilities") == {"return": {}}
+        return self
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+
+def next_event(client: QmpClient, name: str, timeout: float = WAIT_S) -> dict:
+    """The next event called ``name`` (others are dropped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            event = client.events.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except queue.Empty:
+            raise AssertionError(f"no {name} event within {timeout} s") from None
+        if event["event"] == name:
+            return event
+
+
+def statuses_until_end(client: QmpClient, timeout: float = WAIT_S) -> list[str]:
+    """The MIGRATION statuses, in order, up to completed / failed / cancelled."""
+    seen = []
+    while not seen or seen[-1] not in ("completed", "failed", "cancelled"):
+        seen.append(next_event(client, "MIGRATION", timeout)["data"]["status"])
+    return seen
+
+
+def all_events(client: QmpClient) -> list[dict]:
+    """Every event received so far (the queue is emptied)."""
+    out = []
+    while True:
+        try:
+            out.append(client.events.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def wait_status(client: QmpClient, status: str, timeout: float = WAIT_S) -> dict:
+    """Poll query-migrate until ``status``; returns that answer."""
+    answer: dict = {}
+
+    def reached() -> bool:
+        nonlocal answer
+        answer = client.command("query-migrate")
+        return answer.get("status") == status
+
+    wait_for(reached, timeout=timeout, interval=0.02, what=f"migration status {status}")
+    return answer

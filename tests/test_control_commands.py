@@ -1,0 +1,210 @@
+"""Every control-socket command doing its job (sessions served in this process)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from _control_helpers import (WAIT_S, next_event, serve_destination, serve_guest, wait_status)
+from _migration_helpers import wait_for
+from pymig.control import COMMANDS, ControlServer
+from pymig.qmp import QmpClient, control_address
+from pymig.session import Session
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def source(tmp_path):
+    served = serve_guest(tmp_path, working_set=8 * MiB)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A running source and a deferred destination, each behind its control socket."""
+    src = serve_guest(tmp_path, working_set=8 * MiB)
+    dst = serve_destination(tmp_path)
+    yield src, dst
+    dst.close()
+    src.close()
+
+
+def test_greeting_then_negotiation(source):
+    raw = source.raw()
+    qmp = raw.greeting["QMP"]
+    assert qmp["capabilities"] == []
+    assert set(qmp["version"]["pymig"]) == {"major", "minor", "micro"}
+    assert raw.execute("qmp_capabilities", enable=[]) == {"return": {}}
+
+
+def test_query_commands_and_version(source):
+    client = source.client()
+    names = {c["name"] for c in client.command("query-commands")}
+    assert names == set(COMMANDS)
+    assert names >= {"qmp_capabilities", "migrate", "migrate-incoming", "query-migrate",
+                     "migrate_cancel", "migrate-set-parameters", "query-migrate-parameters",
+                     "migrate-set-capabilities", "query-migrate-capabilities", "query-status",
+                     "stop", "cont", "quit"}
+    assert client.command("query-version")["package"] == "pymig"
+
+
+def test_stop_and_cont(source):
+    client = source.client()
+    assert client.command("query-status") == {"running": True, "status": "running"}
+    client.command("stop")
+    next_event(client, "STOP")
+    assert client.command("query-status") == {"running": False, "status": "paused"}
+    written = client.command("query-guest")["progress"]["pages_written"]
+    time.sleep(0.2)
+    assert client.command("query-guest")["progress"]["pages_written"] == written
+    assert client.command("query-guest", verify=True)["selfcheck"]["ok"]
+    client.command("cont")
+    next_event(client, "RESUME")
+    assert client.command("query-status") == {"running": True, "status": "running"}
+    wait_for(lambda: client.command("query-guest")["progress"]["pages_written"] > written,
+             what="the guest to run again")
+
+
+def test_parameters_set_and_query(source):
+    client = source.client()
+    defaults = client.command("query-migrate-parameters")
+    assert defaults["downtime-limit"] == 300 and defaults["max-bandwidth"] == 0
+    assert "vcpu-dirty-limit" not in defaults  # known to the store, applied by nothing
+    client.command("migrate-set-parameters", **{
+        "downtime-limit": 50, "max-bandwidth": 10 * MiB, "cpu-throttle-initial": 30,
+        "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "throttle-mode": "step",
+        "throttle-trigger-threshold": 40, "max-iterations": 7, "max-total-time": 60000,
+        "max-bytes-ratio": 2.5, "limit-action": "cancel"})
+    now = client.command("query-migrate-parameters")
+    assert now == dict(defaults, **{
+        "downtime-limit": 50, "max-bandwidth": 10 * MiB, "cpu-throttle-initial": 30,
+        "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "throttle-mode": "step",
+        "throttle-trigger-threshold": 40, "max-iterations": 7, "max-total-time": 60000,
+        "max-bytes-ratio": 2.5, "limit-action": "cancel"})
+    client.command("migrate-set-parameters")  # nothing to set is fine
+    assert client.command("query-migrate-parameters") == now
+
+
+def test_capabilities_set_and_query(source):
+    client = source.client()
+    caps = client.command("query-migrate-capabilities")
+    assert caps == [{"capability": "auto-converge", "state": False},
+                    {"capability": "pause-before-switchover", "state": False}]
+    client.command("migrate-set-capabilities", capabilities=[
+        {"capability": "auto-converge", "state": True}])
+    assert {c["capability"]: c["state"] for c in client.command(
+        "query-migrate-capabilities")} == {"auto-converge": True,
+                                           "pause-before-switchover": False}
+
+
+def test_migrate_to_a_deferred_destination(pair, tmp_path):
+    src, dst = pair
+    sc, dc = src.client(), dst.client()
+    assert dc.command("query-status") == {"running": False, "status": "inmigrate"}
+    assert dc.command("query-migrate") == {}
+    assert sc.command("query-migrate") == {}
+    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    assert uri == f"unix:{tmp_path}/m.sock"
+    assert dc.command("query-migrate")["status"] == "setup"
+    assert sc.command("migrate", uri=uri, detach=True) == {}
+    final = wait_status(sc, "completed")
+    assert set(final) >= {"status", "total-time", "setup-time", "downtime", "ram",
+                          "cpu-throttle-percentage", "switchover-reason"}
+    assert set(final["ram"]) >= {"transferred", "remaining", "total", "duplicate", "normal",
+                                 "normal-bytes", "dirty-pages-rate", "dirty-sync-count", "mbps",
+                                 "pages-per-second", "page-size"}
+    assert final["ram"]["remaining"] == 0 and final["ram"]["total"] == 64 * MiB
+    assert sc.command("query-status") == {"running": False, "status": "postmigrate"}
+    assert dst.session.guest_ready.wait(WAIT_S)
+    assert dc.command("query-status") == {"running": True, "status": "running"}
+    assert dc.command("query-migrate")["status"] == "completed"
+    first = dc.command("query-guest")["progress"]["passes"]
+    wait_for(lambda: dc.command("query-guest")["progress"]["passes"] > first,
+             what="the guest to carry on at the destination")
+    dc.command("stop")
+    assert dc.command("query-guest", verify=True)["selfcheck"]["ok"]
+
+
+def test_migrate_cancel_keeps_the_guest_running(pair, tmp_path):
+    src, dst = pair
+    sc, dc = src.client(), dst.client()
+    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    sc.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})
+    sc.command("migrate", uri=uri)
+    wait_for(lambda: sc.command("query-migrate")["ram"]["transferred"] > 0,
+             what="RAM on the wire")
+    sc.command("migrate_cancel")
+    assert wait_status(sc, "cancelled")["status"] == "cancelled"
+    assert sc.command("query-status")["status"] == "running"
+    before = sc.command("query-guest")["progress"]["passes"]
+    wait_for(lambda: sc.command("query-guest")["progress"]["passes"] > before,
+             what="the source guest to carry on")
+    assert dst.session.quit_requested.wait(WAIT_S)  # a destination whose migration failed ends
+    assert dst.session.machine is None
+    sc.command("migrate_cancel")  # nothing to cancel any more: fine, as QEMU
+
+
+def test_pause_before_switchover_waits_for_migrate_continue(pair, tmp_path):
+    src, dst = pair
+    sc, dc = src.client(), dst.client()
+    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    sc.command("migrate-set-capabilities", capabilities=[
+        {"capability": "pause-before-switchover", "state": True}])
+    sc.command("migrate", uri=uri)
+    wait_for(lambda: "switchover-reason" in sc.command("query-migrate"),
+             what="the policy to decide to switch over")
+    time.sleep(0.3)
+    assert sc.command("query-migrate")["status"] == "active"  # held before stopping the guest
+    assert sc.command("query-status")["status"] == "running"
+    sc.command("migrate-continue", state="pre-switchover")
+    assert wait_status(sc, "completed")["status"] == "completed"
+
+
+def test_x_migrate_switchover_forces_a_manual_switchover(pair, tmp_path):
+    src, dst = pair
+    sc, dc = src.client(), dst.client()
+    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    # a guest dirtying 400 MB/s over 32 MiB/s with a 1 ms limit never converges by itself
+    sc.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB})
+    sc.command("migrate", uri=uri)
+    next_event(sc, "MIGRATION_PASS")
+    next_event(sc, "MIGRATION_PASS")
+    sc.command("x-migrate-switchover")
+    final = wait_status(sc, "completed")
+    assert final["switchover-reason"] == "manual"
+
+
+def test_file_snapshot_keeps_the_guest_running_unless_resume_is_false(source, tmp_path):
+    client = source.client()
+    client.command("migrate", uri=f"file:{tmp_path}/live.pymig")
+    assert wait_status(client, "completed")["status"] == "completed"
+    assert client.command("query-status") == {"running": True, "status": "running"}
+    assert (tmp_path / "live.pymig").stat().st_size > 0
+    client.command("migrate", uri=f"file:{tmp_path}/stopped.pymig", resume=False)
+    wait_status(client, "completed")
+    assert client.command("query-status") == {"running": False, "status": "paused"}
+    client.command("cont")  # a snapshot is a copy: the guest may carry on here
+    assert client.command("query-status")["status"] == "running"
+
+
+def test_quit_answers_then_ends_the_session(source):
+    raw = source.raw().negotiate()
+    assert raw.execute("quit") == {"return": {}}
+    with pytest.raises(EOFError):
+        raw.read()
+    assert source.session.quit_requested.is_set()
+
+
+def test_loopback_tcp_serves_the_same_commands(source):
+    host, port = source.server.tcp_address
+    assert host == "127.0.0.1" and port > 0
+    with QmpClient(control_address(f"tcp:127.0.0.1:{port}")) as client:
+        assert client.command("query-status")["status"] == "running"
+
+
+def test_tcp_is_loopback_only(tmp_path):
+    with pytest.raises(ValueError, match="loopback only"):
+        ControlServer(Session(), tcp=("0.0.0.0", 0))
