@@ -13,13 +13,19 @@ arguments to build the guest it is about to receive.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
+import threading
+
 from pymig import stream
 from pymig.errors import StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import GuestState, StateSpec
 from pymig.ram import RAM_IDSTR, RAM_VERSION, RamLoader, RamSaver
 from pymig.savevm import SaveStateEntry, SaveStateRegistry
+
+log = logging.getLogger(__name__)
 
 CONFIG_IDSTR = "pymig.config"
 CONFIG_VERSION = 1
@@ -178,6 +184,38 @@ class Machine:
 
     def close(self) -> None:
         self.guest.close()
+
+
+# Modules a destination imports to build and load either kind of guest.
+_GUEST_MODULES = ("pymig.guest.kvm_guest", "pymig.kvm.statedesc", "pymig.guest.simulated")
+
+
+def warm_up_incoming() -> None:
+    """Pay ahead of any stream what building the first destination guest of a process costs
+    once: importing the guest modules and probing the host's KVM (the scratch-vCPU MSR and TSC
+    probes, tens of ms, cached per process).
+
+    A destination waits for its stream with nothing else to do, while the source waits for
+    READY, which comes only once the guest is built; so this runs while listening
+    (:meth:`pymig.incoming.Incoming.listen`) and :meth:`Machine.incoming` then costs only
+    the VM itself.  Failures are left for the real build to report.
+    """
+    try:
+        for name in _GUEST_MODULES:
+            importlib.import_module(name)
+        from pymig.kvm.system import Kvm
+
+        with Kvm() as kvm:
+            kvm.migratable_msrs(kvm.check("KVM_CAP_IRQCHIP") > 0)
+    except Exception as exc:  # noqa: BLE001 - e.g. no /dev/kvm: a simulated guest needs none
+        log.debug("incoming warm-up stopped early: %s", exc)
+
+
+def start_warm_up() -> threading.Thread:
+    """:func:`warm_up_incoming` in a daemon thread; join it before building the guest."""
+    thread = threading.Thread(target=warm_up_incoming, name="pymig-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def load_config(reader: "stream.StreamReader") -> GuestConfig:
