@@ -69,6 +69,22 @@ def test_computation_started_on_source_finishes_on_destination(kind, tmp_path):
             done.destination.close()
 
 
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_random_content_arrives_page_for_page(kind, tmp_path):
+    source = running_guest(guest_config(kind, "idle", memory=32 << 20, fill_bytes=12 << 20))
+    done = None
+    try:
+        done = migrate_locally(source, f"unix:{tmp_path}/m.sock")
+        assert done.error is None, done.error
+        assert block_digests(source.ram_blocks) == done.digests_at_load
+        stats = done.migration.query()
+        assert stats["ram"]["normal"] >= (12 << 20) // 4096
+    finally:
+        source.close()
+        if done is not None and done.destination is not None:
+            done.destination.close()
+
+
 def test_cancel_mid_migration_keeps_source_running_and_destination_stopped(tmp_path):
     source = running_guest(guest_config("simulated", memory=128 << 20, working_set=64 << 20))
 

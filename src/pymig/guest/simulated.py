@@ -47,7 +47,8 @@ from pymig.guest.base import (
     allocate_ram,
     write_phys,
 )
-from pymig.guest.workloads import Workload, pack_params, progress_from_mailbox, resolve
+from pymig.guest.workloads import (Workload, pack_params, progress_from_mailbox, resolve,
+                                   write_fill)
 from pymig.memory import Backing, RamBlock
 from pymig.vmstate import Field, VMStateDescription
 
@@ -111,10 +112,10 @@ class SimulatedGuest:
                hugepages: bool = True) -> "SimulatedGuest":
         """A new, stopped guest with fresh RAM.
 
-        A source (``incoming=False``) gets its parameter block written and its writers set at the
-        workload's start.  A destination (``incoming=True``) gets nothing written at all, not
-        even the parameter block or the mailbox: the migration brings the memory, then
-        :meth:`load_state` the writers' state.
+        A source (``incoming=False``) gets its parameter block (and an idle guest's random fill)
+        written and its writers set at the workload's start.  A destination
+        (``incoming=True``) gets nothing written at all, not even the parameter block or the
+        mailbox: the migration brings the memory, then :meth:`load_state` the writers' state.
         """
         if config.kind != "simulated":
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
@@ -130,6 +131,7 @@ class SimulatedGuest:
         guest = cls(config, workload, blocks, writers, incoming)
         if not incoming:
             write_phys(blocks, PARAMS_GPA, params)
+            write_fill(blocks, workload)
         return guest
 
     # --- lifecycle ---------------------------------------------------------------------------
