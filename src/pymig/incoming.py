@@ -22,7 +22,7 @@ from typing import Callable
 from pymig import stream, transport
 from pymig.errors import MigrationError, PymigError, StreamError
 from pymig.guest import GuestConfig
-from pymig.machine import Machine, load_config, start_warm_up
+from pymig.machine import Machine, WarmUp, load_config
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Incoming:
     def listen(self) -> str:
         """Start listening; returns the address actually bound (e.g. the port for tcp:...:0)."""
         self._listener = transport.listen(self.uri)
-        self._warm_up = start_warm_up()  # while no stream is coming, not once it is
+        self._warm_up = WarmUp()  # while no stream is coming, not once it is
         self._set_status("setup")
         return str(self._listener.uri)
 
@@ -99,7 +99,7 @@ class Incoming:
             if self.check_config is not None:
                 self.check_config(config)
             if self._warm_up is not None:
-                self._warm_up.join()
+                self._warm_up.finish()
             self.machine = Machine.incoming(config, **self.guest_options)
             if rp is not None:
                 rp.ready()  # the guest exists: the source may stop its copy when it likes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import queue
 import threading
 
 from pymig import stream
@@ -136,39 +137,40 @@ class Machine:
         versions: dict[int, int] = {}
         state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
         loaded: set[int] = set()
-        while True:
-            record = reader.next_record()
-            if record.type == stream.RecordType.EOF:
-                break
-            if record.type in (stream.RecordType.START, stream.RecordType.FULL):
-                entry = self.registry.find(record.idstr, record.instance_id)
-                if entry is None:
-                    raise StreamError(record.offset, f"unknown section {record.idstr!r} "
-                                                     f"instance {record.instance_id}")
-                entry.check_load_version(record.version_id)
-                if record.type == stream.RecordType.START and not entry.is_live:
-                    raise StreamError(record.offset, f"{entry.name} is not a live entry")
-                by_stream_id[record.section_id] = entry
-                version = record.version_id
-                versions[record.section_id] = version
-            else:
-                entry = by_stream_id.get(record.section_id)
-                if entry is None:
-                    raise StreamError(record.offset, f"section id {record.section_id} was "
-                                                     f"never started")
-                version = versions[record.section_id]
-            payload = reader.read_payload()
-            if entry.is_live:
-                entry.handlers.load(self, payload, version, record.type)
-            else:
-                spec = self.specs[entry.section_id]
-                entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
-                entry.load_state(payload, version)
-                spec.put(state, entry.opaque)
-                entry.opaque = None
-            loaded.add(entry.section_id)
+        with ReadAhead(reader) as records:
+            for record, payload in records:
+                self._load_record(record, payload, by_stream_id, versions, state, loaded)
         self._check_complete(state, loaded)
         self.guest.load_state(state)
+
+    def _load_record(self, record, payload, by_stream_id: dict[int, SaveStateEntry],
+                     versions: dict[int, int], state: GuestState, loaded: set[int]) -> None:
+        if record.type in (stream.RecordType.START, stream.RecordType.FULL):
+            entry = self.registry.find(record.idstr, record.instance_id)
+            if entry is None:
+                raise StreamError(record.offset, f"unknown section {record.idstr!r} "
+                                                 f"instance {record.instance_id}")
+            entry.check_load_version(record.version_id)
+            if record.type == stream.RecordType.START and not entry.is_live:
+                raise StreamError(record.offset, f"{entry.name} is not a live entry")
+            by_stream_id[record.section_id] = entry
+            version = record.version_id
+            versions[record.section_id] = version
+        else:
+            entry = by_stream_id.get(record.section_id)
+            if entry is None:
+                raise StreamError(record.offset, f"section id {record.section_id} was "
+                                                 f"never started")
+            version = versions[record.section_id]
+        if entry.is_live:
+            entry.handlers.load(self, payload, version, record.type)
+        else:
+            spec = self.specs[entry.section_id]
+            entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
+            entry.load_state(payload, version)
+            spec.put(state, entry.opaque)
+            entry.opaque = None
+        loaded.add(entry.section_id)
 
     def _check_complete(self, state: GuestState, loaded: set[int]) -> None:
         missing = [e.name for e in self.registry.entries() if e.section_id not in loaded]
@@ -211,11 +213,99 @@ def warm_up_incoming() -> None:
         log.debug("incoming warm-up stopped early: %s", exc)
 
 
-def start_warm_up() -> threading.Thread:
-    """:func:`warm_up_incoming` in a daemon thread; join it before building the guest."""
-    thread = threading.Thread(target=warm_up_incoming, name="pymig-warm-up", daemon=True)
-    thread.start()
-    return thread
+WARM_UP_DELAY_S = 0.2
+
+
+class WarmUp:
+    """:func:`warm_up_incoming` in a daemon thread, :data:`WARM_UP_DELAY_S` after it is
+    created (the process that just started listening has its own start-up to finish first,
+    such as its control socket) or at once when :meth:`finish` is called, which then waits
+    for it: call it before building the guest."""
+
+    def __init__(self, delay_s: float = WARM_UP_DELAY_S):
+        self._go = threading.Event()
+        self._delay_s = delay_s
+        self._thread = threading.Thread(target=self._run, name="pymig-warm-up", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._go.wait(self._delay_s)
+        warm_up_incoming()
+
+    def finish(self) -> None:
+        self._go.set()
+        self._thread.join()
+
+
+READ_AHEAD_BUFFERS = 3  # one being decoded, one being received, one between them
+READ_AHEAD_BUFFER_BYTES = (1 << 20) + 4096  # a RAM packet of ram.PACKET_BYTES fits
+
+
+class ReadAhead:
+    """The stream's records, received by a thread of its own one or two records ahead of the
+    loader, so that receiving (recv_into, without the GIL) overlaps decoding (the compiled
+    core, without the GIL).
+
+    Iterating gives ``(record header, payload view)`` up to, not including, EOF; a payload
+    view is valid until the next item is taken.  The thread reads nothing after the EOF
+    record (what follows on the channel, COMMIT, is the incoming side's to read), and a
+    stream error is raised by the iteration at the record where it happened.  Leaving the
+    ``with`` block early stops the thread after its current read.
+    """
+
+    def __init__(self, reader: "stream.StreamReader", nbuffers: int = READ_AHEAD_BUFFERS,
+                 buffer_bytes: int = READ_AHEAD_BUFFER_BYTES):
+        self.reader = reader
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(nbuffers):
+            self._free.put(bytearray(buffer_bytes))
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="pymig-read-ahead",
+                                        daemon=True)
+
+    def __enter__(self) -> "ReadAhead":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = True
+        self._free.put(None)  # wakes a reader waiting for a buffer
+        if exc[0] is None:
+            self._thread.join()  # it stopped at EOF
+
+    def __iter__(self):
+        while True:
+            item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            record, payload, buf = item
+            if record.type == stream.RecordType.EOF:
+                return
+            yield record, payload
+            if buf is not None:
+                self._free.put(buf)
+
+    def _loop(self) -> None:
+        reader = self.reader
+        try:
+            while True:
+                buf = self._free.get()
+                if self._stop or buf is None:
+                    return
+                record = reader.next_record()
+                size = record.payload_len
+                if size > len(buf):  # rare (large state sections): a buffer of its own
+                    self._free.put(buf)
+                    buf = None
+                    payload = reader.read_payload(bytearray(size))
+                else:
+                    payload = reader.read_payload(buf)
+                self._ready.put((record, payload, buf))
+                if record.type == stream.RecordType.EOF:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - raised in the loader's thread
+            self._ready.put(exc)
 
 
 def load_config(reader: "stream.StreamReader") -> GuestConfig:
