@@ -1,30 +1,30 @@
-"""The RAM saver's sender thread and the destination's read-ahead thread: order, completeness,
-errors raised where the caller can see them, and no byte read or written out of turn."""
+"""The packet workers: the RAM saver's sender thread and the destination's decoder thread.
+Order, completeness, errors raised where the caller sees them, no byte read or written out
+of turn."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 
 from pymig import stream
-from pymig.errors import StreamError, TransportError
+from pymig.errors import PymigError, StreamError, TransportError
 from pymig.guest import GuestConfig, create
-from pymig.machine import ReadAhead
-from pymig.ram import PacketSender, RamSaver
-from pymig.transport import BytesChannel, SocketChannel
+from pymig.machine import Machine, SectionOut, load_config
+from pymig.ram import PacketWorker, RamSaver, block_digests
+from pymig.transport import BytesChannel
 
 MiB = 1 << 20
 
 
-def test_sender_runs_jobs_in_order_and_flush_waits_for_all():
-    sender = PacketSender(nbuffers=2, packet_bytes=16)
+def test_worker_runs_jobs_in_order_and_drain_waits_for_all():
+    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16)
     done: list[int] = []
     gate = threading.Event()
     try:
         for i in range(6):
-            buf = sender.buffer()
+            buf = worker.buffer()
             buf[0] = i
 
             def job(i=i, buf=buf) -> None:
@@ -33,37 +33,54 @@ def test_sender_runs_jobs_in_order_and_flush_waits_for_all():
                 assert buf[0] == i  # nobody reused the buffer while it was in flight
                 done.append(i)
 
-            sender.send(buf, job)
+            worker.submit(buf, job)
             if i == 0:
                 gate.set()
-        sender.flush()
+        worker.drain()
         assert done == list(range(6))
     finally:
-        sender.close()
+        worker.close()
 
 
-def test_sender_failure_is_raised_and_later_packets_dropped():
-    sender = PacketSender(nbuffers=2, packet_bytes=16)
+def test_worker_failure_is_raised_and_later_jobs_dropped():
+    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16)
     ran: list[int] = []
 
     def fail() -> None:
         raise TransportError("peer gone")
 
     try:
-        sender.send(sender.buffer(), fail)
-        sender.send(sender.buffer(), lambda: ran.append(1))
+        worker.submit(worker.buffer(), fail)
+        worker.submit(worker.buffer(), lambda: ran.append(1))
         with pytest.raises(TransportError, match="peer gone"):
-            sender.flush()
+            worker.drain()
         with pytest.raises(TransportError, match="peer gone"):
-            sender.buffer()
+            worker.buffer()
         assert ran == []
     finally:
-        sender.close()
+        worker.close()
     # closed, it starts afresh
-    sender.send(sender.buffer(), lambda: ran.append(2))
-    sender.flush()
-    sender.close()
+    worker.submit(worker.buffer(), lambda: ran.append(2))
+    worker.drain()
+    worker.close()
     assert ran == [2]
+
+
+def test_a_lone_job_runs_in_the_callers_thread():
+    worker = PacketWorker("test-worker", nbuffers=3, buffer_bytes=16)
+    threads: list[str] = []
+    try:
+        worker.submit(worker.buffer(), lambda: threads.append(threading.current_thread().name))
+        worker.drain()
+        assert threads == [threading.current_thread().name]
+        assert worker._thread is None  # no wake-up for a single packet
+        for _ in range(3):
+            worker.submit(worker.buffer(),
+                      lambda: threads.append(threading.current_thread().name))
+        worker.drain()
+        assert threads[1:] == ["test-worker"] * 3  # in flight together: all by the thread
+    finally:
+        worker.close()
 
 
 class _FailingOut:
@@ -105,66 +122,74 @@ def test_iterate_raises_a_send_failure_and_leaves_the_stream_alone():
         guest.close()
 
 
-def _sample_stream(extra_after_eof: bytes = b"") -> bytes:
+def _migration_stream(tmp_extra: bytes = b"") -> tuple[bytes, list[str]]:
+    """A whole migration stream of an idle simulated guest holding 6 MiB of random content
+    (six RAM packets), as a one-way channel carries it, and the source's RAM digests."""
+    config = GuestConfig("simulated", 16 * MiB, workload="idle",
+                         params={"fill_bytes": 6 * MiB})
+    guest = create(config)
+    machine = Machine.source(guest)
     channel = BytesChannel()
     writer = stream.StreamWriter(channel)
-    writer.write_header()
-    writer.start(1, "ram", 0, 1, b"start")
-    for i in range(7):
-        writer.part(1, bytes([i]) * (1000 + i))
-    writer.part(1, b"big" * 10_000)  # larger than the read-ahead buffers below
-    writer.end(1, b"")
-    writer.full(2, "cpu", 0, 1, b"state")
-    writer.eof()
-    return channel.getvalue() + extra_after_eof
+    try:
+        writer.write_header()
+        machine.save_config(writer)
+        (entry,) = machine.registry.live_entries()
+        out = SectionOut(writer, entry)
+        machine.ram_saver.setup(out)
+        machine.ram_saver.sync()
+        machine.ram_saver.iterate(out)
+        machine.ram_saver.complete(out)
+        machine.save_device_state(writer)
+        writer.eof()
+        return channel.getvalue() + tmp_extra, block_digests(guest.ram_blocks)
+    finally:
+        machine.ram_saver.cleanup()
+        guest.close()
 
 
-def test_read_ahead_gives_every_record_in_order_and_stops_at_eof():
-    data = _sample_stream(extra_after_eof=b"COMMIT")
+def _load(data: bytes):
     channel = BytesChannel(data)
     reader = stream.StreamReader(channel)
     reader.read_header()
-    seen = []
-    with ReadAhead(reader, nbuffers=2, buffer_bytes=4096) as records:
-        for record, payload in records:
-            seen.append((record.type, bytes(payload)))
-    assert [t for t, _ in seen] == ([stream.RecordType.START] + [stream.RecordType.PART] * 8
-                                    + [stream.RecordType.END, stream.RecordType.FULL])
-    assert seen[1][1] == bytes([0]) * 1000 and seen[8][1] == b"big" * 10_000
-    # what follows EOF (COMMIT on a real channel) is still there for the incoming side
-    assert channel.recv_exact(6) == b"COMMIT"
+    machine = Machine.incoming(load_config(reader))
+    return channel, reader, machine
 
 
-def test_read_ahead_raises_a_damaged_record_in_the_loader():
-    data = bytearray(_sample_stream())
-    data[200] ^= 0x40  # inside the first PART records: a checksum fails
-    reader = stream.StreamReader(BytesChannel(bytes(data)))
-    reader.read_header()
-    got = 0
-    with pytest.raises(StreamError):
-        with ReadAhead(reader, nbuffers=2, buffer_bytes=4096) as records:
-            for _record, _payload in records:
-                got += 1
-    assert got >= 1
-
-
-def test_leaving_read_ahead_early_stops_its_thread():
-    a, b = socket.socketpair()
-    src, dst = SocketChannel(a, "a"), SocketChannel(b, "b")
+def test_loading_decodes_every_packet_and_reads_nothing_after_eof():
+    data, digests = _migration_stream(b"COMMIT")
+    channel, reader, machine = _load(data)
     try:
-        writer = stream.StreamWriter(src)
-        writer.write_header()
-        writer.start(1, "ram", 0, 1, b"start")
-        reader = stream.StreamReader(dst)
-        reader.read_header()
-        ahead = ReadAhead(reader, nbuffers=2, buffer_bytes=4096)
-        with pytest.raises(RuntimeError, match="loader failed"):
-            with ahead as records:
-                for _record, _payload in records:
-                    raise RuntimeError("loader failed")
-        dst.close()  # as the incoming side does on failure: wakes the thread in recv
-        ahead._thread.join(5)
-        assert not ahead._thread.is_alive()
+        machine.load_stream(reader)
+        assert block_digests(machine.guest.ram_blocks) == digests
+        assert machine.load_counters()["packets"] >= 6
+        # what follows EOF (COMMIT on a real channel) is still there for the incoming side
+        assert channel.recv_exact(6) == b"COMMIT"
+        assert not any(t.name == "pymig-ram-decoder" for t in threading.enumerate())
     finally:
-        src.close()
-        dst.close()
+        machine.close()
+
+
+def test_a_damaged_packet_fails_the_load_and_stops_the_decoder():
+    data, _ = _migration_stream()
+    damaged = bytearray(data)
+    at = damaged.index(b"PMGP", len(damaged) // 3)  # a packet in the middle of the RAM
+    damaged[at + 4096] ^= 0x40  # page data: only the packet checksum can tell
+    channel, reader, machine = _load(bytes(damaged))
+    try:
+        with pytest.raises(PymigError, match="checksum"):
+            machine.load_stream(reader)
+        assert not any(t.name == "pymig-ram-decoder" for t in threading.enumerate())
+    finally:
+        machine.close()
+
+
+def test_a_stream_cut_in_a_packet_fails_the_load():
+    data, _ = _migration_stream()
+    at = data.index(b"PMGP", len(data) // 2)
+    channel, reader, machine = _load(data[:at + 100_000])
+    try:
+        with pytest.raises(StreamError, match="truncated"):
+            machine.load_stream(reader)
+    finally:
+        machine.close()

@@ -16,19 +16,20 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import queue
 import threading
 
 from pymig import stream
 from pymig.errors import StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import GuestState, StateSpec
-from pymig.ram import RAM_IDSTR, RAM_VERSION, RamLoader, RamSaver
+from pymig.ram import (PACKET_BYTES, RAM_IDSTR, RAM_VERSION, PacketWorker, RamLoader,
+                       RamSaver)
 from pymig.savevm import SaveStateEntry, SaveStateRegistry
 
 log = logging.getLogger(__name__)
 
 CONFIG_IDSTR = "pymig.config"
+LOAD_BUFFER_BYTES = PACKET_BYTES + 4096  # a RAM packet of the source's size fits
 CONFIG_VERSION = 1
 CONFIG_SECTION_ID = 0xFFFF_FFFF  # outside the registry's ids: it is read before one exists
 MAX_CONFIG_BYTES = 1 << 20
@@ -131,20 +132,62 @@ class Machine:
         """Load sections until EOF, then hand the vCPU and device state to the guest.
 
         Each section is matched to an entry by (idstr, instance) on START/FULL and by section id
-        after that; the source's section ids need not equal ours.
+        after that; the source's section ids need not equal ours.  RAM packets (PART records)
+        are decoded by a worker thread while this one receives the next
+        (:class:`pymig.ram.PacketWorker`); every other record is loaded in stream order once
+        the packets before it are.
         """
         by_stream_id: dict[int, SaveStateEntry] = {}
         versions: dict[int, int] = {}
         state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
         loaded: set[int] = set()
-        with ReadAhead(reader) as records:
-            for record, payload in records:
-                self._load_record(record, payload, by_stream_id, versions, state, loaded)
+        decoder = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        try:
+            while True:
+                try:
+                    record = reader.next_record()
+                except BaseException:
+                    decoder.drain()  # a bad packet before a bad record is the first error
+                    raise
+                if record.type == stream.RecordType.EOF:
+                    break
+                entry, version = self._entry_for(record, by_stream_id, versions)
+                loaded.add(entry.section_id)
+                if record.type == stream.RecordType.PART and entry.is_live:
+                    self._load_part_behind(decoder, reader, record, entry, version)
+                    continue
+                decoder.drain()
+                self._load_record(entry, record, reader.read_payload(), version, state)
+            decoder.drain()
+        finally:
+            decoder.close()
         self._check_complete(state, loaded)
         self.guest.load_state(state)
 
-    def _load_record(self, record, payload, by_stream_id: dict[int, SaveStateEntry],
-                     versions: dict[int, int], state: GuestState, loaded: set[int]) -> None:
+    def _load_part_behind(self, decoder: "PacketWorker", reader: "stream.StreamReader",
+                          record, entry: SaveStateEntry, version: int) -> None:
+        """Receive a PART record's payload and have the decoder load it."""
+        if record.payload_len <= decoder.buffer_bytes:
+            buf = decoder.buffer()
+        else:  # larger than a RAM packet: a buffer of its own
+            buf = None
+        try:
+            payload = reader.read_payload(buf if buf is not None
+                                          else bytearray(record.payload_len))
+        except BaseException:
+            if buf is not None:
+                decoder.give_back(buf)
+            decoder.drain()
+            raise
+
+        def job() -> None:
+            entry.handlers.load(self, payload, version, record.type)
+
+        decoder.submit(buf, job)
+
+    def _entry_for(self, record, by_stream_id: dict[int, SaveStateEntry],
+                   versions: dict[int, int]) -> tuple[SaveStateEntry, int]:
+        """The state entry a record belongs to, and the version its section is loaded at."""
         if record.type in (stream.RecordType.START, stream.RecordType.FULL):
             entry = self.registry.find(record.idstr, record.instance_id)
             if entry is None:
@@ -154,14 +197,16 @@ class Machine:
             if record.type == stream.RecordType.START and not entry.is_live:
                 raise StreamError(record.offset, f"{entry.name} is not a live entry")
             by_stream_id[record.section_id] = entry
-            version = record.version_id
-            versions[record.section_id] = version
-        else:
-            entry = by_stream_id.get(record.section_id)
-            if entry is None:
-                raise StreamError(record.offset, f"section id {record.section_id} was "
-                                                 f"never started")
-            version = versions[record.section_id]
+            versions[record.section_id] = record.version_id
+            return entry, record.version_id
+        entry = by_stream_id.get(record.section_id)
+        if entry is None:
+            raise StreamError(record.offset, f"section id {record.section_id} was never "
+                                             f"started")
+        return entry, versions[record.section_id]
+
+    def _load_record(self, entry: SaveStateEntry, record, payload, version: int,
+                     state: GuestState) -> None:
         if entry.is_live:
             entry.handlers.load(self, payload, version, record.type)
         else:
@@ -170,7 +215,6 @@ class Machine:
             entry.load_state(payload, version)
             spec.put(state, entry.opaque)
             entry.opaque = None
-        loaded.add(entry.section_id)
 
     def _check_complete(self, state: GuestState, loaded: set[int]) -> None:
         missing = [e.name for e in self.registry.entries() if e.section_id not in loaded]
@@ -235,77 +279,6 @@ class WarmUp:
     def finish(self) -> None:
         self._go.set()
         self._thread.join()
-
-
-READ_AHEAD_BUFFERS = 3  # one being decoded, one being received, one between them
-READ_AHEAD_BUFFER_BYTES = (1 << 20) + 4096  # a RAM packet of ram.PACKET_BYTES fits
-
-
-class ReadAhead:
-    """The stream's records, received by a thread of its own one or two records ahead of the
-    loader, so that receiving (recv_into, without the GIL) overlaps decoding (the compiled
-    core, without the GIL).
-
-    Iterating gives ``(record header, payload view)`` up to, not including, EOF; a payload
-    view is valid until the next item is taken.  The thread reads nothing after the EOF
-    record (what follows on the channel, COMMIT, is the incoming side's to read), and a
-    stream error is raised by the iteration at the record where it happened.  Leaving the
-    ``with`` block early stops the thread after its current read.
-    """
-
-    def __init__(self, reader: "stream.StreamReader", nbuffers: int = READ_AHEAD_BUFFERS,
-                 buffer_bytes: int = READ_AHEAD_BUFFER_BYTES):
-        self.reader = reader
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(nbuffers):
-            self._free.put(bytearray(buffer_bytes))
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="pymig-read-ahead",
-                                        daemon=True)
-
-    def __enter__(self) -> "ReadAhead":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._free.put(None)  # wakes a reader waiting for a buffer
-        if exc[0] is None:
-            self._thread.join()  # it stopped at EOF
-
-    def __iter__(self):
-        while True:
-            item = self._ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            record, payload, buf = item
-            if record.type == stream.RecordType.EOF:
-                return
-            yield record, payload
-            if buf is not None:
-                self._free.put(buf)
-
-    def _loop(self) -> None:
-        reader = self.reader
-        try:
-            while True:
-                buf = self._free.get()
-                if self._stop or buf is None:
-                    return
-                record = reader.next_record()
-                size = record.payload_len
-                if size > len(buf):  # rare (large state sections): a buffer of its own
-                    self._free.put(buf)
-                    buf = None
-                    payload = reader.read_payload(bytearray(size))
-                else:
-                    payload = reader.read_payload(buf)
-                self._ready.put((record, payload, buf))
-                if record.type == stream.RecordType.EOF:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - raised in the loader's thread
-            self._ready.put(exc)
 
 
 def load_config(reader: "stream.StreamReader") -> GuestConfig:

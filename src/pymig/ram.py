@@ -13,7 +13,7 @@ Source (:class:`RamSaver`)::
               reading it, so a write after the clear is logged again and a write before it is
               in the copy.
               A sender thread puts each packet on the wire while the next one is encoded
-              (:class:`PacketSender`; both steps run without the GIL)
+              (:class:`PacketWorker`; both steps run without the GIL)
     complete  vCPUs are stopped: a last sync and everything still dirty, then END
 
 Destination (:class:`RamLoader`): checks the block list against its own guest, then decodes
@@ -38,7 +38,7 @@ from pymig.memory import RamBlock
 RAM_IDSTR = "ram"
 RAM_VERSION = 1
 PACKET_BYTES = 1 << 20  # 256 pages of 4 KiB: ~1k Python calls per GiB, each GIL-free inside
-PACKET_BUFFERS = 3  # one being encoded, one being sent, one queued between them
+PACKET_BUFFERS = 4  # one being encoded, one held back, one queued, one being sent
 # Re-protect 4 MiB (four packets) at a time, just ahead of the sender: a page the guest writes
 # again after its clear is sent again next iteration, so the shorter the time from a page's
 # clear to the end of the pass, the less there is to resend; each clear costs one ioctl
@@ -64,28 +64,42 @@ def describe_blocks(blocks: list[RamBlock]) -> bytes:
     ]).encode()
 
 
-class PacketSender:
-    """Sends packets from a thread of its own, so that the RAM saver encodes packet n+1 (guest
-    memory into a packet buffer, in C without the GIL) while packet n goes out (sendmsg,
-    without the GIL).  Packets go out in the order they were handed over.
+class PacketWorker:
+    """Runs packet jobs in a second thread, one packet behind the caller, so that the two
+    halves of moving a packet overlap: on the source the RAM saver encodes packet n+1 (guest
+    memory into a buffer, in C without the GIL) while the worker sends packet n (sendmsg,
+    without the GIL); on the destination the loader receives packet n+1 (recv_into, without
+    the GIL) while the worker decodes packet n into guest memory (in C, without the GIL).
+    Jobs run in the order they were submitted.
 
-    The saver takes a free buffer (:meth:`buffer`), encodes into it and hands it over with the
-    function that sends it (:meth:`send`); :meth:`flush` waits until everything handed over
-    is on the wire.  A send that fails is raised by the next :meth:`buffer` or :meth:`flush`;
-    the packets handed over after it are dropped (the migration fails anyway).
+    The caller takes a free buffer (:meth:`buffer`), fills it and submits it with the job that
+    consumes it (:meth:`submit`); the buffer is free again once the job ran.  :meth:`drain`
+    waits until every submitted job ran.  A job that fails is raised by the next
+    :meth:`buffer` or :meth:`drain` (the jobs submitted after it are dropped: the migration
+    fails anyway).
+
+    Handing a job over wakes the thread; for a lone packet that wake-up is only delay (inside
+    the downtime, the last pass of an idle guest is one small packet or none).  So
+    :meth:`submit` keeps the latest job back until the next one comes, and :meth:`drain` runs
+    a job that never got company in the caller's thread: the worker starts only when there
+    are two packets to overlap.
     """
 
-    def __init__(self, nbuffers: int = PACKET_BUFFERS, packet_bytes: int = PACKET_BYTES):
-        self.packet_bytes = packet_bytes
+    def __init__(self, name: str, nbuffers: int = PACKET_BUFFERS,
+                 buffer_bytes: int = PACKET_BYTES):
+        self.name = name
+        self.buffer_bytes = buffer_bytes
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(nbuffers):
-            self._free.put(bytearray(packet_bytes))
+            self._free.put(bytearray(buffer_bytes))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._held: tuple[bytearray | None, Callable[[], None]] | None = None
+        self._handed = 0  # jobs handed to the thread since the last drain
         self.error: BaseException | None = None
 
     def buffer(self) -> bytearray:
-        """A buffer no packet in flight uses (waits for one)."""
+        """A free buffer (waits for one)."""
         buf = self._free.get()
         if self.error is not None:
             self._free.put(buf)
@@ -93,33 +107,63 @@ class PacketSender:
         return buf
 
     def give_back(self, buf: bytearray) -> None:
-        """Return a buffer taken with :meth:`buffer` and not sent."""
+        """Return a buffer taken with :meth:`buffer` and not submitted."""
         self._free.put(buf)
 
-    def send(self, buf: bytearray, job: Callable[[], None]) -> None:
-        """Run ``job`` (which sends ``buf``) in the sender thread; ``buf`` is free after it."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="pymig-ram-sender",
-                                            daemon=True)
-            self._thread.start()
-        self._jobs.put((buf, job))
+    def submit(self, buf: bytearray | None, job: Callable[[], None]) -> None:
+        """Run ``job``, which consumes ``buf`` (one of ours, or None for a buffer of the
+        caller's own), after every job submitted before it."""
+        held, self._held = self._held, (buf, job)
+        if held is not None:
+            self._hand_over(*held)
 
-    def flush(self, *, raise_error: bool = True) -> None:
-        """Wait until every packet handed over is sent (or dropped after a failure)."""
-        if self._thread is not None:
-            done = threading.Event()
-            self._jobs.put((None, done.set))
-            done.wait()
-        if raise_error and self.error is not None:
+    def drain(self) -> None:
+        """Run or finish every submitted job; raises the first failure."""
+        held, self._held = self._held, None
+        if held is not None:
+            buf, job = held
+            if self._handed or self.error is not None:
+                self._hand_over(buf, job)
+            else:  # alone: no wake-up, no thread
+                try:
+                    job()
+                finally:
+                    if buf is not None:
+                        self._free.put(buf)
+        self._wait()
+        if self.error is not None:
             raise self.error
 
+    def abandon(self) -> None:
+        """Drop a job not yet handed over and wait for the others (after a failure of the
+        caller's: the worker stays away from the stream from here)."""
+        held, self._held = self._held, None
+        if held is not None and held[0] is not None:
+            self._free.put(held[0])
+        self._wait()
+
     def close(self) -> None:
-        """Stop the thread (after what was handed over); the sender can start again later."""
+        """Stop the thread and forget any failure; the worker can start again later."""
+        self.abandon()
         thread, self._thread = self._thread, None
         if thread is not None:
             self._jobs.put(None)
             thread.join()
         self.error = None
+
+    def _hand_over(self, buf: bytearray | None, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._handed += 1
+        self._jobs.put((buf, job))
+
+    def _wait(self) -> None:
+        if self._handed:
+            done = threading.Event()
+            self._jobs.put((False, done.set))
+            done.wait()
+            self._handed = 0
 
     def _loop(self) -> None:
         while True:
@@ -128,12 +172,12 @@ class PacketSender:
                 return
             buf, job = item
             try:
-                if buf is None or self.error is None:
+                if buf is False or self.error is None:
                     job()
-            except BaseException as exc:  # noqa: BLE001 - handed to the saver's thread
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
                 self.error = exc
             finally:
-                if buf is not None:
+                if isinstance(buf, bytearray):
                     self._free.put(buf)
 
 
@@ -145,7 +189,7 @@ class RamSaver:
         self.blocks: list[RamBlock] = list(guest.ram_blocks)
         self.bitmaps = [core.new_bitmap(b.npages) for b in self.blocks]
         self.counters = RamCounters()
-        self.sender = PacketSender(packet_bytes=packet_bytes)
+        self.sender = PacketWorker("pymig-ram-sender", buffer_bytes=packet_bytes)
         self.dirty_pages_last_sync = 0
         self._logging = False
         self._lock = threading.Lock()
@@ -203,12 +247,12 @@ class RamSaver:
                         if result.nbytes == 0:  # the chunk is sent
                             sender.give_back(buf)
                             break
-                        sender.send(buf, self._send_job(out, buf, result))
+                        sender.submit(buf, self._send_job(out, buf, result))
                         cursor = result.cursor
         except BaseException:
-            sender.flush(raise_error=False)  # the thread stays off the stream from here
+            sender.abandon()
             raise
-        sender.flush()
+        sender.drain()
         return True
 
     def _chunks(self, bitmap, npages: int):
