@@ -34,7 +34,7 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import Bandwidth
+from pymig.estimate import Bandwidth, SwitchoverCost, in_flight_bytes
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -223,6 +223,7 @@ class Migration:
             stats.setup_done()
 
             bandwidth = Bandwidth()
+            switchover_s = SwitchoverCost().seconds(guest.vcpu_count)
             iteration = 0
             last_sync = time.monotonic()
             sent_period = 0
@@ -251,6 +252,8 @@ class Migration:
                     bytes_dirtied_period=dirtied * stats.page_size,
                     throttle_pct=throttle,
                     manual_switchover_requested=self._manual_switchover.is_set(),
+                    switchover_s=switchover_s,
+                    in_flight_bytes=in_flight_bytes(channel),
                 )
                 decision = self.decide(metrics, policy_params(params))
                 record = stats.record_sync(
