@@ -28,6 +28,7 @@ acknowledgement is lost, so a guest never runs in two places.
 from __future__ import annotations
 
 import enum
+import math
 import threading
 import time
 from typing import Callable
@@ -272,6 +273,7 @@ class Migration:
                 if decision.action == policy_mod.Action.CANCEL:
                     raise Cancelled(f"migration cancelled: {decision.reason}")
                 t0, b0 = time.monotonic(), channel.bytes_sent
+                saver.slice_deadline = t0 + iteration_slice_s(params)
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
                 sent_period = channel.bytes_sent - b0
@@ -368,6 +370,19 @@ class Migration:
 
 
 ACK_TIMEOUT_S = 60.0
+THROTTLE_SLICE_S = 0.1
+
+
+def iteration_slice_s(params: MigrationParameters) -> float:
+    """How long one iteration sends before the next sync and decision.  A policy that may
+    throttle the guest needs its dirty rate now, not after a whole pass over RAM (seconds of
+    a large guest at a capped bandwidth): then an iteration is a slice of
+    :data:`THROTTLE_SLICE_S` and the next one goes on where it stopped.  Otherwise an
+    iteration is a whole pass (``math.inf``)."""
+    caps = params.capabilities
+    if caps.get("auto-converge") or caps.get("dirty-limit"):
+        return THROTTLE_SLICE_S
+    return math.inf
 SEND_TIMEOUT_S = 120.0
 
 

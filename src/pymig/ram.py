@@ -24,8 +24,10 @@ a page the destination never received stays untouched, which for fresh memory me
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -188,12 +190,18 @@ class RamSaver:
         self.guest = guest
         self.blocks: list[RamBlock] = list(guest.ram_blocks)
         self.bitmaps = [core.new_bitmap(b.npages) for b in self.blocks]
+        # dirty-log bits already counted by a sync and not re-armed since (see sync())
+        self._seen = [core.new_bitmap(b.npages) for b in self.blocks]
         self.counters = RamCounters()
         self.sender = PacketWorker("pymig-ram-sender", buffer_bytes=packet_bytes)
         self.dirty_pages_last_sync = 0
         self._logging = False
         self._lock = threading.Lock()
         self.cancelled: Callable[[], bool] = lambda: False
+        # iterate() stops at the first chunk boundary after this time.monotonic() (inf: it
+        # sends everything); the next call goes on from there, wrapping around at the end
+        self.slice_deadline: float = math.inf
+        self._resume: tuple[int, int] = (0, 0)  # (block index, first page) to go on from
         # on_packet(nbytes, normal_pages, zero_pages) after each packet is on the wire
         self.on_packet: Callable[[int, int, int], None] = lambda nbytes, normal, zero: None
 
@@ -202,6 +210,9 @@ class RamSaver:
         """Turn dirty logging on, then seed the bitmap with every page that may hold data."""
         self.guest.start_dirty_log()
         self._logging = True
+        self._resume = (0, 0)
+        for seen in self._seen:
+            seen[:] = 0
         # Order matters: logging first, then mincore. A page first written after the mincore
         # is in the dirty log; one written before is resident, so it is in `touched`.
         for bitmap, block in zip(self.bitmaps, self.blocks):
@@ -210,12 +221,21 @@ class RamSaver:
 
     # -- per iteration -----------------------------------------------------------------------
     def sync(self) -> int:
-        """Merge the dirty log into the migration bitmap; returns pages newly dirtied."""
-        newly = 0
-        for bitmap, block, log in zip(self.bitmaps, self.blocks, self.guest.sync_dirty()):
-            newly += core.bitmap_merge(bitmap, log, block.npages)
-        self.dirty_pages_last_sync = newly
-        return newly
+        """Merge the dirty log into the migration bitmap; returns the pages the guest dirtied
+        since the last sync.
+
+        That count is the pages whose log bit was set since: a page the guest writes again
+        before its chunk is re-armed shows nothing new (the log cannot tell), so it is a lower
+        bound.  It counts what the guest writes whether or not the page was already waiting to
+        be sent, which is what a throttle must know during the first pass over RAM, when
+        nearly every page is."""
+        dirtied = 0
+        for bitmap, seen, block, log in zip(self.bitmaps, self._seen, self.blocks,
+                                            self.guest.sync_dirty()):
+            core.bitmap_merge(bitmap, log, block.npages)
+            dirtied += core.bitmap_merge(seen, log, block.npages)
+        self.dirty_pages_last_sync = dirtied
+        return dirtied
 
     def pending_pages(self) -> int:
         return sum(core.bitmap_count(bm, b.npages) for bm, b in zip(self.bitmaps, self.blocks))
@@ -226,43 +246,56 @@ class RamSaver:
                    for bm, b in zip(self.bitmaps, self.blocks))
 
     def iterate(self, out) -> bool:
-        """Send every page the migration bitmap holds; True when it is empty.
+        """Send the pages the migration bitmap holds, chunk by chunk, from where the last call
+        stopped (wrapping around at the end); True when it got through them all, False when
+        :attr:`slice_deadline` passed first.
 
         Returns once every packet is on the wire (a failure to send raises here)."""
         sender = self.sender
+        deadline = self.slice_deadline
         try:
-            for index, (block, bitmap) in enumerate(zip(self.blocks, self.bitmaps)):
-                for first in self._chunks(bitmap, block.npages):
-                    end = min(first + CLEAR_CHUNK_PAGES, block.npages)
-                    # Re-arm dirty tracking for the chunk before any of it is read: a write
-                    # after this is logged again, a write before it is in the copy.
-                    self.guest.clear_dirty(index, first, end - first)
-                    cursor = first
-                    while True:
-                        if self.cancelled():
-                            raise MigrationError("migration cancelled")
-                        buf = sender.buffer()
-                        result = core.encode_packet(block.array, block.page_size,
-                                                    block.block_id, bitmap, end, cursor, buf)
-                        if result.nbytes == 0:  # the chunk is sent
-                            sender.give_back(buf)
-                            break
-                        sender.submit(buf, self._send_job(out, buf, result))
-                        cursor = result.cursor
+            for index, first in self._chunks():
+                block, bitmap = self.blocks[index], self.bitmaps[index]
+                if time.monotonic() >= deadline:
+                    self._resume = (index, first)
+                    sender.drain()
+                    return False
+                end = min(first + CLEAR_CHUNK_PAGES, block.npages)
+                # Re-arm dirty tracking for the chunk before any of it is read: a write after
+                # this is logged again, a write before it is in the copy.
+                self.guest.clear_dirty(index, first, end - first)
+                self._seen[index][first // 64:(end + 63) // 64] = 0
+                cursor = first
+                while True:
+                    if self.cancelled():
+                        raise MigrationError("migration cancelled")
+                    buf = sender.buffer()
+                    result = core.encode_packet(block.array, block.page_size, block.block_id,
+                                                bitmap, end, cursor, buf)
+                    if result.nbytes == 0:  # the chunk is sent
+                        sender.give_back(buf)
+                        break
+                    sender.submit(buf, self._send_job(out, buf, result))
+                    cursor = result.cursor
         except BaseException:
             sender.abandon()
             raise
         sender.drain()
         return True
 
-    def _chunks(self, bitmap, npages: int):
-        """First pages of the clear chunks holding pending pages, in sending order."""
+    def _chunks(self) -> list[tuple[int, int]]:
+        """(block index, first page) of every clear chunk holding pending pages, in sending
+        order: from :attr:`_resume` to the end of RAM, then from the start."""
+        order = []
         words = CLEAR_CHUNK_PAGES // 64
-        nchunks = (npages + CLEAR_CHUNK_PAGES - 1) // CLEAR_CHUNK_PAGES
-        padded = np.zeros(nchunks * words, dtype=np.uint64)
-        padded[: bitmap.size] = bitmap
-        busy = np.flatnonzero(padded.reshape(nchunks, words).any(axis=1))
-        return (busy * CLEAR_CHUNK_PAGES).tolist()
+        for index, (block, bitmap) in enumerate(zip(self.blocks, self.bitmaps)):
+            nchunks = (block.npages + CLEAR_CHUNK_PAGES - 1) // CLEAR_CHUNK_PAGES
+            padded = np.zeros(nchunks * words, dtype=np.uint64)
+            padded[: bitmap.size] = bitmap
+            busy = np.flatnonzero(padded.reshape(nchunks, words).any(axis=1))
+            order += [(index, first) for first in (busy * CLEAR_CHUNK_PAGES).tolist()]
+        split = next((i for i, chunk in enumerate(order) if chunk >= self._resume), len(order))
+        return order[split:] + order[:split]
 
     def _send_job(self, out, buf: bytearray, result) -> Callable[[], None]:
         def job() -> None:
@@ -280,6 +313,7 @@ class RamSaver:
     def complete(self, out) -> None:
         """With the vCPUs stopped: last sync, every remaining page, then END."""
         self.sync()
+        self.slice_deadline = math.inf
         self.iterate(out)
         out.end(b"")
 
