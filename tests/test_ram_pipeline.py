@@ -4,8 +4,11 @@ of turn."""
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 
+import numpy as np
 import pytest
 
 from pymig import stream
@@ -193,3 +196,114 @@ def test_a_stream_cut_in_a_packet_fails_the_load():
             machine.load_stream(reader)
     finally:
         machine.close()
+
+
+class _CollectingOut:
+    """A section writer that decodes every RAM packet into a copy of the guest's RAM."""
+
+    def __init__(self, blocks):
+        from pymig import core
+
+        self.core = core
+        self.copies = [np.zeros(b.size_bytes, dtype=np.uint8) for b in blocks]
+        self.present = [core.new_bitmap(b.npages) for b in blocks]
+        self.blocks = blocks
+        self.pages = 0
+
+    def start(self, payload) -> None:
+        pass
+
+    def part(self, payload, *, nocsum: bool = False) -> None:
+        info = self.core.packet_info(payload)
+        b = self.blocks[info.block_id]
+        result = self.core.decode_packet(payload, self.copies[info.block_id], b.page_size,
+                                         b.block_id, b.npages, self.present[info.block_id])
+        self.pages += result.normal_pages + result.zero_pages
+
+    def end(self, payload) -> None:
+        pass
+
+
+def test_sliced_iterations_go_on_where_they_stopped_and_send_each_page_once():
+    config = GuestConfig("simulated", 32 * MiB, workload="idle",
+                         params={"fill_bytes": 20 * MiB})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _CollectingOut(saver.blocks)
+    try:
+        saver.setup(out)
+        pending = saver.pending_pages()
+        saver.slice_deadline = 0.0  # already past: one chunk per call
+        calls = 0
+        while saver.pending_pages():
+            before = saver.pending_pages()
+            done = saver.iterate(out)
+            calls += 1
+            assert 0 < before - saver.pending_pages() <= 1024  # one 4 MiB chunk
+            assert done == (saver.pending_pages() == 0) or not done
+        assert calls >= 5 and out.pages == pending  # every page once, none twice
+        assert np.array_equal(out.copies[0], saver.blocks[0].array)
+    finally:
+        saver.cleanup()
+        guest.close()
+
+
+def test_a_slice_resumes_after_the_chunk_it_stopped_at():
+    config = GuestConfig("simulated", 32 * MiB, workload="idle",
+                         params={"fill_bytes": 20 * MiB})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _CollectingOut(saver.blocks)
+    try:
+        saver.setup(out)
+        saver.slice_deadline = 0.0
+        saver.iterate(out)
+        first = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8),
+                                             bitorder="little"))
+        # put the first chunk back as if the guest wrote it again: it comes last, after the
+        # chunks not sent yet
+        saver.bitmaps[0][first.min() // 64:(first.max() + 64) // 64] |= \
+            out.present[0][first.min() // 64:(first.max() + 64) // 64]
+        saver.iterate(out)
+        second = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8),
+                                              bitorder="little"))
+        assert second.max() > first.max()
+    finally:
+        saver.cleanup()
+        guest.close()
+
+
+def test_sync_counts_what_the_guest_dirtied_even_where_pages_were_pending():
+    config = GuestConfig("simulated", 32 * MiB, workload="dirtier",
+                         params={"working_set_bytes": 4 * MiB, "rate_pages_per_s": 50_000,
+                                 "pattern": "sequential"})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _CollectingOut(saver.blocks)
+    try:
+        guest.start()
+        deadline = time.monotonic() + 20
+        while guest.progress()["passes"] < 1:  # the whole working set touched once
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        saver.setup(out)  # the whole working set is pending from here
+        pending = saver.pending_pages()
+        threading.Event().wait(0.1)
+        dirtied = saver.sync()
+        # nothing was sent, so nothing became newly pending, yet the guest dirtied pages
+        assert saver.pending_pages() <= pending + 16
+        assert dirtied > 500
+    finally:
+        guest.pause()
+        saver.cleanup()
+        guest.close()
+
+
+def test_only_throttling_policies_slice_their_iterations():
+    from pymig.migration import THROTTLE_SLICE_S, iteration_slice_s
+    from pymig.parameters import MigrationParameters
+
+    params = MigrationParameters()
+    assert iteration_slice_s(params) == math.inf
+    params.capabilities["auto-converge"] = True
+    assert iteration_slice_s(params) == THROTTLE_SLICE_S

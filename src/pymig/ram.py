@@ -254,12 +254,9 @@ class RamSaver:
         sender = self.sender
         deadline = self.slice_deadline
         try:
-            for index, first in self._chunks():
+            chunks = self._chunks()
+            for number, (index, first) in enumerate(chunks):
                 block, bitmap = self.blocks[index], self.bitmaps[index]
-                if time.monotonic() >= deadline:
-                    self._resume = (index, first)
-                    sender.drain()
-                    return False
                 end = min(first + CLEAR_CHUNK_PAGES, block.npages)
                 # Re-arm dirty tracking for the chunk before any of it is read: a write after
                 # this is logged again, a write before it is in the copy.
@@ -277,6 +274,10 @@ class RamSaver:
                         break
                     sender.submit(buf, self._send_job(out, buf, result))
                     cursor = result.cursor
+                if time.monotonic() >= deadline and number + 1 < len(chunks):
+                    self._resume = chunks[number + 1]
+                    sender.drain()
+                    return False
         except BaseException:
             sender.abandon()
             raise
