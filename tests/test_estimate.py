@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from pymig.estimate import Bandwidth, SwitchoverCost, in_flight_bytes
+from pymig.estimate import Bandwidth, DirtyRate, SwitchoverCost, in_flight_bytes
 from pymig.transport import BytesChannel, SocketChannel
 
 
@@ -50,3 +50,14 @@ def test_channels_that_cannot_tell_have_nothing_in_flight():
     closed = SocketChannel(socket.socket(), "closed")
     closed.close()
     assert in_flight_bytes(closed) == 0
+
+
+def test_dirty_rate_undoes_the_throttle_and_holds_its_peak_for_a_while():
+    rate = DirtyRate(half_life_s=1.0)
+    assert rate.update(100.0, 0, 0.1) == 100.0
+    assert rate.update(100.0, 50, 0.1) == pytest.approx(200.0)  # half the run time
+    held = rate.update(10.0, 50, 0.1)  # a quiet period: the peak decays, slowly
+    assert held == pytest.approx(200.0 * 0.5 ** 0.1)
+    for _ in range(50):  # five half-lives of a calm guest
+        rate.update(10.0, 0, 0.1)
+    assert rate.peak_bps == pytest.approx(10.0, rel=0.1)

@@ -159,6 +159,14 @@ def test_aim_when_hot_does_at_least_a_step_and_steps_without_bandwidth():
     assert d.reason.startswith("throttling: step") and d.throttle_pct == 20
 
 
+def test_aim_takes_the_held_peak_of_the_guests_own_rate_when_higher():
+    params = PolicyParams(auto_converge=True, throttle_mode="aim")
+    quiet = metrics(throttle_pct=60, dirty_rate_bps=20 * MB, **HOT)
+    assert decide(quiet, params).throttle_pct == 70  # 50 MB/s own, aim, then a step
+    held = replace(quiet, own_dirty_rate_bps=400 * MB)
+    assert decide(held, params).throttle_pct == 88  # 1 - 50/400, rounded up
+
+
 def test_aim_clamps_to_the_maximum():
     params = PolicyParams(auto_converge=True, throttle_mode="aim", throttle_max_pct=95)
     assert decide(metrics(dirty_rate_bps=10_000 * MB, **HOT), params).throttle_pct == 95

@@ -13,6 +13,7 @@ The policy's expected downtime (:attr:`pymig.policy.Metrics.expected_downtime_s`
 * :func:`in_flight_bytes` is what the source has sent that the destination has not taken in
   yet: when the destination is the slower side, several MB wait in the socket buffers when
   the guest stops, and the destination works through them inside the downtime.
+* :class:`DirtyRate` is the guest's own dirty rate for a throttle to aim at.
 """
 
 from __future__ import annotations
@@ -42,6 +43,29 @@ class Bandwidth:
         rate = nbytes / seconds
         if nbytes >= self.min_sample_bytes or self.bytes_per_s == 0:
             self.bytes_per_s = rate
+
+
+@dataclass
+class DirtyRate:
+    """The guest's own dirty rate, as if unthrottled (bytes/s), held at its recent peak.
+
+    Each period gives ``measured / (1 - throttle)``: dirtying scales with the run time the
+    throttle leaves the vCPUs.  What a period measures is a lower bound (the dirty log shows
+    only pages that were clean, so a guest rewriting pages not yet sent shows less than it
+    does), and it is noisy over the 100 ms periods a throttling policy runs on; a throttle
+    aimed at it would relax, let the guest run, and tighten again.  So the estimate keeps the
+    highest recent value, decaying by half every ``half_life_s`` so that a guest that really
+    calms down is let go within seconds.
+    """
+
+    half_life_s: float = 1.0
+    peak_bps: float = 0.0
+
+    def update(self, measured_bps: float, throttle_pct: int, period_s: float) -> float:
+        running = 1 - min(max(throttle_pct, 0), 99) / 100
+        own = max(measured_bps, 0.0) / running
+        self.peak_bps = max(own, self.peak_bps * 0.5 ** (max(period_s, 0.0) / self.half_life_s))
+        return self.peak_bps
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import Bandwidth, SwitchoverCost, in_flight_bytes
+from pymig.estimate import Bandwidth, DirtyRate, SwitchoverCost, in_flight_bytes
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -225,6 +225,7 @@ class Migration:
 
             bandwidth = Bandwidth()
             switchover_s = SwitchoverCost().seconds(guest.vcpu_count)
+            own_rate = DirtyRate()
             iteration = 0
             last_sync = time.monotonic()
             sent_period = 0
@@ -255,6 +256,8 @@ class Migration:
                     manual_switchover_requested=self._manual_switchover.is_set(),
                     switchover_s=switchover_s,
                     in_flight_bytes=in_flight_bytes(channel),
+                    own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
+                                                       throttle, period),
                 )
                 decision = self.decide(metrics, policy_params(params))
                 record = stats.record_sync(

@@ -23,7 +23,8 @@ The rule, in order (the first that holds decides):
    * ``step`` (QEMU's): ``throttle_initial_pct``, then ``+throttle_increment_pct`` per hot
      period, capped at ``throttle_max_pct``; never lowered while the migration runs.
    * ``aim``: take the guest's unthrottled dirty rate ``D = dirty_rate / (1 - throttle)``
-     (dirtying scales with vCPU run time) and pick the smallest ``t`` with
+     (dirtying scales with vCPU run time; or ``own_dirty_rate_bps``, the recent peak of that,
+     when higher) and pick the smallest ``t`` with
      ``D * (1 - t) <= throttle_aim_margin * bandwidth``, clamped to
      ``[throttle_initial_pct, throttle_max_pct]``; recomputed every period from the measured
      rate, so it corrects itself up or down.  A guest dirtying 630k pages/s (2.6 GB/s) over a
@@ -67,6 +68,7 @@ class Metrics:
     bytes_dirtied_period: int
     throttle_pct: int = 0  # the throttle in force now
     switchover_s: float = 0.0  # fixed cost of a switchover (pymig.estimate.SwitchoverCost)
+    own_dirty_rate_bps: float = 0.0  # the guest's unthrottled rate, recent peak (DirtyRate)
     in_flight_bytes: int = 0  # sent, not yet taken in by the destination
     vcpu_dirty_rates: tuple[float, ...] | None = None  # pages/s per vCPU, when known
     manual_switchover_requested: bool = False
@@ -207,7 +209,7 @@ def aim_throttle(metrics: Metrics, params: PolicyParams) -> tuple[int, float]:
     measured = metrics.dirty_rate_bps
     if metrics.vcpu_dirty_rates:
         measured = max(measured, sum(metrics.vcpu_dirty_rates) * metrics.page_size)
-    raw_rate = measured / (1 - current)
+    raw_rate = max(measured / (1 - current), metrics.own_dirty_rate_bps)
     budget = params.throttle_aim_margin * metrics.bandwidth_bps
     needed = 1 - budget / raw_rate if raw_rate > 0 else 0.0
     pct = math.ceil(needed * 100 - 1e-9)  # round up: a throttle just short does not fit
