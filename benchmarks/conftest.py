@@ -16,6 +16,13 @@ from pymig import benchcore
 
 QUICK = os.environ.get("PYMIG_BENCH_QUICK") == "1"
 _results: dict[str, dict] = {}
+_migrations: list = []  # pymig.benchmigrate.ScenarioResult, one per scenario run
+
+
+@pytest.fixture
+def migration_results() -> list:
+    """Where test_bench_migration.py puts each scenario's results for the summary table."""
+    return _migrations
 
 
 @pytest.fixture
@@ -44,12 +51,18 @@ def run_case(benchmark):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _results:
-        return
     from rich.console import Console
 
-    text = io.StringIO()
-    Console(file=text, width=120, force_terminal=False).print(
-        benchcore.format_table(dict(_results)))
-    terminalreporter.write_sep("-", "page core: ratio to ceiling")
-    terminalreporter.write(text.getvalue())
+    if _results:
+        text = io.StringIO()
+        Console(file=text, width=120, force_terminal=False).print(
+            benchcore.format_table(dict(_results)))
+        terminalreporter.write_sep("-", "page core: ratio to ceiling")
+        terminalreporter.write(text.getvalue())
+    if _migrations:
+        from pymig.benchmigrate import format_table
+
+        text = io.StringIO()
+        Console(file=text, width=120, force_terminal=False).print(format_table(_migrations))
+        terminalreporter.write_sep("-", "migration: ratio to target")
+        terminalreporter.write(text.getvalue())

@@ -72,6 +72,15 @@ def test_computation_started_on_source_finishes_on_destination(kind, tmp_path, g
         assert dest.progress()["result"] == expected_compute_result(config.params, 1)
 
 
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_random_content_arrives_page_for_page(kind, tmp_path, guests):
+    source = guests(guest_config(kind, "idle", memory=32 << 20, fill_bytes=12 << 20))
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock") as done:
+        assert done.error is None, done.error
+        assert block_digests(source.ram_blocks) == done.digests_at_load
+        assert done.migration.query()["ram"]["normal"] >= (12 << 20) // 4096
+
+
 def test_cancel_mid_migration_keeps_source_running_and_destination_stopped(tmp_path, guests):
     source = guests(guest_config("simulated", memory=128 << 20, working_set=64 << 20))
 

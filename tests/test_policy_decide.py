@@ -42,6 +42,21 @@ def test_nothing_pending_fits_even_with_unknown_bandwidth():
     assert (d.action, d.reason, d.expected_downtime_s) == (Action.SWITCHOVER, "fits-limit", 0.0)
 
 
+def test_expected_downtime_counts_the_fixed_cost_and_what_is_in_flight():
+    m = metrics(pending_bytes=20 * MB, in_flight_bytes=5 * MB, switchover_s=0.004)
+    assert m.expected_downtime_s == pytest.approx(0.004 + 0.25)
+    assert metrics(pending_bytes=0, switchover_s=0.004).expected_downtime_s == 0.004
+    idle = decide(metrics(pending_bytes=0, bandwidth_bps=0, switchover_s=0.004), PolicyParams())
+    assert (idle.action, idle.expected_downtime_s) == (Action.SWITCHOVER, 0.004)
+    # bytes still in flight need a bandwidth as much as pending ones do
+    assert metrics(pending_bytes=0, in_flight_bytes=1, bandwidth_bps=0).expected_downtime_s \
+        == math.inf
+    # the fixed cost alone can exceed a tiny limit
+    tight = decide(metrics(pending_bytes=0, switchover_s=0.004),
+                   PolicyParams(downtime_limit_s=0.001))
+    assert tight.action == Action.CONTINUE
+
+
 @pytest.mark.parametrize("bandwidth", [0, 0.0, -1.0, math.nan])
 def test_unknown_bandwidth_never_switches_over_on_the_estimate(bandwidth):
     d = decide(metrics(pending_bytes=1, bandwidth_bps=bandwidth), PolicyParams(downtime_limit_s=60))
@@ -142,6 +157,14 @@ def test_aim_when_hot_does_at_least_a_step_and_steps_without_bandwidth():
     assert d.throttle_pct == 70
     d = decide(metrics(bandwidth_bps=0, **HOT), params)
     assert d.reason.startswith("throttling: step") and d.throttle_pct == 20
+
+
+def test_aim_takes_the_held_peak_of_the_guests_own_rate_when_higher():
+    params = PolicyParams(auto_converge=True, throttle_mode="aim")
+    quiet = metrics(throttle_pct=60, dirty_rate_bps=20 * MB, **HOT)
+    assert decide(quiet, params).throttle_pct == 70  # 50 MB/s own, aim, then a step
+    held = replace(quiet, own_dirty_rate_bps=400 * MB)
+    assert decide(held, params).throttle_pct == 88  # 1 - 50/400, rounded up
 
 
 def test_aim_clamps_to_the_maximum():

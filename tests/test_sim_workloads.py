@@ -28,6 +28,8 @@ from pymig.guest.workloads import (
     dirtier_pages,
     expected_compute_result,
     expected_compute_results,
+    fill_chunks,
+    fill_content,
     make_workload,
     pack_mailbox,
     pack_params,
@@ -57,6 +59,7 @@ def test_defaults_are_the_documented_ones():
     c = parse_params("compute")
     assert (c.rounds, c.area_bytes, c.rate_pages_per_s) == (64, 4 * MiB, 0)
     assert parse_params("idle").area_bytes == 0
+    assert parse_params("idle").fill_bytes == 0
 
 
 @pytest.mark.parametrize("workload, params, culprit", [
@@ -75,6 +78,9 @@ def test_defaults_are_the_documented_ones():
     ("compute", {"region_bytes": 100}, "region_bytes"),
     ("compute", {"rate_pages_per_s": -5}, "rate_pages_per_s"),
     ("idle", {"rounds": 1}, "rounds"),
+    ("idle", {"fill_bytes": 100}, "fill_bytes"),
+    ("idle", {"fill_bytes": -4096}, "fill_bytes"),
+    ("dirtier", {"fill_bytes": 4096}, "fill_bytes"),
     ("spin", {}, "spin"),
 ])
 def test_bad_parameters_name_the_culprit(workload, params, culprit):
@@ -93,6 +99,9 @@ def test_resolve_checks_the_memory_map():
         resolve(no_low)
     with pytest.raises(ValueError, match="vCPUs"):
         resolve(GuestConfig("simulated", 4 * MiB, vcpus=MAX_VCPUS + 1, workload="idle"))
+    with pytest.raises(ValueError, match="fill of"):
+        resolve(GuestConfig("simulated", 4 * MiB, workload="idle",
+                            params={"fill_bytes": 3 * MiB + GUEST_PAGE_SIZE}))
     with pytest.raises(ValueError, match="a page of its own"):
         resolve(GuestConfig("simulated", 4 * MiB, vcpus=3, workload="compute",
                             params={"region_bytes": 2 * GUEST_PAGE_SIZE}))
@@ -437,3 +446,14 @@ def test_verifier_takes_ram_blocks_and_refuses_other_workloads():
     with pytest.raises(ValueError, match="configuration"):
         PhysMemory([memory])
     assert PARAMS_GPA < MAILBOX_GPA < WORKSET_GPA
+
+
+def test_fill_chunks_are_one_sequence_whatever_the_chunk_size():
+    whole = fill_content(3 * GUEST_PAGE_SIZE)
+    pieces = [chunk for _, chunk in fill_chunks(3 * GUEST_PAGE_SIZE, chunk_bytes=1000)]
+    assert np.array_equal(np.concatenate(pieces), whole)
+    # random: no zero page, no repeated page, nothing an LZ-style coder could shorten
+    pages = whole.reshape(3, GUEST_PAGE_SIZE)
+    assert all(page.any() for page in pages)
+    assert len({page.tobytes() for page in pages}) == 3
+    assert len(set(whole.tolist())) > 250

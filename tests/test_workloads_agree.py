@@ -23,6 +23,7 @@ from pymig.guest.workloads import (
     dirtier_counts,
     dirtier_pages,
     expected_compute_result,
+    fill_content,
     read_mailbox,
     resolve,
     unpack_params,
@@ -120,6 +121,28 @@ def test_idle_touches_nothing(kind, vcpus):
         assert not any(bitmap.any() for bitmap in guest.sync_dirty())
         assert guest.progress() == {"passes": 0, "pages_written": 0, "errors": 0, "done": 0,
                                     "result": 0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_idle_fill_is_the_defined_random_content(kind):
+    fill = 4 * MiB + 3 * PAGE
+    with running(kind, "idle", {"fill_bytes": fill}, 1) as guest:
+        guest.pause()
+        ram = guest.ram_blocks[0].array
+        assert np.array_equal(ram[WORKSET_GPA:WORKSET_GPA + fill], fill_content(fill))
+        assert not ram[WORKSET_GPA + fill:].any()
+        assert guest.progress()["pages_written"] == 0
+        del ram
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_destination_gets_no_fill(kind):
+    config = GuestConfig(kind, 16 * MiB, workload="idle", params={"fill_bytes": 4 * MiB})
+    guest = create(config, incoming=True)
+    try:
+        assert not guest.ram_blocks[0].array.any()
+    finally:
+        guest.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -28,7 +28,7 @@ from typing import Callable
 from pymig import stream, transport
 from pymig.errors import MigrationError, PymigError, StateError, StreamError
 from pymig.guest import GuestConfig
-from pymig.machine import Machine, load_config
+from pymig.machine import Machine, WarmUp, load_config
 from pymig.transport.file import IndexedFileChannel
 
 
@@ -66,6 +66,7 @@ class Incoming:
         self.error: BaseException | None = None
         self.machine: Machine | None = None
         self._listener = None
+        self._warm_up = None
         self._listeners: list[Callable[[str, str], None]] = []
         self._lock = threading.Lock()
 
@@ -81,6 +82,7 @@ class Incoming:
     def listen(self) -> str:
         """Start listening; returns the address actually bound (e.g. the port for tcp:...:0)."""
         self._listener = transport.listen(self.uri)
+        self._warm_up = WarmUp()  # while no stream is coming, not once it is
         self._set_status("setup")
         return str(self._listener.uri)
 
@@ -145,6 +147,8 @@ class Incoming:
         config = load_config(reader)
         if self.check_config is not None:
             self.check_config(config)
+        if self._warm_up is not None:
+            self._warm_up.finish()
         self.machine = Machine.incoming(config, **self.guest_options)
         if rp is not None:
             rp.ready()  # the guest exists: the source may stop its copy when it likes

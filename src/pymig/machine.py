@@ -13,15 +13,23 @@ arguments to build the guest it is about to receive.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
+import threading
+
 from pymig import stream
 from pymig.errors import StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import GuestState, StateSpec
-from pymig.ram import RAM_IDSTR, RAM_VERSION, RamLoader, RamSaver
+from pymig.ram import (PACKET_BYTES, RAM_IDSTR, RAM_VERSION, PacketWorker, RamLoader,
+                       RamSaver)
 from pymig.savevm import SaveStateEntry, SaveStateRegistry
 
+log = logging.getLogger(__name__)
+
 CONFIG_IDSTR = "pymig.config"
+LOAD_BUFFER_BYTES = PACKET_BYTES + 4096  # a RAM packet of the source's size fits
 CONFIG_VERSION = 1
 CONFIG_SECTION_ID = 0xFFFF_FFFF  # outside the registry's ids: it is read before one exists
 MAX_CONFIG_BYTES = 1 << 20
@@ -124,45 +132,89 @@ class Machine:
         """Load sections until EOF, then hand the vCPU and device state to the guest.
 
         Each section is matched to an entry by (idstr, instance) on START/FULL and by section id
-        after that; the source's section ids need not equal ours.
+        after that; the source's section ids need not equal ours.  RAM packets (PART records)
+        are decoded by a worker thread while this one receives the next
+        (:class:`pymig.ram.PacketWorker`); every other record is loaded in stream order once
+        the packets before it are.
         """
         by_stream_id: dict[int, SaveStateEntry] = {}
         versions: dict[int, int] = {}
         state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
         loaded: set[int] = set()
-        while True:
-            record = reader.next_record()
-            if record.type == stream.RecordType.EOF:
-                break
-            if record.type in (stream.RecordType.START, stream.RecordType.FULL):
-                entry = self.registry.find(record.idstr, record.instance_id)
-                if entry is None:
-                    raise StreamError(record.offset, f"unknown section {record.idstr!r} "
-                                                     f"instance {record.instance_id}")
-                entry.check_load_version(record.version_id)
-                if record.type == stream.RecordType.START and not entry.is_live:
-                    raise StreamError(record.offset, f"{entry.name} is not a live entry")
-                by_stream_id[record.section_id] = entry
-                version = record.version_id
-                versions[record.section_id] = version
-            else:
-                entry = by_stream_id.get(record.section_id)
-                if entry is None:
-                    raise StreamError(record.offset, f"section id {record.section_id} was "
-                                                     f"never started")
-                version = versions[record.section_id]
-            payload = reader.read_payload()
-            if entry.is_live:
-                entry.handlers.load(self, payload, version, record.type)
-            else:
-                spec = self.specs[entry.section_id]
-                entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
-                entry.load_state(payload, version)
-                spec.put(state, entry.opaque)
-                entry.opaque = None
-            loaded.add(entry.section_id)
+        decoder = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        try:
+            while True:
+                try:
+                    record = reader.next_record()
+                except BaseException:
+                    decoder.drain()  # a bad packet before a bad record is the first error
+                    raise
+                if record.type == stream.RecordType.EOF:
+                    break
+                entry, version = self._entry_for(record, by_stream_id, versions)
+                loaded.add(entry.section_id)
+                if record.type == stream.RecordType.PART and entry.is_live:
+                    self._load_part_behind(decoder, reader, record, entry, version)
+                    continue
+                decoder.drain()
+                self._load_record(entry, record, reader.read_payload(), version, state)
+            decoder.drain()
+        finally:
+            decoder.close()
         self._check_complete(state, loaded)
         self.guest.load_state(state)
+
+    def _load_part_behind(self, decoder: "PacketWorker", reader: "stream.StreamReader",
+                          record, entry: SaveStateEntry, version: int) -> None:
+        """Receive a PART record's payload and have the decoder load it."""
+        if record.payload_len <= decoder.buffer_bytes:
+            buf = decoder.buffer()
+        else:  # larger than a RAM packet: a buffer of its own
+            buf = None
+        try:
+            payload = reader.read_payload(buf if buf is not None
+                                          else bytearray(record.payload_len))
+        except BaseException:
+            if buf is not None:
+                decoder.give_back(buf)
+            decoder.drain()
+            raise
+
+        def job() -> None:
+            entry.handlers.load(self, payload, version, record.type)
+
+        decoder.submit(buf, job)
+
+    def _entry_for(self, record, by_stream_id: dict[int, SaveStateEntry],
+                   versions: dict[int, int]) -> tuple[SaveStateEntry, int]:
+        """The state entry a record belongs to, and the version its section is loaded at."""
+        if record.type in (stream.RecordType.START, stream.RecordType.FULL):
+            entry = self.registry.find(record.idstr, record.instance_id)
+            if entry is None:
+                raise StreamError(record.offset, f"unknown section {record.idstr!r} "
+                                                 f"instance {record.instance_id}")
+            entry.check_load_version(record.version_id)
+            if record.type == stream.RecordType.START and not entry.is_live:
+                raise StreamError(record.offset, f"{entry.name} is not a live entry")
+            by_stream_id[record.section_id] = entry
+            versions[record.section_id] = record.version_id
+            return entry, record.version_id
+        entry = by_stream_id.get(record.section_id)
+        if entry is None:
+            raise StreamError(record.offset, f"section id {record.section_id} was never "
+                                             f"started")
+        return entry, versions[record.section_id]
+
+    def _load_record(self, entry: SaveStateEntry, record, payload, version: int,
+                     state: GuestState) -> None:
+        if entry.is_live:
+            entry.handlers.load(self, payload, version, record.type)
+        else:
+            spec = self.specs[entry.section_id]
+            entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
+            entry.load_state(payload, version)
+            spec.put(state, entry.opaque)
+            entry.opaque = None
 
     def _check_complete(self, state: GuestState, loaded: set[int]) -> None:
         missing = [e.name for e in self.registry.entries() if e.section_id not in loaded]
@@ -178,6 +230,55 @@ class Machine:
 
     def close(self) -> None:
         self.guest.close()
+
+
+# Modules a destination imports to build and load either kind of guest.
+_GUEST_MODULES = ("pymig.guest.kvm_guest", "pymig.kvm.statedesc", "pymig.guest.simulated")
+
+
+def warm_up_incoming() -> None:
+    """Pay ahead of any stream what building the first destination guest of a process costs
+    once: importing the guest modules and probing the host's KVM (the scratch-vCPU MSR and TSC
+    probes, tens of ms, cached per process).
+
+    A destination waits for its stream with nothing else to do, while the source waits for
+    READY, which comes only once the guest is built; so this runs while listening
+    (:meth:`pymig.incoming.Incoming.listen`) and :meth:`Machine.incoming` then costs only
+    the VM itself.  Failures are left for the real build to report.
+    """
+    try:
+        for name in _GUEST_MODULES:
+            importlib.import_module(name)
+        from pymig.kvm.system import Kvm
+
+        with Kvm() as kvm:
+            kvm.migratable_msrs(kvm.check("KVM_CAP_IRQCHIP") > 0)
+    except Exception as exc:  # noqa: BLE001 - e.g. no /dev/kvm: a simulated guest needs none
+        log.debug("incoming warm-up stopped early: %s", exc)
+
+
+WARM_UP_DELAY_S = 0.2
+
+
+class WarmUp:
+    """:func:`warm_up_incoming` in a daemon thread, :data:`WARM_UP_DELAY_S` after it is
+    created (the process that just started listening has its own start-up to finish first,
+    such as its control socket) or at once when :meth:`finish` is called, which then waits
+    for it: call it before building the guest."""
+
+    def __init__(self, delay_s: float = WARM_UP_DELAY_S):
+        self._go = threading.Event()
+        self._delay_s = delay_s
+        self._thread = threading.Thread(target=self._run, name="pymig-warm-up", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._go.wait(self._delay_s)
+        warm_up_incoming()
+
+    def finish(self) -> None:
+        self._go.set()
+        self._thread.join()
 
 
 def load_config(reader: "stream.StreamReader") -> GuestConfig:

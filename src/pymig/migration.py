@@ -28,13 +28,14 @@ acknowledgement is lost, so a guest never runs in two places.
 from __future__ import annotations
 
 import enum
+import math
 import threading
 import time
 from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import Bandwidth
+from pymig.estimate import Bandwidth, DirtyRate, SwitchoverCost, in_flight_bytes
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -234,6 +235,8 @@ class Migration:
             stats.setup_done()
 
             bandwidth = Bandwidth()
+            switchover_s = SwitchoverCost().seconds(guest.vcpu_count)
+            own_rate = DirtyRate()
             iteration = 0
             last_sync = time.monotonic()
             sent_period = 0
@@ -262,6 +265,10 @@ class Migration:
                     bytes_dirtied_period=dirtied * stats.page_size,
                     throttle_pct=throttle,
                     manual_switchover_requested=self._manual_switchover.is_set(),
+                    switchover_s=switchover_s,
+                    in_flight_bytes=in_flight_bytes(channel),
+                    own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
+                                                       throttle, period),
                 )
                 decision = self.decide(metrics, policy_params(params))
                 record = stats.record_sync(
@@ -280,6 +287,7 @@ class Migration:
                 if decision.action == policy_mod.Action.CANCEL:
                     raise Cancelled(f"migration cancelled: {decision.reason}")
                 t0, b0 = time.monotonic(), channel.bytes_sent
+                saver.slice_deadline = t0 + iteration_slice_s(params)
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
                 sent_period = channel.bytes_sent - b0
@@ -385,6 +393,19 @@ class Migration:
 
 
 ACK_TIMEOUT_S = 60.0
+THROTTLE_SLICE_S = 0.1
+
+
+def iteration_slice_s(params: MigrationParameters) -> float:
+    """How long one iteration sends before the next sync and decision.  A policy that may
+    throttle the guest needs its dirty rate now, not after a whole pass over RAM (seconds of
+    a large guest at a capped bandwidth): then an iteration is a slice of
+    :data:`THROTTLE_SLICE_S` and the next one goes on where it stopped.  Otherwise an
+    iteration is a whole pass (``math.inf``)."""
+    caps = params.capabilities
+    if caps.get("auto-converge") or caps.get("dirty-limit"):
+        return THROTTLE_SLICE_S
+    return math.inf
 SEND_TIMEOUT_S = 120.0
 
 

@@ -8,9 +8,10 @@ user can swap in a policy of their own with the same signature (:data:`Policy`).
 
 The rule, in order (the first that holds decides):
 
-1. **fits-limit** - the expected downtime ``pending_bytes / bandwidth_bps`` is within
-   ``downtime_limit_s``: switch over.  Nothing pending means 0 s; pending bytes with no
-   bandwidth estimate (0) mean "unknown" (``math.inf``) and never fit.
+1. **fits-limit** - the expected downtime ``switchover_s + (pending_bytes + in_flight_bytes)
+   / bandwidth_bps`` (:attr:`Metrics.expected_downtime_s`) is within ``downtime_limit_s``:
+   switch over.  Nothing pending or in flight means the fixed cost ``switchover_s``; bytes to
+   send with no bandwidth estimate (0) mean "unknown" (``math.inf``) and never fit.
 2. **manual** - the user asked for switchover now: switch over, whatever the estimate.
 3. **a limit** - ``max_iterations``, ``max_total_time_s`` or ``max_bytes_ratio`` (bytes sent
    over RAM size) is reached: ``limit_action`` says whether to switch over anyway
@@ -22,7 +23,8 @@ The rule, in order (the first that holds decides):
    * ``step`` (QEMU's): ``throttle_initial_pct``, then ``+throttle_increment_pct`` per hot
      period, capped at ``throttle_max_pct``; never lowered while the migration runs.
    * ``aim``: take the guest's unthrottled dirty rate ``D = dirty_rate / (1 - throttle)``
-     (dirtying scales with vCPU run time) and pick the smallest ``t`` with
+     (dirtying scales with vCPU run time; or ``own_dirty_rate_bps``, the recent peak of that,
+     when higher) and pick the smallest ``t`` with
      ``D * (1 - t) <= throttle_aim_margin * bandwidth``, clamped to
      ``[throttle_initial_pct, throttle_max_pct]``; recomputed every period from the measured
      rate, so it corrects itself up or down.  A guest dirtying 630k pages/s (2.6 GB/s) over a
@@ -65,18 +67,24 @@ class Metrics:
     bytes_sent_period: int
     bytes_dirtied_period: int
     throttle_pct: int = 0  # the throttle in force now
+    switchover_s: float = 0.0  # fixed cost of a switchover (pymig.estimate.SwitchoverCost)
+    own_dirty_rate_bps: float = 0.0  # the guest's unthrottled rate, recent peak (DirtyRate)
+    in_flight_bytes: int = 0  # sent, not yet taken in by the destination
     vcpu_dirty_rates: tuple[float, ...] | None = None  # pages/s per vCPU, when known
     manual_switchover_requested: bool = False
     dirty_limited: bool = False  # per-vCPU dirty caps are in force
 
     @property
     def expected_downtime_s(self) -> float:
-        """Seconds to send what is pending; ``math.inf`` when that is unknown."""
-        if self.pending_bytes <= 0:
-            return 0.0
+        """Seconds the guest would stay stopped if it stopped now: the fixed switchover cost,
+        then sending what is pending and what the destination still has to take in;
+        ``math.inf`` when that is unknown."""
+        to_send = max(self.pending_bytes, 0) + max(self.in_flight_bytes, 0)
+        if to_send <= 0:
+            return self.switchover_s
         if not self.bandwidth_bps > 0 or math.isinf(self.bandwidth_bps):
             return math.inf
-        return self.pending_bytes / self.bandwidth_bps
+        return self.switchover_s + to_send / self.bandwidth_bps
 
 
 @dataclass
@@ -201,7 +209,7 @@ def aim_throttle(metrics: Metrics, params: PolicyParams) -> tuple[int, float]:
     measured = metrics.dirty_rate_bps
     if metrics.vcpu_dirty_rates:
         measured = max(measured, sum(metrics.vcpu_dirty_rates) * metrics.page_size)
-    raw_rate = measured / (1 - current)
+    raw_rate = max(measured / (1 - current), metrics.own_dirty_rate_bps)
     budget = params.throttle_aim_margin * metrics.bandwidth_bps
     needed = 1 - budget / raw_rate if raw_rate > 0 else 0.0
     pct = math.ceil(needed * 100 - 1e-9)  # round up: a throttle just short does not fit

@@ -9,8 +9,11 @@ Source (:class:`RamSaver`)::
               calls this once per iteration, before asking the policy)
     iterate   take pages from the migration bitmap in packets (core.encode_packet: test-and-
               clear, zero check, copy, checksum, all in C) and send each as a PART section;
-              re-arm dirty tracking (KVM_CLEAR_DIRTY_LOG) one chunk ahead of the reader, so a
-              write after the clear is logged again and a write before it is in the copy
+              re-arm dirty tracking (KVM_CLEAR_DIRTY_LOG) for each 4 MiB chunk just before
+              reading it, so a write after the clear is logged again and a write before it is
+              in the copy.
+              A sender thread puts each packet on the wire while the next one is encoded
+              (:class:`PacketWorker`; both steps run without the GIL)
     complete  vCPUs are stopped: a last sync and everything still dirty, then END
 
 Destination (:class:`RamLoader`): checks the block list against its own guest, then decodes
@@ -21,9 +24,14 @@ a page the destination never received stays untouched, which for fresh memory me
 from __future__ import annotations
 
 import json
+import math
+import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from pymig import core
 from pymig.errors import MigrationError, StateError
@@ -32,7 +40,12 @@ from pymig.memory import RamBlock
 RAM_IDSTR = "ram"
 RAM_VERSION = 1
 PACKET_BYTES = 1 << 20  # 256 pages of 4 KiB: ~1k Python calls per GiB, each GIL-free inside
-CLEAR_CHUNK_PAGES = 1 << 14  # re-protect 64 MiB at a time, just ahead of the sender
+PACKET_BUFFERS = 4  # one being encoded, one held back, one queued, one being sent
+# Re-protect 4 MiB (four packets) at a time, just ahead of the sender: a page the guest writes
+# again after its clear is sent again next iteration, so the shorter the time from a page's
+# clear to the end of the pass, the less there is to resend; each clear costs one ioctl
+# (~20 us with pymig's bookkeeping), 256 per GiB sent.
+CLEAR_CHUNK_PAGES = 1 << 10
 
 
 @dataclass
@@ -53,6 +66,123 @@ def describe_blocks(blocks: list[RamBlock]) -> bytes:
     ]).encode()
 
 
+class PacketWorker:
+    """Runs packet jobs in a second thread, one packet behind the caller, so that the two
+    halves of moving a packet overlap: on the source the RAM saver encodes packet n+1 (guest
+    memory into a buffer, in C without the GIL) while the worker sends packet n (sendmsg,
+    without the GIL); on the destination the loader receives packet n+1 (recv_into, without
+    the GIL) while the worker decodes packet n into guest memory (in C, without the GIL).
+    Jobs run in the order they were submitted.
+
+    The caller takes a free buffer (:meth:`buffer`), fills it and submits it with the job that
+    consumes it (:meth:`submit`); the buffer is free again once the job ran.  :meth:`drain`
+    waits until every submitted job ran.  A job that fails is raised by the next
+    :meth:`buffer` or :meth:`drain` (the jobs submitted after it are dropped: the migration
+    fails anyway).
+
+    Handing a job over wakes the thread; for a lone packet that wake-up is only delay (inside
+    the downtime, the last pass of an idle guest is one small packet or none).  So
+    :meth:`submit` keeps the latest job back until the next one comes, and :meth:`drain` runs
+    a job that never got company in the caller's thread: the worker starts only when there
+    are two packets to overlap.
+    """
+
+    def __init__(self, name: str, nbuffers: int = PACKET_BUFFERS,
+                 buffer_bytes: int = PACKET_BYTES):
+        self.name = name
+        self.buffer_bytes = buffer_bytes
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(nbuffers):
+            self._free.put(bytearray(buffer_bytes))
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._held: tuple[bytearray | None, Callable[[], None]] | None = None
+        self._handed = 0  # jobs handed to the thread since the last drain
+        self.error: BaseException | None = None
+
+    def buffer(self) -> bytearray:
+        """A free buffer (waits for one)."""
+        buf = self._free.get()
+        if self.error is not None:
+            self._free.put(buf)
+            raise self.error
+        return buf
+
+    def give_back(self, buf: bytearray) -> None:
+        """Return a buffer taken with :meth:`buffer` and not submitted."""
+        self._free.put(buf)
+
+    def submit(self, buf: bytearray | None, job: Callable[[], None]) -> None:
+        """Run ``job``, which consumes ``buf`` (one of ours, or None for a buffer of the
+        caller's own), after every job submitted before it."""
+        held, self._held = self._held, (buf, job)
+        if held is not None:
+            self._hand_over(*held)
+
+    def drain(self) -> None:
+        """Run or finish every submitted job; raises the first failure."""
+        held, self._held = self._held, None
+        if held is not None:
+            buf, job = held
+            if self._handed or self.error is not None:
+                self._hand_over(buf, job)
+            else:  # alone: no wake-up, no thread
+                try:
+                    job()
+                finally:
+                    if buf is not None:
+                        self._free.put(buf)
+        self._wait()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """Drop a job not yet handed over and wait for the others (after a failure of the
+        caller's: the worker stays away from the stream from here)."""
+        held, self._held = self._held, None
+        if held is not None and held[0] is not None:
+            self._free.put(held[0])
+        self._wait()
+
+    def close(self) -> None:
+        """Stop the thread and forget any failure; the worker can start again later."""
+        self.abandon()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join()
+        self.error = None
+
+    def _hand_over(self, buf: bytearray | None, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._handed += 1
+        self._jobs.put((buf, job))
+
+    def _wait(self) -> None:
+        if self._handed:
+            done = threading.Event()
+            self._jobs.put((False, done.set))
+            done.wait()
+            self._handed = 0
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            buf, job = item
+            try:
+                if buf is False or self.error is None:
+                    job()
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                self.error = exc
+            finally:
+                if isinstance(buf, bytearray):
+                    self._free.put(buf)
+
+
 class RamSaver:
     """Source half of the RAM entry for one guest."""
 
@@ -60,13 +190,18 @@ class RamSaver:
         self.guest = guest
         self.blocks: list[RamBlock] = list(guest.ram_blocks)
         self.bitmaps = [core.new_bitmap(b.npages) for b in self.blocks]
+        # dirty-log bits already counted by a sync and not re-armed since (see sync())
+        self._seen = [core.new_bitmap(b.npages) for b in self.blocks]
         self.counters = RamCounters()
-        self.packet = bytearray(packet_bytes)
+        self.sender = PacketWorker("pymig-ram-sender", buffer_bytes=packet_bytes)
         self.dirty_pages_last_sync = 0
-        self._cleared_upto: list[int] = [0] * len(self.blocks)
         self._logging = False
         self._lock = threading.Lock()
         self.cancelled: Callable[[], bool] = lambda: False
+        # iterate() stops at the first chunk boundary after this time.monotonic() (inf: it
+        # sends everything); the next call goes on from there, wrapping around at the end
+        self.slice_deadline: float = math.inf
+        self._resume: tuple[int, int] = (0, 0)  # (block index, first page) to go on from
         # on_packet(nbytes, normal_pages, zero_pages) after each packet is on the wire
         self.on_packet: Callable[[int, int, int], None] = lambda nbytes, normal, zero: None
 
@@ -75,6 +210,9 @@ class RamSaver:
         """Turn dirty logging on, then seed the bitmap with every page that may hold data."""
         self.guest.start_dirty_log()
         self._logging = True
+        self._resume = (0, 0)
+        for seen in self._seen:
+            seen[:] = 0
         # Order matters: logging first, then mincore. A page first written after the mincore
         # is in the dirty log; one written before is resident, so it is in `touched`.
         for bitmap, block in zip(self.bitmaps, self.blocks):
@@ -83,13 +221,21 @@ class RamSaver:
 
     # -- per iteration -----------------------------------------------------------------------
     def sync(self) -> int:
-        """Merge the dirty log into the migration bitmap; returns pages newly dirtied."""
-        newly = 0
-        for bitmap, block, log in zip(self.bitmaps, self.blocks, self.guest.sync_dirty()):
-            newly += core.bitmap_merge(bitmap, log, block.npages)
-        self._cleared_upto = [0] * len(self.blocks)
-        self.dirty_pages_last_sync = newly
-        return newly
+        """Merge the dirty log into the migration bitmap; returns the pages the guest dirtied
+        since the last sync.
+
+        That count is the pages whose log bit was set since: a page the guest writes again
+        before its chunk is re-armed shows nothing new (the log cannot tell), so it is a lower
+        bound.  It counts what the guest writes whether or not the page was already waiting to
+        be sent, which is what a throttle must know during the first pass over RAM, when
+        nearly every page is."""
+        dirtied = 0
+        for bitmap, seen, block, log in zip(self.bitmaps, self._seen, self.blocks,
+                                            self.guest.sync_dirty()):
+            core.bitmap_merge(bitmap, log, block.npages)
+            dirtied += core.bitmap_merge(seen, log, block.npages)
+        self.dirty_pages_last_sync = dirtied
+        return dirtied
 
     def pending_pages(self) -> int:
         return sum(core.bitmap_count(bm, b.npages) for bm, b in zip(self.bitmaps, self.blocks))
@@ -100,51 +246,82 @@ class RamSaver:
                    for bm, b in zip(self.bitmaps, self.blocks))
 
     def iterate(self, out) -> bool:
-        """Send every page the migration bitmap holds; True when it is empty."""
-        for index, (block, bitmap) in enumerate(zip(self.blocks, self.bitmaps)):
-            cursor = 0
-            while True:
-                cursor = core.bitmap_find_next(bitmap, block.npages, cursor)
-                if cursor >= block.npages:
-                    break
-                self._clear_ahead(index, cursor)
-                if self.cancelled():
-                    raise MigrationError("migration cancelled")
-                limit = min(block.npages, self._cleared_upto[index])
-                result = core.encode_packet(block.array, block.page_size, block.block_id, bitmap,
-                                            limit, cursor, self.packet)
-                if result.nbytes == 0:  # nothing left below the cleared limit
-                    cursor = limit
-                    continue
-                out.part(memoryview(self.packet)[: result.nbytes], nocsum=True)
-                c = self.counters
-                c.normal_pages += result.normal_pages
-                c.zero_pages += result.zero_pages
-                c.packets += 1
-                c.bytes += result.nbytes
-                self.on_packet(result.nbytes, result.normal_pages, result.zero_pages)
-                cursor = result.cursor
+        """Send the pages the migration bitmap holds, chunk by chunk, from where the last call
+        stopped (wrapping around at the end); True when it got through them all, False when
+        :attr:`slice_deadline` passed first.
+
+        Returns once every packet is on the wire (a failure to send raises here)."""
+        sender = self.sender
+        deadline = self.slice_deadline
+        try:
+            chunks = self._chunks()
+            for number, (index, first) in enumerate(chunks):
+                block, bitmap = self.blocks[index], self.bitmaps[index]
+                end = min(first + CLEAR_CHUNK_PAGES, block.npages)
+                # Re-arm dirty tracking for the chunk before any of it is read: a write after
+                # this is logged again, a write before it is in the copy.
+                self.guest.clear_dirty(index, first, end - first)
+                self._seen[index][first // 64:(end + 63) // 64] = 0
+                cursor = first
+                while True:
+                    if self.cancelled():
+                        raise MigrationError("migration cancelled")
+                    buf = sender.buffer()
+                    result = core.encode_packet(block.array, block.page_size, block.block_id,
+                                                bitmap, end, cursor, buf)
+                    if result.nbytes == 0:  # the chunk is sent
+                        sender.give_back(buf)
+                        break
+                    sender.submit(buf, self._send_job(out, buf, result))
+                    cursor = result.cursor
+                if time.monotonic() >= deadline and number + 1 < len(chunks):
+                    self._resume = chunks[number + 1]
+                    sender.drain()
+                    return False
+        except BaseException:
+            sender.abandon()
+            raise
+        sender.drain()
         return True
 
-    def _clear_ahead(self, index: int, page: int) -> None:
-        """Re-arm dirty tracking for the chunk holding ``page`` before any of it is read."""
-        if page < self._cleared_upto[index]:
-            return
-        block = self.blocks[index]
-        start = page - page % CLEAR_CHUNK_PAGES
-        count = min(CLEAR_CHUNK_PAGES, block.npages - start)
-        self.guest.clear_dirty(index, start, count)
-        self._cleared_upto[index] = start + count
+    def _chunks(self) -> list[tuple[int, int]]:
+        """(block index, first page) of every clear chunk holding pending pages, in sending
+        order: from :attr:`_resume` to the end of RAM, then from the start."""
+        order = []
+        words = CLEAR_CHUNK_PAGES // 64
+        for index, (block, bitmap) in enumerate(zip(self.blocks, self.bitmaps)):
+            nchunks = (block.npages + CLEAR_CHUNK_PAGES - 1) // CLEAR_CHUNK_PAGES
+            padded = np.zeros(nchunks * words, dtype=np.uint64)
+            padded[: bitmap.size] = bitmap
+            busy = np.flatnonzero(padded.reshape(nchunks, words).any(axis=1))
+            order += [(index, first) for first in (busy * CLEAR_CHUNK_PAGES).tolist()]
+        split = next((i for i, chunk in enumerate(order) if chunk >= self._resume), len(order))
+        return order[split:] + order[:split]
+
+    def _send_job(self, out, buf: bytearray, result) -> Callable[[], None]:
+        def job() -> None:
+            out.part(memoryview(buf)[: result.nbytes], nocsum=True)
+            c = self.counters
+            c.normal_pages += result.normal_pages
+            c.zero_pages += result.zero_pages
+            c.packets += 1
+            c.bytes += result.nbytes
+            self.on_packet(result.nbytes, result.normal_pages, result.zero_pages)
+
+        return job
 
     # -- stop-and-copy -----------------------------------------------------------------------
     def complete(self, out) -> None:
         """With the vCPUs stopped: last sync, every remaining page, then END."""
         self.sync()
+        self.slice_deadline = math.inf
         self.iterate(out)
         out.end(b"")
 
     def cleanup(self) -> None:
-        """Stop dirty logging (success or failure); safe to call twice."""
+        """Stop the sender thread and dirty logging (success or failure); safe to call
+        twice."""
+        self.sender.close()
         if self._logging:
             self._logging = False
             self.guest.stop_dirty_log()

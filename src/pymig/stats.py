@@ -12,8 +12,10 @@ socket, the CLI's progress line, tests) at any moment: every method takes one lo
     total-time                         ms since the migration began (frozen when it ends)
     setup-time                         ms the setup phase took (once it is over)
     downtime                           ms the guest was stopped, measured (once completed)
-    expected-downtime                  ms to send what is pending, as last estimated (while in
-                                       progress, when the bandwidth is known)
+    expected-downtime                  ms the guest would stay stopped if it stopped now, as
+                                       last estimated: the switchover's fixed cost, then what
+                                       is pending and still in flight at the bandwidth (while
+                                       in progress, when the bandwidth is known)
     ram.transferred                    bytes of RAM data put on the wire (headers included)
     ram.remaining                      bytes still dirty at the last sync
     ram.total                          bytes of guest RAM

@@ -39,7 +39,8 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
-from pymig.guest.workloads import MailboxRecord, progress_from_mailbox, read_mailbox
+from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
+                                   write_fill)
 from pymig.kvm import cpustate
 from pymig.kvm.machine import Machine
 from pymig.kvm.system import Kvm
@@ -126,6 +127,7 @@ class KvmGuest:
             workload = builtin.check_config(self.config)
             for gpa, chunk in builtin.memory_writes(workload, self.kvm.tsc_khz, top):
                 self.write_phys(gpa, chunk)
+            write_fill(self.ram_blocks, workload)
             entries = [builtin.entry(workload.name, base[i], i)
                        for i in range(self.config.vcpus)]
         for vcpu, entry in zip(self.machine.vcpus, entries):

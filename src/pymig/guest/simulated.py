@@ -55,7 +55,8 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
-from pymig.guest.workloads import Workload, pack_params, progress_from_mailbox, resolve
+from pymig.guest.workloads import (Workload, pack_params, progress_from_mailbox, resolve,
+                                   write_fill)
 from pymig.memory import Backing, RamBlock
 from pymig.vmstate import Field, VMStateDescription
 
@@ -124,10 +125,10 @@ class SimulatedGuest:
         ``dirty_ring`` is accepted so that one set of options builds either kind of guest; the
         writers count their own dirty pages and need no ring.
 
-        A source (``incoming=False``) gets its parameter block written and its writers set at the
-        workload's start.  A destination (``incoming=True``) gets nothing written at all, not
-        even the parameter block or the mailbox: the migration brings the memory, then
-        :meth:`load_state` the writers' state.
+        A source (``incoming=False``) gets its parameter block (and an idle guest's random fill)
+        written and its writers set at the workload's start.  A destination
+        (``incoming=True``) gets nothing written at all, not even the parameter block or the
+        mailbox: the migration brings the memory, then :meth:`load_state` the writers' state.
         """
         if config.kind != "simulated":
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
@@ -143,6 +144,7 @@ class SimulatedGuest:
         guest = cls(config, workload, blocks, writers, incoming)
         if not incoming:
             write_phys(blocks, PARAMS_GPA, params)
+            write_fill(blocks, workload)
         return guest
 
     # --- lifecycle ---------------------------------------------------------------------------

@@ -67,8 +67,14 @@ bursting.  Unpaced, a batch is 64 pages and nobody waits.  Page writes count as 
 is throttled, so a paced vCPU with CPU to spare catches up; a simulated writer's clock stops
 while it is throttled, so it writes (100 - p) % of its rate.
 
-idle
+idle  (fill_bytes)
     Touches no memory after start (KVM: hlt with interrupts off; a simulated writer sleeps).
+    With ``fill_bytes`` > 0 the host fills guest-physical [1 MiB, 1 MiB + fill_bytes) with
+    random content before start (:func:`fill_content`: the little-endian u64 words numpy's
+    ``PCG64(FILL_SEED).random_raw()`` gives, in order), so the RAM holds data that is neither
+    zero nor compressible, as a real guest's page cache would (migration throughput
+    benchmarks).  Both guests write it from :func:`write_fill`; a destination gets it from
+    the migration.
 
 dirtier  (working_set_bytes, rate_pages_per_s, pattern, hot_fraction, hot_share,
          vcpu_rates_pages_per_s)
@@ -144,7 +150,7 @@ WORKLOAD_IDS = {"idle": 1, "dirtier": 2, "selfcheck": 3, "compute": 4}
 PATTERNS = ("uniform", "sequential", "hotspot")
 PATTERN_IDS = {"uniform": 0, "sequential": 1, "hotspot": 2}
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "idle": {},
+    "idle": {"fill_bytes": 0},
     "dirtier": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0, "pattern": "uniform",
                 "hot_fraction": 0.1, "hot_share": 0.9, "vcpu_rates_pages_per_s": None},
     "selfcheck": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0},
@@ -174,7 +180,8 @@ assert MAILBOX_RECORD.size == MAILBOX_RECORD_BYTES
 class WorkloadParams:
     """A workload's parameters, validated and completed with the defaults.
 
-    ``area_bytes`` is the working set (dirtier, selfcheck) or the region (compute), 0 for idle.
+    ``area_bytes`` is the working set (dirtier, selfcheck) or the region (compute), 0 for idle;
+    ``fill_bytes`` the random fill of an idle guest (from 1 MiB, written by the host).
     """
 
     workload: str
@@ -185,6 +192,7 @@ class WorkloadParams:
     hot_share: float = 0.9
     rounds: int = 0
     vcpu_rates: tuple[int, ...] = ()  # dirtier: one rate per vCPU instead of the even split
+    fill_bytes: int = 0
 
     @property
     def workload_id(self) -> int:
@@ -279,7 +287,11 @@ def parse_params(workload: str, params: dict[str, Any] | None = None) -> Workloa
                          f"{sorted(DEFAULTS[workload]) or 'none'}")
     merged = {**DEFAULTS[workload], **given}
     if workload == "idle":
-        return WorkloadParams("idle")
+        fill = _int_param("fill_bytes", merged["fill_bytes"], 0)
+        if fill % GUEST_PAGE_SIZE:
+            raise ValueError(f"workload parameter 'fill_bytes' must be a multiple of "
+                             f"{GUEST_PAGE_SIZE}, not {fill}")
+        return WorkloadParams("idle", fill_bytes=fill)
     rate = _int_param("rate_pages_per_s", merged["rate_pages_per_s"], 0)
     if workload == "compute":
         rounds = _int_param("rounds", merged["rounds"], 1)
@@ -382,6 +394,14 @@ def resolve(config: GuestConfig) -> Workload:
             raise ValueError(
                 f"{workload.name}: its {workload.params.area_bytes} bytes at {WORKSET_GPA:#x} do "
                 f"not fit in the guest's RAM blocks ({config.memory_bytes} bytes)") from None
+    if workload.params.fill_bytes:
+        try:
+            locate(config.blocks, WORKSET_GPA, workload.params.fill_bytes)
+        except ValueError:
+            raise ValueError(
+                f"idle: a fill of {workload.params.fill_bytes} bytes at {WORKSET_GPA:#x} does "
+                f"not fit in one of the guest's RAM blocks ({config.memory_bytes} bytes)"
+            ) from None
     return workload
 
 
@@ -486,6 +506,44 @@ def pack_params(workload: Workload, tick_khz: int) -> bytes:
 
 def unpack_params(page: bytes | memoryview | np.ndarray) -> ParamBlock:
     return ParamBlock.unpack(page)
+
+
+# --- the random fill ------------------------------------------------------------------------
+
+FILL_SEED = 0x504D_4947_4649_4C4C  # "PMIGFILL"
+FILL_CHUNK_BYTES = 64 * MiB  # generated and written this much at a time
+
+
+def fill_chunks(fill_bytes: int, chunk_bytes: int = FILL_CHUNK_BYTES):
+    """The random fill of ``fill_bytes`` (a multiple of 8), as ``(offset, uint8 array)`` pieces
+    of at most ``chunk_bytes`` (a multiple of 8) in order; see ``idle`` in the module
+    docstring."""
+    if fill_bytes % 8 or chunk_bytes % 8 or chunk_bytes <= 0:
+        raise ValueError("the fill and its chunks are whole u64 words")
+    bitgen = np.random.PCG64(FILL_SEED)
+    for offset in range(0, fill_bytes, chunk_bytes):
+        words = bitgen.random_raw(min(chunk_bytes, fill_bytes - offset) // 8)
+        yield offset, words.astype("<u8", copy=False).view(np.uint8)
+
+
+def fill_content(fill_bytes: int) -> np.ndarray:
+    """The whole random fill of ``fill_bytes`` bytes (tests; guests write it by chunks)."""
+    out = np.empty(fill_bytes, dtype=np.uint8)
+    for offset, chunk in fill_chunks(fill_bytes):
+        out[offset:offset + chunk.size] = chunk
+    return out
+
+
+def write_fill(blocks: Sequence[Any], workload: Workload) -> None:
+    """Write ``workload``'s random fill into a source guest's RAM blocks (nothing without
+    one).  Called by both guests at creation, before start; never on a destination."""
+    fill = workload.params.fill_bytes
+    if not fill:
+        return
+    index, start = locate(blocks, WORKSET_GPA, fill)
+    array = blocks[index].array
+    for offset, chunk in fill_chunks(fill):
+        array[start + offset:start + offset + chunk.size] = chunk
 
 
 # --- guest memory as the host reads it -----------------------------------------------------

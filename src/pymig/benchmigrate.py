@@ -1,0 +1,512 @@
+"""Migration benchmarks as users run migrations: a source process and a destination process
+talking over loopback TCP, driven through their control sockets.
+
+Each run of a :class:`Scenario`::
+
+    source process  (python -m pymig.benchmigrate source ...: builds the guest, starts it and
+                     serves it exactly as ``pymig run --control`` does, through
+                     pymig.session.Session and pymig.process.serve)
+    destination     (python -m pymig incoming tcp:127.0.0.1:0 --control ...: the real CLI)
+    this process    sets the parameters and capabilities over QMP, resets the source's peak
+                    RSS (/proc/PID/clear_refs), sends ``migrate``, waits for the MIGRATION
+                    event that ends it, reads ``query-migrate``, the source's peak RSS, and
+                    (when the scenario compares with it) the raw loopback socket ceiling
+                    measured right after, in the same run
+
+and :func:`run_scenario` repeats it and reports medians and each figure's ratio to its target
+(a ratio <= 1 meets an "at most" target, >= 1 an "at least" one).
+
+Two ceilings are measured right after each run of a scenario that compares with them, over the
+same loopback, between this process and a fresh child process:
+
+* ``ceiling_bps``: a plain ``sendall`` loop of 1 MiB writes into a receiver that reuses one
+  4 MiB buffer (:func:`pymig.transport.ceiling.raw_socket_throughput`), the issue's ceiling;
+* ``fresh_ceiling_bps``: the same sender into a receiver that receives into a fresh mapping of
+  the guest's RAM size (transparent huge pages, as a destination's RAM), so it pays the first
+  touch of new memory exactly once per byte, as any destination must.
+
+    python -m pymig.benchmigrate bench [SCENARIO ...] [--runs N] [--json] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Target:
+    """One figure's target: ``at_most`` (ratio = value / limit) or ``at_least``
+    (ratio = value / limit, where the limit may be relative to a ceiling)."""
+
+    figure: str
+    limit: float
+    kind: str = "at_most"  # "at_most" | "at_least"
+    relative_to: str | None = None  # a figure the limit is a share of (e.g. the ceiling)
+
+    def limit_value(self, figures: dict[str, float]) -> float:
+        if self.relative_to is None:
+            return self.limit
+        return self.limit * figures[self.relative_to]
+
+    def ratio(self, figures: dict[str, float]) -> float:
+        limit = self.limit_value(figures)
+        value = figures[self.figure]
+        return value / limit if limit else math.inf
+
+    def met(self, figures: dict[str, float]) -> bool:
+        ratio = self.ratio(figures)
+        return ratio <= 1.0 if self.kind == "at_most" else ratio >= 1.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A guest, migration settings and the targets its figures are held to."""
+
+    name: str
+    memory_bytes: int
+    workload: str = "idle"
+    params: dict[str, Any] = field(default_factory=dict)
+    kind: str = "kvm"  # "kvm" | "simulated" | "auto" (KVM where /dev/kvm works)
+    vcpus: int = 1
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0
+    auto_converge: bool = False
+    warmup_s: float = 0.3  # the workload runs this long before the migration starts
+    ceiling: bool = False  # measure the raw loopback socket ceiling in each run
+    timeout_s: float = 120.0
+    targets: tuple[Target, ...] = ()
+    description: str = ""
+
+
+# Figures every run reports (ms, bytes, bytes/s, or a plain ratio).
+FIGURES = ("total_ms", "downtime_ms", "expected_downtime_ms", "expected_error", "setup_ms",
+           "transferred_bytes", "throughput_bps", "iterations", "throttle_pct",
+           "rss_overhead_bytes", "rss_overhead_ratio", "ceiling_bps", "throughput_ratio",
+           "fresh_ceiling_bps", "fresh_ratio")
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def _add(scenario: Scenario) -> None:
+    SCENARIOS[scenario.name] = scenario
+
+
+_add(Scenario("idle-1g", 1 * GiB, description="idle 1 GiB guest, uncapped",
+              targets=(Target("total_ms", 50), Target("downtime_ms", 5),
+                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
+_add(Scenario("idle-4g", 4 * GiB, description="idle 4 GiB guest, uncapped",
+              targets=(Target("total_ms", 100),)))
+_add(Scenario("idle-16g", 16 * GiB, description="idle 16 GiB guest, uncapped",
+              targets=(Target("total_ms", 150),)))
+_add(Scenario("dirty-100m", 1 * GiB, "dirtier",
+              {"working_set_bytes": 100 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
+              warmup_s=1.0,
+              description="1 GiB guest incrementing a byte in every page of a 100 MiB working "
+                          "set, pass after pass, flat out; uncapped, downtime limit 300 ms",
+              targets=(Target("total_ms", 500), Target("downtime_ms", 40),
+                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
+_add(Scenario("random-1g", 1 * GiB, "idle", {"fill_bytes": 1 * GiB - MiB}, ceiling=True,
+              warmup_s=0.3,
+              description="idle 1 GiB guest whose RAM holds random content, uncapped; "
+                          "throughput against a raw loopback socket stream of 1 MiB writes",
+              targets=(Target("throughput_bps", 0.6, "at_least", "ceiling_bps"),
+                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
+_add(Scenario("nonconv-512m", 1 * GiB, "dirtier",
+              {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
+              auto_converge=True, warmup_s=1.0,
+              description="1 GiB guest incrementing a byte in every page of a 512 MiB working "
+                          "set, flat out; uncapped, auto-converge (aim)",
+              targets=(Target("total_ms", 1200), Target("downtime_ms", 150))))
+_add(Scenario("nonconv-512m-100mbs", 1 * GiB, "dirtier",
+              {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
+              auto_converge=True, max_bandwidth=100_000_000, warmup_s=1.0, timeout_s=90.0,
+              description="the same guest with max-bandwidth 100 MB/s, auto-converge (aim)",
+              targets=(Target("total_ms", 60_000), Target("downtime_ms", 300))))
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def child_env() -> dict[str, str]:
+    """Environment for a child that imports the pymig this process imports."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def _wait_for_path(path: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before "
+                               f"creating {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(20)
+
+
+def resolve_kind(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    from pymig.demo import kvm_usable
+
+    return "kvm" if kvm_usable() else "simulated"
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of ``pid`` in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = lambda s: None,
+             wrap: Callable[[str, list[str]], list[str]] | None = None,
+             trace: str | None = None) -> dict[str, float]:
+    """One migration of ``scenario`` between two fresh processes; its figures.
+
+    ``wrap(role, argv)`` may rewrite the command line of the "source" or "destination"
+    process (a profiler, a tracer); ``trace`` is a path for the source's per-iteration trace.
+    """
+    wrap = wrap or (lambda role, argv: argv)
+    from pymig.qmp import QmpClient
+
+    kind = resolve_kind(scenario.kind)
+    src_ctl = os.path.join(workdir, "src.sock")
+    dst_ctl = os.path.join(workdir, "dst.sock")
+    for path in (src_ctl, dst_ctl):
+        if os.path.exists(path):
+            os.unlink(path)
+    config = {"kind": kind, "workload": scenario.workload, "params": scenario.params,
+              "memory_bytes": scenario.memory_bytes, "vcpus": scenario.vcpus}
+    env = child_env()
+    src = dst = None
+    try:
+        src = subprocess.Popen(wrap("source", [sys.executable, "-m", "pymig.benchmigrate",
+                                               "source", json.dumps(config), src_ctl]),
+                               env=env, stdout=subprocess.DEVNULL)
+        dst = subprocess.Popen(wrap("destination", [sys.executable, "-m", "pymig", "incoming",
+                                                    "tcp:127.0.0.1:0", "--control", dst_ctl,
+                                                    "--quiet"]),
+                               env=env, stdout=subprocess.DEVNULL)
+        _wait_for_path(src_ctl, src)
+        _wait_for_path(dst_ctl, dst)
+        with QmpClient(dst_ctl) as client:
+            uri = client.command("query-migrate")["socket-address"]
+        with QmpClient(src_ctl) as client:
+            params: dict[str, Any] = {"downtime-limit": scenario.downtime_limit_ms,
+                                      "max-bandwidth": scenario.max_bandwidth}
+            client.command("migrate-set-parameters", **params)
+            if scenario.auto_converge:
+                client.command("migrate-set-capabilities", capabilities=[
+                    {"capability": "auto-converge", "state": True}])
+            time.sleep(scenario.warmup_s)
+            rss_before = _proc_status(src.pid)["VmRSS"]
+            peak_reset = _reset_peak_rss(src.pid)
+            client.command("migrate", uri=uri, **({"trace": trace} if trace else {}))
+            final = _wait_migration(client, scenario.timeout_s)
+            peak = _proc_status(src.pid)["VmHWM"] if peak_reset else math.nan
+            try:
+                client.command("quit")
+            except Exception:  # noqa: BLE001 - the process may already be going
+                pass
+        if final.get("status") != "completed":
+            raise RuntimeError(f"{scenario.name}: migration ended {final.get('status')}: "
+                               f"{final.get('error-desc', '')}")
+        figures = figures_from_stats(final, scenario.memory_bytes)
+        figures["rss_overhead_bytes"] = max(peak - rss_before, 0)
+        figures["rss_overhead_ratio"] = figures["rss_overhead_bytes"] / scenario.memory_bytes
+        with QmpClient(dst_ctl) as client:
+            client.command("quit")
+        dst.wait(30)
+    finally:
+        _stop(src)
+        _stop(dst)
+    if scenario.ceiling:
+        from pymig.transport.ceiling import raw_socket_throughput
+
+        figures["ceiling_bps"] = raw_socket_throughput(
+            "tcp", 1 << 20, total_bytes=scenario.memory_bytes, receiver="process")
+        figures["throughput_ratio"] = figures["throughput_bps"] / figures["ceiling_bps"]
+        figures["fresh_ceiling_bps"] = fresh_memory_throughput(scenario.memory_bytes)
+        figures["fresh_ratio"] = figures["throughput_bps"] / figures["fresh_ceiling_bps"]
+    say(f"{scenario.name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
+    return figures
+
+
+_FRESH_RECEIVER = r"""
+import mmap, socket, sys
+port, total = int(sys.argv[1]), int(sys.argv[2])
+sock = socket.create_connection(("127.0.0.1", port))
+ram = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+ram.madvise(mmap.MADV_HUGEPAGE)
+view, got = memoryview(ram), 0
+while got < total:
+    n = sock.recv_into(view[got:got + (4 << 20)], 0, socket.MSG_WAITALL)
+    if not n:
+        sys.exit(f"sender closed after {got} of {total} bytes")
+    got += n
+sock.sendall(b"\x06")
+"""
+
+
+def fresh_memory_throughput(total_bytes: int, write_bytes: int = 1 << 20) -> float:
+    """Bytes/s of a ``sendall`` loop of ``write_bytes`` writes into a child process that
+    receives straight into a fresh mapping of ``total_bytes`` (a destination's first touch of
+    its RAM, and nothing else)."""
+    import socket
+
+    from pymig.transport.ceiling import sendall_loop
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    child = subprocess.Popen([sys.executable, "-c", _FRESH_RECEIVER,
+                              str(listener.getsockname()[1]), str(total_bytes)])
+    try:
+        listener.settimeout(30)
+        sock, _ = listener.accept()
+        with sock:
+            sock.setblocking(True)
+            send = sendall_loop(write_bytes)
+            start = time.perf_counter()
+            send(sock, total_bytes)
+            if sock.recv(1) != b"\x06":
+                raise ConnectionError("the receiver did not confirm the transfer")
+            elapsed = time.perf_counter() - start
+    finally:
+        listener.close()
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return total_bytes / elapsed
+
+
+def _wait_migration(client, timeout: float) -> dict:
+    """Wait for the MIGRATION event that ends the migration, then its final stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            try:
+                client.command("migrate_cancel")
+            finally:
+                raise TimeoutError(f"the migration did not end within {timeout} s")
+        try:
+            event = client.events.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            continue
+        if event.get("event") == "MIGRATION" and event["data"].get("status") in (
+                "completed", "failed", "cancelled"):
+            return client.command("query-migrate")
+
+
+def figures_from_stats(stats: dict, ram_bytes: int) -> dict[str, float]:
+    """The figures of one finished migration, from its query-migrate answer."""
+    ram = stats.get("ram", {})
+    total_ms = float(stats["total-time"])
+    downtime = float(stats.get("downtime", math.nan))
+    expected = float(stats.get("downtime-expected-at-switchover", math.nan))
+    transferred = float(ram.get("transferred", 0))
+    return {
+        "total_ms": total_ms,
+        "downtime_ms": downtime,
+        "expected_downtime_ms": expected,
+        "expected_error": abs(expected - downtime) / downtime if downtime > 0 else math.nan,
+        "setup_ms": float(stats.get("setup-time", math.nan)),
+        "transferred_bytes": transferred,
+        "throughput_bps": transferred / (total_ms / 1000) if total_ms > 0 else math.nan,
+        "iterations": float(stats.get("iterations", 0)),
+        "throttle_pct": float(stats.get("cpu-throttle-percentage", 0)),
+    }
+
+
+# --- many runs -----------------------------------------------------------------------------------
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    runs: list[dict[str, float]]
+
+    @property
+    def medians(self) -> dict[str, float]:
+        keys = [k for k in FIGURES if any(k in r for r in self.runs)]
+        out = {}
+        for key in keys:
+            values = [r[key] for r in self.runs if key in r and not math.isnan(r[key])]
+            out[key] = statistics.median(values) if values else math.nan
+        return out
+
+    def ratios(self) -> dict[str, dict[str, Any]]:
+        med = self.medians
+        out = {}
+        for target in self.scenario.targets:
+            if target.figure not in med or (target.relative_to and
+                                            target.relative_to not in med):
+                continue
+            out[target.figure] = {"median": med[target.figure],
+                                  "limit": target.limit_value(med), "kind": target.kind,
+                                  "ratio": target.ratio(med), "met": target.met(med)}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": asdict(self.scenario), "runs": self.runs, "medians": self.medians,
+                "targets": self.ratios()}
+
+
+def run_scenario(scenario: Scenario | str, runs: int = 5, *,
+                 say: Callable[[str], None] = lambda s: None) -> ScenarioResult:
+    """``runs`` migrations of ``scenario`` (each between two fresh processes)."""
+    if isinstance(scenario, str):
+        scenario = SCENARIOS[scenario]
+    workdir = tempfile.mkdtemp(prefix="pymig-bench-")
+    try:
+        results = [run_once(scenario, workdir, say=say) for _ in range(runs)]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return ScenarioResult(scenario, results)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value == int(value):
+        return str(int(value))
+    return f"{value:.3f}"
+
+
+_UNITS = {"ms": ("ms", 1.0), "bps": ("MB/s", 1e-6), "bytes": ("MiB", 1 / MiB)}
+
+
+def _with_unit(figure: str, value: float) -> str:
+    for suffix, (unit, scale) in _UNITS.items():
+        if figure.endswith("_" + suffix):
+            return f"{value * scale:.1f} {unit}"
+    return f"{value:.3f}" if isinstance(value, float) and value != int(value) else str(value)
+
+
+def format_table(results: list[ScenarioResult]):
+    """A rich Table: each scenario's targeted figures (median), limits, ratios."""
+    from rich.table import Table
+
+    table = Table(title="pymig migration targets (source and destination processes, loopback "
+                        "TCP; medians)")
+    for column in ("scenario", "runs", "figure", "median", "target", "ratio", "met"):
+        table.add_column(column, justify="left" if column in ("scenario", "figure") else "right")
+    for result in results:
+        first = True
+        for figure, r in result.ratios().items():
+            bound = "<=" if r["kind"] == "at_most" else ">="
+            table.add_row(result.scenario.name if first else "",
+                          str(len(result.runs)) if first else "", figure,
+                          _with_unit(figure, r["median"]),
+                          f"{bound} {_with_unit(figure, r['limit'])}", f"{r['ratio']:.2f}",
+                          "[green]yes[/]" if r["met"] else "[red]no[/]")
+            first = False
+    return table
+
+
+def format_result(result: ScenarioResult) -> str:
+    med = result.medians
+    lines = [f"{result.scenario.name}: {result.scenario.description} "
+             f"(median of {len(result.runs)})"]
+    for key, value in med.items():
+        lines.append(f"  {key:22s} {_with_unit(key, value)}")
+    for figure, r in result.ratios().items():
+        lines.append(f"  target {figure}: {_fmt(r['median'])} vs {r['kind']} "
+                     f"{_fmt(r['limit'])} -> ratio {r['ratio']:.2f} "
+                     f"{'met' if r['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+# --- the source child ------------------------------------------------------------------------------
+
+def serve_source(config_json: str, control: str) -> int:
+    """Build and start the guest described by ``config_json`` and serve it like ``pymig run
+    --control``; returns the process's exit code."""
+    from pymig import guest as guests
+    from pymig.process import serve
+    from pymig.session import Session
+
+    spec = json.loads(config_json)
+    config = guests.make_config(kind=spec["kind"], workload=spec["workload"],
+                                params=spec["params"], memory_bytes=spec["memory_bytes"],
+                                vcpus=spec["vcpus"])
+    guest = guests.create(config)
+    guest.start()
+    return serve(Session(guest), control=control, quiet=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pymig.benchmigrate")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_src = sub.add_parser("source", help="(internal) serve a source guest")
+    p_src.add_argument("config")
+    p_src.add_argument("control")
+    p_bench = sub.add_parser("bench", help="run scenarios")
+    p_bench.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
+    p_bench.add_argument("--runs", type=int, default=5)
+    p_bench.add_argument("--json", action="store_true")
+    p_bench.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "source":
+        return serve_source(args.config, args.control)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
+    results = []
+    for name in args.scenarios:
+        result = run_scenario(name, args.runs, say=say)
+        results.append(result)
+        if not args.json:
+            print(format_result(result), flush=True)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""What the migration thread estimates: bandwidth, the fixed cost of a switchover, bytes in
+flight."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pymig.estimate import Bandwidth, DirtyRate, SwitchoverCost, in_flight_bytes
+from pymig.transport import BytesChannel, SocketChannel
+
+
+def test_bandwidth_keeps_meaningful_samples_and_honours_a_cap():
+    bw = Bandwidth(min_sample_bytes=1000)
+    bw.sample(100, 1.0)  # first sample: better than nothing
+    assert bw.bytes_per_s == 100
+    bw.sample(10_000, 1.0)
+    bw.sample(500, 0.001)  # too small to mean anything
+    assert bw.bytes_per_s == 10_000
+    bw.cap(5_000)
+    assert bw.bytes_per_s == 5_000
+
+
+def test_switchover_cost_grows_with_the_vcpus():
+    cost = SwitchoverCost(base_s=0.002, per_vcpu_s=0.001)
+    assert cost.seconds(1) == pytest.approx(0.003)
+    assert cost.seconds(4) == pytest.approx(0.006)
+    assert SwitchoverCost().seconds(1) > 0
+
+
+def test_bytes_the_peer_has_not_read_are_in_flight():
+    a, b = socket.socketpair()
+    channel = SocketChannel(a, "socketpair")
+    try:
+        assert in_flight_bytes(channel) == 0
+        channel.send(b"x" * 100_000)
+        assert in_flight_bytes(channel) >= 100_000
+        got = 0
+        while got < 100_000:
+            got += len(b.recv(1 << 20))
+        assert in_flight_bytes(channel) == 0
+    finally:
+        channel.close()
+        b.close()
+
+
+def test_channels_that_cannot_tell_have_nothing_in_flight():
+    assert in_flight_bytes(BytesChannel(b"abc")) == 0
+    closed = SocketChannel(socket.socket(), "closed")
+    closed.close()
+    assert in_flight_bytes(closed) == 0
+
+
+def test_dirty_rate_undoes_the_throttle_and_holds_its_peak_for_a_while():
+    rate = DirtyRate(half_life_s=1.0)
+    assert rate.update(100.0, 0, 0.1) == 100.0
+    assert rate.update(100.0, 50, 0.1) == pytest.approx(200.0)  # half the run time
+    held = rate.update(10.0, 50, 0.1)  # a quiet period: the peak decays, slowly
+    assert held == pytest.approx(200.0 * 0.5 ** 0.1)
+    for _ in range(50):  # five half-lives of a calm guest
+        rate.update(10.0, 0, 0.1)
+    assert rate.peak_bps == pytest.approx(10.0, rel=0.1)

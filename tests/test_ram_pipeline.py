@@ -1,0 +1,309 @@
+"""The packet workers: the RAM saver's sender thread and the destination's decoder thread.
+Order, completeness, errors raised where the caller sees them, no byte read or written out
+of turn."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pymig import stream
+from pymig.errors import PymigError, StreamError, TransportError
+from pymig.guest import GuestConfig, create
+from pymig.machine import Machine, SectionOut, load_config
+from pymig.ram import PacketWorker, RamSaver, block_digests
+from pymig.transport import BytesChannel
+
+MiB = 1 << 20
+
+
+def test_worker_runs_jobs_in_order_and_drain_waits_for_all():
+    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16)
+    done: list[int] = []
+    gate = threading.Event()
+    try:
+        for i in range(6):
+            buf = worker.buffer()
+            buf[0] = i
+
+            def job(i=i, buf=buf) -> None:
+                if i == 0:
+                    gate.wait(5)
+                assert buf[0] == i  # nobody reused the buffer while it was in flight
+                done.append(i)
+
+            worker.submit(buf, job)
+            if i == 0:
+                gate.set()
+        worker.drain()
+        assert done == list(range(6))
+    finally:
+        worker.close()
+
+
+def test_worker_failure_is_raised_and_later_jobs_dropped():
+    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16)
+    ran: list[int] = []
+
+    def fail() -> None:
+        raise TransportError("peer gone")
+
+    try:
+        worker.submit(worker.buffer(), fail)
+        worker.submit(worker.buffer(), lambda: ran.append(1))
+        with pytest.raises(TransportError, match="peer gone"):
+            worker.drain()
+        with pytest.raises(TransportError, match="peer gone"):
+            worker.buffer()
+        assert ran == []
+    finally:
+        worker.close()
+    # closed, it starts afresh
+    worker.submit(worker.buffer(), lambda: ran.append(2))
+    worker.drain()
+    worker.close()
+    assert ran == [2]
+
+
+def test_a_lone_job_runs_in_the_callers_thread():
+    worker = PacketWorker("test-worker", nbuffers=3, buffer_bytes=16)
+    threads: list[str] = []
+    try:
+        worker.submit(worker.buffer(), lambda: threads.append(threading.current_thread().name))
+        worker.drain()
+        assert threads == [threading.current_thread().name]
+        assert worker._thread is None  # no wake-up for a single packet
+        for _ in range(3):
+            worker.submit(worker.buffer(),
+                      lambda: threads.append(threading.current_thread().name))
+        worker.drain()
+        assert threads[1:] == ["test-worker"] * 3  # in flight together: all by the thread
+    finally:
+        worker.close()
+
+
+class _FailingOut:
+    """A section writer whose n-th part fails (a connection that breaks mid-iteration)."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at = fail_at
+        self.parts = 0
+        self.after_return = False
+
+    def start(self, payload) -> None:
+        pass
+
+    def part(self, payload, *, nocsum: bool = False) -> None:
+        assert not self.after_return, "the sender thread wrote after iterate() returned"
+        self.parts += 1
+        if self.parts == self.fail_at:
+            raise TransportError("sending to tcp:test failed: EPIPE")
+
+
+def test_iterate_raises_a_send_failure_and_leaves_the_stream_alone():
+    config = GuestConfig("simulated", 32 * MiB, workload="idle",
+                         params={"fill_bytes": 16 * MiB})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _FailingOut(fail_at=3)
+    try:
+        saver.setup(out)  # the 16 MiB of random content is pending: 16 packets
+        with pytest.raises(TransportError, match="EPIPE"):
+            saver.iterate(out)
+        out.after_return = True
+        parts = out.parts
+        assert parts >= 3
+        # nothing more goes out once iterate() has raised
+        threading.Event().wait(0.05)
+        assert out.parts == parts
+    finally:
+        saver.cleanup()
+        guest.close()
+
+
+def _migration_stream(tmp_extra: bytes = b"") -> tuple[bytes, list[str]]:
+    """A whole migration stream of an idle simulated guest holding 6 MiB of random content
+    (six RAM packets), as a one-way channel carries it, and the source's RAM digests."""
+    config = GuestConfig("simulated", 16 * MiB, workload="idle",
+                         params={"fill_bytes": 6 * MiB})
+    guest = create(config)
+    machine = Machine.source(guest)
+    channel = BytesChannel()
+    writer = stream.StreamWriter(channel)
+    try:
+        writer.write_header()
+        machine.save_config(writer)
+        (entry,) = machine.registry.live_entries()
+        out = SectionOut(writer, entry)
+        machine.ram_saver.setup(out)
+        machine.ram_saver.sync()
+        machine.ram_saver.iterate(out)
+        machine.ram_saver.complete(out)
+        machine.save_device_state(writer)
+        writer.eof()
+        return channel.getvalue() + tmp_extra, block_digests(guest.ram_blocks)
+    finally:
+        machine.ram_saver.cleanup()
+        guest.close()
+
+
+def _load(data: bytes):
+    channel = BytesChannel(data)
+    reader = stream.StreamReader(channel)
+    reader.read_header()
+    machine = Machine.incoming(load_config(reader))
+    return channel, reader, machine
+
+
+def test_loading_decodes_every_packet_and_reads_nothing_after_eof():
+    data, digests = _migration_stream(b"COMMIT")
+    channel, reader, machine = _load(data)
+    try:
+        machine.load_stream(reader)
+        assert block_digests(machine.guest.ram_blocks) == digests
+        assert machine.load_counters()["packets"] >= 6
+        # what follows EOF (COMMIT on a real channel) is still there for the incoming side
+        assert channel.recv_exact(6) == b"COMMIT"
+        assert not any(t.name == "pymig-ram-decoder" for t in threading.enumerate())
+    finally:
+        machine.close()
+
+
+def test_a_damaged_packet_fails_the_load_and_stops_the_decoder():
+    data, _ = _migration_stream()
+    damaged = bytearray(data)
+    at = damaged.index(b"PMGP", len(damaged) // 3)  # a packet in the middle of the RAM
+    damaged[at + 4096] ^= 0x40  # page data: only the packet checksum can tell
+    channel, reader, machine = _load(bytes(damaged))
+    try:
+        with pytest.raises(PymigError, match="checksum"):
+            machine.load_stream(reader)
+        assert not any(t.name == "pymig-ram-decoder" for t in threading.enumerate())
+    finally:
+        machine.close()
+
+
+def test_a_stream_cut_in_a_packet_fails_the_load():
+    data, _ = _migration_stream()
+    at = data.index(b"PMGP", len(data) // 2)
+    channel, reader, machine = _load(data[:at + 100_000])
+    try:
+        with pytest.raises(StreamError, match="truncated"):
+            machine.load_stream(reader)
+    finally:
+        machine.close()
+
+
+class _CollectingOut:
+    """A section writer that decodes every RAM packet into a copy of the guest's RAM."""
+
+    def __init__(self, blocks):
+        from pymig import core
+
+        self.core = core
+        self.copies = [np.zeros(b.size_bytes, dtype=np.uint8) for b in blocks]
+        self.present = [core.new_bitmap(b.npages) for b in blocks]
+        self.blocks = blocks
+        self.pages = 0
+
+    def start(self, payload) -> None:
+        pass
+
+    def part(self, payload, *, nocsum: bool = False) -> None:
+        info = self.core.packet_info(payload)
+        b = self.blocks[info.block_id]
+        result = self.core.decode_packet(payload, self.copies[info.block_id], b.page_size,
+                                         b.block_id, b.npages, self.present[info.block_id])
+        self.pages += result.normal_pages + result.zero_pages
+
+    def end(self, payload) -> None:
+        pass
+
+
+def test_sliced_iterations_go_on_where_they_stopped_and_send_each_page_once():
+    config = GuestConfig("simulated", 32 * MiB, workload="idle",
+                         params={"fill_bytes": 20 * MiB})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _CollectingOut(saver.blocks)
+    try:
+        saver.setup(out)
+        pending = saver.pending_pages()
+        saver.slice_deadline = 0.0  # already past: one chunk per call
+        calls = 0
+        while saver.pending_pages():
+            before = saver.pending_pages()
+            done = saver.iterate(out)
+            calls += 1
+            assert 0 < before - saver.pending_pages() <= 1024  # one 4 MiB chunk
+            assert done == (saver.pending_pages() == 0) or not done
+        assert calls >= 5 and out.pages == pending  # every page once, none twice
+        assert np.array_equal(out.copies[0], saver.blocks[0].array)
+    finally:
+        saver.cleanup()
+        guest.close()
+
+
+def test_a_slice_resumes_after_the_chunk_it_stopped_at():
+    config = GuestConfig("simulated", 32 * MiB, workload="idle",
+                         params={"fill_bytes": 20 * MiB})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _CollectingOut(saver.blocks)
+    try:
+        saver.setup(out)
+        saver.slice_deadline = 0.0
+        saver.iterate(out)
+        first = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8),
+                                             bitorder="little"))
+        # put the first chunk back as if the guest wrote it again: it comes last, after the
+        # chunks not sent yet
+        saver.bitmaps[0][first.min() // 64:(first.max() + 64) // 64] |= \
+            out.present[0][first.min() // 64:(first.max() + 64) // 64]
+        saver.iterate(out)
+        second = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8),
+                                              bitorder="little"))
+        assert second.max() > first.max()
+    finally:
+        saver.cleanup()
+        guest.close()
+
+
+def test_sync_counts_what_the_guest_dirtied_even_where_pages_were_pending():
+    config = GuestConfig("simulated", 32 * MiB, workload="dirtier",
+                         params={"working_set_bytes": 4 * MiB, "rate_pages_per_s": 50_000,
+                                 "pattern": "sequential"})
+    guest = create(config)
+    saver = RamSaver(guest)
+    out = _CollectingOut(saver.blocks)
+    try:
+        guest.start()
+        deadline = time.monotonic() + 20
+        while guest.progress()["passes"] < 1:  # the whole working set touched once
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        saver.setup(out)  # the whole working set is pending from here
+        pending = saver.pending_pages()
+        threading.Event().wait(0.1)
+        dirtied = saver.sync()
+        # nothing was sent, so nothing became newly pending, yet the guest dirtied pages
+        assert saver.pending_pages() <= pending + 16
+        assert dirtied > 500
+    finally:
+        guest.pause()
+        saver.cleanup()
+        guest.close()
+
+
+def test_only_throttling_policies_slice_their_iterations():
+    from pymig.migration import THROTTLE_SLICE_S, iteration_slice_s
+    from pymig.parameters import MigrationParameters
+
+    params = MigrationParameters()
+    assert iteration_slice_s(params) == math.inf
+    params.capabilities["auto-converge"] = True
+    assert iteration_slice_s(params) == THROTTLE_SLICE_S
