@@ -18,10 +18,7 @@ The policy's expected downtime (:attr:`pymig.policy.Metrics.expected_downtime_s`
 
 from __future__ import annotations
 
-import fcntl
 import socket
-import struct
-import termios
 from dataclasses import dataclass
 
 
@@ -93,13 +90,7 @@ def in_flight_bytes(channel) -> int:
     its size is the receive buffer the kernel gave it, not visible from here, so it counts as
     much as the send queue holds (the two grow together under Linux's buffer auto-tuning).
     0 for channels that are not sockets or cannot say."""
-    if getattr(channel, "closed", True):
-        return 0  # a closed descriptor's number may belong to another file by now
-    try:
-        fd = channel.fileno()
-        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, AttributeError, ValueError):
-        return 0
+    queued = channel.unsent_bytes()
     if queued <= 0:
         return 0
     sock = getattr(channel, "sock", None)

@@ -320,8 +320,17 @@ class Migration:
                 ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
                 downtime_s = (ack.vcpu_start_ns - stop_wall) / 1e9
             else:
-                self._commit()  # a one-way channel: a whole stream is the commit
-                writer.eof()
+                # A one-way channel: the whole stream is the commit.  Cancels are refused
+                # while its last record goes out; if that fails (or an exec: command exits
+                # non-zero at the end), no destination has a whole stream, and the source
+                # carries on.
+                self._commit()
+                try:
+                    writer.eof()
+                except BaseException:
+                    with self._lock:
+                        self._committed = False
+                    raise
                 downtime_s = time.monotonic() - stop_mono
             stats.completed(downtime_s)
             if self.resume_source:

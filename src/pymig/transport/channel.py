@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import abc
 import errno
+import fcntl
 import os
 import select
 import signal
 import socket
 import struct
 import subprocess
+import termios
 from collections.abc import Callable, Iterable
 
 from pymig.errors import TransportError
@@ -206,6 +208,10 @@ class Channel(Closable):
     def max_bandwidth(self) -> int:
         return self.rate_limiter.rate
 
+    def unsent_bytes(self) -> int:
+        """Bytes handed to the kernel that have not left this side yet (0 when unknown)."""
+        return 0
+
     # --- sending --------------------------------------------------------------------------
     def _check_open(self) -> None:
         # A closed descriptor's number may already belong to another file: never touch it.
@@ -344,6 +350,15 @@ class SocketChannel(Channel):
 
     def fileno(self) -> int:
         return self._fd
+
+    def unsent_bytes(self) -> int:
+        if self._closed:
+            return 0  # a closed descriptor's number may belong to another file by now
+        try:
+            return max(struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ,
+                                                      b"\0\0\0\0"))[0], 0)
+        except OSError:
+            return 0
 
     def _send_all(self, view: memoryview) -> None:
         try:
