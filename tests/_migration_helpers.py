@@ -41,8 +41,9 @@ def guest_config(kind: str, workload: str = "selfcheck", *, memory: int = 64 * M
     return GuestConfig(kind, memory, vcpus=vcpus, workload=workload, params=params)
 
 
-def running_guest(config: GuestConfig, *, min_passes: int = 1, timeout: float = 30.0):
-    guest = create(config)
+def running_guest(config: GuestConfig, *, min_passes: int = 1, timeout: float = 30.0,
+                  **options):
+    guest = create(config, **options)
     guest.start()
     deadline = time.monotonic() + timeout
     while config.workload == "selfcheck" and guest.progress()["passes"] < min_passes:

@@ -72,7 +72,7 @@ def test_parameters_set_and_query(source):
     client = source.client()
     defaults = client.command("query-migrate-parameters")
     assert defaults["downtime-limit"] == 300 and defaults["max-bandwidth"] == 0
-    assert "vcpu-dirty-limit" not in defaults  # known to the store, applied by nothing
+    assert defaults["vcpu-dirty-limit"] == 0  # no cap until a user sets one
     client.command("migrate-set-parameters", **{
         "downtime-limit": 50, "max-bandwidth": 10 * MiB, "cpu-throttle-initial": 30,
         "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "throttle-mode": "step",
@@ -92,11 +92,12 @@ def test_capabilities_set_and_query(source):
     client = source.client()
     caps = client.command("query-migrate-capabilities")
     assert caps == [{"capability": "auto-converge", "state": False},
+                    {"capability": "dirty-limit", "state": False},
                     {"capability": "pause-before-switchover", "state": False}]
     client.command("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}])
     assert {c["capability"]: c["state"] for c in client.command(
-        "query-migrate-capabilities")} == {"auto-converge": True,
+        "query-migrate-capabilities")} == {"auto-converge": True, "dirty-limit": False,
                                            "pause-before-switchover": False}
 
 

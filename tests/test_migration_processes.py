@@ -17,6 +17,7 @@ from _childenv import child_env
 from _migration_helpers import (GUEST_KINDS, finish, guest_passes, start_destination,
                                 start_source, wait_for)
 from pymig.qmp import QmpClient
+from pymig.stats import read_trace
 
 
 @pytest.mark.parametrize("kind", GUEST_KINDS)
@@ -137,3 +138,38 @@ def test_cut_connection_fails_both_sides_cleanly(tmp_path):
         assert "incoming migration failed" in dst.stderr.read().decode()
     finally:
         finish(src, dst)
+
+
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_cli_dirty_limit_caps_a_guest_the_link_cannot_keep_up_with(kind, tmp_path):
+    """``pymig run --dirty-ring`` + ``pymig migrate --dirty-limit``: the self-checking guest
+    flat out (KVM) or at 200k pages/s (simulated) over a 24 MB/s link converges once each
+    vCPU is capped, and carries on at the destination."""
+    src, src_ctl = start_source(kind, tmp_path, vcpus=2, rate=str(RATE_FLAT_OUT[kind]),
+                                extra=["--dirty-ring", "4096"])
+    dst, dst_ctl, uri = start_destination(tmp_path)
+    try:
+        wait_for(lambda: guest_passes(src_ctl) >= 1, what="the source guest to run")
+        out = subprocess.run([*_pymig_argv(), "migrate", "--control", src_ctl, uri, "--json",
+                              "--max-bandwidth", "24M", "--dirty-limit", "1000",
+                              "--trace", str(tmp_path / "trace.jsonl")],
+                             capture_output=True, text=True, timeout=180, env=child_env())
+        assert out.returncode == 0, out.stderr
+        stats = json.loads(out.stdout)
+        assert stats["status"] == "completed" and stats["switchover-reason"] == "fits-limit"
+        limits = [r.get("vcpu_dirty_limits") for r in read_trace(tmp_path / "trace.jsonl")]
+        assert [1000, 1000] in limits, limits
+        assert src.wait(30) == 0
+        with QmpClient(dst_ctl) as client:
+            first = client.command("query-guest")["progress"]["passes"]
+            wait_for(lambda: client.command("query-guest")["progress"]["passes"] > first,
+                     what="the guest to carry on at the destination")
+            client.command("stop")
+            assert client.command("query-guest", verify=True)["selfcheck"]["ok"]
+            client.command("quit")
+        assert dst.wait(30) == 0
+    finally:
+        finish(src, dst)
+
+
+RATE_FLAT_OUT = {"simulated": 200_000, "kvm": 0}

@@ -60,6 +60,9 @@ def main() -> None:
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
 @click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
+@click.option("--dirty-ring", type=click.IntRange(0, 65536), default=0, show_default=True,
+              help="KVM: track dirty pages in a per-vCPU ring of this many entries (needed "
+                   "by the dirty-limit capability; 0: the dirty bitmap only)")
 @click.option("--control", type=click.Path(), default=None,
               help="serve the QMP-style control socket on this unix path")
 @click.option("--control-tcp", type=click.IntRange(0, 65535), default=None,
@@ -69,7 +72,8 @@ def main() -> None:
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
-        hot_fraction, rounds, simulated, control, control_tcp, serial, quiet) -> None:
+        hot_fraction, rounds, simulated, dirty_ring, control, control_tcp, serial,
+        quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
     from pymig.errors import PymigError
@@ -86,7 +90,7 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
             kind="simulated" if simulated else "kvm", workload=workload, params=params,
             memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
             load_address=int(load_address, 0) if load_address else None)
-        guest = guests.create(config)
+        guest = guests.create(config, dirty_ring=dirty_ring)
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
     session = Session(guest)
@@ -153,6 +157,9 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
 @click.option("--max-bandwidth", type=SIZE, default=None, help="cap, bytes/s (e.g. 100M)")
 @click.option("--downtime-limit", type=int, default=None, help="ms (default 300)")
 @click.option("--auto-converge", is_flag=True, help="throttle a guest that will not converge")
+@click.option("--dirty-limit", type=click.IntRange(1, None), default=None, metavar="PAGES",
+              help="instead, cap each vCPU that dirties faster than PAGES pages/s (KVM guests "
+                   "need pymig run --dirty-ring N)")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="write one JSON line per iteration to this file (on the source's side)")
 @click.option("--keep-source", is_flag=True,
@@ -161,8 +168,8 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
               help="file: snapshots: stop the guest once the snapshot is taken (by default "
                    "it carries on)")
 @click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
-def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, keep_source,
-            stop_guest, as_json) -> None:
+def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, dirty_limit, trace,
+            keep_source, stop_guest, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar."""
     from pymig.errors import PymigError
     from pymig.monitor import ProgressView, follow, stats_table
@@ -174,11 +181,15 @@ def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, trace, k
                 params["max-bandwidth"] = max_bandwidth
             if downtime_limit is not None:
                 params["downtime-limit"] = downtime_limit
+            if dirty_limit is not None:
+                params["vcpu-dirty-limit"] = dirty_limit
             if params:
                 client.command("migrate-set-parameters", **params)
-            if auto_converge:
-                client.command("migrate-set-capabilities",
-                               capabilities=[{"capability": "auto-converge", "state": True}])
+            capabilities = [{"capability": name, "state": True} for name, on in
+                            (("auto-converge", auto_converge),
+                             ("dirty-limit", dirty_limit is not None)) if on]
+            if capabilities:
+                client.command("migrate-set-capabilities", capabilities=capabilities)
             arguments = {"uri": uri}
             if trace:
                 arguments["trace"] = trace

@@ -136,6 +136,7 @@ class Migration:
             resume_source = parsed.scheme == "file"
         self.resume_source = resume_source
         self.machine.registry.check_migratable()
+        check_dirty_limit(self.params.snapshot(), self.machine.guest)
         with self._lock:
             current = self._status
         if current in ACTIVE_STATES:
@@ -213,6 +214,7 @@ class Migration:
             nbytes=nbytes, normal_pages=normal, zero_pages=zero)
         ret = None
         throttle = 0
+        dirty_limits: tuple[int, ...] | None = None
         try:
             started = time.monotonic()
             stats.begin()
@@ -252,6 +254,8 @@ class Migration:
                 iteration += 1
                 pending = sum(e.handlers.pending(e.opaque)
                               for e in machine.registry.live_entries())
+                vcpu_rates = (tuple(guest.vcpu_dirty_rates())
+                              if params.capabilities.get("dirty-limit") else None)
                 metrics = policy_mod.Metrics(
                     iteration=iteration,
                     elapsed_s=now - started,
@@ -269,18 +273,24 @@ class Migration:
                     in_flight_bytes=in_flight_bytes(channel),
                     own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
                                                        throttle, period),
+                    vcpu_dirty_rates=vcpu_rates,
+                    dirty_limited=dirty_limits is not None,
                 )
                 decision = self.decide(metrics, policy_params(params))
                 record = stats.record_sync(
                     iteration=iteration, dirty_pages=dirtied, remaining_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s, dirty_rate_pps=dirtied / period,
-                    expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle)
+                    expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
+                    vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits)
                 for callback in list(self._pass_listeners):
                     callback(record)
                 if decision.throttle_pct != throttle:
                     throttle = decision.throttle_pct
                     guest.set_throttle(throttle)
                     stats.set_throttle(throttle)
+                if decision.vcpu_dirty_limits != dirty_limits:
+                    dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
+                    stats.set_vcpu_dirty_limits(dirty_limits)
                 if decision.action == policy_mod.Action.SWITCHOVER:
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
@@ -351,6 +361,9 @@ class Migration:
             if throttle:
                 guest.set_throttle(0)
                 stats.set_throttle(0)
+            if dirty_limits is not None:
+                apply_dirty_limits(guest, None)
+                stats.set_vcpu_dirty_limits(None)
             if ret is not None:
                 ret.stop()
             if self._channel is not None:
@@ -418,12 +431,44 @@ def iteration_slice_s(params: MigrationParameters) -> float:
 SEND_TIMEOUT_S = 120.0
 
 
+def check_dirty_limit(params: MigrationParameters, guest) -> None:
+    """Refuse a dirty-limit migration that could not apply its caps, before anything starts."""
+    caps = params.capabilities
+    if not caps.get("dirty-limit"):
+        return
+    if caps.get("auto-converge"):
+        raise MigrationError("the dirty-limit and auto-converge capabilities exclude each other: "
+                             "one slows the vCPUs that dirty too fast, the other all of them")
+    if not params.dirty_limit_pages_per_s:
+        raise MigrationError("the dirty-limit capability needs the vcpu-dirty-limit parameter "
+                             "(pages/s per vCPU)")
+    if not getattr(guest, "supports_dirty_limit", False):
+        raise MigrationError("the dirty-limit capability needs per-vCPU dirty rates, which this "
+                             "guest cannot measure: a KVM guest needs the dirty ring "
+                             "(pymig run --dirty-ring N)")
+
+
+def apply_dirty_limits(guest, limits: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Cap each vCPU's dirty rate at ``limits`` (one per vCPU, or one for all), or lift every
+    cap (None).  Returns what is now in force."""
+    if limits is None:
+        for index in range(guest.vcpu_count):
+            guest.set_vcpu_dirty_limit(index, None)
+        return None
+    if len(limits) == 1:
+        limits = limits * guest.vcpu_count
+    for index, limit in enumerate(limits):
+        guest.set_vcpu_dirty_limit(index, limit)
+    return tuple(limits)
+
+
 def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
     """The policy's view of the current parameters and capabilities."""
     caps = params.capabilities
     return policy_mod.PolicyParams(
         downtime_limit_s=params.downtime_limit_ms / 1000.0,
-        auto_converge=caps.get("auto-converge", False),
+        # A dirty limit is the other way to slow a guest down: it needs the same hot test.
+        auto_converge=caps.get("auto-converge", False) or caps.get("dirty-limit", False),
         throttle_initial_pct=params.throttle_initial_pct,
         throttle_increment_pct=params.throttle_increment_pct,
         throttle_max_pct=params.throttle_max_pct,

@@ -41,8 +41,8 @@ EventSink = Callable[[str, dict], None]
 #: Parameters and capabilities the parameter store knows but the migration does not act on
 #: yet (the policy computes per-vCPU dirty caps; nothing applies them to the vCPUs).  They are
 #: neither listed nor settable, so that no one tunes a knob that does nothing.
-UNAVAILABLE_PARAMETERS = {"vcpu-dirty-limit": "per-vCPU dirty caps are not applied yet"}
-UNAVAILABLE_CAPABILITIES = {"dirty-limit": "per-vCPU dirty caps are not applied yet"}
+UNAVAILABLE_PARAMETERS: dict[str, str] = {}  # name -> why it cannot be set (yet)
+UNAVAILABLE_CAPABILITIES: dict[str, str] = {}
 
 
 class CommandError(PymigError):

@@ -29,6 +29,10 @@ socket, the CLI's progress line, tests) at any moment: every method takes one lo
     ram.pages-per-second               pages/s sent, over the same span as mbps
     ram.page-size                      bytes
     cpu-throttle-percentage            vCPU throttle in force, percent
+    vcpu-dirty-limit                   pages/s cap per vCPU in force (dirty-limit capability,
+                                       once the policy turned the caps on)
+    vcpu-dirty-rates                   pages/s each vCPU dirtied, at the last sync (dirty-limit
+                                       capability; measured from the dirty ring)
     error-desc                         why it failed (only when status is failed)
     switchover-reason                  the policy's reason to stop the guest (once it did)
     iterations                         the migration's iteration count at the last sync
@@ -74,9 +78,18 @@ class TraceRecord:
     throttle_pct: int
     dirty_rate: float  # pages/s
     page_size: int
+    vcpu_dirty_rates: list[float] | None = None  # pages/s per vCPU (dirty-limit capability)
+    vcpu_dirty_limits: list[int] | None = None  # pages/s caps in force after this sync
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        line = dataclasses.asdict(self)
+        for key in OPTIONAL_TRACE_KEYS:  # only where the dirty-limit capability measures them
+            if line[key] is None:
+                del line[key]
+        return json.dumps(line, separators=(",", ":"))
+
+
+OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits")
 
 
 class TraceWriter:
@@ -150,6 +163,8 @@ class MigrationStats:
         self._syncs = 0
         self._iterations = 0
         self._throttle = 0
+        self._vcpu_dirty_rates: list[float] | None = None
+        self._vcpu_dirty_limits: list[int] | None = None
         self._mbps = 0.0
         self._pages_per_second = 0.0
         self._last_sync_time: float | None = None
@@ -194,9 +209,15 @@ class MigrationStats:
         with self._lock:
             self._throttle = percent
 
+    def set_vcpu_dirty_limits(self, limits) -> None:
+        """The per-vCPU dirty caps now in force (None: none)."""
+        with self._lock:
+            self._vcpu_dirty_limits = list(limits) if limits is not None else None
+
     def record_sync(self, *, iteration: int, dirty_pages: int, remaining_bytes: int,
                     bandwidth_bps: float, dirty_rate_pps: float, expected_downtime_s: float,
-                    throttle_pct: int) -> TraceRecord:
+                    throttle_pct: int, vcpu_dirty_rates=None,
+                    vcpu_dirty_limits=None) -> TraceRecord:
         """A dirty-log sync happened: update the rates and write a trace line (if tracing)."""
         with self._lock:
             now = self._clock()
@@ -216,6 +237,8 @@ class MigrationStats:
             self._dirty_pages_rate = dirty_rate_pps
             self._expected_downtime_s = expected_downtime_s
             self._throttle = throttle_pct
+            if vcpu_dirty_rates is not None:
+                self._vcpu_dirty_rates = [float(r) for r in vcpu_dirty_rates]
             record = TraceRecord(
                 time=now - (self._start if self._start is not None else now),
                 iteration=iteration, dirty_pages=dirty_pages, pages_sent=sent_pages,
@@ -223,7 +246,10 @@ class MigrationStats:
                 expected_downtime=(_ms(expected_downtime_s) if math.isfinite(expected_downtime_s)
                                    else None),
                 pending_bytes=remaining_bytes, throttle_pct=throttle_pct,
-                dirty_rate=dirty_rate_pps, page_size=self.page_size)
+                dirty_rate=dirty_rate_pps, page_size=self.page_size,
+                vcpu_dirty_rates=self._vcpu_dirty_rates if vcpu_dirty_rates is not None else None,
+                vcpu_dirty_limits=(list(vcpu_dirty_limits) if vcpu_dirty_limits is not None
+                                   else None))
             if self._trace is not None:
                 self._trace.write(record)
             return record
@@ -299,6 +325,10 @@ class MigrationStats:
                 "page-size": self.page_size,
             }
             info["cpu-throttle-percentage"] = self._throttle
+            if self._vcpu_dirty_limits is not None:
+                info["vcpu-dirty-limit"] = list(self._vcpu_dirty_limits)
+            if self._vcpu_dirty_rates is not None:
+                info["vcpu-dirty-rates"] = [int(round(r)) for r in self._vcpu_dirty_rates]
             if self._status == "failed":
                 info["error-desc"] = self._error or "unknown error"
             if self._switchover_reason is not None:
