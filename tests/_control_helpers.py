@@ -126,6 +126,22 @@ def all_events(client: QmpClient) -> list[dict]:
             return out
 
 
+def events_until(client: QmpClient, last: dict, timeout: float = WAIT_S) -> list[dict]:
+    """Every event from the queue up to and including the first whose items include ``last``
+    (events reach each client through its own queue, so a client may see a status in
+    query-migrate before the event announcing it arrives)."""
+    deadline = time.monotonic() + timeout
+    out = []
+    while True:
+        try:
+            event = client.events.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except queue.Empty:
+            raise AssertionError(f"no event like {last} within {timeout} s; got {out}") from None
+        out.append(event)
+        if all(event.get(key) == value for key, value in last.items()):
+            return out
+
+
 def wait_status(client: QmpClient, status: str, timeout: float = WAIT_S) -> dict:
     """Poll query-migrate until ``status``; returns that answer."""
     answer: dict = {}

@@ -442,13 +442,22 @@ class ControlServer:
     def _bind_unix(self, path: str) -> socket.socket:
         if os.path.exists(path):
             _remove_stale_socket(path)
+        # Whoever sees the path appear may connect at once: so the socket is bound under a
+        # temporary name, made private and listening, and only then renamed into place.
+        staging = os.path.join(os.path.dirname(path) or ".",
+                               f".{os.path.basename(path)}.{os.getpid()}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
-            os.chmod(path, 0o600)
-            sock.listen(8)  # at once: whoever sees the path appear may connect
+            if os.path.exists(staging):
+                os.unlink(staging)
+            sock.bind(staging)
+            os.chmod(staging, 0o600)
+            sock.listen(8)
+            os.rename(staging, path)
         except OSError:
             sock.close()
+            if os.path.exists(staging):
+                os.unlink(staging)
             raise
         return sock
 
