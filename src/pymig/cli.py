@@ -185,9 +185,12 @@ def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, dirty_li
                 params["vcpu-dirty-limit"] = dirty_limit
             if params:
                 client.command("migrate-set-parameters", **params)
-            capabilities = [{"capability": name, "state": True} for name, on in
-                            (("auto-converge", auto_converge),
-                             ("dirty-limit", dirty_limit is not None)) if on]
+            # Either flag chooses how to slow the guest, so it turns the other way off: an
+            # earlier migration's choice stays in the source process otherwise.
+            capabilities = []
+            if auto_converge or dirty_limit is not None:
+                capabilities = [{"capability": "auto-converge", "state": auto_converge},
+                                {"capability": "dirty-limit", "state": dirty_limit is not None}]
             if capabilities:
                 client.command("migrate-set-capabilities", capabilities=capabilities)
             arguments = {"uri": uri}

@@ -48,7 +48,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("vcpu-dirty-limit", "dirty_limit_pages_per_s", int, 0,
               "with the dirty-limit capability: cap each vCPU's dirty rate (pages/s)", 0, None),
     Parameter("max-iterations", "max_iterations", int, 0,
-              "after this many iterations apply limit-action (0: no limit)", 0, None),
+              "after this many iterations (dirty-log syncs: passes over RAM, or 100 ms "
+              "slices with a throttling capability) apply limit-action (0: no limit)", 0, None),
     Parameter("max-total-time", "max_total_time_ms", int, 0,
               "after this long apply limit-action, ms (0: no limit)", 0, None),
     Parameter("max-bytes-ratio", "max_bytes_ratio", float, 0.0,

@@ -56,7 +56,8 @@ class Metrics:
     current throttle in force.
     """
 
-    iteration: int  # syncs since setup (the first pass over RAM ends iteration 1)
+    iteration: int  # syncs since setup: one per pass over RAM, or per 100 ms slice while a
+    # throttling capability is on (pymig.migration.iteration_slice_s)
     elapsed_s: float  # since the migration started
     ram_bytes: int  # guest RAM size
     page_size: int  # bytes

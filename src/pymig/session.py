@@ -39,8 +39,8 @@ from pymig.transport import parse_uri
 EventSink = Callable[[str, dict], None]
 
 #: Parameters and capabilities the parameter store knows but the migration does not act on
-#: yet (the policy computes per-vCPU dirty caps; nothing applies them to the vCPUs).  They are
-#: neither listed nor settable, so that no one tunes a knob that does nothing.
+#: (none at present).  They are neither listed nor settable, so that no one tunes a knob that
+#: does nothing.
 UNAVAILABLE_PARAMETERS: dict[str, str] = {}  # name -> why it cannot be set (yet)
 UNAVAILABLE_CAPABILITIES: dict[str, str] = {}
 
