@@ -42,3 +42,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live processes below ``pid``, children before grandchildren (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != b"Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A test that fails half-way may leave a guest process running flat out, which would
+    slow every later test (and benchmark) on this small host: whatever a test started and
+    did not stop is killed after it."""
+    yield
+    import signal
+    import warnings
+
+    leftover = _descendants(os.getpid())
+    for pid in leftover:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leftover:
+        warnings.warn(f"killed {len(leftover)} process(es) the test left running", stacklevel=1)
