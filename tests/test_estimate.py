@@ -61,3 +61,36 @@ def test_dirty_rate_undoes_the_throttle_and_holds_its_peak_for_a_while():
     for _ in range(50):  # five half-lives of a calm guest
         rate.update(10.0, 0, 0.1)
     assert rate.peak_bps == pytest.approx(10.0, rel=0.1)
+
+
+def test_observed_bandwidth_is_the_lower_of_the_last_interval_and_the_window():
+    bw = Bandwidth(min_sample_bytes=1000, window_s=0.5)
+    bw.observe(0.0, 0)
+    assert bw.bytes_per_s == 0  # one point is no rate
+    bw.observe(0.1, 100_000)
+    assert bw.bytes_per_s == pytest.approx(1_000_000)
+    bw.observe(0.2, 400_000)  # a burst: 3 MB/s over the last interval, 2 MB/s over both
+    assert bw.bytes_per_s == pytest.approx(2_000_000)
+    bw.observe(0.3, 450_000)  # a slow interval counts at once
+    assert bw.bytes_per_s == pytest.approx(500_000)
+    for i in range(4, 12):  # steady 1 MB/s: the burst leaves the window
+        bw.observe(i / 10, 450_000 + (i - 3) * 100_000)
+    assert bw.bytes_per_s == pytest.approx(1_000_000)
+
+
+def test_observed_bandwidth_ignores_tiny_intervals_and_in_flight_going_back():
+    bw = Bandwidth(min_sample_bytes=1000)
+    bw.observe(0.0, 0)
+    bw.observe(1.0, 10_000)
+    bw.observe(1.001, 10_500)  # 500 B: too little to mean anything on its own
+    assert bw.bytes_per_s == pytest.approx(10_500 / 1.001)  # the window still counts
+    bw.observe(1.1, 10_000)  # the in-flight estimate grew: delivered never goes back
+    assert bw.bytes_per_s > 0
+
+
+def test_observed_bandwidth_respects_the_cap():
+    bw = Bandwidth(min_sample_bytes=1)
+    bw.cap(1000)
+    bw.observe(0.0, 0)
+    bw.observe(1.0, 5000)
+    assert bw.bytes_per_s == 1000

@@ -24,22 +24,61 @@ from dataclasses import dataclass
 
 @dataclass
 class Bandwidth:
-    """Bytes/s the channel carried, from iterations that sent enough to be meaningful."""
+    """Bytes/s the channel carries to the destination, the figure the policy divides by.
+
+    :meth:`observe` takes what has been *delivered* so far (sent, less what is still in
+    flight) after each iteration, and the estimate is the lower of two rates: over the last
+    iteration, and over the last ``window_s`` seconds.  Sent bytes alone overstate it: over a
+    100 ms slice, megabytes can sit in socket buffers, and a destination busy faulting in fresh
+    memory takes them in at its own pace; a switchover decided on the faster figure overruns
+    the downtime limit.  The lower figure errs on the side of a longer expected downtime.
+    Intervals that delivered less than ``min_sample_bytes`` do not count (unless there is
+    nothing else yet); a cap bounds the estimate.
+    """
 
     bytes_per_s: float = 0.0
     min_sample_bytes: int = 4 << 20
+    window_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        self._points: list[tuple[float, int]] = []  # (time, delivered bytes), oldest first
+        self._cap = 0
 
     def cap(self, bytes_per_s: int) -> None:
-        """A bandwidth cap bounds the estimate (and is the estimate before any sample)."""
-        if self.bytes_per_s == 0 or self.bytes_per_s > bytes_per_s:
+        """A bandwidth cap bounds the estimate (and is the estimate before any sample); 0
+        lifts it."""
+        self._cap = bytes_per_s
+        if bytes_per_s and (self.bytes_per_s == 0 or self.bytes_per_s > bytes_per_s):
             self.bytes_per_s = float(bytes_per_s)
 
     def sample(self, nbytes: int, seconds: float) -> None:
+        """One interval on its own: ``nbytes`` delivered in ``seconds``."""
         if nbytes <= 0 or seconds <= 0:
             return
-        rate = nbytes / seconds
         if nbytes >= self.min_sample_bytes or self.bytes_per_s == 0:
-            self.bytes_per_s = rate
+            self._set(nbytes / seconds)
+
+    def observe(self, now: float, delivered_bytes: int) -> None:
+        """Everything delivered by ``now`` (monotonic seconds); call once per iteration."""
+        points = self._points
+        if points and delivered_bytes < points[-1][1]:
+            delivered_bytes = points[-1][1]  # in-flight figures are estimates: never go back
+        points.append((now, delivered_bytes))
+        while len(points) > 2 and points[1][0] <= now - self.window_s:
+            points.pop(0)  # keep one point at or before the window's start
+        if len(points) < 2:
+            return
+        (t0, b0), (t1, b1), (t2, b2) = points[0], points[-2], points[-1]
+        rates = [(b2 - b1) / (t2 - t1)] if b2 - b1 >= self.min_sample_bytes and t2 > t1 else []
+        if b2 - b0 >= self.min_sample_bytes and t2 > t0:
+            rates.append((b2 - b0) / (t2 - t0))
+        if rates:
+            self._set(min(rates))
+        elif self.bytes_per_s == 0 and b2 > b1 and t2 > t1:
+            self._set((b2 - b1) / (t2 - t1))  # better than nothing
+
+    def _set(self, rate: float) -> None:
+        self.bytes_per_s = min(rate, self._cap) if self._cap else rate
 
 
 @dataclass
@@ -70,13 +109,13 @@ class SwitchoverCost:
     """The fixed part of a switchover's downtime, in seconds: ``base_s + per_vcpu_s * vCPUs``.
 
     Measured on the development host (2 vCPUs, kvm_pvm; source and destination processes on
-    loopback, idle 1 GiB guests, nothing left to send, medians): 3-5 ms with one vCPU, about
-    1 ms more per vCPU (saving a vCPU's state takes 0.2-0.9 ms, encoding it 1-2.5 ms the first
+    loopback, idle 1 GiB guests, nothing left to send): 6-12 ms with one vCPU (median of five
+    runs 9 ms), about 1 ms more per vCPU (saving a vCPU's state takes 0.2-0.9 ms, encoding it 1-2.5 ms the first
     time a process does it, decoding and restoring it 1-2 ms).  The rest is the pause (0.1-0.8
     ms), the last sync, and four messages between two processes that must each wake up.
     """
 
-    base_s: float = 0.0025
+    base_s: float = 0.006
     per_vcpu_s: float = 0.0015
 
     def seconds(self, vcpus: int) -> float:

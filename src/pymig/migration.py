@@ -237,6 +237,7 @@ class Migration:
             stats.setup_done()
 
             bandwidth = Bandwidth()
+            bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
             switchover_s = SwitchoverCost().seconds(guest.vcpu_count)
             own_rate = DirtyRate()
             iteration = 0
@@ -245,8 +246,7 @@ class Migration:
             while True:
                 self._check(ret)
                 params = self.params.snapshot()
-                if params.max_bandwidth:
-                    bandwidth.cap(params.max_bandwidth)
+                bandwidth.cap(params.max_bandwidth)
                 dirtied = saver.sync()
                 now = time.monotonic()
                 period = max(now - last_sync, 1e-6)
@@ -301,7 +301,7 @@ class Migration:
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
                 sent_period = channel.bytes_sent - b0
-                bandwidth.sample(sent_period, time.monotonic() - t0)
+                bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
 
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
