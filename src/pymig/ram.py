@@ -202,6 +202,7 @@ class RamSaver:
         # sends everything); the next call goes on from there, wrapping around at the end
         self.slice_deadline: float = math.inf
         self._resume: tuple[int, int] = (0, 0)  # (block index, first page) to go on from
+        self._final = False  # complete(): the vCPUs are stopped
         # on_packet(nbytes, normal_pages, zero_pages) after each packet is on the wire
         self.on_packet: Callable[[int, int, int], None] = lambda nbytes, normal, zero: None
 
@@ -258,10 +259,12 @@ class RamSaver:
             for number, (index, first) in enumerate(chunks):
                 block, bitmap = self.blocks[index], self.bitmaps[index]
                 end = min(first + CLEAR_CHUNK_PAGES, block.npages)
-                # Re-arm dirty tracking for the chunk before any of it is read: a write after
-                # this is logged again, a write before it is in the copy.
-                self.guest.clear_dirty(index, first, end - first)
-                self._seen[index][first // 64:(end + 63) // 64] = 0
+                if not self._final:
+                    # Re-arm dirty tracking for the chunk before any of it is read: a write
+                    # after this is logged again, a write before it is in the copy.  (With the
+                    # vCPUs stopped nothing writes: the downtime is not spent re-protecting.)
+                    self.guest.clear_dirty(index, first, end - first)
+                    self._seen[index][first // 64:(end + 63) // 64] = 0
                 cursor = first
                 while True:
                     if self.cancelled():
@@ -315,7 +318,11 @@ class RamSaver:
         """With the vCPUs stopped: last sync, every remaining page, then END."""
         self.sync()
         self.slice_deadline = math.inf
-        self.iterate(out)
+        self._final = True
+        try:
+            self.iterate(out)
+        finally:
+            self._final = False
         out.end(b"")
 
     def cleanup(self) -> None:
