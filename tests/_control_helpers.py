@@ -8,10 +8,14 @@ import queue
 import socket
 import time
 
+import pytest
+
 from _migration_helpers import guest_config, running_guest, wait_for
 from pymig.control import ControlServer
 from pymig.qmp import QmpClient
 from pymig.session import Session
+
+MiB = 1 << 20
 
 WAIT_S = 60.0  # generous: the host is shared and noisy
 
@@ -153,3 +157,21 @@ def wait_status(client: QmpClient, status: str, timeout: float = WAIT_S) -> dict
 
     wait_for(reached, timeout=timeout, interval=0.02, what=f"migration status {status}")
     return answer
+
+
+# Fixtures for the control tests (imported by name where used).
+@pytest.fixture
+def source(tmp_path):
+    served = serve_guest(tmp_path, working_set=8 * MiB)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A running source and a deferred destination, each behind its control socket."""
+    src = serve_guest(tmp_path, working_set=8 * MiB)
+    dst = serve_destination(tmp_path)
+    yield src, dst
+    dst.close()
+    src.close()

@@ -6,30 +6,14 @@ import time
 
 import pytest
 
-from _control_helpers import (WAIT_S, next_event, serve_destination, serve_guest, wait_status)
+from _control_helpers import pair, source  # noqa: F401 - fixtures
+from _control_helpers import (WAIT_S, next_event, wait_status)
 from _migration_helpers import wait_for
 from pymig.control import COMMANDS, ControlServer
 from pymig.qmp import QmpClient, control_address
 from pymig.session import Session
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def source(tmp_path):
-    served = serve_guest(tmp_path, working_set=8 * MiB)
-    yield served
-    served.close()
-
-
-@pytest.fixture
-def pair(tmp_path):
-    """A running source and a deferred destination, each behind its control socket."""
-    src = serve_guest(tmp_path, working_set=8 * MiB)
-    dst = serve_destination(tmp_path)
-    yield src, dst
-    dst.close()
-    src.close()
 
 
 def test_greeting_then_negotiation(source):

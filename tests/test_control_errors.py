@@ -10,20 +10,13 @@ import time
 
 import pytest
 
-from _control_helpers import (WAIT_S, RawClient, next_event, serve_destination, serve_guest,
-                              wait_status)
+from _control_helpers import pair, source  # noqa: F401 - fixtures
+from _control_helpers import (WAIT_S, RawClient, next_event, serve_destination, wait_status)
 from _migration_helpers import wait_for
 from pymig import control
 from pymig.qmp import QmpError
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def source(tmp_path):
-    served = serve_guest(tmp_path, working_set=8 * MiB)
-    yield served
-    served.close()
 
 
 @pytest.fixture
@@ -179,15 +172,6 @@ def silent_dropped(source, client) -> bool:
 
 
 # -- commands in the wrong state -------------------------------------------------------------
-
-@pytest.fixture
-def pair(tmp_path):
-    src = serve_guest(tmp_path, working_set=8 * MiB)
-    dst = serve_destination(tmp_path)
-    yield src, dst
-    dst.close()
-    src.close()
-
 
 def refused(client, command, **arguments) -> str:
     with pytest.raises(QmpError) as info:

@@ -3,22 +3,13 @@ RESUME) reach every client, and parameters changed during a migration take effec
 
 from __future__ import annotations
 
-import pytest
 
+from _control_helpers import pair, source  # noqa: F401 - fixtures
 from _control_helpers import (WAIT_S, all_events, events_until, next_event, serve_destination,
                               serve_guest, statuses_until_end, wait_status)
 from _migration_helpers import wait_for
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def pair(tmp_path):
-    src = serve_guest(tmp_path, working_set=8 * MiB)
-    dst = serve_destination(tmp_path)
-    yield src, dst
-    dst.close()
-    src.close()
 
 
 def incoming(dst, tmp_path) -> str:

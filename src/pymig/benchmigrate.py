@@ -149,17 +149,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def _wait_for_path(path: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before "
-                               f"creating {path}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.01)
-
-
 def _stop(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -210,7 +199,7 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
     process (a profiler, a tracer); ``trace`` is a path for the source's per-iteration trace.
     """
     wrap = wrap or (lambda role, argv: argv)
-    from pymig.qmp import QmpClient
+    from pymig.qmp import QmpClient, wait_for_socket
 
     kind = resolve_kind(scenario.kind)
     src_ctl = os.path.join(workdir, "src.sock")
@@ -230,8 +219,8 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
                                                     "tcp:127.0.0.1:0", "--control", dst_ctl,
                                                     "--quiet"]),
                                env=env, stdout=subprocess.DEVNULL)
-        _wait_for_path(src_ctl, src)
-        _wait_for_path(dst_ctl, dst)
+        wait_for_socket(src_ctl, src, "source", 60)
+        wait_for_socket(dst_ctl, dst, "destination", 60)
         with QmpClient(dst_ctl) as client:
             uri = client.command("query-migrate")["socket-address"]
         with QmpClient(src_ctl) as client:

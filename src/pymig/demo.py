@@ -17,8 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pymig.errors import PymigError
-from pymig.qmp import QmpClient
+from pymig.qmp import QmpClient, wait_for_socket
 
 MiB = 1 << 20
 
@@ -44,18 +43,6 @@ class DemoOptions:
     max_bandwidth: int = 0
     warmup_s: float = 1.0
     timeout_s: float = 120.0
-
-
-def _wait_for_socket(path: str, proc: subprocess.Popen, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise PymigError(f"the {what} process exited with status {proc.returncode} before "
-                             f"its control socket appeared")
-        if time.monotonic() > deadline:
-            raise PymigError(f"the {what} process did not open its control socket in "
-                             f"{timeout:.0f} s")
-        time.sleep(0.02)
 
 
 def run_demo(options: DemoOptions, *, on_update: Callable[[dict], None] | None = None,
@@ -88,8 +75,8 @@ def run_demo(options: DemoOptions, *, on_update: Callable[[dict], None] | None =
                                    stdout=subprocess.DEVNULL,
                                    stderr=open(os.path.join(tmp, "src.err"), "wb"))
             procs.append(src)
-            _wait_for_socket(dst_ctl, dst, "destination", 60)
-            _wait_for_socket(src_ctl, src, "source", 60)
+            wait_for_socket(dst_ctl, dst, "destination", 60)
+            wait_for_socket(src_ctl, src, "source", 60)
             with QmpClient(dst_ctl) as dq, QmpClient(src_ctl) as sq:
                 uri = dq.command("query-migrate")["socket-address"]
                 say(f"source: {kind} guest, {options.memory // MiB} MiB RAM, self-checking "

@@ -110,9 +110,10 @@ class SwitchoverCost:
 
     Measured on the development host (2 vCPUs, kvm_pvm; source and destination processes on
     loopback, idle 1 GiB guests, nothing left to send): 6-12 ms with one vCPU (median of five
-    runs 9 ms), about 1 ms more per vCPU (saving a vCPU's state takes 0.2-0.9 ms, encoding it 1-2.5 ms the first
-    time a process does it, decoding and restoring it 1-2 ms).  The rest is the pause (0.1-0.8
-    ms), the last sync, and four messages between two processes that must each wake up.
+    runs 9 ms), about 1 ms more per vCPU (saving a vCPU's state takes 0.2-0.9 ms, encoding
+    it 1-2.5 ms the first time a process does it, decoding and restoring it 1-2 ms).  The
+    rest is the pause (0.1-3 ms), the last sync, and four messages between two processes that
+    must each wake up.
     """
 
     base_s: float = 0.006

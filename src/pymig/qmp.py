@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymig.errors import PymigError
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 class QmpError(PymigError):
@@ -121,3 +125,17 @@ class QmpClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_for_socket(path: str, proc: "subprocess.Popen", what: str, timeout: float) -> None:
+    """Wait until the child process ``proc`` (the ``what`` process) serves its control socket
+    at ``path``; PymigError if it exits first or takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise PymigError(f"the {what} process exited with status {proc.returncode} before "
+                             f"its control socket appeared")
+        if time.monotonic() > deadline:
+            raise PymigError(f"the {what} process did not open its control socket in "
+                             f"{timeout:.0f} s")
+        time.sleep(0.02)
