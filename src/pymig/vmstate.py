@@ -102,6 +102,11 @@ SCALARS: dict[str, Scalar] = {
     "i64": _int_type("i64", "q", 64, True),
     "bool": Scalar("bool", "B", 1, 0, 1),
 }
+_SCALAR_STRUCTS = {t.code: struct.Struct("<" + t.code) for t in SCALARS.values()}
+
+
+def _scalar_struct(t: Scalar) -> struct.Struct:
+    return _SCALAR_STRUCTS.get(t.code) or struct.Struct("<" + t.code)
 
 
 def _element(elem: str | Scalar | VMStateDescription) -> Scalar | VMStateDescription:
@@ -389,7 +394,7 @@ def _pack_scalar(t: Scalar, value: Any, out: bytearray, ctx: _Context, path: str
         raise ctx.error(path, f"{t.name} needs an integer, not {type(value).__name__}") from None
     if not t.lo <= number <= t.hi:
         raise ctx.error(path, f"{number} does not fit {t.name} [{t.lo}, {t.hi}]")
-    out += struct.pack("<" + t.code, number)
+    out += _scalar_struct(t).pack(number)
     return number
 
 
@@ -412,8 +417,17 @@ def _save_sequence(f: Field, value: Any, counts: dict[str, int], out: bytearray,
     if f.kind == "buffer":
         out += value
     elif isinstance(f.elem, Scalar):
-        for i, item in enumerate(value):
-            _pack_scalar(f.elem, item, out, ctx, f"{path}[{i}]")
+        # Whole arrays at once (MSR lists, register files): per-element work is for the
+        # error message of the first bad element only.
+        t = f.elem
+        try:
+            numbers = [operator.index(item) for item in value]
+        except TypeError:
+            numbers = None
+        if numbers is None or (numbers and not t.lo <= min(numbers) <= max(numbers) <= t.hi):
+            for i, item in enumerate(value):
+                _pack_scalar(t, item, bytearray(), ctx, f"{path}[{i}]")
+        out += struct.pack(f"<{n}{t.code}", *numbers)
     else:
         for i, item in enumerate(value):
             _save_into(f.elem, item, out, ctx, f"{path}[{i}].")
@@ -554,7 +568,7 @@ def _parse_subsection(vmsd: VMStateDescription, r: _Reader, ctx: _Context, prefi
 
 
 def _read_scalar(t: Scalar, r: _Reader, path: str) -> int | bool:
-    (number,) = struct.unpack("<" + t.code, r.take(t.size, path))
+    (number,) = _scalar_struct(t).unpack(r.take(t.size, path))
     if t.is_bool:
         if number > 1:
             raise r.ctx.error(path, f"a bool must be 0 or 1, found {number}")
