@@ -133,6 +133,12 @@ _add(Scenario("nonconv-512m", 1 * GiB, "dirtier",
               description="1 GiB guest incrementing a byte in every page of a 512 MiB working "
                           "set, flat out; uncapped, auto-converge (aim)",
               targets=(Target("total_ms", 1200), Target("downtime_ms", 150))))
+_add(Scenario("nonconv-512m-dl150", 1 * GiB, "dirtier",
+              {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
+              auto_converge=True, warmup_s=1.0, downtime_limit_ms=150,
+              description="the same, asking for the target's downtime: downtime limit 150 ms",
+              targets=(Target("total_ms", 1200), Target("downtime_ms", 150),
+                       Target("expected_error", 0.30))))
 _add(Scenario("nonconv-512m-100mbs", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
               auto_converge=True, max_bandwidth=100_000_000, warmup_s=1.0, timeout_s=90.0,
