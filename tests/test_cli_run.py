@@ -58,7 +58,7 @@ def test_status_lines_show_the_guest_dirty_rate(kind):
     (["--boot-sector", "{img}", "--flat", "{img}"], "give one of --boot-sector"),
     (["--simulated", "--boot-sector", "{img}"], "simulated"),
     (["--workload", "selfcheck", "--working-set", "64M", "--memory", "32M", "--simulated"],
-     "do not fit in the guest's RAM"),
+     "do not fit in one of the guest's RAM blocks"),
 ])
 def test_bad_options_are_refused_with_the_reason(tmp_path, args, message):
     image = tmp_path / "img.bin"

@@ -224,53 +224,48 @@ class _CollectingOut:
         pass
 
 
-def test_sliced_iterations_go_on_where_they_stopped_and_send_each_page_once():
-    config = GuestConfig("simulated", 32 * MiB, workload="idle",
-                         params={"fill_bytes": 20 * MiB})
-    guest = create(config)
+@pytest.fixture
+def filled_saver():
+    """A RAM saver over a guest with 20 MiB of random content, set up; and where it sends."""
+    guest = create(GuestConfig("simulated", 32 * MiB, workload="idle",
+                               params={"fill_bytes": 20 * MiB}))
     saver = RamSaver(guest)
     out = _CollectingOut(saver.blocks)
     try:
         saver.setup(out)
-        pending = saver.pending_pages()
-        saver.slice_deadline = 0.0  # already past: one chunk per call
-        calls = 0
-        while saver.pending_pages():
-            before = saver.pending_pages()
-            done = saver.iterate(out)
-            calls += 1
-            assert 0 < before - saver.pending_pages() <= 1024  # one 4 MiB chunk
-            assert done == (saver.pending_pages() == 0) or not done
-        assert calls >= 5 and out.pages == pending  # every page once, none twice
-        assert np.array_equal(out.copies[0], saver.blocks[0].array)
+        yield saver, out
     finally:
         saver.cleanup()
         guest.close()
 
 
-def test_a_slice_resumes_after_the_chunk_it_stopped_at():
-    config = GuestConfig("simulated", 32 * MiB, workload="idle",
-                         params={"fill_bytes": 20 * MiB})
-    guest = create(config)
-    saver = RamSaver(guest)
-    out = _CollectingOut(saver.blocks)
-    try:
-        saver.setup(out)
-        saver.slice_deadline = 0.0
-        saver.iterate(out)
-        first = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8),
-                                             bitorder="little"))
-        # put the first chunk back as if the guest wrote it again: it comes last, after the
-        # chunks not sent yet
-        saver.bitmaps[0][first.min() // 64:(first.max() + 64) // 64] |= \
-            out.present[0][first.min() // 64:(first.max() + 64) // 64]
-        saver.iterate(out)
-        second = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8),
-                                              bitorder="little"))
-        assert second.max() > first.max()
-    finally:
-        saver.cleanup()
-        guest.close()
+def test_sliced_iterations_go_on_where_they_stopped_and_send_each_page_once(filled_saver):
+    saver, out = filled_saver
+    pending = saver.pending_pages()
+    saver.slice_deadline = 0.0  # already past: one chunk per call
+    calls = 0
+    while saver.pending_pages():
+        before = saver.pending_pages()
+        done = saver.iterate(out)
+        calls += 1
+        assert 0 < before - saver.pending_pages() <= 1024  # one 4 MiB chunk
+        assert done == (saver.pending_pages() == 0) or not done
+    assert calls >= 5 and out.pages == pending  # every page once, none twice
+    assert np.array_equal(out.copies[0], saver.blocks[0].array)
+
+
+def test_a_slice_resumes_after_the_chunk_it_stopped_at(filled_saver):
+    saver, out = filled_saver
+    saver.slice_deadline = 0.0
+    saver.iterate(out)
+    first = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8), bitorder="little"))
+    # put the first chunk back as if the guest wrote it again: it comes last, after the
+    # chunks not sent yet
+    saver.bitmaps[0][first.min() // 64:(first.max() + 64) // 64] |= \
+        out.present[0][first.min() // 64:(first.max() + 64) // 64]
+    saver.iterate(out)
+    second = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8), bitorder="little"))
+    assert second.max() > first.max()
 
 
 def test_sync_counts_what_the_guest_dirtied_even_where_pages_were_pending():

@@ -387,21 +387,16 @@ def resolve(config: GuestConfig) -> Workload:
     workload = make_workload(parse_params(config.workload, config.params), config.vcpus)
     locate(config.blocks, PARAMS_GPA, GUEST_PAGE_SIZE)
     locate(config.blocks, MAILBOX_GPA, GUEST_PAGE_SIZE)
-    if workload.params.area_bytes:
+    for nbytes, what in ((workload.params.area_bytes, f"{workload.name}: its"),
+                         (workload.params.fill_bytes, "idle: a fill of")):
+        if not nbytes:
+            continue
         try:
-            locate(config.blocks, WORKSET_GPA, workload.params.area_bytes)
+            locate(config.blocks, WORKSET_GPA, nbytes)
         except ValueError:
             raise ValueError(
-                f"{workload.name}: its {workload.params.area_bytes} bytes at {WORKSET_GPA:#x} do "
-                f"not fit in the guest's RAM blocks ({config.memory_bytes} bytes)") from None
-    if workload.params.fill_bytes:
-        try:
-            locate(config.blocks, WORKSET_GPA, workload.params.fill_bytes)
-        except ValueError:
-            raise ValueError(
-                f"idle: a fill of {workload.params.fill_bytes} bytes at {WORKSET_GPA:#x} does "
-                f"not fit in one of the guest's RAM blocks ({config.memory_bytes} bytes)"
-            ) from None
+                f"{what} {nbytes} bytes at {WORKSET_GPA:#x} do not fit in one of the guest's "
+                f"RAM blocks ({config.memory_bytes} bytes)") from None
     return workload
 
 
