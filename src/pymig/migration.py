@@ -28,6 +28,7 @@ acknowledgement is lost, so a guest never runs in two places.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import threading
 import time
@@ -40,6 +41,8 @@ from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
 from pymig.stats import MigrationStats, TraceWriter
+
+log = logging.getLogger(__name__)
 
 
 class Status(str, enum.Enum):
@@ -356,13 +359,15 @@ class Migration:
             self._fail(exc, resume=paused_by_us and not self._committed,
                        committed=self._committed)
         finally:
+            # Each step on its own: a guest closed under a running migration (its process
+            # quitting) must not keep the others from releasing what they hold.
             for entry in machine.registry.live_entries():
-                entry.handlers.cleanup(entry.opaque)
+                _quietly(f"cleaning up {entry.name}", entry.handlers.cleanup, entry.opaque)
             if throttle:
-                guest.set_throttle(0)
+                _quietly("lifting the throttle", guest.set_throttle, 0)
                 stats.set_throttle(0)
             if dirty_limits is not None:
-                apply_dirty_limits(guest, None)
+                _quietly("lifting the dirty limits", apply_dirty_limits, guest, None)
                 stats.set_vcpu_dirty_limits(None)
             if ret is not None:
                 ret.stop()
@@ -429,6 +434,13 @@ def iteration_slice_s(params: MigrationParameters) -> float:
         return THROTTLE_SLICE_S
     return math.inf
 SEND_TIMEOUT_S = 120.0
+
+
+def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
+    try:
+        fn(*args)
+    except (PymigError, OSError) as exc:
+        log.warning("migration cleanup: %s failed: %s", what, exc)
 
 
 def check_dirty_limit(params: MigrationParameters, guest) -> None:
