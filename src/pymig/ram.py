@@ -192,17 +192,13 @@ class RamSaver:
         self.bitmaps = [core.new_bitmap(b.npages) for b in self.blocks]
         # dirty-log bits already counted by a sync and not re-armed since (see sync())
         self._seen = [core.new_bitmap(b.npages) for b in self.blocks]
-        self.counters = RamCounters()
         self.sender = PacketWorker("pymig-ram-sender", buffer_bytes=packet_bytes)
-        self.dirty_pages_last_sync = 0
         self._logging = False
-        self._lock = threading.Lock()
         self.cancelled: Callable[[], bool] = lambda: False
         # iterate() stops at the first chunk boundary after this time.monotonic() (inf: it
         # sends everything); the next call goes on from there, wrapping around at the end
         self.slice_deadline: float = math.inf
         self._resume: tuple[int, int] = (0, 0)  # (block index, first page) to go on from
-        self._final = False  # complete(): the vCPUs are stopped
         # on_packet(nbytes, normal_pages, zero_pages) after each packet is on the wire
         self.on_packet: Callable[[int, int, int], None] = lambda nbytes, normal, zero: None
 
@@ -235,7 +231,6 @@ class RamSaver:
                                             self.guest.sync_dirty()):
             core.bitmap_merge(bitmap, log, block.npages)
             dirtied += core.bitmap_merge(seen, log, block.npages)
-        self.dirty_pages_last_sync = dirtied
         return dirtied
 
     def pending_pages(self) -> int:
@@ -252,17 +247,19 @@ class RamSaver:
         :attr:`slice_deadline` passed first.
 
         Returns once every packet is on the wire (a failure to send raises here)."""
+        return self._send(out, self.slice_deadline, rearm=True)
+
+    def _send(self, out, deadline: float, *, rearm: bool) -> bool:
+        """:meth:`iterate`'s work; ``rearm`` re-protects each chunk before reading it."""
         sender = self.sender
-        deadline = self.slice_deadline
         try:
             chunks = self._chunks()
             for number, (index, first) in enumerate(chunks):
                 block, bitmap = self.blocks[index], self.bitmaps[index]
                 end = min(first + CLEAR_CHUNK_PAGES, block.npages)
-                if not self._final:
+                if rearm:
                     # Re-arm dirty tracking for the chunk before any of it is read: a write
-                    # after this is logged again, a write before it is in the copy.  (With the
-                    # vCPUs stopped nothing writes: the downtime is not spent re-protecting.)
+                    # after this is logged again, a write before it is in the copy.
                     self.guest.clear_dirty(index, first, end - first)
                     self._seen[index][first // 64:(end + 63) // 64] = 0
                 cursor = first
@@ -304,11 +301,6 @@ class RamSaver:
     def _send_job(self, out, buf: bytearray, result) -> Callable[[], None]:
         def job() -> None:
             out.part(memoryview(buf)[: result.nbytes], nocsum=True)
-            c = self.counters
-            c.normal_pages += result.normal_pages
-            c.zero_pages += result.zero_pages
-            c.packets += 1
-            c.bytes += result.nbytes
             self.on_packet(result.nbytes, result.normal_pages, result.zero_pages)
 
         return job
@@ -317,12 +309,8 @@ class RamSaver:
     def complete(self, out) -> None:
         """With the vCPUs stopped: last sync, every remaining page, then END."""
         self.sync()
-        self.slice_deadline = math.inf
-        self._final = True
-        try:
-            self.iterate(out)
-        finally:
-            self._final = False
+        # With the vCPUs stopped nothing writes: the downtime is not spent re-protecting.
+        self._send(out, math.inf, rearm=False)
         out.end(b"")
 
     def cleanup(self) -> None:
