@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from pymig.core import bitmap_indices
 from pymig.guest import GuestConfig, create
 from pymig.guest.kvm_guest import DIRTY_LIMIT_RING_ENTRIES
 
@@ -36,16 +37,11 @@ def dirtier(kind: str, working_set_bytes: int = 128 * MiB,
         guest.close()
 
 
-def dirty_pages(bitmap: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.unpackbits(bitmap.view(np.uint8), bitorder="little"))
-
-
 def copy_dirty(guest, shadow: list[np.ndarray]) -> int:
     """One migration-like round: sync, re-arm, copy the dirty pages; returns pages copied."""
     copied = 0
     for index, (block, bitmap) in enumerate(zip(guest.ram_blocks, guest.sync_dirty())):
-        pages = dirty_pages(bitmap)
-        pages = pages[pages < block.npages]
+        pages = bitmap_indices(bitmap, block.npages)
         guest.clear_dirty(index, 0, block.npages)
         ram = block.array.reshape(-1, PAGE)
         shadow[index].reshape(-1, PAGE)[pages] = ram[pages]
