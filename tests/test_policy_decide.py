@@ -182,6 +182,9 @@ def test_dirty_limit_caps_each_vcpu_instead_of_throttling():
     calm = decide(metrics(dirty_limited=True, vcpu_dirty_rates=(1.0, 1.0)), params)
     assert calm.vcpu_dirty_limits == (1000, 1000) and calm.reason == "converging"
     assert decide(metrics(), params).vcpu_dirty_limits is None
+    # A dirty limit is a way to converge of its own: it needs no auto-converge.
+    alone = replace(params, auto_converge=False)
+    assert decide(metrics(**HOT), alone).vcpu_dirty_limits == (1000,)
 
 
 @pytest.mark.parametrize("bad", [

@@ -479,8 +479,7 @@ def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
     caps = params.capabilities
     return policy_mod.PolicyParams(
         downtime_limit_s=params.downtime_limit_ms / 1000.0,
-        # A dirty limit is the other way to slow a guest down: it needs the same hot test.
-        auto_converge=caps.get("auto-converge", False) or caps.get("dirty-limit", False),
+        auto_converge=caps.get("auto-converge", False),
         throttle_initial_pct=params.throttle_initial_pct,
         throttle_increment_pct=params.throttle_increment_pct,
         throttle_max_pct=params.throttle_max_pct,

@@ -16,9 +16,9 @@ The rule, in order (the first that holds decides):
 3. **a limit** - ``max_iterations``, ``max_total_time_s`` or ``max_bytes_ratio`` (bytes sent
    over RAM size) is reached: ``limit_action`` says whether to switch over anyway
    (``forced-by-limit: <limit>``) or give up (``cancelled-by-limit: <limit>``).
-4. **keep iterating** - ``converging`` with the current throttle, unless auto-converge is on and
-   the guest dirtied more than ``throttle_trigger_threshold`` of what was sent in the period,
-   then ``throttling: ...`` with a new throttle:
+4. **keep iterating** - ``converging`` with the current throttle, unless auto-converge or a
+   dirty limit is on and the guest dirtied more than ``throttle_trigger_threshold`` of what
+   was sent in the period, then ``throttling: ...`` with a new throttle (or the caps):
 
    * ``step`` (QEMU's): ``throttle_initial_pct``, then ``+throttle_increment_pct`` per hot
      period, capped at ``throttle_max_pct``; never lowered while the migration runs.
@@ -170,7 +170,7 @@ def decide(metrics: Metrics, params: PolicyParams) -> Decision:
         if params.limit_action == "cancel":
             return finish(Action.CANCEL, f"cancelled-by-limit: {limit}")
         return finish(Action.SWITCHOVER, f"forced-by-limit: {limit}")
-    if not params.auto_converge:
+    if not params.auto_converge and params.dirty_limit_pages_per_s is None:
         return finish(Action.CONTINUE, "converging")
 
     hot = (metrics.bytes_sent_period > 0 and metrics.bytes_dirtied_period
