@@ -436,11 +436,11 @@ class ParamBlock:
     rounds: int
     pacing: Pacing
     shares: tuple[Share, ...]
-    vcpu_pacing: tuple[Pacing, ...] = ()  # each share's own; () = every vCPU paces as ``pacing``
+    vcpu_pacing: tuple[Pacing, ...]  # each share's own (``pacing`` is the header's even split)
 
     def share_pacing(self, index: int) -> Pacing:
         """How vCPU ``index`` paces (its share record's batch_pages and ticks per batch)."""
-        return self.vcpu_pacing[index] if self.vcpu_pacing else self.pacing
+        return self.vcpu_pacing[index]
 
     def pack(self) -> bytes:
         page = bytearray(GUEST_PAGE_SIZE)
