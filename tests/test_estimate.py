@@ -13,11 +13,13 @@ from pymig.transport import BytesChannel, SocketChannel
 
 def test_bandwidth_keeps_meaningful_samples_and_honours_a_cap():
     bw = Bandwidth(min_sample_bytes=1000)
-    bw.sample(100, 1.0)  # first sample: better than nothing
+    bw.observe(0.0, 0)
+    bw.observe(1.0, 100)  # first interval: better than nothing
     assert bw.bytes_per_s == 100
-    bw.sample(10_000, 1.0)
-    bw.sample(500, 0.001)  # too small to mean anything
+    bw.observe(2.0, 10_100)
     assert bw.bytes_per_s == 10_000
+    bw.observe(2.001, 10_600)  # too small to mean anything on its own
+    assert bw.bytes_per_s == pytest.approx(10_000, rel=0.05)  # only through the window
     bw.cap(5_000)
     assert bw.bytes_per_s == 5_000
 

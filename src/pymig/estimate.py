@@ -5,8 +5,8 @@ The policy's expected downtime (:attr:`pymig.policy.Metrics.expected_downtime_s`
 
     fixed switchover cost + (pending bytes + bytes still in flight) / bandwidth
 
-* :class:`Bandwidth` keeps the bandwidth figure honest (only iterations that sent enough to be
-  meaningful count; a cap bounds it).
+* :class:`Bandwidth` is the rate the destination takes data in: delivered bytes (sent, less
+  what is still in flight), the lower of the last iteration's rate and the last half second's.
 * :class:`SwitchoverCost` is what a switchover costs with nothing left to send: stopping the
   vCPUs, the last dirty-log sync, saving, sending, decoding and loading the vCPU and device
   state, and the LOADED / COMMIT / ACK exchange before the destination's vCPUs run.
@@ -50,13 +50,6 @@ class Bandwidth:
         self._cap = bytes_per_s
         if bytes_per_s and (self.bytes_per_s == 0 or self.bytes_per_s > bytes_per_s):
             self.bytes_per_s = float(bytes_per_s)
-
-    def sample(self, nbytes: int, seconds: float) -> None:
-        """One interval on its own: ``nbytes`` delivered in ``seconds``."""
-        if nbytes <= 0 or seconds <= 0:
-            return
-        if nbytes >= self.min_sample_bytes or self.bytes_per_s == 0:
-            self._set(nbytes / seconds)
 
     def observe(self, now: float, delivered_bytes: int) -> None:
         """Everything delivered by ``now`` (monotonic seconds); call once per iteration."""
