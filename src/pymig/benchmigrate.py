@@ -472,9 +472,7 @@ def serve_source(config_json: str, control: str) -> int:
     config = guests.make_config(kind=spec["kind"], workload=spec["workload"],
                                 params=spec["params"], memory_bytes=spec["memory_bytes"],
                                 vcpus=spec["vcpus"])
-    guest = guests.create(config)
-    guest.start()
-    return serve(Session(guest), control=control, quiet=True)
+    return serve(Session(guests.create(config)), control=control, quiet=True, start=True)
 
 
 def main(argv: list[str] | None = None) -> int:
