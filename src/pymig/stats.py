@@ -212,7 +212,7 @@ class MigrationStats:
     def set_vcpu_dirty_limits(self, limits) -> None:
         """The per-vCPU dirty caps now in force (None: none)."""
         with self._lock:
-            self._vcpu_dirty_limits = list(limits) if limits is not None else None
+            self._vcpu_dirty_limits = _list_or_none(limits, int)
 
     def record_sync(self, *, iteration: int, dirty_pages: int, remaining_bytes: int,
                     bandwidth_bps: float, dirty_rate_pps: float, expected_downtime_s: float,
@@ -237,8 +237,9 @@ class MigrationStats:
             self._dirty_pages_rate = dirty_rate_pps
             self._expected_downtime_s = expected_downtime_s
             self._throttle = throttle_pct
-            if vcpu_dirty_rates is not None:
-                self._vcpu_dirty_rates = [float(r) for r in vcpu_dirty_rates]
+            rates = _list_or_none(vcpu_dirty_rates, float)
+            if rates is not None:
+                self._vcpu_dirty_rates = rates
             record = TraceRecord(
                 time=now - (self._start if self._start is not None else now),
                 iteration=iteration, dirty_pages=dirty_pages, pages_sent=sent_pages,
@@ -247,9 +248,7 @@ class MigrationStats:
                                    else None),
                 pending_bytes=remaining_bytes, throttle_pct=throttle_pct,
                 dirty_rate=dirty_rate_pps, page_size=self.page_size,
-                vcpu_dirty_rates=self._vcpu_dirty_rates if vcpu_dirty_rates is not None else None,
-                vcpu_dirty_limits=(list(vcpu_dirty_limits) if vcpu_dirty_limits is not None
-                                   else None))
+                vcpu_dirty_rates=rates, vcpu_dirty_limits=_list_or_none(vcpu_dirty_limits, int))
             if self._trace is not None:
                 self._trace.write(record)
             return record
@@ -338,3 +337,7 @@ class MigrationStats:
                     self._expected_at_switchover):
                 info["downtime-expected-at-switchover"] = _ms(self._expected_at_switchover)
             return info
+
+
+def _list_or_none(values, kind) -> list | None:
+    return [kind(v) for v in values] if values is not None else None
