@@ -102,14 +102,7 @@ class RawClient:
 
 def next_event(client: QmpClient, name: str, timeout: float = WAIT_S) -> dict:
     """The next event called ``name`` (others are dropped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            event = client.events.get(timeout=max(deadline - time.monotonic(), 0.001))
-        except queue.Empty:
-            raise AssertionError(f"no {name} event within {timeout} s") from None
-        if event["event"] == name:
-            return event
+    return events_until(client, {"event": name}, timeout)[-1]
 
 
 def statuses_until_end(client: QmpClient, timeout: float = WAIT_S) -> list[str]:
@@ -157,6 +150,19 @@ def wait_status(client: QmpClient, status: str, timeout: float = WAIT_S) -> dict
 
     wait_for(reached, timeout=timeout, interval=0.02, what=f"migration status {status}")
     return answer
+
+
+def migrate_incoming(client: QmpClient, tmp_path) -> str:
+    """Give the deferred destination behind ``client`` a unix socket to receive on; its URI."""
+    return client.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+
+
+def start_slow_migration(client: QmpClient, uri: str) -> None:
+    """Migrate to ``uri`` at 1 MiB/s (it lasts a minute); returns once RAM is on the wire."""
+    client.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})
+    client.command("migrate", uri=uri)
+    wait_for(lambda: client.command("query-migrate")["ram"]["transferred"] > 0,
+             what="RAM on the wire")
 
 
 # Fixtures for the control tests (imported by name where used).

@@ -7,8 +7,9 @@ import time
 import pytest
 
 from _control_helpers import pair, source  # noqa: F401 - fixtures
-from _control_helpers import (WAIT_S, next_event, wait_status)
-from _migration_helpers import wait_for
+from _control_helpers import (WAIT_S, migrate_incoming, next_event, start_slow_migration,
+                              wait_status)
+from _migration_helpers import assert_carries_on, wait_for
 from pymig.control import COMMANDS, ControlServer
 from pymig.qmp import QmpClient, control_address
 from pymig.session import Session
@@ -106,27 +107,17 @@ def test_migrate_to_a_deferred_destination(pair, tmp_path):
     assert dst.session.guest_ready.wait(WAIT_S)
     assert dc.command("query-status") == {"running": True, "status": "running"}
     assert dc.command("query-migrate")["status"] == "completed"
-    first = dc.command("query-guest")["progress"]["passes"]
-    wait_for(lambda: dc.command("query-guest")["progress"]["passes"] > first,
-             what="the guest to carry on at the destination")
-    dc.command("stop")
-    assert dc.command("query-guest", verify=True)["selfcheck"]["ok"]
+    assert_carries_on(dst.path)
 
 
 def test_migrate_cancel_keeps_the_guest_running(pair, tmp_path):
     src, dst = pair
     sc, dc = src.client(), dst.client()
-    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
-    sc.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})
-    sc.command("migrate", uri=uri)
-    wait_for(lambda: sc.command("query-migrate")["ram"]["transferred"] > 0,
-             what="RAM on the wire")
+    start_slow_migration(sc, migrate_incoming(dc, tmp_path))
     sc.command("migrate_cancel")
     assert wait_status(sc, "cancelled")["status"] == "cancelled"
     assert sc.command("query-status")["status"] == "running"
-    before = sc.command("query-guest")["progress"]["passes"]
-    wait_for(lambda: sc.command("query-guest")["progress"]["passes"] > before,
-             what="the source guest to carry on")
+    assert_carries_on(src.path)
     assert dst.session.quit_requested.wait(WAIT_S)  # a destination whose migration failed ends
     assert dst.session.machine is None
     sc.command("migrate_cancel")  # nothing to cancel any more: fine, as QEMU
@@ -135,7 +126,7 @@ def test_migrate_cancel_keeps_the_guest_running(pair, tmp_path):
 def test_pause_before_switchover_waits_for_migrate_continue(pair, tmp_path):
     src, dst = pair
     sc, dc = src.client(), dst.client()
-    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    uri = migrate_incoming(dc, tmp_path)
     sc.command("migrate-set-capabilities", capabilities=[
         {"capability": "pause-before-switchover", "state": True}])
     sc.command("migrate", uri=uri)
@@ -151,7 +142,7 @@ def test_pause_before_switchover_waits_for_migrate_continue(pair, tmp_path):
 def test_x_migrate_switchover_forces_a_manual_switchover(pair, tmp_path):
     src, dst = pair
     sc, dc = src.client(), dst.client()
-    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    uri = migrate_incoming(dc, tmp_path)
     # a guest dirtying 400 MB/s over 32 MiB/s with a 1 ms limit never converges by itself
     sc.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB})
     sc.command("migrate", uri=uri)

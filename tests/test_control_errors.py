@@ -11,7 +11,8 @@ import time
 import pytest
 
 from _control_helpers import pair, source  # noqa: F401 - fixtures
-from _control_helpers import (WAIT_S, RawClient, next_event, serve_destination, wait_status)
+from _control_helpers import (WAIT_S, RawClient, migrate_incoming, next_event,
+                              serve_destination, start_slow_migration, wait_status)
 from _migration_helpers import wait_for
 from pymig import control
 from pymig.qmp import QmpError
@@ -183,10 +184,7 @@ def refused(client, command, **arguments) -> str:
 def test_wrong_state_during_a_migration(pair, tmp_path):
     src, dst = pair
     sc, dc = src.client(), dst.client()
-    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
-    sc.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})
-    sc.command("migrate", uri=uri)
-    wait_status(sc, "active")
+    start_slow_migration(sc, migrate_incoming(dc, tmp_path))
     assert "already active" in refused(sc, "migrate", uri=f"unix:{tmp_path}/other.sock")
     assert "cannot stop during a migration" in refused(sc, "stop")
     assert "cannot cont during a migration" in refused(sc, "cont")
@@ -208,8 +206,7 @@ def test_wrong_state_after_the_guest_moved_away(pair, tmp_path):
     assert "runs a guest" in refused(sc, "migrate-incoming", uri=f"unix:{tmp_path}/s.sock")
     assert "no migration is waiting" in refused(sc, "migrate-continue")
     assert "no active migration" in refused(sc, "x-migrate-switchover")
-    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
-    sc.command("migrate", uri=uri)
+    sc.command("migrate", uri=migrate_incoming(dc, tmp_path))
     wait_status(sc, "completed")
     assert sc.command("query-status")["status"] == "postmigrate"
     assert "migrated away" in refused(sc, "cont")
@@ -274,7 +271,7 @@ def test_bad_capabilities_change_nothing(raw, caps, words):
 
 def test_two_clients_racing_to_migrate_start_one_migration(pair, tmp_path):
     src, dst = pair
-    uri = dst.client().command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    uri = migrate_incoming(dst.client(), tmp_path)
     clients = [src.client() for _ in range(4)]
     clients[0].command("migrate-set-parameters", **{"max-bandwidth": 2 * MiB})
     results: list = []

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 
 from _control_helpers import pair, source  # noqa: F401 - fixtures
-from _control_helpers import (WAIT_S, all_events, events_until, next_event, serve_destination,
-                              serve_guest, statuses_until_end, wait_status)
+from _control_helpers import (WAIT_S, all_events, events_until, migrate_incoming, next_event,
+                              serve_destination, serve_guest, start_slow_migration,
+                              statuses_until_end, wait_status)
 from _migration_helpers import wait_for
 
 MiB = 1 << 20
-
-
-def incoming(dst, tmp_path) -> str:
-    return dst.client().command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
 
 
 def names(events: list[dict]) -> list[str]:
@@ -24,7 +21,7 @@ def test_a_migration_reports_every_status_and_pass_to_every_client(pair, tmp_pat
     src, dst = pair
     watchers = [src.client(), src.client()]
     dwatch = dst.client()
-    uri = dwatch.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    uri = migrate_incoming(dwatch, tmp_path)
     assert next_event(dwatch, "MIGRATION")["data"] == {"status": "setup"}
     watchers[0].command("migrate", uri=uri)
     final = wait_status(watchers[0], "completed")
@@ -50,10 +47,7 @@ def test_a_migration_reports_every_status_and_pass_to_every_client(pair, tmp_pat
 def test_a_cancelled_migration_reports_cancelling_then_cancelled(pair, tmp_path):
     src, dst = pair
     client = src.client()
-    client.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})
-    client.command("migrate", uri=incoming(dst, tmp_path))
-    wait_for(lambda: client.command("query-migrate")["ram"]["transferred"] > 0,
-             what="RAM on the wire")
+    start_slow_migration(client, migrate_incoming(dst.client(), tmp_path))
     client.command("migrate_cancel")
     assert statuses_until_end(client) == ["setup", "active", "cancelling", "cancelled"]
     assert "STOP" not in names(all_events(client))  # the guest never stopped
@@ -67,7 +61,7 @@ def test_a_refused_migration_reports_failed_with_the_reason(pair, tmp_path):
 
     dst.session.incoming_options = {"check_config": refuse}
     client = src.client()
-    client.command("migrate", uri=incoming(dst, tmp_path))
+    client.command("migrate", uri=migrate_incoming(dst.client(), tmp_path))
     statuses = statuses_until_end(client)
     assert statuses in (["setup", "active", "failed"], ["setup", "failed"])
     assert "no guests today" in client.command("query-migrate")["error-desc"]
@@ -91,7 +85,7 @@ def test_max_bandwidth_changed_during_a_pass_applies_at_once(tmp_path):
     try:
         client = src.client()
         client.command("migrate-set-parameters", **{"max-bandwidth": 256 << 10})
-        client.command("migrate", uri=incoming(dst, tmp_path))
+        client.command("migrate", uri=migrate_incoming(dst.client(), tmp_path))
         next_event(client, "MIGRATION_PASS")
         wait_for(lambda: client.command("query-migrate")["ram"]["transferred"] > 1 * MiB,
                  what="the capped first pass to be under way")
@@ -111,7 +105,7 @@ def test_downtime_limit_changed_during_a_migration_applies_at_the_next_iteration
     src, dst = pair
     client = src.client()
     client.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB})
-    client.command("migrate", uri=incoming(dst, tmp_path))
+    client.command("migrate", uri=migrate_incoming(dst.client(), tmp_path))
     for _ in range(3):
         seen = next_event(client, "MIGRATION_PASS")["data"]["pass"]
     assert client.command("query-migrate")["status"] == "active"
