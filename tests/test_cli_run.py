@@ -11,7 +11,7 @@ import pytest
 
 from _childenv import child_env
 from _kvm_helpers import HELLO_BOOT_SECTOR, HELLO_EXIT_CODE, HELLO_OUTPUT, build_image
-from _migration_helpers import GUEST_KINDS
+from _migration_helpers import GUEST_KINDS, pymig_process
 
 
 def pymig(*args, **kwargs):
@@ -34,9 +34,7 @@ def test_boot_sector_prints_over_serial_and_its_power_off_code_is_the_exit_code(
 def test_status_lines_show_the_guest_dirty_rate(kind):
     args = ["run", "--workload", "dirtier", "--memory", "32M", "--working-set", "4M",
             "--rate", "5000"] + (["--simulated"] if kind == "simulated" else [])
-    proc = subprocess.Popen([sys.executable, "-m", "pymig", *args], env=child_env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = pymig_process(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rates = []
     try:
         for line in proc.stderr:
