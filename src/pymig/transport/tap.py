@@ -25,13 +25,12 @@ from collections.abc import Generator, Iterable
 
 import numpy as np
 
+from pymig.core import PACKET_HEADER_BYTES, RUN_NORMAL, packet_info
+from pymig.errors import PacketError
 from pymig.transport.channel import byte_view
 
-#: Layout of a RAM packet header and run record (docs/stream-format.md, "RAM packets").
-PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
+#: Layout of a RAM packet's run record (docs/stream-format.md, "RAM packets").
 RUN = struct.Struct("<QIBBH")
-PACKET_MAGIC = b"PMGP"
-RUN_NORMAL = 1
 
 
 class TapError(Exception):
@@ -55,16 +54,14 @@ class RamTracker:
 
     def packet(self, payload: memoryview, record: int) -> None:
         """Note the runs of one packet, the payload of RAM record number ``record``."""
-        if len(payload) < PACKET_HEAD.size:
-            raise TapError("RAM packet shorter than its header")
-        magic, _version, _flags, block_id, page_size, runs, _len, _sum = \
-            PACKET_HEAD.unpack_from(payload)
+        info = packet_info(payload)
+        block_id, page_size = info.block_id, info.page_size
         last = self.last.get(block_id)
-        if magic != PACKET_MAGIC or last is None or page_size != self.page_size[block_id]:
+        if last is None or page_size != self.page_size[block_id]:
             raise TapError(f"RAM packet of unknown shape (block {block_id})")
-        pos = PACKET_HEAD.size
+        pos = PACKET_HEADER_BYTES
         unpack = RUN.unpack_from
-        for _ in range(runs):
+        for _ in range(info.record_count):
             first, count, kind, _r8, _r16 = unpack(payload, pos)
             last[first:first + count] = record
             pos += RUN.size + (count * page_size if kind == RUN_NORMAL else 0)
@@ -109,8 +106,6 @@ class StreamTap:
     def feed(self, buffers: Iterable) -> None:
         """The next bytes of the stream, as written (any buffers)."""
         if not self.following:
-            if self.ended and any(len(byte_view(b)) for b in buffers):
-                self._stop("bytes after the EOF record")
             return
         try:
             for buf in buffers:
@@ -205,7 +200,7 @@ class StreamTap:
         ram = self.ram
         try:
             ram.packet(payload, len(ram.records))
-        except (TapError, struct.error, IndexError, ValueError) as exc:
+        except (TapError, PacketError, struct.error, IndexError, ValueError) as exc:
             self.ram, self.ram_failed = None, f"RAM record at byte {start}: {exc}"
             return
         ram.records.append((start, end))
