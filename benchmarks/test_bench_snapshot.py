@@ -64,7 +64,7 @@ def read_ceiling_bps(path: str) -> float:
     return total / (time.perf_counter() - t0)
 
 
-def disk_ceiling_bps(path: str) -> float:
+def disk_ceiling_bps(path: str) -> float | None:
     """Sequential O_DIRECT read of the file: the disk under it, bypassing the page cache
     (None where the file system does not do O_DIRECT)."""
     import mmap
