@@ -25,9 +25,10 @@
  * rest.  Its deadline moves on by the time it slept (its clock stops), so a throttled writer
  * achieves (100 - p) % of its rate whether or not it is CPU-bound.
  *
- * Dirty rate and dirty limit: where a writer logs a page of its share (page_dirtied) it also
- * counts it, per writer, in `dirtied` (the host reads the counts to measure each vCPU's dirty
- * rate; the mailbox page, shared by all writers, is not counted).  A writer with a dirty limit
+ * Dirty rate and dirty limit: every page a batch writes is a page of the writer's share that it
+ * logs, so after each batch the writer adds the batch's page writes to its `dirtied` count (the
+ * host reads the counts to measure each vCPU's dirty rate; the mailbox page, shared by all
+ * writers, is not counted).  A writer with a dirty limit
  * of q pages/s is charged 1/q s per page it dirtied (a GCRA: `limit_paid_ns` is when its pages
  * so far fall within the quota, never more than LIMIT_CREDIT_NS in the past) and starts no
  * batch before that time, in batches of at most q / LIMIT_BATCHES_PER_S pages so that the
@@ -181,14 +182,6 @@ mark_dirty(struct bitmap *bm, uint64_t page, int logging)
                                  memory_order_release);
 }
 
-/* A page of the writer's share is written: count it against the writer, then log it. */
-static inline void
-page_dirtied(struct bitmap *bm, uint64_t page, int logging, uint64_t *dirtied)
-{
-    ++*dirtied;
-    mark_dirty(bm, page, logging);
-}
-
 static inline uint64_t *
 mailbox(struct pymig_sim *sim, uint32_t index)
 {
@@ -207,7 +200,7 @@ mailbox_add(uint64_t *mb, int word, uint64_t delta)
 
 static uint64_t
 batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
-              uint64_t *passes, uint64_t *dirtied)
+              uint64_t *passes)
 {
     const struct share *s = &w->share;
     struct bitmap *bm = w->bitmap;
@@ -237,7 +230,7 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
             break;
         }
         base[j * PYMIG_SIM_PAGE_SIZE] += 1;
-        page_dirtied(bm, s->first_page + j, logging, dirtied);
+        mark_dirty(bm, s->first_page + j, logging);
         if (++pos == m) {
             pos = 0;
             ++*passes;
@@ -250,7 +243,7 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
 
 static uint64_t
 batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
-                uint64_t *passes, uint64_t *errors, uint64_t *dirtied)
+                uint64_t *passes, uint64_t *errors)
 {
     const struct share *s = &w->share;
     struct bitmap *bm = w->bitmap;
@@ -265,7 +258,7 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
         pg[WORDS_PER_PAGE - 1] = p;
         pg[1] = frame;
         pg[0] = p;
-        page_dirtied(bm, s->first_page + pos, logging, dirtied);
+        mark_dirty(bm, s->first_page + pos, logging);
         if (++w->cpu.pos == s->npages) {
             w->cpu.pos = 0;
             w->cpu.pass++;
@@ -279,7 +272,7 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
  * early when the last round ends. */
 static uint64_t
 batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
-              uint64_t *passes, uint64_t *dirtied)
+              uint64_t *passes)
 {
     const struct share *s = &w->share;
     struct bitmap *bm = w->bitmap;
@@ -307,7 +300,7 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
                 pg[i] += c->sum;
         }
         if (c->phase != PYMIG_SIM_FOLD) {
-            page_dirtied(bm, s->first_page + c->pos, logging, dirtied);
+            mark_dirty(bm, s->first_page + c->pos, logging);
             written++;
         }
         if (++c->pos < s->npages)
@@ -342,27 +335,27 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
 }
 
 /* One batch of up to n pages, then the mailbox; runs without the lock.  Returns the pages
- * written (what pacing counts); *dirtied gets the pages the dirty-log hook counted. */
+ * written: what pacing counts and, every one a page of the share the writer logged, what its
+ * dirty count and dirty limit count. */
 static uint64_t
-run_batch(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging, uint64_t *dirtied)
+run_batch(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging)
 {
     uint64_t passes = 0, errors = 0, written = 0;
 
-    *dirtied = 0;
     switch (sim->params.workload) {
     case PYMIG_SIM_DIRTIER:
-        written = batch_dirtier(sim, w, n, logging, &passes, dirtied);
+        written = batch_dirtier(sim, w, n, logging, &passes);
         break;
     case PYMIG_SIM_SELFCHECK:
-        written = batch_selfcheck(sim, w, n, logging, &passes, &errors, dirtied);
+        written = batch_selfcheck(sim, w, n, logging, &passes, &errors);
         break;
     case PYMIG_SIM_COMPUTE:
-        written = batch_compute(sim, w, n, logging, &passes, dirtied);
+        written = batch_compute(sim, w, n, logging, &passes);
         break;
     default:
         return 0;
     }
-    atomic_fetch_add_explicit(&w->dirtied, *dirtied, memory_order_relaxed);
+    atomic_fetch_add_explicit(&w->dirtied, written, memory_order_relaxed);
     uint64_t *mb = mailbox(sim, w->index);
     mailbox_add(mb, MB_PAGES_WRITTEN, written);
     mailbox_add(mb, MB_PASSES, passes);
@@ -488,13 +481,12 @@ writer_main(void *arg)
         w->in_batch = 1;
         pthread_mutex_unlock(&sim->lock);
 
-        uint64_t dirtied;
-        uint64_t written = run_batch(sim, w, n, logging, &dirtied);
+        uint64_t written = run_batch(sim, w, n, logging);
 
         pthread_mutex_lock(&sim->lock);
         w->in_batch = 0;
         paced(sim, w, written);
-        charge_limit(w, dirtied);
+        charge_limit(w, written);
         pthread_cond_broadcast(&sim->idle);
     }
     pthread_mutex_unlock(&sim->lock);
