@@ -164,14 +164,12 @@ class SnapshotWriter(FdChannel):
         super().__init__(fd, name, writable=True, tap=StreamTap(track_ram=True))
         self.temp_path = temp_path
         self.path = path
-        self.index: SnapshotIndex | None = None
         self._placed = False
 
     def _stream_ended(self) -> None:
         tap = self.tap
         if tap.ram is not None:
-            self.index = SnapshotIndex(tap.stream_bytes, tap.ram.superseded())
-            self._write_index(self.index.encode())
+            self._write_index(SnapshotIndex(tap.stream_bytes, tap.ram.superseded()).encode())
         self._place()
 
     def _write_index(self, data: bytes) -> None:
@@ -229,7 +227,8 @@ class IndexedFileChannel(FdChannel):
     """Reads a snapshot's stream without the records its index says are superseded.
 
     The reader sees a valid stream that is shorter than the file: offsets it reports count
-    the bytes it read (:meth:`file_offset` maps one back to the file).
+    the bytes it read (a failed load is retried through :meth:`sequential`, whose offsets are
+    the file's).
     """
 
     def __init__(self, fd: int, name: str, index: SnapshotIndex):
@@ -256,15 +255,6 @@ class IndexedFileChannel(FdChannel):
             raise transport_error(f"reading from {self.name}", exc) from exc
         self._pos += got
         return got
-
-    def file_offset(self, stream_offset: int) -> int:
-        """Where byte ``stream_offset`` of what this channel delivered lies in the file."""
-        offset = stream_offset
-        for start, length in self._skips:
-            if start > offset:
-                break
-            offset += length
-        return offset
 
     def sequential(self) -> FdChannel:
         """A new channel reading the whole file from its start, ignoring the index."""
