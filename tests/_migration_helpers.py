@@ -52,6 +52,20 @@ def running_guest(config: GuestConfig, *, min_passes: int = 1, timeout: float = 
     return guest
 
 
+@pytest.fixture
+def guests():
+    """Running guests made by a test, ``guests(config, **create_options)``, closed after it."""
+    made = []
+
+    def make(config: GuestConfig, **options):
+        made.append(running_guest(config, **options))
+        return made[-1]
+
+    yield make
+    for guest in made:
+        guest.close()
+
+
 @dataclass
 class LocalMigration:
     """A finished in-process migration: both sides and what was recorded at switchover."""

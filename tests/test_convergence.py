@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from _migration_helpers import guests  # noqa: F401 - fixture
 from _migration_helpers import (GUEST_KINDS, assert_consistent, guest_config, migrate_locally,
-                                running_guest, wait_for)
+                                wait_for)
 from pymig.stats import read_trace
 
 # A working set rewritten far faster than the capped link can carry it.
@@ -14,18 +15,10 @@ RATE = {"simulated": 200_000, "kvm": 0}  # pages/s; KVM flat out is ~100k+ disti
 
 
 @pytest.fixture
-def hot_guest(request):
+def hot_guest(guests):
     """A self-checking guest whose working set cannot cross the capped link unthrottled."""
-    guests = []
-
-    def make(kind="simulated"):
-        guests.append(running_guest(guest_config(kind, "selfcheck", memory=128 << 20,
-                                                 working_set=32 << 20, rate=RATE[kind])))
-        return guests[-1]
-
-    yield make
-    for guest in guests:
-        guest.close()
+    return lambda kind="simulated": guests(guest_config(kind, "selfcheck", memory=128 << 20,
+                                                        working_set=32 << 20, rate=RATE[kind]))
 
 
 @pytest.mark.parametrize("kind", GUEST_KINDS)

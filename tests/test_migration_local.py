@@ -7,8 +7,9 @@ import time
 
 import pytest
 
+from _migration_helpers import guests  # noqa: F401 - fixture
 from _migration_helpers import (GUEST_KINDS, assert_consistent, guest_config, migrate_locally,
-                                running_guest, wait_for)
+                                wait_for)
 from pymig.errors import GuestError, MigrationError
 from pymig.guest.workloads import expected_compute_result
 from pymig.incoming import Incoming
@@ -23,20 +24,6 @@ from pymig.stats import read_trace
 def uri(request, tmp_path):
     return {"tcp4": "tcp:127.0.0.1:0", "tcp6": "tcp:[::1]:0",
             "unix": f"unix:{tmp_path}/migration.sock"}[request.param]
-
-
-@pytest.fixture
-def guests():
-    """Guests made by a test, closed after it."""
-    made = []
-
-    def make(config):
-        made.append(running_guest(config))
-        return made[-1]
-
-    yield make
-    for guest in made:
-        guest.close()
 
 
 @pytest.mark.parametrize("kind", GUEST_KINDS)
