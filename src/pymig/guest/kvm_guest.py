@@ -37,6 +37,7 @@ from pymig.guest.base import (
     allocate_ram,
     check_dirty_limit,
     check_vcpu_index,
+    locate,
     write_phys,
 )
 from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
@@ -135,19 +136,13 @@ class KvmGuest:
 
     # --- memory --------------------------------------------------------------------------------
 
-    def block_at(self, gpa: int) -> tuple[RamBlock, int]:
-        """The RAM block holding guest-physical ``gpa`` and the offset inside it."""
-        for block in self.ram_blocks:
-            if block.guest_phys_addr <= gpa < block.guest_phys_addr + block.size_bytes:
-                return block, gpa - block.guest_phys_addr
-        raise ValueError(f"guest-physical address {gpa:#x} is not RAM")
-
     def write_phys(self, gpa: int, data: bytes) -> None:
         write_phys(self.ram_blocks, gpa, data)
 
     def read_phys(self, gpa: int, size: int) -> bytes:
-        block, offset = self.block_at(gpa)
-        return bytes(block.array[offset:offset + size])
+        """``size`` bytes from guest-physical ``gpa`` (the range must lie inside one block)."""
+        index, offset = locate(self.ram_blocks, gpa, size)
+        return bytes(self.ram_blocks[index].array[offset:offset + size])
 
     # --- run control ---------------------------------------------------------------------------
 

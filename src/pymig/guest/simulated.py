@@ -341,11 +341,6 @@ class SimulatedGuest:
             else:
                 self._dirty_limits[index] = limit
 
-    @property
-    def dirty_limits(self) -> dict[int, float]:
-        """The writers with a dirty limit and their quotas in pages/s."""
-        return dict(self._dirty_limits)
-
     def _restart_rates(self) -> None:
         self._rates.restart(self._writers.dirty_counts(), time.monotonic())
 
