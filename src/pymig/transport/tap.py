@@ -52,8 +52,10 @@ class RamTracker:
         #: (first byte, end) of every RAM record carrying a packet, in stream order
         self.records: list[tuple[int, int]] = []
 
-    def packet(self, payload: memoryview, record: int) -> None:
-        """Note the runs of one packet, the payload of RAM record number ``record``."""
+    def packet(self, payload: memoryview, start: int, end: int) -> None:
+        """Note the runs of one packet, the payload of the RAM record at bytes
+        ``start``..``end`` of the stream (the next record in :attr:`records`)."""
+        record = len(self.records)
         info = packet_info(payload)
         block_id, page_size = info.block_id, info.page_size
         last = self.last.get(block_id)
@@ -65,6 +67,7 @@ class RamTracker:
             first, count, kind, _r8, _r16 = unpack(payload, pos)
             last[first:first + count] = record
             pos += RUN.size + (count * page_size if kind == RUN_NORMAL else 0)
+        self.records.append((start, end))
 
     def superseded(self) -> list[tuple[int, int]]:
         """Byte ranges (offset, length) of RAM records whose every page a later record wrote
@@ -197,10 +200,7 @@ class StreamTap:
             self.ram_failed = f"RAM block list not understood: {exc}"
 
     def _ram_packet(self, payload: memoryview, start: int, end: int) -> None:
-        ram = self.ram
         try:
-            ram.packet(payload, len(ram.records))
+            self.ram.packet(payload, start, end)
         except (TapError, PacketError, struct.error, IndexError, ValueError) as exc:
             self.ram, self.ram_failed = None, f"RAM record at byte {start}: {exc}"
-            return
-        ram.records.append((start, end))
