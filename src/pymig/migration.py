@@ -94,6 +94,7 @@ class Migration:
         self._channel = None
         self._trace: TraceWriter | None = None
         self.resume_source = False
+        self.scheme: str | None = None  # of the URI of the last start()
         self._committed = False
         self.error: BaseException | None = None
         self.params.on_change(self._params_changed)
@@ -102,6 +103,13 @@ class Migration:
     @property
     def status(self) -> Status:
         return self._status
+
+    @property
+    def moved_away(self) -> bool:
+        """True once this migration handed the guest to a destination (a file snapshot does
+        not: the guest stays here, running or, when asked, paused)."""
+        return (self._status == Status.COMPLETED and not self.resume_source
+                and self.scheme != "file")
 
     def on_status(self, callback: Callable[[Status, Status], None]) -> None:
         """``callback(old, new)`` after every transition (from the thread that made it)."""
@@ -138,6 +146,7 @@ class Migration:
         if resume_source is None:
             resume_source = parsed.scheme == "file"
         self.resume_source = resume_source
+        self.scheme = parsed.scheme
         self.machine.registry.check_migratable()
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
         with self._lock:

@@ -34,7 +34,6 @@ from pymig.incoming import Incoming, IncomingResult
 from pymig.machine import Machine
 from pymig.migration import ACTIVE_STATES, Migration, Status
 from pymig.parameters import CAPABILITIES, ParameterStore
-from pymig.transport import parse_uri
 
 EventSink = Callable[[str, dict], None]
 
@@ -62,7 +61,6 @@ class Session:
         self._sinks: list[EventSink] = []
         self._lock = threading.Lock()
         self._command_lock = threading.Lock()  # migrate / migrate-incoming, one at a time
-        self._target_scheme: str | None = None  # of the last outgoing migration
         self._stopped_for_switchover = False
         self.quit_requested = threading.Event()
         self.guest_ready = threading.Event()
@@ -121,9 +119,7 @@ class Session:
     def moved_away(self) -> bool:
         """True once a migration handed the guest to a destination (a file snapshot does not:
         the guest stays here, running or, when asked, paused)."""
-        migration = self.migration
-        return (migration is not None and migration.status == Status.COMPLETED
-                and not migration.resume_source and self._target_scheme != "file")
+        return self.migration is not None and self.migration.moved_away
 
     def query_status(self) -> dict[str, Any]:
         state = self.run_state()
@@ -186,10 +182,6 @@ class Session:
                                    f"migrate")
             if self.moved_away():
                 raise CommandError("the guest has already migrated away")
-            try:
-                scheme = parse_uri(uri).scheme
-            except ValueError as exc:
-                raise CommandError(str(exc)) from None
             if self.migration is not None and self.migration.status in ACTIVE_STATES:
                 raise CommandError(f"a migration is already {self.migration.status.value}")
             # A new Migration each time: one that ended (a snapshot that completed, a failure)
@@ -197,13 +189,12 @@ class Session:
             migration = Migration(self.machine, self.params)
             migration.on_status(self._migration_status)
             migration.on_pass(self._migration_pass)
-            previous = self.migration, self._target_scheme
-            self.migration, self._target_scheme = migration, scheme
+            previous, self.migration = self.migration, migration
             try:
                 migration.start(uri, trace_path=trace_path or self.trace_path,
                                 resume_source=resume)
             except (MigrationError, ValueError) as exc:
-                self.migration, self._target_scheme = previous
+                self.migration = previous
                 raise CommandError(str(exc)) from None
 
     def migrate_cancel(self) -> None:
