@@ -299,3 +299,26 @@ def test_bad_arguments_raise_the_same_errors(api):
     with pytest.raises(ValueError, match="words"):
         api.decode_packet(packet, mem, 4096, 0, 8, present=np.zeros(0, dtype=np.uint64))
     assert api.encode_packet(mem, 4096, 0, np.zeros(0, np.uint64), 0, 0, out) == (0, 0, 0, 0, 0)
+
+
+def _runs_or_fault(api, packet, page_size, npages):
+    try:
+        return api.packet_runs(packet, page_size, BLOCK, npages).tolist()
+    except PacketError as error:
+        return (error.offset, error.reason)
+
+
+@given(valid_packets(), st.data())
+def test_packet_runs_match_the_reference_and_the_runs_declared(variant, case, data):
+    page_size, npages, packet = case
+    runs = COMPILED.packet_runs(packet, page_size, BLOCK, npages)
+    assert runs.dtype == np.int64 and runs.shape[1] == 2
+    assert runs.tolist() == [[first, count] for first, count, _ in parse_runs(packet)]
+    assert runs.tolist() == REF.packet_runs(packet, page_size, BLOCK, npages).tolist()
+    # damaged or cut short: both refuse it the same way (or, where only the checksum
+    # would notice, both read the same runs)
+    damaged = bytearray(packet[:data.draw(st.integers(0, len(packet)))])
+    if damaged:
+        damaged[data.draw(st.integers(0, len(damaged) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    assert (_runs_or_fault(COMPILED, bytes(damaged), page_size, npages)
+            == _runs_or_fault(REF, bytes(damaged), page_size, npages))

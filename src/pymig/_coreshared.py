@@ -225,6 +225,12 @@ def encode_args(mem, page_size, block_id, bm, npages, cursor, out):
     return mem, page_size, block_id, bm, npages, cursor, out
 
 
+def runs_args(packet, page_size, block_id, npages):
+    """Checked arguments of packet_runs, in the order both backends check them."""
+    return (byte_view(packet, "packet"), page_size_arg(page_size),
+            count_arg(block_id, "block_id", 0xFFFF_FFFF), count_arg(npages, "npages"))
+
+
 def decode_args(packet, mem, page_size, block_id, npages, present):
     """Checked arguments of decode_packet, in the order both backends check them."""
     packet = byte_view(packet, "packet")

@@ -18,7 +18,7 @@ from pymig._coreshared import (MAX_RUN_PAGES, PACKET_HEADER_BYTES, PACKET_MAGIC,
                                DecodeResult, EncodeResult, PacketFault, PacketInfo,
                                bitmap_arg, bitmap_words, byte_view, count_arg, decode_args,
                                disabled_variants, encode_args, memory_arg, packet_error,
-                               page_size_arg, pages_arg)
+                               page_size_arg, pages_arg, runs_args)
 
 backend = "reference"
 
@@ -288,6 +288,29 @@ def _walk_runs(view: memoryview, records: int, payload_len: int, page_size: int,
     return runs
 
 
+def _checked_runs(packet: memoryview, page_size: int, block_id: int, npages: int):
+    """Header against the caller's block, page size and length, then every run record;
+    returns the runs (see _walk_runs) and the header's checksum."""
+    _, _, _, got_block, got_page_size, records, payload_len, checksum = _header(packet)
+    if got_block != block_id:
+        raise packet_error(PacketFault.BLOCK, 8, got_block, block_id)
+    if got_page_size != page_size:
+        raise packet_error(PacketFault.PAGE_SIZE_MISMATCH, 12, got_page_size, page_size)
+    if len(packet) - PACKET_HEADER_BYTES != payload_len:
+        raise packet_error(PacketFault.LENGTH, 20, payload_len,
+                           len(packet) - PACKET_HEADER_BYTES)
+    return _walk_runs(packet, records, payload_len, page_size, npages), checksum
+
+
+def packet_runs(packet, page_size, block_id, npages) -> np.ndarray:
+    """Each run of ``packet`` as (first page, page count), an int64 array of shape (runs, 2),
+    after the checks decode_packet makes before the checksum (which is not checked)."""
+    packet, page_size, block_id, npages = runs_args(packet, page_size, block_id, npages)
+    runs, _ = _checked_runs(packet, page_size, block_id, npages)
+    return np.array([(first, count) for first, count, _, _ in runs],
+                    dtype=np.int64).reshape(-1, 2)
+
+
 def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> DecodeResult:
     """Check ``packet`` completely, then apply it to ``mem`` (``npages`` pages).
 
@@ -298,15 +321,7 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
     """
     packet, mem, page_size, block_id, npages, present = decode_args(
         packet, mem, page_size, block_id, npages, present)
-    _, _, _, got_block, got_page_size, records, payload_len, checksum = _header(packet)
-    if got_block != block_id:
-        raise packet_error(PacketFault.BLOCK, 8, got_block, block_id)
-    if got_page_size != page_size:
-        raise packet_error(PacketFault.PAGE_SIZE_MISMATCH, 12, got_page_size, page_size)
-    if len(packet) - PACKET_HEADER_BYTES != payload_len:
-        raise packet_error(PacketFault.LENGTH, 20, payload_len,
-                           len(packet) - PACKET_HEADER_BYTES)
-    runs = _walk_runs(packet, records, payload_len, page_size, npages)
+    runs, checksum = _checked_runs(packet, page_size, block_id, npages)
     computed = _packet_checksum(packet[:24], packet[PACKET_HEADER_BYTES:])
     if computed != checksum:
         raise packet_error(PacketFault.CHECKSUM, 24, checksum, computed)

@@ -24,7 +24,7 @@ from pymig._coreshared import (PACKET_HEADER_BYTES, PAGE_SIZE, RUN_COMPRESSED, R
 API = (
     "cpu_info", "new_bitmap", "bitmap_count", "bitmap_indices", "bitmap_runs", "bitmap_merge",
     "bitmap_find_next", "bitmap_test_and_clear", "bitmap_set_range", "is_zero", "zero_pages",
-    "zero_bitmap", "encode_packet", "packet_info", "decode_packet",
+    "zero_bitmap", "encode_packet", "packet_info", "decode_packet", "packet_runs",
 )
 _COMPILED_MODULES = ("cpu", "bitmap", "zeropage", "packet")
 
@@ -70,6 +70,7 @@ zero_bitmap = _api.zero_bitmap
 encode_packet = _api.encode_packet
 packet_info = _api.packet_info
 decode_packet = _api.decode_packet
+packet_runs = _api.packet_runs
 
 __all__ = [
     "backend", "PAGE_SIZE", "PACKET_HEADER_BYTES", "RUN_HEADER_BYTES", "RUN_NORMAL",

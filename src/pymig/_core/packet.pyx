@@ -7,15 +7,17 @@ reference's (pymig._reference); faults come back from C as numbers and are worde
 pymig._coreshared.packet_error, so both backends raise the same PacketError.
 """
 
+import numpy as np
+
 from pymig._coreshared import (DecodeResult, EncodeResult, PacketInfo, byte_view, decode_args,
-                               encode_args, packet_error)
+                               encode_args, packet_error, runs_args)
 
 from cpython.pystate cimport PyThreadState
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from pymig._core.cpu cimport current_ops
 from pymig._core.kernels cimport (NOGIL_MIN_BYTES, pymig_decode_packet, pymig_decode_result,
-                                  pymig_encode_packet, pymig_encode_result,
+                                  pymig_encode_packet, pymig_encode_result, pymig_packet_runs,
                                   pymig_packet_error, pymig_packet_header,
                                   pymig_packet_header_parse, pymig_ops, pymig_xxh3_64,
                                   reacquire_gil, release_gil_if)
@@ -94,6 +96,23 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
     if rc:
         _raise(&err)
     return DecodeResult(res.normal_pages, res.zero_pages, res.runs)
+
+
+def packet_runs(packet, page_size, block_id, npages):
+    """Each run of ``packet`` as (first page, page count), an int64 array of shape (runs, 2),
+    after the checks :func:`decode_packet` makes before the checksum (which is not checked:
+    for a packet this process encoded, such as a snapshot's index)."""
+    packet, page_size, block_id, npages = runs_args(packet, page_size, block_id, npages)
+    cdef const unsigned char[::1] pkt = packet
+    cdef size_t size = pkt.shape[0]
+    out = np.zeros((max(<Py_ssize_t>size - 32, 0) // 16, 2), dtype=np.int64)
+    cdef int64_t[:, ::1] runs = out
+    cdef int64_t *runs_ptr = &runs[0, 0] if runs.shape[0] else NULL
+    cdef pymig_decode_result res
+    cdef pymig_packet_error err
+    if pymig_packet_runs(_ro(pkt), size, page_size, block_id, npages, runs_ptr, &res, &err):
+        _raise(&err)
+    return out[:res.runs]
 
 
 def _xxh3_64(buf) -> int:

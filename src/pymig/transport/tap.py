@@ -25,13 +25,9 @@ from collections.abc import Generator, Iterable
 
 import numpy as np
 
-from pymig.core import PACKET_HEADER_BYTES, RUN_NORMAL, packet_info
+from pymig.core import packet_info, packet_runs
 from pymig.errors import PacketError
 from pymig.transport.channel import byte_view
-
-#: Layout of a RAM packet's run record (docs/stream-format.md, "RAM packets").
-RUN = struct.Struct("<QIBBH")
-
 
 class TapError(Exception):
     """Bytes the tap cannot follow."""
@@ -61,12 +57,13 @@ class RamTracker:
         last = self.last.get(block_id)
         if last is None or page_size != self.page_size[block_id]:
             raise TapError(f"RAM packet of unknown shape (block {block_id})")
-        pos = PACKET_HEADER_BYTES
-        unpack = RUN.unpack_from
-        for _ in range(info.record_count):
-            first, count, kind, _r8, _r16 = unpack(payload, pos)
-            last[first:first + count] = record
-            pos += RUN.size + (count * page_size if kind == RUN_NORMAL else 0)
+        runs = packet_runs(payload, page_size, block_id, last.size)  # walked in the core
+        if runs.size:
+            first, count = runs[:, 0], runs[:, 1]
+            # every page of every run, without a Python step per run: page i of the
+            # concatenated runs is i plus its run's first page less the pages before that run
+            before = np.cumsum(count) - count
+            last[np.arange(count.sum()) + np.repeat(first - before, count)] = record
         self.records.append((start, end))
 
     def superseded(self) -> list[tuple[int, int]]:

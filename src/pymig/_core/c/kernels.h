@@ -184,6 +184,11 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
                         uint32_t page_size, uint32_t block_id, uint64_t npages,
                         uint64_t *present, const pymig_ops *ops, pymig_decode_result *res,
                         pymig_packet_error *err);
+/* The checks of pymig_decode_packet before its checksum, and each run's (first, count) into
+ * runs_out, room for (pkt_bytes - 32) / 16 pairs; guest memory is not touched. */
+int pymig_packet_runs(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_size,
+                      uint32_t block_id, uint64_t npages, int64_t *runs_out,
+                      pymig_decode_result *res, pymig_packet_error *err);
 
 /* xxh3-64, seed 0, of one buffer through the variant's streaming update (tests compare it
  * with the Python xxhash package). */

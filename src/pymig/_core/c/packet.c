@@ -224,10 +224,11 @@ void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t 
 /* ------------------------------------------------------------------------------ decode */
 
 /* Every check that needs no guest memory: header against the caller's expectations, then
- * every run record. */
+ * every run record.  With ``runs_out``, each run's (first page, page count) goes there: a
+ * run needs 16 bytes of packet, so (pkt_bytes - 32) / 16 pairs always fit. */
 static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_size,
                     uint32_t block_id, uint64_t npages, pymig_packet_header *h,
-                    pymig_decode_result *res, pymig_packet_error *err)
+                    pymig_decode_result *res, int64_t *runs_out, pymig_packet_error *err)
 {
     if (pymig_packet_header_parse(pkt, pkt_bytes, h, err))
         return -EBADMSG;
@@ -264,6 +265,10 @@ static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_si
         if (data > left - PYMIG_RUN_HEADER_BYTES)
             return fault(err, off + 16, PYMIG_FAULT_RUN_DATA, r, data,
                          left - PYMIG_RUN_HEADER_BYTES, 0);
+        if (runs_out) {
+            runs_out[2 * res->runs] = (int64_t)first;
+            runs_out[2 * res->runs + 1] = (int64_t)count;
+        }
         off += PYMIG_RUN_HEADER_BYTES + data;
         prev_end = first + count;
         if (kind == PYMIG_RUN_NORMAL)
@@ -301,7 +306,7 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
 {
     pymig_packet_header h;
     memset(res, 0, sizeof(*res));
-    if (validate(pkt, pkt_bytes, page_size, block_id, npages, &h, res, err))
+    if (validate(pkt, pkt_bytes, page_size, block_id, npages, &h, res, NULL, err))
         return -EBADMSG;
 
     XXH3_state_t state;
@@ -337,4 +342,14 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
         }
     }
     return 0;
+}
+
+int pymig_packet_runs(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_size,
+                      uint32_t block_id, uint64_t npages, int64_t *runs_out,
+                      pymig_decode_result *res, pymig_packet_error *err)
+{
+    pymig_packet_header h;
+    memset(res, 0, sizeof(*res));
+    return validate(pkt, pkt_bytes, page_size, block_id, npages, &h, res, runs_out, err)
+               ? -EBADMSG : 0;
 }
