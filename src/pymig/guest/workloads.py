@@ -145,9 +145,7 @@ COMPUTE_SEED = GOLDEN
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
 
-WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
 WORKLOAD_IDS = {"idle": 1, "dirtier": 2, "selfcheck": 3, "compute": 4}
-PATTERNS = ("uniform", "sequential", "hotspot")
 PATTERN_IDS = {"uniform": 0, "sequential": 1, "hotspot": 2}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "idle": {"fill_bytes": 0},
