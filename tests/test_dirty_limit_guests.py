@@ -83,24 +83,30 @@ def test_rates_match_the_counters_and_a_cap_slows_only_its_vcpu(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_write_is_lost_while_a_limit_holds_a_vcpu(kind):
-    with dirtier(kind, working_set_bytes=16 * MiB) as guest:
+    # The default shares (16 Ki pages each) keep vCPU 0's writes on pages not yet dirtied, so
+    # the workload's counter and the dirty tracking count the same thing: a limit caps newly
+    # dirtied pages, and on a small share a burst rewrites pages KVM counts once.
+    with dirtier(kind) as guest:
         guest.start_dirty_log()
         shadow = [block.array.copy() for block in guest.ram_blocks]
         guest.set_vcpu_dirty_limit(0, 5_000)
         guest.set_vcpu_dirty_limit(1, 1_500)  # below vCPU 1's pace: it is held too
-        before = read_mailbox(guest, 2)
-        deadline, rounds, copied = time.monotonic() + 1.5, 0, 0
+        before, start = read_mailbox(guest, 2), time.monotonic()
+        deadline, rounds, copied = start + 1.5, 0, 0
         while time.monotonic() < deadline:
             copied += copy_dirty(guest, shadow)
             rounds += 1
             time.sleep(0.01)
         guest.pause()
+        elapsed = time.monotonic() - start
         copy_dirty(guest, shadow)
         assert rounds > 20 and copied > 1000
         assert_shadow_is_ram(guest, shadow)
-        written = [b.pages_written - a.pages_written
-                   for a, b in zip(before, read_mailbox(guest, 2))]
-        assert 2000 < written[0] < 5_000 * 2.5 and written[1] < 1_500 * 2.5, written
+        rates = [(b.pages_written - a.pages_written) / elapsed
+                 for a, b in zip(before, read_mailbox(guest, 2))]
+        # Held near the caps (noise only ever slows a vCPU; the bound leaves room for the
+        # credit and one controller period of overshoot); free, vCPU 0 runs 50-100x faster.
+        assert 1_000 < rates[0] < 5_000 * 2 and rates[1] < 1_500 * 2, rates
 
 
 @pytest.mark.parametrize("kind", KINDS)
