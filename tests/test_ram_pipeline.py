@@ -5,6 +5,7 @@ of turn."""
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 
@@ -17,6 +18,7 @@ from pymig.guest import GuestConfig, create
 from pymig.machine import Machine, SectionOut, load_config
 from pymig.ram import PacketWorker, RamSaver, block_digests
 from pymig.transport import BytesChannel
+from pymig.transport.channel import SocketChannel
 
 MiB = 1 << 20
 
@@ -302,3 +304,41 @@ def test_only_throttling_policies_slice_their_iterations():
     assert iteration_slice_s(params) == math.inf
     params.capabilities["auto-converge"] = True
     assert iteration_slice_s(params) == THROTTLE_SLICE_S
+
+
+def test_caught_up_is_called_once_everything_that_arrived_is_loaded():
+    """The destination's READY: not before the records already received are decoded (they
+    would land in the downtime), and not again."""
+    data, digests = _migration_stream()
+    split = data.index(b"PMGP", len(data) // 2) - 12  # a RAM record's first byte
+    head = stream.HEADER_BYTES
+    a, b = socket.socketpair()
+    sender, receiver = SocketChannel(a, "test:a"), SocketChannel(b, "test:b")
+    machine = None
+    calls: list[int] = []
+    try:
+        first = threading.Thread(target=sender.send, args=(data[:split],))
+        first.start()  # more than a socket buffer holds
+        reader = stream.StreamReader(receiver)
+        reader.read_header()
+        machine = Machine.incoming(load_config(reader))
+        loading = threading.Thread(target=machine.load_stream, args=(
+            reader, lambda: calls.append((reader.offset, machine.load_counters()["packets"]))))
+        loading.start()
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.join(30)
+        # (the receiver may catch up between two of the sender's writes: what counts is what
+        # it had read when it said so)
+        ((offset, packets),) = calls
+        assert head < offset <= split and packets == data[head:offset].count(b"PMGP")
+        sender.send(data[split:])
+        loading.join(30)
+        assert not loading.is_alive() and len(calls) == 1
+        assert block_digests(machine.guest.ram_blocks) == digests
+    finally:
+        sender.close()
+        receiver.close()
+        if machine is not None:
+            machine.close()

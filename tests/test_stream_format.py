@@ -123,6 +123,32 @@ def test_payload_reaches_the_channel_without_a_copy():
     assert p1.obj is pieces[1]
 
 
+def test_held_records_go_out_together_in_order_and_big_ones_at_once():
+    """hold(): the stop-and-copy's small records leave in one write at EOF; a record too big
+    to copy goes out at once, after the ones held before it; the bytes are the same stream."""
+    small, big = bytes(range(200)), bytearray(b"\x07" * (1 << 20))
+    plain, held = BytesChannel(), _Recorder()
+    for channel, hold in ((plain, False), (held, True)):
+        w = StreamWriter(channel)
+        w.write_header()
+        w.part(1, small)
+        if hold:
+            w.hold()
+        w.part(1, small)
+        w.full(2, "cpu", 0, 1, small)
+        w.end(1, big)
+        w.full(3, "serial", 0, 1, small)
+        w.eof()
+    writes = [b"".join(bytes(v) for v in vector) for vector in held.vectors]
+    assert b"".join(writes) == plain.getvalue()
+    # the header, the record before hold(), the two held ones, the big one, the rest and EOF
+    header, before, held_first, big_record, held_last = writes
+    assert len(before) == 12 + len(small) + FOOTER_BYTES
+    assert held_first[0] == RecordType.PART and b"cpu" in held_first
+    assert held.vectors[3][1].obj is big  # sent as given, not copied
+    assert b"serial" in held_last and held_last[-12 - FOOTER_BYTES] == RecordType.EOF
+
+
 def test_reader_reuses_its_buffer_or_fills_the_callers():
     ch = BytesChannel()
     w = StreamWriter(ch)

@@ -119,6 +119,7 @@ class Incoming:
             self.machine.guest.resume()
             if rp is not None:
                 rp.ack(started_ns)
+            self.machine.release_load_buffers()
             self._set_status("completed")
             return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
                                   self.machine.load_counters())
@@ -150,9 +151,9 @@ class Incoming:
         if self._warm_up is not None:
             self._warm_up.finish()
         self.machine = Machine.incoming(config, **self.guest_options)
-        if rp is not None:
-            rp.ready()  # the guest exists: the source may stop its copy when it likes
-        self.machine.load_stream(reader)
+        # READY once the guest exists and what the source sent while it was being built is
+        # loaded: neither building it nor a backlog of the live phase counts as downtime.
+        self.machine.load_stream(reader, rp.ready if rp is not None else None)
 
     def _discard_machine(self) -> None:
         if self.machine is not None:

@@ -330,6 +330,7 @@ class Migration:
             stop_mono = time.monotonic()
             guest.pause()
             paused_by_us = True
+            writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
             for entry in machine.registry.live_entries():
                 entry.handlers.complete(entry.opaque, SectionOut(writer, entry))
             machine.save_device_state(writer)

@@ -128,6 +128,10 @@ def _payload_views(payload) -> list[memoryview]:
     return [byte_view(payload)]
 
 
+#: Largest record :meth:`StreamWriter.hold` copies and keeps back.
+HOLD_RECORD_BYTES = 64 << 10
+
+
 class StreamWriter:
     """Writes the stream to a channel.  One thread writes; records are never interleaved.
 
@@ -138,6 +142,18 @@ class StreamWriter:
     def __init__(self, channel: Channel):
         self.channel = channel
         self.bytes_written = 0
+        self._held: bytearray | None = None
+
+    def hold(self) -> None:
+        """Gather small records (copied) until :meth:`eof`, which sends them in one write.
+
+        For the stop-and-copy: the last RAM records, the device state and EOF are a few
+        kilobytes in a dozen records, and a write per record wakes the destination a dozen
+        times, which on a host short of CPUs then takes turns with the source inside the
+        downtime.  Records over :data:`HOLD_RECORD_BYTES` go out at once, after those held.
+        """
+        if self._held is None:
+            self._held = bytearray()
 
     def write_header(self) -> None:
         """Write the 16-byte stream header."""
@@ -165,8 +181,11 @@ class StreamWriter:
                      _section_info(idstr, instance_id, version_id))
 
     def eof(self) -> None:
-        """Mark the end of the stream."""
+        """Mark the end of the stream (and send what :meth:`hold` gathered)."""
         self._record(RecordType.EOF, 0, b"", False)
+        held, self._held = self._held, None
+        if held:
+            self.channel.send(held)
 
     def _record(self, rtype: RecordType, section_id: int, payload, nocsum: bool,
                 info: bytes = b"") -> None:
@@ -189,8 +208,20 @@ class StreamWriter:
             for view in views:
                 hasher.update(view)
             checksum = hasher.intdigest()
-        self.channel.sendv([head, *views, FOOTER.pack(FOOTER_MAGIC, section_id, checksum)])
-        self.bytes_written += len(head) + payload_len + FOOTER_BYTES
+        parts = [head, *views, FOOTER.pack(FOOTER_MAGIC, section_id, checksum)]
+        size = len(head) + payload_len + FOOTER_BYTES
+        held = self._held
+        if held is None:
+            self.channel.sendv(parts)
+        elif size <= HOLD_RECORD_BYTES:
+            for part in parts:
+                held += part
+        else:
+            if held:
+                self.channel.send(held)
+                self._held = bytearray()  # a new one: the channel may still hold a view of it
+            self.channel.sendv(parts)
+        self.bytes_written += size
 
 
 def _section_info(idstr: str, instance_id: int, version_id: int) -> bytes:

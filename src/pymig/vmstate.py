@@ -283,6 +283,16 @@ class VMStateDescription:
         object.__setattr__(self, "_by_name", {s.name: s for s in self.subsections})
         object.__setattr__(self, "_fields_by_name", seen)
         object.__setattr__(self, "min_bytes", 1 + sum(_min_field_bytes(f) for f in self.fields))
+        # The current version's plan is built here, not inside the first downtime.
+        object.__setattr__(self, "_plans", {self.version_id: _plan(self.fields, self.version_id)})
+
+    def plan(self, version_id: int) -> tuple[Field | _ScalarRun, ...]:
+        """The fields a stream of ``version_id`` carries, runs of integer fields merged."""
+        plans = self._plans  # type: ignore[attr-defined]
+        steps = plans.get(version_id)
+        if steps is None:
+            steps = plans[version_id] = _plan(self.fields, version_id)
+        return steps
 
     def subsection(self, name: str) -> VMStateDescription | None:
         """The subsection called ``name``, or None."""
@@ -290,6 +300,46 @@ class VMStateDescription:
 
     def field(self, name: str) -> Field:
         return self._fields_by_name[name]  # type: ignore[attr-defined]
+
+
+class _ScalarRun:
+    """Consecutive integer fields packed and unpacked with one struct: a vCPU's state is a
+    couple of hundred of them, and field-by-field Python work sits inside the downtime.  Any
+    failure goes back to the fields one by one, whose errors name the field."""
+
+    __slots__ = ("fields", "names", "struct", "items", "attrs")
+
+    def __init__(self, fields: list[Field]):
+        self.fields = tuple(fields)
+        self.names = tuple(f.name for f in fields)
+        self.struct = struct.Struct("<" + "".join(f.elem.code for f in fields))
+        self.items = operator.itemgetter(*self.names)  # a tuple: a run has two or more
+        self.attrs = operator.attrgetter(*self.names)
+
+    def values(self, obj: Any) -> tuple[Any, ...] | None:
+        """The run's values in ``obj``, or None if one is missing."""
+        try:
+            return self.items(obj) if _is_mapping(obj) else self.attrs(obj)
+        except (KeyError, AttributeError):
+            return None
+
+
+def _plan(fields: tuple[Field, ...], version_id: int) -> tuple[Field | _ScalarRun, ...]:
+    steps: list[Field | _ScalarRun] = []
+    run: list[Field] = []
+    for f in fields:
+        if f.version_id > version_id:
+            continue
+        if f.kind == "scalar" and not f.elem.is_bool:
+            run.append(f)
+            continue
+        if run:
+            steps.append(_ScalarRun(run) if len(run) > 1 else run[0])
+            run = []
+        steps.append(f)
+    if run:
+        steps.append(_ScalarRun(run) if len(run) > 1 else run[0])
+    return tuple(steps)
 
 
 def _elem_min_bytes(elem: Scalar | VMStateDescription) -> int:
@@ -310,16 +360,34 @@ def _min_field_bytes(f: Field) -> int:
 _MISSING = object()
 
 
+_MAPPING_TYPES: dict[type, bool] = {}  # isinstance(x, Mapping) is slow: once per type
+_MUTABLE_MAPPING_TYPES: dict[type, bool] = {}
+
+
+def _is_mapping(obj: Any) -> bool:
+    kind = type(obj)
+    answer = _MAPPING_TYPES.get(kind)
+    if answer is None:
+        answer = _MAPPING_TYPES[kind] = isinstance(obj, Mapping)
+    return answer
+
+
+def _is_mutable_mapping(obj: Any) -> bool:
+    kind = type(obj)
+    answer = _MUTABLE_MAPPING_TYPES.get(kind)
+    if answer is None:
+        answer = _MUTABLE_MAPPING_TYPES[kind] = isinstance(obj, MutableMapping)
+    return answer
+
+
 def _get(obj: Any, name: str, default: Any = _MISSING) -> Any:
-    if isinstance(obj, Mapping):
-        value = obj.get(name, default)
-    else:
-        value = getattr(obj, name, default)
-    return value
+    if _is_mapping(obj):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
-    if isinstance(obj, MutableMapping):
+    if _is_mutable_mapping(obj):
         obj[name] = value
     else:
         setattr(obj, name, value)
@@ -363,7 +431,20 @@ def _save_into(vmsd: VMStateDescription, obj: Any, out: bytearray, ctx: _Context
     if vmsd.pre_save is not None:
         ctx.hook("pre_save", vmsd, vmsd.pre_save, obj)
     counts: dict[str, int] = {}
-    for f in vmsd.fields:
+    for f in vmsd.plan(vmsd.version_id):
+        if type(f) is _ScalarRun:
+            values = f.values(obj)
+            try:
+                if values is None:
+                    raise TypeError
+                out += f.struct.pack(*values)
+            except (struct.error, TypeError):
+                for g in f.fields:  # says which field and why
+                    counts[g.name] = _pack_scalar(g.elem, _get(obj, g.name), out, ctx,
+                                                  prefix + g.name)
+                raise ctx.error(prefix.rstrip(".") or None, "cannot pack its integer fields")
+            counts.update(zip(f.names, values))
+            continue
         path = prefix + f.name
         value = _get(obj, f.name)
         if value is _MISSING:
@@ -520,9 +601,15 @@ def _parse(vmsd: VMStateDescription, r: _Reader, version_id: int, ctx: _Context,
            prefix: str) -> _Parsed:
     _check_version(vmsd, version_id, ctx, prefix)
     values: dict[str, Any] = {}
-    for f in vmsd.fields:
-        if f.version_id > version_id:
-            continue  # not in streams this old: the object keeps its default
+    # Fields newer than the stream are not in it (not in the plan): the object keeps its default.
+    for f in vmsd.plan(version_id):
+        if type(f) is _ScalarRun:
+            if f.struct.size <= r.left:
+                values.update(zip(f.names, f.struct.unpack(r.take(f.struct.size, None))))
+                continue
+            for g in f.fields:  # truncated: say in which field
+                values[g.name] = _read_scalar(g.elem, r, prefix + g.name)
+            continue
         path = prefix + f.name
         if f.kind == "scalar":
             values[f.name] = _read_scalar(f.elem, r, path)
@@ -610,8 +697,18 @@ _NOT_FILLABLE = (int, float, str, bytes, bytearray, list, tuple)
 
 def _apply(parsed: _Parsed, obj: Any, ctx: _Context, prefix: str = "") -> None:
     vmsd = parsed.vmsd
+    mapping = _is_mutable_mapping(obj)
     for name, value in parsed.values.items():
         f = vmsd.field(name)
+        if f.kind == "scalar":
+            try:
+                if mapping:
+                    obj[name] = value
+                else:
+                    setattr(obj, name, value)
+                continue
+            except (AttributeError, TypeError):
+                pass  # _set below raises it again, naming the field
         path = prefix + name
         if f.kind == "struct":
             target = _get(obj, name, None)

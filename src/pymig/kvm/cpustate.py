@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 from dataclasses import dataclass, field
 
 from pymig._core import kvm as _kvm
@@ -174,11 +175,22 @@ def sregs_from_kvm(d: dict) -> SpecialRegisters:
                             apic_base=d["apic_base"], interrupt_bitmap=list(d["interrupt_bitmap"]))
 
 
+def _shallow_dict(obj) -> dict:
+    """A flat dataclass's fields by name: what the ioctl wrappers read (``dataclasses.asdict``
+    deep-copies every value, a cost restore() pays inside the downtime)."""
+    return {name: getattr(obj, name) for name in _field_names(type(obj))}
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def sregs_to_kvm(s: SpecialRegisters) -> dict:
     """The dict KVM_SET_SREGS takes (padding fields zero)."""
     out: dict = {}
     for name in SEGMENT_NAMES:
-        out[name] = dataclasses.asdict(getattr(s, name)) | {"padding": 0}
+        out[name] = _shallow_dict(getattr(s, name)) | {"padding": 0}
     for name in ("gdt", "idt"):
         table = getattr(s, name)
         out[name] = {"base": table.base, "limit": table.limit, "padding": [0, 0, 0]}
@@ -220,7 +232,7 @@ def restore(vcpu, state: CpuState) -> None:
     fd = vcpu.fd
     if state.lapic and not vcpu.vm.irqchip:
         raise ValueError("the state has a local APIC but this VM has no in-kernel irqchip")
-    _kvm.set_regs(fd, dataclasses.asdict(state.regs))
+    _kvm.set_regs(fd, _shallow_dict(state.regs))
     _kvm.set_xsave(fd, state.xsave)
     _kvm.set_xcrs(fd, list(zip(state.xcr_index, state.xcr_value)))
     _kvm.set_sregs(fd, sregs_to_kvm(state.sregs))
@@ -231,5 +243,5 @@ def restore(vcpu, state: CpuState) -> None:
     _kvm.set_mp_state(fd, state.mp_state)
     if state.lapic:
         _kvm.set_lapic(fd, state.lapic)
-    _kvm.set_vcpu_events(fd, dataclasses.asdict(state.events))
-    _kvm.set_debugregs(fd, dataclasses.asdict(state.debugregs))
+    _kvm.set_vcpu_events(fd, _shallow_dict(state.events))
+    _kvm.set_debugregs(fd, _shallow_dict(state.debugregs))
