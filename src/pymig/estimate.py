@@ -102,15 +102,16 @@ class SwitchoverCost:
     """The fixed part of a switchover's downtime, in seconds: ``base_s + per_vcpu_s * vCPUs``.
 
     Measured on the development host (2 vCPUs, kvm_pvm; source and destination processes on
-    loopback, idle 1 GiB guests, nothing left to send): 6-12 ms with one vCPU (median of five
-    runs 9 ms), about 1 ms more per vCPU (saving a vCPU's state takes 0.2-0.9 ms, encoding
-    it 1-2.5 ms the first time a process does it, decoding and restoring it 1-2 ms).  The
-    rest is the pause (0.1-3 ms), the last sync, and four messages between two processes that
-    must each wake up.
+    loopback, idle 1-16 GiB guests, nothing left to send): 4-8 ms with one vCPU (medians of
+    five runs 4-5 ms), about 1 ms of it per vCPU (saving its state 0.3-0.5 ms, encoding it
+    0.2-0.8 ms, decoding it 0.3-1.1 ms, restoring it 0.1-0.4 ms; the first time in a process
+    is the slow end).  The rest is the pause (0.1-0.5 ms), the last sync (0.5 ms), the
+    devices, and the LOADED / COMMIT / ACK exchange between two processes that must each wake
+    up.
     """
 
-    base_s: float = 0.006
-    per_vcpu_s: float = 0.0015
+    base_s: float = 0.0035
+    per_vcpu_s: float = 0.001
 
     def seconds(self, vcpus: int) -> float:
         return self.base_s + self.per_vcpu_s * max(vcpus, 0)
