@@ -282,7 +282,11 @@ class Migration:
                     throttle_pct=throttle,
                     manual_switchover_requested=self._manual_switchover.is_set(),
                     switchover_s=switchover_s,
-                    in_flight_bytes=in_flight_bytes(channel),
+                    # Until READY the destination has not caught up once, and the switchover
+                    # waits for it to do so before stopping the guest: what is in flight then
+                    # drains outside the downtime.
+                    in_flight_bytes=(in_flight_bytes(channel)
+                                     if ret is None or ret.received(stream.Ready) else 0),
                     own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
                                                        throttle, period),
                     vcpu_dirty_rates=vcpu_rates,
@@ -534,6 +538,11 @@ class ReturnPath:
                     self.error = message.text
                 self._messages[type(message)] = message
                 self._cond.notify_all()
+
+    def received(self, kind: type) -> bool:
+        """Whether a message of type ``kind`` has come."""
+        with self._cond:
+            return kind in self._messages
 
     def wait_for(self, kind: type, timeout: float, check: Callable | None):
         """The first message of type ``kind``; raises if the destination failed or went away,
