@@ -102,15 +102,15 @@ class SwitchoverCost:
     """The fixed part of a switchover's downtime, in seconds: ``base_s + per_vcpu_s * vCPUs``.
 
     Measured on the development host (2 vCPUs, kvm_pvm; source and destination processes on
-    loopback, idle 1-16 GiB guests, nothing left to send): 4-8 ms with one vCPU (medians of
-    five runs 4-5 ms), about 1 ms of it per vCPU (saving its state 0.3-0.5 ms, encoding it
-    0.2-0.8 ms, decoding it 0.3-1.1 ms, restoring it 0.1-0.4 ms; the first time in a process
-    is the slow end).  The rest is the pause (0.1-0.5 ms), the last sync (0.5 ms), the
-    devices, and the LOADED / COMMIT / ACK exchange between two processes that must each wake
-    up.
+    loopback, idle 1 GiB guests, nothing left to send): 3-5 ms with one vCPU (medians of ten
+    runs 3.5-4 ms), about 1 ms of it per vCPU (saving its state 0.3-0.5 ms, encoding it
+    0.2-0.8 ms, decoding it 0.3-1.1 ms, restoring it 0.1-0.4 ms; the slow end is the first
+    time in a process, which both sides rehearse ahead of the switchover).  The rest is the
+    pause (0.1-0.5 ms), the last sync (0.5 ms), the devices, and the LOADED / COMMIT / ACK
+    exchange between two processes that must each wake up.
     """
 
-    base_s: float = 0.0035
+    base_s: float = 0.003
     per_vcpu_s: float = 0.001
 
     def seconds(self, vcpus: int) -> float:

@@ -151,6 +151,7 @@ class Incoming:
         if self._warm_up is not None:
             self._warm_up.finish()
         self.machine = Machine.incoming(config, **self.guest_options)
+        self.machine.rehearse_state_load()
         # READY once the guest exists and what the source sent while it was being built is
         # loaded: neither building it nor a backlog of the live phase counts as downtime.
         self.machine.load_stream(reader, rp.ready if rp is not None else None)

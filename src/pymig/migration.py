@@ -244,6 +244,7 @@ class Migration:
             machine.save_config(writer)
             for entry in machine.registry.live_entries():
                 entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
+            machine.rehearse_state_save()
             if not self._transition(Status.SETUP, Status.ACTIVE):
                 raise Cancelled("migration cancelled")
             stats.setup_done()

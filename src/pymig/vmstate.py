@@ -53,6 +53,7 @@ its fields and subsections are set (nested descriptions' hooks before their pare
 
 from __future__ import annotations
 
+import functools
 import operator
 import struct
 from collections.abc import Callable, Mapping, MutableMapping
@@ -360,24 +361,17 @@ def _min_field_bytes(f: Field) -> int:
 _MISSING = object()
 
 
-_MAPPING_TYPES: dict[type, bool] = {}  # isinstance(x, Mapping) is slow: once per type
-_MUTABLE_MAPPING_TYPES: dict[type, bool] = {}
+@functools.cache
+def _subclass_of(kind: type, abc: type) -> bool:
+    return issubclass(kind, abc)  # an ABC check is slow: once per type
 
 
 def _is_mapping(obj: Any) -> bool:
-    kind = type(obj)
-    answer = _MAPPING_TYPES.get(kind)
-    if answer is None:
-        answer = _MAPPING_TYPES[kind] = isinstance(obj, Mapping)
-    return answer
+    return _subclass_of(type(obj), Mapping)
 
 
 def _is_mutable_mapping(obj: Any) -> bool:
-    kind = type(obj)
-    answer = _MUTABLE_MAPPING_TYPES.get(kind)
-    if answer is None:
-        answer = _MUTABLE_MAPPING_TYPES[kind] = isinstance(obj, MutableMapping)
-    return answer
+    return _subclass_of(type(obj), MutableMapping)
 
 
 def _get(obj: Any, name: str, default: Any = _MISSING) -> Any:
