@@ -112,11 +112,12 @@ def save_snapshot(path, config: GuestConfig) -> dict:
 def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     capabilities: dict | None = None, timeout: float = 120.0,
                     decide=None, during=None, trace_path: str | None = None,
-                    digests: bool = True) -> LocalMigration:
-    """Migrate ``guest`` to a destination in this process; ``during(migration)`` runs in the
-    test's thread once the migration is under way."""
+                    digests: bool = True, guest_options: dict | None = None) -> LocalMigration:
+    """Migrate ``guest`` to a destination in this process (its guest built with
+    ``guest_options``); ``during(migration)`` runs in the test's thread once the migration is
+    under way."""
     at_load: list[str] = []
-    incoming = Incoming(uri, accept_timeout=timeout,
+    incoming = Incoming(uri, accept_timeout=timeout, guest_options=guest_options,
                         before_start=(lambda m: at_load.extend(block_digests(
                             m.guest.ram_blocks))) if digests else None)
     bound = incoming.listen()

@@ -92,6 +92,7 @@ class Scenario:
     timeout_s: float = 120.0
     targets: tuple[Target, ...] = ()
     description: str = ""
+    destination_backing: str = "anon"  # the destination's guest RAM (pymig incoming --mem-backing)
 
 
 # Figures every run reports (ms, bytes, bytes/s, or a plain ratio).
@@ -126,6 +127,19 @@ _add(Scenario("random-1g", 1 * GiB, "idle", {"fill_bytes": 1 * GiB - MiB}, ceili
               description="idle 1 GiB guest whose RAM holds random content, uncapped; "
                           "throughput against a raw loopback socket stream of 1 MiB writes",
               targets=(Target("throughput_bps", 0.6, "at_least", "ceiling_bps"),
+                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
+_add(Scenario("random-1g-hugetlb", 1 * GiB, "idle", {"fill_bytes": 1 * GiB - MiB}, ceiling=True,
+              warmup_s=0.3, destination_backing="hugetlb",
+              description="the same, the destination's RAM from the host's hugetlb pool (512 "
+                          "free huge pages: echo 512 > /proc/sys/vm/nr_hugepages)",
+              targets=(Target("throughput_bps", 0.6, "at_least", "ceiling_bps"),
+                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
+_add(Scenario("dirty-100m-hugetlb", 1 * GiB, "dirtier",
+              {"working_set_bytes": 100 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
+              warmup_s=1.0, destination_backing="hugetlb",
+              description="the 100 MiB dirtier, the destination's RAM from the hugetlb pool "
+                          "(512 free huge pages)",
+              targets=(Target("total_ms", 500), Target("downtime_ms", 40),
                        Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
 _add(Scenario("nonconv-512m", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
@@ -223,7 +237,8 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
                                env=env, stdout=subprocess.DEVNULL)
         dst = subprocess.Popen(wrap("destination", [sys.executable, "-m", "pymig", "incoming",
                                                     "tcp:127.0.0.1:0", "--control", dst_ctl,
-                                                    "--quiet"]),
+                                                    "--mem-backing",
+                                                    scenario.destination_backing, "--quiet"]),
                                env=env, stdout=subprocess.DEVNULL)
         wait_for_socket(src_ctl, src, "source", 60)
         wait_for_socket(dst_ctl, dst, "destination", 60)

@@ -12,6 +12,7 @@ from pymig.units import parse_size
 
 WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
 PATTERNS = ("uniform", "sequential", "hotspot")
+BACKINGS = ("anon", "memfd", "hugetlb")  # pymig.memory.BACKINGS, without importing numpy here
 
 
 class Size(click.ParamType):
@@ -63,6 +64,9 @@ def main() -> None:
 @click.option("--dirty-ring", type=click.IntRange(0, 65536), default=0, show_default=True,
               help="KVM: track dirty pages in a per-vCPU ring of this many entries (needed "
                    "by the dirty-limit capability; 0: the dirty bitmap only)")
+@click.option("--mem-backing", type=click.Choice(BACKINGS), default="anon", show_default=True,
+              help="guest RAM: anonymous memory, a memfd, or huge pages from the host's "
+                   "hugetlb pool (/proc/sys/vm/nr_hugepages), which a host keeps for guests")
 @click.option("--control", type=click.Path(), default=None,
               help="serve the QMP-style control socket on this unix path")
 @click.option("--control-tcp", type=click.IntRange(0, 65535), default=None,
@@ -72,7 +76,7 @@ def main() -> None:
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
-        hot_fraction, rounds, simulated, dirty_ring, control, control_tcp, serial,
+        hot_fraction, rounds, simulated, dirty_ring, mem_backing, control, control_tcp, serial,
         quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
@@ -90,7 +94,7 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
             kind="simulated" if simulated else "kvm", workload=workload, params=params,
             memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
             load_address=int(load_address, 0) if load_address else None)
-        guest = guests.create(config, dirty_ring=dirty_ring)
+        guest = guests.create(config, dirty_ring=dirty_ring, backing=mem_backing)
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
     session = Session(guest)
@@ -112,8 +116,11 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
               help="append the guest's serial output to this file")
 @click.option("--memory", type=SIZE, default=None, help="refuse a stream of another RAM size")
 @click.option("--vcpus", type=int, default=None, help="refuse a stream with another vCPU count")
+@click.option("--mem-backing", type=click.Choice(BACKINGS), default="anon", show_default=True,
+              help="guest RAM: anonymous memory, a memfd, or huge pages from the host's "
+                   "hugetlb pool (/proc/sys/vm/nr_hugepages), which a host keeps for guests")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
-def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
+def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -134,7 +141,8 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, quiet) -> None:
                              f"{vcpus}")
 
     session = Session(destination=True)
-    session.incoming_options = {"check_config": check}
+    session.incoming_options = {"check_config": check,
+                                "guest_options": {"backing": mem_backing}}
     if uri != "defer":
         try:
             bound = session.start_incoming(uri)

@@ -28,7 +28,39 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
 
-Backing = Literal["anon", "memfd"]
+MAP_HUGETLB = 0x40000  # linux/mman.h
+
+Backing = Literal["anon", "memfd", "hugetlb"]
+BACKINGS: tuple[str, ...] = ("anon", "memfd", "hugetlb")
+
+
+def hugetlb_pool() -> tuple[int, int, int]:
+    """(huge page size in bytes, pages in the pool, pages free) from /proc/meminfo."""
+    fields = {}
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            name, _, rest = line.partition(":")
+            fields[name] = rest.split()
+    size = int(fields.get("Hugepagesize", ["2048"])[0]) * 1024
+    return size, int(fields.get("HugePages_Total", ["0"])[0]), \
+        int(fields.get("HugePages_Free", ["0"])[0])
+
+
+def _map_hugetlb(name: str, size_bytes: int) -> mmap.mmap:
+    huge, total, free = hugetlb_pool()
+    if size_bytes % huge:
+        raise ValueError(f"RAM block {name!r}: {size_bytes} bytes is not a multiple of the "
+                         f"huge page size {huge}, which hugetlb backing needs")
+    try:
+        return mmap.mmap(-1, size_bytes,
+                         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        need = size_bytes // huge
+        raise OSError(exc.errno, f"RAM block {name!r}: cannot reserve {need} huge pages of "
+                                 f"{huge >> 10} KiB from the hugetlb pool ({free} of {total} "
+                                 f"free; a larger pool: echo N > /proc/sys/vm/nr_hugepages): "
+                                 f"{exc.strerror}") from None
 
 
 class RamBlock:
@@ -60,8 +92,13 @@ class RamBlock:
         """Map ``size_bytes`` of fresh, zeroed guest RAM.
 
         ``backing="memfd"`` shares the memory through a file descriptor (``fd``) another process
-        could map; ``hugepages`` asks for transparent huge pages (first touch 2-3x faster here);
-        ``populate`` faults every page in now rather than on first touch.
+        could map; ``backing="hugetlb"`` takes it from the host's pool of huge pages
+        (``/proc/sys/vm/nr_hugepages``), reserved when mapped: memory a host sets aside for
+        guests, which a VM host's own hypervisor keeps backed once touched, where memory freed
+        to the kernel comes back cold (first touch 0.5-0.65 GB/s on the development host,
+        against 4.9-5.8 GB/s from a pool touched before).  ``hugepages`` asks for transparent
+        huge pages (first touch 2-3x faster than 4 KiB pages); ``populate`` faults every page
+        in now rather than on first touch.
         """
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page size must be a power of two >= 512, not {page_size}")
@@ -80,8 +117,12 @@ class RamBlock:
         elif backing == "anon":
             mem = mmap.mmap(-1, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        elif backing == "hugetlb":
+            mem = _map_hugetlb(name, size_bytes)
+            hugepages = False  # they are huge pages already
         else:
-            raise ValueError(f"unknown RAM backing {backing!r} (use 'anon' or 'memfd')")
+            raise ValueError(f"unknown RAM backing {backing!r} (use one of "
+                             f"{', '.join(BACKINGS)})")
         if hugepages:
             mem.madvise(mmap.MADV_HUGEPAGE)
         block = cls(name, mem, size_bytes, guest_phys_addr, block_id, page_size, fd, backing)
