@@ -44,6 +44,10 @@ def test_running_selfcheck_guest_continues_on_destination(kind, uri, guests):
         assert stats["ram"]["remaining"] == 0
         assert stats["downtime"] >= 0
         assert stats["switchover-reason"] == "fits-limit"
+        phases = stats["downtime-breakdown"]
+        assert list(phases) == ["pause", "last-ram", "device-state", "send", "destination"]
+        assert all(ms >= 0 for ms in phases.values())
+        assert abs(sum(phases.values()) - stats["downtime"]) <= 1  # (downtime is whole ms)
 
 
 @pytest.mark.parametrize("kind", GUEST_KINDS)

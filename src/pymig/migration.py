@@ -333,20 +333,26 @@ class Migration:
             # until it resumes here because something failed before the commit.
             stop_wall = time.time_ns()
             stop_mono = time.monotonic()
+            phases = DowntimePhases(stop_wall)
             guest.pause()
             paused_by_us = True
+            phases.mark("pause")
             writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
             for entry in machine.registry.live_entries():
                 entry.handlers.complete(entry.opaque, SectionOut(writer, entry))
+            phases.mark("last-ram")
             machine.save_device_state(writer)
+            phases.mark("device-state")
             if ret is not None:
                 writer.eof()
+                phases.mark("send")
                 ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
                 self._check(ret)
                 self._commit()
                 stream.ReturnPathWriter(channel).commit()
                 ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
                 downtime_s = (ack.vcpu_start_ns - stop_wall) / 1e9
+                phases.mark("destination", ack.vcpu_start_ns)
             else:
                 # A one-way channel: the whole stream is the commit.  Cancels are refused
                 # while its last record goes out; if that fails (or an exec: command exits
@@ -360,7 +366,8 @@ class Migration:
                         self._committed = False
                     raise
                 downtime_s = time.monotonic() - stop_mono
-            stats.completed(downtime_s)
+                phases.mark("send")
+            stats.completed(downtime_s, phases.seconds)
             if self.resume_source:
                 guest.resume()
             self._transition(Status.DEVICE, Status.COMPLETED)
@@ -507,6 +514,24 @@ def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
         max_bytes_ratio=params.max_bytes_ratio or None,
         limit_action=params.limit_action,
     )
+
+
+class DowntimePhases:
+    """Where a downtime went, phase by phase, in seconds (``seconds``, in the order they
+    ended): ``pause`` (the vCPUs stopping), ``last-ram`` (the last sync and pages),
+    ``device-state`` (saving and encoding the vCPUs and devices), ``send`` (the held records
+    and EOF written), ``destination`` (loading, LOADED / COMMIT, until its vCPUs ran: a
+    channel with a return path only)."""
+
+    def __init__(self, start_ns: int):
+        self._last = start_ns
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str, at_ns: int | None = None) -> None:
+        """``phase`` ended now (or at ``at_ns``, CLOCK_REALTIME)."""
+        now = time.time_ns() if at_ns is None else at_ns
+        self.seconds[phase] = max(now - self._last, 0) / 1e9
+        self._last = now
 
 
 class ReturnPath:

@@ -80,6 +80,8 @@ _ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("downtime", "downtime (measured)", lambda v: f"{v} ms"),
     ("downtime-expected-at-switchover", "downtime (expected)", lambda v: f"{v} ms"),
     ("switchover-reason", "switchover reason", str),
+    ("downtime-breakdown", "downtime by phase",
+     lambda v: " · ".join(f"{phase} {ms:g}" for phase, ms in v.items()) + " ms"),
     ("iterations", "iterations", str),
     ("ram.transferred", "transferred", format_bytes),
     ("ram.total", "guest RAM", format_bytes),

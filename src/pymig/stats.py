@@ -38,6 +38,10 @@ socket, the CLI's progress line, tests) at any moment: every method takes one lo
     iterations                         the migration's iteration count at the last sync
     downtime-expected-at-switchover    ms the policy expected when it switched over (once it
                                        did and the estimate was known)
+    downtime-breakdown                 where the downtime went, ms per phase in order: pause,
+                                       last-ram, device-state, send, destination (loading
+                                       there until its vCPUs ran; with a return path only);
+                                       they add up to ``downtime`` (once completed)
     =================================  =========================================================
 
 :class:`TraceWriter` writes one JSON line per dirty-log sync (keys: :class:`TraceRecord`'s
@@ -156,6 +160,7 @@ class MigrationStats:
         self._start = self._setup_end = self._end = None
         self._stopped_at: float | None = None
         self._downtime_s: float | None = None
+        self._downtime_phases: dict[str, float] | None = None
         self._expected_downtime_s = math.inf
         self._transferred = self._normal = self._duplicate = 0
         self._remaining = 0
@@ -261,14 +266,16 @@ class MigrationStats:
             self._expected_at_switchover = expected_downtime_s
             self._status = "device"
 
-    def completed(self, downtime_s: float | None = None) -> None:
+    def completed(self, downtime_s: float | None = None,
+                  phases: dict[str, float] | None = None) -> None:
         """Done.  ``downtime_s``: as the destination measured it (stop to resume); default:
-        from :meth:`switchover` to now."""
+        from :meth:`switchover` to now.  ``phases``: seconds per phase of the downtime."""
         with self._lock:
             now = self._clock()
             if downtime_s is None and self._stopped_at is not None:
                 downtime_s = now - self._stopped_at
             self._downtime_s = downtime_s
+            self._downtime_phases = dict(phases) if phases else None
             self._remaining = 0
             self._finish(now, "completed")
 
@@ -336,6 +343,9 @@ class MigrationStats:
             if self._expected_at_switchover is not None and math.isfinite(
                     self._expected_at_switchover):
                 info["downtime-expected-at-switchover"] = _ms(self._expected_at_switchover)
+            if self._status == "completed" and self._downtime_phases:
+                info["downtime-breakdown"] = {phase: round(seconds * 1000, 2) for phase, seconds
+                                              in self._downtime_phases.items()}
             return info
 
 
