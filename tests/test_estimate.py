@@ -24,11 +24,12 @@ def test_bandwidth_keeps_meaningful_samples_and_honours_a_cap():
     assert bw.bytes_per_s == 5_000
 
 
-def test_switchover_cost_grows_with_the_vcpus():
-    cost = SwitchoverCost(base_s=0.002, per_vcpu_s=0.001)
+def test_switchover_cost_grows_with_the_vcpus_and_the_ram():
+    cost = SwitchoverCost(base_s=0.002, per_vcpu_s=0.001, per_gib_s=0.0005)
     assert cost.seconds(1) == pytest.approx(0.003)
     assert cost.seconds(4) == pytest.approx(0.006)
-    assert SwitchoverCost().seconds(1) > 0
+    assert cost.seconds(1, 16 << 30) == pytest.approx(0.011)
+    assert 0 < SwitchoverCost().seconds(1) < SwitchoverCost().seconds(1, 16 << 30)
 
 
 def test_bytes_the_peer_has_not_read_are_in_flight():

@@ -99,7 +99,8 @@ class DirtyRate:
 
 @dataclass(frozen=True)
 class SwitchoverCost:
-    """The fixed part of a switchover's downtime, in seconds: ``base_s + per_vcpu_s * vCPUs``.
+    """The fixed part of a switchover's downtime, in seconds:
+    ``base_s + per_vcpu_s * vCPUs + per_gib_s * GiB of RAM``.
 
     Measured on the development host (2 vCPUs, kvm_pvm; source and destination processes on
     loopback, idle 1 GiB guests, nothing left to send): 3-5 ms with one vCPU (medians of ten
@@ -107,14 +108,17 @@ class SwitchoverCost:
     0.2-0.8 ms, decoding it 0.3-1.1 ms, restoring it 0.1-0.4 ms; the slow end is the first
     time in a process, which both sides rehearse ahead of the switchover).  The rest is the
     pause (0.1-0.5 ms), the last sync (0.5 ms), the devices, and the LOADED / COMMIT / ACK
-    exchange between two processes that must each wake up.
+    exchange between two processes that must each wake up.  A 16 GiB guest adds 1-1.5 ms
+    (the last sync and its bitmaps on the source, about as much on the destination).
     """
 
     base_s: float = 0.003
     per_vcpu_s: float = 0.001
+    per_gib_s: float = 0.0001
 
-    def seconds(self, vcpus: int) -> float:
-        return self.base_s + self.per_vcpu_s * max(vcpus, 0)
+    def seconds(self, vcpus: int, ram_bytes: int = 0) -> float:
+        return (self.base_s + self.per_vcpu_s * max(vcpus, 0)
+                + self.per_gib_s * max(ram_bytes, 0) / (1 << 30))
 
 
 def in_flight_bytes(channel) -> int:

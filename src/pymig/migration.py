@@ -251,7 +251,7 @@ class Migration:
 
             bandwidth = Bandwidth()
             bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
-            switchover_s = SwitchoverCost().seconds(guest.vcpu_count)
+            switchover_s = SwitchoverCost().seconds(guest.vcpu_count, machine.ram_bytes)
             own_rate = DirtyRate()
             iteration = 0
             last_sync = time.monotonic()
