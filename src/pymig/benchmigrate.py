@@ -153,6 +153,14 @@ _add(Scenario("nonconv-512m-dl150", 1 * GiB, "dirtier",
               description="the same, asking for the target's downtime: downtime limit 150 ms",
               targets=(Target("total_ms", 1200), Target("downtime_ms", 150),
                        Target("expected_error", 0.30))))
+_add(Scenario("nonconv-512m-dl150-hugetlb", 1 * GiB, "dirtier",
+              {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
+              auto_converge=True, warmup_s=1.0, downtime_limit_ms=150,
+              destination_backing="hugetlb",
+              description="the same, the destination's RAM from the hugetlb pool (512 free "
+                          "huge pages)",
+              targets=(Target("total_ms", 1200), Target("downtime_ms", 150),
+                       Target("expected_error", 0.30))))
 _add(Scenario("nonconv-512m-100mbs", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
               auto_converge=True, max_bandwidth=100_000_000, warmup_s=1.0, timeout_s=90.0,
@@ -210,6 +218,16 @@ def _reset_peak_rss(pid: int) -> bool:
 
 # --- one run -----------------------------------------------------------------------------------
 
+def hugetlb_shortfall(scenario: Scenario) -> int:
+    """Huge pages the host's pool lacks for the scenario's destination (0: none lacking)."""
+    if scenario.destination_backing != "hugetlb":
+        return 0
+    from pymig.memory import hugetlb_pool
+
+    size, _, free = hugetlb_pool()
+    return max(-(-scenario.memory_bytes // size) - free, 0)
+
+
 def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = lambda s: None,
              wrap: Callable[[str, list[str]], list[str]] | None = None,
              trace: str | None = None) -> dict[str, float]:
@@ -220,6 +238,11 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
     """
     wrap = wrap or (lambda role, argv: argv)
     from pymig.qmp import QmpClient, wait_for_socket
+
+    missing = hugetlb_shortfall(scenario)
+    if missing:
+        raise RuntimeError(f"{scenario.name}: the destination's RAM needs {missing} more free "
+                           f"huge pages (echo N > /proc/sys/vm/nr_hugepages)")
 
     kind = resolve_kind(scenario.kind)
     src_ctl = os.path.join(workdir, "src.sock")
