@@ -36,9 +36,10 @@ def kvm():
 @pytest.mark.parametrize("name", NAMES)
 def test_migration_targets(benchmark, kvm, name, tmp_path, migration_results):
     scenario = bm.SCENARIOS[name]
-    if bm.hugetlb_shortfall(scenario):
-        pytest.skip(f"{name} needs {bm.hugetlb_shortfall(scenario)} more free huge pages for "
-                    f"its destination (echo N > /proc/sys/vm/nr_hugepages)")
+    missing = bm.hugetlb_shortfall(scenario)
+    if missing:
+        pytest.skip(f"{name} needs {missing} more free huge pages for its destination "
+                    f"(echo N > /proc/sys/vm/nr_hugepages)")
     runs: list[dict] = []
     benchmark.group = "migration (seconds per run, process start-ups included)"
     benchmark.pedantic(lambda: runs.append(bm.run_once(scenario, str(tmp_path))),

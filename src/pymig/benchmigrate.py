@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 MiB = 1 << 20
@@ -128,19 +128,6 @@ _add(Scenario("random-1g", 1 * GiB, "idle", {"fill_bytes": 1 * GiB - MiB}, ceili
                           "throughput against a raw loopback socket stream of 1 MiB writes",
               targets=(Target("throughput_bps", 0.6, "at_least", "ceiling_bps"),
                        Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
-_add(Scenario("random-1g-hugetlb", 1 * GiB, "idle", {"fill_bytes": 1 * GiB - MiB}, ceiling=True,
-              warmup_s=0.3, destination_backing="hugetlb",
-              description="the same, the destination's RAM from the host's hugetlb pool (512 "
-                          "free huge pages: echo 512 > /proc/sys/vm/nr_hugepages)",
-              targets=(Target("throughput_bps", 0.6, "at_least", "ceiling_bps"),
-                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
-_add(Scenario("dirty-100m-hugetlb", 1 * GiB, "dirtier",
-              {"working_set_bytes": 100 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
-              warmup_s=1.0, destination_backing="hugetlb",
-              description="the 100 MiB dirtier, the destination's RAM from the hugetlb pool "
-                          "(512 free huge pages)",
-              targets=(Target("total_ms", 500), Target("downtime_ms", 40),
-                       Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
 _add(Scenario("nonconv-512m", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
               auto_converge=True, warmup_s=1.0,
@@ -153,19 +140,24 @@ _add(Scenario("nonconv-512m-dl150", 1 * GiB, "dirtier",
               description="the same, asking for the target's downtime: downtime limit 150 ms",
               targets=(Target("total_ms", 1200), Target("downtime_ms", 150),
                        Target("expected_error", 0.30))))
-_add(Scenario("nonconv-512m-dl150-hugetlb", 1 * GiB, "dirtier",
-              {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
-              auto_converge=True, warmup_s=1.0, downtime_limit_ms=150,
-              destination_backing="hugetlb",
-              description="the same, the destination's RAM from the hugetlb pool (512 free "
-                          "huge pages)",
-              targets=(Target("total_ms", 1200), Target("downtime_ms", 150),
-                       Target("expected_error", 0.30))))
 _add(Scenario("nonconv-512m-100mbs", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
               auto_converge=True, max_bandwidth=100_000_000, warmup_s=1.0, timeout_s=90.0,
               description="the same guest with max-bandwidth 100 MB/s, auto-converge (aim)",
               targets=(Target("total_ms", 60_000), Target("downtime_ms", 300))))
+
+
+
+def _on_hugetlb(name: str) -> Scenario:
+    """Scenario ``name`` with the destination's RAM from the host's hugetlb pool."""
+    base = SCENARIOS[name]
+    return replace(base, name=f"{name}-hugetlb", destination_backing="hugetlb",
+                   description=f"{base.description}; the destination's RAM from the hugetlb "
+                               f"pool (512 free huge pages: echo 512 > /proc/sys/vm/nr_hugepages)")
+
+
+for _name in ("random-1g", "dirty-100m", "nonconv-512m-dl150"):
+    _add(_on_hugetlb(_name))
 
 
 # --- processes ---------------------------------------------------------------------------------

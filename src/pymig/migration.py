@@ -331,9 +331,7 @@ class Migration:
                 raise Cancelled("migration cancelled")
             # Stop-and-copy: from here the guest is paused until the destination runs it, or
             # until it resumes here because something failed before the commit.
-            stop_wall = time.time_ns()
-            stop_mono = time.monotonic()
-            phases = DowntimePhases(stop_wall)
+            phases = DowntimePhases(time.time_ns())
             guest.pause()
             paused_by_us = True
             phases.mark("pause")
@@ -351,7 +349,6 @@ class Migration:
                 self._commit()
                 stream.ReturnPathWriter(channel).commit()
                 ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
-                downtime_s = (ack.vcpu_start_ns - stop_wall) / 1e9
                 phases.mark("destination", ack.vcpu_start_ns)
             else:
                 # A one-way channel: the whole stream is the commit.  Cancels are refused
@@ -365,9 +362,8 @@ class Migration:
                     with self._lock:
                         self._committed = False
                     raise
-                downtime_s = time.monotonic() - stop_mono
                 phases.mark("send")
-            stats.completed(downtime_s, phases.seconds)
+            stats.completed(phases.total_s, phases.seconds)
             if self.resume_source:
                 guest.resume()
             self._transition(Status.DEVICE, Status.COMPLETED)
@@ -521,11 +517,16 @@ class DowntimePhases:
     ended): ``pause`` (the vCPUs stopping), ``last-ram`` (the last sync and pages),
     ``device-state`` (saving and encoding the vCPUs and devices), ``send`` (the held records
     and EOF written), ``destination`` (loading, LOADED / COMMIT, until its vCPUs ran: a
-    channel with a return path only)."""
+    channel with a return path only).  The downtime is their sum, from the stop to the
+    destination's vCPUs running (or, one way, to the stream's end)."""
 
     def __init__(self, start_ns: int):
-        self._last = start_ns
+        self._start = self._last = start_ns
         self.seconds: dict[str, float] = {}
+
+    @property
+    def total_s(self) -> float:
+        return max(self._last - self._start, 0) / 1e9
 
     def mark(self, phase: str, at_ns: int | None = None) -> None:
         """``phase`` ended now (or at ``at_ns``, CLOCK_REALTIME)."""

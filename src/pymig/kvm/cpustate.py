@@ -163,7 +163,7 @@ class CpuState:
 
 
 def _segment(d: dict) -> Segment:
-    return Segment(**{f.name: d[f.name] for f in dataclasses.fields(Segment)})
+    return Segment(**{name: d[name] for name in _field_names(Segment)})
 
 
 def sregs_from_kvm(d: dict) -> SpecialRegisters:

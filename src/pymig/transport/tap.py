@@ -20,7 +20,6 @@ for the small pieces that straddle two buffers.
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Generator, Iterable
 
 import numpy as np
@@ -199,5 +198,5 @@ class StreamTap:
     def _ram_packet(self, payload: memoryview, start: int, end: int) -> None:
         try:
             self.ram.packet(payload, start, end)
-        except (TapError, PacketError, struct.error, IndexError, ValueError) as exc:
+        except (TapError, PacketError, IndexError, ValueError) as exc:
             self.ram, self.ram_failed = None, f"RAM record at byte {start}: {exc}"
