@@ -1,13 +1,17 @@
-"""What the migration thread estimates: bandwidth, the fixed cost of a switchover, bytes in
-flight."""
+"""What the migration thread estimates: bandwidth, the stop-and-copy's speed-up, the fixed cost
+of a switchover, bytes in flight."""
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
+import time
 
 import pytest
 
-from pymig.estimate import Bandwidth, DirtyRate, SwitchoverCost, in_flight_bytes
+from pymig.estimate import (Bandwidth, DirtyRate, StopSpeedup, SwitchoverCost,
+                            host_cpu_seconds, in_flight_bytes, thread_cpu_seconds)
 from pymig.transport import BytesChannel, SocketChannel
 
 
@@ -97,3 +101,64 @@ def test_observed_bandwidth_respects_the_cap():
     bw.observe(0.0, 0)
     bw.observe(1.0, 5000)
     assert bw.bytes_per_s == 1000
+
+
+def test_a_guest_that_took_half_a_busy_host_doubles_the_stop_and_copy():
+    speedup = StopSpeedup(window_s=0.5)
+    speedup.observe(0.0, 100.0, 50.0, 10.0)
+    assert speedup.factor == 1.0  # one point says nothing yet
+    speedup.observe(0.1, 100.2, 50.0, 10.1)  # 2 CPUs busy for 0.1 s, the guest one of them
+    assert speedup.factor == pytest.approx(2.0)
+
+
+def test_a_host_with_idle_cpu_gains_nothing_from_stopping_the_guest():
+    speedup = StopSpeedup()
+    speedup.observe(0.0, 0.0, 0.0, 0.0)
+    speedup.observe(0.1, 0.12, 0.08, 0.06)  # 60 % busy: the migration waited on something else
+    assert speedup.factor == 1.0
+    partly = StopSpeedup(full_at=0.95, none_at=0.75)
+    partly.observe(0.0, 0.0, 0.0, 0.0)
+    partly.observe(0.1, 0.17, 0.03, 0.085)  # 85 % busy: half way, half the gain
+    assert partly.factor == pytest.approx(1.5)
+
+
+def test_the_speedup_is_capped_and_reads_a_window():
+    speedup = StopSpeedup(window_s=0.5, max_factor=3.0)
+    speedup.observe(0.0, 0.0, 0.0, 0.0)
+    speedup.observe(0.1, 0.2, 0.0, 0.199)  # the migration barely ran: no tenfold promise
+    assert speedup.factor == 3.0
+    for i in range(2, 12):  # then a second of a guest that took nothing
+        speedup.observe(i / 10, 0.2 * i, 0.0, 0.199)
+    assert speedup.factor == 1.0
+
+
+def test_host_cpu_is_read_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 400 20 5 5 70 0 0\ncpu0 1 2 3\n")
+    busy, idle = host_cpu_seconds(str(stat))
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert (busy, idle) == (pytest.approx(160 / ticks), pytest.approx(420 / ticks))
+    assert host_cpu_seconds(str(tmp_path / "missing")) == (0.0, 0.0)
+    busy_now, idle_now = host_cpu_seconds()
+    assert busy_now > 0 and idle_now > 0
+
+
+def test_a_threads_cpu_time_is_its_own():
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin)
+    assert thread_cpu_seconds(thread) == 0.0  # not started
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while thread_cpu_seconds(thread) < 0.05:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join()
+    assert thread_cpu_seconds(thread) == 0.0  # gone

@@ -57,6 +57,20 @@ def test_expected_downtime_counts_the_fixed_cost_and_what_is_in_flight():
     assert tight.action == Action.CONTINUE
 
 
+def test_resends_count_at_the_stop_and_copy_rate_and_fresh_pages_at_the_live_one():
+    # 100 MB pending, 60 of them re-sends; live 100 MB/s, stopped 300 MB/s
+    m = metrics(resend_bytes=60 * MB, stopped_bandwidth_bps=300 * MB, switchover_s=0.004)
+    assert m.expected_downtime_s == pytest.approx(0.004 + 0.4 + 0.2)
+    # in-flight bytes wait at the destination at the live rate
+    assert replace(m, in_flight_bytes=10 * MB).expected_downtime_s == pytest.approx(0.704)
+    # without a stopped rate, everything goes at the live rate; re-sends never exceed pending
+    assert replace(m, stopped_bandwidth_bps=0.0).expected_downtime_s == pytest.approx(1.004)
+    assert replace(m, resend_bytes=500 * MB).expected_downtime_s == pytest.approx(0.004 + 1 / 3)
+    fits = replace(m, pending_bytes=65 * MB)  # 5 MB fresh, 60 MB re-sent: 254 ms
+    assert decide(fits, PolicyParams()).action == Action.SWITCHOVER
+    assert decide(replace(fits, resend_bytes=0), PolicyParams()).action == Action.CONTINUE
+
+
 @pytest.mark.parametrize("bandwidth", [0, 0.0, -1.0, math.nan])
 def test_unknown_bandwidth_never_switches_over_on_the_estimate(bandwidth):
     d = decide(metrics(pending_bytes=1, bandwidth_bps=bandwidth), PolicyParams(downtime_limit_s=60))

@@ -342,3 +342,23 @@ def test_caught_up_is_called_once_everything_that_arrived_is_loaded():
         receiver.close()
         if machine is not None:
             machine.close()
+
+
+def test_pages_sent_before_count_as_resends_and_fresh_ones_do_not(filled_saver):
+    saver, out = filled_saver
+    block = saver.blocks[0]
+    assert saver.resend_pending() == 0  # nothing sent yet: all of it is fresh
+    saver.slice_deadline = 0.0
+    saver.iterate(out)  # one 4 MiB chunk
+    sent = np.flatnonzero(np.unpackbits(out.present[0].view(np.uint8), bitorder="little"))
+    assert saver.resend_pending() == 0  # what is left was never sent
+    # the guest writes again three pages it had sent and one it had not
+    unsent = next(p for p in range(block.npages)
+                  if not out.present[0][p // 64] >> np.uint64(p % 64) & np.uint64(1)
+                  and saver.bitmaps[0][p // 64] >> np.uint64(p % 64) & np.uint64(1))
+    for page in (*sent[:3], unsent):
+        saver.bitmaps[0][page // 64] |= np.uint64(1) << np.uint64(page % 64)
+    assert saver.resend_pending() == 3 * block.page_size
+    saver.slice_deadline = math.inf
+    saver.iterate(out)
+    assert saver.pending() == saver.resend_pending() == 0

@@ -12,7 +12,7 @@ import pytest
 from pymig.stats import MigrationStats, TraceRecord, TraceWriter, read_trace
 
 TRACE_KEYS = {"time", "iteration", "dirty_pages", "pages_sent", "bytes", "bandwidth",
-              "expected_downtime", "pending_bytes", "throttle_pct", "dirty_rate", "page_size"}
+              "stopped_bandwidth", "expected_downtime", "pending_bytes", "throttle_pct", "dirty_rate", "page_size"}
 
 
 def run_migration(path, iterations=5):
@@ -30,7 +30,8 @@ def run_migration(path, iterations=5):
             records.append(stats.record_sync(
                 iteration=i, dirty_pages=iterations - i, remaining_bytes=pending,
                 bandwidth_bps=0.0 if i == 1 else 1e6, dirty_rate_pps=100.0 / i,
-                expected_downtime_s=expected, throttle_pct=min(10 * i, 99)))
+                expected_downtime_s=expected, throttle_pct=min(10 * i, 99),
+                stopped_bandwidth_bps=0.0 if i < 3 else 2e6))
             assert read_trace(path)[-1]["iteration"] == i  # flushed per line
     return records
 
@@ -42,8 +43,10 @@ def test_trace_lines_round_trip(tmp_path):
     assert len(lines) == 5 and all(set(line) == TRACE_KEYS for line in lines)
     assert [TraceRecord(**line) for line in lines] == records
     assert lines[0]["expected_downtime"] is None  # unknown bandwidth: no number
+    assert lines[1]["stopped_bandwidth"] == 1e6  # not given: the live phase's
     assert lines[2] == {"time": 4.5, "iteration": 3, "dirty_pages": 2, "pages_sent": 4,
-                        "bytes": 3000, "bandwidth": 1e6, "expected_downtime": 8,
+                        "bytes": 3000, "bandwidth": 1e6, "stopped_bandwidth": 2e6,
+                        "expected_downtime": 8,
                         "pending_bytes": 8192, "throttle_pct": 30,
                         "dirty_rate": pytest.approx(33.333, rel=1e-3), "page_size": 4096}
 

@@ -3,7 +3,9 @@ switchover will cost.
 
 The policy's expected downtime (:attr:`pymig.policy.Metrics.expected_downtime_s`) is::
 
-    fixed switchover cost + (pending bytes + bytes still in flight) / bandwidth
+    fixed switchover cost + (pending bytes + bytes still in flight) / stop-and-copy bandwidth
+
+where the stop-and-copy bandwidth is the live phase's times :class:`StopSpeedup`'s factor.
 
 * :class:`Bandwidth` is the rate the destination takes data in: delivered bytes (sent, less
   what is still in flight), the lower of the last iteration's rate and the last half second's.
@@ -13,12 +15,16 @@ The policy's expected downtime (:attr:`pymig.policy.Metrics.expected_downtime_s`
 * :func:`in_flight_bytes` is what the source has sent that the destination has not taken in
   yet: when the destination is the slower side, several MB wait in the socket buffers when
   the guest stops, and the destination works through them inside the downtime.
+* :class:`StopSpeedup` is how much faster than that the stop-and-copy goes, once the guest
+  no longer competes with the migration for CPU.
 * :class:`DirtyRate` is the guest's own dirty rate for a throttle to aim at.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from dataclasses import dataclass
 
 
@@ -70,8 +76,12 @@ class Bandwidth:
         elif self.bytes_per_s == 0 and b2 > b1 and t2 > t1:
             self._set((b2 - b1) / (t2 - t1))  # better than nothing
 
+    def capped(self, rate: float) -> float:
+        """``rate`` held to the cap, if there is one."""
+        return min(rate, self._cap) if self._cap else rate
+
     def _set(self, rate: float) -> None:
-        self.bytes_per_s = min(rate, self._cap) if self._cap else rate
+        self.bytes_per_s = self.capped(rate)
 
 
 @dataclass
@@ -135,3 +145,84 @@ def in_flight_bytes(channel) -> int:
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         return 2 * queued
     return queued
+
+
+def host_cpu_seconds(path: str = "/proc/stat") -> tuple[float, float]:
+    """(busy, idle) CPU-seconds of the whole host since boot, from the first line of
+    ``path``; iowait counts as idle, steal (time the hypervisor gave to someone else) as
+    neither.  (0, 0) where the file cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return 0.0, 0.0
+    ticks = [int(v) for v in fields[1:9]] + [0] * 8
+    user, nice, system, idle, iowait, irq, softirq, _steal = ticks[:8]
+    hz = _CLOCK_TICKS
+    return (user + nice + system + irq + softirq) / hz, (idle + iowait) / hz
+
+
+try:
+    _CLOCK_TICKS = float(os.sysconf("SC_CLK_TCK"))
+except (ValueError, OSError, AttributeError):  # pragma: no cover - every Linux has it
+    _CLOCK_TICKS = 100.0
+
+
+@dataclass
+class StopSpeedup:
+    """How much faster the stop-and-copy moves data than the live phase did, as a factor of
+    :class:`Bandwidth`'s estimate.
+
+    The live phase shares the CPUs with the running guest; once the guest stops, its share
+    goes to the migration.  That helps only when the migration was short of CPU: on a host
+    whose CPUs were all busy, the source's and destination's threads together got ``busy -
+    guest`` CPU-seconds and will get ``busy``, so they move ``busy / (busy - guest)`` times as
+    much.  On a host with idle CPU the migration was held back by something else (the wire, a
+    bandwidth cap, the destination's faults), and stopping the guest changes nothing: the
+    factor fades from the full figure at ``full_at`` busy to 1 at ``none_at`` busy and below.
+
+    Measured here (2 vCPUs, a guest rewriting 100 MiB flat out): the live phase moved
+    1.0-1.2 GB/s while the guest took about one CPU; the stop-and-copy then moved
+    1.5-2 GB/s, the factor about 2 this gives.  Over a window of ``window_s`` seconds,
+    because /proc/stat counts in 10 ms ticks.
+    """
+
+    window_s: float = 0.5
+    full_at: float = 0.95
+    none_at: float = 0.75
+    max_factor: float = 3.0
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        # (time, host busy s, host idle s, guest CPU s), oldest first
+        self._points: list[tuple[float, float, float, float]] = []
+
+    def observe(self, now: float, host_busy_s: float, host_idle_s: float,
+                guest_cpu_s: float) -> None:
+        """Counters at ``now`` (monotonic s); call with each :meth:`Bandwidth.observe`."""
+        points = self._points
+        points.append((now, host_busy_s, host_idle_s, guest_cpu_s))
+        while len(points) > 2 and points[1][0] <= now - self.window_s:
+            points.pop(0)
+        if len(points) < 2:
+            return
+        (_, b0, i0, g0), (_, b1, i1, g1) = points[0], points[-1]
+        busy, idle, guest = b1 - b0, i1 - i0, max(g1 - g0, 0.0)
+        if busy <= 0 or busy + idle <= 0:
+            return
+        share = busy / (busy + idle)
+        weight = min(max((share - self.none_at) / (self.full_at - self.none_at), 0.0), 1.0)
+        others = max(busy - guest, busy / self.max_factor)
+        self.factor = min(1.0 + weight * (busy / others - 1.0), self.max_factor)
+
+
+def thread_cpu_seconds(thread) -> float:
+    """CPU-seconds a running :class:`threading.Thread` of this process has used (0 for one
+    not started or gone)."""
+    ident = getattr(thread, "ident", None)
+    if ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (OSError, ValueError, ProcessLookupError):  # it ended in between
+        return 0.0

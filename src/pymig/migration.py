@@ -36,7 +36,8 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import Bandwidth, DirtyRate, SwitchoverCost, in_flight_bytes
+from pymig.estimate import (Bandwidth, DirtyRate, StopSpeedup, SwitchoverCost, host_cpu_seconds,
+                            in_flight_bytes, thread_cpu_seconds)
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -251,6 +252,16 @@ class Migration:
 
             bandwidth = Bandwidth()
             bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
+            speedup = StopSpeedup()
+
+            def observe_cpu() -> None:
+                # the guest's CPU: everything this process ran but the migration's threads
+                own = time.thread_time() + thread_cpu_seconds(saver.sender.thread) + (
+                    thread_cpu_seconds(ret.thread) if ret is not None else 0.0)
+                speedup.observe(time.monotonic(), *host_cpu_seconds(),
+                                time.process_time() - own)
+
+            observe_cpu()
             switchover_s = SwitchoverCost().seconds(guest.vcpu_count, machine.ram_bytes)
             own_rate = DirtyRate()
             iteration = 0
@@ -276,6 +287,9 @@ class Migration:
                     page_size=stats.page_size,
                     pending_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s,
+                    resend_bytes=saver.resend_pending(),
+                    stopped_bandwidth_bps=bandwidth.capped(
+                        bandwidth.bytes_per_s * speedup.factor),
                     dirty_rate_bps=dirtied * stats.page_size / period,
                     bytes_sent_total=channel.bytes_sent,
                     bytes_sent_period=sent_period,
@@ -296,7 +310,9 @@ class Migration:
                 decision = self.decide(metrics, policy_params(params))
                 record = stats.record_sync(
                     iteration=iteration, dirty_pages=dirtied, remaining_bytes=pending,
-                    bandwidth_bps=bandwidth.bytes_per_s, dirty_rate_pps=dirtied / period,
+                    bandwidth_bps=bandwidth.bytes_per_s,
+                    stopped_bandwidth_bps=metrics.stopped_bandwidth_bps,
+                    dirty_rate_pps=dirtied / period,
                     expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
                     vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits)
                 for callback in list(self._pass_listeners):
@@ -319,6 +335,7 @@ class Migration:
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
                 sent_period = channel.bytes_sent - b0
                 bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
+                observe_cpu()
 
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
@@ -544,9 +561,9 @@ class ReturnPath:
         self._messages: dict[type, object] = {}
         self._cond = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="pymig-return-path",
-                                        daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._loop, name="pymig-return-path",
+                                       daemon=True)
+        self.thread.start()
 
     def _loop(self) -> None:
         while True:

@@ -8,8 +8,10 @@ user can swap in a policy of their own with the same signature (:data:`Policy`).
 
 The rule, in order (the first that holds decides):
 
-1. **fits-limit** - the expected downtime ``switchover_s + (pending_bytes + in_flight_bytes)
-   / bandwidth_bps`` (:attr:`Metrics.expected_downtime_s`) is within ``downtime_limit_s``:
+1. **fits-limit** - the expected downtime ``switchover_s + (pending_bytes - resend_bytes +
+   in_flight_bytes) / bandwidth_bps + resend_bytes / stopped_bandwidth_bps``
+   (:attr:`Metrics.expected_downtime_s`: re-sends go at the stop-and-copy's own rate) is
+   within ``downtime_limit_s``:
    switch over.  Nothing pending or in flight means the fixed cost ``switchover_s``; bytes to
    send with no bandwidth estimate (0) mean "unknown" (``math.inf``) and never fit.
 2. **manual** - the user asked for switchover now: switch over, whatever the estimate.
@@ -74,18 +76,27 @@ class Metrics:
     vcpu_dirty_rates: tuple[float, ...] | None = None  # pages/s per vCPU, when known
     manual_switchover_requested: bool = False
     dirty_limited: bool = False  # per-vCPU dirty caps are in force
+    # Of pending_bytes, those the destination holds an older copy of (re-sends), and the rate
+    # the stop-and-copy moves them at once the guest no longer competes for CPU
+    # (pymig.estimate.StopSpeedup; 0 = bandwidth_bps).  Pages sent for the first time may
+    # wait on the destination's first touch of fresh memory: they count at bandwidth_bps.
+    resend_bytes: int = 0
+    stopped_bandwidth_bps: float = 0.0
 
     @property
     def expected_downtime_s(self) -> float:
         """Seconds the guest would stay stopped if it stopped now: the fixed switchover cost,
         then sending what is pending and what the destination still has to take in;
         ``math.inf`` when that is unknown."""
-        to_send = max(self.pending_bytes, 0) + max(self.in_flight_bytes, 0)
-        if to_send <= 0:
+        pending = max(self.pending_bytes, 0)
+        resend = min(max(self.resend_bytes, 0), pending)
+        live = pending - resend + max(self.in_flight_bytes, 0)
+        if live + resend <= 0:
             return self.switchover_s
-        if not self.bandwidth_bps > 0 or math.isinf(self.bandwidth_bps):
+        stopped = self.stopped_bandwidth_bps or self.bandwidth_bps
+        if not (self.bandwidth_bps > 0 and stopped > 0) or math.isinf(self.bandwidth_bps):
             return math.inf
-        return self.switchover_s + to_send / self.bandwidth_bps
+        return self.switchover_s + live / self.bandwidth_bps + resend / stopped
 
 
 @dataclass

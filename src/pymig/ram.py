@@ -108,6 +108,11 @@ class PacketWorker:
             raise self.error
         return buf
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread while one runs (it starts with the first job handed over)."""
+        return self._thread
+
     def give_back(self, buf: bytearray) -> None:
         """Return a buffer taken with :meth:`buffer` and not submitted."""
         self._free.put(buf)
@@ -192,6 +197,9 @@ class RamSaver:
         self.bitmaps = [core.new_bitmap(b.npages) for b in self.blocks]
         # dirty-log bits already counted by a sync and not re-armed since (see sync())
         self._seen = [core.new_bitmap(b.npages) for b in self.blocks]
+        # pages sent at least once: the destination holds a copy, so sending them again costs
+        # it no first touch of fresh memory (see resend_pending())
+        self._sent = [core.new_bitmap(b.npages) for b in self.blocks]
         self.sender = PacketWorker("pymig-ram-sender", buffer_bytes=packet_bytes)
         self._logging = False
         self.cancelled: Callable[[], bool] = lambda: False
@@ -208,8 +216,9 @@ class RamSaver:
         self.guest.start_dirty_log()
         self._logging = True
         self._resume = (0, 0)
-        for seen in self._seen:
+        for seen, sent in zip(self._seen, self._sent):
             seen[:] = 0
+            sent[:] = 0
         # Order matters: logging first, then mincore. A page first written after the mincore
         # is in the dirty log; one written before is resident, so it is in `touched`.
         for bitmap, block in zip(self.bitmaps, self.blocks):
@@ -241,6 +250,14 @@ class RamSaver:
         return sum(core.bitmap_count(bm, b.npages) * b.page_size
                    for bm, b in zip(self.bitmaps, self.blocks))
 
+    def resend_pending(self) -> int:
+        """Of :meth:`pending`, the bytes of pages the destination already holds an older copy
+        of.  Those go at the rate of the pipeline; a page sent for the first time may also wait
+        for the destination to fault in fresh memory, which on a VM host can be the slower of
+        the two by far."""
+        return sum(core.bitmap_count(bm & sent, b.npages) * b.page_size
+                   for bm, sent, b in zip(self.bitmaps, self._sent, self.blocks))
+
     def iterate(self, out) -> bool:
         """Send the pages the migration bitmap holds, chunk by chunk, from where the last call
         stopped (wrapping around at the end); True when it got through them all, False when
@@ -252,6 +269,7 @@ class RamSaver:
     def _send(self, out, deadline: float, *, rearm: bool) -> bool:
         """:meth:`iterate`'s work; ``rearm`` re-protects each chunk before reading it."""
         sender = self.sender
+        before = [bitmap.copy() for bitmap in self.bitmaps]
         try:
             chunks = self._chunks()
             for number, (index, first) in enumerate(chunks):
@@ -277,12 +295,19 @@ class RamSaver:
                 if time.monotonic() >= deadline and number + 1 < len(chunks):
                     self._resume = chunks[number + 1]
                     sender.drain()
+                    self._mark_sent(before)
                     return False
         except BaseException:
             sender.abandon()
             raise
         sender.drain()
+        self._mark_sent(before)
         return True
+
+    def _mark_sent(self, before: list[np.ndarray]) -> None:
+        """Bits taken from the migration bitmaps since ``before`` were sent."""
+        for sent, old, now in zip(self._sent, before, self.bitmaps):
+            sent |= old & ~now
 
     def _chunks(self) -> list[tuple[int, int]]:
         """(block index, first page) of every clear chunk holding pending pages, in sending

@@ -76,7 +76,8 @@ class TraceRecord:
     dirty_pages: int  # pages found dirty by this sync
     pages_sent: int  # pages (normal + zero) sent since the previous sync
     bytes: int  # bytes sent since the previous sync
-    bandwidth: float  # bytes/s, the estimate the policy used
+    bandwidth: float  # bytes/s, the live phase's estimate
+    stopped_bandwidth: float  # bytes/s the policy expects of the stop-and-copy
     expected_downtime: float | None  # ms; None when unknown
     pending_bytes: int
     throttle_pct: int
@@ -221,8 +222,8 @@ class MigrationStats:
 
     def record_sync(self, *, iteration: int, dirty_pages: int, remaining_bytes: int,
                     bandwidth_bps: float, dirty_rate_pps: float, expected_downtime_s: float,
-                    throttle_pct: int, vcpu_dirty_rates=None,
-                    vcpu_dirty_limits=None) -> TraceRecord:
+                    throttle_pct: int, stopped_bandwidth_bps: float = 0.0,
+                    vcpu_dirty_rates=None, vcpu_dirty_limits=None) -> TraceRecord:
         """A dirty-log sync happened: update the rates and write a trace line (if tracing)."""
         with self._lock:
             now = self._clock()
@@ -249,6 +250,7 @@ class MigrationStats:
                 time=now - (self._start if self._start is not None else now),
                 iteration=iteration, dirty_pages=dirty_pages, pages_sent=sent_pages,
                 bytes=sent_bytes, bandwidth=bandwidth_bps,
+                stopped_bandwidth=stopped_bandwidth_bps or bandwidth_bps,
                 expected_downtime=(_ms(expected_downtime_s) if math.isfinite(expected_downtime_s)
                                    else None),
                 pending_bytes=remaining_bytes, throttle_pct=throttle_pct,
