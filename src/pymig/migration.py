@@ -325,6 +325,12 @@ class Migration:
                     dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
                     stats.set_vcpu_dirty_limits(dirty_limits)
                 if decision.action == policy_mod.Action.SWITCHOVER:
+                    if ret is not None and not ret.received(stream.Ready):
+                        # The guest is stopped only once the destination has caught up (see
+                        # below), and it dirties pages while the destination catches up: decide
+                        # again on what is pending then, with nothing sent meanwhile.
+                        ret.wait_for(stream.Ready, timeout=ACK_TIMEOUT_S, check=self._check)
+                        continue
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
                 if decision.action == policy_mod.Action.CANCEL:
