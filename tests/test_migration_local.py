@@ -194,3 +194,31 @@ def test_cancel_after_the_commit_is_refused_and_the_guest_is_not_lost(tmp_path, 
         migration.cancel()  # after the end: nothing to cancel, no error
     finally:
         dest.close()
+
+
+def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
+        tmp_path, guests, monkeypatch):
+    # A destination slow to build its guest: its READY comes well after the first decision.
+    ready_after = []
+    rehearse = Machine.rehearse_state_load
+
+    def slow_rehearsal(self):
+        time.sleep(0.3)
+        rehearse(self)
+        ready_after.append(time.monotonic())  # READY goes out once the backlog is loaded
+
+    monkeypatch.setattr(Machine, "rehearse_state_load", slow_rehearsal)
+    decisions = []
+
+    def at_once(metrics, params):  # switch over at every decision, pending or not
+        decisions.append((time.monotonic(), metrics.pending_bytes))
+        return Decision(Action.SWITCHOVER, "manual", 0, None, 0.0)
+
+    source = guests(guest_config("simulated"))
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock", decide=at_once) as done:
+        assert done.error is None and done.migration.status.value == "completed"
+        assert block_digests(source.ram_blocks) == done.digests_at_load
+        assert_consistent(done.destination)
+    assert len(decisions) == 2  # the first came before READY, and was taken again after it
+    assert decisions[0][0] < ready_after[0] < decisions[1][0]
+    assert decisions[0][1] > 0  # it would have stopped the guest with everything pending
