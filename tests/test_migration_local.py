@@ -198,20 +198,23 @@ def test_cancel_after_the_commit_is_refused_and_the_guest_is_not_lost(tmp_path, 
 
 def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
         tmp_path, guests, monkeypatch):
-    # A destination slow to build its guest: its READY comes well after the first decision.
+    # A destination that builds its guest only once the source has decided: its READY comes
+    # after the first decision, whatever the host's pace.
+    decided = threading.Event()
     ready_after = []
     rehearse = Machine.rehearse_state_load
 
-    def slow_rehearsal(self):
-        time.sleep(0.3)
+    def late_rehearsal(self):
+        assert decided.wait(60)
         rehearse(self)
         ready_after.append(time.monotonic())  # READY goes out once the backlog is loaded
 
-    monkeypatch.setattr(Machine, "rehearse_state_load", slow_rehearsal)
+    monkeypatch.setattr(Machine, "rehearse_state_load", late_rehearsal)
     decisions = []
 
     def at_once(metrics, params):  # switch over at every decision, pending or not
         decisions.append((time.monotonic(), metrics.pending_bytes))
+        decided.set()
         return Decision(Action.SWITCHOVER, "manual", 0, None, 0.0)
 
     source = guests(guest_config("simulated"))
