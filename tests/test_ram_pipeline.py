@@ -306,42 +306,55 @@ def test_only_throttling_policies_slice_their_iterations():
     assert iteration_slice_s(params) == THROTTLE_SLICE_S
 
 
-def test_caught_up_is_called_once_everything_that_arrived_is_loaded():
-    """The destination's READY: not before the records already received are decoded (they
-    would land in the downtime), and not again."""
+def test_caught_up_reports_only_what_is_loaded_and_not_too_often():
+    """The destination's READY and CAUGHT_UP: never before the records already received are
+    decoded (they would land in the downtime), never twice for one offset, and at most once
+    per interval."""
+    from pymig.machine import CAUGHT_UP_INTERVAL_S
+
     data, digests = _migration_stream()
     split = data.index(b"PMGP", len(data) // 2) - 12  # a RAM record's first byte
     head = stream.HEADER_BYTES
     a, b = socket.socketpair()
     sender, receiver = SocketChannel(a, "test:a"), SocketChannel(b, "test:b")
     machine = None
-    calls: list[int] = []
+    calls: list[tuple[int, int, float]] = []
+
+    def caught_up(offset: int) -> None:
+        calls.append((offset, machine.load_counters()["packets"], time.monotonic()))
+
     try:
         first = threading.Thread(target=sender.send, args=(data[:split],))
         first.start()  # more than a socket buffer holds
         reader = stream.StreamReader(receiver)
         reader.read_header()
         machine = Machine.incoming(load_config(reader))
-        loading = threading.Thread(target=machine.load_stream, args=(
-            reader, lambda: calls.append((reader.offset, machine.load_counters()["packets"]))))
+        loading = threading.Thread(target=machine.load_stream, args=(reader, caught_up))
         loading.start()
-        deadline = time.monotonic() + 30
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
         first.join(30)
-        # (the receiver may catch up between two of the sender's writes: what counts is what
-        # it had read when it said so)
-        ((offset, packets),) = calls
-        assert head < offset <= split and packets == data[head:offset].count(b"PMGP")
+        deadline = time.monotonic() + 30
+        while not (calls and calls[-1][0] == split) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # everything sent so far is loaded, and said so
+        assert calls[-1][0] == split
         sender.send(data[split:])
         loading.join(30)
-        assert not loading.is_alive() and len(calls) == 1
+        assert not loading.is_alive()
         assert block_digests(machine.guest.ram_blocks) == digests
     finally:
         sender.close()
         receiver.close()
         if machine is not None:
             machine.close()
+    # (the receiver may catch up between two of the sender's writes: what counts is what it
+    # had read and decoded when it said so)
+    for offset, packets, _ in calls:
+        assert head < offset and packets == data[head:offset].count(b"PMGP")
+    offsets = [offset for offset, _, _ in calls]
+    assert offsets == sorted(set(offsets))
+    times = [at for _, _, at in calls]
+    assert all(later - earlier >= CAUGHT_UP_INTERVAL_S * 0.9
+               for earlier, later in zip(times, times[1:]))
 
 
 def test_pages_sent_before_count_as_resends_and_fresh_ones_do_not(filled_saver):

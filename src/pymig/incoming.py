@@ -153,8 +153,9 @@ class Incoming:
         self.machine = Machine.incoming(config, **self.guest_options)
         self.machine.rehearse_state_load()
         # READY once the guest exists and what the source sent while it was being built is
-        # loaded: neither building it nor a backlog of the live phase counts as downtime.
-        self.machine.load_stream(reader, rp.ready if rp is not None else None)
+        # loaded, CAUGHT_UP each time the backlog is: the source stops its guest only after
+        # one, so neither building the guest nor a backlog counts as downtime.
+        self.machine.load_stream(reader, _reporter(rp) if rp is not None else None)
 
     def _discard_machine(self) -> None:
         if self.machine is not None:
@@ -177,3 +178,16 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, StreamError):
         return f"{type(exc).__name__} {exc}"
     return str(exc) or type(exc).__name__
+
+
+def _reporter(rp: stream.ReturnPathWriter) -> Callable[[int], None]:
+    """READY the first time the destination catches up, CAUGHT_UP every time."""
+    ready = [False]
+
+    def caught_up(offset: int) -> None:
+        if not ready[0]:
+            rp.ready()
+            ready[0] = True
+        rp.caught_up(offset)
+
+    return caught_up

@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 
 from pymig import stream, vmstate
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_IDSTR = "pymig.config"
 LOAD_BUFFER_BYTES = PACKET_BYTES + 4096  # a RAM packet of the source's size fits
+# Catch-up reports are at most this far apart: a destination faster than its source catches
+# up after every packet, and a message each time would wake the source's return-path thread
+# a thousand times a second for nothing.
+CAUGHT_UP_INTERVAL_S = 0.005
 CONFIG_VERSION = 1
 CONFIG_SECTION_ID = 0xFFFF_FFFF  # outside the registry's ids: it is read before one exists
 MAX_CONFIG_BYTES = 1 << 20
@@ -144,11 +150,13 @@ class Machine:
 
     # -- destination -------------------------------------------------------------------------
     def load_stream(self, reader: "stream.StreamReader",
-                    caught_up: Callable[[], None] | None = None) -> None:
+                    caught_up: Callable[[int], None] | None = None) -> None:
         """Load sections until EOF, then hand the vCPU and device state to the guest.
 
-        ``caught_up`` is called once, the first time everything received so far is loaded and
-        the next record has not arrived yet (the destination answers READY then).
+        ``caught_up(offset)`` is called whenever everything received so far (the stream up to
+        ``offset``) is loaded and the next record has not arrived yet (the destination answers
+        READY the first time, CAUGHT_UP each time).  At most once per
+        :data:`CAUGHT_UP_INTERVAL_S`: within it, it waits that long for more to arrive first.
 
         Each section is matched to an entry by (idstr, instance) on START/FULL and by section id
         after that; the source's section ids need not equal ours.  RAM packets (PART records)
@@ -161,12 +169,16 @@ class Machine:
         state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
         loaded: set[int] = set()
         decoder = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        reported_offset, reported_at = -1, -math.inf
         try:
             while True:
-                if caught_up is not None and not reader.channel.wait_readable(0):
-                    decoder.drain()
-                    caught_up()
-                    caught_up = None
+                if (caught_up is not None and reader.offset != reported_offset
+                        and not reader.channel.wait_readable(0)):
+                    wait = CAUGHT_UP_INTERVAL_S - (time.monotonic() - reported_at)
+                    if wait <= 0 or not reader.channel.wait_readable(wait):
+                        decoder.drain()
+                        caught_up(reader.offset)
+                        reported_offset, reported_at = reader.offset, time.monotonic()
                 try:
                     record = reader.next_record()
                 except BaseException:

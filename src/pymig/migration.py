@@ -325,11 +325,13 @@ class Migration:
                     dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
                     stats.set_vcpu_dirty_limits(dirty_limits)
                 if decision.action == policy_mod.Action.SWITCHOVER:
-                    if ret is not None and not ret.received(stream.Ready):
-                        # The guest is stopped only once the destination has caught up (see
-                        # below), and it dirties pages while the destination catches up: decide
-                        # again on what is pending then, with nothing sent meanwhile.
-                        ret.wait_for(stream.Ready, timeout=ACK_TIMEOUT_S, check=self._check)
+                    if ret is not None and not ret.caught_up(writer.bytes_written):
+                        # The guest stops only once the destination has loaded everything sent
+                        # so far: a backlog left in the socket would be loaded inside the
+                        # downtime.  The guest dirties pages meanwhile, so decide again then,
+                        # on what is pending, with nothing sent in between.
+                        ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S,
+                                           check=self._check)
                         continue
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
@@ -594,14 +596,32 @@ class ReturnPath:
         with self._cond:
             return kind in self._messages
 
+    def caught_up(self, offset: int) -> bool:
+        """Whether the destination said it loaded the stream up to ``offset`` or beyond."""
+        with self._cond:
+            return self._caught_up(offset)
+
+    def _caught_up(self, offset: int) -> bool:
+        latest = self._messages.get(stream.CaughtUp)
+        return latest is not None and latest.offset >= offset
+
+    def wait_caught_up(self, offset: int, timeout: float, check: Callable | None) -> None:
+        """Until the destination has loaded the stream up to ``offset``; raises as
+        :meth:`wait_for` does."""
+        self._wait(lambda: True if self._caught_up(offset) else None, timeout, check)
+
     def wait_for(self, kind: type, timeout: float, check: Callable | None):
         """The first message of type ``kind``; raises if the destination failed or went away,
         if ``check(None)`` raises (cancel), or after ``timeout`` seconds."""
+        return self._wait(lambda: self._messages.get(kind), timeout, check)
+
+    def _wait(self, found: Callable[[], object], timeout: float, check: Callable | None):
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
-                if kind in self._messages:
-                    return self._messages[kind]
+                result = found()
+                if result is not None:
+                    return result
                 if self.error is not None:
                     raise MigrationError(f"destination failed: {self.error}")
                 if self._stopped:

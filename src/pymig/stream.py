@@ -429,6 +429,7 @@ class ReturnType(IntEnum):
     SHUT = 7  # the destination is closing the return path
     LOADED = 8  # the destination loaded everything and waits for COMMIT before starting
     COMMIT = 9  # source to destination, on the stream's channel: start the guest now
+    CAUGHT_UP = 10  # u64 stream offset: everything before it is loaded, nothing more waits
 
 
 @dataclass(frozen=True)
@@ -511,9 +512,21 @@ class Commit:
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
 
 
-ReturnMessage = Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut | Loaded | Commit
+@dataclass(frozen=True)
+class CaughtUp:
+    """The destination has loaded the stream up to byte ``offset`` (counted from the stream
+    header's first byte) and found nothing more waiting: what the source sent before that
+    costs the downtime nothing."""
+
+    offset: int
+    TYPE: ClassVar[ReturnType] = ReturnType.CAUGHT_UP
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+
+ReturnMessage = (Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut | Loaded | Commit
+                 | CaughtUp)
 _MESSAGES = {cls.TYPE: cls for cls in (Ready, LoadError, Ack, PageRequest, Ping, Pong, Shut,
-                                       Loaded, Commit)}
+                                       Loaded, Commit, CaughtUp)}
 
 
 def encode_return(message: ReturnMessage) -> bytes:
@@ -576,6 +589,9 @@ class ReturnPathWriter:
 
     def shut(self) -> None:
         self.send(Shut())
+
+    def caught_up(self, offset: int) -> None:
+        self.send(CaughtUp(offset))
 
     def loaded(self) -> None:
         self.send(Loaded())
