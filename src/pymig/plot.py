@@ -42,6 +42,9 @@ def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[st
     rates.plot(iterations, [r["dirty_rate"] * r["page_size"] / mb for r in records],
                marker="o", label="dirty rate")
     rates.plot(iterations, [r["bandwidth"] / mb for r in records], marker="s", label="bandwidth")
+    if any("stopped_bandwidth" in r for r in records):  # traces from before it lack it
+        rates.plot(iterations, [r.get("stopped_bandwidth", r["bandwidth"]) / mb for r in records],
+                   linestyle=":", color="tab:green", label="expected once stopped")
     rates.set_ylabel("MB/s")
     rates.set_title("guest dirty rate vs channel bandwidth")
     rates.legend(loc="best")
