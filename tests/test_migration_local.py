@@ -213,7 +213,7 @@ def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_u
     decisions = []
 
     def at_once(metrics, params):  # switch over at every decision, pending or not
-        decisions.append((time.monotonic(), metrics.pending_bytes))
+        decisions.append((time.monotonic(), metrics.pending_bytes, metrics.dirty_rate_bps))
         decided.set()
         return Decision(Action.SWITCHOVER, "manual", 0, None, 0.0)
 
@@ -222,6 +222,12 @@ def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_u
         assert done.error is None and done.migration.status.value == "completed"
         assert block_digests(source.ram_blocks) == done.digests_at_load
         assert_consistent(done.destination)
+        rate = done.migration.query()["ram"]["dirty-pages-rate"]
     assert len(decisions) == 2  # the first came before READY, and was taken again after it
     assert decisions[0][0] < ready_after[0] < decisions[1][0]
     assert decisions[0][1] > 0  # it would have stopped the guest with everything pending
+    # The guest kept writing the pages it had written before the first decision; the second
+    # decision's sync re-armed nothing, so its log shows next to nothing new: the guest's rate
+    # is the one measured last, for the policy and in the stats.
+    assert decisions[1][2] == pytest.approx(decisions[0][2]) and decisions[0][2] > 0
+    assert rate == round(decisions[0][2] / 4096)

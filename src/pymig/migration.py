@@ -267,15 +267,23 @@ class Migration:
             iteration = 0
             last_sync = time.monotonic()
             sent_period = 0
+            dirty_pps = 0.0
+            redeciding = False
             while True:
                 self._check(ret)
                 params = self.params.snapshot()
                 bandwidth.cap(params.max_bandwidth)
-                dirtied = saver.sync()
+                found = saver.sync()
                 now = time.monotonic()
                 period = max(now - last_sync, 1e-6)
                 last_sync = now
                 iteration += 1
+                if not redeciding:
+                    dirty_pps = found / period
+                # else nothing was re-armed since the last sync, so the log cannot show pages
+                # written again: the guest's rate is the one last measured
+                redeciding = False
+                dirtied = dirty_pps * period
                 pending = sum(e.handlers.pending(e.opaque)
                               for e in machine.registry.live_entries())
                 vcpu_rates = (tuple(guest.vcpu_dirty_rates())
@@ -293,7 +301,7 @@ class Migration:
                     dirty_rate_bps=dirtied * stats.page_size / period,
                     bytes_sent_total=channel.bytes_sent,
                     bytes_sent_period=sent_period,
-                    bytes_dirtied_period=dirtied * stats.page_size,
+                    bytes_dirtied_period=round(dirtied * stats.page_size),
                     throttle_pct=throttle,
                     manual_switchover_requested=self._manual_switchover.is_set(),
                     switchover_s=switchover_s,
@@ -309,10 +317,10 @@ class Migration:
                 )
                 decision = self.decide(metrics, policy_params(params))
                 record = stats.record_sync(
-                    iteration=iteration, dirty_pages=dirtied, remaining_bytes=pending,
+                    iteration=iteration, dirty_pages=found, remaining_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s,
                     stopped_bandwidth_bps=metrics.stopped_bandwidth_bps,
-                    dirty_rate_pps=dirtied / period,
+                    dirty_rate_pps=dirty_pps,
                     expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
                     vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits)
                 for callback in list(self._pass_listeners):
@@ -332,6 +340,7 @@ class Migration:
                         # on what is pending, with nothing sent in between.
                         ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S,
                                            check=self._check)
+                        redeciding = True
                         continue
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
