@@ -305,11 +305,9 @@ class Migration:
                     throttle_pct=throttle,
                     manual_switchover_requested=self._manual_switchover.is_set(),
                     switchover_s=switchover_s,
-                    # Until READY the destination has not caught up once, and the switchover
-                    # waits for it to do so before stopping the guest: what is in flight then
-                    # drains outside the downtime.
-                    in_flight_bytes=(in_flight_bytes(channel)
-                                     if ret is None or ret.received(stream.Ready) else 0),
+                    # With a return path the guest stops only once the destination has loaded
+                    # everything sent (below): nothing is in flight inside the downtime then.
+                    in_flight_bytes=in_flight_bytes(channel) if ret is None else 0,
                     own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
                                                        throttle, period),
                     vcpu_dirty_rates=vcpu_rates,
@@ -357,10 +355,8 @@ class Migration:
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
                     self._check(ret)
-            if ret is not None:
-                # Never stop the guest before the destination has built its own: creating it
-                # must not count as downtime.
-                ret.wait_for(stream.Ready, timeout=ACK_TIMEOUT_S, check=self._check)
+            # (with a return path the loop ended caught up: the destination has built its
+            # guest, READY came before any CAUGHT_UP, and loaded everything sent)
             if not self._transition(Status.ACTIVE, Status.DEVICE):
                 raise Cancelled("migration cancelled")
             # Stop-and-copy: from here the guest is paused until the destination runs it, or
@@ -599,11 +595,6 @@ class ReturnPath:
                     self.error = message.text
                 self._messages[type(message)] = message
                 self._cond.notify_all()
-
-    def received(self, kind: type) -> bool:
-        """Whether a message of type ``kind`` has come."""
-        with self._cond:
-            return kind in self._messages
 
     def caught_up(self, offset: int) -> bool:
         """Whether the destination said it loaded the stream up to ``offset`` or beyond."""
