@@ -13,6 +13,7 @@ ZERO = ["zero_scan_all_zero", "zero_scan_data_pages"]
 BITMAP = ["bitmap_runs_clear"] + [f"bitmap_{kind}_{d * 100:g}pct"
                                   for d in benchcore.DENSITIES for kind in ("runs", "indices")]
 PACKET = ["encode_1MiB_packets", "decode_1MiB_packets"]
+COMPRESSION = ["encode_lz4_sparse_pages", "encode_lz4_random_pages", "decode_lz4_sparse_pages"]
 
 
 def _by_name(cases):
@@ -34,6 +35,11 @@ def packet_cases():
     return _by_name(benchcore.packet_cases(MEMORY_BYTES))
 
 
+@pytest.fixture(scope="module")
+def compression_cases():
+    return _by_name(benchcore.compression_cases(MEMORY_BYTES))
+
+
 @pytest.mark.parametrize("name", ZERO)
 def test_zero_scan(run_case, zero_cases, name):
     row = run_case(zero_cases[name])
@@ -49,4 +55,10 @@ def test_bitmap_scan(run_case, bitmap_cases, name):
 @pytest.mark.parametrize("name", PACKET)
 def test_packets(run_case, packet_cases, name):
     row = run_case(packet_cases[name])
+    assert row["value"] > 0 and row["ceiling"] > 0
+
+
+@pytest.mark.parametrize("name", COMPRESSION)
+def test_compression(run_case, compression_cases, name):
+    row = run_case(compression_cases[name])
     assert row["value"] > 0 and row["ceiling"] > 0

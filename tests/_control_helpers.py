@@ -159,7 +159,7 @@ def migrate_incoming(client: QmpClient, tmp_path) -> str:
 
 def start_slow_migration(client: QmpClient, uri: str) -> None:
     """Migrate to ``uri`` at 1 MiB/s (it lasts a minute); returns once RAM is on the wire."""
-    client.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB})
+    client.command("migrate-set-parameters", **{"max-bandwidth": 1 * MiB, "compression": "none"})
     client.command("migrate", uri=uri)
     wait_for(lambda: client.command("query-migrate")["ram"]["transferred"] > 0,
              what="RAM on the wire")

@@ -94,7 +94,7 @@ RUN = struct.Struct("<QIBBH")
 
 def build_packet(runs, page_size: int, block_id: int = 0, *, data: bytes | None = None,
                  records: int | None = None, payload_len: int | None = None,
-                 magic: bytes = b"PMGP", version: int = 1, flags: int = 0,
+                 magic: bytes = b"PMGP", version: int = 2, flags: int = 0,
                  checksum: int | None = None) -> bytes:
     """A packet from (first_page, page_count, kind[, reserved8, reserved16]) tuples, NORMAL
     runs filled with ``data`` (default: a byte pattern); every field can be overridden and the
@@ -111,7 +111,7 @@ def build_packet(runs, page_size: int, block_id: int = 0, *, data: bytes | None 
                        len(runs) if records is None else records,
                        len(payload) if payload_len is None else payload_len, 0)
     if checksum is None:
-        checksum = xxhash.xxh3_64_intdigest(head[:24] + bytes(payload))
+        checksum = xxhash.xxh3_64_intdigest(bytes(payload) + head[:24])
     return head[:24] + checksum.to_bytes(8, "little") + bytes(payload)
 
 
@@ -123,7 +123,11 @@ def parse_runs(packet) -> list[tuple[int, int, int]]:
     for _ in range(records):
         first, count, kind, _, _ = RUN.unpack_from(packet, off)
         runs.append((first, count, kind))
-        off += 16 + (count * HEADER.unpack_from(packet)[4] if kind == 1 else 0)
+        off += 16
+        if kind == 1:
+            off += count * HEADER.unpack_from(packet)[4]
+        elif kind == 3:  # u32 LZ4 length, u32 reserved, the LZ4 block
+            off += 8 + int.from_bytes(packet[off:off + 4], "little")
     return runs
 
 

@@ -144,7 +144,8 @@ def test_x_migrate_switchover_forces_a_manual_switchover(pair, tmp_path):
     sc, dc = src.client(), dst.client()
     uri = migrate_incoming(dc, tmp_path)
     # a guest dirtying 400 MB/s over 32 MiB/s with a 1 ms limit never converges by itself
-    sc.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB})
+    sc.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB,
+                                            "compression": "none"})
     sc.command("migrate", uri=uri)
     next_event(sc, "MIGRATION_PASS")
     next_event(sc, "MIGRATION_PASS")

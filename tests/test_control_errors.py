@@ -273,7 +273,8 @@ def test_two_clients_racing_to_migrate_start_one_migration(pair, tmp_path):
     src, dst = pair
     uri = migrate_incoming(dst.client(), tmp_path)
     clients = [src.client() for _ in range(4)]
-    clients[0].command("migrate-set-parameters", **{"max-bandwidth": 2 * MiB})
+    clients[0].command("migrate-set-parameters", **{"max-bandwidth": 2 * MiB,
+                                                   "compression": "none"})
     results: list = []
     barrier = threading.Barrier(len(clients))
 

@@ -84,7 +84,8 @@ def test_max_bandwidth_changed_during_a_pass_applies_at_once(tmp_path):
     dst = serve_destination(tmp_path)
     try:
         client = src.client()
-        client.command("migrate-set-parameters", **{"max-bandwidth": 256 << 10})
+        client.command("migrate-set-parameters", **{"max-bandwidth": 256 << 10,
+                                                    "compression": "none"})
         client.command("migrate", uri=migrate_incoming(dst.client(), tmp_path))
         next_event(client, "MIGRATION_PASS")
         wait_for(lambda: client.command("query-migrate")["ram"]["transferred"] > 1 * MiB,
@@ -104,7 +105,8 @@ def test_downtime_limit_changed_during_a_migration_applies_at_the_next_iteration
     the next decision switches over, because the limit now fits."""
     src, dst = pair
     client = src.client()
-    client.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB})
+    client.command("migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 32 * MiB,
+                                                "compression": "none"})
     client.command("migrate", uri=migrate_incoming(dst.client(), tmp_path))
     for _ in range(3):
         seen = next_event(client, "MIGRATION_PASS")["data"]["pass"]

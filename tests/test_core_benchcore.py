@@ -20,7 +20,8 @@ def test_targets():
 
 
 def test_measure_rows_and_table():
-    cases = benchcore.bitmap_cases(1 << 16) + benchcore.packet_cases(1 << 21)
+    cases = (benchcore.bitmap_cases(1 << 16) + benchcore.packet_cases(1 << 21)
+             + benchcore.compression_cases(1 << 21))
     results = {case.name: benchcore.measure(case, 1) for case in cases}
     for name, row in results.items():
         assert set(row) >= KEYS, name
@@ -30,5 +31,7 @@ def test_measure_rows_and_table():
             else row["ceiling"] / row["value"], rel=1e-3)
         assert (row["ok"] is None) == (row["target"] is None)
     assert 1024 <= results["encode_1MiB_packets"]["calls_per_GiB"] <= 2048  # low thousands
+    # pages zero but for a byte: LZ4 takes them to well under 1 % of their size
+    assert results["encode_lz4_sparse_pages"]["wire_bytes_per_GiB"] < (1 << 30) // 100
     table = benchcore.format_table(results)
     assert table.row_count == len(results)

@@ -77,10 +77,10 @@ def test_decode_never_touches_known_zero_pages_nor_writes_zero_over_zero():
         def packet(runs):
             payload = b"".join(first.to_bytes(8, "little") + count.to_bytes(4, "little")
                                + bytes([kind, 0, 0, 0]) for first, count, kind in runs)
-            head = b"PMGP" + (1).to_bytes(2, "little") + bytes(2) + bytes(4) + \\
+            head = b"PMGP" + (2).to_bytes(2, "little") + bytes(2) + bytes(4) + \\
                 PS.to_bytes(4, "little") + len(runs).to_bytes(4, "little") + \\
                 len(payload).to_bytes(4, "little")
-            return head + xxhash.xxh3_64_intdigest(head + payload).to_bytes(8, "little") + \\
+            return head + xxhash.xxh3_64_intdigest(payload + head).to_bytes(8, "little") + \\
                 payload
 
         for name in ("compiled", "reference"):
@@ -94,7 +94,7 @@ def test_decode_never_touches_known_zero_pages_nor_writes_zero_over_zero():
             present = k.new_bitmap(N)
             k.bitmap_set_range(present, N, 4, 12)      # 0-3 known zero, 4-15 may hold data
             result = k.decode_packet(packet([(0, 9, 2)]), mem, PS, 0, N, present)
-            assert result == (0, 9, 1), result
+            assert result == (0, 9, 1, 0), result
             assert k.bitmap_indices(present, N).tolist() == list(range(9, 16))
             assert not arr[8 * PS: 9 * PS].any()
             libc.mprotect(base, 8 * PS, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -47,7 +47,8 @@ def pages_written_rate(guest, vcpu: int | None = None, seconds: float = 0.3) -> 
     return (written() - before) / seconds
 
 
-DIRTY_LIMIT = {"params": {"max-bandwidth": BANDWIDTH, "vcpu-dirty-limit": LIMIT},
+DIRTY_LIMIT = {"params": {"max-bandwidth": BANDWIDTH, "vcpu-dirty-limit": LIMIT,
+                          "compression": "none"},  # a cap on pages sent as they are
                "capabilities": {"dirty-limit": True}}
 
 

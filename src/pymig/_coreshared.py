@@ -22,18 +22,34 @@ MAX_PAGE_SIZE = 1 << 30
 PACKET_HEADER_BYTES = 32
 RUN_HEADER_BYTES = 16
 PACKET_MAGIC = b"PMGP"
-PACKET_VERSION = 1
+PACKET_VERSION = 2
 RUN_NORMAL = 1
 RUN_ZERO = 2
-RUN_COMPRESSED = 3  # reserved for a later version; v1 rejects it
-RUN_DELTA = 4  # reserved for a later version; v1 rejects it
+RUN_COMPRESSED = 3  # an LZ4 block of the run's pages
+RUN_DELTA = 4  # reserved for a later version; refused as an unknown kind
 MAX_RUN_PAGES = 0xFFFF_FFFF  # page_count is a u32
+COMPRESSED_HEADER_BYTES = 8  # after a COMPRESSED run's record: u32 data length, u32 reserved
+COMPRESS_UNIT_BYTES = 64 * 1024  # the encoder compresses runs of at most this many bytes
+MAX_COMPRESSED_RUN_BYTES = 1 << 30  # the decoder refuses compressed runs larger than this
 
-EncodeResult = namedtuple("EncodeResult", "nbytes cursor normal_pages zero_pages runs")
+EncodeResult = namedtuple(
+    "EncodeResult", "nbytes cursor normal_pages zero_pages runs compressed_pages")
 EncodeResult.__doc__ = """One encode_packet call: bytes written (0 = nothing dirty at or after
-the cursor), where the next call resumes, and what the packet holds."""
-DecodeResult = namedtuple("DecodeResult", "normal_pages zero_pages runs")
+the cursor), where the next call resumes, and what the packet holds (``normal_pages`` counts
+every page sent with its data, ``compressed_pages`` the part of them in COMPRESSED runs)."""
+DecodeResult = namedtuple("DecodeResult", "normal_pages zero_pages runs compressed_pages")
 DecodeResult.__doc__ = "What one decode_packet call applied."
+
+
+def new_compress_state() -> np.ndarray:
+    """The state encode_packet keeps between packets when it compresses: ``[units to copy
+    without trying, failures in a row]`` (see kernels.h, pymig_compress_state)."""
+    return np.zeros(2, dtype=np.uint32)
+
+
+def compress_bound(total: int) -> int:
+    """The most LZ4 block bytes ``total`` bytes can need (LZ4_COMPRESSBOUND)."""
+    return total + total // 255 + 16
 PacketInfo = namedtuple(
     "PacketInfo", "version block_id page_size record_count payload_len checksum nbytes")
 PacketInfo.__doc__ = """The checked 32-byte header of a packet; ``nbytes`` = header + payload,
@@ -89,6 +105,8 @@ class PacketFault(IntEnum):
     RUN_DATA = 16
     TRAILING = 17
     CHECKSUM = 18
+    RUN_COMPRESSED_SIZE = 19
+    RUN_DECOMPRESS = 20
 
 
 _REASONS = {
@@ -98,7 +116,8 @@ _REASONS = {
                                      f"(expected {PACKET_MAGIC!r})",
     PacketFault.VERSION: lambda v, *_: f"unsupported packet version {v} (this build reads "
                                        f"version {PACKET_VERSION})",
-    PacketFault.FLAGS: lambda f, *_: f"unknown packet flags {f:#06x} (version 1 defines none)",
+    PacketFault.FLAGS: lambda f, *_: f"unknown packet flags {f:#06x} (version "
+                                     f"{PACKET_VERSION} defines none)",
     PacketFault.PAGE_SIZE: lambda ps, *_: f"page size {ps} is not a power of two in "
                                           f"[512, {MAX_PAGE_SIZE}]",
     PacketFault.RECORD_COUNT: lambda n, p, *_: f"{n} run records cannot fit in a {p}-byte "
@@ -122,6 +141,11 @@ _REASONS = {
                                            f"records",
     PacketFault.CHECKSUM: lambda s, c, *_: f"checksum mismatch: header says {s:#018x}, the "
                                            f"packet hashes to {c:#018x}",
+    PacketFault.RUN_COMPRESSED_SIZE: lambda r, t, n, *_: (
+        f"run {r}: a compressed run of {t} bytes with {n} bytes of LZ4 data (at most "
+        f"{MAX_COMPRESSED_RUN_BYTES} bytes, and LZ4_COMPRESSBOUND of them)"),
+    PacketFault.RUN_DECOMPRESS: lambda r, t, *_: f"run {r}: LZ4 data does not decode to the "
+                                                 f"run's {t} bytes",
 }
 
 
@@ -209,7 +233,18 @@ def pages_arg(pages, npages: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def encode_args(mem, page_size, block_id, bm, npages, cursor, out):
+def compress_arg(compress):
+    """encode_packet's compression state: None, or a new_compress_state() array."""
+    if compress is None:
+        return None
+    if (not isinstance(compress, np.ndarray) or compress.dtype != np.uint32
+            or compress.shape != (2,) or not compress.flags.c_contiguous
+            or not compress.flags.writeable):
+        raise TypeError("compress must be None or a state from new_compress_state()")
+    return compress
+
+
+def encode_args(mem, page_size, block_id, bm, npages, cursor, out, compress=None):
     """Checked arguments of encode_packet, in the order both backends check them."""
     page_size = page_size_arg(page_size)
     block_id = count_arg(block_id, "block_id", 0xFFFF_FFFF)
@@ -222,7 +257,7 @@ def encode_args(mem, page_size, block_id, bm, npages, cursor, out):
     if len(out) < need:
         raise ValueError(f"out holds {len(out)} bytes; a packet of {page_size}-byte pages "
                          f"needs at least {need}")
-    return mem, page_size, block_id, bm, npages, cursor, out
+    return mem, page_size, block_id, bm, npages, cursor, out, compress_arg(compress)
 
 
 def runs_args(packet, page_size, block_id, npages):

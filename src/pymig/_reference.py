@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 import struct
 
+import lz4.block
 import numpy as np
 import xxhash
 
-from pymig._coreshared import (MAX_RUN_PAGES, PACKET_HEADER_BYTES, PACKET_MAGIC,
-                               PACKET_VERSION, RUN_HEADER_BYTES, RUN_NORMAL, RUN_ZERO,
-                               DecodeResult, EncodeResult, PacketFault, PacketInfo,
+from pymig._coreshared import (COMPRESS_UNIT_BYTES, COMPRESSED_HEADER_BYTES,
+                               MAX_COMPRESSED_RUN_BYTES, MAX_RUN_PAGES, PACKET_HEADER_BYTES,
+                               PACKET_MAGIC, PACKET_VERSION, RUN_COMPRESSED, RUN_HEADER_BYTES,
+                               RUN_NORMAL, RUN_ZERO, DecodeResult, EncodeResult, PacketFault, PacketInfo,
                                bitmap_arg, bitmap_words, byte_view, count_arg, decode_args,
-                               disabled_variants, encode_args, memory_arg, packet_error,
+                               compress_bound, disabled_variants, encode_args, memory_arg,
+                               packet_error,
                                page_size_arg, pages_arg, runs_args)
 
 backend = "reference"
@@ -26,6 +29,8 @@ backend = "reference"
 _HEADER = struct.Struct("<4sHHIIIIQ")
 # first_page, page_count, kind, reserved u8, reserved u16
 _RUN = struct.Struct("<QIBBH")
+# after a COMPRESSED run's record: LZ4 data length, reserved u32
+_COMPRESSED = struct.Struct("<II")
 assert _HEADER.size == PACKET_HEADER_BYTES and _RUN.size == RUN_HEADER_BYTES
 
 
@@ -198,22 +203,44 @@ def packet_info(buf) -> PacketInfo:
 
 
 def _packet_checksum(head: bytes | memoryview, payload: bytes | memoryview) -> int:
-    """xxh3-64 (seed 0) of the header's first 24 bytes followed by the payload."""
+    """xxh3-64 (seed 0) of the payload followed by the header's first 24 bytes."""
     state = xxhash.xxh3_64()
-    state.update(head[:24])
     state.update(payload)
+    state.update(head[:24])
     return state.intdigest()
 
 
-def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeResult:
+def _try_compress(state: np.ndarray, data: memoryview) -> bytes | None:
+    """``data`` as an LZ4 block when that shrinks it by an eighth, else None; ``state`` is
+    the backoff kept between packets (``[units to copy without trying, failures in a row]``)."""
+    if state[0]:
+        state[0] -= 1
+        return None
+    packed = lz4.block.compress(data, store_size=False)
+    if len(packed) + COMPRESSED_HEADER_BYTES <= len(data) - len(data) // 8:
+        state[1] = 0
+        return packed
+    state[1] = min(int(state[1]) + 1, 7)
+    state[0] = 1 << (int(state[1]) - 1)
+    return None
+
+
+def encode_packet(mem, page_size, block_id, bm, npages, cursor, out,
+                  compress=None) -> EncodeResult:
     """Move dirty pages from ``bm`` (at or after ``cursor``; each bit taken is cleared) into
     one packet written at the start of ``out``, whose length is the packet capacity.
 
     Pages join the current run when they follow it and are of the same kind (NORMAL: has
-    data, ZERO: all zero); the packet ends before the first page that would not fit.
+    data, ZERO: all zero); the packet ends before the first page that would not fit.  With a
+    ``compress`` state, a NORMAL run holds at most 32 KiB and goes out as a COMPRESSED run
+    (an LZ4 block) when that shrinks it by an eighth.
     """
-    mem, page_size, block_id, bm, npages, cursor, out = encode_args(
-        mem, page_size, block_id, bm, npages, cursor, out)
+    mem, page_size, block_id, bm, npages, cursor, out, compress = encode_args(
+        mem, page_size, block_id, bm, npages, cursor, out, compress)
+    unit = COMPRESS_UNIT_BYTES // page_size if page_size <= COMPRESS_UNIT_BYTES else 0
+    if not unit:
+        compress = None  # pages larger than a unit are never compressed
+    max_normal = unit if compress is not None else MAX_RUN_PAGES
     capacity = min(len(out), PACKET_HEADER_BYTES + 0xFFFF_FFFF)
     runs: list[list[int]] = []  # [first_page, page_count, kind]
     used = PACKET_HEADER_BYTES
@@ -223,9 +250,10 @@ def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeRe
     for page in map(int, dirty):
         kind = RUN_ZERO if not _page(mem, page_size, page).any() else RUN_NORMAL
         data = page_size if kind == RUN_NORMAL else 0
+        limit = max_normal if kind == RUN_NORMAL else MAX_RUN_PAGES
         last = runs[-1] if runs else None
         extend = (last is not None and last[2] == kind and last[0] + last[1] == page
-                  and last[1] < MAX_RUN_PAGES)
+                  and last[1] < limit)
         need = data + (0 if extend else RUN_HEADER_BYTES)
         if used + need > capacity:
             resume = page
@@ -236,14 +264,24 @@ def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeRe
             runs.append([page, 1, kind])
         used += need
     if not runs:
-        return EncodeResult(0, npages, 0, 0, 0)
+        return EncodeResult(0, npages, 0, 0, 0, 0)
 
     payload = bytearray()
+    compressed = 0
     for first, count, kind in runs:
         bits[first:first + count] = False  # taken: test-and-clear
+        data = mem[first * page_size:(first + count) * page_size]
+        packed = (_try_compress(compress, data)
+                  if kind == RUN_NORMAL and compress is not None else None)
+        if packed is not None:
+            payload += _RUN.pack(first, count, RUN_COMPRESSED, 0, 0)
+            payload += _COMPRESSED.pack(len(packed), 0) + packed
+            compressed += count
+            continue
         payload += _RUN.pack(first, count, kind, 0, 0)
         if kind == RUN_NORMAL:
-            payload += mem[first * page_size:(first + count) * page_size]
+            payload += data
+    used = PACKET_HEADER_BYTES + len(payload)
     head = _HEADER.pack(PACKET_MAGIC, PACKET_VERSION, 0, block_id, page_size, len(runs),
                         len(payload), 0)
     checksum = _packet_checksum(head, payload)
@@ -251,7 +289,7 @@ def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeRe
     out[:used] = head[:24] + checksum.to_bytes(8, "little") + payload
     normal = sum(count for _, count, kind in runs if kind == RUN_NORMAL)
     zero = sum(count for _, count, kind in runs if kind == RUN_ZERO)
-    return EncodeResult(used, resume, normal, zero, len(runs))
+    return EncodeResult(used, resume, normal, zero, len(runs), compressed)
 
 
 def _walk_runs(view: memoryview, records: int, payload_len: int, page_size: int,
@@ -266,7 +304,7 @@ def _walk_runs(view: memoryview, records: int, payload_len: int, page_size: int,
         first, count, kind, reserved8, reserved16 = _RUN.unpack_from(view, off)
         if count == 0:
             raise packet_error(PacketFault.RUN_EMPTY, off + 8, r)
-        if kind not in (RUN_NORMAL, RUN_ZERO):
+        if kind not in (RUN_NORMAL, RUN_ZERO, RUN_COMPRESSED):
             raise packet_error(PacketFault.RUN_KIND, off + 12, r, kind)
         if reserved8:
             raise packet_error(PacketFault.RUN_RESERVED, off + 13, r)
@@ -276,10 +314,20 @@ def _walk_runs(view: memoryview, records: int, payload_len: int, page_size: int,
             raise packet_error(PacketFault.RUN_RANGE, off, r, first, count, npages)
         if first < prev_end:
             raise packet_error(PacketFault.RUN_ORDER, off, r, first, prev_end)
+        room = left - RUN_HEADER_BYTES
         data = count * page_size if kind == RUN_NORMAL else 0
-        if data > left - RUN_HEADER_BYTES:
-            raise packet_error(PacketFault.RUN_DATA, off + 16, r, data,
-                               left - RUN_HEADER_BYTES)
+        if kind == RUN_COMPRESSED:
+            data = COMPRESSED_HEADER_BYTES
+            if data <= room:
+                clen, reserved32 = _COMPRESSED.unpack_from(view, off + RUN_HEADER_BYTES)
+                if reserved32:
+                    raise packet_error(PacketFault.RUN_RESERVED, off + RUN_HEADER_BYTES + 4, r)
+                total = count * page_size
+                if total > MAX_COMPRESSED_RUN_BYTES or clen > compress_bound(total):
+                    raise packet_error(PacketFault.RUN_COMPRESSED_SIZE, off + 8, r, total, clen)
+                data += clen
+        if data > room:
+            raise packet_error(PacketFault.RUN_DATA, off + 16, r, data, room)
         runs.append((first, count, kind, off + RUN_HEADER_BYTES))
         off += RUN_HEADER_BYTES + data
         prev_end = first + count
@@ -315,8 +363,8 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
     """Check ``packet`` completely, then apply it to ``mem`` (``npages`` pages).
 
     Order of checks: header, header against the caller's block/page size/buffer length, every
-    run record, checksum; only then are pages written.  NORMAL pages are copied (and set in
-    ``present``); ZERO pages are cleared only where not already zero, and skipped unread where
+    run record, checksum; only then are pages written.  NORMAL pages are copied and
+    COMPRESSED runs decoded into their pages (both set in ``present``); ZERO pages are cleared only where not already zero, and skipped unread where
     ``present`` says they are known zero (their bit is cleared).
     """
     packet, mem, page_size, block_id, npages, present = decode_args(
@@ -328,10 +376,23 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
 
     memory = np.frombuffer(mem, dtype=np.uint8)
     known = _unpack(present, npages) if present is not None else None
-    for first, count, kind, data_off in runs:
+    for r, (first, count, kind, data_off) in enumerate(runs):
         pages = slice(first * page_size, (first + count) * page_size)
-        if kind == RUN_NORMAL:
-            memory[pages] = np.frombuffer(packet, np.uint8, count * page_size, data_off)
+        if kind == RUN_COMPRESSED:
+            total = count * page_size
+            clen, _ = _COMPRESSED.unpack_from(packet, data_off)
+            start = data_off + COMPRESSED_HEADER_BYTES
+            try:
+                raw = lz4.block.decompress(packet[start:start + clen], uncompressed_size=total)
+            except lz4.block.LZ4BlockError:
+                raw = b""
+            if len(raw) != total:
+                raise packet_error(PacketFault.RUN_DECOMPRESS, data_off - RUN_HEADER_BYTES, r,
+                                   total)
+            memory[pages] = np.frombuffer(raw, np.uint8)
+        if kind in (RUN_NORMAL, RUN_COMPRESSED):
+            if kind == RUN_NORMAL:
+                memory[pages] = np.frombuffer(packet, np.uint8, count * page_size, data_off)
             if known is not None:
                 known[first:first + count] = True
             continue
@@ -345,5 +406,7 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
                 data[:] = 0
     if known is not None:
         _store(present, npages, known)
-    normal = sum(count for _, count, kind, _ in runs if kind == RUN_NORMAL)
-    return DecodeResult(normal, sum(count for _, count, _, _ in runs) - normal, len(runs))
+    normal = sum(count for _, count, kind, _ in runs if kind != RUN_ZERO)
+    compressed = sum(count for _, count, kind, _ in runs if kind == RUN_COMPRESSED)
+    return DecodeResult(normal, sum(count for _, count, _, _ in runs) - normal, len(runs),
+                        compressed)

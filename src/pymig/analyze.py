@@ -46,8 +46,9 @@ class Problem:
 @dataclass
 class RamStats:
     packets: int = 0
-    normal_pages: int = 0
+    normal_pages: int = 0  # pages sent with their data, compressed or not
     zero_pages: int = 0
+    compressed_pages: int = 0  # of normal_pages, those in LZ4 blocks
     bytes: int = 0  # packet bytes, headers included
     page_bytes: int = 0  # bytes of page data
     checksum_failures: int = 0
@@ -80,7 +81,8 @@ class Analysis:
             "problems": [{"offset": p.offset, "reason": p.reason} for p in self.problems],
             "sections": self.sections,
             "ram": {"packets": self.ram.packets, "normal-pages": self.ram.normal_pages,
-                    "zero-pages": self.ram.zero_pages, "bytes": self.ram.bytes,
+                    "zero-pages": self.ram.zero_pages,
+                    "compressed-pages": self.ram.compressed_pages, "bytes": self.ram.bytes,
                     "page-bytes": self.ram.page_bytes,
                     "checksum-failures": self.ram.checksum_failures,
                     "blocks": self.ram.blocks},
@@ -232,9 +234,9 @@ def _ram(record, payload, offset: int, result: Analysis) -> None:
         return
     ram.packets += 1
     ram.bytes += len(payload)
-    state = xxhash.xxh3_64()
-    state.update(payload[:24])
+    state = xxhash.xxh3_64()  # the payload, then the header's first 24 bytes
     state.update(payload[_PACKET_HEAD.size:])
+    state.update(payload[:24])
     if state.intdigest() != checksum:
         ram.checksum_failures += 1
         result.problems.append(Problem(offset + 24, "RAM packet checksum mismatch"))
@@ -251,6 +253,11 @@ def _ram(record, payload, offset: int, result: Analysis) -> None:
             pos += count * page_size
         elif kind == 2:
             ram.zero_pages += count
+        elif kind == 3 and pos + 8 <= len(payload):
+            ram.normal_pages += count
+            ram.compressed_pages += count
+            ram.page_bytes += count * page_size
+            pos += 8 + int.from_bytes(payload[pos:pos + 4], "little")
         else:
             result.problems.append(Problem(offset + pos - _RUN.size,
                                            f"unknown RAM run kind {kind}"))
@@ -309,7 +316,8 @@ def render(analysis: Analysis, console) -> None:
                       f"{format_bytes(ix['restore-reads'])} of the stream")
     ram = analysis.ram
     console.print(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
-                  f"({format_bytes(ram.page_bytes)}), {ram.zero_pages:,} zero pages, "
+                  f"({format_bytes(ram.page_bytes)}, {ram.compressed_pages:,} of them "
+                  f"compressed), {ram.zero_pages:,} zero pages, "
                   f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} checksum "
                   f"failures")
     for key, fields in analysis.state.items():

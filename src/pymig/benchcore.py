@@ -231,6 +231,66 @@ def packet_cases(size_bytes: int) -> list[Case]:
     return [encoding, decoding]
 
 
+def compression_cases(size_bytes: int) -> list[Case]:
+    """LZ4 inside the encoder: pages zero but for their first byte (a dirtier's) encoded and
+    decoded against np.copyto of the same bytes, and incompressible pages encoded with
+    compression against the same encode without it (what the backoff costs)."""
+    from pymig._coreshared import new_compress_state
+
+    k = _kernels()
+    npages = size_bytes // PAGE
+    sparse = guest_memory(size_bytes)
+    sparse[:] = 0
+    sparse[::PAGE] = 1
+    noise = guest_memory(size_bytes)
+    noise.view(np.uint64)[:] = np.random.default_rng(1).integers(
+        0, 2**63, size_bytes // 8, dtype=np.uint64)
+    dst = guest_memory(size_bytes)
+    dst[:] = 0
+    dirty = k.new_bitmap(npages)
+    out = np.empty(PACKET_BYTES, dtype=np.uint8)
+
+    def reset():
+        dirty[:] = 2**64 - 1
+
+    def encode(src, compress) -> list:
+        cursor, packets = 0, []
+        state = new_compress_state() if compress else None
+        while (result := k.encode_packet(src, PAGE, 0, dirty, npages, cursor, out,
+                                         state)).nbytes:
+            cursor = result.cursor
+            packets.append(result.nbytes)
+        return packets
+
+    def encode_again(src, compress):
+        reset()
+        return encode(src, compress)
+
+    reset()
+    sizes = encode(sparse, True)
+    sparse_case = Case("encode_lz4_sparse_pages", "compression", lambda: encode(sparse, True),
+                       lambda: np.copyto(dst, sparse), size_bytes, Target("ratio", 0.5),
+                       reset=reset, info={"wire_bytes_per_GiB": sum(sizes) * GIB // size_bytes})
+    noise_case = Case("encode_lz4_random_pages", "compression", lambda: encode(noise, True),
+                      lambda: encode_again(noise, False), size_bytes, Target("ratio", 0.9),
+                      reset=reset)
+
+    packets, cursor, state = [], 0, new_compress_state()
+    reset()
+    while (result := k.encode_packet(sparse, PAGE, 0, dirty, npages, cursor, out,
+                                     state)).nbytes:
+        packets.append(bytes(out[:result.nbytes]))
+        cursor = result.cursor
+
+    def decode():
+        for packet in packets:
+            k.decode_packet(packet, dst, PAGE, 0, npages)
+
+    decode_case = Case("decode_lz4_sparse_pages", "compression", decode,
+                       lambda: np.copyto(dst, sparse), size_bytes, Target("ratio", 0.5))
+    return [sparse_case, noise_case, decode_case]
+
+
 def sizes(quick: bool) -> tuple[int, int]:
     """(guest memory bytes, bitmap pages) of a full or a quick run."""
     return (64 << 20, BITMAP_PAGES // 16) if quick else (GIB, BITMAP_PAGES)
@@ -242,6 +302,7 @@ def groups(quick: bool = False) -> Iterator[list[Case]]:
     yield zero_scan_cases(memory_bytes)
     yield bitmap_cases(bitmap_pages)
     yield packet_cases(memory_bytes)
+    yield compression_cases(memory_bytes)
 
 
 def rounds_for(case: Case, quick: bool) -> int:

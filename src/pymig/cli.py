@@ -164,6 +164,8 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, quie
 @click.argument("uri")
 @click.option("--max-bandwidth", type=SIZE, default=None, help="cap, bytes/s (e.g. 100M)")
 @click.option("--downtime-limit", type=int, default=None, help="ms (default 300)")
+@click.option("--compression", type=click.Choice(["lz4", "none"]), default=None,
+              help="lz4 (default): pages that shrink under LZ4 go compressed; none: as they are")
 @click.option("--auto-converge", is_flag=True, help="throttle a guest that will not converge")
 @click.option("--dirty-limit", type=click.IntRange(1, None), default=None, metavar="PAGES",
               help="instead, cap each vCPU that dirties faster than PAGES pages/s (KVM guests "
@@ -176,8 +178,8 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, quie
               help="file: snapshots: stop the guest once the snapshot is taken (by default "
                    "it carries on)")
 @click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
-def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, dirty_limit, trace,
-            keep_source, stop_guest, as_json) -> None:
+def migrate(control, uri, max_bandwidth, downtime_limit, compression, auto_converge, dirty_limit,
+            trace, keep_source, stop_guest, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar."""
     from pymig.errors import PymigError
     from pymig.monitor import ProgressView, follow, stats_table
@@ -191,6 +193,8 @@ def migrate(control, uri, max_bandwidth, downtime_limit, auto_converge, dirty_li
                 params["downtime-limit"] = downtime_limit
             if dirty_limit is not None:
                 params["vcpu-dirty-limit"] = dirty_limit
+            if compression is not None:
+                params["compression"] = compression
             if params:
                 client.command("migrate-set-parameters", **params)
             # Either flag chooses how to slow the guest, so it turns the other way off: an
@@ -285,9 +289,11 @@ def qmp_command(control, command, arguments) -> None:
               show_default=True)
 @click.option("--downtime-limit", type=int, default=300, show_default=True, help="ms")
 @click.option("--max-bandwidth", type=SIZE, default="0", help="bytes/s (0: uncapped)")
+@click.option("--compression", type=click.Choice(["lz4", "none"]), default="lz4",
+              show_default=True, help="RAM pages that shrink under LZ4 go compressed")
 @click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
 def demo(simulated, memory, working_set, rate, vcpus, transport, downtime_limit, max_bandwidth,
-         as_json) -> None:
+         compression, as_json) -> None:
     """Migrate a running self-checking guest between two processes, and prove it carries on."""
     from pymig.demo import DemoOptions, run_demo
     from pymig.errors import PymigError
@@ -295,7 +301,8 @@ def demo(simulated, memory, working_set, rate, vcpus, transport, downtime_limit,
 
     options = DemoOptions(simulated=simulated or None, memory=memory, working_set=working_set,
                           rate=rate, vcpus=vcpus, transport=transport,
-                          downtime_limit_ms=downtime_limit, max_bandwidth=max_bandwidth)
+                          downtime_limit_ms=downtime_limit, max_bandwidth=max_bandwidth,
+                          compression=compression)
     console = Console(stderr=True)
     try:
         if as_json:

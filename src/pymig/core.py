@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from pymig._coreshared import (PACKET_HEADER_BYTES, PAGE_SIZE, RUN_COMPRESSED, RUN_DELTA,
                                RUN_HEADER_BYTES, RUN_NORMAL, RUN_ZERO, DecodeResult,
-                               EncodeResult, PacketInfo, bitmap_words)
+                               EncodeResult, PacketInfo, bitmap_words, new_compress_state)
 
 API = (
     "cpu_info", "new_bitmap", "bitmap_count", "bitmap_indices", "bitmap_runs", "bitmap_merge",
@@ -75,5 +75,5 @@ packet_runs = _api.packet_runs
 __all__ = [
     "backend", "PAGE_SIZE", "PACKET_HEADER_BYTES", "RUN_HEADER_BYTES", "RUN_NORMAL",
     "RUN_ZERO", "RUN_COMPRESSED", "RUN_DELTA", "EncodeResult", "DecodeResult", "PacketInfo",
-    "bitmap_words", "load_backend", *API,
+    "bitmap_words", "new_compress_state", "load_backend", *API,
 ]

@@ -41,6 +41,7 @@ class DemoOptions:
     transport: str = "tcp"
     downtime_limit_ms: int = 300
     max_bandwidth: int = 0
+    compression: str = "lz4"
     warmup_s: float = 1.0
     timeout_s: float = 120.0
 
@@ -85,7 +86,8 @@ def run_demo(options: DemoOptions, *, on_update: Callable[[dict], None] | None =
                 before = sq.command("query-guest")["progress"]
                 sq.command("migrate-set-parameters", **{
                     "downtime-limit": options.downtime_limit_ms,
-                    "max-bandwidth": options.max_bandwidth})
+                    "max-bandwidth": options.max_bandwidth,
+                    "compression": options.compression})
                 sq.command("migrate", uri=uri)
                 from pymig.monitor import follow
 

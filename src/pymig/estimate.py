@@ -4,10 +4,20 @@ switchover will cost.
 The policy's expected downtime (:attr:`pymig.policy.Metrics.expected_downtime_s`) is::
 
     fixed switchover cost + (pages never sent + bytes still in flight) / bandwidth
-                          + pages sent before (re-sends) / (bandwidth * StopSpeedup factor)
+                          + pages sent before (re-sends) / stop-and-copy bandwidth
+
+    stop-and-copy bandwidth = max(bandwidth * StopSpeedup factor, source rate)
+
+All of it counts page bytes (pages x page size), as the pending bytes do, whatever the pages
+take on the wire.
 
 * :class:`Bandwidth` is the rate the destination takes data in: delivered bytes (sent, less
   what is still in flight), the lower of the last iteration's rate and the last half second's.
+  The same class, fed with the source's own sending time instead of the clock, gives the
+  source rate: how fast the source encodes and sends pages.  Re-sent pages cost the
+  destination no first touch of fresh memory, so where the live phase waited on that (a
+  destination on a VM host faulting in 100 MB at 0.5 GB/s), the stop-and-copy of re-sends
+  still goes as fast as the source can send them.
 * :class:`SwitchoverCost` is what a switchover costs with nothing left to send: stopping the
   vCPUs, the last dirty-log sync, saving, sending, decoding and loading the vCPU and device
   state, and the LOADED / COMMIT / ACK exchange before the destination's vCPUs run.

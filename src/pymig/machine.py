@@ -284,8 +284,8 @@ class Machine:
 
     def load_counters(self) -> dict:
         c = self.ram_loader.counters
-        return {"normal": c.normal_pages, "duplicate": c.zero_pages, "packets": c.packets,
-                "bytes": c.bytes}
+        return {"normal": c.normal_pages, "duplicate": c.zero_pages,
+                "compressed": c.compressed_pages, "packets": c.packets, "bytes": c.bytes}
 
     def release_load_buffers(self) -> None:
         """Free what loading the stream kept for after the switchover."""

@@ -223,8 +223,9 @@ class Migration:
         paused_by_us = False
         saver = machine.ram_saver
         saver.cancelled = self._cancel.is_set
-        saver.on_packet = lambda nbytes, normal, zero: stats.add_sent(
-            nbytes=nbytes, normal_pages=normal, zero_pages=zero)
+        saver.on_packet = lambda r: stats.add_sent(
+            nbytes=r.nbytes, normal_pages=r.normal_pages, zero_pages=r.zero_pages,
+            compressed_pages=r.compressed_pages)
         ret = None
         throttle = 0
         dirty_limits: tuple[int, ...] | None = None
@@ -238,6 +239,7 @@ class Migration:
             if self._cancel.is_set():
                 raise Cancelled("migration cancelled")
             channel.set_max_bandwidth(params.max_bandwidth)
+            saver.compress = params.compression == "lz4"
             writer = stream.StreamWriter(channel)
             if channel.has_return_path:
                 ret = ReturnPath(channel)
@@ -250,8 +252,27 @@ class Migration:
                 raise Cancelled("migration cancelled")
             stats.setup_done()
 
+            # The policy weighs pending() against the bandwidth, so both count page bytes
+            # (pages x page size): what moves them is the pipeline, whatever their wire size
+            # (a zero page is a few bytes there, a compressed one a few dozen).  What is in
+            # flight is known in wire bytes; it stands for page bytes at the ratio so far.
+            def page_bytes_per_wire_byte() -> float:
+                wire = channel.bytes_sent
+                return saver.page_bytes_sent / wire if wire and saver.page_bytes_sent else 1.0
+
+            def in_flight_page_bytes() -> int:
+                return round(in_flight_bytes(channel) * page_bytes_per_wire_byte())
+
+            def delivered_page_bytes() -> int:
+                return max(saver.page_bytes_sent - in_flight_page_bytes(), 0)
+
             bandwidth = Bandwidth()
-            bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
+            bandwidth.observe(time.monotonic(), delivered_page_bytes())
+            # How fast this side moves pages, over the time it spends sending: re-sent pages
+            # cost the destination no first touch, so the stop-and-copy can go at this rate
+            # even where the live phase waited on the destination (see estimate.py).
+            source_rate = Bandwidth()
+            source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
             speedup = StopSpeedup()
 
             def observe_cpu() -> None:
@@ -272,7 +293,7 @@ class Migration:
             while True:
                 self._check(ret)
                 params = self.params.snapshot()
-                bandwidth.cap(params.max_bandwidth)
+                bandwidth.cap(round(params.max_bandwidth * page_bytes_per_wire_byte()))
                 found = saver.sync()
                 now = time.monotonic()
                 period = max(now - last_sync, 1e-6)
@@ -296,8 +317,8 @@ class Migration:
                     pending_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s,
                     resend_bytes=saver.resend_pending(),
-                    stopped_bandwidth_bps=bandwidth.capped(
-                        bandwidth.bytes_per_s * speedup.factor),
+                    stopped_bandwidth_bps=bandwidth.capped(max(
+                        bandwidth.bytes_per_s * speedup.factor, source_rate.bytes_per_s)),
                     dirty_rate_bps=dirtied * stats.page_size / period,
                     bytes_sent_total=channel.bytes_sent,
                     bytes_sent_period=sent_period,
@@ -307,7 +328,7 @@ class Migration:
                     switchover_s=switchover_s,
                     # With a return path the guest stops only once the destination has loaded
                     # everything sent (below): nothing is in flight inside the downtime then.
-                    in_flight_bytes=in_flight_bytes(channel) if ret is None else 0,
+                    in_flight_bytes=in_flight_page_bytes() if ret is None else 0,
                     own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
                                                        throttle, period),
                     vcpu_dirty_rates=vcpu_rates,
@@ -338,18 +359,23 @@ class Migration:
                         # on what is pending, with nothing sent in between.
                         ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S,
                                            check=self._check)
+                        # Everything sent is loaded now: a point the socket's queues cannot
+                        # blur (a destination's receive queue, invisible from here, holds GBs
+                        # of guest RAM when it is compressed).
+                        bandwidth.observe(time.monotonic(), saver.page_bytes_sent)
                         redeciding = True
                         continue
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
                 if decision.action == policy_mod.Action.CANCEL:
                     raise Cancelled(f"migration cancelled: {decision.reason}")
-                t0, b0 = time.monotonic(), channel.bytes_sent
+                t0, b0 = time.monotonic(), saver.page_bytes_sent
                 saver.slice_deadline = t0 + iteration_slice_s(params)
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
-                sent_period = channel.bytes_sent - b0
-                bandwidth.observe(time.monotonic(), channel.bytes_sent - in_flight_bytes(channel))
+                sent_period = saver.page_bytes_sent - b0
+                bandwidth.observe(time.monotonic(), delivered_page_bytes())
+                source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
                 observe_cpu()
 
             if params.capabilities.get("pause-before-switchover"):

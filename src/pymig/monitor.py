@@ -86,6 +86,7 @@ _ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("ram.transferred", "transferred", format_bytes),
     ("ram.total", "guest RAM", format_bytes),
     ("ram.normal", "normal pages", lambda v: f"{v:,}"),
+    ("ram.compressed", "of them LZ4", lambda v: f"{v:,}"),
     ("ram.duplicate", "zero pages", lambda v: f"{v:,}"),
     ("ram.dirty-sync-count", "dirty-log syncs", str),
     ("ram.dirty-pages-rate", "dirty rate", lambda v: f"{v:,} pages/s"),

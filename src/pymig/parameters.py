@@ -57,6 +57,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("limit-action", "limit_action", str, "switchover",
               "what a reached limit does: switchover (accept a longer downtime) or cancel",
               choices=("switchover", "cancel")),
+    Parameter("compression", "compression", str, "lz4",
+              "lz4: RAM pages that shrink by an eighth under LZ4 go compressed (backing off "
+              "where memory does not compress); none: every page as it is",
+              choices=("lz4", "none")),
 )
 
 CAPABILITIES: dict[str, str] = {
@@ -84,6 +88,7 @@ class MigrationParameters:
     max_total_time_ms: int = 0
     max_bytes_ratio: float = 0.0
     limit_action: str = "switchover"
+    compression: str = "lz4"
     capabilities: dict[str, bool] = dataclasses.field(
         default_factory=lambda: {name: False for name in CAPABILITIES})
 

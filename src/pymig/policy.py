@@ -63,22 +63,24 @@ class Metrics:
     elapsed_s: float  # since the migration started
     ram_bytes: int  # guest RAM size
     page_size: int  # bytes
+    # Every byte figure but bytes_sent_total counts page bytes (pages x page size), whatever
+    # the pages take on the wire (a zero page a few bytes, a compressed one a few dozen).
     pending_bytes: int  # dirty bytes still to send
-    bandwidth_bps: float  # bytes/s the channel carries (estimate; 0 = unknown)
+    bandwidth_bps: float  # bytes/s the migration moves to the destination (0 = unknown)
     dirty_rate_bps: float  # bytes/s the guest dirtied
-    bytes_sent_total: int
-    bytes_sent_period: int
+    bytes_sent_total: int  # on the wire, since the start
+    bytes_sent_period: int  # page bytes sent since the last sync
     bytes_dirtied_period: int
     throttle_pct: int = 0  # the throttle in force now
     switchover_s: float = 0.0  # fixed cost of a switchover (pymig.estimate.SwitchoverCost)
     own_dirty_rate_bps: float = 0.0  # the guest's unthrottled rate, recent peak (DirtyRate)
-    in_flight_bytes: int = 0  # sent, not yet taken in by the destination
+    in_flight_bytes: int = 0  # sent, not yet taken in by the destination (as page bytes)
     vcpu_dirty_rates: tuple[float, ...] | None = None  # pages/s per vCPU, when known
     manual_switchover_requested: bool = False
     dirty_limited: bool = False  # per-vCPU dirty caps are in force
     # Of pending_bytes, those the destination holds an older copy of (re-sends), and the rate
-    # the stop-and-copy moves them at once the guest no longer competes for CPU
-    # (pymig.estimate.StopSpeedup; 0 = bandwidth_bps).  Pages sent for the first time may
+    # the stop-and-copy moves them at: with no first touch to wait on and the guest no longer
+    # competing for CPU (pymig.estimate: StopSpeedup, the source rate; 0 = bandwidth_bps).  Pages sent for the first time may
     # wait on the destination's first touch of fresh memory: they count at bandwidth_bps.
     resend_bytes: int = 0
     stopped_bandwidth_bps: float = 0.0

@@ -8,7 +8,8 @@ Source (:class:`RamSaver`)::
     sync      pull the dirty log and OR it into the migration bitmap (the migration thread
               calls this once per iteration, before asking the policy)
     iterate   take pages from the migration bitmap in packets (core.encode_packet: test-and-
-              clear, zero check, copy, checksum, all in C) and send each as a PART section;
+              clear, zero check, copy or LZ4, checksum, all in C) and send each as a PART
+              section;
               re-arm dirty tracking (KVM_CLEAR_DIRTY_LOG) for each 4 MiB chunk just before
               reading it, so a write after the clear is logged again and a write before it is
               in the copy.
@@ -52,8 +53,9 @@ CLEAR_CHUNK_PAGES = 1 << 10
 class RamCounters:
     """What the RAM entry has sent (source) or loaded (destination); read by the stats."""
 
-    normal_pages: int = 0
+    normal_pages: int = 0  # pages sent with their data, compressed or not
     zero_pages: int = 0
+    compressed_pages: int = 0  # of normal_pages, those in LZ4 blocks
     packets: int = 0
     bytes: int = 0  # packet bytes, headers included
 
@@ -201,14 +203,24 @@ class RamSaver:
         # it no first touch of fresh memory (see resend_pending())
         self._sent = [core.new_bitmap(b.npages) for b in self.blocks]
         self.sender = PacketWorker("pymig-ram-sender", buffer_bytes=packet_bytes)
+        # LZ4 for pages that shrink under it (the "compression" parameter); the state is the
+        # encoder's backoff over incompressible memory, kept from packet to packet
+        self.compress = True
+        self._compress_state = core.new_compress_state()
         self._logging = False
         self.cancelled: Callable[[], bool] = lambda: False
         # iterate() stops at the first chunk boundary after this time.monotonic() (inf: it
         # sends everything); the next call goes on from there, wrapping around at the end
         self.slice_deadline: float = math.inf
         self._resume: tuple[int, int] = (0, 0)  # (block index, first page) to go on from
-        # on_packet(nbytes, normal_pages, zero_pages) after each packet is on the wire
-        self.on_packet: Callable[[int, int, int], None] = lambda nbytes, normal, zero: None
+        # on_packet(EncodeResult) after each packet is on the wire
+        self.on_packet: Callable[[core.EncodeResult], None] = lambda result: None
+        # page bytes (pages x page size, zero pages too) whose packets are on the wire: the
+        # unit of pending(), so the policy's bandwidth is counted in it
+        self.page_bytes_sent = 0
+        # wall-clock seconds spent in iterate(): page_bytes_sent over it is how fast this side
+        # moves pages (encoding and sending), whatever the destination does with them
+        self.busy_seconds = 0.0
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, out) -> None:
@@ -216,6 +228,7 @@ class RamSaver:
         self.guest.start_dirty_log()
         self._logging = True
         self._resume = (0, 0)
+        self._compress_state[:] = 0
         for seen, sent in zip(self._seen, self._sent):
             seen[:] = 0
             sent[:] = 0
@@ -264,11 +277,16 @@ class RamSaver:
         :attr:`slice_deadline` passed first.
 
         Returns once every packet is on the wire (a failure to send raises here)."""
-        return self._send(out, self.slice_deadline, rearm=True)
+        start = time.monotonic()
+        try:
+            return self._send(out, self.slice_deadline, rearm=True)
+        finally:
+            self.busy_seconds += time.monotonic() - start
 
     def _send(self, out, deadline: float, *, rearm: bool) -> bool:
         """:meth:`iterate`'s work; ``rearm`` re-protects each chunk before reading it."""
         sender = self.sender
+        compress = self._compress_state if self.compress else None
         before = [bitmap.copy() for bitmap in self.bitmaps]
         try:
             chunks = self._chunks()
@@ -286,11 +304,11 @@ class RamSaver:
                         raise MigrationError("migration cancelled")
                     buf = sender.buffer()
                     result = core.encode_packet(block.array, block.page_size, block.block_id,
-                                                bitmap, end, cursor, buf)
+                                                bitmap, end, cursor, buf, compress)
                     if result.nbytes == 0:  # the chunk is sent
                         sender.give_back(buf)
                         break
-                    sender.submit(buf, self._send_job(out, buf, result))
+                    sender.submit(buf, self._send_job(out, buf, result, block.page_size))
                     cursor = result.cursor
                 if time.monotonic() >= deadline and number + 1 < len(chunks):
                     self._resume = chunks[number + 1]
@@ -323,10 +341,11 @@ class RamSaver:
         split = next((i for i, chunk in enumerate(order) if chunk >= self._resume), len(order))
         return order[split:] + order[:split]
 
-    def _send_job(self, out, buf: bytearray, result) -> Callable[[], None]:
+    def _send_job(self, out, buf: bytearray, result, page_size: int) -> Callable[[], None]:
         def job() -> None:
             out.part(memoryview(buf)[: result.nbytes], nocsum=True)
-            self.on_packet(result.nbytes, result.normal_pages, result.zero_pages)
+            self.page_bytes_sent += (result.normal_pages + result.zero_pages) * page_size
+            self.on_packet(result)
 
         return job
 
@@ -385,6 +404,7 @@ class RamLoader:
         c = self.counters
         c.normal_pages += result.normal_pages
         c.zero_pages += result.zero_pages
+        c.compressed_pages += result.compressed_pages
         c.packets += 1
         c.bytes += len(payload)
 

@@ -128,7 +128,7 @@ def _payload_views(payload) -> list[memoryview]:
     return [byte_view(payload)]
 
 
-#: Largest record :meth:`StreamWriter.hold` copies and keeps back.
+#: Largest record :meth:`StreamWriter.hold` copies and keeps back, and the most it keeps back.
 HOLD_RECORD_BYTES = 64 << 10
 
 
@@ -150,7 +150,8 @@ class StreamWriter:
         For the stop-and-copy: the last RAM records, the device state and EOF are a few
         kilobytes in a dozen records, and a write per record wakes the destination a dozen
         times, which on a host short of CPUs then takes turns with the source inside the
-        downtime.  Records over :data:`HOLD_RECORD_BYTES` go out at once, after those held.
+        downtime.  Records over :data:`HOLD_RECORD_BYTES` go out at once, after those held,
+        and so do the held records once they add up to that much.
         """
         if self._held is None:
             self._held = bytearray()
@@ -216,6 +217,12 @@ class StreamWriter:
         elif size <= HOLD_RECORD_BYTES:
             for part in parts:
                 held += part
+            if len(held) >= HOLD_RECORD_BYTES:
+                # Many small records (a compressed last pass: MBs of guest RAM in KBs of
+                # packets) go out as they gather, so the destination decodes while the
+                # source encodes rather than after it.
+                self.channel.send(held)
+                self._held = bytearray()
         else:
             if held:
                 self.channel.send(held)

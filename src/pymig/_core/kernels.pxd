@@ -57,16 +57,20 @@ cdef extern from "kernels.h" nogil:
         uint64_t checksum
 
     ctypedef struct pymig_encode_result:
-        uint64_t nbytes, cursor, normal_pages, zero_pages, runs
+        uint64_t nbytes, cursor, normal_pages, zero_pages, runs, compressed_pages
 
     ctypedef struct pymig_decode_result:
-        uint64_t normal_pages, zero_pages, runs
+        uint64_t normal_pages, zero_pages, runs, compressed_pages
+
+    ctypedef struct pymig_compress_state:
+        uint32_t skip_units, fails
 
     int pymig_packet_header_parse(const unsigned char *buf, size_t len_bytes,
                                   pymig_packet_header *hdr, pymig_packet_error *err)
     void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t block_id,
                              uint64_t *bm, uint64_t npages, uint64_t cursor,
-                             unsigned char *out, size_t out_bytes, const pymig_ops *ops,
+                             unsigned char *out, size_t out_bytes,
+                             pymig_compress_state *compress, const pymig_ops *ops,
                              pymig_encode_result *res)
     int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned char *mem,
                             uint32_t page_size, uint32_t block_id, uint64_t npages,

@@ -1,4 +1,4 @@
-# distutils: sources = src/pymig/_core/c/packet.c
+# distutils: sources = src/pymig/_core/c/packet.c src/pymig/_core/c/lz4_unit.c
 # cython: boundscheck=False, wraparound=False
 """RAM packets: encode dirty pages into one packet, inspect a header, decode into memory.
 
@@ -16,8 +16,8 @@ from cpython.pystate cimport PyThreadState
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from pymig._core.cpu cimport current_ops
-from pymig._core.kernels cimport (NOGIL_MIN_BYTES, pymig_decode_packet, pymig_decode_result,
-                                  pymig_encode_packet, pymig_encode_result, pymig_packet_runs,
+from pymig._core.kernels cimport (NOGIL_MIN_BYTES, pymig_compress_state, pymig_decode_packet,
+                                  pymig_decode_result, pymig_encode_packet, pymig_encode_result, pymig_packet_runs,
                                   pymig_packet_error, pymig_packet_header,
                                   pymig_packet_header_parse, pymig_ops, pymig_xxh3_64,
                                   reacquire_gil, release_gil_if)
@@ -32,13 +32,16 @@ cdef _raise(const pymig_packet_error *err):
                        err.args[3])
 
 
-def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeResult:
+def encode_packet(mem, page_size, block_id, bm, npages, cursor, out,
+                  compress=None) -> EncodeResult:
     """Move dirty pages from ``bm`` (at or after ``cursor``; each bit taken is cleared) into
-    one packet written at the start of ``out``, whose length is the packet capacity."""
-    mem, page_size, block_id, bm, npages, cursor, out = encode_args(
-        mem, page_size, block_id, bm, npages, cursor, out)
+    one packet written at the start of ``out``, whose length is the packet capacity; with a
+    ``compress`` state (:func:`pymig.core.new_compress_state`), runs that shrink under LZ4 go
+    out compressed (and ``out`` past the packet's end may hold what was planned before)."""
+    mem, page_size, block_id, bm, npages, cursor, out, compress = encode_args(
+        mem, page_size, block_id, bm, npages, cursor, out, compress)
     if npages == 0:
-        return EncodeResult(0, 0, 0, 0, 0)
+        return EncodeResult(0, 0, 0, 0, 0, 0)
     cdef const unsigned char[::1] src = mem
     cdef uint64_t[::1] dirty = bm
     cdef unsigned char[::1] dst = out
@@ -50,11 +53,17 @@ def encode_packet(mem, page_size, block_id, bm, npages, cursor, out) -> EncodeRe
     cdef size_t cap = dst.shape[0]
     cdef pymig_encode_result res
     cdef const pymig_ops *ops = current_ops()
+    cdef uint32_t[::1] state
+    cdef pymig_compress_state *state_ptr = NULL
+    if compress is not None:
+        state = compress
+        state_ptr = <pymig_compress_state *>&state[0]
     # the work is the pages examined (zero pages cost no packet space), not the capacity
     cdef PyThreadState *ts = release_gil_if((n - start) * ps >= NOGIL_MIN_BYTES)
-    pymig_encode_packet(src_ptr, ps, block, bits, n, start, dst_ptr, cap, ops, &res)
+    pymig_encode_packet(src_ptr, ps, block, bits, n, start, dst_ptr, cap, state_ptr, ops, &res)
     reacquire_gil(ts)
-    return EncodeResult(res.nbytes, res.cursor, res.normal_pages, res.zero_pages, res.runs)
+    return EncodeResult(res.nbytes, res.cursor, res.normal_pages, res.zero_pages, res.runs,
+                        res.compressed_pages)
 
 
 def packet_info(buf) -> PacketInfo:
@@ -95,7 +104,7 @@ def decode_packet(packet, mem, page_size, block_id, npages, present=None) -> Dec
     reacquire_gil(ts)
     if rc:
         _raise(&err)
-    return DecodeResult(res.normal_pages, res.zero_pages, res.runs)
+    return DecodeResult(res.normal_pages, res.zero_pages, res.runs, res.compressed_pages)
 
 
 def packet_runs(packet, page_size, block_id, npages):

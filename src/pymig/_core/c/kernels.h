@@ -114,10 +114,17 @@ void pymig_bitmap_set_range(uint64_t *bm, uint64_t start, uint64_t count);
 
 #define PYMIG_PACKET_HEADER_BYTES 32
 #define PYMIG_RUN_HEADER_BYTES 16
-#define PYMIG_PACKET_VERSION 1
+#define PYMIG_PACKET_VERSION 2
 #define PYMIG_RUN_NORMAL 1
 #define PYMIG_RUN_ZERO 2
+#define PYMIG_RUN_COMPRESSED 3
 #define PYMIG_MAX_PAGE_SIZE (1u << 30)
+/* A COMPRESSED run's record is followed by u32 data length, u32 reserved (0), then the data. */
+#define PYMIG_COMPRESSED_HEADER_BYTES 8
+/* The encoder compresses runs of at most this many bytes (LZ4's window is 64 KiB) */
+#define PYMIG_COMPRESS_UNIT_BYTES (64u * 1024u)
+/* and the decoder refuses a compressed run that would decode to more than this */
+#define PYMIG_MAX_COMPRESSED_RUN_BYTES (1u << 30)
 
 /* Why a packet was refused; pymig._coreshared.PacketFault has the same numbers and turns
  * them (with args) into the reason text, so both backends word it identically. */
@@ -139,7 +146,9 @@ enum pymig_packet_fault {
     PYMIG_FAULT_RUN_ORDER = 15,        /* args: run index, first page, end of previous run */
     PYMIG_FAULT_RUN_DATA = 16,         /* args: run index, data bytes, bytes left */
     PYMIG_FAULT_TRAILING = 17,         /* args: bytes left, record count */
-    PYMIG_FAULT_CHECKSUM = 18          /* args: stored checksum, computed checksum */
+    PYMIG_FAULT_CHECKSUM = 18,         /* args: stored checksum, computed checksum */
+    PYMIG_FAULT_RUN_COMPRESSED_SIZE = 19, /* args: run index, bytes it decodes to, LZ4 bytes */
+    PYMIG_FAULT_RUN_DECOMPRESS = 20    /* args: run index, bytes it should decode to */
 };
 
 typedef struct pymig_packet_error {
@@ -159,13 +168,23 @@ typedef struct pymig_packet_header {
     uint64_t checksum;
 } pymig_packet_header;
 
+/* normal_pages counts every page sent with its data; compressed_pages is the part of them
+ * sent in COMPRESSED runs. */
 typedef struct pymig_encode_result {
-    uint64_t nbytes, cursor, normal_pages, zero_pages, runs;
+    uint64_t nbytes, cursor, normal_pages, zero_pages, runs, compressed_pages;
 } pymig_encode_result;
 
 typedef struct pymig_decode_result {
-    uint64_t normal_pages, zero_pages, runs;
+    uint64_t normal_pages, zero_pages, runs, compressed_pages;
 } pymig_decode_result;
+
+/* The encoder's memory of how well compression went, kept by the caller across packets: after
+ * a unit that did not shrink by an eighth, the next 1, 2, 4 ... 64 units (one more doubling per
+ * failure in a row) are copied without trying, so incompressible memory costs about one try
+ * in 65 units; one unit that compresses resets both. */
+typedef struct pymig_compress_state {
+    uint32_t skip_units, fails;
+} pymig_compress_state;
 
 /* Parses and checks the 32-byte header only (magic, version, flags, page size, record count
  * against payload length).  0, or -EBADMSG with *err filled. */
@@ -176,10 +195,13 @@ int pymig_packet_header_parse(const unsigned char *buf, size_t len_bytes,
  * packet into out.  mem holds npages pages; out_bytes >= 32 + 16 + page_size. */
 void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t block_id,
                          uint64_t *bm, uint64_t npages, uint64_t cursor, unsigned char *out,
-                         size_t out_bytes, const pymig_ops *ops, pymig_encode_result *res);
+                         size_t out_bytes, pymig_compress_state *compress,
+                         const pymig_ops *ops, pymig_encode_result *res);
 
 /* Checks the whole packet, then applies it to mem (npages pages).  present may be NULL.
- * 0, or -EBADMSG with *err filled and nothing outside the packet's declared pages written. */
+ * 0, or -EBADMSG with *err filled.  Every fault but RUN_DECOMPRESS is found before any write;
+ * that one (LZ4 data that does not decode to its run, in a packet whose checksum holds) is
+ * found while writing, and leaves that run's pages undefined: never a byte outside them. */
 int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned char *mem,
                         uint32_t page_size, uint32_t block_id, uint64_t npages,
                         uint64_t *present, const pymig_ops *ops, pymig_decode_result *res,

@@ -2,26 +2,32 @@
  * RAM packets: encode dirty pages into one packet, check and apply a received one.
  * The byte layout is documented in docs/stream-format.md ("RAM packets").
  *
- *   header (32 bytes)                 run record (16 bytes), then page data for NORMAL runs
+ *   header (32 bytes)                 run record (16 bytes), then its data
  *   0  u32 magic "PMGP"               0  u64 first_page
- *   4  u16 version (1)                8  u32 page_count (>= 1)
- *   6  u16 flags (0)                  12 u8  kind (1 NORMAL, 2 ZERO)
+ *   4  u16 version (2)                8  u32 page_count (>= 1)
+ *   6  u16 flags (0)                  12 u8  kind (1 NORMAL, 2 ZERO, 3 COMPRESSED)
  *   8  u32 block_id                   13 u8  reserved (0)
  *   12 u32 page_size                  14 u16 reserved (0)
  *   16 u32 record_count
- *   20 u32 payload_len
- *   24 u64 checksum = xxh3-64(header[0:24] + payload)
+ *   20 u32 payload_len                NORMAL: the pages; ZERO: nothing; COMPRESSED: u32 length,
+ *   24 u64 checksum = xxh3-64(payload + header[0:24])   u32 reserved (0), an LZ4 block
  *
  * Encoding plans the packet first (which pages, which runs; the zero check of a page with data
- * reads about one cache line), because the checksum starts with header fields only known at
- * the end.  Then it copies each NORMAL run in chunks and hashes every chunk from the packet
- * right after copying it, while it is still in L1/L2: one pass over guest memory, and the hash
- * covers exactly the bytes sent even if the guest writes the page meanwhile.
+ * reads about one cache line).  Then it walks the planned records: it copies each NORMAL run in
+ * chunks and hashes every chunk from the packet right after copying it, while it is still in
+ * L1/L2: one pass over guest memory, and the hash covers exactly the bytes sent even if the
+ * guest writes the page meanwhile.  With compression, a NORMAL run is at most one 32 KiB unit
+ * and is first offered to LZ4; one that shrinks goes out as a COMPRESSED run, so the packet
+ * shrinks behind the walk (each record is written at or before where it was planned).  The
+ * header's record count and length are final only then, which is why the checksum takes the
+ * header last.
  *
  * Decoding checks the header, walks every run record (bounds, kind, order, sizes) and verifies
- * the checksum before it writes a single byte of guest memory.
+ * the checksum before it writes a single byte of guest memory.  LZ4 data is untrusted too: it
+ * decodes with LZ4_decompress_safe into exactly its run's pages.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -29,6 +35,7 @@
 
 #define XXH_INLINE_ALL
 #include "xxhash/xxhash.h"
+#include "lz4_local.h"
 
 /* Copy and hash granularity: small enough to stay in L1/L2 between the copy and the hash. */
 #define CHUNK_BYTES (32u * 1024u)
@@ -127,10 +134,11 @@ int pymig_packet_header_parse(const unsigned char *buf, size_t len_bytes,
 
 /* ------------------------------------------------------------------------------ encode */
 
-/* Pass 1: choose the pages and write the run records in place; returns bytes used. */
+/* Pass 1: choose the pages and write the run records in place; returns bytes used.  A NORMAL
+ * run holds at most max_normal pages (compression works on units of that size). */
 static uint64_t plan(const unsigned char *mem, uint32_t ps, uint64_t *bm, uint64_t npages,
-                     uint64_t cursor, unsigned char *out, uint64_t cap, const pymig_ops *ops,
-                     pymig_encode_result *res)
+                     uint64_t cursor, unsigned char *out, uint64_t cap, uint64_t max_normal,
+                     const pymig_ops *ops, pymig_encode_result *res)
 {
     uint64_t used = PYMIG_PACKET_HEADER_BYTES;
     unsigned char *run = NULL; /* record of the open run */
@@ -140,7 +148,8 @@ static uint64_t plan(const unsigned char *mem, uint32_t ps, uint64_t *bm, uint64
     for (; page < npages; page = pymig_next_set(bm, npages, page + 1)) {
         int kind = ops->is_zero(mem + page * ps, ps) ? PYMIG_RUN_ZERO : PYMIG_RUN_NORMAL;
         uint64_t data = kind == PYMIG_RUN_NORMAL ? ps : 0;
-        int extend = kind == run_kind && page == run_end && run_count < UINT32_MAX;
+        uint64_t limit = kind == PYMIG_RUN_NORMAL ? max_normal : UINT32_MAX;
+        int extend = kind == run_kind && page == run_end && run_count < limit;
         uint64_t need = data + (extend ? 0 : PYMIG_RUN_HEADER_BYTES);
         if (need > cap - used)
             break;
@@ -172,17 +181,116 @@ static uint64_t plan(const unsigned char *mem, uint32_t ps, uint64_t *bm, uint64
     return used;
 }
 
+/* What compressing needs besides the caller's state: LZ4's tables and room for its output. */
+typedef struct compressor {
+    pymig_compress_state *state;
+    LZ4_stream_t lz4;
+    char dst[LZ4_COMPRESSBOUND(PYMIG_COMPRESS_UNIT_BYTES)];
+} compressor;
+
+/* The compressed size of a unit, or 0 when it is not worth sending compressed (it did not
+ * shrink by an eighth, or the backoff says not to try). */
+static int try_compress(compressor *c, const unsigned char *src, uint64_t total)
+{
+    pymig_compress_state *st = c->state;
+    if (st->skip_units) {
+        st->skip_units--;
+        return 0;
+    }
+    /* a fresh stream per unit, as python-lz4's lz4.block.compress (the reference) does it,
+     * so that both backends produce the same bytes */
+    LZ4_initStream(&c->lz4, sizeof(c->lz4));
+    int n = LZ4_compress_fast_continue(&c->lz4, (const char *)src, c->dst, (int)total,
+                                       (int)sizeof(c->dst), 1);
+    if (n > 0 && (uint64_t)n + PYMIG_COMPRESSED_HEADER_BYTES <= total - total / 8) {
+        st->fails = 0;
+        return n;
+    }
+    if (st->fails < 7)
+        st->fails++;
+    st->skip_units = UINT32_C(1) << (st->fails - 1);
+    return 0;
+}
+
+/* Pass 2: walk the planned records, write each one's data (or its compressed form) and hash
+ * the payload as it is written.  Returns the payload's end: with compression it is at or
+ * before the plan's, because every record goes at or before where it was planned. */
+static uint64_t fill(const unsigned char *mem, uint32_t ps, uint64_t npages, unsigned char *out,
+                     uint64_t used, compressor *c, XXH3_state_t *state, const pymig_ops *ops,
+                     pymig_encode_result *res)
+{
+    uint64_t roff = PYMIG_PACKET_HEADER_BYTES, woff = roff;
+    for (uint64_t r = 0; r < res->runs && used - roff >= PYMIG_RUN_HEADER_BYTES; r++) {
+        unsigned char rec[PYMIG_RUN_HEADER_BYTES];
+        memcpy(rec, out + roff, sizeof(rec));
+        roff += PYMIG_RUN_HEADER_BYTES;
+        unsigned char *w = out + woff;
+        memcpy(w, rec, sizeof(rec));
+        if (rec[R_KIND] != PYMIG_RUN_NORMAL) {
+            ops->xxh3_update(state, w, PYMIG_RUN_HEADER_BYTES);
+            woff += PYMIG_RUN_HEADER_BYTES;
+            continue;
+        }
+        uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
+        uint64_t total = count * ps;
+        /* out is caller memory: if another thread scribbled on a record meanwhile, stop
+         * rather than read outside mem (the checksum then no longer matches) */
+        if (first >= npages || count > npages - first || total > used - roff)
+            break;
+        roff += total;
+        const unsigned char *src = mem + first * ps;
+        int n = c && total <= PYMIG_COMPRESS_UNIT_BYTES ? try_compress(c, src, total) : 0;
+        if (n > 0) {
+            w[R_KIND] = PYMIG_RUN_COMPRESSED;
+            wr32(w + PYMIG_RUN_HEADER_BYTES, (uint32_t)n);
+            wr32(w + PYMIG_RUN_HEADER_BYTES + 4, 0);
+            memcpy(w + PYMIG_RUN_HEADER_BYTES + PYMIG_COMPRESSED_HEADER_BYTES, c->dst, (size_t)n);
+            uint64_t len = PYMIG_RUN_HEADER_BYTES + PYMIG_COMPRESSED_HEADER_BYTES + (uint64_t)n;
+            ops->xxh3_update(state, w, len);
+            woff += len;
+            res->compressed_pages += count;
+            continue;
+        }
+        ops->xxh3_update(state, w, PYMIG_RUN_HEADER_BYTES);
+        woff += PYMIG_RUN_HEADER_BYTES;
+        for (uint64_t done = 0; done < total; done += CHUNK_BYTES) {
+            size_t len = total - done < CHUNK_BYTES ? (size_t)(total - done) : CHUNK_BYTES;
+            memcpy(out + woff + done, src + done, len);
+            ops->xxh3_update(state, out + woff + done, len);
+        }
+        woff += total;
+    }
+    return woff;
+}
+
 void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t block_id,
                          uint64_t *bm, uint64_t npages, uint64_t cursor, unsigned char *out,
-                         size_t out_bytes, const pymig_ops *ops, pymig_encode_result *res)
+                         size_t out_bytes, pymig_compress_state *compress,
+                         const pymig_ops *ops, pymig_encode_result *res)
 {
     uint64_t cap = (uint64_t)PYMIG_PACKET_HEADER_BYTES + UINT32_MAX;
     if ((uint64_t)out_bytes < cap)
         cap = out_bytes;
     memset(res, 0, sizeof(*res));
-    uint64_t used = plan(mem, page_size, bm, npages, cursor, out, cap, ops, res);
-    if (res->runs == 0)
+    /* pages larger than a unit are never compressed */
+    uint64_t unit = page_size <= PYMIG_COMPRESS_UNIT_BYTES ? PYMIG_COMPRESS_UNIT_BYTES / page_size
+                                                           : 0;
+    compressor *c = NULL;
+    if (compress && unit) {
+        c = malloc(sizeof(*c)); /* NULL: this packet goes uncompressed */
+        if (c)
+            c->state = compress;
+    }
+    uint64_t used = plan(mem, page_size, bm, npages, cursor, out, cap, c ? unit : UINT32_MAX,
+                         ops, res);
+    if (res->runs == 0) {
+        free(c);
         return; /* nothing dirty at or after cursor: nbytes 0, out untouched */
+    }
+    XXH3_state_t state;
+    XXH3_64bits_reset(&state);
+    used = fill(mem, page_size, npages, out, used, c, &state, ops, res);
+    free(c);
     res->nbytes = used;
 
     wr32(out + H_MAGIC, PACKET_MAGIC);
@@ -192,36 +300,16 @@ void pymig_encode_packet(const unsigned char *mem, uint32_t page_size, uint32_t 
     wr32(out + H_PAGE_SIZE, page_size);
     wr32(out + H_RECORDS, (uint32_t)res->runs);
     wr32(out + H_PAYLOAD_LEN, (uint32_t)(used - PYMIG_PACKET_HEADER_BYTES));
-
-    XXH3_state_t state;
-    XXH3_64bits_reset(&state);
     ops->xxh3_update(&state, out, H_CHECKSUM);
-    uint64_t off = PYMIG_PACKET_HEADER_BYTES;
-    /* Pass 2: walk the records just written, copy and hash. */
-    for (uint64_t r = 0; r < res->runs && used - off >= PYMIG_RUN_HEADER_BYTES; r++) {
-        unsigned char *rec = out + off;
-        ops->xxh3_update(&state, rec, PYMIG_RUN_HEADER_BYTES);
-        off += PYMIG_RUN_HEADER_BYTES;
-        if (rec[R_KIND] != PYMIG_RUN_NORMAL)
-            continue;
-        uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
-        uint64_t total = count * page_size;
-        /* out is caller memory: if another thread scribbled on a record meanwhile, stop
-         * rather than read outside mem (the checksum then no longer matches) */
-        if (first >= npages || count > npages - first || total > used - off)
-            break;
-        const unsigned char *src = mem + first * page_size;
-        for (uint64_t done = 0; done < total; done += CHUNK_BYTES) {
-            size_t n = total - done < CHUNK_BYTES ? (size_t)(total - done) : CHUNK_BYTES;
-            memcpy(out + off + done, src + done, n);
-            ops->xxh3_update(&state, out + off + done, n);
-        }
-        off += total;
-    }
     wr64(out + H_CHECKSUM, XXH3_64bits_digest(&state));
 }
 
 /* ------------------------------------------------------------------------------ decode */
+
+static inline uint64_t compress_bound(uint64_t total)
+{
+    return total + total / 255 + 16; /* LZ4_COMPRESSBOUND, without its int range */
+}
 
 /* Every check that needs no guest memory: header against the caller's expectations, then
  * every run record.  With ``runs_out``, each run's (first page, page count) goes there: a
@@ -251,7 +339,7 @@ static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_si
         unsigned kind = rec[R_KIND];
         if (count == 0)
             return fault(err, off + R_COUNT, PYMIG_FAULT_RUN_EMPTY, r, 0, 0, 0);
-        if (kind != PYMIG_RUN_NORMAL && kind != PYMIG_RUN_ZERO)
+        if (kind != PYMIG_RUN_NORMAL && kind != PYMIG_RUN_ZERO && kind != PYMIG_RUN_COMPRESSED)
             return fault(err, off + R_KIND, PYMIG_FAULT_RUN_KIND, r, kind, 0, 0);
         if (rec[R_RESERVED8] != 0)
             return fault(err, off + R_RESERVED8, PYMIG_FAULT_RUN_RESERVED, r, 0, 0, 0);
@@ -261,20 +349,39 @@ static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_si
             return fault(err, off, PYMIG_FAULT_RUN_RANGE, r, first, count, npages);
         if (first < prev_end)
             return fault(err, off, PYMIG_FAULT_RUN_ORDER, r, first, prev_end, 0);
-        uint64_t data = kind == PYMIG_RUN_NORMAL ? (uint64_t)count * page_size : 0;
-        if (data > left - PYMIG_RUN_HEADER_BYTES)
-            return fault(err, off + 16, PYMIG_FAULT_RUN_DATA, r, data,
-                         left - PYMIG_RUN_HEADER_BYTES, 0);
+        uint64_t room = left - PYMIG_RUN_HEADER_BYTES, data = 0;
+        if (kind == PYMIG_RUN_NORMAL) {
+            data = (uint64_t)count * page_size;
+        } else if (kind == PYMIG_RUN_COMPRESSED) {
+            data = PYMIG_COMPRESSED_HEADER_BYTES;
+            if (data <= room) {
+                const unsigned char *len = rec + PYMIG_RUN_HEADER_BYTES;
+                if (rd32(len + 4) != 0)
+                    return fault(err, off + PYMIG_RUN_HEADER_BYTES + 4, PYMIG_FAULT_RUN_RESERVED,
+                                 r, 0, 0, 0);
+                /* an LZ4 block never needs more than LZ4_COMPRESSBOUND of what it decodes to */
+                uint64_t total = (uint64_t)count * page_size, clen = rd32(len);
+                if (total > PYMIG_MAX_COMPRESSED_RUN_BYTES || clen > compress_bound(total))
+                    return fault(err, off + R_COUNT, PYMIG_FAULT_RUN_COMPRESSED_SIZE, r, total,
+                                 clen, 0);
+                data += clen;
+            }
+        }
+        if (data > room)
+            return fault(err, off + 16, PYMIG_FAULT_RUN_DATA, r, data, room, 0);
         if (runs_out) {
             runs_out[2 * res->runs] = (int64_t)first;
             runs_out[2 * res->runs + 1] = (int64_t)count;
         }
         off += PYMIG_RUN_HEADER_BYTES + data;
         prev_end = first + count;
-        if (kind == PYMIG_RUN_NORMAL)
-            res->normal_pages += count;
-        else
+        if (kind == PYMIG_RUN_ZERO) {
             res->zero_pages += count;
+        } else {
+            res->normal_pages += count;
+            if (kind == PYMIG_RUN_COMPRESSED)
+                res->compressed_pages += count;
+        }
         res->runs++;
     }
     if (off != end)
@@ -311,8 +418,8 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
 
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
-    ops->xxh3_update(&state, pkt, H_CHECKSUM);
     ops->xxh3_update(&state, pkt + PYMIG_PACKET_HEADER_BYTES, h.payload_len);
+    ops->xxh3_update(&state, pkt, H_CHECKSUM);
     uint64_t sum = XXH3_64bits_digest(&state);
     if (sum != h.checksum)
         return fault(err, H_CHECKSUM, PYMIG_FAULT_CHECKSUM, h.checksum, sum, 0, 0);
@@ -326,20 +433,36 @@ int pymig_decode_packet(const unsigned char *pkt, size_t pkt_bytes, unsigned cha
             return fault(err, off, PYMIG_FAULT_RUN_TRUNCATED, r, end - off, 0, 0);
         const unsigned char *rec = pkt + off;
         uint64_t first = rd64(rec + R_FIRST), count = rd32(rec + R_COUNT);
-        int normal = rec[R_KIND] == PYMIG_RUN_NORMAL;
-        uint64_t total = normal ? count * page_size : 0;
+        unsigned kind = rec[R_KIND];
+        uint64_t total = count * page_size, data = 0;
+        if (kind == PYMIG_RUN_NORMAL)
+            data = total;
+        else if (kind == PYMIG_RUN_COMPRESSED && end - off >= PYMIG_RUN_HEADER_BYTES + 8)
+            data = PYMIG_COMPRESSED_HEADER_BYTES + (uint64_t)rd32(rec + PYMIG_RUN_HEADER_BYTES);
         off += PYMIG_RUN_HEADER_BYTES;
-        if (first >= npages || count > npages - first || total > end - off)
+        if (first >= npages || count > npages - first || data > end - off ||
+            (kind == PYMIG_RUN_COMPRESSED &&
+             (data < PYMIG_COMPRESSED_HEADER_BYTES || total > PYMIG_MAX_COMPRESSED_RUN_BYTES ||
+              data - PYMIG_COMPRESSED_HEADER_BYTES > compress_bound(total))))
             return fault(err, off - PYMIG_RUN_HEADER_BYTES, PYMIG_FAULT_RUN_RANGE, r, first,
                          count, npages);
-        if (normal) {
-            ops->copy_to_guest(mem + first * page_size, pkt + off, total);
-            if (present)
-                pymig_set_range(present, first, count);
-            off += total;
+        unsigned char *dst = mem + first * page_size;
+        if (kind == PYMIG_RUN_NORMAL) {
+            ops->copy_to_guest(dst, pkt + off, total);
+        } else if (kind == PYMIG_RUN_COMPRESSED) {
+            const char *src = (const char *)pkt + off + PYMIG_COMPRESSED_HEADER_BYTES;
+            int got = LZ4_decompress_safe(src, (char *)dst,
+                                          (int)(data - PYMIG_COMPRESSED_HEADER_BYTES), (int)total);
+            if (got < 0 || (uint64_t)got != total)
+                return fault(err, off - PYMIG_RUN_HEADER_BYTES, PYMIG_FAULT_RUN_DECOMPRESS, r,
+                             total, 0, 0);
         } else {
             clear_zero_run(mem, page_size, first, count, present, ops);
+            continue;
         }
+        if (present)
+            pymig_set_range(present, first, count);
+        off += data;
     }
     return 0;
 }
