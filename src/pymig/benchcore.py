@@ -253,13 +253,14 @@ def compression_cases(size_bytes: int) -> list[Case]:
     def reset():
         dirty[:] = 2**64 - 1
 
-    def encode(src, compress) -> list:
+    def encode(src, compress, keep=False) -> list:
+        """Every packet of src (copies when ``keep``, else their sizes)."""
         cursor, packets = 0, []
         state = new_compress_state() if compress else None
         while (result := k.encode_packet(src, PAGE, 0, dirty, npages, cursor, out,
                                          state)).nbytes:
             cursor = result.cursor
-            packets.append(result.nbytes)
+            packets.append(bytes(out[:result.nbytes]) if keep else result.nbytes)
         return packets
 
     def encode_again(src, compress):
@@ -274,13 +275,8 @@ def compression_cases(size_bytes: int) -> list[Case]:
     noise_case = Case("encode_lz4_random_pages", "compression", lambda: encode(noise, True),
                       lambda: encode_again(noise, False), size_bytes, Target("ratio", 0.9),
                       reset=reset)
-
-    packets, cursor, state = [], 0, new_compress_state()
     reset()
-    while (result := k.encode_packet(sparse, PAGE, 0, dirty, npages, cursor, out,
-                                     state)).nbytes:
-        packets.append(bytes(out[:result.nbytes]))
-        cursor = result.cursor
+    packets = encode(sparse, True, keep=True)
 
     def decode():
         for packet in packets:
