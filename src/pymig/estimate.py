@@ -123,8 +123,8 @@ class SwitchoverCost:
 
     Measured on the development host (2 vCPUs, kvm_pvm; source and destination processes on
     loopback, idle 1 GiB guests, nothing left to send): 3-5 ms with one vCPU (medians of ten
-    runs 3.5-4 ms; to 0.01 ms since the downtime-breakdown: 3.1-3.5 ms, medians of five
-    2.4-3.4 ms), about 1 ms of it per vCPU (saving its state 0.3-0.5 ms, encoding it
+    runs 3.5-4 ms; to 0.01 ms since the downtime-breakdown, single runs 2-5 ms, medians of
+    five 2.2-3.4 ms from set to set), about 1 ms of it per vCPU (saving its state 0.3-0.5 ms, encoding it
     0.2-0.8 ms, decoding it 0.3-1.1 ms, restoring it 0.1-0.4 ms; the slow end is the first
     time in a process, which both sides rehearse ahead of the switchover).  The rest is the
     pause (0.1-0.5 ms), the last sync (0.5 ms), the devices, and the LOADED / COMMIT / ACK
@@ -132,7 +132,7 @@ class SwitchoverCost:
     (the last sync and its bitmaps on the source, about as much on the destination).
     """
 
-    base_s: float = 0.0025
+    base_s: float = 0.002
     per_vcpu_s: float = 0.001
     per_gib_s: float = 0.0001
 

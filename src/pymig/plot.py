@@ -1,10 +1,12 @@
 """A picture of a migration trace: did it converge, and what did the throttle do.
 
-Three panels over the iteration number: the guest's dirty rate against the channel's
-bandwidth (MB/s; the migration converges only where bandwidth stays above), the pending bytes
-with the expected downtime, and the vCPU throttle.  matplotlib is an optional dependency (the
-``pymig[plot]`` extra) and is imported only here, only when plotting; the figure is drawn on an
-Agg canvas of its own, so nothing global in matplotlib (pyplot's state, the backend) changes.
+Three panels over the iteration number: the guest's dirty rate against the migration's
+bandwidth (MB/s of guest pages, as the policy counts them: with zero pages and compression far
+above the wire's rate; the migration converges only where bandwidth stays above), the pending
+bytes with the expected downtime, and the vCPU throttle.  matplotlib is an optional dependency
+(the ``pymig[plot]`` extra) and is imported only here, only when plotting; the figure is drawn
+on an Agg canvas of its own, so nothing global in matplotlib (pyplot's state, the backend)
+changes.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[st
     if any("stopped_bandwidth" in r for r in records):  # traces from before it lack it
         rates.plot(iterations, [r.get("stopped_bandwidth", r["bandwidth"]) / mb for r in records],
                    linestyle=":", color="tab:green", label="expected once stopped")
-    rates.set_ylabel("MB/s")
-    rates.set_title("guest dirty rate vs channel bandwidth")
+    rates.set_ylabel("MB/s of pages")
+    rates.set_title("guest dirty rate vs migration bandwidth")
     rates.legend(loc="best")
 
     pending.plot(iterations, [r["pending_bytes"] / mb for r in records], marker="o",
