@@ -216,3 +216,32 @@ def test_a_compressed_run_over_a_gib_is_refused_before_any_write():
             api.decode_packet(packet, backing, PS, BLOCK, count)
         assert caught.value.offset == 40
         assert f"a compressed run of {count * PS} bytes" in caught.value.reason
+
+
+@given(st.binary(max_size=300), st.integers(1, 4), st.integers(0, 4), st.data())
+def test_any_lz4_bytes_decode_or_are_refused_without_a_write_outside_their_run(
+        variant, blob, count, first, data):
+    """LZ4 data is untrusted: garbage, a valid block of another size, or a block cut short,
+    in a packet whose checksum holds.  Both backends agree on success or on the error, and
+    nothing outside the run's pages ever changes."""
+    npages = 8
+    if data.draw(st.booleans()):  # a real block of some size, maybe cut or padded
+        raw = bytes(data.draw(st.binary(min_size=1, max_size=6 * 512)))
+        blob = lz4.block.compress(raw, store_size=False)
+        blob = blob[:data.draw(st.integers(0, len(blob)))]
+    packet = _packet([(first, count, 3, _lz4_run(blob))], page_size=512)
+    mem = np.random.default_rng(9).integers(0, 256, npages * 512, dtype=np.uint8)
+    outcomes = []
+    for api in (COMPILED, REF):
+        target = mem.copy()
+        try:
+            outcomes.append(("ok", api.decode_packet(packet, target, 512, BLOCK, npages)))
+        except PacketError as error:
+            outcomes.append(("error", error.offset, error.reason))
+        outside = np.ones(npages * 512, dtype=bool)
+        outside[first * 512:(first + count) * 512] = False
+        assert np.array_equal(target[outside], mem[outside])
+        if outcomes[-1][0] == "ok":
+            assert target[first * 512:(first + count) * 512].tobytes() == \
+                lz4.block.decompress(blob, uncompressed_size=count * 512)
+    assert outcomes[0] == outcomes[1]
