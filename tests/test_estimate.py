@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pymig.estimate import (Bandwidth, DirtyRate, StopSpeedup, SwitchoverCost,
+from pymig.estimate import (Bandwidth, DirtyRate, LoggedRate, StopSpeedup, SwitchoverCost,
                             host_cpu_seconds, in_flight_bytes, thread_cpu_seconds)
 from pymig.transport import BytesChannel, SocketChannel
 
@@ -162,3 +162,15 @@ def test_a_threads_cpu_time_is_its_own():
         stop.set()
         thread.join()
     assert thread_cpu_seconds(thread) == 0.0  # gone
+
+
+def test_the_logged_rate_is_taken_over_a_window_of_syncs():
+    rate = LoggedRate(window_s=0.2)
+    assert rate.add(1.000, 0.100, 10_000) == pytest.approx(100_000)
+    # syncs a millisecond apart that show nothing do not make the guest look idle
+    assert rate.add(1.001, 0.001, 0) == pytest.approx(10_000 / 0.101)
+    assert rate.add(1.002, 0.001, 0) == pytest.approx(10_000 / 0.102)
+    # periods older than the window drop out, the last one always counts
+    assert rate.add(1.300, 0.298, 0) == 0.0
+    assert rate.add(1.310, 0.010, 500) == pytest.approx(500 / 0.308)
+    assert LoggedRate().add(5.0, 0.0, 3) == 0.0

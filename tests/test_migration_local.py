@@ -260,6 +260,6 @@ def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_u
     assert decisions[0][1] > 0  # it would have stopped the guest with everything pending
     # The guest kept writing the pages it had written before the first decision; the second
     # decision's sync re-armed nothing, so its log shows next to nothing new: the guest's rate
-    # is the one measured last, for the policy and in the stats.
-    assert decisions[1][2] == pytest.approx(decisions[0][2]) and decisions[0][2] > 0
-    assert rate == round(decisions[0][2] / 4096)
+    # is at least the one measured last, for the policy and in the stats.
+    assert decisions[1][2] >= decisions[0][2] * (1 - 1e-9) and decisions[0][2] > 0
+    assert rate == round(decisions[1][2] / 4096)

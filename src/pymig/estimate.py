@@ -26,6 +26,7 @@ take on the wire.
   the guest stops, and the destination works through them inside the downtime.
 * :class:`StopSpeedup` is how much faster than that the stop-and-copy goes, once the guest
   no longer competes with the migration for CPU.
+* :class:`LoggedRate` is the rate the dirty log shows, over a window of syncs.
 * :class:`DirtyRate` is the guest's own dirty rate for a throttle to aim at.
 """
 
@@ -91,6 +92,33 @@ class Bandwidth:
 
     def _set(self, rate: float) -> None:
         self.bytes_per_s = self.capped(rate)
+
+
+@dataclass
+class LoggedRate:
+    """Pages/s the dirty log showed over the last ``window_s`` seconds of syncs (at least the
+    last sync's period).
+
+    A sync shows only pages clean since they were last re-armed; syncs a millisecond apart,
+    while the guest rewrites pages still dirty in the log, show none, and a rate taken from
+    one such period alone says the guest stopped writing (the policy then expected a 3 ms
+    switchover of a guest writing 100k pages/s).  Over the window those periods weigh by
+    their length.
+    """
+
+    window_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        self._periods: list[tuple[float, float, int]] = []  # (end, seconds, pages), oldest first
+
+    def add(self, now: float, period_s: float, pages: int) -> float:
+        """One sync's count over its period; returns the rate over the window."""
+        periods = self._periods
+        periods.append((now, max(period_s, 0.0), max(pages, 0)))
+        while len(periods) > 1 and periods[0][0] <= now - self.window_s:
+            periods.pop(0)
+        seconds = sum(p[1] for p in periods)
+        return sum(p[2] for p in periods) / seconds if seconds > 0 else 0.0
 
 
 @dataclass

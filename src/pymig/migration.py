@@ -36,8 +36,8 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import (Bandwidth, DirtyRate, StopSpeedup, SwitchoverCost, host_cpu_seconds,
-                            in_flight_bytes, thread_cpu_seconds)
+from pymig.estimate import (Bandwidth, DirtyRate, LoggedRate, StopSpeedup, SwitchoverCost,
+                            host_cpu_seconds, in_flight_bytes, thread_cpu_seconds)
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -285,6 +285,7 @@ class Migration:
             observe_cpu()
             switchover_s = SwitchoverCost().seconds(guest.vcpu_count, machine.ram_bytes)
             own_rate = DirtyRate()
+            logged_rate = LoggedRate()
             iteration = 0
             last_sync = time.monotonic()
             sent_period = 0
@@ -299,10 +300,10 @@ class Migration:
                 period = max(now - last_sync, 1e-6)
                 last_sync = now
                 iteration += 1
-                if not redeciding:
-                    dirty_pps = found / period
-                # else nothing was re-armed since the last sync, so the log cannot show pages
-                # written again: the guest's rate is the one last measured
+                measured = logged_rate.add(now, period, found)
+                # After a catch-up wait nothing was re-armed since the last sync, so the log
+                # cannot show pages written again: the rate is at least the one last measured.
+                dirty_pps = max(measured, dirty_pps) if redeciding else measured
                 redeciding = False
                 dirtied = dirty_pps * period
                 pending = sum(e.handlers.pending(e.opaque)
