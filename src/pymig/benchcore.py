@@ -183,20 +183,27 @@ def bitmap_cases(npages: int) -> list[Case]:
     return cases
 
 
-def packet_cases(size_bytes: int) -> list[Case]:
-    """Encode all of guest memory (every page with data) into 1 MiB packets, and decode the
-    packets into another guest memory; both against np.copyto of the same bytes."""
+def _packet_bench(size_bytes: int):
+    """What the packet cases share: the kernels, the page count, a zeroed destination, a dirty
+    bitmap with the reset that sets all of it, and a 1 MiB packet buffer."""
     k = _kernels()
     npages = size_bytes // PAGE
-    src = guest_memory(size_bytes)
-    src.view(np.uint64)[:] = np.arange(1, size_bytes // 8 + 1, dtype=np.uint64)  # no zero word
     dst = guest_memory(size_bytes)
     dst[:] = 0
     dirty = k.new_bitmap(npages)
-    out = np.empty(PACKET_BYTES, dtype=np.uint8)
 
     def reset():
         dirty[:] = 2**64 - 1
+
+    return k, npages, dst, dirty, reset, np.empty(PACKET_BYTES, dtype=np.uint8)
+
+
+def packet_cases(size_bytes: int) -> list[Case]:
+    """Encode all of guest memory (every page with data) into 1 MiB packets, and decode the
+    packets into another guest memory; both against np.copyto of the same bytes."""
+    k, npages, dst, dirty, reset, out = _packet_bench(size_bytes)
+    src = guest_memory(size_bytes)
+    src.view(np.uint64)[:] = np.arange(1, size_bytes // 8 + 1, dtype=np.uint64)  # no zero word
 
     def encode() -> int:
         cursor, calls = 0, 0
@@ -237,21 +244,13 @@ def compression_cases(size_bytes: int) -> list[Case]:
     compression against the same encode without it (what the backoff costs)."""
     from pymig._coreshared import new_compress_state
 
-    k = _kernels()
-    npages = size_bytes // PAGE
+    k, npages, dst, dirty, reset, out = _packet_bench(size_bytes)
     sparse = guest_memory(size_bytes)
     sparse[:] = 0
     sparse[::PAGE] = 1
     noise = guest_memory(size_bytes)
     noise.view(np.uint64)[:] = np.random.default_rng(1).integers(
         0, 2**63, size_bytes // 8, dtype=np.uint64)
-    dst = guest_memory(size_bytes)
-    dst[:] = 0
-    dirty = k.new_bitmap(npages)
-    out = np.empty(PACKET_BYTES, dtype=np.uint8)
-
-    def reset():
-        dirty[:] = 2**64 - 1
 
     def encode(src, compress, keep=False) -> list:
         """Every packet of src (copies when ``keep``, else their sizes)."""
