@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import click
 from rich.console import Console
@@ -102,6 +103,20 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
                    serial_file=serial, quiet=quiet, start=True))
 
 
+def _preallocate(memory: int, backing: str, quiet: bool):
+    from pymig.guest.base import PreallocatedRam
+
+    started = time.monotonic()
+    try:
+        ram = PreallocatedRam(memory, backing=backing)
+    except (OSError, ValueError) as exc:
+        _fail(f"--mem-prealloc: {exc}")
+    if not quiet:
+        click.echo(f"[pymig] {memory / (1 << 30):.2f} GiB of RAM made ready in "
+                   f"{time.monotonic() - started:.2f} s", err=True)
+    return ram
+
+
 def _loopback(port: int | None) -> tuple[str, int] | None:
     return None if port is None else ("127.0.0.1", port)
 
@@ -119,18 +134,29 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
 @click.option("--mem-backing", type=click.Choice(BACKINGS), default="anon", show_default=True,
               help="guest RAM: anonymous memory, a memfd, or huge pages from the host's "
                    "hugetlb pool (/proc/sys/vm/nr_hugepages), which a host keeps for guests")
+@click.option("--mem-prealloc", is_flag=True,
+              help="map the --memory RAM and fault it all in before listening, so the "
+                   "migration does not pay for first touches (QEMU's -mem-prealloc)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
-def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, quiet) -> None:
+def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_prealloc,
+             quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
     inherited descriptor), file:PATH (restore a snapshot), or 'defer' (wait for
     migrate-incoming on the control socket).  The guest's configuration comes from the
-    stream; --memory/--vcpus only make sure it is the guest you expect.
+    stream; --memory/--vcpus only make sure it is the guest you expect, and --mem-prealloc
+    readies that much RAM ahead of it.
     """
     from pymig.errors import PymigError
     from pymig.process import serve
     from pymig.session import Session
+
+    guest_options = {"backing": mem_backing}
+    if mem_prealloc:
+        if memory is None:
+            _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")
+        guest_options["prealloc"] = _preallocate(memory, mem_backing, quiet)
 
     def check(config):
         if memory is not None and config.memory_bytes != memory:
@@ -141,8 +167,7 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, quie
                              f"{vcpus}")
 
     session = Session(destination=True)
-    session.incoming_options = {"check_config": check,
-                                "guest_options": {"backing": mem_backing}}
+    session.incoming_options = {"check_config": check, "guest_options": guest_options}
     if uri != "defer":
         try:
             bound = session.start_incoming(uri)

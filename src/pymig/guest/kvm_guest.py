@@ -34,6 +34,7 @@ from pymig.guest.base import (
     DirtyRateMeter,
     GuestConfig,
     GuestState,
+    PreallocatedRam,
     allocate_ram,
     check_dirty_limit,
     check_vcpu_index,
@@ -76,10 +77,11 @@ class KvmGuest:
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: str = "anon",
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
                initially_set: bool = False, dirty_ring: int = 0,
-               kvm: Kvm | None = None) -> "KvmGuest":
+               kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
 
-        ``backing``/``hugepages`` shape the RAM blocks; ``irqchip`` asks for the in-kernel
+        ``backing``/``hugepages`` shape the RAM blocks (``prealloc``: blocks a destination
+        made ready before the stream came); ``irqchip`` asks for the in-kernel
         irqchip; ``manual_protect``/``initially_set``/``dirty_ring`` (entries per vCPU) choose
         the dirty-log mode (:mod:`pymig.kvm.vm`).  Per-vCPU dirty rates and limits need
         ``dirty_ring`` (:data:`DIRTY_LIMIT_RING_ENTRIES` is a good size for them).
@@ -95,7 +97,8 @@ class KvmGuest:
         kvm = kvm or Kvm()
         machine = None
         try:
-            blocks = allocate_ram(config, backing=backing, hugepages=hugepages)
+            blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
+                                  prealloc=prealloc)
             console = Console()
             machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
                               manual_protect=manual_protect, initially_set=initially_set,

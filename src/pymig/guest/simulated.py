@@ -49,6 +49,7 @@ from pymig.guest.base import (
     DirtyRateMeter,
     GuestConfig,
     GuestState,
+    PreallocatedRam,
     StateSpec,
     allocate_ram,
     check_dirty_limit,
@@ -119,8 +120,9 @@ class SimulatedGuest:
 
     @classmethod
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: Backing = "anon",
-               hugepages: bool = True, dirty_ring: int = 0) -> "SimulatedGuest":
-        """A new, stopped guest with fresh RAM.
+               hugepages: bool = True, dirty_ring: int = 0,
+               prealloc: PreallocatedRam | None = None) -> "SimulatedGuest":
+        """A new, stopped guest with fresh RAM (or RAM made ready earlier: ``prealloc``).
 
         ``dirty_ring`` is accepted so that one set of options builds either kind of guest; the
         writers count their own dirty pages and need no ring.
@@ -134,7 +136,7 @@ class SimulatedGuest:
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
         workload = resolve(config)
         params = pack_params(workload, TICK_KHZ)
-        blocks = allocate_ram(config, backing=backing, hugepages=hugepages)
+        blocks = allocate_ram(config, backing=backing, hugepages=hugepages, prealloc=prealloc)
         try:
             writers = Writers([(b.guest_phys_addr, b.array) for b in blocks], params)
         except BaseException:

@@ -1,0 +1,115 @@
+"""A destination's RAM made ready before the stream comes (``pymig incoming --mem-prealloc``,
+:class:`pymig.guest.base.PreallocatedRam`): faulted in while the destination waits, handed to
+the guest the stream describes, and refused, loudly, to any other guest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _hugetlb import free_huge_pages
+from _migration_helpers import (GUEST_KINDS, assert_carries_on, assert_consistent, finish,
+                               e2e_kind, guest_config, migrate_locally, run_pymig,
+                               running_guest, start_destination, start_source, wait_for)
+from test_memory_hugetlb import migrate_to
+
+from pymig.guest.base import GuestConfig, PreallocatedRam, RamLayout
+from pymig.ram import block_digests
+
+MiB = 1 << 20
+
+
+def resident_pages(block) -> int:
+    return int(np.unpackbits(block.touched().view(np.uint8)).sum())
+
+
+def test_preallocated_ram_is_resident_zero_and_goes_to_one_guest_only():
+    ram = PreallocatedRam(16 * MiB)
+    try:
+        config = GuestConfig("simulated", 16 * MiB)
+        [block] = ram.blocks
+        assert resident_pages(block) == block.npages  # every page faulted in, before any guest
+        assert not block.array.any()
+        assert ram.take(config, "anon") == [block]
+        assert ram.blocks == []
+        with pytest.raises(ValueError, match="handed to an earlier incoming guest"):
+            ram.take(config, "anon")
+    finally:
+        ram.close()
+        block.close()
+
+
+@pytest.mark.parametrize("config, backing, message", [
+    (GuestConfig("kvm", 32 * MiB), "anon", r"ram-low 33554432 bytes.*preallocated ones "
+                                           r"\(ram-low 16777216 bytes at 0x0\)"),
+    (GuestConfig("kvm", 16 * MiB, blocks=[RamLayout("ram-low", 8 * MiB, 0),
+                                          RamLayout("ram-high", 8 * MiB, 1 << 32)]), "anon",
+     "not the preallocated ones"),
+    (GuestConfig("kvm", 16 * MiB), "memfd", "asks for memfd RAM, the preallocated RAM is anon"),
+])
+def test_preallocated_ram_refuses_a_guest_of_another_shape(config, backing, message):
+    ram = PreallocatedRam(16 * MiB)
+    try:
+        with pytest.raises(ValueError, match=message):
+            ram.take(config, backing)
+        assert ram.take(GuestConfig("kvm", 16 * MiB), "anon")  # still there for the right one
+    finally:
+        ram.close()
+
+
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_a_guest_migrates_into_preallocated_ram_and_runs_there(kind):
+    source = running_guest(guest_config(kind, "selfcheck", memory=64 * MiB))
+    ram = PreallocatedRam(64 * MiB)
+    prepared = ram.blocks
+    try:
+        with migrate_locally(source, "tcp:127.0.0.1:0",
+                             guest_options={"prealloc": ram}) as done:
+            assert done.error is None, done.error
+            assert done.migration.query()["status"] == "completed"
+            guest = done.destination
+            assert guest.ram_blocks == prepared  # the very blocks made ready before
+            assert done.digests_at_load == block_digests(source.ram_blocks)
+            passes = guest.progress()["passes"]
+            wait_for(lambda: guest.progress()["passes"] > passes, what="the guest to run")
+            assert_consistent(guest)
+    finally:
+        source.close()
+        ram.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_pymig_incoming_mem_prealloc_readies_the_ram_before_listening_and_the_guest_runs(
+        tmp_path):
+    kind = e2e_kind()
+    src, src_ctl = start_source(kind, tmp_path, memory="128M")
+    dst, dst_ctl, uri = start_destination(tmp_path, "tcp:127.0.0.1:0", "--memory", "128M",
+                                          "--mem-prealloc")
+    try:
+        # listening means ready: the 128 MiB are resident before any stream arrives
+        assert _rss_bytes(dst.pid) >= 128 * MiB
+        stats = migrate_to(src_ctl, uri)
+        assert stats["status"] == "completed", stats
+        assert_carries_on(dst_ctl)
+    finally:
+        finish(src, dst)
+
+
+def test_pymig_incoming_mem_prealloc_without_a_size_is_refused():
+    done = run_pymig("incoming", "tcp:127.0.0.1:0", "--mem-prealloc")
+    assert done.returncode != 0
+    assert "--mem-prealloc needs --memory" in done.stderr
+
+
+def test_pymig_incoming_mem_prealloc_of_more_than_the_host_can_give_is_refused():
+    with free_huge_pages(4, exactly=True):  # 8 MiB, far from the 64 MiB asked for
+        done = run_pymig("incoming", "tcp:127.0.0.1:0", "--memory", "64M", "--mem-prealloc",
+                         "--mem-backing", "hugetlb", timeout=60)
+    assert done.returncode != 0
+    assert "--mem-prealloc:" in done.stderr and "nr_hugepages" in done.stderr, done.stderr
