@@ -11,8 +11,12 @@ from _migration_helpers import (GUEST_KINDS, assert_carries_on, assert_consisten
                                e2e_kind, guest_config, migrate_locally, run_pymig,
                                running_guest, start_destination, start_source, wait_for)
 from test_memory_hugetlb import migrate_to
+from test_migration_streams import records, saved_stream  # noqa: F401 - a fixture
 
+from pymig import stream
+from pymig.errors import MigrationError
 from pymig.guest.base import GuestConfig, PreallocatedRam, RamLayout
+from pymig.incoming import Incoming
 from pymig.ram import block_digests
 
 MiB = 1 << 20
@@ -22,7 +26,7 @@ def resident_pages(block) -> int:
     return int(np.unpackbits(block.touched().view(np.uint8)).sum())
 
 
-def test_preallocated_ram_is_resident_zero_and_goes_to_one_guest_only():
+def test_preallocated_ram_is_resident_zero_and_goes_to_the_guest():
     ram = PreallocatedRam(16 * MiB)
     try:
         config = GuestConfig("simulated", 16 * MiB)
@@ -31,8 +35,11 @@ def test_preallocated_ram_is_resident_zero_and_goes_to_one_guest_only():
         assert not block.array.any()
         assert ram.take(config, "anon") == [block]
         assert ram.blocks == []
-        with pytest.raises(ValueError, match="handed to an earlier incoming guest"):
-            ram.take(config, "anon")
+        # a second guest (a file loaded again to report where it is bad) gets new blocks,
+        # populated as well
+        [again] = ram.take(config, "anon")
+        assert again is not block and resident_pages(again) == again.npages
+        again.close()
     finally:
         ram.close()
         block.close()
@@ -113,3 +120,22 @@ def test_pymig_incoming_mem_prealloc_of_more_than_the_host_can_give_is_refused()
                          "--mem-backing", "hugetlb", timeout=60)
     assert done.returncode != 0
     assert "--mem-prealloc:" in done.stderr and "nr_hugepages" in done.stderr, done.stderr
+
+
+def test_a_bad_snapshot_loaded_into_preallocated_ram_is_refused_for_what_is_wrong(
+        tmp_path, saved_stream):
+    # A snapshot file that fails to load is loaded again, sequentially, to say where it is
+    # bad: the second guest needs RAM too, and the error must still be the file's.
+    damaged = bytearray(saved_stream)  # a whole snapshot file, its index included
+    packet = next(p for r, p in records(saved_stream) if r.type == stream.RecordType.PART)
+    damaged[saved_stream.find(packet) + len(packet) // 2] ^= 0x10  # inside a RAM packet
+    path = tmp_path / "bad.pymig"
+    path.write_bytes(damaged)
+    ram = PreallocatedRam(64 * MiB)
+    try:
+        incoming = Incoming(f"file:{path}", guest_options={"prealloc": ram})
+        with pytest.raises(MigrationError, match="checksum"):
+            incoming.run()
+        assert incoming.machine is None
+    finally:
+        ram.close()

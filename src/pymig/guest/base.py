@@ -148,12 +148,13 @@ class PreallocatedRam:
     is known to be zero without reading it; these are all touched).
 
     The blocks follow the PC layout of ``memory_bytes``; :meth:`take` gives them to the guest
-    the stream describes, once, and refuses a stream whose RAM blocks differ.
+    the stream describes and refuses a stream whose RAM blocks differ.
     """
 
     def __init__(self, memory_bytes: int, *, backing: str = "anon", hugepages: bool = True):
         self.layout = pc_layout(memory_bytes)
         self.backing = backing
+        self._hugepages = hugepages
         self._blocks: list[RamBlock] | None = _allocate(self.layout, backing=backing,
                                                         hugepages=hugepages, populate=True)
 
@@ -163,15 +164,20 @@ class PreallocatedRam:
         return list(self._blocks or ())
 
     def take(self, config: GuestConfig, backing: str) -> list[RamBlock]:
-        """The blocks, for the guest ``config`` describes with RAM of ``backing``."""
-        if self._blocks is None:
-            raise ValueError("the preallocated RAM was handed to an earlier incoming guest")
+        """The blocks, for the guest ``config`` describes with RAM of ``backing``.
+
+        Taken a second time (a destination that loads a file again after a failure, to
+        report its offsets), they are gone with the first guest: new ones are populated now.
+        """
         if config.blocks != self.layout:
             raise ValueError(f"the stream's RAM blocks ({_describe(config.blocks)}) are not the "
                              f"preallocated ones ({_describe(self.layout)})")
         if backing != self.backing:
             raise ValueError(f"the guest asks for {backing} RAM, the preallocated RAM is "
                              f"{self.backing}")
+        if self._blocks is None:
+            return _allocate(self.layout, backing=self.backing, hugepages=self._hugepages,
+                             populate=True)
         blocks, self._blocks = self._blocks, None
         return blocks
 
