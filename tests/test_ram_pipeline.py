@@ -99,7 +99,7 @@ class _FailingOut:
     def start(self, payload) -> None:
         pass
 
-    def part(self, payload, *, nocsum: bool = False) -> None:
+    def part(self, payload, *, nocsum: bool = False, stands_for: int = 0) -> None:
         assert not self.after_return, "the sender thread wrote after iterate() returned"
         self.parts += 1
         if self.parts == self.fail_at:
@@ -215,12 +215,14 @@ class _CollectingOut:
     def start(self, payload) -> None:
         pass
 
-    def part(self, payload, *, nocsum: bool = False) -> None:
+    def part(self, payload, *, nocsum: bool = False, stands_for: int = 0) -> None:
         info = self.core.packet_info(payload)
         b = self.blocks[info.block_id]
         result = self.core.decode_packet(payload, self.copies[info.block_id], b.page_size,
                                          b.block_id, b.npages, self.present[info.block_id])
         self.pages += result.normal_pages + result.zero_pages
+        # what the packet stands for, so that held stop-and-copy packets go out by the MiB
+        assert stands_for == result.normal_pages * b.page_size
 
     def end(self, payload) -> None:
         pass

@@ -407,3 +407,31 @@ def test_held_records_go_out_once_they_add_up_to_64_kib():
         writer.eof()
     assert held.getvalue() == plain.getvalue()
     assert len(sizes) <= 4  # 42 records in a handful of writes: the rest came with EOF
+
+
+def test_held_records_that_stand_for_a_mib_of_guest_ram_go_out_at_once():
+    """A compressed RAM packet is a few KB on the wire and a MiB of pages to decode: held
+    until EOF, the destination would decode the whole last pass inside the downtime after the
+    source had encoded it.  Records that stand for HOLD_GUEST_BYTES go out as they add up."""
+    from pymig.stream import HOLD_GUEST_BYTES, HOLD_RECORD_BYTES, StreamWriter
+
+    sizes = []
+
+    class Counting(BytesChannel):
+        def _send_all(self, view):
+            sizes.append(len(view))
+            super()._send_all(view)
+
+    writer = StreamWriter(Counting())
+    writer.write_header()
+    writer.hold()
+    sizes.clear()
+    writer.part(1, b"x" * 5000, stands_for=HOLD_GUEST_BYTES // 2)
+    writer.part(1, b"d" * 100)  # device state: stands for no guest RAM
+    assert sizes == []  # half a MiB of RAM in 5 KB: still held
+    writer.part(1, b"y" * 5000, stands_for=HOLD_GUEST_BYTES // 2)
+    assert len(sizes) == 1 and sizes[0] < HOLD_RECORD_BYTES  # a MiB of RAM: out at once
+    writer.part(1, b"z" * 5000, stands_for=HOLD_GUEST_BYTES - 1)
+    assert len(sizes) == 1  # the count started again
+    writer.eof()
+    assert len(sizes) == 2

@@ -53,8 +53,8 @@ class SectionOut:
         e = self.entry
         self.writer.start(e.section_id, e.idstr, e.instance_id, e.version_id, payload)
 
-    def part(self, payload, *, nocsum: bool = False) -> None:
-        self.writer.part(self.entry.section_id, payload, nocsum=nocsum)
+    def part(self, payload, *, nocsum: bool = False, stands_for: int = 0) -> None:
+        self.writer.part(self.entry.section_id, payload, nocsum=nocsum, stands_for=stands_for)
 
     def end(self, payload) -> None:
         self.writer.end(self.entry.section_id, payload)

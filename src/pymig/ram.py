@@ -343,7 +343,8 @@ class RamSaver:
 
     def _send_job(self, out, buf: bytearray, result, page_size: int) -> Callable[[], None]:
         def job() -> None:
-            out.part(memoryview(buf)[: result.nbytes], nocsum=True)
+            out.part(memoryview(buf)[: result.nbytes], nocsum=True,
+                     stands_for=result.normal_pages * page_size)
             self.page_bytes_sent += (result.normal_pages + result.zero_pages) * page_size
             self.on_packet(result)
 

@@ -130,6 +130,9 @@ def _payload_views(payload) -> list[memoryview]:
 
 #: Largest record :meth:`StreamWriter.hold` copies and keeps back, and the most it keeps back.
 HOLD_RECORD_BYTES = 64 << 10
+#: The most guest RAM held records may stand for (``part(..., stands_for=...)``) before they
+#: go out: a compressed RAM packet is a few KB on the wire and a MiB of pages to decode.
+HOLD_GUEST_BYTES = 1 << 20
 
 
 class StreamWriter:
@@ -143,6 +146,7 @@ class StreamWriter:
         self.channel = channel
         self.bytes_written = 0
         self._held: bytearray | None = None
+        self._held_stands_for = 0  # guest RAM bytes the held records carry
 
     def hold(self) -> None:
         """Gather small records (copied) until :meth:`eof`, which sends them in one write.
@@ -151,10 +155,13 @@ class StreamWriter:
         kilobytes in a dozen records, and a write per record wakes the destination a dozen
         times, which on a host short of CPUs then takes turns with the source inside the
         downtime.  Records over :data:`HOLD_RECORD_BYTES` go out at once, after those held,
-        and so do the held records once they add up to that much.
+        and so do the held records once they add up to that much, or once they stand for
+        :data:`HOLD_GUEST_BYTES` of guest RAM: the destination then decodes while the source
+        encodes, rather than all of it after EOF.
         """
         if self._held is None:
             self._held = bytearray()
+            self._held_stands_for = 0
 
     def write_header(self) -> None:
         """Write the 16-byte stream header."""
@@ -167,9 +174,11 @@ class StreamWriter:
         self._record(RecordType.START, section_id, payload, nocsum,
                      _section_info(idstr, instance_id, version_id))
 
-    def part(self, section_id: int, payload=b"", *, nocsum: bool = False) -> None:
-        """Continue a section opened by :meth:`start`."""
-        self._record(RecordType.PART, section_id, payload, nocsum)
+    def part(self, section_id: int, payload=b"", *, nocsum: bool = False,
+             stands_for: int = 0) -> None:
+        """Continue a section opened by :meth:`start`; ``stands_for``: the bytes of guest RAM
+        the payload carries, however few it takes on the wire (see :meth:`hold`)."""
+        self._record(RecordType.PART, section_id, payload, nocsum, stands_for=stands_for)
 
     def end(self, section_id: int, payload=b"", *, nocsum: bool = False) -> None:
         """Complete a section opened by :meth:`start`."""
@@ -189,7 +198,7 @@ class StreamWriter:
             self.channel.send(held)
 
     def _record(self, rtype: RecordType, section_id: int, payload, nocsum: bool,
-                info: bytes = b"") -> None:
+                info: bytes = b"", *, stands_for: int = 0) -> None:
         views = _payload_views(payload)
         payload_len = sum(map(len, views))
         if payload_len > MAX_U32:
@@ -217,16 +226,19 @@ class StreamWriter:
         elif size <= HOLD_RECORD_BYTES:
             for part in parts:
                 held += part
-            if len(held) >= HOLD_RECORD_BYTES:
+            self._held_stands_for += stands_for
+            if len(held) >= HOLD_RECORD_BYTES or self._held_stands_for >= HOLD_GUEST_BYTES:
                 # Many small records (a compressed last pass: MBs of guest RAM in KBs of
                 # packets) go out as they gather, so the destination decodes while the
                 # source encodes rather than after it.
                 self.channel.send(held)
                 self._held = bytearray()
+                self._held_stands_for = 0
         else:
             if held:
                 self.channel.send(held)
                 self._held = bytearray()  # a new one: the channel may still hold a view of it
+                self._held_stands_for = 0
             self.channel.sendv(parts)
         self.bytes_written += size
 
