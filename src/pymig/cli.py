@@ -316,9 +316,11 @@ def qmp_command(control, command, arguments) -> None:
 @click.option("--max-bandwidth", type=SIZE, default="0", help="bytes/s (0: uncapped)")
 @click.option("--compression", type=click.Choice(["lz4", "none"]), default="lz4",
               show_default=True, help="RAM pages that shrink under LZ4 go compressed")
+@click.option("--mem-prealloc", is_flag=True,
+              help="the destination faults its RAM in before the migration starts")
 @click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
 def demo(simulated, memory, working_set, rate, vcpus, transport, downtime_limit, max_bandwidth,
-         compression, as_json) -> None:
+         compression, mem_prealloc, as_json) -> None:
     """Migrate a running self-checking guest between two processes, and prove it carries on."""
     from pymig.demo import DemoOptions, run_demo
     from pymig.errors import PymigError
@@ -327,7 +329,7 @@ def demo(simulated, memory, working_set, rate, vcpus, transport, downtime_limit,
     options = DemoOptions(simulated=simulated or None, memory=memory, working_set=working_set,
                           rate=rate, vcpus=vcpus, transport=transport,
                           downtime_limit_ms=downtime_limit, max_bandwidth=max_bandwidth,
-                          compression=compression)
+                          compression=compression, mem_prealloc=mem_prealloc)
     console = Console(stderr=True)
     try:
         if as_json:

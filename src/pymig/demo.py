@@ -42,6 +42,7 @@ class DemoOptions:
     downtime_limit_ms: int = 300
     max_bandwidth: int = 0
     compression: str = "lz4"
+    mem_prealloc: bool = False  # the destination faults its RAM in before it listens
     warmup_s: float = 1.0
     timeout_s: float = 120.0
 
@@ -62,7 +63,9 @@ def run_demo(options: DemoOptions, *, on_update: Callable[[dict], None] | None =
         try:
             dst = subprocess.Popen(
                 python + ["incoming", listen, "--control", dst_ctl, "--quiet",
-                          "--serial", os.path.join(tmp, "dst-serial.log")],
+                          "--serial", os.path.join(tmp, "dst-serial.log"),
+                          *(["--memory", str(options.memory), "--mem-prealloc"]
+                            if options.mem_prealloc else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(os.path.join(tmp, "dst.err"), "wb"))
             procs.append(dst)
