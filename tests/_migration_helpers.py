@@ -97,6 +97,19 @@ def assert_consistent(guest) -> None:
     assert report.ok and report.errors == 0, report.detail
 
 
+def assert_arrived_and_runs(done: "LocalMigration", source):
+    """The migration completed, the destination held every page the source had at the
+    switchover before its vCPUs ran, and its guest runs on, consistent; returns that guest."""
+    assert done.error is None, done.error
+    assert done.migration.query()["status"] == "completed"
+    guest = done.destination
+    assert done.digests_at_load == block_digests(source.ram_blocks)
+    passes = guest.progress()["passes"]
+    wait_for(lambda: guest.progress()["passes"] > passes, what="the guest to run")
+    assert_consistent(guest)
+    return guest
+
+
 def save_snapshot(path, config: GuestConfig) -> dict:
     """Run a guest for ``config``, save it live to ``path`` (file:), return the stats."""
     guest = running_guest(config)

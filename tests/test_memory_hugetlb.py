@@ -8,13 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _hugetlb import free_huge_pages
-from _migration_helpers import (GUEST_KINDS, assert_carries_on, assert_consistent, finish,
+from _migration_helpers import (GUEST_KINDS, assert_arrived_and_runs, assert_carries_on, finish,
                                guest_config, guest_passes, migrate_locally, running_guest,
                                start_destination, start_source, wait_for)
 
 from pymig.memory import RamBlock, hugetlb_pool
 from pymig.qmp import QmpClient
-from pymig.ram import block_digests
 
 MiB = 1 << 20
 
@@ -54,14 +53,8 @@ def test_a_guest_migrates_from_and_into_hugetlb_memory_and_runs_there(kind):
         try:
             with migrate_locally(source, "tcp:127.0.0.1:0",
                                  guest_options={"backing": "hugetlb"}) as done:
-                assert done.error is None, done.error
-                assert done.migration.query()["status"] == "completed"
-                guest = done.destination
+                guest = assert_arrived_and_runs(done, source)
                 assert {block.backing for block in guest.ram_blocks} == {"hugetlb"}
-                assert done.digests_at_load == block_digests(source.ram_blocks)
-                passes = guest.progress()["passes"]
-                wait_for(lambda: guest.progress()["passes"] > passes, what="the guest to run")
-                assert_consistent(guest)
         finally:
             source.close()
 

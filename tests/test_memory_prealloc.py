@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _hugetlb import free_huge_pages
-from _migration_helpers import (GUEST_KINDS, assert_carries_on, assert_consistent, finish,
+from _migration_helpers import (GUEST_KINDS, assert_arrived_and_runs, assert_carries_on, finish,
                                e2e_kind, guest_config, migrate_locally, run_pymig,
-                               running_guest, start_destination, start_source, wait_for)
+                               running_guest, start_destination, start_source)
 from test_memory_hugetlb import migrate_to
 from test_migration_streams import records, saved_stream  # noqa: F401 - a fixture
 
@@ -17,7 +17,6 @@ from pymig import stream
 from pymig.errors import MigrationError
 from pymig.guest.base import GuestConfig, PreallocatedRam, RamLayout
 from pymig.incoming import Incoming
-from pymig.ram import block_digests
 
 MiB = 1 << 20
 
@@ -71,14 +70,8 @@ def test_a_guest_migrates_into_preallocated_ram_and_runs_there(kind):
     try:
         with migrate_locally(source, "tcp:127.0.0.1:0",
                              guest_options={"prealloc": ram}) as done:
-            assert done.error is None, done.error
-            assert done.migration.query()["status"] == "completed"
-            guest = done.destination
+            guest = assert_arrived_and_runs(done, source)
             assert guest.ram_blocks == prepared  # the very blocks made ready before
-            assert done.digests_at_load == block_digests(source.ram_blocks)
-            passes = guest.progress()["passes"]
-            wait_for(lambda: guest.progress()["passes"] > passes, what="the guest to run")
-            assert_consistent(guest)
     finally:
         source.close()
         ram.close()
