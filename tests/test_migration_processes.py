@@ -8,8 +8,9 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import sys
+import threading
+import time
 
 import pytest
 
@@ -71,6 +72,38 @@ def test_killed_destination_leaves_the_source_running(tmp_path):
             assert_carries_on(src_ctl)
             client.command("quit")
         assert src.wait(30) == 0
+    finally:
+        finish(src, dst)
+
+
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_a_source_killed_in_the_stop_and_copy_leaves_no_guest_at_the_destination(kind,
+                                                                                 tmp_path):
+    """The guest is paused at the source and half sent when the source dies: the destination
+    has part of it and no commit, so it must not run it."""
+    src, src_ctl = start_source(kind, tmp_path, memory="128M", working_set="32M", rate="2000")
+    dst, dst_ctl, uri = start_destination(tmp_path)
+    try:
+        with QmpClient(src_ctl) as client:
+            wait_for(lambda: guest_passes(src_ctl) >= 1, what="the source guest to run")
+            # 20 MB/s and pages as they are: the stop-and-copy of what the guest dirties while
+            # the switchover waits (8 MB/s) takes a good part of a second
+            client.command("migrate-set-parameters",
+                           **{"max-bandwidth": 20 << 20, "compression": "none"})
+            client.command("migrate-set-capabilities", capabilities=[
+                {"capability": "pause-before-switchover", "state": True}])
+            client.command("migrate", uri=uri)
+            wait_for(lambda: "switchover-reason" in client.command("query-migrate"),
+                     timeout=120, what="the switchover to be decided")
+            time.sleep(1.0)
+            client.command("migrate-continue", state="pre-switchover")
+            wait_for(lambda: client.command("query-migrate")["status"] == "device",
+                     interval=0.001, what="the stop-and-copy")
+            src.send_signal(signal.SIGKILL)
+        src.wait(30)
+        assert dst.wait(60) == 1
+        err = dst.stderr.read().decode()
+        assert "incoming migration failed" in err and "the guest was not started" in err, err
     finally:
         finish(src, dst)
 
