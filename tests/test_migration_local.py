@@ -224,6 +224,46 @@ def test_cancel_after_the_commit_is_refused_and_the_guest_is_not_lost(tmp_path, 
         dest.close()
 
 
+@pytest.mark.parametrize("grown", [True, False], ids=["downtime-grew", "downtime-held"])
+def test_after_a_long_catch_up_wait_what_the_guest_dirtied_goes_once_more_before_it_stops(
+        grown, tmp_path, guests, monkeypatch):
+    # A destination that builds its guest only once the source has decided, and slowly: the
+    # source waits for it to catch up while the guest keeps writing.
+    decided = threading.Event()
+    rehearse = Machine.rehearse_state_load
+
+    def late_rehearsal(self):
+        assert decided.wait(60)
+        time.sleep(0.2)
+        rehearse(self)
+
+    monkeypatch.setattr(Machine, "rehearse_state_load", late_rehearsal)
+    decisions = []
+
+    def scripted(metrics, params):
+        if metrics.iteration < 2:  # the first pass goes out first
+            return Decision(Action.CONTINUE, "first pass", 0, None, 1.0)
+        # the downtime expected before the wait, then after it (grown or not), then small
+        expected = [0.001, 0.050 if grown else 0.0015][len(decisions)] \
+            if len(decisions) < 2 else 0.001
+        decisions.append(metrics.bytes_sent_total)
+        decided.set()
+        return Decision(Action.SWITCHOVER, "fits-limit", 0, None, expected)
+
+    source = guests(guest_config("simulated"))
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock", decide=scripted) as done:
+        assert done.error is None and done.migration.status.value == "completed"
+        assert block_digests(source.ram_blocks) == done.digests_at_load
+        assert_consistent(done.destination)
+    if grown:
+        # the switchover after the wait expected 50 times the downtime: one more pass went
+        # out (bytes sent between the second decision and the next), then it stopped
+        assert len(decisions) >= 3 and decisions[2] > decisions[1], decisions
+    else:
+        # it expected about what it did before the wait: it stopped on it
+        assert len(decisions) == 2, decisions
+
+
 def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
         tmp_path, guests, monkeypatch):
     # A destination that builds its guest only once the source has decided: its READY comes

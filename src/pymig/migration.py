@@ -291,6 +291,8 @@ class Migration:
             sent_period = 0
             dirty_pps = 0.0
             redeciding = False
+            expected_before_wait = math.inf  # the decision a catch-up wait followed
+            passes_after_wait = 0
             while True:
                 self._check(ret)
                 params = self.params.snapshot()
@@ -352,7 +354,15 @@ class Migration:
                 if decision.vcpu_dirty_limits != dirty_limits:
                     dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
                     stats.set_vcpu_dirty_limits(dirty_limits)
-                if decision.action == policy_mod.Action.SWITCHOVER:
+                after_wait, expected_before_wait = expected_before_wait, math.inf
+                if decision.action == policy_mod.Action.SWITCHOVER and resend_first(
+                        decision, after_wait, passes_after_wait):
+                    # The catch-up wait was long and the guest ran all along it: what it
+                    # dirtied meanwhile would all go inside the downtime.  The destination is
+                    # caught up and holds those pages already (re-sends cost it no first
+                    # touch): send them once more with the guest running, then decide again.
+                    passes_after_wait += 1
+                elif decision.action == policy_mod.Action.SWITCHOVER:
                     if ret is not None and not ret.caught_up(writer.bytes_written):
                         # The guest stops only once the destination has loaded everything sent
                         # so far: a backlog left in the socket would be loaded inside the
@@ -365,10 +375,11 @@ class Migration:
                         # of guest RAM when it is compressed).
                         bandwidth.observe(time.monotonic(), saver.page_bytes_sent)
                         redeciding = True
+                        expected_before_wait = decision.expected_downtime_s
                         continue
                     stats.switchover(decision.reason, decision.expected_downtime_s)
                     break
-                if decision.action == policy_mod.Action.CANCEL:
+                elif decision.action == policy_mod.Action.CANCEL:
                     raise Cancelled(f"migration cancelled: {decision.reason}")
                 t0, b0 = time.monotonic(), saver.page_bytes_sent
                 saver.slice_deadline = t0 + iteration_slice_s(params)
@@ -509,6 +520,23 @@ def iteration_slice_s(params: MigrationParameters) -> float:
         return THROTTLE_SLICE_S
     return math.inf
 SEND_TIMEOUT_S = 120.0
+
+#: A switchover decided right after a catch-up wait waits for one more pass instead when the
+#: downtime it expects grew this many times over the one decided before the wait ...
+RESEND_GROWTH = 2.0
+#: ... at most this many times in a migration.
+MAX_PASSES_AFTER_WAIT = 1
+
+
+def resend_first(decision: policy_mod.Decision, expected_before_wait: float,
+                 passes_after_wait: int) -> bool:
+    """Whether a switchover decided right after a catch-up wait (``expected_before_wait``: the
+    downtime expected when the wait began; ``math.inf`` when there was no wait) should wait
+    for one more pass.  Only one the estimate allowed, not one a limit or the user forced;
+    only when the pages the guest dirtied during the wait made the expected downtime grow
+    :data:`RESEND_GROWTH` times; at most :data:`MAX_PASSES_AFTER_WAIT` times."""
+    return (decision.reason == "fits-limit" and passes_after_wait < MAX_PASSES_AFTER_WAIT
+            and decision.expected_downtime_s > RESEND_GROWTH * expected_before_wait)
 
 
 def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
