@@ -362,6 +362,11 @@ class Migration:
                     # caught up and holds those pages already (re-sends cost it no first
                     # touch): send them once more with the guest running, then decide again.
                     passes_after_wait += 1
+                    # The source's rate so far counts the time it spent blocked behind the
+                    # destination's backlog; this pass, caught up and all re-sends, is what the
+                    # stop-and-copy will be like: measure the source's rate on it alone.
+                    source_rate = Bandwidth()
+                    source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
                 elif decision.action == policy_mod.Action.SWITCHOVER:
                     if ret is not None and not ret.caught_up(writer.bytes_written):
                         # The guest stops only once the destination has loaded everything sent
