@@ -106,6 +106,9 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
 def _preallocate(memory: int, backing: str, quiet: bool):
     from pymig.guest.base import PreallocatedRam
 
+    if not quiet:
+        click.echo(f"[pymig] faulting in {memory / (1 << 30):.2f} GiB of guest RAM before "
+                   f"listening (--mem-prealloc)", err=True)
     started = time.monotonic()
     try:
         ram = PreallocatedRam(memory, backing=backing)
