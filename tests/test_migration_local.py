@@ -251,10 +251,16 @@ def test_after_a_long_catch_up_wait_what_the_guest_dirtied_goes_once_more_before
         return Decision(Action.SWITCHOVER, "fits-limit", 0, None, expected)
 
     source = guests(guest_config("simulated"))
-    with migrate_locally(source, f"unix:{tmp_path}/m.sock", decide=scripted) as done:
+    trace = tmp_path / "trace.jsonl"
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock", decide=scripted,
+                         trace_path=str(trace)) as done:
         assert done.error is None and done.migration.status.value == "completed"
         assert block_digests(source.ram_blocks) == done.digests_at_load
         assert_consistent(done.destination)
+    # the trace says what happened: a switchover decided, then the wait before the next sync
+    lines = [line for line in read_trace(trace) if line["action"] == "switchover"]
+    assert lines[0]["reason"] == "fits-limit" and lines[0]["caught_up_wait_s"] == 0
+    assert lines[1]["caught_up_wait_s"] >= 0.2  # the destination built its guest meanwhile
     if grown:
         # the switchover after the wait expected 50 times the downtime: one more pass went
         # out (bytes sent between the second decision and the next), then it stopped

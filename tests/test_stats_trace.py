@@ -12,7 +12,8 @@ import pytest
 from pymig.stats import MigrationStats, TraceRecord, TraceWriter, read_trace
 
 TRACE_KEYS = {"time", "iteration", "dirty_pages", "pages_sent", "bytes", "bandwidth",
-              "stopped_bandwidth", "expected_downtime", "pending_bytes", "throttle_pct", "dirty_rate", "page_size"}
+              "stopped_bandwidth", "expected_downtime", "pending_bytes", "throttle_pct",
+              "dirty_rate", "page_size", "action", "reason", "caught_up_wait_s"}
 
 
 def run_migration(path, iterations=5):
@@ -31,7 +32,10 @@ def run_migration(path, iterations=5):
                 iteration=i, dirty_pages=iterations - i, remaining_bytes=pending,
                 bandwidth_bps=0.0 if i == 1 else 1e6, dirty_rate_pps=100.0 / i,
                 expected_downtime_s=expected, throttle_pct=min(10 * i, 99),
-                stopped_bandwidth_bps=0.0 if i < 3 else 2e6))
+                stopped_bandwidth_bps=0.0 if i < 3 else 2e6,
+                action="switchover" if i == iterations else "continue",
+                reason="fits-limit" if i == iterations else "converging",
+                caught_up_wait_s=0.25 if i == iterations else 0.0))
             assert read_trace(path)[-1]["iteration"] == i  # flushed per line
     return records
 
@@ -48,7 +52,10 @@ def test_trace_lines_round_trip(tmp_path):
                         "bytes": 3000, "bandwidth": 1e6, "stopped_bandwidth": 2e6,
                         "expected_downtime": 8,
                         "pending_bytes": 8192, "throttle_pct": 30,
-                        "dirty_rate": pytest.approx(33.333, rel=1e-3), "page_size": 4096}
+                        "dirty_rate": pytest.approx(33.333, rel=1e-3), "page_size": 4096,
+                        "action": "continue", "reason": "converging", "caught_up_wait_s": 0.0}
+    assert (lines[4]["action"], lines[4]["reason"], lines[4]["caught_up_wait_s"]) == \
+        ("switchover", "fits-limit", 0.25)
 
 
 def test_half_written_last_line_is_skipped_but_a_bad_middle_line_is_not(tmp_path):

@@ -293,6 +293,7 @@ class Migration:
             redeciding = False
             expected_before_wait = math.inf  # the decision a catch-up wait followed
             passes_after_wait = 0
+            waited_s = 0.0  # the catch-up wait before the next sync
             while True:
                 self._check(ret)
                 params = self.params.snapshot()
@@ -344,7 +345,10 @@ class Migration:
                     stopped_bandwidth_bps=metrics.stopped_bandwidth_bps,
                     dirty_rate_pps=dirty_pps,
                     expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
-                    vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits)
+                    vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits,
+                    action=decision.action.value, reason=decision.reason,
+                    caught_up_wait_s=waited_s)
+                waited_s = 0.0
                 for callback in list(self._pass_listeners):
                     callback(record)
                 if decision.throttle_pct != throttle:
@@ -373,8 +377,10 @@ class Migration:
                         # so far: a backlog left in the socket would be loaded inside the
                         # downtime.  The guest dirties pages meanwhile, so decide again then,
                         # on what is pending, with nothing sent in between.
+                        wait_began = time.monotonic()
                         ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S,
                                            check=self._check)
+                        waited_s = time.monotonic() - wait_began
                         # Everything sent is loaded now: a point the socket's queues cannot
                         # blur (a destination's receive queue, invisible from here, holds GBs
                         # of guest RAM when it is compressed).

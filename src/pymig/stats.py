@@ -91,6 +91,11 @@ class TraceRecord:
     page_size: int
     vcpu_dirty_rates: list[float] | None = None  # pages/s per vCPU (dirty-limit capability)
     vcpu_dirty_limits: list[int] | None = None  # pages/s caps in force after this sync
+    # what the policy made of this sync, and how long the source waited, guest running, for
+    # the destination to load its backlog before it (a switchover decided earlier)
+    action: str = ""  # "continue", "switchover" or "cancel"
+    reason: str = ""  # the policy's reason, e.g. "fits-limit", "converging", "throttling: ..."
+    caught_up_wait_s: float = 0.0
 
     def to_json(self) -> str:
         line = dataclasses.asdict(self)
@@ -232,7 +237,8 @@ class MigrationStats:
     def record_sync(self, *, iteration: int, dirty_pages: int, remaining_bytes: int,
                     bandwidth_bps: float, dirty_rate_pps: float, expected_downtime_s: float,
                     throttle_pct: int, stopped_bandwidth_bps: float = 0.0,
-                    vcpu_dirty_rates=None, vcpu_dirty_limits=None) -> TraceRecord:
+                    vcpu_dirty_rates=None, vcpu_dirty_limits=None, action: str = "",
+                    reason: str = "", caught_up_wait_s: float = 0.0) -> TraceRecord:
         """A dirty-log sync happened: update the rates and write a trace line (if tracing)."""
         with self._lock:
             now = self._clock()
@@ -264,7 +270,8 @@ class MigrationStats:
                                    else None),
                 pending_bytes=remaining_bytes, throttle_pct=throttle_pct,
                 dirty_rate=dirty_rate_pps, page_size=self.page_size,
-                vcpu_dirty_rates=rates, vcpu_dirty_limits=_list_or_none(vcpu_dirty_limits, int))
+                vcpu_dirty_rates=rates, vcpu_dirty_limits=_list_or_none(vcpu_dirty_limits, int),
+                action=action, reason=reason, caught_up_wait_s=caught_up_wait_s)
             if self._trace is not None:
                 self._trace.write(record)
             return record
