@@ -3,7 +3,8 @@
 Three panels over the iteration number: the guest's dirty rate against the migration's
 bandwidth (MB/s of guest pages, as the policy counts them: with zero pages and compression far
 above the wire's rate; the migration converges only where bandwidth stays above), the pending
-bytes with the expected downtime, and the vCPU throttle.  matplotlib is an optional dependency
+bytes with the expected downtime (and where the policy decided to switch over, with the
+time it then waited for the destination to catch up), and the vCPU throttle.  matplotlib is an optional dependency
 (the ``pymig[plot]`` extra) and is imported only here, only when plotting; the figure is drawn
 on an Agg canvas of its own, so nothing global in matplotlib (pyplot's state, the backend)
 changes.
@@ -61,7 +62,16 @@ def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[st
         downtime.plot(*zip(*known), marker="x", linestyle="--", color="tab:red",
                       label="expected downtime")
     downtime.set_ylabel("expected downtime (ms)")
-    pending.set_title("pending bytes and expected downtime")
+    # Where the policy decided to switch over, and the catch-up waits that followed (traces
+    # from before these fields lack them)
+    for r in records:
+        if r.get("action") == "switchover":
+            pending.axvline(r["iteration"], color="grey", linestyle=":", linewidth=1)
+        if r.get("caught_up_wait_s"):
+            pending.annotate(f"waited {r['caught_up_wait_s'] * 1000:.0f} ms",
+                             (r["iteration"], r["pending_bytes"] / mb), fontsize=8,
+                             textcoords="offset points", xytext=(4, 4))
+    pending.set_title("pending bytes and expected downtime (dotted: switchover decided)")
     handles = pending.get_legend_handles_labels()
     extra = downtime.get_legend_handles_labels()
     pending.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best")
