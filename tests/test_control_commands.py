@@ -110,6 +110,30 @@ def test_migrate_to_a_deferred_destination(pair, tmp_path):
     assert_carries_on(dst.path)
 
 
+def test_the_destination_guest_answers_as_soon_as_the_source_has_completed(pair, tmp_path,
+                                                                            monkeypatch):
+    # The source completes on the destination's ACK; the destination still frees its load
+    # buffers before its receiving thread hands the machine over.  A user (pymig demo) who
+    # asks the destination for its guest right then gets it, not "no guest yet".
+    from pymig.machine import Machine
+
+    release = Machine.release_load_buffers
+
+    def slow_release(self):
+        time.sleep(0.5)
+        release(self)
+
+    monkeypatch.setattr(Machine, "release_load_buffers", slow_release)
+    src, dst = pair
+    sc, dc = src.client(), dst.client()
+    uri = dc.command("migrate-incoming", uri=f"unix:{tmp_path}/m.sock")["uri"]
+    sc.command("migrate", uri=uri, detach=True)
+    wait_status(sc, "completed")
+    assert not dst.session.guest_ready.is_set()  # the window this test is about
+    assert dc.command("query-guest")["progress"]["passes"] >= 0
+    assert dst.session.guest_ready.is_set()
+
+
 def test_migrate_cancel_keeps_the_guest_running(pair, tmp_path):
     src, dst = pair
     sc, dc = src.client(), dst.client()

@@ -68,6 +68,9 @@ class Incoming:
         self._listener = None
         self._warm_up = None
         self._listeners: list[Callable[[str, str], None]] = []
+        # Set once the guest runs here: the source may hear the ACK, and a user may ask for the
+        # guest, before run() has released its buffers and returned.
+        self.guest_started = threading.Event()
         self._lock = threading.Lock()
 
     def on_status(self, callback: Callable[[str, str], None]) -> None:
@@ -117,6 +120,7 @@ class Incoming:
                 self.before_start(self.machine)
             started_ns = time.time_ns()
             self.machine.guest.resume()
+            self.guest_started.set()
             if rp is not None:
                 rp.ack(started_ns)
             self.machine.release_load_buffers()

@@ -37,6 +37,10 @@ from pymig.parameters import CAPABILITIES, ParameterStore
 
 EventSink = Callable[[str, dict], None]
 
+#: How long a command waits for a destination guest that runs already to be handed over.
+GUEST_HANDOVER_TIMEOUT_S = 10.0
+
+
 class CommandError(PymigError):
     """A control command that cannot be carried out; ``klass`` is the QMP error class."""
 
@@ -157,6 +161,11 @@ class Session:
         return result
 
     def _require_guest(self) -> Guest:
+        incoming = self.incoming
+        if self.machine is None and incoming is not None and incoming.guest_started.is_set():
+            # The guest runs already and the source has its ACK; the receiving thread is
+            # finishing (freeing the load buffers) and hands the machine over in a moment.
+            self.guest_ready.wait(GUEST_HANDOVER_TIMEOUT_S)
         if self.machine is None:
             raise CommandError("there is no guest yet: the incoming migration has not loaded one")
         return self.machine.guest
