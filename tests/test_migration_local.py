@@ -270,6 +270,30 @@ def test_after_a_long_catch_up_wait_what_the_guest_dirtied_goes_once_more_before
         assert len(decisions) == 2, decisions
 
 
+def test_a_destination_whose_ack_is_lost_keeps_running_the_guest(tmp_path, guests,
+                                                                 monkeypatch):
+    # After COMMIT the source stays paused for good: the guest running at the destination is
+    # the only one left, and an ACK that cannot be sent (the source went away) must not take
+    # it down.
+    from pymig import stream
+    from pymig.errors import TransportError
+
+    def lost(self, vcpu_start_ns, sent_ns=None):
+        raise TransportError("sending to the source failed: EPIPE (the test's)")
+
+    monkeypatch.setattr(stream.ReturnPathWriter, "ack", lost)
+    source = guests(guest_config("simulated"))
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock", timeout=60) as done:
+        assert done.error is None, done.error  # the destination did not fail
+        assert done.result.machine.guest.status == "running"
+        assert block_digests(source.ram_blocks) == done.digests_at_load
+        passes = done.destination.progress()["passes"]
+        wait_for(lambda: done.destination.progress()["passes"] > passes,
+                 what="the guest to run on")
+        assert_consistent(done.destination)
+        assert source.status != "running"  # committed: the source never runs it again
+
+
 def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
         tmp_path, guests, monkeypatch):
     # A destination that builds its guest only once the source has decided: its READY comes

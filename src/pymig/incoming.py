@@ -20,6 +20,7 @@ gets names its offset in the file.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from pymig.errors import MigrationError, PymigError, StateError, StreamError
 from pymig.guest import GuestConfig
 from pymig.machine import Machine, WarmUp, load_config
 from pymig.transport.file import IndexedFileChannel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,7 +56,8 @@ class Incoming:
     def __init__(self, uri: str, *, check_config: Callable[[GuestConfig], None] | None = None,
                  guest_options: dict | None = None, accept_timeout: float | None = None,
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
-                 before_start: Callable[[Machine], None] | None = None):
+                 before_start: Callable[[Machine], None] | None = None,
+                 after_start: Callable[[Machine], None] | None = None):
         transport.parse_uri(uri)
         self.uri = uri
         self.check_config = check_config
@@ -62,15 +66,13 @@ class Incoming:
         self.commit_timeout = commit_timeout
         self.idle_timeout = idle_timeout  # a source silent this long is gone: fail, not hang
         self.before_start = before_start  # sees the loaded machine before its vCPUs run
+        self.after_start = after_start  # gets the machine once they run, before the ACK
         self.status = "none"
         self.error: BaseException | None = None
         self.machine: Machine | None = None
         self._listener = None
         self._warm_up = None
         self._listeners: list[Callable[[str, str], None]] = []
-        # Set once the guest runs here: the source may hear the ACK, and a user may ask for the
-        # guest, before run() has released its buffers and returned.
-        self.guest_started = threading.Event()
         self._lock = threading.Lock()
 
     def on_status(self, callback: Callable[[str, str], None]) -> None:
@@ -90,9 +92,37 @@ class Incoming:
         return str(self._listener.uri)
 
     def run(self) -> IncomingResult:
-        """Accept, load and start; raises on any failure without ever starting the guest."""
+        """Accept, load and start; raises on any failure without ever starting the guest.
+
+        Once the guest runs it is this side's, whatever happens next: the source committed
+        and stays paused, so an ACK that cannot reach it fails nothing (it is logged)."""
         if self._listener is None:
             self.listen()
+        channel = None
+        try:
+            channel, rp, load_time, started_ns = self._receive_and_start()
+            if self.after_start is not None:
+                self.after_start(self.machine)
+            if rp is not None:
+                try:
+                    rp.ack(started_ns)
+                except PymigError as exc:
+                    log.warning("the guest runs here, but its ACK did not reach the source: %s",
+                                describe(exc))
+            self.machine.release_load_buffers()
+            self._set_status("completed")
+            return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
+                                  self.machine.load_counters())
+        finally:
+            if channel is not None:
+                channel.close()
+            if self._listener is not None:
+                self._listener.close()
+
+    def _receive_and_start(self):
+        """Accept, load, wait for COMMIT and run the guest: (channel, return path writer or
+        None, load seconds, vCPU start ns).  On any failure before the guest runs: report it,
+        discard the guest, close the channel and raise."""
         channel = None
         rp = None
         try:
@@ -120,13 +150,7 @@ class Incoming:
                 self.before_start(self.machine)
             started_ns = time.time_ns()
             self.machine.guest.resume()
-            self.guest_started.set()
-            if rp is not None:
-                rp.ack(started_ns)
-            self.machine.release_load_buffers()
-            self._set_status("completed")
-            return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
-                                  self.machine.load_counters())
+            return channel, rp, load_time, started_ns
         except BaseException as exc:
             self.error = exc
             if rp is not None:
@@ -136,14 +160,11 @@ class Incoming:
                     pass
             self._discard_machine()
             self._set_status("failed")
+            if channel is not None:
+                channel.close()
             if isinstance(exc, (PymigError, ValueError)):
                 raise MigrationError(f"incoming migration failed: {describe(exc)}") from exc
             raise
-        finally:
-            if channel is not None:
-                channel.close()
-            if self._listener is not None:
-                self._listener.close()
 
     def _load(self, channel, rp) -> None:
         """Read the stream into a new, paused machine (``self.machine``)."""

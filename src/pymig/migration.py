@@ -530,6 +530,8 @@ def iteration_slice_s(params: MigrationParameters) -> float:
     if caps.get("auto-converge") or caps.get("dirty-limit"):
         return THROTTLE_SLICE_S
     return math.inf
+
+
 SEND_TIMEOUT_S = 120.0
 
 #: A switchover decided right after a catch-up wait waits for one more pass instead when the

@@ -3,11 +3,11 @@
 Three panels over the iteration number: the guest's dirty rate against the migration's
 bandwidth (MB/s of guest pages, as the policy counts them: with zero pages and compression far
 above the wire's rate; the migration converges only where bandwidth stays above), the pending
-bytes with the expected downtime (and where the policy decided to switch over, with the
-time it then waited for the destination to catch up), and the vCPU throttle.  matplotlib is an optional dependency
-(the ``pymig[plot]`` extra) and is imported only here, only when plotting; the figure is drawn
-on an Agg canvas of its own, so nothing global in matplotlib (pyplot's state, the backend)
-changes.
+bytes with the expected downtime (and where the policy decided to switch over, with the time
+it then waited for the destination to catch up), and the vCPU throttle.  matplotlib is an
+optional dependency (the ``pymig[plot]`` extra) and is imported only here, only when
+plotting; the figure is drawn on an Agg canvas of its own, so nothing global in matplotlib
+(pyplot's state, the backend) changes.
 """
 
 from __future__ import annotations

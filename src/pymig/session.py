@@ -37,9 +37,6 @@ from pymig.parameters import CAPABILITIES, ParameterStore
 
 EventSink = Callable[[str, dict], None]
 
-#: How long a command waits for a destination guest that runs already to be handed over.
-GUEST_HANDOVER_TIMEOUT_S = 10.0
-
 
 class CommandError(PymigError):
     """A control command that cannot be carried out; ``klass`` is the QMP error class."""
@@ -161,11 +158,6 @@ class Session:
         return result
 
     def _require_guest(self) -> Guest:
-        incoming = self.incoming
-        if self.machine is None and incoming is not None and incoming.guest_started.is_set():
-            # The guest runs already and the source has its ACK; the receiving thread is
-            # finishing (freeing the load buffers) and hands the machine over in a moment.
-            self.guest_ready.wait(GUEST_HANDOVER_TIMEOUT_S)
         if self.machine is None:
             raise CommandError("there is no guest yet: the incoming migration has not loaded one")
         return self.machine.guest
@@ -319,7 +311,8 @@ class Session:
                 self._guest_arrived(machine)
 
             try:
-                incoming = Incoming(uri, before_start=before_start, **options)
+                incoming = Incoming(uri, before_start=before_start,
+                                    after_start=self._guest_started, **options)
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))
@@ -343,10 +336,14 @@ class Session:
             self.quit_requested.set()
             return
         self.incoming_result = result
-        self.machine = result.machine
+        self.emit("RESUME", {})  # once the incoming side says "completed" (events keep order)
+
+    def _guest_started(self, machine: Machine) -> None:
+        # The guest is this process's from the moment its vCPUs run: commands reach it from
+        # then on, before the source even hears the ACK.
+        self.machine = machine
         self.migration = None
         self.guest_ready.set()
-        self.emit("RESUME", {})
 
     # -- lifetime ----------------------------------------------------------------------------
     def quit(self) -> None:

@@ -111,13 +111,12 @@ def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) ->
 
 
 def allocate_ram(config: GuestConfig, *, backing: str = "anon", hugepages: bool = True,
-                 populate: bool = False,
                  prealloc: PreallocatedRam | None = None) -> list[RamBlock]:
-    """Fresh RAM blocks for ``config``'s memory map (all of them or none): untouched, or with
-    every page faulted in (``populate``); ``prealloc`` hands over blocks made ready earlier."""
+    """Fresh, untouched RAM blocks for ``config``'s memory map (all of them or none), or the
+    blocks ``prealloc`` made ready before the stream came."""
     if prealloc is not None:
         return prealloc.take(config, backing)
-    return _allocate(config.blocks, backing=backing, hugepages=hugepages, populate=populate)
+    return _allocate(config.blocks, backing=backing, hugepages=hugepages, populate=False)
 
 
 def _allocate(layouts: Sequence[RamLayout], *, backing: str, hugepages: bool,
