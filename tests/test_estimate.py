@@ -1,5 +1,5 @@
 """What the migration thread estimates: bandwidth, the stop-and-copy's speed-up, the fixed cost
-of a switchover, bytes in flight."""
+of a switchover, bytes in flight, what the destination has loaded."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from pymig.estimate import (Bandwidth, DirtyRate, LoggedRate, StopSpeedup, SwitchoverCost,
-                            host_cpu_seconds, in_flight_bytes, thread_cpu_seconds)
+from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRate, StopSpeedup,
+                            SwitchoverCost, host_cpu_seconds, in_flight_bytes,
+                            thread_cpu_seconds)
 from pymig.transport import BytesChannel, SocketChannel
 
 
@@ -174,3 +175,51 @@ def test_the_logged_rate_is_taken_over_a_window_of_syncs():
     assert rate.add(1.300, 0.298, 0) == 0.0
     assert rate.add(1.310, 0.010, 500) == pytest.approx(500 / 0.308)
     assert LoggedRate().add(5.0, 0.0, 3) == 0.0
+
+
+MB = 1 << 20
+
+
+def _sent(progress: DestinationProgress, packets: int, first: int = 1) -> None:
+    """Packets ``first`` .. ``first + packets - 1``: packet n ends at stream byte 1000 n and
+    brings the page bytes sent to n MiB."""
+    for n in range(first, first + packets):
+        progress.packet_sent(1000 * n, n * MB)
+
+
+def test_nothing_counts_as_loaded_before_the_destination_reports():
+    progress = DestinationProgress()
+    _sent(progress, 4)
+    assert progress.delivered(4 * MB) is None
+
+
+def test_what_the_destination_reports_is_what_counts_as_delivered():
+    progress = DestinationProgress()
+    _sent(progress, 4)
+    progress.reported(2000)  # loaded up to the end of packet 2
+    assert progress.delivered(4 * MB) == 2 * MB
+    _sent(progress, 2, first=5)  # sent is not loaded: nothing more counts until it says so
+    assert progress.delivered(6 * MB) == 2 * MB
+    progress.reported(5500)  # an offset inside a record: the packets that ended before it
+    assert progress.delivered(6 * MB) == 5 * MB
+    progress.reported(6000)
+    assert progress.delivered(6 * MB) == 6 * MB
+
+
+def test_what_is_loaded_never_goes_back_nor_beyond_what_was_sent():
+    progress = DestinationProgress()
+    _sent(progress, 8)
+    progress.reported(6000)
+    progress.reported(1000)  # a report that says less than one before it
+    assert progress.delivered(8 * MB) == 6 * MB
+    assert progress.delivered(3 * MB) == 3 * MB  # never more than was sent
+
+
+def test_a_long_migration_keeps_answering_exactly():
+    progress = DestinationProgress()
+    for n in range(1, 20_001):
+        progress.packet_sent(1000 * n, n * MB)
+        if n % 100 == 0:
+            progress.reported(1000 * (n - 10) + 500)  # ten packets behind
+            assert progress.delivered(n * MB) == (n - 10) * MB
+    assert len(progress._points) < 2_000  # what is loaded is forgotten

@@ -270,6 +270,42 @@ def test_after_a_long_catch_up_wait_what_the_guest_dirtied_goes_once_more_before
         assert len(decisions) == 2, decisions
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_the_source_counts_what_the_destination_loaded_not_what_it_sent(
+        transport, tmp_path, guests, monkeypatch):
+    # A destination that loads a RAM packet per 30 ms (one faulting in fresh memory), far
+    # slower than the source: what the source has sent runs ahead of it by what its socket
+    # buffers and decoder hold.  The trace's bandwidth is the destination's rate and its
+    # backlog shows, then is gone once the source waited for it.
+    from pymig.ram import RamLoader
+
+    loaded: list[tuple[float, int]] = []
+    load_part = RamLoader.load_part
+
+    def slow_load_part(self, payload):
+        time.sleep(0.03)
+        load_part(self, payload)
+        c = self.counters
+        loaded.append((time.monotonic(), c.normal_pages + c.zero_pages))
+
+    monkeypatch.setattr(RamLoader, "load_part", slow_load_part)
+    source = guests(guest_config("simulated", "idle", memory=64 << 20, fill_bytes=16 << 20))
+    uri = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/m.sock"
+    trace = tmp_path / "trace.jsonl"
+    with migrate_locally(source, uri, trace_path=str(trace)) as done:
+        assert done.error is None and done.migration.status.value == "completed"
+        assert block_digests(source.ram_blocks) == done.digests_at_load
+    (t0, p0), (t1, p1) = loaded[0], loaded[-1]
+    rate = (p1 - p0) * 4096 / (t1 - t0)  # page bytes/s the destination loaded
+    lines = read_trace(trace)
+    first_pass = next(line for line in lines if line["bandwidth"] > 0)
+    assert 0.5 * rate <= first_pass["bandwidth"] <= 1.5 * rate, (first_pass, rate)
+    assert first_pass["backlog_bytes"] >= 4096, lines  # the packets it had yet to load
+    assert first_pass["action"] == "switchover" and first_pass["caught_up_wait_s"] == 0
+    # the guest stopped on a decision taken once the destination had caught up
+    assert lines[-1]["caught_up_wait_s"] > 0 and lines[-1]["backlog_bytes"] == 0
+
+
 def test_a_destination_whose_ack_is_lost_keeps_running_the_guest(tmp_path, guests,
                                                                  monkeypatch):
     # After COMMIT the source stays paused for good: the guest running at the destination is

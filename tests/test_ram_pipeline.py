@@ -359,6 +359,47 @@ def test_caught_up_reports_only_what_is_loaded_and_not_too_often():
                for earlier, later in zip(times, times[1:]))
 
 
+def test_progress_reports_what_is_loaded_while_more_waits(monkeypatch):
+    """The destination's PROGRESS: sent while later records are already received (a backlog
+    the source cannot see), each offset the end of a record, every packet before it decoded,
+    increasing, at most once per interval."""
+    from pymig.machine import PROGRESS_INTERVAL_S
+    from pymig.ram import RamLoader
+
+    load_part = RamLoader.load_part
+
+    def slow_load_part(self, payload):  # a destination faulting in fresh memory
+        time.sleep(2 * PROGRESS_INTERVAL_S)
+        load_part(self, payload)
+
+    monkeypatch.setattr(RamLoader, "load_part", slow_load_part)
+    data, digests = _migration_stream()
+    reader = stream.StreamReader(BytesChannel(data))
+    reader.read_header()
+    machine = Machine.incoming(load_config(reader))
+    calls: list[tuple[int, int, int, float]] = []
+
+    def progress(offset: int) -> None:
+        calls.append((offset, machine.load_counters()["packets"], reader.offset,
+                      time.monotonic()))
+
+    try:
+        machine.load_stream(reader, progress=progress)
+        assert block_digests(machine.guest.ram_blocks) == digests
+    finally:
+        machine.close()
+    assert len(calls) >= 3
+    for offset, packets, _, _ in calls:
+        assert data[offset - 16:offset - 12] == b"PMFT"  # a record's footer ends there
+        assert packets >= data[stream.HEADER_BYTES:offset].count(b"PMGP")
+    assert any(offset < received for offset, _, received, _ in calls)  # more was waiting
+    offsets = [offset for offset, _, _, _ in calls]
+    assert offsets == sorted(set(offsets))
+    times = [at for _, _, _, at in calls]
+    assert all(later - earlier >= PROGRESS_INTERVAL_S * 0.9
+               for earlier, later in zip(times, times[1:]))
+
+
 def test_pages_sent_before_count_as_resends_and_fresh_ones_do_not(filled_saver):
     saver, out = filled_saver
     block = saver.blocks[0]

@@ -13,7 +13,8 @@ from pymig.stats import MigrationStats, TraceRecord, TraceWriter, read_trace
 
 TRACE_KEYS = {"time", "iteration", "dirty_pages", "pages_sent", "bytes", "bandwidth",
               "stopped_bandwidth", "expected_downtime", "pending_bytes", "throttle_pct",
-              "dirty_rate", "page_size", "action", "reason", "caught_up_wait_s"}
+              "dirty_rate", "page_size", "action", "reason", "caught_up_wait_s",
+              "backlog_bytes"}
 
 
 def run_migration(path, iterations=5):
@@ -35,7 +36,8 @@ def run_migration(path, iterations=5):
                 stopped_bandwidth_bps=0.0 if i < 3 else 2e6,
                 action="switchover" if i == iterations else "continue",
                 reason="fits-limit" if i == iterations else "converging",
-                caught_up_wait_s=0.25 if i == iterations else 0.0))
+                caught_up_wait_s=0.25 if i == iterations else 0.0,
+                backlog_bytes=(iterations - i) * 8192))
             assert read_trace(path)[-1]["iteration"] == i  # flushed per line
     return records
 
@@ -53,7 +55,8 @@ def test_trace_lines_round_trip(tmp_path):
                         "expected_downtime": 8,
                         "pending_bytes": 8192, "throttle_pct": 30,
                         "dirty_rate": pytest.approx(33.333, rel=1e-3), "page_size": 4096,
-                        "action": "continue", "reason": "converging", "caught_up_wait_s": 0.0}
+                        "action": "continue", "reason": "converging", "caught_up_wait_s": 0.0,
+                        "backlog_bytes": 16384}
     assert (lines[4]["action"], lines[4]["reason"], lines[4]["caught_up_wait_s"]) == \
         ("switchover", "fits-limit", 0.25)
 

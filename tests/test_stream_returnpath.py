@@ -10,8 +10,9 @@ import time
 import pytest
 
 from pymig.errors import StreamError, TransportError
-from pymig.stream import (MAX_RETURN_PAYLOAD, Ack, LoadError, PageRequest, Ping, Pong, Ready,
-                          ReturnPathReader, ReturnPathWriter, Shut, encode_return)
+from pymig.stream import (MAX_RETURN_PAYLOAD, Ack, CaughtUp, LoadError, PageRequest, Ping, Pong,
+                          Progress, Ready, ReturnPathReader, ReturnPathWriter, Shut,
+                          encode_return)
 from pymig.transport import BytesChannel, PeerClosedError, SocketChannel
 
 from _wire_helpers import SOCKET_KINDS, WAIT_S, channel_pair
@@ -25,6 +26,8 @@ MESSAGES = [
     Ping(0),
     Pong(0xFFFF_FFFF),
     Shut(),
+    CaughtUp(16),
+    Progress((1 << 63) + 1),
 ]
 
 
@@ -44,6 +47,8 @@ def test_layout():
     assert encode_return(Ack(1, 2)) == struct.pack("<HHIQQ", 3, 0, 16, 1, 2)
     assert encode_return(PageRequest(1, 2, 3)) == struct.pack("<HHIIQI", 4, 0, 16, 1, 2, 3)
     assert encode_return(LoadError("é")) == struct.pack("<HHI", 2, 0, 2) + "é".encode()
+    assert encode_return(CaughtUp(9)) == struct.pack("<HHIQ", 10, 0, 8, 9)
+    assert encode_return(Progress(9)) == struct.pack("<HHIQ", 11, 0, 8, 9)
 
 
 def test_convenience_methods_and_ack_time():
@@ -57,10 +62,12 @@ def test_convenience_methods_and_ack_time():
         w.ping(4)
         w.pong(4)
         w.shut()
-        got = [r.recv(WAIT_S) for _ in range(7)]
+        w.caught_up(5)
+        w.progress(6)
+        got = [r.recv(WAIT_S) for _ in range(9)]
     assert got[:2] == [Ready(), LoadError("boom")]
     assert got[2].vcpu_start_ns == before and before <= got[2].sent_ns <= time.time_ns()
-    assert got[3:] == [PageRequest(1, 2, 3), Ping(4), Pong(4), Shut()]
+    assert got[3:] == [PageRequest(1, 2, 3), Ping(4), Pong(4), Shut(), CaughtUp(5), Progress(6)]
 
 
 def test_long_error_text_is_cut_on_a_character_boundary():
@@ -130,6 +137,8 @@ def _recv_raw(raw: bytes, prefix: bytes = b""):
     (struct.pack("<HHI", 5, 0, 8) + bytes(8), 12, "PING message declares 8 payload bytes; "
                                                   "expected 4"),
     (struct.pack("<HHI", 1, 0, 1) + b"x", 12, "READY message declares 1"),
+    (struct.pack("<HHI", 11, 0, 4) + bytes(4), 12, "PROGRESS message declares 4 payload bytes; "
+                                                   "expected 8"),
     (struct.pack("<HHI", 2, 0, MAX_RETURN_PAYLOAD + 1), 12, "expected at most 4096"),
     (struct.pack("<HHI", 2, 0, 0xFFFF_FFFF), 12, "expected at most"),
     (struct.pack("<HHI", 2, 0, 3) + b"a\xffb", 8 + 8 + 1, "not valid UTF-8"),

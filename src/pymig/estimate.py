@@ -24,6 +24,8 @@ take on the wire.
 * :func:`in_flight_bytes` is what the source has sent that the destination has not taken in
   yet: when the destination is the slower side, several MB wait in the socket buffers when
   the guest stops, and the destination works through them inside the downtime.
+* :class:`DestinationProgress` is what the destination has loaded, from its reports on the
+  return path: with one, the bandwidth counts what the destination took in, not what left.
 * :class:`StopSpeedup` is how much faster than that the stop-and-copy goes, once the guest
   no longer competes with the migration for CPU.
 * :class:`LoggedRate` is the rate the dirty log shows, over a window of syncs.
@@ -32,8 +34,10 @@ take on the wire.
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -183,6 +187,46 @@ def in_flight_bytes(channel) -> int:
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         return 2 * queued
     return queued
+
+
+class DestinationProgress:
+    """Page bytes the destination has loaded, as it reports them.
+
+    The destination says which stream offset it has loaded up to (PROGRESS as it loads, at
+    most every few milliseconds; CAUGHT_UP when nothing more waits); the source notes, for each
+    RAM packet, the stream offset the packet ends at and the page bytes sent up to it, which
+    turns an offset into page bytes.  What the socket no longer holds is no measure: a
+    destination slower than its source holds megabytes in its receive queue and its decoder's
+    buffers, out of the source's sight.  A report is a lower bound, a few milliseconds old.
+
+    :meth:`packet_sent` is called from the sending thread, :meth:`reported` from the
+    return-path thread, :meth:`delivered` from the migration thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (stream offset after a RAM packet, page bytes sent up to it), offsets increasing
+        self._points: list[tuple[int, int]] = [(0, 0)]
+        self._loaded: int | None = None  # page bytes the destination said it holds
+
+    def packet_sent(self, stream_offset: int, page_bytes_sent: int) -> None:
+        with self._lock:
+            self._points.append((stream_offset, page_bytes_sent))
+
+    def reported(self, loaded_offset: int) -> None:
+        """The destination loaded the stream up to ``loaded_offset``."""
+        with self._lock:
+            i = bisect.bisect_right(self._points, (loaded_offset, 1 << 63))
+            loaded = self._points[i - 1][1] if i else 0
+            self._loaded = max(self._loaded or 0, loaded)
+            if i > 1024:  # the points before the one found are never asked for again
+                del self._points[:i - 1]
+
+    def delivered(self, page_bytes_sent: int) -> int | None:
+        """Page bytes the destination holds of the ``page_bytes_sent`` sent so far; None
+        before its first report."""
+        with self._lock:
+            return None if self._loaded is None else min(self._loaded, page_bytes_sent)
 
 
 try:

@@ -179,8 +179,12 @@ class Incoming:
         self.machine.rehearse_state_load()
         # READY once the guest exists and what the source sent while it was being built is
         # loaded, CAUGHT_UP each time the backlog is: the source stops its guest only after
-        # one, so neither building the guest nor a backlog counts as downtime.
-        self.machine.load_stream(reader, _reporter(rp) if rp is not None else None)
+        # one, so neither building the guest nor a backlog counts as downtime.  PROGRESS as
+        # it loads: the source's bandwidth is what this side has taken in, not what it sent.
+        if rp is None:
+            self.machine.load_stream(reader)
+        else:
+            self.machine.load_stream(reader, _reporter(rp), rp.progress)
 
     def _discard_machine(self) -> None:
         if self.machine is not None:

@@ -37,6 +37,9 @@ LOAD_BUFFER_BYTES = PACKET_BYTES + 4096  # a RAM packet of the source's size fit
 # up after every packet, and a message each time would wake the source's return-path thread
 # a thousand times a second for nothing.
 CAUGHT_UP_INTERVAL_S = 0.005
+# Progress reports, for the same reason: the source's bandwidth is taken over iterations of
+# tens of milliseconds or more, so a report every few milliseconds is as good as one a packet.
+PROGRESS_INTERVAL_S = 0.005
 CONFIG_VERSION = 1
 CONFIG_SECTION_ID = 0xFFFF_FFFF  # outside the registry's ids: it is read before one exists
 MAX_CONFIG_BYTES = 1 << 20
@@ -150,13 +153,17 @@ class Machine:
 
     # -- destination -------------------------------------------------------------------------
     def load_stream(self, reader: "stream.StreamReader",
-                    caught_up: Callable[[int], None] | None = None) -> None:
+                    caught_up: Callable[[int], None] | None = None,
+                    progress: Callable[[int], None] | None = None) -> None:
         """Load sections until EOF, then hand the vCPU and device state to the guest.
 
         ``caught_up(offset)`` is called whenever everything received so far (the stream up to
         ``offset``) is loaded and the next record has not arrived yet (the destination answers
         READY the first time, CAUGHT_UP each time).  At most once per
         :data:`CAUGHT_UP_INTERVAL_S`: within it, it waits that long for more to arrive first.
+        ``progress(offset)`` says the stream is loaded up to ``offset`` whatever waits behind
+        it (the destination answers PROGRESS), as records are loaded, at most once per
+        :data:`PROGRESS_INTERVAL_S`.
 
         Each section is matched to an entry by (idstr, instance) on START/FULL and by section id
         after that; the source's section ids need not equal ours.  RAM packets (PART records)
@@ -170,6 +177,8 @@ class Machine:
         loaded: set[int] = set()
         decoder = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
         reported_offset, reported_at = -1, -math.inf
+        report = (_Progress(progress, reader.offset, PROGRESS_INTERVAL_S)
+                  if progress is not None else None)
         try:
             while True:
                 if (caught_up is not None and reader.offset != reported_offset
@@ -189,10 +198,12 @@ class Machine:
                 entry, version = self._entry_for(record, by_stream_id, versions)
                 loaded.add(entry.section_id)
                 if record.type == stream.RecordType.PART and entry.is_live:
-                    self._load_part_behind(decoder, reader, record, entry, version)
+                    self._load_part_behind(decoder, reader, record, entry, version, report)
                     continue
                 decoder.drain()
                 self._load_record(entry, record, reader.read_payload(), version, state)
+                if report is not None:
+                    report.loaded(reader.offset)
             decoder.drain()
         finally:
             decoder.close()
@@ -203,8 +214,10 @@ class Machine:
         self.guest.load_state(state)
 
     def _load_part_behind(self, decoder: "PacketWorker", reader: "stream.StreamReader",
-                          record, entry: SaveStateEntry, version: int) -> None:
-        """Receive a PART record's payload and have the decoder load it."""
+                          record, entry: SaveStateEntry, version: int,
+                          progress: "_Progress | None") -> None:
+        """Receive a PART record's payload and have the decoder load it, then tell
+        ``progress`` where the stream is loaded up to."""
         if record.payload_len <= decoder.buffer_bytes:
             buf = decoder.buffer()
         else:  # larger than a RAM packet: a buffer of its own
@@ -217,9 +230,12 @@ class Machine:
                 decoder.give_back(buf)
             decoder.drain()
             raise
+        end = reader.offset
 
         def job() -> None:
             entry.handlers.load(self, payload, version, record.type)
+            if progress is not None:
+                progress.loaded(end)
 
         decoder.submit(buf, job)
 
@@ -363,3 +379,24 @@ def load_config(reader: "stream.StreamReader") -> GuestConfig:
     except (ValueError, TypeError) as exc:
         raise StreamError(record.offset, f"bad guest configuration: {exc}") from None
 
+
+class _Progress:
+    """The destination's PROGRESS reports: the stream offset loaded so far, at most once per
+    ``interval_s`` (the calls in between dropped: a destination that then has nothing more to
+    load says CAUGHT_UP)."""
+
+    def __init__(self, send: Callable[[int], None], loaded_offset: int, interval_s: float):
+        self._send = send
+        self._offset = loaded_offset
+        self._interval = interval_s
+        self._last = -math.inf
+        self._lock = threading.Lock()  # one report at a time, offsets in order
+
+    def loaded(self, offset: int) -> None:
+        """The stream is loaded up to ``offset``."""
+        with self._lock:
+            self._offset = max(self._offset, offset)
+            now = time.monotonic()
+            if now - self._last >= self._interval:
+                self._last = now
+                self._send(self._offset)

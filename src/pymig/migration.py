@@ -36,8 +36,9 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import (Bandwidth, DirtyRate, LoggedRate, StopSpeedup, SwitchoverCost,
-                            host_cpu_seconds, in_flight_bytes, thread_cpu_seconds)
+from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRate, StopSpeedup,
+                            SwitchoverCost, host_cpu_seconds, in_flight_bytes,
+                            thread_cpu_seconds)
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
@@ -223,9 +224,6 @@ class Migration:
         paused_by_us = False
         saver = machine.ram_saver
         saver.cancelled = self._cancel.is_set
-        saver.on_packet = lambda r: stats.add_sent(
-            nbytes=r.nbytes, normal_pages=r.normal_pages, zero_pages=r.zero_pages,
-            compressed_pages=r.compressed_pages)
         ret = None
         throttle = 0
         dirty_limits: tuple[int, ...] | None = None
@@ -241,8 +239,17 @@ class Migration:
             channel.set_max_bandwidth(params.max_bandwidth)
             saver.compress = params.compression == "lz4"
             writer = stream.StreamWriter(channel)
+            progress = DestinationProgress()
+
+            def packet_sent(r) -> None:
+                stats.add_sent(nbytes=r.nbytes, normal_pages=r.normal_pages,
+                               zero_pages=r.zero_pages, compressed_pages=r.compressed_pages)
+                if ret is not None:  # (only reports ever shorten the ledger)
+                    progress.packet_sent(writer.bytes_written, saver.page_bytes_sent)
+
+            saver.on_packet = packet_sent
             if channel.has_return_path:
-                ret = ReturnPath(channel)
+                ret = ReturnPath(channel, on_loaded=progress.reported)
             writer.write_header()
             machine.save_config(writer)
             for entry in machine.registry.live_entries():
@@ -264,6 +271,10 @@ class Migration:
                 return round(in_flight_bytes(channel) * page_bytes_per_wire_byte())
 
             def delivered_page_bytes() -> int:
+                # With a return path, what the destination reported loading (nothing before
+                # its first report); without one, what the socket no longer holds.
+                if ret is not None:
+                    return progress.delivered(saver.page_bytes_sent) or 0
                 return max(saver.page_bytes_sent - in_flight_page_bytes(), 0)
 
             bandwidth = Bandwidth()
@@ -347,7 +358,8 @@ class Migration:
                     expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
                     vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits,
                     action=decision.action.value, reason=decision.reason,
-                    caught_up_wait_s=waited_s)
+                    caught_up_wait_s=waited_s,
+                    backlog_bytes=saver.page_bytes_sent - delivered_page_bytes())
                 waited_s = 0.0
                 for callback in list(self._pass_listeners):
                     callback(record)
@@ -636,8 +648,11 @@ class DowntimePhases:
 class ReturnPath:
     """Reads the destination's messages in a thread; an error fails the migration at once."""
 
-    def __init__(self, channel):
+    def __init__(self, channel, on_loaded: Callable[[int], None] | None = None):
         self.reader = stream.ReturnPathReader(channel)
+        # on_loaded(offset), in this object's thread: the destination loaded the stream up to
+        # offset (a PROGRESS or CAUGHT_UP report)
+        self._on_loaded = on_loaded
         self.error: str | None = None
         self._messages: dict[type, object] = {}
         self._cond = threading.Condition()
@@ -658,6 +673,9 @@ class ReturnPath:
                     self._stopped = True
                     self._cond.notify_all()
                 return
+            if self._on_loaded is not None and isinstance(message, (stream.Progress,
+                                                                    stream.CaughtUp)):
+                self._on_loaded(message.offset)
             with self._cond:
                 if isinstance(message, stream.LoadError):
                     self.error = message.text

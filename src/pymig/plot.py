@@ -3,11 +3,11 @@
 Three panels over the iteration number: the guest's dirty rate against the migration's
 bandwidth (MB/s of guest pages, as the policy counts them: with zero pages and compression far
 above the wire's rate; the migration converges only where bandwidth stays above), the pending
-bytes with the expected downtime (and where the policy decided to switch over, with the time
-it then waited for the destination to catch up), and the vCPU throttle.  matplotlib is an
-optional dependency (the ``pymig[plot]`` extra) and is imported only here, only when
-plotting; the figure is drawn on an Agg canvas of its own, so nothing global in matplotlib
-(pyplot's state, the backend) changes.
+bytes with the expected downtime and the destination's backlog (and where the policy decided to
+switch over, with the time it then waited for the destination to catch up), and the vCPU
+throttle.  matplotlib is an optional dependency (the ``pymig[plot]`` extra) and is imported
+only here, only when plotting; the figure is drawn on an Agg canvas of its own, so nothing
+global in matplotlib (pyplot's state, the backend) changes.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[st
 
     pending.plot(iterations, [r["pending_bytes"] / mb for r in records], marker="o",
                  color="tab:purple", label="pending")
+    if any(r.get("backlog_bytes") for r in records):  # traces from before it lack it
+        pending.plot(iterations, [r.get("backlog_bytes", 0) / mb for r in records],
+                     marker=".", color="tab:olive", label="sent, not yet loaded there")
     pending.set_ylabel("pending (MB)")
     downtime = pending.twinx()
     known = [(r["iteration"], r["expected_downtime"]) for r in records

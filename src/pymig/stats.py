@@ -96,6 +96,9 @@ class TraceRecord:
     action: str = ""  # "continue", "switchover" or "cancel"
     reason: str = ""  # the policy's reason, e.g. "fits-limit", "converging", "throttling: ..."
     caught_up_wait_s: float = 0.0
+    # page bytes sent that the destination had not loaded yet, as its reports on the return
+    # path say (without a return path: what the socket's queues hold)
+    backlog_bytes: int = 0
 
     def to_json(self) -> str:
         line = dataclasses.asdict(self)
@@ -238,7 +241,8 @@ class MigrationStats:
                     bandwidth_bps: float, dirty_rate_pps: float, expected_downtime_s: float,
                     throttle_pct: int, stopped_bandwidth_bps: float = 0.0,
                     vcpu_dirty_rates=None, vcpu_dirty_limits=None, action: str = "",
-                    reason: str = "", caught_up_wait_s: float = 0.0) -> TraceRecord:
+                    reason: str = "", caught_up_wait_s: float = 0.0,
+                    backlog_bytes: int = 0) -> TraceRecord:
         """A dirty-log sync happened: update the rates and write a trace line (if tracing)."""
         with self._lock:
             now = self._clock()
@@ -271,7 +275,8 @@ class MigrationStats:
                 pending_bytes=remaining_bytes, throttle_pct=throttle_pct,
                 dirty_rate=dirty_rate_pps, page_size=self.page_size,
                 vcpu_dirty_rates=rates, vcpu_dirty_limits=_list_or_none(vcpu_dirty_limits, int),
-                action=action, reason=reason, caught_up_wait_s=caught_up_wait_s)
+                action=action, reason=reason, caught_up_wait_s=caught_up_wait_s,
+                backlog_bytes=backlog_bytes)
             if self._trace is not None:
                 self._trace.write(record)
             return record

@@ -449,6 +449,7 @@ class ReturnType(IntEnum):
     LOADED = 8  # the destination loaded everything and waits for COMMIT before starting
     COMMIT = 9  # source to destination, on the stream's channel: start the guest now
     CAUGHT_UP = 10  # u64 stream offset: everything before it is loaded, nothing more waits
+    PROGRESS = 11  # u64 stream offset: everything before it is loaded (more may wait)
 
 
 @dataclass(frozen=True)
@@ -542,10 +543,22 @@ class CaughtUp:
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
 
+@dataclass(frozen=True)
+class Progress:
+    """The destination has loaded the stream up to byte ``offset``; more may be waiting in
+    its socket.  What the source sent is not what arrived: megabytes can wait in the socket
+    buffers of a destination slower than its source, so only this says how fast the
+    destination really takes pages in."""
+
+    offset: int
+    TYPE: ClassVar[ReturnType] = ReturnType.PROGRESS
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+
 ReturnMessage = (Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut | Loaded | Commit
-                 | CaughtUp)
+                 | CaughtUp | Progress)
 _MESSAGES = {cls.TYPE: cls for cls in (Ready, LoadError, Ack, PageRequest, Ping, Pong, Shut,
-                                       Loaded, Commit, CaughtUp)}
+                                       Loaded, Commit, CaughtUp, Progress)}
 
 
 def encode_return(message: ReturnMessage) -> bytes:
@@ -611,6 +624,9 @@ class ReturnPathWriter:
 
     def caught_up(self, offset: int) -> None:
         self.send(CaughtUp(offset))
+
+    def progress(self, offset: int) -> None:
+        self.send(Progress(offset))
 
     def loaded(self) -> None:
         self.send(Loaded())
