@@ -320,6 +320,7 @@ class Migration:
                 dirty_pps = max(measured, dirty_pps) if redeciding else measured
                 redeciding = False
                 dirtied = dirty_pps * period
+                backlog = saver.page_bytes_sent - delivered_page_bytes()
                 pending = sum(e.handlers.pending(e.opaque)
                               for e in machine.registry.live_entries())
                 vcpu_rates = (tuple(guest.vcpu_dirty_rates())
@@ -342,8 +343,11 @@ class Migration:
                     manual_switchover_requested=self._manual_switchover.is_set(),
                     switchover_s=switchover_s,
                     # With a return path the guest stops only once the destination has loaded
-                    # everything sent (below): nothing is in flight inside the downtime then.
-                    in_flight_bytes=in_flight_page_bytes() if ret is None else 0,
+                    # everything sent (below), but a switchover decided while it is behind
+                    # waits for that with the guest running and writing: what it has yet to
+                    # load counts as if it were in the downtime, so the source goes on
+                    # sending meanwhile and decides once the destination is close behind.
+                    in_flight_bytes=backlog,
                     own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
                                                        throttle, period),
                     vcpu_dirty_rates=vcpu_rates,
@@ -358,8 +362,7 @@ class Migration:
                     expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
                     vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits,
                     action=decision.action.value, reason=decision.reason,
-                    caught_up_wait_s=waited_s,
-                    backlog_bytes=saver.page_bytes_sent - delivered_page_bytes())
+                    caught_up_wait_s=waited_s, backlog_bytes=backlog)
                 waited_s = 0.0
                 for callback in list(self._pass_listeners):
                     callback(record)
@@ -409,6 +412,11 @@ class Migration:
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
                 sent_period = saver.page_bytes_sent - b0
+                if ret is not None and saver.page_bytes_sent - delivered_page_bytes() > max(
+                        sent_period, 0) and time.monotonic() - t0 < BEHIND_PERIOD_S:
+                    # The destination is further behind than this pass sent: syncing again
+                    # at once finds little and takes CPU it needs.  Its next report, first.
+                    ret.wait_for_report(BEHIND_PERIOD_S - (time.monotonic() - t0))
                 bandwidth.observe(time.monotonic(), delivered_page_bytes())
                 source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
                 observe_cpu()
@@ -529,6 +537,8 @@ class Migration:
 
 
 ACK_TIMEOUT_S = 60.0
+# While the destination is behind, iterations are at least this long (waiting for its reports)
+BEHIND_PERIOD_S = 0.01
 THROTTLE_SLICE_S = 0.1
 
 
@@ -653,6 +663,7 @@ class ReturnPath:
         # on_loaded(offset), in this object's thread: the destination loaded the stream up to
         # offset (a PROGRESS or CAUGHT_UP report)
         self._on_loaded = on_loaded
+        self._reports = 0  # PROGRESS and CAUGHT_UP messages so far
         self.error: str | None = None
         self._messages: dict[type, object] = {}
         self._cond = threading.Condition()
@@ -673,10 +684,11 @@ class ReturnPath:
                     self._stopped = True
                     self._cond.notify_all()
                 return
-            if self._on_loaded is not None and isinstance(message, (stream.Progress,
-                                                                    stream.CaughtUp)):
+            report = isinstance(message, (stream.Progress, stream.CaughtUp))
+            if report and self._on_loaded is not None:
                 self._on_loaded(message.offset)
             with self._cond:
+                self._reports += report
                 if isinstance(message, stream.LoadError):
                     self.error = message.text
                 self._messages[type(message)] = message
@@ -690,6 +702,14 @@ class ReturnPath:
     def _caught_up(self, offset: int) -> bool:
         latest = self._messages.get(stream.CaughtUp)
         return latest is not None and latest.offset >= offset
+
+    def wait_for_report(self, timeout: float) -> None:
+        """Until the destination's next PROGRESS or CAUGHT_UP, at most ``timeout`` seconds
+        (returns early, without raising, if the return path failed: the caller checks)."""
+        with self._cond:
+            seen = self._reports
+            self._cond.wait_for(lambda: self._reports != seen or self._stopped
+                                or self.error is not None, max(timeout, 0.0))
 
     def wait_caught_up(self, offset: int, timeout: float, check: Callable | None) -> None:
         """Until the destination has loaded the stream up to ``offset``; raises as
