@@ -258,6 +258,28 @@ def test_sliced_iterations_go_on_where_they_stopped_and_send_each_page_once(fill
     assert np.array_equal(out.copies[0], saver.blocks[0].array)
 
 
+def test_the_first_pass_is_through_once_it_reached_the_end_of_ram(filled_saver):
+    saver, out = filled_saver
+    block = saver.blocks[0]
+
+    def pages(bitmap):
+        return np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:block.npages]
+
+    saver.slice_deadline = 0.0  # one chunk per call
+    saver.iterate(out)
+    assert not saver.swept and not np.array_equal(out.copies[0], block.array)
+    # the guest writes again the first chunk it sent: pages stay pending behind the cursor
+    first = np.flatnonzero(pages(out.present[0]))
+    saver.bitmaps[0][first.min() // 64] |= np.uint64(1)
+    calls = 1
+    while not saver.swept:
+        assert saver.pending_pages(), "pending pages ran out before the pass was through"
+        saver.iterate(out)
+        calls += 1
+    assert calls >= 5  # 20 MiB, 4 MiB a call
+    assert np.array_equal(out.copies[0], block.array)  # every page that held data went
+
+
 def test_a_slice_resumes_after_the_chunk_it_stopped_at(filled_saver):
     saver, out = filled_saver
     saver.slice_deadline = 0.0

@@ -343,11 +343,8 @@ class Migration:
                     manual_switchover_requested=self._manual_switchover.is_set(),
                     switchover_s=switchover_s,
                     # With a return path the guest stops only once the destination has loaded
-                    # everything sent (below), but a switchover decided while it is behind
-                    # waits for that with the guest running and writing: what it has yet to
-                    # load counts as if it were in the downtime, so the source goes on
-                    # sending meanwhile and decides once the destination is close behind.
-                    in_flight_bytes=backlog,
+                    # everything sent (below): nothing is in flight inside the downtime then.
+                    in_flight_bytes=in_flight_page_bytes() if ret is None else 0,
                     own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
                                                        throttle, period),
                     vcpu_dirty_rates=vcpu_rates,
@@ -386,6 +383,21 @@ class Migration:
                     # stop-and-copy will be like: measure the source's rate on it alone.
                     source_rate = Bandwidth()
                     source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
+                elif decision.action == policy_mod.Action.SWITCHOVER and (
+                        decision.reason == "fits-limit" and not saver.swept):
+                    # Pages never sent cost the destination a first touch of fresh memory,
+                    # whose rate a VM host can change fourfold from one region to the next
+                    # (memory it has taken back): until the first pass over RAM is through,
+                    # what the estimate allows is not trusted with them.
+                    pass
+                elif decision.action == policy_mod.Action.SWITCHOVER and keep_sending(
+                        decision, backlog, bandwidth.bytes_per_s) and ret is not None \
+                        and not ret.caught_up(writer.bytes_written):
+                    # The destination is so far behind that waiting for it would take longer
+                    # than the downtime expected, with the guest running and writing all
+                    # along: go on sending what it writes, paced by the destination's reports
+                    # (below), and decide again.
+                    pass
                 elif decision.action == policy_mod.Action.SWITCHOVER:
                     if ret is not None and not ret.caught_up(writer.bytes_written):
                         # The guest stops only once the destination has loaded everything sent
@@ -572,6 +584,17 @@ def resend_first(decision: policy_mod.Decision, expected_before_wait: float,
     :data:`RESEND_GROWTH` times; at most :data:`MAX_PASSES_AFTER_WAIT` times."""
     return (decision.reason == "fits-limit" and passes_after_wait < MAX_PASSES_AFTER_WAIT
             and decision.expected_downtime_s > RESEND_GROWTH * expected_before_wait)
+
+
+def keep_sending(decision: policy_mod.Decision, backlog_bytes: int,
+                 bandwidth_bps: float) -> bool:
+    """Whether a switchover the estimate allowed (not one a limit or the user forced) should
+    wait while the source goes on sending: the destination has more to load than it loads in
+    the downtime expected.  Not while it has loaded nothing yet (building its guest, say):
+    how long it will take is anyone's guess, and the catch-up wait is there for that."""
+    if decision.reason != "fits-limit" or backlog_bytes <= 0 or bandwidth_bps <= 0:
+        return False
+    return backlog_bytes / bandwidth_bps > decision.expected_downtime_s
 
 
 def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:

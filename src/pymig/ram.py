@@ -213,6 +213,9 @@ class RamSaver:
         # sends everything); the next call goes on from there, wrapping around at the end
         self.slice_deadline: float = math.inf
         self._resume: tuple[int, int] = (0, 0)  # (block index, first page) to go on from
+        # whether the pass that began at setup has reached the end of RAM: every page that
+        # held data then has gone at least once
+        self.swept = False
         # on_packet(EncodeResult) after each packet is on the wire
         self.on_packet: Callable[[core.EncodeResult], None] = lambda result: None
         # page bytes (pages x page size, zero pages too) whose packets are on the wire: the
@@ -228,6 +231,7 @@ class RamSaver:
         self.guest.start_dirty_log()
         self._logging = True
         self._resume = (0, 0)
+        self.swept = False
         self._compress_state[:] = 0
         for seen, sent in zip(self._seen, self._sent):
             seen[:] = 0
@@ -291,6 +295,8 @@ class RamSaver:
         try:
             chunks = self._chunks()
             for number, (index, first) in enumerate(chunks):
+                if number and chunks[number - 1] > (index, first):
+                    self.swept = True  # wrapped around past the end of RAM
                 block, bitmap = self.blocks[index], self.bitmaps[index]
                 end = min(first + CLEAR_CHUNK_PAGES, block.npages)
                 if rearm:
@@ -312,6 +318,7 @@ class RamSaver:
                     cursor = result.cursor
                 if time.monotonic() >= deadline and number + 1 < len(chunks):
                     self._resume = chunks[number + 1]
+                    self.swept = self.swept or self._resume < (index, first)
                     sender.drain()
                     self._mark_sent(before)
                     return False
@@ -320,6 +327,7 @@ class RamSaver:
             raise
         sender.drain()
         self._mark_sent(before)
+        self.swept = True
         return True
 
     def _mark_sent(self, before: list[np.ndarray]) -> None:
