@@ -279,7 +279,6 @@ def test_the_source_counts_what_the_destination_loaded_not_what_it_sent(
     # backlog shows; the source paces its passes on the destination's reports meanwhile, and
     # stops the guest on a decision taken with the destination caught up.
     from pymig.migration import BEHIND_PERIOD_S
-
     from pymig.ram import RamLoader
 
     loaded: list[tuple[float, int]] = []
@@ -411,3 +410,21 @@ def test_a_destination_far_behind_lets_the_source_go_on_sending(reason, backlog,
 
     decision = Decision(Action.SWITCHOVER, reason, 0, None, expected)
     assert keep_sending(decision, int(backlog), bandwidth) is keep
+
+
+@pytest.mark.parametrize("reason, swept, caught_up, expected_before_wait, held", [
+    ("fits-limit", False, True, float("inf"), "FIRST_PASS"),
+    ("fits-limit", True, False, float("inf"), "BEHIND"),  # 100 MB behind at 1 GB/s
+    ("fits-limit", True, True, float("inf"), None),
+    ("fits-limit", False, False, 0.001, "RESEND"),  # the wait made 50 ms of 1 ms
+    ("manual", False, False, 0.001, None),  # the user's switchover goes ahead
+])
+def test_why_a_switchover_waits_for_another_pass(reason, swept, caught_up,
+                                                 expected_before_wait, held):
+    from pymig.migration import Held, switchover_held
+
+    decision = Decision(Action.SWITCHOVER, reason, 0, None, 0.05)
+    got = switchover_held(decision, expected_before_wait=expected_before_wait,
+                          passes_after_wait=0, swept=swept, backlog_bytes=100_000_000,
+                          bandwidth_bps=1e9, caught_up=caught_up)
+    assert got is (Held[held] if held else None)

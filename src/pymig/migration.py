@@ -277,6 +277,9 @@ class Migration:
                     return progress.delivered(saver.page_bytes_sent) or 0
                 return max(saver.page_bytes_sent - in_flight_page_bytes(), 0)
 
+            def backlog_page_bytes() -> int:
+                return saver.page_bytes_sent - delivered_page_bytes()
+
             bandwidth = Bandwidth()
             bandwidth.observe(time.monotonic(), delivered_page_bytes())
             # How fast this side moves pages, over the time it spends sending: re-sent pages
@@ -320,7 +323,7 @@ class Migration:
                 dirty_pps = max(measured, dirty_pps) if redeciding else measured
                 redeciding = False
                 dirtied = dirty_pps * period
-                backlog = saver.page_bytes_sent - delivered_page_bytes()
+                backlog = backlog_page_bytes()
                 pending = sum(e.handlers.pending(e.opaque)
                               for e in machine.registry.live_entries())
                 vcpu_rates = (tuple(guest.vcpu_dirty_rates())
@@ -371,33 +374,22 @@ class Migration:
                     dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
                     stats.set_vcpu_dirty_limits(dirty_limits)
                 after_wait, expected_before_wait = expected_before_wait, math.inf
-                if decision.action == policy_mod.Action.SWITCHOVER and resend_first(
-                        decision, after_wait, passes_after_wait):
-                    # The catch-up wait was long and the guest ran all along it: what it
-                    # dirtied meanwhile would all go inside the downtime.  The destination is
-                    # caught up and holds those pages already (re-sends cost it no first
-                    # touch): send them once more with the guest running, then decide again.
+                held = None
+                if decision.action == policy_mod.Action.SWITCHOVER:
+                    held = switchover_held(
+                        decision, expected_before_wait=after_wait,
+                        passes_after_wait=passes_after_wait, swept=saver.swept,
+                        backlog_bytes=backlog, bandwidth_bps=bandwidth.bytes_per_s,
+                        caught_up=ret is None or ret.caught_up(writer.bytes_written))
+                if held == Held.RESEND:
                     passes_after_wait += 1
                     # The source's rate so far counts the time it spent blocked behind the
                     # destination's backlog; this pass, caught up and all re-sends, is what the
                     # stop-and-copy will be like: measure the source's rate on it alone.
                     source_rate = Bandwidth()
                     source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
-                elif decision.action == policy_mod.Action.SWITCHOVER and (
-                        decision.reason == "fits-limit" and not saver.swept):
-                    # Pages never sent cost the destination a first touch of fresh memory,
-                    # whose rate a VM host can change fourfold from one region to the next
-                    # (memory it has taken back): until the first pass over RAM is through,
-                    # what the estimate allows is not trusted with them.
-                    pass
-                elif decision.action == policy_mod.Action.SWITCHOVER and keep_sending(
-                        decision, backlog, bandwidth.bytes_per_s) and ret is not None \
-                        and not ret.caught_up(writer.bytes_written):
-                    # The destination is so far behind that waiting for it would take longer
-                    # than the downtime expected, with the guest running and writing all
-                    # along: go on sending what it writes, paced by the destination's reports
-                    # (below), and decide again.
-                    pass
+                elif held is not None:
+                    pass  # another pass first, then decide again
                 elif decision.action == policy_mod.Action.SWITCHOVER:
                     if ret is not None and not ret.caught_up(writer.bytes_written):
                         # The guest stops only once the destination has loaded everything sent
@@ -424,8 +416,8 @@ class Migration:
                 for entry in machine.registry.live_entries():
                     entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
                 sent_period = saver.page_bytes_sent - b0
-                if ret is not None and saver.page_bytes_sent - delivered_page_bytes() > max(
-                        sent_period, 0) and time.monotonic() - t0 < BEHIND_PERIOD_S:
+                if ret is not None and backlog_page_bytes() > max(sent_period, 0) \
+                        and time.monotonic() - t0 < BEHIND_PERIOD_S:
                     # The destination is further behind than this pass sent: syncing again
                     # at once finds little and takes CPU it needs.  Its next report, first.
                     ret.wait_for_report(BEHIND_PERIOD_S - (time.monotonic() - t0))
@@ -575,6 +567,40 @@ RESEND_GROWTH = 2.0
 MAX_PASSES_AFTER_WAIT = 1
 
 
+class Held(enum.Enum):
+    """Why a switchover the estimate allowed waits for another pass (:func:`switchover_held`)."""
+
+    RESEND = "what the guest dirtied during a long catch-up wait goes once more first"
+    FIRST_PASS = "the first pass over RAM is not through"
+    BEHIND = "the destination is further behind than it loads in the downtime expected"
+
+
+def switchover_held(decision: policy_mod.Decision, *, expected_before_wait: float,
+                    passes_after_wait: int, swept: bool, backlog_bytes: int,
+                    bandwidth_bps: float, caught_up: bool) -> Held | None:
+    """Why the switchover ``decision`` should wait for another pass with the guest running,
+    or None to go ahead.  Only one the estimate allowed ("fits-limit") waits, never one a limit
+    or the user forced.
+
+    * RESEND (:func:`resend_first`): a catch-up wait made the expected downtime grow.
+    * FIRST_PASS: pages never sent cost the destination a first touch of fresh memory, whose
+      rate a VM host can change fourfold from one region to the next (memory it has taken
+      back); until the first pass over RAM is through, the estimate is not trusted with them.
+    * BEHIND (:func:`keep_sending`): waiting for the destination would take longer than the
+      downtime expected, with the guest writing all along; the source goes on sending, paced
+      by the destination's reports.
+    """
+    if decision.reason != "fits-limit":
+        return None
+    if resend_first(decision, expected_before_wait, passes_after_wait):
+        return Held.RESEND
+    if not swept:
+        return Held.FIRST_PASS
+    if not caught_up and keep_sending(decision, backlog_bytes, bandwidth_bps):
+        return Held.BEHIND
+    return None
+
+
 def resend_first(decision: policy_mod.Decision, expected_before_wait: float,
                  passes_after_wait: int) -> bool:
     """Whether a switchover decided right after a catch-up wait (``expected_before_wait``: the
@@ -591,7 +617,7 @@ def keep_sending(decision: policy_mod.Decision, backlog_bytes: int,
     """Whether a switchover the estimate allowed (not one a limit or the user forced) should
     wait while the source goes on sending: the destination has more to load than it loads in
     the downtime expected.  Not while it has loaded nothing yet (building its guest, say):
-    how long it will take is anyone's guess, and the catch-up wait is there for that."""
+    how long that takes is anyone's guess, and the catch-up wait is there for it."""
     if decision.reason != "fits-limit" or backlog_bytes <= 0 or bandwidth_bps <= 0:
         return False
     return backlog_bytes / bandwidth_bps > decision.expected_downtime_s

@@ -294,9 +294,8 @@ class RamSaver:
         before = [bitmap.copy() for bitmap in self.bitmaps]
         try:
             chunks = self._chunks()
+            last_in_ram = max(chunks, default=None)  # where the pass reaches the end of RAM
             for number, (index, first) in enumerate(chunks):
-                if number and chunks[number - 1] > (index, first):
-                    self.swept = True  # wrapped around past the end of RAM
                 block, bitmap = self.blocks[index], self.bitmaps[index]
                 end = min(first + CLEAR_CHUNK_PAGES, block.npages)
                 if rearm:
@@ -316,9 +315,10 @@ class RamSaver:
                         break
                     sender.submit(buf, self._send_job(out, buf, result, block.page_size))
                     cursor = result.cursor
+                if (index, first) == last_in_ram:
+                    self.swept = True
                 if time.monotonic() >= deadline and number + 1 < len(chunks):
                     self._resume = chunks[number + 1]
-                    self.swept = self.swept or self._resume < (index, first)
                     sender.drain()
                     self._mark_sent(before)
                     return False
