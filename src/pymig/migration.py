@@ -388,9 +388,7 @@ class Migration:
                     # stop-and-copy will be like: measure the source's rate on it alone.
                     source_rate = Bandwidth()
                     source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
-                elif held is not None:
-                    pass  # another pass first, then decide again
-                elif decision.action == policy_mod.Action.SWITCHOVER:
+                elif held is None and decision.action == policy_mod.Action.SWITCHOVER:
                     if ret is not None and not ret.caught_up(writer.bytes_written):
                         # The guest stops only once the destination has loaded everything sent
                         # so far: a backlog left in the socket would be loaded inside the
