@@ -150,6 +150,27 @@ def test_accept_timeout_and_refused_connection():
         transport.connect("tcp:no-such-host.invalid:4444", timeout=WAIT_S)
 
 
+def test_a_numeric_address_connects_without_the_resolver(monkeypatch):
+    """A process's first getaddrinfo() loads the resolver (milliseconds of a migration's setup
+    time): addresses written in numbers go straight to connect(); names still resolve."""
+    with transport.listen("tcp::0") as listener:
+        port = listener.uri.port
+        resolve = socket.getaddrinfo
+        resolved: list[str] = []
+
+        def watching(host, *args, **kwargs):
+            resolved.append(host)
+            return resolve(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", watching)
+        for uri in (f"tcp:127.0.0.1:{port}", f"tcp:[::1]:{port}", f"tcp:localhost:{port}"):
+            with transport.connect(uri, timeout=WAIT_S) as src:
+                with listener.accept(WAIT_S) as dst:
+                    src.send(b"hello")
+                    assert dst.recv_exact(5) == b"hello"
+        assert resolved == ["localhost"]
+
+
 def test_listen_on_any_address_and_free_port():
     with transport.listen("tcp::0") as listener:
         assert listener.uri.host == "" and listener.uri.port > 0
