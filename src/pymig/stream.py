@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import xxhash
 
@@ -275,18 +275,22 @@ class StreamReader:
         self._pending: RecordHeader | None = None
 
     # --- low level --------------------------------------------------------------------------
-    def _read(self, view: memoryview, what: str) -> memoryview:
-        """Fill ``view`` from the channel; a premature end is a StreamError at that offset."""
+    def _read(self, view: memoryview, what: str | Callable[[], str]) -> memoryview:
+        """Fill ``view`` from the channel; a premature end is a StreamError at that offset.
+        ``what`` names the part being read, or is a function that does: messages are only
+        built for errors, not for every record of a healthy stream."""
         try:
             self.channel.recv_into(view)
         except PeerClosedError as exc:
+            if callable(what):
+                what = what()
             raise StreamError(self.offset + exc.received,
                               f"stream truncated in {what}: {exc.received} of {len(view)} bytes "
                               f"arrived before the end of the stream") from exc
         self.offset += len(view)
         return view
 
-    def _small(self, nbytes: int, what: str) -> memoryview:
+    def _small(self, nbytes: int, what: str | Callable[[], str]) -> memoryview:
         return self._read(memoryview(self._scratch)[:nbytes], what)
 
     # --- stream header ----------------------------------------------------------------------
@@ -316,7 +320,8 @@ class StreamReader:
             self._pending = None
         start = self.offset
         try:
-            head = self._small(RECORD_HEAD.size, f"the header of the record at byte {start}")
+            head = self._small(RECORD_HEAD.size,
+                               lambda: f"the header of the record at byte {start}")
         except StreamError as exc:
             if exc.offset == start:
                 raise StreamError(start, "stream ended without an EOF record") from exc.__cause__
@@ -335,20 +340,23 @@ class StreamReader:
         hasher.reset()
         hasher.update(head)
         idstr = instance_id = version_id = None
-        what = f"the header of the {rtype.name} record at byte {start}"
+
+        def what() -> str:
+            return f"the header of the {rtype.name} record at byte {start}"
+
         if rtype in _NAMED:
             raw_idstr_len = self._small(1, what)
             hasher.update(raw_idstr_len)
             idstr_len = raw_idstr_len[0]
             if idstr_len == 0:
-                raise StreamError(self.offset - 1, f"empty idstr in {what}")
+                raise StreamError(self.offset - 1, f"empty idstr in {what()}")
             raw = self._small(idstr_len, what)
             hasher.update(raw)
             try:
                 idstr = bytes(raw).decode("ascii")
             except UnicodeDecodeError:
                 raise StreamError(self.offset - idstr_len,
-                                  f"idstr {bytes(raw)!r} in {what} is not ASCII") from None
+                                  f"idstr {bytes(raw)!r} in {what()} is not ASCII") from None
             info = self._small(SECTION_INFO.size, what)
             hasher.update(info)
             instance_id, version_id = SECTION_INFO.unpack(info)
@@ -402,7 +410,7 @@ class StreamReader:
                 raise ValueError(f"buffer of {len(view)} bytes is too small for the "
                                  f"{size}-byte payload of the {header.describe()}")
             view = view[:size]
-        self._read(view, f"the payload of the {header.describe()}")
+        self._read(view, lambda: f"the payload of the {header.describe()}")
         if not header.nocsum:
             self._hasher.update(view)
         self._check_footer(header)
@@ -414,7 +422,7 @@ class StreamReader:
 
     def _check_footer(self, header: RecordHeader) -> None:
         at = self.offset
-        raw = self._small(FOOTER_BYTES, f"the footer of the {header.describe()}")
+        raw = self._small(FOOTER_BYTES, lambda: f"the footer of the {header.describe()}")
         marker, section_id, checksum = FOOTER.unpack(raw)
         if marker != FOOTER_MAGIC:
             raise StreamError(at, f"footer marker of the {header.describe()} is {marker!r}, "
