@@ -18,11 +18,16 @@ from _childenv import child_env
 from _migration_helpers import (GUEST_KINDS, assert_carries_on, finish, guest_passes,
                                 start_destination, start_source, wait_for)
 from pymig.qmp import QmpClient
+from pymig.ram import OVERLAP_ENV
 from pymig.stats import read_trace
 
 
+@pytest.mark.parametrize("overlap", ["on", "off"])
 @pytest.mark.parametrize("kind", GUEST_KINDS)
-def test_cli_migration_carries_the_guest_over(kind, tmp_path):
+def test_cli_migration_carries_the_guest_over(kind, overlap, tmp_path, monkeypatch):
+    # both ways of moving packets, with and without threads of their own (pymig.ram), on
+    # whatever host this runs
+    monkeypatch.setenv(OVERLAP_ENV, overlap)
     src, src_ctl = start_source(kind, tmp_path)
     dst, dst_ctl, uri = start_destination(tmp_path)
     try:

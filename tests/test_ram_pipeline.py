@@ -16,15 +16,24 @@ from pymig import stream
 from pymig.errors import PymigError, StreamError, TransportError
 from pymig.guest import GuestConfig, create
 from pymig.machine import Machine, SectionOut, load_config
-from pymig.ram import PacketWorker, RamSaver, block_digests
+from pymig.ram import (OVERLAP_ENV, OVERLAP_MIN_CPUS, PacketWorker, RamSaver,
+                       block_digests, packet_overlap)
 from pymig.transport import BytesChannel
 from pymig.transport.channel import SocketChannel
 
 MiB = 1 << 20
 
 
+@pytest.fixture(params=["on", "off"])
+def overlap(request, monkeypatch):
+    """Packet workers with a thread of their own ("on") and without ("off"), whatever the
+    number of CPUs of the host."""
+    monkeypatch.setenv(OVERLAP_ENV, request.param)
+    return request.param == "on"
+
+
 def test_worker_runs_jobs_in_order_and_drain_waits_for_all():
-    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16)
+    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16, overlap=True)
     done: list[int] = []
     gate = threading.Event()
     try:
@@ -48,7 +57,7 @@ def test_worker_runs_jobs_in_order_and_drain_waits_for_all():
 
 
 def test_worker_failure_is_raised_and_later_jobs_dropped():
-    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16)
+    worker = PacketWorker("test-worker", nbuffers=2, buffer_bytes=16, overlap=True)
     ran: list[int] = []
 
     def fail() -> None:
@@ -72,7 +81,7 @@ def test_worker_failure_is_raised_and_later_jobs_dropped():
 
 
 def test_a_lone_job_runs_in_the_callers_thread():
-    worker = PacketWorker("test-worker", nbuffers=3, buffer_bytes=16)
+    worker = PacketWorker("test-worker", nbuffers=3, buffer_bytes=16, overlap=True)
     threads: list[str] = []
     try:
         worker.submit(worker.buffer(), lambda: threads.append(threading.current_thread().name))
@@ -86,6 +95,51 @@ def test_a_lone_job_runs_in_the_callers_thread():
         assert threads[1:] == ["test-worker"] * 3  # in flight together: all by the thread
     finally:
         worker.close()
+
+
+def test_without_overlap_each_job_runs_at_once_in_the_callers_thread():
+    worker = PacketWorker("test-worker", nbuffers=3, buffer_bytes=16, overlap=False)
+    ran: list[tuple[int, str]] = []
+    try:
+        for i in range(4):
+            buf = worker.buffer()
+            worker.submit(buf, lambda i=i: ran.append((i, threading.current_thread().name)))
+            assert ran[-1] == (i, threading.current_thread().name)  # done before submit returns
+            assert worker.buffer() is buf  # one buffer, free again, the same each time
+            worker.give_back(buf)
+
+        def fail() -> None:
+            raise TransportError("peer gone")
+
+        with pytest.raises(TransportError, match="peer gone"):
+            worker.submit(worker.buffer(), fail)
+        worker.drain()  # nothing in flight, nothing held back
+        assert worker.thread is None
+        worker.buffer()  # the failed job's buffer came back too
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("value, expected", [("on", True), ("1", True), ("off", False),
+                                             ("0", False), (" OFF ", False)])
+def test_the_environment_can_force_overlap_either_way(monkeypatch, value, expected):
+    monkeypatch.setenv(OVERLAP_ENV, value)
+    assert packet_overlap() is expected
+    assert PacketWorker("test-worker", buffer_bytes=16).overlap is expected
+
+
+def test_by_default_overlap_follows_the_cpus_of_the_process(monkeypatch):
+    monkeypatch.delenv(OVERLAP_ENV, raising=False)
+    for cpus, expected in ((1, False), (OVERLAP_MIN_CPUS - 1, False),
+                           (OVERLAP_MIN_CPUS, True), (64, True)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert packet_overlap() is expected
+
+
+def test_a_bad_overlap_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(OVERLAP_ENV, "sometimes")
+    with pytest.raises(ValueError, match=f"{OVERLAP_ENV}='sometimes'.*on, off or auto"):
+        packet_overlap()
 
 
 class _FailingOut:
@@ -106,7 +160,7 @@ class _FailingOut:
             raise TransportError("sending to tcp:test failed: EPIPE")
 
 
-def test_iterate_raises_a_send_failure_and_leaves_the_stream_alone():
+def test_iterate_raises_a_send_failure_and_leaves_the_stream_alone(overlap):
     config = GuestConfig("simulated", 32 * MiB, workload="idle",
                          params={"fill_bytes": 16 * MiB})
     guest = create(config)
@@ -161,7 +215,7 @@ def _load(data: bytes):
     return channel, reader, machine
 
 
-def test_loading_decodes_every_packet_and_reads_nothing_after_eof():
+def test_loading_decodes_every_packet_and_reads_nothing_after_eof(overlap):
     data, digests = _migration_stream(b"COMMIT")
     channel, reader, machine = _load(data)
     try:
@@ -175,7 +229,7 @@ def test_loading_decodes_every_packet_and_reads_nothing_after_eof():
         machine.close()
 
 
-def test_a_damaged_packet_fails_the_load_and_stops_the_decoder():
+def test_a_damaged_packet_fails_the_load_and_stops_the_decoder(overlap):
     data, _ = _migration_stream()
     damaged = bytearray(data)
     at = damaged.index(b"PMGP", len(damaged) // 3)  # a packet in the middle of the RAM
@@ -189,7 +243,7 @@ def test_a_damaged_packet_fails_the_load_and_stops_the_decoder():
         machine.close()
 
 
-def test_a_stream_cut_in_a_packet_fails_the_load():
+def test_a_stream_cut_in_a_packet_fails_the_load(overlap):
     data, _ = _migration_stream()
     at = data.index(b"PMGP", len(data) // 2)
     channel, reader, machine = _load(data[:at + 100_000])
@@ -330,7 +384,7 @@ def test_only_throttling_policies_slice_their_iterations():
     assert iteration_slice_s(params) == THROTTLE_SLICE_S
 
 
-def test_caught_up_reports_only_what_is_loaded_and_not_too_often():
+def test_caught_up_reports_only_what_is_loaded_and_not_too_often(overlap):
     """The destination's READY and CAUGHT_UP: never before the records already received are
     decoded (they would land in the downtime), never twice for one offset, and at most once
     per interval."""
@@ -384,7 +438,9 @@ def test_caught_up_reports_only_what_is_loaded_and_not_too_often():
 def test_progress_reports_what_is_loaded_while_more_waits(monkeypatch):
     """The destination's PROGRESS: sent while later records are already received (a backlog
     the source cannot see), each offset the end of a record, every packet before it decoded,
-    increasing, at most once per interval."""
+    increasing, at most once per interval.  (Only a decoder thread leaves received records
+    waiting: without one, each is loaded before the next is read.)"""
+    monkeypatch.setenv(OVERLAP_ENV, "on")
     from pymig.machine import PROGRESS_INTERVAL_S
     from pymig.ram import RamLoader
 

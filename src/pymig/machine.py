@@ -167,9 +167,9 @@ class Machine:
 
         Each section is matched to an entry by (idstr, instance) on START/FULL and by section id
         after that; the source's section ids need not equal ours.  RAM packets (PART records)
-        are decoded by a worker thread while this one receives the next
-        (:class:`pymig.ram.PacketWorker`); every other record is loaded in stream order once
-        the packets before it are.
+        go to a :class:`pymig.ram.PacketWorker`: where the host has CPUs to spare, its thread
+        decodes one while this one receives the next, elsewhere this one decodes each in turn;
+        every other record is loaded in stream order once the packets before it are.
         """
         by_stream_id: dict[int, SaveStateEntry] = {}
         versions: dict[int, int] = {}

@@ -13,8 +13,9 @@ Source (:class:`RamSaver`)::
               re-arm dirty tracking (KVM_CLEAR_DIRTY_LOG) for each 4 MiB chunk just before
               reading it, so a write after the clear is logged again and a write before it is
               in the copy.
-              A sender thread puts each packet on the wire while the next one is encoded
-              (:class:`PacketWorker`; both steps run without the GIL)
+              Where the host has CPUs to spare, a sender thread puts each packet on the
+              wire while the next one is encoded (:class:`PacketWorker`; both steps run
+              without the GIL); elsewhere the migration thread sends each packet itself
     complete  vCPUs are stopped: a last sync and everything still dirty, then END
 
 Destination (:class:`RamLoader`): checks the block list against its own guest, then decodes
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -47,6 +49,25 @@ PACKET_BUFFERS = 4  # one being encoded, one held back, one queued, one being se
 # clear to the end of the pass, the less there is to resend; each clear costs one ioctl
 # (~20 us with pymig's bookkeeping), 256 per GiB sent.
 CLEAR_CHUNK_PAGES = 1 << 10
+# A packet worker overlaps the two halves of moving a packet in two threads, which pays only
+# where each busy thread has a CPU of its own.  On a host of two CPUs carrying both ends (a
+# loopback migration), four busy threads took turns and moved random content 25-40 % slower
+# than two did (docs/performance.md): the handovers cost wake-ups, and each packet crossed
+# between the CPUs' caches twice more.  So a worker overlaps from this many CPUs up.
+OVERLAP_MIN_CPUS = 4
+OVERLAP_ENV = "PYMIG_PACKET_OVERLAP"  # "on" / "off" override the CPU count (tests, profiling)
+
+
+def packet_overlap() -> bool:
+    """Whether packet workers run their jobs in a thread of their own (see OVERLAP_MIN_CPUS)."""
+    choice = os.environ.get(OVERLAP_ENV, "auto").strip().lower()
+    if choice in ("on", "1"):
+        return True
+    if choice in ("off", "0"):
+        return False
+    if choice != "auto":
+        raise ValueError(f"{OVERLAP_ENV}={choice!r}: expected on, off or auto")
+    return len(os.sched_getaffinity(0)) >= OVERLAP_MIN_CPUS
 
 
 @dataclass
@@ -87,14 +108,20 @@ class PacketWorker:
     :meth:`submit` keeps the latest job back until the next one comes, and :meth:`drain` runs
     a job that never got company in the caller's thread: the worker starts only when there
     are two packets to overlap.
+
+    With ``overlap`` false (the default below :data:`OVERLAP_MIN_CPUS` CPUs) there is no
+    thread: :meth:`submit` runs the job at once, in the caller's thread, and raises its
+    failure there.
     """
 
     def __init__(self, name: str, nbuffers: int = PACKET_BUFFERS,
-                 buffer_bytes: int = PACKET_BYTES):
+                 buffer_bytes: int = PACKET_BYTES, *, overlap: bool | None = None):
         self.name = name
         self.buffer_bytes = buffer_bytes
+        self.overlap = packet_overlap() if overlap is None else overlap
         self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(nbuffers):
+        # Without a thread one buffer is enough, and the same one each time stays in cache.
+        for _ in range(nbuffers if self.overlap else 1):
             self._free.put(bytearray(buffer_bytes))
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -122,6 +149,13 @@ class PacketWorker:
     def submit(self, buf: bytearray | None, job: Callable[[], None]) -> None:
         """Run ``job``, which consumes ``buf`` (one of ours, or None for a buffer of the
         caller's own), after every job submitted before it."""
+        if not self.overlap:
+            try:
+                job()
+            finally:
+                if buf is not None:
+                    self._free.put(buf)
+            return
         held, self._held = self._held, (buf, job)
         if held is not None:
             self._hand_over(*held)
