@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
@@ -81,15 +82,35 @@ def test_truncated_stream_is_refused(tmp_path, saved_stream, fraction):
         incoming.failure
 
 
+def _page_data(packet: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes of pages (NORMAL) or LZ4 blocks (COMPRESSED) in a RAM
+    packet: what only the packet checksum protects (run records are checked one by one)."""
+    page_size, count = struct.unpack_from("<II", packet, 12)
+    spans, off = [], 32
+    for _ in range(count):
+        _, pages, kind = struct.unpack_from("<QIB", packet, off)
+        off += 16
+        size = {1: pages * page_size, 2: 0}.get(kind)
+        if size is None:  # COMPRESSED: u32 length, u32 reserved, the block
+            size = 8 + struct.unpack_from("<I", packet, off)[0]
+            spans.append((off + 8, size - 8))
+        elif size:
+            spans.append((off, size))
+        off += size
+    return spans
+
+
 def test_flipped_bit_in_ram_is_refused_by_its_checksum(tmp_path, saved_stream):
     items = records(saved_stream)
-    index = next(i for i, (r, p) in enumerate(items) if r.type == stream.RecordType.PART)
+    index, (offset, length) = next(
+        (i, span) for i, (r, p) in enumerate(items) if r.type == stream.RecordType.PART
+        for span in _page_data(p))
     record, payload = items[index]
     damaged = bytearray(payload)
-    damaged[len(damaged) // 2] ^= 0x10
+    damaged[offset + length // 2] ^= 0x10
     items[index] = (record, bytes(damaged))
     incoming = load(tmp_path, rewrite(items))
-    assert "checksum" in incoming.failure
+    assert "checksum" in incoming.failure, incoming.failure
 
 
 def test_flipped_bit_in_device_state_is_refused_by_its_footer(tmp_path, saved_stream):
