@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -126,3 +127,21 @@ def read_stream(reader: StreamReader) -> list[tuple]:
                     h.nocsum))
         if h.type is RecordType.EOF:
             return out
+
+
+def page_data(packet: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes of pages (NORMAL) or LZ4 blocks (COMPRESSED) in a RAM
+    packet: what only the packet checksum protects (run records are checked one by one)."""
+    page_size, count = struct.unpack_from("<II", packet, 12)
+    spans, off = [], 32
+    for _ in range(count):
+        _, pages, kind = struct.unpack_from("<QIB", packet, off)
+        off += 16
+        size = {1: pages * page_size, 2: 0}.get(kind)
+        if size is None:  # COMPRESSED: u32 length, u32 reserved, the block
+            size = 8 + struct.unpack_from("<I", packet, off)[0]
+            spans.append((off + 8, size - 8))
+        elif size:
+            spans.append((off, size))
+        off += size
+    return spans

@@ -10,6 +10,7 @@ import pytest
 
 from _childenv import child_env
 from _migration_helpers import guest_config, save_snapshot
+from _wire_helpers import page_data
 from pymig.analyze import analyze
 from pymig.transport import BytesChannel
 
@@ -43,7 +44,9 @@ def test_damaged_ram_is_counted_and_the_rest_still_analysed(snapshot):
     good = analyze(BytesChannel(bytes(data)))
     part = next(s for s in good.sections if s["type"] == "PART")
     header = 12  # a PART record header (type, flags, reserved, id, length); then the packet
-    flip_at = part["offset"] + header + 32 + 16 + 100  # inside the first page of data
+    packet = bytes(data[part["offset"] + header:part["offset"] + header + part["size"]])
+    offset, length = page_data(packet)[0]
+    flip_at = part["offset"] + header + offset + length // 2  # inside the bytes of pages
     data[flip_at] ^= 0x40
     result = analyze(BytesChannel(bytes(data)))
     assert result.complete and not result.ok

@@ -10,6 +10,7 @@ from _hugetlb import free_huge_pages
 from _migration_helpers import (GUEST_KINDS, assert_arrived_and_runs, assert_carries_on, finish,
                                e2e_kind, guest_config, migrate_locally, run_pymig,
                                running_guest, start_destination, start_source)
+from _wire_helpers import page_data
 from test_memory_hugetlb import migrate_to
 from test_migration_streams import records, saved_stream  # noqa: F401 - a fixture
 
@@ -121,7 +122,8 @@ def test_a_bad_snapshot_loaded_into_preallocated_ram_is_refused_for_what_is_wron
     # bad: the second guest needs RAM too, and the error must still be the file's.
     damaged = bytearray(saved_stream)  # a whole snapshot file, its index included
     packet = next(p for r, p in records(saved_stream) if r.type == stream.RecordType.PART)
-    damaged[saved_stream.find(packet) + len(packet) // 2] ^= 0x10  # inside a RAM packet
+    offset, length = page_data(packet)[0]
+    damaged[saved_stream.find(packet) + offset + length // 2] ^= 0x10  # a RAM page's bytes
     path = tmp_path / "bad.pymig"
     path.write_bytes(damaged)
     ram = PreallocatedRam(64 * MiB)

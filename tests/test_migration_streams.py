@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 
 from _migration_helpers import guest_config, save_snapshot
+from _wire_helpers import page_data
 from pymig import stream
 from pymig.errors import MigrationError
 from pymig.incoming import Incoming
@@ -82,29 +82,11 @@ def test_truncated_stream_is_refused(tmp_path, saved_stream, fraction):
         incoming.failure
 
 
-def _page_data(packet: bytes) -> list[tuple[int, int]]:
-    """(offset, length) of the bytes of pages (NORMAL) or LZ4 blocks (COMPRESSED) in a RAM
-    packet: what only the packet checksum protects (run records are checked one by one)."""
-    page_size, count = struct.unpack_from("<II", packet, 12)
-    spans, off = [], 32
-    for _ in range(count):
-        _, pages, kind = struct.unpack_from("<QIB", packet, off)
-        off += 16
-        size = {1: pages * page_size, 2: 0}.get(kind)
-        if size is None:  # COMPRESSED: u32 length, u32 reserved, the block
-            size = 8 + struct.unpack_from("<I", packet, off)[0]
-            spans.append((off + 8, size - 8))
-        elif size:
-            spans.append((off, size))
-        off += size
-    return spans
-
-
 def test_flipped_bit_in_ram_is_refused_by_its_checksum(tmp_path, saved_stream):
     items = records(saved_stream)
     index, (offset, length) = next(
         (i, span) for i, (r, p) in enumerate(items) if r.type == stream.RecordType.PART
-        for span in _page_data(p))
+        for span in page_data(p))
     record, payload = items[index]
     damaged = bytearray(payload)
     damaged[offset + length // 2] ^= 0x10
