@@ -70,3 +70,13 @@ def test_a_size_that_does_not_parse_is_refused():
     done = pymig("run", "--memory", "12X", text=True)
     assert done.returncode == 2
     assert "is not a size" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "--memory", "16M"], ["incoming", "tcp:127.0.0.1:0"]])
+def test_a_bad_packet_overlap_setting_is_refused_before_any_guest(monkeypatch, command):
+    # refused at start-up: a destination would otherwise meet it only once a migration came
+    monkeypatch.setenv("PYMIG_PACKET_OVERLAP", "sometimes")
+    done = pymig(*command, text=True)
+    assert done.returncode == 1
+    assert "PYMIG_PACKET_OVERLAP='sometimes': expected on, off or auto" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -40,6 +40,12 @@ def _fail(message: str) -> None:
 @click.version_option(package_name="pymig")
 def main() -> None:
     """Pre-copy live migration of KVM guests."""
+    from pymig.ram import packet_overlap
+
+    try:  # read where a migration would, but refused here, before any guest exists
+        packet_overlap()
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 # -- run ------------------------------------------------------------------------------------------
