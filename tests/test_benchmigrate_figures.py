@@ -29,3 +29,25 @@ def test_every_compressing_scenario_has_an_uncompressed_twin_where_it_matters():
         assert SCENARIOS[name].compression == "lz4"
         twin = SCENARIOS[f"{name}-uncompressed"]
         assert twin.compression == "none" and twin.targets == SCENARIOS[name].targets
+
+
+def test_fresh_memory_ceilings_measure_cold_then_warm_against_the_raw_socket():
+    from pymig.benchmigrate import fresh_memory_ceilings
+
+    slept = []
+    figures = fresh_memory_ceilings(8 << 20, 2.5, sleep=slept.append)
+    assert slept == [2.5]  # the quiet wait comes before the cold figure, and only once
+    for key in ("cold_bps", "warm_bps", "ceiling_bps"):
+        assert figures[key] > 0
+    assert figures["cold_ratio"] == pytest.approx(figures["cold_bps"] / figures["ceiling_bps"])
+    assert figures["warm_ratio"] == pytest.approx(figures["warm_bps"] / figures["ceiling_bps"])
+
+
+def test_fresh_memory_command_prints_each_run(capsys):
+    from pymig.benchmigrate import main
+
+    assert main(["fresh-memory", "--size", "4M", "--idle", "0", "--runs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("fresh memory after 0 s idle ") and "raw socket" in line
+               for line in lines)

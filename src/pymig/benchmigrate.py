@@ -23,9 +23,15 @@ same loopback, between this process and a fresh child process:
   4 MiB buffer (:func:`pymig.transport.ceiling.raw_socket_throughput`), the issue's ceiling;
 * ``fresh_ceiling_bps``: the same sender into a receiver that receives into a fresh mapping of
   the guest's RAM size (transparent huge pages, as a destination's RAM), so it pays the first
-  touch of new memory exactly once per byte, as any destination must.
+  touch of new memory exactly once per byte, as any destination must.  Measured right after
+  the run's processes freed theirs, it gets memory freed a moment ago, the host's fast case;
+  ``fresh-memory`` below measures the cold one too.
 
     python -m pymig.benchmigrate bench [SCENARIO ...] [--runs N] [--json] [--verbose]
+    python -m pymig.benchmigrate fresh-memory [--size 1G] [--idle 40] [--runs 3]
+
+The second measures what this host's fresh memory allows any destination, cold and warm
+(:func:`fresh_memory_ceilings`).
 """
 
 from __future__ import annotations
@@ -375,6 +381,27 @@ def fresh_memory_throughput(total_bytes: int, write_bytes: int = 1 << 20) -> flo
     return total_bytes / elapsed
 
 
+def fresh_memory_ceilings(total_bytes: int, idle_s: float, *,
+                          sleep: Callable[[float], None] = time.sleep) -> dict[str, float]:
+    """What a receiver of ``total_bytes`` gets from the host's fresh memory, cold and warm.
+
+    A host that is itself a VM may hand freed memory back to its hypervisor (virtio-balloon
+    free page reporting), which then backs it again, page by page, on its next first touch.
+    So memory no process has touched for ``idle_s`` seconds can be several times slower to
+    receive into than memory freed a moment ago, and a fresh destination process gets mostly
+    the former.  This measures, one after the other: the bare socket into fresh memory after
+    ``idle_s`` seconds of quiet (``cold_bps``), the same at once again (``warm_bps``: what the
+    first freed), and the raw socket ceiling (``ceiling_bps``)."""
+    from pymig.transport.ceiling import raw_socket_throughput
+
+    sleep(idle_s)
+    cold = fresh_memory_throughput(total_bytes)
+    warm = fresh_memory_throughput(total_bytes)
+    ceiling = raw_socket_throughput("tcp", 1 << 20, total_bytes=total_bytes, receiver="process")
+    return {"cold_bps": cold, "warm_bps": warm, "ceiling_bps": ceiling,
+            "cold_ratio": cold / ceiling, "warm_ratio": warm / ceiling}
+
+
 def _wait_migration(client, timeout: float) -> dict:
     """Wait for the MIGRATION event that ends the migration, then its final stats."""
     deadline = time.monotonic() + timeout
@@ -544,9 +571,28 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--runs", type=int, default=5)
     p_bench.add_argument("--json", action="store_true")
     p_bench.add_argument("--verbose", action="store_true")
+    p_fresh = sub.add_parser(
+        "fresh-memory", help="the bare socket into fresh memory, cold (after a quiet wait) "
+                             "and warm, against the raw socket: what any destination's first "
+                             "touch of its RAM can reach on this host")
+    p_fresh.add_argument("--size", default="1G", help="bytes to receive (default 1G)")
+    p_fresh.add_argument("--idle", type=float, default=40.0,
+                         help="seconds of quiet before the cold figure (default 40)")
+    p_fresh.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     if args.command == "source":
         return serve_source(args.config, args.control)
+    if args.command == "fresh-memory":
+        from pymig.units import parse_size
+
+        size = parse_size(args.size)
+        for _ in range(args.runs):
+            f = fresh_memory_ceilings(size, args.idle)
+            print(f"fresh memory after {args.idle:g} s idle {f['cold_bps'] / 1e6:.0f} MB/s "
+                  f"({f['cold_ratio']:.2f} x the socket), right after "
+                  f"{f['warm_bps'] / 1e6:.0f} MB/s ({f['warm_ratio']:.2f} x), raw socket "
+                  f"{f['ceiling_bps'] / 1e6:.0f} MB/s", flush=True)
+        return 0
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
     results = []
     for name in args.scenarios:
