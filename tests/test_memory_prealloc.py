@@ -134,3 +134,63 @@ def test_a_bad_snapshot_loaded_into_preallocated_ram_is_refused_for_what_is_wron
         assert incoming.machine is None
     finally:
         ram.close()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_populate_faults_in_exactly_the_range_asked_in_pieces_over_threads(threads):
+    from pymig.memory import RamBlock
+
+    block = RamBlock.allocate("ram", 16 * MiB, hugepages=False)
+    try:
+        # 1 MiB pieces from a start that is not on a piece's edge: 11 pieces, first one short
+        block.populate(100, 2800, threads=threads, chunk_bytes=MiB)
+        resident = np.unpackbits(block.touched().view(np.uint8), bitorder="little")
+        assert resident[:block.npages].nonzero()[0].tolist() == list(range(100, 2900))
+        assert not block.array.any()
+    finally:
+        block.close()
+
+
+def test_populate_leaves_the_gil_to_other_threads_while_it_faults():
+    import threading
+
+    from pymig.memory import RamBlock
+
+    block = RamBlock.allocate("ram", 256 * MiB, hugepages=False)
+    ticks = []
+    done = threading.Event()
+
+    def count() -> None:
+        while not done.is_set():
+            ticks.append(None)
+            done.wait(0.001)
+
+    counter = threading.Thread(target=count)
+    try:
+        counter.start()
+        block.populate(0, block.npages, threads=1)  # one madvise per 64 MiB: seconds when cold
+        populated_while = len(ticks)
+    finally:
+        done.set()
+        counter.join()
+        block.close()
+    # Holding the GIL through each piece, the counter would get in a tick per piece at most
+    assert populated_while > 4 * (256 // 64), populated_while
+
+
+def test_a_populate_that_fails_says_which_block_and_bytes_and_why():
+    import mmap
+
+    from pymig.memory import RamBlock
+
+    readonly = mmap.mmap(-1, 4 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                         prot=mmap.PROT_READ)
+    block = RamBlock("rom", readonly, 4 * MiB, 0, 0, 4096, None, "anon")
+    try:
+        for threads in (1, 2):
+            with pytest.raises(OSError, match=r"faulting in bytes \[\d+, \d+\) of RAM "
+                                              r"block 'rom': ") as info:
+                block.populate(0, block.npages, threads=threads, chunk_bytes=MiB)
+            assert info.value.errno is not None
+    finally:
+        block.close()
