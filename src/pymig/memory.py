@@ -20,7 +20,6 @@ import ctypes.util
 import errno
 import mmap
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -46,11 +45,7 @@ POPULATE_MAX_THREADS = 16
 
 def populate_threads() -> int:
     """Threads a populate uses by default: one per CPU this process may run on."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, POPULATE_MAX_THREADS))
+    return min(len(os.sched_getaffinity(0)), POPULATE_MAX_THREADS)
 
 MAP_HUGETLB = 0x40000  # linux/mman.h
 
@@ -207,32 +202,13 @@ class RamBlock:
             for piece in pieces:
                 self._populate_piece(*piece)
             return
-        stop = threading.Event()
-        failures: list[BaseException] = []
-        share = iter(pieces)
-        lock = threading.Lock()
-
-        def work() -> None:
-            while not stop.is_set():
-                with lock:
-                    piece = next(share, None)
-                if piece is None:
-                    return
-                try:
-                    self._populate_piece(*piece)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-                    failures.append(exc)
-                    stop.set()
-
         pool = ThreadPoolExecutor(workers, thread_name_prefix=f"populate-{self.name}")
         try:
-            for future in [pool.submit(work) for _ in range(workers)]:
+            for future in [pool.submit(self._populate_piece, *piece) for piece in pieces]:
                 future.result()
         finally:
-            stop.set()  # an interrupt in this thread: the workers finish their piece, then stop
-            pool.shutdown(wait=True)
-        if failures:
-            raise failures[0]
+            # after a failure or an interrupt: the pieces under way finish, the rest never start
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _populate_piece(self, start: int, end: int) -> None:
         while _libc.madvise(ctypes.c_void_p(self.address + start), ctypes.c_size_t(end - start),
