@@ -46,7 +46,7 @@ CALLS = [
     (_kvm.set_sregs, (SREGS,), "KVM_SET_SREGS"),
     (_kvm.get_xsave, (4096,), "KVM_GET_XSAVE"),
     (_kvm.get_xsave, (8192,), "KVM_GET_XSAVE2"),
-    (_kvm.set_xsave, (bytes(4096),), "KVM_SET_XSAVE"),
+    (_kvm.set_xsave, (bytes(4096), 4096), "KVM_SET_XSAVE"),
     (_kvm.get_xcrs, (), "KVM_GET_XCRS"),
     (_kvm.set_xcrs, ([(0, 1)],), "KVM_SET_XCRS"),
     (_kvm.get_msrs, ([0x10],), "KVM_GET_MSRS"),

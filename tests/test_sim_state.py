@@ -202,3 +202,39 @@ class MigrationModel(RuleBasedStateMachine):
 MigrationModel.TestCase.settings = settings(max_examples=min(15, settings().max_examples),
                                             stateful_step_count=12)
 test_migration_model = MigrationModel.TestCase
+
+
+WRITER_OUTSIDE_SHARE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from _sim_helpers import sim_guest
+with sim_guest("selfcheck", {{"working_set_bytes": 1 << 20}}) as guest:
+    writers = guest._writers
+    for field, value in (("pos", 1 << 36), ("pos", 256), ("phase", 4)):
+        state = writers.get_cpu(0)
+        state[field] = value
+        try:
+            writers.set_cpu(0, state)
+        except OSError as exc:
+            print("refused", field, exc.errno, flush=True)
+            continue
+        writers.run()
+        time.sleep(0.5)
+        writers.pause()
+        print("accepted", field, flush=True)
+"""
+
+
+def test_the_writer_itself_refuses_a_position_outside_its_share():
+    """Below every check in Python, the native writer takes no state that would have it write
+    outside its share (it writes base + pos * 4096): a position at or past the share's 256
+    pages, an unknown phase.  In a child process, so a write outside fails this test."""
+    import errno
+
+    script = WRITER_OUTSIDE_SHARE.format(tests=str(HELPERS.parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split("\n")[:3] == [f"refused pos {errno.ERANGE}",
+                                           f"refused pos {errno.ERANGE}",
+                                           f"refused phase {errno.ERANGE}"], done.stdout

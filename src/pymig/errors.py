@@ -76,12 +76,14 @@ class StateError(PymigError):
     """Device state that does not save or load.
 
     ``entry`` is the state entry (idstr), ``field`` the field being handled (or None), and
-    ``versions`` the (stream, minimum, current) versions involved when versions are the cause.
+    ``versions`` the (stream, minimum, current) versions involved when versions are the cause,
+    ``value`` the value a stream carried that is out of its field's bounds (or None).
     """
 
     def __init__(self, message: str, entry: str | None = None, field: str | None = None,
-                 versions: tuple[int, ...] | None = None):
+                 versions: tuple[int, ...] | None = None, value: object = None):
         self.entry = entry
         self.field = field
         self.versions = versions
+        self.value = value
         super().__init__(message)

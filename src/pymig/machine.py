@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pymig import stream, vmstate
 from pymig.errors import StateError, StreamError
 from pymig.guest import GuestConfig, create
-from pymig.guest.base import GuestState, StateSpec
+from pymig.guest.base import ConfigError, GuestState, StateSpec
 from pymig.ram import (PACKET_BYTES, RAM_IDSTR, RAM_VERSION, PacketWorker, RamLoader,
                        RamSaver)
 from pymig.savevm import SaveStateEntry, SaveStateRegistry
@@ -109,6 +109,9 @@ class Machine:
         self.specs: dict[int, StateSpec] = {}
         self._load_worker: PacketWorker | None = None
         for spec in guest.state_specs():
+            if spec.shape is None:  # its fields could not be bounded against this guest
+                raise TypeError(f"state entry {spec.idstr}/{spec.instance_id} comes without the "
+                                f"guest's shape")
             entry = self.registry.register_vmstate(spec.idstr, spec.instance_id, spec.vmsd, None)
             self.specs[entry.section_id] = spec
 
@@ -271,7 +274,7 @@ class Machine:
         spec = self.specs[entry.section_id]
         entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
         try:
-            entry.load_state(payload, version)
+            entry.load_state(payload, version, spec.shape)
             spec.put(state, entry.opaque)
         finally:
             entry.opaque = None
@@ -375,9 +378,14 @@ def load_config(reader: "stream.StreamReader") -> GuestConfig:
                                          f"is too large")
     payload = bytes(reader.read_payload())
     try:
-        return GuestConfig.from_dict(json.loads(payload))
-    except (ValueError, TypeError) as exc:
+        data = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
         raise StreamError(record.offset, f"bad guest configuration: {exc}") from None
+    try:
+        return GuestConfig.from_dict(data)
+    except ConfigError as exc:
+        raise StateError(f"{CONFIG_IDSTR}: {exc}", entry=CONFIG_IDSTR, field=exc.field,
+                         value=exc.value) from None
 
 
 class _Progress:

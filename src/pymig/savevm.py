@@ -129,9 +129,12 @@ class SaveStateEntry:
         """The encoded state of a state entry's object."""
         return self._with_entry_name(vmstate.save, self._description(), self.opaque)
 
-    def load_state(self, data: bytes | bytearray | memoryview, version_id: int) -> None:
-        """Load a state entry's object from ``data`` written at ``version_id``."""
-        self._with_entry_name(vmstate.load, self._description(), self.opaque, data, version_id)
+    def load_state(self, data: bytes | bytearray | memoryview, version_id: int,
+                   shape: Any = None) -> None:
+        """Load a state entry's object from ``data`` written at ``version_id``, its fields
+        bounded for the guest ``shape`` describes (see :class:`pymig.vmstate.Bound`)."""
+        self._with_entry_name(vmstate.load, self._description(), self.opaque, data, version_id,
+                              shape)
 
     def _description(self) -> VMStateDescription:
         if self.vmsd is None:
@@ -142,11 +145,17 @@ class SaveStateEntry:
         try:
             return fn(*args)
         except StateError as exc:
+            text = str(exc)
             if exc.entry == self.idstr:
-                raise
+                if not text.startswith(self.idstr + " ") or text.startswith(self.name):
+                    raise
+                # The description's own name: say which instance (``cpu/1 field pos: ...``).
+                text = text[len(self.idstr):]
+                raise StateError(f"{self.name}{text}", entry=self.idstr, field=exc.field,
+                                 versions=exc.versions, value=exc.value) from exc
             # The description may be shared by several entries: say which one failed.
             raise StateError(f"{self.name}: {exc}", entry=self.idstr, field=exc.field,
-                             versions=exc.versions) from exc
+                             versions=exc.versions, value=exc.value) from exc
 
 
 @dataclass(frozen=True, eq=False)

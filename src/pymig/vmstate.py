@@ -106,6 +106,74 @@ SCALARS: dict[str, Scalar] = {
 _SCALAR_STRUCTS = {t.code: struct.Struct("<" + t.code) for t in SCALARS.values()}
 
 
+Limit = int | Callable[[Any], int]
+"""A bound's end: a number, or a function of the destination guest's shape giving one."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a stream may say for one field, declared next to the field.
+
+    ``lo`` / ``hi`` bound a scalar's value, or every element of an array of scalars; ``exact``
+    is the element count (byte count for a buffer) a variable-length field must have;
+    ``check(value, values)`` is any other rule, over the value and the fields of the same
+    description read before it (say a list as long as another), returning the problem in words
+    or None.  ``lo``, ``hi`` and ``exact`` may be functions of the *shape*: the object a loader
+    is given that describes the guest the destination built (its vCPU count, its XSAVE size,
+    the share of the vCPU being loaded...).  ``any`` declares that every value the field's type
+    can hold is valid (a general-purpose register), with ``why`` saying so.
+
+    A field of a nested description is bounded by that description's own fields; a scalar
+    field without a bound is left undeclared (:attr:`Field.declared`), which a project's
+    descriptions never are.
+    """
+
+    lo: Limit | None = None
+    hi: Limit | None = None
+    exact: Limit | None = None
+    check: Callable[[Any, Mapping[str, Any]], str | None] | None = None
+    any: bool = False
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.any and (self.lo is not None or self.hi is not None or self.exact is not None
+                         or self.check is not None):
+            raise ValueError("a bound of any value takes no lo, hi, exact or check")
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether an end depends on the guest's shape."""
+        return any(callable(x) for x in (self.lo, self.hi, self.exact))
+
+    def limits(self, t: Scalar, shape: Any) -> tuple[int, int]:
+        """``(lo, hi)`` for a value of type ``t`` in a guest of ``shape`` (None: this build's
+        static ends only, the type's where an end needs the shape)."""
+        lo = _resolve(self.lo, shape, t.lo)
+        hi = _resolve(self.hi, shape, t.hi)
+        return max(lo, t.lo), min(hi, t.hi)
+
+    def describe(self, t: Scalar, shape: Any) -> str:
+        lo, hi = self.limits(t, shape)
+        return f"[{lo}, {hi}]"
+
+
+def _resolve(limit: Limit | None, shape: Any, default: int) -> int:
+    if limit is None:
+        return default
+    if callable(limit):
+        return default if shape is None else int(limit(shape))
+    return limit
+
+
+#: Every value of the field's type is valid.
+ANY = Bound(any=True)
+
+
+def any_value(why: str) -> Bound:
+    """A bound of any value of the field's type, saying why that is safe."""
+    return Bound(any=True, why=why)
+
+
 def _scalar_struct(t: Scalar) -> struct.Struct:
     return _SCALAR_STRUCTS.get(t.code) or struct.Struct("<" + t.code)
 
@@ -124,8 +192,11 @@ def _element(elem: str | Scalar | VMStateDescription) -> Scalar | VMStateDescrip
 def _scalar_constructor(type_name: str) -> classmethod:
     """``Field.u32("eax")`` and its siblings: one constructor per scalar type."""
 
-    def make(cls: type[Field], name: str, *, version_id: int = 0) -> Field:
-        return cls.scalar(name, type_name, version_id=version_id)
+    def make(cls: type[Field], name: str, *, version_id: int = 0, lo: Limit | None = None,
+             hi: Limit | None = None, check: Callable[..., str | None] | None = None,
+             bound: Bound | None = None) -> Field:
+        return cls.scalar(name, type_name, version_id=version_id, lo=lo, hi=hi, check=check,
+                          bound=bound)
 
     make.__name__ = make.__qualname__ = type_name
     make.__doc__ = f"A {type_name} field."
@@ -145,6 +216,10 @@ class Field:
     (bytes).  An array or buffer is sized by exactly one of: ``length`` (fixed), ``count`` (the
     name of an earlier integer field of the same description) or neither (a u32 prefix on the
     wire).  ``max_count`` bounds the variable sizes a stream may claim.
+
+    ``bound`` (:class:`Bound`) says which values a stream may carry; the constructors build it
+    from ``lo``, ``hi``, ``exact`` and ``check``, or take one whole (``bound=ANY``).  The loader
+    refuses a value outside it, naming entry, field and value, before anything is applied.
     """
 
     name: str
@@ -154,10 +229,22 @@ class Field:
     count: str | None = None
     max_count: int = DEFAULT_MAX_COUNT
     version_id: int = 0
+    bound: Bound | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"a field needs a non-empty name, not {self.name!r}")
+        b = self.bound
+        if b is not None:
+            if not isinstance(b, Bound):
+                raise ValueError(f"field {self.name}: bound must be a Bound, not {b!r}")
+            if self.kind == "struct":
+                raise ValueError(f"field {self.name}: a nested description bounds its own fields")
+            if b.exact is not None and self.kind == "scalar":
+                raise ValueError(f"field {self.name}: exact is for arrays and buffers")
+            if (b.lo is not None or b.hi is not None) and (
+                    self.kind == "buffer" or not isinstance(self.elem, Scalar)):
+                raise ValueError(f"field {self.name}: lo/hi bound scalars or their arrays")
         if self.version_id < 0:
             raise ValueError(f"field {self.name}: version_id must be >= 0")
         if self.length is not None and self.length < 0:
@@ -169,10 +256,13 @@ class Field:
 
     # --- scalars ---------------------------------------------------------------------------
     @classmethod
-    def scalar(cls, name: str, type_name: str, *, version_id: int = 0) -> Field:
+    def scalar(cls, name: str, type_name: str, *, version_id: int = 0, lo: Limit | None = None,
+               hi: Limit | None = None, check: Callable[..., str | None] | None = None,
+               bound: Bound | None = None) -> Field:
         if type_name not in SCALARS:
             raise ValueError(f"field {name}: unknown scalar type {type_name!r}")
-        return cls(name, "scalar", SCALARS[type_name], version_id=version_id)
+        return cls(name, "scalar", SCALARS[type_name], version_id=version_id,
+                   bound=_make_bound(name, bound, lo, hi, None, check))
 
     u8 = _scalar_constructor("u8")
     u16 = _scalar_constructor("u16")
@@ -194,36 +284,63 @@ class Field:
 
     @classmethod
     def array(cls, name: str, elem: str | VMStateDescription, length: int, *,
-              version_id: int = 0) -> Field:
+              version_id: int = 0, lo: Limit | None = None, hi: Limit | None = None,
+              check: Callable[..., str | None] | None = None,
+              bound: Bound | None = None) -> Field:
         """A list of exactly ``length`` elements (a scalar type name or a description)."""
         if not isinstance(length, int):
             raise ValueError(f"field {name}: array length must be an int (use varray for a "
                              f"length given by another field), not {length!r}")
-        return cls(name, "array", _element(elem), length=length, version_id=version_id)
+        return cls(name, "array", _element(elem), length=length, version_id=version_id,
+                   bound=_make_bound(name, bound, lo, hi, None, check))
 
     @classmethod
     def varray(cls, name: str, elem: str | VMStateDescription, count: str | None = None, *,
-               max_count: int = DEFAULT_MAX_COUNT, version_id: int = 0) -> Field:
+               max_count: int = DEFAULT_MAX_COUNT, version_id: int = 0,
+               lo: Limit | None = None, hi: Limit | None = None, exact: Limit | None = None,
+               check: Callable[..., str | None] | None = None,
+               bound: Bound | None = None) -> Field:
         """A list whose length is the value of the earlier field ``count`` or, without one, a
         u32 prefix; a stream claiming more than ``max_count`` elements is refused."""
         return cls(name, "array", _element(elem), count=count, max_count=max_count,
-                   version_id=version_id)
+                   version_id=version_id, bound=_make_bound(name, bound, lo, hi, exact, check))
 
     @classmethod
     def buffer(cls, name: str, size: int | str | None = None, *,
-               max_size: int = DEFAULT_MAX_BYTES, version_id: int = 0) -> Field:
+               max_size: int = DEFAULT_MAX_BYTES, version_id: int = 0,
+               exact: Limit | None = None, check: Callable[..., str | None] | None = None,
+               bound: Bound | None = None) -> Field:
         """Raw bytes: ``size`` bytes when an int, the value of that earlier field when a str,
         a u32-prefixed length when None (at most ``max_size`` either way when variable)."""
+        declared = _make_bound(name, bound, None, None, exact, check)
         if isinstance(size, str):
             return cls(name, "buffer", SCALARS["u8"], count=size, max_count=max_size,
-                       version_id=version_id)
+                       version_id=version_id, bound=declared)
         return cls(name, "buffer", SCALARS["u8"], length=size, max_count=max_size,
-                   version_id=version_id)
+                   version_id=version_id, bound=declared)
 
     @property
     def prefixed(self) -> bool:
         """Whether the wire carries this field's element count as a u32 prefix."""
         return self.kind in ("array", "buffer") and self.length is None and self.count is None
+
+    @property
+    def declared(self) -> bool:
+        """Whether the field says which values it takes (a nested description's fields say
+        it for themselves)."""
+        return self.kind == "struct" or self.bound is not None
+
+
+def _make_bound(name: str, bound: Bound | None, lo: Limit | None, hi: Limit | None,
+                exact: Limit | None, check: Callable[..., str | None] | None) -> Bound | None:
+    given = (lo, hi, exact, check)
+    if bound is not None:
+        if any(x is not None for x in given):
+            raise ValueError(f"field {name}: give a bound or lo/hi/exact/check, not both")
+        return bound
+    if all(x is None for x in given):
+        return None
+    return Bound(lo=lo, hi=hi, exact=exact, check=check)
 
 
 @dataclass(frozen=True, eq=False)
@@ -308,7 +425,7 @@ class _ScalarRun:
     couple of hundred of them, and field-by-field Python work sits inside the downtime.  Any
     failure goes back to the fields one by one, whose errors name the field."""
 
-    __slots__ = ("fields", "names", "struct", "items", "attrs")
+    __slots__ = ("fields", "names", "struct", "items", "attrs", "static", "dynamic")
 
     def __init__(self, fields: list[Field]):
         self.fields = tuple(fields)
@@ -316,6 +433,21 @@ class _ScalarRun:
         self.struct = struct.Struct("<" + "".join(f.elem.code for f in fields))
         self.items = operator.itemgetter(*self.names)  # a tuple: a run has two or more
         self.attrs = operator.attrgetter(*self.names)
+        # Bounds, precomputed: the static ends narrower than the type, checked on the unpacked
+        # tuple (a register file has none), and the fields whose bound needs the guest's shape
+        # or a rule, checked one by one.
+        static, dynamic = [], []
+        for i, f in enumerate(fields):
+            b = f.bound
+            if b is None or b.any:
+                continue
+            lo, hi = b.limits(f.elem, None)
+            if lo > f.elem.lo or hi < f.elem.hi:
+                static.append((i, lo, hi))
+            if b.dynamic or b.check is not None:
+                dynamic.append((i, f))
+        self.static = tuple(static)
+        self.dynamic = tuple(dynamic)
 
     def values(self, obj: Any) -> tuple[Any, ...] | None:
         """The run's values in ``obj``, or None if one is missing."""
@@ -388,18 +520,20 @@ def _set(obj: Any, name: str, value: Any) -> None:
 
 
 class _Context:
-    """Names for error messages: the entry (top description) and where in it we are."""
+    """Names for error messages: the entry (top description) and where in it we are; and the
+    shape of the guest being loaded, which bounds may depend on (None: no guest)."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "shape")
 
-    def __init__(self, entry: str):
+    def __init__(self, entry: str, shape: Any = None):
         self.entry = entry
+        self.shape = shape
 
     def error(self, path: str | None, message: str, versions: tuple[int, ...] | None = None,
-              ) -> StateError:
+              value: Any = None) -> StateError:
         where = f" field {path}" if path else ""
         return StateError(f"{self.entry}{where}: {message}", entry=self.entry, field=path,
-                          versions=versions)
+                          versions=versions, value=value)
 
     def hook(self, what: str, vmsd: VMStateDescription, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -547,30 +681,34 @@ class _Reader:
 
 
 def load(vmsd: VMStateDescription, obj: Any, data: bytes | bytearray | memoryview,
-         version_id: int) -> None:
+         version_id: int, shape: Any = None) -> None:
     """Load ``data`` (written at ``version_id``) into ``obj``.
 
     The whole entry is parsed and checked before anything is set, so on :class:`StateError`
     from the stream ``obj`` is unchanged (a failing ``post_load``, ``factory`` or attribute
     assignment, which only the object's own code can cause, may leave it half-applied).
+    Every field's :class:`Bound` is checked in that first phase; ``shape`` describes the
+    guest being loaded, for the bounds that depend on it (without one only the static ends
+    are checked: a destination always gives it).
     """
-    parsed = _parse_entry(vmsd, data, version_id)
+    parsed = _parse_entry(vmsd, data, version_id, shape)
     _apply(parsed, obj, _Context(vmsd.name))
 
 
 def decode(vmsd: VMStateDescription, data: bytes | bytearray | memoryview,
-           version_id: int) -> dict[str, Any]:
-    """The field values in ``data`` by name, with no object and no hooks.
+           version_id: int, shape: Any = None) -> dict[str, Any]:
+    """The field values in ``data`` by name, with no object and no hooks (bounds checked as
+    :func:`load` checks them).
 
     Nested descriptions become dicts, arrays lists, buffers bytes; subsection fields sit next to
     their parent's fields, exactly as :func:`load` would set them on an object.
     """
-    return _to_dict(_parse_entry(vmsd, data, version_id))
+    return _to_dict(_parse_entry(vmsd, data, version_id, shape))
 
 
 def _parse_entry(vmsd: VMStateDescription, data: bytes | bytearray | memoryview,
-                 version_id: int) -> _Parsed:
-    ctx = _Context(vmsd.name)
+                 version_id: int, shape: Any = None) -> _Parsed:
+    ctx = _Context(vmsd.name, shape)
     view = memoryview(data).cast("B")
     reader = _Reader(view, 0, len(view), ctx)
     parsed = _parse(vmsd, reader, version_id, ctx, "")
@@ -599,18 +737,29 @@ def _parse(vmsd: VMStateDescription, r: _Reader, version_id: int, ctx: _Context,
     for f in vmsd.plan(version_id):
         if type(f) is _ScalarRun:
             if f.struct.size <= r.left:
-                values.update(zip(f.names, f.struct.unpack(r.take(f.struct.size, None))))
-                continue
-            for g in f.fields:  # truncated: say in which field
-                values[g.name] = _read_scalar(g.elem, r, prefix + g.name)
+                numbers = f.struct.unpack(r.take(f.struct.size, None))
+            else:
+                numbers = tuple(_read_scalar(g.elem, r, prefix + g.name)  # truncated: say where
+                                for g in f.fields)
+            for i, lo, hi in f.static:
+                if not lo <= numbers[i] <= hi:
+                    g = f.fields[i]
+                    raise _out_of_bounds(ctx, prefix + g.name, numbers[i], lo, hi)
+            values.update(zip(f.names, numbers))
+            for i, g in f.dynamic:
+                _check_scalar(g, numbers[i], values, ctx, prefix + g.name)
             continue
         path = prefix + f.name
         if f.kind == "scalar":
-            values[f.name] = _read_scalar(f.elem, r, path)
+            values[f.name] = number = _read_scalar(f.elem, r, path)
+            if f.bound is not None and not f.bound.any:
+                _check_scalar(f, number, values, ctx, path)
         elif f.kind == "struct":
             values[f.name] = _parse(f.elem, r, f.elem.version_id, ctx, path + ".")
         else:
-            values[f.name] = _read_sequence(f, values, r, ctx, path)
+            values[f.name] = items = _read_sequence(f, values, r, ctx, path)
+            if f.bound is not None and not f.bound.any:
+                _check_sequence(f, items, values, ctx, path)
     subsections: list[_Parsed] = []
     while True:
         (marker,) = r.take(1, prefix + "<subsection marker>")
@@ -652,9 +801,58 @@ def _read_scalar(t: Scalar, r: _Reader, path: str) -> int | bool:
     (number,) = _scalar_struct(t).unpack(r.take(t.size, path))
     if t.is_bool:
         if number > 1:
-            raise r.ctx.error(path, f"a bool must be 0 or 1, found {number}")
+            raise r.ctx.error(path, f"a bool must be 0 or 1, found {number}", value=number)
         return bool(number)
     return number
+
+
+def _out_of_bounds(ctx: _Context, path: str, value: Any, lo: int, hi: int) -> StateError:
+    return ctx.error(path, f"{value} is out of bounds: this guest takes [{lo}, {hi}]",
+                     value=value)
+
+
+def _check_scalar(f: Field, value: int, values: dict[str, Any], ctx: _Context,
+                  path: str) -> None:
+    b = f.bound
+    lo, hi = b.limits(f.elem, ctx.shape)
+    if not lo <= value <= hi:
+        raise _out_of_bounds(ctx, path, value, lo, hi)
+    if b.check is not None:
+        _run_check(b, value, values, ctx, path, value)
+
+
+def _check_sequence(f: Field, items: Any, values: dict[str, Any], ctx: _Context,
+                    path: str) -> None:
+    b = f.bound
+    n = len(items)
+    if b.exact is not None:
+        exact = _resolve(b.exact, ctx.shape, -1)
+        if exact >= 0 and n != exact:
+            unit = "bytes" if f.kind == "buffer" else "elements"
+            raise ctx.error(path, f"{n} {unit}: this guest takes exactly {exact}", value=n)
+    if (b.lo is not None or b.hi is not None) and n:
+        lo, hi = b.limits(f.elem, ctx.shape)
+        low, high = min(items), max(items)
+        if low < lo or high > hi:
+            i, bad = next((i, x) for i, x in enumerate(items) if not lo <= x <= hi)
+            raise _out_of_bounds(ctx, f"{path}[{i}]", bad, lo, hi)
+    if b.check is not None:
+        _run_check(b, items, values, ctx, path, n if f.kind == "buffer" else items)
+
+
+def _run_check(b: Bound, value: Any, values: dict[str, Any], ctx: _Context, path: str,
+               shown: Any) -> None:
+    try:
+        problem = b.check(value, values)
+    except Exception as exc:  # noqa: BLE001 - a rule that cannot judge the value refuses it
+        problem = f"cannot be checked ({exc!r})"
+    if problem:
+        raise ctx.error(path, f"{_short(shown)}: {problem}", value=shown)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _read_sequence(f: Field, values: dict[str, Any], r: _Reader, ctx: _Context,
@@ -667,7 +865,7 @@ def _read_sequence(f: Field, values: dict[str, Any], r: _Reader, ctx: _Context,
             raise ctx.error(path, f"size field {f.count} is negative ({n})")
         if n > f.max_count:
             raise ctx.error(path, f"the stream claims {n} elements, more than the maximum "
-                                  f"{f.max_count}")
+                                  f"{f.max_count}", value=n)
     need = n * _elem_min_bytes(f.elem)
     if need > r.left:  # refuse before building anything of that size
         raise ctx.error(path, f"{n} elements need at least {need} bytes, {r.left} left")
@@ -678,7 +876,8 @@ def _read_sequence(f: Field, values: dict[str, Any], r: _Reader, ctx: _Context,
         if f.elem.is_bool:
             for i, number in enumerate(items):
                 if number > 1:
-                    raise ctx.error(f"{path}[{i}]", f"a bool must be 0 or 1, found {number}")
+                    raise ctx.error(f"{path}[{i}]", f"a bool must be 0 or 1, found {number}",
+                                    value=number)
             items = [bool(number) for number in items]
         return items
     return [_parse(f.elem, r, f.elem.version_id, ctx, f"{path}[{i}].") for i in range(n)]

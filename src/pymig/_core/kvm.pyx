@@ -624,14 +624,19 @@ def get_xsave(int vcpu_fd, unsigned int size):
     return bytes(out)
 
 
-def set_xsave(int vcpu_fd, const unsigned char[::1] area not None):
+def set_xsave(int vcpu_fd, const unsigned char[::1] area not None, unsigned int size):
     """KVM_SET_XSAVE on a vCPU (KVM_CAP_XSAVE) from an area :func:`get_xsave` returned.
 
-    KVM reads as many bytes as the VM's XSAVE2 size, so shorter areas are refused here.
+    KVM reads exactly the VM's XSAVE size (``size``: its KVM_CAP_XSAVE2 value, at least 4096)
+    from the area, so an area of any other length is refused here: shorter, KVM would read
+    past it; longer, it was not this VM's.
     Errnos: EBADF, ENOTTY, EINVAL (features the host does not support).
     """
-    if area.shape[0] < XSAVE_LEGACY_BYTES:
-        raise ValueError(f"XSAVE area of {area.shape[0]} bytes is shorter than 4096")
+    if size < XSAVE_LEGACY_BYTES:
+        size = XSAVE_LEGACY_BYTES
+    if <size_t>area.shape[0] != size:
+        raise ValueError(f"XSAVE area of {area.shape[0]} bytes: this VM's XSAVE size is "
+                         f"{size}")
     _io(vcpu_fd, KVM_SET_XSAVE, <void *>&area[0], b"KVM_SET_XSAVE")
 
 

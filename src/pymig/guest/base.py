@@ -36,6 +36,7 @@ WORKSET_GPA = 0x100000
 # Built-in workloads run on at most 8 vCPUs on either kind of guest: the KVM guest's low memory
 # has room for eight stacks (pymig.guest.builtin).
 MAX_VCPUS = 8
+CONSOLE_BYTES = 1 << 20  # the newest serial output a guest keeps in memory
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,167 @@ class GuestConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GuestConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+    def from_dict(cls, data: Any) -> "GuestConfig":
+        """The configuration a stream (or a file) describes, every key checked against
+        :data:`CONFIG_FIELDS` first: ConfigError names the key and its value."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a guest configuration is a JSON object, not "
+                              f"{type(data).__name__}", None, data)
+        unknown = sorted(str(key) for key in set(data) - {f.name for f in CONFIG_FIELDS})
         if unknown:
-            raise ValueError(f"unknown guest configuration keys: {sorted(unknown)}")
-        return cls(**data)
+            raise ConfigError(f"unknown guest configuration keys: {unknown}", unknown[0], None)
+        for f in CONFIG_FIELDS:
+            if f.name in data:
+                f.validate(data[f.name], data)
+            elif f.required:
+                raise ConfigError(f"{f.name}: missing", f.name, None)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc), None, None) from None
+
+
+class ConfigError(ValueError):
+    """A guest configuration key that is missing, of the wrong type or out of its bounds."""
+
+    def __init__(self, message: str, field: str | None, value: Any):
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One key of a guest configuration (the ``pymig.config`` section of a stream): its JSON
+    type and the values a destination takes, ``lo``..``hi`` for a number and ``check(value,
+    config)`` for the rest (the problem in words, or None).  These are the sane values of the
+    field; how much memory or how many vCPUs a destination is willing to give is its own
+    policy, applied on top."""
+
+    name: str
+    type: type
+    lo: int | None = None
+    hi: int | None = None
+    check: Callable[[Any, dict], str | None] | None = None
+    required: bool = False
+
+    def validate(self, value: Any, config: dict) -> None:
+        ok = isinstance(value, self.type) and not (isinstance(value, bool)
+                                                   and self.type is not bool)
+        if not ok:
+            raise ConfigError(f"{self.name}: {_short(value)} is not {self.type.__name__}",
+                              self.name, value)
+        if (self.lo is not None and value < self.lo) or (self.hi is not None
+                                                         and value > self.hi):
+            raise ConfigError(f"{self.name}: {value} is out of bounds [{self.lo}, {self.hi}]",
+                              self.name, value)
+        if self.check is not None:
+            try:
+                problem = self.check(value, config)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                problem = str(exc) or type(exc).__name__
+            if problem:
+                raise ConfigError(f"{self.name}: {_short(value)}: {problem}", self.name, value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Architectural ceilings, not a destination's policy: x86-64 addresses at most 2**52 bytes of
+# guest-physical memory, and KVM creates at most 4096 vCPUs in a VM (KVM_MAX_VCPUS).
+MAX_GUEST_PHYS = 1 << 52
+KVM_MAX_VCPUS = 4096
+MAX_RAM_BLOCKS = 8
+MAX_NAME_CHARS = 64
+MAX_PARAMS = 16
+MAX_PARAM_TEXT = 4096
+
+
+def _one_of(*choices: str) -> Callable[[Any, dict], str | None]:
+    return lambda value, config: None if value in choices else f"not one of {list(choices)}"
+
+
+def _page_multiple(value: int, config: dict) -> str | None:
+    return f"not a multiple of {GUEST_PAGE_SIZE}" if value % GUEST_PAGE_SIZE else None
+
+
+def _known_workload(value: str, config: dict) -> str | None:
+    from pymig.guest.workloads import DEFAULTS
+
+    return None if value in DEFAULTS or value == "image" else "not a workload this build knows"
+
+
+def _param_value_ok(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, str)):
+        return not isinstance(value, str) or len(value) <= MAX_PARAM_TEXT
+    if isinstance(value, int):
+        return -(1 << 64) < value < 1 << 64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return len(value) <= KVM_MAX_VCPUS and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in value)
+    return False
+
+
+def _workload_params(value: dict, config: dict) -> str | None:
+    """A few scalars (or a list of per-vCPU integers), then the workload's own checks."""
+    if len(value) > MAX_PARAMS:
+        return f"{len(value)} parameters, more than {MAX_PARAMS}"
+    for key, item in value.items():
+        if len(key) > MAX_NAME_CHARS or not _param_value_ok(item):
+            return f"parameter {key[:MAX_NAME_CHARS]!r} = {_short(item)} is not a sane value"
+    workload = config.get("workload", "idle")
+    if workload == "image":
+        from pymig.guest.loader import check_image_params
+
+        check_image_params(value)
+    elif isinstance(workload, str):
+        from pymig.guest.workloads import DEFAULTS, parse_params
+
+        if workload in DEFAULTS:
+            parse_params(workload, value)
+    return None
+
+
+def _ram_layout(value: list, config: dict) -> str | None:
+    """At most :data:`MAX_RAM_BLOCKS` named, page-aligned blocks inside the guest-physical
+    address space, none overlapping another (empty: the PC layout of ``memory_bytes``)."""
+    if len(value) > MAX_RAM_BLOCKS:
+        return f"{len(value)} RAM blocks, more than {MAX_RAM_BLOCKS}"
+    keys = {f.name for f in dataclasses.fields(RamLayout)}
+    spans = []
+    for i, block in enumerate(value):
+        if not isinstance(block, dict) or set(block) != keys:
+            return f"block {i} is not an object of exactly {sorted(keys)}"
+        name, size, gpa = block["name"], block["size_bytes"], block["guest_phys_addr"]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+            return f"block {i}'s name is not 1..{MAX_NAME_CHARS} characters"
+        for what, number in (("size", size), ("address", gpa)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0 \
+                    or number % GUEST_PAGE_SIZE:
+                return f"block {i}'s {what} {_short(number)} is not a page multiple >= 0"
+        if not size or gpa + size > MAX_GUEST_PHYS:
+            return f"block {i} is empty or ends above {MAX_GUEST_PHYS:#x}"
+        spans.append((gpa, gpa + size))
+    spans.sort()
+    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
+        return "RAM blocks overlap"
+    return None
+
+
+#: Every key of a guest configuration, in the order a stream's is checked.
+CONFIG_FIELDS: tuple[ConfigField, ...] = (
+    ConfigField("kind", str, check=_one_of("kvm", "simulated"), required=True),
+    ConfigField("memory_bytes", int, lo=GUEST_PAGE_SIZE, hi=MAX_GUEST_PHYS,
+                check=_page_multiple, required=True),
+    ConfigField("vcpus", int, lo=1, hi=KVM_MAX_VCPUS),
+    ConfigField("workload", str, check=_known_workload),
+    ConfigField("params", dict, check=_workload_params),
+    ConfigField("blocks", list, check=_ram_layout),
+)
 
 
 def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) -> tuple[int, int]:
@@ -214,16 +370,38 @@ class GuestState:
 
 
 @dataclass(frozen=True)
+class StateShape:
+    """The guest a destination built, as the bounds of its state descriptions see it
+    (:class:`pymig.vmstate.Bound`): a stream's vCPU index, XSAVE area or writer position is
+    checked against these before it is believed.  One per state entry: ``instance`` is the
+    entry's (the vCPU a ``cpu`` entry loads)."""
+
+    vcpus: int
+    memory_bytes: int
+    instance: int = 0
+    xsave_size: int = 0  # KVM: the VM's XSAVE area (KVM_CAP_XSAVE2), what KVM_SET_XSAVE reads
+    irqchip: bool = False  # KVM: an in-kernel irqchip, whose local APIC page travels
+    workload: Any = None  # the built-in workload placed in the guest (its shares), None: none
+
+    @property
+    def share(self) -> Any:
+        """This entry's vCPU's share of the workload."""
+        return self.workload.shares[self.instance]
+
+
+@dataclass(frozen=True)
 class StateSpec:
     """One piece of a guest's state as the migration registry sees it: the entry's idstr and
-    instance, its state description, and where its object lives in :class:`GuestState`
-    (``cpus[cpu]`` or ``devices[device]``)."""
+    instance, its state description, where its object lives in :class:`GuestState`
+    (``cpus[cpu]`` or ``devices[device]``), and the :class:`StateShape` its fields are
+    bounded by."""
 
     idstr: str
     instance_id: int
     vmsd: Any  # pymig.vmstate.VMStateDescription (not imported: guests stay below vmstate)
     cpu: int | None = None
     device: str | None = None
+    shape: StateShape | None = None
 
     def get(self, state: GuestState) -> Any:
         return state.cpus[self.cpu] if self.cpu is not None else state.devices[self.device]
@@ -236,9 +414,20 @@ class StateSpec:
 
 
 class Console:
-    """The guest's serial output: kept in memory, appended to files, fanned out to callbacks."""
+    """The guest's serial output: appended to files, fanned out to callbacks, and the newest
+    of it kept in memory.
 
-    def __init__(self) -> None:
+    The memory is a ring of ``capacity`` bytes (:data:`CONSOLE_BYTES`, 1 MiB, by default): a
+    guest that prints without end costs no more than that; :meth:`data` holds the newest
+    ``capacity`` bytes printed and ``dropped`` counts the older bytes let go.  Files and
+    callbacks see every byte.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity or CONSOLE_BYTES
+        if self.capacity < 1:
+            raise ValueError(f"a console keeps at least one byte, not {capacity}")
+        self._trimmed = 0
         self._data = bytearray()
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[bytes], None]] = []
@@ -246,13 +435,26 @@ class Console:
     def write(self, data: bytes) -> None:
         with self._lock:
             self._data += data
+            # Let go of the oldest bytes once twice the capacity is held, so that trimming
+            # (a copy of what is kept) costs a byte written O(1).
+            if len(self._data) > 2 * self.capacity:
+                excess = len(self._data) - self.capacity
+                del self._data[:excess]
+                self._trimmed += excess
             subscribers = list(self._subscribers)
         for callback in subscribers:
             callback(data)
 
     def data(self) -> bytes:
+        """The newest ``capacity`` bytes the guest printed."""
         with self._lock:
-            return bytes(self._data)
+            return bytes(self._data[-self.capacity:])
+
+    @property
+    def dropped(self) -> int:
+        """How many of the bytes printed :meth:`data` no longer holds (the oldest)."""
+        with self._lock:
+            return self._trimmed + max(0, len(self._data) - self.capacity)
 
     def text(self) -> str:
         return self.data().decode("utf-8", "replace")

@@ -35,6 +35,7 @@ from pymig.guest.base import (
     GuestConfig,
     GuestState,
     PreallocatedRam,
+    StateShape,
     allocate_ram,
     check_dirty_limit,
     check_vcpu_index,
@@ -279,7 +280,13 @@ class KvmGuest:
         # Which MSRs a vCPU's state carries is probed once per process; do it now, while the
         # guest runs, rather than inside a migration's downtime.
         self.kvm.migratable_msrs(self.machine.vm.irqchip)
-        return kvm_state_specs(len(self.machine.vcpus))
+        return kvm_state_specs(self.state_shape())
+
+    def state_shape(self, instance: int = 0) -> StateShape:
+        """What the bounds of state entry ``instance`` check a stream against."""
+        vm = self.machine.vm
+        return StateShape(len(self.machine.vcpus), self.config.memory_bytes, instance,
+                          xsave_size=vm.xsave_size, irqchip=vm.irqchip)
 
     def set_throttle(self, percent: int) -> None:
         self.machine.set_throttle(percent)

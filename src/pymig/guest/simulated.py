@@ -37,7 +37,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from pymig.guest.base import (
     GuestConfig,
     GuestState,
     PreallocatedRam,
+    StateShape,
     StateSpec,
     allocate_ram,
     check_dirty_limit,
@@ -59,7 +60,7 @@ from pymig.guest.base import (
 from pymig.guest.workloads import (Workload, pack_params, progress_from_mailbox, resolve,
                                    write_fill)
 from pymig.memory import Backing, RamBlock
-from pymig.vmstate import Field, VMStateDescription
+from pymig.vmstate import Field, VMStateDescription, any_value
 
 TICK_KHZ = 1_000_000  # the writers' clock: CLOCK_MONOTONIC, one tick per nanosecond
 
@@ -91,11 +92,41 @@ class SimCpuState:
     partial_sum: int
 
 
+PHASE_DONE = 3  # compute's last phase (0 fill, 1 fold, 2 feed, 3 done)
+U64_MAX = (1 << 64) - 1
+
+
+def _is(workload: str) -> Callable[[StateShape], bool]:
+    return lambda g: g.workload.name == workload
+
+
+_compute, _selfcheck = _is("compute"), _is("selfcheck")
+
+# Every field bounded against the writer the destination built for this entry's vCPU: the
+# identity fields must be its own, the position inside its share (the writer writes
+# base + pos * 4096), the phase and pass within what its workload can reach.
 SIM_CPU_VMSD = VMStateDescription(
     "cpu", version_id=SimCpuState.VERSION, minimum_version_id=SimCpuState.VERSION,
-    fields=[Field.u64(f.name) for f in dataclasses.fields(SimCpuState)],
+    fields=[
+        Field.u64("index", lo=lambda g: g.instance, hi=lambda g: g.instance),
+        Field.u64("workload", lo=lambda g: g.workload.params.workload_id,
+                  hi=lambda g: g.workload.params.workload_id),
+        Field.u64("first_frame", lo=lambda g: g.share.first_frame,
+                  hi=lambda g: g.share.first_frame),
+        Field.u64("npages", lo=lambda g: g.share.npages, hi=lambda g: g.share.npages),
+        Field.u64("phase", hi=lambda g: PHASE_DONE if _compute(g) else 0),
+        # idle writers have an empty share and never move
+        Field.u64("pos", hi=lambda g: max(g.share.npages, 1) - 1),
+        # selfcheck stamps pass p >= 1; compute counts rounds up to its last
+        Field.u64("pass_number", lo=lambda g: 1 if _selfcheck(g) else 0,
+                  hi=lambda g: g.workload.params.rounds if _compute(g) else U64_MAX),
+        Field.u64("rng", bound=any_value("xorshift64 state: any value is a state")),
+        Field.u64("acc", bound=any_value("compute's checksum so far")),
+        Field.u64("partial_sum", bound=any_value("compute's sum of this round so far")),
+    ],
     factory=lambda: SimCpuState(*[0] * len(dataclasses.fields(SimCpuState))),
 )
+assert [f.name for f in SIM_CPU_VMSD.fields] == [f.name for f in dataclasses.fields(SimCpuState)]
 
 
 class SimulatedGuest:
@@ -295,7 +326,13 @@ class SimulatedGuest:
 
     def state_specs(self) -> list[StateSpec]:
         """One ``cpu`` entry per writer; the simulated guest has no devices."""
-        return [StateSpec("cpu", i, SIM_CPU_VMSD, cpu=i) for i in range(self.vcpu_count)]
+        return [StateSpec("cpu", i, SIM_CPU_VMSD, cpu=i, shape=self.state_shape(i))
+                for i in range(self.vcpu_count)]
+
+    def state_shape(self, instance: int = 0) -> StateShape:
+        """What the bounds of state entry ``instance`` check a stream against."""
+        return StateShape(self.vcpu_count, self.config.memory_bytes, instance,
+                          workload=self.workload)
 
     # --- workload ----------------------------------------------------------------------------
 
@@ -371,4 +408,12 @@ def _check_cpu(index: int, workload: int, first_frame: int, npages: int, cpu: An
         value = getattr(cpu, f.name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
             raise StateError(f"vCPU {index}: {f.name} = {value!r} is not a u64", entry="cpu",
-                             field=f.name)
+                             field=f.name, value=value)
+    # What the writer indexes memory with, again here for a state that did not come through
+    # the description (the writer itself refuses it too).
+    limits = {"pos": max(npages, 1) - 1, "phase": PHASE_DONE}
+    for name, hi in limits.items():
+        value = getattr(cpu, name)
+        if value > hi:
+            raise StateError(f"vCPU {index}: {name} {value} is out of bounds: this guest "
+                             f"takes [0, {hi}]", entry="cpu", field=name, value=value)

@@ -233,7 +233,7 @@ def restore(vcpu, state: CpuState) -> None:
     if state.lapic and not vcpu.vm.irqchip:
         raise ValueError("the state has a local APIC but this VM has no in-kernel irqchip")
     _kvm.set_regs(fd, _shallow_dict(state.regs))
-    _kvm.set_xsave(fd, state.xsave)
+    _kvm.set_xsave(fd, state.xsave, vcpu.vm.xsave_size)
     _kvm.set_xcrs(fd, list(zip(state.xcr_index, state.xcr_value)))
     _kvm.set_sregs(fd, sregs_to_kvm(state.sregs))
     done = _kvm.set_msrs(fd, list(state.msr_index), list(state.msr_value))

@@ -3,29 +3,67 @@
 Field widths follow ``linux/kvm.h`` so a value that does not fit the register it came from is
 refused on save, and the stream analyzer can print every register by name.  The variable
 parts (XSAVE area, MSR and XCR lists, local APIC page) are length-prefixed and bounded.
+Every field declares the values a destination takes (:class:`pymig.vmstate.Bound`): flags
+that KVM reports as single bits, vectors, privilege levels and flag words within what
+``linux/kvm.h`` defines, sizes against the VM the destination built; a register that may hold
+anything says so.
 """
 
 from __future__ import annotations
 
-from pymig.guest.base import StateSpec
+import dataclasses
+
+from pymig._core import kvm as _kvm
+from pymig.guest.base import StateShape, StateSpec
 from pymig.kvm.cpustate import (CpuState, DebugRegisters, DescriptorTable, Registers,
                                 Segment, SpecialRegisters, VcpuEvents)
 from pymig.kvm.devices import A20State, ControlPortState, SerialState
-from pymig.vmstate import Field, VMStateDescription
+from pymig.vmstate import Field, VMStateDescription, any_value
+
+BIT = {"hi": 1}  # a flag KVM reports as 0 or 1
+U32_MAX = (1 << 32) - 1
+GPR = any_value("a register: the guest may hold any value in it")
+VALIDATED = any_value("KVM_SET_* checks it against what the VM allows and refuses the rest")
+
+
+def _only_bits(mask: int):
+    def check(value, values) -> str | None:
+        return f"has bits {value & ~mask:#x} outside {mask:#x}" if value & ~mask else None
+
+    return check
+
+
+def _at_most(other: str):
+    def check(value, values) -> str | None:
+        return f"more than {other} ({values[other]})" if value > values[other] else None
+
+    return check
+
+
+def _same_length_as(other: str):
+    def check(value, values) -> str | None:
+        if len(value) != len(values[other]):
+            return f"{len(value)} values for {len(values[other])} entries of {other}"
+        return None
+
+    return check
+
 
 SEGMENT = VMStateDescription(
     "segment", version_id=1, minimum_version_id=1, factory=Segment,
-    fields=[Field.u64("base"), Field.u32("limit"), Field.u16("selector"), Field.u8("type"),
-            Field.u8("present"), Field.u8("dpl"), Field.u8("db"), Field.u8("s"), Field.u8("l"),
-            Field.u8("g"), Field.u8("avl"), Field.u8("unusable")])
+    fields=[Field.u64("base", bound=GPR), Field.u32("limit", bound=GPR),
+            Field.u16("selector", bound=GPR), Field.u8("type", hi=15),
+            Field.u8("present", **BIT), Field.u8("dpl", hi=3), Field.u8("db", **BIT),
+            Field.u8("s", **BIT), Field.u8("l", **BIT), Field.u8("g", **BIT),
+            Field.u8("avl", **BIT), Field.u8("unusable", **BIT)])
 
 DTABLE = VMStateDescription(
     "dtable", version_id=1, minimum_version_id=1, factory=DescriptorTable,
-    fields=[Field.u64("base"), Field.u16("limit")])
+    fields=[Field.u64("base", bound=GPR), Field.u16("limit", bound=GPR)])
 
 REGS = VMStateDescription(
     "regs", version_id=1, minimum_version_id=1, factory=Registers,
-    fields=[Field.u64(name) for name in (
+    fields=[Field.u64(name, bound=GPR) for name in (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15", "rip", "rflags")])
 
@@ -34,66 +72,92 @@ SREGS = VMStateDescription(
     fields=[*(Field.struct(name, SEGMENT)
               for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
             Field.struct("gdt", DTABLE), Field.struct("idt", DTABLE),
-            *(Field.u64(name) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer",
-                                           "apic_base")),
-            Field.array("interrupt_bitmap", "u64", 4)])
+            *(Field.u64(name, bound=VALIDATED) for name in ("cr0", "cr2", "cr3", "cr4")),
+            Field.u64("cr8", hi=15),  # the task priority: four bits
+            Field.u64("efer", bound=VALIDATED), Field.u64("apic_base", bound=VALIDATED),
+            Field.array("interrupt_bitmap", "u64", 4,
+                        bound=any_value("one bit per vector: any set of the 256 vectors"))])
 
+# kvm_vcpu_events: flags, shadows and vectors as linux/kvm.h defines them.
+EVENT_FLAGS = 0x3F  # NMI_PENDING | SIPI_VECTOR | SHADOW | SMM | PAYLOAD | TRIPLE_FAULT
 EVENTS = VMStateDescription(
     "events", version_id=1, minimum_version_id=1, factory=VcpuEvents,
-    fields=[Field.u8("exception_injected"), Field.u8("exception_nr"),
-            Field.u8("exception_has_error_code"), Field.u8("exception_pending"),
-            Field.u32("exception_error_code"),
-            Field.u8("interrupt_injected"), Field.u8("interrupt_nr"),
-            Field.u8("interrupt_soft"), Field.u8("interrupt_shadow"),
-            Field.u8("nmi_injected"), Field.u8("nmi_pending"), Field.u8("nmi_masked"),
-            Field.u32("sipi_vector"), Field.u32("flags"),
-            Field.u8("smi_smm"), Field.u8("smi_pending"), Field.u8("smi_inside_nmi"),
-            Field.u8("smi_latched_init"), Field.u8("triple_fault_pending"),
-            Field.u8("exception_has_payload"), Field.u64("exception_payload")])
+    fields=[Field.u8("exception_injected", **BIT), Field.u8("exception_nr", hi=31),
+            Field.u8("exception_has_error_code", **BIT), Field.u8("exception_pending", **BIT),
+            Field.u32("exception_error_code", bound=GPR),
+            Field.u8("interrupt_injected", **BIT),
+            Field.u8("interrupt_nr", bound=any_value("an interrupt vector: any of the 256")),
+            Field.u8("interrupt_soft", **BIT),
+            Field.u8("interrupt_shadow", hi=3),  # MOV_SS | STI
+            Field.u8("nmi_injected", **BIT), Field.u8("nmi_pending", hi=2),  # KVM queues two
+            Field.u8("nmi_masked", **BIT),
+            Field.u32("sipi_vector", hi=255), Field.u32("flags", hi=EVENT_FLAGS),
+            Field.u8("smi_smm", **BIT), Field.u8("smi_pending", **BIT),
+            Field.u8("smi_inside_nmi", **BIT), Field.u8("smi_latched_init", **BIT),
+            Field.u8("triple_fault_pending", **BIT), Field.u8("exception_has_payload", **BIT),
+            Field.u64("exception_payload", bound=any_value("a CR2 or DR6 value"))])
 
 DEBUGREGS = VMStateDescription(
     "debugregs", version_id=1, minimum_version_id=1, factory=DebugRegisters,
-    fields=[Field.array("db", "u64", 4), Field.u64("dr6"), Field.u64("dr7"),
-            Field.u64("flags")])
+    fields=[Field.array("db", "u64", 4, bound=any_value("breakpoint addresses")),
+            Field.u64("dr6", hi=U32_MAX), Field.u64("dr7", hi=U32_MAX),  # KVM: upper half 0
+            Field.u64("flags", hi=0)])  # KVM takes no flags
 
 
-def _msr_lists_match(cpu: CpuState, version_id: int) -> None:
-    if len(cpu.msr_index) != len(cpu.msr_value) or len(cpu.xcr_index) != len(cpu.xcr_value):
-        raise ValueError("MSR or XCR index and value lists differ in length")
+LAPIC_BYTES = 1024
+MAX_XCRS = 16
 
-
+# The variable parts are sized by the VM the destination built: the XSAVE area exactly the
+# VM's KVM_CAP_XSAVE2 size (what KVM_SET_XSAVE reads), the local APIC page exactly 1024
+# bytes with an in-kernel irqchip and absent without one, MSR lists no longer than one
+# KVM_SET_MSRS call takes and each value list as long as its index list.
 CPU = VMStateDescription(
     "cpu", version_id=CpuState.VERSION, minimum_version_id=1, factory=CpuState,
-    post_load=_msr_lists_match,
-    fields=[Field.u32("index"), Field.struct("regs", REGS), Field.struct("sregs", SREGS),
-            Field.buffer("xsave", max_size=64 << 10),
-            Field.varray("xcr_index", "u32", max_count=16),
-            Field.varray("xcr_value", "u64", max_count=16),
-            Field.varray("msr_index", "u32", max_count=4096),
-            Field.varray("msr_value", "u64", max_count=4096),
-            Field.buffer("lapic", max_size=4096), Field.u32("mp_state"),
+    fields=[Field.u32("index", lo=lambda g: g.instance, hi=lambda g: g.instance),
+            Field.struct("regs", REGS), Field.struct("sregs", SREGS),
+            Field.buffer("xsave", max_size=64 << 10, exact=lambda g: g.xsave_size),
+            Field.varray("xcr_index", "u32", max_count=MAX_XCRS, hi=0),  # XCR0: all KVM sets
+            Field.varray("xcr_value", "u64", max_count=MAX_XCRS,
+                         check=_same_length_as("xcr_index")),
+            Field.varray("msr_index", "u32", max_count=_kvm.MAX_MSRS,
+                         bound=any_value("MSR numbers: KVM refuses one it does not know")),
+            Field.varray("msr_value", "u64", max_count=_kvm.MAX_MSRS,
+                         check=_same_length_as("msr_index")),
+            Field.buffer("lapic", max_size=4096,
+                         exact=lambda g: LAPIC_BYTES if g.irqchip else 0),
+            Field.u32("mp_state", hi=4),  # RUNNABLE .. SIPI_RECEIVED: x86's states
             Field.struct("events", EVENTS), Field.struct("debugregs", DEBUGREGS),
-            Field.u64("tsc"), Field.u32("tsc_khz")])
+            Field.u64("tsc", bound=GPR),
+            Field.u32("tsc_khz", bound=any_value("the source's TSC rate, for information"))])
 
 SERIAL = VMStateDescription(
     "serial", version_id=SerialState.VERSION, minimum_version_id=1, factory=SerialState,
-    fields=[Field.u8(name) for name in ("ier", "lcr", "mcr", "scr", "dll", "dlm", "fcr")])
+    fields=[Field.u8("ier", hi=0x0F), Field.u8("lcr", bound=any_value("eight line bits")),
+            Field.u8("mcr", hi=0x1F), Field.u8("scr", bound=any_value("a scratch byte")),
+            Field.u8("dll", bound=any_value("divisor latch, low byte")),
+            Field.u8("dlm", bound=any_value("divisor latch, high byte")),
+            Field.u8("fcr", check=_only_bits(0xC9))])
 
 A20 = VMStateDescription(
     "a20", version_id=A20State.VERSION, minimum_version_id=1, factory=A20State,
-    fields=[Field.u8("value")])
+    fields=[Field.u8("value", check=_only_bits(0xFE))])  # bit 0 resets: never kept
 
 CONTROL_PORT = VMStateDescription(
     "control", version_id=ControlPortState.VERSION, minimum_version_id=1,
     factory=ControlPortState,
-    fields=[Field.u64("events"), Field.u32("last_event"), Field.u64("last_argument"),
-            Field.u64("error_events")])
+    fields=[Field.u64("events", bound=any_value("a count of events")),
+            Field.u32("last_event", hi=0xFF),  # an event's low byte
+            Field.u64("last_argument", hi=(1 << 56) - 1),  # the rest of a 64-bit write
+            Field.u64("error_events", check=_at_most("events"))])
 
 DEVICES = {"serial": SERIAL, "a20": A20, "control": CONTROL_PORT}
 
 
-def kvm_state_specs(vcpus: int) -> list[StateSpec]:
-    """The KVM guest's state entries: one ``cpu`` per vCPU, then its devices."""
-    specs = [StateSpec("cpu", i, CPU, cpu=i) for i in range(vcpus)]
-    specs += [StateSpec(name, 0, vmsd, device=name) for name, vmsd in DEVICES.items()]
+def kvm_state_specs(shape: StateShape) -> list[StateSpec]:
+    """The KVM guest's state entries: one ``cpu`` per vCPU, then its devices, each bounded by
+    ``shape`` (the guest's, with the entry's instance)."""
+    specs = [StateSpec("cpu", i, CPU, cpu=i, shape=dataclasses.replace(shape, instance=i))
+             for i in range(shape.vcpus)]
+    specs += [StateSpec(name, 0, vmsd, device=name, shape=shape)
+              for name, vmsd in DEVICES.items()]
     return specs

@@ -208,6 +208,9 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
     uint64_t m = s->npages, h = s->hot_pages, pos = w->cpu.pos, x = w->cpu.rng;
     uint64_t hot_share = sim->params.hot_share;
 
+    if (pos >= m) /* never past the share, whatever a loaded state said */
+        pos = 0;
+
     for (uint64_t i = 0; i < n; i++) {
         uint64_t j;
         switch (sim->params.pattern) {
@@ -231,7 +234,7 @@ batch_dirtier(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
         }
         base[j * PYMIG_SIM_PAGE_SIZE] += 1;
         mark_dirty(bm, s->first_page + j, logging);
-        if (++pos == m) {
+        if (++pos >= m) {
             pos = 0;
             ++*passes;
         }
@@ -250,6 +253,8 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
     uint8_t *base = w->base;
 
     for (uint64_t i = 0; i < n; i++) {
+        if (w->cpu.pos >= s->npages) /* never past the share, whatever a loaded state said */
+            w->cpu.pos = 0;
         uint64_t pos = w->cpu.pos, p = w->cpu.pass, frame = s->first_frame + pos;
         uint64_t *pg = (uint64_t *)(base + pos * PYMIG_SIM_PAGE_SIZE);
         uint64_t old_frame = p == 1 ? 0 : frame;
@@ -259,7 +264,7 @@ batch_selfcheck(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging
         pg[1] = frame;
         pg[0] = p;
         mark_dirty(bm, s->first_page + pos, logging);
-        if (++w->cpu.pos == s->npages) {
+        if (++w->cpu.pos >= s->npages) {
             w->cpu.pos = 0;
             w->cpu.pass++;
             ++*passes;
@@ -280,7 +285,11 @@ batch_compute(struct pymig_sim *sim, struct writer *w, uint64_t n, int logging,
     struct pymig_sim_cpu *c = &w->cpu;
     uint64_t written = 0;
 
+    if (c->phase > PYMIG_SIM_DONE)
+        c->phase = PYMIG_SIM_DONE;
     for (uint64_t done = 0; done < n && c->phase != PYMIG_SIM_DONE; done++) {
+        if (c->pos >= s->npages) /* never past the share, whatever a loaded state said */
+            c->pos = 0;
         uint64_t *pg = (uint64_t *)(base + c->pos * PYMIG_SIM_PAGE_SIZE);
         uint64_t j = c->pos * WORDS_PER_PAGE;
         if (c->phase == PYMIG_SIM_FILL) {
@@ -787,6 +796,11 @@ pymig_sim_set_cpu(struct pymig_sim *sim, uint32_t index, const struct pymig_sim_
 
     if (index >= sim->vcpus)
         return -EINVAL;
+    /* A position outside the share would have the writer write outside it (base + pos pages):
+     * refused here whatever the caller checked. */
+    const struct share *s = &sim->writers[index].share;
+    if (cpu->pos >= (s->npages ? s->npages : 1) || cpu->phase > PYMIG_SIM_DONE)
+        return -ERANGE;
     pthread_mutex_lock(&sim->lock);
     if (sim->running)
         err = -EBUSY;

@@ -109,7 +109,8 @@ int pymig_sim_set_dirty_limit(struct pymig_sim *sim, uint32_t index, double page
 /* Each writer's count of the pages of its share it has dirtied (vcpus entries into out). */
 void pymig_sim_dirty_counts(struct pymig_sim *sim, uint64_t *out);
 int pymig_sim_get_cpu(struct pymig_sim *sim, uint32_t index, struct pymig_sim_cpu *cpu);
-/* -EBUSY while running. */
+/* -EBUSY while running; -ERANGE for a position outside the writer's share or an unknown
+ * phase. */
 int pymig_sim_set_cpu(struct pymig_sim *sim, uint32_t index, const struct pymig_sim_cpu *cpu);
 
 #endif
