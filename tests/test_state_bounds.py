@@ -229,3 +229,53 @@ def test_a_configuration_that_is_not_an_object_is_refused(payload):
     reader.read_header()
     with pytest.raises((StateError, stream.StreamError), match="configuration"):
         load_config(reader)
+
+
+# --- RAM's own records ---------------------------------------------------------------------------
+
+@pytest.fixture
+def ram_loader():
+    from pymig.guest.simulated import SimulatedGuest
+    from pymig.ram import RamLoader
+
+    guest = SimulatedGuest.create(GuestConfig("simulated", 8 << 20, workload="idle"),
+                                  incoming=True)
+    try:
+        yield RamLoader(guest)
+    finally:
+        guest.close()
+
+
+def test_every_key_of_the_ram_block_list_must_be_this_guests(ram_loader):
+    """START carries the source's block list; each value in it must equal the destination's,
+    so each is bounded by the guest built: a value off by one, the largest u64, a wrong type."""
+    from pymig.ram import describe_blocks
+
+    ours = json.loads(describe_blocks(ram_loader.blocks))
+    walked = 0
+    for key, value in ours[0].items():
+        wrong = ([value + 1, value - 1, (1 << 64) - 1, str(value)] if isinstance(value, int)
+                 else [value + "x", 1, None])
+        for bad in wrong:
+            theirs = copy.deepcopy(ours)
+            theirs[0][key] = bad
+            with pytest.raises(StateError, match="RAM layout differs"):
+                ram_loader.load_start(json.dumps(theirs).encode())
+            walked += 1
+    assert walked >= 15 and not ram_loader.started
+    for payload in (b"[" * 50_000, b"x" * (1 << 20), json.dumps(ours * 2).encode()):
+        with pytest.raises(StateError):
+            ram_loader.load_start(payload)
+    ram_loader.load_start(describe_blocks(ram_loader.blocks))
+    assert ram_loader.started
+
+
+def test_ram_end_carries_nothing(ram_loader):
+    from pymig.ram import describe_blocks
+
+    ram_loader.load_start(describe_blocks(ram_loader.blocks))
+    with pytest.raises(StateError, match="RAM end carries 3 bytes"):
+        ram_loader.load_end(b"abc")
+    assert not ram_loader.ended
+    ram_loader.load_end(b"")
+    assert ram_loader.ended

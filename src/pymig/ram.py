@@ -42,6 +42,7 @@ from pymig.memory import RamBlock
 
 RAM_IDSTR = "ram"
 RAM_VERSION = 1
+MAX_BLOCK_LIST_BYTES = 64 << 10  # the START payload: a few blocks of JSON
 PACKET_BYTES = 1 << 20  # 256 pages of 4 KiB: ~1k Python calls per GiB, each GIL-free inside
 PACKET_BUFFERS = 4  # one being encoded, one held back, one queued, one being sent
 # Re-protect 4 MiB (four packets) at a time, just ahead of the sender: a page the guest writes
@@ -424,9 +425,14 @@ class RamLoader:
         self.ended = False
 
     def load_start(self, payload) -> None:
+        # The block list must equal this guest's own, field for field: every value in it is
+        # bounded by that.  A list far longer than ours is not parsed at all.
+        if len(payload) > MAX_BLOCK_LIST_BYTES:
+            raise StateError(f"RAM block list of {len(payload)} bytes, more than "
+                             f"{MAX_BLOCK_LIST_BYTES}", entry=RAM_IDSTR, value=len(payload))
         try:
             theirs = json.loads(bytes(payload))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StateError(f"RAM block list is not valid JSON: {exc}", entry=RAM_IDSTR) from None
         ours = json.loads(describe_blocks(self.blocks))
         if theirs != ours:
@@ -454,6 +460,9 @@ class RamLoader:
     def load_end(self, payload) -> None:
         if not self.started:
             raise StateError("RAM end before the RAM block list", entry=RAM_IDSTR)
+        if len(payload):
+            raise StateError(f"RAM end carries {len(payload)} bytes; it carries none",
+                             entry=RAM_IDSTR, value=len(payload))
         self.ended = True
 
 
