@@ -95,6 +95,20 @@ def test_load_refuses_state_of_another_guest():
             source.load_state(GuestState(cpus=[object(), state.cpus[1]]))
 
 
+def test_load_state_refuses_a_position_or_phase_its_writer_cannot_hold():
+    """Without a stream in between too: the position indexes the share, the phase the
+    workload's steps; nothing is loaded when any vCPU's state is refused."""
+    with sim_guest("selfcheck", SELFCHECK, vcpus=2) as guest:
+        state = guest.save_state()
+        npages = state.cpus[1].npages
+        for field, value in (("pos", npages), ("pos", 1 << 36), ("phase", 4)):
+            bad = dataclasses.replace(state.cpus[1], **{field: value})
+            with pytest.raises(StateError, match=f"{field} {value} is out of bounds") as info:
+                guest.load_state(GuestState(cpus=[state.cpus[0], bad]))
+            assert (info.value.field, info.value.value) == (field, value)
+        assert guest.save_state() == state  # nothing was loaded
+
+
 def _run_child(tmp_path: Path, source, until: str, more_passes: int = 0) -> dict:
     """Dump a paused source's RAM to files and continue it in another process."""
     memory = []
