@@ -45,8 +45,13 @@ to the same object as its parent, and a stream without it loads with the object'
 older build receiving an unknown subsection fails loudly, naming it, instead of misreading.
 Every subsection carries its own version and length, so it is parsed in a bounded window.
 
-Loading is two-phase: the whole entry is parsed and checked first, then applied to the object,
-so a stream that fails any check leaves the object untouched.  Hooks run in QEMU's order:
+Every field declares the values a destination takes (:class:`Bound`: a range, an exact length,
+a rule over the fields before it, or any value of its type), with ends that may depend on the
+shape of the guest being loaded (its vCPU count, XSAVE size, a vCPU's share of memory...), so a
+value that indexes, sizes, counts or addresses anything is bounded before it is used.
+
+Loading is two-phase: the whole entry is parsed and checked first, bounds included, then
+applied to the object, so a stream that fails any check leaves the object untouched.  Hooks run in QEMU's order:
 ``pre_save(obj)`` before a description's fields are read, ``post_load(obj, version_id)`` after
 its fields and subsections are set (nested descriptions' hooks before their parent's).
 """
@@ -151,10 +156,6 @@ class Bound:
         lo = _resolve(self.lo, shape, t.lo)
         hi = _resolve(self.hi, shape, t.hi)
         return max(lo, t.lo), min(hi, t.hi)
-
-    def describe(self, t: Scalar, shape: Any) -> str:
-        lo, hi = self.limits(t, shape)
-        return f"[{lo}, {hi}]"
 
 
 def _resolve(limit: Limit | None, shape: Any, default: int) -> int:
