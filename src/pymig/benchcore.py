@@ -1,4 +1,4 @@
-"""Benchmarks of the compiled page core, each against the ceiling it cannot beat.
+"""Benchmarks of the compiled page core, each against a ceiling timed alongside it.
 
 Every benchmark times its kernel and its ceiling back to back on the same buffer, round after
 round, and reports medians, because these hosts are noisy (single-thread memory bandwidth
@@ -6,15 +6,16 @@ varies by 10 % from run to run).  The ceilings:
 
 * zero-page scan, bitmap scans: one plain read pass over the same bytes (the AVX2/u64 sum of
   ``pymig._core.cpu._read_sum``, as fast as this machine reads);
-* packet encode and decode: ``np.copyto`` of the same page bytes (what memcpy does).
+* packet encode and decode: ``np.copyto`` of the same page bytes (what memcpy does);
+* LZ4 on pages that do not compress: the same encode without LZ4.
 
 ``run_core_benchmarks()`` returns ``{name: {value, unit, ceiling, ceiling_unit, ceiling_name,
 ratio, target, ok, variant, ...}}`` where ``ratio`` is the kernel's speed as a share of the
 ceiling's on the same bytes (``value / ceiling`` in GB/s, ``ceiling / value`` in ms), and
 ``ceiling_name`` says what that ceiling is; a row whose ratio can pass 1 says why in ``note``.
 It reports each case as it finishes (``on_result``); ``format_report()`` renders the results
-as two tables, one per unit, and a legend.  The pytest-benchmark files in ``benchmarks/`` time the same
-cases.  Full size: 1 GiB of guest memory (populated before timing) and bitmaps of 16 Mi pages
+as two tables, one per unit, and a legend.  The pytest-benchmark files in ``benchmarks/`` time
+the same cases.  Full size: 1 GiB of guest memory (populated before timing) and bitmaps of 16 Mi pages
 (64 GiB of 4 KiB pages); ``quick`` shrinks both for a smoke run.
 """
 
