@@ -3,8 +3,9 @@
 After each dirty-log sync the migration thread builds a :class:`Metrics` snapshot and asks the
 injected policy (by default :func:`decide`) what to do; the :class:`Decision` says the action,
 why, the vCPU throttle to apply and the downtime it expects.  Nothing here reads a clock,
-keeps a counter or touches the guest, so every rule is tested with synthetic numbers and a
-user can swap in a policy of their own with the same signature (:data:`Policy`).
+keeps state from call to call (what auto-converge counts across syncs comes in with the metrics
+and goes out with the decision) or touches the guest, so every rule is tested with synthetic
+numbers and a user can swap in a policy of their own with the same signature (:data:`Policy`).
 
 The rule, in order (the first that holds decides):
 
