@@ -56,7 +56,7 @@ def pytest_terminal_summary(terminalreporter):
     if _results:
         text = io.StringIO()
         Console(file=text, width=120, force_terminal=False).print(
-            benchcore.format_table(dict(_results)))
+            benchcore.format_report(dict(_results)))
         terminalreporter.write_sep("-", "page core: ratio to ceiling")
         terminalreporter.write(text.getvalue())
     if _migrations:

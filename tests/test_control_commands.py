@@ -58,16 +58,22 @@ def test_parameters_set_and_query(source):
     defaults = client.command("query-migrate-parameters")
     assert defaults["downtime-limit"] == 300 and defaults["max-bandwidth"] == 0
     assert defaults["vcpu-dirty-limit"] == 0  # no cap until a user sets one
+    # auto-converge is QEMU's unless pymig's own aim is asked for
+    assert defaults["x-cpu-throttle-mode"] == "step"
+    assert (defaults["cpu-throttle-initial"], defaults["cpu-throttle-increment"],
+            defaults["max-cpu-throttle"], defaults["cpu-throttle-tailslow"]) == (20, 10, 99, False)
     client.command("migrate-set-parameters", **{
         "downtime-limit": 50, "max-bandwidth": 10 * MiB, "cpu-throttle-initial": 30,
-        "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "throttle-mode": "step",
-        "throttle-trigger-threshold": 40, "max-iterations": 7, "max-total-time": 60000,
+        "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "x-cpu-throttle-mode": "aim",
+        "throttle-trigger-threshold": 40, "cpu-throttle-tailslow": True, "max-iterations": 7,
+        "max-total-time": 60000,
         "max-bytes-ratio": 2.5, "limit-action": "cancel"})
     now = client.command("query-migrate-parameters")
     assert now == dict(defaults, **{
         "downtime-limit": 50, "max-bandwidth": 10 * MiB, "cpu-throttle-initial": 30,
-        "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "throttle-mode": "step",
-        "throttle-trigger-threshold": 40, "max-iterations": 7, "max-total-time": 60000,
+        "cpu-throttle-increment": 5, "max-cpu-throttle": 90, "x-cpu-throttle-mode": "aim",
+        "throttle-trigger-threshold": 40, "cpu-throttle-tailslow": True, "max-iterations": 7,
+        "max-total-time": 60000,
         "max-bytes-ratio": 2.5, "limit-action": "cancel"})
     client.command("migrate-set-parameters")  # nothing to set is fine
     assert client.command("query-migrate-parameters") == now

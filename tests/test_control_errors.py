@@ -243,6 +243,8 @@ def test_bad_migrate_uris(raw):
     ({"max-iterations": 1.5}, "whole number"),
     ({"max-bandwidth": True}, "must be a number"),
     ({"limit-action": "explode"}, "must be one of switchover, cancel"),
+    ({"x-cpu-throttle-mode": "pid"}, "must be one of step, aim"),
+    ({"cpu-throttle-tailslow": 1}, "must be true or false"),
     ({"compress-level": 1}, "unknown migration parameter 'compress-level'"),
     ({"vcpu-dirty-limit": -100}, "at least 0"),
     ({"downtime-limit": 10, "max-bandwidth": -1}, "at least 0"),  # all or none

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRate, StopSpeedup,
-                            SwitchoverCost, host_cpu_seconds, in_flight_bytes,
+                            SwitchoverCost, TriggerPeriod, host_cpu_seconds, in_flight_bytes,
                             thread_cpu_seconds)
 from pymig.transport import BytesChannel, SocketChannel
 
@@ -223,3 +223,18 @@ def test_a_long_migration_keeps_answering_exactly():
             progress.reported(1000 * (n - 10) + 500)  # ten packets behind
             assert progress.delivered(n * MB) == (n - 10) * MB
     assert len(progress._points) < 2_000  # what is loaded is forgotten
+
+
+def test_trigger_periods_last_a_second_or_more_and_add_up_what_their_syncs_found():
+    trigger = TriggerPeriod(period_s=1.0)
+    trigger.begin(10.0, 1000)
+    # syncs every 0.3 s: the fourth is the first a second or more after the start
+    assert trigger.add(10.3, 2000, 100) is None
+    assert trigger.add(10.6, 3000, 200) is None
+    assert trigger.add(10.9, 4000, 300) is None
+    assert trigger.add(11.2, 5000, 400) == (4000, 1000)
+    # the next period starts where that one closed
+    assert trigger.add(11.5, 5500, 10) is None
+    assert trigger.add(12.2, 6000, 20) == (1000, 30)
+    # sent bytes never count backwards, nor negative finds
+    assert trigger.add(13.5, 5000, -5) == (0, 0)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymig.policy import Action, Decision, Metrics, PolicyParams, aim_throttle, decide
+from pymig.policy import (HOT_PERIODS_PER_STEP, Action, Decision, Metrics, PolicyParams,
+                          aim_throttle, decide)
 
 MB = 1_000_000
 PAGE = 4096
@@ -115,25 +116,75 @@ def test_no_throttle_without_auto_converge():
     assert decide(metrics(**HOT), PolicyParams()).throttle_pct == 0
 
 
-def test_step_throttle_sequence_is_20_30_up_to_99():
-    params = PolicyParams(auto_converge=True)
-    seen, throttle = [], 0
-    for _ in range(12):
-        d = decide(metrics(throttle_pct=throttle, **HOT), params)
-        assert d.action == Action.CONTINUE and d.reason.startswith("throttling: step")
-        throttle = d.throttle_pct
+PERIOD_HOT = {"period_sent_bytes": 100 * MB, "period_dirtied_bytes": 80 * MB}
+PERIOD_CALM = {"period_sent_bytes": 100 * MB, "period_dirtied_bytes": 50 * MB}  # exactly 0.5
+
+
+def step_through(params: PolicyParams, periods: list[dict], throttle: int = 0) -> list[int]:
+    """The throttle after each of ``periods`` (trigger periods closing one sync each), the
+    hot-period count carried from one decision to the next as the migration thread does."""
+    seen, hot_periods = [], 0
+    for period in periods:
+        d = decide(metrics(throttle_pct=throttle, hot_periods=hot_periods, **HOT, **period),
+                   params)
+        assert d.action == Action.CONTINUE
+        assert d.reason == "converging" or \
+            d.reason.startswith(f"throttling: step {throttle}% -> {d.throttle_pct}% (hot period 2")
+        assert d.reason != "converging" or d.throttle_pct == throttle
+        throttle, hot_periods = d.throttle_pct, d.hot_periods
         seen.append(throttle)
-    assert seen == [20, 30, 40, 50, 60, 70, 80, 90, 99, 99, 99, 99]
+    return seen
+
+
+def test_step_is_the_default_and_rises_on_every_second_hot_period_to_99():
+    params = PolicyParams(auto_converge=True)
+    assert params.throttle_mode == "step"
+    assert step_through(params, [PERIOD_HOT] * 22) == [
+        0, 20, 20, 30, 30, 40, 40, 50, 50, 60, 60, 70, 70, 80, 80, 90, 90, 99, 99, 99, 99, 99]
+
+
+def test_step_follows_initial_increment_and_maximum():
+    params = PolicyParams(auto_converge=True, throttle_initial_pct=30, throttle_increment_pct=15,
+                          throttle_max_pct=80)
+    assert step_through(params, [PERIOD_HOT] * 12)[1::2] == [30, 45, 60, 75, 80, 80]
+
+
+def test_step_counts_hot_periods_not_syncs_and_keeps_the_count_over_calm_ones():
+    params = PolicyParams(auto_converge=True)
+    # A hot sync that closes no trigger period (period_sent_bytes None) changes nothing.
+    d = decide(metrics(**HOT), params)
+    assert (d.reason, d.throttle_pct, d.hot_periods) == ("converging", 0, 0)
+    d = decide(metrics(throttle_pct=40, hot_periods=1, **HOT), params)
+    assert (d.throttle_pct, d.hot_periods) == (40, 1)
+    # QEMU's count: a calm period between two hot ones neither acts nor resets it
+    assert step_through(params, [PERIOD_HOT, PERIOD_CALM, PERIOD_HOT]) == [0, 0, 20]
+    assert step_through(params, [PERIOD_CALM] * 4, throttle=40) == [40] * 4  # never lowered
 
 
 def test_step_throttle_waits_for_the_trigger_threshold_and_never_lowers():
     params = PolicyParams(auto_converge=True)
-    calm = {"bytes_dirtied_period": 50 * MB, "bytes_sent_period": 100 * MB}  # exactly 0.5: calm
-    assert decide(metrics(**calm), params).throttle_pct == 0
-    d = decide(metrics(throttle_pct=40, **calm), params)
+    assert decide(metrics(hot_periods=1, **PERIOD_CALM), params).throttle_pct == 0
+    d = decide(metrics(throttle_pct=40, hot_periods=1, **PERIOD_CALM), params)
     assert (d.reason, d.throttle_pct) == ("converging", 40)
     # No evidence without bytes sent in the period: never throttle on a 0/0 ratio.
-    assert decide(metrics(bytes_sent_period=0), params).throttle_pct == 0
+    assert decide(metrics(hot_periods=1, period_sent_bytes=0, period_dirtied_bytes=MB),
+                  params).throttle_pct == 0
+    lower = PolicyParams(auto_converge=True, throttle_trigger_threshold=0.4)
+    assert step_through(lower, [PERIOD_CALM] * 2) == [0, 20]
+
+
+def test_tailslow_steps_by_at_most_what_brings_the_guest_to_the_threshold():
+    params = PolicyParams(auto_converge=True, throttle_tailslow=True)
+    # At 40 % the guest runs 60 %; it dirtied 60 MB for a threshold of 50: the ideal share is
+    # 60 * 50 / 60 = 50 %, so the step is 10 (the increment)
+    near = {"period_sent_bytes": 100 * MB, "period_dirtied_bytes": 60 * MB}
+    assert step_through(params, [near] * 2, throttle=40) == [40, 50]
+    # just above the threshold: 60 * 50 / 52 = 57.7 -> 57, a step of 3
+    nearer = {"period_sent_bytes": 100 * MB, "period_dirtied_bytes": 52 * MB}
+    assert step_through(params, [nearer] * 2, throttle=40) == [40, 43]
+    # far above it the increment bounds the step, and the first step is the initial one
+    assert step_through(params, [PERIOD_HOT] * 4) == [0, 20, 20, 30]
+    assert step_through(PolicyParams(auto_converge=True), [nearer] * 2, throttle=40) == [40, 50]
 
 
 def test_aim_picks_a_throttle_that_fits_the_margin_in_one_step():
@@ -220,11 +271,14 @@ any_metrics = st.builds(
     dirty_rate_bps=rates, bytes_sent_total=counts, bytes_sent_period=counts,
     bytes_dirtied_period=counts, throttle_pct=st.integers(0, 99),
     vcpu_dirty_rates=st.none() | st.lists(st.floats(0, 1e7), max_size=4).map(tuple),
-    manual_switchover_requested=st.booleans(), dirty_limited=st.booleans())
+    manual_switchover_requested=st.booleans(), dirty_limited=st.booleans(),
+    period_sent_bytes=st.none() | counts, period_dirtied_bytes=counts,
+    hot_periods=st.integers(0, 1))
 any_params = st.builds(
     PolicyParams, downtime_limit_s=st.floats(0, 10), auto_converge=st.booleans(),
     throttle_initial_pct=st.integers(0, 50), throttle_max_pct=st.integers(50, 99),
     throttle_increment_pct=st.integers(1, 50), throttle_mode=st.sampled_from(["step", "aim"]),
+    throttle_tailslow=st.booleans(),
     throttle_aim_margin=st.floats(0.05, 1), throttle_trigger_threshold=st.floats(0.01, 2),
     dirty_limit_pages_per_s=st.none() | st.integers(1, 10**6),
     max_iterations=st.none() | st.integers(1, 100), max_total_time_s=st.none() | st.floats(1, 1e4),
@@ -246,6 +300,14 @@ def test_invariants(m, p):
     if d.action == Action.CONTINUE:
         assert d.reason == "converging" or d.reason.startswith("throttling: ")
         assert p.auto_converge or d.throttle_pct == min(m.throttle_pct, p.throttle_max_pct)
+    if p.auto_converge and p.throttle_mode == "step" and p.dirty_limit_pages_per_s is None:
+        # QEMU's steps: never down, and up only by the initial throttle or one increment
+        before = min(m.throttle_pct, p.throttle_max_pct)
+        assert d.throttle_pct >= before
+        assert d.throttle_pct in (before, p.throttle_initial_pct) \
+            or 0 < d.throttle_pct - before <= p.throttle_increment_pct
+        assert d.throttle_pct == before or m.period_sent_bytes is not None
+    assert 0 <= d.hot_periods < HOT_PERIODS_PER_STEP
     if d.vcpu_dirty_limits is not None:
         assert p.dirty_limit_pages_per_s is not None
         assert set(d.vcpu_dirty_limits) == {p.dirty_limit_pages_per_s}

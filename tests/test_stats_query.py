@@ -158,3 +158,29 @@ def test_concurrent_updates_while_querying():
         assert ram["normal-bytes"] == ram["normal"] * PAGE
         assert ram["transferred"] >= previous
         previous = ram["transferred"]
+
+
+def test_the_highest_throttle_outlives_the_throttle():
+    """cpu-throttle-percentage is the throttle in force, lifted when the migration ends;
+    cpu-throttle-peak is the highest the migration applied, for its summary."""
+    from pymig.monitor import stats_table
+
+    stats = MigrationStats(page_size=PAGE, clock=FakeClock())
+    stats.begin(ram_total_bytes=64 * PAGE)
+    stats.setup_done()
+    assert stats.query()["cpu-throttle-peak"] == 0
+    for pct in (20, 30, 40):
+        stats.set_throttle(pct)
+        stats.record_sync(iteration=1, dirty_pages=1, remaining_bytes=PAGE, bandwidth_bps=1e6,
+                          dirty_rate_pps=1, expected_downtime_s=1.0, throttle_pct=pct)
+    info = stats.query()
+    assert (info["cpu-throttle-percentage"], info["cpu-throttle-peak"]) == (40, 40)
+    stats.switchover("fits-limit", 0.01)
+    stats.completed()
+    stats.set_throttle(0)  # the migration lifts it once it is over
+    info = stats.query()
+    assert (info["cpu-throttle-percentage"], info["cpu-throttle-peak"]) == (0, 40)
+    rows = {str(label): str(value) for label, value in zip(
+        stats_table(info).columns[0]._cells, stats_table(info).columns[1]._cells)}
+    assert rows["vCPU throttle (highest)"] == "40 %"
+    assert "vCPU throttle (now)" not in rows  # 0 % then, which says nothing of the migration

@@ -93,6 +93,7 @@ class Scenario:
     downtime_limit_ms: int = 300
     max_bandwidth: int = 0
     auto_converge: bool = False
+    throttle_mode: str = "step"  # x-cpu-throttle-mode, with auto_converge
     warmup_s: float = 0.3  # the workload runs this long before the migration starts
     ceiling: bool = False  # measure the raw loopback socket ceiling in each run
     timeout_s: float = 120.0
@@ -138,19 +139,20 @@ _add(Scenario("random-1g", 1 * GiB, "idle", {"fill_bytes": 1 * GiB - MiB}, ceili
                        Target("expected_error", 0.30), Target("rss_overhead_ratio", 0.02))))
 _add(Scenario("nonconv-512m", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
-              auto_converge=True, warmup_s=1.0,
+              auto_converge=True, throttle_mode="aim", warmup_s=1.0,
               description="1 GiB guest incrementing a byte in every page of a 512 MiB working "
                           "set, flat out; uncapped, auto-converge (aim)",
               targets=(Target("total_ms", 1200), Target("downtime_ms", 150))))
 _add(Scenario("nonconv-512m-dl150", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
-              auto_converge=True, warmup_s=1.0, downtime_limit_ms=150,
+              auto_converge=True, throttle_mode="aim", warmup_s=1.0, downtime_limit_ms=150,
               description="the same, asking for the target's downtime: downtime limit 150 ms",
               targets=(Target("total_ms", 1200), Target("downtime_ms", 150),
                        Target("expected_error", 0.30))))
 _add(Scenario("nonconv-512m-100mbs", 1 * GiB, "dirtier",
               {"working_set_bytes": 512 * MiB, "pattern": "sequential", "rate_pages_per_s": 0},
-              auto_converge=True, max_bandwidth=100_000_000, warmup_s=1.0, timeout_s=90.0,
+              auto_converge=True, throttle_mode="aim", max_bandwidth=100_000_000, warmup_s=1.0,
+              timeout_s=90.0,
               description="the same guest with max-bandwidth 100 MB/s, auto-converge (aim)",
               targets=(Target("total_ms", 60_000), Target("downtime_ms", 300))))
 
@@ -295,6 +297,8 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
                                       "compression": scenario.compression}
             client.command("migrate-set-parameters", **params)
             if scenario.auto_converge:
+                client.command("migrate-set-parameters",
+                               **{"x-cpu-throttle-mode": scenario.throttle_mode})
                 client.command("migrate-set-capabilities", capabilities=[
                     {"capability": "auto-converge", "state": True}])
             time.sleep(scenario.warmup_s)

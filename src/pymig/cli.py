@@ -373,14 +373,21 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object keyed by benchmark")
 @click.option("--quick", is_flag=True, help="smaller buffers, fewer rounds")
 def bench_core(as_json, quick) -> None:
-    """Bitmap scan, zero detection, packet encode/decode vs memory bandwidth."""
-    from pymig.benchcore import format_table, run_core_benchmarks
+    """Bitmap scan, zero detection, packet encode/decode vs memory bandwidth.
 
-    results = run_core_benchmarks(quick=quick)
+    Each benchmark is reported on stderr as it finishes; the tables (or the JSON) follow on
+    stdout."""
+    from pymig.benchcore import describe_result, describe_run, format_report, run_core_benchmarks
+
+    def finished(name, row, done, total):
+        click.echo(describe_result(name, row, done, total), err=True)
+
+    click.echo(describe_run(quick), err=True)
+    results = run_core_benchmarks(quick=quick, on_result=finished)
     if as_json:
         click.echo(json.dumps(results))
     else:
-        Console().print(format_table(results))
+        Console().print(format_report(results))
 
 
 # -- analyze --------------------------------------------------------------------------------------

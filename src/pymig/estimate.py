@@ -30,6 +30,8 @@ take on the wire.
   no longer competes with the migration for CPU.
 * :class:`LoggedRate` is the rate the dirty log shows, over a window of syncs.
 * :class:`DirtyRate` is the guest's own dirty rate for a throttle to aim at.
+* :class:`TriggerPeriod` is what the step throttle weighs: bytes sent and dirtied over periods
+  of at least a second, as QEMU's auto-converge does.
 """
 
 from __future__ import annotations
@@ -146,6 +148,42 @@ class DirtyRate:
         own = max(measured_bps, 0.0) / running
         self.peak_bps = max(own, self.peak_bps * 0.5 ** (max(period_s, 0.0) / self.half_life_s))
         return self.peak_bps
+
+
+@dataclass
+class TriggerPeriod:
+    """Auto-converge's trigger period (QEMU's ``migration_trigger_throttle``, run from
+    ``migration_bitmap_sync``): the page bytes sent and the bytes the guest dirtied between
+    two checks at least ``period_s`` apart.  Syncs come every 100 ms while auto-converge is
+    on; a step throttle judged on each would climb from nothing to its maximum within a
+    second, before a step could show what it does.
+
+    :meth:`begin` at the start; :meth:`add` at each sync returns ``(sent, dirtied)`` when the
+    sync closes a period (and starts the next), None otherwise.
+    """
+
+    period_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._start: float | None = None
+        self._sent_at_start = 0
+        self._dirtied = 0
+
+    def begin(self, now: float, sent_bytes: int) -> None:
+        """A period starts at ``now`` (monotonic s), with ``sent_bytes`` sent so far."""
+        self._start, self._sent_at_start, self._dirtied = now, sent_bytes, 0
+
+    def add(self, now: float, sent_bytes: int, dirtied_bytes: int) -> tuple[int, int] | None:
+        """A sync at ``now``: ``sent_bytes`` sent so far, ``dirtied_bytes`` found dirtied since
+        the previous sync."""
+        if self._start is None:
+            self.begin(now, sent_bytes)
+        self._dirtied += max(dirtied_bytes, 0)
+        if now - self._start < self.period_s:
+            return None
+        closed = (max(sent_bytes - self._sent_at_start, 0), self._dirtied)
+        self.begin(now, sent_bytes)
+        return closed
 
 
 @dataclass(frozen=True)

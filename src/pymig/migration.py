@@ -37,7 +37,7 @@ from typing import Callable
 from pymig import policy as policy_mod
 from pymig import stream, transport
 from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRate, StopSpeedup,
-                            SwitchoverCost, host_cpu_seconds, in_flight_bytes,
+                            SwitchoverCost, TriggerPeriod, host_cpu_seconds, in_flight_bytes,
                             thread_cpu_seconds)
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
@@ -300,6 +300,9 @@ class Migration:
             switchover_s = SwitchoverCost().seconds(guest.vcpu_count, machine.ram_bytes)
             own_rate = DirtyRate()
             logged_rate = LoggedRate()
+            trigger = TriggerPeriod()
+            trigger.begin(time.monotonic(), saver.page_bytes_sent)
+            hot_periods = 0
             iteration = 0
             last_sync = time.monotonic()
             sent_period = 0
@@ -328,6 +331,7 @@ class Migration:
                               for e in machine.registry.live_entries())
                 vcpu_rates = (tuple(guest.vcpu_dirty_rates())
                               if params.capabilities.get("dirty-limit") else None)
+                closed = trigger.add(now, saver.page_bytes_sent, found * stats.page_size)
                 metrics = policy_mod.Metrics(
                     iteration=iteration,
                     elapsed_s=now - started,
@@ -352,8 +356,12 @@ class Migration:
                                                        throttle, period),
                     vcpu_dirty_rates=vcpu_rates,
                     dirty_limited=dirty_limits is not None,
+                    period_sent_bytes=closed[0] if closed else None,
+                    period_dirtied_bytes=closed[1] if closed else 0,
+                    hot_periods=hot_periods,
                 )
                 decision = self.decide(metrics, policy_params(params))
+                hot_periods = decision.hot_periods
                 record = stats.record_sync(
                     iteration=iteration, dirty_pages=found, remaining_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s,
@@ -669,6 +677,7 @@ def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
         throttle_increment_pct=params.throttle_increment_pct,
         throttle_max_pct=params.throttle_max_pct,
         throttle_trigger_threshold=params.throttle_trigger_threshold / 100.0,
+        throttle_tailslow=params.throttle_tailslow,
         throttle_mode=params.throttle_mode,
         dirty_limit_pages_per_s=(params.dirty_limit_pages_per_s or None)
         if caps.get("dirty-limit") else None,

@@ -92,7 +92,8 @@ _ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("ram.dirty-pages-rate", "dirty rate", lambda v: f"{v:,} pages/s"),
     ("ram.mbps", "throughput", lambda v: f"{v / 8:,.0f} MB/s ({v:,.0f} Mbit/s)"),
     ("ram.pages-per-second", "pages per second", lambda v: f"{v:,}"),
-    ("cpu-throttle-percentage", "vCPU throttle", lambda v: f"{v} %"),
+    ("cpu-throttle-percentage", "vCPU throttle (now)", lambda v: f"{v} %"),
+    ("cpu-throttle-peak", "vCPU throttle (highest)", lambda v: f"{v} %"),
     ("error-desc", "error", str),
 )
 
@@ -106,12 +107,19 @@ def _lookup(info: dict, dotted: str) -> Any:
     return value
 
 
+# Figures that hold only while a migration runs (the throttle is lifted when it ends)
+_LIVE_ONLY = {"cpu-throttle-percentage"}
+
+
 def stats_table(info: dict, title: str = "migration") -> Table:
     """The final ``query-migrate`` answer as a two-column table."""
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
+    ended = info.get("status") in ENDED
     for key, label, fmt in _ROWS:
+        if ended and key in _LIVE_ONLY:
+            continue
         value = _lookup(info, key)
         if value is not None:
             table.add_row(label, fmt(value))

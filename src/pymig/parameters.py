@@ -4,6 +4,10 @@ Parameters are values (``downtime-limit``, ``max-bandwidth``...), capabilities a
 (``auto-converge``...).  Both may change while a migration runs: ``max-bandwidth`` takes effect
 at once (the channel's token bucket), everything else at the next iteration, because the
 migration thread reads a fresh snapshot before every decision.
+
+Names are QEMU's where QEMU has the parameter.  ``x-cpu-throttle-mode`` is pymig's own (the
+``x-`` prefix is QEMU's mark for what is not part of its interface): ``step``, the default, is
+QEMU's auto-converge; ``aim`` is pymig's, and only in force when asked for.
 """
 
 from __future__ import annotations
@@ -34,17 +38,20 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("max-bandwidth", "max_bandwidth", int, 0,
               "cap on the stream, bytes/s (0: uncapped)", 0, None),
     Parameter("throttle-trigger-threshold", "throttle_trigger_threshold", int, 50,
-              "auto-converge starts when bytes dirtied per period exceed this % of bytes sent",
-              1, 100),
+              "auto-converge acts on a period (at least 1 s) in which the guest dirtied more "
+              "than this % of the bytes sent, the second such period since it last acted", 1, 100),
     Parameter("cpu-throttle-initial", "throttle_initial_pct", int, 20,
-              "first throttle step (%)", 1, 99),
+              "auto-converge's first throttle (%)", 1, 99),
     Parameter("cpu-throttle-increment", "throttle_increment_pct", int, 10,
-              "throttle added per period still not converging (%)", 1, 99),
+              "throttle added at each later step (%)", 1, 99),
+    Parameter("cpu-throttle-tailslow", "throttle_tailslow", bool, False,
+              "smaller steps as the guest nears the trigger threshold (QEMU's tail slow)"),
     Parameter("max-cpu-throttle", "throttle_max_pct", int, 99,
               "highest throttle (%)", 1, 99),
-    Parameter("throttle-mode", "throttle_mode", str, "aim",
-              "step: +increment per period (QEMU); aim: the throttle that fits the bandwidth",
-              choices=("step", "aim")),
+    Parameter("x-cpu-throttle-mode", "throttle_mode", str, "step",
+              "step: QEMU's auto-converge, from cpu-throttle-initial by cpu-throttle-increment; "
+              "aim (pymig's own): at each sync, the throttle that fits the guest's measured "
+              "dirty rate into half the bandwidth, at once", choices=("step", "aim")),
     Parameter("vcpu-dirty-limit", "dirty_limit_pages_per_s", int, 0,
               "with the dirty-limit capability: cap each vCPU's dirty rate (pages/s)", 0, None),
     Parameter("max-iterations", "max_iterations", int, 0,
@@ -81,8 +88,9 @@ class MigrationParameters:
     throttle_trigger_threshold: int = 50
     throttle_initial_pct: int = 20
     throttle_increment_pct: int = 10
+    throttle_tailslow: bool = False
     throttle_max_pct: int = 99
-    throttle_mode: str = "aim"
+    throttle_mode: str = "step"
     dirty_limit_pages_per_s: int = 0
     max_iterations: int = 0
     max_total_time_ms: int = 0
@@ -106,6 +114,10 @@ def validate(name: str, value: Any) -> Any:
     if spec.kind is str:
         if not isinstance(value, str) or value not in spec.choices:
             raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not {value!r}")
+        return value
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, not {value!r}")

@@ -1,13 +1,23 @@
 """A picture of a migration trace: did it converge, and what did the throttle do.
 
-Three panels over the iteration number: the guest's dirty rate against the migration's
-bandwidth (MB/s of guest pages, as the policy counts them: with zero pages and compression far
-above the wire's rate; the migration converges only where bandwidth stays above), the pending
-bytes with the expected downtime and the destination's backlog (and where the policy decided to
-switch over, with the time it then waited for the destination to catch up), and the vCPU
-throttle.  matplotlib is an optional dependency (the ``pymig[plot]`` extra) and is imported
-only here, only when plotting; the figure is drawn on an Agg canvas of its own, so nothing
-global in matplotlib (pyplot's state, the backend) changes.
+Three panels over the time since the migration began (each trace record is one dirty-log sync,
+and syncs come every 100 ms or once a pass, so the iteration number says little about time):
+
+* the guest's dirty rate against the migration's bandwidth (MB/s of guest pages, as the policy
+  counts them: with zero pages and compression far above the wire's rate; the migration
+  converges only where bandwidth stays above);
+* the pending bytes, the destination's backlog and the expected downtime;
+* the vCPU throttle, as the step line it is.
+
+Rates, bytes and the expected downtime span orders of magnitude within one migration (a first
+pass of a GB/s over an idle guest, then MB/s of a throttled one), so those axes are
+logarithmic: a spike no longer flattens the rest.  Zeros have no place on them and are left
+out.  The switchover is one line across the panels, at the sync that decided it; a switchover
+decided and then held for another pass (the destination behind, the first pass not through) is
+a small mark on the pending line, and only the longest catch-up wait is written out.
+
+matplotlib is imported only here, only when plotting; the figure is drawn on an Agg canvas of
+its own, so nothing global in matplotlib (pyplot's state, the backend) changes.
 """
 
 from __future__ import annotations
@@ -17,74 +27,105 @@ from typing import Any
 
 from pymig.stats import read_trace
 
+MB = 1e6
+TIME_LABEL = "time since the migration began (s)"
 
-def _matplotlib() -> tuple[Any, Any, Any]:
+
+def _matplotlib() -> tuple[Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
-        raise ImportError("plotting a trace needs matplotlib: install the plot extra, "
-                          "pip install 'pymig[plot]'") from exc
-    return Figure, FigureCanvasAgg, MaxNLocator
+        raise ImportError("plotting a trace needs matplotlib, which pymig installs; this "
+                          "environment lacks it: pip install 'matplotlib>=3.8'") from exc
+    return Figure, FigureCanvasAgg
 
 
-def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> None:
-    """Draw the trace at ``trace_path`` (written by :class:`pymig.stats.TraceWriter`) as a PNG."""
-    Figure, FigureCanvasAgg, MaxNLocator = _matplotlib()
+def _positive(times: list[float], values: list[float | None]) -> tuple[list, list]:
+    """The points a logarithmic axis can show (values above zero)."""
+    kept = [(t, v) for t, v in zip(times, values) if v is not None and v > 0]
+    return [t for t, _ in kept], [v for _, v in kept]
+
+
+def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[str]):
+    """Draw the trace at ``trace_path`` (written by :class:`pymig.stats.TraceWriter`) as a PNG
+    at ``out_png``; returns the matplotlib Figure."""
+    Figure, FigureCanvasAgg = _matplotlib()
     records = read_trace(trace_path)
     if not records:
         raise ValueError(f"{os.fspath(trace_path)}: the trace has no records to plot")
-    iterations = [r["iteration"] for r in records]
-    mb = 1e6
+    times = [r["time"] for r in records]
 
-    fig = Figure(figsize=(8, 9), layout="constrained")
+    fig = Figure(figsize=(9, 9), layout="constrained")
     FigureCanvasAgg(fig)
     rates, pending, throttle = fig.subplots(3, 1, sharex=True)
 
-    rates.plot(iterations, [r["dirty_rate"] * r["page_size"] / mb for r in records],
-               marker="o", label="dirty rate")
-    rates.plot(iterations, [r["bandwidth"] / mb for r in records], marker="s", label="bandwidth")
+    rates.plot(*_positive(times, [r["dirty_rate"] * r["page_size"] / MB for r in records]),
+               marker=".", label="guest dirty rate")
+    rates.plot(*_positive(times, [r["bandwidth"] / MB for r in records]), marker=".",
+               label="bandwidth")
     if any("stopped_bandwidth" in r for r in records):  # traces from before it lack it
-        rates.plot(iterations, [r.get("stopped_bandwidth", r["bandwidth"]) / mb for r in records],
+        rates.plot(*_positive(times, [r.get("stopped_bandwidth", r["bandwidth"]) / MB
+                                      for r in records]),
                    linestyle=":", color="tab:green", label="expected once stopped")
-    rates.set_ylabel("MB/s of pages")
+    rates.set_yscale("log")
+    rates.set_ylabel("MB/s of pages (log)")
     rates.set_title("guest dirty rate vs migration bandwidth")
-    rates.legend(loc="best")
 
-    pending.plot(iterations, [r["pending_bytes"] / mb for r in records], marker="o",
+    pending.plot(*_positive(times, [r["pending_bytes"] / MB for r in records]), marker=".",
                  color="tab:purple", label="pending")
     if any(r.get("backlog_bytes") for r in records):  # traces from before it lack it
-        pending.plot(iterations, [r.get("backlog_bytes", 0) / mb for r in records],
+        pending.plot(*_positive(times, [r.get("backlog_bytes", 0) / MB for r in records]),
                      marker=".", color="tab:olive", label="sent, not yet loaded there")
-    pending.set_ylabel("pending (MB)")
+    pending.set_yscale("log")
+    pending.set_ylabel("MB (log)")
     downtime = pending.twinx()
-    known = [(r["iteration"], r["expected_downtime"]) for r in records
-             if r["expected_downtime"] is not None]
-    if known:
-        downtime.plot(*zip(*known), marker="x", linestyle="--", color="tab:red",
-                      label="expected downtime")
-    downtime.set_ylabel("expected downtime (ms)")
-    # Where the policy decided to switch over, and the catch-up waits that followed (traces
-    # from before these fields lack them)
-    for r in records:
-        if r.get("action") == "switchover":
-            pending.axvline(r["iteration"], color="grey", linestyle=":", linewidth=1)
-        if r.get("caught_up_wait_s"):
-            pending.annotate(f"waited {r['caught_up_wait_s'] * 1000:.0f} ms",
-                             (r["iteration"], r["pending_bytes"] / mb), fontsize=8,
-                             textcoords="offset points", xytext=(4, 4))
-    pending.set_title("pending bytes and expected downtime (dotted: switchover decided)")
-    handles = pending.get_legend_handles_labels()
-    extra = downtime.get_legend_handles_labels()
-    pending.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best")
+    downtime.plot(*_positive(times, [r["expected_downtime"] for r in records]), marker="x",
+                  linestyle="--", color="tab:red", label="expected downtime")
+    downtime.set_yscale("log")
+    downtime.set_ylabel("expected downtime (ms, log)")
+    _mark_decisions(records, pending, (rates, pending, throttle))
+    pending.set_title("pending bytes, the destination's backlog, and the expected downtime")
 
-    throttle.step(iterations, [r["throttle_pct"] for r in records], where="post",
-                  color="tab:green")
+    throttle.step(times, [r["throttle_pct"] for r in records], where="post",
+                  color="tab:green", label="throttle in force")
     throttle.set_ylim(0, 100)
     throttle.set_ylabel("throttle (%)")
-    throttle.set_xlabel("iteration")
-    throttle.xaxis.set_major_locator(MaxNLocator(integer=True))
-    throttle.set_title("vCPU throttle")
+    throttle.set_xlabel(TIME_LABEL)
+    peak = max(r["throttle_pct"] for r in records)
+    throttle.set_title(f"vCPU throttle (highest {peak} %)")
+
+    for axes, extra in ((rates, None), (pending, downtime), (throttle, None)):
+        handles, labels = axes.get_legend_handles_labels()
+        if extra is not None:
+            more = extra.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        if handles:
+            axes.legend(handles, labels, loc="best", fontsize=8)
 
     fig.savefig(os.fspath(out_png), format="png", dpi=100)
+    return fig
+
+
+def _mark_decisions(records: list[dict], pending, panels) -> None:
+    """The switchover: one line across ``panels`` at the last sync that decided it (the one
+    the migration went with).  Switchovers decided before it and held for another pass: small
+    marks on the pending line.  The longest catch-up wait: written out once."""
+    decided = [r for r in records if r.get("action") == "switchover"]
+    if decided:
+        final = decided[-1]
+        for number, axes in enumerate(panels):
+            axes.axvline(final["time"], color="tab:red", linewidth=1, alpha=0.6,
+                         label="switchover" if number == 1 else None)
+        held = [r for r in decided[:-1] if r["pending_bytes"] > 0]
+        if held:
+            pending.plot([r["time"] for r in held], [r["pending_bytes"] / MB for r in held],
+                         linestyle="none", marker="|", markersize=8, color="grey",
+                         label="switchover decided, held for another pass")
+    waits = [r for r in records
+             if r.get("caught_up_wait_s", 0) >= 0.001 and r["pending_bytes"] > 0]
+    if waits:
+        longest = max(waits, key=lambda r: r["caught_up_wait_s"])
+        pending.annotate(f"waited {longest['caught_up_wait_s'] * 1000:.0f} ms for the "
+                         f"destination", (longest["time"], longest["pending_bytes"] / MB),
+                         fontsize=8, textcoords="offset points", xytext=(4, 4))

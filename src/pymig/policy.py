@@ -3,8 +3,9 @@
 After each dirty-log sync the migration thread builds a :class:`Metrics` snapshot and asks the
 injected policy (by default :func:`decide`) what to do; the :class:`Decision` says the action,
 why, the vCPU throttle to apply and the downtime it expects.  Nothing here reads a clock,
-keeps a counter or touches the guest, so every rule is tested with synthetic numbers and a
-user can swap in a policy of their own with the same signature (:data:`Policy`).
+keeps state from call to call (what auto-converge counts across syncs comes in with the metrics
+and goes out with the decision) or touches the guest, so every rule is tested with synthetic
+numbers and a user can swap in a policy of their own with the same signature (:data:`Policy`).
 
 The rule, in order (the first that holds decides):
 
@@ -19,21 +20,29 @@ The rule, in order (the first that holds decides):
    over RAM size) is reached: ``limit_action`` says whether to switch over anyway
    (``forced-by-limit: <limit>``) or give up (``cancelled-by-limit: <limit>``).
 4. **keep iterating** - ``converging`` with the current throttle, unless auto-converge or a
-   dirty limit is on and the guest dirtied more than ``throttle_trigger_threshold`` of what
-   was sent in the period, then ``throttling: ...`` with a new throttle (or the caps):
+   dirty limit is on and the guest is found dirtying more than ``throttle_trigger_threshold``
+   of what was sent, then ``throttling: ...`` with a new throttle (or the caps):
 
-   * ``step`` (QEMU's): ``throttle_initial_pct``, then ``+throttle_increment_pct`` per hot
-     period, capped at ``throttle_max_pct``; never lowered while the migration runs.
-   * ``aim``: take the guest's unthrottled dirty rate ``D = dirty_rate / (1 - throttle)``
-     (dirtying scales with vCPU run time; or ``own_dirty_rate_bps``, the recent peak of that,
-     when higher) and pick the smallest ``t`` with
-     ``D * (1 - t) <= throttle_aim_margin * bandwidth``, clamped to
-     ``[throttle_initial_pct, throttle_max_pct]``; recomputed every period from the measured
-     rate, so it corrects itself up or down.  A guest dirtying 630k pages/s (2.6 GB/s) over a
-     100 MB/s link gets 99 % at once, where ten +10 % steps, one per multi-second iteration,
-     take minutes.  Without a bandwidth estimate it steps instead.
+   * ``step`` (the default; QEMU's ``migration_trigger_throttle`` and
+     ``mig_throttle_guest_down``): the comparison is made over trigger periods of at least a
+     second (:attr:`Metrics.period_sent_bytes`, ``None`` on the syncs in between), and the
+     throttle rises on the second hot period since it last rose (QEMU's
+     ``dirty_rate_high_cnt``: :attr:`Metrics.hot_periods` in, :attr:`Decision.hot_periods`
+     out): first to ``throttle_initial_pct``, then by ``throttle_increment_pct``, never above
+     ``throttle_max_pct`` and never lowered while the migration runs.  With
+     ``throttle_tailslow`` an increment is at most what brings the guest's share of CPU to
+     the one that would dirty exactly the threshold (``cpu-throttle-tailslow``).
+   * ``aim`` (pymig's own, ``x-cpu-throttle-mode aim``): take the guest's unthrottled dirty
+     rate ``D = dirty_rate / (1 - throttle)`` (dirtying scales with vCPU run time; or
+     ``own_dirty_rate_bps``, the recent peak of that, when higher) and pick the smallest ``t``
+     with ``D * (1 - t) <= throttle_aim_margin * bandwidth``, clamped to
+     ``[throttle_initial_pct, throttle_max_pct]``; recomputed at every sync from the period's
+     bytes, so it corrects itself up or down.  A guest dirtying 630k pages/s (2.6 GB/s) over a
+     100 MB/s link gets 99 % at once, where steps take minutes; a guest whose rate was
+     overestimated is stopped nearly dead meanwhile.  Without a bandwidth estimate it steps.
    * with ``dirty_limit_pages_per_s`` set, each vCPU is capped at that dirty rate instead of
-     being time-throttled (QEMU's dirty-limit); once on, the caps stay on.
+     being time-throttled (QEMU's dirty-limit), on the first sync whose period was hot; once
+     on, the caps stay on.
 """
 
 from __future__ import annotations
@@ -74,6 +83,12 @@ class Metrics:
     throttle_pct: int = 0  # the throttle in force now
     switchover_s: float = 0.0  # fixed cost of a switchover (pymig.estimate.SwitchoverCost)
     own_dirty_rate_bps: float = 0.0  # the guest's unthrottled rate, recent peak (DirtyRate)
+    # The step throttle's trigger period (pymig.estimate.TriggerPeriod): on the sync that closes
+    # one, the page bytes sent and the bytes the guest dirtied over it (None on the syncs in
+    # between), and the hot periods since the throttle last rose (QEMU's dirty_rate_high_cnt)
+    period_sent_bytes: int | None = None
+    period_dirtied_bytes: int = 0
+    hot_periods: int = 0
     in_flight_bytes: int = 0  # sent, not yet taken in by the destination (as page bytes)
     vcpu_dirty_rates: tuple[float, ...] | None = None  # pages/s per vCPU, when known
     manual_switchover_requested: bool = False
@@ -111,7 +126,8 @@ class PolicyParams:
     throttle_increment_pct: int = 10
     throttle_max_pct: int = 99
     throttle_trigger_threshold: float = 0.5  # bytes dirtied / bytes sent, per period
-    throttle_mode: str = "step"  # "step" | "aim"
+    throttle_tailslow: bool = False  # step: smaller increments near the threshold (QEMU's)
+    throttle_mode: str = "step"  # "step" (QEMU's) | "aim" (pymig's own)
     throttle_aim_margin: float = 0.5  # aim: share of bandwidth the throttled dirty rate may use
     dirty_limit_pages_per_s: int | None = None  # per vCPU; instead of time throttling
     max_iterations: int | None = None
@@ -152,7 +168,8 @@ class Decision:
     current one when unchanged; the migration lifts it when it ends).  ``vcpu_dirty_limits``
     is None (no caps) or one cap in pages/s per vCPU, in ``Metrics.vcpu_dirty_rates`` order (a
     single cap for every vCPU when the metrics carry no per-vCPU rates).
-    ``expected_downtime_s`` is ``math.inf`` when unknown.
+    ``expected_downtime_s`` is ``math.inf`` when unknown.  ``hot_periods`` is what the next
+    sync's :attr:`Metrics.hot_periods` should be.
     """
 
     action: Action
@@ -160,6 +177,7 @@ class Decision:
     throttle_pct: int
     vcpu_dirty_limits: tuple[int, ...] | None
     expected_downtime_s: float
+    hot_periods: int = 0
 
 
 Policy = Callable[[Metrics, PolicyParams], Decision]
@@ -171,8 +189,9 @@ def decide(metrics: Metrics, params: PolicyParams) -> Decision:
     throttle = min(max(metrics.throttle_pct, 0), params.throttle_max_pct)
     caps = _dirty_caps(metrics, params) if metrics.dirty_limited else None
 
-    def finish(action: Action, reason: str) -> Decision:
-        return Decision(action, reason, throttle, caps, expected)
+    def finish(action: Action, reason: str, new_throttle: int = throttle,
+               hot_periods: int = metrics.hot_periods) -> Decision:
+        return Decision(action, reason, new_throttle, caps, expected, hot_periods)
 
     if expected <= params.downtime_limit_s:
         return finish(Action.SWITCHOVER, "fits-limit")
@@ -186,8 +205,7 @@ def decide(metrics: Metrics, params: PolicyParams) -> Decision:
     if not params.auto_converge and params.dirty_limit_pages_per_s is None:
         return finish(Action.CONTINUE, "converging")
 
-    hot = (metrics.bytes_sent_period > 0 and metrics.bytes_dirtied_period
-           > params.throttle_trigger_threshold * metrics.bytes_sent_period)
+    hot = trigger_hot(metrics.bytes_sent_period, metrics.bytes_dirtied_period, params)
     if params.dirty_limit_pages_per_s is not None:
         if metrics.dirty_limited or not hot:
             return finish(Action.CONTINUE, "converging")
@@ -195,25 +213,60 @@ def decide(metrics: Metrics, params: PolicyParams) -> Decision:
                         f"throttling: dirty limit {params.dirty_limit_pages_per_s} pages/s per "
                         f"vCPU ({_hot_text(metrics)})",
                         throttle, _dirty_caps(metrics, params), expected)
-    if params.throttle_mode == "aim" and (hot or throttle > 0) and metrics.bandwidth_bps > 0:
-        new, raw_rate = aim_throttle(metrics, params)
-        if hot:  # still losing ground: the rate was underestimated, never do less than a step
-            new = max(new, step_throttle(throttle, params))
-        reason = (f"throttling: aim {throttle}% -> {new}% (unthrottled dirty rate "
-                  f"{_rate(raw_rate)}, bandwidth {_rate(metrics.bandwidth_bps)})")
-        return Decision(Action.CONTINUE, reason, new, caps, expected)
-    if not hot:
+    if params.throttle_mode == "aim":
+        if (hot or throttle > 0) and metrics.bandwidth_bps > 0:
+            new, raw_rate = aim_throttle(metrics, params)
+            if hot:  # still losing ground: the rate was underestimated, never less than a step
+                new = max(new, step_throttle(throttle, params))
+            return finish(Action.CONTINUE, f"throttling: aim {throttle}% -> {new}% (unthrottled "
+                          f"dirty rate {_rate(raw_rate)}, bandwidth "
+                          f"{_rate(metrics.bandwidth_bps)})", new)
+        if not hot:
+            return finish(Action.CONTINUE, "converging")
+        new = step_throttle(throttle, params)
+        return finish(Action.CONTINUE, f"throttling: step {throttle}% -> {new}% "
+                                       f"({_hot_text(metrics)})", new)
+
+    # step, QEMU's way: over trigger periods, on the second hot one
+    sent, dirtied = metrics.period_sent_bytes, metrics.period_dirtied_bytes
+    if sent is None or not trigger_hot(sent, dirtied, params):
         return finish(Action.CONTINUE, "converging")
-    new = step_throttle(throttle, params)
-    return Decision(Action.CONTINUE, f"throttling: step {throttle}% -> {new}% "
-                                     f"({_hot_text(metrics)})", new, caps, expected)
+    hot_periods = max(metrics.hot_periods, 0) + 1
+    if hot_periods < HOT_PERIODS_PER_STEP:
+        return finish(Action.CONTINUE, "converging", hot_periods=hot_periods)
+    new = step_throttle(throttle, params, sent, dirtied)
+    return finish(Action.CONTINUE, f"throttling: step {throttle}% -> {new}% (hot period "
+                                   f"{hot_periods} of {HOT_PERIODS_PER_STEP}: dirtied {dirtied} "
+                                   f"B while sending {sent} B)", new, hot_periods=0)
 
 
-def step_throttle(current_pct: int, params: PolicyParams) -> int:
-    """QEMU's step: start at the initial throttle, then add the increment up to the maximum."""
+#: QEMU's auto-converge acts on the second period found hot since it last acted.
+HOT_PERIODS_PER_STEP = 2
+
+
+def trigger_hot(sent_bytes: int, dirtied_bytes: int, params: PolicyParams) -> bool:
+    """Whether a period in which ``sent_bytes`` were sent and the guest dirtied
+    ``dirtied_bytes`` calls for a throttle: it dirtied more than the threshold's share of what
+    was sent (never on nothing sent: 0/0 is no evidence)."""
+    return sent_bytes > 0 and dirtied_bytes > params.throttle_trigger_threshold * sent_bytes
+
+
+def step_throttle(current_pct: int, params: PolicyParams, sent_bytes: int = 0,
+                  dirtied_bytes: int = 0) -> int:
+    """QEMU's step: start at the initial throttle, then add the increment up to the maximum.
+
+    With ``throttle_tailslow``, an increment is at most what takes the guest's CPU share from
+    ``100 - current`` to the share that would have dirtied only the threshold's part of the
+    ``sent_bytes`` (QEMU's ``cpu_ideal``), so steps shrink as the guest nears the threshold."""
     if current_pct <= 0:
         return params.throttle_initial_pct
-    return min(current_pct + params.throttle_increment_pct, params.throttle_max_pct)
+    increment = params.throttle_increment_pct
+    if params.throttle_tailslow and dirtied_bytes > 0:
+        cpu_now = 100 - current_pct
+        threshold_bytes = sent_bytes * params.throttle_trigger_threshold
+        cpu_ideal = int(cpu_now * threshold_bytes / dirtied_bytes)
+        increment = max(min(cpu_now - cpu_ideal, increment), 0)
+    return min(current_pct + increment, params.throttle_max_pct)
 
 
 def aim_throttle(metrics: Metrics, params: PolicyParams) -> tuple[int, float]:

@@ -262,11 +262,19 @@ class RamSaver:
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, out) -> None:
-        """Turn dirty logging on, then seed the bitmap with every page that may hold data."""
+        """Turn dirty logging on, then seed the bitmap with every page that may hold data.
+
+        One saver serves every migration of its guest's process; what it counts starts again
+        here, or an earlier migration's (a failed one, a snapshot) would read as this one's
+        backlog and bandwidth.  Bits a failed migration left in the migration bitmap stay:
+        they only send a page again."""
         self.guest.start_dirty_log()
         self._logging = True
         self._resume = (0, 0)
         self.swept = False
+        self.page_bytes_sent = 0
+        self.busy_seconds = 0.0
+        self.slice_deadline = math.inf
         self._compress_state[:] = 0
         for seen, sent in zip(self._seen, self._sent):
             seen[:] = 0

@@ -30,7 +30,10 @@ socket, the CLI's progress line, tests) at any moment: every method takes one lo
                                        over the whole migration once it has ended
     ram.pages-per-second               pages/s sent, over the same span as mbps
     ram.page-size                      bytes
-    cpu-throttle-percentage            vCPU throttle in force, percent
+    cpu-throttle-percentage            vCPU throttle in force, percent (0 once the migration
+                                       ended: the throttle is lifted then)
+    cpu-throttle-peak                  the highest vCPU throttle applied during this migration,
+                                       percent (pymig's own; with auto-converge)
     vcpu-dirty-limit                   pages/s cap per vCPU in force (dirty-limit capability,
                                        once the policy turned the caps on)
     vcpu-dirty-rates                   pages/s each vCPU dirtied, at the last sync (dirty-limit
@@ -183,6 +186,7 @@ class MigrationStats:
         self._syncs = 0
         self._iterations = 0
         self._throttle = 0
+        self._throttle_peak = 0
         self._vcpu_dirty_rates: list[float] | None = None
         self._vcpu_dirty_limits: list[int] | None = None
         self._mbps = 0.0
@@ -231,6 +235,7 @@ class MigrationStats:
     def set_throttle(self, percent: int) -> None:
         with self._lock:
             self._throttle = percent
+            self._throttle_peak = max(self._throttle_peak, percent)
 
     def set_vcpu_dirty_limits(self, limits) -> None:
         """The per-vCPU dirty caps now in force (None: none)."""
@@ -262,6 +267,7 @@ class MigrationStats:
             self._dirty_pages_rate = dirty_rate_pps
             self._expected_downtime_s = expected_downtime_s
             self._throttle = throttle_pct
+            self._throttle_peak = max(self._throttle_peak, throttle_pct)
             rates = _list_or_none(vcpu_dirty_rates, float)
             if rates is not None:
                 self._vcpu_dirty_rates = rates
@@ -355,6 +361,7 @@ class MigrationStats:
                 "page-size": self.page_size,
             }
             info["cpu-throttle-percentage"] = self._throttle
+            info["cpu-throttle-peak"] = self._throttle_peak
             if self._vcpu_dirty_limits is not None:
                 info["vcpu-dirty-limit"] = list(self._vcpu_dirty_limits)
             if self._vcpu_dirty_rates is not None:
