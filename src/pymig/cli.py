@@ -357,7 +357,8 @@ def demo(simulated, memory, working_set, rate, vcpus, transport, downtime_limit,
         if result.get("guest_verified"):
             p = result["destination_progress"]
             out.print(f"[green]guest verified on the destination[/]: passes keep growing "
-                      f"({p['passes']} so far), self-check consistent, 0 errors")
+                      f"({p['passes']} so far), self-check consistent, 0 errors",
+                      soft_wrap=True)  # one line, whatever the width: scripts grep it
         else:
             out.print("[red]the guest could not be verified on the destination[/]")
     sys.exit(0 if result.get("guest_verified") else 1)
