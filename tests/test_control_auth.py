@@ -174,6 +174,25 @@ def test_after_the_token_the_connection_is_an_ordinary_one(source, tcp):
     assert client.read() == {"return": {"running": True, "status": "running"}}
 
 
+def test_a_deferred_destination_runs_no_command_for_a_stranger(tmp_path):
+    """migrate-incoming exec: would run a command on the destination: without the token it is
+    never read."""
+    target = tmp_path / "owned"
+    server = ControlServer(Session(destination=True), tcp=("127.0.0.1", 0),
+                           token_path=str(tmp_path / "token"))
+    try:
+        client = TcpClient(server.tcp_address)
+        client.send(b'{"execute": "qmp_capabilities"}\n'
+                    + json.dumps({"execute": "migrate-incoming",
+                                  "arguments": {"uri": f"exec:touch {target}"}}).encode()
+                    + b"\n")
+        assert_refused_and_closed(client, "GenericError", "Authentication required")
+        client.close()
+        assert server.session.incoming is None and not target.exists()
+    finally:
+        server.close()
+
+
 # -- on the unix socket -----------------------------------------------------------------------
 
 def test_the_unix_socket_needs_no_token_but_checks_one_given(source):

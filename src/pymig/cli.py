@@ -140,6 +140,9 @@ def _serve(session, **options) -> None:
     from pymig.errors import PymigError
     from pymig.process import serve
 
+    if options.get("control_token") and options.get("control_tcp") is None:
+        session.close()
+        _fail("--control-tcp-token is where --control-tcp's token goes; give --control-tcp too")
     try:
         code = serve(session, **options)
     except (PymigError, ValueError, OSError) as exc:
