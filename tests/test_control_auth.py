@@ -323,6 +323,15 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, stdin=subprocess.DEVNULL)
 
 
+def python_for_nobody() -> str:
+    """A Python interpreter the unprivileged user can run (a virtual environment's may sit
+    in a directory only root can enter)."""
+    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        if os.path.exists(candidate) and as_nobody(candidate, "-I", "-c", "").returncode == 0:
+            return candidate
+    raise AssertionError("no Python interpreter that user 65534 may run")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_another_user_cannot_run_commands_over_tcp(shared_dir):
@@ -338,7 +347,8 @@ def test_another_user_cannot_run_commands_over_tcp(shared_dir):
     try:
         port = announced_port(src)
         wait_for_path(ctl, src)
-        out = as_nobody(sys.executable, "-I", "-c", _ATTACKER, str(port), token_path, target)
+        python = python_for_nobody()
+        out = as_nobody(python, "-I", "-c", _ATTACKER, str(port), token_path, target)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0] == "TOKEN UNREADABLE"
@@ -349,7 +359,7 @@ def test_another_user_cannot_run_commands_over_tcp(shared_dir):
             assert messages[1]["error"]["class"] in ("GenericError", "CommandNotFound")
         assert not os.path.exists(target)
         # The unix socket is 0600: that user cannot even connect to it.
-        unix = as_nobody(sys.executable, "-I", "-c",
+        unix = as_nobody(python, "-I", "-c",
                          "import socket, sys; s = socket.socket(socket.AF_UNIX); "
                          "s.connect(sys.argv[1])", ctl)
         assert unix.returncode != 0 and "PermissionError" in unix.stderr
