@@ -26,7 +26,8 @@ class Served:
     def __init__(self, session: Session, path: str, *, tcp: bool = False):
         self.session = session
         self.path = path
-        self.server = ControlServer(session, path, ("127.0.0.1", 0) if tcp else None)
+        self.server = ControlServer(session, path, ("127.0.0.1", 0) if tcp else None,
+                                    token_path=f"{path}.token" if tcp else None)
         self._clients: list = []
 
     def client(self) -> QmpClient:

@@ -4,6 +4,7 @@ process (threads) or in two (subprocesses through the CLI)."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -260,3 +261,17 @@ def assert_carries_on(ctl: str, *, at_least: int = 0) -> dict:
         assert report["progress"]["errors"] == 0
         client.command("cont")
         return report["progress"]
+
+
+def announced_port(proc, timeout: float = 30.0) -> int:
+    """The port ``--control-tcp 0`` chose, from the process's stderr."""
+    deadline = time.monotonic() + timeout
+    text = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
+        if ready:
+            text += os.read(proc.stderr.fileno(), 4096)
+            for line in text.decode(errors="replace").splitlines():
+                if line.startswith("[pymig] control socket on tcp:"):
+                    return int(line.rsplit(":", 1)[1])
+    raise AssertionError(f"no control socket announced: {text!r}")

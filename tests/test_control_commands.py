@@ -21,7 +21,9 @@ def test_greeting_then_negotiation(source):
     raw = source.raw()
     qmp = raw.greeting["QMP"]
     assert qmp["capabilities"] == []
-    assert set(qmp["version"]["pymig"]) == {"major", "minor", "micro"}
+    # QEMU's VersionInfo, as QMP clients read it (qmp-shell prints version.qemu), naming pymig
+    assert set(qmp["version"]["qemu"]) == {"major", "minor", "micro"}
+    assert qmp["version"]["package"] == "pymig"
     assert raw.execute("qmp_capabilities", enable=[]) == {"return": {}}
 
 
@@ -208,7 +210,8 @@ def test_quit_answers_then_ends_the_session(source):
 def test_loopback_tcp_serves_the_same_commands(source):
     host, port = source.server.tcp_address
     assert host == "127.0.0.1" and port > 0
-    with QmpClient(control_address(f"tcp:127.0.0.1:{port}")) as client:
+    with QmpClient(control_address(f"tcp:127.0.0.1:{port}"),
+                   token_path=source.server.token_path) as client:
         assert client.command("query-status")["status"] == "running"
 
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import socket
-import time
 
 import pytest
 
-from _migration_helpers import (assert_carries_on, e2e_kind, finish, guest_config, guest_passes,
-                                pymig_process, run_pymig, running_guest, start_destination,
-                                start_source, wait_for, wait_for_path)
+from _migration_helpers import (announced_port, assert_carries_on, e2e_kind, finish,
+                                guest_config, guest_passes, pymig_process, run_pymig,
+                                running_guest, start_destination, start_source, wait_for,
+                                wait_for_path)
 from pymig.analyze import analyze
 from pymig.qmp import QmpClient, QmpError
 from pymig.session import Session
@@ -210,20 +209,6 @@ def qmp(control: str, command: str, *arguments: str):
     out = run_pymig("qmp", "--control", control, command, *arguments)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def announced_port(proc, timeout: float = 30.0) -> int:
-    """The port ``--control-tcp 0`` chose, from the process's stderr."""
-    deadline = time.monotonic() + timeout
-    text = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.1)
-        if ready:
-            text += os.read(proc.stderr.fileno(), 4096)
-            for line in text.decode(errors="replace").splitlines():
-                if line.startswith("[pymig] control socket on tcp:"):
-                    return int(line.rsplit(":", 1)[1])
-    raise AssertionError(f"no control socket announced: {text!r}")
 
 
 @pytest.mark.parametrize("uri, words", [

@@ -30,6 +30,10 @@ class Size(click.ParamType):
 
 SIZE = Size()
 
+CONTROL_TCP_TOKEN_HELP = ("the file holding the token a client over --control-tcp proves itself "
+                          "with (default: $XDG_RUNTIME_DIR/pymig/control-PORT.token, or "
+                          "/tmp/pymig-UID/... without XDG_RUNTIME_DIR)")
+
 
 def _fail(message: str) -> None:
     click.echo(f"pymig: {message}", err=True)
@@ -79,16 +83,17 @@ def main() -> None:
 @click.option("--control-tcp", type=click.IntRange(0, 65535), default=None,
               help="also serve it on this loopback TCP port (0: a free one, announced on "
                    "stderr)")
+@click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
+              help=CONTROL_TCP_TOKEN_HELP)
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
-        hot_fraction, rounds, simulated, dirty_ring, mem_backing, control, control_tcp, serial,
-        quiet) -> None:
+        hot_fraction, rounds, simulated, dirty_ring, mem_backing, control, control_tcp,
+        control_tcp_token, serial, quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
     from pymig.errors import PymigError
-    from pymig.process import serve
     from pymig.session import Session
 
     if sum(bool(x) for x in (boot_sector, flat, flat64)) > 1:
@@ -105,8 +110,8 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
     session = Session(guest)
-    sys.exit(serve(session, control=control, control_tcp=_loopback(control_tcp),
-                   serial_file=serial, quiet=quiet, start=True))
+    _serve(session, control=control, control_tcp=_loopback(control_tcp),
+           control_token=control_tcp_token, serial_file=serial, quiet=quiet, start=True)
 
 
 def _preallocate(memory: int, backing: str, quiet: bool):
@@ -130,12 +135,29 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
     return None if port is None else ("127.0.0.1", port)
 
 
+def _serve(session, **options) -> None:
+    """Serve ``session`` until it ends, and exit with its code (or say why it could not)."""
+    from pymig.errors import PymigError
+    from pymig.process import serve
+
+    if options.get("control_token") and options.get("control_tcp") is None:
+        session.close()
+        _fail("--control-tcp-token is where --control-tcp's token goes; give --control-tcp too")
+    try:
+        code = serve(session, **options)
+    except (PymigError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
 # -- incoming -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("uri")
 @click.option("--control", type=click.Path(), default=None, help="control socket path")
 @click.option("--control-tcp", type=click.IntRange(0, 65535), default=None,
               help="control socket on this loopback TCP port (0: a free one, announced)")
+@click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
+              help=CONTROL_TCP_TOKEN_HELP)
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
 @click.option("--memory", type=SIZE, default=None, help="refuse a stream of another RAM size")
@@ -147,8 +169,8 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
               help="map the --memory RAM and fault it all in before listening, so the "
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
-def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_prealloc,
-             quiet) -> None:
+def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, mem_backing,
+             mem_prealloc, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -157,8 +179,6 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_
     stream; --memory/--vcpus only make sure it is the guest you expect, and --mem-prealloc
     readies that much RAM ahead of it.
     """
-    from pymig.errors import PymigError
-    from pymig.process import serve
     from pymig.session import Session
 
     guest_options = {"backing": mem_backing}
@@ -175,19 +195,13 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_
             raise ValueError(f"the stream's guest has {config.vcpus} vCPUs, --vcpus says "
                              f"{vcpus}")
 
+    if uri == "defer" and control is None and control_tcp is None:
+        _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
     session = Session(destination=True)
     session.incoming_options = {"check_config": check, "guest_options": guest_options}
-    if uri != "defer":
-        try:
-            bound = session.start_incoming(uri)
-        except (PymigError, ValueError, OSError) as exc:
-            _fail(str(exc))
-        if not quiet:
-            click.echo(f"[pymig] waiting for a migration on {bound}", err=True)
-    elif control is None and control_tcp is None:
-        _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
-    sys.exit(serve(session, control=control, control_tcp=_loopback(control_tcp),
-                   serial_file=serial, quiet=quiet))
+    _serve(session, incoming=None if uri == "defer" else uri, control=control,
+           control_tcp=_loopback(control_tcp), control_token=control_tcp_token,
+           serial_file=serial, quiet=quiet)
 
 
 # -- migrate --------------------------------------------------------------------------------------
@@ -196,6 +210,8 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_
               help="control socket of the running guest: its unix path (pymig run --control) "
                    "or tcp:127.0.0.1:PORT (--control-tcp)")
 @click.argument("uri")
+@click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
+              help=CONTROL_TCP_TOKEN_HELP)
 @click.option("--max-bandwidth", type=SIZE, default=None, help="cap, bytes/s (e.g. 100M)")
 @click.option("--downtime-limit", type=int, default=None, help="ms (default 300)")
 @click.option("--compression", type=click.Choice(["lz4", "none"]), default=None,
@@ -212,12 +228,12 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_
               help="file: snapshots: stop the guest once the snapshot is taken (by default "
                    "it carries on)")
 @click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
-def migrate(control, uri, max_bandwidth, downtime_limit, compression, auto_converge, dirty_limit,
-            trace, keep_source, stop_guest, as_json) -> None:
+def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
+            auto_converge, dirty_limit, trace, keep_source, stop_guest, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar."""
     from pymig.errors import PymigError
     from pymig.monitor import ProgressView, follow, stats_table
-    client = _connect(control)
+    client = _connect(control, control_tcp_token)
     with client:
         try:
             params = {}
@@ -262,12 +278,12 @@ def migrate(control, uri, max_bandwidth, downtime_limit, compression, auto_conve
     sys.exit(0 if final.get("status") == "completed" else 1)
 
 
-def _connect(control: str):
+def _connect(control: str, token_path: str | None):
     from pymig.errors import PymigError
     from pymig.qmp import QmpClient, control_address
 
     try:
-        return QmpClient(control_address(control))
+        return QmpClient(control_address(control), token_path=token_path)
     except (PymigError, ValueError) as exc:
         _fail(str(exc))
 
@@ -276,9 +292,11 @@ def _connect(control: str):
 @main.command("qmp")
 @click.option("--control", required=True,
               help="control socket: a unix path or tcp:127.0.0.1:PORT")
+@click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
+              help=CONTROL_TCP_TOKEN_HELP)
 @click.argument("command")
 @click.argument("arguments", nargs=-1)
-def qmp_command(control, command, arguments) -> None:
+def qmp_command(control, control_tcp_token, command, arguments) -> None:
     """Run one control-socket COMMAND and print its answer as JSON.
 
     ARGUMENTS are NAME=VALUE; a VALUE that parses as JSON is taken as JSON (numbers, true,
@@ -300,7 +318,7 @@ def qmp_command(control, command, arguments) -> None:
             args[name] = json.loads(text)
         except ValueError:
             args[name] = text
-    client = _connect(control)
+    client = _connect(control, control_tcp_token)
     with client:
         try:
             value = client.command(command, **args)

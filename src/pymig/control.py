@@ -14,6 +14,13 @@ line.  Error classes: ``CommandNotFound`` (an unknown command, or any command be
 arguments, a command that does not fit the current state).  None of these end the connection;
 only a message above :data:`MAX_MESSAGE_BYTES` does, after its error answer.
 
+Who may connect: the unix socket is a file of mode 0600, so only its owner can.  Loopback TCP
+is open to every local user, so a TCP connection must prove itself first: its first message
+must be ``qmp_capabilities`` with the server's secret token as its ``token`` argument (see
+:mod:`pymig.control_token`).  Anything else (another command, a wrong token, a text that is not
+a JSON object, such as an HTTP request line, or no message within :data:`AUTH_TIMEOUT_S`)
+gets one error answer and the connection closed, with nothing run.
+
 Every client has its own outgoing queue and writer thread, so a client that stops reading
 never stalls the migration thread that emits events; once its queue holds
 :data:`MAX_QUEUED_MESSAGES`, the server drops that client.
@@ -31,12 +38,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pymig import __version__
-from pymig.errors import PymigError
+from pymig import __version__, control_token
+from pymig.errors import ControlError, PymigError
 from pymig.session import CommandError, Session
+from pymig.transport import sockfile
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_QUEUED_MESSAGES = 4096
+#: A TCP connection that has not proved itself: how long it may take, how long its message.
+AUTH_TIMEOUT_S = 10.0
+AUTH_MESSAGE_BYTES = 4096
+#: Capabilities QEMU knows for qmp_capabilities' 'enable' (none of them offered here).
+QMP_CAPABILITIES = ("oob",)
 
 #: JSON types by the names QMP's error messages use.
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -74,10 +87,10 @@ def _uri(args: dict) -> str:
 
 
 def _capabilities(s: Session, a: dict) -> dict:
-    enable = a.get("enable", [])
-    if enable:
-        raise CommandError(f"Capability {enable[0]!r} is not available (this server offers "
-                           f"none)")
+    for name in a.get("enable", []):  # QEMU's words for each refusal
+        if name not in QMP_CAPABILITIES:
+            raise CommandError(f"Parameter 'enable' does not accept value {name!r}")
+        raise CommandError(f"Capability '{name}' not available")
     return {}
 
 
@@ -88,8 +101,9 @@ def _continue(s: Session, a: dict) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "qmp_capabilities": Command(_capabilities, {"enable": Arg("array")},
-                                "leave capabilities negotiation"),
+    "qmp_capabilities": Command(_capabilities, {"enable": Arg("array"), "token": Arg("string")},
+                                "leave capabilities negotiation; token: the control token "
+                                "(needed over TCP)"),
     "query-commands": Command(lambda s, a: [{"name": n} for n in sorted(COMMANDS)], {},
                               "every command this server knows"),
     "query-version": Command(lambda s, a: _version(), {}, "pymig's version"),
@@ -130,8 +144,10 @@ COMMANDS: dict[str, Command] = {
 
 
 def _version() -> dict:
+    """QEMU's VersionInfo, which QMP clients read from the greeting: the triple is pymig's,
+    and ``package`` names the server, as QEMU's downstreams do."""
     major, minor, micro = (int(x) for x in __version__.split(".")[:3])
-    return {"pymig": {"major": major, "minor": minor, "micro": micro}, "package": "pymig"}
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": "pymig"}
 
 
 def timestamp() -> dict[str, int]:
@@ -139,9 +155,13 @@ def timestamp() -> dict[str, int]:
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
 
+#: A message without an ``id`` (an ``"id": null`` is echoed, as QEMU does).
+NO_ID = object()
+
+
 def error(ident: Any, klass: str, desc: str) -> dict:
     answer: dict[str, Any] = {"error": {"class": klass, "desc": desc}}
-    if ident is not None:
+    if ident is not NO_ID:
         answer["id"] = ident
     return answer
 
@@ -261,11 +281,15 @@ def check_arguments(spec: dict[str, Arg], args: dict) -> str | None:
 # -- connections -----------------------------------------------------------------------------
 
 class _Client:
-    """One connection: reads commands, answers them, and forwards events once negotiated."""
+    """One connection: reads commands, answers them, and forwards events once negotiated.
 
-    def __init__(self, server: "ControlServer", sock: socket.socket):
+    ``needs_token``: the connection came over TCP and must prove itself with its first
+    message (see the module docstring)."""
+
+    def __init__(self, server: "ControlServer", sock: socket.socket, needs_token: bool):
         self.server = server
         self.sock = sock
+        self.needs_token = needs_token
         self.negotiated = False
         self.closed = False
         self._out: "queue.Queue[bytes | None]" = queue.Queue()
@@ -276,7 +300,7 @@ class _Client:
         try:
             data = (json.dumps(message, allow_nan=False) + "\n").encode()
         except (TypeError, ValueError) as exc:  # an answer that is not JSON is a bug: say so
-            data = (json.dumps(error(message.get("id"), "GenericError",
+            data = (json.dumps(error(message.get("id", NO_ID), "GenericError",
                                      f"internal error: unencodable answer: {exc}"))
                     + "\n").encode()
         with self._lock:
@@ -320,9 +344,12 @@ class _Client:
         session = self.server.session
         session.subscribe(self.event)
         splitter = MessageSplitter()
-        quitting = False
+        if self.needs_token:  # a stranger gets one short message, soon, to prove itself
+            splitter.limit = AUTH_MESSAGE_BYTES
+            self.sock.settimeout(AUTH_TIMEOUT_S)
+        quitting = refused = False
         try:
-            while not self.closed and not quitting:
+            while not (self.closed or quitting or refused):
                 try:
                     chunk = self.sock.recv(65536)
                 except OSError:
@@ -332,11 +359,18 @@ class _Client:
                 try:
                     texts = splitter.feed(chunk)
                 except ValueError as exc:
-                    self.send(error(None, "GenericError", str(exc)))
+                    self.send(error(NO_ID, "GenericError", str(exc)))
                     break
                 for text in texts:
                     answer, name = self.handle(text)
                     self.send(answer)
+                    if self.needs_token:
+                        if not self.negotiated:
+                            refused = True  # it did not prove itself: nothing more is read
+                            break
+                        self.needs_token = False
+                        splitter.limit = MAX_MESSAGE_BYTES
+                        self.sock.settimeout(None)
                     if name == "quit" and "return" in answer:
                         quitting = True  # what the client sent after quit is not run
                         break
@@ -360,10 +394,10 @@ class _Client:
         try:
             message = parse_message(text)
         except (ValueError, RecursionError) as exc:
-            return _failed(None, "GenericError", f"JSON parse error: {exc}")
+            return _failed(NO_ID, "GenericError", f"JSON parse error: {exc}")
         if not isinstance(message, dict):
-            return _failed(None, "GenericError", "QMP input must be a JSON object")
-        ident = message.get("id")
+            return _failed(NO_ID, "GenericError", "QMP input must be a JSON object")
+        ident = message.get("id", NO_ID)
         name = message.get("execute")
         if not isinstance(name, str):
             return _failed(ident, "GenericError", "QMP input lacks member 'execute'")
@@ -388,6 +422,10 @@ class _Client:
             problem = check_arguments(command.args, args)
             if problem is not None:
                 return _failed(ident, "GenericError", problem)
+        if name == "qmp_capabilities":
+            problem = self.server.check_token(args.get("token"), self.needs_token)
+            if problem is not None:
+                return _failed(ident, "GenericError", problem)
         try:
             value = command.run(self.server.session, args)
         except CommandError as exc:
@@ -400,7 +438,7 @@ class _Client:
         if name == "qmp_capabilities":
             self.negotiated = True
         answer: dict[str, Any] = {"return": {} if value is None else value}
-        if ident is not None:
+        if ident is not NO_ID:
             answer["id"] = ident
         return answer, name
 
@@ -412,53 +450,67 @@ def _failed(ident: Any, klass: str, desc: str) -> tuple[dict, None]:
 class ControlServer:
     """Serves :data:`COMMANDS` for one :class:`Session` on a unix path and/or loopback TCP.
 
-    ``tcp=(host, 0)`` binds a free port; :attr:`tcp_address` says which.
+    ``tcp=(host, 0)`` binds a free port; :attr:`tcp_address` says which.  With TCP the server
+    makes a :attr:`token` and writes it to ``token_path`` (default:
+    :func:`pymig.control_token.default_path` of the port), :attr:`token_path` says where.
     """
 
     def __init__(self, session: Session, path: str | None = None,
-                 tcp: tuple[str, int] | None = None):
+                 tcp: tuple[str, int] | None = None, *, token_path: str | None = None):
         if path is None and tcp is None:
             raise ValueError("a control server needs a unix path or a TCP address")
         self.session = session
         self.path = path
-        self._socks: list[socket.socket] = []
+        self._socks: list[tuple[socket.socket, bool]] = []  # (listening socket, over TCP)
         self._clients: set[_Client] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._socket_file: os.stat_result | None = None
+        self._token_file: control_token.TokenFile | None = None
         self.tcp_address: tuple[str, int] | None = None
+        self.token: str | None = None
+        self.token_path: str | None = None
         try:
-            if tcp is not None:
-                self._socks.append(self._bind_tcp(*tcp))
             if path is not None:
-                self._socks.append(self._bind_unix(path))
+                self._socks.append((self._bind_unix(path), False))
+            if tcp is not None:
+                self._socks.append((self._bind_tcp(*tcp), True))
+                self.token = control_token.new_token()
+                self.token_path = token_path or control_token.default_path(self.tcp_address[1])
+                self._token_file = control_token.TokenFile(self.token_path, self.token,
+                                                           default=token_path is None)
         except BaseException:
-            for sock in self._socks:
-                sock.close()
+            self.close()
             raise
-        for sock in self._socks:
-            threading.Thread(target=self._accept, args=(sock,), daemon=True,
+        for sock, over_tcp in self._socks:
+            threading.Thread(target=self._accept, args=(sock, over_tcp), daemon=True,
                              name="pymig-control").start()
 
     def _bind_unix(self, path: str) -> socket.socket:
-        if os.path.exists(path):
-            _remove_stale_socket(path)
-        # Whoever sees the path appear may connect at once: so the socket is bound under a
-        # temporary name, made private and listening, and only then renamed into place.
+        # Whoever sees the path appear may connect at once: so the socket listens under a
+        # temporary name first and is then linked into place (link(), unlike rename(), never
+        # replaces what may have appeared at the path meanwhile).
         staging = os.path.join(os.path.dirname(path) or ".",
                                f".{os.path.basename(path)}.{os.getpid()}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staged = None
         try:
-            if os.path.exists(staging):
-                os.unlink(staging)
-            sock.bind(staging)
-            os.chmod(staging, 0o600)
+            sockfile.claim(path)
+            sockfile.claim(staging)
+            staged = sockfile.bind_private(sock, staging)
             sock.listen(8)
-            os.rename(staging, path)
-        except OSError:
+            os.link(staging, path)
+            self._socket_file = staged
+        except (ValueError, OSError) as exc:
             sock.close()
-            if os.path.exists(staging):
-                os.unlink(staging)
-            raise
+            if isinstance(exc, FileExistsError):
+                exc = f"{path} appeared while the socket was being made"
+            elif isinstance(exc, OSError):
+                exc = f"{path}: {exc.strerror or exc}"
+            raise ControlError(f"cannot serve the control socket: {exc}") from None
+        finally:
+            if staged is not None:
+                sockfile.remove_if_same(staging, staged)
         return sock
 
     def _bind_tcp(self, host: str, port: int) -> socket.socket:
@@ -472,19 +524,35 @@ class ControlServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(8)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise ControlError(f"cannot serve the control socket on tcp:{host}:{port}: "
+                               f"{exc.strerror or exc}") from None
         self.tcp_address = sock.getsockname()[:2]
         return sock
 
-    def _accept(self, sock: socket.socket) -> None:
+    def check_token(self, given: str | None, needed: bool) -> str | None:
+        """Why ``qmp_capabilities`` with token ``given`` is refused (None: it is not).
+
+        A token given is checked on any socket; ``needed`` (TCP) makes it compulsory."""
+        if given is None:
+            if not needed:
+                return None
+            return (f"Authentication required: over TCP, qmp_capabilities needs the argument "
+                    f"'token', the contents of {self.token_path}")
+        if self.token is None:
+            return "This control socket has no token (it serves no TCP): leave 'token' out"
+        if not control_token.matches(given, self.token):
+            return f"Authentication failed: 'token' is not the one in {self.token_path}"
+        return None
+
+    def _accept(self, sock: socket.socket, over_tcp: bool) -> None:
         while not self._closed:
             try:
                 conn, _ = sock.accept()
             except OSError:
                 return
-            client = _Client(self, conn)
+            client = _Client(self, conn, needs_token=over_tcp)
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -497,10 +565,12 @@ class ControlServer:
             self._clients.discard(client)
 
     def close(self) -> None:
+        """Stop serving and remove the socket file and the token file (each only if it is
+        still the one this server made)."""
         with self._lock:
             self._closed = True
             clients = list(self._clients)
-        for sock in self._socks:
+        for sock, _ in self._socks:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -511,18 +581,9 @@ class ControlServer:
                 client.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self.path is not None and os.path.exists(self.path):
-            os.unlink(self.path)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Refuse a path another live server answers on; remove a dead one's leftover."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ValueError(f"another process is already serving on {path}")
+        if self._socket_file is not None:
+            sockfile.remove_if_same(self.path, self._socket_file)
+            self._socket_file = None
+        if self._token_file is not None:
+            self._token_file.remove()
+            self._token_file = None

@@ -8,7 +8,8 @@
     ├── TransportError     a URI that does not parse, a connection that fails or drops
     │   └── UriError       a bad URI (also a ValueError)
     ├── MigrationError     a migration that cannot start or did not complete
-    └── StateError         device state that does not load (entry, field, versions)
+    ├── StateError         device state that does not load (entry, field, versions)
+    └── ControlError       a control socket that cannot be served, or reached with its token
 """
 
 from __future__ import annotations
@@ -87,3 +88,8 @@ class StateError(PymigError):
         self.versions = versions
         self.value = value
         super().__init__(message)
+
+
+class ControlError(PymigError):
+    """The control socket cannot be served (its path is taken, its token file cannot be
+    written) or a client cannot use it (no token to prove itself with)."""

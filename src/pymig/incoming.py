@@ -91,6 +91,11 @@ class Incoming:
         self._set_status("setup")
         return str(self._listener.uri)
 
+    def close(self) -> None:
+        """Stop listening if no source was accepted yet (its socket file goes with it)."""
+        if self._listener is not None:
+            self._listener.close()
+
     def run(self) -> IncomingResult:
         """Accept, load and start; raises on any failure without ever starting the guest.
 

@@ -499,7 +499,9 @@ class Migration:
             if ret is not None:
                 ret.stop()
             if self._channel is not None:
-                self._channel.close()
+                # After a cancel or a failure, an exec: command killed or failed says so
+                # here; the migration's status already tells, and the thread must not die.
+                _quietly("closing the channel", self._channel.close)
                 self._channel = None
             if trace:
                 trace.close()

@@ -70,70 +70,123 @@ def status_line(session: Session, elapsed: float, rate: float | None) -> str:
     return "  ".join(parts)
 
 
+class _Signals:
+    """SIGTERM and SIGINT end the process the way ``quit`` does, through the same cleanup.
+
+    The handler only records the signal: a KeyboardInterrupt raised wherever the main thread
+    happens to be could cut the cleanup short (socket files left behind), and setting an Event
+    from a handler can deadlock on the Event's own lock.  A second Ctrl-C interrupts at once.
+    A signal the process was started with ignored (nohup, a background job) stays ignored.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.getsignal(signum)
+                if previous is not signal.SIG_IGN:
+                    self._previous[signum] = previous
+                    signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+#: How often the process looks for a signal or a quit between status lines.
+TICK_S = 0.1
+
+
 def serve(session: Session, *, control: str | None = None,
-          control_tcp: tuple[str, int] | None = None, serial_file: str | None = None,
+          control_tcp: tuple[str, int] | None = None, control_token: str | None = None,
+          incoming: str | None = None, serial_file: str | None = None,
           serial_out: BinaryIO | None = None, quiet: bool = False, interval: float = 1.0,
           start: bool = False, say: Callable[[str], None] | None = None) -> int:
     """Run until the session ends; returns the process exit code.
 
-    ``start``: start the session's (source) guest once its console is attached.  Exit code
-    0: quit, Ctrl-C or SIGTERM; a power-off: the guest's code; 1: a guest error or a failed
-    incoming migration (the guest never started here).
+    ``incoming``: receive a migration on this URI first (a destination's session).
+    ``control_token``: where the TCP control socket's token goes (default: its port's default
+    file).  ``start``: start the session's (source) guest once its console is attached.  Exit
+    code 0: quit, Ctrl-C or SIGTERM; a power-off: the guest's code; 1: a guest error or a failed
+    incoming migration (the guest never started here).  What it made (the migration listener's
+    socket file, the control socket, its token file) goes however it ends; a failure to set up
+    is raised (PymigError, ValueError, OSError) once that is done.
     """
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-    server = (ControlServer(session, control, control_tcp)
-              if control is not None or control_tcp is not None else None)
-    if server is not None and server.tcp_address is not None and (
-            not quiet or control_tcp[1] == 0):  # a port the system chose must be told
-        host, port = server.tcp_address
-        say(f"[pymig] control socket on tcp:{'[' + host + ']' if ':' in host else host}:{port}")
     serial = _Serial(None if quiet and serial_out is None else (serial_out or sys.stdout.buffer),
                      serial_file)
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    session.on_guest(serial.attach)
-    if start:
-        session.guest.start()
+    server = None
+    code = 0
+    with _Signals() as signals:
+        try:
+            if incoming is not None:
+                bound = session.start_incoming(incoming)
+                if not quiet:
+                    say(f"[pymig] waiting for a migration on {bound}")
+            if control is not None or control_tcp is not None:
+                server = ControlServer(session, control, control_tcp, token_path=control_token)
+            if server is not None and server.tcp_address is not None and (
+                    not quiet or control_tcp[1] == 0):  # a port the system chose must be told
+                host, port = server.tcp_address
+                say(f"[pymig] control socket on "
+                    f"tcp:{'[' + host + ']' if ':' in host else host}:{port}")
+                say(f"[pymig] its token (clients over TCP need it) is in {server.token_path}")
+            session.on_guest(serial.attach)
+            if start:
+                session.guest.start()
+            code = _watch(session, signals, quiet=quiet, interval=interval, say=say)
+        finally:
+            if session.incoming_failed is not None:
+                say(f"[pymig] {session.incoming_failed}; the guest was not started here")
+                code = 1
+            serial.detach()
+            if server is not None:
+                server.close()
+            session.close()
+    return code
+
+
+def _watch(session: Session, signals: _Signals, *, quiet: bool, interval: float,
+           say: Callable[[str], None]) -> int:
+    """Show status lines until a quit, a signal or the guest's end; returns the exit code."""
     began = time.monotonic()
+    next_status = began + interval
     last_written: int | None = None
     last_t = began
-    code = 0
     announced = False
-    try:
-        while not stop.is_set():
-            if session.incoming_result is not None and not announced and not quiet:
-                announced = True
-                say(f"[pymig] incoming migration loaded in "
-                    f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
-            if session.quit_requested.wait(interval):
-                break
-            guest = session.guest
-            now = time.monotonic()
-            rate = None
-            if guest is not None and guest.status in ("running", "paused"):
-                written = guest.progress()["pages_written"]
-                if last_written is not None:
-                    rate = (written - last_written) / max(now - last_t, 1e-9)
-                last_written, last_t = written, now
-            if not quiet:
-                say(status_line(session, now - began, rate))
-            if guest is not None and guest.status in ("shutdown", "error"):
-                reason = getattr(guest, "stop_reason", None) or guest.status
-                say(f"[pymig] guest stopped: {reason}")
-                code = 1 if guest.status == "error" else (getattr(guest, "exit_code", 0) or 0)
-                break
-    except KeyboardInterrupt:
+    while signals.received is None:
+        if session.incoming_result is not None and not announced and not quiet:
+            announced = True
+            say(f"[pymig] incoming migration loaded in "
+                f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
+        if session.quit_requested.wait(min(interval, TICK_S)):
+            return 0
+        now = time.monotonic()
+        if now < next_status:
+            continue
+        next_status = now + interval
+        guest = session.guest
+        rate = None
+        if guest is not None and guest.status in ("running", "paused"):
+            written = guest.progress()["pages_written"]
+            if last_written is not None:
+                rate = (written - last_written) / max(now - last_t, 1e-9)
+            last_written, last_t = written, now
+        if not quiet:
+            say(status_line(session, now - began, rate))
+        if guest is not None and guest.status in ("shutdown", "error"):
+            reason = getattr(guest, "stop_reason", None) or guest.status
+            say(f"[pymig] guest stopped: {reason}")
+            return 1 if guest.status == "error" else (getattr(guest, "exit_code", 0) or 0)
+    if signals.received == signal.SIGINT:
         say("[pymig] interrupted")
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
-        if session.incoming_failed is not None:
-            say(f"[pymig] {session.incoming_failed}; the guest was not started here")
-            code = 1
-        serial.detach()
-        if server is not None:
-            server.close()
-        session.close()
-    return code
+    return 0

@@ -1,4 +1,8 @@
-"""A small client for pymig's control socket (the CLI's, and any script's)."""
+"""A small client for pymig's control socket (the CLI's, and any script's).
+
+Over loopback TCP it proves itself with the server's token (see :mod:`pymig.control_token`),
+read from the token file: ``token_path``, or the default file of the port.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from pymig.errors import PymigError
+from pymig import control_token
+from pymig.errors import ControlError, PymigError
 
 if TYPE_CHECKING:
     import subprocess
@@ -39,11 +44,15 @@ def control_address(text: str) -> str | tuple[str, int]:
 class QmpClient:
     """Connects, negotiates capabilities, runs commands and collects events.
 
-    ``address`` is a unix socket path, or ``(host, port)`` for loopback TCP.
+    ``address`` is a unix socket path, or ``(host, port)`` for loopback TCP; there the token
+    comes from ``token_path`` (default: the port's default token file).
     """
 
-    def __init__(self, address: str | tuple[str, int], timeout: float = 30.0):
+    def __init__(self, address: str | tuple[str, int], timeout: float = 30.0, *,
+                 token_path: str | None = None):
+        token = None
         if isinstance(address, tuple):
+            token = control_token.read(token_path or control_token.default_path(address[1]))
             try:
                 self.sock = socket.create_connection(address, timeout=timeout)
             except OSError as exc:
@@ -71,7 +80,11 @@ class QmpClient:
         self.sock.settimeout(None)
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="qmp-client")
         self._reader.start()
-        self.command("qmp_capabilities")
+        try:
+            self.command("qmp_capabilities", **({"token": token} if token else {}))
+        except QmpError as exc:
+            self.close()
+            raise ControlError(f"the control socket refused this client: {exc.desc}") from None
 
     def _read(self) -> dict:
         line = self._file.readline()

@@ -350,6 +350,8 @@ class Session:
         self.quit_requested.set()
 
     def close(self) -> None:
+        if self.incoming is not None:
+            self.incoming.close()
         migration = self.migration
         if migration is not None:
             if migration.status in ACTIVE_STATES:

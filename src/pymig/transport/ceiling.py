@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from pymig.transport import sockfile
+
 #: Receive buffer of the draining side: large, and filled with MSG_WAITALL, so
 #: the receiver is never the bottleneck being measured.
 DRAIN_CHUNK_BYTES = 4 << 20
@@ -70,7 +72,7 @@ def _listener(kind: str, tmpdir: str) -> tuple[socket.socket, str]:
     elif kind == "unix":
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = os.path.join(tmpdir, "ceiling.sock")
-        lsock.bind(address)
+        sockfile.bind_private(lsock, address)
     else:
         raise ValueError(f"kind must be 'tcp' or 'unix', not {kind!r}")
     lsock.listen(1)
