@@ -12,8 +12,9 @@ the analysis goes on with the next record; damage to the framing itself (an unkn
 type, an impossible length, a truncated stream) ends it there.
 
 After the EOF record a ``file:`` snapshot carries its restore index
-(:mod:`pymig.transport.file`): it is decoded and checked too (each range it lets a restore
-skip must be whole RAM records), and anything else after the EOF record is a problem.
+(:mod:`pymig.transport.snapshot_index`): it is decoded and held to the same check a restore
+makes (each range it lets a restore skip is whole RAM records whose every page a later record
+holds again), and anything else after the EOF record is a problem.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pymig.errors import PymigError, StateError, StreamError
 from pymig.machine import CONFIG_IDSTR
 from pymig.ram import RAM_IDSTR
 from pymig.transport import PeerClosedError
-from pymig.transport.file import MAX_INDEX_BYTES, SnapshotIndexError, decode_index
+from pymig.transport.snapshot_index import (MAX_INDEX_BYTES, IndexCheck, Pages,
+                                            SnapshotIndexError, block_shapes, decode_index,
+                                            packet_pages)
 
 _PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
 _RUN = struct.Struct("<QIBBH")
@@ -53,6 +56,7 @@ class RamStats:
     page_bytes: int = 0  # bytes of page data
     checksum_failures: int = 0
     blocks: list[dict] = field(default_factory=list)
+    shapes: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class Analysis:
     complete: bool = False  # an EOF record was reached
     bytes_read: int = 0
     index: dict | None = None  # a snapshot's restore index, when there is one
+    # every record's (start, end, block and runs for a RAM record), for the index's check
+    records: list[tuple[int, int, Pages | None]] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -125,6 +131,7 @@ def analyze(channel) -> Analysis:
             break
         if record.type == stream.RecordType.EOF:
             result.sections.append(_section(record, "-", None, None))
+            result.records.append((record.offset, reader.offset, None))
             result.complete = True
             _index(channel, reader.offset, result)
             return result
@@ -138,28 +145,31 @@ def analyze(channel) -> Analysis:
         except StreamError as exc:
             result.problems.append(_problem(exc, reader.offset))
             if "checksum" in exc.reason:
+                result.records.append((record.offset, reader.offset, None))
                 continue  # the record was read whole; only its content is suspect
             break
         except PymigError as exc:
             result.problems.append(_problem(exc, reader.offset))
             break
+        pages = None
         try:
             if idstr == CONFIG_IDSTR:
                 result.config = json.loads(bytes(payload))
                 descriptions = state_descriptions(result.config)
             elif idstr == RAM_IDSTR:
-                _ram(record, payload, payload_offset, result)
+                pages = _ram(record, payload, payload_offset, result)
             elif idstr in descriptions and version is not None:
                 key = f"{idstr}/{instance}"
                 result.state[key] = _plain(vmstate.decode(descriptions[idstr], payload, version))
         except (StateError, ValueError) as exc:
             result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: {exc}"))
+        result.records.append((record.offset, reader.offset, pages))
     result.bytes_read = reader.offset
     return result
 
 
 def _index(channel, stream_bytes: int, result: Analysis) -> None:
-    """Whatever follows the EOF record: nothing, or a valid restore index."""
+    """Whatever follows the EOF record: nothing, or a restore index that holds."""
     rest = _read_rest(channel, MAX_INDEX_BYTES + 64)
     result.bytes_read = stream_bytes + len(rest)
     if not rest:
@@ -169,21 +179,23 @@ def _index(channel, stream_bytes: int, result: Analysis) -> None:
     except SnapshotIndexError as exc:
         result.problems.append(Problem(exc.offset, f"after the EOF record: {exc.reason}"))
         return
-    ram_parts = {s["offset"]: s["offset"] + _record_bytes(s) for s in result.sections
-                 if s["type"] == "PART" and s["idstr"] == RAM_IDSTR}
-    boundaries = {s["offset"] for s in result.sections} | {stream_bytes}
-    for offset, length in index.superseded:
-        end = offset
-        while end in ram_parts and end < offset + length:
-            end = ram_parts[end]
-        if end != offset + length or end not in boundaries:
-            result.problems.append(Problem(offset, f"the index skips bytes {offset}.."
-                                                   f"{offset + length} that are not whole RAM "
-                                                   f"records"))
-            break
     result.index = {"superseded-ranges": len(index.superseded),
                     "superseded-bytes": index.superseded_bytes,
                     "restore-reads": stream_bytes - index.superseded_bytes}
+    if not index.superseded:
+        return
+    check = IndexCheck(index)
+    try:
+        try:
+            check.ram_blocks(result.ram.blocks)
+        except ValueError as exc:
+            raise SnapshotIndexError(stream_bytes, f"the index cannot be checked: {exc}") \
+                from None
+        for start, end, pages in result.records:
+            check.record(start, end, pages)
+        check.finish()
+    except SnapshotIndexError as exc:
+        result.problems.append(Problem(exc.offset, exc.reason))
 
 
 def _read_rest(channel, limit: int) -> bytes:
@@ -199,11 +211,6 @@ def _read_rest(channel, limit: int) -> bytes:
     return bytes(out)
 
 
-def _record_bytes(section: dict) -> int:
-    """A PART record's length: header (12), payload, footer (16)."""
-    return stream.PLAIN_HEAD.size + section["size"] + stream.FOOTER_BYTES
-
-
 def _section(record, idstr, instance, version) -> dict:
     return {"offset": record.offset, "type": record.type.name, "section-id": record.section_id,
             "idstr": idstr, "instance": instance, "version": version,
@@ -216,22 +223,25 @@ def _problem(exc: BaseException, offset: int) -> Problem:
     return Problem(offset, str(exc))
 
 
-def _ram(record, payload, offset: int, result: Analysis) -> None:
+def _ram(record, payload, offset: int, result: Analysis) -> Pages | None:
+    """RAM statistics of one RAM record; a PART's block and runs, for the index's check."""
     ram = result.ram
     if record.type == stream.RecordType.START:
         ram.blocks = json.loads(bytes(payload))
-        return
+        ram.shapes = block_shapes(ram.blocks)
+        return None
     if record.type != stream.RecordType.PART:
-        return
+        return None
     # Walk the packet's header and run records only: page data is counted, never copied.
+    problems = len(result.problems)
     if len(payload) < _PACKET_HEAD.size:
         result.problems.append(Problem(offset, "RAM packet shorter than its header"))
-        return
+        return None
     magic, version, _flags, _block, page_size, records, payload_len, checksum = \
         _PACKET_HEAD.unpack_from(payload)
     if magic != b"PMGP" or len(payload) != _PACKET_HEAD.size + payload_len:
         result.problems.append(Problem(offset, "not a RAM packet (bad magic or length)"))
-        return
+        return None
     ram.packets += 1
     ram.bytes += len(payload)
     state = xxhash.xxh3_64()  # the payload, then the header's first 24 bytes
@@ -244,7 +254,7 @@ def _ram(record, payload, offset: int, result: Analysis) -> None:
     for _ in range(records):
         if pos + _RUN.size > len(payload):
             result.problems.append(Problem(offset + pos, "RAM packet run records overrun"))
-            return
+            return None
         _first, count, kind, _r1, _r2 = _RUN.unpack_from(payload, pos)
         pos += _RUN.size
         if kind == 1:
@@ -261,7 +271,14 @@ def _ram(record, payload, offset: int, result: Analysis) -> None:
         else:
             result.problems.append(Problem(offset + pos - _RUN.size,
                                            f"unknown RAM run kind {kind}"))
-            return
+            return None
+    try:
+        return packet_pages(payload, ram.shapes)
+    except (StreamError, ValueError) as exc:
+        if len(result.problems) == problems:  # what a destination would refuse it for
+            where = offset + exc.offset if isinstance(exc, StreamError) else offset
+            result.problems.append(Problem(where, f"RAM packet: {getattr(exc, 'reason', exc)}"))
+        return None  # (to the index's check, not a RAM record it can follow)
 
 
 def _plain(value: Any) -> Any:
