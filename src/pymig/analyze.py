@@ -7,9 +7,11 @@ no page is copied), the guest configuration, and the vCPU and device state decod
 field through the state descriptions of the guest kind the configuration names.
 
 A damaged stream is reported with the offset of the first problem.  Damage inside a record
-(a footer or packet checksum that does not match, state that does not decode) is counted and
-the analysis goes on with the next record; damage to the framing itself (an unknown record
-type, an impossible length, a truncated stream) ends it there.
+(a footer or packet checksum that does not match, state or configuration that does not
+decode, whatever its bytes say) is counted and the analysis goes on with the next record;
+damage to the framing itself (an unknown record type, an impossible length, a truncated
+stream) ends it there.  No input makes it raise: what the stream names (idstrs, the
+configuration's values) is data, never markup, when it is printed.
 
 After the EOF record a ``file:`` snapshot carries its restore index
 (:mod:`pymig.transport.snapshot_index`): it is decoded and held to the same check a restore
@@ -27,7 +29,7 @@ from typing import Any
 import xxhash
 
 from pymig import stream, vmstate
-from pymig.errors import PymigError, StateError, StreamError
+from pymig.errors import PymigError, StreamError
 from pymig.machine import CONFIG_IDSTR
 from pymig.ram import RAM_IDSTR
 from pymig.transport import PeerClosedError
@@ -38,6 +40,11 @@ from pymig.transport.snapshot_index import (MAX_INDEX_BYTES, IndexCheck, Pages,
 _PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
 _RUN = struct.Struct("<QIBBH")
 _KINDS = {1: "normal", 2: "zero"}
+#: The most pages an index is checked against (a flag each while one of its ranges waits for a
+#: later version): RAM of 1 TiB in 4 KiB pages.  A restore checks against the guest it built.
+INDEX_CHECK_MAX_PAGES = 1 << 28
+#: How deep the configuration's and the block list's JSON may nest (they nest two levels).
+MAX_JSON_DEPTH = 16
 
 
 @dataclass
@@ -99,7 +106,7 @@ class Analysis:
 
 def state_descriptions(config: dict | None) -> dict[str, vmstate.VMStateDescription]:
     """idstr → description for the guest kind named by the configuration section."""
-    kind = (config or {}).get("kind")
+    kind = config.get("kind") if isinstance(config, dict) else None
     if kind == "kvm":
         from pymig.kvm.statedesc import CPU, DEVICES
 
@@ -154,23 +161,56 @@ def analyze(channel) -> Analysis:
         pages = None
         try:
             if idstr == CONFIG_IDSTR:
-                result.config = json.loads(bytes(payload))
+                result.config = _json(payload, "the guest configuration", dict)
                 descriptions = state_descriptions(result.config)
             elif idstr == RAM_IDSTR:
                 pages = _ram(record, payload, payload_offset, result)
             elif idstr in descriptions and version is not None:
                 key = f"{idstr}/{instance}"
                 result.state[key] = _plain(vmstate.decode(descriptions[idstr], payload, version))
-        except (StateError, ValueError) as exc:
-            result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - whatever a record holds is damage, reported
+            result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: "
+                                                           f"{_describe(exc)}"))
         result.records.append((record.offset, reader.offset, pages))
     result.bytes_read = reader.offset
     return result
 
 
+def _describe(exc: BaseException) -> str:
+    """An exception as damage: what it says, and its kind where that is not a message of
+    ours (a state that does not decode says so; a KeyError alone would not)."""
+    if isinstance(exc, (PymigError, ValueError)) and str(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _json(payload, what: str, kind: type) -> Any:
+    """``payload`` as JSON of ``kind`` (dict or list), nested at most :data:`MAX_JSON_DEPTH`
+    deep (a report must be able to print it again); ValueError for anything else."""
+    too_deep = ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(bytes(payload))
+    except RecursionError:
+        raise too_deep from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is not a JSON {kind.__name__} but {type(value).__name__}")
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(v, (dict, list))]
+        if not level:
+            return value
+    raise too_deep
+
+
 def _index(channel, stream_bytes: int, result: Analysis) -> None:
     """Whatever follows the EOF record: nothing, or a restore index that holds."""
-    rest = _read_rest(channel, MAX_INDEX_BYTES + 64)
+    try:
+        rest = _read_rest(channel, MAX_INDEX_BYTES + 64)
+    except PymigError as exc:
+        result.bytes_read = stream_bytes
+        result.problems.append(Problem(stream_bytes, f"after the EOF record: {exc}"))
+        return
     result.bytes_read = stream_bytes + len(rest)
     if not rest:
         return
@@ -184,7 +224,7 @@ def _index(channel, stream_bytes: int, result: Analysis) -> None:
                     "restore-reads": stream_bytes - index.superseded_bytes}
     if not index.superseded:
         return
-    check = IndexCheck(index)
+    check = IndexCheck(index, max_pages=INDEX_CHECK_MAX_PAGES)
     try:
         try:
             check.ram_blocks(result.ram.blocks)
@@ -227,8 +267,9 @@ def _ram(record, payload, offset: int, result: Analysis) -> Pages | None:
     """RAM statistics of one RAM record; a PART's block and runs, for the index's check."""
     ram = result.ram
     if record.type == stream.RecordType.START:
-        ram.blocks = json.loads(bytes(payload))
-        ram.shapes = block_shapes(ram.blocks)
+        blocks = _json(payload, "the RAM block list", list)
+        ram.blocks = blocks
+        ram.shapes = block_shapes(blocks)
         return None
     if record.type != stream.RecordType.PART:
         return None
@@ -295,24 +336,29 @@ def _plain(value: Any) -> Any:
 
 
 def render(analysis: Analysis, console) -> None:
-    """Print an analysis for people (``pymig analyze`` without ``--json``)."""
+    """Print an analysis for people (``pymig analyze`` without ``--json``).  Everything the
+    stream says goes out as plain text (rich ``Text``), never as markup or emoji codes."""
     from rich.table import Table
+    from rich.text import Text
 
     from pymig.units import format_bytes
 
-    verdict = ("[green]complete and intact[/]" if analysis.ok else
-               "[red]damaged[/]" if analysis.problems else "[yellow]incomplete[/]")
-    console.print(f"pymig stream, version {analysis.version}, {analysis.bytes_read:,} bytes: "
-                  f"{verdict}")
+    verdict = (("complete and intact", "green") if analysis.ok else
+               ("damaged", "red") if analysis.problems else ("incomplete", "yellow"))
+    console.print(Text.assemble(f"pymig stream, version {analysis.version}, "
+                                f"{analysis.bytes_read:,} bytes: ", verdict))
     if analysis.problems:
         first = analysis.problems[0]
-        console.print(f"first problem at byte {first.offset}: {first.reason}"
-                      + (f" (+{len(analysis.problems) - 1} more)"
-                         if len(analysis.problems) > 1 else ""))
+        more = len(analysis.problems) - 1
+        console.print(Text(f"first problem at byte {first.offset}: {first.reason}"
+                           + (f" (+{more} more)" if more else "")))
     if analysis.config:
         c = analysis.config
-        console.print(f"guest: {c.get('kind')}, {format_bytes(c.get('memory_bytes', 0))} RAM, "
-                      f"{c.get('vcpus')} vCPU(s), workload {c.get('workload')}")
+        memory = c.get("memory_bytes")
+        memory = format_bytes(memory) if type(memory) is int else _scalar(memory)
+        console.print(Text(f"guest: {_scalar(c.get('kind'))}, {memory} RAM, "
+                           f"{_scalar(c.get('vcpus'))} vCPU(s), workload "
+                           f"{_scalar(c.get('workload'))}"))
     table = Table(title="sections", box=None)
     for column in ("offset", "type", "id", "idstr", "instance", "version", "size"):
         table.add_column(column, justify="right" if column != "idstr" else "left")
@@ -321,26 +367,36 @@ def render(analysis: Analysis, console) -> None:
         if s["type"] == "PART":  # RAM parts are many: one line for all of them
             parts.setdefault(s["idstr"], []).append(s["size"])
             continue
-        table.add_row(str(s["offset"]), s["type"], str(s["section-id"]), str(s["idstr"]),
-                      str(s["instance"]), str(s["version"]), f"{s['size']:,}")
+        table.add_row(*(Text(str(v)) for v in (s["offset"], s["type"], s["section-id"],
+                                               s["idstr"], s["instance"], s["version"])),
+                      Text(f"{s['size']:,}"))
     for idstr, sizes in parts.items():
-        table.add_row("", f"PART x{len(sizes)}", "", idstr, "", "", f"{sum(sizes):,}")
+        table.add_row(Text(""), Text(f"PART x{len(sizes)}"), Text(""), Text(str(idstr)),
+                      Text(""), Text(""), Text(f"{sum(sizes):,}"))
     console.print(table)
     if analysis.index:
         ix = analysis.index
-        console.print(f"restore index: {ix['superseded-ranges']:,} ranges of superseded RAM "
-                      f"records ({format_bytes(ix['superseded-bytes'])}); a restore reads "
-                      f"{format_bytes(ix['restore-reads'])} of the stream")
+        console.print(Text(f"restore index: {ix['superseded-ranges']:,} ranges of superseded "
+                           f"RAM records ({format_bytes(ix['superseded-bytes'])}); a restore "
+                           f"reads {format_bytes(ix['restore-reads'])} of the stream"))
     ram = analysis.ram
-    console.print(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
-                  f"({format_bytes(ram.page_bytes)}, {ram.compressed_pages:,} of them "
-                  f"compressed), {ram.zero_pages:,} zero pages, "
-                  f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} checksum "
-                  f"failures")
+    console.print(Text(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
+                       f"({format_bytes(ram.page_bytes)}, {ram.compressed_pages:,} of them "
+                       f"compressed), {ram.zero_pages:,} zero pages, "
+                       f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} "
+                       f"checksum failures"))
     for key, fields in analysis.state.items():
-        console.print(f"[bold]{key}[/]")
+        console.print(Text(key, style="bold"))
         for name, value in _flatten(fields):
-            console.print(f"  {name} = {value}")
+            console.print(Text(f"  {name} = {value}"))
+
+
+def _scalar(value: Any) -> str:
+    """A configuration value as a short text: a number or a string as it is (cut), anything
+    else by its type (a crafted configuration may nest deeper than repr() can go)."""
+    if isinstance(value, (str, int, float)) or value is None:
+        return str(value)[:80]
+    return f"<{type(value).__name__}>"
 
 
 def _flatten(fields: dict, prefix: str = ""):

@@ -243,8 +243,11 @@ class IndexCheck:
     :class:`SnapshotIndexError` at the first thing that does not hold.
     """
 
-    def __init__(self, index: SnapshotIndex):
+    def __init__(self, index: SnapshotIndex, *, max_pages: int | None = None):
         self.index = index
+        # A restore's blocks are the guest it built (the loader checked the RAM START first);
+        # a reader without a guest (analyze) bounds what a block list may make it track.
+        self.max_pages = max_pages
         self._ranges = index.superseded
         self._next = 0  # the first range not yet wholly met
         self._cursor: int | None = None  # inside range _next: where its next record starts
@@ -311,6 +314,11 @@ class IndexCheck:
         flags = self._pending.get(block_id)
         if flags is None:
             _, npages = self._shapes[block_id]
+            tracked = npages + sum(f.size for f in self._pending.values())
+            if self.max_pages is not None and tracked > self.max_pages:
+                raise SnapshotIndexError(start, f"RAM block {block_id} of {npages} pages is "
+                                                f"more than the index is checked against here "
+                                                f"({self.max_pages} pages in all)")
             try:
                 flags = self._pending[block_id] = np.zeros(npages, dtype=bool)
             except (MemoryError, ValueError):
