@@ -145,6 +145,7 @@ def test_an_idstr_that_looks_like_markup_is_printed_as_it_is(snapshot, tmp_path)
     pytest.param(b"[" * 100_000, id="nested-too-deep-to-load"),
     # loads, but printing it again as JSON would go deeper than Python's recursion limit
     pytest.param(b'{"a": ' + b"[" * 980 + b"]" * 980 + b"}", id="nested-too-deep-to-print"),
+    pytest.param(b'{"kind": "kvm", "vcpus": NaN}', id="not-a-number"),  # --json stays JSON
     pytest.param(b'{"kind": [], "memory_bytes": "lots", "vcpus": {}}', id="odd-values"),
 ])
 def test_a_configuration_that_is_not_one_is_damage_with_its_offset(snapshot, tmp_path, config):

@@ -188,8 +188,12 @@ def _json(payload, what: str, kind: type) -> Any:
     """``payload`` as JSON of ``kind`` (dict or list), nested at most :data:`MAX_JSON_DEPTH`
     deep (a report must be able to print it again); ValueError for anything else."""
     too_deep = ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+
+    def not_json(constant: str):  # (NaN, Infinity: Python reads them, JSON has none)
+        raise ValueError(f"{what} holds {constant}, which is not JSON")
+
     try:
-        value = json.loads(bytes(payload))
+        value = json.loads(bytes(payload), parse_constant=not_json)
     except RecursionError:
         raise too_deep from None
     if not isinstance(value, kind):
