@@ -34,6 +34,7 @@ from pymig.errors import StreamError
 from pymig.transport.channel import byte_view
 from pymig.transport.snapshot_index import block_shapes, run_pages
 
+
 class TapError(Exception):
     """Bytes the tap cannot follow."""
 
