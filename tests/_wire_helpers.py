@@ -1,4 +1,5 @@
-"""Helpers shared by the transport and stream tests: connected channel pairs, a sample stream."""
+"""Helpers shared by the transport and stream tests: connected channel pairs, a sample stream,
+and whole streams taken apart into records and put together again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from pymig import transport
-from pymig.stream import RecordType, StreamReader, StreamWriter
+from pymig.stream import RecordHeader, RecordType, StreamReader, StreamWriter
 from pymig.transport import BytesChannel, Channel, SocketChannel
 
 #: Every way to get a connected, full-duplex pair of channels on this machine.
@@ -145,3 +146,35 @@ def page_data(packet: bytes) -> list[tuple[int, int]]:
             spans.append((off, size))
         off += size
     return spans
+
+
+def stream_records(data: bytes) -> list[tuple[RecordHeader, bytes]]:
+    """Every record of a whole stream (header to EOF) with its payload."""
+    reader = StreamReader(BytesChannel(data))
+    reader.read_header()
+    out = []
+    while True:
+        record = reader.next_record()
+        out.append((record, bytes(reader.read_payload()) if record.payload_len else b""))
+        if record.type is RecordType.EOF:
+            return out
+
+
+def stream_of(items: list[tuple[RecordHeader, bytes]]) -> bytes:
+    """A whole stream of ``items`` (as stream_records() gives them, changed at will): every
+    footer and checksum right, whatever the records say."""
+    channel = BytesChannel()
+    writer = StreamWriter(channel)
+    writer.write_header()
+    for record, payload in items:
+        t = record.type
+        if t is RecordType.EOF:
+            writer.eof()
+        elif t in (RecordType.START, RecordType.FULL):
+            method = writer.start if t is RecordType.START else writer.full
+            method(record.section_id, record.idstr, record.instance_id, record.version_id,
+                   payload, nocsum=record.nocsum)
+        else:
+            method = writer.part if t is RecordType.PART else writer.end
+            method(record.section_id, payload, nocsum=record.nocsum)
+    return channel.getvalue()

@@ -10,8 +10,9 @@ import pytest
 
 from _childenv import child_env
 from _migration_helpers import guest_config, save_snapshot
-from _wire_helpers import page_data
+from _wire_helpers import page_data, stream_of, stream_records
 from pymig.analyze import analyze
+from pymig.machine import CONFIG_IDSTR
 from pymig.transport import BytesChannel
 
 
@@ -93,3 +94,79 @@ def test_cli_exits_non_zero_on_damage_and_names_the_offset(snapshot, tmp_path):
                          capture_output=True, text=True, timeout=60, env=child_env())
     assert out.returncode == 1
     assert "first problem at byte 5000" in out.stdout
+
+
+def analyze_cli(path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pymig", "analyze", str(path), *extra],
+                          capture_output=True, text=True, timeout=60, env=child_env())
+
+
+def crafted(snapshot, tmp_path, change) -> tuple:
+    """The snapshot's stream with ``change(record, payload) -> (record, payload)`` applied
+    to each record (footers made right again); the path and the offset of the first record
+    it changed."""
+    path, _ = snapshot
+    items = stream_records(path.read_bytes()[:stream_end(path.read_bytes())])
+    changed = [change(record, payload) for record, payload in items]
+    data = stream_of(changed)
+    out = tmp_path / "crafted.pymig"
+    out.write_bytes(data)
+    first = next(i for i, (a, b) in enumerate(zip(items, changed)) if a != b)
+    return out, stream_records(data)[first][0].offset
+
+
+def test_an_idstr_that_looks_like_markup_is_printed_as_it_is(snapshot, tmp_path):
+    """It raised rich's MarkupError: an idstr is data from the stream, never markup."""
+    def rename(record, payload):
+        if record.idstr == "cpu" and record.instance_id == 1:
+            record = record._replace(idstr="[/]")
+        return record, payload
+
+    path, offset = crafted(snapshot, tmp_path, rename)
+    out = analyze_cli(path)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 0, out.stderr  # a section nobody knows is no damage to report
+    assert any(line.split()[:4] == [str(offset), "FULL", "2", "[/]"]
+               for line in out.stdout.splitlines()), out.stdout
+    for name in ("[bold]x[/]", ":smile:", "[link=x]y[/]"):
+        def rename_to(record, payload, name=name):
+            if record.idstr == "cpu" and record.instance_id == 1:
+                record = record._replace(idstr=name)
+            return record, payload
+
+        path, _ = crafted(snapshot, tmp_path, rename_to)
+        out = analyze_cli(path)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert name in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("config", [
+    b'"x"', b"[1, 2]", b"null", b"3",
+    pytest.param(b"[" * 100_000, id="nested-too-deep-to-load"),
+    # loads, but printing it again as JSON would go deeper than Python's recursion limit
+    pytest.param(b'{"a": ' + b"[" * 980 + b"]" * 980 + b"}", id="nested-too-deep-to-print"),
+    pytest.param(b'{"kind": "kvm", "vcpus": NaN}', id="not-a-number"),  # --json stays JSON
+    pytest.param(b'{"kind": [], "memory_bytes": "lots", "vcpus": {}}', id="odd-values"),
+])
+def test_a_configuration_that_is_not_one_is_damage_with_its_offset(snapshot, tmp_path, config):
+    """A configuration payload of ``"x"`` raised AttributeError; every one that is not a
+    configuration is reported as damage, at the configuration's payload."""
+    def replace(record, payload):
+        return record, (config if record.idstr == CONFIG_IDSTR else payload)
+
+    path, offset = crafted(snapshot, tmp_path, replace)
+    payload_at = offset + 21 + len(CONFIG_IDSTR)  # the FULL record's header comes first
+    out = analyze_cli(path)
+    assert "Traceback" not in out.stderr, out.stderr
+    json_out = analyze_cli(path, "--json")
+    assert "Traceback" not in json_out.stderr, json_out.stderr
+    report = json.loads(json_out.stdout)
+    if b"lots" in config:  # an object, its values odd: described, not trusted
+        assert out.returncode == 0 and json_out.returncode == 0
+        assert "lots" in out.stdout and report["config"]["memory_bytes"] == "lots"
+        return
+    assert out.returncode == 1 and json_out.returncode == 1
+    assert f"first problem at byte {payload_at}" in out.stdout
+    assert report["first-problem"]["offset"] == payload_at
+    assert "configuration" in report["first-problem"]["reason"]
+    assert report["state"] == {} and report["complete"]

@@ -7,13 +7,16 @@ no page is copied), the guest configuration, and the vCPU and device state decod
 field through the state descriptions of the guest kind the configuration names.
 
 A damaged stream is reported with the offset of the first problem.  Damage inside a record
-(a footer or packet checksum that does not match, state that does not decode) is counted and
-the analysis goes on with the next record; damage to the framing itself (an unknown record
-type, an impossible length, a truncated stream) ends it there.
+(a footer or packet checksum that does not match, state or configuration that does not
+decode, whatever its bytes say) is counted and the analysis goes on with the next record;
+damage to the framing itself (an unknown record type, an impossible length, a truncated
+stream) ends it there.  No input makes it raise: what the stream names (idstrs, the
+configuration's values) is data, never markup, when it is printed.
 
 After the EOF record a ``file:`` snapshot carries its restore index
-(:mod:`pymig.transport.file`): it is decoded and checked too (each range it lets a restore
-skip must be whole RAM records), and anything else after the EOF record is a problem.
+(:mod:`pymig.transport.snapshot_index`): it is decoded and held to the same check a restore
+makes (each range it lets a restore skip is whole RAM records whose every page a later record
+holds again), and anything else after the EOF record is a problem.
 """
 
 from __future__ import annotations
@@ -26,15 +29,22 @@ from typing import Any
 import xxhash
 
 from pymig import stream, vmstate
-from pymig.errors import PymigError, StateError, StreamError
+from pymig.errors import PymigError, StreamError
 from pymig.machine import CONFIG_IDSTR
 from pymig.ram import RAM_IDSTR
 from pymig.transport import PeerClosedError
-from pymig.transport.file import MAX_INDEX_BYTES, SnapshotIndexError, decode_index
+from pymig.transport.snapshot_index import (MAX_INDEX_BYTES, IndexCheck, Pages,
+                                            SnapshotIndexError, block_shapes, decode_index,
+                                            packet_pages)
 
 _PACKET_HEAD = struct.Struct("<4sHHIIIIQ")
 _RUN = struct.Struct("<QIBBH")
 _KINDS = {1: "normal", 2: "zero"}
+#: The most pages an index is checked against (a flag each while one of its ranges waits for a
+#: later version): RAM of 1 TiB in 4 KiB pages.  A restore checks against the guest it built.
+INDEX_CHECK_MAX_PAGES = 1 << 28
+#: How deep the configuration's and the block list's JSON may nest (they nest two levels).
+MAX_JSON_DEPTH = 16
 
 
 @dataclass
@@ -53,6 +63,7 @@ class RamStats:
     page_bytes: int = 0  # bytes of page data
     checksum_failures: int = 0
     blocks: list[dict] = field(default_factory=list)
+    shapes: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -66,6 +77,8 @@ class Analysis:
     complete: bool = False  # an EOF record was reached
     bytes_read: int = 0
     index: dict | None = None  # a snapshot's restore index, when there is one
+    # every record's (start, end, block and runs for a RAM record), for the index's check
+    records: list[tuple[int, int, Pages | None]] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +106,7 @@ class Analysis:
 
 def state_descriptions(config: dict | None) -> dict[str, vmstate.VMStateDescription]:
     """idstr → description for the guest kind named by the configuration section."""
-    kind = (config or {}).get("kind")
+    kind = config.get("kind") if isinstance(config, dict) else None
     if kind == "kvm":
         from pymig.kvm.statedesc import CPU, DEVICES
 
@@ -125,6 +138,7 @@ def analyze(channel) -> Analysis:
             break
         if record.type == stream.RecordType.EOF:
             result.sections.append(_section(record, "-", None, None))
+            result.records.append((record.offset, reader.offset, None))
             result.complete = True
             _index(channel, reader.offset, result)
             return result
@@ -138,29 +152,69 @@ def analyze(channel) -> Analysis:
         except StreamError as exc:
             result.problems.append(_problem(exc, reader.offset))
             if "checksum" in exc.reason:
+                result.records.append((record.offset, reader.offset, None))
                 continue  # the record was read whole; only its content is suspect
             break
         except PymigError as exc:
             result.problems.append(_problem(exc, reader.offset))
             break
+        pages = None
         try:
             if idstr == CONFIG_IDSTR:
-                result.config = json.loads(bytes(payload))
+                result.config = _json(payload, "the guest configuration", dict)
                 descriptions = state_descriptions(result.config)
             elif idstr == RAM_IDSTR:
-                _ram(record, payload, payload_offset, result)
+                pages = _ram(record, payload, payload_offset, result)
             elif idstr in descriptions and version is not None:
                 key = f"{idstr}/{instance}"
                 result.state[key] = _plain(vmstate.decode(descriptions[idstr], payload, version))
-        except (StateError, ValueError) as exc:
-            result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - whatever a record holds is damage, reported
+            result.problems.append(Problem(payload_offset, f"{idstr}/{instance}: "
+                                                           f"{_describe(exc)}"))
+        result.records.append((record.offset, reader.offset, pages))
     result.bytes_read = reader.offset
     return result
 
 
+def _describe(exc: BaseException) -> str:
+    """An exception as damage: what it says, and its kind where that is not a message of
+    ours (a state that does not decode says so; a KeyError alone would not)."""
+    if isinstance(exc, (PymigError, ValueError)) and str(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _json(payload, what: str, kind: type) -> Any:
+    """``payload`` as JSON of ``kind`` (dict or list), nested at most :data:`MAX_JSON_DEPTH`
+    deep (a report must be able to print it again); ValueError for anything else."""
+    too_deep = ValueError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+
+    def not_json(constant: str):  # (NaN, Infinity: Python reads them, JSON has none)
+        raise ValueError(f"{what} holds {constant}, which is not JSON")
+
+    try:
+        value = json.loads(bytes(payload), parse_constant=not_json)
+    except RecursionError:
+        raise too_deep from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is not a JSON {kind.__name__} but {type(value).__name__}")
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(v, (dict, list))]
+        if not level:
+            return value
+    raise too_deep
+
+
 def _index(channel, stream_bytes: int, result: Analysis) -> None:
-    """Whatever follows the EOF record: nothing, or a valid restore index."""
-    rest = _read_rest(channel, MAX_INDEX_BYTES + 64)
+    """Whatever follows the EOF record: nothing, or a restore index that holds."""
+    try:
+        rest = _read_rest(channel, MAX_INDEX_BYTES + 64)
+    except PymigError as exc:
+        result.bytes_read = stream_bytes
+        result.problems.append(Problem(stream_bytes, f"after the EOF record: {exc}"))
+        return
     result.bytes_read = stream_bytes + len(rest)
     if not rest:
         return
@@ -169,21 +223,23 @@ def _index(channel, stream_bytes: int, result: Analysis) -> None:
     except SnapshotIndexError as exc:
         result.problems.append(Problem(exc.offset, f"after the EOF record: {exc.reason}"))
         return
-    ram_parts = {s["offset"]: s["offset"] + _record_bytes(s) for s in result.sections
-                 if s["type"] == "PART" and s["idstr"] == RAM_IDSTR}
-    boundaries = {s["offset"] for s in result.sections} | {stream_bytes}
-    for offset, length in index.superseded:
-        end = offset
-        while end in ram_parts and end < offset + length:
-            end = ram_parts[end]
-        if end != offset + length or end not in boundaries:
-            result.problems.append(Problem(offset, f"the index skips bytes {offset}.."
-                                                   f"{offset + length} that are not whole RAM "
-                                                   f"records"))
-            break
     result.index = {"superseded-ranges": len(index.superseded),
                     "superseded-bytes": index.superseded_bytes,
                     "restore-reads": stream_bytes - index.superseded_bytes}
+    if not index.superseded:
+        return
+    check = IndexCheck(index, max_pages=INDEX_CHECK_MAX_PAGES)
+    try:
+        try:
+            check.ram_blocks(result.ram.blocks)
+        except ValueError as exc:
+            raise SnapshotIndexError(stream_bytes, f"the index cannot be checked: {exc}") \
+                from None
+        for start, end, pages in result.records:
+            check.record(start, end, pages)
+        check.finish()
+    except SnapshotIndexError as exc:
+        result.problems.append(Problem(exc.offset, exc.reason))
 
 
 def _read_rest(channel, limit: int) -> bytes:
@@ -199,11 +255,6 @@ def _read_rest(channel, limit: int) -> bytes:
     return bytes(out)
 
 
-def _record_bytes(section: dict) -> int:
-    """A PART record's length: header (12), payload, footer (16)."""
-    return stream.PLAIN_HEAD.size + section["size"] + stream.FOOTER_BYTES
-
-
 def _section(record, idstr, instance, version) -> dict:
     return {"offset": record.offset, "type": record.type.name, "section-id": record.section_id,
             "idstr": idstr, "instance": instance, "version": version,
@@ -216,22 +267,26 @@ def _problem(exc: BaseException, offset: int) -> Problem:
     return Problem(offset, str(exc))
 
 
-def _ram(record, payload, offset: int, result: Analysis) -> None:
+def _ram(record, payload, offset: int, result: Analysis) -> Pages | None:
+    """RAM statistics of one RAM record; a PART's block and runs, for the index's check."""
     ram = result.ram
     if record.type == stream.RecordType.START:
-        ram.blocks = json.loads(bytes(payload))
-        return
+        blocks = _json(payload, "the RAM block list", list)
+        ram.blocks = blocks
+        ram.shapes = block_shapes(blocks)
+        return None
     if record.type != stream.RecordType.PART:
-        return
+        return None
     # Walk the packet's header and run records only: page data is counted, never copied.
+    problems = len(result.problems)
     if len(payload) < _PACKET_HEAD.size:
         result.problems.append(Problem(offset, "RAM packet shorter than its header"))
-        return
+        return None
     magic, version, _flags, _block, page_size, records, payload_len, checksum = \
         _PACKET_HEAD.unpack_from(payload)
     if magic != b"PMGP" or len(payload) != _PACKET_HEAD.size + payload_len:
         result.problems.append(Problem(offset, "not a RAM packet (bad magic or length)"))
-        return
+        return None
     ram.packets += 1
     ram.bytes += len(payload)
     state = xxhash.xxh3_64()  # the payload, then the header's first 24 bytes
@@ -244,7 +299,7 @@ def _ram(record, payload, offset: int, result: Analysis) -> None:
     for _ in range(records):
         if pos + _RUN.size > len(payload):
             result.problems.append(Problem(offset + pos, "RAM packet run records overrun"))
-            return
+            return None
         _first, count, kind, _r1, _r2 = _RUN.unpack_from(payload, pos)
         pos += _RUN.size
         if kind == 1:
@@ -261,7 +316,14 @@ def _ram(record, payload, offset: int, result: Analysis) -> None:
         else:
             result.problems.append(Problem(offset + pos - _RUN.size,
                                            f"unknown RAM run kind {kind}"))
-            return
+            return None
+    try:
+        return packet_pages(payload, ram.shapes)
+    except (StreamError, ValueError) as exc:
+        if len(result.problems) == problems:  # what a destination would refuse it for
+            where = offset + exc.offset if isinstance(exc, StreamError) else offset
+            result.problems.append(Problem(where, f"RAM packet: {getattr(exc, 'reason', exc)}"))
+        return None  # (to the index's check, not a RAM record it can follow)
 
 
 def _plain(value: Any) -> Any:
@@ -278,24 +340,29 @@ def _plain(value: Any) -> Any:
 
 
 def render(analysis: Analysis, console) -> None:
-    """Print an analysis for people (``pymig analyze`` without ``--json``)."""
+    """Print an analysis for people (``pymig analyze`` without ``--json``).  Everything the
+    stream says goes out as plain text (rich ``Text``), never as markup or emoji codes."""
     from rich.table import Table
+    from rich.text import Text
 
     from pymig.units import format_bytes
 
-    verdict = ("[green]complete and intact[/]" if analysis.ok else
-               "[red]damaged[/]" if analysis.problems else "[yellow]incomplete[/]")
-    console.print(f"pymig stream, version {analysis.version}, {analysis.bytes_read:,} bytes: "
-                  f"{verdict}")
+    verdict = (("complete and intact", "green") if analysis.ok else
+               ("damaged", "red") if analysis.problems else ("incomplete", "yellow"))
+    console.print(Text.assemble(f"pymig stream, version {analysis.version}, "
+                                f"{analysis.bytes_read:,} bytes: ", verdict))
     if analysis.problems:
         first = analysis.problems[0]
-        console.print(f"first problem at byte {first.offset}: {first.reason}"
-                      + (f" (+{len(analysis.problems) - 1} more)"
-                         if len(analysis.problems) > 1 else ""))
+        more = len(analysis.problems) - 1
+        console.print(Text(f"first problem at byte {first.offset}: {first.reason}"
+                           + (f" (+{more} more)" if more else "")))
     if analysis.config:
         c = analysis.config
-        console.print(f"guest: {c.get('kind')}, {format_bytes(c.get('memory_bytes', 0))} RAM, "
-                      f"{c.get('vcpus')} vCPU(s), workload {c.get('workload')}")
+        memory = c.get("memory_bytes")
+        memory = format_bytes(memory) if type(memory) is int else _scalar(memory)
+        console.print(Text(f"guest: {_scalar(c.get('kind'))}, {memory} RAM, "
+                           f"{_scalar(c.get('vcpus'))} vCPU(s), workload "
+                           f"{_scalar(c.get('workload'))}"))
     table = Table(title="sections", box=None)
     for column in ("offset", "type", "id", "idstr", "instance", "version", "size"):
         table.add_column(column, justify="right" if column != "idstr" else "left")
@@ -304,26 +371,36 @@ def render(analysis: Analysis, console) -> None:
         if s["type"] == "PART":  # RAM parts are many: one line for all of them
             parts.setdefault(s["idstr"], []).append(s["size"])
             continue
-        table.add_row(str(s["offset"]), s["type"], str(s["section-id"]), str(s["idstr"]),
-                      str(s["instance"]), str(s["version"]), f"{s['size']:,}")
+        table.add_row(*(Text(str(v)) for v in (s["offset"], s["type"], s["section-id"],
+                                               s["idstr"], s["instance"], s["version"])),
+                      Text(f"{s['size']:,}"))
     for idstr, sizes in parts.items():
-        table.add_row("", f"PART x{len(sizes)}", "", idstr, "", "", f"{sum(sizes):,}")
+        table.add_row(Text(""), Text(f"PART x{len(sizes)}"), Text(""), Text(str(idstr)),
+                      Text(""), Text(""), Text(f"{sum(sizes):,}"))
     console.print(table)
     if analysis.index:
         ix = analysis.index
-        console.print(f"restore index: {ix['superseded-ranges']:,} ranges of superseded RAM "
-                      f"records ({format_bytes(ix['superseded-bytes'])}); a restore reads "
-                      f"{format_bytes(ix['restore-reads'])} of the stream")
+        console.print(Text(f"restore index: {ix['superseded-ranges']:,} ranges of superseded "
+                           f"RAM records ({format_bytes(ix['superseded-bytes'])}); a restore "
+                           f"reads {format_bytes(ix['restore-reads'])} of the stream"))
     ram = analysis.ram
-    console.print(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
-                  f"({format_bytes(ram.page_bytes)}, {ram.compressed_pages:,} of them "
-                  f"compressed), {ram.zero_pages:,} zero pages, "
-                  f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} checksum "
-                  f"failures")
+    console.print(Text(f"RAM: {ram.packets:,} packets, {ram.normal_pages:,} normal pages "
+                       f"({format_bytes(ram.page_bytes)}, {ram.compressed_pages:,} of them "
+                       f"compressed), {ram.zero_pages:,} zero pages, "
+                       f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} "
+                       f"checksum failures"))
     for key, fields in analysis.state.items():
-        console.print(f"[bold]{key}[/]")
+        console.print(Text(key, style="bold"))
         for name, value in _flatten(fields):
-            console.print(f"  {name} = {value}")
+            console.print(Text(f"  {name} = {value}"))
+
+
+def _scalar(value: Any) -> str:
+    """A configuration value as a short text: a number or a string as it is (cut), anything
+    else by its type (a crafted configuration may nest deeper than repr() can go)."""
+    if isinstance(value, (str, int, float)) or value is None:
+        return str(value)[:80]
+    return f"<{type(value).__name__}>"
 
 
 def _flatten(fields: dict, prefix: str = ""):

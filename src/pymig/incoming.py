@@ -13,9 +13,10 @@ raises; the source then resumes its own copy.
 
 Restoring a ``file:`` snapshot that has a restore index (:mod:`pymig.transport.file`) reads
 the stream without the RAM records that later ones supersede, so each page is read in its last
-version only.  Should that load fail, the file is loaded once more from its first byte without
-the index: a damaged index never makes a good stream unloadable, and the error a damaged stream
-gets names its offset in the file.
+version only; the channel checks, as it reads, that what it skips is superseded indeed.  Should
+that load fail (an index that does not hold included), the file is loaded once more from its
+first byte without the index: a damaged or lying index never makes a good stream unloadable
+nor restores an older page, and the error a damaged stream gets names its offset in the file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pymig import stream, transport
 from pymig.errors import MigrationError, PymigError, StateError, StreamError
 from pymig.guest import GuestConfig
 from pymig.machine import Machine, WarmUp, load_config
-from pymig.transport.file import IndexedFileChannel
+from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,11 @@ class Incoming:
                 rp = stream.ReturnPathWriter(channel)
             try:
                 self._load(channel, rp)
-            except (StreamError, StateError):
+            except (StreamError, StateError, SnapshotIndexError) as exc:
                 if not isinstance(channel, IndexedFileChannel):
                     raise
+                if isinstance(exc, SnapshotIndexError):
+                    log.warning("%s: %s; reading every record instead", channel.name, exc)
                 self._discard_machine()  # and load it all, to report the file's offsets
                 indexed, channel = channel, channel.sequential()
                 indexed.close()

@@ -19,10 +19,12 @@
         cancelled --> setup
 
 Every transition is compare-and-set (:meth:`Migration._transition`) and emits an event.
-Whatever goes wrong before the destination is told to commit, the source guest ends up running
-with its memory intact, dirty logging off, the throttle lifted and the channel closed.  After
-the commit the guest belongs to the destination: the source stays paused even if the final
-acknowledgement is lost, so a guest never runs in two places.
+Whatever goes wrong before the destination is told to commit, the source guest ends up in the
+run state it had before the migration (running if it ran, paused if it was stopped: as QEMU,
+only a guest that was running is started again) with its memory intact, dirty logging off, the
+throttle lifted and the channel closed; so does a ``file:`` snapshot's source, unless asked to
+stop.  After the commit the guest belongs to the destination: the source stays paused even if
+the final acknowledgement is lost, so a guest never runs in two places.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING}
 
 
 class Cancelled(MigrationError):
-    """The migration was cancelled (by the user or by a limit); the source keeps running."""
+    """The migration was cancelled (by the user or by a limit); the source guest keeps the run
+    state it had before."""
 
 
 class Migration:
@@ -140,9 +143,10 @@ class Migration:
               resume_source: bool | None = None) -> None:
         """Begin migrating to ``uri`` in the background; refuses while one is active.
 
-        ``resume_source``: whether the source guest runs on after success.  By default it does
-        for ``file:`` (a live snapshot: the guest carries on, the file holds its state at the
-        switchover) and does not otherwise (the guest now runs at the destination).
+        ``resume_source``: whether the source guest runs on after success, if it was running
+        before.  By default it does for ``file:`` (a live snapshot: the guest carries on, the
+        file holds its state at the switchover) and does not otherwise (the guest now runs at
+        the destination).  A guest paused before the migration stays paused whatever happens.
         """
         parsed = transport.parse_uri(uri)  # a bad URI is the caller's error, before any change
         if resume_source is None:
@@ -175,7 +179,8 @@ class Migration:
         self._thread.start()
 
     def cancel(self) -> None:
-        """Ask the migration to stop; the source guest keeps (or resumes) running.
+        """Ask the migration to stop; the source guest keeps (or returns to) the run state it
+        had before the migration.
 
         Refused (MigrationError) once the destination has been told to start the guest: from
         then on the guest is the destination's, and stopping halfway would lose it.
@@ -221,7 +226,7 @@ class Migration:
         machine, guest = self.machine, self.machine.guest
         stats = self.stats
         trace = self._trace
-        paused_by_us = False
+        paused_by_us = False  # the stop-and-copy stopped a running guest: run it again after
         saver = machine.ram_saver
         saver.cancelled = self._cancel.is_set
         ret = None
@@ -441,8 +446,10 @@ class Migration:
             # Stop-and-copy: from here the guest is paused until the destination runs it, or
             # until it resumes here because something failed before the commit.
             phases = DowntimePhases(time.time_ns())
+            # Only a guest that was running is started again, after a failure or a snapshot
+            # (stop and cont are refused while a migration runs, so this is its state before).
+            paused_by_us = guest.status == "running"
             guest.pause()
-            paused_by_us = True
             phases.mark("pause")
             writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
             for entry in machine.registry.live_entries():
@@ -473,10 +480,10 @@ class Migration:
                     raise
                 phases.mark("send")
             stats.completed(phases.total_s, phases.seconds)
-            if self.resume_source:
+            if self.resume_source and paused_by_us:
                 guest.resume()
             self._transition(Status.DEVICE, Status.COMPLETED)
-        except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest running
+        except BaseException as exc:  # noqa: BLE001 - every failure leaves the guest as it was
             if ret is not None and isinstance(exc, TransportError):
                 # A destination that refuses the stream says why on the return path, then
                 # closes; that reason matters more than the broken pipe it causes here.

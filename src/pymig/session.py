@@ -8,7 +8,9 @@ the migration parameters, and the events they raise.
                      loading, an incoming migration
     ``running``      the guest runs here
     ``paused``       stopped by ``stop``, or by ``migrate`` with ``resume: false`` to a file
-                     (a snapshot is a copy: ``cont`` carries on)
+                     (a snapshot is a copy: ``cont`` carries on).  A migration leaves a
+                     paused guest paused: a failed or cancelled one, and a snapshot, end
+                     with the guest in the state it had before (as QEMU's)
     ``finish-migrate`` vCPUs stopped for the switchover
     ``postmigrate``  the guest has moved (tcp, unix, exec, fd): it runs, or will run, at the
                      destination; ``cont`` is refused, ``quit`` is what is left to do
@@ -172,7 +174,8 @@ class Session:
     def migrate(self, uri: str, *, trace_path: str | None = None,
                 resume: bool | None = None) -> None:
         """Start migrating to ``uri`` (returns at once).  ``resume``: whether the guest runs on
-        here after success (default: only for ``file:``, a live snapshot)."""
+        here after success if it ran before (default: only for ``file:``, a live snapshot); a
+        guest paused before stays paused."""
         with self._command_lock:
             if self.machine is None:
                 raise CommandError("there is no guest to migrate" + (
@@ -242,8 +245,10 @@ class Session:
     def _migration_status(self, old: Status, new: Status) -> None:
         self.emit("MIGRATION", {"status": new.value})
         if new == Status.DEVICE:
-            self._stopped_for_switchover = True
-            self.emit("STOP", {})
+            # (called before the vCPUs stop: a guest already paused by the user stops no more)
+            if self.machine is not None and self.machine.guest.status == "running":
+                self._stopped_for_switchover = True
+                self.emit("STOP", {})
         elif new in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
             stopped, self._stopped_for_switchover = self._stopped_for_switchover, False
             if stopped and self.machine is not None and self.machine.guest.status == "running":

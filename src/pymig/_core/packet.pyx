@@ -114,7 +114,12 @@ def packet_runs(packet, page_size, block_id, npages):
     packet, page_size, block_id, npages = runs_args(packet, page_size, block_id, npages)
     cdef const unsigned char[::1] pkt = packet
     cdef size_t size = pkt.shape[0]
-    out = np.zeros((max(<Py_ssize_t>size - 32, 0) // 16, 2), dtype=np.int64)
+    # Room for the runs the header counts, no more than the packet can hold (16 bytes each):
+    # a packet of one run needs one row, not a row per 16 bytes of its pages.
+    cdef Py_ssize_t rows = max(<Py_ssize_t>size - 32, 0) // 16
+    if size >= 32:
+        rows = min(rows, <Py_ssize_t>int.from_bytes(pkt[16:20], "little"))
+    out = np.empty((rows, 2), dtype=np.int64)
     cdef int64_t[:, ::1] runs = out
     cdef int64_t *runs_ptr = &runs[0, 0] if runs.shape[0] else NULL
     cdef pymig_decode_result res

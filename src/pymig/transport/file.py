@@ -12,9 +12,13 @@ the guest dirties while it is taken, so the file holds several versions of hot p
 index lists the RAM records that later records supersede entirely.  A path that exists and is
 not a regular file (a FIFO, /dev/null) is written in place, without index.
 
-Reading (:func:`listen`): with a valid index, an :class:`IndexedFileChannel` presents the
-stream without the superseded records, so a restore reads each page's last version and not
-the ones before it.  Without an index (or when it does not check out) the file is read as it
+Reading (:func:`listen`): with an index, an :class:`IndexedFileChannel` presents the stream
+without the superseded records, so a restore reads each page's last version and not the ones
+before it.  The index is not taken on trust: as the stream is read the channel checks that
+each range it skips is whole RAM records whose every page a record read later holds again
+(:mod:`pymig.transport.snapshot_index`), at the cost of the skipped records' run records, and
+fails the load with a :class:`SnapshotIndexError` where that does not hold; the destination
+then reads the file whole.  Without an index (or with a damaged one) the file is read as it
 is.  Every byte a restore reads is checked as usual: records by their footers, pages by their
 packet checksums.
 """
@@ -23,29 +27,18 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import tempfile
-from dataclasses import dataclass
-
-import xxhash
 
 from pymig.errors import TransportError
 from pymig.transport.channel import FdChannel, transport_error
 from pymig.transport.listener import ReadyListener
-from pymig.transport.tap import StreamTap
+# (decode_index too: the index's names stay importable from here)
+from pymig.transport.snapshot_index import (IndexCheck, SnapshotIndex, SnapshotIndexError,
+                                            decode_index, read_index)
+from pymig.transport.tap import RamTracker, StreamTap
 from pymig.transport.uri import Uri, uri_error
 
 SCHEME = "file"
-
-INDEX_MAGIC = b"PMINDEX1"
-INDEX_TAIL_MAGIC = b"PMIXTAIL"
-INDEX_VERSION = 1
-INDEX_HEAD = struct.Struct("<8sIIQQ")  # magic, version, flags, stream_bytes, ranges
-INDEX_RANGE = struct.Struct("<QQ")  # offset, length
-INDEX_SUM = struct.Struct("<Q")
-INDEX_TAIL = struct.Struct("<Q8s")  # index_bytes (magic through checksum), tail magic
-#: An index larger than this is not one (a million ranges).
-MAX_INDEX_BYTES = 16 << 20
 
 
 def parse(rest: str, text: str) -> Uri:
@@ -57,103 +50,6 @@ def parse(rest: str, text: str) -> Uri:
     return Uri("file", path=rest)
 
 
-# -- the index -------------------------------------------------------------------------------
-
-@dataclass
-class SnapshotIndex:
-    """What the index of a snapshot file says (see the module docstring)."""
-
-    stream_bytes: int  #: length of the stream; the index starts there
-    superseded: list[tuple[int, int]]  #: (offset, length) of RAM records a restore skips
-
-    @property
-    def superseded_bytes(self) -> int:
-        return sum(length for _, length in self.superseded)
-
-    def encode(self) -> bytes:
-        """The index as stored after the stream, tail included."""
-        parts = [INDEX_HEAD.pack(INDEX_MAGIC, INDEX_VERSION, 0, self.stream_bytes,
-                                 len(self.superseded))]
-        parts += [INDEX_RANGE.pack(offset, length) for offset, length in self.superseded]
-        body = b"".join(parts)
-        body += INDEX_SUM.pack(xxhash.xxh3_64_intdigest(body))
-        return body + INDEX_TAIL.pack(len(body), INDEX_TAIL_MAGIC)
-
-
-class SnapshotIndexError(ValueError):
-    """An index that does not check out; ``offset`` is where, in the file."""
-
-    def __init__(self, offset: int, reason: str):
-        self.offset = offset
-        self.reason = reason
-        super().__init__(f"snapshot index at byte {offset}: {reason}")
-
-
-def decode_index(data: bytes, at: int) -> SnapshotIndex:
-    """The index in ``data`` (the bytes after the stream, which ends at file offset ``at``):
-    from its magic through its tail, nothing more.  Raises :class:`SnapshotIndexError` naming
-    the file offset of the first thing that is off (a short ``data`` is "truncated")."""
-    view = memoryview(data)
-
-    def need(pos: int, nbytes: int, what: str) -> None:
-        if pos + nbytes > len(view):
-            raise SnapshotIndexError(at + len(view), f"truncated in {what}")
-
-    def fail(pos: int, reason: str):
-        raise SnapshotIndexError(at + pos, reason)
-
-    need(0, INDEX_HEAD.size, "its header")
-    magic, version, flags, stream_bytes, nranges = INDEX_HEAD.unpack_from(view)
-    if magic != INDEX_MAGIC:
-        fail(0, f"bad magic {bytes(magic)!r}")
-    if version != INDEX_VERSION:
-        fail(8, f"version {version}; this pymig reads version {INDEX_VERSION}")
-    if flags:
-        fail(12, f"unknown flags 0x{flags:08x}")
-    if stream_bytes != at:
-        fail(16, f"says the stream ends at byte {stream_bytes}, but it follows byte {at}")
-    pos = INDEX_HEAD.size
-    if nranges > MAX_INDEX_BYTES // INDEX_RANGE.size:
-        fail(24, f"impossible range count {nranges}")
-    need(pos, nranges * INDEX_RANGE.size, "its ranges")
-    ranges = [INDEX_RANGE.unpack_from(view, pos + i * INDEX_RANGE.size) for i in range(nranges)]
-    previous_end = 16  # the stream header is never skipped
-    for i, (offset, length) in enumerate(ranges):
-        if length == 0 or offset < previous_end or offset + length > stream_bytes:
-            fail(pos + i * INDEX_RANGE.size, f"range ({offset}, {length}) is out of order or "
-                                             f"outside the stream")
-        previous_end = offset + length
-    pos += nranges * INDEX_RANGE.size
-    need(pos, INDEX_SUM.size + INDEX_TAIL.size, "its checksum and tail")
-    (checksum,) = INDEX_SUM.unpack_from(view, pos)
-    if xxhash.xxh3_64_intdigest(view[:pos]) != checksum:
-        fail(pos, "checksum mismatch")
-    index_bytes, tail_magic = INDEX_TAIL.unpack_from(view, pos + INDEX_SUM.size)
-    end = pos + INDEX_SUM.size + INDEX_TAIL.size
-    if tail_magic != INDEX_TAIL_MAGIC or index_bytes != pos + INDEX_SUM.size:
-        fail(pos + INDEX_SUM.size, "bad tail")
-    if end != len(view):
-        fail(end, f"{len(view) - end} bytes after the index")
-    return SnapshotIndex(stream_bytes, [tuple(r) for r in ranges])
-
-
-def read_index(fd: int) -> SnapshotIndex | None:
-    """The index at the end of the regular file ``fd``, or None if it has none.
-
-    Raises :class:`SnapshotIndexError` for an index that is there but damaged.
-    """
-    size = os.fstat(fd).st_size
-    if size < INDEX_TAIL.size:
-        return None
-    index_bytes, magic = INDEX_TAIL.unpack(os.pread(fd, INDEX_TAIL.size, size - INDEX_TAIL.size))
-    if magic != INDEX_TAIL_MAGIC:
-        return None
-    at = size - INDEX_TAIL.size - index_bytes
-    if not 0 < index_bytes <= MAX_INDEX_BYTES or at < 0:
-        raise SnapshotIndexError(size - INDEX_TAIL.size, f"impossible length {index_bytes}")
-    return decode_index(os.pread(fd, index_bytes + INDEX_TAIL.size, at), at)
-
-
 # -- writing ---------------------------------------------------------------------------------
 
 class SnapshotWriter(FdChannel):
@@ -161,7 +57,7 @@ class SnapshotWriter(FdChannel):
     restore index after the stream (see the module docstring)."""
 
     def __init__(self, fd: int, name: str, temp_path: str, path: str):
-        super().__init__(fd, name, writable=True, tap=StreamTap(track_ram=True))
+        super().__init__(fd, name, writable=True, tap=StreamTap(ram=RamTracker))
         self.temp_path = temp_path
         self.path = path
         self._placed = False
@@ -224,7 +120,10 @@ def connect(uri: Uri, *, timeout: float | None) -> FdChannel:
 # -- reading ---------------------------------------------------------------------------------
 
 class IndexedFileChannel(FdChannel):
-    """Reads a snapshot's stream without the records its index says are superseded.
+    """Reads a snapshot's stream without the records its index says are superseded, and
+    holds the index to that claim (see the module docstring): a range that does not bear it
+    out fails the read with a :class:`SnapshotIndexError` that names its file offset, at the
+    skip or, for a page no later record holds, when the last byte of the stream is read.
 
     The reader sees a valid stream that is shorter than the file: offsets it reports count
     the bytes it read (a failed load is retried through :meth:`sequential`, whose offsets are
@@ -234,6 +133,9 @@ class IndexedFileChannel(FdChannel):
     def __init__(self, fd: int, name: str, index: SnapshotIndex):
         super().__init__(fd, name, writable=False)
         self.index = index
+        self.check = IndexCheck(index)
+        # (with nothing to skip there is nothing to check: no need to follow the stream)
+        self.tap = StreamTap(ram=self.check.ram_blocks) if index.superseded else None
         self._pos = 0  # next file offset to read
         self._skips = list(index.superseded)
         self._next = 0  # the next superseded range at or after _pos
@@ -243,18 +145,49 @@ class IndexedFileChannel(FdChannel):
         skips = self._skips
         while self._next < len(skips) and skips[self._next][0] <= self._pos:
             offset, length = skips[self._next]
-            self._pos = max(self._pos, offset + length)
+            self._skip(offset, length)
+            self._pos = offset + length
             self._next += 1
-        limit = skips[self._next][0] if self._next < len(skips) else self.index.stream_bytes
+        stream_bytes = self.index.stream_bytes
+        limit = skips[self._next][0] if self._next < len(skips) else stream_bytes
         nbytes = min(len(view), limit - self._pos)
         if nbytes <= 0:
             return 0
+        got = self._pread_into(view[:nbytes], self._pos)
+        self._pos += got
+        if self.tap is not None:
+            self.tap.feed([view[:got]])
+            if self._pos == stream_bytes:
+                self._follows("the end of the stream")
+                self.check.finish()
+        return got
+
+    def _skip(self, offset: int, length: int) -> None:
+        self._follows(f"the range of the index at byte {offset}")
+        if not self.tap.between_records:
+            raise SnapshotIndexError(offset, f"the index skips from byte {offset}, inside a "
+                                             f"record")
+        self.check.skip(offset, length, self._pread, self.tap.ram_section)
+        self.tap.skip(length)
+
+    def _follows(self, where: str) -> None:
+        """The stream read so far could be followed: else the index cannot be checked."""
+        reason = self.tap.failed or self.tap.ram_failed
+        if reason is not None:
+            raise SnapshotIndexError(self._pos, f"the index cannot be checked at {where}: "
+                                                f"{reason}")
+
+    def _pread_into(self, view: memoryview, offset: int) -> int:
         try:
-            got = os.preadv(self._fd, [view[:nbytes]], self._pos)
+            return os.preadv(self._fd, [view], offset)
         except OSError as exc:
             raise transport_error(f"reading from {self.name}", exc) from exc
-        self._pos += got
-        return got
+
+    def _pread(self, nbytes: int, offset: int) -> bytes:
+        try:
+            return os.pread(self._fd, nbytes, offset)
+        except OSError as exc:
+            raise transport_error(f"reading from {self.name}", exc) from exc
 
     def sequential(self) -> FdChannel:
         """A new channel reading the whole file from its start, ignoring the index."""

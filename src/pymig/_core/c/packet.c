@@ -312,8 +312,9 @@ static inline uint64_t compress_bound(uint64_t total)
 }
 
 /* Every check that needs no guest memory: header against the caller's expectations, then
- * every run record.  With ``runs_out``, each run's (first page, page count) goes there: a
- * run needs 16 bytes of packet, so (pkt_bytes - 32) / 16 pairs always fit. */
+ * every run record.  With ``runs_out``, each run's (first page, page count) goes there: at
+ * most record_count pairs, and a run needs 16 bytes of packet, so the smaller of
+ * record_count and (pkt_bytes - 32) / 16 pairs always fit. */
 static int validate(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_size,
                     uint32_t block_id, uint64_t npages, pymig_packet_header *h,
                     pymig_decode_result *res, int64_t *runs_out, pymig_packet_error *err)
