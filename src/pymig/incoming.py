@@ -11,6 +11,10 @@ Every packet checksum, every section footer and every page bound is checked on t
 any failure the destination reports it on the return path, never starts the guest, frees it and
 raises; the source then resumes its own copy.
 
+The stream's sender is not trusted with this side's resources.  The guest it describes must
+fit the destination's own limits (:class:`pymig.limits.DestinationLimits`: guest kinds, RAM,
+vCPUs), checked before anything is mapped or created.
+
 Restoring a ``file:`` snapshot that has a restore index (:mod:`pymig.transport.file`) reads
 the stream without the RAM records that later ones supersede, so each page is read in its last
 version only.  Should that load fail, the file is loaded once more from its first byte without
@@ -29,6 +33,7 @@ from typing import Callable
 from pymig import stream, transport
 from pymig.errors import MigrationError, PymigError, StateError, StreamError
 from pymig.guest import GuestConfig
+from pymig.limits import DestinationLimits
 from pymig.machine import Machine, WarmUp, load_config
 from pymig.transport.file import IndexedFileChannel
 
@@ -49,17 +54,20 @@ class IncomingResult:
 class Incoming:
     """One incoming migration on ``uri``.
 
-    ``check_config`` may refuse the stream's guest configuration (e.g. a CLI option that
-    disagrees with it) by raising ValueError; ``guest_options`` go to the guest factory.
+    ``limits`` is what this destination accepts (default: :class:`DestinationLimits` with
+    every default); ``check_config`` may refuse the stream's guest configuration further by
+    raising ValueError; ``guest_options`` go to the guest factory.
     """
 
-    def __init__(self, uri: str, *, check_config: Callable[[GuestConfig], None] | None = None,
+    def __init__(self, uri: str, *, limits: DestinationLimits | None = None,
+                 check_config: Callable[[GuestConfig], None] | None = None,
                  guest_options: dict | None = None, accept_timeout: float | None = None,
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None,
                  after_start: Callable[[Machine], None] | None = None):
         transport.parse_uri(uri)
         self.uri = uri
+        self.limits = limits if limits is not None else DestinationLimits()
         self.check_config = check_config
         self.guest_options = guest_options or {}
         self.accept_timeout = accept_timeout
@@ -171,6 +179,9 @@ class Incoming:
         reader = stream.StreamReader(channel)
         reader.read_header()
         config = load_config(reader)
+        # before anything is mapped or created for the guest
+        self.limits.check(config, backing=self.guest_options.get("backing", "anon"),
+                          prealloc=self.guest_options.get("prealloc"))
         if self.check_config is not None:
             self.check_config(config)
         if self._warm_up is not None:

@@ -33,9 +33,18 @@ PARAMS_GPA = 0x5000
 MAILBOX_GPA = 0x6000
 MAILBOX_RECORD_BYTES = 64
 WORKSET_GPA = 0x100000
-# Built-in workloads run on at most 8 vCPUs on either kind of guest: the KVM guest's low memory
-# has room for eight stacks (pymig.guest.builtin).
+# Every guest runs on at most 8 vCPUs, whatever its kind: the built-in workloads' low memory
+# has room for eight stacks (pymig.guest.builtin) and their parameter block for eight share
+# records; a user image gets no MP or ACPI table through which it could find more than its
+# boot vCPU; and each vCPU costs the host a thread and descriptors, which a stream must not
+# be able to ask for by the hundred.
 MAX_VCPUS = 8
+# A guest's RAM map: at most this many blocks (the PC layout has one or two), each named in
+# at most MAX_BLOCK_NAME_BYTES of printable ASCII, all below x86-64's architectural limit on
+# physical addresses.
+MAX_RAM_BLOCKS = 32
+MAX_BLOCK_NAME_BYTES = 64
+GUEST_PHYS_LIMIT = 1 << 52
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,82 @@ class GuestConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GuestConfig":
+        """The configuration ``data`` describes (what :meth:`to_dict` gave), with its fields'
+        types and RAM map checked (:func:`check_shape`); ValueError or TypeError says what
+        is wrong.  What the workload or image makes of it is checked by
+        :func:`pymig.guest.validate_config`."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a guest configuration is a JSON object, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown guest configuration keys: {sorted(unknown)}")
+        check_shape(data)
         return cls(**data)
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], not {value}")
+    return value
+
+
+def check_shape(data: dict[str, Any]) -> None:
+    """Check the fields of a configuration as :meth:`GuestConfig.to_dict` gives them: their
+    types, at least one vCPU (how many at most is the destination's to say), and a RAM map of
+    1 to :data:`MAX_RAM_BLOCKS` blocks, each with a name of its own, a size and an address in
+    whole pages, all inside :data:`GUEST_PHYS_LIMIT` and none overlapping another, adding up
+    to the memory size.  ValueError says what is wrong.  It reads nothing of the host: a
+    destination runs it on a stream's configuration before it maps or creates anything."""
+    if not isinstance(data.get("kind"), str):
+        raise ValueError(f"kind must be a string, not {data.get('kind')!r}")
+    memory = _integer("memory_bytes", data.get("memory_bytes"), GUEST_PAGE_SIZE,
+                      GUEST_PHYS_LIMIT)
+    if memory % GUEST_PAGE_SIZE:
+        raise ValueError(f"memory_bytes must be a multiple of {GUEST_PAGE_SIZE}, not {memory}")
+    _integer("vcpus", data.get("vcpus", 1), 1, 1 << 32)
+    if not isinstance(data.get("workload", "idle"), str):
+        raise ValueError(f"workload must be a string, not {data.get('workload')!r}")
+    params = data.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise ValueError(f"params must be an object, not {params!r}")
+    blocks = data.get("blocks") or [dataclasses.asdict(b) for b in pc_layout(memory)]
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= MAX_RAM_BLOCKS:
+        raise ValueError(f"a guest has 1 to {MAX_RAM_BLOCKS} RAM blocks, not "
+                         f"{len(blocks) if isinstance(blocks, list) else blocks!r}")
+    names: set[str] = set()
+    spans = []
+    for index, block in enumerate(blocks):
+        if not isinstance(block, dict) or set(block) != {"name", "size_bytes",
+                                                         "guest_phys_addr"}:
+            raise ValueError(f"RAM block {index} must be an object of name, size_bytes and "
+                             f"guest_phys_addr, not {block!r}")
+        name = block["name"]
+        if (not isinstance(name, str) or not 1 <= len(name) <= MAX_BLOCK_NAME_BYTES
+                or not name.isascii() or not name.isprintable()):
+            raise ValueError(f"RAM block {index}'s name must be 1 to {MAX_BLOCK_NAME_BYTES} "
+                             f"printable ASCII characters, not {name!r}")
+        if name in names:
+            raise ValueError(f"two RAM blocks are named {name!r}")
+        names.add(name)
+        size = _integer(f"RAM block {name!r}'s size", block["size_bytes"], GUEST_PAGE_SIZE,
+                        GUEST_PHYS_LIMIT)
+        gpa = _integer(f"RAM block {name!r}'s guest-physical address",
+                       block["guest_phys_addr"], 0, GUEST_PHYS_LIMIT - size)
+        if size % GUEST_PAGE_SIZE or gpa % GUEST_PAGE_SIZE:
+            raise ValueError(f"RAM block {name!r} must start and end on a "
+                             f"{GUEST_PAGE_SIZE}-byte page ({size} bytes at {gpa:#x})")
+        spans.append((gpa, gpa + size, name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"RAM blocks {first!r} and {second!r} overlap")
+    total = sum(end - start for start, end, _ in spans)
+    if total != memory:
+        raise ValueError(f"the RAM blocks add up to {total} bytes, not the memory size "
+                         f"{memory}")
 
 
 def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) -> tuple[int, int]:
