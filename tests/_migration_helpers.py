@@ -130,13 +130,14 @@ def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     capabilities: dict | None = None, timeout: float = 120.0,
                     decide=None, during=None, trace_path: str | None = None,
                     digests: bool = True, guest_options: dict | None = None,
-                    limits: DestinationLimits = ANY_KIND) -> LocalMigration:
+                    limits: DestinationLimits = ANY_KIND,
+                    progress_timeout: float | None = 60.0) -> LocalMigration:
     """Migrate ``guest`` to a destination in this process (its guest built with
     ``guest_options``, within ``limits``); ``during(migration)`` runs in the test's thread
     once the migration is under way."""
     at_load: list[str] = []
     incoming = Incoming(uri, accept_timeout=timeout, guest_options=guest_options,
-                        limits=limits,
+                        limits=limits, progress_timeout=progress_timeout,
                         before_start=(lambda m: at_load.extend(block_digests(
                             m.guest.ram_blocks))) if digests else None)
     bound = incoming.listen()

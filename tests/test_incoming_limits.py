@@ -145,6 +145,7 @@ def test_accepted_kinds_are_named_on_the_command_line_way():
 @pytest.mark.parametrize("args,message", [
     (("--accept-kind", "kvm,xen"), "guest kinds to accept: kvm, simulated, not 'xen'"),
     (("--max-memory", "0"), "max_memory_bytes (--max-memory) must be a positive integer"),
+    (("--progress-timeout", "-1"), "-1"),
 ])
 def test_pymig_incoming_refuses_limits_that_make_no_sense(args, message):
     done = run_pymig("incoming", "tcp:127.0.0.1:0", *args, timeout=60)

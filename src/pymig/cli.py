@@ -149,6 +149,10 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
                    "the stream comes, or the --mem-prealloc RAM)")
 @click.option("--max-vcpus", type=click.IntRange(1, None), default=None,
               help="refuse a guest with more vCPUs (default and most: pymig's VMM's limit)")
+@click.option("--progress-timeout", type=click.FloatRange(0, None), default=None,
+              metavar="SECONDS",
+              help="drop a source from which no whole record came in this long, however it "
+                   "trickles bytes (default 60; 0: never)")
 @click.option("--mem-backing", type=click.Choice(BACKINGS), default="anon", show_default=True,
               help="guest RAM: anonymous memory, a memfd, or huge pages from the host's "
                    "hugetlb pool (/proc/sys/vm/nr_hugepages), which a host keeps for guests")
@@ -157,7 +161,7 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, serial, memory, vcpus, accept_kinds, max_memory,
-             max_vcpus, mem_backing, mem_prealloc, quiet) -> None:
+             max_vcpus, progress_timeout, mem_backing, mem_prealloc, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -168,6 +172,7 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, accept_kinds, max
     --mem-prealloc readies that much RAM ahead of it.
     """
     from pymig.errors import PymigError
+    from pymig.incoming import DEFAULT_PROGRESS_TIMEOUT_S
     from pymig.limits import DestinationLimits, parse_kinds
     from pymig.process import serve
     from pymig.session import Session
@@ -184,8 +189,11 @@ def incoming(uri, control, control_tcp, serial, memory, vcpus, accept_kinds, max
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")
         guest_options["prealloc"] = _preallocate(memory, mem_backing, quiet)
 
+    if progress_timeout is None:
+        progress_timeout = DEFAULT_PROGRESS_TIMEOUT_S
     session = Session(destination=True)
-    session.incoming_options = {"limits": limits, "guest_options": guest_options}
+    session.incoming_options = {"limits": limits, "guest_options": guest_options,
+                                "progress_timeout": progress_timeout or None}
     if uri != "defer":
         try:
             bound = session.start_incoming(uri)
