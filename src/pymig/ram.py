@@ -82,7 +82,7 @@ def capped_packet_bytes(max_bandwidth: int, page_size: int) -> int:
 
 def empty_packet(block_id: int, page_size: int) -> bytes:
     """A RAM packet of block ``block_id`` that carries no page: decoded, it changes nothing
-    (docs/stream-format.md, "Keep-alive")."""
+    (docs/stream-format.md, "Deadlines and keep-alives")."""
     head = _PACKET_HEAD.pack(b"PMGP", PACKET_VERSION, 0, block_id, page_size, 0, 0)
     return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
 
