@@ -154,19 +154,24 @@ def test_pymig_incoming_refuses_limits_that_make_no_sense(args, message):
 
 
 @pytest.mark.kvm
-def test_pymig_incoming_on_a_kvm_host_refuses_a_simulated_source(tmp_path):
-    """Two processes as a user runs them: the destination names no kind, this host has KVM."""
-    src, src_ctl = start_source("simulated", tmp_path)
+@pytest.mark.parametrize("kind,accept,other", [("simulated", (), "kvm"),
+                                               ("kvm", ("--accept-kind", "simulated"),
+                                                "simulated")])
+def test_pymig_incoming_refuses_a_source_of_a_kind_it_does_not_accept(kind, accept, other,
+                                                                       tmp_path):
+    """Two processes as a user runs them; with no --accept-kind, this host (it has KVM) takes
+    KVM guests only."""
+    src, src_ctl = start_source(kind, tmp_path)
     dst_ctl = str(tmp_path / "dst.sock")
     dst = pymig_process("incoming", "tcp:127.0.0.1:0", "--control", dst_ctl, "--quiet",
-                        stderr=subprocess.PIPE)
+                        *accept, stderr=subprocess.PIPE)
     try:
         wait_for_path(dst_ctl, dst)
         with QmpClient(dst_ctl) as client:
             uri = client.command("query-migrate")["socket-address"]
         refused_by_process(src, src_ctl, dst, uri,
-                           "the stream's guest is a simulated guest; this destination accepts "
-                           "kvm guests only (--accept-kind)")
+                           f"the stream's guest is a {kind} guest; this destination accepts "
+                           f"{other} guests only (--accept-kind)")
     finally:
         finish(src, dst)
 

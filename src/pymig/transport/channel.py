@@ -527,6 +527,7 @@ class FdChannel(Channel):
         self.process = process
         self.tap = tap
         self._command_done = False
+        self._blocking: bool | None = None  # as set by this channel (None: as it came)
         _enlarge_pipe(fd)
 
     def fileno(self) -> int:
@@ -605,12 +606,14 @@ class FdChannel(Channel):
         self._set_blocking(when is None and self._timeout is None)
 
     def _set_blocking(self, blocking: bool) -> None:
-        if not self._fd_open:
+        # a receive deadline is set per record: the mode changes far less often than that
+        if not self._fd_open or blocking == self._blocking:
             return
         try:
             os.set_blocking(self._fd, blocking)
         except OSError as exc:
             raise transport_error(f"setting a timeout on {self.name}", exc) from exc
+        self._blocking = blocking
 
     def wait_readable(self, timeout: float | None) -> bool:
         self._check_direction(False)
