@@ -148,7 +148,8 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
               help="refuse a guest with more RAM (default: what the host has available when "
                    "the stream comes, or the --mem-prealloc RAM)")
 @click.option("--max-vcpus", type=click.IntRange(1, None), default=None,
-              help="refuse a guest with more vCPUs (default and most: pymig's VMM's limit)")
+              help="refuse a guest with more vCPUs (default: the most pymig's VMM runs, 8; "
+                   "this only lowers it)")
 @click.option("--progress-timeout", type=click.FloatRange(0, None), default=None,
               metavar="SECONDS",
               help="drop a source from which no whole record came in this long, however it "
