@@ -317,6 +317,16 @@ def test_max_vcpus_lowers_the_vmms_limit_but_never_raises_it():
         DestinationLimits(accept_kinds=("kvm",), max_vcpus=1024).check(many)
 
 
+def test_a_host_whose_kvm_runs_fewer_vcpus_than_the_vmm_says_so():
+    host = Host()
+    host.__dict__["_kvm"] = (None, 4)  # what the probe would find on such a host
+    assert host.max_vcpus("kvm") == (4, "this host's KVM_CAP_MAX_VCPUS")
+    assert host.max_vcpus("simulated") == (MAX_VCPUS, "pymig's VMM runs at most that many")
+    with pytest.raises(LimitError, match=r"6 vCPUs; this destination accepts at most 4 "
+                                         r"\(this host's KVM_CAP_MAX_VCPUS; --max-vcpus\)"):
+        DestinationLimits(host=host).check(guest_config("kvm", vcpus=6))
+
+
 def test_a_source_cannot_make_an_image_guest_of_more_vcpus_than_the_vmm_runs(tmp_path):
     image = tmp_path / "boot.img"
     image.write_bytes(bytes(510) + b"\x55\xaa")
