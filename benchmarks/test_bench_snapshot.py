@@ -22,6 +22,7 @@ import time
 from pymig.demo import kvm_usable
 from pymig.guest import GuestConfig, create
 from pymig.incoming import Incoming
+from pymig.limits import DestinationLimits
 from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
@@ -86,7 +87,8 @@ def disk_ceiling_bps(path: str) -> float | None:
 
 
 def restore_s(path: str) -> float:
-    incoming = Incoming(f"file:{path}")
+    incoming = Incoming(f"file:{path}",
+                        limits=DestinationLimits(accept_kinds=("kvm", "simulated")))
     t0 = time.perf_counter()
     result = incoming.run()
     elapsed = time.perf_counter() - t0

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from _migration_helpers import guest_config, running_guest, wait_for
+from _migration_helpers import ANY_KIND, guest_config, running_guest, wait_for
 from pymig.control import ControlServer
 from pymig.qmp import QmpClient
 from pymig.session import Session
@@ -54,8 +54,11 @@ def serve_guest(tmp_path, name: str = "src", kind: str = "simulated", **config) 
 
 
 def serve_destination(tmp_path, name: str = "dst") -> Served:
-    """A destination started with ``defer``: it waits for migrate-incoming."""
-    return Served(Session(destination=True), str(tmp_path / f"{name}.sock"))
+    """A destination started with ``defer`` (taking either kind of guest): it waits for
+    migrate-incoming."""
+    session = Session(destination=True)
+    session.incoming_options = {"limits": ANY_KIND}
+    return Served(session, str(tmp_path / f"{name}.sock"))
 
 
 class RawClient:

@@ -17,6 +17,7 @@ from _childenv import child_env
 
 from pymig.guest import GuestConfig, create
 from pymig.incoming import Incoming
+from pymig.limits import DestinationLimits
 from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
@@ -29,6 +30,9 @@ GUEST_KINDS = [
     pytest.param("simulated", id="simulated"),
     pytest.param("kvm", id="kvm", marks=pytest.mark.kvm),
 ]
+# A destination that takes either kind of guest (by default a KVM host takes KVM guests only)
+ANY_KIND = DestinationLimits(accept_kinds=("kvm", "simulated"))
+ANY_KIND_ARGS = ("--accept-kind", "kvm,simulated")
 
 
 def guest_config(kind: str, workload: str = "selfcheck", *, memory: int = 64 * MiB,
@@ -126,12 +130,15 @@ def save_snapshot(path, config: GuestConfig) -> dict:
 def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     capabilities: dict | None = None, timeout: float = 120.0,
                     decide=None, during=None, trace_path: str | None = None,
-                    digests: bool = True, guest_options: dict | None = None) -> LocalMigration:
+                    digests: bool = True, guest_options: dict | None = None,
+                    limits: DestinationLimits = ANY_KIND,
+                    progress_timeout: float | None = 60.0) -> LocalMigration:
     """Migrate ``guest`` to a destination in this process (its guest built with
-    ``guest_options``); ``during(migration)`` runs in the test's thread once the migration is
-    under way."""
+    ``guest_options``, within ``limits``); ``during(migration)`` runs in the test's thread
+    once the migration is under way."""
     at_load: list[str] = []
     incoming = Incoming(uri, accept_timeout=timeout, guest_options=guest_options,
+                        limits=limits, progress_timeout=progress_timeout,
                         before_start=(lambda m: at_load.extend(block_digests(
                             m.guest.ram_blocks))) if digests else None)
     bound = incoming.listen()
@@ -207,9 +214,12 @@ def start_source(kind, tmp_path, *, memory="128M", working_set="32M", rate=None,
 
 
 def start_destination(tmp_path, uri="tcp:127.0.0.1:0", *extra, **popen):
-    """``pymig incoming URI``; returns (process, control path, the address it receives on)."""
+    """``pymig incoming URI`` (taking either kind of guest unless ``extra`` says which);
+    returns (process, control path, the address it receives on)."""
     ctl = str(tmp_path / "dst.sock")
     popen.setdefault("stderr", subprocess.PIPE)
+    if "--accept-kind" not in extra:
+        extra = (*ANY_KIND_ARGS, *extra)
     proc = pymig_process("incoming", uri, "--control", ctl, "--quiet",
                          "--serial", str(tmp_path / "dst-serial.log"), *extra, **popen)
     wait_for_path(ctl, proc)

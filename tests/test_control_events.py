@@ -8,7 +8,7 @@ from _control_helpers import pair, source  # noqa: F401 - fixtures
 from _control_helpers import (WAIT_S, all_events, events_until, migrate_incoming, next_event,
                               serve_destination, serve_guest, start_slow_migration,
                               statuses_until_end, wait_status)
-from _migration_helpers import wait_for
+from _migration_helpers import ANY_KIND, wait_for
 
 MiB = 1 << 20
 
@@ -59,7 +59,7 @@ def test_a_refused_migration_reports_failed_with_the_reason(pair, tmp_path):
     def refuse(config):
         raise ValueError("this destination takes no guests today")
 
-    dst.session.incoming_options = {"check_config": refuse}
+    dst.session.incoming_options = {"check_config": refuse, "limits": ANY_KIND}
     client = src.client()
     client.command("migrate", uri=migrate_incoming(dst.client(), tmp_path))
     statuses = statuses_until_end(client)

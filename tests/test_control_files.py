@@ -20,6 +20,7 @@ from pymig.errors import ControlError
 from pymig.qmp import QmpClient
 from pymig.session import Session
 from pymig.transport import sockfile
+from _migration_helpers import ANY_KIND_ARGS
 
 RUN = ("run", "--simulated", "--memory", "64M", "--quiet")
 
@@ -122,7 +123,7 @@ def test_socket_files_are_0600_under_an_open_umask(tmp_path):
 
 def test_a_destinations_socket_files_are_0600_under_an_open_umask(tmp_path):
     mig, ctl = str(tmp_path / "m.sock"), str(tmp_path / "c.sock")
-    proc = pymig_process("incoming", f"unix:{mig}", "--control", ctl, "--quiet",
+    proc = pymig_process("incoming", f"unix:{mig}", *ANY_KIND_ARGS, "--control", ctl, "--quiet",
                          stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0))
     try:
         wait_for_path(ctl, proc)
@@ -143,7 +144,7 @@ def start(tmp_path, kind: str) -> tuple[subprocess.Popen, list[str]]:
         files = [ctl, token]
     else:
         mig = str(tmp_path / "m.sock")
-        proc = pymig_process("incoming", f"unix:{mig}", "--quiet", *control,
+        proc = pymig_process("incoming", f"unix:{mig}", *ANY_KIND_ARGS, "--quiet", *control,
                              stderr=subprocess.PIPE)
         files = [mig, ctl, token]
     for path in files:
@@ -177,7 +178,7 @@ def test_quit_takes_the_files_away(tmp_path, kind):
 
 def test_a_deferred_destinations_listener_goes_on_sigterm(tmp_path):
     ctl, mig = str(tmp_path / "c.sock"), str(tmp_path / "m.sock")
-    proc = pymig_process("incoming", "defer", "--control", ctl, "--quiet",
+    proc = pymig_process("incoming", "defer", *ANY_KIND_ARGS, "--control", ctl, "--quiet",
                          stderr=subprocess.PIPE)
     try:
         wait_for_path(ctl, proc)

@@ -14,8 +14,8 @@ import pytest
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 
 from _control_helpers import WAIT_S, serve_guest
-from _migration_helpers import (GUEST_KINDS, announced_port, assert_carries_on, finish,
-                                pymig_process, start_source, wait_for_path)
+from _migration_helpers import (ANY_KIND_ARGS, GUEST_KINDS, announced_port, assert_carries_on,
+                                finish, pymig_process, start_source, wait_for_path)
 
 MiB = 1 << 20
 SMALL = {"memory": "64M", "working_set": "8M"}
@@ -219,7 +219,7 @@ async def migrate_with_qemu_qmp(src_ctl: str, dst_ctl: str, uri: str) -> None:
 def test_a_whole_migration_through_qemu_qmp(tmp_path, kind):
     src, src_ctl = start_source(kind, tmp_path, **SMALL)
     dst_ctl = str(tmp_path / "dst.sock")
-    dst = pymig_process("incoming", "defer", "--control", dst_ctl, "--quiet",
+    dst = pymig_process("incoming", "defer", *ANY_KIND_ARGS, "--control", dst_ctl, "--quiet",
                         stderr=subprocess.PIPE)
     try:
         wait_for_path(dst_ctl, dst)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _hugetlb import free_huge_pages
-from _migration_helpers import (GUEST_KINDS, assert_arrived_and_runs, assert_carries_on, finish,
-                               e2e_kind, guest_config, migrate_locally, run_pymig,
+from _migration_helpers import (ANY_KIND, GUEST_KINDS, assert_arrived_and_runs, assert_carries_on,
+                               e2e_kind, finish, guest_config, migrate_locally, run_pymig,
                                running_guest, start_destination, start_source)
 from _wire_helpers import page_data
 from test_memory_hugetlb import migrate_to
@@ -128,7 +128,7 @@ def test_a_bad_snapshot_loaded_into_preallocated_ram_is_refused_for_what_is_wron
     path.write_bytes(damaged)
     ram = PreallocatedRam(64 * MiB)
     try:
-        incoming = Incoming(f"file:{path}", guest_options={"prealloc": ram})
+        incoming = Incoming(f"file:{path}", guest_options={"prealloc": ram}, limits=ANY_KIND)
         with pytest.raises(MigrationError, match="checksum"):
             incoming.run()
         assert incoming.machine is None

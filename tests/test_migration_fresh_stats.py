@@ -15,6 +15,7 @@ from _migration_helpers import (GUEST_KINDS, finish, pymig_process, run_pymig, s
 from pymig.incoming import Incoming
 from pymig.qmp import QmpClient
 from pymig.stats import read_trace
+from _migration_helpers import ANY_KIND, ANY_KIND_ARGS
 
 MiB = 1 << 20
 CAP = 20_000_000  # max-bandwidth of the second migration, bytes/s
@@ -23,7 +24,7 @@ FAIL_AT_END = "exec:cat > /dev/null; exit 3"  # takes the whole stream, then fai
 
 def _receive_in_thread(uri: str):
     """A destination in this process; returns (bound address, join() -> its error or None)."""
-    incoming = Incoming(uri, accept_timeout=WAIT_S)
+    incoming = Incoming(uri, limits=ANY_KIND, accept_timeout=WAIT_S)
     bound = incoming.listen()
     box: dict = {}
 
@@ -128,7 +129,7 @@ def test_cli_migrate_after_a_failed_one_and_two_snapshots_starts_fresh(tmp_path)
             assert done.returncode == 0, done.stderr
 
         dst_ctl = str(tmp_path / "dst.sock")
-        dst = pymig_process("incoming", "tcp:127.0.0.1:0", "--control", dst_ctl, "--quiet")
+        dst = pymig_process("incoming", "tcp:127.0.0.1:0", *ANY_KIND_ARGS, "--control", dst_ctl, "--quiet")
         wait_for(lambda: _address(dst_ctl) is not None, timeout=WAIT_S, what="the destination")
         trace = tmp_path / "t.jsonl"
         moved = run_pymig("migrate", "--control", ctl, _address(dst_ctl), "--max-bandwidth",

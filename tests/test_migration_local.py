@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from _migration_helpers import guests  # noqa: F401 - fixture
-from _migration_helpers import (GUEST_KINDS, assert_consistent, guest_config, migrate_locally,
-                                wait_for)
+from _migration_helpers import (ANY_KIND, GUEST_KINDS, assert_consistent, guest_config,
+                                migrate_locally, wait_for)
 from pymig.errors import GuestError, MigrationError
 from pymig.guest.workloads import expected_compute_result
 from pymig.incoming import Incoming
@@ -127,7 +127,8 @@ def test_destination_refusal_resumes_source_with_its_reason(tmp_path, guests):
     def refuse(config):
         raise ValueError("this destination only takes 2 vCPUs")
 
-    incoming = Incoming(f"unix:{tmp_path}/m.sock", check_config=refuse, accept_timeout=30)
+    incoming = Incoming(f"unix:{tmp_path}/m.sock", check_config=refuse, accept_timeout=30,
+                        limits=ANY_KIND)
     bound = incoming.listen()
     errors = []
     thread = threading.Thread(target=lambda: _capture(incoming.run, errors), daemon=True)
@@ -205,7 +206,7 @@ def test_cancel_after_the_commit_is_refused_and_the_guest_is_not_lost(tmp_path, 
     """Once the destination has been told to start, a cancel would leave the guest nowhere."""
     source = guests(guest_config("simulated"))
     refused = []
-    incoming = Incoming(f"unix:{tmp_path}/m.sock", accept_timeout=30,
+    incoming = Incoming(f"unix:{tmp_path}/m.sock", accept_timeout=30, limits=ANY_KIND,
                         before_start=lambda machine: _capture(migration.cancel, refused))
     bound = incoming.listen()
     result = []

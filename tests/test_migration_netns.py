@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from _childenv import child_env
-from _migration_helpers import GUEST_KINDS, assert_carries_on, wait_for_path
+from _migration_helpers import ANY_KIND_ARGS, GUEST_KINDS, assert_carries_on, wait_for_path
 from _netns import NetnsPair
 from pymig.qmp import QmpClient
 
@@ -32,7 +32,7 @@ def test_guest_moves_across_a_shaped_link(kind, family, tmp_path):
         address = net.ipv4("b") if family == "ipv4" else f"[{net.ipv6('b')}]"
         dst_ctl, src_ctl = str(tmp_path / "dst.sock"), str(tmp_path / "src.sock")
         dst = pymig_in(net, "b", "incoming", f"tcp:{address}:{PORT}", "--control", dst_ctl,
-                       "--quiet")
+                       "--quiet", *ANY_KIND_ARGS)
         wait_for_path(dst_ctl, dst)
         args = ["run", "--workload", "selfcheck", "--memory", "64M", "--working-set", "8M",
                 "--rate", "1000", "--control", src_ctl, "--quiet"]

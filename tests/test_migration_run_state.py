@@ -17,6 +17,7 @@ from pymig.incoming import Incoming
 from pymig.machine import Machine
 from pymig.migration import Status
 from pymig.session import Session
+from _migration_helpers import ANY_KIND
 
 MiB = 1 << 20
 QUIET_S = 0.5  # how long a paused guest is watched for progress it must not make
@@ -66,7 +67,7 @@ def cancel_after_the_stop(session: Session, tmp_path, monkeypatch) -> str:
         release.wait(60)
 
     monkeypatch.setattr(Machine, "load_stream", slow_to_confirm)
-    incoming = Incoming(f"unix:{tmp_path}/m.sock", accept_timeout=60)
+    incoming = Incoming(f"unix:{tmp_path}/m.sock", limits=ANY_KIND, accept_timeout=60)
     bound = incoming.listen()
     thread = threading.Thread(target=lambda: _quietly(incoming.run), daemon=True)
     thread.start()

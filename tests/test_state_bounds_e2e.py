@@ -21,6 +21,7 @@ from pymig.guest.simulated import SIM_CPU_VMSD, SimCpuState
 from pymig.incoming import Incoming
 from pymig.machine import Machine
 from pymig.migration import Migration
+from _migration_helpers import ANY_KIND, ANY_KIND_ARGS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -46,7 +47,7 @@ def test_a_position_outside_the_share_is_refused_not_written(tmp_path, selfcheck
     crash fails this test instead of ending the run."""
     path = tmp_path / "far.pymig"
     path.write_bytes(with_sim_cpu(selfcheck_snapshot, 0, pos=1 << 36))
-    done = run_pymig("incoming", f"file:{path}", "--quiet", timeout=120)
+    done = run_pymig("incoming", f"file:{path}", *ANY_KIND_ARGS, "--quiet", timeout=120)
     assert done.returncode > 0, (done.returncode, done.stderr[-2000:])  # < 0: killed by a signal
     assert "cpu/0 field pos" in done.stderr and str(1 << 36) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -88,7 +89,7 @@ def assert_restore_refused(tmp_path, data: bytes, entry: Entry, case) -> str:
     path = tmp_path / "crafted.pymig"
     path.write_bytes(replace_payload(data, entry.idstr, entry.instance,
                                      payload_for(entry, case.set)))
-    incoming = Incoming(f"file:{path}")
+    incoming = Incoming(f"file:{path}", limits=ANY_KIND)
     with pytest.raises(MigrationError) as info:
         incoming.run()
     text = str(info.value)
@@ -140,7 +141,7 @@ def test_a_snapshot_whose_configuration_is_out_of_bounds_is_not_restored(
         path = tmp_path / "config.pymig"
         path.write_bytes(replace_payload(selfcheck_snapshot, "pymig.config", 0,
                                          json.dumps(config).encode()))
-        incoming = Incoming(f"file:{path}")
+        incoming = Incoming(f"file:{path}", limits=ANY_KIND)
         with pytest.raises(MigrationError, match=f"pymig.config: {name}") as info:
             incoming.run()
         assert json.dumps(value)[:40] in str(info.value) or str(value)[:40] in str(info.value)
@@ -163,7 +164,7 @@ def migrate_tampered(guest, entry_key: tuple[str, int], change):
         return data
 
     machine._encode_state = tampered
-    incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=60)
+    incoming = Incoming("tcp:127.0.0.1:0", limits=ANY_KIND, accept_timeout=60)
     bound = incoming.listen()
     box = {}
     thread = threading.Thread(target=lambda: _run(incoming, box), daemon=True)

@@ -283,6 +283,7 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
                                env=env, stdout=subprocess.DEVNULL)
         dst = subprocess.Popen(wrap("destination", [sys.executable, "-m", "pymig", "incoming",
                                                     "tcp:127.0.0.1:0", "--control", dst_ctl,
+                                                    "--accept-kind", kind,
                                                     "--mem-backing",
                                                     scenario.destination_backing, "--quiet",
                                                     *_prealloc_args(scenario)]),

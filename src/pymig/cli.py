@@ -161,7 +161,21 @@ def _serve(session, **options) -> None:
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
 @click.option("--memory", type=SIZE, default=None, help="refuse a stream of another RAM size")
-@click.option("--vcpus", type=int, default=None, help="refuse a stream with another vCPU count")
+@click.option("--vcpus", type=click.IntRange(1, None), default=None,
+              help="refuse a stream with another vCPU count")
+@click.option("--accept-kind", "accept_kinds", multiple=True, metavar="KIND",
+              help="guest kinds to accept, kvm and/or simulated (repeat, or a comma list; "
+                   "default: the kind this host runs natively, kvm where /dev/kvm works)")
+@click.option("--max-memory", type=SIZE, default=None,
+              help="refuse a guest with more RAM (default: what the host has available when "
+                   "the stream comes, or the --mem-prealloc RAM)")
+@click.option("--max-vcpus", type=click.IntRange(1, None), default=None,
+              help="refuse a guest with more vCPUs (default: the most pymig's VMM runs, 8; "
+                   "this only lowers it)")
+@click.option("--progress-timeout", type=click.FloatRange(0, None), default=None,
+              metavar="SECONDS",
+              help="drop a source from which no whole record came in this long, however it "
+                   "trickles bytes (default 60; 0: never)")
 @click.option("--mem-backing", type=click.Choice(BACKINGS), default="anon", show_default=True,
               help="guest RAM: anonymous memory, a memfd, or huge pages from the host's "
                    "hugetlb pool (/proc/sys/vm/nr_hugepages), which a host keeps for guests")
@@ -169,36 +183,40 @@ def _serve(session, **options) -> None:
               help="map the --memory RAM and fault it all in before listening, so the "
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
-def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, mem_backing,
-             mem_prealloc, quiet) -> None:
+def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
+             max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
     inherited descriptor), file:PATH (restore a snapshot), or 'defer' (wait for
     migrate-incoming on the control socket).  The guest's configuration comes from the
-    stream; --memory/--vcpus only make sure it is the guest you expect, and --mem-prealloc
-    readies that much RAM ahead of it.
+    stream, within this destination's limits (--accept-kind, --max-memory, --max-vcpus),
+    checked before anything is allocated; --memory/--vcpus ask for exactly that guest, and
+    --mem-prealloc readies that much RAM ahead of it.
     """
+    from pymig.incoming import DEFAULT_PROGRESS_TIMEOUT_S
+    from pymig.limits import DestinationLimits, parse_kinds
     from pymig.session import Session
 
+    try:
+        limits = DestinationLimits(accept_kinds=parse_kinds(accept_kinds),
+                                   max_memory_bytes=max_memory, max_vcpus=max_vcpus,
+                                   memory_bytes=memory, vcpus=vcpus)
+    except ValueError as exc:
+        _fail(str(exc))
     guest_options = {"backing": mem_backing}
     if mem_prealloc:
         if memory is None:
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")
         guest_options["prealloc"] = _preallocate(memory, mem_backing, quiet)
 
-    def check(config):
-        if memory is not None and config.memory_bytes != memory:
-            raise ValueError(f"the stream's guest has {config.memory_bytes} bytes of RAM, "
-                             f"--memory says {memory}")
-        if vcpus is not None and config.vcpus != vcpus:
-            raise ValueError(f"the stream's guest has {config.vcpus} vCPUs, --vcpus says "
-                             f"{vcpus}")
-
+    if progress_timeout is None:
+        progress_timeout = DEFAULT_PROGRESS_TIMEOUT_S
     if uri == "defer" and control is None and control_tcp is None:
         _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
     session = Session(destination=True)
-    session.incoming_options = {"check_config": check, "guest_options": guest_options}
+    session.incoming_options = {"limits": limits, "guest_options": guest_options,
+                                "progress_timeout": progress_timeout or None}
     _serve(session, incoming=None if uri == "defer" else uri, control=control,
            control_tcp=_loopback(control_tcp), control_token=control_tcp_token,
            serial_file=serial, quiet=quiet)

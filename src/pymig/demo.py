@@ -63,6 +63,7 @@ def run_demo(options: DemoOptions, *, on_update: Callable[[dict], None] | None =
         try:
             dst = subprocess.Popen(
                 python + ["incoming", listen, "--control", dst_ctl, "--quiet",
+                          "--accept-kind", kind,
                           "--serial", os.path.join(tmp, "dst-serial.log"),
                           *(["--memory", str(options.memory), "--mem-prealloc"]
                             if options.mem_prealloc else [])],

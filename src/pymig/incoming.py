@@ -11,6 +11,17 @@ Every packet checksum, every section footer and every page bound is checked on t
 any failure the destination reports it on the return path, never starts the guest, frees it and
 raises; the source then resumes its own copy.
 
+The stream's sender is not trusted with this side's resources or time.  The guest it describes
+must fit the destination's own limits (:class:`pymig.limits.DestinationLimits`: guest kinds,
+RAM, vCPUs), checked before anything is mapped or created.  And it must keep making progress:
+the stream header and then each record must arrive whole within ``progress_timeout`` seconds
+of this side asking for it (:class:`pymig.stream.StreamReader`), and COMMIT within
+``commit_timeout`` of LOADED, however the bytes trickle in.  A source with nothing to send for
+a while (a converged idle guest, or one waiting for ``migrate-continue`` before its
+switchover) sends an empty RAM packet every second to show it is there
+(:data:`pymig.migration.KEEPALIVE_INTERVAL_S`).  Waiting for the connection itself has no
+deadline by default (``accept_timeout``): a listener holds nothing.
+
 Restoring a ``file:`` snapshot that has a restore index (:mod:`pymig.transport.file`) reads
 the stream without the RAM records that later ones supersede, so each page is read in its last
 version only; the channel checks, as it reads, that what it skips is superseded indeed.  Should
@@ -30,7 +41,9 @@ from typing import Callable
 from pymig import stream, transport
 from pymig.errors import MigrationError, PymigError, StateError, StreamError
 from pymig.guest import GuestConfig
+from pymig.limits import DestinationLimits
 from pymig.machine import Machine, WarmUp, load_config
+from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
 
 log = logging.getLogger(__name__)
@@ -47,23 +60,40 @@ class IncomingResult:
     stats: dict = field(default_factory=dict)
 
 
+#: How long the stream header, and then each record, may take to arrive whole (seconds).
+DEFAULT_PROGRESS_TIMEOUT_S = 60.0
+
+
 class Incoming:
     """One incoming migration on ``uri``.
 
-    ``check_config`` may refuse the stream's guest configuration (e.g. a CLI option that
-    disagrees with it) by raising ValueError; ``guest_options`` go to the guest factory.
+    ``limits`` is what this destination accepts (default: :class:`DestinationLimits` with
+    every default); ``check_config`` may refuse the stream's guest configuration further by
+    raising ValueError; ``guest_options`` go to the guest factory.  ``progress_timeout``
+    (seconds, None: none) drops a source from which the header or a record does not arrive
+    whole in that time; ``commit_timeout`` bounds the wait for COMMIT after LOADED;
+    ``accept_timeout`` (None: none) the wait for the connection; ``idle_timeout`` each wait
+    for the peer that no deadline covers (sends on the return path, and receives without a
+    progress timeout).
     """
 
-    def __init__(self, uri: str, *, check_config: Callable[[GuestConfig], None] | None = None,
+    def __init__(self, uri: str, *, limits: DestinationLimits | None = None,
+                 check_config: Callable[[GuestConfig], None] | None = None,
                  guest_options: dict | None = None, accept_timeout: float | None = None,
+                 progress_timeout: float | None = DEFAULT_PROGRESS_TIMEOUT_S,
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None,
                  after_start: Callable[[Machine], None] | None = None):
         transport.parse_uri(uri)
+        if progress_timeout is not None and not progress_timeout > 0:
+            raise ValueError(f"a progress timeout must be positive or None (none), not "
+                             f"{progress_timeout!r}")
         self.uri = uri
+        self.limits = limits if limits is not None else DestinationLimits()
         self.check_config = check_config
         self.guest_options = guest_options or {}
         self.accept_timeout = accept_timeout
+        self.progress_timeout = progress_timeout
         self.commit_timeout = commit_timeout
         self.idle_timeout = idle_timeout  # a source silent this long is gone: fail, not hang
         self.before_start = before_start  # sees the loaded machine before its vCPUs run
@@ -153,7 +183,10 @@ class Incoming:
             load_time = time.monotonic() - t0
             if rp is not None:
                 rp.loaded()
+                # COMMIT, all 8 bytes of it, by then: not a byte now and then
+                channel.set_recv_deadline(time.monotonic() + self.commit_timeout)
                 await_commit(channel, self.commit_timeout)
+            channel.set_recv_deadline(None)
             if self.before_start is not None:
                 self.before_start(self.machine)
             started_ns = time.time_ns()
@@ -176,9 +209,12 @@ class Incoming:
 
     def _load(self, channel, rp) -> None:
         """Read the stream into a new, paused machine (``self.machine``)."""
-        reader = stream.StreamReader(channel)
+        reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
         reader.read_header()
         config = load_config(reader)
+        # before anything is mapped or created for the guest
+        self.limits.check(config, backing=self.guest_options.get("backing", "anon"),
+                          prealloc=self.guest_options.get("prealloc"))
         if self.check_config is not None:
             self.check_config(config)
         if self._warm_up is not None:
@@ -202,7 +238,10 @@ class Incoming:
 
 def await_commit(channel, timeout: float) -> None:
     """Block until the source's COMMIT; anything else (or nothing in time) is a failure."""
-    message = stream.ReturnPathReader(channel).recv(timeout)
+    try:
+        message = stream.ReturnPathReader(channel).recv(timeout)
+    except DeadlineExceeded:
+        message = None  # begun, never finished
     if message is None:
         raise MigrationError(f"the source did not commit within {timeout:.0f} s; the guest was "
                              f"not started here")

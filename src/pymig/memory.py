@@ -53,13 +53,24 @@ Backing = Literal["anon", "memfd", "hugetlb"]
 BACKINGS: tuple[str, ...] = ("anon", "memfd", "hugetlb")
 
 
-def hugetlb_pool() -> tuple[int, int, int]:
-    """(huge page size in bytes, pages in the pool, pages free) from /proc/meminfo."""
+def _meminfo() -> dict[str, list[str]]:
     fields = {}
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             name, _, rest = line.partition(":")
             fields[name] = rest.split()
+    return fields
+
+
+def memory_available() -> int:
+    """Bytes the kernel reckons it can give new allocations without swapping
+    (MemAvailable in /proc/meminfo)."""
+    return int(_meminfo()["MemAvailable"][0]) * 1024
+
+
+def hugetlb_pool() -> tuple[int, int, int]:
+    """(huge page size in bytes, pages in the pool, pages free) from /proc/meminfo."""
+    fields = _meminfo()
     size = int(fields.get("Hugepagesize", ["2048"])[0]) * 1024
     return size, int(fields.get("HugePages_Total", ["0"])[0]), \
         int(fields.get("HugePages_Free", ["0"])[0])

@@ -44,6 +44,7 @@ from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRat
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
+from pymig.ram import RAM_IDSTR
 from pymig.stats import MigrationStats, TraceWriter
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,11 @@ class Migration:
                 ret = ReturnPath(channel, on_loaded=progress.reported)
             writer.write_header()
             machine.save_config(writer)
+            saver.cap_packets(params.max_bandwidth)
             for entry in machine.registry.live_entries():
                 entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
+            keep_alive = KeepAlive(writer, lambda: saver.keep_alive(
+                SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))))
             machine.rehearse_state_save()
             if not self._transition(Status.SETUP, Status.ACTIVE):
                 raise Cancelled("migration cancelled")
@@ -318,7 +322,9 @@ class Migration:
             waited_s = 0.0  # the catch-up wait before the next sync
             while True:
                 self._check(ret)
+                keep_alive.tick()
                 params = self.params.snapshot()
+                saver.cap_packets(params.max_bandwidth)
                 bandwidth.cap(round(params.max_bandwidth * page_bytes_per_wire_byte()))
                 found = saver.sync()
                 now = time.monotonic()
@@ -439,6 +445,7 @@ class Migration:
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
                     self._check(ret)
+                    keep_alive.tick()  # the wait may be minutes; the destination's clock runs
             # (with a return path the loop ended caught up: the destination has built its
             # guest, READY came before any CAUGHT_UP, and loaded everything sent)
             if not self._transition(Status.ACTIVE, Status.DEVICE):
@@ -556,6 +563,33 @@ class Migration:
 
 
 ACK_TIMEOUT_S = 60.0
+#: After this long without writing a record, the source sends an empty RAM packet: a
+#: destination drops a source from which nothing whole came for its progress timeout, and a
+#: source may rightly have nothing to send for longer (a converged idle guest that cannot
+#: switch over yet, a wait for migrate-continue).
+KEEPALIVE_INTERVAL_S = 1.0
+
+
+class KeepAlive:
+    """Calls ``send`` (which writes a record) whenever :meth:`tick` finds that ``writer``
+    has written nothing for :data:`KEEPALIVE_INTERVAL_S`; tick at least that often while
+    the stream may be quiet."""
+
+    def __init__(self, writer: "stream.StreamWriter", send: Callable[[], None],
+                 interval_s: float = KEEPALIVE_INTERVAL_S):
+        self._writer = writer
+        self._send = send
+        self._interval = interval_s
+        self._written = writer.bytes_written
+        self._since = time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self._writer.bytes_written != self._written:
+            self._written, self._since = self._writer.bytes_written, now
+        elif now - self._since >= self._interval:
+            self._send()
+            self._written, self._since = self._writer.bytes_written, now
 # While the destination is behind, iterations are at least this long (waiting for its reports)
 BEHIND_PERIOD_S = 0.01
 THROTTLE_SLICE_S = 0.1

@@ -18,6 +18,11 @@ Source (:class:`RamSaver`)::
               without the GIL); elsewhere the migration thread sends each packet itself
     complete  vCPUs are stopped: a last sync and everything still dirty, then END
 
+Under a bandwidth cap a packet carries at most what the cap lets through in a quarter of a
+second (:func:`capped_packet_bytes`), so every record still arrives within a destination's
+progress timeout however low the cap; a source with nothing to send shows it is there with an
+empty packet (:meth:`RamSaver.keep_alive`), which any destination loads as nothing.
+
 Destination (:class:`RamLoader`): checks the block list against its own guest, then decodes
 each packet straight into the block it names (core.decode_packet: bounds-checked, checksummed);
 a page the destination never received stays untouched, which for fresh memory means zero.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import os
 import queue
 import threading
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import xxhash
 
 from pymig import core
 from pymig.errors import MigrationError, StateError
@@ -57,6 +64,28 @@ CLEAR_CHUNK_PAGES = 1 << 10
 # between the CPUs' caches twice more.  So a worker overlaps from this many CPUs up.
 OVERLAP_MIN_CPUS = 4
 OVERLAP_ENV = "PYMIG_PACKET_OVERLAP"  # "on" / "off" override the CPU count (tests, profiling)
+# Under a bandwidth cap, a packet carries at most what the cap lets through in this long.
+CAPPED_PACKET_SECONDS = 0.25
+_PACKET_HEAD = struct.Struct("<4sHHIIII")  # a packet header up to its checksum (docs)
+PACKET_VERSION = 2
+
+
+def capped_packet_bytes(max_bandwidth: int, page_size: int) -> int:
+    """The most bytes a RAM packet may take at ``max_bandwidth`` bytes/s (0: no cap): what
+    the cap carries in :data:`CAPPED_PACKET_SECONDS`, at least one page's packet, at most
+    :data:`PACKET_BYTES`.  A destination drops a source whose record does not arrive within
+    its progress timeout, and a megabyte takes minutes under a cap of a few KB/s."""
+    if not max_bandwidth:
+        return PACKET_BYTES
+    one_page = core.PACKET_HEADER_BYTES + core.RUN_HEADER_BYTES + page_size
+    return min(PACKET_BYTES, max(int(max_bandwidth * CAPPED_PACKET_SECONDS), one_page))
+
+
+def empty_packet(block_id: int, page_size: int) -> bytes:
+    """A RAM packet of block ``block_id`` that carries no page: decoded, it changes nothing
+    (docs/stream-format.md, "Deadlines and keep-alives")."""
+    head = _PACKET_HEAD.pack(b"PMGP", PACKET_VERSION, 0, block_id, page_size, 0, 0)
+    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
 
 
 def packet_overlap() -> bool:
@@ -259,6 +288,8 @@ class RamSaver:
         # wall-clock seconds spent in iterate(): page_bytes_sent over it is how fast this side
         # moves pages (encoding and sending), whatever the destination does with them
         self.busy_seconds = 0.0
+        # the most bytes a packet may take (capped_packet_bytes); at most the buffers' size
+        self.packet_limit_bytes = packet_bytes
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, out) -> None:
@@ -347,12 +378,14 @@ class RamSaver:
                     self.guest.clear_dirty(index, first, end - first)
                     self._seen[index][first // 64:(end + 63) // 64] = 0
                 cursor = first
+                limit = self.packet_limit_bytes
                 while True:
                     if self.cancelled():
                         raise MigrationError("migration cancelled")
                     buf = sender.buffer()
+                    out_buf = buf if limit >= len(buf) else memoryview(buf)[:limit]
                     result = core.encode_packet(block.array, block.page_size, block.block_id,
-                                                bitmap, end, cursor, buf, compress)
+                                                bitmap, end, cursor, out_buf, compress)
                     if result.nbytes == 0:  # the chunk is sent
                         sender.give_back(buf)
                         break
@@ -400,6 +433,20 @@ class RamSaver:
             self.on_packet(result)
 
         return job
+
+    def cap_packets(self, max_bandwidth: int) -> None:
+        """Size the packets for a bandwidth cap of ``max_bandwidth`` bytes/s (0: none):
+        :func:`capped_packet_bytes`, from the next chunk on."""
+        page_size = max((b.page_size for b in self.blocks), default=4096)
+        self.packet_limit_bytes = min(capped_packet_bytes(max_bandwidth, page_size),
+                                      self.sender.buffer_bytes)
+
+    def keep_alive(self, out) -> None:
+        """Send a RAM packet that carries no page (:func:`empty_packet`): a destination that
+        drops a source from which no record came for a while learns that this one is there,
+        with nothing to send.  Any destination, whatever its version, loads it as nothing."""
+        block = self.blocks[0]
+        out.part(empty_packet(block.block_id, block.page_size), nocsum=True)
 
     # -- stop-and-copy -----------------------------------------------------------------------
     def complete(self, out) -> None:

@@ -44,6 +44,9 @@ Return-path message (destination -> source, same full-duplex socket)::
 A reader refuses a length above its limit before allocating anything, and every
 error is a :class:`~pymig.errors.StreamError` giving the absolute byte offset
 in the stream of the byte found wrong (or of the end, for a truncated stream).
+With a progress timeout, the header and each record must arrive whole within it of
+the reader asking for them, or :class:`ProgressTimeout` is raised: a peer that
+trickles bytes cannot hold a destination.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from typing import Callable, ClassVar, NamedTuple
 import xxhash
 
 from pymig.errors import StreamError, TransportError
-from pymig.transport.channel import Channel, PeerClosedError, byte_view
+from pymig.transport.channel import Channel, DeadlineExceeded, PeerClosedError, byte_view
 
 MAGIC = b"PYMIGSTR"
 VERSION = 1
@@ -254,6 +257,15 @@ def _section_info(idstr: str, instance_id: int, version_id: int) -> bytes:
             + SECTION_INFO.pack(_u32("instance id", instance_id), _u32("version id", version_id)))
 
 
+class ProgressTimeout(TransportError):
+    """The peer made no progress: the stream header or a record did not arrive whole within
+    the reader's progress timeout, however many of its bytes trickled in."""
+
+    def __init__(self, message: str, offset: int):
+        self.offset = offset
+        super().__init__(message)
+
+
 class StreamReader:
     """Reads and checks the stream from a channel, tracking the absolute offset.
 
@@ -261,11 +273,22 @@ class StreamReader:
     :meth:`read_payload` (or :meth:`skip_payload`) for each record until EOF.
     A stream that ends early is a :class:`StreamError`; a connection that
     breaks (reset, timeout) stays a :class:`~pymig.errors.TransportError`.
+
+    ``progress_timeout`` (seconds, None: none): the header, and each record from its
+    header through its footer, must arrive within that long of :meth:`read_header` /
+    :meth:`next_record` being called, or :class:`ProgressTimeout` is raised.  The clock
+    starts when the reader asks, so time the caller spends between records (building a
+    guest, loading state) is not the peer's.  It sets the channel's receive deadline.
     """
 
-    def __init__(self, channel: Channel, *, max_payload: int = DEFAULT_MAX_PAYLOAD):
+    def __init__(self, channel: Channel, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 progress_timeout: float | None = None):
+        if progress_timeout is not None and not progress_timeout > 0:
+            raise ValueError(f"a progress timeout must be positive or None, not "
+                             f"{progress_timeout!r}")
         self.channel = channel
         self.max_payload = max_payload
+        self.progress_timeout = progress_timeout
         #: Bytes of the stream consumed so far (= offset of the next byte).
         self.offset = 0
         self.version: int | None = None
@@ -287,8 +310,21 @@ class StreamReader:
             raise StreamError(self.offset + exc.received,
                               f"stream truncated in {what}: {exc.received} of {len(view)} bytes "
                               f"arrived before the end of the stream") from exc
+        except DeadlineExceeded as exc:
+            if callable(what):
+                what = what()
+            raise ProgressTimeout(
+                f"{self.channel.name} made no progress for {self.progress_timeout:g} s (the "
+                f"progress timeout): nothing whole arrived; {exc.received} of {len(view)} bytes "
+                f"of {what} came in that time", self.offset + exc.received) from None
         self.offset += len(view)
         return view
+
+    def _start_clock(self) -> None:
+        """The next unit (the header, or a record) must arrive within the progress timeout
+        of now."""
+        if self.progress_timeout is not None:
+            self.channel.set_recv_deadline(time.monotonic() + self.progress_timeout)
 
     def _small(self, nbytes: int, what: str | Callable[[], str]) -> memoryview:
         return self._read(memoryview(self._scratch)[:nbytes], what)
@@ -296,6 +332,7 @@ class StreamReader:
     # --- stream header ----------------------------------------------------------------------
     def read_header(self) -> int:
         """Read and check the stream header; returns the stream version."""
+        self._start_clock()
         raw = self._small(HEADER_BYTES, "the stream header")
         magic, version, flags = HEADER.unpack(raw)
         if magic != MAGIC:
@@ -318,6 +355,7 @@ class StreamReader:
                 raise RuntimeError("read_payload() or skip_payload() must come before "
                                    "the next next_record()")
             self._pending = None
+        self._start_clock()
         start = self.offset
         try:
             head = self._small(RECORD_HEAD.size,

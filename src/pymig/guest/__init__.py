@@ -7,6 +7,7 @@ from typing import Any
 
 from pymig.guest.base import (
     GUEST_PAGE_SIZE,
+    MAX_VCPUS,
     Console,
     Guest,
     GuestConfig,
@@ -16,7 +17,8 @@ from pymig.guest.base import (
     pc_layout,
 )
 
-__all__ = ["Console", "Guest", "GuestConfig", "RamLayout", "create", "make_config", "pc_layout"]
+__all__ = ["Console", "Guest", "GuestConfig", "RamLayout", "create", "make_config", "pc_layout",
+           "validate_config"]
 
 GUEST_KINDS = ("kvm", "simulated")
 DEFAULT_LOAD_ADDRESS = 0x100000  # flat binaries, when the user names no address
@@ -50,12 +52,39 @@ def make_config(*, kind: str = "kvm", workload: str = "idle", params: dict[str, 
         raise ValueError("a load address places a flat binary, and there is none")
     config = GuestConfig(kind=kind, memory_bytes=memory_bytes, vcpus=vcpus, workload=workload,
                          params=dict(params or {}))
-    if kind == "kvm":
-        from pymig.guest.builtin import check_config
-    else:
-        from pymig.guest.workloads import resolve as check_config
-    check_config(config)
+    validate_config(config)
     return config
+
+
+def validate_config(config: GuestConfig) -> None:
+    """Refuse, with ValueError saying why, a configuration no guest of pymig's runs, whoever
+    made it: a kind other than kvm and simulated; other than 1 to :data:`MAX_VCPUS` vCPUs; a
+    built-in workload whose parameters do not parse or whose structures and area do not fit
+    the RAM map (on KVM also: RAM at guest-physical 0, the control MMIO page outside it); a
+    user image on a simulated guest, or with parameters an image does not take.
+
+    It reads no file and touches nothing of the host (a user image is the source's; a
+    destination never needs it), so a destination runs it on a stream's configuration before
+    it maps any RAM or creates a VM.
+    """
+    if config.kind not in GUEST_KINDS:
+        raise ValueError(f"unknown guest kind {config.kind!r} (use {' or '.join(GUEST_KINDS)})")
+    if not 1 <= config.vcpus <= MAX_VCPUS:
+        raise ValueError(f"a guest runs on 1 to {MAX_VCPUS} vCPUs, not {config.vcpus}")
+    if config.workload == "image":
+        if config.kind != "kvm":
+            raise ValueError("a user image runs only on a KVM guest, not on a simulated one")
+        from pymig.guest import loader
+
+        loader.check_image_params(config.params)
+    elif config.kind == "kvm":
+        from pymig.guest.builtin import check_config
+
+        check_config(config)
+    else:
+        from pymig.guest.workloads import resolve
+
+        resolve(config)
 
 
 def _image_config(kind: str, workload: str, params: dict[str, Any] | None, memory_bytes: int,
@@ -83,6 +112,7 @@ def _image_config(kind: str, workload: str, params: dict[str, Any] | None, memor
     loader.check_image(image_kind, size, load_address)
     config = GuestConfig(kind="kvm", memory_bytes=memory_bytes, vcpus=vcpus, workload="image",
                          params=image_params)
+    validate_config(config)
     start = loader.BOOT_SECTOR_ADDR if image_kind == "bootsector" else load_address
     try:
         locate(config.blocks, start, size)

@@ -33,8 +33,11 @@ PARAMS_GPA = 0x5000
 MAILBOX_GPA = 0x6000
 MAILBOX_RECORD_BYTES = 64
 WORKSET_GPA = 0x100000
-# Built-in workloads run on at most 8 vCPUs on either kind of guest: the KVM guest's low memory
-# has room for eight stacks (pymig.guest.builtin).
+# Every guest runs on at most 8 vCPUs, whatever its kind: the built-in workloads' low memory
+# has room for eight stacks (pymig.guest.builtin) and their parameter block for eight share
+# records; a user image gets no MP or ACPI table through which it could find more than its
+# boot vCPU; and each vCPU costs the host a thread and descriptors, which a stream must not
+# be able to ask for by the hundred.
 MAX_VCPUS = 8
 CONSOLE_BYTES = 1 << 20  # the newest serial output a guest keeps in memory
 
@@ -220,23 +223,33 @@ def _ram_layout(value: list, config: dict) -> str | None:
     if len(value) > MAX_RAM_BLOCKS:
         return f"{len(value)} RAM blocks, more than {MAX_RAM_BLOCKS}"
     keys = {f.name for f in dataclasses.fields(RamLayout)}
+    names: set[str] = set()
     spans = []
     for i, block in enumerate(value):
         if not isinstance(block, dict) or set(block) != keys:
             return f"block {i} is not an object of exactly {sorted(keys)}"
         name, size, gpa = block["name"], block["size_bytes"], block["guest_phys_addr"]
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
-            return f"block {i}'s name is not 1..{MAX_NAME_CHARS} characters"
+        if (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS
+                or not name.isascii() or not name.isprintable()):
+            return f"block {i}'s name is not 1..{MAX_NAME_CHARS} printable ASCII characters"
+        if name in names:
+            return f"two RAM blocks are named {name!r}"
+        names.add(name)
         for what, number in (("size", size), ("address", gpa)):
             if isinstance(number, bool) or not isinstance(number, int) or number < 0 \
                     or number % GUEST_PAGE_SIZE:
                 return f"block {i}'s {what} {_short(number)} is not a page multiple >= 0"
         if not size or gpa + size > MAX_GUEST_PHYS:
             return f"block {i} is empty or ends above {MAX_GUEST_PHYS:#x}"
-        spans.append((gpa, gpa + size))
+        spans.append((gpa, gpa + size, name))
     spans.sort()
-    if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
-        return "RAM blocks overlap"
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            return f"RAM blocks {first!r} and {second!r} overlap"
+    total = sum(end - start for start, end, _ in spans)
+    memory = config.get("memory_bytes")
+    if spans and total != memory:
+        return f"the RAM blocks add up to {total} bytes, not the memory size {memory}"
     return None
 
 

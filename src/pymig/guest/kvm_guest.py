@@ -28,7 +28,7 @@ import numpy as np
 
 from pymig._core import kvm as _kvm
 from pymig.errors import GuestError
-from pymig.guest import builtin, loader
+from pymig.guest import builtin, loader, validate_config
 from pymig.guest.base import (
     Console,
     DirtyRateMeter,
@@ -89,10 +89,7 @@ class KvmGuest:
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
-        if config.workload == "image":
-            loader.check_image_params(config.params)
-        else:
-            builtin.check_config(config)
+        validate_config(config)  # before /dev/kvm is opened or a byte mapped
         blocks: list[RamBlock] = []
         owns_kvm = kvm is None
         kvm = kvm or Kvm()

@@ -189,7 +189,7 @@ def check_image_params(params: dict) -> None:
     if unknown:
         raise ImageError(f"unknown image parameter(s) {sorted(unknown)}; an image takes "
                          f"{', '.join(IMAGE_PARAMS)}")
-    if not params.get("image"):
+    if not params.get("image") or not isinstance(params["image"], str):
         raise ImageError("an image configuration names its file ('image')")
     kind = params.get("kind", "bootsector")
     if kind not in IMAGE_KINDS:
@@ -198,6 +198,12 @@ def check_image_params(params: dict) -> None:
         raise ImageError(f"a boot sector always loads at {BOOT_SECTOR_ADDR:#x}")
     if kind != "bootsector" and params.get("load_address") is None:
         raise ImageError("a flat binary needs a load address")
+    for name in ("load_address", "entry", "stack"):  # guest-physical / register values
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < 1 << 32):
+            raise ImageError(f"image parameter {name!r} must be a 32-bit address, not "
+                             f"{value!r}")
 
 
 def check_image(kind: str, size: int, load_address: int | None) -> None:

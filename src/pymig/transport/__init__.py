@@ -23,16 +23,16 @@ from pymig.transport import fd as _fd
 from pymig.transport import file as _file
 from pymig.transport import tcp as _tcp
 from pymig.transport import unix as _unix
-from pymig.transport.channel import (Channel, FdChannel, PeerClosedError, SocketChannel,
-                                     byte_view)
+from pymig.transport.channel import (Channel, DeadlineExceeded, FdChannel, PeerClosedError,
+                                     SocketChannel, byte_view)
 from pymig.transport.listener import Listener, ReadyListener, SocketListener
 from pymig.transport.memory import BytesChannel
 from pymig.transport.ratelimit import RateLimiter
 from pymig.transport.uri import Uri, uri_error
 
 __all__ = [
-    "BytesChannel", "Channel", "FdChannel", "Listener", "PeerClosedError", "RateLimiter",
-    "ReadyListener", "SocketChannel", "SocketListener", "TransportError", "Uri", "UriError",
+    "BytesChannel", "Channel", "DeadlineExceeded", "FdChannel", "Listener", "PeerClosedError",
+    "RateLimiter", "ReadyListener", "SocketChannel", "SocketListener", "TransportError", "Uri", "UriError",
     "byte_view", "connect", "listen", "parse_uri", "SCHEMES",
 ]
 

@@ -21,6 +21,12 @@ Two carriers exist:
   no return path.  Optionally owns the child process of an ``exec:`` URI and
   reports its exit status.
 
+A timeout bounds each wait for the peer, so a peer that sends a byte now and then
+never trips it.  A receive deadline (:meth:`Channel.set_recv_deadline`) bounds the
+whole of each receive instead: what is asked for must have arrived by then, however
+the bytes trickle in, or :class:`DeadlineExceeded` is raised.  The destination sets
+one per record (:class:`pymig.stream.StreamReader`).
+
 Every send goes through the channel's :class:`RateLimiter`, so
 :meth:`Channel.set_max_bandwidth` caps a migration while it runs.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import abc
 import errno
 import fcntl
+import math
 import os
 import select
 import signal
@@ -37,6 +44,7 @@ import socket
 import struct
 import subprocess
 import termios
+import time
 from collections.abc import Callable, Iterable
 
 from pymig.errors import TransportError
@@ -49,6 +57,12 @@ IOV_MAX = 1024
 UNLIMITED_CHUNK_BYTES = 16 << 20
 #: How long closing an exec: channel waits for its command to finish.
 EXEC_EXIT_WAIT_S = 30.0
+#: How late past a receive deadline a receive may give up: the socket's timer is set again
+#: only when it would overshoot the deadline by more, so that a healthy stream, whose
+#: records arrive in microseconds, costs no system call for it.
+DEADLINE_SLACK_S = 0.1
+#: What a receive returns when the timer set for a deadline woke it with nothing new.
+_WOKEN = -1
 
 
 class PeerClosedError(TransportError):
@@ -66,6 +80,22 @@ class PeerClosedError(TransportError):
                          + (f" ({detail})" if detail else ""))
 
 
+class DeadlineExceeded(TransportError):
+    """What was asked of the peer did not arrive by the receive deadline
+    (:meth:`Channel.set_recv_deadline`); ``received`` of ``expected`` bytes had come."""
+
+    def __init__(self, where: str, received: int, expected: int):
+        self.where = where
+        self.received = received
+        self.expected = expected
+        super().__init__(f"{where}: {received} of {expected} bytes arrived before the receive "
+                         f"deadline")
+
+
+def _timed_out(exc: OSError) -> bool:
+    return isinstance(exc, TimeoutError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 def errno_name(code: int | None) -> str:
     """``ECONNRESET`` for 104, and so on; the number itself if it has no name."""
     if code is None:
@@ -80,7 +110,7 @@ def transport_error(action: str, exc: OSError, timeout: float | None = None) -> 
     blocking descriptor only ever comes from an expired socket timeout, so it
     is reported as a timeout.
     """
-    if isinstance(exc, TimeoutError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+    if _timed_out(exc):
         after = f" after {timeout:g} s" if timeout else ""
         return TransportError(f"{action} timed out{after}")
     return TransportError(f"{action} failed: {errno_name(exc.errno)} ({exc.strerror or exc})")
@@ -182,6 +212,7 @@ class Channel(Closable):
         self.bytes_received = 0
         self.rate_limiter = RateLimiter(0)
         self._timeout: float | None = None
+        self._recv_deadline: float | None = None
 
     # --- configuration -------------------------------------------------------------------
     def settimeout(self, seconds: float | None) -> None:
@@ -199,6 +230,17 @@ class Channel(Closable):
     @property
     def timeout(self) -> float | None:
         return self._timeout
+
+    def set_recv_deadline(self, when: float | None) -> None:
+        """Make every receive from now on complete by ``when`` (a ``time.monotonic()``
+        instant), or raise :class:`DeadlineExceeded`; None: no deadline.
+
+        Unlike :meth:`settimeout`, which bounds each wait, this bounds the whole of each
+        receive, so a peer cannot stretch one by sending a byte now and then.  While a
+        deadline is set it alone ends receives that wait (the timeout still bounds sends).
+        """
+        self._recv_deadline = when
+        self._deadline_changed(when)
 
     def set_max_bandwidth(self, bytes_per_s: int) -> None:
         """Cap sending to ``bytes_per_s`` (0 = unlimited); applies to sends in progress."""
@@ -273,8 +315,12 @@ class Channel(Closable):
             n = self._recv_some(view[got:] if got else view)
             if n == 0:
                 raise PeerClosedError(self.name, got, nbytes, self._closed_detail())
-            got += n
-            self.bytes_received += n
+            if n > 0:
+                got += n
+                self.bytes_received += n
+            deadline = self._recv_deadline
+            if deadline is not None and got < nbytes and time.monotonic() >= deadline:
+                raise DeadlineExceeded(self.name, got, nbytes)
         return nbytes
 
     def recv_exact(self, nbytes: int) -> bytes:
@@ -311,11 +357,17 @@ class Channel(Closable):
 
     @abc.abstractmethod
     def _recv_some(self, view: memoryview) -> int:
-        """Receive into ``view``; returns how many bytes came, 0 at end of stream."""
+        """Receive into ``view``; returns how many bytes came, 0 at end of stream.  With a
+        receive deadline set, it waits no later than the deadline (give or take
+        :data:`DEADLINE_SLACK_S`) and may return a negative number when it woke with
+        nothing; the caller decides whether the deadline has passed."""
 
     @abc.abstractmethod
     def _apply_timeout(self, seconds: float | None) -> None:
         """Make each later wait for the peer give up after ``seconds`` (None: never)."""
+
+    def _deadline_changed(self, when: float | None) -> None:
+        """A receive deadline was set or cleared (a hook for the carrier's timers)."""
 
     def _closed_detail(self) -> str:
         """Extra words for a premature end of stream (e.g. a command's exit status)."""
@@ -347,6 +399,9 @@ class SocketChannel(Channel):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._fd = sock.fileno()
+        # what SO_RCVTIMEO holds now (None: no timeout; inf: unknown, set it before relying
+        # on it)
+        self._rcvtimeo: float | None = None
 
     def fileno(self) -> int:
         return self._fd
@@ -380,20 +435,44 @@ class SocketChannel(Channel):
             raise transport_error(f"sending to {self.name}", exc, self._timeout) from exc
 
     def _recv_some(self, view: memoryview) -> int:
+        deadline = self._recv_deadline
+        if deadline is not None:
+            # SO_RCVTIMEO bounds the whole of one blocking receive (MSG_WAITALL included),
+            # so a timer no longer than what is left of the deadline ends it in time.
+            left = max(deadline - time.monotonic(), 1e-6)
+            if self._rcvtimeo is None or self._rcvtimeo > left + DEADLINE_SLACK_S:
+                self._set_rcvtimeo(left)
         try:
             # MSG_WAITALL: the kernel fills the whole view before waking us,
             # one wake-up per buffer instead of one per segment.
             return self.sock.recv_into(view, len(view), socket.MSG_WAITALL)
         except OSError as exc:
+            if deadline is not None and _timed_out(exc):
+                # A timer set for an earlier deadline may have woken it early: the next
+                # receive sets one for this deadline.
+                self._rcvtimeo = math.inf
+                return _WOKEN
             raise transport_error(f"receiving from {self.name}", exc, self._timeout) from exc
 
     def _apply_timeout(self, seconds: float | None) -> None:
         tv = _timeval(seconds)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         except OSError as exc:
             raise transport_error(f"setting a timeout on {self.name}", exc) from exc
+        if self._recv_deadline is None:
+            self._set_rcvtimeo(seconds)
+
+    def _deadline_changed(self, when: float | None) -> None:
+        if when is None and self._rcvtimeo != self._timeout:
+            self._set_rcvtimeo(self._timeout)  # back to bounding each wait
+
+    def _set_rcvtimeo(self, seconds: float | None) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        except OSError as exc:
+            raise transport_error(f"setting a timeout on {self.name}", exc) from exc
+        self._rcvtimeo = seconds
 
     def wait_readable(self, timeout: float | None) -> bool:
         return _poll(self._fd, select.POLLIN, timeout)
@@ -448,6 +527,7 @@ class FdChannel(Channel):
         self.process = process
         self.tap = tap
         self._command_done = False
+        self._blocking: bool | None = None  # as set by this channel (None: as it came)
         _enlarge_pipe(fd)
 
     def fileno(self) -> int:
@@ -461,6 +541,10 @@ class FdChannel(Channel):
     def _wait(self, events: int, action: str) -> None:
         if not _poll(self._fd, events, self._timeout):
             raise TransportError(f"{action} timed out after {self._timeout:g} s")
+
+    def _wait_readable_until(self, deadline: float) -> bool:
+        """Wait for data until ``deadline``; False if it passed first."""
+        return _poll(self._fd, select.POLLIN, max(deadline - time.monotonic(), 0.0))
 
     def _send_all(self, view: memoryview) -> None:
         self._send_vector([view])
@@ -503,18 +587,33 @@ class FdChannel(Channel):
                 try:
                     return os.readv(self._fd, [view])
                 except BlockingIOError:
-                    self._wait(select.POLLIN, action)
+                    deadline = self._recv_deadline
+                    if deadline is None:
+                        self._wait(select.POLLIN, action)
+                    elif not self._wait_readable_until(deadline):
+                        return _WOKEN
         except OSError as exc:
             raise transport_error(action, exc) from exc
 
     def _apply_timeout(self, seconds: float | None) -> None:
-        # With a timeout the descriptor turns non-blocking, so that a large write
-        # into a pipe nobody drains comes back (EAGAIN) to wait in poll() instead
-        # of blocking for good inside the kernel.  Regular files ignore this.
+        # With a timeout (or a receive deadline) the descriptor turns non-blocking, so
+        # that a large write into a pipe nobody drains comes back (EAGAIN) to wait in
+        # poll() instead of blocking for good inside the kernel, and a read waits in a
+        # poll() that ends at the deadline.  Regular files ignore this.
+        self._set_blocking(seconds is None and self._recv_deadline is None)
+
+    def _deadline_changed(self, when: float | None) -> None:
+        self._set_blocking(when is None and self._timeout is None)
+
+    def _set_blocking(self, blocking: bool) -> None:
+        # a receive deadline is set per record: the mode changes far less often than that
+        if not self._fd_open or blocking == self._blocking:
+            return
         try:
-            os.set_blocking(self._fd, seconds is None)
+            os.set_blocking(self._fd, blocking)
         except OSError as exc:
             raise transport_error(f"setting a timeout on {self.name}", exc) from exc
+        self._blocking = blocking
 
     def wait_readable(self, timeout: float | None) -> bool:
         self._check_direction(False)
