@@ -17,12 +17,19 @@ from pymig import benchcore
 QUICK = os.environ.get("PYMIG_BENCH_QUICK") == "1"
 _results: dict[str, dict] = {}
 _migrations: list = []  # pymig.benchmigrate.ScenarioResult, one per scenario run
+_modes: list[dict] = []  # test_bench_modes.py: one row per mode and loop
 
 
 @pytest.fixture
 def migration_results() -> list:
     """Where test_bench_migration.py puts each scenario's results for the summary table."""
     return _migrations
+
+
+@pytest.fixture
+def mode_results() -> list[dict]:
+    """Where test_bench_modes.py puts each mode's rate and ratio for the summary table."""
+    return _modes
 
 
 @pytest.fixture
@@ -66,3 +73,15 @@ def pytest_terminal_summary(terminalreporter):
         Console(file=text, width=120, force_terminal=False).print(format_table(_migrations))
         terminalreporter.write_sep("-", "migration: ratio to target")
         terminalreporter.write(text.getvalue())
+    if _modes:
+        terminalreporter.write_sep("-", "guest modes: instructions per vCPU CPU-second, "
+                                   "ratio to 64-bit CPL 3 (--flat64)")
+        for row in _modes:
+            if "error" in row:
+                terminalreporter.write_line(f"{row['mode']:12s} {row['loop']:5s} "
+                                            f"fails: {row['error']}")
+            else:
+                terminalreporter.write_line(
+                    f"{row['mode']:12s} {row['loop']:5s} {row['instr_per_cpu_s'] / 1e6:10.2f} M "
+                    f"(reference {row['reference_per_cpu_s'] / 1e6:8.1f} M)  "
+                    f"ratio {row['ratio']:.5f}")

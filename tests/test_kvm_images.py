@@ -51,6 +51,28 @@ start:
 msg: .asciz "flat32 ok\n"
 """
 
+# 64-bit code at CPL 3 (IOPL 0): the ports come through the TSS's I/O permission bitmap.
+FLAT64_PORTS = r"""
+.intel_syntax noprefix
+.code64
+.global start
+start:
+    lea rsi, [rip + msg]
+    mov dx, 0x3f8
+1:  lodsb
+    test al, al
+    jz 2f
+    out dx, al
+    jmp 1b
+2:  mov dx, 0x510
+    in eax, dx                  # the control port answers PMIG
+    mov dword ptr [0x9000], eax
+    mov eax, 0x0504             # power off, exit code 5
+    out dx, eax
+3:  jmp 3b
+msg: .asciz "flat64 ok\n"
+"""
+
 TRIPLE_FAULT = """
 .intel_syntax noprefix
 .code32
@@ -92,6 +114,18 @@ def test_flat_binary_in_protected_mode_and_device_state(build):
         assert guest.read_phys(0x9004, 4) == b"\xff" * 4
         serial = guest.save_state().devices["serial"]
         assert serial == SerialState(ier=0, lcr=0x03, mcr=0, scr=0x5A, dll=0x01, dlm=0, fcr=0)
+
+
+def test_flat64_binary_at_cpl3_uses_the_uart_and_the_control_port(build):
+    path, _ = build("flat64ports", FLAT64_PORTS, 0x100000)
+    with image_guest(path, "flat64", load_address=0x100000, stack=0x7000) as guest:
+        guest.start()
+        assert guest.wait(30) == "shutdown"
+        assert guest.console.text() == "flat64 ok\n"
+        assert guest.read_phys(0x9000, 4) == b"PMIG"
+        assert guest.machine.exit_code == 5
+        cpu = guest.save_state().cpus[0]
+        assert cpu.sregs.cs.dpl == 3 and cpu.regs.rflags & 0x3000 == 0  # CPL 3, IOPL 0
 
 
 def test_a_triple_fault_stops_the_guest_with_guest_error(build):

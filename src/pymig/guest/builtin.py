@@ -57,11 +57,11 @@ def check_config(config: GuestConfig) -> Workload:
 
 
 def memory_writes(workload: Workload, tsc_khz: int, ram_top: int) -> list[tuple[int, bytes]]:
-    """What the host writes into a source guest's RAM before start: the GDT, the parameter
-    block, the code and (64-bit workloads) page tables mapping all of RAM."""
+    """What the host writes into a source guest's RAM before start: the GDT, the TSS, the
+    parameter block, the code and (64-bit workloads) page tables mapping all of RAM."""
     code = image(workload.name)
-    writes = [(loader.GDT_ADDR, loader.gdt_bytes()), (PARAMS_GPA, pack_params(workload, tsc_khz)),
-              (CODE_ADDR, code)]
+    writes = [(loader.GDT_ADDR, loader.gdt_bytes()), (loader.TSS_ADDR, loader.tss_bytes()),
+              (PARAMS_GPA, pack_params(workload, tsc_khz)), (CODE_ADDR, code)]
     if workload.name in USER64_WORKLOADS:
         writes += loader.identity_page_tables(max(ram_top, 1 << 32),
                                               loader.code_pages(CODE_ADDR, len(code)))

@@ -11,7 +11,8 @@
   grows below the image).
 * **64-bit flat binary** (``kind="flat64"``): the same, entered in 64-bit long mode at CPL 3
   over identity-mapped 2 MiB pages (page tables at 0x10000), the mode kvm_pvm runs natively;
-  it talks to the VMM through the control MMIO page (see :mod:`pymig.kvm.devices`).
+  it may use ports 0-0xfff (the UART, the control port: the TSS's I/O bitmap allows them) or
+  the control MMIO page (see :mod:`pymig.kvm.devices`).
 * The built-in workloads are flat binaries too: ``idle`` in 32-bit protected mode (it only
   halts), the others in 64-bit long mode at CPL 3 (:func:`user64_mode`), the only mode
   kvm_pvm runs natively, with RSI = vCPU index.
@@ -37,7 +38,13 @@ BOOT_DRIVE = 0x80
 IRET_STUB_ADDR = 0x500
 GDT_ADDR = 0x1000
 TSS_ADDR = 0x1800
-TSS_LIMIT = 0x67
+# The TSS carries an I/O permission bitmap for ports 0-0xfff (the UART, port 0x92, the control
+# ports): at CPL 3, kvm_pvm ignores IOPL but honours the bitmap, so 64-bit user code (the only
+# code it runs natively) can use the same ports as code at CPL 0.  The limit includes the 0xff
+# byte that ends the bitmap; higher ports #GP.
+IO_BITMAP_PORTS = 0x1000
+TSS_IO_BITMAP = 0x68  # right after the 104 bytes of a 64-bit TSS
+TSS_LIMIT = TSS_IO_BITMAP + IO_BITMAP_PORTS // 8
 SEL_CODE, SEL_DATA, SEL_CODE64 = 0x08, 0x10, 0x18
 SEL_USER_DATA, SEL_USER_CODE64, SEL_TSS = 0x23, 0x2B, 0x30
 PAGE_TABLES_ADDR = 0x10000  # PML4, PDPT, then one page directory per GiB, below 1 MiB
@@ -85,6 +92,13 @@ def gdt_bytes() -> bytes:
             + _descriptor(TSS_ADDR, TSS_LIMIT, 0x8B, 0x0) + bytes(8))
 
 
+def tss_bytes() -> bytes:
+    """The TSS at TSS_ADDR: no stacks (no IDT either), the I/O bitmap allowing every port below
+    IO_BITMAP_PORTS."""
+    return (bytes(0x66) + struct.pack("<H", TSS_IO_BITMAP) + bytes(IO_BITMAP_PORTS // 8)
+            + b"\xff")
+
+
 def identity_page_tables(limit_bytes: int, readonly: range = range(0)) -> list[tuple[int, bytes]]:
     """Memory writes for 4-level page tables identity-mapping [0, limit) (limit rounded up to
     whole GiB) for CPL 3: 4 KiB pages for the first 2 MiB, 2 MiB pages above.
@@ -121,7 +135,8 @@ def protected_mode(base: SpecialRegisters) -> SpecialRegisters:
 
 def user64_mode(base: SpecialRegisters) -> SpecialRegisters:
     """64-bit long mode at CPL 3 over :func:`identity_page_tables`, SSE enabled: the mode
-    kvm_pvm runs without emulation.  No IDT: any exception ends in a triple fault."""
+    kvm_pvm runs without emulation.  Ports below IO_BITMAP_PORTS are open through the TSS's
+    bitmap (IOPL stays 0).  No IDT: any exception ends in a triple fault."""
     code = Segment(base=0, limit=0xFFFFFFFF, selector=SEL_USER_CODE64, type=0xB, present=1,
                    dpl=3, db=0, s=1, l=1, g=1)
     data = Segment(base=0, limit=0xFFFFFFFF, selector=SEL_USER_DATA, type=0x3, present=1,
@@ -228,7 +243,7 @@ def image_writes(kind: str, data: bytes, load_address: int | None,
     check_image(kind, len(data), load_address)
     if kind == "bootsector":
         return boot_sector(data)[0]
-    writes = [(GDT_ADDR, gdt_bytes())]
+    writes = [(GDT_ADDR, gdt_bytes()), (TSS_ADDR, tss_bytes())]
     if kind == "flat64":
         writes += identity_page_tables(max(ram_top, 1 << 32), code_pages(load_address, len(data)))
     return writes + [(load_address, data)]

@@ -20,10 +20,11 @@ port        device
 Every other port reads as all-ones and ignores writes, logged once per port.
 
 The control device also answers at the **control MMIO page** (guest-physical 0xfeb00000, not
-RAM), for guest code at CPL 3, which kvm_pvm does not let use port I/O: a dword write at +0x0
-is an event (as port 0x510), at +0x8 a pacing sleep (as port 0x511), at +0x10 "halt": the
-vCPU thread parks until the VMM pauses it (the CPL 3 stand-in for HLT; the guest loops on it
-so it parks again after every resume).  A read at +0x0 returns ``CONTROL_MAGIC``.
+RAM), the interface of the built-in workloads, which run at CPL 3 (no ``hlt`` there; the
+ports work too, through the TSS's I/O permission bitmap, see :mod:`pymig.guest.loader`): a
+dword write at +0x0 is an event (as port 0x510), at +0x8 a pacing sleep (as port 0x511), at
++0x10 "halt": the vCPU thread parks until the VMM pauses it (the CPL 3 stand-in for HLT; the
+guest loops on it so it parks again after every resume).  A read at +0x0 returns ``CONTROL_MAGIC``.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@
 # guest and the simulated one, in pymig/guest/workloads.py; this file is its KVM implementation.
 #
 # kvm_pvm runs only 64-bit user-mode (CPL 3) guest code natively; everything else goes
-# through KVM's instruction emulator at ~1 M instructions/s.  So the host enters the
-# workloads (dirtier, selfcheck, compute) in long mode at CPL 3: identity-mapped 2 MiB pages
+# through KVM's instruction emulator at ~2 M instructions/s (docs/vmm.md).  So the host enters
+# the workloads (dirtier, selfcheck, compute) in long mode at CPL 3: identity-mapped 2 MiB pages
 # (user, writable, accessed+dirty preset so KVM never writes the page tables), interrupts off,
-# at the load address 0x8000 with RSI = vCPU index and RSP = that vCPU's stack.  CPL 3 cannot
-# use port I/O under kvm_pvm (IOPL is not honoured), so the workloads talk to the VMM through
-# the control MMIO page (an unbacked guest-physical page: every access exits to the VMM).
+# at the load address 0x8000 with RSI = vCPU index and RSP = that vCPU's stack.  There is no
+# hlt at CPL 3, so the workloads talk to the VMM through the control MMIO page (an unbacked
+# guest-physical page: every access exits to the VMM), which costs what a port exit costs.
 # Everything a workload keeps lives in registers or guest RAM, so pausing it at any
 # instruction, migrating it and resuming it elsewhere continues it exactly.
 #
