@@ -8,7 +8,8 @@
     ├── TransportError     a URI that does not parse, a connection that fails or drops
     │   └── UriError       a bad URI (also a ValueError)
     ├── MigrationError     a migration that cannot start or did not complete
-    └── StateError         device state that does not load (entry, field, versions)
+    ├── StateError         device state that does not load (entry, field, versions)
+    └── DiskError          a disk image that cannot be opened or used as asked
 """
 
 from __future__ import annotations
@@ -87,3 +88,8 @@ class StateError(PymigError):
         self.versions = versions
         self.value = value
         super().__init__(message)
+
+
+class DiskError(PymigError):
+    """A disk image that cannot be opened or used as asked (missing, empty, the wrong size for
+    the guest that names it); the message names the file and the reason."""

@@ -382,6 +382,7 @@ class StateShape:
     xsave_size: int = 0  # KVM: the VM's XSAVE area (KVM_CAP_XSAVE2), what KVM_SET_XSAVE reads
     irqchip: bool = False  # KVM: an in-kernel irqchip, whose local APIC page travels
     workload: Any = None  # the built-in workload placed in the guest (its shares), None: none
+    disk_sectors: tuple[int, ...] = ()  # KVM: the sectors of each disk opened (master first)
 
     @property
     def share(self) -> Any:
