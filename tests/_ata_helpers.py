@@ -136,3 +136,165 @@ def accmode(fd: int) -> int:
     import fcntl
 
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
+
+# --- a boot sector that uses the disk as a BIOS-era one would ---------------------------------
+# Real mode, 16-bit PIO, polling.  IDENTIFY DEVICE and print the model; write sectors 1-2 (this
+# very sector, then a pattern of words 0x1234 + 0x0101 * i) with WRITE SECTORS and REP OUTSW,
+# one DRQ block per sector; read them back with READ SECTORS and REP INSW; FLUSH CACHE; compare;
+# print the message at the end of this sector as read back from the disk.  Then exit: QEMU's
+# isa-debug-exit at port 0xf4 (pymig ignores that port) and pymig's power off at 0x510, exit code
+# 0 when all went well, 1 (after printing "!") when a command failed or the data differed.
+# The same image runs under pymig and under QEMU (``-drive if=ide``).
+
+BOOT_SECTOR_DISK = r"""
+.intel_syntax noprefix
+.code16
+.global start
+start:
+    cli
+    xor ax, ax
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov sp, 0x7c00
+    cld
+    mov dx, 0x1f6
+    mov al, 0xe0
+    out dx, al
+    mov al, 0xec                  # IDENTIFY DEVICE
+    call command
+    jc bad
+    mov di, 0x9000
+    mov cx, 256
+    mov dx, 0x1f0
+    rep insw
+    mov si, 0x9000 + 54           # the model: words 27-46, two characters a word
+    mov cx, 20
+1:  lodsw
+    xchg al, ah
+    call putc
+    mov al, ah
+    call putc
+    loop 1b
+    mov al, 10
+    call putc
+    mov di, 0x7e00                # the pattern, after this sector
+    mov cx, 256
+    mov ax, 0x1234
+2:  stosw
+    add ax, 0x0101
+    loop 2b
+    mov al, 0x30                  # WRITE SECTORS 1-2
+    call lba1
+    mov si, 0x7c00
+    call wait_drq
+    jc bad
+    mov cx, 256
+    mov dx, 0x1f0
+    rep outsw
+    call wait_drq
+    jc bad
+    mov cx, 256
+    mov dx, 0x1f0
+    rep outsw
+    call wait_ready
+    jc bad
+    mov al, 0x20                  # READ SECTORS 1-2
+    call lba1
+    mov di, 0x9000
+    call wait_drq
+    jc bad
+    mov cx, 256                   # a DRQ block per sector, each one string instruction
+    mov dx, 0x1f0
+    rep insw
+    call wait_drq
+    jc bad
+    mov cx, 256
+    mov dx, 0x1f0
+    rep insw
+    call wait_ready
+    jc bad
+    mov dx, 0x1f7
+    mov al, 0xe7                  # FLUSH CACHE
+    out dx, al
+    call wait_ready
+    jc bad
+    mov si, 0x7c00
+    mov di, 0x9000
+    mov cx, 512
+    repe cmpsw
+    jne bad
+    mov si, 0x9000 + msg - start  # the message, as the disk gave it back
+3:  lodsb
+    test al, al
+    jz 4f
+    call putc
+    jmp 3b
+4:  xor ax, ax
+    jmp done
+bad:
+    mov al, '!'
+    call putc
+    mov ax, 1
+done:
+    mov dx, 0xf4
+    out dx, al
+    shl ax, 8
+    or al, 4
+    mov dx, 0x510
+    out dx, eax
+    hlt
+
+lba1:                             # sectors 1-2 of the master, LBA28, then command AL
+    push ax
+    mov dx, 0x1f6
+    mov al, 0xe0
+    out dx, al
+    mov dx, 0x1f2
+    mov al, 2
+    out dx, al
+    inc dx
+    mov al, 1
+    out dx, al
+    inc dx
+    xor al, al
+    out dx, al
+    inc dx
+    out dx, al
+    pop ax
+command:
+    mov dx, 0x1f7
+    out dx, al
+wait_drq:                         # CF: ERR, DF, or no DRQ
+    call wait_ready
+    jc 1f
+    test al, 0x08
+    jnz 1f
+    stc
+1:  ret
+wait_ready:                       # CF: ERR or DF
+    mov dx, 0x1f7
+1:  in al, dx
+    test al, 0x80
+    jnz 1b
+    test al, 0x21
+    jz 2f
+    stc
+2:  ret
+putc:
+    push dx
+    mov dx, 0x3f8
+    out dx, al
+    pop dx
+    ret
+msg: .asciz "pymig ata: sectors written, read back and flushed\n"
+.org 510
+.byte 0x55, 0xaa
+"""
+BOOT_DISK_MESSAGE = b"pymig ata: sectors written, read back and flushed\n"
+
+
+def boot_disk_pattern() -> bytes:
+    """What the boot sector writes to sector 2."""
+    return b"".join(((0x1234 + 0x0101 * i) & 0xFFFF).to_bytes(2, "little") for i in range(256))

@@ -176,7 +176,8 @@ CONFIG = GuestConfig("simulated", 64 << 20, vcpus=2, workload="selfcheck",
                      params={"working_set_bytes": 1 << 20}).to_dict()
 WRONG_TYPE = {int: "12", str: 12, dict: ["x"], list: {"x": 1}}
 BAD_VALUE = {"kind": "xen", "workload": "nope", "params": {"working_set_bytes": [[1]]},
-             "blocks": [{"name": "", "size_bytes": 1, "guest_phys_addr": 3}]}
+             "blocks": [{"name": "", "size_bytes": 1, "guest_phys_addr": 3}],
+             "disks": [{"path": "d.img", "size_bytes": 1000, "readonly": 0, "shared": True}]}
 
 
 def config_stream(config) -> bytes:

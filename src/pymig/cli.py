@@ -11,7 +11,7 @@ from rich.console import Console
 
 from pymig.units import parse_size
 
-WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
+WORKLOADS = ("idle", "dirtier", "selfcheck", "compute", "diskcheck")
 PATTERNS = ("uniform", "sequential", "hotspot")
 BACKINGS = ("anon", "memfd", "hugetlb")  # pymig.memory.BACKINGS, without importing numpy here
 
@@ -67,6 +67,12 @@ def main() -> None:
 @click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,shared]",
+              help="a raw disk image on the ATA channel (ports 0x1f0-0x1f7, 0x3f6): the first "
+                   "--disk is the master, a second the slave; readonly: the guest's writes "
+                   "fail; shared: a migration's destination opens the same file")
+@click.option("--disk-working-set", type=SIZE, default=None,
+              help="diskcheck: how much of the disk it writes and checks")
 @click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
 @click.option("--dirty-ring", type=click.IntRange(0, 65536), default=0, show_default=True,
               help="KVM: track dirty pages in a per-vCPU ring of this many entries (needed "
@@ -83,8 +89,8 @@ def main() -> None:
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
-        hot_fraction, rounds, simulated, dirty_ring, mem_backing, control, control_tcp, serial,
-        quiet) -> None:
+        hot_fraction, rounds, disks, disk_working_set, simulated, dirty_ring, mem_backing, control,
+        control_tcp, serial, quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
     from pymig.errors import PymigError
@@ -95,12 +101,14 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
         _fail("give one of --boot-sector, --flat and --flat64")
     params = {k: v for k, v in {"working_set_bytes": working_set, "rate_pages_per_s": rate,
                                 "pattern": pattern, "hot_fraction": hot_fraction,
-                                "rounds": rounds}.items() if v is not None}
+                                "rounds": rounds,
+                                "disk_working_set_bytes": disk_working_set}.items()
+              if v is not None}
     try:
         config = guests.make_config(
             kind="simulated" if simulated else "kvm", workload=workload, params=params,
             memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
-            load_address=int(load_address, 0) if load_address else None)
+            load_address=int(load_address, 0) if load_address else None, disks=disks)
         guest = guests.create(config, dirty_ring=dirty_ring, backing=mem_backing)
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))

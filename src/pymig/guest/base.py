@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 
+from pymig.disk import MAX_DISK_BYTES, MAX_PATH_CHARS, SECTOR_BYTES
 from pymig.memory import RamBlock
 
 GiB = 1 << 30
@@ -37,6 +38,17 @@ WORKSET_GPA = 0x100000
 # has room for eight stacks (pymig.guest.builtin).
 MAX_VCPUS = 8
 CONSOLE_BYTES = 1 << 20  # the newest serial output a guest keeps in memory
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One disk of a guest's configuration: its image file (an absolute path), the image's
+    size, and how it is used (``--disk PATH[,readonly][,shared]``)."""
+
+    path: str
+    size_bytes: int
+    readonly: bool = False
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,10 @@ class GuestConfig:
     ``kind`` is ``"kvm"`` or ``"simulated"``; ``workload`` names a built-in workload (or
     ``"image"`` for a user's boot sector / flat binary) and ``params`` its parameters.  The
     guest's memory and vCPU state travel in the migration stream, so an image itself is not part
-    of the configuration.
+    of the configuration.  ``disks`` (KVM only) are the ATA channel's master and slave:
+    :class:`DiskConfig` objects as dicts, each an image file named by its absolute path, its
+    size, and whether it is read-only and shared (a destination opens a shared image where the
+    source did).
     """
 
     kind: str
@@ -75,6 +90,7 @@ class GuestConfig:
     workload: str = "idle"
     params: dict[str, Any] = field(default_factory=dict)
     blocks: list[RamLayout] = field(default_factory=list)
+    disks: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -84,6 +100,13 @@ class GuestConfig:
             raise ValueError("RAM blocks do not add up to the guest's memory size")
         if self.vcpus < 1:
             raise ValueError(f"a guest needs at least one vCPU, not {self.vcpus}")
+        self.disks = [dataclasses.asdict(d) if isinstance(d, DiskConfig) else dict(d)
+                      for d in self.disks]
+
+    @property
+    def disk_configs(self) -> list[DiskConfig]:
+        """The disks, master first."""
+        return [DiskConfig(**d) for d in self.disks]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,6 +263,33 @@ def _ram_layout(value: list, config: dict) -> str | None:
     return None
 
 
+MAX_DISKS = 2  # the ATA channel's master and slave
+
+
+def _disk_list(value: list, config: dict) -> str | None:
+    """At most :data:`MAX_DISKS` disks, each an object of exactly the :class:`DiskConfig` keys:
+    an absolute path, a size in whole sectors that LBA48 addresses, two flags; KVM only."""
+    if len(value) > MAX_DISKS:
+        return f"{len(value)} disks, more than the {MAX_DISKS} of an ATA channel"
+    if value and config.get("kind") != "kvm":
+        return "only a KVM guest has disks"
+    keys = {f.name for f in dataclasses.fields(DiskConfig)}
+    for i, disk in enumerate(value):
+        if not isinstance(disk, dict) or set(disk) != keys:
+            return f"disk {i} is not an object of exactly {sorted(keys)}"
+        path, size = disk["path"], disk["size_bytes"]
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS \
+                or not path.startswith("/") or "\0" in path:
+            return f"disk {i}'s path is not an absolute path of at most {MAX_PATH_CHARS} chars"
+        if isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 < size <= MAX_DISK_BYTES or size % SECTOR_BYTES:
+            return (f"disk {i}'s size {_short(size)} is not a whole number of sectors up to "
+                    f"{MAX_DISK_BYTES}")
+        if not all(isinstance(disk[flag], bool) for flag in ("readonly", "shared")):
+            return f"disk {i}'s readonly and shared are not booleans"
+    return None
+
+
 #: Every key of a guest configuration, in the order a stream's is checked.
 CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("kind", str, check=_one_of("kvm", "simulated"), required=True),
@@ -249,6 +299,7 @@ CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("workload", str, check=_known_workload),
     ConfigField("params", dict, check=_workload_params),
     ConfigField("blocks", list, check=_ram_layout),
+    ConfigField("disks", list, check=_disk_list),
 )
 
 
@@ -587,6 +638,8 @@ class Guest(Protocol):
     def load_state(self, state: Any) -> None: ...
     def state_specs(self) -> list[StateSpec]:
         """The state entries this guest migrates besides RAM (vCPUs, devices)."""
+    def migration_blockers(self) -> list[str]:
+        """Why this guest cannot migrate now, one reason each (none: it can)."""
     def set_throttle(self, percent: int) -> None: ...
     def progress(self) -> dict[str, int]: ...
 

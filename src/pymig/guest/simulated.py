@@ -57,8 +57,8 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
-from pymig.guest.workloads import (Workload, pack_params, progress_from_mailbox, resolve,
-                                   write_fill)
+from pymig.guest.workloads import (KVM_ONLY, Workload, pack_params, progress_from_mailbox,
+                                   resolve, write_fill)
 from pymig.memory import Backing, RamBlock
 from pymig.vmstate import Field, VMStateDescription, any_value
 
@@ -165,6 +165,9 @@ class SimulatedGuest:
         """
         if config.kind != "simulated":
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
+        if config.disks or config.workload in KVM_ONLY:
+            raise ValueError("the simulated guest has no disk: disks and diskcheck need a KVM "
+                             "guest")
         workload = resolve(config)
         params = pack_params(workload, TICK_KHZ)
         blocks = allocate_ram(config, backing=backing, hugepages=hugepages, prealloc=prealloc)
@@ -335,6 +338,10 @@ class SimulatedGuest:
                           workload=self.workload)
 
     # --- workload ----------------------------------------------------------------------------
+
+    def migration_blockers(self) -> list[str]:
+        """Nothing keeps a simulated guest from migrating."""
+        return []
 
     def set_throttle(self, percent: int) -> None:
         """Take ``percent`` (0..99) of every writer's run time, in 10 ms timeslices."""
