@@ -129,6 +129,37 @@ def test_a_kvm_snapshot_with_any_field_out_of_bounds_is_not_restored(tmp_path_fa
     assert restore_sample(tmp_path, data, config) >= 12
 
 
+@pytest.mark.kvm
+def test_a_kvm_snapshot_with_a_disk_and_any_field_out_of_bounds_is_not_restored(
+        tmp_path_factory, tmp_path):
+    """The ATA channel's and each drive's state, bounded by the disks the destination opened,
+    are refused like the vCPU's (a disk on shared storage: the destination opens it too)."""
+    from pymig.guest import make_config
+
+    here = tmp_path_factory.mktemp("kvm-disk")
+    disk = here / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    config = make_config(memory_bytes=32 << 20, workload="diskcheck", disks=[f"{disk},shared"],
+                         params={"disk_working_set_bytes": 64 << 10})
+    path = here / "disk.pymig"
+    save_snapshot(path, config)
+    data = path.read_bytes()
+    with create(config, incoming=True) as guest:
+        entries = snapshot_entries(data, guest)
+    assert {"ide", "ide-drive"} <= {e.idstr for e in entries}
+    for entry in entries:
+        if entry.idstr.startswith("ide"):
+            for case in sample(entry):
+                assert_restore_refused(tmp_path, data, entry, case)
+    # a drive's command past the end of the destination's disk: the disk is its bound
+    drive = next(e for e in entries if e.idstr == "ide-drive")
+    case = next(c for c in cases(drive, valid_values(drive)) if c.path == "end_lba"
+                and c.what == "max+1")
+    assert case.shown == (1 << 20) // 512 + 1  # one past the disk's last sector
+    assert_restore_refused(tmp_path, data, drive, case)
+
+
 def test_a_snapshot_whose_configuration_is_out_of_bounds_is_not_restored(
         tmp_path, selfcheck_snapshot):
     for name, value in (("vcpus", 0), ("memory_bytes", 1 << 60), ("kind", "xen"),
