@@ -286,3 +286,23 @@ def test_diskcheck_migrates_between_processes_with_a_shared_disk(tmp_path):
                 proc.kill()
             if proc is not None:
                 proc.wait(30)
+
+
+def test_a_snapshot_of_a_guest_with_a_disk_analyses_its_ata_state(tmp_path):
+    from pymig.analyze import analyze
+    from pymig.transport import BytesChannel
+
+    disk, config, guest = diskcheck_guest(tmp_path, disk_options=",shared")
+    path = tmp_path / "disk.pymig"
+    with guest:
+        guest.start()
+        wait_for(lambda: guest.progress()["pages_written"] >= 1, what="a block written")
+        migration = Migration(Machine.source(guest))
+        migration.start(f"file:{path}")
+        assert migration.wait(60).value == "completed", migration.query()
+    result = analyze(BytesChannel(path.read_bytes()))
+    assert result.ok and result.complete, result.problems
+    assert result.config["disks"] == config.disks
+    assert result.state["ide/0"]["unit"] == 0
+    drive = result.state["ide-drive/0"]
+    assert drive["mult_sectors"] == 8 and drive["status"] & ata.DRDY  # diskcheck set it up

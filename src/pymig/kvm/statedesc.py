@@ -247,6 +247,8 @@ IDE_DRIVE = VMStateDescription(
             Field.buffer("buffer", max_size=MAX_BLOCK_BYTES, check=_block_fits),
             Field.u16("pos", check=_inside_block)])
 
+DISK_DEVICES = {"ide": IDE_BUS, "ide-drive": IDE_DRIVE}  # a guest with disks has these too
+
 
 def kvm_state_specs(shape: StateShape) -> list[StateSpec]:
     """The KVM guest's state entries: one ``cpu`` per vCPU, then its devices (the ATA channel
