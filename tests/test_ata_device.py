@@ -172,6 +172,28 @@ def test_one_string_call_moves_many_blocks(drv, disk):
     assert drv.ch.read_string(ata.CMD_BASE, 2, 8) == bytes(16)
 
 
+@pytest.mark.parametrize("string", [False, True], ids=["item", "string"])
+def test_a_32_bit_item_across_two_drq_blocks_takes_half_from_each(drv, disk, string):
+    """As a 32-bit access would on a 16-bit bus: two cycles, one each side of the boundary."""
+    data = pattern(30, 2)
+    with open(disk, "r+b") as f:
+        f.seek(30 * SECTOR_BYTES)
+        f.write(data)
+    drv.lba28(30, 2)
+    drv.command(ata.READ_SECTORS)
+    got = drv.read_items(2, 255, string) + drv.read_items(4, 1, string)
+    got += drv.read_items(2, 255, string)
+    assert got == data and drv.status() == ata.DRDY | ata.DSC
+    fresh = pattern(60, 2, salt=1)
+    drv.lba28(60, 2)
+    drv.command(ata.WRITE_SECTORS)
+    drv.write_items(fresh[:510], 2, string)
+    drv.write_items(fresh[510:514], 4, string)
+    assert file_bytes(disk, 60, 1) == fresh[:512]
+    drv.write_items(fresh[514:], 2, string)
+    assert file_bytes(disk, 60, 2) == fresh and drv.status() == ata.DRDY | ata.DSC
+
+
 def test_a_count_of_zero_means_256_sectors(drv, disk):
     data = pattern(300, 256)
     drv.write_sectors(300, data, size=4)  # count register 0
