@@ -96,6 +96,46 @@ def test_diskcheck_shows_its_progress_on_the_disk(tmp_path):
     assert match and int(match.group(1)) >= 32 and match.group(3) == "0", lines
 
 
+@pytest.mark.kvm
+def test_an_image_that_shrinks_under_diskcheck_is_a_disk_error_and_a_line_for_the_operator(
+        tmp_path):
+    import os
+    import time
+
+    disk = tmp_path / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 20)
+    proc = pymig_process("run", "--workload", "diskcheck", "--memory", "16M", "--disk",
+                         str(disk), "--disk-working-set", "64K", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if re.search(r"passes [1-9]", line):
+                break
+        # The guest's writes grow the file again; cut it for a while, so that its reads
+        # meet the end of the file (not only blocks of zeroes, which are data errors).
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            os.truncate(disk, 4096)
+            time.sleep(0.02)
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:
+            lines.append(line)
+            if re.search(r"errors [1-9]", line) or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0  # the process carries on and ends as asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert re.search(rf"disk 0 \({disk}\): read at sector \d+ failed", text), text
+    assert "shrank" in text and "the guest sees ERR + UNC" in text
+    assert re.search(r"errors [1-9]", text) and "Traceback" not in text
+
+
 def test_a_size_that_does_not_parse_is_refused():
     done = pymig("run", "--memory", "12X", text=True)
     assert done.returncode == 2

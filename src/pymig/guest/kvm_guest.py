@@ -1,9 +1,10 @@
 """``KvmGuest``: the :class:`~pymig.guest.base.Guest` protocol on a real KVM virtual machine.
 
 One :class:`~pymig.kvm.machine.Machine` (VM, RAM slots, vCPU threads, UART / A20 / control
-port, and the ATA channel when the configuration names disks) per guest.  A source guest (``incoming=False``) gets its workload loaded and its vCPUs
-set up at creation; a destination (``incoming=True``) gets fresh, untouched RAM and default
-vCPUs, and takes memory from the migration and vCPU/device state from :meth:`load_state`.
+port, and the ATA channel when the configuration names disks) per guest.  A source guest
+(``incoming=False``) gets its workload loaded and its vCPUs set up at creation; a destination
+(``incoming=True``) gets fresh, untouched RAM and default vCPUs, and takes memory from the
+migration and vCPU/device state from :meth:`load_state`; it opens only shared disks.
 
 Status::
 
