@@ -150,7 +150,9 @@ def test_disk_spec_parses_the_command_lines_options():
 
 ENOSPC_CHILD = r"""
 import errno, os, sys
+from _ata_helpers import Driver
 from pymig.disk import DiskImage
+from pymig.kvm import ata
 path = sys.argv[1]
 with open(path, "wb") as f:
     f.truncate(64 << 20)  # a sparse 64 MiB image on a 1 MiB file system
@@ -160,15 +162,27 @@ with DiskImage(path) as d:
         for i in range(1, 64):
             d.pwrite(i << 20, b"\2" * (1 << 20))
     except OSError as exc:
-        print("errno", exc.errno, "after", i)
-        sys.exit(0)
-print("no error")
-sys.exit(1)
+        print("errno", exc.errno)
+events = []
+channel = ata.AtaChannel([DiskImage(path)], on_error=events.append)
+drv = Driver(channel)
+for lba in range(4096, 8192, 16):  # WRITE MULTIPLE of 8 KiB until the file system is full
+    drv.lba28(lba, 16)
+    drv.command(ata.WRITE_MULTIPLE)
+    drv.write_items(bytes(range(256)) * 32, 4)
+    if drv.status() & ata.ERR:
+        print("status", hex(drv.status()), "error", hex(drv.error()),
+              "nospace", events[-1].nospace, "at", lba == events[-1].lba)
+        break
 """
 
 
 def test_a_real_full_file_system_fails_the_write_with_enospc(tmp_path):
-    """A 1 MiB tmpfs in a private mount namespace (nothing outside this test sees it)."""
+    """A 1 MiB tmpfs in a private mount namespace (nothing outside this test sees it): the
+    image's write fails with ENOSPC, and a guest's WRITE MULTIPLE there ends with DF, ERR and
+    ABRT."""
+    from _childenv import child_env
+
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("util-linux unshare is not installed")
@@ -177,8 +191,10 @@ def test_a_real_full_file_system_fails_the_write_with_enospc(tmp_path):
     script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && "
               f"exec {sys.executable} -c '{ENOSPC_CHILD}' {mnt}/d.img")
     done = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=child_env())
     if done.returncode != 0 and "Operation not permitted" in done.stderr:
         pytest.skip(f"no private mount namespace here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"errno {errno.ENOSPC}" in done.stdout
+    assert "status 0x61 error 0x4 nospace True at True" in done.stdout, done.stdout
+    assert "No space left on device" in done.stderr  # the operator's line
