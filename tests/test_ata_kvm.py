@@ -302,7 +302,7 @@ def test_a_snapshot_of_a_guest_with_a_disk_analyses_its_ata_state(tmp_path):
         assert migration.wait(60).value == "completed", migration.query()
     result = analyze(BytesChannel(path.read_bytes()))
     assert result.ok and result.complete, result.problems
-    assert result.config["disks"] == config.disks
+    assert result.config["disks"] == config.to_dict()["disks"]
     assert result.state["ide/0"]["unit"] == 0
     drive = result.state["ide-drive/0"]
     assert drive["mult_sectors"] == 8 and drive["status"] & ata.DRDY  # diskcheck set it up

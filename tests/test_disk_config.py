@@ -27,13 +27,13 @@ def test_disks_are_named_by_absolute_path_with_their_size_and_options(tmp_path, 
     make_image(tmp_path / "b.img", 3 * MiB)
     monkeypatch.chdir(tmp_path)
     config = make_config(memory_bytes=16 * MiB, disks=["a.img,shared", "b.img,readonly"])
-    assert config.disks == [
+    assert config.to_dict()["disks"] == [
         {"path": str(tmp_path / "a.img"), "size_bytes": 2 * MiB, "readonly": False,
          "shared": True},
         {"path": str(tmp_path / "b.img"), "size_bytes": 3 * MiB, "readonly": True,
          "shared": False}]
     again = GuestConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again == config and again.disk_configs[1].readonly
+    assert again == config and again.disks[1].readonly
 
 
 @pytest.mark.parametrize("options, message", [

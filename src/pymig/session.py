@@ -173,7 +173,7 @@ class Session:
         if verify and guest.config.workload == "diskcheck":
             from pymig.guest.workloads import verify_diskcheck
 
-            report = verify_diskcheck(guest.config.disk_configs[0].path, guest.config,
+            report = verify_diskcheck(guest.config.disks[0].path, guest.config,
                                       guest.mailbox()[0])
             result["diskcheck"] = {"ok": report.ok, "passes": report.passes,
                                    "errors": report.errors, "detail": report.detail}

@@ -78,10 +78,10 @@ class GuestConfig:
     ``kind`` is ``"kvm"`` or ``"simulated"``; ``workload`` names a built-in workload (or
     ``"image"`` for a user's boot sector / flat binary) and ``params`` its parameters.  The
     guest's memory and vCPU state travel in the migration stream, so an image itself is not part
-    of the configuration.  ``disks`` (KVM only) are the ATA channel's master and slave:
-    :class:`DiskConfig` objects as dicts, each an image file named by its absolute path, its
-    size, and whether it is read-only and shared (a destination opens a shared image where the
-    source did).
+    of the configuration.  ``disks`` (KVM only) are the ATA channel's master and slave
+    (:class:`DiskConfig`: an image file named by its absolute path, its size, whether it is
+    read-only and whether it is shared: a destination opens a shared image where the source
+    did).
     """
 
     kind: str
@@ -90,7 +90,7 @@ class GuestConfig:
     workload: str = "idle"
     params: dict[str, Any] = field(default_factory=dict)
     blocks: list[RamLayout] = field(default_factory=list)
-    disks: list[dict[str, Any]] = field(default_factory=list)
+    disks: list[DiskConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -100,13 +100,7 @@ class GuestConfig:
             raise ValueError("RAM blocks do not add up to the guest's memory size")
         if self.vcpus < 1:
             raise ValueError(f"a guest needs at least one vCPU, not {self.vcpus}")
-        self.disks = [dataclasses.asdict(d) if isinstance(d, DiskConfig) else dict(d)
-                      for d in self.disks]
-
-    @property
-    def disk_configs(self) -> list[DiskConfig]:
-        """The disks, master first."""
-        return [DiskConfig(**d) for d in self.disks]
+        self.disks = [d if isinstance(d, DiskConfig) else DiskConfig(**d) for d in self.disks]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,7 +52,7 @@ def check_config(config: GuestConfig) -> Workload:
     if workload.name == "diskcheck":
         if not config.disks:
             raise ValueError("diskcheck needs a disk (--disk PATH)")
-        master = config.disk_configs[0]
+        master = config.disks[0]
         if master.readonly:
             raise ValueError(f"diskcheck writes its disk, and {master.path} is read-only")
         if workload.params.disk_bytes > master.size_bytes:

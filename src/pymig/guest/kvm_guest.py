@@ -59,13 +59,13 @@ class KvmGuest:
     def __init__(self, config: GuestConfig, ram_blocks: list[RamBlock], machine: Machine,
                  console: Console, kvm: Kvm, owns_kvm: bool, disks: list[DiskImage] = ()):
         self.config = config
-        self.disks = list(disks)
+        self.disk_images = list(disks)
         # the latest failures of the disks' images the guest saw as disk errors
         self.disk_errors: collections.deque[DiskErrorEvent] = collections.deque(maxlen=256)
         self.disk_error_observers: list = []
         self.ata: AtaChannel | None = None
-        if self.disks:
-            self.ata = AtaChannel(self.disks, on_error=self._disk_error)
+        if self.disk_images:
+            self.ata = AtaChannel(self.disk_images, on_error=self._disk_error)
             machine.ports.attach(self.ata)
         self.ram_blocks = ram_blocks
         self.vcpu_count = config.vcpus
@@ -223,7 +223,7 @@ class KvmGuest:
             self.machine.close()
             for block in self.ram_blocks:
                 block.close()
-            for disk in self.disks:
+            for disk in self.disk_images:
                 disk.close()
             if self._owns_kvm:
                 self.kvm.close()
@@ -304,7 +304,7 @@ class KvmGuest:
         vm = self.machine.vm
         return StateShape(len(self.machine.vcpus), self.config.memory_bytes, instance,
                           xsave_size=vm.xsave_size, irqchip=vm.irqchip,
-                          disk_sectors=tuple(d.sectors for d in self.disks))
+                          disk_sectors=tuple(d.sectors for d in self.disk_images))
 
     def migration_blockers(self) -> list[str]:
         """A disk whose image is not shared keeps the guest here: its image would have to
@@ -312,7 +312,7 @@ class KvmGuest:
         return [f"disk {unit} ({disk.path}) is not on shared storage: moving its image with "
                 f"the guest (block migration) is not available yet; give it as --disk "
                 f"{disk.path},shared if the destination opens the same file"
-                for unit, disk in enumerate(self.config.disk_configs) if not disk.shared]
+                for unit, disk in enumerate(self.config.disks) if not disk.shared]
 
     def _disk_error(self, event: DiskErrorEvent) -> None:
         self.disk_errors.append(event)
@@ -372,7 +372,7 @@ def open_disks(config: GuestConfig, incoming: bool) -> list[DiskImage]:
     opens only shared images, where the source did: any other image is the source's own."""
     images: list[DiskImage] = []
     try:
-        for unit, disk in enumerate(config.disk_configs):
+        for unit, disk in enumerate(config.disks):
             if incoming and not disk.shared:
                 raise DiskError(f"disk {unit} ({disk.path}) is not on shared storage: this "
                                 f"destination has no copy of the source's image (block "
