@@ -215,6 +215,13 @@ def test_chs_addresses_map_through_16_heads_of_63_sectors(drv, disk):
     assert drv.command(ata.READ_SECTORS) == ata.DRDY | ata.ERR and drv.error() == ata.IDNF
 
 
+@pytest.mark.parametrize("sectors", [1, 62, 128, 1007, 1008, 16383 * 1008 + 5])
+def test_every_chs_address_identify_describes_is_on_the_disk(sectors):
+    cylinders, heads, spt = ata.geometry(sectors)
+    assert 1 <= cylinders * heads * spt <= sectors
+    assert heads <= 16 and spt <= 63 and cylinders <= 16383
+
+
 def test_flush_cache_syncs_the_image(drv, monkeypatch):
     calls = []
     monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(fd))

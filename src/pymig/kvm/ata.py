@@ -183,9 +183,14 @@ class DiskErrorEvent:
 
 
 def geometry(sectors: int) -> tuple[int, int, int]:
-    """(cylinders, heads, sectors per track) of the CHS view of a disk of ``sectors``."""
-    return max(1, min(sectors // (HEADS * SECTORS_PER_TRACK), MAX_CYLINDERS)), HEADS, \
-        SECTORS_PER_TRACK
+    """(cylinders, heads, sectors per track) of the CHS view of a disk of ``sectors``: 16
+    heads of 63 sectors, or fewer on a disk smaller than one cylinder of them, so that every
+    CHS address is on the disk."""
+    if sectors >= HEADS * SECTORS_PER_TRACK:
+        return min(sectors // (HEADS * SECTORS_PER_TRACK), MAX_CYLINDERS), HEADS, \
+            SECTORS_PER_TRACK
+    spt = min(sectors, SECTORS_PER_TRACK)
+    return 1, max(1, min(HEADS, sectors // spt)), spt
 
 
 def _ata_string(text: str, nbytes: int) -> bytes:
