@@ -209,6 +209,25 @@ def test_a_disk_that_is_not_shared_blocks_migration(tmp_path):
         assert guest.status == "running"
 
 
+def test_pymig_migrate_says_why_a_guest_with_an_unshared_disk_stays(tmp_path):
+    disk = make_image(tmp_path / "own.img", MiB)
+    ctl = str(tmp_path / "src.sock")
+    source = pymig_process("run", "--workload", "diskcheck", "--memory", "16M", "--disk",
+                           str(disk), "--disk-working-set", "64K", "--control", ctl, "--quiet",
+                           stderr=subprocess.PIPE)
+    try:
+        wait_for_path(ctl, source)
+        done = run_pymig("migrate", "--control", ctl, f"unix:{tmp_path / 'never.sock'}")
+        assert done.returncode != 0
+        assert f"disk 0 ({disk}) is not on shared storage" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        with QmpClient(ctl) as client:
+            assert client.command("query-status")["status"] == "running"
+    finally:
+        source.kill()
+        source.wait(30)
+
+
 def test_a_destination_refuses_an_image_of_another_size(tmp_path):
     disk, config, guest = diskcheck_guest(tmp_path, disk_options=",shared")
     guest.close()
