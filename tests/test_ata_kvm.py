@@ -8,6 +8,7 @@ the middle of a PIO transfer too, in one process and between two."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -235,7 +236,7 @@ def test_a_destination_refuses_an_image_of_another_size(tmp_path):
     from pymig.errors import DiskError
 
     with pytest.raises(DiskError, match="8388608 bytes, the guest's configuration says 4194304"):
-        create(config, incoming=True)
+        create(config, incoming=True, disk_paths=[str(disk)])
 
 
 def pause_inside_a_transfer(guest, direction: int, tries: int = 5000) -> ata.IdeDriveState:
@@ -261,7 +262,8 @@ def test_a_migration_in_the_middle_of_a_pio_transfer_resumes_it(tmp_path, direct
         state = pause_inside_a_transfer(guest, direction)
         assert state.status & ata.DRQ and state.pos < len(state.buffer)
         in_flight = guest.ata.save()["ide-drive0"]
-        with migrate_locally(guest, f"unix:{tmp_path / 'mig.sock'}") as done:
+        with migrate_locally(guest, f"unix:{tmp_path / 'mig.sock'}",
+                             guest_options={"disk_paths": [str(disk)]}) as done:
             assert done.error is None, done.error
             dest = done.destination
             passes = dest.progress()["passes"]
@@ -286,7 +288,18 @@ def test_diskcheck_migrates_between_processes_with_a_shared_disk(tmp_path):
         with QmpClient(src_ctl) as client:
             wait_for(lambda: client.command("query-guest")["progress"]["passes"] >= 1,
                      timeout=60, what="a pass at the source")
-        dest, dst_ctl, bound = start_destination(tmp_path)
+        # a destination that was not given the image refuses the stream, and the source runs on
+        (tmp_path / "refusing").mkdir()
+        refusing, _, bound = start_destination(tmp_path / "refusing")
+        done = run_pymig("migrate", "--control", src_ctl, bound, "--json")
+        assert done.returncode != 0
+        said = json.loads(done.stdout.splitlines()[-1])["error-desc"]
+        assert f"opens only the images it is given (pymig incoming --disk {disk})" in said, said
+        refusing.wait(30)
+        with QmpClient(src_ctl) as client:
+            assert client.command("query-status")["status"] == "running"
+        dest, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--disk",
+                                                 str(disk))
         done = run_pymig("migrate", "--control", src_ctl, bound, "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         with QmpClient(dst_ctl) as client:

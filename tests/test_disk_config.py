@@ -73,19 +73,25 @@ def test_a_streams_disk_list_is_bounded(disk, message):
                                "disks": [dict(entry, path="/d.img", size_bytes=MiB)] * 3})
 
 
-def test_a_destination_opens_only_shared_disks_of_the_size_the_stream_says(tmp_path):
+def test_a_destination_opens_only_shared_disks_it_was_given_of_the_stream_size(tmp_path):
     path = make_image(tmp_path / "d.img", 2 * MiB)
+    other = make_image(tmp_path / "other.img", 2 * MiB)
     config = make_config(memory_bytes=16 * MiB, disks=[str(path)])
     with pytest.raises(DiskError, match="not on shared storage"):
-        open_disks(config, incoming=True)
+        open_disks(config, incoming=True, allowed=[str(path)])
     shared = make_config(memory_bytes=16 * MiB, disks=[f"{path},shared"])
-    images = open_disks(shared, incoming=True)
+    for allowed in (None, [], [str(other)]):  # a stream names a file: only the operator's open
+        with pytest.raises(DiskError, match=f"opens only the images it is given .*--disk {path}"):
+            open_disks(shared, incoming=True, allowed=allowed)
+    via_link = tmp_path / "link.img"
+    via_link.symlink_to(path)
+    images = open_disks(shared, incoming=True, allowed=[str(via_link)])  # the same file
     assert [i.path for i in images] == [str(path)]
     for image in images:
         image.close()
     os.truncate(path, MiB)
     with pytest.raises(DiskError, match="1048576 bytes, the guest's configuration says 2097152"):
-        open_disks(shared, incoming=True)
+        open_disks(shared, incoming=True, allowed=[str(path)])
 
 
 def test_the_parameter_block_carries_the_disk_working_set():

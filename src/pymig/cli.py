@@ -154,22 +154,26 @@ def _loopback(port: int | None) -> tuple[str, int] | None:
 @click.option("--mem-prealloc", is_flag=True,
               help="map the --memory RAM and fault it all in before listening, so the "
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
+@click.option("--disk", "disks", multiple=True, metavar="PATH",
+              help="a disk image on shared storage the incoming guest may use (its source ran "
+                   "it with --disk PATH,shared); a stream naming any other image is refused")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
-def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_prealloc,
+def incoming(uri, control, control_tcp, serial, memory, vcpus, mem_backing, mem_prealloc, disks,
              quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
     inherited descriptor), file:PATH (restore a snapshot), or 'defer' (wait for
     migrate-incoming on the control socket).  The guest's configuration comes from the
-    stream; --memory/--vcpus only make sure it is the guest you expect, and --mem-prealloc
-    readies that much RAM ahead of it.
+    stream; --memory/--vcpus only make sure it is the guest you expect, --mem-prealloc
+    readies that much RAM ahead of it, and --disk names the shared disk images the guest may
+    open (a stream naming any other file is refused).
     """
     from pymig.errors import PymigError
     from pymig.process import serve
     from pymig.session import Session
 
-    guest_options = {"backing": mem_backing}
+    guest_options = {"backing": mem_backing, "disk_paths": list(disks)}
     if mem_prealloc:
         if memory is None:
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -89,7 +91,8 @@ class KvmGuest:
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: str = "anon",
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
                initially_set: bool = False, dirty_ring: int = 0,
-               kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None) -> "KvmGuest":
+               kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None,
+               disk_paths: Sequence[str] | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
 
         ``backing``/``hugepages`` shape the RAM blocks (``prealloc``: blocks a destination
@@ -97,6 +100,8 @@ class KvmGuest:
         irqchip; ``manual_protect``/``initially_set``/``dirty_ring`` (entries per vCPU) choose
         the dirty-log mode (:mod:`pymig.kvm.vm`).  Per-vCPU dirty rates and limits need
         ``dirty_ring`` (:data:`DIRTY_LIMIT_RING_ENTRIES` is a good size for them).
+        ``disk_paths``: the images a destination may open for the guest's shared disks (what
+        ``pymig incoming --disk`` names); the stream's paths are only ever checked against it.
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
@@ -110,7 +115,7 @@ class KvmGuest:
         kvm = kvm or Kvm()
         machine = None
         try:
-            disks = open_disks(config, incoming)
+            disks = open_disks(config, incoming, disk_paths)
             blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
                                   prealloc=prealloc)
             console = Console()
@@ -367,9 +372,15 @@ class KvmGuest:
         return read_mailbox(self.ram_blocks, self.vcpu_count)
 
 
-def open_disks(config: GuestConfig, incoming: bool) -> list[DiskImage]:
-    """The images of ``config``'s disks, each the size the configuration says.  A destination
-    opens only shared images, where the source did: any other image is the source's own."""
+def open_disks(config: GuestConfig, incoming: bool,
+               allowed: Sequence[str] | None = None) -> list[DiskImage]:
+    """The images of ``config``'s disks, each the size the configuration says.
+
+    A destination's configuration comes from the stream, which may say anything: it opens
+    only shared images (any other is the source's own), and only those among ``allowed``, the
+    images its operator named, so a stream cannot make it open, and its guest write, any file
+    it likes."""
+    permitted = {os.path.realpath(p) for p in allowed or ()}
     images: list[DiskImage] = []
     try:
         for unit, disk in enumerate(config.disks):
@@ -377,6 +388,10 @@ def open_disks(config: GuestConfig, incoming: bool) -> list[DiskImage]:
                 raise DiskError(f"disk {unit} ({disk.path}) is not on shared storage: this "
                                 f"destination has no copy of the source's image (block "
                                 f"migration is not available yet)")
+            if incoming and os.path.realpath(disk.path) not in permitted:
+                raise DiskError(f"disk {unit} of the incoming guest is {disk.path} on shared "
+                                f"storage; this destination opens only the images it is given "
+                                f"(pymig incoming --disk {disk.path})")
             image = DiskImage(disk.path, readonly=disk.readonly)
             images.append(image)
             if image.size_bytes != disk.size_bytes:

@@ -37,7 +37,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -152,11 +152,13 @@ class SimulatedGuest:
     @classmethod
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: Backing = "anon",
                hugepages: bool = True, dirty_ring: int = 0,
-               prealloc: PreallocatedRam | None = None) -> "SimulatedGuest":
+               prealloc: PreallocatedRam | None = None,
+               disk_paths: Sequence[str] | None = None) -> "SimulatedGuest":
         """A new, stopped guest with fresh RAM (or RAM made ready earlier: ``prealloc``).
 
-        ``dirty_ring`` is accepted so that one set of options builds either kind of guest; the
-        writers count their own dirty pages and need no ring.
+        ``dirty_ring`` and ``disk_paths`` are accepted so that one set of options builds either
+        kind of guest; the writers count their own dirty pages and need no ring, and a
+        simulated guest has no disk.
 
         A source (``incoming=False``) gets its parameter block (and an idle guest's random fill)
         written and its writers set at the workload's start.  A destination
