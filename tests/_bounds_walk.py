@@ -14,7 +14,6 @@ from pymig import vmstate
 from pymig.guest.base import GuestConfig, GuestState, StateShape
 from pymig.guest.simulated import SimulatedGuest
 from pymig.kvm.cpustate import CpuState
-from pymig.kvm.devices import A20State, ControlPortState, SerialState
 from pymig.kvm.statedesc import kvm_state_specs
 
 MiB = 1 << 20
@@ -63,17 +62,22 @@ def sim_entries(vcpus: int = 2) -> Iterator[list[Entry]]:
             guest.close()
 
 
-def kvm_entries(xsave_size: int = 4096, irqchip: bool = True, vcpus: int = 2) -> list[Entry]:
-    """Every state entry of a KVM guest of that shape (the specs a KvmGuest registers), with
-    the state a freshly reset vCPU and the devices at power-on hold."""
-    shape = StateShape(vcpus, 64 * MiB, xsave_size=xsave_size, irqchip=irqchip)
+def kvm_entries(xsave_size: int = 4096, irqchip: bool = True, vcpus: int = 2,
+                disk_sectors: tuple[int, ...] = ()) -> list[Entry]:
+    """Every state entry of a KVM guest of that shape (the specs a KvmGuest registers, its
+    disks' included), with the state a freshly reset vCPU and each device at power-on hold
+    (what the device's description builds)."""
+    shape = StateShape(vcpus, 64 * MiB, xsave_size=xsave_size, irqchip=irqchip,
+                       disk_sectors=disk_sectors)
+    specs = kvm_state_specs(shape)
     state = GuestState(
         cpus=[CpuState(index=i, xsave=bytes(xsave_size), lapic=bytes(1024 if irqchip else 0))
               for i in range(vcpus)],
-        devices={"serial": SerialState(), "a20": A20State(), "control": ControlPortState()})
-    label = f"kvm-xsave{xsave_size}{'' if irqchip else '-noirqchip'}"
+        devices={s.device: s.vmsd.factory() for s in specs if s.device is not None})
+    label = (f"kvm-xsave{xsave_size}{'' if irqchip else '-noirqchip'}"
+             f"{'-disks' + 'x'.join(map(str, disk_sectors)) if disk_sectors else ''}")
     return [Entry(label, s.idstr, s.instance_id, s.vmsd, s.shape, s.get(state))
-            for s in kvm_state_specs(shape)]
+            for s in specs]
 
 
 def descriptions(vmsd: vmstate.VMStateDescription) -> Iterator[vmstate.VMStateDescription]:

@@ -57,13 +57,83 @@ def test_status_lines_show_the_guest_dirty_rate(kind):
     (["--simulated", "--boot-sector", "{img}"], "simulated"),
     (["--workload", "selfcheck", "--working-set", "64M", "--memory", "32M", "--simulated"],
      "do not fit in one of the guest's RAM blocks"),
+    (["--disk", "{dir}/missing.img"], "missing.img: No such file or directory"),
+    (["--disk", "{img},rw"], "unknown option"),
+    (["--disk", "{img}", "--simulated"], "the simulated guest has no disk"),
+    (["--workload", "diskcheck"], "diskcheck needs a disk (--disk PATH)"),
+    (["--workload", "diskcheck", "--disk", "{img}", "--disk-working-set", "1M"],
+     "does not fit on"),
 ])
 def test_bad_options_are_refused_with_the_reason(tmp_path, args, message):
     image = tmp_path / "img.bin"
     image.write_bytes(bytes(510) + b"\x55\xaa")
-    done = pymig("run", *[a.format(img=image) for a in args], text=True)
+    done = pymig("run", *[a.format(img=image, dir=tmp_path) for a in args], text=True)
     assert done.returncode != 0
-    assert message in done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.kvm
+def test_diskcheck_shows_its_progress_on_the_disk(tmp_path):
+    disk = tmp_path / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 20)
+    proc = pymig_process("run", "--workload", "diskcheck", "--memory", "16M", "--disk",
+                         str(disk), "--disk-working-set", "64K", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            match = re.search(r"kB/s to disk\s+blocks (\d+)\s+passes (\d+)\s+errors (\d+)",
+                              line)
+            if match and int(match.group(2)) >= 2:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert match and int(match.group(1)) >= 32 and match.group(3) == "0", lines
+
+
+@pytest.mark.kvm
+def test_an_image_that_shrinks_under_diskcheck_is_a_disk_error_and_a_line_for_the_operator(
+        tmp_path):
+    import os
+    import time
+
+    disk = tmp_path / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 20)
+    proc = pymig_process("run", "--workload", "diskcheck", "--memory", "16M", "--disk",
+                         str(disk), "--disk-working-set", "64K", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if re.search(r"passes [1-9]", line):
+                break
+        # The guest's writes grow the file again; cut it for a while, so that its reads
+        # meet the end of the file (not only blocks of zeroes, which are data errors).
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            os.truncate(disk, 4096)
+            time.sleep(0.02)
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:
+            lines.append(line)
+            if re.search(r"errors [1-9]", line) or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0  # the process carries on and ends as asked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert re.search(rf"disk 0 \({disk}\): read at sector \d+ failed", text), text
+    assert "shrank" in text and "the guest sees ERR + UNC" in text
+    assert re.search(r"errors [1-9]", text) and "Traceback" not in text
 
 
 def test_a_size_that_does_not_parse_is_refused():

@@ -32,7 +32,8 @@ from pymig.transport import BytesChannel
 def entries():
     """Every state entry of each kind of guest, with a valid object of it."""
     with sim_entries() as sim:
-        yield (sim + kvm_entries(4096) + kvm_entries(8192) + kvm_entries(4096, irqchip=False))
+        yield (sim + kvm_entries(4096) + kvm_entries(8192) + kvm_entries(4096, irqchip=False)
+               + kvm_entries(4096, disk_sectors=(2048, 1 << 20)))
 
 
 def test_every_field_of_every_description_declares_its_bounds(entries):
@@ -47,7 +48,7 @@ def test_every_field_of_every_description_declares_its_bounds(entries):
     assert not undeclared, f"fields without declared bounds: {undeclared}"
     # both kinds found (a discovery that found nothing would pass the line above)
     names = {e.idstr for e in entries}
-    assert {"cpu", "serial", "a20", "control"} <= names, names
+    assert {"cpu", "serial", "a20", "control", "ide", "ide-drive"} <= names, names
 
 
 def load(entry: Entry, payload: bytes) -> object:
@@ -175,7 +176,8 @@ CONFIG = GuestConfig("simulated", 64 << 20, vcpus=2, workload="selfcheck",
                      params={"working_set_bytes": 1 << 20}).to_dict()
 WRONG_TYPE = {int: "12", str: 12, dict: ["x"], list: {"x": 1}}
 BAD_VALUE = {"kind": "xen", "workload": "nope", "params": {"working_set_bytes": [[1]]},
-             "blocks": [{"name": "", "size_bytes": 1, "guest_phys_addr": 3}]}
+             "blocks": [{"name": "", "size_bytes": 1, "guest_phys_addr": 3}],
+             "disks": [{"path": "d.img", "size_bytes": 1000, "readonly": 0, "shared": True}]}
 
 
 def config_stream(config) -> bytes:

@@ -85,11 +85,12 @@ def snapshot_entries(data: bytes, guest) -> list[Entry]:
     return entries
 
 
-def assert_restore_refused(tmp_path, data: bytes, entry: Entry, case) -> str:
+def assert_restore_refused(tmp_path, data: bytes, entry: Entry, case,
+                           guest_options: dict | None = None) -> str:
     path = tmp_path / "crafted.pymig"
     path.write_bytes(replace_payload(data, entry.idstr, entry.instance,
                                      payload_for(entry, case.set)))
-    incoming = Incoming(f"file:{path}", limits=ANY_KIND)
+    incoming = Incoming(f"file:{path}", limits=ANY_KIND, guest_options=guest_options)
     with pytest.raises(MigrationError) as info:
         incoming.run()
     text = str(info.value)
@@ -128,6 +129,38 @@ def test_a_kvm_snapshot_with_any_field_out_of_bounds_is_not_restored(tmp_path_fa
     data = path.read_bytes()
     # the vCPU and each device, a few fields each
     assert restore_sample(tmp_path, data, config) >= 12
+
+
+@pytest.mark.kvm
+def test_a_kvm_snapshot_with_a_disk_and_any_field_out_of_bounds_is_not_restored(
+        tmp_path_factory, tmp_path):
+    """The ATA channel's and each drive's state, bounded by the disks the destination opened,
+    are refused like the vCPU's (a disk on shared storage: the destination opens it too)."""
+    from pymig.guest import make_config
+
+    here = tmp_path_factory.mktemp("kvm-disk")
+    disk = here / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    config = make_config(memory_bytes=32 << 20, workload="diskcheck", disks=[f"{disk},shared"],
+                         params={"disk_working_set_bytes": 64 << 10})
+    path = here / "disk.pymig"
+    save_snapshot(path, config)
+    data = path.read_bytes()
+    options = {"disk_paths": [str(disk)]}
+    with create(config, incoming=True, **options) as guest:
+        entries = snapshot_entries(data, guest)
+    assert {"ide", "ide-drive"} <= {e.idstr for e in entries}
+    for entry in entries:
+        if entry.idstr.startswith("ide"):
+            for case in sample(entry):
+                assert_restore_refused(tmp_path, data, entry, case, options)
+    # a drive's command past the end of the destination's disk: the disk is its bound
+    drive = next(e for e in entries if e.idstr == "ide-drive")
+    case = next(c for c in cases(drive, valid_values(drive)) if c.path == "end_lba"
+                and c.what == "max+1")
+    assert case.shown == (1 << 20) // 512 + 1  # one past the disk's last sector
+    assert_restore_refused(tmp_path, data, drive, case, options)
 
 
 def test_a_snapshot_whose_configuration_is_out_of_bounds_is_not_restored(

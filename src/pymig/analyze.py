@@ -108,9 +108,9 @@ def state_descriptions(config: dict | None) -> dict[str, vmstate.VMStateDescript
     """idstr → description for the guest kind named by the configuration section."""
     kind = config.get("kind") if isinstance(config, dict) else None
     if kind == "kvm":
-        from pymig.kvm.statedesc import CPU, DEVICES
+        from pymig.kvm.statedesc import CPU, DEVICES, DISK_DEVICES
 
-        return {"cpu": CPU, **DEVICES}
+        return {"cpu": CPU, **DEVICES, **DISK_DEVICES}
     if kind == "simulated":
         from pymig.guest.simulated import SIM_CPU_VMSD
 

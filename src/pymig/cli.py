@@ -11,7 +11,7 @@ from rich.console import Console
 
 from pymig.units import parse_size
 
-WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
+WORKLOADS = ("idle", "dirtier", "selfcheck", "compute", "diskcheck")
 PATTERNS = ("uniform", "sequential", "hotspot")
 BACKINGS = ("anon", "memfd", "hugetlb")  # pymig.memory.BACKINGS, without importing numpy here
 
@@ -71,6 +71,12 @@ def main() -> None:
 @click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,shared]",
+              help="a raw disk image on the ATA channel (ports 0x1f0-0x1f7, 0x3f6): the first "
+                   "--disk is the master, a second the slave; readonly: the guest's writes "
+                   "fail; shared: a migration's destination opens the same file")
+@click.option("--disk-working-set", type=SIZE, default=None,
+              help="diskcheck: how much of the disk it writes and checks")
 @click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
 @click.option("--dirty-ring", type=click.IntRange(0, 65536), default=0, show_default=True,
               help="KVM: track dirty pages in a per-vCPU ring of this many entries (needed "
@@ -89,8 +95,8 @@ def main() -> None:
               help="append the guest's serial output to this file")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
-        hot_fraction, rounds, simulated, dirty_ring, mem_backing, control, control_tcp,
-        control_tcp_token, serial, quiet) -> None:
+        hot_fraction, rounds, disks, disk_working_set, simulated, dirty_ring, mem_backing, control,
+        control_tcp, control_tcp_token, serial, quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
     from pymig.errors import PymigError
@@ -100,12 +106,14 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
         _fail("give one of --boot-sector, --flat and --flat64")
     params = {k: v for k, v in {"working_set_bytes": working_set, "rate_pages_per_s": rate,
                                 "pattern": pattern, "hot_fraction": hot_fraction,
-                                "rounds": rounds}.items() if v is not None}
+                                "rounds": rounds,
+                                "disk_working_set_bytes": disk_working_set}.items()
+              if v is not None}
     try:
         config = guests.make_config(
             kind="simulated" if simulated else "kvm", workload=workload, params=params,
             memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
-            load_address=int(load_address, 0) if load_address else None)
+            load_address=int(load_address, 0) if load_address else None, disks=disks)
         guest = guests.create(config, dirty_ring=dirty_ring, backing=mem_backing)
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
@@ -182,17 +190,22 @@ def _serve(session, **options) -> None:
 @click.option("--mem-prealloc", is_flag=True,
               help="map the --memory RAM and fault it all in before listening, so the "
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
+@click.option("--disk", "disks", multiple=True, metavar="PATH",
+              help="a disk image on shared storage the incoming guest may use (its source ran "
+                   "it with --disk PATH,shared); a stream naming any other image is refused")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
-             max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, quiet) -> None:
+             max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, disks,
+             quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
     inherited descriptor), file:PATH (restore a snapshot), or 'defer' (wait for
     migrate-incoming on the control socket).  The guest's configuration comes from the
     stream, within this destination's limits (--accept-kind, --max-memory, --max-vcpus),
-    checked before anything is allocated; --memory/--vcpus ask for exactly that guest, and
-    --mem-prealloc readies that much RAM ahead of it.
+    checked before anything is allocated; --memory/--vcpus ask for exactly that guest,
+    --mem-prealloc readies that much RAM ahead of it, and --disk names the shared disk images
+    the guest may open (a stream naming any other file is refused).
     """
     from pymig.incoming import DEFAULT_PROGRESS_TIMEOUT_S
     from pymig.limits import DestinationLimits, parse_kinds
@@ -204,7 +217,7 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
                                    memory_bytes=memory, vcpus=vcpus)
     except ValueError as exc:
         _fail(str(exc))
-    guest_options = {"backing": mem_backing}
+    guest_options = {"backing": mem_backing, "disk_paths": list(disks)}
     if mem_prealloc:
         if memory is None:
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")

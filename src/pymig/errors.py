@@ -9,7 +9,8 @@
     │   └── UriError       a bad URI (also a ValueError)
     ├── MigrationError     a migration that cannot start or did not complete
     ├── StateError         device state that does not load (entry, field, versions)
-    └── ControlError       a control socket that cannot be served, or reached with its token
+    ├── ControlError       a control socket that cannot be served, or reached with its token
+    └── DiskError          a disk image that cannot be opened or used as asked
 """
 
 from __future__ import annotations
@@ -93,3 +94,8 @@ class StateError(PymigError):
 class ControlError(PymigError):
     """The control socket cannot be served (its path is taken, its token file cannot be
     written) or a client cannot use it (no token to prove itself with)."""
+
+
+class DiskError(PymigError):
+    """A disk image that cannot be opened or used as asked (missing, empty, the wrong size for
+    the guest that names it); the message names the file and the reason."""

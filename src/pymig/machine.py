@@ -105,6 +105,8 @@ class Machine:
         self.ram_saver = None if incoming else RamSaver(guest)
         self.ram_loader = RamLoader(guest) if incoming else None
         self.registry.register_savevm_live(RAM_IDSTR, 0, RAM_VERSION, _RamHandlers(), self)
+        for reason in guest.migration_blockers():  # e.g. a disk the destination cannot open
+            self.registry.add_blocker(reason)
         self.ram_bytes = sum(b.size_bytes for b in guest.ram_blocks)
         self.specs: dict[int, StateSpec] = {}
         self._load_worker: PacketWorker | None = None

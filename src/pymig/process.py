@@ -59,7 +59,11 @@ def status_line(session: Session, elapsed: float, rate: float | None) -> str:
     guest = session.guest
     if guest is not None and state in ("running", "paused", "finish-migrate"):
         progress = guest.progress()
-        if rate is not None:
+        if guest.config.workload == "diskcheck":  # its counter is of 4 KiB disk blocks
+            if rate is not None:
+                parts.append(f"{rate * 4096 / 1e3:>8,.0f} kB/s to disk")
+            parts.append(f"blocks {progress['pages_written']}")
+        elif rate is not None:
             parts.append(f"{rate:>11,.0f} pages/s")
         parts.append(f"passes {progress['passes']}  errors {progress['errors']}")
     migration = session.query_migrate()

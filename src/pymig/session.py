@@ -20,7 +20,9 @@ the migration parameters, and the events they raise.
 Events: ``MIGRATION`` ``{"status"}`` on every status change of the outgoing or incoming
 migration, ``MIGRATION_PASS`` ``{"pass"}`` after every dirty-log sync, ``STOP`` when the guest
 stops (``stop``, or the switchover), ``RESUME`` when it runs again (``cont``, a snapshot or a
-failed migration resuming it, a loaded incoming guest starting), ``SHUTDOWN`` at the end.
+failed migration resuming it, a loaded incoming guest starting), ``SHUTDOWN`` at the end,
+``BLOCK_IO_ERROR`` ``{"device", "operation", "action", "nospace", "reason"}`` when the image of
+a guest's disk fails a read, write or flush (the guest sees a disk error).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Session:
         self._guest_callbacks: list[Callable[[Guest], None]] = []
         if guest is not None:
             self.guest_ready.set()
+        self.on_guest(self._watch_disks)
 
     def on_guest(self, callback: Callable[[Guest], None]) -> None:
         """``callback(guest)`` as soon as this process has a guest and before it runs here:
@@ -81,6 +84,19 @@ class Session:
         self._guest_callbacks.append(callback)
         if self.machine is not None:
             callback(self.machine.guest)
+
+    def _watch_disks(self, guest: Guest) -> None:
+        """Report each disk error the guest sees as QEMU's BLOCK_IO_ERROR event."""
+        observers = getattr(guest, "disk_error_observers", None)
+        if observers is None:
+            return
+
+        def report(event) -> None:
+            self.emit("BLOCK_IO_ERROR", {"device": f"ide0-hd{event.unit}",
+                                         "operation": event.operation, "action": "report",
+                                         "nospace": event.nospace, "reason": event.reason})
+
+        observers.append(report)
 
     def _guest_arrived(self, machine: Machine) -> None:
         for callback in list(self._guest_callbacks):
@@ -155,6 +171,13 @@ class Session:
 
             report = verify_selfcheck(guest)
             result["selfcheck"] = {"ok": report.ok, "passes": report.passes,
+                                   "errors": report.errors, "detail": report.detail}
+        if verify and guest.config.workload == "diskcheck":
+            from pymig.guest.workloads import verify_diskcheck
+
+            report = verify_diskcheck(guest.config.disks[0].path, guest.config,
+                                      guest.mailbox()[0])
+            result["diskcheck"] = {"ok": report.ok, "passes": report.passes,
                                    "errors": report.errors, "detail": report.detail}
         result["console"] = guest.console.text()[-4096:]
         return result

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
+from pymig.disk import DiskSpec
 from pymig.guest.base import (
     GUEST_PAGE_SIZE,
+    MAX_DISKS,
     MAX_VCPUS,
     Console,
+    DiskConfig,
     Guest,
     GuestConfig,
     RamLayout,
@@ -27,7 +30,8 @@ DEFAULT_LOAD_ADDRESS = 0x100000  # flat binaries, when the user names no address
 def make_config(*, kind: str = "kvm", workload: str = "idle", params: dict[str, Any] | None = None,
                 memory_bytes: int, vcpus: int = 1, boot_sector: str | os.PathLike | None = None,
                 flat: str | os.PathLike | None = None, flat64: str | os.PathLike | None = None,
-                load_address: int | None = None) -> GuestConfig:
+                load_address: int | None = None,
+                disks: Sequence[str | DiskSpec] = ()) -> GuestConfig:
     """A checked :class:`GuestConfig` from a user's options (``pymig run``).
 
     Either a built-in workload (``workload`` and its ``params``, checked by
@@ -37,7 +41,12 @@ def make_config(*, kind: str = "kvm", workload: str = "idle", params: dict[str, 
     ValueError saying why: an unknown kind, workload or parameter, a working set larger than
     RAM, an image on a simulated guest, a boot sector of another size...  The image file is
     read (its size) here, on the source; a destination never needs it.
+
+    ``disks`` (KVM only): the ATA channel's master, then its slave, each ``PATH[,readonly]
+    [,shared]`` or a :class:`~pymig.disk.DiskSpec`; each image is opened here to check it can
+    be a disk and to take its size, and named by its absolute path.
     """
+    disk_configs = _disk_configs(kind, disks)
     if kind not in GUEST_KINDS:
         raise ValueError(f"unknown guest kind {kind!r} (use {' or '.join(GUEST_KINDS)})")
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0 \
@@ -47,11 +56,12 @@ def make_config(*, kind: str = "kvm", workload: str = "idle", params: dict[str, 
     images = {name: path for name, path in
               (("bootsector", boot_sector), ("flat", flat), ("flat64", flat64)) if path is not None}
     if images or workload == "image":
-        return _image_config(kind, workload, params, memory_bytes, vcpus, images, load_address)
+        return _image_config(kind, workload, params, memory_bytes, vcpus, images, load_address,
+                             disk_configs)
     if load_address is not None:
         raise ValueError("a load address places a flat binary, and there is none")
     config = GuestConfig(kind=kind, memory_bytes=memory_bytes, vcpus=vcpus, workload=workload,
-                         params=dict(params or {}))
+                         params=dict(params or {}), disks=disk_configs)
     validate_config(config)
     return config
 
@@ -82,13 +92,32 @@ def validate_config(config: GuestConfig) -> None:
 
         check_config(config)
     else:
-        from pymig.guest.workloads import resolve
+        from pymig.guest.workloads import KVM_ONLY, resolve
 
+        if config.workload in KVM_ONLY:
+            raise ValueError(f"{config.workload} drives a disk, which only a KVM guest has")
         resolve(config)
 
 
+def _disk_configs(kind: str, disks: Sequence[str | DiskSpec]) -> list[DiskConfig]:
+    if not disks:
+        return []
+    if kind != "kvm":
+        raise ValueError("disks need a KVM guest: the simulated guest has no disk controller")
+    if len(disks) > MAX_DISKS:
+        raise ValueError(f"{len(disks)} disks: the ATA channel holds a master and a slave")
+    configs = []
+    for disk in disks:
+        spec = disk if isinstance(disk, DiskSpec) else DiskSpec.parse(disk)
+        with spec.open() as image:
+            configs.append(DiskConfig(os.path.abspath(spec.path), image.size_bytes,
+                                      spec.readonly, spec.shared))
+    return configs
+
+
 def _image_config(kind: str, workload: str, params: dict[str, Any] | None, memory_bytes: int,
-                  vcpus: int, images: dict[str, Any], load_address: int | None) -> GuestConfig:
+                  vcpus: int, images: dict[str, Any], load_address: int | None,
+                  disks: list[DiskConfig]) -> GuestConfig:
     if kind != "kvm":
         raise ValueError("a user image runs only on a KVM guest, not on a simulated one")
     if len(images) != 1:
@@ -111,7 +140,7 @@ def _image_config(kind: str, workload: str, params: dict[str, Any] | None, memor
     size = os.path.getsize(path)
     loader.check_image(image_kind, size, load_address)
     config = GuestConfig(kind="kvm", memory_bytes=memory_bytes, vcpus=vcpus, workload="image",
-                         params=image_params)
+                         params=image_params, disks=disks)
     validate_config(config)
     start = loader.BOOT_SECTOR_ADDR if image_kind == "bootsector" else load_address
     try:

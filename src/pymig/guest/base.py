@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 
+from pymig.disk import MAX_DISK_BYTES, MAX_PATH_CHARS, SECTOR_BYTES
 from pymig.memory import RamBlock
 
 GiB = 1 << 30
@@ -43,6 +44,17 @@ CONSOLE_BYTES = 1 << 20  # the newest serial output a guest keeps in memory
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """One disk of a guest's configuration: its image file (an absolute path), the image's
+    size, and how it is used (``--disk PATH[,readonly][,shared]``)."""
+
+    path: str
+    size_bytes: int
+    readonly: bool = False
+    shared: bool = False
+
+
+@dataclass(frozen=True)
 class RamLayout:
     """One RAM block of a guest's memory map."""
 
@@ -69,7 +81,10 @@ class GuestConfig:
     ``kind`` is ``"kvm"`` or ``"simulated"``; ``workload`` names a built-in workload (or
     ``"image"`` for a user's boot sector / flat binary) and ``params`` its parameters.  The
     guest's memory and vCPU state travel in the migration stream, so an image itself is not part
-    of the configuration.
+    of the configuration.  ``disks`` (KVM only) are the ATA channel's master and slave
+    (:class:`DiskConfig`: an image file named by its absolute path, its size, whether it is
+    read-only and whether it is shared: a destination opens a shared image where the source
+    did).
     """
 
     kind: str
@@ -78,6 +93,7 @@ class GuestConfig:
     workload: str = "idle"
     params: dict[str, Any] = field(default_factory=dict)
     blocks: list[RamLayout] = field(default_factory=list)
+    disks: list[DiskConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -87,6 +103,7 @@ class GuestConfig:
             raise ValueError("RAM blocks do not add up to the guest's memory size")
         if self.vcpus < 1:
             raise ValueError(f"a guest needs at least one vCPU, not {self.vcpus}")
+        self.disks = [d if isinstance(d, DiskConfig) else DiskConfig(**d) for d in self.disks]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,6 +270,33 @@ def _ram_layout(value: list, config: dict) -> str | None:
     return None
 
 
+MAX_DISKS = 2  # the ATA channel's master and slave
+
+
+def _disk_list(value: list, config: dict) -> str | None:
+    """At most :data:`MAX_DISKS` disks, each an object of exactly the :class:`DiskConfig` keys:
+    an absolute path, a size in whole sectors that LBA48 addresses, two flags; KVM only."""
+    if len(value) > MAX_DISKS:
+        return f"{len(value)} disks, more than the {MAX_DISKS} of an ATA channel"
+    if value and config.get("kind") != "kvm":
+        return "only a KVM guest has disks"
+    keys = {f.name for f in dataclasses.fields(DiskConfig)}
+    for i, disk in enumerate(value):
+        if not isinstance(disk, dict) or set(disk) != keys:
+            return f"disk {i} is not an object of exactly {sorted(keys)}"
+        path, size = disk["path"], disk["size_bytes"]
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS \
+                or not path.startswith("/") or "\0" in path:
+            return f"disk {i}'s path is not an absolute path of at most {MAX_PATH_CHARS} chars"
+        if isinstance(size, bool) or not isinstance(size, int) \
+                or not 0 < size <= MAX_DISK_BYTES or size % SECTOR_BYTES:
+            return (f"disk {i}'s size {_short(size)} is not a whole number of sectors up to "
+                    f"{MAX_DISK_BYTES}")
+        if not all(isinstance(disk[flag], bool) for flag in ("readonly", "shared")):
+            return f"disk {i}'s readonly and shared are not booleans"
+    return None
+
+
 #: Every key of a guest configuration, in the order a stream's is checked.
 CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("kind", str, check=_one_of("kvm", "simulated"), required=True),
@@ -262,6 +306,7 @@ CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("workload", str, check=_known_workload),
     ConfigField("params", dict, check=_workload_params),
     ConfigField("blocks", list, check=_ram_layout),
+    ConfigField("disks", list, check=_disk_list),
 )
 
 
@@ -395,6 +440,7 @@ class StateShape:
     xsave_size: int = 0  # KVM: the VM's XSAVE area (KVM_CAP_XSAVE2), what KVM_SET_XSAVE reads
     irqchip: bool = False  # KVM: an in-kernel irqchip, whose local APIC page travels
     workload: Any = None  # the built-in workload placed in the guest (its shares), None: none
+    disk_sectors: tuple[int, ...] = ()  # KVM: the sectors of each disk opened (master first)
 
     @property
     def share(self) -> Any:
@@ -599,6 +645,8 @@ class Guest(Protocol):
     def load_state(self, state: Any) -> None: ...
     def state_specs(self) -> list[StateSpec]:
         """The state entries this guest migrates besides RAM (vCPUs, devices)."""
+    def migration_blockers(self) -> list[str]:
+        """Why this guest cannot migrate now, one reason each (none: it can)."""
     def set_throttle(self, percent: int) -> None: ...
     def progress(self) -> dict[str, int]: ...
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ASM_DIR = HERE / "asm"
 BIN_DIR = HERE / "bin"
 LOAD_ADDRESS = 0x8000
-WORKLOADS = ("idle", "dirtier", "selfcheck", "compute")
+WORKLOADS = ("idle", "dirtier", "selfcheck", "compute", "diskcheck")
 TOOLS = ("as", "ld", "objcopy")
 
 

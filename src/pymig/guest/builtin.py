@@ -10,8 +10,10 @@ what KVM needs.  Guest-physical layout of low RAM (``asm/_defs.S``, docs/vmm.md)
     0x8000  workload code     0x10000 page tables       0x100000 working set / region
     0xfeb00000 control MMIO page (never RAM)
 
-``idle`` runs in 32-bit protected mode at CPL 0 (it only halts); the others in 64-bit long mode
-at CPL 3, the only mode kvm_pvm runs natively, with RSI = vCPU index.
+``idle`` runs in 32-bit protected mode at CPL 0 (it only halts), and so does ``diskcheck`` (it
+uses port I/O, the instructions of CPL 0; its time goes to I/O exits, not to the emulation of
+that mode); the others in 64-bit long mode at CPL 3, the only mode kvm_pvm runs natively, with
+RSI = vCPU index.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def check_config(config: GuestConfig) -> Workload:
     from pymig.kvm.devices import CONTROL_MMIO
 
     workload = resolve(config)
+    if workload.name == "diskcheck":
+        if not config.disks:
+            raise ValueError("diskcheck needs a disk (--disk PATH)")
+        master = config.disks[0]
+        if master.readonly:
+            raise ValueError(f"diskcheck writes its disk, and {master.path} is read-only")
+        if workload.params.disk_bytes > master.size_bytes:
+            raise ValueError(f"diskcheck: a working set of {workload.params.disk_bytes} bytes "
+                             f"does not fit on {master.path} ({master.size_bytes} bytes)")
     if any(b.guest_phys_addr <= CONTROL_MMIO < b.guest_phys_addr + b.size_bytes
            for b in config.blocks):
         raise ValueError(f"built-in workloads need guest-physical {CONTROL_MMIO:#x} (the "

@@ -1,9 +1,10 @@
 """``KvmGuest``: the :class:`~pymig.guest.base.Guest` protocol on a real KVM virtual machine.
 
 One :class:`~pymig.kvm.machine.Machine` (VM, RAM slots, vCPU threads, UART / A20 / control
-port) per guest.  A source guest (``incoming=False``) gets its workload loaded and its vCPUs
-set up at creation; a destination (``incoming=True``) gets fresh, untouched RAM and default
-vCPUs, and takes memory from the migration and vCPU/device state from :meth:`load_state`.
+port, and the ATA channel when the configuration names disks) per guest.  A source guest
+(``incoming=False``) gets its workload loaded and its vCPUs set up at creation; a destination
+(``incoming=True``) gets fresh, untouched RAM and default vCPUs, and takes memory from the
+migration and vCPU/device state from :meth:`load_state`; it opens only shared disks.
 
 Status::
 
@@ -21,13 +22,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
 import time
+from typing import Sequence
 
 import numpy as np
 
 from pymig._core import kvm as _kvm
-from pymig.errors import GuestError
+from pymig.disk import DiskImage
+from pymig.errors import DiskError, GuestError
 from pymig.guest import builtin, loader, validate_config
 from pymig.guest.base import (
     Console,
@@ -45,6 +49,7 @@ from pymig.guest.base import (
 from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
                                    write_fill)
 from pymig.kvm import cpustate
+from pymig.kvm.ata import AtaChannel, DiskErrorEvent
 from pymig.kvm.machine import Machine
 from pymig.kvm.system import Kvm
 from pymig.memory import RamBlock
@@ -54,8 +59,16 @@ class KvmGuest:
     """A KVM guest running a built-in workload or a user image."""
 
     def __init__(self, config: GuestConfig, ram_blocks: list[RamBlock], machine: Machine,
-                 console: Console, kvm: Kvm, owns_kvm: bool):
+                 console: Console, kvm: Kvm, owns_kvm: bool, disks: list[DiskImage] = ()):
         self.config = config
+        self.disk_images = list(disks)
+        # the latest failures of the disks' images the guest saw as disk errors
+        self.disk_errors: collections.deque[DiskErrorEvent] = collections.deque(maxlen=256)
+        self.disk_error_observers: list = []
+        self.ata: AtaChannel | None = None
+        if self.disk_images:
+            self.ata = AtaChannel(self.disk_images, on_error=self._disk_error)
+            machine.ports.attach(self.ata)
         self.ram_blocks = ram_blocks
         self.vcpu_count = config.vcpus
         self.console = console
@@ -78,7 +91,8 @@ class KvmGuest:
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: str = "anon",
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
                initially_set: bool = False, dirty_ring: int = 0,
-               kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None) -> "KvmGuest":
+               kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None,
+               disk_paths: Sequence[str] | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
 
         ``backing``/``hugepages`` shape the RAM blocks (``prealloc``: blocks a destination
@@ -86,22 +100,26 @@ class KvmGuest:
         irqchip; ``manual_protect``/``initially_set``/``dirty_ring`` (entries per vCPU) choose
         the dirty-log mode (:mod:`pymig.kvm.vm`).  Per-vCPU dirty rates and limits need
         ``dirty_ring`` (:data:`DIRTY_LIMIT_RING_ENTRIES` is a good size for them).
+        ``disk_paths``: the images a destination may open for the guest's shared disks (what
+        ``pymig incoming --disk`` names); the stream's paths are only ever checked against it.
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
         validate_config(config)  # before /dev/kvm is opened or a byte mapped
         blocks: list[RamBlock] = []
+        disks: list[DiskImage] = []
         owns_kvm = kvm is None
         kvm = kvm or Kvm()
         machine = None
         try:
+            disks = open_disks(config, incoming, disk_paths)
             blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
                                   prealloc=prealloc)
             console = Console()
             machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
                               manual_protect=manual_protect, initially_set=initially_set,
                               dirty_ring=dirty_ring)
-            guest = cls(config, blocks, machine, console, kvm, owns_kvm)
+            guest = cls(config, blocks, machine, console, kvm, owns_kvm, disks)
             if not incoming:
                 guest._load()
             return guest
@@ -110,6 +128,8 @@ class KvmGuest:
                 machine.close()
             for block in blocks:
                 block.close()
+            for disk in disks:
+                disk.close()
             if owns_kvm:
                 kvm.close()
             raise
@@ -205,6 +225,8 @@ class KvmGuest:
             self.machine.close()
             for block in self.ram_blocks:
                 block.close()
+            for disk in self.disk_images:
+                disk.close()
             if self._owns_kvm:
                 self.kvm.close()
             self._status = "closed"
@@ -283,7 +305,21 @@ class KvmGuest:
         """What the bounds of state entry ``instance`` check a stream against."""
         vm = self.machine.vm
         return StateShape(len(self.machine.vcpus), self.config.memory_bytes, instance,
-                          xsave_size=vm.xsave_size, irqchip=vm.irqchip)
+                          xsave_size=vm.xsave_size, irqchip=vm.irqchip,
+                          disk_sectors=tuple(d.sectors for d in self.disk_images))
+
+    def migration_blockers(self) -> list[str]:
+        """A disk whose image is not shared keeps the guest here: its image would have to
+        travel with it, which this build cannot do."""
+        return [f"disk {unit} ({disk.path}) is not on shared storage: moving its image with "
+                f"the guest (block migration) is not available yet; give it as --disk "
+                f"{disk.path},shared if the destination opens the same file"
+                for unit, disk in enumerate(self.config.disks) if not disk.shared]
+
+    def _disk_error(self, event: DiskErrorEvent) -> None:
+        self.disk_errors.append(event)
+        for observer in list(self.disk_error_observers):
+            observer(event)
 
     def set_throttle(self, percent: int) -> None:
         self.machine.set_throttle(percent)
@@ -331,6 +367,38 @@ class KvmGuest:
     def mailbox(self) -> list[MailboxRecord]:
         """Each vCPU's mailbox record."""
         return read_mailbox(self.ram_blocks, self.vcpu_count)
+
+
+def open_disks(config: GuestConfig, incoming: bool,
+               allowed: Sequence[str] | None = None) -> list[DiskImage]:
+    """The images of ``config``'s disks, each the size the configuration says.
+
+    A destination's configuration comes from the stream, which may say anything: it opens
+    only shared images (any other is the source's own), and only those among ``allowed``, the
+    images its operator named, so a stream cannot make it open, and its guest write, any file
+    it likes."""
+    permitted = {os.path.realpath(p) for p in allowed or ()}
+    images: list[DiskImage] = []
+    try:
+        for unit, disk in enumerate(config.disks):
+            if incoming and not disk.shared:
+                raise DiskError(f"disk {unit} ({disk.path}) is not on shared storage: this "
+                                f"destination has no copy of the source's image (block "
+                                f"migration is not available yet)")
+            if incoming and os.path.realpath(disk.path) not in permitted:
+                raise DiskError(f"disk {unit} of the incoming guest is {disk.path} on shared "
+                                f"storage; this destination opens only the images it is given "
+                                f"(pymig incoming --disk {disk.path})")
+            image = DiskImage(disk.path, readonly=disk.readonly)
+            images.append(image)
+            if image.size_bytes != disk.size_bytes:
+                raise DiskError(f"disk {unit} ({disk.path}) is {image.size_bytes} bytes, the "
+                                f"guest's configuration says {disk.size_bytes}")
+    except BaseException:
+        for image in images:
+            image.close()
+        raise
+    return images
 
 
 def _enter(vcpu, entry: loader.Entry) -> None:

@@ -37,7 +37,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -57,8 +57,8 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
-from pymig.guest.workloads import (Workload, pack_params, progress_from_mailbox, resolve,
-                                   write_fill)
+from pymig.guest.workloads import (KVM_ONLY, Workload, pack_params, progress_from_mailbox,
+                                   resolve, write_fill)
 from pymig.memory import Backing, RamBlock
 from pymig.vmstate import Field, VMStateDescription, any_value
 
@@ -152,11 +152,13 @@ class SimulatedGuest:
     @classmethod
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: Backing = "anon",
                hugepages: bool = True, dirty_ring: int = 0,
-               prealloc: PreallocatedRam | None = None) -> "SimulatedGuest":
+               prealloc: PreallocatedRam | None = None,
+               disk_paths: Sequence[str] | None = None) -> "SimulatedGuest":
         """A new, stopped guest with fresh RAM (or RAM made ready earlier: ``prealloc``).
 
-        ``dirty_ring`` is accepted so that one set of options builds either kind of guest; the
-        writers count their own dirty pages and need no ring.
+        ``dirty_ring`` and ``disk_paths`` are accepted so that one set of options builds either
+        kind of guest; the writers count their own dirty pages and need no ring, and a
+        simulated guest has no disk.
 
         A source (``incoming=False``) gets its parameter block (and an idle guest's random fill)
         written and its writers set at the workload's start.  A destination
@@ -165,6 +167,9 @@ class SimulatedGuest:
         """
         if config.kind != "simulated":
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
+        if config.disks or config.workload in KVM_ONLY:
+            raise ValueError("the simulated guest has no disk: disks and diskcheck need a KVM "
+                             "guest")
         workload = resolve(config)
         params = pack_params(workload, TICK_KHZ)
         blocks = allocate_ram(config, backing=backing, hugepages=hugepages, prealloc=prealloc)
@@ -335,6 +340,10 @@ class SimulatedGuest:
                           workload=self.workload)
 
     # --- workload ----------------------------------------------------------------------------
+
+    def migration_blockers(self) -> list[str]:
+        """Nothing keeps a simulated guest from migrating."""
+        return []
 
     def set_throttle(self, percent: int) -> None:
         """Take ``percent`` (0..99) of every writer's run time, in 10 ms timeslices."""

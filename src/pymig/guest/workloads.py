@@ -2,7 +2,8 @@
 host expects of them.
 
 The KVM guest (assembly in ``asm/*.S``) and the simulated guest (native writer threads in
-``_core/c/simguest.c``) run these four workloads.  Both read the same parameter block and keep
+``_core/c/simguest.c``) run the first four of these workloads; ``diskcheck`` drives a disk,
+which only the KVM guest has.  Both read the same parameter block and keep
 the same mailbox, and this module is the one host-side description of both: names, defaults,
 parameter checks, shares, the parameter block, the mailbox, the self-check verifier and the
 reference results.  ``tests/test_workloads_agree.py`` runs every workload on both guests and
@@ -19,12 +20,13 @@ Parameter block at 0x5000 (little-endian; the layout of ``asm/_defs.S``, which t
 binaries are built from; the simulated writers are configured from the same bytes)::
 
     +0x00 u32 magic 0x47494D50 ("PMIG")   +0x04 u32 version (1)
-    +0x08 u32 workload: 1 idle, 2 dirtier, 3 selfcheck, 4 compute
+    +0x08 u32 workload: 1 idle, 2 dirtier, 3 selfcheck, 4 compute, 5 diskcheck
     +0x0C u32 vcpus                       +0x10 u32 pattern: 0 uniform, 1 sequential, 2 hotspot
     +0x14 u32 hot_share x 2**32 (saturated at 2**32 - 1)
     +0x18 u32 batch_pages (>= 1)          +0x1C u32 rounds (compute)
     +0x20 u64 ticks per batch (0: as fast as it can)
     +0x28 u64 max lag in ticks            +0x30 u32 ticks per microsecond
+    +0x34 u32 diskcheck: blocks of 4 KiB in its working set on the disk
     +0x40 + 64*i  share of vCPU i < vcpus:
         +0 u32 first_gpa  +4 u32 npages (m)  +8 u32 hot_pages (h)  +12 u32 0  +16 u64 seed
         +24 u32 batch_pages  +28 u32 0  +32 u64 ticks per batch   (this vCPU's pacing)
@@ -115,6 +117,27 @@ compute  (rounds, region_bytes, rate_pages_per_s)
     place: every page starts at a multiple of 64 words, so a plain XOR of rotated words would
     give the same result with two pages swapped.  :func:`expected_compute_result` is the
     reference.
+
+diskcheck  (disk_working_set_bytes)                       KVM only, one vCPU, a disk needed
+    The guest drives its first disk (the master of the ATA channel, :mod:`pymig.kvm.ata`)
+    through the ports, at CPL 0 in 32-bit protected mode: the working set is the disk's first
+    W bytes (``P_DISK_BLOCKS`` = W / 4096 at +0x34 of the parameter block), n blocks of 8
+    sectors.  The stamp of sector s (its LBA) at generation g is 128 u32 words: w0 = 0x4B444D50
+    ("PMDK"), w1 = s mod 2**32, w2 = s >> 32, w3 = g, and for i = 4..127
+    ``w[i] = ((s * 0x9E3779B1) ^ (g * 0x85EBCA77)) + i * 0x01000193`` (mod 2**32)
+    (:func:`diskcheck_words`): every sector says where it belongs and when it was written, and
+    a sector of two generations, or shifted, or from elsewhere, does not match.  At start:
+    IDENTIFY DEVICE (the disk must hold the working set) and SET MULTIPLE MODE 8.  Pass p = 1,
+    2, ... uses, by p mod 3, READ/WRITE SECTORS (1: a DRQ block per sector), READ/WRITE
+    MULTIPLE (2) or their EXT forms (0).  For each block b in order it reads the block and
+    checks that every sector holds generation p - 1 (p = 1: zero, or a stamp of any generation
+    of that sector: a disk diskcheck used before), writes generation p, reads the block back
+    and checks it; each block that fails a check, and each command that ends with ERR or DF,
+    adds 1 to ``errors`` (the first also raises event 3, argument b); then
+    ``pages_written += 1`` (blocks written).  After the last block: FLUSH CACHE, ``passes =
+    p``, event 1 (argument p).  ``result`` counts the commands that failed.  Invariant: blocks
+    [0, k) at p, [k, n) at p - 1, block k possibly with its first sectors at p (the guest
+    stopped inside a WRITE SECTORS); :func:`verify_diskcheck` checks it on the image.
 """
 
 from __future__ import annotations
@@ -141,11 +164,19 @@ from pymig.guest.base import (
 
 MiB = 1 << 20
 GOLDEN = 0x9E3779B97F4A7C15
+# diskcheck: its blocks, its two buffers in guest RAM (at WORKSET_GPA: the block read, the block
+# expected), and the stamp of a sector (module docstring).
+DISK_SECTOR_BYTES = 512
+DISK_BLOCK_SECTORS = 8
+DISK_BLOCK_BYTES = DISK_BLOCK_SECTORS * DISK_SECTOR_BYTES
+DISKCHECK_BUFFER_BYTES = 2 * DISK_BLOCK_BYTES
+DISK_MAGIC = 0x4B444D50  # "PMDK"
+DISK_LBA_MUL, DISK_GEN_MUL, DISK_STEP = 0x9E3779B1, 0x85EBCA77, 0x01000193
 COMPUTE_SEED = GOLDEN
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
 
-WORKLOAD_IDS = {"idle": 1, "dirtier": 2, "selfcheck": 3, "compute": 4}
+WORKLOAD_IDS = {"idle": 1, "dirtier": 2, "selfcheck": 3, "compute": 4, "diskcheck": 5}
 PATTERN_IDS = {"uniform": 0, "sequential": 1, "hotspot": 2}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "idle": {"fill_bytes": 0},
@@ -153,7 +184,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                 "hot_fraction": 0.1, "hot_share": 0.9, "vcpu_rates_pages_per_s": None},
     "selfcheck": {"working_set_bytes": 64 * MiB, "rate_pages_per_s": 0},
     "compute": {"rounds": 64, "region_bytes": 4 * MiB, "rate_pages_per_s": 0},
+    "diskcheck": {"disk_working_set_bytes": 16 * MiB},
 }
+#: Workloads only the KVM guest runs: they drive a device the simulated guest does not have.
+KVM_ONLY = ("diskcheck",)
 
 BATCH_SECONDS = 100e-6    # a paced batch is ~100 us of writes
 MAX_LAG_SECONDS = 0.100   # behind by more than this, a vCPU stops catching up
@@ -161,7 +195,7 @@ UNPACED_BATCH_PAGES = 64
 
 PARAMS_MAGIC = 0x47494D50
 PARAMS_VERSION = 1
-PARAMS_HEADER = struct.Struct("<IIIIIIIIQQI")
+PARAMS_HEADER = struct.Struct("<IIIIIIIIQQII")
 SHARES_OFFSET = 0x40
 SHARE_STRIDE = 64
 SHARE_RECORD = struct.Struct("<IIIIQIIQ")  # ... seed, then this vCPU's batch and ticks
@@ -191,6 +225,12 @@ class WorkloadParams:
     rounds: int = 0
     vcpu_rates: tuple[int, ...] = ()  # dirtier: one rate per vCPU instead of the even split
     fill_bytes: int = 0
+    disk_bytes: int = 0  # diskcheck: the working set on the disk
+
+    @property
+    def disk_blocks(self) -> int:
+        """diskcheck: the blocks (of DISK_BLOCK_BYTES) of its working set on the disk."""
+        return self.disk_bytes // DISK_BLOCK_BYTES
 
     @property
     def workload_id(self) -> int:
@@ -284,6 +324,13 @@ def parse_params(workload: str, params: dict[str, Any] | None = None) -> Workloa
         raise ValueError(f"workload {workload!r} has no parameter(s) {sorted(unknown)}; it takes "
                          f"{sorted(DEFAULTS[workload]) or 'none'}")
     merged = {**DEFAULTS[workload], **given}
+    if workload == "diskcheck":
+        size = _int_param("disk_working_set_bytes", merged["disk_working_set_bytes"],
+                          DISK_BLOCK_BYTES)
+        if size % DISK_BLOCK_BYTES or size // DISK_BLOCK_BYTES > U32:
+            raise ValueError(f"workload parameter 'disk_working_set_bytes' must be a multiple "
+                             f"of {DISK_BLOCK_BYTES} of at most {U32} blocks, not {size}")
+        return WorkloadParams("diskcheck", disk_bytes=size)
     if workload == "idle":
         fill = _int_param("fill_bytes", merged["fill_bytes"], 0)
         if fill % GUEST_PAGE_SIZE:
@@ -355,11 +402,13 @@ def make_workload(params: WorkloadParams, vcpus: int) -> Workload:
     """Split the workload's area between ``vcpus`` vCPUs."""
     if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"the built-in workloads run on 1 to {MAX_VCPUS} vCPUs, not {vcpus}")
+    if params.workload == "diskcheck" and vcpus != 1:
+        raise ValueError(f"diskcheck drives one disk from one vCPU, not {vcpus}")
     total = params.area_pages
     if params.vcpu_rates and len(params.vcpu_rates) != vcpus:
         raise ValueError(f"{params.workload}: {len(params.vcpu_rates)} rates in "
                          f"vcpu_rates_pages_per_s for {vcpus} vCPUs")
-    if params.workload != "idle" and total < vcpus:
+    if params.workload not in ("idle", "diskcheck") and total < vcpus:
         raise ValueError(f"{params.workload}: {total} pages cannot give each of {vcpus} vCPUs a "
                          f"page of its own")
     if WORKSET_GPA + params.area_bytes > 1 << 32:
@@ -385,8 +434,10 @@ def resolve(config: GuestConfig) -> Workload:
     workload = make_workload(parse_params(config.workload, config.params), config.vcpus)
     locate(config.blocks, PARAMS_GPA, GUEST_PAGE_SIZE)
     locate(config.blocks, MAILBOX_GPA, GUEST_PAGE_SIZE)
+    buffers = DISKCHECK_BUFFER_BYTES if workload.name == "diskcheck" else 0
     for nbytes, what in ((workload.params.area_bytes, f"{workload.name}: its"),
-                         (workload.params.fill_bytes, "idle: a fill of")):
+                         (workload.params.fill_bytes, "idle: a fill of"),
+                         (buffers, "diskcheck: its buffers of")):
         if not nbytes:
             continue
         try:
@@ -435,6 +486,7 @@ class ParamBlock:
     pacing: Pacing
     shares: tuple[Share, ...]
     vcpu_pacing: tuple[Pacing, ...]  # each share's own (``pacing`` is the header's even split)
+    disk_blocks: int = 0
 
     def share_pacing(self, index: int) -> Pacing:
         """How vCPU ``index`` paces (its share record's batch_pages and ticks per batch)."""
@@ -446,7 +498,8 @@ class ParamBlock:
                                 WORKLOAD_IDS[self.workload], self.vcpus,
                                 PATTERN_IDS[self.pattern], self.hot_share_u32,
                                 self.pacing.batch_pages, self.rounds, self.pacing.ticks_per_batch,
-                                self.pacing.max_lag_ticks, self.pacing.ticks_per_us)
+                                self.pacing.max_lag_ticks, self.pacing.ticks_per_us,
+                                self.disk_blocks)
         for share in self.shares:
             own = self.share_pacing(share.index)
             SHARE_RECORD.pack_into(page, SHARES_OFFSET + SHARE_STRIDE * share.index,
@@ -461,7 +514,7 @@ class ParamBlock:
         if len(buf) < GUEST_PAGE_SIZE:
             raise ValueError(f"a parameter block is {GUEST_PAGE_SIZE} bytes, not {len(buf)}")
         (magic, version, workload_id, vcpus, pattern_id, hot_share, batch, rounds, ticks,
-         max_lag, ticks_per_us) = PARAMS_HEADER.unpack_from(buf, 0)
+         max_lag, ticks_per_us, disk_blocks) = PARAMS_HEADER.unpack_from(buf, 0)
         if magic != PARAMS_MAGIC:
             raise ValueError(f"no parameter block here (magic {magic:#010x})")
         if version != PARAMS_VERSION:
@@ -479,7 +532,8 @@ class ParamBlock:
             shares.append(Share(i, first_gpa, npages, hot, seed))
             own.append(Pacing(share_batch, share_ticks, max_lag, ticks_per_us))
         return cls(names[workload_id], vcpus, patterns[pattern_id], hot_share, rounds,
-                   Pacing(batch, ticks, max_lag, ticks_per_us), tuple(shares), tuple(own))
+                   Pacing(batch, ticks, max_lag, ticks_per_us), tuple(shares), tuple(own),
+                   disk_blocks)
 
 
 def param_block(workload: Workload, tick_khz: int) -> ParamBlock:
@@ -489,7 +543,7 @@ def param_block(workload: Workload, tick_khz: int) -> ParamBlock:
     own = tuple(pacing(p.vcpu_rates[s.index], 1, tick_khz) if p.vcpu_rates else even
                 for s in workload.shares)
     return ParamBlock(p.workload, workload.vcpus, p.pattern, p.hot_share_u32, p.rounds, even,
-                      workload.shares, own)
+                      workload.shares, own, p.disk_blocks)
 
 
 def pack_params(workload: Workload, tick_khz: int) -> bytes:
@@ -875,3 +929,108 @@ def expected_compute_result(params: dict[str, Any] | None, vcpus: int = 1) -> in
     for value in expected_compute_results(params, vcpus):
         result ^= value
     return result
+
+
+# --- diskcheck reference and verification --------------------------------------------------
+
+def diskcheck_words(first_lba: int, count: int, generation: int | np.ndarray) -> np.ndarray:
+    """The stamps of sectors ``[first_lba, first_lba + count)`` at ``generation`` (one for all,
+    or one per sector), as a (count, 128) array of u32 words."""
+    lba = np.arange(first_lba, first_lba + count, dtype=np.uint64)
+    gen = np.broadcast_to(np.asarray(generation, dtype=np.uint64), lba.shape) & np.uint64(U32)
+    seed = ((lba * np.uint64(DISK_LBA_MUL)) ^ (gen * np.uint64(DISK_GEN_MUL))) & np.uint64(U32)
+    step = np.arange(DISK_SECTOR_BYTES // 4, dtype=np.uint64) * np.uint64(DISK_STEP)
+    words = (seed[:, None] + step[None, :]) & np.uint64(U32)
+    words[:, 0] = DISK_MAGIC
+    words[:, 1] = lba & np.uint64(U32)
+    words[:, 2] = lba >> np.uint64(32)
+    words[:, 3] = gen
+    return words.astype(np.uint32)
+
+
+def diskcheck_block(block: int, generation: int) -> bytes:
+    """Block ``block`` of the working set as diskcheck writes it at ``generation``."""
+    return diskcheck_words(block * DISK_BLOCK_SECTORS, DISK_BLOCK_SECTORS,
+                           generation).astype("<u4").tobytes()
+
+
+@dataclass
+class DiskCheckReport:
+    """Outcome of :func:`verify_diskcheck`: ``passes`` completed according to the disk,
+    ``errors`` the guest's own count, ``detail`` one line per problem (empty when ``ok``),
+    ``in_progress`` 1 when the block being written was found part-way (sectors of the new
+    pass, then of the previous one: the guest stopped inside a WRITE SECTORS command)."""
+
+    ok: bool
+    passes: int
+    errors: int
+    detail: list[str] = field(default_factory=list)
+    in_progress: int = 0
+
+
+def verify_diskcheck(image: Any, config: GuestConfig,
+                     record: MailboxRecord | None = None) -> DiskCheckReport:
+    """Check diskcheck's invariant on its disk image (a path, or the bytes of the working set)
+    of a stopped guest: blocks [0, k) stamped with pass p, block k possibly with its first
+    sectors at p and the rest at p - 1, blocks (k, n) at p - 1 (pass 0: unwritten, all zero,
+    or any well-formed stamp of a disk diskcheck used before); with the guest's ``record``,
+    that its counters agree (blocks written = blocks stamped, or one less when the guest
+    stopped before counting; passes) and that it counted no error."""
+    if config.workload != "diskcheck":
+        raise ValueError(f"the guest runs {config.workload!r}, not the diskcheck workload")
+    n = resolve(config).params.disk_blocks
+    nbytes = n * DISK_BLOCK_BYTES
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(image, dtype="<u4", count=nbytes // 4)
+    else:
+        data = np.fromfile(image, dtype="<u4", count=nbytes // 4)
+    if data.size * 4 < nbytes:
+        return DiskCheckReport(False, 0, 0, [f"the image holds {data.size * 4} bytes of the "
+                                             f"{nbytes}-byte working set"])
+    sectors = data.reshape(n * DISK_BLOCK_SECTORS, DISK_SECTOR_BYTES // 4)
+    hi = int(sectors[0, 3]) if sectors[0, 0] == DISK_MAGIC else 0
+    count = n * DISK_BLOCK_SECTORS
+    new = (sectors == diskcheck_words(0, count, hi)).all(axis=1) if hi else \
+        np.zeros(count, dtype=bool)
+    if hi >= 2:
+        old = (sectors == diskcheck_words(0, count, hi - 1)).all(axis=1)
+    else:  # pass 0: unwritten, or a stamp of its own (any generation) from an earlier run
+        old = ~sectors.any(axis=1) | (sectors == diskcheck_words(0, count, sectors[:, 3])).all(
+            axis=1)
+    detail: list[str] = []
+    bad = np.flatnonzero(~(new | old))
+    for s in bad[:_DETAIL_LIMIT]:
+        word = sectors[s]
+        what = (f"generation {int(word[3])} where {hi - 1} or {hi} belong"
+                if word[0] == DISK_MAGIC and word[1] == s % (1 << 32) else
+                "not a stamp of this sector" if word.any() else "zero")
+        detail.append(f"sector {s} (block {s // DISK_BLOCK_SECTORS}): {what}")
+    block_new = new.reshape(n, DISK_BLOCK_SECTORS).all(axis=1)
+    half = 0
+    if block_new.all():
+        completed, stamped = hi, hi * n
+    else:
+        k = int(np.argmin(block_new))
+        inside = new[k * DISK_BLOCK_SECTORS:(k + 1) * DISK_BLOCK_SECTORS]
+        written = int(np.argmin(inside)) if not inside.all() else DISK_BLOCK_SECTORS
+        half = int(written > 0)
+        if inside[written:].any():
+            detail.append(f"block {k}: its sectors are not written in order")
+        later = np.flatnonzero(new[(k + 1) * DISK_BLOCK_SECTORS:])
+        if later.size and hi:
+            detail.append(f"blocks out of order: block {k} is not at pass {hi} but sector "
+                          f"{(k + 1) * DISK_BLOCK_SECTORS + int(later[0])} is")
+        completed, stamped = max(hi - 1, 0), max(hi - 1, 0) * n + k
+    errors = 0
+    if record is not None:
+        errors = record.errors
+        pw, passes = record.pages_written, record.passes
+        if pw != stamped and (half or pw != stamped - 1):
+            detail.append(f"mailbox says {pw} blocks written, the disk shows {stamped}")
+        allowed = {completed} | ({completed - 1} if stamped == completed * n and completed
+                                 else set())
+        if passes not in allowed:
+            detail.append(f"mailbox says {passes} passes, the disk shows {completed}")
+        if errors:
+            detail.append(f"the guest counted {errors} error(s)")
+    return DiskCheckReport(not detail, completed, errors, detail, half)

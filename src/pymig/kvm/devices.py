@@ -17,7 +17,9 @@ port        device
             kick ends the sleep early).
 ==========  ===========================================================================
 
-Every other port reads as all-ones and ignores writes, logged once per port.
+Every other port reads as all-ones and ignores writes, logged once per port, unless a device
+the guest was configured with is attached there (the ATA channel of a guest with disks at
+0x1f0-0x1f7 and 0x3f6: :mod:`pymig.kvm.ata`).
 
 The control device also answers at the **control MMIO page** (guest-physical 0xfeb00000, not
 RAM), the interface of the built-in workloads, which run at CPL 3 (no ``hlt`` there; the
@@ -194,15 +196,41 @@ class ControlPort:
 
 
 class PortBus:
-    """Routes port I/O to the devices; unknown ports read all-ones and are logged once."""
+    """Routes port I/O to the devices; unknown ports read all-ones and are logged once.
+
+    Devices a guest has only when configured (the ATA channel of a guest with disks) are
+    :meth:`attach`-ed: such a device names its ``ports``, answers ``read(port, size)`` and
+    ``write(port, size, value)``, may move the items of a string instruction in one call
+    (``read_string(port, size, count)`` / ``write_string(port, size, data)``), and
+    ``save()`` / ``load(devices)`` its state by device name."""
 
     def __init__(self, serial: Serial16550, a20: A20Gate, control: ControlPort):
         self.serial = serial
         self.a20 = a20
         self.control = control
+        self.attached: list = []
+        self._by_port: dict = {}
         self._logged: set[tuple[int, bool]] = set()
 
+    def attach(self, device) -> None:
+        """Route ``device.ports`` to ``device`` (before the guest runs)."""
+        taken = [hex(p) for p in device.ports if p in self._by_port]
+        if taken:
+            raise ValueError(f"ports {', '.join(taken)} already have a device")
+        self.attached.append(device)
+        for port in device.ports:
+            self._by_port[port] = device
+
+    def string_device(self, port: int):
+        """The device that moves all the items of a string I/O exit at ``port`` in one call,
+        or None (each item then goes through read/write)."""
+        device = self._by_port.get(port)
+        return device if device is not None and hasattr(device, "read_string") else None
+
     def read(self, port: int, size: int) -> int:
+        device = self._by_port.get(port)
+        if device is not None:
+            return device.read(port, size)
         if SERIAL_BASE <= port < SERIAL_BASE + 8:
             return self.serial.read(port - SERIAL_BASE)
         if port == A20_PORT:
@@ -213,7 +241,10 @@ class PortBus:
         return (1 << (8 * size)) - 1
 
     def write(self, vcpu: object, index: int, port: int, size: int, value: int) -> None:
-        if SERIAL_BASE <= port < SERIAL_BASE + 8:
+        device = self._by_port.get(port)
+        if device is not None:
+            device.write(port, size, value)
+        elif SERIAL_BASE <= port < SERIAL_BASE + 8:
             self.serial.write(port - SERIAL_BASE, value & 0xFF)
         elif port == A20_PORT:
             self.a20.write(0, value & 0xFF)
@@ -229,13 +260,18 @@ class PortBus:
                      "wrote" if is_write else "read", port)
 
     def save(self) -> dict[str, object]:
-        return {"serial": self.serial.state, "a20": self.a20.state,
-                "control": self.control.state}
+        states = {"serial": self.serial.state, "a20": self.a20.state,
+                  "control": self.control.state}
+        for device in self.attached:
+            states.update(device.save())
+        return states
 
     def load(self, devices: dict[str, object]) -> None:
         self.serial.state = _copy(devices["serial"], SerialState)
         self.a20.state = _copy(devices["a20"], A20State)
         self.control.state = _copy(devices["control"], ControlPortState)
+        for device in self.attached:
+            device.load(devices)
 
 
 def _copy(state: object, cls: type):

@@ -217,6 +217,15 @@ class Machine:
     def _handle_io(self, thread: VcpuThread) -> None:
         area = thread.vcpu.run_area
         direction, size, port, count, offset = _kvm.run_io(area)
+        if count > 1:  # a string instruction's items (rep ins/outs), at most a page of them
+            device = self.ports.string_device(port)
+            if device is not None:
+                end = offset + size * count
+                if direction == _kvm.EXIT_IO_OUT:
+                    device.write_string(port, size, area[offset:end])
+                else:
+                    area[offset:end] = device.read_string(port, size, count)
+                return
         for k in range(count):
             at = offset + k * size
             if direction == _kvm.EXIT_IO_OUT:

@@ -14,7 +14,11 @@ from __future__ import annotations
 import dataclasses
 
 from pymig._core import kvm as _kvm
+from pymig.disk import SECTOR_BYTES
 from pymig.guest.base import StateShape, StateSpec
+from pymig.kvm.ata import (DATA_COMMANDS, DEVCTL_BITS, DRQ, ERROR_BITS, IDENTIFY,
+                           MAX_BLOCK_BYTES, MAX_LBA48_COUNT, MULT_SETTINGS, STATUS_BITS,
+                           XFER_IN, XFER_NONE, XFER_OUT, IdeBusState, IdeDriveState)
 from pymig.kvm.cpustate import (CpuState, DebugRegisters, DescriptorTable, Registers,
                                 Segment, SpecialRegisters, VcpuEvents)
 from pymig.kvm.devices import A20State, ControlPortState, SerialState
@@ -152,12 +156,111 @@ CONTROL_PORT = VMStateDescription(
 
 DEVICES = {"serial": SERIAL, "a20": A20, "control": CONTROL_PORT}
 
+# The ATA channel (pymig.kvm.ata): the drive selected and the device control register, then
+# per drive its task file, status, multiple mode and the PIO command in flight, bounded by the
+# disk the destination opened for that drive (its sectors) and by what a DRQ block can hold.
+IDE_BUS = VMStateDescription(
+    "ide", version_id=IdeBusState.VERSION, minimum_version_id=1, factory=IdeBusState,
+    fields=[Field.u8("unit", hi=1),  # master or slave, present or not: a guest may select either
+            Field.u8("devctl", check=_only_bits(DEVCTL_BITS))])
+
+TASK_FILE = any_value("a task-file register: the guest may write any byte to it")
+
+
+def _capacity(shape: StateShape) -> int:
+    return shape.disk_sectors[shape.instance]
+
+
+def _idle(values) -> bool:
+    """No command in flight, or one whose data is not the disk's (IDENTIFY)."""
+    return values["xfer"] == XFER_NONE or values["command"] == IDENTIFY
+
+
+def _drq_says_transfer(value, values) -> str | None:
+    if bool(values["status"] & DRQ) != (value != XFER_NONE):
+        return f"a transfer {'without' if value else 'with'} DRQ in the status"
+    return None
+
+
+def _command_moves_data(value, values) -> str | None:
+    xfer = values["xfer"]
+    if xfer == XFER_NONE:
+        return "a command with no transfer in flight" if value else None
+    if value == IDENTIFY:
+        return None if xfer == XFER_IN else "IDENTIFY sends no data to the device"
+    if value not in DATA_COMMANDS:
+        return "not a command that moves data"
+    return None if DATA_COMMANDS[value][0] == xfer else "the transfer goes the other way"
+
+
+def _no_address_when_idle(value, values) -> str | None:
+    return "an address with no disk transfer in flight" if value and _idle(values) else None
+
+
+def _command_span(value, values) -> str | None:
+    if _idle(values):
+        return _no_address_when_idle(value, values)
+    lba = values["lba"]
+    if not lba < value <= lba + MAX_LBA48_COUNT:
+        return f"a command ending there cannot be at sector {lba} (at most {MAX_LBA48_COUNT})"
+    return None
+
+
+def _block_fits(value, values) -> str | None:
+    n, xfer = len(value), values["xfer"]
+    if xfer == XFER_NONE:
+        return "bytes with no transfer in flight" if n else None
+    if values["command"] == IDENTIFY:
+        return None if n == SECTOR_BYTES else f"IDENTIFY sends {SECTOR_BYTES} bytes"
+    sectors, rest = divmod(n, SECTOR_BYTES)
+    per_block = values["mult_sectors"] if DATA_COMMANDS[values["command"]][2] else 1
+    if rest or not 1 <= sectors <= per_block:
+        return f"not 1 to {per_block} whole sectors"
+    if values["lba"] + sectors > values["end_lba"]:
+        return "a block past the command's end"
+    return None
+
+
+def _inside_block(value, values) -> str | None:
+    n = len(values["buffer"])
+    if value % 2 or (value >= n if n else value):
+        return f"not an even position inside the {n}-byte block"
+    return None
+
+
+IDE_DRIVE = VMStateDescription(
+    "ide-drive", version_id=IdeDriveState.VERSION, minimum_version_id=1,
+    factory=IdeDriveState,
+    fields=[*(Field.u8(name, bound=TASK_FILE) for name in (
+                "feature", "hob_feature", "nsector", "hob_nsector", "sector", "hob_sector",
+                "lcyl", "hob_lcyl", "hcyl", "hob_hcyl", "select")),
+            Field.u8("status", check=_only_bits(STATUS_BITS)),
+            Field.u8("error", check=_only_bits(ERROR_BITS)),
+            Field.u8("mult_sectors", hi=max(MULT_SETTINGS),
+                     check=lambda v, _: None if v in MULT_SETTINGS else
+                     f"not one of {list(MULT_SETTINGS)}"),
+            Field.bool("lba48", bound=any_value("which address form the last command used")),
+            Field.u8("xfer", hi=XFER_OUT, check=_drq_says_transfer),
+            Field.u8("command", check=_command_moves_data),
+            Field.u64("lba", hi=_capacity, check=_no_address_when_idle),
+            Field.u64("end_lba", hi=_capacity, check=_command_span),
+            Field.buffer("buffer", max_size=MAX_BLOCK_BYTES, check=_block_fits),
+            Field.u16("pos", check=_inside_block)])
+
+DISK_DEVICES = {"ide": IDE_BUS, "ide-drive": IDE_DRIVE}  # a guest with disks has these too
+
 
 def kvm_state_specs(shape: StateShape) -> list[StateSpec]:
-    """The KVM guest's state entries: one ``cpu`` per vCPU, then its devices, each bounded by
-    ``shape`` (the guest's, with the entry's instance)."""
+    """The KVM guest's state entries: one ``cpu`` per vCPU, then its devices (the ATA channel
+    and one ``ide-drive`` per disk when it has disks), each bounded by ``shape`` (the
+    guest's, with the entry's instance)."""
     specs = [StateSpec("cpu", i, CPU, cpu=i, shape=dataclasses.replace(shape, instance=i))
              for i in range(shape.vcpus)]
     specs += [StateSpec(name, 0, vmsd, device=name, shape=shape)
               for name, vmsd in DEVICES.items()]
+    if shape.disk_sectors:  # the ATA channel exists with its disks
+        specs.append(StateSpec("ide", 0, IDE_BUS, device="ide", shape=shape))
+        specs += [StateSpec("ide-drive", unit, IDE_DRIVE, device=f"ide-drive{unit}",
+                            shape=dataclasses.replace(shape, instance=unit))
+                  for unit in range(len(shape.disk_sectors))]
     return specs

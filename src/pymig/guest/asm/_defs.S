@@ -40,6 +40,7 @@
 .equ P_TSC_PER_BATCH, 0x5020   # u64 TSC ticks per batch, even split (SH_TSC_PER_BATCH)
 .equ P_MAX_LAG,       0x5028   # u64 TSC ticks of lag after which pacing stops catching up
 .equ P_TSC_PER_US,    0x5030   # u32 TSC ticks per microsecond (>= 1)
+.equ P_DISK_BLOCKS,   0x5034   # u32 diskcheck: 4 KiB blocks in its working set on the disk
 # Per-vCPU share table at 0x5040 + 64*i; addressed from RBP (= 0x7000 + 64*i).
 .equ SH_BASE,   -0x1fc0        # u32 guest-physical address of the share's first page
 .equ SH_NPAGES, -0x1fbc        # u32 pages in the share (>= 1)
@@ -66,6 +67,7 @@
 .equ CTL_EVENT,    0x0         # write u32: (argument << 8) | event
 .equ CTL_PACE,     0x8         # write u32: microseconds the VMM may let this vCPU sleep
 .equ CTL_HALT,     0x10        # write: park this vCPU until the VMM pauses it (CPL 3 "hlt")
+.equ CONTROL_PORT, 0x510     # the same events as port I/O, for CPL 0 code (diskcheck)
 .equ EV_PASS,      1
 .equ EV_DONE,      2
 .equ EV_ERROR,     3

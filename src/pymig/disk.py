@@ -1,0 +1,270 @@
+"""Disk images: the raw files behind a guest's disks, and which parts of them were written.
+
+A :class:`DiskImage` is the one way pymig reads and writes a disk image: positioned reads and
+writes that finish or raise, ``fdatasync`` for a flush, the image's size and whether it is
+read-only, and its holes (``SEEK_DATA`` / ``SEEK_HOLE``; zeroes are written as holes where the
+file system can punch them).  The guest's disk controller (:mod:`pymig.kvm.ata`) and, for block
+migration, the code that copies an image both go through it.
+
+Dirty chunks.  While logging is on (:meth:`DiskImage.start_dirty_log`), every write marks the
+chunks (:data:`DIRTY_CHUNK_BYTES`, 1 MiB, unless told otherwise) it touched, *after* the bytes
+are in the file, so a reader that takes the log with :meth:`DiskImage.sync_dirty` and then
+reads the chunks it names never misses a write: a write that ends after the sync is marked
+for the next one.  A sync returns the chunks written since the previous sync (or since logging
+started) as a bitmap of uint64 words, bit ``i`` for chunk ``i`` (the dirty log's layout for
+RAM), and clears them.  A write that fails part-way marks its chunks all the same: some of its
+bytes may have reached the file.
+
+``--disk PATH[,readonly][,shared]`` (:class:`DiskSpec`): ``readonly`` opens the file
+``O_RDONLY`` and the guest's writes fail; ``shared`` says the destination of a migration opens
+the same file (shared storage), so the image need not travel with the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from pymig.errors import DiskError
+
+SECTOR_BYTES = 512
+DIRTY_CHUNK_BYTES = 1 << 20
+MAX_DISK_BYTES = SECTOR_BYTES << 48  # what LBA48 addresses
+MAX_PATH_CHARS = 4096
+DISK_OPTIONS = ("readonly", "shared")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+ZERO_WRITE_BYTES = 1 << 20  # zeroes written per call where a hole cannot be punched
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk as the user names it: its image file and how it is used."""
+
+    path: str
+    readonly: bool = False
+    shared: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        """``PATH[,readonly][,shared]`` (ValueError naming what is wrong)."""
+        path, *options = text.split(",")
+        if not path:
+            raise ValueError(f"--disk {text!r}: no image path")
+        unknown = [o for o in options if o not in DISK_OPTIONS]
+        if unknown:
+            raise ValueError(f"--disk {text!r}: unknown option(s) {unknown} (known: "
+                             f"{', '.join(DISK_OPTIONS)})")
+        return cls(path, readonly="readonly" in options, shared="shared" in options)
+
+    def open(self) -> "DiskImage":
+        return DiskImage(self.path, readonly=self.readonly)
+
+
+class DiskImage:
+    """A raw disk image, opened for the guest (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        try:
+            self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR)
+                              | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DiskError(f"disk image {self.path}: {exc.strerror}") from None
+        try:
+            self.size_bytes = _size_of(self.fd, self.path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._lock = threading.Lock()
+        self._dirty: np.ndarray | None = None
+        self._chunk_bytes = DIRTY_CHUNK_BYTES
+
+    @property
+    def sectors(self) -> int:
+        return self.size_bytes // SECTOR_BYTES
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    # --- I/O ---------------------------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (inside the image).  OSError if the file fails or
+        ends before them (it shrank under the guest: ``EIO``, saying so)."""
+        self._check_range(offset, length)
+        parts, done = [], 0
+        while done < length:
+            data = os.pread(self.fd, length - done, offset + done)
+            if not data:
+                size = os.fstat(self.fd).st_size
+                raise OSError(errno.EIO, f"the image ends at byte {size}, before "
+                                         f"{offset + length} (it shrank from "
+                                         f"{self.size_bytes})")
+            parts.append(data)
+            done += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset`` (inside the image), or raise OSError."""
+        length = len(data)
+        self._check_range(offset, length)
+        if self.readonly:
+            raise OSError(errno.EROFS, f"{self.path} is open read-only")
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < length:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        finally:
+            self._mark(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeroes, as a hole where the file system
+        punches one, else by writing zeroes."""
+        self._check_range(offset, length)
+        if self.readonly:
+            raise OSError(errno.EROFS, f"{self.path} is open read-only")
+        try:
+            if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                               length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, f"punching a hole in {self.path}: {os.strerror(err)}")
+            zero = bytes(min(length, ZERO_WRITE_BYTES))
+            for at in range(offset, offset + length, len(zero)):
+                view = memoryview(zero)[:min(len(zero), offset + length - at)]
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], at + done)
+        finally:
+            self._mark(offset, length)
+
+    def flush(self) -> None:
+        """Everything written so far is on stable storage when this returns (fdatasync)."""
+        os.fdatasync(self.fd)
+
+    def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of the parts of ``[start, end)`` that may hold data, in order;
+        the rest are holes, which read as zeroes.  Where the file system cannot tell, the
+        whole range is one extent."""
+        end = self.size_bytes if end is None else min(end, self.size_bytes)
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but hole from pos to the end of file
+                    return
+                if exc.errno == errno.EINVAL:  # no SEEK_DATA here: all of it may be data
+                    yield pos, end - pos
+                    return
+                raise
+            if data >= end:
+                return
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield data, hole - data
+            pos = hole
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "DiskImage":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size_bytes:
+            raise ValueError(f"[{offset}, {offset + length}) is outside the "
+                             f"{self.size_bytes}-byte image {self.path}")
+
+    # --- dirty chunks ------------------------------------------------------------------------
+
+    @property
+    def dirty_chunk_bytes(self) -> int:
+        return self._chunk_bytes
+
+    @property
+    def chunks(self) -> int:
+        """How many dirty-log chunks cover the image (the last may be partial)."""
+        return -(-self.size_bytes // self._chunk_bytes)
+
+    @property
+    def logging(self) -> bool:
+        return self._dirty is not None
+
+    def start_dirty_log(self, chunk_bytes: int = DIRTY_CHUNK_BYTES) -> None:
+        """Log the chunks written from now on (a clean log: earlier writes are not in it)."""
+        if chunk_bytes <= 0 or chunk_bytes % SECTOR_BYTES:
+            raise ValueError(f"a dirty chunk is a positive multiple of {SECTOR_BYTES} bytes, "
+                             f"not {chunk_bytes}")
+        with self._lock:
+            self._chunk_bytes = chunk_bytes
+            self._dirty = np.zeros(-(-self.chunks // 64), dtype=np.uint64)
+
+    def stop_dirty_log(self) -> None:
+        with self._lock:
+            self._dirty = None
+
+    def sync_dirty(self) -> np.ndarray:
+        """The chunks written since the previous sync or the start (bit i: chunk i), which
+        are then clear.  ValueError while logging is off."""
+        with self._lock:
+            if self._dirty is None:
+                raise ValueError(f"dirty logging of {self.path} is off")
+            taken = self._dirty
+            self._dirty = np.zeros_like(taken)
+        return taken
+
+    def _mark(self, offset: int, length: int) -> None:
+        if not length:
+            return
+        with self._lock:
+            bitmap = self._dirty
+            if bitmap is None:
+                return
+            first = offset // self._chunk_bytes
+            last = (offset + length - 1) // self._chunk_bytes
+            for chunk in range(first, last + 1):
+                bitmap[chunk >> 6] |= np.uint64(1 << (chunk & 63))
+
+
+def _size_of(fd: int, path: str) -> int:
+    """The usable size of an image: a regular file's length or a block device's, a whole
+    number of sectors, at most what LBA48 addresses."""
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode):
+        size = info.st_size
+    elif stat.S_ISBLK(info.st_mode):
+        size = os.lseek(fd, 0, os.SEEK_END)
+    else:
+        raise DiskError(f"disk image {path}: not a regular file or a block device")
+    if size == 0:
+        raise DiskError(f"disk image {path} is empty (create it with a size first, e.g. "
+                        f"truncate -s 64M {path})")
+    if size % SECTOR_BYTES:
+        raise DiskError(f"disk image {path} is {size} bytes, not a whole number of "
+                        f"{SECTOR_BYTES}-byte sectors")
+    if size > MAX_DISK_BYTES:
+        raise DiskError(f"disk image {path} is {size} bytes, more than LBA48 addresses "
+                        f"({MAX_DISK_BYTES})")
+    return size
