@@ -3,9 +3,10 @@
 A harness module defines ``test_one_input(data: bytes)``, which returns on an input its target
 handled as documented and raises anything else (an exception the target let out, or a
 :class:`Finding` of the harness's own checks); optionally ``setup()``, called once before the
-first input, and ``mutator(mutate)``, which makes a libFuzzer custom mutator from atheris's
-``Mutate``.  Nothing else of pymig is imported here, so that the fuzzer's import hook sees the
-targets' modules load and instruments them.
+first input; ``mutator(mutate)``, which makes a libFuzzer custom mutator from atheris's
+``Mutate``; and ``dictionary()``, the words of its format (:mod:`pymig.fuzz.words`).
+Nothing else of pymig is imported here, so that the fuzzer's import hook sees the targets'
+modules load and instruments them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def fuzz(target: str, args: list[str]) -> None:
     last = os.environ.get(LAST_INPUT_ENV)
     if last:
         test_one_input = _recording(test_one_input, last)
+    dictionary = getattr(module, "dictionary", None)
+    if dictionary is not None and not any(arg.startswith("-dict=") for arg in args):
+        args = [f"-dict={_dictionary_file(dictionary())}", *args]
     options = {}
     mutator = getattr(module, "mutator", None)
     if mutator is not None:
@@ -65,6 +69,18 @@ def fuzz(target: str, args: list[str]) -> None:
     atheris.Setup([f"{sys.executable} -m pymig.fuzz {target}", *args], test_one_input,
                   **options)
     atheris.Fuzz()
+
+
+def _dictionary_file(words: list[bytes]) -> str:
+    """A path to ``words`` as a libFuzzer dictionary, in memory (nothing left behind); the
+    descriptor is inherited, so processes libFuzzer starts (-fork, -minimize_crash) read it
+    too."""
+    from pymig.fuzz.words import write
+
+    fd = os.memfd_create("pymig-fuzz-dictionary", 0)
+    with os.fdopen(os.dup(fd), "wb") as handle:
+        write(words, handle)
+    return f"/proc/self/fd/{fd}"
 
 
 def _recording(test_one_input: Callable[[bytes], None], path: str) -> Callable[[bytes], None]:

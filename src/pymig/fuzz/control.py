@@ -8,8 +8,8 @@ Input::
     1 bytes       what a client sends
 
 The bytes go through the server's :class:`~pymig.control.MessageSplitter` in one piece and in
-pieces, which must cut the same texts (and outgrow the limit at the same text); each text is then handled
-as a client connection handles it, against a real :class:`~pymig.session.Session` whose
+pieces, which must cut the same texts (and outgrow the limit at the same text); each text is
+then handled as a client connection handles it, against a real :class:`~pymig.session.Session` whose
 migrations and incoming migrations only parse their URI, so nothing runs, listens or
 connects.  ``handle`` answers every text and never raises; an answer must encode as JSON and
 must not be an "internal error" (the catch-all for a bug in a command).
@@ -22,6 +22,7 @@ import json
 from pymig import transport
 from pymig.control import MAX_MESSAGE_BYTES, MessageSplitter, _Client
 from pymig.fuzz._harness import Finding
+from pymig.fuzz.words import control_words as dictionary  # noqa: F401 - for _harness
 from pymig.session import CommandError, Session
 
 SMALL_LIMIT = 64

@@ -112,7 +112,7 @@ def _decode_everywhere(data: bytes) -> None:
         outcomes.append(_decode(backend, _arena(i), packet, page_size, block_id, npages, fill,
                                 None if present is None else present.copy()))
     first = outcomes[0]
-    for other, backend in zip(outcomes[1:], _backends[1:]):
+    for other, backend in zip(outcomes[1:], _backends[1:], strict=True):
         if other[0] != first[0]:
             raise Finding(f"backends disagree: {_backends[0].backend} gave {first[0]!r}, "
                           f"{backend.backend} gave {other[0]!r}")

@@ -143,6 +143,9 @@ def main(argv: list[str]) -> int:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--seconds", type=float, help="per target")
     budget.add_argument("--runs", type=int, help="executions per target")
+    parser.add_argument("--target-runs", action="append", default=[], metavar="TARGET=N",
+                        help="executions for one target instead of --runs (repeatable: the "
+                             "targets run at speeds hundreds of times apart)")
     parser.add_argument("--seeds", type=Path, help="seed corpora (made there when missing; "
                                                    "default: made in a temporary directory)")
     parser.add_argument("--quick-seeds", action="store_true",
@@ -163,12 +166,20 @@ def main(argv: list[str]) -> int:
                              "shared host)")
     parser.add_argument("libfuzzer", nargs="*", help="more libFuzzer flags, after --")
     args = parser.parse_args(argv)
-    if args.seconds is None and args.runs is None:
+    if args.seconds is None and args.runs is None and not args.target_runs:
         args.seconds = 60.0
     targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown targets {unknown} (known: {', '.join(TARGETS)})")
+    runs_for = {}
+    for item in args.target_runs:
+        target, _, number = item.partition("=")
+        if target not in TARGETS or not number.isdigit():
+            parser.error(f"--target-runs {item!r}: expected TARGET=N with a known target")
+        runs_for[target] = int(number)
+    if runs_for and args.runs is None:
+        parser.error("--target-runs goes with --runs (the budget of the other targets)")
     env = dict(os.environ)
     if args.kvm:
         env["PYMIG_FUZZ_KVM"] = "1"
@@ -188,7 +199,8 @@ def main(argv: list[str]) -> int:
         results = []
         for target in targets:
             result = run_target(target, seeds=seeds, corpus=corpus, artifacts=args.artifacts,
-                                logs=logs, seconds=args.seconds, runs=args.runs,
+                                logs=logs, seconds=args.seconds,
+                                runs=runs_for.get(target, args.runs),
                                 timeout_s=args.timeout, rss_limit_mb=args.rss_limit_mb,
                                 env=env, extra=args.libfuzzer)
             results.append(result)
@@ -200,8 +212,11 @@ def main(argv: list[str]) -> int:
                   f"{result.seconds:>7.1f} s  {verdict}", flush=True)
             if not result.ok and not args.logs:  # the log goes with the scratch directory
                 print(Path(result.log).read_text(errors="replace")[-4000:], flush=True)
-        budget = (f"{args.runs:,} executions" if args.runs is not None
-                  else f"{args.seconds:g} s") + " per target"
+        if args.seconds is not None:
+            budget = f"{args.seconds:g} s per target"
+        else:
+            budget = ", ".join(f"{t} {runs_for.get(t, args.runs):,}" for t in targets) \
+                + " executions"
         if args.summary:
             args.summary.write_text(json.dumps({"budget": budget, "backend": _backend(),
                                                 "results": [asdict(r) for r in results]},

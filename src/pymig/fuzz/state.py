@@ -30,6 +30,7 @@ from pymig import stream, vmstate
 from pymig.errors import PymigError
 from pymig.fuzz import destination
 from pymig.fuzz._harness import Finding
+from pymig.fuzz.words import stream_words as dictionary  # noqa: F401 - for _harness
 from pymig.guest import GuestConfig
 from pymig.guest.base import GuestState
 from pymig.machine import CONFIG_IDSTR, CONFIG_SECTION_ID, load_config

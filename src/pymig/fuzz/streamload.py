@@ -19,6 +19,7 @@ from pymig import stream
 from pymig.errors import PymigError
 from pymig.fuzz import destination, repair
 from pymig.fuzz.mutate import stream_mutator as mutator  # noqa: F401 - for _harness
+from pymig.fuzz.words import stream_words as dictionary  # noqa: F401 - for _harness
 from pymig.machine import Machine, load_config
 from pymig.transport import BytesChannel
 
