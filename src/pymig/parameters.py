@@ -18,7 +18,9 @@ credentials loaded at start (``--tls-creds DIR``, id ``tls0``) or is a directory
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,9 +181,12 @@ class ParameterStore:
         with self._lock:
             for attr, value in checked.items():
                 setattr(self._params, attr, value)
-            listeners = list(self._listeners)
+            listeners = [ref() for ref in self._listeners]
+            self._listeners = [ref for ref, callback in zip(self._listeners, listeners)
+                               if callback is not None]
         for callback in listeners:
-            callback(checked)
+            if callback is not None:
+                callback(checked)
 
     def set_capabilities(self, **caps: bool) -> None:
         for name, value in caps.items():
@@ -194,6 +199,11 @@ class ParameterStore:
             self._params.capabilities.update(caps)
 
     def on_change(self, callback) -> None:
-        """``callback(changed: dict[attr, value])`` after every successful :meth:`set`."""
+        """``callback(changed: dict[attr, value])`` after every successful :meth:`set`.
+
+        A bound method is held weakly: the store outlives every migration of its process,
+        and a migration that ended must not stay alive (with its buffers) through it."""
+        ref = (weakref.WeakMethod(callback) if inspect.ismethod(callback)
+               else (lambda callback=callback: callback))
         with self._lock:
-            self._listeners.append(callback)
+            self._listeners.append(ref)

@@ -37,6 +37,7 @@ from pymig.errors import MigrationError, PymigError
 from pymig.guest import Guest
 from pymig.incoming import Incoming, IncomingResult
 from pymig.machine import Machine
+from pymig.memory import release_freed_memory
 from pymig.migration import ACTIVE_STATES, Migration, Status
 from pymig.parameters import CAPABILITIES, ParameterStore
 from pymig.transport.tlscreds import CredentialStore, TlsCredentials
@@ -410,6 +411,7 @@ class Session:
         self.migration = None
         self.guest_ready.clear()
         machine.close()
+        release_freed_memory()
 
     def _receive(self) -> None:
         try:
@@ -420,11 +422,13 @@ class Session:
             return
         self.incoming_result = result
         self.emit("RESUME", {})  # once the incoming side says "completed" (events keep order)
+        release_freed_memory()  # the load's buffers, now that the guest runs
 
     def _guest_started(self, machine: Machine) -> None:
         # The guest is this process's from the moment its vCPUs run: commands reach it from
-        # then on, before the source even hears the ACK.
-        self.machine = machine
+        # then on, before the source even hears the ACK.  Held as a source's machine, so that
+        # it can migrate on (a destination's machine loads; it has nothing to send with).
+        self.machine = Machine.source(machine.guest)
         self.migration = None
         self.guest_ready.set()
 
