@@ -96,10 +96,11 @@ def test_tls_parameters_over_qmp(pki, tmp_path):
 def _secured_pair(pki: Pki):
     a, b = socket.socketpair()
     box = {}
+    server_creds, client_creds = pki.creds(), pki.creds()
     server = threading.Thread(target=lambda: box.update(
-        s=tls.accept(SocketChannel(b, "destination end"), pki.creds())))
+        s=tls.accept(SocketChannel(b, "destination end"), server_creds)))
     server.start()
-    client = tls.connect(SocketChannel(a, "source end"), pki.creds(), "localhost")
+    client = tls.connect(SocketChannel(a, "source end"), client_creds, "localhost")
     server.join(30)
     return client, box["s"]
 

@@ -64,6 +64,8 @@ SEND_SLICE_BYTES = 256 << 10
 SMALL_BUFFER_BYTES = 4096
 #: Most ciphertext taken from the socket at a time.
 RECV_BUFFER_BYTES = 256 << 10
+#: A whole TLS 1.3 record on the wire: header, plaintext, content type, AEAD tag.
+MAX_RECORD_BYTES = 5 + RECORD_PLAINTEXT_BYTES + 1 + 256
 #: How long the handshake, the verdict included, may take.
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -155,6 +157,7 @@ class TlsChannel(Channel):
         self._recv_lock = threading.Lock()
         self._rbuf = memoryview(bytearray(RECV_BUFFER_BYTES))
         self._peeked = bytearray()  # plaintext wait_readable decrypted ahead of a receive
+        self._ended = False  # the peer ended the session: every receive returns 0
         self.peer_identity: str | None = None
         self.handshake_s = 0.0
 
@@ -223,26 +226,55 @@ class TlsChannel(Channel):
     # --- receiving ------------------------------------------------------------------------
     def _recv_some(self, view: memoryview) -> int:
         with self._recv_lock:
+            if self._ended:
+                return 0
             if self._peeked:
                 n = min(len(view), len(self._peeked))
                 view[:n] = self._peeked[:n]
                 del self._peeked[:n]
                 return n
             while True:
-                with self._ssl_lock:
-                    try:
-                        return self._ssl.read(len(view), view)
-                    except ssl.SSLWantReadError:
-                        pass
-                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                        return 0  # the peer ended the session (close_notify, or the socket)
-                    except ssl.SSLError as exc:
-                        raise self._error(exc) from None
-                n = self.raw.recv_available(self._rbuf)
+                got = self._decrypt_into(view)
+                if got or self._ended:
+                    return got
+                # Ciphertext that cannot hold the rest of the view wakes this thread early for
+                # nothing: wait for as much as it certainly holds (beyond what is buffered here
+                # and at most one record OpenSSL keeps partly read).
+                wanted = min(len(view) - self._in.pending - MAX_RECORD_BYTES,
+                             RECV_BUFFER_BYTES)
+                if wanted > 0:
+                    n = self.raw._recv_some(self._rbuf[:wanted])
+                else:
+                    n = self.raw.recv_available(self._rbuf)
                 if n <= 0:
                     return n  # end of stream, or a receive deadline's timer
                 with self._ssl_lock:
                     self._in.write(self._rbuf[:n])
+
+    def _decrypt_into(self, view: memoryview) -> int:
+        """Decrypt what the buffered records hold into ``view``, record after record under
+        one hold of the lock (OpenSSL returns one record per call); 0 if no whole record is
+        buffered, or the peer ended the session (then :attr:`_ended` is set)."""
+        got = 0
+        size = len(view)
+        with self._ssl_lock:
+            while got < size:
+                try:
+                    n = self._ssl.read(size - got, view[got:] if got else view)
+                except ssl.SSLWantReadError:
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    self._ended = True  # the peer ended the session (close_notify or socket)
+                    break
+                except ssl.SSLError as exc:
+                    if got:
+                        break  # what came before the error first; the error next time
+                    raise self._error(exc) from None
+                if n == 0:  # CPython's word for the peer's close_notify
+                    self._ended = True
+                    break
+                got += n
+        return got
 
     def wait_readable(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
