@@ -125,18 +125,20 @@ def _sample(pid: int) -> Sample:
     return Sample(rss, len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")))
 
 
-def _settled_sample(pid: int, timeout: float = 2.0) -> Sample:
-    """A sample once the thread and descriptor counts hold still (threads of the migration
-    just finished end a moment after it reports)."""
+def _settled_sample(pid: int, previous: Sample | None, timeout: float = 2.0) -> Sample:
+    """A sample once the threads and descriptors a migration used are gone: its threads end,
+    and its collector pass runs, a moment after it reports.  Sampled until the counts are back
+    to the previous round trip's or ``timeout`` passed; the lowest counts seen then (a thread
+    or a descriptor that leaks stays, and shows in every sample)."""
     deadline = time.monotonic() + timeout
-    last = _sample(pid)
-    while time.monotonic() < deadline:
+    sample = _sample(pid)
+    fds, threads = sample.fds, sample.threads
+    while previous is not None and (fds, threads) != (previous.fds, previous.threads) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-        now = _sample(pid)
-        if (now.fds, now.threads) == (last.fds, last.threads):
-            return now
-        last = now
-    return last
+        sample = _sample(pid)
+        fds, threads = min(fds, sample.fds), min(threads, sample.threads)
+    return Sample(sample.rss_bytes, fds, threads)
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -199,7 +201,9 @@ def run_soak(round_trips: int = 200, *, tls_creds: str | None = None, kind: str 
                         verify_every and trip % verify_every == verify_every - 1))
                     holder, other = other, holder
                 for name in ("A", "B"):
-                    result.samples[name].append(_settled_sample(procs[name].pid))
+                    samples = result.samples[name]
+                    samples.append(_settled_sample(procs[name].pid,
+                                                   samples[-1] if samples else None))
                 if result.failures:
                     break
                 say(f"round trip {trip + 1}/{round_trips}: "
