@@ -169,6 +169,11 @@ class TlsChannel(Channel):
     def version(self) -> str:
         return self._ssl.version()
 
+    @property
+    def sock(self):
+        """The socket under the session (what the in-flight estimate asks the kernel about)."""
+        return self.raw.sock
+
     def fileno(self) -> int:
         return self.raw.fileno()
 
