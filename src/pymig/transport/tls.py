@@ -262,10 +262,11 @@ class TlsChannel(Channel):
         buffered, or the peer ended the session (then :attr:`_ended` is set)."""
         got = 0
         size = len(view)
+        read = self._ssl.read
         with self._ssl_lock:
             while got < size:
                 try:
-                    n = self._ssl.read(size - got, view[got:] if got else view)
+                    n = read(size - got, view[got:] if got else view)
                 except ssl.SSLWantReadError:
                     break
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
