@@ -22,7 +22,7 @@ from pymig import benchmigrate as bm
 
 RUNS = int(os.environ.get("PYMIG_BENCH_RUNS", "5"))
 CHOSEN = [n for n in os.environ.get("PYMIG_BENCH_SCENARIOS", "").split(",") if n]
-NAMES = CHOSEN or list(bm.SCENARIOS)
+NAMES = CHOSEN or [n for n, s in bm.SCENARIOS.items() if not s.tls]  # TLS: test_bench_tls.py
 
 
 @pytest.fixture(scope="module")

@@ -132,13 +132,15 @@ def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     decide=None, during=None, trace_path: str | None = None,
                     digests: bool = True, guest_options: dict | None = None,
                     limits: DestinationLimits = ANY_KIND,
-                    progress_timeout: float | None = 60.0) -> LocalMigration:
+                    progress_timeout: float | None = 60.0, tls=None,
+                    credentials=None) -> LocalMigration:
     """Migrate ``guest`` to a destination in this process (its guest built with
     ``guest_options``, within ``limits``); ``during(migration)`` runs in the test's thread
-    once the migration is under way."""
+    once the migration is under way.  ``tls``: the destination's (credentials, tls-authz);
+    ``credentials``: the CredentialStore the source's tls-creds parameter names."""
     at_load: list[str] = []
     incoming = Incoming(uri, accept_timeout=timeout, guest_options=guest_options,
-                        limits=limits, progress_timeout=progress_timeout,
+                        limits=limits, progress_timeout=progress_timeout, tls=tls,
                         before_start=(lambda m: at_load.extend(block_digests(
                             m.guest.ram_blocks))) if digests else None)
     bound = incoming.listen()
@@ -158,7 +160,7 @@ def migrate_locally(guest, uri: str, *, params: dict | None = None,
     if capabilities:
         store.set_capabilities(**capabilities)
     kwargs = {"decide": decide} if decide is not None else {}
-    migration = Migration(Machine.source(guest), store, **kwargs)
+    migration = Migration(Machine.source(guest), store, credentials=credentials, **kwargs)
     migration.start(bound, trace_path=trace_path)
     if during is not None:
         during(migration)

@@ -28,7 +28,12 @@ same loopback, between this process and a fresh child process:
   ``fresh-memory`` below measures the cold one too.
 
     python -m pymig.benchmigrate bench [SCENARIO ...] [--runs N] [--json] [--verbose]
+                                       [--tls-creds DIR]   (for the *-tls scenarios)
+    python -m pymig.benchmigrate tls [SCENARIO] --tls-creds DIR [--runs N]
     python -m pymig.benchmigrate fresh-memory [--size 1G] [--idle 40] [--runs 3]
+
+``tls`` runs a scenario and its TLS twin in turns and prints the ratio of their throughputs
+and the TLS set-up time (:func:`tls_comparison`).
 
 The second measures what this host's fresh memory allows any destination, cold and warm
 (:func:`fresh_memory_ceilings`).
@@ -102,13 +107,14 @@ class Scenario:
     destination_backing: str = "anon"  # the destination's guest RAM (pymig incoming --mem-backing)
     destination_prealloc: bool = False  # ... made ready before the migration (--mem-prealloc)
     compression: str = "lz4"  # the migration parameter
+    tls: bool = False  # over TLS (run_once's tls_creds: both processes' credentials)
 
 
 # Figures every run reports (ms, bytes, bytes/s, or a plain ratio).
 FIGURES = ("total_ms", "downtime_ms", "expected_downtime_ms", "expected_error", "setup_ms",
            "transferred_bytes", "throughput_bps", "iterations", "throttle_pct",
            "rss_overhead_bytes", "rss_overhead_ratio", "ceiling_bps", "throughput_ratio",
-           "fresh_ceiling_bps", "fresh_ratio")
+           "fresh_ceiling_bps", "fresh_ratio", "tls_handshake_ms")
 
 SCENARIOS: dict[str, Scenario] = {}
 
@@ -176,6 +182,14 @@ for _name in ("random-1g", "dirty-100m", "nonconv-512m-dl150", "random-1g-hugetl
     _add(replace(SCENARIOS[_name], name=f"{_name}-prealloc", destination_prealloc=True,
                  description=f"{SCENARIOS[_name].description}; the destination's RAM faulted in "
                              f"before the migration (pymig incoming --mem-prealloc)"))
+
+# The same migrations over TLS (both ends with the credentials run_once is given; the
+# destination's certificate must carry 127.0.0.1).  tls_comparison() runs each next to its
+# plaintext twin and reports the ratio of their throughputs.
+for _name in ("random-1g", "random-1g-prealloc", "idle-1g"):
+    _add(replace(SCENARIOS[_name], name=f"{_name}-tls", tls=True,
+                 targets=SCENARIOS[_name].targets + (Target("tls_handshake_ms", 10),),
+                 description=f"{SCENARIOS[_name].description}; over TLS"))
 
 # The dirtier's pages are zero but for one byte, so LZ4 sends them in 1/200 of their size;
 # sent as they are, they measure the pipeline that QEMU's figures (no compression) compare to.
@@ -253,12 +267,17 @@ def hugetlb_shortfall(scenario: Scenario) -> int:
 
 def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = lambda s: None,
              wrap: Callable[[str, list[str]], list[str]] | None = None,
-             trace: str | None = None) -> dict[str, float]:
+             trace: str | None = None, tls_creds: str | None = None) -> dict[str, float]:
     """One migration of ``scenario`` between two fresh processes; its figures.
 
     ``wrap(role, argv)`` may rewrite the command line of the "source" or "destination"
-    process (a profiler, a tracer); ``trace`` is a path for the source's per-iteration trace.
+    process (a profiler, a tracer); ``trace`` is a path for the source's per-iteration trace;
+    ``tls_creds`` the credentials directory of a TLS scenario (both ends use it).
     """
+    if scenario.tls and not tls_creds:
+        raise RuntimeError(f"{scenario.name} runs over TLS and needs credentials: a directory "
+                           f"in QEMU's layout whose server certificate carries 127.0.0.1 "
+                           f"(--tls-creds DIR)")
     wrap = wrap or (lambda role, argv: argv)
     from pymig.qmp import QmpClient, wait_for_socket
 
@@ -286,7 +305,9 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
                                                     "--accept-kind", kind,
                                                     "--mem-backing",
                                                     scenario.destination_backing, "--quiet",
-                                                    *_prealloc_args(scenario)]),
+                                                    *_prealloc_args(scenario),
+                                                    *(["--tls-creds", tls_creds]
+                                                      if scenario.tls else [])]),
                                env=env, stdout=subprocess.DEVNULL)
         wait_for_socket(src_ctl, src, "source", 60)
         wait_for_socket(dst_ctl, dst, "destination", 60)
@@ -296,6 +317,8 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
             params: dict[str, Any] = {"downtime-limit": scenario.downtime_limit_ms,
                                       "max-bandwidth": scenario.max_bandwidth,
                                       "compression": scenario.compression}
+            if scenario.tls:
+                params["tls-creds"] = tls_creds  # loaded now, before the migration
             client.command("migrate-set-parameters", **params)
             if scenario.auto_converge:
                 client.command("migrate-set-parameters",
@@ -436,7 +459,8 @@ def figures_from_stats(stats: dict, ram_bytes: int) -> dict[str, float]:
         downtime = float(sum(phases.values()))
     expected = float(stats.get("downtime-expected-at-switchover", math.nan))
     transferred = float(ram.get("transferred", 0))
-    return {
+    tls = {"tls_handshake_ms": float(stats["tls"]["handshake-time"])} if "tls" in stats else {}
+    return tls | {
         "total_ms": total_ms,
         "downtime_ms": downtime,
         "expected_downtime_ms": expected,
@@ -483,16 +507,53 @@ class ScenarioResult:
 
 
 def run_scenario(scenario: Scenario | str, runs: int = 5, *,
-                 say: Callable[[str], None] = lambda s: None) -> ScenarioResult:
+                 say: Callable[[str], None] = lambda s: None,
+                 tls_creds: str | None = None) -> ScenarioResult:
     """``runs`` migrations of ``scenario`` (each between two fresh processes)."""
     if isinstance(scenario, str):
         scenario = SCENARIOS[scenario]
     workdir = tempfile.mkdtemp(prefix="pymig-bench-")
     try:
-        results = [run_once(scenario, workdir, say=say) for _ in range(runs)]
+        results = [run_once(scenario, workdir, say=say, tls_creds=tls_creds)
+                   for _ in range(runs)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return ScenarioResult(scenario, results)
+
+
+@dataclass
+class TlsComparison:
+    """A scenario and its TLS twin, run in turns: what TLS costs, as ratios."""
+
+    plaintext: ScenarioResult
+    tls: ScenarioResult
+
+    def figures(self) -> dict[str, float]:
+        plain, secured = self.plaintext.medians, self.tls.medians
+        pairs = [t["throughput_bps"] / p["throughput_bps"]
+                 for p, t in zip(self.plaintext.runs, self.tls.runs)]
+        return {"plaintext_bps": plain["throughput_bps"], "tls_bps": secured["throughput_bps"],
+                "throughput_ratio": secured["throughput_bps"] / plain["throughput_bps"],
+                "pair_ratios": pairs,
+                "plaintext_setup_ms": plain["setup_ms"], "tls_setup_ms": secured["setup_ms"],
+                "tls_handshake_ms": secured.get("tls_handshake_ms", math.nan),
+                "plaintext_total_ms": plain["total_ms"], "tls_total_ms": secured["total_ms"]}
+
+
+def tls_comparison(name: str, runs: int, tls_creds: str, *,
+                   say: Callable[[str], None] = lambda s: None) -> TlsComparison:
+    """``runs`` migrations of scenario ``name`` and as many of its TLS twin, alternating (the
+    host's speed moves from minute to minute: each pair sees the same host)."""
+    plain, secured = SCENARIOS[name], SCENARIOS[f"{name}-tls"]
+    workdir = tempfile.mkdtemp(prefix="pymig-bench-")
+    plain_runs, tls_runs = [], []
+    try:
+        for _ in range(runs):
+            plain_runs.append(run_once(plain, workdir, say=say))
+            tls_runs.append(run_once(secured, workdir, say=say, tls_creds=tls_creds))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return TlsComparison(ScenarioResult(plain, plain_runs), ScenarioResult(secured, tls_runs))
 
 
 def _fmt(value: float) -> str:
@@ -572,10 +633,20 @@ def main(argv: list[str] | None = None) -> int:
     p_src.add_argument("config")
     p_src.add_argument("control")
     p_bench = sub.add_parser("bench", help="run scenarios")
-    p_bench.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
+    p_bench.add_argument("scenarios", nargs="*",
+                         default=[n for n, sc in SCENARIOS.items() if not sc.tls])
     p_bench.add_argument("--runs", type=int, default=5)
     p_bench.add_argument("--json", action="store_true")
     p_bench.add_argument("--verbose", action="store_true")
+    p_bench.add_argument("--tls-creds", metavar="DIR", default=None,
+                         help="credentials for the *-tls scenarios (QEMU's layout; the server "
+                              "certificate must carry 127.0.0.1)")
+    p_tls = sub.add_parser("tls", help="a scenario and its TLS twin in turns: the ratio of "
+                                       "their throughputs, and the TLS set-up time")
+    p_tls.add_argument("scenario", nargs="?", default="random-1g")
+    p_tls.add_argument("--tls-creds", metavar="DIR", required=True)
+    p_tls.add_argument("--runs", type=int, default=5)
+    p_tls.add_argument("--verbose", action="store_true")
     p_fresh = sub.add_parser(
         "fresh-memory", help="the bare socket into fresh memory, cold (after a quiet wait) "
                              "and warm, against the raw socket: what any destination's first "
@@ -599,9 +670,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f['ceiling_bps'] / 1e6:.0f} MB/s", flush=True)
         return 0
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
+    if args.command == "tls":
+        figures = tls_comparison(args.scenario, args.runs, args.tls_creds, say=say).figures()
+        print(json.dumps(figures))
+        return 0
     results = []
     for name in args.scenarios:
-        result = run_scenario(name, args.runs, say=say)
+        result = run_scenario(name, args.runs, say=say, tls_creds=args.tls_creds)
         results.append(result)
         if not args.json:
             print(format_result(result), flush=True)

@@ -35,6 +35,13 @@ CONTROL_TCP_TOKEN_HELP = ("the file holding the token a client over --control-tc
                           "/tmp/pymig-UID/... without XDG_RUNTIME_DIR)")
 
 
+TLS_CREDS_HELP = ("TLS for migrations, mutually authenticated: a directory in QEMU's "
+                  "tls-creds-x509 layout (ca-cert.pem, server-cert.pem/server-key.pem to "
+                  "receive, client-cert.pem/client-key.pem to send), loaded now as tls0 and "
+                  "set as the tls-creds parameter; DIR,verify-peer=off accepts sources without "
+                  "a certificate")
+
+
 def _fail(message: str) -> None:
     click.echo(f"pymig: {message}", err=True)
     sys.exit(1)
@@ -93,10 +100,11 @@ def main() -> None:
               help=CONTROL_TCP_TOKEN_HELP)
 @click.option("--serial", type=click.Path(dir_okay=False), default=None,
               help="append the guest's serial output to this file")
+@click.option("--tls-creds", metavar="DIR[,verify-peer=off]", default=None, help=TLS_CREDS_HELP)
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
         hot_fraction, rounds, disks, disk_working_set, simulated, dirty_ring, mem_backing, control,
-        control_tcp, control_tcp_token, serial, quiet) -> None:
+        control_tcp, control_tcp_token, serial, tls_creds, quiet) -> None:
     """Run a guest, with its serial output live and its dirty rate once a second."""
     from pymig import guest as guests
     from pymig.errors import PymigError
@@ -118,6 +126,7 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
     except (PymigError, ValueError, OSError) as exc:
         _fail(str(exc))
     session = Session(guest)
+    _load_tls(session, tls_creds)
     _serve(session, control=control, control_tcp=_loopback(control_tcp),
            control_token=control_tcp_token, serial_file=serial, quiet=quiet, start=True)
 
@@ -137,6 +146,22 @@ def _preallocate(memory: int, backing: str, quiet: bool):
         click.echo(f"[pymig] {memory / (1 << 30):.2f} GiB of RAM made ready in "
                    f"{time.monotonic() - started:.2f} s", err=True)
     return ram
+
+
+def _load_tls(session, spec: str | None, authz: tuple[str, ...] = ()) -> None:
+    """--tls-creds (and --tls-authz): loaded and checked before anything is served."""
+    from pymig.errors import TlsError
+    from pymig.transport.tlscreds import parse_spec
+
+    try:
+        if spec is not None:
+            directory, verify_peer = parse_spec(spec)
+            session.load_credentials(directory, verify_peer=verify_peer)
+        if authz:
+            session.params.set(**{"tls-authz": list(authz)})
+    except (TlsError, ValueError) as exc:
+        session.close()
+        _fail(str(exc))
 
 
 def _loopback(port: int | None) -> tuple[str, int] | None:
@@ -193,10 +218,14 @@ def _serve(session, **options) -> None:
 @click.option("--disk", "disks", multiple=True, metavar="PATH",
               help="a disk image on shared storage the incoming guest may use (its source ran "
                    "it with --disk PATH,shared); a stream naming any other image is refused")
+@click.option("--tls-creds", metavar="DIR[,verify-peer=off]", default=None, help=TLS_CREDS_HELP)
+@click.option("--tls-authz", "tls_authz", multiple=True, metavar="DN",
+              help="accept only a source whose certificate's subject is DN (RFC 4514, e.g. "
+                   "'CN=src.example,O=Example'; a glob matches too; repeat for more)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
              max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, disks,
-             quiet) -> None:
+             tls_creds, tls_authz, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -205,7 +234,9 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
     stream, within this destination's limits (--accept-kind, --max-memory, --max-vcpus),
     checked before anything is allocated; --memory/--vcpus ask for exactly that guest,
     --mem-prealloc readies that much RAM ahead of it, and --disk names the shared disk images
-    the guest may open (a stream naming any other file is refused).
+    the guest may open (a stream naming any other file is refused).  With --tls-creds the
+    source must come over TLS with a certificate that DIR's CA signed (and, with --tls-authz,
+    one of those identities); anything else is refused before a byte of its stream is read.
     """
     from pymig.incoming import DEFAULT_PROGRESS_TIMEOUT_S
     from pymig.limits import DestinationLimits, parse_kinds
@@ -228,6 +259,7 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
     if uri == "defer" and control is None and control_tcp is None:
         _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
     session = Session(destination=True)
+    _load_tls(session, tls_creds, tls_authz)
     session.incoming_options = {"limits": limits, "guest_options": guest_options,
                                 "progress_timeout": progress_timeout or None}
     _serve(session, incoming=None if uri == "defer" else uri, control=control,

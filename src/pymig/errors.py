@@ -66,6 +66,11 @@ class TransportError(PymigError):
     """A channel could not be opened, or broke while in use."""
 
 
+class TlsError(TransportError):
+    """TLS credentials that cannot be used, or a TLS session that could not be set up: the
+    message says which side refused what, and why."""
+
+
 class UriError(TransportError, ValueError):
     """A migration URI that pymig cannot use, with the reason."""
 

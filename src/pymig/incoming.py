@@ -45,6 +45,7 @@ from pymig.limits import DestinationLimits
 from pymig.machine import Machine, WarmUp, load_config
 from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
+from pymig.transport.tls import PlaintextPeerError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ class Incoming:
                  progress_timeout: float | None = DEFAULT_PROGRESS_TIMEOUT_S,
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None,
-                 after_start: Callable[[Machine], None] | None = None):
-        transport.parse_uri(uri)
+                 after_start: Callable[[Machine], None] | None = None,
+                 tls: tuple | None = None):
+        parsed = transport.parse_uri(uri)
+        if tls is not None and parsed.scheme not in ("tcp", "unix", "fd"):
+            raise ValueError(f"tls-creds is set, and TLS protects tcp:, unix: and fd: sockets "
+                             f"only: a {parsed.scheme}: stream cannot be received over TLS")
         if progress_timeout is not None and not progress_timeout > 0:
             raise ValueError(f"a progress timeout must be positive or None (none), not "
                              f"{progress_timeout!r}")
@@ -98,6 +103,9 @@ class Incoming:
         self.idle_timeout = idle_timeout  # a source silent this long is gone: fail, not hang
         self.before_start = before_start  # sees the loaded machine before its vCPUs run
         self.after_start = after_start  # gets the machine once they run, before the ACK
+        # (TlsCredentials, tls-authz patterns): the source must open a TLS session that
+        # these credentials accept before a byte of its stream is read
+        self.tls = tls
         self.status = "none"
         self.error: BaseException | None = None
         self.machine: Machine | None = None
@@ -164,6 +172,13 @@ class Incoming:
         try:
             channel = self._listener.accept(self.accept_timeout)
             self._listener.close()
+            if self.tls is not None:
+                raw = channel
+                try:
+                    channel = self._secure(raw)
+                except PlaintextPeerError:
+                    rp = stream.ReturnPathWriter(raw)  # the source reads its answer in plaintext
+                    raise
             channel.settimeout(self.idle_timeout)
             self._set_status("active")
             t0 = time.monotonic()
@@ -206,6 +221,23 @@ class Incoming:
             if isinstance(exc, (PymigError, ValueError)):
                 raise MigrationError(f"incoming migration failed: {describe(exc)}") from exc
             raise
+
+    def _secure(self, channel):
+        """The TLS session with the source on ``channel``, its certificate and identity
+        accepted."""
+        from pymig.errors import TlsError
+        from pymig.transport import tls
+        from pymig.transport.channel import SocketChannel
+
+        if not isinstance(channel, SocketChannel):
+            channel.close()
+            raise TlsError(f"TLS needs a socket, and {channel.name} is not one (a pipe or a "
+                           f"file passed as fd:)")
+        creds, authz = self.tls
+        secured = tls.accept(channel, creds, authz)
+        log.info("%s: TLS %s, %s, source %s", channel.name, secured.version, secured.cipher,
+                 secured.peer_identity)
+        return secured
 
     def _load(self, channel, rp) -> None:
         """Read the stream into a new, paused machine (``self.machine``)."""

@@ -83,8 +83,9 @@ class Migration:
     """Outgoing migration of one machine (guest + state registry)."""
 
     def __init__(self, machine: Machine, params: ParameterStore | None = None,
-                 decide: Callable = policy_mod.decide):
+                 decide: Callable = policy_mod.decide, credentials=None):
         self.machine = machine
+        self.credentials = credentials  # a tlscreds.CredentialStore: what tls-creds names
         self.params = params or ParameterStore()
         self.decide = decide
         self.stats = MigrationStats()
@@ -103,6 +104,7 @@ class Migration:
         self.scheme: str | None = None  # of the URI of the last start()
         self._committed = False
         self.error: BaseException | None = None
+        self._tls = None  # (credentials, host name) when the stream goes over TLS
         self.params.on_change(self._params_changed)
 
     # -- state machine -----------------------------------------------------------------------
@@ -156,6 +158,7 @@ class Migration:
         self.scheme = parsed.scheme
         self.machine.registry.check_migratable()
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
+        tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         with self._lock:
             current = self._status
         if current in ACTIVE_STATES:
@@ -164,6 +167,7 @@ class Migration:
             raise MigrationError("this guest has already migrated away")
         if not self._transition(current, Status.SETUP):
             raise MigrationError("a migration started concurrently")
+        self._tls = tls
         self._cancel.clear()
         self._committed = False
         self._manual_switchover.clear()
@@ -238,8 +242,10 @@ class Migration:
             stats.begin()
             params = self.params.snapshot()
             channel = transport.connect(uri, timeout=10.0)
-            channel.settimeout(SEND_TIMEOUT_S)  # a destination that stops reading fails us
             self._channel = channel
+            if self._tls is not None:
+                channel = self._secure(channel)
+            channel.settimeout(SEND_TIMEOUT_S)  # a destination that stops reading fails us
             if self._cancel.is_set():
                 raise Cancelled("migration cancelled")
             channel.set_max_bandwidth(params.max_bandwidth)
@@ -520,6 +526,21 @@ class Migration:
             if trace:
                 trace.close()
 
+    def _secure(self, channel):
+        """The TLS session over ``channel`` (the destination checked and accepting us)."""
+        from pymig.errors import TlsError
+        from pymig.transport import tls
+        from pymig.transport.channel import SocketChannel
+
+        creds, hostname = self._tls
+        if not isinstance(channel, SocketChannel):
+            raise TlsError(f"TLS needs a socket, and {channel.name} is not one (a pipe or a "
+                           f"file passed as fd:)")
+        secured = tls.connect(channel, creds, hostname)
+        self._channel = secured
+        self.stats.set_tls(secured.version, secured.cipher, secured.handshake_s)
+        return secured
+
     def _commit(self) -> None:
         """Cross the point of no return, unless a cancel got there first."""
         with self._lock:
@@ -752,6 +773,36 @@ class DowntimePhases:
         now = time.time_ns() if at_ns is None else at_ns
         self.seconds[phase] = max(now - self._last, 0) / 1e9
         self._last = now
+
+
+#: The schemes whose channel is a socket TLS can run over.
+TLS_SCHEMES = ("tcp", "unix", "fd")
+
+
+def tls_for(params: MigrationParameters, uri, credentials):
+    """(credentials, host name) for a migration to ``uri`` (parsed) with ``params``, or None
+    without ``tls-creds``; raises MigrationError for TLS that cannot be: credentials that do
+    not load, a scheme that is not a socket, no name to check the destination against."""
+    if not params.tls_creds:
+        return None
+    from pymig.errors import TlsError
+    from pymig.transport.tlscreds import CredentialStore
+
+    if uri.scheme not in TLS_SCHEMES:
+        raise MigrationError(f"tls-creds is set, and TLS protects tcp:, unix: and fd: sockets "
+                             f"only: a {uri.scheme}: stream would go out in plaintext (set "
+                             f"tls-creds to \"\" to send it so)")
+    try:
+        creds = (credentials or CredentialStore()).resolve(params.tls_creds)
+        creds.for_role(server=False)
+    except TlsError as exc:
+        raise MigrationError(str(exc)) from None
+    hostname = params.tls_hostname or (uri.host if uri.scheme == "tcp" else "")
+    if not hostname:
+        raise MigrationError(f"TLS over {uri.scheme}: needs tls-hostname: the name the "
+                             f"destination's certificate must carry (a {uri.scheme}: URI has "
+                             f"no host)")
+    return creds, hostname
 
 
 class ReturnPath:

@@ -8,12 +8,19 @@ migration thread reads a fresh snapshot before every decision.
 Names are QEMU's where QEMU has the parameter.  ``x-cpu-throttle-mode`` is pymig's own (the
 ``x-`` prefix is QEMU's mark for what is not part of its interface): ``step``, the default, is
 QEMU's auto-converge; ``aim`` is pymig's, and only in force when asked for.
+
+``tls-creds``, ``tls-hostname`` and ``tls-authz`` are QEMU's, with one difference: QEMU's
+``tls-creds`` and ``tls-authz`` name objects made with ``-object``; here ``tls-creds`` names
+credentials loaded at start (``--tls-creds DIR``, id ``tls0``) or is a directory itself, and
+``tls-authz`` holds the identities themselves (pymig.transport.tlscreds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +75,17 @@ PARAMETERS: tuple[Parameter, ...] = (
               "lz4: RAM pages that shrink by an eighth under LZ4 go compressed (backing off "
               "where memory does not compress); none: every page as it is",
               choices=("lz4", "none")),
+    Parameter("tls-creds", "tls_creds", str, "",
+              "TLS for the migration stream and its return path: the id of credentials this "
+              "process loaded at start (--tls-creds DIR loads them as tls0), or a credentials "
+              "directory in QEMU's tls-creds-x509 layout, loaded when set (\"\": no TLS)"),
+    Parameter("tls-hostname", "tls_hostname", str, "",
+              "the name the destination's certificate must carry (\"\": the migration URI's "
+              "host; an IP address is checked against the certificate's IP addresses)"),
+    Parameter("tls-authz", "tls_authz", tuple, (),
+              "a destination accepts only sources whose certificate's subject (RFC 4514, as "
+              "CN=src.example,O=Example) is one of these, each exact or a glob ([]: any the "
+              "CA vouches for)"),
 )
 
 CAPABILITIES: dict[str, str] = {
@@ -97,12 +115,16 @@ class MigrationParameters:
     max_bytes_ratio: float = 0.0
     limit_action: str = "switchover"
     compression: str = "lz4"
+    tls_creds: str = ""
+    tls_hostname: str = ""
+    tls_authz: tuple[str, ...] = ()
     capabilities: dict[str, bool] = dataclasses.field(
         default_factory=lambda: {name: False for name in CAPABILITIES})
 
     def qmp(self) -> dict[str, Any]:
         """The parameters under their QMP names (``query-migrate-parameters``)."""
-        return {p.name: getattr(self, p.attr) for p in PARAMETERS}
+        return {p.name: list(value) if isinstance(value := getattr(self, p.attr), tuple)
+                else value for p in PARAMETERS}
 
 
 def validate(name: str, value: Any) -> Any:
@@ -111,10 +133,18 @@ def validate(name: str, value: Any) -> Any:
     if spec is None:
         raise ValueError(f"unknown migration parameter {name!r}; known: "
                          f"{', '.join(sorted(_BY_NAME))}")
+    if spec.kind is str and not spec.choices:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, not {value!r}")
+        return value
     if spec.kind is str:
         if not isinstance(value, str) or value not in spec.choices:
             raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not {value!r}")
         return value
+    if spec.kind is tuple:  # tls-authz: one identity or a list of them
+        from pymig.transport.tlscreds import parse_authz
+
+        return parse_authz(value)
     if spec.kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, not {value!r}")
@@ -151,9 +181,12 @@ class ParameterStore:
         with self._lock:
             for attr, value in checked.items():
                 setattr(self._params, attr, value)
-            listeners = list(self._listeners)
+            listeners = [ref() for ref in self._listeners]
+            self._listeners = [ref for ref, callback in zip(self._listeners, listeners)
+                               if callback is not None]
         for callback in listeners:
-            callback(checked)
+            if callback is not None:
+                callback(checked)
 
     def set_capabilities(self, **caps: bool) -> None:
         for name, value in caps.items():
@@ -166,6 +199,11 @@ class ParameterStore:
             self._params.capabilities.update(caps)
 
     def on_change(self, callback) -> None:
-        """``callback(changed: dict[attr, value])`` after every successful :meth:`set`."""
+        """``callback(changed: dict[attr, value])`` after every successful :meth:`set`.
+
+        A bound method is held weakly: the store outlives every migration of its process,
+        and a migration that ended must not stay alive (with its buffers) through it."""
+        ref = (weakref.WeakMethod(callback) if inspect.ismethod(callback)
+               else (lambda callback=callback: callback))
         with self._lock:
-            self._listeners.append(callback)
+            self._listeners.append(ref)

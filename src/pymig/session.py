@@ -13,7 +13,8 @@ the migration parameters, and the events they raise.
                      with the guest in the state it had before (as QEMU's)
     ``finish-migrate`` vCPUs stopped for the switchover
     ``postmigrate``  the guest has moved (tcp, unix, exec, fd): it runs, or will run, at the
-                     destination; ``cont`` is refused, ``quit`` is what is left to do
+                     destination; ``cont`` is refused; ``quit``, or ``migrate-incoming`` to
+                     receive a guest again (the one that left is released first: ``inmigrate``)
     ``shutdown``     the guest powered off or the session quit
     ``internal-error`` the guest hit an error it cannot continue from
 
@@ -36,8 +37,10 @@ from pymig.errors import MigrationError, PymigError
 from pymig.guest import Guest
 from pymig.incoming import Incoming, IncomingResult
 from pymig.machine import Machine
+from pymig.memory import release_freed_memory
 from pymig.migration import ACTIVE_STATES, Migration, Status
 from pymig.parameters import CAPABILITIES, ParameterStore
+from pymig.transport.tlscreds import CredentialStore, TlsCredentials
 
 EventSink = Callable[[str, dict], None]
 
@@ -58,6 +61,7 @@ class Session:
             raise ValueError("a destination session starts without a guest")
         self.destination = destination
         self.params = ParameterStore()
+        self.credentials = CredentialStore()  # what the tls-creds parameter names
         self.machine: Machine | None = Machine.source(guest) if guest is not None else None
         self.migration: Migration | None = None
         self.incoming: Incoming | None = None
@@ -213,7 +217,7 @@ class Session:
                 raise CommandError(f"a migration is already {self.migration.status.value}")
             # A new Migration each time: one that ended (a snapshot that completed, a failure)
             # keeps its own stats and status for query-migrate until then.
-            migration = Migration(self.machine, self.params)
+            migration = Migration(self.machine, self.params, credentials=self.credentials)
             migration.on_status(self._migration_status)
             migration.on_pass(self._migration_pass)
             previous, self.migration = self.migration, migration
@@ -283,11 +287,48 @@ class Session:
     # -- parameters --------------------------------------------------------------------------
     def set_parameters(self, values: dict[str, Any]) -> None:
         """Set parameters by QMP name, all or none.  During a migration ``max-bandwidth``
-        applies at once, the others at its next iteration."""
+        applies at once, the others at its next iteration (the TLS ones at the next
+        migration).  A ``tls-creds`` directory is loaded here, so that credentials that
+        cannot work are refused now."""
+        from pymig.errors import TlsError
+
+        creds = values.get("tls-creds")
+        if isinstance(creds, str) and creds:
+            try:
+                self.credentials.resolve(creds, reload=True)
+            except TlsError as exc:
+                raise CommandError(str(exc)) from None
         try:
             self.params.set(**values)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+
+    def load_credentials(self, directory: str, ident: str = "tls0", *,
+                         verify_peer: bool = True) -> None:
+        """Load TLS credentials at start (``--tls-creds DIR``) under ``ident`` and make them
+        this process's ``tls-creds``; raises TlsError saying what is wrong with them."""
+        self.credentials.add(ident, TlsCredentials.load(directory, verify_peer=verify_peer))
+        self.params.set(**{"tls-creds": ident})
+
+    def _incoming_tls(self):
+        """(credentials, tls-authz) for an incoming migration, None without tls-creds."""
+        from pymig.errors import TlsError
+
+        params = self.params.snapshot()
+        if not params.tls_creds:
+            if params.tls_authz:
+                raise CommandError("tls-authz is set but tls-creds is not: without TLS no "
+                                   "source identity can be checked")
+            return None
+        try:
+            creds = self.credentials.resolve(params.tls_creds)
+            creds.for_role(server=True)
+        except TlsError as exc:
+            raise CommandError(str(exc)) from None
+        if params.tls_authz and not creds.verify_peer:
+            raise CommandError(f"tls-authz needs the sources' certificates, and the "
+                               f"credentials {creds.directory} say verify-peer=off")
+        return creds, params.tls_authz
 
     def query_parameters(self) -> dict[str, Any]:
         return self.params.snapshot().qmp()
@@ -324,12 +365,14 @@ class Session:
         destination whose migration failed has nothing left to do.
         """
         with self._command_lock:
-            if self.machine is not None:
+            if self.machine is not None and not self.moved_away():
                 raise CommandError("this process already runs a guest; an incoming migration "
-                                   "needs a destination (pymig incoming)")
-            if self.incoming is not None:
+                                   "needs a destination (pymig incoming), or a process whose "
+                                   "guest has migrated away")
+            if self.incoming is not None and self.incoming_result is None:
                 raise CommandError(f"an incoming migration on {self.incoming_uri} is already "
                                    f"{self.incoming.status}")
+            tls = self._incoming_tls()
             options = dict(self.incoming_options)
             chained = options.pop("before_start", None)
 
@@ -340,21 +383,35 @@ class Session:
 
             try:
                 incoming = Incoming(uri, before_start=before_start,
-                                    after_start=self._guest_started, **options)
+                                    after_start=self._guest_started, tls=tls, **options)
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))
             bound = incoming.listen()  # raises (port taken, no such file...) before any change
+            if self.machine is not None:
+                self._release_moved_guest()
             self.incoming, self.incoming_uri = incoming, bound
+            self.incoming_result = None
         threading.Thread(target=self._receive, name="pymig-incoming", daemon=True).start()
         return bound
 
     def migrate_incoming(self, uri: str) -> str:
-        """``migrate-incoming``: give a destination started with ``defer`` its URI."""
-        if not self.destination:
+        """``migrate-incoming``: give a destination started with ``defer`` its URI, or
+        receive a guest again in a process whose guest migrated away (``postmigrate``)."""
+        if not self.destination and not self.moved_away():
             raise CommandError("migrate-incoming is for a destination started with 'pymig "
-                               "incoming defer'; this process runs a guest")
+                               "incoming defer', or a process whose guest has migrated away; "
+                               "this process runs a guest")
         return self.start_incoming(uri)
+
+    def _release_moved_guest(self) -> None:
+        """Free the guest that migrated away (it runs at its destination) before this
+        process receives one again: its memory, its VM, the last migration's state."""
+        machine, self.machine = self.machine, None
+        self.migration = None
+        self.guest_ready.clear()
+        machine.close()
+        release_freed_memory()
 
     def _receive(self) -> None:
         try:
@@ -365,11 +422,13 @@ class Session:
             return
         self.incoming_result = result
         self.emit("RESUME", {})  # once the incoming side says "completed" (events keep order)
+        release_freed_memory()  # the load's buffers, now that the guest runs
 
     def _guest_started(self, machine: Machine) -> None:
         # The guest is this process's from the moment its vCPUs run: commands reach it from
-        # then on, before the source even hears the ACK.
-        self.machine = machine
+        # then on, before the source even hears the ACK.  Held as a source's machine, so that
+        # it can migrate on (a destination's machine loads; it has nothing to send with).
+        self.machine = Machine.source(machine.guest)
         self.migration = None
         self.guest_ready.set()
 

@@ -38,6 +38,9 @@ socket, the CLI's progress line, tests) at any moment: every method takes one lo
                                        once the policy turned the caps on)
     vcpu-dirty-rates                   pages/s each vCPU dirtied, at the last sync (dirty-limit
                                        capability; measured from the dirty ring)
+    tls                                with tls-creds: ``version`` and ``cipher`` agreed, and
+                                       ``handshake-time``, ms (fractional) the TLS handshake
+                                       and the destination's verdict took, within setup-time
     error-desc                         why it failed (only when status is failed)
     switchover-reason                  the policy's reason to stop the guest (once it did)
     iterations                         the migration's iteration count at the last sync
@@ -197,6 +200,7 @@ class MigrationStats:
         self._error: str | None = None
         self._switchover_reason: str | None = None
         self._expected_at_switchover: float | None = None
+        self._tls: dict[str, Any] | None = None
 
     # --- the migration thread's side --------------------------------------------------------
 
@@ -231,6 +235,12 @@ class MigrationStats:
             self._normal += normal_pages
             self._duplicate += zero_pages
             self._compressed += compressed_pages
+
+    def set_tls(self, version: str, cipher: str, handshake_s: float) -> None:
+        """The stream goes over TLS: what was agreed, and how long setting it up took."""
+        with self._lock:
+            self._tls = {"version": version, "cipher": cipher,
+                         "handshake-time": round(handshake_s * 1000, 2)}
 
     def set_throttle(self, percent: int) -> None:
         with self._lock:
@@ -371,6 +381,8 @@ class MigrationStats:
             if self._switchover_reason is not None:
                 info["switchover-reason"] = self._switchover_reason
             info["iterations"] = self._iterations
+            if self._tls is not None:
+                info["tls"] = dict(self._tls)
             if self._expected_at_switchover is not None and math.isfinite(
                     self._expected_at_switchover):
                 info["downtime-expected-at-switchover"] = round(

@@ -77,6 +77,10 @@ FOOTER = struct.Struct("<4sIQ")  # marker, section_id, checksum
 FOOTER_MAGIC = b"PMFT"
 FOOTER_BYTES = FOOTER.size  # 16
 
+#: A TLS record's first byte when it carries a handshake (then 3, the major version): what a
+#: TLS source sends first.
+TLS_HANDSHAKE_RECORD = 0x16
+
 FLAG_NOCSUM = 0x01
 KNOWN_FLAGS = FLAG_NOCSUM
 MAX_IDSTR_BYTES = 255
@@ -336,6 +340,11 @@ class StreamReader:
         raw = self._small(HEADER_BYTES, "the stream header")
         magic, version, flags = HEADER.unpack(raw)
         if magic != MAGIC:
+            if magic[0] == TLS_HANDSHAKE_RECORD and magic[1] == 3:
+                raise StreamError(0, "the source speaks TLS (the stream starts with a TLS "
+                                     "handshake), but this destination has no tls-creds: "
+                                     "start it with --tls-creds DIR, or set tls-creds before "
+                                     "migrate-incoming")
             raise StreamError(0, f"not a pymig migration stream (starts with {bytes(magic)!r}, "
                                  f"expected {MAGIC!r})")
         if version != VERSION:

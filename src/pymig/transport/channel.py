@@ -434,7 +434,7 @@ class SocketChannel(Channel):
         except OSError as exc:
             raise transport_error(f"sending to {self.name}", exc, self._timeout) from exc
 
-    def _recv_some(self, view: memoryview) -> int:
+    def _recv_some(self, view: memoryview, flags: int = socket.MSG_WAITALL) -> int:
         deadline = self._recv_deadline
         if deadline is not None:
             # SO_RCVTIMEO bounds the whole of one blocking receive (MSG_WAITALL included),
@@ -445,7 +445,7 @@ class SocketChannel(Channel):
         try:
             # MSG_WAITALL: the kernel fills the whole view before waking us,
             # one wake-up per buffer instead of one per segment.
-            return self.sock.recv_into(view, len(view), socket.MSG_WAITALL)
+            return self.sock.recv_into(view, len(view), flags)
         except OSError as exc:
             if deadline is not None and _timed_out(exc):
                 # A timer set for an earlier deadline may have woken it early: the next
@@ -453,6 +453,13 @@ class SocketChannel(Channel):
                 self._rcvtimeo = math.inf
                 return _WOKEN
             raise transport_error(f"receiving from {self.name}", exc, self._timeout) from exc
+
+    def recv_available(self, view: memoryview) -> int:
+        """Receive what has arrived, up to ``len(view)`` bytes, waiting only for the first
+        (a layer above that frames the bytes itself, such as TLS records); 0 at end of stream,
+        negative when a receive deadline's timer woke it with nothing."""
+        self._check_open()
+        return self._recv_some(view, 0)
 
     def _apply_timeout(self, seconds: float | None) -> None:
         tv = _timeval(seconds)

@@ -1,0 +1,64 @@
+"""What TLS costs a migration, as ratios in one run (pymig.benchmigrate.tls_comparison): a
+random-content migration over TLS against the same migration in plaintext, run in turns
+between fresh source and destination processes over loopback TCP; and the TLS set-up time.
+
+    .venv/bin/python -m pytest benchmarks/test_bench_tls.py --benchmark-only -s
+
+Targets: throughput over TLS >= 0.7 x plaintext; the handshake (with the destination's
+verdict) <= 10 ms of the migration's set-up.  ``PYMIG_BENCH_RUNS`` (default 5) sets the pairs
+per scenario, ``PYMIG_BENCH_TLS_SCENARIOS`` (comma separated) the scenarios: random-1g (the
+destination's fresh memory), random-1g-prealloc (its RAM ready: the pipeline's own CPU).
+As with the other migration benchmarks a target not met is reported, not raised: the host is
+shared and its speed moves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from _tls_helpers import Pki  # noqa: E402
+
+from pymig import benchmigrate as bm  # noqa: E402
+
+RUNS = int(os.environ.get("PYMIG_BENCH_RUNS", "5"))
+NAMES = [n for n in os.environ.get("PYMIG_BENCH_TLS_SCENARIOS",
+                                   "random-1g,random-1g-prealloc").split(",") if n]
+_rows: list[tuple[str, dict]] = []
+
+
+@pytest.fixture(scope="module")
+def kvm():
+    from pymig.demo import kvm_usable
+
+    if not kvm_usable():
+        pytest.skip("the targets are for KVM guests and /dev/kvm is not usable here")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tls_costs(benchmark, kvm, name, tmp_path):
+    creds = Pki(tmp_path / "pki").dir()
+    box = {}
+    benchmark.group = "TLS against plaintext (seconds per pair of runs)"
+    benchmark.pedantic(lambda: box.update(c=bm.tls_comparison(name, RUNS, creds)),
+                       rounds=1, iterations=1)
+    figures = box["c"].figures()
+    figures["throughput_target_met"] = figures["throughput_ratio"] >= 0.7
+    figures["handshake_target_met"] = figures["tls_handshake_ms"] <= 10
+    benchmark.extra_info.update(figures)
+    _rows.append((name, figures))
+
+
+def teardown_module(module) -> None:
+    for name, f in _rows:
+        print(f"\n{name}: TLS {f['tls_bps'] / 1e6:.0f} MB/s against plaintext "
+              f"{f['plaintext_bps'] / 1e6:.0f} MB/s: ratio {f['throughput_ratio']:.2f} (>= 0.7 "
+              f"{'met' if f['throughput_target_met'] else 'NOT MET'}; pairs "
+              f"{', '.join(f'{r:.2f}' for r in f['pair_ratios'])}); handshake "
+              f"{f['tls_handshake_ms']:.1f} ms (<= 10 "
+              f"{'met' if f['handshake_target_met'] else 'NOT MET'}), set-up "
+              f"{f['tls_setup_ms']:.0f} ms against {f['plaintext_setup_ms']:.0f} ms")
