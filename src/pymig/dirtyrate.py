@@ -196,7 +196,9 @@ class WorkingSetCurve:
     def write_rate(self) -> float:
         """Pages/s: the pages first written in each interval over the intervals' time, the
         curve's slope at its shortest window (a lower bound once a page is written twice
-        within one interval)."""
+        within one interval).  Every interval counts, stretched or not: a busy host that
+        delays a harvest slows the guest too, so dropping the long ones would leave out
+        its slow moments."""
         samples = self._samples[0]
         seconds = sum(d for d, _ in samples)
         return sum(p for _, p in samples) / seconds if seconds > 0 else 0.0
