@@ -7,7 +7,9 @@ migration thread reads a fresh snapshot before every decision.
 
 Names are QEMU's where QEMU has the parameter.  ``x-cpu-throttle-mode`` is pymig's own (the
 ``x-`` prefix is QEMU's mark for what is not part of its interface): ``step``, the default, is
-QEMU's auto-converge; ``aim`` is pymig's, and only in force when asked for.
+QEMU's auto-converge; ``aim`` is pymig's, and only in force when asked for.  So is
+``x-switchover-capped``: ``max-bandwidth`` protects the network while the guest runs, and once
+it is stopped QEMU sends the rest uncapped, as pymig does unless this asks otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "lz4: RAM pages that shrink by an eighth under LZ4 go compressed (backing off "
               "where memory does not compress); none: every page as it is",
               choices=("lz4", "none")),
+    Parameter("x-switchover-capped", "switchover_capped", bool, False,
+              "keep max-bandwidth in force during the stop-and-copy too (by default, as in "
+              "QEMU, the guest is stopped then and the last pass goes uncapped)"),
 )
 
 CAPABILITIES: dict[str, str] = {
@@ -97,6 +102,7 @@ class MigrationParameters:
     max_bytes_ratio: float = 0.0
     limit_action: str = "switchover"
     compression: str = "lz4"
+    switchover_capped: bool = False
     capabilities: dict[str, bool] = dataclasses.field(
         default_factory=lambda: {name: False for name in CAPABILITIES})
 
