@@ -11,10 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from _migration_helpers import GUEST_KINDS, guest_config, guests, wait_for  # noqa: F401
-from pymig.guest.workloads import read_mailbox
+from _migration_helpers import guests  # noqa: F401 - fixture
+from _migration_helpers import GUEST_KINDS, guest_config, wait_for
 from pymig.dirtyrate import (DirtyRateConfig, DirtyRateMeasurement, WorkingSetCurve,
                              levels_for, pack_bools, parse_calc_time, sample_pages)
+from pymig.guest.workloads import read_mailbox
 
 MiB = 1 << 20
 MODES = ["page-sampling", "dirty-bitmap", "dirty-ring"]

@@ -11,8 +11,8 @@ import time
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from _control_helpers import (WAIT_S, pair, serve_guest, start_slow_migration,  # noqa: F401
-                              wait_status)
+from _control_helpers import pair  # noqa: F401 - fixture
+from _control_helpers import WAIT_S, serve_guest, start_slow_migration, wait_status
 from _migration_helpers import (GUEST_KINDS, finish, guest_config, pymig_process, run_pymig,
                                 running_guest, wait_for, wait_for_path)
 from pymig.dirtyrate import DirtyRateConfig, DirtyRateMeasurement

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from _kvm_helpers import CMD_PAGE, build_writer, make_writer_guest, pages, write_round
-from _migration_helpers import (GUEST_KINDS, assert_arrived_and_runs, guest_config, guests,  # noqa: F401
-                                migrate_locally, running_guest)
+from _migration_helpers import guests  # noqa: F401 - fixture
+from _migration_helpers import GUEST_KINDS, assert_arrived_and_runs, guest_config, migrate_locally
 from pymig.dirtyrate import DirtyRateConfig, DirtyRateMeasurement
 from pymig.guest.base import MAILBOX_GPA, DirtyLogReader, DirtyLogShare
 from pymig.guest.workloads import dirtier_pages

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from _migration_helpers import (GUEST_KINDS, assert_arrived_and_runs, guest_config,  # noqa: F401
-                                guests, migrate_locally)
+from _migration_helpers import guests  # noqa: F401 - fixture
+from _migration_helpers import GUEST_KINDS, assert_arrived_and_runs, guest_config, migrate_locally
 from pymig.parameters import ParameterStore, validate
 from pymig.stats import read_trace
 
