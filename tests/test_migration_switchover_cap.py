@@ -34,8 +34,7 @@ def capped_migration(guests, tmp_path, kind: str, keep_cap: bool) -> dict:
     return {"downtime_ms": stats["downtime"],
             "expected_ms": stats["downtime-expected-at-switchover"],
             "pending": records[-1]["pending_bytes"],
-            "stopped_bandwidth": records[-1]["stopped_bandwidth"],
-            "bandwidth": records[-1]["bandwidth"]}
+            "stopped_bandwidth": records[-1]["stopped_bandwidth"]}
 
 
 @pytest.mark.timeout(240)
@@ -48,11 +47,9 @@ def test_the_stop_and_copy_goes_uncapped_unless_asked(guests, tmp_path, kind):
     # ...take the cap's time with the cap kept, a fraction of it without
     assert capped["downtime_ms"] >= 0.6 * capped["pending"] / CAP * 1000, capped
     assert uncapped["downtime_ms"] * 4 < capped["downtime_ms"], (uncapped, capped)
-    # and the expected downtime knew: the stop-and-copy's rate is held to the cap (as the
-    # live bandwidth is: in page bytes, which zero pages make more than wire bytes) only when
+    # and the expected downtime knew: the stop-and-copy's rate is held to the cap only when
     # the cap stays in force then
-    assert capped["stopped_bandwidth"] <= capped["bandwidth"] * 1.01, capped
-    assert uncapped["stopped_bandwidth"] > 2 * uncapped["bandwidth"], uncapped
+    assert uncapped["stopped_bandwidth"] > 2 * capped["stopped_bandwidth"], (uncapped, capped)
     assert uncapped["expected_ms"] * 2 < capped["expected_ms"], (uncapped, capped)
 
 
