@@ -18,6 +18,7 @@ QUICK = os.environ.get("PYMIG_BENCH_QUICK") == "1"
 _results: dict[str, dict] = {}
 _migrations: list = []  # pymig.benchmigrate.ScenarioResult, one per scenario run
 _modes: list[dict] = []  # test_bench_modes.py: one row per mode and loop
+_dirtyrate: list[dict] = []  # test_bench_dirtyrate.py: one row per kind, mode and case
 
 
 @pytest.fixture
@@ -30,6 +31,12 @@ def migration_results() -> list:
 def mode_results() -> list[dict]:
     """Where test_bench_modes.py puts each mode's rate and ratio for the summary table."""
     return _modes
+
+
+@pytest.fixture
+def dirtyrate_results() -> list[dict]:
+    """Where test_bench_dirtyrate.py puts each case's errors for the summary table."""
+    return _dirtyrate
 
 
 @pytest.fixture
@@ -85,3 +92,12 @@ def pytest_terminal_summary(terminalreporter):
                     f"{row['mode']:12s} {row['loop']:5s} {row['instr_per_cpu_s'] / 1e6:10.2f} M "
                     f"(reference {row['reference_per_cpu_s'] / 1e6:8.1f} M)  "
                     f"ratio {row['ratio']:.5f}")
+    if _dirtyrate:
+        terminalreporter.write_sep("-", "dirty rate: error against the truth (median, worst), "
+                                   "and the guest's slowdown while measured")
+        for row in _dirtyrate:
+            terminalreporter.write_line(
+                f"{row['kind']:9s} {row['mode']:13s} {row['case']:11s} error "
+                f"{row['median_error'] * 100:+6.1f} % (worst {row['worst_error'] * 100:+6.1f} %)"
+                f"  guest wrote {row['median_written']:9,.0f} pages/s, "
+                f"{row['median_slowdown'] * 100:+5.1f} % slower")

@@ -47,8 +47,9 @@ def pages_written_rate(guest, vcpu: int | None = None, seconds: float = 0.3) -> 
     return (written() - before) / seconds
 
 
+# a cap on pages sent as they are, standing for a link that slow: the stop-and-copy too
 DIRTY_LIMIT = {"params": {"max-bandwidth": BANDWIDTH, "vcpu-dirty-limit": LIMIT,
-                          "compression": "none"},  # a cap on pages sent as they are
+                          "compression": "none", "x-switchover-capped": True},
                "capabilities": {"dirty-limit": True}}
 
 

@@ -170,6 +170,17 @@ def zero_bitmap(mem, page_size, bm, npages) -> np.ndarray:
     _store(result, npages, zero)
     return result
 
+# ----------------------------------------------------------------------------- page hashes
+
+
+def page_hashes(mem, page_size, pages) -> np.ndarray:
+    """For each page index in ``pages``: the xxh3-64 of that page of ``mem`` (uint64)."""
+    page_size = page_size_arg(page_size)
+    view = byte_view(mem, "mem")
+    pages = pages_arg(pages, len(view) // page_size)
+    return np.array([xxhash.xxh3_64_intdigest(view[int(p) * page_size:(int(p) + 1) * page_size])
+                     for p in pages], dtype=np.uint64)
+
 # ------------------------------------------------------------------------------ packets
 
 

@@ -392,6 +392,57 @@ def qmp_command(control, control_tcp_token, command, arguments) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
+# -- dirtyrate ------------------------------------------------------------------------------------
+@main.command()
+@click.option("--control", required=True,
+              help="control socket of the running guest: a unix path or tcp:127.0.0.1:PORT")
+@click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
+              help=CONTROL_TCP_TOKEN_HELP)
+@click.option("--calc-time", default="1s", show_default=True,
+              help="how long to measure: 500ms, 2s, 1.5 (seconds); 50ms to 60s")
+@click.option("--mode", type=click.Choice(["page-sampling", "dirty-bitmap", "dirty-ring"]),
+              default="page-sampling", show_default=True,
+              help="hash sampled pages; or read the dirty log; or the dirty ring, per vCPU "
+                   "(KVM guests run with --dirty-ring N)")
+@click.option("--sample-pages", type=click.IntRange(128, 16384), default=None,
+              help="page-sampling: pages sampled per GiB (default 512)")
+@click.option("--json", "as_json", is_flag=True, help="print query-dirty-rate's answer as JSON")
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False), default=None,
+              help="draw the working-set curve to this PNG")
+def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json,
+              plot_png) -> None:
+    """Measure the dirty rate of the guest behind --control, without migrating it: the write
+    rate, the working-set curve and what measuring cost the guest."""
+    from pymig.dirtyrate import measure, parse_calc_time, report
+    from pymig.errors import PymigError
+    from pymig.qmp import QmpError
+
+    try:
+        calc_time_ms = parse_calc_time(calc_time)
+    except ValueError as exc:
+        _fail(f"--calc-time {exc}")
+    if sample_pages is not None and mode != "page-sampling":
+        _fail("--sample-pages is for --mode page-sampling")
+    client = _connect(control, control_tcp_token)
+    with client:
+        try:
+            info = measure(client, calc_time_ms, mode, sample_pages)
+        except QmpError as exc:
+            _fail(exc.desc)
+        except PymigError as exc:
+            _fail(str(exc))
+    if plot_png:
+        from pymig.plot import plot_working_set
+
+        plot_working_set(info, plot_png)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        Console().print(report(info))
+        if plot_png:
+            click.echo(plot_png)
+
+
 # -- demo -----------------------------------------------------------------------------------------
 @main.command()
 @click.option("--simulated", is_flag=True, default=None,

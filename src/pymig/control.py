@@ -132,6 +132,19 @@ COMMANDS: dict[str, Command] = {
                                         "switch capabilities (not during a migration)"),
     "query-migrate-capabilities": Command(lambda s, a: s.query_capabilities(), {},
                                           "every migration capability and its state"),
+    "calc-dirty-rate": Command(lambda s, a: s.calc_dirty_rate(a),
+                               {"calc-time": Arg("integer", True),
+                                "calc-time-unit": Arg("string"), "sample-pages": Arg("integer"),
+                                "mode": Arg("string")},
+                               "measure the guest's dirty rate over calc-time (in "
+                               "calc-time-unit: second or millisecond), mode page-sampling "
+                               "(sample-pages per GiB), dirty-bitmap or dirty-ring; returns at "
+                               "once, query-dirty-rate follows it"),
+    "query-dirty-rate": Command(lambda s, a: s.query_dirty_rate(a.get("calc-time-unit",
+                                                                      "second")),
+                                {"calc-time-unit": Arg("string")},
+                                "the latest dirty-rate measurement: QEMU's fields, the write "
+                                "rate, the working-set curve, what it cost the guest"),
     "query-status": Command(lambda s, a: s.query_status(), {}, "the guest's run state"),
     "query-guest": Command(lambda s, a: s.query_guest(a.get("verify", False)),
                            {"verify": Arg("boolean")},

@@ -1,4 +1,4 @@
-"""The page core: dirty bitmaps, zero pages and RAM packets, over whole buffers.
+"""The page core: dirty bitmaps, zero pages, page hashes and RAM packets, over whole buffers.
 
 The backend is chosen once, at import: the compiled kernels of :mod:`pymig._core` (SIMD
 variant chosen at import too, see :func:`cpu_info`), or with ``PYMIG_PUREPYTHON=1`` their
@@ -24,9 +24,10 @@ from pymig._coreshared import (PACKET_HEADER_BYTES, PAGE_SIZE, RUN_COMPRESSED, R
 API = (
     "cpu_info", "new_bitmap", "bitmap_count", "bitmap_indices", "bitmap_runs", "bitmap_merge",
     "bitmap_find_next", "bitmap_test_and_clear", "bitmap_set_range", "is_zero", "zero_pages",
-    "zero_bitmap", "encode_packet", "packet_info", "decode_packet", "packet_runs",
+    "zero_bitmap", "page_hashes", "encode_packet", "packet_info", "decode_packet",
+    "packet_runs",
 )
-_COMPILED_MODULES = ("cpu", "bitmap", "zeropage", "packet")
+_COMPILED_MODULES = ("cpu", "bitmap", "zeropage", "pagehash", "packet")
 
 
 def load_backend(name: str) -> SimpleNamespace:
@@ -67,6 +68,7 @@ bitmap_set_range = _api.bitmap_set_range
 is_zero = _api.is_zero
 zero_pages = _api.zero_pages
 zero_bitmap = _api.zero_bitmap
+page_hashes = _api.page_hashes
 encode_packet = _api.encode_packet
 packet_info = _api.packet_info
 decode_packet = _api.decode_packet

@@ -99,6 +99,7 @@ class Migration:
         self._manual_switchover = threading.Event()
         self._continue_switchover = threading.Event()
         self._channel = None
+        self._uncapped = False  # the stop-and-copy lifted max-bandwidth
         self._trace: TraceWriter | None = None
         self.resume_source = False
         self.scheme: str | None = None  # of the URI of the last start()
@@ -223,7 +224,7 @@ class Migration:
 
     def _params_changed(self, changed: dict) -> None:
         channel = self._channel
-        if channel is not None and "max_bandwidth" in changed:
+        if channel is not None and "max_bandwidth" in changed and not self._uncapped:
             channel.set_max_bandwidth(changed["max_bandwidth"])
 
     # -- the migration thread ----------------------------------------------------------------
@@ -299,9 +300,14 @@ class Migration:
             bandwidth.observe(time.monotonic(), delivered_page_bytes())
             # How fast this side moves pages, over the time it spends sending: re-sent pages
             # cost the destination no first touch, so the stop-and-copy can go at this rate
-            # even where the live phase waited on the destination (see estimate.py).
+            # even where the live phase waited on the destination (see estimate.py).  Time
+            # spent waiting on max-bandwidth's token bucket is not sending: the stop-and-copy
+            # goes uncapped (unless x-switchover-capped), so its rate is the one without it.
+            def sending_seconds() -> float:
+                return saver.busy_seconds - channel.rate_limiter.slept_s
+
             source_rate = Bandwidth()
-            source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
+            source_rate.observe(sending_seconds(), saver.page_bytes_sent)
             speedup = StopSpeedup()
 
             def observe_cpu() -> None:
@@ -357,8 +363,9 @@ class Migration:
                     pending_bytes=pending,
                     bandwidth_bps=bandwidth.bytes_per_s,
                     resend_bytes=saver.resend_pending(),
-                    stopped_bandwidth_bps=bandwidth.capped(max(
-                        bandwidth.bytes_per_s * speedup.factor, source_rate.bytes_per_s)),
+                    stopped_bandwidth_bps=stopped_rate(
+                        max(bandwidth.bytes_per_s * speedup.factor, source_rate.bytes_per_s),
+                        bandwidth, params),
                     dirty_rate_bps=dirtied * stats.page_size / period,
                     bytes_sent_total=channel.bytes_sent,
                     bytes_sent_period=sent_period,
@@ -412,7 +419,7 @@ class Migration:
                     # destination's backlog; this pass, caught up and all re-sends, is what the
                     # stop-and-copy will be like: measure the source's rate on it alone.
                     source_rate = Bandwidth()
-                    source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
+                    source_rate.observe(sending_seconds(), saver.page_bytes_sent)
                 elif held is None and decision.action == policy_mod.Action.SWITCHOVER:
                     if ret is not None and not ret.caught_up(writer.bytes_written):
                         # The guest stops only once the destination has loaded everything sent
@@ -445,7 +452,7 @@ class Migration:
                     # at once finds little and takes CPU it needs.  Its next report, first.
                     ret.wait_for_report(BEHIND_PERIOD_S - (time.monotonic() - t0))
                 bandwidth.observe(time.monotonic(), delivered_page_bytes())
-                source_rate.observe(saver.busy_seconds, saver.page_bytes_sent)
+                source_rate.observe(sending_seconds(), saver.page_bytes_sent)
                 observe_cpu()
 
             if params.capabilities.get("pause-before-switchover"):
@@ -463,6 +470,12 @@ class Migration:
             # (stop and cont are refused while a migration runs, so this is its state before).
             paused_by_us = guest.status == "running"
             guest.pause()
+            if not self.params.snapshot().switchover_capped:
+                # The cap protects the network from a guest that runs; this one is stopped,
+                # and every ms now is downtime (QEMU lifts the cap here too).
+                self._uncapped = True
+                channel.set_max_bandwidth(0)
+                saver.cap_packets(0)
             phases.mark("pause")
             writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
             for entry in machine.registry.live_entries():
@@ -614,6 +627,12 @@ class KeepAlive:
 # While the destination is behind, iterations are at least this long (waiting for its reports)
 BEHIND_PERIOD_S = 0.01
 THROTTLE_SLICE_S = 0.1
+
+
+def stopped_rate(rate: float, bandwidth: Bandwidth, params: MigrationParameters) -> float:
+    """The rate the stop-and-copy is expected to send at: ``rate``, held to max-bandwidth
+    only when the cap stays in force then (``x-switchover-capped``)."""
+    return bandwidth.capped(rate) if params.switchover_capped else rate
 
 
 def iteration_slice_s(params: MigrationParameters) -> float:

@@ -7,7 +7,9 @@ migration thread reads a fresh snapshot before every decision.
 
 Names are QEMU's where QEMU has the parameter.  ``x-cpu-throttle-mode`` is pymig's own (the
 ``x-`` prefix is QEMU's mark for what is not part of its interface): ``step``, the default, is
-QEMU's auto-converge; ``aim`` is pymig's, and only in force when asked for.
+QEMU's auto-converge; ``aim`` is pymig's, and only in force when asked for.  So is
+``x-switchover-capped``: ``max-bandwidth`` protects the network while the guest runs, and once
+it is stopped QEMU sends the rest uncapped, as pymig does unless this asks otherwise.
 
 ``tls-creds``, ``tls-hostname`` and ``tls-authz`` are QEMU's, with one difference: QEMU's
 ``tls-creds`` and ``tls-authz`` name objects made with ``-object``; here ``tls-creds`` names
@@ -86,6 +88,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "a destination accepts only sources whose certificate's subject (RFC 4514, as "
               "CN=src.example,O=Example) is one of these, each exact or a glob ([]: any the "
               "CA vouches for)"),
+    Parameter("x-switchover-capped", "switchover_capped", bool, False,
+              "keep max-bandwidth in force during the stop-and-copy too (by default, as in "
+              "QEMU, the guest is stopped then and the last pass goes uncapped)"),
 )
 
 CAPABILITIES: dict[str, str] = {
@@ -118,6 +123,7 @@ class MigrationParameters:
     tls_creds: str = ""
     tls_hostname: str = ""
     tls_authz: tuple[str, ...] = ()
+    switchover_capped: bool = False
     capabilities: dict[str, bool] = dataclasses.field(
         default_factory=lambda: {name: False for name in CAPABILITIES})
 

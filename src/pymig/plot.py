@@ -1,4 +1,5 @@
-"""A picture of a migration trace: did it converge, and what did the throttle do.
+"""Pictures: a migration trace (did it converge, and what did the throttle do), and a guest's
+working-set curve (:func:`plot_working_set`).
 
 Three panels over the time since the migration began (each trace record is one dirty-log sync,
 and syncs come every 100 ms or once a pass, so the iteration number says little about time):
@@ -129,3 +130,75 @@ def _mark_decisions(records: list[dict], pending, panels) -> None:
         pending.annotate(f"waited {longest['caught_up_wait_s'] * 1000:.0f} ms for the "
                          f"destination", (longest["time"], longest["pending_bytes"] / MB),
                          fontsize=8, textcoords="offset points", xytext=(4, 4))
+
+
+# -- a guest's working-set curve (pymig dirtyrate --plot) -------------------------------------
+
+WINDOW_LABEL = "window length (s, log)"
+MiB = 1 << 20  # QEMU's dirty-rate unit, which it calls MB
+
+
+def plot_working_set(info: dict[str, Any], out_png: str | os.PathLike[str] | None = None):
+    """Draw a measured ``query-dirty-rate`` answer (:mod:`pymig.dirtyrate`): the working-set
+    curve, and what it makes of a dirty rate; returns the matplotlib Figure, and writes it as a
+    PNG at ``out_png`` when given.
+
+    Two panels over the window length, both logarithmic (windows run from 10 ms to seconds,
+    pages from a few to the whole guest):
+
+    * the distinct pages dirtied in a window (the mean, and the band from the fewest to the
+      most any window of that length saw), against the write rate's straight line and the
+      working set's level: the curve follows the first while windows are short and bends
+      onto the second once the guest has written all of its working set;
+    * the rate a measurement of that length reports (distinct pages over the window, which
+      is QEMU's dirty-rate), against the write rate: it falls once the window is longer than
+      the time the guest takes to write its working set.
+    """
+    Figure, FigureCanvasAgg = _matplotlib()
+    ws = info.get("working-set")
+    if not ws or not ws.get("curve"):
+        raise ValueError("the measurement has no working-set curve to plot (status "
+                         f"{info.get('status')!r})")
+    points = ws["curve"]
+    windows = [p["window-ms"] / 1000 for p in points]
+    pages = [p["pages"] for p in points]
+    rate = info["write-rate-pages"]
+
+    fig = Figure(figsize=(9, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    curve, rates = fig.subplots(2, 1, sharex=True)
+
+    curve.fill_between(windows, [max(p["least"], 0.5) for p in points],
+                       [max(p["most"], 0.5) for p in points], color="tab:blue", alpha=0.2,
+                       label="fewest to most in one window")
+    curve.plot(*_positive(windows, pages), marker="o", color="tab:blue",
+               label="distinct pages dirtied (mean)")
+    if rate > 0:
+        curve.plot(windows, [rate * w for w in windows], linestyle="--", color="tab:red",
+                   label=f"write rate {rate:,.0f} pages/s")
+    settled = "settled" if ws["settled"] else "still growing"
+    if ws["pages"] > 0:
+        curve.axhline(ws["pages"], linestyle=":", color="tab:green",
+                      label=f"working set {ws['pages']:,} pages ({settled})")
+    curve.set_xscale("log")
+    curve.set_yscale("log")
+    curve.set_ylabel("distinct pages (log)")
+    curve.set_title(f"working-set curve ({info['mode']})")
+
+    page_size = info.get("page-size", 4096)
+    rates.plot(*_positive(windows, [p / w * page_size / MiB for p, w in zip(pages, windows)]),
+               marker="o", color="tab:purple", label="distinct pages / window")
+    if rate > 0:
+        rates.axhline(rate * page_size / MiB, linestyle="--", color="tab:red",
+                      label="write rate")
+    rates.set_xscale("log")
+    rates.set_yscale("log")
+    rates.set_ylabel("MiB/s (log)")
+    rates.set_xlabel(WINDOW_LABEL)
+    rates.set_title("the dirty rate a measurement of that length reports")
+    for axes in (curve, rates):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="best", fontsize=8)
+    if out_png is not None:
+        fig.savefig(os.fspath(out_png), format="png", dpi=100)
+    return fig

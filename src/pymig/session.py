@@ -77,6 +77,8 @@ class Session:
         self.incoming_options: dict[str, Any] = {}
         self.incoming_failed: BaseException | None = None
         self._guest_callbacks: list[Callable[[Guest], None]] = []
+        self.dirty_rate = None  # the latest calc-dirty-rate (pymig.dirtyrate)
+        self._dirty_rate_lock = threading.Lock()
         if guest is not None:
             self.guest_ready.set()
         self.on_guest(self._watch_disks)
@@ -284,6 +286,37 @@ class Session:
     def _migration_pass(self, record) -> None:
         self.emit("MIGRATION_PASS", {"pass": record.iteration})
 
+    # -- dirty rate --------------------------------------------------------------------------
+    def calc_dirty_rate(self, args: dict[str, Any]) -> None:
+        """``calc-dirty-rate``: measure the guest's dirty rate (returns at once; follow it with
+        ``query-dirty-rate``).  During a migration too, as QEMU: neither takes from the
+        other."""
+        from pymig.dirtyrate import DirtyRateConfig, DirtyRateMeasurement
+
+        guest = self._require_guest()
+        if self.moved_away():
+            raise CommandError("the guest has migrated away; measure it at the destination")
+        if guest.status in ("shutdown", "error"):
+            raise CommandError(f"the guest is {guest.status}; nothing to measure")
+        with self._dirty_rate_lock:
+            if self.dirty_rate is not None and self.dirty_rate.measuring:
+                raise CommandError("the dirty rate is already being measured.")
+            try:
+                measurement = DirtyRateMeasurement(guest, DirtyRateConfig.from_qmp(args))
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            self.dirty_rate = measurement
+            measurement.start()
+
+    def query_dirty_rate(self, unit: str = "second") -> dict[str, Any]:
+        """``query-dirty-rate``: the latest measurement, ``calc-time`` in ``unit``."""
+        from pymig.dirtyrate import dirty_rate_info
+
+        try:
+            return dirty_rate_info(self.dirty_rate, unit)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
     # -- parameters --------------------------------------------------------------------------
     def set_parameters(self, values: dict[str, Any]) -> None:
         """Set parameters by QMP name, all or none.  During a migration ``max-bandwidth``
@@ -437,6 +470,8 @@ class Session:
         self.quit_requested.set()
 
     def close(self) -> None:
+        if self.dirty_rate is not None:
+            self.dirty_rate.cancel()  # it reads the guest's memory and log
         if self.incoming is not None:
             self.incoming.close()
         migration = self.migration

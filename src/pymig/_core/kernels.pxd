@@ -79,6 +79,9 @@ cdef extern from "kernels.h" nogil:
     int pymig_packet_runs(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_size,
                           uint32_t block_id, uint64_t npages, int64_t *runs_out,
                           pymig_decode_result *res, pymig_packet_error *err)
+    int pymig_page_hashes(const unsigned char *mem, uint64_t npages, uint32_t page_size,
+                          const int64_t *pages, uint64_t count, uint64_t *out, uint64_t *bad,
+                          const pymig_ops *ops)
     uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes, const pymig_ops *ops)
 
 

@@ -538,6 +538,121 @@ class Console:
         return write
 
 
+class DirtyLogShare:
+    """One dirty log, two kinds of reader: the migration (``sync_dirty`` / ``clear_dirty``) and
+    any number of :class:`DirtyLogReader` (a dirty-rate measurement), none of which loses a
+    bit to another.
+
+    A guest's log hands each dirty bit out once: whoever fetches it takes it (KVM re-protects
+    the page, the simulated writer clears the bit).  So every fetch goes through here, under
+    :attr:`lock`, and hands what it took to every *other* reader: the migration's syncs to each
+    reader's ``pending``, a reader's harvests to the other readers and to the migration's
+    ``carry``, which its next sync returns with what it fetches itself.  A reader then sees
+    every page dirtied since its previous harvest, whoever took the bit; the migration sees
+    every page dirtied since its previous sync, a superset at worst (a page sent once more),
+    never fewer.  This is QEMU's arrangement: a dirty-rate measurement's log syncs feed the
+    migration's bitmap too.
+
+    The guest keeps its log on while the migration logs (``migration_logging``) or any reader
+    is open (:attr:`wanted`).
+    """
+
+    def __init__(self, nwords: Sequence[int]):
+        self.lock = threading.Lock()
+        self._nwords = list(nwords)
+        self._readers: list[DirtyLogReader] = []
+        self._carry: list[np.ndarray] | None = None  # the migration's, while it logs
+
+    def new_bitmaps(self) -> list[np.ndarray]:
+        """Empty bitmaps, one per RAM block."""
+        return [np.zeros(words, dtype=np.uint64) for words in self._nwords]
+
+    @property
+    def migration_logging(self) -> bool:
+        return self._carry is not None
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone needs the log on."""
+        return self._carry is not None or bool(self._readers)
+
+    def start_migration(self) -> None:
+        """The migration's log starts (lock held): nothing carried over from before."""
+        self._carry = self.new_bitmaps()
+
+    def stop_migration(self) -> None:
+        """The migration's log stops (lock held)."""
+        self._carry = None
+
+    def add(self, reader: "DirtyLogReader") -> None:
+        """A reader from now on (lock held); its first harvest reports what the log held."""
+        reader._pending = self.new_bitmaps()
+        self._readers.append(reader)
+
+    def remove(self, reader: "DirtyLogReader") -> None:
+        """(lock held)"""
+        if reader in self._readers:
+            self._readers.remove(reader)
+
+    def migration_fetched(self, fetched: list[np.ndarray]) -> list[np.ndarray]:
+        """What the migration's sync fetched goes to every reader; returned with the bits
+        readers took from it since its previous sync, in ``fetched`` itself (lock held)."""
+        for reader in self._readers:
+            for pending, bits in zip(reader._pending, fetched):
+                np.bitwise_or(pending, bits, out=pending)
+        if self._carry is not None:
+            for bits, carry in zip(fetched, self._carry):
+                np.bitwise_or(bits, carry, out=bits)
+                carry[:] = 0
+        return fetched
+
+    def reader_fetched(self, reader: "DirtyLogReader",
+                       fetched: list[np.ndarray]) -> list[np.ndarray]:
+        """What ``reader``'s harvest fetched goes to the migration and the other readers;
+        returns the reader's pages, fetched or handed to it (new arrays; lock held)."""
+        for other in self._readers:
+            if other is not reader:
+                for pending, bits in zip(other._pending, fetched):
+                    np.bitwise_or(pending, bits, out=pending)
+        if self._carry is not None:
+            for carry, bits in zip(self._carry, fetched):
+                np.bitwise_or(carry, bits, out=carry)
+        result = [bits | pending for bits, pending in zip(fetched, reader._pending)]
+        for pending in reader._pending:
+            pending[:] = 0
+        return result
+
+
+class DirtyLogReader:
+    """A dirty-rate measurement's view of a guest's dirty log (``guest.open_dirty_reader()``):
+    :meth:`harvest` returns, per RAM block, the pages dirtied since the previous harvest (the
+    first: since the reader opened).  Whatever it takes, the migration still gets
+    (:class:`DirtyLogShare`).  Close it when done: the guest logs while a reader is open."""
+
+    def __init__(self, harvest: Callable[["DirtyLogReader"], list[np.ndarray]],
+                 close: Callable[["DirtyLogReader"], None]):
+        self._harvest = harvest
+        self._close = close
+        self._pending: list[np.ndarray] = []
+        self.closed = False
+
+    def harvest(self) -> list[np.ndarray]:
+        if self.closed:
+            raise ValueError("this dirty-log reader is closed")
+        return self._harvest(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close(self)
+
+    def __enter__(self) -> "DirtyLogReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class DirtyRateMeter:
     """Per-vCPU pages/s between two readings of cumulative per-vCPU dirty counts."""
 
@@ -640,6 +755,13 @@ class Guest(Protocol):
         """Per block, the pages dirtied since the last sync/clear; valid until the next sync."""
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
         """Re-arm dirty tracking for that range (a no-op where syncing already did)."""
+    def open_dirty_reader(self) -> DirtyLogReader:
+        """Another reader of the dirty log, for a dirty-rate measurement: it turns logging on
+        while open, and takes nothing a migration's sync would report (DirtyLogShare)."""
+    def vcpu_dirty_counts(self) -> list[int]:
+        """Per vCPU, the pages it has dirtied so far as the dirty tracking counts them (KVM:
+        dirty-ring entries harvested; simulated: the writer's logged page writes); GuestError
+        where the guest cannot tell (a KVM guest without the dirty ring)."""
 
     def save_state(self) -> Any: ...
     def load_state(self, state: Any) -> None: ...

@@ -35,6 +35,8 @@ from pymig.errors import DiskError, GuestError
 from pymig.guest import builtin, loader, validate_config
 from pymig.guest.base import (
     Console,
+    DirtyLogReader,
+    DirtyLogShare,
     DirtyRateMeter,
     GuestConfig,
     GuestState,
@@ -78,7 +80,10 @@ class KvmGuest:
         self._status = "created"
         self._lock = threading.Lock()
         self._dirty_log = False  # start_dirty_log() is in force (a limit may log on its own)
-        self._tracking = False  # the slots are logging, for either reason
+        self._tracking = False  # the slots are logging, for any reason
+        # the log's readers besides the migration (a dirty-rate measurement); its lock also
+        # keeps close() from unmapping what a sync, clear or harvest uses
+        self._share = DirtyLogShare([slot.bitmap.size for slot in machine.slots])
         self._rates = DirtyRateMeter()
         self.pause_latencies: list[float] = []
         # the guest's latest control-port events: (vcpu, code, argument)
@@ -221,7 +226,7 @@ class KvmGuest:
         return self.status
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._share.lock:
             self.machine.close()
             for block in self.ram_blocks:
                 block.close()
@@ -241,21 +246,28 @@ class KvmGuest:
 
     def start_dirty_log(self) -> None:
         """Log every write from now on; the first sync reports only those.  In ring mode
-        whatever the rings logged before (for a dirty limit) is discarded and re-protected."""
-        with self._lock:
-            if self.machine.vm.dirty_ring:
-                self.machine.vm.discard_dirty()
+        whatever the rings logged before (for a dirty limit) is discarded and re-protected
+        (handed to the dirty-log readers, whose it is).  While a reader keeps the slots
+        logging, the first sync also reports what was written since its last harvest."""
+        with self._lock, self._share.lock:
+            vm = self.machine.vm
+            if vm.dirty_ring:
+                self._share.migration_fetched(vm.fetch_and_clear(self._share.new_bitmaps()))
+            self._share.start_migration()
             self._dirty_log = True
             self._update_tracking()
 
     def stop_dirty_log(self) -> None:
-        """Stop logging (the slots go on logging for a dirty limit while one is set)."""
-        with self._lock:
+        """Stop logging (the slots go on logging for a dirty limit or a reader while one
+        is there)."""
+        with self._lock, self._share.lock:
+            self._share.stop_migration()
             self._dirty_log = False
             self._update_tracking()
 
     def _update_tracking(self) -> None:
-        on = self._dirty_log or bool(self.machine.dirty_limits)
+        """(both locks held)"""
+        on = self._dirty_log or bool(self.machine.dirty_limits) or self._share.wanted
         for slot in self.machine.slots:
             slot.set_logging(on)
         if on and not self._tracking and self.machine.vm.dirty_ring:
@@ -266,10 +278,42 @@ class KvmGuest:
         """Per block, pages dirtied since logging started or their last clear (KVM bitmap
         layout; with ``initially_set`` every page counts as dirty until its first clear);
         each array stays valid until the next sync."""
-        return self.machine.vm.sync_dirty()
+        with self._share.lock:
+            self._check_open()
+            return self._share.migration_fetched(self.machine.vm.sync_dirty())
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
-        self.machine.slots[block_index].clear(start_page, npages)
+        with self._share.lock:
+            self._check_open()
+            self.machine.slots[block_index].clear(start_page, npages)
+
+    def open_dirty_reader(self) -> DirtyLogReader:
+        """A reader of the dirty log beside the migration (:class:`DirtyLogShare`); the slots
+        log while it is open.  Each harvest re-protects what it takes, so its first reports
+        the pages written from now, each later one those written since the one before."""
+        with self._lock:
+            self._check_open()
+            reader = DirtyLogReader(self._reader_harvest, self._reader_close)
+            with self._share.lock:
+                self._share.add(reader)
+                self._update_tracking()
+                self._reader_fetch(reader)  # from now on
+            return reader
+
+    def _reader_fetch(self, reader: DirtyLogReader) -> list[np.ndarray]:
+        fetched = self.machine.vm.fetch_and_clear(self._share.new_bitmaps())
+        return self._share.reader_fetched(reader, fetched)
+
+    def _reader_harvest(self, reader: DirtyLogReader) -> list[np.ndarray]:
+        with self._share.lock:
+            self._check_open()
+            return self._reader_fetch(reader)
+
+    def _reader_close(self, reader: DirtyLogReader) -> None:
+        with self._lock, self._share.lock:
+            self._share.remove(reader)
+            if self._status != "closed":
+                self._update_tracking()
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -350,10 +394,18 @@ class KvmGuest:
         guest mode until the excess is paid for (:class:`~pymig.kvm.machine.DirtyQuota`)."""
         index = check_vcpu_index(index, self.vcpu_count)
         limit = check_dirty_limit(pages_per_s)
-        with self._lock:
+        with self._lock, self._share.lock:
             self._check_open()
             self.machine.set_dirty_limit(index, limit)
             self._update_tracking()
+
+    def vcpu_dirty_counts(self) -> list[int]:
+        """Per vCPU, the dirty-ring entries harvested from its ring so far (the rings are
+        harvested now; what they held goes to the next sync and reader harvest, as always).
+        GuestError without the dirty ring."""
+        with self._lock:
+            self._check_open()
+            return self.machine.dirty_counts()
 
     def _check_open(self) -> None:
         if self._status == "closed":

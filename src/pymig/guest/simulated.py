@@ -46,6 +46,8 @@ from pymig.errors import GuestError, StateError
 from pymig.guest.base import (
     PARAMS_GPA,
     Console,
+    DirtyLogReader,
+    DirtyLogShare,
     DirtyRateMeter,
     GuestConfig,
     GuestState,
@@ -143,7 +145,9 @@ class SimulatedGuest:
         self._writers = writers
         self._status = "created"
         self._has_state = not incoming
-        self._logging = False
+        self._logging = False  # the migration's log (start_dirty_log)
+        self._writers_logging = False  # the writers log: for the migration or a reader
+        self._share = DirtyLogShare(writers.nwords)
         self._throttle = 0
         self._dirty_limits: dict[int, float] = {}
         self._rates = DirtyRateMeter()
@@ -257,22 +261,46 @@ class SimulatedGuest:
     # --- dirty log ---------------------------------------------------------------------------
 
     def start_dirty_log(self) -> None:
-        """Log every write from the moment this returns (the bitmaps start empty)."""
+        """Log every write from the moment this returns (the bitmaps start empty, or, while a
+        dirty-log reader keeps the writers logging, hold what was written since its last
+        harvest: a page sent once more at worst)."""
         with self._lock:
             self._check_open()
             if not self._logging:
                 if not self._dirty_limits:
                     self._restart_rates()
-                self._writers.set_logging(True)
-                self._logging = True
+                with self._share.lock:
+                    self._share.start_migration()
+                    self._logging = True
+                    self._update_logging()
 
     def stop_dirty_log(self) -> None:
-        """Stop logging and forget what was logged since the last sync."""
+        """Stop logging and forget what was logged since the last sync (the writers log on
+        while a dirty-log reader is open)."""
         with self._lock:
             self._check_open()
             if self._logging:
-                self._writers.set_logging(False)
-                self._logging = False
+                with self._share.lock:
+                    self._share.stop_migration()
+                    self._logging = False
+                    self._update_logging()
+
+    def _update_logging(self) -> None:
+        """The writers log while anyone reads the log (both locks held)."""
+        wanted = self._share.wanted
+        if wanted != self._writers_logging:
+            self._writers.set_logging(wanted)
+            self._writers_logging = wanted
+
+    def _fetch(self) -> list[np.ndarray]:
+        """Per block, a new bitmap of the pages written since any previous fetch
+        (fetch-and-clear; the share's lock held)."""
+        bitmaps = []
+        for index, words in enumerate(self._writers.nwords):
+            out = np.empty(words, dtype=np.uint64)
+            self._writers.sync(index, out)
+            bitmaps.append(out)
+        return bitmaps
 
     def sync_dirty(self) -> list[np.ndarray]:
         """Per block, a new bitmap of the pages written since the previous sync (fetch-and-clear).
@@ -283,12 +311,33 @@ class SimulatedGuest:
             self._check_open()
             if not self._logging:
                 raise GuestError("sync_dirty() needs dirty logging on (start_dirty_log)")
-            bitmaps = []
-            for index, words in enumerate(self._writers.nwords):
-                out = np.empty(words, dtype=np.uint64)
-                self._writers.sync(index, out)
-                bitmaps.append(out)
-            return bitmaps
+            with self._share.lock:
+                return self._share.migration_fetched(self._fetch())
+
+    def open_dirty_reader(self) -> DirtyLogReader:
+        """A reader of the dirty log beside the migration (:class:`DirtyLogShare`); the
+        writers log while it is open.  Its first harvest reports the pages written from now."""
+        with self._lock:
+            self._check_open()
+            reader = DirtyLogReader(self._reader_harvest, self._reader_close)
+            with self._share.lock:
+                self._share.add(reader)
+                self._update_logging()
+                self._share.reader_fetched(reader, self._fetch())  # from now on
+            return reader
+
+    def _reader_harvest(self, reader: DirtyLogReader) -> list[np.ndarray]:
+        with self._lock:
+            self._check_open()
+            with self._share.lock:
+                return self._share.reader_fetched(reader, self._fetch())
+
+    def _reader_close(self, reader: DirtyLogReader) -> None:
+        with self._lock:
+            with self._share.lock:
+                self._share.remove(reader)
+                if self._status != "shutdown":
+                    self._update_logging()
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
         """A no-op: :meth:`sync_dirty` cleared the bits it returned (see the module docstring)."""
@@ -373,6 +422,13 @@ class SimulatedGuest:
                 raise GuestError("vcpu_dirty_rates() measures while dirty logging is on or a "
                                  "dirty limit is set; call start_dirty_log() first")
             return self._rates.rates(self._writers.dirty_counts(), time.monotonic())
+
+    def vcpu_dirty_counts(self) -> list[int]:
+        """Per writer, the pages of its share it has written so far (every write counts, as
+        each would be logged)."""
+        with self._lock:
+            self._check_open()
+            return [int(n) for n in self._writers.dirty_counts()]
 
     def set_vcpu_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
         """Cap writer ``index`` at ``pages_per_s`` dirtied pages per second (None: lift it);

@@ -87,6 +87,19 @@ class MemorySlot:
             np.copyto(self._synced, self.bitmap)
         return self.bitmap
 
+    def fetch_and_clear(self, out: np.ndarray) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG into ``out`` and re-protect what it holds (KVM_CLEAR_DIRTY_LOG
+        over the slot, with manual protection; without it the GET did both): ``out`` then
+        holds each page dirtied since it was last re-protected, and the next write to any of
+        them is logged again.  For a reader beside the migration (KvmGuest's DirtyLogShare):
+        the pages it re-protects leave the bits the last :meth:`sync` returned, so a
+        :meth:`clear` after it cannot re-protect, unseen, a page written since."""
+        _kvm.get_dirty_log(self.vm.fd, self.slot_id, out)
+        if self.vm.manual_protect and out.any():
+            _kvm.clear_dirty_log(self.vm.fd, self.slot_id, out, 0, self.npages)
+            self._synced &= ~out
+        return out
+
     def clear(self, start_page: int, npages: int) -> None:
         """Re-protect the pages of [start_page, start_page + npages) that the last sync
         returned (KVM_CLEAR_DIRTY_LOG over the 64-page-aligned cover, bits outside the range
@@ -186,6 +199,21 @@ class Vm:
         self._harvested(found)
         return [slot.bitmap for slot in self.slots]
 
+    def fetch_and_clear(self, outs: list[np.ndarray]) -> list[np.ndarray]:
+        """Every slot's pages dirtied since it was last re-protected into ``outs`` (one per
+        slot), re-protected: the rings harvested and the pending bitmaps taken, or each slot's
+        :meth:`MemorySlot.fetch_and_clear`.  Unlike :meth:`sync_dirty`, the slots' own
+        bitmaps (what the last sync returned) are left alone."""
+        if not self.dirty_ring:
+            return [slot.fetch_and_clear(out) for slot, out in zip(self.slots, outs)]
+        with self._ring_lock:
+            found = self._harvest_locked()
+            for slot, out in zip(self.slots, outs):
+                np.copyto(out, slot.pending)
+                slot.pending[:] = 0
+        self._harvested(found)
+        return outs
+
     def harvest_rings(self) -> int:
         """Move every vCPU ring's entries into the slots' pending bitmaps and reset the rings
         (a vCPU thread on KVM_EXIT_DIRTY_RING_FULL, the dirty-limit controller, a rate
@@ -194,16 +222,6 @@ class Vm:
             found = self._harvest_locked()
         self._harvested(found)
         return found
-
-    def discard_dirty(self) -> None:
-        """Forget every page logged so far (ring mode): harvest, which re-protects the pages
-        (so their next write is logged again), and clear the pending bitmaps.  For a sync
-        contract that starts now while the slots were already logging."""
-        with self._ring_lock:
-            found = self._harvest_locked()
-            for slot in self.slots:
-                slot.pending[:] = 0
-        self._harvested(found)
 
     def _harvested(self, found: int) -> None:
         if found and self.on_harvest is not None:

@@ -48,6 +48,8 @@ class RateLimiter:
         self._burst = self._min_burst_bytes
         self._tokens = float(self._burst)
         self._stamp = clock()
+        #: seconds senders have slept here, in all: what a sender's own speed leaves out
+        self.slept_s = 0.0
         self.set_rate(rate_bytes_per_s)
 
     @property
@@ -87,6 +89,7 @@ class RateLimiter:
                 if self._rate == 0 or self._tokens >= 0:
                     if self._rate:
                         self._tokens -= nbytes
+                    self.slept_s += slept
                     return slept
                 wait_s = min(-self._tokens / self._rate, _MAX_SLEEP_S)
                 start = self._clock()

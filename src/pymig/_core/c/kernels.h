@@ -212,6 +212,13 @@ int pymig_packet_runs(const unsigned char *pkt, size_t pkt_bytes, uint32_t page_
                       uint32_t block_id, uint64_t npages, int64_t *runs_out,
                       pymig_decode_result *res, pymig_packet_error *err);
 
+/* out[i] = xxh3-64 (seed 0) of page pages[i] of mem, through the variant's update.  -ERANGE
+ * (and *bad = i) if a page index lies outside the npages pages of mem; nothing after it is
+ * hashed. */
+int pymig_page_hashes(const unsigned char *mem, uint64_t npages, uint32_t page_size,
+                      const int64_t *pages, uint64_t count, uint64_t *out, uint64_t *bad,
+                      const pymig_ops *ops);
+
 /* xxh3-64, seed 0, of one buffer through the variant's streaming update (tests compare it
  * with the Python xxhash package). */
 uint64_t pymig_xxh3_64(const unsigned char *buf, size_t len_bytes, const pymig_ops *ops);
