@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pymig import stream, transport
-from pymig.errors import MigrationError, PymigError, StateError, StreamError
+from pymig.errors import MigrationError, PymigError, SourceCancelled, StateError, StreamError
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
 from pymig.machine import Machine, WarmUp, load_config
@@ -245,6 +245,8 @@ def await_commit(channel, timeout: float) -> None:
     if message is None:
         raise MigrationError(f"the source did not commit within {timeout:.0f} s; the guest was "
                              f"not started here")
+    if isinstance(message, stream.Cancel):
+        raise SourceCancelled(message.text)
     if not isinstance(message, stream.Commit):
         raise MigrationError(f"expected COMMIT from the source, got {type(message).__name__}")
 
