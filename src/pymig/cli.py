@@ -102,7 +102,8 @@ def _report_warnings_and_logs() -> None:
 @click.option("--memory", type=SIZE, default="256M", show_default=True, help="guest RAM")
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--working-set", type=SIZE, default=None, help="dirtier/selfcheck working set")
-@click.option("--rate", type=int, default=None, help="pages/s the workload writes (0: flat out)")
+@click.option("--rate", type=int, default=None,
+              help="page writes/s the workload makes (0: flat out)")
 @click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
@@ -132,7 +133,8 @@ def _report_warnings_and_logs() -> None:
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
         hot_fraction, rounds, disks, disk_working_set, simulated, dirty_ring, mem_backing, control,
         control_tcp, control_tcp_token, serial, quiet) -> None:
-    """Run a guest, with its serial output live and its dirty rate once a second."""
+    """Run a guest, with its serial output live and, once a second, what its workload did
+    (the dirtier's writes/s, selfcheck's pages stamped/s and passes, ...)."""
     from pymig import guest as guests
     from pymig.errors import PymigError
     from pymig.session import Session
@@ -353,7 +355,7 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
             if interrupts.count:
                 _fail(f"{interrupts.name}: stopped before the migration started")
             client.command("migrate", **arguments)
-            if as_json:
+            if as_json or not console.is_terminal:  # a bar is for a terminal to redraw
                 followed = follow(client, interrupts=interrupts, say=say)
             else:
                 with ProgressView(console, transient=True) as view:

@@ -315,6 +315,11 @@ class Machine:
         return {"normal": c.normal_pages, "duplicate": c.zero_pages,
                 "compressed": c.compressed_pages, "packets": c.packets, "bytes": c.bytes}
 
+    def now_a_source(self) -> None:
+        """This destination's guest runs here now: it may migrate on, like any other."""
+        if self.ram_saver is None:
+            self.ram_saver = RamSaver(self.guest)
+
     def release_load_buffers(self) -> None:
         """Free what loading the stream kept for after the switchover."""
         self._load_worker = None

@@ -205,16 +205,18 @@ def _pages_moved(info: dict) -> str:
 
 
 def _ratio(info: dict) -> str:
-    ratio = compression_ratio(info["ram"])
-    return f"{ratio:,.1f}x (pages moved / bytes on the wire: zero pages, LZ4)"
+    return f"{compression_ratio(info['ram']):,.1f}x (pages moved / wire bytes)"
 
 
-def _throughput(info: dict) -> str:
+def _wire_rate(info: dict) -> str:
+    mbps = info["ram"].get("mbps", 0)
+    return f"{format_rate(mbps * 1e6 / 8)} ({mbps:,.0f} Mbit/s)"
+
+
+def _page_rate(info: dict) -> str:
     ram = info["ram"]
-    return (f"{format_rate(ram.get('mbps', 0) * 1e6 / 8)} on the wire "
-            f"({ram.get('mbps', 0):,.0f} Mbit/s), "
-            f"{format_rate(ram.get('pages-per-second', 0) * ram.get('page-size', 4096))} of "
-            f"pages ({ram.get('pages-per-second', 0):,} pages/s)")
+    pages = ram.get("pages-per-second", 0)
+    return f"{format_rate(pages * ram.get('page-size', 4096))} ({pages:,} pages/s)"
 
 
 # (key in query-migrate, label, format).  A key starting with "=" is a figure made of several:
@@ -238,7 +240,8 @@ _ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("ram.duplicate", "zero pages", lambda v: f"{v:,}"),
     ("ram.dirty-sync-count", "dirty-log syncs", str),
     ("ram.dirty-pages-rate", "dirty rate", lambda v: f"{v:,} pages dirtied/s (last sync)"),
-    ("=throughput", "throughput", _throughput),
+    ("=wire-rate", "throughput (wire)", _wire_rate),
+    ("=page-rate", "throughput (pages)", _page_rate),
     ("cpu-throttle-percentage", "vCPU throttle (now)", lambda v: f"{v} %"),
     ("cpu-throttle-peak", "vCPU throttle (highest)", lambda v: f"{v} %"),
     ("error-desc", "error", str),

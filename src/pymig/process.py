@@ -1,9 +1,9 @@
 """The life of a ``pymig run`` or ``pymig incoming`` process around its :class:`Session`.
 
 It serves the control socket, shows the guest's serial output live (stdout) and a status line
-about once a second (stderr: run state, the guest's dirty rate from its own page counter,
-passes, self-check errors, migration progress), and ends on ``quit``, Ctrl-C, guest power-off,
-or a failed incoming migration.
+about once a second (stderr: run state, what the guest's workload counts, each figure named
+for what it counts, and the migration's progress), and ends on ``quit``, Ctrl-C, guest
+power-off, or a failed incoming migration.
 """
 
 from __future__ import annotations

@@ -369,6 +369,7 @@ class Session:
     def _guest_started(self, machine: Machine) -> None:
         # The guest is this process's from the moment its vCPUs run: commands reach it from
         # then on, before the source even hears the ACK.
+        machine.now_a_source()
         self.machine = machine
         self.migration = None
         self.guest_ready.set()
