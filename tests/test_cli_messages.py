@@ -143,6 +143,8 @@ MISTAKES = [
     (["incoming", "tcp:127.0.0.1:0", "--memory", "10T", "--mem-prealloc"],
      "not enough memory for 10 TiB of guest RAM"),
     (["incoming", "tcp:127.0.0.1:0", "--accept-kind", "xen"], "not 'xen'"),
+    (["incoming", "tcp:127.0.0.1:0", "--serial", "/nonexistent/dir/s.log"],
+     "cannot append the guest's serial output to /nonexistent/dir/s.log"),
     (["migrate", "--control", "{src}", "bogus:x"], "bad migration URI 'bogus:x'"),
     (["migrate", "--control", "{src}", "tcp:127.0.0.1:{closed}"], "ECONNREFUSED"),
     (["migrate", "--control", "{src}", "tcp:no-such-host.invalid:4444"], "cannot resolve"),

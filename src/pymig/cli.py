@@ -344,7 +344,9 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
     console = Console(stderr=True)
 
     def say(text: str) -> None:
-        console.print(f"pymig: {text}", soft_wrap=True, highlight=False, markup=False)
+        # a terminal gets lines wrapped between words; anything else one line per message
+        console.print(f"pymig: {text}", soft_wrap=not console.is_terminal, highlight=False,
+                      markup=False)
 
     client = _connect(control, control_tcp_token)
     with client, Interrupts() as interrupts:

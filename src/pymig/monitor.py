@@ -169,6 +169,9 @@ def progress_figures(info: dict) -> str:
     done = info.get("status") == "completed"
     figures = [f"pass {info.get('iterations', 0)}",
                f"{format_bytes(0 if done else ram.get('remaining', 0))} left", rates(ram)]
+    ratio = compression_ratio(ram)
+    if ratio is not None and ratio >= 1.05:  # what zero pages and LZ4 save on the wire
+        figures[-1] += f" ({ratio:,.0f}x less)" if ratio >= 10 else f" ({ratio:.1f}x less)"
     expected = info.get("expected-downtime")
     if expected is not None:
         figures.append(f"downtime ≈{expected} ms")

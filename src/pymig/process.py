@@ -91,6 +91,8 @@ def migration_figures(session: Session) -> list[str]:
     status = migration.get("status")
     if session.destination and session.machine is None:  # still receiving its guest
         where = migration.get("socket-address") or "?"
+        if status is None:
+            return ["waiting for migrate-incoming"]
         if status == "setup":
             return [f"waiting for the source on {where}"]
         if status == "active":
@@ -160,6 +162,8 @@ def serve(session: Session, *, control: str | None = None,
     code = 0
     with _Signals() as signals:
         try:
+            if serial_file:  # now, not when a destination's guest arrives
+                _check_appendable(serial_file)
             if incoming is not None:
                 bound = session.start_incoming(incoming)
             if control is not None or control_tcp is not None:
@@ -185,6 +189,14 @@ def serve(session: Session, *, control: str | None = None,
                 server.close()
             session.close()
     return code
+
+
+def _check_appendable(path: str) -> None:
+    try:
+        open(path, "ab").close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot append the guest's serial output to {path}: "
+                                 f"{exc.strerror}") from None
 
 
 def receiving(uri: str) -> str:
