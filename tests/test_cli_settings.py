@@ -74,7 +74,7 @@ def test_each_run_sets_its_own_bandwidth_and_compression_and_says_so(tmp_path):
 
         plain, info = _snapshot(ctl, tmp_path / "b.pymig")
         assert plain.returncode == 0, plain.stderr
-        assert DEFAULTS_LINE + "; set on the source over QMP: cpu-throttle-initial 30" \
+        assert DEFAULTS_LINE + "; also in force on the source: cpu-throttle-initial 30" \
             in plain.stderr
         settings = info["settings"]
         assert settings["parameters"]["max-bandwidth"] == 0  # uncapped

@@ -125,7 +125,8 @@ def in_force(parameters: Mapping[str, Any], capabilities: Mapping[str, bool]) ->
 
 def describe(parameters: Mapping[str, Any], capabilities: Mapping[str, bool]) -> str:
     """One line: the command line's settings as the source now has them, then any other
-    parameter or capability the process has away from its default (set over QMP)."""
+    parameter or capability the process has away from its default (a QMP client set it, or
+    the process was started with it)."""
     values = {**parameters, **capabilities}
     own = []
     for setting in COMMAND_LINE:
@@ -141,5 +142,5 @@ def describe(parameters: Mapping[str, Any], capabilities: Mapping[str, bool]) ->
                if name not in names and name in CAPABILITIES and state]
     line = ", ".join(own)
     if others:
-        line += "; set on the source over QMP: " + ", ".join(others)
+        line += "; also in force on the source: " + ", ".join(others)
     return line
