@@ -17,8 +17,9 @@ MiB = 1 << 20
 WAIT_S = 60.0
 
 # How the guest writes, and the cap: a first pass of seconds either way.
-# Converging: 64 MiB stamped at 20 MB/s, sent at 40 MB/s (it would complete in a few passes).
-CONVERGING = {"working_set": "64M", "rate": "5000", "cap": "40M"}
+# Converging: 64 MiB stamped at 20 MB/s, sent at 30 MB/s (it would complete after a few
+# passes, seconds after the signal).
+CONVERGING = {"working_set": "64M", "rate": "5000", "cap": "30M"}
 # Not converging: 16 MiB stamped at 800 MB/s, sent at 4 MB/s.
 DIVERGING = {"working_set": "16M", "rate": "200000", "cap": "4M"}
 

@@ -516,7 +516,7 @@ class Migration:
                 if reason is not None:
                     exc = MigrationError(f"destination failed: {reason}")
             elif not self._committed and (ret is None or ret.error is None):
-                self._tell_destination(writer, exc)
+                self._tell_destination(writer, ret, exc)
             self._fail(exc, resume=paused_by_us and not self._committed,
                        committed=self._committed)
         finally:
@@ -543,7 +543,7 @@ class Migration:
                 trace.close()
 
     def _tell_destination(self, writer: "stream.StreamWriter | None",
-                          exc: BaseException) -> None:
+                          ret: "ReturnPath | None", exc: BaseException) -> None:
         """The migration ends here, before the commit, for a reason of the source's own (a
         cancel, a limit, a failure on this side): say so to the destination, which would
         otherwise only see the stream end.  Best effort, and only where the stream is at a
@@ -563,6 +563,14 @@ class Migration:
                 stream.ReturnPathWriter(channel).cancel(reason)
         except (PymigError, OSError) as send_exc:
             log.debug("could not tell the destination the migration ended: %s", send_exc)
+            return
+        if ret is not None:
+            # Closing a TCP socket with return-path messages unread resets the connection,
+            # and a reset can drop what the destination had not read yet, the CANCEL with
+            # it: end the stream, and let the return path read on until the destination,
+            # having read it, closes.
+            channel.end_sending()
+            ret.error_after_close(CANCEL_SEND_TIMEOUT_S)
 
     def _commit(self) -> None:
         """Cross the point of no return, unless a cancel got there first."""
