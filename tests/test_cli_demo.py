@@ -48,7 +48,7 @@ def test_pymig_demo_prints_the_stats_table_and_the_verdict():
     assert done.returncode == 0, done.stderr
     out = done.stdout  # the table and the verdict; progress and notes went to stderr
     for row in ("status", "downtime (measured)", "downtime (expected)", "dirty rate",
-                "normal pages", "transferred"):
+                "pages with data", "transferred (wire bytes)", "pages moved", "compression"):
         assert row in out, out
     assert "guest verified on the destination" in out and "self-check consistent" in out
     assert "pass" in done.stderr and "left" in done.stderr  # the progress line

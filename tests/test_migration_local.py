@@ -11,7 +11,7 @@ import pytest
 from _migration_helpers import guests  # noqa: F401 - fixture
 from _migration_helpers import (ANY_KIND, GUEST_KINDS, assert_consistent, guest_config,
                                 migrate_locally, wait_for)
-from pymig.errors import GuestError, MigrationError
+from pymig.errors import GuestError, MigrationError, SourceCancelled
 from pymig.guest.workloads import expected_compute_result
 from pymig.incoming import Incoming
 from pymig.machine import Machine
@@ -113,6 +113,9 @@ def test_cancel_mid_migration_keeps_source_running_and_destination_stopped(tmp_p
         assert done.migration.status.value == "cancelled"
         assert done.migration.query()["status"] == "cancelled"
         assert done.result is None and done.error is not None
+        # the source said so: the destination did not merely see the stream end
+        assert isinstance(done.error.__cause__, SourceCancelled), done.error
+        assert "the source cancelled the migration" in str(done.error)
     assert source.status == "running"
     before = source.progress()["passes"]
     wait_for(lambda: source.progress()["passes"] > before, what="source progress")
@@ -187,6 +190,40 @@ def test_injected_policy_can_cancel_and_source_keeps_running(tmp_path, guests):
     with migrate_locally(source, f"unix:{tmp_path}/m.sock", decide=never) as done:
         assert done.migration.status.value == "cancelled"
         assert "cancelled-by-limit: test" in str(done.migration.error)
+        assert ("the source cancelled the migration: cancelled-by-limit: test"
+                in str(done.error)), done.error
+    assert source.status == "running"
+
+
+def test_a_cancel_after_the_streams_end_is_told_instead_of_commit(tmp_path, guests,
+                                                                  monkeypatch):
+    """Cancelled while the destination loads the last records (EOF sent, no COMMIT yet): the
+    source sends CANCEL where COMMIT would go, and the destination reports it, whether it was
+    still loading or already waiting for COMMIT."""
+    loading, go_on = threading.Event(), threading.Event()
+    check = Machine._check_complete
+
+    def slow_check(self, *args):
+        if self.incoming:
+            loading.set()
+            assert go_on.wait(60)
+        return check(self, *args)
+
+    monkeypatch.setattr(Machine, "_check_complete", slow_check)
+    source = guests(guest_config("simulated"))
+
+    def cancel_once_loading(migration):
+        assert loading.wait(60)
+        assert migration.status.value == "device"
+        migration.cancel()
+        migration.wait(60)
+        go_on.set()
+
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock",
+                         during=cancel_once_loading) as done:
+        assert done.migration.status.value == "cancelled"
+        assert done.result is None
+        assert isinstance(done.error.__cause__, SourceCancelled), done.error
     assert source.status == "running"
 
 

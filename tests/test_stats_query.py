@@ -184,3 +184,16 @@ def test_the_highest_throttle_outlives_the_throttle():
         stats_table(info).columns[0]._cells, stats_table(info).columns[1]._cells)}
     assert rows["vCPU throttle (highest)"] == "40 %"
     assert "vCPU throttle (now)" not in rows  # 0 % then, which says nothing of the migration
+
+
+def test_the_progress_line_shows_page_and_wire_rates_and_their_ratio():
+    from pymig.monitor import progress_figures
+
+    info = {"status": "active", "iterations": 3, "expected-downtime": 4,
+            "ram": {"remaining": 12 << 20, "transferred": 1 << 20, "normal": 2048,
+                    "duplicate": 2048, "page-size": 4096, "mbps": 16.0,
+                    "pages-per-second": 100_000}}
+    # 16 MiB of pages moved in 1 MiB on the wire; 2 MB/s on the wire carry 410 MB/s of pages
+    assert progress_figures(info) == ("pass 3, 12.0 MiB left, pages 410 MB/s, wire 2 MB/s "
+                                      "(16x less), downtime ≈4 ms")
+    assert progress_figures({"status": "setup"}) == ""

@@ -11,9 +11,9 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymig.errors import StreamError
-from pymig.stream import (DEFAULT_MAX_PAYLOAD, FOOTER_BYTES, HEADER_BYTES, MAGIC, RecordType,
-                          StreamReader, StreamWriter)
+from pymig.errors import SourceCancelled, StreamError
+from pymig.stream import (DEFAULT_MAX_PAYLOAD, FOOTER_BYTES, HEADER_BYTES, MAGIC,
+                          MAX_CANCEL_BYTES, RecordType, StreamReader, StreamWriter)
 from pymig.transport import BytesChannel
 
 from _wire_helpers import (SAMPLE_RECORDS, SOCKET_KINDS, Background, channel_pair,
@@ -308,6 +308,51 @@ def test_bad_eof_record():
     assert e.offset == 16 + 4 and "must be 0" in e.reason
     e = error_of(HEADER + record(0x0F, 0, b"x"))
     assert e.offset == 16 + 8 and "must be empty" in e.reason
+
+
+def test_a_cancel_record_ends_the_stream_with_the_sources_reason():
+    channel = BytesChannel()
+    writer = StreamWriter(channel)
+    writer.write_header()
+    writer.full(1, "serial", 0, 1, b"state")
+    at = writer.bytes_written
+    writer.cancel("cancelled-by-limit: max-total-time " + "é" * 2000)  # cut to 1024 bytes
+    data = channel.getvalue()
+    assert data[at] == RecordType.CANCEL == 0x0E
+    reader = StreamReader(BytesChannel(data))
+    reader.read_header()
+    reader.next_record()
+    reader.read_payload()
+    with pytest.raises(SourceCancelled) as info:
+        reader.next_record()
+    assert info.value.offset == at
+    assert info.value.reason.startswith("cancelled-by-limit: max-total-time é")
+    assert len(info.value.reason.encode()) <= MAX_CANCEL_BYTES
+    assert str(info.value).startswith("the source cancelled the migration: cancelled-by-limit")
+
+
+def test_a_writer_sends_no_cancel_after_eof_or_a_failed_send():
+    writer = StreamWriter(BytesChannel())
+    writer.write_header()
+    writer.eof()
+    with pytest.raises(RuntimeError):
+        writer.cancel("late")
+
+
+def test_bad_cancel_records():
+    e = error_of(HEADER + record(0x0E, 3, b"why"))
+    assert e.offset == 16 + 4 and "must be 0" in e.reason
+    e = error_of(HEADER + record(0x0E, 0, b"x" * (MAX_CANCEL_BYTES + 1)))
+    assert e.offset == 16 + 8 and "at most 1024" in e.reason
+    e = error_of(HEADER + record(0x0E, 0, b"bad \xff"))
+    assert e.offset == 16 + 12 + 4 and "not UTF-8" in e.reason
+
+
+def test_a_record_type_a_reader_does_not_know_is_refused_at_its_offset():
+    """How a destination older than a record type (CANCEL, say) meets it: a StreamError at
+    the record, nothing loaded past it."""
+    e = error_of(HEADER + record(0x0D, 0, b"new") + EOF)
+    assert e.offset == 16 and "unknown record type 0x0d" in e.reason
 
 
 def test_stream_without_eof():

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from pymig.errors import StreamError, TransportError
-from pymig.stream import (MAX_RETURN_PAYLOAD, Ack, CaughtUp, LoadError, PageRequest, Ping, Pong,
-                          Progress, Ready, ReturnPathReader, ReturnPathWriter, Shut,
-                          encode_return)
+from pymig.stream import (MAX_CANCEL_BYTES, MAX_RETURN_PAYLOAD, Ack, Cancel, CaughtUp, Commit,
+                          LoadError, PageRequest, Ping, Pong, Progress, Ready,
+                          ReturnPathReader, ReturnPathWriter, Shut, encode_return)
 from pymig.transport import BytesChannel, PeerClosedError, SocketChannel
 
 from _wire_helpers import SOCKET_KINDS, WAIT_S, channel_pair
@@ -28,6 +28,9 @@ MESSAGES = [
     Shut(),
     CaughtUp(16),
     Progress((1 << 63) + 1),
+    Commit(),
+    Cancel("migrate_cancel"),
+    Cancel(""),
 ]
 
 
@@ -142,6 +145,8 @@ def _recv_raw(raw: bytes, prefix: bytes = b""):
     (struct.pack("<HHI", 2, 0, MAX_RETURN_PAYLOAD + 1), 12, "expected at most 4096"),
     (struct.pack("<HHI", 2, 0, 0xFFFF_FFFF), 12, "expected at most"),
     (struct.pack("<HHI", 2, 0, 3) + b"a\xffb", 8 + 8 + 1, "not valid UTF-8"),
+    (struct.pack("<HHI", 12, 0, MAX_CANCEL_BYTES + 1), 12, "expected at most 1024"),
+    (struct.pack("<HHI", 12, 0, 2) + b"\xffx", 8 + 8, "CANCEL text is not valid UTF-8"),
     (struct.pack("<HHI", 3, 0, 16) + bytes(10), 8 + 8 + 10, "truncated"),
     (struct.pack("<HH", 3, 0), 8 + 4, "truncated"),
 ])

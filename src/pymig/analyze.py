@@ -29,7 +29,7 @@ from typing import Any
 import xxhash
 
 from pymig import stream, vmstate
-from pymig.errors import PymigError, StreamError
+from pymig.errors import PymigError, SourceCancelled, StreamError
 from pymig.machine import CONFIG_IDSTR
 from pymig.ram import RAM_IDSTR
 from pymig.transport import PeerClosedError
@@ -264,6 +264,8 @@ def _section(record, idstr, instance, version) -> dict:
 def _problem(exc: BaseException, offset: int) -> Problem:
     if isinstance(exc, StreamError):
         return Problem(exc.offset, exc.reason)
+    if isinstance(exc, SourceCancelled) and exc.offset is not None:
+        return Problem(exc.offset, f"{exc} (a CANCEL record: the stream ends unfinished)")
     return Problem(offset, str(exc))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -47,16 +48,50 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _reason(exc: BaseException) -> str:
+    """An error in words: an OSError without its ``[Errno N]``, naming its file."""
+    if isinstance(exc, OSError) and type(exc).__str__ is OSError.__str__ and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pymig")
 def main() -> None:
-    """Pre-copy live migration of KVM guests."""
+    """Pre-copy live migration of KVM guests.
+
+    Shell completion, for bash (zsh_source and fish_source for the others):
+
+    \b
+      eval "$(_PYMIG_COMPLETE=bash_source pymig)"
+    """
     from pymig.ram import packet_overlap
+
+    _report_warnings_and_logs()
 
     try:  # read where a migration would, but refused here, before any guest exists
         packet_overlap()
     except ValueError as exc:
         _fail(str(exc))
+
+
+def _report_warnings_and_logs() -> None:
+    """The library's warnings and log messages reach the user as one line each, in pymig's
+    own words: no source path, no line number, no logger name."""
+    import logging
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(f"pymig: warning: {message}", err=True)
+
+    warnings.showwarning = show
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[pymig] %(message)s"))
+    logger = logging.getLogger("pymig")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -74,7 +109,8 @@ def main() -> None:
 @click.option("--memory", type=SIZE, default="256M", show_default=True, help="guest RAM")
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--working-set", type=SIZE, default=None, help="dirtier/selfcheck working set")
-@click.option("--rate", type=int, default=None, help="pages/s the workload writes (0: flat out)")
+@click.option("--rate", type=int, default=None,
+              help="page writes/s the workload makes (0: flat out)")
 @click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
@@ -105,13 +141,19 @@ def main() -> None:
 def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, working_set, rate, pattern,
         hot_fraction, rounds, disks, disk_working_set, simulated, dirty_ring, mem_backing, control,
         control_tcp, control_tcp_token, serial, tls_creds, quiet) -> None:
-    """Run a guest, with its serial output live and its dirty rate once a second."""
+    """Run a guest, with its serial output live and, once a second, what its workload did
+    (the dirtier's writes/s, selfcheck's pages stamped/s and passes, ...)."""
     from pymig import guest as guests
     from pymig.errors import PymigError
     from pymig.session import Session
 
     if sum(bool(x) for x in (boot_sector, flat, flat64)) > 1:
         _fail("give one of --boot-sector, --flat and --flat64")
+    if load_address is not None:
+        try:
+            load_address = int(load_address, 0)
+        except ValueError:
+            _fail(f"--load-address {load_address!r} is not an address (e.g. 0x100000)")
     params = {k: v for k, v in {"working_set_bytes": working_set, "rate_pages_per_s": rate,
                                 "pattern": pattern, "hot_fraction": hot_fraction,
                                 "rounds": rounds,
@@ -121,10 +163,10 @@ def run(workload, boot_sector, flat, flat64, load_address, memory, vcpus, workin
         config = guests.make_config(
             kind="simulated" if simulated else "kvm", workload=workload, params=params,
             memory_bytes=memory, vcpus=vcpus, boot_sector=boot_sector, flat=flat, flat64=flat64,
-            load_address=int(load_address, 0) if load_address else None, disks=disks)
+            load_address=load_address, disks=disks)
         guest = guests.create(config, dirty_ring=dirty_ring, backing=mem_backing)
     except (PymigError, ValueError, OSError) as exc:
-        _fail(str(exc))
+        _fail(_reason(exc))
     session = Session(guest)
     _load_tls(session, tls_creds)
     _serve(session, control=control, control_tcp=_loopback(control_tcp),
@@ -141,7 +183,7 @@ def _preallocate(memory: int, backing: str, quiet: bool):
     try:
         ram = PreallocatedRam(memory, backing=backing)
     except (OSError, ValueError) as exc:
-        _fail(f"--mem-prealloc: {exc}")
+        _fail(f"--mem-prealloc: {_reason(exc)}")
     if not quiet:
         click.echo(f"[pymig] {memory / (1 << 30):.2f} GiB of RAM made ready in "
                    f"{time.monotonic() - started:.2f} s", err=True)
@@ -179,7 +221,7 @@ def _serve(session, **options) -> None:
     try:
         code = serve(session, **options)
     except (PymigError, ValueError, OSError) as exc:
-        _fail(str(exc))
+        _fail(_reason(exc))
     sys.exit(code)
 
 
@@ -248,6 +290,9 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
                                    memory_bytes=memory, vcpus=vcpus)
     except ValueError as exc:
         _fail(str(exc))
+    for path in disks:  # the stream names them later; a wrong name should not wait for it
+        if not os.path.exists(path):
+            _fail(f"--disk {path}: no such file")
     guest_options = {"backing": mem_backing, "disk_paths": list(disks)}
     if mem_prealloc:
         if memory is None:
@@ -275,14 +320,19 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.argument("uri")
 @click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
               help=CONTROL_TCP_TOKEN_HELP)
-@click.option("--max-bandwidth", type=SIZE, default=None, help="cap, bytes/s (e.g. 100M)")
-@click.option("--downtime-limit", type=int, default=None, help="ms (default 300)")
+@click.option("--max-bandwidth", type=SIZE, default=None,
+              help="cap on the stream, bytes/s (e.g. 100M; default 0: uncapped)")
+@click.option("--downtime-limit", type=click.IntRange(1, None), default=None, metavar="MS",
+              help="longest pause the guest may see at the switchover (default 300)")
 @click.option("--compression", type=click.Choice(["lz4", "none"]), default=None,
               help="lz4 (default): pages that shrink under LZ4 go compressed; none: as they are")
-@click.option("--auto-converge", is_flag=True, help="throttle a guest that will not converge")
+@click.option("--auto-converge/--no-auto-converge", default=None,
+              help="throttle every vCPU of a guest that will not converge (default: off)")
 @click.option("--dirty-limit", type=click.IntRange(1, None), default=None, metavar="PAGES",
               help="instead, cap each vCPU that dirties faster than PAGES pages/s (KVM guests "
                    "need pymig run --dirty-ring N)")
+@click.option("--no-dirty-limit", is_flag=True,
+              help="no per-vCPU dirty cap (the default)")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="write one JSON line per iteration to this file (on the source's side)")
 @click.option("--keep-source", is_flag=True,
@@ -290,55 +340,84 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--stop", "stop_guest", is_flag=True,
               help="file: snapshots: stop the guest once the snapshot is taken (by default "
                    "it carries on)")
-@click.option("--json", "as_json", is_flag=True, help="print the final stats as JSON")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
-            auto_converge, dirty_limit, trace, keep_source, stop_guest, as_json) -> None:
-    """Migrate the guest behind --control to URI, with a progress bar."""
+            auto_converge, dirty_limit, no_dirty_limit, trace, keep_source, stop_guest,
+            as_json) -> None:
+    """Migrate the guest behind --control to URI, with a progress bar.
+
+    Every run sets each parameter and capability it has a flag for, to the flag's value or its
+    default, so nothing carries over from an earlier run; it prints them as it starts.
+    Ctrl-C (or SIGTERM) cancels the migration and waits for the source to confirm; a second
+    one stops waiting and leaves the migration to the source.  Exit status: 0 completed, 1
+    failed or cancelled, 128+N after the second signal N.
+    """
     from pymig.errors import PymigError
-    from pymig.monitor import ProgressView, follow, stats_table
+    from pymig.monitor import Interrupts, ProgressView, follow, outcome, stats_table
+    from pymig.qmp import QmpError
+    from pymig.settings import MigrateSettings, apply, describe
+
+    if dirty_limit is not None and no_dirty_limit:
+        _fail("--dirty-limit and --no-dirty-limit contradict each other")
+    if dirty_limit is not None and auto_converge:
+        _fail("--auto-converge and --dirty-limit exclude each other: one slows every vCPU, "
+              "the other only those that dirty too fast")
+    settings = MigrateSettings.from_flags({
+        "max-bandwidth": max_bandwidth, "downtime-limit": downtime_limit,
+        "compression": compression, "auto-converge": auto_converge,
+        "dirty-limit": True if dirty_limit is not None else None,
+        "vcpu-dirty-limit": dirty_limit})
+    arguments = {"uri": uri}
+    if trace:
+        arguments["trace"] = trace
+    if stop_guest:
+        arguments["resume"] = False
+    console = Console(stderr=True)
+
+    def say(text: str) -> None:
+        # a terminal gets lines wrapped between words; anything else one line per message
+        console.print(f"pymig: {text}", soft_wrap=not console.is_terminal, highlight=False,
+                      markup=False)
+
     client = _connect(control, control_tcp_token)
-    with client:
+    with client, Interrupts() as interrupts:
         try:
-            params = {}
-            if max_bandwidth is not None:
-                params["max-bandwidth"] = max_bandwidth
-            if downtime_limit is not None:
-                params["downtime-limit"] = downtime_limit
-            if dirty_limit is not None:
-                params["vcpu-dirty-limit"] = dirty_limit
-            if compression is not None:
-                params["compression"] = compression
-            if params:
-                client.command("migrate-set-parameters", **params)
-            # Either flag chooses how to slow the guest, so it turns the other way off: an
-            # earlier migration's choice stays in the source process otherwise.
-            capabilities = []
-            if auto_converge or dirty_limit is not None:
-                capabilities = [{"capability": "auto-converge", "state": auto_converge},
-                                {"capability": "dirty-limit", "state": dirty_limit is not None}]
-            if capabilities:
-                client.command("migrate-set-capabilities", capabilities=capabilities)
-            arguments = {"uri": uri}
-            if trace:
-                arguments["trace"] = trace
-            if stop_guest:
-                arguments["resume"] = False
+            settings_in_force = apply(client, settings)
+            say(f"migrating to {uri} with " + describe(settings_in_force["parameters"],
+                                                       settings_in_force["capabilities"]))
+            if interrupts.count:
+                _fail(f"{interrupts.name}: stopped before the migration started")
             client.command("migrate", **arguments)
-            if as_json:
-                final = follow(client)
+            if as_json or not console.is_terminal:  # a bar is for a terminal to redraw
+                followed = follow(client, interrupts=interrupts, say=say)
             else:
-                with ProgressView() as view:
-                    final = follow(client, on_update=view.update)
-            moved = client.command("query-status")["status"] == "postmigrate"
-            if final.get("status") == "completed" and moved and not keep_source:
+                with ProgressView(console, transient=True) as view:
+                    followed = follow(client, on_update=view.update, interrupts=interrupts,
+                                      say=say)
+            # (a source left to itself is not asked anything more: it may be what hangs)
+            state = None if followed.detached else client.command("query-status")["status"]
+            moved = followed.status == "completed" and state == "postmigrate"
+            if moved and not keep_source:
                 client.command("quit")  # the guest lives at the destination now
+        except QmpError as exc:
+            _fail(exc.desc)
         except PymigError as exc:
             _fail(str(exc))
+    info = followed.info
+    where = outcome(followed, state, quit_source=moved and not keep_source, control=control)
+    # The cause first: a migration that failed before anything moved has no figures to show.
+    if info.get("status") == "failed":
+        say(f"migration failed: {info.get('error-desc', 'unknown error')}")
     if as_json:
-        click.echo(json.dumps(final))
-    else:
-        Console().print(stats_table(final))
-    sys.exit(0 if final.get("status") == "completed" else 1)
+        click.echo(json.dumps(dict(info, settings=settings_in_force, outcome=followed.status,
+                                   guest=where)))
+    elif info.get("ram", {}).get("transferred") or info.get("status") == "completed":
+        Console().print(stats_table(info, error=False))
+    say(where)
+    if followed.detached:
+        sys.exit(128 + (interrupts.last or 2))
+    sys.exit(0 if info.get("status") == "completed" else 1)
 
 
 def _connect(control: str, token_path: str | None):
@@ -365,9 +444,11 @@ def qmp_command(control, control_tcp_token, command, arguments) -> None:
     ARGUMENTS are NAME=VALUE; a VALUE that parses as JSON is taken as JSON (numbers, true,
     lists...), anything else as a string:
 
-      pymig qmp --control /tmp/src.sock migrate-set-parameters max-bandwidth=100000000
-
-      pymig qmp --control /tmp/dst.sock migrate-incoming uri=tcp:0.0.0.0:4444
+    \b
+      pymig qmp --control /tmp/src.sock \\
+          migrate-set-parameters max-bandwidth=100000000
+      pymig qmp --control /tmp/dst.sock \\
+          migrate-incoming uri=tcp:0.0.0.0:4444
     """
     from pymig.errors import PymigError
     from pymig.qmp import QmpError
@@ -386,7 +467,8 @@ def qmp_command(control, control_tcp_token, command, arguments) -> None:
         try:
             value = client.command(command, **args)
         except QmpError as exc:
-            _fail(f"{exc.klass}: {exc.desc}")
+            # QEMU's class names the kind of refusal; GenericError, the common one, says nothing
+            _fail(exc.desc if exc.klass == "GenericError" else f"{exc.klass}: {exc.desc}")
         except PymigError as exc:
             _fail(str(exc))
     click.echo(json.dumps(value, indent=2))
@@ -537,8 +619,6 @@ def analyze(source, as_json) -> None:
         if source == "-":
             channel = FdChannel(sys.stdin.fileno(), "stdin", writable=False)
         else:
-            import os
-
             channel = FdChannel(os.open(source, os.O_RDONLY | os.O_CLOEXEC), source,
                                 writable=False)
     except OSError as exc:

@@ -95,7 +95,7 @@ def run_demo(options: DemoOptions, *, on_update: Callable[[dict], None] | None =
                 sq.command("migrate", uri=uri)
                 from pymig.monitor import follow
 
-                final = follow(sq, on_update=on_update, timeout=options.timeout_s)
+                final = follow(sq, on_update=on_update, timeout=options.timeout_s).info
                 result = dict(final)
                 result["guest_kind"] = kind
                 result["progress_before_migration"] = before

@@ -8,6 +8,7 @@
     ├── TransportError     a URI that does not parse, a connection that fails or drops
     │   └── UriError       a bad URI (also a ValueError)
     ├── MigrationError     a migration that cannot start or did not complete
+    │   └── SourceCancelled  the source gave the migration up and told the destination so
     ├── StateError         device state that does not load (entry, field, versions)
     ├── ControlError       a control socket that cannot be served, or reached with its token
     └── DiskError          a disk image that cannot be opened or used as asked
@@ -77,6 +78,22 @@ class UriError(TransportError, ValueError):
 
 class MigrationError(PymigError):
     """A migration that cannot start or did not complete; the source guest keeps running."""
+
+
+class SourceCancelled(MigrationError):
+    """The source gave the migration up and said so (a CANCEL record, or a CANCEL message
+    instead of COMMIT): a destination that reads this loads nothing more and starts nothing.
+
+    ``reason`` is the source's (possibly empty), ``offset`` where in the stream it came (None:
+    on the return path after the stream's end)."""
+
+    def __init__(self, reason: str = "", offset: int | None = None):
+        self.reason = reason
+        self.offset = offset
+        super().__init__("the source cancelled the migration" + (f": {reason}" if reason else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.offset))
 
 
 class StateError(PymigError):

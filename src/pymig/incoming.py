@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pymig import stream, transport
-from pymig.errors import MigrationError, PymigError, StateError, StreamError
+from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateError, StreamError,
+                          TransportError)
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
 from pymig.machine import Machine, WarmUp, load_config
@@ -197,7 +198,15 @@ class Incoming:
                 self._load(channel, rp)
             load_time = time.monotonic() - t0
             if rp is not None:
-                rp.loaded()
+                try:
+                    rp.loaded()
+                except TransportError:
+                    # a source that gave up while this side loaded the last records told why,
+                    # then closed: its CANCEL is the reason, not the broken pipe
+                    cancelled = _cancelled_meanwhile(channel)
+                    if cancelled is not None:
+                        raise cancelled from None
+                    raise
                 # COMMIT, all 8 bytes of it, by then: not a byte now and then
                 channel.set_recv_deadline(time.monotonic() + self.commit_timeout)
                 await_commit(channel, self.commit_timeout)
@@ -260,7 +269,8 @@ class Incoming:
         if rp is None:
             self.machine.load_stream(reader)
         else:
-            self.machine.load_stream(reader, _reporter(rp), rp.progress)
+            self.machine.load_stream(reader, _best_effort(_reporter(rp)),
+                                     _best_effort(rp.progress))
 
     def _discard_machine(self) -> None:
         if self.machine is not None:
@@ -277,8 +287,19 @@ def await_commit(channel, timeout: float) -> None:
     if message is None:
         raise MigrationError(f"the source did not commit within {timeout:.0f} s; the guest was "
                              f"not started here")
+    if isinstance(message, stream.Cancel):
+        raise SourceCancelled(message.text)
     if not isinstance(message, stream.Commit):
         raise MigrationError(f"expected COMMIT from the source, got {type(message).__name__}")
+
+
+def _cancelled_meanwhile(channel) -> SourceCancelled | None:
+    """The CANCEL a source sent in place of COMMIT, if one is waiting on ``channel``."""
+    try:
+        message = stream.ReturnPathReader(channel).recv(0)
+    except PymigError:
+        return None
+    return SourceCancelled(message.text) if isinstance(message, stream.Cancel) else None
 
 
 def describe(exc: BaseException) -> str:
@@ -286,6 +307,24 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, StreamError):
         return f"{type(exc).__name__} {exc}"
     return str(exc) or type(exc).__name__
+
+
+def _best_effort(report: Callable[[int], None]) -> Callable[[int], None]:
+    """``report`` for as long as the return path takes it.  A source that gave up may have
+    closed the connection after saying why on the stream (a CANCEL record): loading goes on
+    to read that, rather than fail on the report that could not go.  No guest starts without
+    the source's COMMIT, which such a source never sends."""
+    broken = False
+
+    def send(offset: int) -> None:
+        nonlocal broken
+        if not broken:
+            try:
+                report(offset)
+            except TransportError:
+                broken = True
+
+    return send
 
 
 def _reporter(rp: stream.ReturnPathWriter) -> Callable[[int], None]:

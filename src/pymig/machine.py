@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from pymig import stream, vmstate
-from pymig.errors import StateError, StreamError
+from pymig.errors import PacketError, StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import ConfigError, GuestState, StateSpec
 from pymig.ram import (PACKET_BYTES, RAM_IDSTR, RAM_VERSION, PacketWorker, RamLoader,
@@ -236,9 +236,16 @@ class Machine:
             decoder.drain()
             raise
         end = reader.offset
+        start = end - stream.FOOTER_BYTES - len(payload)
 
         def job() -> None:
-            entry.handlers.load(self, payload, version, record.type)
+            try:
+                entry.handlers.load(self, payload, version, record.type)
+            except PacketError as exc:
+                # its offset is into the packet: the stream's is what analyze and a hex dump
+                # of the file show
+                raise PacketError(start + exc.offset,
+                                  f"{exc.reason} (RAM packet at byte {start})") from None
             if progress is not None:
                 progress.loaded(end)
 

@@ -110,6 +110,28 @@ def _map_hugetlb(name: str, size_bytes: int) -> mmap.mmap:
                                  f"{exc.strerror}") from None
 
 
+def _map(name: str, size_bytes: int, *, flags: int, fd: int = -1) -> mmap.mmap:
+    try:
+        return mmap.mmap(fd, size_bytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        raise not_enough_memory(size_bytes, f" (block {name!r})") from None
+
+
+def not_enough_memory(size_bytes: int, what: str = "") -> OSError:
+    """The ENOMEM of a mapping of ``size_bytes`` of guest RAM, in numbers."""
+    return OSError(errno.ENOMEM, f"not enough memory for {_size(size_bytes)} of guest RAM"
+                                 f"{what}: the host has {_size(memory_available())} available")
+
+
+def _size(nbytes: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
 class RamBlock:
     """A contiguous range of guest RAM backed by an mmap this object owns.
 
@@ -158,12 +180,14 @@ class RamBlock:
         fd = None
         if backing == "memfd":
             fd = os.memfd_create(f"pymig-{name}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size_bytes)
-            mem = mmap.mmap(fd, size_bytes, flags=mmap.MAP_SHARED,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                os.ftruncate(fd, size_bytes)
+                mem = _map(name, size_bytes, fd=fd, flags=mmap.MAP_SHARED)
+            except BaseException:
+                os.close(fd)
+                raise
         elif backing == "anon":
-            mem = mmap.mmap(-1, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mem = _map(name, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         elif backing == "hugetlb":
             mem = _map_hugetlb(name, size_bytes)
             hugepages = False  # they are huge pages already

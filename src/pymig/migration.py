@@ -166,7 +166,14 @@ class Migration:
             raise MigrationError(f"a migration is already {current.value}")
         if current == Status.COMPLETED and not self.resume_source:
             raise MigrationError("this guest has already migrated away")
+        try:
+            trace = TraceWriter(trace_path) if trace_path else None
+        except OSError as exc:
+            raise MigrationError(f"cannot write the trace {trace_path}: "
+                                 f"{exc.strerror or exc}") from None
         if not self._transition(current, Status.SETUP):
+            if trace is not None:
+                trace.close()
             raise MigrationError("a migration started concurrently")
         self._tls = tls
         self._cancel.clear()
@@ -175,7 +182,7 @@ class Migration:
         self._continue_switchover.clear()
         self.error = None
         blocks = self.machine.guest.ram_blocks
-        self._trace = TraceWriter(trace_path) if trace_path else None
+        self._trace = trace
         self.stats = MigrationStats(page_size=blocks[0].page_size,
                                     ram_total_bytes=sum(b.size_bytes for b in blocks),
                                     trace=self._trace)
@@ -200,9 +207,19 @@ class Migration:
         for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
             if self._transition(state, Status.CANCELLING):
                 break
+        # The migration thread sees the cancel between two records and tells the destination
+        # (a CANCEL record); a send stuck on a destination that stopped reading is cut short
+        # after a grace period.
         channel = self._channel
         if channel is not None:
-            channel.shutdown()  # unblocks a send stuck on a full socket
+            timer = threading.Timer(CANCEL_GRACE_S, self._cut, args=(channel,))
+            timer.daemon = True
+            timer.start()
+
+    def _cut(self, channel) -> None:
+        """A cancel's grace period is over: unblock a send still stuck on ``channel``."""
+        if self._channel is channel and self._status == Status.CANCELLING:
+            channel.shutdown()
 
     def switchover(self) -> None:
         """Switch over at the next decision, whatever the expected downtime (manual)."""
@@ -236,6 +253,7 @@ class Migration:
         saver = machine.ram_saver
         saver.cancelled = self._cancel.is_set
         ret = None
+        writer = None
         throttle = 0
         dirty_limits: tuple[int, ...] | None = None
         try:
@@ -516,6 +534,8 @@ class Migration:
                 reason = ret.error_after_close(timeout=2.0)
                 if reason is not None:
                     exc = MigrationError(f"destination failed: {reason}")
+            elif not self._committed and (ret is None or ret.error is None):
+                self._tell_destination(writer, ret, exc)
             self._fail(exc, resume=paused_by_us and not self._committed,
                        committed=self._committed)
         finally:
@@ -534,7 +554,9 @@ class Migration:
             if self._channel is not None:
                 # After a cancel or a failure, an exec: command killed or failed says so
                 # here; the migration's status already tells, and the thread must not die.
-                _quietly("closing the channel", self._channel.close)
+                _quietly("closing the channel", self._channel.close,
+                         level=logging.WARNING if self._status == Status.COMPLETED
+                         else logging.DEBUG)
                 self._channel = None
             if trace:
                 trace.close()
@@ -553,6 +575,36 @@ class Migration:
         self._channel = secured
         self.stats.set_tls(secured.version, secured.cipher, secured.handshake_s)
         return secured
+
+    def _tell_destination(self, writer: "stream.StreamWriter | None",
+                          ret: "ReturnPath | None", exc: BaseException) -> None:
+        """The migration ends here, before the commit, for a reason of the source's own (a
+        cancel, a limit, a failure on this side): say so to the destination, which would
+        otherwise only see the stream end.  Best effort, and only where the stream is at a
+        record boundary."""
+        channel = self._channel
+        if writer is None or writer.broken or channel is None or channel.closed:
+            return
+        if isinstance(exc, Cancelled) or self._cancel.is_set():
+            reason = str(exc).removeprefix("migration cancelled").lstrip(": ")
+        else:
+            reason = f"the source failed: {exc}"
+        try:
+            channel.settimeout(CANCEL_SEND_TIMEOUT_S)
+            if not writer.ended:
+                writer.cancel(reason)
+            elif channel.has_return_path:  # the destination waits for COMMIT: not that
+                stream.ReturnPathWriter(channel).cancel(reason)
+        except (PymigError, OSError) as send_exc:
+            log.debug("could not tell the destination the migration ended: %s", send_exc)
+            return
+        if ret is not None:
+            # Closing a TCP socket with return-path messages unread resets the connection,
+            # and a reset can drop what the destination had not read yet, the CANCEL with
+            # it: end the stream, and let the return path read on until the destination,
+            # having read it, closes.
+            channel.end_sending()
+            ret.error_after_close(CANCEL_SEND_TIMEOUT_S)
 
     def _commit(self) -> None:
         """Cross the point of no return, unless a cancel got there first."""
@@ -597,6 +649,11 @@ class Migration:
 
 
 ACK_TIMEOUT_S = 60.0
+#: How long a cancel waits for the migration thread to reach a record boundary (and send the
+#: destination a CANCEL record) before it cuts the channel under a send that is stuck.
+CANCEL_GRACE_S = 1.0
+#: How long sending that CANCEL record may take.
+CANCEL_SEND_TIMEOUT_S = 1.0
 #: After this long without writing a record, the source sends an empty RAM packet: a
 #: destination drops a source from which nothing whole came for its progress timeout, and a
 #: source may rightly have nothing to send for longer (a converged idle guest that cannot
@@ -712,11 +769,12 @@ def keep_sending(decision: policy_mod.Decision, backlog_bytes: int,
     return backlog_bytes / bandwidth_bps > decision.expected_downtime_s
 
 
-def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
+def _quietly(what: str, fn: Callable[..., object], *args: object,
+             level: int = logging.WARNING) -> None:
     try:
         fn(*args)
     except (PymigError, OSError) as exc:
-        log.warning("migration cleanup: %s failed: %s", what, exc)
+        log.log(level, "migration cleanup: %s failed: %s", what, exc)
 
 
 def check_dirty_limit(params: MigrationParameters, guest) -> None:

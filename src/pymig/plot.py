@@ -55,6 +55,7 @@ def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[st
     records = read_trace(trace_path)
     if not records:
         raise ValueError(f"{os.fspath(trace_path)}: the trace has no records to plot")
+    _check_records(trace_path, records)
     times = [r["time"] for r in records]
 
     fig = Figure(figsize=(9, 9), layout="constrained")
@@ -104,8 +105,32 @@ def plot_trace(trace_path: str | os.PathLike[str], out_png: str | os.PathLike[st
         if handles:
             axes.legend(handles, labels, loc="best", fontsize=8)
 
-    fig.savefig(os.fspath(out_png), format="png", dpi=100)
+    try:
+        fig.savefig(os.fspath(out_png), format="png", dpi=100)
+    except OSError as exc:
+        raise ValueError(f"cannot write {os.fspath(out_png)}: {exc.strerror or exc}") from None
     return fig
+
+
+#: What every trace record has, with a number (or None) for each.
+_NEEDED = ("time", "dirty_rate", "page_size", "bandwidth", "pending_bytes",
+           "expected_downtime", "throttle_pct")
+
+
+def _check_records(path, records: list) -> None:
+    """Every record is a trace record (:class:`pymig.stats.TraceRecord`); ValueError naming
+    the first that is not."""
+    for number, record in enumerate(records, 1):
+        missing = [key for key in _NEEDED if not isinstance(record, dict) or key not in record]
+        wrong = [key for key in _NEEDED if key not in missing
+                 and not (record[key] is None and key == "expected_downtime")
+                 and (isinstance(record[key], bool)
+                      or not isinstance(record[key], (int, float)))]
+        if missing or wrong:
+            problem = (f"lacks {', '.join(missing)}" if missing
+                       else f"has a {', '.join(wrong)} that is not a number")
+            raise ValueError(f"{os.fspath(path)}: record {number} is not a pymig trace record: "
+                             f"it {problem}")
 
 
 def _mark_decisions(records: list[dict], pending, panels) -> None:

@@ -1,9 +1,9 @@
 """The life of a ``pymig run`` or ``pymig incoming`` process around its :class:`Session`.
 
 It serves the control socket, shows the guest's serial output live (stdout) and a status line
-about once a second (stderr: run state, the guest's dirty rate from its own page counter,
-passes, self-check errors, migration progress), and ends on ``quit``, Ctrl-C, guest power-off,
-or a failed incoming migration.
+about once a second (stderr: run state, what the guest's workload counts, each figure named
+for what it counts, and the migration's progress), and ends on ``quit``, Ctrl-C, guest
+power-off, or a failed incoming migration.
 """
 
 from __future__ import annotations
@@ -54,24 +54,54 @@ class _Serial:
 
 
 def status_line(session: Session, elapsed: float, rate: float | None) -> str:
+    """The process's status line: its run state, what the guest's own counters mean for its
+    workload (``rate``: their ``pages_written`` per second since the last line), and the
+    migration under way, if any."""
     state = session.run_state()
     parts = [f"[pymig] {elapsed:7.1f} s  {state:<14}"]
     guest = session.guest
     if guest is not None and state in ("running", "paused", "finish-migrate"):
-        progress = guest.progress()
-        if guest.config.workload == "diskcheck":  # its counter is of 4 KiB disk blocks
-            if rate is not None:
-                parts.append(f"{rate * 4096 / 1e3:>8,.0f} kB/s to disk")
-            parts.append(f"blocks {progress['pages_written']}")
-        elif rate is not None:
-            parts.append(f"{rate:>11,.0f} pages/s")
-        parts.append(f"passes {progress['passes']}  errors {progress['errors']}")
+        parts += workload_figures(guest.config.workload, guest.progress(), rate)
+    parts += migration_figures(session)
+    return "  ".join(part for part in parts if part).rstrip()
+
+
+def workload_figures(workload: str, progress: dict, rate: float | None) -> list[str]:
+    """What the mailbox counters say for ``workload`` (see :mod:`pymig.guest.workloads`): each
+    figure named for what it counts.  A user's image and the idle workload keep no counters."""
+    written, passes, errors = progress["pages_written"], progress["passes"], progress["errors"]
+    if workload == "dirtier":  # a write changes a byte of a page: many writes, fewer pages
+        return [f"{rate:>13,.0f} writes/s" if rate is not None else "",
+                f"rounds {passes:,}"]
+    if workload == "selfcheck":  # every page of the working set stamped once a pass
+        return [f"{rate:>11,.0f} pages stamped/s" if rate is not None else "",
+                f"passes {passes:,}", f"errors {errors:,}"]
+    if workload == "diskcheck":  # its counter is of 4 KiB disk blocks
+        return [f"{rate * 4096 / 1e3:>8,.0f} kB/s to disk" if rate is not None else "",
+                f"blocks written {written:,}", f"passes {passes:,}", f"errors {errors:,}"]
+    if workload == "compute":
+        return [f"rounds {passes:,}" + ("  done" if progress["done"] else "")]
+    return []
+
+
+def migration_figures(session: Session) -> list[str]:
+    """The migration this process takes part in: an outgoing one's progress, or where an
+    incoming one stands."""
     migration = session.query_migrate()
-    if migration.get("status") in ("setup", "active", "device"):
+    status = migration.get("status")
+    if session.destination and session.machine is None:  # still receiving its guest
+        where = migration.get("socket-address") or "?"
+        if status is None:
+            return ["waiting for migrate-incoming"]
+        if status == "setup":
+            return [f"waiting for the source on {where}"]
+        if status == "active":
+            return ["receiving the guest"]
+        return []
+    if status in ("setup", "active", "device", "cancelling"):
         ram = migration.get("ram", {})
-        parts.append(f"migration {migration['status']}: {format_bytes(ram.get('remaining', 0))}"
-                     f" left")
-    return "  ".join(parts)
+        return [f"migration {status}: {format_bytes(ram.get('remaining', 0))} of pages left"]
+    return []
 
 
 class _Signals:
@@ -132,12 +162,14 @@ def serve(session: Session, *, control: str | None = None,
     code = 0
     with _Signals() as signals:
         try:
+            if serial_file:  # now, not when a destination's guest arrives
+                _check_appendable(serial_file)
             if incoming is not None:
                 bound = session.start_incoming(incoming)
-                if not quiet:
-                    say(f"[pymig] waiting for a migration on {bound}")
             if control is not None or control_tcp is not None:
                 server = ControlServer(session, control, control_tcp, token_path=control_token)
+            if incoming is not None and not quiet:  # once nothing more can fail to start
+                say(f"[pymig] {receiving(bound)}")
             if server is not None and server.tcp_address is not None and (
                     not quiet or control_tcp[1] == 0):  # a port the system chose must be told
                 host, port = server.tcp_address
@@ -159,6 +191,24 @@ def serve(session: Session, *, control: str | None = None,
     return code
 
 
+def _check_appendable(path: str) -> None:
+    try:
+        open(path, "ab").close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot append the guest's serial output to {path}: "
+                                 f"{exc.strerror}") from None
+
+
+def receiving(uri: str) -> str:
+    """What a destination says it does with ``uri``, the address it receives on."""
+    scheme = uri.partition(":")[0]
+    if scheme == "file":
+        return f"restoring {uri}"
+    if scheme in ("exec", "fd"):
+        return f"reading a migration from {uri}"
+    return f"waiting for a migration on {uri}"
+
+
 def _watch(session: Session, signals: _Signals, *, quiet: bool, interval: float,
            say: Callable[[str], None]) -> int:
     """Show status lines until a quit, a signal or the guest's end; returns the exit code."""
@@ -173,6 +223,8 @@ def _watch(session: Session, signals: _Signals, *, quiet: bool, interval: float,
             say(f"[pymig] incoming migration loaded in "
                 f"{session.incoming_result.load_time_s * 1000:.0f} ms; guest running")
         if session.quit_requested.wait(min(interval, TICK_S)):
+            if session.moved_away() and not quiet:
+                say("[pymig] the guest now runs at the destination; this process exits")
             return 0
         now = time.monotonic()
         if now < next_status:

@@ -12,13 +12,21 @@ import queue
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pymig import control_token
 from pymig.errors import ControlError, PymigError
 
 if TYPE_CHECKING:
     import subprocess
+
+
+#: How often a command waiting for its answer looks whether it should stop waiting.
+POLL_S = 0.05
+
+
+class Interrupted(PymigError):
+    """The caller stopped waiting for a command's answer (see :meth:`QmpClient.command`)."""
 
 
 class QmpError(PymigError):
@@ -104,8 +112,12 @@ class QmpClient:
             else:
                 self._answers.put(message)
 
-    def command(self, name: str, **arguments: Any) -> Any:
-        """Run one command; returns its value or raises :class:`QmpError`."""
+    def command(self, name: str, *, interrupted: Callable[[], bool] | None = None,
+                **arguments: Any) -> Any:
+        """Run one command; returns its value or raises :class:`QmpError`.
+
+        ``interrupted``: polled while waiting for the answer; once it returns true the wait
+        ends with :class:`Interrupted` (the command may still run on the server)."""
         with self._lock:
             self._next_id += 1
             ident = self._next_id
@@ -115,9 +127,15 @@ class QmpClient:
             self.sock.sendall((json.dumps(message) + "\n").encode())
             deadline = time.monotonic() + self.timeout
             while True:
+                wait = max(deadline - time.monotonic(), 0.001)
                 try:
-                    answer = self._answers.get(timeout=max(deadline - time.monotonic(), 0.001))
+                    answer = self._answers.get(
+                        timeout=wait if interrupted is None else min(wait, POLL_S))
                 except queue.Empty:
+                    if interrupted is not None and interrupted():
+                        raise Interrupted(f"stopped waiting for the answer to {name}") from None
+                    if time.monotonic() < deadline:
+                        continue
                     raise PymigError(f"no answer to {name} in {self.timeout:.0f} s") from None
                 if answer.get("id") not in (ident, None):
                     continue

@@ -147,8 +147,12 @@ def read_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     A last line without its newline is a record being written (or a writer that died): it is
     skipped if it does not parse.  Any other bad line is a ValueError naming its number.
     """
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{os.fspath(path)}: not a trace (not UTF-8 text at byte "
+                         f"{exc.start})") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -31,7 +31,8 @@ Record (START, PART, END, FULL, EOF)::
     |         |            |   flags & NOCSUM)                      |
     +---------+------------+----------------------------------------+
 
-    type: 1 START, 2 PART, 3 END, 4 FULL, 0x0F EOF (section 0, no payload)
+    type: 1 START, 2 PART, 3 END, 4 FULL, 0x0E CANCEL (section 0, payload: why, UTF-8),
+          0x0F EOF (section 0, no payload)
     flags: bit 0 NOCSUM (the payload checks itself, e.g. a RAM packet)
 
 Return-path message (destination -> source, same full-duplex socket)::
@@ -60,7 +61,7 @@ from typing import Callable, ClassVar, NamedTuple
 
 import xxhash
 
-from pymig.errors import StreamError, TransportError
+from pymig.errors import SourceCancelled, StreamError, TransportError
 from pymig.transport.channel import Channel, DeadlineExceeded, PeerClosedError, byte_view
 
 MAGIC = b"PYMIGSTR"
@@ -86,6 +87,8 @@ KNOWN_FLAGS = FLAG_NOCSUM
 MAX_IDSTR_BYTES = 255
 MAX_U32 = 0xFFFF_FFFF
 DEFAULT_MAX_PAYLOAD = 64 << 20
+#: Longest reason a CANCEL record (or message) carries; a longer one is cut.
+MAX_CANCEL_BYTES = 1024
 
 
 class RecordType(IntEnum):
@@ -95,6 +98,7 @@ class RecordType(IntEnum):
     PART = 2  # a middle part
     END = 3  # the last part
     FULL = 4  # a whole section in one record: names the entry
+    CANCEL = 0x0E  # the source gives the migration up (and says why): nothing follows
     EOF = 0x0F  # the stream is complete
 
 
@@ -152,6 +156,10 @@ class StreamWriter:
     def __init__(self, channel: Channel):
         self.channel = channel
         self.bytes_written = 0
+        #: a send failed, perhaps halfway through a record: nothing more can follow
+        self.broken = False
+        #: the EOF record went out
+        self.ended = False
         self._held: bytearray | None = None
         self._held_stands_for = 0  # guest RAM bytes the held records carry
 
@@ -172,7 +180,7 @@ class StreamWriter:
 
     def write_header(self) -> None:
         """Write the 16-byte stream header."""
-        self.channel.send(HEADER.pack(MAGIC, VERSION, 0))
+        self._send(HEADER.pack(MAGIC, VERSION, 0))
         self.bytes_written += HEADER_BYTES
 
     def start(self, section_id: int, idstr: str, instance_id: int, version_id: int,
@@ -202,7 +210,31 @@ class StreamWriter:
         self._record(RecordType.EOF, 0, b"", False)
         held, self._held = self._held, None
         if held:
-            self.channel.send(held)
+            self._send(held)
+        self.ended = True
+
+    def cancel(self, reason: str = "") -> None:
+        """End the stream with a CANCEL record saying ``reason``: the source gives the
+        migration up.  Only between records (not after :attr:`broken`) and before EOF; what
+        :meth:`hold` gathered is dropped, as the destination will load nothing more."""
+        if self.broken or self.ended:
+            raise RuntimeError("a CANCEL record follows a whole record, before EOF")
+        self._held = None
+        self._record(RecordType.CANCEL, 0, _cut_utf8(reason, MAX_CANCEL_BYTES), False)
+
+    def _send(self, data) -> None:
+        try:
+            self.channel.send(data)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _sendv(self, parts) -> None:
+        try:
+            self.channel.sendv(parts)
+        except BaseException:
+            self.broken = True
+            raise
 
     def _record(self, rtype: RecordType, section_id: int, payload, nocsum: bool,
                 info: bytes = b"", *, stands_for: int = 0) -> None:
@@ -229,7 +261,7 @@ class StreamWriter:
         size = len(head) + payload_len + FOOTER_BYTES
         held = self._held
         if held is None:
-            self.channel.sendv(parts)
+            self._sendv(parts)
         elif size <= HOLD_RECORD_BYTES:
             for part in parts:
                 held += part
@@ -238,15 +270,15 @@ class StreamWriter:
                 # Many small records (a compressed last pass: MBs of guest RAM in KBs of
                 # packets) go out as they gather, so the destination decodes while the
                 # source encodes rather than after it.
-                self.channel.send(held)
+                self._send(held)
                 self._held = bytearray()
                 self._held_stands_for = 0
         else:
             if held:
-                self.channel.send(held)
+                self._send(held)
                 self._held = bytearray()  # a new one: the channel may still hold a view of it
                 self._held_stands_for = 0
-            self.channel.sendv(parts)
+            self._sendv(parts)
         self.bytes_written += size
 
 
@@ -411,13 +443,15 @@ class StreamReader:
         raw_len = self._small(U32.size, what)
         hasher.update(raw_len)
         (payload_len,) = U32.unpack(raw_len)
-        if rtype is RecordType.EOF:
-            if section_id:
-                raise StreamError(start + 4, f"the EOF record carries section id {section_id}; "
-                                             "it must be 0")
-            if payload_len:
-                raise StreamError(len_offset, f"the EOF record declares a {payload_len}-byte "
-                                              "payload; it must be empty")
+        if rtype in (RecordType.EOF, RecordType.CANCEL) and section_id:
+            raise StreamError(start + 4, f"the {rtype.name} record carries section id "
+                                         f"{section_id}; it must be 0")
+        if rtype is RecordType.EOF and payload_len:
+            raise StreamError(len_offset, f"the EOF record declares a {payload_len}-byte "
+                                          "payload; it must be empty")
+        if rtype is RecordType.CANCEL and payload_len > MAX_CANCEL_BYTES:
+            raise StreamError(len_offset, f"the CANCEL record declares a {payload_len}-byte "
+                                          f"reason; at most {MAX_CANCEL_BYTES}")
         if payload_len > self.max_payload:
             raise StreamError(len_offset, f"payload length {payload_len} of the {rtype.name} "
                                           f"record at byte {start} exceeds the limit of "
@@ -427,7 +461,19 @@ class StreamReader:
         self._pending = header
         if payload_len == 0:
             self._check_footer(header)
+        if rtype is RecordType.CANCEL:
+            self._cancelled(header)
         return header
+
+    def _cancelled(self, header: RecordHeader) -> None:
+        """A whole CANCEL record: raise what it says."""
+        payload = self.read_payload() if header.payload_len else memoryview(b"")
+        try:
+            reason = bytes(payload).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StreamError(self.offset - FOOTER_BYTES - len(payload) + exc.start,
+                              f"the reason of the {header.describe()} is not UTF-8") from None
+        raise SourceCancelled(reason, header.offset)
 
     def read_payload(self, into=None) -> memoryview:
         """Read the pending record's payload and check its footer.
@@ -505,6 +551,7 @@ class ReturnType(IntEnum):
     COMMIT = 9  # source to destination, on the stream's channel: start the guest now
     CAUGHT_UP = 10  # u64 stream offset: everything before it is loaded, nothing more waits
     PROGRESS = 11  # u64 stream offset: everything before it is loaded (more may wait)
+    CANCEL = 12  # source to destination, instead of COMMIT: the source gave up; utf-8 text
 
 
 @dataclass(frozen=True)
@@ -610,16 +657,29 @@ class Progress:
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
 
 
+@dataclass(frozen=True)
+class Cancel:
+    """Sent by the source after LOADED instead of :class:`Commit`, on the stream's channel:
+    the source gives the migration up (``text``: why, possibly empty); the destination
+    discards its guest."""
+
+    text: str
+    TYPE: ClassVar[ReturnType] = ReturnType.CANCEL
+    FORMAT: ClassVar[None] = None  # variable length
+
+
 ReturnMessage = (Ready | LoadError | Ack | PageRequest | Ping | Pong | Shut | Loaded | Commit
-                 | CaughtUp | Progress)
+                 | CaughtUp | Progress | Cancel)
 _MESSAGES = {cls.TYPE: cls for cls in (Ready, LoadError, Ack, PageRequest, Ping, Pong, Shut,
-                                       Loaded, Commit, CaughtUp, Progress)}
+                                       Loaded, Commit, CaughtUp, Progress, Cancel)}
+#: Messages whose payload is UTF-8 text, and the most each carries.
+_TEXT_LIMITS = {LoadError: MAX_RETURN_PAYLOAD, Cancel: MAX_CANCEL_BYTES}
 
 
 def encode_return(message: ReturnMessage) -> bytes:
     """The bytes of one return-path message."""
-    if isinstance(message, LoadError):
-        payload = _cut_utf8(message.text, MAX_RETURN_PAYLOAD)
+    if type(message) in _TEXT_LIMITS:
+        payload = _cut_utf8(message.text, _TEXT_LIMITS[type(message)])
     else:
         values = [getattr(message, f.name) for f in fields(message)]
         try:
@@ -689,6 +749,9 @@ class ReturnPathWriter:
     def commit(self) -> None:
         self.send(Commit())
 
+    def cancel(self, text: str = "") -> None:
+        self.send(Cancel(text))
+
 
 class ReturnPathReader:
     """The source's reader of return-path messages (one thread reads)."""
@@ -731,17 +794,18 @@ class ReturnPathReader:
             raise StreamError(start + 2, f"reserved field of the {cls.TYPE.name} message is "
                                          f"0x{reserved:04x}, expected 0")
         expected = cls.FORMAT.size if cls.FORMAT is not None else None
-        if (expected is not None and length != expected) or length > MAX_RETURN_PAYLOAD:
-            want = f"{expected}" if expected is not None else f"at most {MAX_RETURN_PAYLOAD}"
+        limit = _TEXT_LIMITS.get(cls, MAX_RETURN_PAYLOAD)
+        if (expected is not None and length != expected) or length > limit:
+            want = f"{expected}" if expected is not None else f"at most {limit}"
             raise StreamError(start + 4, f"{cls.TYPE.name} message declares {length} payload "
                                          f"bytes; expected {want}")
         payload = bytearray(length)
         if length:
             self._read(memoryview(payload), f"the {cls.TYPE.name} message", start)
-        if cls is LoadError:
+        if cls in _TEXT_LIMITS:
             try:
-                return LoadError(payload.decode("utf-8"))
+                return cls(payload.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 raise StreamError(start + RP_HEAD_BYTES + exc.start,
-                                  "LOAD_ERROR text is not valid UTF-8") from None
+                                  f"{cls.TYPE.name} text is not valid UTF-8") from None
         return cls(*cls.FORMAT.unpack(payload))

@@ -7,6 +7,7 @@ only through :class:`Guest`, so the same code paths run on a machine without /de
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import threading
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 import numpy as np
 
 from pymig.disk import MAX_DISK_BYTES, MAX_PATH_CHARS, SECTOR_BYTES
-from pymig.memory import RamBlock
+from pymig.memory import RamBlock, not_enough_memory
 
 GiB = 1 << 30
 # PC layout: RAM below the 3 GiB PCI hole, the rest from 4 GiB, as firmware would report it.
@@ -342,9 +343,12 @@ def _allocate(layouts: Sequence[RamLayout], *, backing: str, hugepages: bool,
                                             layout.guest_phys_addr, block_id=index,
                                             backing=backing, hugepages=hugepages,
                                             populate=populate))
-    except BaseException:
+    except BaseException as exc:
         for block in blocks:
             block.close()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOMEM and backing != "hugetlb":
+            # the guest's size is what the user asked for, not one block's
+            raise not_enough_memory(sum(layout.size_bytes for layout in layouts)) from None
         raise
     return blocks
 

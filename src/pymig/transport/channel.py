@@ -338,6 +338,11 @@ class Channel(Closable):
     def shutdown(self) -> None:
         """Stop the channel in both directions, waking any thread blocked on it."""
 
+    def end_sending(self) -> None:
+        """Say that nothing more will be sent (the peer reads the end of the stream after
+        what was sent), keeping the other direction open.  A channel that cannot half-close
+        does nothing: its close ends the stream."""
+
     @abc.abstractmethod
     def fileno(self) -> int:
         """The descriptor the channel reads or writes (for poll/select)."""
@@ -489,6 +494,12 @@ class SocketChannel(Channel):
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # not connected (any more): nothing to wake
+
+    def end_sending(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def _close(self) -> None:
         # Shut down first: a thread blocked in recv on this socket wakes up with

@@ -325,6 +325,10 @@ class TlsChannel(Channel):
     def shutdown(self) -> None:
         self.raw.shutdown()
 
+    def end_sending(self) -> None:
+        # Records already sent stay readable: the peer reads them, then the socket's end.
+        self.raw.end_sending()
+
     def _close(self) -> None:
         # close_notify, unless a send is under way (a thread blocked on a full socket is woken
         # by the shutdown instead): the peer sees the session end, not a cut connection.
