@@ -184,3 +184,18 @@ def test_the_highest_throttle_outlives_the_throttle():
         stats_table(info).columns[0]._cells, stats_table(info).columns[1]._cells)}
     assert rows["vCPU throttle (highest)"] == "40 %"
     assert "vCPU throttle (now)" not in rows  # 0 % then, which says nothing of the migration
+
+
+def test_the_final_table_shows_an_error_as_it_was_said():
+    # error-desc quotes the destination's LOAD_ERROR, which may hold anything: it is printed
+    # as text (a closing tag with nothing to close made rich raise, a tag restyled the rest)
+    import io
+
+    from rich.console import Console
+
+    from pymig.monitor import stats_table
+
+    said = "destination failed: unknown section '[/]' [bold]x[/bold] [link=file:///x]y"
+    out = Console(file=io.StringIO(), width=200, color_system=None)
+    out.print(stats_table({"status": "failed", "error-desc": said}))
+    assert said in out.file.getvalue()

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pymig.qmp import QmpClient
 from pymig.units import format_bytes
@@ -112,7 +113,9 @@ _LIVE_ONLY = {"cpu-throttle-percentage"}
 
 
 def stats_table(info: dict, title: str = "migration") -> Table:
-    """The final ``query-migrate`` answer as a two-column table."""
+    """The final ``query-migrate`` answer as a two-column table.  Values are plain text, never
+    markup: ``error-desc`` quotes what a destination said (its LOAD_ERROR), which may be
+    anything, ``[/]`` included."""
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -122,5 +125,5 @@ def stats_table(info: dict, title: str = "migration") -> Table:
             continue
         value = _lookup(info, key)
         if value is not None:
-            table.add_row(label, fmt(value))
+            table.add_row(label, Text(fmt(value)))
     return table
