@@ -33,7 +33,7 @@ from pymig.ram import RamLoader
 from pymig.transport import BytesChannel
 
 CRASHES = Path(__file__).resolve().parent.parent / "fuzz" / "crashes"
-SMOKE_SECONDS_PER_TARGET = 5
+SMOKE_SECONDS_PER_TARGET = 4
 MiB = 1 << 20
 
 
@@ -401,6 +401,28 @@ def test_the_index_harness_catches_an_index_that_restores_another_guest(snapshot
     monkeypatch.setattr(IndexCheck, "finish", lambda self: None)
     with pytest.raises(_harness.Finding, match="another guest"):
         index_harness.test_one_input(crafted)
+
+
+def test_the_returnpath_harness_migrates_as_its_destination_says(monkeypatch):
+    from pymig.fuzz import returnpath
+
+    ends = []
+    check = returnpath._check
+    monkeypatch.setattr(returnpath, "_check", lambda migration, guest, data: (
+        ends.append((migration.status.value, guest.status)), check(migration, guest, data)))
+    through, refused = fuzz_seeds.returnpath_seeds()[:2]
+    returnpath.test_one_input(through)
+    returnpath.test_one_input(refused)
+    returnpath.test_one_input(b"")  # a destination that says nothing and goes
+    assert ends == [("completed", "paused"), ("failed", "running"), ("failed", "running")]
+    # the custom mutator changes the conversation and keeps every message framed right
+    custom = returnpath.mutator(lambda data, size: bytes(data) + b"!")
+    mutated = [custom(through, 4096, seed) for seed in range(50)]
+    framed = [m for m in mutated if b"".join(
+        stream.RP_HEAD.pack(kind, 0, len(payload)) + payload
+        for kind, payload in returnpath._split(m)) == m]
+    assert len(returnpath._split(through)) == 5
+    assert len(framed) >= 25 and len(set(framed) - {through}) >= 10
 
 
 # -- saved reproducers --------------------------------------------------------------------------

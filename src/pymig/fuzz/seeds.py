@@ -10,7 +10,8 @@ running a boot sector.  Every target's seeds come out of those snapshots:
 * ``packet``: RAM packets from them (every distinct one up to :data:`MAX_PACKET_SEED_BYTES`)
   and a few encoded here from pages of each kind, each with its decoding parameters;
 * ``state``: every vCPU and device payload and configuration, with its entry and version;
-* ``control``: QMP conversations, whole and cut in pieces.
+* ``control``: QMP conversations, whole and cut in pieces, on unix and (with the token) TCP;
+* ``returnpath``: what destinations say back, from a migration that goes through to a refusal.
 
 Nothing here is random: the same pymig makes the same seeds (up to the guests' timing).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -226,11 +228,41 @@ def state_seeds(snapshots: dict[str, bytes]) -> list[bytes]:
 
 
 def control_seeds() -> list[bytes]:
+    """Each conversation on a unix socket (in one piece, in pieces, to a destination, with a
+    small limit), and over TCP with the harness's token in its qmp_capabilities (and once
+    with a wrong one)."""
+    from pymig.fuzz import control
+
     seeds = []
     for text in QMP_CONVERSATIONS:
         seeds += [bytes([0x00]) + text, bytes([0x03]) + text, bytes([0x27]) + text,
-                  bytes([0x11]) + text]
+                  bytes([0x11]) + text, bytes([0x80]) + text]
+        for token in (control.TOKEN, "0" * len(control.TOKEN)):
+            proved = re.sub(rb'("qmp_capabilities")(, "arguments": \{|\})',
+                            lambda m: m[1] + b', "arguments": {"token": "' + token.encode()
+                            + b'"' + (b", " if m[2].endswith(b"{") else b"}}"), text, count=1)
+            seeds += [bytes([control.TCP]) + proved, bytes([control.TCP | 0x23]) + proved]
     return seeds
+
+
+def returnpath_seeds() -> list[bytes]:
+    """What destinations say: a migration that goes through (READY, reports, LOADED, ACK), one
+    refused with a reason, and a few odd conversations."""
+    now = time.time_ns()
+    said = stream.encode_return
+    through = [stream.Ready(), stream.Progress(4096), stream.CaughtUp(1 << 40), stream.Loaded(),
+               stream.Ack(now, now)]
+    conversations = [
+        through,
+        [stream.Ready(), stream.LoadError("StateError cpu field pos: 137438953472 is out of "
+                                          "bounds: this guest takes [0, 31]")],
+        [stream.Ping(1), stream.Pong(1), stream.PageRequest(0, 5, 1), *through[1:],
+         stream.Shut()],
+        [stream.Loaded(), stream.Ack(now, now), stream.CaughtUp(1 << 40)],
+        [stream.Ready(), stream.CaughtUp(0), stream.Progress(0)],
+        [stream.Ready()],
+    ]
+    return [b"".join(said(m) for m in c) for c in conversations]
 
 
 def generate(out: str | os.PathLike, *, kvm: bool | None = None, quick: bool = False
@@ -243,7 +275,7 @@ def generate(out: str | os.PathLike, *, kvm: bool | None = None, quick: bool = F
     per_target = {
         "stream": files, "analyze": files, "index": files,
         "packet": packet_seeds(snapshots), "state": state_seeds(snapshots),
-        "control": control_seeds(),
+        "control": control_seeds(), "returnpath": returnpath_seeds(),
     }
     counts = {}
     for target in TARGETS:
