@@ -5,28 +5,35 @@ saved crash reproducer replayed."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from _childenv import child_env
-from pymig import core, stream
+from pymig import core, stream, vmstate
 from pymig.errors import PacketError, StreamError
 from pymig.fuzz import TARGETS, _harness, mutate, repair
 from pymig.fuzz import control as control_harness
 from pymig.fuzz import packet as packet_harness
 from pymig.fuzz import seeds as fuzz_seeds
+from pymig.fuzz import state as state_harness
+from pymig.fuzz import streamload
 from pymig.fuzz.guarded import GUARD_BYTES, Pool
+from pymig.guest import GuestConfig
 from pymig.guest.base import pc_layout
+from pymig.guest.simulated import SimulatedGuest
+from pymig.ram import RamLoader
 from pymig.transport import BytesChannel
 
 CRASHES = Path(__file__).resolve().parent.parent / "fuzz" / "crashes"
-SMOKE_SECONDS_PER_TARGET = 5
+SMOKE_SECONDS_PER_TARGET = 4
 MiB = 1 << 20
 
 
@@ -51,24 +58,89 @@ def records_of(data: bytes) -> list:
 
 # -- the smoke run (CI) -------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_every_harness_runs_a_few_seconds_without_a_crash(tmp_path):
-    artifacts, summary = tmp_path / "artifacts", tmp_path / "summary.json"
-    before = set(os.listdir(tmp_path))
+@pytest.fixture(scope="module")
+def quick_seeds(tmp_path_factory) -> Path:
+    """The smoke run's seed corpora (SEEDS/<target>/), made once."""
+    seeds = tmp_path_factory.mktemp("fuzz-seeds")
+    fuzz_seeds.generate(seeds, quick=True)
+    return seeds
+
+
+def _run(tmp_path: Path, seeds: Path, *args: str, **env: str) -> tuple:
+    """``python -m pymig.fuzz run`` in ``tmp_path`` over ``seeds``: (process, summary by
+    target)."""
+    summary = tmp_path / "summary.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pymig.fuzz", "run", "--quick-seeds",
-         "--seconds", str(SMOKE_SECONDS_PER_TARGET), "--artifacts", str(artifacts),
-         "--summary", str(summary), "--", "-seed=1"],
-        capture_output=True, text=True, timeout=400, env=child_env(), cwd=tmp_path)
+        [sys.executable, "-m", "pymig.fuzz", "run", "--seeds", str(seeds),
+         "--artifacts", str(tmp_path / "artifacts"), "--summary", str(summary), *args,
+         "--", "-seed=1"],
+        capture_output=True, text=True, timeout=400, env=child_env(**env), cwd=tmp_path)
+    results = ({r["target"]: r for r in json.loads(summary.read_text())["results"]}
+               if summary.exists() else {})
+    return proc, results
+
+
+@pytest.mark.slow
+def test_every_harness_runs_a_few_seconds_without_a_crash(tmp_path, quick_seeds):
+    before = set(os.listdir(tmp_path))
+    proc, results = _run(tmp_path, quick_seeds, "--seconds", str(SMOKE_SECONDS_PER_TARGET))
     lines = [line for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in TARGETS]
     assert proc.returncode == 0, "\n".join([*lines, proc.stdout[-4000:], proc.stderr[-2000:]])
-    results = {r["target"]: r for r in json.loads(summary.read_text())["results"]}
     assert list(results) == list(TARGETS)
     for target, result in results.items():
         assert result["executions"] > 0 and result["cov"] > 0, (target, result)
         assert result["crashes"] == [] and result["exit_code"] == 0, (target, result)
     # nothing left behind but what was asked for: no crashes, so no artifacts either
     assert set(os.listdir(tmp_path)) - before == {"summary.json"}
+
+
+PLANTED = """
+import ctypes, signal, threading
+import pymig.control, pymig.guest.simulated
+
+handle = pymig.control._Client.handle
+def planted_handle(self, text):
+    if b"query-status" in text:
+        raise RuntimeError("planted")
+    return handle(self, text)
+pymig.control._Client.handle = planted_handle
+
+resume = pymig.guest.simulated.SimulatedGuest.resume
+def planted_resume(self):
+    def fault():  # as a writer thread faults: every signal blocked, libFuzzer never hears
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        ctypes.memset(16, 1, 1)
+    thread = threading.Thread(target=fault)
+    thread.start()
+    thread.join()
+    return resume(self)
+pymig.guest.simulated.SimulatedGuest.resume = planted_resume
+"""
+
+
+@pytest.mark.slow
+def test_the_smoke_run_fails_on_a_planted_crash(tmp_path, quick_seeds):
+    """An exception a target lets out, and a fault in a thread that blocks every signal (as
+    the simulated guest's vCPUs do), each fail the run and leave an input that replays."""
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(PLANTED)
+    planted = {"PYTHONPATH": os.pathsep.join([str(plant), child_env()["PYTHONPATH"]])}
+    proc, results = _run(tmp_path, quick_seeds, "--seconds", "5", "--targets",
+                         "stream,control", **planted)
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    (control_crash,) = results["control"]["crashes"]
+    (stream_crash,) = results["stream"]["crashes"]
+    assert Path(control_crash).name.startswith("crash-")
+    assert Path(stream_crash).name.startswith("crash-signal11-")
+    for target, crash in (("control", control_crash), ("stream", stream_crash)):
+        again = subprocess.run([sys.executable, "-m", "pymig.fuzz", "repro", target, crash],
+                               capture_output=True, text=True, timeout=120,
+                               env=child_env(**planted))
+        assert again.returncode != 0, again.stdout
+        clean = subprocess.run([sys.executable, "-m", "pymig.fuzz", "repro", target, crash],
+                               capture_output=True, text=True, timeout=120, env=child_env())
+        assert clean.returncode == 0, clean.stdout + clean.stderr
 
 
 # -- repairs and the mutator ------------------------------------------------------------------
@@ -218,6 +290,139 @@ def test_a_recording_harness_leaves_the_input_it_runs(tmp_path):
     recorded(b"a longer input")
     recorded(b"short")
     assert seen == [b"a longer input", b"short"]
+
+
+# -- the harnesses get past the refusals, to what they are for -----------------------------------
+
+def _spy(monkeypatch, cls, name: str, calls: Counter) -> None:
+    real = getattr(cls, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+
+
+def test_the_stream_harness_loads_a_real_snapshot_and_runs_its_guest(snapshot, monkeypatch):
+    """The harness's destination sets its own limits: with the defaults, a KVM host would
+    refuse every simulated stream, and the fuzzer would see nothing but that refusal."""
+    calls = Counter()
+    for cls, name in ((RamLoader, "load_part"), (SimulatedGuest, "load_state"),
+                      (SimulatedGuest, "resume")):
+        _spy(monkeypatch, cls, name, calls)
+    streamload.test_one_input(snapshot)
+    assert calls["load_part"] >= 1 and calls["load_state"] >= 1 and calls["resume"] == 1, calls
+
+
+def test_the_state_harness_takes_every_payload_of_a_real_snapshot(snapshot):
+    """Each vCPU payload and the configuration fit the guest the harness loads them into."""
+    state_harness.setup()
+    entries = state_harness.entries()
+    seeds = fuzz_seeds.state_seeds({"sim-selfcheck": snapshot})
+    assert len(seeds) == 2
+    for seed in seeds:
+        index, version = state_harness.HEAD.unpack_from(seed)
+        entry = entries[index % len(entries)]
+        payload = seed[state_harness.HEAD.size:]
+        if entry.vmsd is None:
+            config = GuestConfig.from_dict(json.loads(payload))
+            state_harness.destination.check_config(config)
+            assert state_harness.destination.builds(config)
+        else:
+            vmstate.load(entry.vmsd, entry.vmsd.factory(), payload, version, entry.shape)
+
+
+def _tcp(token: str) -> bytes:
+    return bytes([control_harness.TCP]) + (
+        b'{"execute": "qmp_capabilities", "arguments": {"token": "%s"}}\n'
+        b'{"execute": "query-status", "id": 1}\n' % token.encode())
+
+
+def test_the_control_harness_gets_past_the_tcp_handshake_with_its_token():
+    good, bad = _tcp(control_harness.TOKEN), _tcp("0" * 64)
+    answers = control_harness._converse(good[0], good[1:], [len(good)])
+    assert [json.loads(a).get("id") for a in answers] == [None, 1]
+    assert "return" in json.loads(answers[1])
+    (refusal,) = control_harness._converse(bad[0], bad[1:], [len(bad)])
+    assert "Authentication failed" in refusal
+    control_harness.test_one_input(good)
+    control_harness.test_one_input(bad)
+
+
+def test_the_control_harness_catches_a_handshake_that_lets_a_stranger_in(monkeypatch):
+    monkeypatch.setattr(control_harness._Server, "check_token", lambda self, given, needed: None)
+    with pytest.raises(_harness.Finding):
+        control_harness.test_one_input(_tcp("0" * 64))
+
+
+def test_the_state_harness_carries_a_disk_transfer_on_inside_the_disk_only():
+    """A WRITE SECTORS in flight on the slave's last sector is carried on; the same one
+    sector further (the slave has 63) is refused by the drive's bounds, and were it not, the
+    harness would reach the image outside the disk."""
+    from pymig.kvm import ata, statedesc
+
+    state_harness.setup()
+    (entry,) = [e for e in state_harness.entries() if e.name == "kvm:ide-drive/1"]
+    last = state_harness.destination.DISK_SECTORS[1] - 1
+    good = ata.IdeDriveState(status=ata.IDLE_STATUS | ata.DRQ, xfer=ata.XFER_OUT,
+                             command=ata.WRITE_SECTORS, lba=last, end_lba=last + 1,
+                             buffer=bytearray(512))
+    beyond = dataclasses.replace(good, lba=last + 1, end_lba=last + 2)
+    for state in (good, beyond):
+        state_harness.test_one_input(state_harness.make_input(
+            entry.name, 1, vmstate.save(statedesc.IDE_DRIVE, state)))
+    entry.apply(dataclasses.replace(good, buffer=bytearray(512)))
+    with pytest.raises(ValueError, match="outside"):
+        entry.apply(dataclasses.replace(beyond, buffer=bytearray(512)))
+
+
+def test_the_index_harness_catches_an_index_that_restores_another_guest(snapshot, monkeypatch):
+    """An index that skips a RAM record whose pages no later record holds is refused; were it
+    let through, the guest restored through it would differ."""
+    from pymig.fuzz import index as index_harness
+    from pymig.transport import file as snapshot_file
+    from pymig.transport.snapshot_index import IndexCheck, SnapshotIndex
+
+    records = records_of(snapshot)
+    stream_bytes = records[-1].offset + 28
+    whole = streamload.restored(snapshot[:stream_bytes])
+    for i in reversed(range(len(records) - 1)):  # a RAM record that matters (not all zero)
+        start, end = records[i].offset, records[i + 1].offset
+        without = streamload.restored(snapshot[:start] + snapshot[end:stream_bytes])
+        if records[i].type == stream.RecordType.PART and without not in (None, whole):
+            break
+    else:
+        pytest.fail("no RAM record of the snapshot changes the guest")
+    crafted = snapshot[:stream_bytes] + SnapshotIndex(stream_bytes, [(start, end - start)]).encode()
+    index_harness.test_one_input(crafted)  # the index does not hold: refused, cleanly
+    monkeypatch.setattr(snapshot_file.IndexedFileChannel, "_skip",
+                        lambda self, offset, length: self.tap.skip(length))
+    monkeypatch.setattr(IndexCheck, "finish", lambda self: None)
+    with pytest.raises(_harness.Finding, match="another guest"):
+        index_harness.test_one_input(crafted)
+
+
+def test_the_returnpath_harness_migrates_as_its_destination_says(monkeypatch):
+    from pymig.fuzz import returnpath
+
+    ends = []
+    check = returnpath._check
+    monkeypatch.setattr(returnpath, "_check", lambda migration, guest, data: (
+        ends.append((migration.status.value, guest.status)), check(migration, guest, data)))
+    through, refused = fuzz_seeds.returnpath_seeds()[:2]
+    returnpath.test_one_input(through)
+    returnpath.test_one_input(refused)
+    returnpath.test_one_input(b"")  # a destination that says nothing and goes
+    assert ends == [("completed", "paused"), ("failed", "running"), ("failed", "running")]
+    # the custom mutator changes the conversation and keeps every message framed right
+    custom = returnpath.mutator(lambda data, size: bytes(data) + b"!")
+    mutated = [custom(through, 4096, seed) for seed in range(50)]
+    framed = [m for m in mutated if b"".join(
+        stream.RP_HEAD.pack(kind, 0, len(payload)) + payload
+        for kind, payload in returnpath._split(m)) == m]
+    assert len(returnpath._split(through)) == 5
+    assert len(framed) >= 25 and len(set(framed) - {through}) >= 10
 
 
 # -- saved reproducers --------------------------------------------------------------------------

@@ -466,3 +466,22 @@ def test_why_a_switchover_waits_for_another_pass(reason, swept, caught_up,
                           passes_after_wait=0, swept=swept, backlog_bytes=100_000_000,
                           bandwidth_bps=1e9, caught_up=caught_up)
     assert got is (Held[held] if held else None)
+
+
+@pytest.mark.parametrize("claimed_ns", [0, (1 << 64) - 1])
+def test_a_destination_cannot_make_the_source_report_any_downtime(tmp_path, guests, monkeypatch,
+                                                                  claimed_ns):
+    # The ACK's vCPU start time is the destination's word: one that says its vCPUs started
+    # before the source stopped its guest, or centuries later, gets a downtime inside the
+    # migration, not that figure.
+    from pymig import stream
+
+    ack = stream.ReturnPathWriter.ack
+    monkeypatch.setattr(stream.ReturnPathWriter, "ack",
+                        lambda self, vcpu_start_ns, sent_ns=None: ack(self, claimed_ns, sent_ns))
+    source = guests(guest_config("simulated"))
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock") as done:
+        assert done.error is None and done.migration.status.value == "completed"
+        info = done.migration.query()
+    assert 0 <= info["downtime"] <= info["total-time"], info
+    assert sum(info["downtime-breakdown"].values()) <= info["total-time"] + 1, info

@@ -197,3 +197,18 @@ def test_the_progress_line_shows_page_and_wire_rates_and_their_ratio():
     assert progress_figures(info) == ("pass 3, 12.0 MiB left, pages 410 MB/s, wire 2 MB/s "
                                       "(16x less), downtime ≈4 ms")
     assert progress_figures({"status": "setup"}) == ""
+
+
+def test_the_final_table_shows_an_error_as_it_was_said():
+    # error-desc quotes the destination's LOAD_ERROR, which may hold anything: it is printed
+    # as text (a closing tag with nothing to close made rich raise, a tag restyled the rest)
+    import io
+
+    from rich.console import Console
+
+    from pymig.monitor import stats_table
+
+    said = "destination failed: unknown section '[/]' [bold]x[/bold] [link=file:///x]y"
+    out = Console(file=io.StringIO(), width=200, color_system=None)
+    out.print(stats_table({"status": "failed", "error-desc": said}))
+    assert said in out.file.getvalue()

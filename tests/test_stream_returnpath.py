@@ -154,3 +154,11 @@ def test_malformed_messages(raw, offset, reason):
     with pytest.raises(StreamError) as info:
         _recv_raw(raw, prefix=encode_return(Ready()))
     assert info.value.offset == offset and reason in info.value.reason, info.value
+
+
+def test_a_load_error_reaches_the_source_printable():
+    # What a destination says is shown to the operator: escape sequences and line breaks
+    # arrive written out, and cannot move the cursor or fake a line of output.
+    got = _recv_raw(encode_return(LoadError("bad\x1b[2J\nsection\u2028é\x00")))
+    assert got == LoadError("bad\\x1b[2J\\nsection\\u2028é\\x00")
+    assert got.text.isprintable()

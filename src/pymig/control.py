@@ -304,6 +304,9 @@ class _Client:
         self.sock = sock
         self.needs_token = needs_token
         self.negotiated = False
+        # a stranger gets one short message, soon (AUTH_TIMEOUT_S), to prove itself
+        self._splitter = MessageSplitter(AUTH_MESSAGE_BYTES if needs_token
+                                         else MAX_MESSAGE_BYTES)
         self.closed = False
         self._out: "queue.Queue[bytes | None]" = queue.Queue()
         self._lock = threading.Lock()
@@ -356,37 +359,24 @@ class _Client:
         self.send({"QMP": {"version": _version(), "capabilities": []}})
         session = self.server.session
         session.subscribe(self.event)
-        splitter = MessageSplitter()
-        if self.needs_token:  # a stranger gets one short message, soon, to prove itself
-            splitter.limit = AUTH_MESSAGE_BYTES
+        if self.needs_token:
             self.sock.settimeout(AUTH_TIMEOUT_S)
-        quitting = refused = False
+        quitting = False
         try:
-            while not (self.closed or quitting or refused):
+            while not self.closed:
                 try:
                     chunk = self.sock.recv(65536)
                 except OSError:
                     break
                 if not chunk:
                     break
-                try:
-                    texts = splitter.feed(chunk)
-                except ValueError as exc:
-                    self.send(error(NO_ID, "GenericError", str(exc)))
+                stranger = self.needs_token
+                outcome = self.receive(chunk)
+                if stranger and not self.needs_token:
+                    self.sock.settimeout(None)  # it proved itself
+                if outcome is not None:
+                    quitting = outcome == "quit"
                     break
-                for text in texts:
-                    answer, name = self.handle(text)
-                    self.send(answer)
-                    if self.needs_token:
-                        if not self.negotiated:
-                            refused = True  # it did not prove itself: nothing more is read
-                            break
-                        self.needs_token = False
-                        splitter.limit = MAX_MESSAGE_BYTES
-                        self.sock.settimeout(None)
-                    if name == "quit" and "return" in answer:
-                        quitting = True  # what the client sent after quit is not run
-                        break
         finally:
             session.unsubscribe(self.event)
             with self._lock:
@@ -401,6 +391,28 @@ class _Client:
             except OSError:
                 pass
             self.server.forget(self)
+
+    def receive(self, data: bytes) -> str | None:
+        """Take the next bytes the client sent: answer (:meth:`send`) every text they
+        complete.  Returns None to read on, ``"quit"`` once ``quit`` was answered (what came
+        after it is not run), ``"end"`` when the connection must close: a text above the
+        limit, or a client that had to prove itself and did not (nothing more is read)."""
+        try:
+            texts = self._splitter.feed(data)
+        except ValueError as exc:
+            self.send(error(NO_ID, "GenericError", str(exc)))
+            return "end"
+        for text in texts:
+            answer, name = self.handle(text)
+            self.send(answer)
+            if self.needs_token:
+                if not self.negotiated:
+                    return "end"
+                self.needs_token = False
+                self._splitter.limit = MAX_MESSAGE_BYTES
+            if name == "quit" and "return" in answer:
+                return "quit"
+        return None
 
     def handle(self, text: bytes) -> tuple[dict, str | None]:
         """The answer to one JSON text, and the command it ran (None if none); never raises."""

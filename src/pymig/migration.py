@@ -507,9 +507,13 @@ class Migration:
                 ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
                 self._check(ret)
                 self._commit()
+                committed_ns = time.time_ns()
                 stream.ReturnPathWriter(channel).commit()
                 ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
-                phases.mark("destination", ack.vcpu_start_ns)
+                # The destination's word and clock: its vCPUs started after COMMIT left and
+                # before their ACK was here, whatever it says (the downtime is reported).
+                started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
+                phases.mark("destination", started_ns)
             else:
                 # A one-way channel: the whole stream is the commit.  Cancels are refused
                 # while its last record goes out; if that fails (or an exec: command exits

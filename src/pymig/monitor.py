@@ -18,6 +18,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from pymig.qmp import Interrupted, QmpClient, QmpError
 from pymig.units import format_bytes, format_rate
@@ -270,7 +271,9 @@ _LIVE_ONLY = {"cpu-throttle-percentage"}
 
 def stats_table(info: dict, title: str = "migration", *, error: bool = True) -> Table:
     """The final ``query-migrate`` answer as a two-column table (``error``: with the error's
-    row, for a reader who has not been told it already)."""
+    row, for a reader who has not been told it already).  Values are plain text, never
+    markup: ``error-desc`` quotes what a destination said (its LOAD_ERROR), which may be
+    anything, ``[/]`` included."""
     table = Table(title=title, show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -280,7 +283,7 @@ def stats_table(info: dict, title: str = "migration", *, error: bool = True) -> 
             continue
         value = _lookup(info, key)
         if value is not None:
-            table.add_row(label, fmt(value))
+            table.add_row(label, Text(fmt(value)))
     return table
 
 

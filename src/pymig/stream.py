@@ -564,7 +564,8 @@ class Ready:
 
 @dataclass(frozen=True)
 class LoadError:
-    """The destination failed to load the stream; ``text`` says why."""
+    """The destination failed to load the stream; ``text`` says why (the source's reader
+    escapes what is not printable in it: :func:`printable`)."""
 
     text: str
     TYPE: ClassVar[ReturnType] = ReturnType.LOAD_ERROR
@@ -689,6 +690,16 @@ def encode_return(message: ReturnMessage) -> bytes:
     return RP_HEAD.pack(message.TYPE, 0, len(payload)) + payload
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (controls such as ESC and newline,
+    separators, unassigned code points) written as its escape: what a peer says reaches the
+    operator's terminal and logs, and must not be able to move the cursor or fake a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _cut_utf8(text: str, limit: int) -> bytes:
     raw = text.encode("utf-8")
     if len(raw) <= limit:
@@ -804,8 +815,9 @@ class ReturnPathReader:
             self._read(memoryview(payload), f"the {cls.TYPE.name} message", start)
         if cls in _TEXT_LIMITS:
             try:
-                return cls(payload.decode("utf-8"))
+                text = payload.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise StreamError(start + RP_HEAD_BYTES + exc.start,
                                   f"{cls.TYPE.name} text is not valid UTF-8") from None
+            return cls(printable(text))
         return cls(*cls.FORMAT.unpack(payload))

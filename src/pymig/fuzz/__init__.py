@@ -21,9 +21,14 @@ packet      ``core.decode_packet`` into guest memory with guard bytes on both si
 index       a snapshot file's restore index (``read_index``, ``IndexedFileChannel``).  Clean:
             SnapshotIndexError from the parser, PymigError while reading.
 analyze     ``pymig analyze`` (both renderings).  Clean: nothing, it reports damage instead.
-control     the control socket's JSON splitter and command dispatch (a session that runs
-            nothing).  Crash: the splitter cutting differently when fed in pieces, an answer
-            that is not JSON or says "internal error".
+control     the control socket's JSON splitter and a client connection (unix, or TCP with
+            its token handshake), on a session that runs nothing.  Crash: the splitter
+            cutting differently when fed in pieces, an answer that is not JSON or says
+            "internal error", a TCP client served without the token.
+returnpath  what a destination says back: a real migration of a small guest to a peer that
+            sends the input on the return path, then the stats as ``pymig migrate`` prints
+            them.  Crash: a migration that fails on a bug, completes without LOADED and ACK,
+            leaves the source guest stopped, or reports a downtime beyond its own time.
 ==========  ===================================================================================
 
 Any harness also crashes on a signal (a native fault), a sanitizer report in the ASan build,
@@ -44,4 +49,5 @@ TARGETS = {
     "index": "pymig.fuzz.index",
     "analyze": "pymig.fuzz.analyzer",
     "control": "pymig.fuzz.control",
+    "returnpath": "pymig.fuzz.returnpath",
 }

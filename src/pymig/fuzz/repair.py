@@ -15,7 +15,8 @@ import struct
 import xxhash
 
 from pymig import stream
-from pymig.transport import file as snapshot
+from pymig.transport.snapshot_index import (INDEX_HEAD, INDEX_MAGIC, INDEX_RANGE, INDEX_SUM,
+                                            INDEX_TAIL, INDEX_TAIL_MAGIC, MAX_INDEX_BYTES)
 
 PACKET_MAGIC = b"PMGP"
 PACKET_HEADER_BYTES = 32
@@ -82,19 +83,17 @@ def index(data: bytes | bytearray | memoryview, stream_bytes: int) -> bytes:
     """``data`` (a snapshot file) with the checksum and tail of the index that starts at
     ``stream_bytes`` recomputed for the ranges it declares, when they are all there."""
     out = bytearray(data)
-    head = snapshot.INDEX_HEAD
-    if len(out) < stream_bytes + head.size:
+    if len(out) < stream_bytes + INDEX_HEAD.size:
         return bytes(out)
-    nranges = head.unpack_from(out, stream_bytes)[4]
-    body_end = stream_bytes + head.size + nranges * snapshot.INDEX_RANGE.size
-    end = body_end + snapshot.INDEX_SUM.size + snapshot.INDEX_TAIL.size
-    if nranges > snapshot.MAX_INDEX_BYTES // snapshot.INDEX_RANGE.size or end > len(out):
+    nranges = INDEX_HEAD.unpack_from(out, stream_bytes)[4]
+    body_end = stream_bytes + INDEX_HEAD.size + nranges * INDEX_RANGE.size
+    end = body_end + INDEX_SUM.size + INDEX_TAIL.size
+    if nranges > MAX_INDEX_BYTES // INDEX_RANGE.size or end > len(out):
         return bytes(out)
     checksum = xxhash.xxh3_64_intdigest(memoryview(out)[stream_bytes:body_end])
-    snapshot.INDEX_SUM.pack_into(out, body_end, checksum)
-    snapshot.INDEX_TAIL.pack_into(out, body_end + snapshot.INDEX_SUM.size,
-                                  body_end + snapshot.INDEX_SUM.size - stream_bytes,
-                                  snapshot.INDEX_TAIL_MAGIC)
+    INDEX_SUM.pack_into(out, body_end, checksum)
+    INDEX_TAIL.pack_into(out, body_end + INDEX_SUM.size,
+                         body_end + INDEX_SUM.size - stream_bytes, INDEX_TAIL_MAGIC)
     return bytes(out)
 
 
@@ -102,6 +101,6 @@ def everything(data: bytes) -> bytes:
     """A stream with its records and packets repaired, and a snapshot index right after its
     EOF record repaired too."""
     fixed, end = records(data)
-    if end < len(fixed) and fixed[end:end + 8] == snapshot.INDEX_MAGIC:
+    if end < len(fixed) and fixed[end:end + 8] == INDEX_MAGIC:
         fixed = index(fixed, end)
     return fixed

@@ -10,7 +10,8 @@ running a boot sector.  Every target's seeds come out of those snapshots:
 * ``packet``: RAM packets from them (every distinct one up to :data:`MAX_PACKET_SEED_BYTES`)
   and a few encoded here from pages of each kind, each with its decoding parameters;
 * ``state``: every vCPU and device payload and configuration, with its entry and version;
-* ``control``: QMP conversations, whole and cut in pieces.
+* ``control``: QMP conversations, whole and cut in pieces, on unix and (with the token) TCP;
+* ``returnpath``: what destinations say back, from a migration that goes through to a refusal.
 
 Nothing here is random: the same pymig makes the same seeds (up to the guests' timing).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pymig import core, stream
-from pymig.fuzz import TARGETS, packet, state
+from pymig.fuzz import TARGETS, destination, packet, state
 from pymig.guest import GuestConfig, create
 from pymig.machine import CONFIG_IDSTR, Machine
 from pymig.migration import Migration
@@ -42,27 +44,24 @@ BOOT_SECTOR = (bytes.fromhex("fa31c08ed88ed0bc007cbaf803ff06007eb02eee66b9204e00
                .ljust(510, b"\0") + b"\x55\xaa")
 
 
-def _sim(workload: str, vcpus: int = 1, **params) -> GuestConfig:
-    return GuestConfig("simulated", 4 * MiB, vcpus=vcpus, workload=workload, params=params)
-
-
 #: (name, configuration, migration parameters) of every snapshot; the KVM ones need /dev/kvm.
+#: The simulated guests are those the state harness loads vCPU state into (state.SIM_GUESTS).
 SIMULATED = [
-    ("sim-idle", _sim("idle", fill_bytes=16 * KiB), {}),
-    ("sim-selfcheck", state.SIM_CONFIG, {}),
-    ("sim-selfcheck-2cpu-plain", _sim("selfcheck", 2, working_set_bytes=32 * KiB,
-                                      rate_pages_per_s=20000), {"compression": "none"}),
+    ("sim-idle", state.SIM_GUESTS["sim-idle"], {}),
+    ("sim-selfcheck", state.SIM_GUESTS["sim-selfcheck"], {}),
+    ("sim-selfcheck-2cpu-plain", state.SIM_GUESTS["sim-selfcheck-2cpu-plain"],
+     {"compression": "none"}),
     # slower than the guest dirties its pages: three passes, so the index skips two
-    ("sim-dirtier-live", _sim("dirtier", 2, working_set_bytes=32 * KiB,
-                              rate_pages_per_s=400_000),
+    ("sim-dirtier-live", state.SIM_GUESTS["sim-dirtier-live"],
      {"compression": "none", "max-bandwidth": 128 * KiB, "downtime-limit": 1,
       "max-iterations": 3}),
-    ("sim-compute", _sim("compute", region_bytes=64 * KiB, rounds=4), {}),
+    ("sim-compute", state.SIM_GUESTS["sim-compute"], {}),
 ]
 KVM = [
     ("kvm-selfcheck", GuestConfig("kvm", 4 * MiB, vcpus=1, workload="selfcheck",
                                   params={"working_set_bytes": 128 * KiB}), {}),
     ("kvm-bootsector", None, {}),  # made from BOOT_SECTOR at run time
+    ("kvm-diskcheck", None, {}),  # on the destination's disk images, made at run time
 ]
 
 QMP_CONVERSATIONS = [
@@ -133,6 +132,16 @@ def _boot_sector_config(directory: Path) -> GuestConfig:
     return make_config(kind="kvm", memory_bytes=4 * MiB, boot_sector=image)
 
 
+def _diskcheck_config() -> GuestConfig:
+    """A KVM guest driving the fuzzing destination's disks (shared: the destination opens the
+    same images), so its ATA state is mid-command more often than not."""
+    from pymig.guest import make_config
+
+    return make_config(kind="kvm", workload="diskcheck", memory_bytes=4 * MiB,
+                       params={"disk_working_set_bytes": 256 * KiB},
+                       disks=[f"{path},shared" for path in destination.disk_paths()])
+
+
 def streams(directory: Path, *, kvm: bool | None = None, quick: bool = False
             ) -> dict[str, bytes]:
     """Snapshot files by name: the simulated ones, and the KVM ones where ``kvm`` (default:
@@ -142,8 +151,10 @@ def streams(directory: Path, *, kvm: bool | None = None, quick: bool = False
         wanted += KVM
     out = {}
     for name, config, params in wanted:
-        if config is None:
+        if name == "kvm-bootsector":
             config = _boot_sector_config(directory)
+        elif name == "kvm-diskcheck":
+            config = _diskcheck_config()
         out[name] = snapshot(config, directory / f"{name}.pymig", params)
     return out
 
@@ -201,28 +212,57 @@ def _encoded_packets() -> list[bytes]:
 
 
 def state_seeds(snapshots: dict[str, bytes]) -> list[bytes]:
+    """Every vCPU and device payload of each snapshot, for the entry of the guest that takes
+    it (a simulated snapshot's own guest; the KVM guest), and every configuration."""
     names = {e.name for e in state.entries()}
     seeds = []
-    for data in snapshots.values():
-        kind = None
+    for snapshot_name, data in snapshots.items():
+        guest = snapshot_name if snapshot_name in state.SIM_GUESTS else "kvm"
         for named, record, payload in _records(data):
+            name = state.entry_name(guest, named.idstr, named.instance_id)
             if named.idstr == CONFIG_IDSTR:
-                import json
-
-                kind = json.loads(payload)["kind"]
                 seeds.append(state.make_input(CONFIG_IDSTR, named.version_id, payload))
-            elif record.type == stream.RecordType.FULL and f"{kind}:{named.idstr}" in names:
-                seeds.append(state.make_input(f"{kind}:{named.idstr}", named.version_id,
-                                              payload))
+            elif record.type == stream.RecordType.FULL and name in names:
+                seeds.append(state.make_input(name, named.version_id, payload))
     return seeds
 
 
 def control_seeds() -> list[bytes]:
+    """Each conversation on a unix socket (in one piece, in pieces, to a destination, with a
+    small limit), and over TCP with the harness's token in its qmp_capabilities (and once
+    with a wrong one)."""
+    from pymig.fuzz import control
+
     seeds = []
     for text in QMP_CONVERSATIONS:
         seeds += [bytes([0x00]) + text, bytes([0x03]) + text, bytes([0x27]) + text,
-                  bytes([0x11]) + text]
+                  bytes([0x11]) + text, bytes([0x80]) + text]
+        for token in (control.TOKEN, "0" * len(control.TOKEN)):
+            proved = re.sub(rb'("qmp_capabilities")(, "arguments": \{|\})',
+                            lambda m: m[1] + b', "arguments": {"token": "' + token.encode()
+                            + b'"' + (b", " if m[2].endswith(b"{") else b"}}"), text, count=1)
+            seeds += [bytes([control.TCP]) + proved, bytes([control.TCP | 0x23]) + proved]
     return seeds
+
+
+def returnpath_seeds() -> list[bytes]:
+    """What destinations say: a migration that goes through (READY, reports, LOADED, ACK), one
+    refused with a reason, and a few odd conversations."""
+    now = time.time_ns()
+    said = stream.encode_return
+    through = [stream.Ready(), stream.Progress(4096), stream.CaughtUp(1 << 40), stream.Loaded(),
+               stream.Ack(now, now)]
+    conversations = [
+        through,
+        [stream.Ready(), stream.LoadError("StateError cpu field pos: 137438953472 is out of "
+                                          "bounds: this guest takes [0, 31]")],
+        [stream.Ping(1), stream.Pong(1), stream.PageRequest(0, 5, 1), *through[1:],
+         stream.Shut()],
+        [stream.Loaded(), stream.Ack(now, now), stream.CaughtUp(1 << 40)],
+        [stream.Ready(), stream.CaughtUp(0), stream.Progress(0)],
+        [stream.Ready()],
+    ]
+    return [b"".join(said(m) for m in c) for c in conversations]
 
 
 def generate(out: str | os.PathLike, *, kvm: bool | None = None, quick: bool = False
@@ -235,7 +275,7 @@ def generate(out: str | os.PathLike, *, kvm: bool | None = None, quick: bool = F
     per_target = {
         "stream": files, "analyze": files, "index": files,
         "packet": packet_seeds(snapshots), "state": state_seeds(snapshots),
-        "control": control_seeds(),
+        "control": control_seeds(), "returnpath": returnpath_seeds(),
     }
     counts = {}
     for target in TARGETS:

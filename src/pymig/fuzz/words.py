@@ -31,11 +31,11 @@ def stream_words() -> list[bytes]:
     from pymig.kvm.statedesc import DEVICES
     from pymig.machine import CONFIG_IDSTR
     from pymig.ram import RAM_IDSTR
-    from pymig.transport import file as snapshot
+    from pymig.transport import snapshot_index
 
-    words = [stream.MAGIC, stream.FOOTER_MAGIC, repair.PACKET_MAGIC, snapshot.INDEX_MAGIC,
-             snapshot.INDEX_TAIL_MAGIC, CONFIG_IDSTR.encode(), RAM_IDSTR.encode(), b"cpu",
-             *(name.encode() for name in DEVICES)]
+    words = [stream.MAGIC, stream.FOOTER_MAGIC, repair.PACKET_MAGIC, snapshot_index.INDEX_MAGIC,
+             snapshot_index.INDEX_TAIL_MAGIC, CONFIG_IDSTR.encode(), RAM_IDSTR.encode(),
+             b"cpu", *(name.encode() for name in DEVICES)]
     keys = [f.name for f in dataclasses.fields(GuestConfig)]
     keys += ["name", "size_bytes", "guest_phys_addr", "id", "size", "page_size", "gpa"]
     keys += sorted({key for params in DEFAULTS.values() for key in params})
