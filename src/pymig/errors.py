@@ -4,6 +4,7 @@
     ├── StreamError        a malformed, truncated or unexpected migration stream (offset, reason)
     │   └── PacketError    a RAM packet that fails a check (offset inside the packet, reason)
     ├── KvmError           an ioctl failed (errno, ioctl name); also an OSError
+    │   └── UnsupportedCapability  this host's KVM lacks a capability pymig needs
     ├── GuestError         the guest stopped in a way it cannot continue from (exit data)
     ├── TransportError     a URI that does not parse, a connection that fails or drops
     │   └── UriError       a bad URI (also a ValueError)
@@ -57,6 +58,21 @@ class KvmError(PymigError, OSError):
 
     def __reduce__(self):
         return (type(self), (self.errno, self.ioctl))
+
+
+class UnsupportedCapability(KvmError):
+    """KVM on this host lacks a capability pymig needs (errno EOPNOTSUPP)."""
+
+    def __init__(self, cap_name: str, what: str = ""):
+        import errno
+
+        self.cap_name = cap_name
+        detail = f"this host's KVM does not offer {cap_name}" + (f", needed for {what}" if what
+                                                                 else "")
+        super().__init__(errno.EOPNOTSUPP, "KVM_CHECK_EXTENSION", detail)
+
+    def __reduce__(self):
+        return (type(self), (self.cap_name,))
 
 
 class GuestError(PymigError):

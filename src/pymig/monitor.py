@@ -10,7 +10,6 @@ work done for the guest), and their ratio, which zero pages and LZ4 raise far ab
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pymig.qmp import Interrupted, QmpClient, QmpError
+from pymig.signals import CaughtSignals
 from pymig.units import format_bytes, format_rate
 
 ENDED = ("completed", "failed", "cancelled")
@@ -93,40 +93,26 @@ class Followed:
         return "detached" if self.detached else self.info.get("status", "?")
 
 
-class Interrupts:
+class Interrupts(CaughtSignals):
     """Counts SIGINT and SIGTERM while in force, instead of letting them end the process, so
     that a follower can cancel what it started and say how it ended.
 
     The handler only counts: what to do is decided where the count is read, between two
-    commands on the control socket, never in the middle of one.  A signal the process was
-    started with ignored (nohup, a background job) stays ignored.
+    commands on the control socket, never in the middle of one.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.count = 0
         self.last: int | None = None
-        self._previous: dict[int, object] = {}
 
     @property
     def name(self) -> str:
         return {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(self.last, "signal")
 
-    def __enter__(self) -> "Interrupts":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous = signal.getsignal(signum)
-                if previous is not signal.SIG_IGN:
-                    self._previous[signum] = previous
-                    signal.signal(signum, self._handle)
-        return self
-
     def _handle(self, signum, frame) -> None:
         self.count += 1
         self.last = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 class ProgressView:

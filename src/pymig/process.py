@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from typing import BinaryIO, Callable
 
 from pymig.control import ControlServer
 from pymig.session import Session
+from pymig.signals import CaughtSignals
 from pymig.units import format_bytes
 
 
@@ -104,36 +104,22 @@ def migration_figures(session: Session) -> list[str]:
     return []
 
 
-class _Signals:
+class _Signals(CaughtSignals):
     """SIGTERM and SIGINT end the process the way ``quit`` does, through the same cleanup.
 
     The handler only records the signal: a KeyboardInterrupt raised wherever the main thread
     happens to be could cut the cleanup short (socket files left behind), and setting an Event
     from a handler can deadlock on the Event's own lock.  A second Ctrl-C interrupts at once.
-    A signal the process was started with ignored (nohup, a background job) stays ignored.
     """
 
     def __init__(self):
+        super().__init__()
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_Signals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous = signal.getsignal(signum)
-                if previous is not signal.SIG_IGN:
-                    self._previous[signum] = previous
-                    signal.signal(signum, self._handle)
-        return self
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 #: How often the process looks for a signal or a quit between status lines.

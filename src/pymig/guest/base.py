@@ -16,31 +16,13 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 import numpy as np
 
 from pymig.disk import MAX_DISK_BYTES, MAX_PATH_CHARS, SECTOR_BYTES
+from pymig.guest.layout import (  # re-exported: the guest layer's basics, named from here
+    GUEST_PAGE_SIZE, HIGH_RAM_BASE, LOW_RAM_LIMIT, MAILBOX_GPA, MAILBOX_RECORD_BYTES, MAX_VCPUS,
+    PARAMS_GPA, WORKSET_GPA, GiB, RamLayout, locate, pc_layout)
+from pymig.guest.loader import check_image_params
+from pymig.guest.workloads import DEFAULTS, parse_params
 from pymig.memory import RamBlock, not_enough_memory
 
-GiB = 1 << 30
-# PC layout: RAM below the 3 GiB PCI hole, the rest from 4 GiB, as firmware would report it.
-LOW_RAM_LIMIT = 3 * GiB
-HIGH_RAM_BASE = 4 * GiB
-
-# Guest-physical map shared by the KVM and the simulated guest (both run the same workloads):
-#
-#   0x0000_5000  parameter block, one page, written by the host before start
-#   0x0000_6000  mailbox: one 64-byte progress record per vCPU, written by the guest
-#   0x0010_0000  working set / compute region (1 MiB upwards)
-#
-# The field layouts of the parameter block and the mailbox are in pymig.guest.workloads.
-GUEST_PAGE_SIZE = 4096
-PARAMS_GPA = 0x5000
-MAILBOX_GPA = 0x6000
-MAILBOX_RECORD_BYTES = 64
-WORKSET_GPA = 0x100000
-# Every guest runs on at most 8 vCPUs, whatever its kind: the built-in workloads' low memory
-# has room for eight stacks (pymig.guest.builtin) and their parameter block for eight share
-# records; a user image gets no MP or ACPI table through which it could find more than its
-# boot vCPU; and each vCPU costs the host a thread and descriptors, which a stream must not
-# be able to ask for by the hundred.
-MAX_VCPUS = 8
 CONSOLE_BYTES = 1 << 20  # the newest serial output a guest keeps in memory
 
 
@@ -53,26 +35,6 @@ class DiskConfig:
     size_bytes: int
     readonly: bool = False
     shared: bool = False
-
-
-@dataclass(frozen=True)
-class RamLayout:
-    """One RAM block of a guest's memory map."""
-
-    name: str
-    size_bytes: int
-    guest_phys_addr: int
-
-
-def pc_layout(memory_bytes: int) -> list[RamLayout]:
-    """Split ``memory_bytes`` of RAM around the PC hole: ``ram-low`` at 0, ``ram-high`` at 4 GiB."""
-    if memory_bytes <= 0:
-        raise ValueError(f"guest memory size must be positive, not {memory_bytes}")
-    low = min(memory_bytes, LOW_RAM_LIMIT)
-    blocks = [RamLayout("ram-low", low, 0)]
-    if memory_bytes > low:
-        blocks.append(RamLayout("ram-high", memory_bytes - low, HIGH_RAM_BASE))
-    return blocks
 
 
 @dataclass
@@ -197,8 +159,6 @@ def _page_multiple(value: int, config: dict) -> str | None:
 
 
 def _known_workload(value: str, config: dict) -> str | None:
-    from pymig.guest.workloads import DEFAULTS
-
     return None if value in DEFAULTS or value == "image" else "not a workload this build knows"
 
 
@@ -224,12 +184,8 @@ def _workload_params(value: dict, config: dict) -> str | None:
             return f"parameter {key[:MAX_NAME_CHARS]!r} = {_short(item)} is not a sane value"
     workload = config.get("workload", "idle")
     if workload == "image":
-        from pymig.guest.loader import check_image_params
-
         check_image_params(value)
     elif isinstance(workload, str):
-        from pymig.guest.workloads import DEFAULTS, parse_params
-
         if workload in DEFAULTS:
             parse_params(workload, value)
     return None
@@ -309,20 +265,6 @@ CONFIG_FIELDS: tuple[ConfigField, ...] = (
     ConfigField("blocks", list, check=_ram_layout),
     ConfigField("disks", list, check=_disk_list),
 )
-
-
-def locate(blocks: Sequence[RamLayout | RamBlock], gpa: int, nbytes: int = 1) -> tuple[int, int]:
-    """Which block holds guest-physical ``[gpa, gpa + nbytes)``: ``(block index, byte offset)``.
-
-    The whole range must lie inside one block; a range across a hole or a block edge raises
-    ValueError (workloads keep their structures inside one block).
-    """
-    for index, block in enumerate(blocks):
-        offset = gpa - block.guest_phys_addr
-        if 0 <= offset and offset + nbytes <= block.size_bytes:
-            return index, offset
-    raise ValueError(f"guest-physical range [{gpa:#x}, {gpa + nbytes:#x}) is not inside one RAM "
-                     f"block")
 
 
 def allocate_ram(config: GuestConfig, *, backing: str = "anon", hugepages: bool = True,
@@ -784,15 +726,3 @@ class Guest(Protocol):
     def set_vcpu_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
         """Cap vCPU ``index``'s dirty rate at ``pages_per_s``; None lifts the cap."""
 
-
-def create(config: GuestConfig, **options: Any) -> Guest:
-    """Build a new, paused guest with fresh RAM for ``config`` (source or destination)."""
-    if config.kind == "kvm":
-        from pymig.guest.kvm_guest import KvmGuest
-
-        return KvmGuest.create(config, **options)
-    if config.kind == "simulated":
-        from pymig.guest.simulated import SimulatedGuest
-
-        return SimulatedGuest.create(config, **options)
-    raise ValueError(f"unknown guest kind {config.kind!r} (use 'kvm' or 'simulated')")

@@ -32,7 +32,7 @@ import numpy as np
 from pymig._core import kvm as _kvm
 from pymig.disk import DiskImage
 from pymig.errors import DiskError, GuestError
-from pymig.guest import builtin, loader, validate_config
+from pymig.guest import builtin, loader
 from pymig.guest.base import (
     Console,
     DirtyLogReader,
@@ -48,6 +48,7 @@ from pymig.guest.base import (
     locate,
     write_phys,
 )
+from pymig.guest.config import validate_config
 from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
                                    write_fill)
 from pymig.kvm import cpustate

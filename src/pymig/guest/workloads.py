@@ -147,20 +147,22 @@ import math
 import operator
 import struct
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
-from pymig.guest.base import (
+from pymig.guest.layout import (
     GUEST_PAGE_SIZE,
     MAILBOX_GPA,
     MAILBOX_RECORD_BYTES,
     MAX_VCPUS,
     PARAMS_GPA,
     WORKSET_GPA,
-    GuestConfig,
     locate,
 )
+
+if TYPE_CHECKING:
+    from pymig.guest.base import GuestConfig
 
 MiB = 1 << 20
 GOLDEN = 0x9E3779B97F4A7C15

@@ -6,7 +6,8 @@
 Each object owns its file descriptor and closes it.
 """
 
-from pymig.kvm.system import Kvm, UnsupportedCapability
+from pymig.errors import UnsupportedCapability
+from pymig.kvm.system import Kvm
 from pymig.kvm.vm import MemorySlot, Vm
 from pymig.kvm.vcpu import Vcpu, VcpuThread
 

@@ -8,26 +8,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from pymig._core import kvm as _kvm
-from pymig.errors import KvmError
+from pymig.errors import KvmError, UnsupportedCapability
 
 if TYPE_CHECKING:
     from pymig.kvm.vm import Vm
 
 KVM_API_VERSION = 12
 KVM_PATH = "/dev/kvm"
-
-
-class UnsupportedCapability(KvmError):
-    """KVM on this host lacks a capability pymig needs (errno EOPNOTSUPP)."""
-
-    def __init__(self, cap_name: str, what: str = ""):
-        self.cap_name = cap_name
-        detail = f"this host's KVM does not offer {cap_name}" + (f", needed for {what}" if what
-                                                                 else "")
-        super().__init__(errno.EOPNOTSUPP, "KVM_CHECK_EXTENSION", detail)
-
-    def __reduce__(self):
-        return (type(self), (self.cap_name,))
 
 
 class Kvm:
@@ -117,7 +104,7 @@ class Kvm:
         same way.  Some depend on the VM: without an in-kernel irqchip KVM refuses e.g.
         MSR_KVM_ASYNC_PF_INT (0x4b564d06), so a state saved there never carries it."""
         if irqchip not in Kvm._migratable:
-            from pymig.kvm.vcpu import _cpuid_for
+            from pymig.kvm.vcpu import cpuid_for
 
             vm_fd = _kvm.create_vm(self.fd)
             try:
@@ -125,7 +112,7 @@ class Kvm:
                     _kvm.create_irqchip(vm_fd)
                 vcpu_fd = _kvm.create_vcpu(vm_fd, 0)
                 try:
-                    _kvm.set_cpuid2(vcpu_fd, _cpuid_for(self.supported_cpuid, 0))
+                    _kvm.set_cpuid2(vcpu_fd, cpuid_for(self.supported_cpuid, 0))
                     Kvm._migratable[irqchip] = [
                         i for i in self.supported_msrs
                         if _kvm.set_msrs(vcpu_fd, [i], _kvm.get_msrs(vcpu_fd, [i])) == 1]

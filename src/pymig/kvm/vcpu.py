@@ -67,7 +67,7 @@ class Vcpu:
                 self.ring = mmap.mmap(self.fd, vm.dirty_ring * _kvm.DIRTY_GFN_BYTES,
                                       mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                       offset=_kvm.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
-            _kvm.set_cpuid2(self.fd, _cpuid_for(vm.kvm.supported_cpuid, index))
+            _kvm.set_cpuid2(self.fd, cpuid_for(vm.kvm.supported_cpuid, index))
         except BaseException:
             self.close()
             raise
@@ -91,7 +91,7 @@ class Vcpu:
             self.fd = -1
 
 
-def _cpuid_for(entries: list[tuple[int, ...]], index: int) -> list[tuple[int, ...]]:
+def cpuid_for(entries: list[tuple[int, ...]], index: int) -> list[tuple[int, ...]]:
     """KVM's supported CPUID with this vCPU's APIC id in leaf 1 EBX[31:24] and leaf 0xB EDX."""
     out = []
     for function, idx, flags, eax, ebx, ecx, edx in entries:

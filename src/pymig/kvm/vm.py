@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from pymig._core import kvm as _kvm
+from pymig.errors import UnsupportedCapability
 from pymig.memory import RamBlock
 
 # Real-mode support on Intel needs 3 pages of guest-physical space for KVM's TSS; this sits in
@@ -176,8 +177,6 @@ class Vm:
 
     def _enable_dirty_ring(self, entries: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) with ``entries`` per vCPU (before vCPUs)."""
-        from pymig.kvm.system import UnsupportedCapability
-
         limit = self.kvm.check("KVM_CAP_DIRTY_LOG_RING")
         size = entries * _kvm.DIRTY_GFN_BYTES
         if limit <= 0:
