@@ -128,8 +128,9 @@ class Metrics:
     dirty_limited: bool = False  # per-vCPU dirty caps are in force
     # Of pending_bytes, those the destination holds an older copy of (re-sends), and the rate
     # the stop-and-copy moves them at: with no first touch to wait on and the guest no longer
-    # competing for CPU (pymig.estimate: StopSpeedup, the source rate; 0 = bandwidth_bps).  Pages sent for the first time may
-    # wait on the destination's first touch of fresh memory: they count at bandwidth_bps.
+    # competing for CPU (pymig.estimate: StopSpeedup, the source rate; 0 = bandwidth_bps).
+    # Pages sent for the first time may wait on the destination's first touch of fresh
+    # memory: they count at bandwidth_bps.
     resend_bytes: int = 0
     stopped_bandwidth_bps: float = 0.0
     # What the holds and the catch-up wait weigh (steps 7-9 of the rule); their defaults are
