@@ -316,7 +316,7 @@ def test_the_source_counts_what_the_destination_loaded_not_what_it_sent(
     # buffers and decoder hold.  The trace's bandwidth is the destination's rate and its
     # backlog shows; the source paces its passes on the destination's reports meanwhile, and
     # stops the guest on a decision taken with the destination caught up.
-    from pymig.migration import BEHIND_PERIOD_S
+    from pymig.policy import BEHIND_PERIOD_S
     from pymig.ram import RamLoader
 
     loaded: list[tuple[float, int]] = []
@@ -438,39 +438,6 @@ def test_a_switchover_the_estimate_allows_waits_for_the_first_pass_to_be_through
         assert_consistent(done.destination)
     assert len(decisions) >= 3 and decisions[1] > 0  # held back, pages never sent pending
     assert decisions[-1] == 0  # stopped once every page had gone
-
-
-@pytest.mark.parametrize("reason, backlog, bandwidth, expected, keep", [
-    ("fits-limit", 100e6, 1e9, 0.05, True),  # 100 ms behind, 50 ms of downtime: go on
-    ("fits-limit", 10e6, 1e9, 0.05, False),  # 10 ms behind: wait for it
-    ("fits-limit", 0, 1e9, 0.05, False),
-    ("fits-limit", 100e6, 0.0, 0.05, False),  # it loaded nothing yet: wait
-    ("manual", 100e6, 1e9, 0.05, False),  # the user's switchover is not held back
-])
-def test_a_destination_far_behind_lets_the_source_go_on_sending(reason, backlog, bandwidth,
-                                                                expected, keep):
-    from pymig.migration import keep_sending
-
-    decision = Decision(Action.SWITCHOVER, reason, 0, None, expected)
-    assert keep_sending(decision, int(backlog), bandwidth) is keep
-
-
-@pytest.mark.parametrize("reason, swept, caught_up, expected_before_wait, held", [
-    ("fits-limit", False, True, float("inf"), "FIRST_PASS"),
-    ("fits-limit", True, False, float("inf"), "BEHIND"),  # 100 MB behind at 1 GB/s
-    ("fits-limit", True, True, float("inf"), None),
-    ("fits-limit", False, False, 0.001, "RESEND"),  # the wait made 50 ms of 1 ms
-    ("manual", False, False, 0.001, None),  # the user's switchover goes ahead
-])
-def test_why_a_switchover_waits_for_another_pass(reason, swept, caught_up,
-                                                 expected_before_wait, held):
-    from pymig.migration import Held, switchover_held
-
-    decision = Decision(Action.SWITCHOVER, reason, 0, None, 0.05)
-    got = switchover_held(decision, expected_before_wait=expected_before_wait,
-                          passes_after_wait=0, swept=swept, backlog_bytes=100_000_000,
-                          bandwidth_bps=1e9, caught_up=caught_up)
-    assert got is (Held[held] if held else None)
 
 
 @pytest.mark.parametrize("claimed_ns", [0, (1 << 64) - 1])

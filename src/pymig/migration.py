@@ -38,12 +38,12 @@ from typing import Callable
 
 from pymig import policy as policy_mod
 from pymig import stream, transport
-from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRate, StopSpeedup,
-                            SwitchoverCost, TriggerPeriod, host_cpu_seconds, in_flight_bytes,
-                            thread_cpu_seconds)
+from pymig.estimate import DestinationProgress
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
+from pymig.measure import Course, Estimators
 from pymig.parameters import MigrationParameters, ParameterStore
+from pymig.policy import Move, Step
 from pymig.ram import RAM_IDSTR
 from pymig.stats import MigrationStats, TraceWriter
 
@@ -80,10 +80,13 @@ class Cancelled(MigrationError):
 
 
 class Migration:
-    """Outgoing migration of one machine (guest + state registry)."""
+    """Outgoing migration of one machine (guest + state registry).
+
+    ``decide`` gives the estimate's verdict at each sync (:data:`pymig.policy.Policy`); the
+    rest of the rule, :func:`pymig.policy.next_step`, applies to it as to the default one."""
 
     def __init__(self, machine: Machine, params: ParameterStore | None = None,
-                 decide: Callable = policy_mod.decide, credentials=None):
+                 decide: policy_mod.Policy = policy_mod.decide, credentials=None):
         self.machine = machine
         self.credentials = credentials  # a tlscreds.CredentialStore: what tls-creds names
         self.params = params or ParameterStore()
@@ -246,324 +249,15 @@ class Migration:
 
     # -- the migration thread ----------------------------------------------------------------
     def _run(self, uri: str) -> None:
-        machine, guest = self.machine, self.machine.guest
-        stats = self.stats
-        trace = self._trace
-        paused_by_us = False  # the stop-and-copy stopped a running guest: run it again after
-        saver = machine.ram_saver
-        saver.cancelled = self._cancel.is_set
-        ret = None
-        writer = None
-        throttle = 0
-        dirty_limits: tuple[int, ...] | None = None
+        run = _Run(self)
         try:
-            started = time.monotonic()
-            stats.begin()
-            params = self.params.snapshot()
-            channel = transport.connect(uri, timeout=10.0)
-            self._channel = channel
-            if self._tls is not None:
-                channel = self._secure(channel)
-            channel.settimeout(SEND_TIMEOUT_S)  # a destination that stops reading fails us
-            if self._cancel.is_set():
-                raise Cancelled("migration cancelled")
-            channel.set_max_bandwidth(params.max_bandwidth)
-            saver.compress = params.compression == "lz4"
-            writer = stream.StreamWriter(channel)
-            progress = DestinationProgress()
-
-            def packet_sent(r) -> None:
-                stats.add_sent(nbytes=r.nbytes, normal_pages=r.normal_pages,
-                               zero_pages=r.zero_pages, compressed_pages=r.compressed_pages)
-                if ret is not None:  # (only reports ever shorten the ledger)
-                    progress.packet_sent(writer.bytes_written, saver.page_bytes_sent)
-
-            saver.on_packet = packet_sent
-            if channel.has_return_path:
-                ret = ReturnPath(channel, on_loaded=progress.reported)
-            writer.write_header()
-            machine.save_config(writer)
-            saver.cap_packets(params.max_bandwidth)
-            for entry in machine.registry.live_entries():
-                entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
-            keep_alive = KeepAlive(writer, lambda: saver.keep_alive(
-                SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))))
-            machine.rehearse_state_save()
-            if not self._transition(Status.SETUP, Status.ACTIVE):
-                raise Cancelled("migration cancelled")
-            stats.setup_done()
-
-            # The policy weighs pending() against the bandwidth, so both count page bytes
-            # (pages x page size): what moves them is the pipeline, whatever their wire size
-            # (a zero page is a few bytes there, a compressed one a few dozen).  What is in
-            # flight is known in wire bytes; it stands for page bytes at the ratio so far.
-            def page_bytes_per_wire_byte() -> float:
-                wire = channel.bytes_sent
-                return saver.page_bytes_sent / wire if wire and saver.page_bytes_sent else 1.0
-
-            def in_flight_page_bytes() -> int:
-                return round(in_flight_bytes(channel) * page_bytes_per_wire_byte())
-
-            def delivered_page_bytes() -> int:
-                # With a return path, what the destination reported loading (nothing before
-                # its first report); without one, what the socket no longer holds.
-                if ret is not None:
-                    return progress.delivered(saver.page_bytes_sent) or 0
-                return max(saver.page_bytes_sent - in_flight_page_bytes(), 0)
-
-            def backlog_page_bytes() -> int:
-                return saver.page_bytes_sent - delivered_page_bytes()
-
-            bandwidth = Bandwidth()
-            bandwidth.observe(time.monotonic(), delivered_page_bytes())
-            # How fast this side moves pages, over the time it spends sending: re-sent pages
-            # cost the destination no first touch, so the stop-and-copy can go at this rate
-            # even where the live phase waited on the destination (see estimate.py).  Time
-            # spent waiting on max-bandwidth's token bucket is not sending: the stop-and-copy
-            # goes uncapped (unless x-switchover-capped), so its rate is the one without it.
-            def sending_seconds() -> float:
-                return saver.busy_seconds - channel.rate_limiter.slept_s
-
-            source_rate = Bandwidth()
-            source_rate.observe(sending_seconds(), saver.page_bytes_sent)
-            speedup = StopSpeedup()
-
-            def observe_cpu() -> None:
-                # the guest's CPU: everything this process ran but the migration's threads
-                own = time.thread_time() + thread_cpu_seconds(saver.sender.thread) + (
-                    thread_cpu_seconds(ret.thread) if ret is not None else 0.0)
-                speedup.observe(time.monotonic(), *host_cpu_seconds(),
-                                time.process_time() - own)
-
-            observe_cpu()
-            switchover_s = SwitchoverCost().seconds(guest.vcpu_count, machine.ram_bytes)
-            own_rate = DirtyRate()
-            logged_rate = LoggedRate()
-            trigger = TriggerPeriod()
-            trigger.begin(time.monotonic(), saver.page_bytes_sent)
-            hot_periods = 0
-            iteration = 0
-            last_sync = time.monotonic()
-            sent_period = 0
-            dirty_pps = 0.0
-            redeciding = False
-            expected_before_wait = math.inf  # the decision a catch-up wait followed
-            passes_after_wait = 0
-            waited_s = 0.0  # the catch-up wait before the next sync
-            while True:
-                self._check(ret)
-                keep_alive.tick()
-                params = self.params.snapshot()
-                saver.cap_packets(params.max_bandwidth)
-                bandwidth.cap(round(params.max_bandwidth * page_bytes_per_wire_byte()))
-                found = saver.sync()
-                now = time.monotonic()
-                period = max(now - last_sync, 1e-6)
-                last_sync = now
-                iteration += 1
-                measured = logged_rate.add(now, period, found)
-                # After a catch-up wait nothing was re-armed since the last sync, so the log
-                # cannot show pages written again: the rate is at least the one last measured.
-                dirty_pps = max(measured, dirty_pps) if redeciding else measured
-                redeciding = False
-                dirtied = dirty_pps * period
-                backlog = backlog_page_bytes()
-                pending = sum(e.handlers.pending(e.opaque)
-                              for e in machine.registry.live_entries())
-                vcpu_rates = (tuple(guest.vcpu_dirty_rates())
-                              if params.capabilities.get("dirty-limit") else None)
-                closed = trigger.add(now, saver.page_bytes_sent, found * stats.page_size)
-                metrics = policy_mod.Metrics(
-                    iteration=iteration,
-                    elapsed_s=now - started,
-                    ram_bytes=machine.ram_bytes,
-                    page_size=stats.page_size,
-                    pending_bytes=pending,
-                    bandwidth_bps=bandwidth.bytes_per_s,
-                    resend_bytes=saver.resend_pending(),
-                    stopped_bandwidth_bps=stopped_rate(
-                        max(bandwidth.bytes_per_s * speedup.factor, source_rate.bytes_per_s),
-                        bandwidth, params),
-                    dirty_rate_bps=dirtied * stats.page_size / period,
-                    bytes_sent_total=channel.bytes_sent,
-                    bytes_sent_period=sent_period,
-                    bytes_dirtied_period=round(dirtied * stats.page_size),
-                    throttle_pct=throttle,
-                    manual_switchover_requested=self._manual_switchover.is_set(),
-                    switchover_s=switchover_s,
-                    # With a return path the guest stops only once the destination has loaded
-                    # everything sent (below): nothing is in flight inside the downtime then.
-                    in_flight_bytes=in_flight_page_bytes() if ret is None else 0,
-                    own_dirty_rate_bps=own_rate.update(dirtied * stats.page_size / period,
-                                                       throttle, period),
-                    vcpu_dirty_rates=vcpu_rates,
-                    dirty_limited=dirty_limits is not None,
-                    period_sent_bytes=closed[0] if closed else None,
-                    period_dirtied_bytes=closed[1] if closed else 0,
-                    hot_periods=hot_periods,
-                )
-                decision = self.decide(metrics, policy_params(params))
-                hot_periods = decision.hot_periods
-                record = stats.record_sync(
-                    iteration=iteration, dirty_pages=found, remaining_bytes=pending,
-                    bandwidth_bps=bandwidth.bytes_per_s,
-                    stopped_bandwidth_bps=metrics.stopped_bandwidth_bps,
-                    dirty_rate_pps=dirty_pps,
-                    expected_downtime_s=decision.expected_downtime_s, throttle_pct=throttle,
-                    vcpu_dirty_rates=vcpu_rates, vcpu_dirty_limits=decision.vcpu_dirty_limits,
-                    action=decision.action.value, reason=decision.reason,
-                    caught_up_wait_s=waited_s, backlog_bytes=backlog)
-                waited_s = 0.0
-                for callback in list(self._pass_listeners):
-                    callback(record)
-                if decision.throttle_pct != throttle:
-                    throttle = decision.throttle_pct
-                    guest.set_throttle(throttle)
-                    stats.set_throttle(throttle)
-                if decision.vcpu_dirty_limits != dirty_limits:
-                    dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
-                    stats.set_vcpu_dirty_limits(dirty_limits)
-                after_wait, expected_before_wait = expected_before_wait, math.inf
-                held = None
-                if decision.action == policy_mod.Action.SWITCHOVER:
-                    held = switchover_held(
-                        decision, expected_before_wait=after_wait,
-                        passes_after_wait=passes_after_wait, swept=saver.swept,
-                        backlog_bytes=backlog, bandwidth_bps=bandwidth.bytes_per_s,
-                        caught_up=ret is None or ret.caught_up(writer.bytes_written))
-                if held == Held.RESEND:
-                    passes_after_wait += 1
-                    # The source's rate so far counts the time it spent blocked behind the
-                    # destination's backlog; this pass, caught up and all re-sends, is what the
-                    # stop-and-copy will be like: measure the source's rate on it alone.
-                    source_rate = Bandwidth()
-                    source_rate.observe(sending_seconds(), saver.page_bytes_sent)
-                elif held is None and decision.action == policy_mod.Action.SWITCHOVER:
-                    if ret is not None and not ret.caught_up(writer.bytes_written):
-                        # The guest stops only once the destination has loaded everything sent
-                        # so far: a backlog left in the socket would be loaded inside the
-                        # downtime.  The guest dirties pages meanwhile, so decide again then,
-                        # on what is pending, with nothing sent in between.
-                        wait_began = time.monotonic()
-                        ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S,
-                                           check=self._check)
-                        waited_s = time.monotonic() - wait_began
-                        # Everything sent is loaded now: a point the socket's queues cannot
-                        # blur (a destination's receive queue, invisible from here, holds GBs
-                        # of guest RAM when it is compressed).
-                        bandwidth.observe(time.monotonic(), saver.page_bytes_sent)
-                        redeciding = True
-                        expected_before_wait = decision.expected_downtime_s
-                        continue
-                    stats.switchover(decision.reason, decision.expected_downtime_s)
-                    break
-                elif decision.action == policy_mod.Action.CANCEL:
-                    raise Cancelled(f"migration cancelled: {decision.reason}")
-                t0, b0 = time.monotonic(), saver.page_bytes_sent
-                saver.slice_deadline = t0 + iteration_slice_s(params)
-                for entry in machine.registry.live_entries():
-                    entry.handlers.iterate(entry.opaque, SectionOut(writer, entry))
-                sent_period = saver.page_bytes_sent - b0
-                if ret is not None and backlog_page_bytes() > max(sent_period, 0) \
-                        and time.monotonic() - t0 < BEHIND_PERIOD_S:
-                    # The destination is further behind than this pass sent: syncing again
-                    # at once finds little and takes CPU it needs.  Its next report, first.
-                    ret.wait_for_report(BEHIND_PERIOD_S - (time.monotonic() - t0))
-                bandwidth.observe(time.monotonic(), delivered_page_bytes())
-                source_rate.observe(sending_seconds(), saver.page_bytes_sent)
-                observe_cpu()
-
-            if params.capabilities.get("pause-before-switchover"):
-                while not self._continue_switchover.wait(0.05):
-                    self._check(ret)
-                    keep_alive.tick()  # the wait may be minutes; the destination's clock runs
-            # (with a return path the loop ended caught up: the destination has built its
-            # guest, READY came before any CAUGHT_UP, and loaded everything sent)
-            if not self._transition(Status.ACTIVE, Status.DEVICE):
-                raise Cancelled("migration cancelled")
-            # Stop-and-copy: from here the guest is paused until the destination runs it, or
-            # until it resumes here because something failed before the commit.
-            phases = DowntimePhases(time.time_ns())
-            # Only a guest that was running is started again, after a failure or a snapshot
-            # (stop and cont are refused while a migration runs, so this is its state before).
-            paused_by_us = guest.status == "running"
-            guest.pause()
-            if not self.params.snapshot().switchover_capped:
-                # The cap protects the network from a guest that runs; this one is stopped,
-                # and every ms now is downtime (QEMU lifts the cap here too).
-                self._uncapped = True
-                channel.set_max_bandwidth(0)
-                saver.cap_packets(0)
-            phases.mark("pause")
-            writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
-            for entry in machine.registry.live_entries():
-                entry.handlers.complete(entry.opaque, SectionOut(writer, entry))
-            phases.mark("last-ram")
-            machine.save_device_state(writer)
-            phases.mark("device-state")
-            if ret is not None:
-                writer.eof()
-                phases.mark("send")
-                ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
-                self._check(ret)
-                self._commit()
-                committed_ns = time.time_ns()
-                stream.ReturnPathWriter(channel).commit()
-                ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
-                # The destination's word and clock: its vCPUs started after COMMIT left and
-                # before their ACK was here, whatever it says (the downtime is reported).
-                started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
-                phases.mark("destination", started_ns)
-            else:
-                # A one-way channel: the whole stream is the commit.  Cancels are refused
-                # while its last record goes out; if that fails (or an exec: command exits
-                # non-zero at the end), no destination has a whole stream, and the source
-                # carries on.
-                self._commit()
-                try:
-                    writer.eof()
-                except BaseException:
-                    with self._lock:
-                        self._committed = False
-                    raise
-                phases.mark("send")
-            stats.completed(phases.total_s, phases.seconds)
-            if self.resume_source and paused_by_us:
-                guest.resume()
-            self._transition(Status.DEVICE, Status.COMPLETED)
+            run.setup(uri)
+            run.converge()
+            run.stop_and_copy()
         except BaseException as exc:  # noqa: BLE001 - every failure leaves the guest as it was
-            if ret is not None and isinstance(exc, TransportError):
-                # A destination that refuses the stream says why on the return path, then
-                # closes; that reason matters more than the broken pipe it causes here.
-                reason = ret.error_after_close(timeout=2.0)
-                if reason is not None:
-                    exc = MigrationError(f"destination failed: {reason}")
-            elif not self._committed and (ret is None or ret.error is None):
-                self._tell_destination(writer, ret, exc)
-            self._fail(exc, resume=paused_by_us and not self._committed,
-                       committed=self._committed)
+            run.failed(exc)
         finally:
-            # Each step on its own: a guest closed under a running migration (its process
-            # quitting) must not keep the others from releasing what they hold.
-            for entry in machine.registry.live_entries():
-                _quietly(f"cleaning up {entry.name}", entry.handlers.cleanup, entry.opaque)
-            if throttle:
-                _quietly("lifting the throttle", guest.set_throttle, 0)
-                stats.set_throttle(0)
-            if dirty_limits is not None:
-                _quietly("lifting the dirty limits", apply_dirty_limits, guest, None)
-                stats.set_vcpu_dirty_limits(None)
-            if ret is not None:
-                ret.stop()
-            if self._channel is not None:
-                # After a cancel or a failure, an exec: command killed or failed says so
-                # here; the migration's status already tells, and the thread must not die.
-                _quietly("closing the channel", self._channel.close,
-                         level=logging.WARNING if self._status == Status.COMPLETED
-                         else logging.DEBUG)
-                self._channel = None
-            if trace:
-                trace.close()
+            run.release()
 
     def _secure(self, channel):
         """The TLS session over ``channel`` (the destination checked and accepting us)."""
@@ -685,15 +379,9 @@ class KeepAlive:
         elif now - self._since >= self._interval:
             self._send()
             self._written, self._since = self._writer.bytes_written, now
-# While the destination is behind, iterations are at least this long (waiting for its reports)
-BEHIND_PERIOD_S = 0.01
+
+
 THROTTLE_SLICE_S = 0.1
-
-
-def stopped_rate(rate: float, bandwidth: Bandwidth, params: MigrationParameters) -> float:
-    """The rate the stop-and-copy is expected to send at: ``rate``, held to max-bandwidth
-    only when the cap stays in force then (``x-switchover-capped``)."""
-    return bandwidth.capped(rate) if params.switchover_capped else rate
 
 
 def iteration_slice_s(params: MigrationParameters) -> float:
@@ -709,68 +397,6 @@ def iteration_slice_s(params: MigrationParameters) -> float:
 
 
 SEND_TIMEOUT_S = 120.0
-
-#: A switchover decided right after a catch-up wait waits for one more pass instead when the
-#: downtime it expects grew this many times over the one decided before the wait ...
-RESEND_GROWTH = 2.0
-#: ... at most this many times in a migration.
-MAX_PASSES_AFTER_WAIT = 1
-
-
-class Held(enum.Enum):
-    """Why a switchover the estimate allowed waits for another pass (:func:`switchover_held`)."""
-
-    RESEND = "what the guest dirtied during a long catch-up wait goes once more first"
-    FIRST_PASS = "the first pass over RAM is not through"
-    BEHIND = "the destination is further behind than it loads in the downtime expected"
-
-
-def switchover_held(decision: policy_mod.Decision, *, expected_before_wait: float,
-                    passes_after_wait: int, swept: bool, backlog_bytes: int,
-                    bandwidth_bps: float, caught_up: bool) -> Held | None:
-    """Why the switchover ``decision`` should wait for another pass with the guest running,
-    or None to go ahead.  Only one the estimate allowed ("fits-limit") waits, never one a limit
-    or the user forced.
-
-    * RESEND (:func:`resend_first`): a catch-up wait made the expected downtime grow.
-    * FIRST_PASS: pages never sent cost the destination a first touch of fresh memory, whose
-      rate a VM host can change fourfold from one region to the next (memory it has taken
-      back); until the first pass over RAM is through, the estimate is not trusted with them.
-    * BEHIND (:func:`keep_sending`): waiting for the destination would take longer than the
-      downtime expected, with the guest writing all along; the source goes on sending, paced
-      by the destination's reports.
-    """
-    if decision.reason != "fits-limit":
-        return None
-    if resend_first(decision, expected_before_wait, passes_after_wait):
-        return Held.RESEND
-    if not swept:
-        return Held.FIRST_PASS
-    if not caught_up and keep_sending(decision, backlog_bytes, bandwidth_bps):
-        return Held.BEHIND
-    return None
-
-
-def resend_first(decision: policy_mod.Decision, expected_before_wait: float,
-                 passes_after_wait: int) -> bool:
-    """Whether a switchover decided right after a catch-up wait (``expected_before_wait``: the
-    downtime expected when the wait began; ``math.inf`` when there was no wait) should wait
-    for one more pass.  Only one the estimate allowed, not one a limit or the user forced;
-    only when the pages the guest dirtied during the wait made the expected downtime grow
-    :data:`RESEND_GROWTH` times; at most :data:`MAX_PASSES_AFTER_WAIT` times."""
-    return (decision.reason == "fits-limit" and passes_after_wait < MAX_PASSES_AFTER_WAIT
-            and decision.expected_downtime_s > RESEND_GROWTH * expected_before_wait)
-
-
-def keep_sending(decision: policy_mod.Decision, backlog_bytes: int,
-                 bandwidth_bps: float) -> bool:
-    """Whether a switchover the estimate allowed (not one a limit or the user forced) should
-    wait while the source goes on sending: the destination has more to load than it loads in
-    the downtime expected.  Not while it has loaded nothing yet (building its guest, say):
-    how long that takes is anyone's guess, and the catch-up wait is there for it."""
-    if decision.reason != "fits-limit" or backlog_bytes <= 0 or bandwidth_bps <= 0:
-        return False
-    return backlog_bytes / bandwidth_bps > decision.expected_downtime_s
 
 
 def _quietly(what: str, fn: Callable[..., object], *args: object,
@@ -884,6 +510,280 @@ def tls_for(params: MigrationParameters, uri, credentials):
                              f"destination's certificate must carry (a {uri.scheme}: URI has "
                              f"no host)")
     return creds, hostname
+
+
+class _Run:
+    """One outgoing migration on the migration thread: its phases (:meth:`setup`,
+    :meth:`converge`, :meth:`stop_and_copy`, and :meth:`release` whatever happened) and what
+    they share.  It measures (:class:`pymig.measure.Estimators`), asks the policy
+    (:func:`pymig.policy.next_step`) and does what it says; the rule is the policy's alone."""
+
+    def __init__(self, migration: Migration):
+        self.migration = migration
+        self.machine, self.guest = migration.machine, migration.machine.guest
+        self.stats, self.trace = migration.stats, migration._trace
+        self.saver = migration.machine.ram_saver
+        self.saver.cancelled = migration._cancel.is_set
+        self.started = time.monotonic()
+        self.params: MigrationParameters | None = None  # as of the last sync
+        self.channel = None
+        self.writer: stream.StreamWriter | None = None
+        self.ret: ReturnPath | None = None
+        self.progress = DestinationProgress()
+        self.keep_alive: KeepAlive | None = None
+        self.estimators: Estimators | None = None
+        self.course = Course()
+        self.paused_by_us = False  # the stop-and-copy stopped a running guest: run it again after
+
+    def _live(self, handler: str) -> None:
+        """Call ``handler`` of every live entry (RAM, and whatever else iterates beside it)."""
+        for entry in self.machine.registry.live_entries():
+            getattr(entry.handlers, handler)(entry.opaque, SectionOut(self.writer, entry))
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, uri: str) -> None:
+        """Connect, send the header, the configuration and each live entry's setup; then
+        setup → active, and the estimators start."""
+        m, saver = self.migration, self.saver
+        self.started = time.monotonic()
+        self.stats.begin()
+        self.params = params = m.params.snapshot()
+        self.channel = channel = transport.connect(uri, timeout=10.0)
+        m._channel = channel
+        if m._tls is not None:
+            self.channel = channel = m._secure(channel)
+        channel.settimeout(SEND_TIMEOUT_S)  # a destination that stops reading fails us
+        if m._cancel.is_set():
+            raise Cancelled("migration cancelled")
+        channel.set_max_bandwidth(params.max_bandwidth)
+        saver.compress = params.compression == "lz4"
+        self.writer = writer = stream.StreamWriter(channel)
+        saver.on_packet = self._packet_sent
+        if channel.has_return_path:
+            self.ret = ReturnPath(channel, on_loaded=self.progress.reported)
+        writer.write_header()
+        self.machine.save_config(writer)
+        saver.cap_packets(params.max_bandwidth)
+        self._live("setup")
+        self.keep_alive = KeepAlive(writer, lambda: saver.keep_alive(
+            SectionOut(writer, self.machine.registry.find(RAM_IDSTR, 0))))
+        self.machine.rehearse_state_save()
+        if not m._transition(Status.SETUP, Status.ACTIVE):
+            raise Cancelled("migration cancelled")
+        self.stats.setup_done()
+        self.estimators = Estimators(
+            channel=channel, saver=saver, registry=self.machine.registry, guest=self.guest,
+            writer=writer, ret=self.ret, progress=self.progress,
+            ram_bytes=self.machine.ram_bytes, page_size=self.stats.page_size,
+            started=self.started)
+
+    def _packet_sent(self, r) -> None:
+        self.stats.add_sent(nbytes=r.nbytes, normal_pages=r.normal_pages,
+                            zero_pages=r.zero_pages, compressed_pages=r.compressed_pages)
+        if self.ret is not None:  # (only reports ever shorten the ledger)
+            self.progress.packet_sent(self.writer.bytes_written, self.saver.page_bytes_sent)
+
+    # -- converge --------------------------------------------------------------------------------
+    def converge(self) -> None:
+        """Sync, ask the policy, do what it says, until it says switch over (or cancel)."""
+        while True:
+            step = self._sync_and_ask()
+            if step.move is Move.SWITCHOVER:
+                self.stats.switchover(step.reason, step.decision.expected_downtime_s)
+                return
+            if step.move is Move.CANCEL:
+                raise Cancelled(f"migration cancelled: {step.reason}")
+            if step.move is Move.WAIT:
+                self._wait_caught_up(step.decision)
+                continue
+            if step.move is Move.RESEND:
+                self.course.passes_after_wait += 1
+                # The source's rate so far counts the time it spent blocked behind the
+                # destination's backlog; this pass, caught up and all re-sends, is what the
+                # stop-and-copy will be like: measure the source's rate on it alone.
+                self.estimators.restart_source_rate()
+            self._iterate()
+
+    def _sync_and_ask(self) -> Step:
+        m, course = self.migration, self.course
+        m._check(self.ret)
+        self.keep_alive.tick()
+        self.params = params = m.params.snapshot()
+        self.saver.cap_packets(params.max_bandwidth)
+        self.estimators.cap(params.max_bandwidth)
+        found = self.saver.sync()
+        course.iteration += 1
+        metrics = self.estimators.metrics(found, params, course,
+                                          manual_switchover=m._manual_switchover.is_set())
+        course.expected_before_wait_s = math.inf
+        step = policy_mod.next_step(metrics, policy_params(params), m.decide)
+        course.hot_periods = step.decision.hot_periods
+        self._record(found, metrics, step.decision)
+        self._apply(step.decision)
+        return step
+
+    def _record(self, found: int, metrics: policy_mod.Metrics,
+                decision: policy_mod.Decision) -> None:
+        """The sync in the stats and the trace, and to whoever listens for passes."""
+        course = self.course
+        record = self.stats.record_sync(
+            iteration=course.iteration, dirty_pages=found, remaining_bytes=metrics.pending_bytes,
+            bandwidth_bps=metrics.bandwidth_bps,
+            stopped_bandwidth_bps=metrics.stopped_bandwidth_bps,
+            dirty_rate_pps=self.estimators.dirty_pps,
+            expected_downtime_s=decision.expected_downtime_s, throttle_pct=course.throttle_pct,
+            vcpu_dirty_rates=metrics.vcpu_dirty_rates,
+            vcpu_dirty_limits=decision.vcpu_dirty_limits,
+            action=decision.action.value, reason=decision.reason,
+            caught_up_wait_s=course.waited_s, backlog_bytes=metrics.backlog_bytes)
+        course.waited_s = 0.0
+        for callback in list(self.migration._pass_listeners):
+            callback(record)
+
+    def _apply(self, decision: policy_mod.Decision) -> None:
+        """The throttle and the dirty caps the decision wants in force."""
+        guest, course = self.guest, self.course
+        if decision.throttle_pct != course.throttle_pct:
+            course.throttle_pct = decision.throttle_pct
+            guest.set_throttle(course.throttle_pct)
+            self.stats.set_throttle(course.throttle_pct)
+        if decision.vcpu_dirty_limits != course.dirty_limits:
+            course.dirty_limits = apply_dirty_limits(guest, decision.vcpu_dirty_limits)
+            self.stats.set_vcpu_dirty_limits(course.dirty_limits)
+
+    def _wait_caught_up(self, decision: policy_mod.Decision) -> None:
+        """Until the destination has loaded everything sent: a backlog left in the socket
+        would be loaded inside the downtime (the next sync and decision follow at once)."""
+        began = time.monotonic()
+        self.ret.wait_caught_up(self.writer.bytes_written, timeout=ACK_TIMEOUT_S,
+                                check=self.migration._check)
+        self.course.waited_s = time.monotonic() - began
+        self.estimators.all_loaded()
+        self.course.expected_before_wait_s = decision.expected_downtime_s
+
+    def _iterate(self) -> None:
+        """One pass (or slice) of every live entry, then, behind a slow destination, its
+        next report (:func:`pymig.policy.behind_wait_s`)."""
+        saver, ret = self.saver, self.ret
+        t0, b0 = time.monotonic(), saver.page_bytes_sent
+        saver.slice_deadline = t0 + iteration_slice_s(self.params)
+        self._live("iterate")
+        sent = saver.page_bytes_sent - b0
+        if ret is not None:
+            wait_s = policy_mod.behind_wait_s(self.estimators.backlog_page_bytes(), sent,
+                                              time.monotonic() - t0)
+            if wait_s > 0:
+                ret.wait_for_report(wait_s)
+        self.estimators.passed(sent)
+
+    # -- stop-and-copy ---------------------------------------------------------------------------
+    def stop_and_copy(self) -> None:
+        """Stop the guest, send what is left and the device state, commit, active → device →
+        completed.  From the stop on the guest is paused until the destination runs it, or
+        until it resumes here because something failed before the commit."""
+        m, guest, saver, ret = self.migration, self.guest, self.saver, self.ret
+        if self.params.capabilities.get("pause-before-switchover"):
+            while not m._continue_switchover.wait(0.05):
+                m._check(ret)
+                self.keep_alive.tick()  # the wait may be minutes; the destination's clock runs
+        # (with a return path converging ended caught up: the destination has built its
+        # guest, READY came before any CAUGHT_UP, and loaded everything sent)
+        if not m._transition(Status.ACTIVE, Status.DEVICE):
+            raise Cancelled("migration cancelled")
+        phases = DowntimePhases(time.time_ns())
+        # Only a guest that was running is started again, after a failure or a snapshot
+        # (stop and cont are refused while a migration runs, so this is its state before).
+        self.paused_by_us = guest.status == "running"
+        guest.pause()
+        if not m.params.snapshot().switchover_capped:
+            # The cap protects the network from a guest that runs; this one is stopped,
+            # and every ms now is downtime (QEMU lifts the cap here too).
+            m._uncapped = True
+            self.channel.set_max_bandwidth(0)
+            saver.cap_packets(0)
+        phases.mark("pause")
+        self.writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
+        self._live("complete")
+        phases.mark("last-ram")
+        self.machine.save_device_state(self.writer)
+        phases.mark("device-state")
+        if ret is not None:
+            self._commit_two_way(phases)
+        else:
+            self._commit_one_way(phases)
+        self.stats.completed(phases.total_s, phases.seconds)
+        if m.resume_source and self.paused_by_us:
+            guest.resume()
+        m._transition(Status.DEVICE, Status.COMPLETED)
+
+    def _commit_two_way(self, phases: DowntimePhases) -> None:
+        m, ret = self.migration, self.ret
+        self.writer.eof()
+        phases.mark("send")
+        ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=m._check)
+        m._check(ret)
+        m._commit()
+        committed_ns = time.time_ns()
+        stream.ReturnPathWriter(self.channel).commit()
+        ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
+        # The destination's word and clock: its vCPUs started after COMMIT left and before
+        # their ACK was here, whatever it says (the downtime is reported).
+        started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
+        phases.mark("destination", started_ns)
+
+    def _commit_one_way(self, phases: DowntimePhases) -> None:
+        # A one-way channel: the whole stream is the commit.  Cancels are refused while its
+        # last record goes out; if that fails (or an exec: command exits non-zero at the
+        # end), no destination has a whole stream, and the source carries on.
+        m = self.migration
+        m._commit()
+        try:
+            self.writer.eof()
+        except BaseException:
+            with m._lock:
+                m._committed = False
+            raise
+        phases.mark("send")
+
+    # -- the end, whatever it is -----------------------------------------------------------------
+    def failed(self, exc: BaseException) -> None:
+        """The migration failed or was cancelled: the guest as it was, the destination told."""
+        m, ret = self.migration, self.ret
+        if ret is not None and isinstance(exc, TransportError):
+            # A destination that refuses the stream says why on the return path, then
+            # closes; that reason matters more than the broken pipe it causes here.
+            reason = ret.error_after_close(timeout=2.0)
+            if reason is not None:
+                exc = MigrationError(f"destination failed: {reason}")
+        elif not m._committed and (ret is None or ret.error is None):
+            m._tell_destination(self.writer, ret, exc)
+        m._fail(exc, resume=self.paused_by_us and not m._committed, committed=m._committed)
+
+    def release(self) -> None:
+        """Whatever happened: the live entries cleaned up, the throttle and caps lifted, the
+        return path and the channel closed, the trace written.  Each step on its own: a guest
+        closed under a running migration (its process quitting) must not keep the others
+        from releasing what they hold."""
+        m, guest, stats, course = self.migration, self.guest, self.stats, self.course
+        for entry in self.machine.registry.live_entries():
+            _quietly(f"cleaning up {entry.name}", entry.handlers.cleanup, entry.opaque)
+        if course.throttle_pct:
+            _quietly("lifting the throttle", guest.set_throttle, 0)
+            stats.set_throttle(0)
+        if course.dirty_limits is not None:
+            _quietly("lifting the dirty limits", apply_dirty_limits, guest, None)
+            stats.set_vcpu_dirty_limits(None)
+        if self.ret is not None:
+            self.ret.stop()
+        if m._channel is not None:
+            # After a cancel or a failure, an exec: command killed or failed says so here;
+            # the migration's status already tells, and the thread must not die.
+            _quietly("closing the channel", m._channel.close,
+                     level=logging.WARNING if m._status == Status.COMPLETED
+                     else logging.DEBUG)
+            m._channel = None
+        if self.trace:
+            self.trace.close()
 
 
 class ReturnPath:

@@ -1,13 +1,16 @@
-"""Convergence: one pure function from a metrics snapshot to continue, throttle or switch over.
+"""Convergence: the whole rule, pure, from the metrics of one sync to what the migration does next.
 
-After each dirty-log sync the migration thread builds a :class:`Metrics` snapshot and asks the
-injected policy (by default :func:`decide`) what to do; the :class:`Decision` says the action,
-why, the vCPU throttle to apply and the downtime it expects.  Nothing here reads a clock,
-keeps state from call to call (what auto-converge counts across syncs comes in with the metrics
-and goes out with the decision) or touches the guest, so every rule is tested with synthetic
-numbers and a user can swap in a policy of their own with the same signature (:data:`Policy`).
+After each dirty-log sync the migration thread measures a :class:`Metrics` snapshot and asks
+:func:`next_step`, which answers with a :class:`Step`: the :class:`Move` to make, why, and the
+estimate's :class:`Decision` (the vCPU throttle and dirty caps to have in force, the downtime
+it expects).  Between two passes :func:`behind_wait_s` says how long to wait for a destination
+that is behind.  Nothing here reads a clock, keeps state from call to call (what is counted
+across syncs comes in with the metrics and goes out with the step) or touches the guest, so
+every rule is tested with synthetic numbers, a model can run the same rule a migration runs,
+and a user can swap in an estimate of their own with :func:`decide`'s signature
+(:data:`Policy`): the holds and the waits below apply to its verdict as to the default one.
 
-The rule, in order (the first that holds decides):
+The estimate's verdict (:func:`decide`), in order (the first that holds decides):
 
 1. **fits-limit** - the expected downtime ``switchover_s + (pending_bytes - resend_bytes +
    in_flight_bytes) / bandwidth_bps + resend_bytes / stopped_bandwidth_bps``
@@ -37,12 +40,42 @@ The rule, in order (the first that holds decides):
      ``own_dirty_rate_bps``, the recent peak of that, when higher) and pick the smallest ``t``
      with ``D * (1 - t) <= throttle_aim_margin * bandwidth``, clamped to
      ``[throttle_initial_pct, throttle_max_pct]``; recomputed at every sync from the period's
-     bytes, so it corrects itself up or down.  A guest dirtying 630k pages/s (2.6 GB/s) over a
+     bytes, so it corrects itself up or down.  In the fluid model of
+     tests/test_policy_convergence.py a guest dirtying 630k pages/s (2.6 GB/s) over a
      100 MB/s link gets 99 % at once, where steps take minutes; a guest whose rate was
      overestimated is stopped nearly dead meanwhile.  Without a bandwidth estimate it steps.
    * with ``dirty_limit_pages_per_s`` set, each vCPU is capped at that dirty rate instead of
      being time-throttled (QEMU's dirty-limit), on the first sync whose period was hot; once
      on, the caps stay on.
+
+What the migration does with it (:func:`next_step`), in order:
+
+5. **cancel** - the verdict cancels: the migration ends, the guest runs on here.
+6. **iterate** / **throttle** - the verdict continues: send another pass (or slice) with the
+   guest running; ``throttle`` when it changed the throttle or turned the caps on.
+7. **resend** - a switchover the estimate allowed (``fits-limit``; never one the user or a
+   limit forced) right after a catch-up wait (step 9) whose expected downtime grew
+   :data:`RESEND_GROWTH` times over the one decided before the wait: what the guest dirtied
+   during the wait goes once more with the guest running (the destination holds those pages,
+   so they cost it no first touch), at most :data:`MAX_PASSES_AFTER_WAIT` times.
+8. **hold** - a switchover the estimate allowed waits for another pass while (a) the first
+   pass over RAM is not through (:attr:`Metrics.swept`: a page never sent costs the
+   destination a first touch of fresh memory, whose rate a VM host varies widely from one
+   region to the next, docs/performance.md: the estimate is not trusted with it), or (b) the
+   destination is further behind than it loads in the downtime expected
+   (:func:`keep_sending`: waiting for it would take longer than the downtime, with the guest
+   writing all along).
+9. **wait** - any other switchover, while the destination has not loaded everything sent
+   (:attr:`Metrics.caught_up`; always true one way): the guest stops only once it has, so
+   that no backlog is loaded inside the downtime.  The guest dirties pages meanwhile, so the
+   thread syncs and asks again after the wait, with nothing sent in between, the dirty rate
+   held at least at the one last measured and ``expected_before_wait_s`` set (step 7).
+10. **switchover** - otherwise: stop the guest and copy what is left.
+
+Between two passes (:func:`behind_wait_s`): with a return path, a pass that sent less than the
+destination's backlog and took less than :data:`BEHIND_PERIOD_S` waits for the destination's
+next report before the next sync: syncing again at once finds little and takes CPU the
+destination needs.
 """
 
 from __future__ import annotations
@@ -50,7 +83,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 
 
 class Action(StrEnum):
@@ -95,10 +128,19 @@ class Metrics:
     dirty_limited: bool = False  # per-vCPU dirty caps are in force
     # Of pending_bytes, those the destination holds an older copy of (re-sends), and the rate
     # the stop-and-copy moves them at: with no first touch to wait on and the guest no longer
-    # competing for CPU (pymig.estimate: StopSpeedup, the source rate; 0 = bandwidth_bps).  Pages sent for the first time may
-    # wait on the destination's first touch of fresh memory: they count at bandwidth_bps.
+    # competing for CPU (pymig.estimate: StopSpeedup, the source rate; 0 = bandwidth_bps).
+    # Pages sent for the first time may wait on the destination's first touch of fresh
+    # memory: they count at bandwidth_bps.
     resend_bytes: int = 0
     stopped_bandwidth_bps: float = 0.0
+    # What the holds and the catch-up wait weigh (steps 7-9 of the rule); their defaults are
+    # a migration with nothing to hold for: the first pass through, the destination caught up
+    backlog_bytes: int = 0  # sent, not yet loaded by the destination (as page bytes)
+    swept: bool = True  # the first pass over RAM is through
+    caught_up: bool = True  # the destination has loaded everything sent (always, one way)
+    expected_before_wait_s: float = math.inf  # the downtime the decision before a catch-up
+    # wait expected, on the sync right after that wait (math.inf on every other sync)
+    passes_after_wait: int = 0  # resend passes so far in this migration
 
     @property
     def expected_downtime_s(self) -> float:
@@ -238,6 +280,112 @@ def decide(metrics: Metrics, params: PolicyParams) -> Decision:
     return finish(Action.CONTINUE, f"throttling: step {throttle}% -> {new}% (hot period "
                                    f"{hot_periods} of {HOT_PERIODS_PER_STEP}: dirtied {dirtied} "
                                    f"B while sending {sent} B)", new, hot_periods=0)
+
+
+class Move(StrEnum):
+    """What the migration thread does after a sync (steps 5-10 of the rule)."""
+
+    ITERATE = "iterate"  # another pass (or slice) with the guest running
+    THROTTLE = "throttle"  # the same, with a new throttle or the dirty caps turned on
+    RESEND = "resend"  # another pass, of what the guest dirtied during a catch-up wait
+    HOLD = "hold"  # another pass: a switchover the estimate allowed is not trusted yet
+    WAIT = "wait"  # until the destination has loaded everything sent; then sync, ask again
+    SWITCHOVER = "switchover"  # stop the guest, copy what is left
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class Step:
+    """The answer to one sync: the move, why, and the estimate's verdict it came from (whose
+    throttle and caps are to be in force whatever the move)."""
+
+    move: Move
+    reason: str
+    decision: Decision
+
+
+class Held(Enum):
+    """Why a switchover the estimate allowed waits for another pass (:func:`switchover_held`)."""
+
+    RESEND = "what the guest dirtied during a long catch-up wait goes once more first"
+    FIRST_PASS = "the first pass over RAM is not through"
+    BEHIND = "the destination is further behind than it loads in the downtime expected"
+
+
+#: A switchover decided right after a catch-up wait waits for one more pass instead when the
+#: downtime it expects grew this many times over the one decided before the wait ...
+RESEND_GROWTH = 2.0
+#: ... at most this many times in a migration.
+MAX_PASSES_AFTER_WAIT = 1
+#: While the destination is behind, passes are at least this long (waiting for its reports).
+BEHIND_PERIOD_S = 0.01
+
+
+def next_step(metrics: Metrics, params: PolicyParams, decide: Policy = decide) -> Step:
+    """The whole rule of the module docstring: ``decide``'s verdict on ``metrics`` (steps
+    1-4), then what to do with it (steps 5-10)."""
+    decision = decide(metrics, params)
+    if decision.action == Action.CANCEL:
+        return Step(Move.CANCEL, decision.reason, decision)
+    if decision.action == Action.CONTINUE:
+        changed = (decision.throttle_pct != metrics.throttle_pct
+                   or (decision.vcpu_dirty_limits is not None) != metrics.dirty_limited)
+        return Step(Move.THROTTLE if changed else Move.ITERATE, decision.reason, decision)
+    held = switchover_held(decision, metrics)
+    if held is Held.RESEND:
+        return Step(Move.RESEND, held.value, decision)
+    if held is not None:
+        return Step(Move.HOLD, held.value, decision)
+    if not metrics.caught_up:
+        return Step(Move.WAIT, "the destination has yet to load everything sent", decision)
+    return Step(Move.SWITCHOVER, decision.reason, decision)
+
+
+def switchover_held(decision: Decision, metrics: Metrics) -> Held | None:
+    """Why the switchover ``decision`` should wait for another pass with the guest running
+    (steps 7 and 8), or None to go ahead.  Only one the estimate allowed ("fits-limit")
+    waits, never one a limit or the user forced."""
+    if decision.action != Action.SWITCHOVER or decision.reason != "fits-limit":
+        return None
+    if resend_first(decision, metrics.expected_before_wait_s, metrics.passes_after_wait):
+        return Held.RESEND
+    if not metrics.swept:
+        return Held.FIRST_PASS
+    if not metrics.caught_up and keep_sending(decision, metrics.backlog_bytes,
+                                              metrics.bandwidth_bps):
+        return Held.BEHIND
+    return None
+
+
+def resend_first(decision: Decision, expected_before_wait: float,
+                 passes_after_wait: int) -> bool:
+    """Whether a switchover decided right after a catch-up wait (``expected_before_wait``: the
+    downtime expected when the wait began; ``math.inf`` when there was no wait) should wait
+    for one more pass.  Only one the estimate allowed, not one a limit or the user forced;
+    only when the pages the guest dirtied during the wait made the expected downtime grow
+    :data:`RESEND_GROWTH` times; at most :data:`MAX_PASSES_AFTER_WAIT` times."""
+    return (decision.reason == "fits-limit" and passes_after_wait < MAX_PASSES_AFTER_WAIT
+            and decision.expected_downtime_s > RESEND_GROWTH * expected_before_wait)
+
+
+def keep_sending(decision: Decision, backlog_bytes: int, bandwidth_bps: float) -> bool:
+    """Whether a switchover the estimate allowed (not one a limit or the user forced) should
+    wait while the source goes on sending: the destination has more to load than it loads in
+    the downtime expected.  Not while it has loaded nothing yet (building its guest, say):
+    how long that takes is anyone's guess, and the catch-up wait is there for it."""
+    if decision.reason != "fits-limit" or backlog_bytes <= 0 or bandwidth_bps <= 0:
+        return False
+    return backlog_bytes / bandwidth_bps > decision.expected_downtime_s
+
+
+def behind_wait_s(backlog_bytes: int, sent_bytes: int, pass_s: float) -> float:
+    """How long to wait for the destination's next report after a pass that sent
+    ``sent_bytes`` in ``pass_s`` seconds, with ``backlog_bytes`` not yet loaded there: until
+    the pass has lasted :data:`BEHIND_PERIOD_S` when the destination is further behind than the
+    pass sent, else 0 (a return path's reports only: one way, nothing tells)."""
+    if backlog_bytes > max(sent_bytes, 0) and pass_s < BEHIND_PERIOD_S:
+        return BEHIND_PERIOD_S - pass_s
+    return 0.0
 
 
 #: QEMU's auto-converge acts on the second period found hot since it last acted.
