@@ -181,6 +181,7 @@ class Migration:
         self._tls = tls
         self._cancel.clear()
         self._committed = False
+        self._uncapped = False  # a snapshot's stop-and-copy lifted the cap of that run only
         self._manual_switchover.clear()
         self._continue_switchover.clear()
         self.error = None
