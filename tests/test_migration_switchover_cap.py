@@ -61,3 +61,41 @@ def test_the_parameter():
     assert store.snapshot().switchover_capped is True
     with pytest.raises(ValueError, match="true or false"):
         validate("x-switchover-capped", 1)
+
+
+
+def test_a_migration_after_a_snapshot_takes_a_lowered_cap_while_it_runs(guests, tmp_path):
+    # One Migration, started again after a snapshot (its guest ran on): the snapshot's
+    # stop-and-copy went uncapped, and the next run must still obey max-bandwidth lowered
+    # while it runs.
+    import time
+
+    from pymig.machine import Machine
+    from pymig.migration import Migration
+    from test_migration_fresh_stats import _receive_in_thread
+
+    low = 2 * MiB
+    source = guests(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB))
+    store = ParameterStore()
+    migration = Migration(Machine.source(source), store)
+    migration.start(f"file:{tmp_path}/snap.pymig")
+    migration.wait(60)
+    assert migration.status.value == "completed" and source.status == "running"
+
+    bound, join = _receive_in_thread("unix:" + str(tmp_path / "m.sock"))
+    # a downtime the rewritten working set never fits: it iterates until cancelled
+    store.set(**{"max-bandwidth": 10 * CAP, "downtime-limit": 1})
+    migration.start(bound)
+    time.sleep(1.0)
+    store.set(**{"max-bandwidth": low})
+    time.sleep(1.0)  # what the old cap let through before the new one took hold
+    before = migration.query()["ram"]["transferred"]
+    time.sleep(2.0)
+    after = migration.query()["ram"]["transferred"]
+    migration.cancel()
+    migration.wait(60)
+    assert migration.status.value == "cancelled"
+    join()
+    # at most the new cap, with room for a packet and the limiter's burst; the old cap
+    # (40 MiB/s) would have let 80 MiB through in those two seconds
+    assert after - before <= 2 * low * 2 + 2 * MiB, (before, after)

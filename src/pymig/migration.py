@@ -158,17 +158,18 @@ class Migration:
         parsed = transport.parse_uri(uri)  # a bad URI is the caller's error, before any change
         if resume_source is None:
             resume_source = parsed.scheme == "file"
-        self.resume_source = resume_source
-        self.scheme = parsed.scheme
-        self.machine.registry.check_migratable()
-        check_dirty_limit(self.params.snapshot(), self.machine.guest)
-        tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         with self._lock:
             current = self._status
         if current in ACTIVE_STATES:
             raise MigrationError(f"a migration is already {current.value}")
+        # the run that completed last decides: after a snapshot the guest is still here
         if current == Status.COMPLETED and not self.resume_source:
             raise MigrationError("this guest has already migrated away")
+        self.machine.registry.check_migratable()
+        check_dirty_limit(self.params.snapshot(), self.machine.guest)
+        tls = tls_for(self.params.snapshot(), parsed, self.credentials)
+        self.resume_source = resume_source
+        self.scheme = parsed.scheme
         try:
             trace = TraceWriter(trace_path) if trace_path else None
         except OSError as exc:
