@@ -257,9 +257,12 @@ def _serve(session, **options) -> None:
 @click.option("--mem-prealloc", is_flag=True,
               help="map the --memory RAM and fault it all in before listening, so the "
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
-@click.option("--disk", "disks", multiple=True, metavar="PATH",
-              help="a disk image on shared storage the incoming guest may use (its source ran "
-                   "it with --disk PATH,shared); a stream naming any other image is refused")
+@click.option("--disk", "disks", multiple=True, metavar="PATH | diskN=PATH[,overwrite]",
+              help="PATH: a disk image on shared storage the incoming guest may use (its "
+                   "source ran it with --disk PATH,shared); a stream naming any other image "
+                   "is refused.  diskN=PATH: where disk N goes when its image travels with "
+                   "the guest (migrate --blk): created sparse if missing; one of another "
+                   "size is refused, and one holding data unless ,overwrite")
 @click.option("--tls-creds", metavar="DIR[,verify-peer=off]", default=None, help=TLS_CREDS_HELP)
 @click.option("--tls-authz", "tls_authz", multiple=True, metavar="DN",
               help="accept only a source whose certificate's subject is DN (RFC 4514, e.g. "
@@ -290,10 +293,22 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
                                    memory_bytes=memory, vcpus=vcpus)
     except ValueError as exc:
         _fail(str(exc))
-    for path in disks:  # the stream names them later; a wrong name should not wait for it
-        if not os.path.exists(path):
-            _fail(f"--disk {path}: no such file")
-    guest_options = {"backing": mem_backing, "disk_paths": list(disks)}
+    from pymig.block import DiskTarget, is_target
+
+    shared, targets = [], []
+    for text in disks:  # the stream names them later; a wrong name should not wait for it
+        if is_target(text):
+            try:
+                targets.append(DiskTarget.parse(text))
+            except ValueError as exc:
+                _fail(str(exc))
+        elif not os.path.exists(text):
+            _fail(f"--disk {text}: no such file")
+        else:
+            shared.append(text)
+    if len({t.unit for t in targets}) != len(targets):
+        _fail("--disk: a disk named twice as a target")
+    guest_options = {"backing": mem_backing, "disk_paths": shared, "disk_targets": targets}
     if mem_prealloc:
         if memory is None:
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")
@@ -340,11 +355,16 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--stop", "stop_guest", is_flag=True,
               help="file: snapshots: stop the guest once the snapshot is taken (by default "
                    "it carries on)")
+@click.option("--blk", is_flag=True,
+              help="move the images of disks not on shared storage with the guest (block "
+                   "migration; the destination names where each goes: --disk diskN=PATH)")
+@click.option("--inc", is_flag=True,
+              help="incremental block migration (not supported: use --blk)")
 @click.option("--json", "as_json", is_flag=True,
               help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
             auto_converge, dirty_limit, no_dirty_limit, trace, keep_source, stop_guest,
-            as_json) -> None:
+            blk, inc, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar.
 
     Every run sets each parameter and capability it has a flag for, to the flag's value or its
@@ -373,6 +393,11 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
         arguments["trace"] = trace
     if stop_guest:
         arguments["resume"] = False
+    if inc:
+        _fail("--inc (incremental block migration) is not supported; --blk copies the whole "
+              "disk")
+    if blk:
+        arguments["blk"] = True
     console = Console(stderr=True)
 
     def say(text: str) -> None:

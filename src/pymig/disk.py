@@ -18,6 +18,10 @@ bytes may have reached the file.
 ``--disk PATH[,readonly][,shared]`` (:class:`DiskSpec`): ``readonly`` opens the file
 ``O_RDONLY`` and the guest's writes fail; ``shared`` says the destination of a migration opens
 the same file (shared storage), so the image need not travel with the guest.
+
+An image an incoming block migration is writing (:mod:`pymig.block`) has a marker file beside
+it, ``PATH.incomplete``, until the guest runs on it; opening it for a guest is refused, with
+the marker's reason (:func:`check_complete`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import stat
 import threading
@@ -76,9 +81,12 @@ class DiskSpec:
 class DiskImage:
     """A raw disk image, opened for the guest (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False,
+                 allow_incomplete: bool = False):
         self.path = os.fspath(path)
         self.readonly = readonly
+        if not allow_incomplete:
+            check_complete(self.path)
         try:
             self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR)
                               | os.O_CLOEXEC)
@@ -246,6 +254,33 @@ class DiskImage:
             last = (offset + length - 1) // self._chunk_bytes
             for chunk in range(first, last + 1):
                 bitmap[chunk >> 6] |= np.uint64(1 << (chunk & 63))
+
+
+def incomplete_marker(path: str) -> str:
+    """The file beside an image that says it is partial (an incoming block migration into
+    it has not completed)."""
+    return os.fspath(path) + ".incomplete"
+
+
+def check_complete(path: str) -> None:
+    """DiskError, with the reason, if ``path`` is marked partial (:func:`incomplete_marker`):
+    a guest must never run on half a disk."""
+    marker = incomplete_marker(path)
+    try:
+        with open(marker, "rb") as handle:
+            text = handle.read(4096)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DiskError(f"disk image {path}: its marker {marker} cannot be read "
+                        f"({exc.strerror})") from None
+    try:
+        info = json.loads(text)
+        reason = f"{info['reason']} (began {info['began']})"
+    except (ValueError, KeyError, TypeError):
+        reason = "an incoming migration into it has not completed"
+    raise DiskError(f"disk image {path} is incomplete: {reason}; migrate into it again, or "
+                    f"remove {marker} to use it as it is")
 
 
 def _size_of(fd: int, path: str) -> int:
