@@ -267,3 +267,23 @@ def test_a_corrupt_marker_still_refuses(tmp_path):
 def test_the_disk_header_layout():
     assert DISK_START.size == 16 and RECORD.size == 16
     assert struct.unpack("<QII", DISK_START.pack(1, 2, 3)) == (1, 2, 3)
+
+
+def test_the_progress_line_and_the_summary_show_the_disk_next_to_ram():
+    from rich.console import Console
+
+    from pymig.monitor import ProgressView, progress_figures, stats_table
+
+    info = {"status": "active", "iterations": 3,
+            "ram": {"total": 64 * MiB, "remaining": 2 * MiB, "transferred": 10 * MiB},
+            "disk": {"total": 256 * MiB, "remaining": 100 * MiB, "transferred": 156 * MiB}}
+    line = progress_figures(info)
+    assert "RAM 2.0 MiB left, disk 100.0 MiB left (156.0 MiB sent)" in line, line
+    console = Console(record=True, width=200, file=open(os.devnull, "w"))
+    with ProgressView(console) as view:
+        view.update(info)
+        task = view.progress.tasks[0]
+        assert (task.total, task.completed) == (320 * MiB, 218 * MiB)
+    console.print(stats_table(dict(info, status="completed")))
+    text = console.export_text()
+    assert "disks moved (images)" in text and "disk data sent (wire bytes)" in text

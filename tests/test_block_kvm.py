@@ -201,7 +201,9 @@ def test_a_destination_refuses_a_disk_it_has_no_place_for(tmp_path, setup, said)
 
 
 def test_a_block_record_past_the_disk_end_is_a_stream_error_and_writes_nothing(tmp_path):
+    from pymig.analyze import analyze
     from pymig.fuzz import repair
+    from pymig.transport import BytesChannel
 
     disk, config, guest = disk_guest(tmp_path)
     snapshot = tmp_path / "snap.pymig"
@@ -211,6 +213,12 @@ def test_a_block_record_past_the_disk_end_is_a_stream_error_and_writes_nothing(t
         migration = Migration(Machine.source(guest), store)
         migration.start(f"file:{snapshot}", resume_source=False)
         assert migration.wait(120).value == "completed", migration.query()
+    good = analyze(BytesChannel(snapshot.read_bytes()))
+    assert good.ok, good.problems
+    disk_stats = good.to_dict()["disks"]["block/0"]
+    assert disk_stats["size"] == DISK_BYTES and disk_stats["chunk"] == MiB
+    assert disk_stats["ended"] and disk_stats["data-bytes"] >= FILLED_BYTES
+    assert disk_stats["data-bytes"] + disk_stats["zero-bytes"] < DISK_BYTES // 2  # no holes
     data = bytearray(snapshot.read_bytes())
     header = RECORD.pack(KIND_DATA, MiB, FILLED_AT)
     at = data.find(header)
@@ -218,6 +226,10 @@ def test_a_block_record_past_the_disk_end_is_a_stream_error_and_writes_nothing(t
     data[at:at + RECORD.size] = RECORD.pack(KIND_DATA, MiB, DISK_BYTES)  # one chunk too far
     bad = tmp_path / "bad.pymig"
     bad.write_bytes(repair.records(data)[0])
+    damaged = analyze(BytesChannel(bad.read_bytes()))
+    assert not damaged.ok
+    assert damaged.problems[0].offset == at  # the record's own bytes
+    assert "goes past the end of the 67108864-byte disk" in damaged.problems[0].reason
     target = tmp_path / "target.img"
     incoming = Incoming(f"file:{bad}", limits=DestinationLimits(accept_kinds=("kvm",)),
                         guest_options={"disk_targets": [DiskTarget(0, str(target))]})
