@@ -34,7 +34,8 @@ class Sections:
         self.records.append((stream.RecordType.START, bytes(payload)))
 
     def part(self, payload, *, nocsum: bool = False, stands_for: int = 0) -> None:
-        self.records.append((stream.RecordType.PART, bytes(payload)))
+        views = payload if isinstance(payload, list) else [payload]  # as StreamWriter takes
+        self.records.append((stream.RecordType.PART, b"".join(bytes(v) for v in views)))
 
     def end(self, payload) -> None:
         self.records.append((stream.RecordType.END, bytes(payload)))

@@ -91,6 +91,7 @@ class BlockSaver:
         self._cursor = 0
         self.swept = False  # the bulk phase is over: every chunk that held data went once
         self._last_end: float | None = None
+        self._buffer: memoryview | None = None
         self.cancelled: Callable[[], bool] = lambda: False
         # after each PART is on the wire: (disk bytes it stands for, seconds it took)
         self.on_sent: Callable[[int, float], None] = lambda nbytes, seconds: None
@@ -154,6 +155,7 @@ class BlockSaver:
 
     def cleanup(self) -> None:
         self.image.stop_dirty_log()
+        self._buffer = None
 
     def _send(self, out, deadline: float) -> bool:
         todo = self._todo
@@ -183,7 +185,11 @@ class BlockSaver:
         image = self.image
         start = chunk * self.chunk_bytes
         end = min(start + self.chunk_bytes, image.size_bytes)
-        parts: list[bytes] = []
+        if self._buffer is None or len(self._buffer) < self.chunk_bytes:
+            # one buffer for every chunk: fresh memory for each read would cost a fault per
+            # page, and the record is on the wire (or copied) before the next read
+            self._buffer = memoryview(bytearray(self.chunk_bytes))
+        parts: list = []
         data_bytes = 0
         pos = start
         for offset, length in image.data_extents(start, end):
@@ -193,7 +199,8 @@ class BlockSaver:
             stop += -stop % SECTOR_BYTES
             if offset > pos:
                 parts.append(RECORD.pack(KIND_ZERO, offset - pos, pos))
-            data = image.pread(offset, stop - offset)
+            data = self._buffer[offset - start:stop - start]
+            image.pread_into(offset, data)
             if _all_zero(data):
                 parts.append(RECORD.pack(KIND_ZERO, len(data), offset))
             else:
@@ -203,26 +210,26 @@ class BlockSaver:
             pos = stop
         if end > pos:
             parts.append(RECORD.pack(KIND_ZERO, end - pos, pos))
-        payload = b"".join(_merge_zero_records(parts))
+        payload = _merge_zero_records(parts)
         out.part(payload, stands_for=end - start)
         c = self.counters
-        c.transferred += len(payload)
+        c.transferred += sum(map(len, payload))
         c.data_bytes += data_bytes
         c.zero_bytes += end - start - data_bytes
         c.chunks += 1
         self.on_sent(end - start, time.monotonic() - t0)
 
 
-def _all_zero(data: bytes) -> bool:
+def _all_zero(data) -> bool:
     words = np.frombuffer(data, dtype=np.uint64)  # whole sectors: a multiple of 8 bytes
     return not words.any()
 
 
 def _merge_zero_records(parts: list[bytes]) -> list[bytes]:
     """Adjacent zero records as one (a hole next to data that reads as zeroes)."""
-    merged: list[bytes] = []
+    merged: list = []
     for part in parts:
-        if (len(part) == RECORD.size and merged and len(merged[-1]) == RECORD.size
+        if (isinstance(part, bytes) and merged and isinstance(merged[-1], bytes)
                 and part[0] == KIND_ZERO and merged[-1][0] == KIND_ZERO):
             _, length, offset = RECORD.unpack(part)
             _, last_length, last_offset = RECORD.unpack(merged[-1])

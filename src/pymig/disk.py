@@ -127,6 +127,21 @@ class DiskImage:
             done += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the image's bytes from ``offset`` (inside the image): a reused
+        buffer, where :meth:`pread` would allocate fresh memory for each read."""
+        length = len(view)
+        self._check_range(offset, length)
+        done = 0
+        while done < length:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if not got:
+                size = os.fstat(self.fd).st_size
+                raise OSError(errno.EIO, f"the image ends at byte {size}, before "
+                                         f"{offset + length} (it shrank from "
+                                         f"{self.size_bytes})")
+            done += got
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset`` (inside the image), or raise OSError."""
         length = len(data)
