@@ -12,12 +12,13 @@ import hashlib
 import os
 import struct
 
+import numpy as np
 import pytest
 
 from pymig import stream
 from pymig.block import (DISK_START, KIND_DATA, KIND_ZERO, RECORD, BlockLoader, BlockSaver,
                          DiskTarget, is_target, open_target, parse_part)
-from pymig.disk import DiskImage, DiskSpec, incomplete_marker
+from pymig.disk import DiskImage, DiskSpec, checkpoint_files, incomplete_marker
 from pymig.errors import DiskError, MigrationError, PacketError
 
 MiB = 1 << 20
@@ -158,10 +159,10 @@ def record(kind: int, length: int, offset: int, data: bytes = b"") -> bytes:
 ])
 def test_a_malformed_block_record_is_refused_before_any_write(tmp_path, payload, reason):
     with target_for(tmp_path, 4 * MiB) as target:
-        target.pwrite(0, b"keep" * 128)
-        before = digest(target.path)
         loader = BlockLoader(target, 0)
         loader.load_start(DISK_START.pack(4 * MiB, MiB, 0))
+        target.pwrite(0, b"keep" * 128)
+        before = digest(target.path)
         good = record(KIND_DATA, 512, 512, b"w" * 512)  # valid, ahead of the bad one
         with pytest.raises(PacketError, match=reason.replace("(", r"\(")):
             loader.load_part(good + payload if payload else payload)
@@ -172,7 +173,10 @@ def test_a_malformed_block_record_is_refused_before_any_write(tmp_path, payload,
     (DISK_START.pack(8 * MiB, MiB, 0), "source's disk is 8388608 bytes, the target"),
     (DISK_START.pack(4 * MiB, 128 << 20, 0), "a chunk of 134217728 bytes"),
     (DISK_START.pack(4 * MiB, 1000, 0), "a chunk of 1000 bytes"),
-    (DISK_START.pack(4 * MiB, MiB, 1), "unknown disk flags"),
+    (DISK_START.pack(4 * MiB, MiB, 2), "unknown disk flags"),
+    (DISK_START.pack(4 * MiB, MiB, 1), "does not hold a checkpoint's name and id"),
+    (DISK_START.pack(4 * MiB, MiB, 1) + b"\x02ab" + b"z" * 32, "'zzzz.*' is not a checkpoint id"),
+    (DISK_START.pack(4 * MiB, MiB, 1) + b"\x02a/" + b"0" * 32, "'a/' is not a checkpoint name"),
     (DISK_START.pack(4 * MiB, MiB, 0) + b"\0", "a disk header of 17 bytes"),
 ])
 def test_a_disk_header_that_does_not_fit_the_target_is_refused(tmp_path, header, reason):
@@ -210,12 +214,15 @@ def test_a_missing_target_is_created_sparse_and_marked_incomplete_until_finished
     path = str(tmp_path / "new.img")
     with open_target(DiskTarget(1, path), 32 * MiB, "/src/disk.img") as image:
         assert image.size_bytes == 32 * MiB and allocated(path) == 0
+        loader = BlockLoader(image, 1)
+        assert not os.path.exists(incomplete_marker(path))  # nothing written yet
+        loader.load_start(DISK_START.pack(32 * MiB, MiB, 0))
         with pytest.raises(DiskError, match="incomplete: an incoming migration of "
                                             "/src/disk.img into this image has not completed"):
             DiskImage(path)
         with pytest.raises(DiskError, match=f"remove {path}.incomplete"):
             DiskSpec(path).open()
-        BlockLoader(image, 1).finish()
+        loader.finish()
     DiskImage(path).close()
 
 
@@ -227,15 +234,22 @@ def test_a_target_of_another_size_is_refused_even_with_overwrite(tmp_path):
     assert os.path.getsize(path) == 8 * MiB and not os.path.exists(incomplete_marker(path))
 
 
+HEADER = DISK_START.pack(4 * MiB, MiB, 0)
+
+
 def test_a_target_holding_data_is_refused_unless_overwrite_which_empties_it(tmp_path):
     path = sparse_image(tmp_path / "t.img", 4 * MiB, {MiB: b"old data" * 64})
     before = digest(path)
-    with pytest.raises(DiskError, match="already holds data; give disk0=.*,overwrite"):
-        open_target(DiskTarget(0, path), 4 * MiB, "s.img")
+    with open_target(DiskTarget(0, path), 4 * MiB, "s.img") as image:
+        with pytest.raises(DiskError, match="already holds data; give disk0=.*,overwrite"):
+            BlockLoader(image, 0).load_start(HEADER)
     assert digest(path) == before and not os.path.exists(incomplete_marker(path))
     with open_target(DiskTarget(0, path, overwrite=True), 4 * MiB, "s.img") as image:
+        BlockLoader(image, 0).load_start(HEADER)
         assert image.pread(MiB, 512) == bytes(512)
         assert os.path.exists(incomplete_marker(path))
+    with open_target(DiskTarget(0, path), 4 * MiB, "s.img") as image:
+        BlockLoader(image, 0).load_start(HEADER)  # its own earlier, incomplete copy
 
 
 def test_an_empty_target_of_the_right_size_or_none_at_all_is_taken(tmp_path):
@@ -288,3 +302,96 @@ def test_the_progress_line_and_the_summary_show_the_disk_next_to_ram():
     console.print(stats_table(dict(info, status="completed")))
     text = console.export_text()
     assert "disks moved (images)" in text and "disk data sent (wire bytes)" in text
+
+
+# --- incremental: a checkpoint and the chunks written since ---------------------------------
+
+def copy_with_checkpoint(image_path: str, name: str, to: str) -> None:
+    """What an operator does to ready a destination: the image and its checkpoint's identity
+    (its map is made afresh, empty, when the copy is opened)."""
+    import shutil
+
+    shutil.copyfile(image_path, to)
+    shutil.copyfile(checkpoint_files(image_path, name)[0], checkpoint_files(to, name)[0])
+
+
+def test_a_checkpoint_maps_every_write_from_its_making_on_even_in_runs_that_do_not_name_it(
+        tmp_path):
+    path = sparse_image(tmp_path / "d.img", 8 * MiB, {0: b"before" * 100})
+    spec = DiskSpec.parse(f"{path},checkpoint=base")
+    assert spec.checkpoint == "base"
+    with spec.open() as image:
+        identity = image.checkpoints["base"].identity
+        assert identity["size_bytes"] == 8 * MiB and len(identity["id"]) == 32
+        assert not image.checkpoints["base"].written().any()  # earlier writes are the base
+        image.pwrite(3 * MiB + 10 * 512, b"x" * 512)
+        # on the map's file already, not only in this process
+        with open(checkpoint_files(path, "base")[1], "rb") as f:
+            assert f.read()[0] == 1 << 3
+    with DiskImage(path) as image:  # a later run that names no checkpoint
+        assert image.checkpoints["base"].identity == identity
+        image.write_zeroes(6 * MiB, 2 * MiB)
+        assert np.flatnonzero(image.checkpoints["base"].written()).tolist() == [3, 6, 7]
+    with DiskSpec.parse(f"{path},checkpoint=base").open() as image:  # not made again
+        assert image.checkpoints["base"].identity == identity
+    with pytest.raises(DiskError, match="read-only: a checkpoint cannot be made"):
+        DiskSpec.parse(f"{path},readonly,checkpoint=other").open()
+    for bad in (f"{path},checkpoint=", f"{path},checkpoint=a/b"):
+        with pytest.raises(ValueError, match="checkpoint name"):
+            DiskSpec.parse(bad)
+
+
+def test_an_incremental_copy_sends_only_what_changed_since_the_checkpoint(tmp_path):
+    size = 32 * MiB
+    source = sparse_image(tmp_path / "source.img", size, {0: os.urandom(size)})
+    DiskSpec.parse(f"{source},checkpoint=c1").open().close()
+    target = str(tmp_path / "copy.img")
+    copy_with_checkpoint(source, "c1", target)
+    with DiskImage(source) as image:
+        image.pwrite(5 * MiB, os.urandom(2 * MiB))  # chunks 5, 6
+        image.pwrite(20 * MiB + 512, b"z" * 512)  # chunk 20
+        saver, out = BlockSaver(image, 0), Sections()
+        saver.checkpoint = image.checkpoints["c1"]
+        saver.setup(out)
+        assert saver.pending() == 3 * MiB
+        image.pwrite(30 * MiB, b"during")  # the dirty log adds it
+        while not saver.iterate(out):
+            pass
+        saver.complete(out)
+        assert saver.counters.chunks == 4
+    with open_target(DiskTarget(0, target), size, source) as copy:
+        loader = BlockLoader(copy, 0)
+        out.replay(loader)
+        assert loader.incremental and loader.bytes_written == 4 * MiB
+        loader.finish()
+    assert digest(source) == digest(target)
+
+
+@pytest.mark.parametrize("case", ["another-checkpoint", "no-identity", "incomplete"])
+def test_an_incremental_copy_into_anything_but_the_checkpoints_copy_is_refused(tmp_path, case):
+    size = 4 * MiB
+    source = sparse_image(tmp_path / "source.img", size, {0: os.urandom(size)})
+    DiskSpec.parse(f"{source},checkpoint=c1").open().close()
+    target = str(tmp_path / "copy.img")
+    if case == "another-checkpoint":  # a copy of the same name, of another checkpoint
+        other = sparse_image(tmp_path / "other.img", size, {0: b"o"})
+        DiskSpec.parse(f"{other},checkpoint=c1").open().close()
+        copy_with_checkpoint(other, "c1", target)
+        said = "is not a copy of checkpoint c1 of the source's image: its identity is"
+    elif case == "no-identity":
+        sparse_image(target, size, {0: b"stale"})
+        said = "is not a copy of checkpoint c1 of the source's image \\(no checkpoint identity"
+    else:
+        copy_with_checkpoint(source, "c1", target)
+        with open(incomplete_marker(target), "w") as f:
+            f.write("{}")
+        said = "is incomplete: an incremental migration needs the whole copy"
+    before = digest(target)
+    with DiskImage(source) as image:
+        saver, out = BlockSaver(image, 0), Sections()
+        saver.checkpoint = image.checkpoints["c1"]
+        saver.setup(out)
+    with open_target(DiskTarget(0, target, overwrite=True), size, source) as copy:
+        with pytest.raises(DiskError, match=said):
+            BlockLoader(copy, 0).load_start(out.records[0][1])
+    assert digest(target) == before

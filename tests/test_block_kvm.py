@@ -309,3 +309,64 @@ def test_pymig_migrate_blk_between_processes_and_a_torn_connection(tmp_path):
         assert not os.path.exists(incomplete_marker(str(target)))
     finally:
         finish(*procs)
+
+
+# --- incremental ---------------------------------------------------------------------------
+
+def test_an_incremental_migration_sends_what_was_written_since_the_checkpoint(tmp_path):
+    import shutil
+
+    from pymig.disk import checkpoint_files
+
+    disk = make_image(tmp_path / "source.img", DISK_BYTES)
+    with open(disk, "r+b") as f:
+        f.seek(FILLED_AT)
+        f.write(os.urandom(FILLED_BYTES))
+    config = make_config(memory_bytes=32 * MiB, workload="diskcheck",
+                         params={"disk_working_set_bytes": 256 * KiB},
+                         disks=[f"{disk},checkpoint=base"])  # made here, before the guest runs
+    target = tmp_path / "copy.img"
+    # the destination's copy, taken after the checkpoint was made (the guest may be writing
+    # by then: every chunk it writes is in the map)
+    guest = create(config)
+    guest.start()
+    shutil.copyfile(disk, target)
+    shutil.copyfile(checkpoint_files(str(disk), "base")[0],
+                    checkpoint_files(str(target), "base")[0])
+    wait_for(lambda: guest.progress()["passes"] >= 1, timeout=120, what="a diskcheck pass")
+    at_stop: dict = {}
+    with guest:
+        with migrate_locally(guest, "tcp:127.0.0.1:0", start_options={"inc": True},
+                             guest_options={"disk_targets": [DiskTarget(0, str(target))]},
+                             before_start=lambda m: at_stop.update(target=sha(target))) as done:
+            assert done.error is None, done.error
+            info = done.migration.query()
+            assert info["status"] == "completed", info
+            assert at_stop["target"] == sha(disk)
+            # the working set's chunk (and what diskcheck wrote during the copy), never the
+            # 8 MiB the guest did not touch
+            assert info["disk"]["transferred"] < 2 * MiB, info["disk"]
+            assert_diskcheck_runs_clean(done.destination, target)
+
+
+def test_an_incremental_migration_needs_a_checkpoint_and_its_copy(tmp_path):
+    disk, config, guest = disk_guest(tmp_path)
+    with guest:
+        migration = Migration(Machine.source(guest))
+        with pytest.raises(MigrationError, match=r"has no checkpoint: an incremental "
+                                                 r"migration sends what was written"):
+            migration.start(f"file:{tmp_path / 'snap.pymig'}", inc=True)
+    config = make_config(memory_bytes=32 * MiB, workload="diskcheck",
+                         params={"disk_working_set_bytes": 256 * KiB},
+                         disks=[f"{disk},checkpoint=base"])
+    target = make_image(tmp_path / "not-a-copy.img", DISK_BYTES, b"something else")
+    before = sha(target)
+    with create(config) as guest:
+        guest.start()
+        done = migrate_locally(guest, "tcp:127.0.0.1:0", start_options={"inc": True},
+                               guest_options={"disk_targets": [DiskTarget(0, str(target))]})
+        assert done.migration.status.value == "failed"
+        assert "is not a copy of checkpoint base of the source's image" in \
+            done.migration.query()["error-desc"]
+        assert guest.status == "running"
+    assert sha(target) == before and not os.path.exists(incomplete_marker(str(target)))

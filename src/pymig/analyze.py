@@ -30,7 +30,7 @@ from typing import Any
 import xxhash
 
 from pymig import stream, vmstate
-from pymig.block import (BLOCK_IDSTR, DISK_START, KIND_DATA, MAX_CHUNK_BYTES, parse_part)
+from pymig.block import BLOCK_IDSTR, KIND_DATA, MAX_CHUNK_BYTES, parse_part, parse_start
 from pymig.disk import SECTOR_BYTES
 from pymig.errors import PacketError, PymigError, SourceCancelled, StreamError
 from pymig.machine import CONFIG_IDSTR
@@ -81,9 +81,11 @@ class DiskStats:
     data_bytes: int = 0
     zero_bytes: int = 0
     ended: bool = False
+    checkpoint: dict | None = None  # an incremental section's: its name and id
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "chunk": self.chunk, "parts": self.parts,
+        return {"size": self.size, "chunk": self.chunk, "checkpoint": self.checkpoint,
+                "parts": self.parts,
                 "data-records": self.data_records, "zero-records": self.zero_records,
                 "data-bytes": self.data_bytes, "zero-bytes": self.zero_bytes,
                 "ended": self.ended}
@@ -301,13 +303,14 @@ def _block(record, name: str, payload, offset: int, result: Analysis) -> None:
     holds them to (against the disk size its START says)."""
     disk = result.disks.setdefault(name, DiskStats())
     if record.type == stream.RecordType.START:
-        if len(payload) != DISK_START.size:
-            raise ValueError(f"a disk header of {len(payload)} bytes, not {DISK_START.size}")
-        disk.size, disk.chunk, flags = DISK_START.unpack(payload)
-        if not SECTOR_BYTES <= disk.chunk <= MAX_CHUNK_BYTES or disk.chunk % SECTOR_BYTES:
-            raise ValueError(f"a chunk of {disk.chunk} bytes")
-        if flags:
-            raise ValueError(f"unknown disk flags {flags:#x}")
+        try:
+            size, chunk, _flags, disk.checkpoint = parse_start(payload, name)
+        except PacketError as exc:
+            result.problems.append(Problem(offset + exc.offset, exc.reason))
+            return
+        if not SECTOR_BYTES <= chunk <= MAX_CHUNK_BYTES or chunk % SECTOR_BYTES:
+            raise ValueError(f"a chunk of {chunk} bytes")
+        disk.size, disk.chunk = size, chunk
         return
     if record.type == stream.RecordType.END:
         disk.ended = True

@@ -37,12 +37,15 @@ from typing import Callable
 
 import numpy as np
 
-from pymig.disk import DIRTY_CHUNK_BYTES, SECTOR_BYTES, DiskImage, incomplete_marker
+from pymig.disk import (CHECKPOINT_NAME, DIRTY_CHUNK_BYTES, SECTOR_BYTES, Checkpoint, DiskImage,
+                        checkpoint_files, incomplete_marker, read_checkpoint_identity)
 from pymig.errors import DiskError, MigrationError, PacketError
 
 BLOCK_IDSTR = "block"
 BLOCK_VERSION = 1
-DISK_START = struct.Struct("<QII")  # disk size, chunk bytes, flags (none defined yet)
+DISK_START = struct.Struct("<QII")  # disk size, chunk bytes, flags
+FLAG_INCREMENTAL = 1  # then: u8 name length, the checkpoint's name, its id (32 hex digits)
+CHECKPOINT_ID_BYTES = 32
 RECORD = struct.Struct("<BxxxIQ")  # kind, length, offset
 KIND_DATA = 1
 KIND_ZERO = 2
@@ -92,6 +95,9 @@ class BlockSaver:
         self.swept = False  # the bulk phase is over: every chunk that held data went once
         self._last_end: float | None = None
         self._buffer: memoryview | None = None
+        # incremental (migrate inc): the checkpoint whose copy the destination holds; only
+        # the chunks written since it go, and those the guest writes meanwhile
+        self.checkpoint: Checkpoint | None = None
         self.cancelled: Callable[[], bool] = lambda: False
         # after each PART is on the wire: (disk bytes it stands for, seconds it took)
         self.on_sent: Callable[[int, float], None] = lambda nbytes, seconds: None
@@ -106,15 +112,25 @@ class BlockSaver:
         image = self.image
         image.start_dirty_log(self.chunk_bytes)
         self._todo = np.zeros(self.chunks, dtype=bool)
-        for offset, length in image.data_extents():
-            self._todo[offset // self.chunk_bytes:
-                       (offset + length - 1) // self.chunk_bytes + 1] = True
+        checkpoint = self.checkpoint
+        if checkpoint is not None:
+            # (the checkpoint's chunks are the log's: both DIRTY_CHUNK_BYTES)
+            self._todo |= checkpoint.written()[: self.chunks]
+        else:
+            for offset, length in image.data_extents():
+                self._todo[offset // self.chunk_bytes:
+                           (offset + length - 1) // self.chunk_bytes + 1] = True
         self._cursor = 0
         self.swept = False
         self._last_end = None
         self.counters = BlockCounters()
         self.last_pending = int(np.count_nonzero(self._todo)) * self.chunk_bytes
-        out.start(DISK_START.pack(image.size_bytes, self.chunk_bytes, 0))
+        if checkpoint is None:
+            out.start(DISK_START.pack(image.size_bytes, self.chunk_bytes, 0))
+        else:
+            name = checkpoint.name.encode()
+            out.start(DISK_START.pack(image.size_bytes, self.chunk_bytes, FLAG_INCREMENTAL)
+                      + bytes([len(name)]) + name + checkpoint.id.encode())
 
     def _sync(self) -> None:
         if not self.image.logging:
@@ -284,6 +300,35 @@ def parse_part(payload, size_bytes: int, chunk_bytes: int) -> list[tuple[int, in
     return records
 
 
+def parse_start(payload, name: str) -> tuple[int, int, int, dict | None]:
+    """A disk's START: (size, chunk, flags, the checkpoint of an incremental one or None);
+    PacketError for a header that is not one."""
+    view = memoryview(payload).cast("B")
+    if len(view) < DISK_START.size:
+        raise PacketError(0, f"{name}: a disk header of {len(view)} bytes, not "
+                             f"{DISK_START.size}")
+    size, chunk, flags = DISK_START.unpack_from(view)
+    if flags & ~FLAG_INCREMENTAL:
+        raise PacketError(12, f"{name}: unknown disk flags {flags:#x}")
+    rest = view[DISK_START.size:]
+    if not flags:
+        if len(rest):
+            raise PacketError(0, f"{name}: a disk header of {len(view)} bytes, not "
+                                 f"{DISK_START.size}")
+        return size, chunk, flags, None
+    at = DISK_START.size
+    if not len(rest) or len(rest) != 1 + rest[0] + CHECKPOINT_ID_BYTES:
+        raise PacketError(at, f"{name}: an incremental disk header of {len(view)} bytes does "
+                              f"not hold a checkpoint's name and id")
+    checkpoint = bytes(rest[1:1 + rest[0]]).decode("ascii", "replace")
+    ident = bytes(rest[1 + rest[0]:]).decode("ascii", "replace")
+    if not CHECKPOINT_NAME.match(checkpoint):
+        raise PacketError(at + 1, f"{name}: {checkpoint!r} is not a checkpoint name")
+    if not all(c in "0123456789abcdef" for c in ident):
+        raise PacketError(at + 1 + rest[0], f"{name}: {ident!r} is not a checkpoint id")
+    return size, chunk, flags, {"name": checkpoint, "id": ident}
+
+
 class BlockLoader:
     """Destination half of one disk's live entry: writes into the target image."""
 
@@ -291,6 +336,7 @@ class BlockLoader:
         self.image = image
         self.unit = unit
         self.chunk_bytes = 0
+        self.incremental = False
         self.started = False
         self.ended = False
         self.bytes_written = 0
@@ -303,19 +349,17 @@ class BlockLoader:
     def load_start(self, payload) -> None:
         if self.started:
             raise PacketError(0, f"{self.name}: a second START")
-        if len(payload) != DISK_START.size:
-            raise PacketError(0, f"{self.name}: a disk header of {len(payload)} bytes, not "
-                                 f"{DISK_START.size}")
-        size, chunk, flags = DISK_START.unpack(payload)
+        size, chunk, flags, incremental = parse_start(payload, self.name)
         if size != self.image.size_bytes:
             raise PacketError(0, f"{self.name}: the source's disk is {size} bytes, the target "
                                  f"{self.image.path} is {self.image.size_bytes}")
         if not SECTOR_BYTES <= chunk <= MAX_CHUNK_BYTES or chunk % SECTOR_BYTES:
             raise PacketError(8, f"{self.name}: a chunk of {chunk} bytes (whole sectors up to "
                                  f"{MAX_CHUNK_BYTES})")
-        if flags:
-            raise PacketError(12, f"{self.name}: unknown disk flags {flags:#x}")
+        if getattr(self.image, "target", None) is not None:
+            prepare_target(self.image, incremental)  # before the first write
         self.chunk_bytes = chunk
+        self.incremental = incremental is not None
         self.started = True
 
     def load_part(self, payload) -> None:
@@ -405,22 +449,47 @@ def open_target(target: DiskTarget, size_bytes: int, source_path: str) -> DiskIm
     finally:
         os.close(fd)
     image = DiskImage(path, allow_incomplete=True)
+    image.target = target
+    image.incoming_from = source_path
+    return image
+
+
+def prepare_target(image: DiskImage, incremental: dict | None) -> None:
+    """Ready a target for the disk's data, as its START says, before anything is written;
+    then mark it incomplete.  A whole copy (``incremental`` None) goes into a target that
+    holds no data, or one the operator said to overwrite (emptied now), or one an earlier
+    migration left incomplete.  An incremental one goes into the copy the checkpoint named
+    (``incremental``: its name and id) was taken for: the target keeps its data."""
+    target: DiskTarget = image.target
+    name, path = disk_id(target.unit), image.path
+    marked = os.path.exists(incomplete_marker(path))
     try:
-        has_data = next(iter(image.data_extents()), None) is not None
-        marked = os.path.exists(incomplete_marker(path))
-        if has_data and not target.overwrite and not marked:
-            raise DiskError(f"{name} target {path} already holds data; give "
-                            f"{name}={path},overwrite to replace it")
+        if incremental is not None:
+            identity_path = checkpoint_files(path, incremental["name"])[0]
+            try:
+                ours = read_checkpoint_identity(identity_path)
+            except DiskError as exc:
+                raise DiskError(f"{name} target {path} is not a copy of checkpoint "
+                                f"{incremental['name']} of the source's image ({exc})") \
+                    from None
+            if ours["id"] != incremental["id"] or ours["size_bytes"] != image.size_bytes:
+                raise DiskError(f"{name} target {path} is not a copy of checkpoint "
+                                f"{incremental['name']} of the source's image: its identity "
+                                f"is {ours['id']}, the source's {incremental['id']}")
+            if marked:
+                raise DiskError(f"{name} target {path} is incomplete: an incremental "
+                                f"migration needs the whole copy the checkpoint was taken for")
+            has_data = False
+        else:
+            has_data = next(iter(image.data_extents()), None) is not None
+            if has_data and not target.overwrite and not marked:
+                raise DiskError(f"{name} target {path} already holds data; give "
+                                f"{name}={path},overwrite to replace it")
         with open(incomplete_marker(path), "w") as marker:
-            json.dump({"reason": f"an incoming migration of {source_path} into this image "
-                                 f"has not completed",
+            json.dump({"reason": f"an incoming migration of {image.incoming_from} into this "
+                                 f"image has not completed",
                        "began": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, marker)
         if has_data:
-            image.write_zeroes(0, size_bytes)
+            image.write_zeroes(0, image.size_bytes)
     except OSError as exc:
-        image.close()
         raise DiskError(f"{name} target {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        image.close()
-        raise
-    return image

@@ -114,10 +114,13 @@ def _report_warnings_and_logs() -> None:
 @click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,shared]",
+@click.option("--disk", "disks", multiple=True,
+              metavar="PATH[,readonly][,shared][,checkpoint=NAME]",
               help="a raw disk image on the ATA channel (ports 0x1f0-0x1f7, 0x3f6): the first "
                    "--disk is the master, a second the slave; readonly: the guest's writes "
-                   "fail; shared: a migration's destination opens the same file")
+                   "fail; shared: a migration's destination opens the same file; "
+                   "checkpoint=NAME: from now on, a map beside the image of the chunks "
+                   "written since (migrate --inc sends only those)")
 @click.option("--disk-working-set", type=SIZE, default=None,
               help="diskcheck: how much of the disk it writes and checks")
 @click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
@@ -359,7 +362,9 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
               help="move the images of disks not on shared storage with the guest (block "
                    "migration; the destination names where each goes: --disk diskN=PATH)")
 @click.option("--inc", is_flag=True,
-              help="incremental block migration (not supported: use --blk)")
+              help="incremental block migration: only the chunks written since the disk's "
+                   "checkpoint (pymig run --disk PATH,checkpoint=NAME) travel; the "
+                   "destination's target is the copy taken for it")
 @click.option("--json", "as_json", is_flag=True,
               help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
@@ -393,11 +398,10 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
         arguments["trace"] = trace
     if stop_guest:
         arguments["resume"] = False
-    if inc:
-        _fail("--inc (incremental block migration) is not supported; --blk copies the whole "
-              "disk")
     if blk:
         arguments["blk"] = True
+    if inc:
+        arguments["inc"] = True
     console = Console(stderr=True)
 
     def say(text: str) -> None:

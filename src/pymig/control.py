@@ -77,11 +77,8 @@ class Command:
 
 
 def _migrate(s: Session, a: dict) -> None:
-    if a.get("inc"):
-        raise CommandError("incremental block migration (inc) is not supported; use blk to "
-                           "copy the whole disk")
     s.migrate(_uri(a), trace_path=a.get("trace"), resume=a.get("resume"),
-              blk=bool(a.get("blk")))
+              blk=bool(a.get("blk")), inc=bool(a.get("inc")))
 
 
 def _uri(args: dict) -> str:
@@ -118,7 +115,8 @@ COMMANDS: dict[str, Command] = {
                        "says (as QEMU), so follow it with query-migrate or MIGRATION events; "
                        "resume: whether the guest runs on here afterwards (default: only for "
                        "file: snapshots); trace: a file for one JSON line per iteration; "
-                       "blk: disks not on shared storage travel with the guest"),
+                       "blk: disks not on shared storage travel with the guest; inc: only "
+                       "what was written to them since their checkpoint"),
     "migrate-incoming": Command(lambda s, a: {"uri": s.migrate_incoming(_uri(a))},
                                 {"uri": Arg("string", True)},
                                 "a destination started with 'defer': receive on uri now"),

@@ -180,12 +180,27 @@ class Machine:
         return cls(create(config, incoming=True, **guest_options), incoming=True)
 
     # -- source ------------------------------------------------------------------------------
-    def check_migratable(self, block: bool) -> None:
+    def check_migratable(self, block: bool, incremental: bool = False) -> None:
         """MigrationError naming every reason this guest cannot migrate now: the registry's
         blockers, and each disk not on shared storage unless its image travels too
-        (``block``: ``migrate --blk``, the ``block`` capability)."""
+        (``block``: ``migrate --blk``, the ``block`` capability; ``incremental``: ``migrate
+        --inc``, only what was written since the disk's checkpoint, which it must have
+        exactly one of).  Sets each disk's mode for the migration that follows."""
         reasons = self.registry.blockers()
-        if not block:
+        for saver in self.block_savers:
+            saver.checkpoint = None
+            if not incremental:
+                continue
+            names = sorted(saver.image.checkpoints)
+            if len(names) != 1:
+                reasons.append(
+                    f"disk {saver.unit} ({saver.image.path}) has "
+                    f"{'no checkpoint' if not names else 'checkpoints ' + ', '.join(names)}: "
+                    f"an incremental migration sends what was written since its one "
+                    f"checkpoint (pymig run --disk PATH,checkpoint=NAME makes it)")
+            else:
+                saver.checkpoint = saver.image.checkpoints[names[0]]
+        if not block and not incremental:
             reasons += [f"disk {s.unit} ({s.image.path}) is not on shared storage: migrate "
                         f"with --blk (QMP: blk, or the block capability) to move its image "
                         f"with the guest, or run it as --disk {s.image.path},shared if the "

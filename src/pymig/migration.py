@@ -144,14 +144,16 @@ class Migration:
 
     # -- control -----------------------------------------------------------------------------
     def start(self, uri: str, *, trace_path: str | None = None,
-              resume_source: bool | None = None, blk: bool = False) -> None:
+              resume_source: bool | None = None, blk: bool = False,
+              inc: bool = False) -> None:
         """Begin migrating to ``uri`` in the background; refuses while one is active.
 
         ``resume_source``: whether the source guest runs on after success, if it was running
         before.  By default it does for ``file:`` (a live snapshot: the guest carries on, the
         file holds its state at the switchover) and does not otherwise (the guest now runs at
         the destination).  A guest paused before the migration stays paused whatever happens.
-        ``blk`` (or the ``block`` capability): disks not on shared storage travel too.
+        ``blk`` (or the ``block`` capability): disks not on shared storage travel too;
+        ``inc``: only what was written to them since their checkpoint.
         """
         parsed = transport.parse_uri(uri)  # a bad URI is the caller's error, before any change
         if resume_source is None:
@@ -159,7 +161,8 @@ class Migration:
         self.resume_source = resume_source
         self.scheme = parsed.scheme
         self.machine.check_migratable(
-            block=blk or self.params.snapshot().capabilities.get("block", False))
+            block=blk or self.params.snapshot().capabilities.get("block", False),
+            incremental=inc)
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
         tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         with self._lock:
