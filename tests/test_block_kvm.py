@@ -370,3 +370,22 @@ def test_an_incremental_migration_needs_a_checkpoint_and_its_copy(tmp_path):
             done.migration.query()["error-desc"]
         assert guest.status == "running"
     assert sha(target) == before and not os.path.exists(incomplete_marker(str(target)))
+
+
+@pytest.mark.parametrize("direction", ["write", "read"])
+def test_a_block_migration_in_the_middle_of_a_pio_transfer_resumes_it(tmp_path, direction):
+    from test_ata_kvm import pause_inside_a_transfer
+
+    from pymig.kvm import ata
+
+    disk, config, guest = disk_guest(tmp_path)
+    target = tmp_path / "target.img"
+    with guest:
+        state = pause_inside_a_transfer(guest, ata.XFER_OUT if direction == "write"
+                                        else ata.XFER_IN)
+        assert state.status & ata.DRQ and state.pos < len(state.buffer)
+        with migrate_locally(guest, f"unix:{tmp_path / 'mig.sock'}",
+                             capabilities={"block": True},
+                             guest_options={"disk_targets": [DiskTarget(0, str(target))]}) as done:
+            assert done.error is None, done.error
+            assert_diskcheck_runs_clean(done.destination, target)

@@ -282,7 +282,8 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
     stream, within this destination's limits (--accept-kind, --max-memory, --max-vcpus),
     checked before anything is allocated; --memory/--vcpus ask for exactly that guest,
     --mem-prealloc readies that much RAM ahead of it, and --disk names the shared disk images
-    the guest may open (a stream naming any other file is refused).  With --tls-creds the
+    the guest may open (a stream naming any other file is refused) and, as diskN=PATH, where
+    each disk that travels with the guest goes (migrate --blk or --inc).  With --tls-creds the
     source must come over TLS with a certificate that DIR's CA signed (and, with --tls-authz,
     one of those identities); anything else is refused before a byte of its stream is read.
     """
