@@ -23,6 +23,7 @@ from _migration_helpers import (finish, migrate_locally, pymig_process, run_pymi
 
 from pymig.block import KIND_DATA, RECORD, DiskTarget
 from pymig.disk import incomplete_marker
+from pymig import policy
 from pymig.errors import DiskError, MigrationError
 from pymig.guest import create, make_config
 from pymig.guest.workloads import verify_diskcheck
@@ -77,10 +78,16 @@ def test_a_guest_writing_its_disk_moves_with_its_image(tmp_path, scheme):
     target = tmp_path / "target.img"
     at_stop: dict = {}
     uri = "tcp:127.0.0.1:0" if scheme == "tcp" else f"unix:{tmp_path / 'mig.sock'}"
+    weighed: list = []
+
+    def decide(metrics, params):  # the policy as it is, seeing what it weighs
+        weighed.append(metrics)
+        return policy.decide(metrics, params)
+
     with guest:
         written_before = guest.progress()["pages_written"]
         # a cap stretches the bulk phase over ~0.5 s of the guest writing
-        with migrate_locally(guest, uri, capabilities={"block": True},
+        with migrate_locally(guest, uri, capabilities={"block": True}, decide=decide,
                              params={"max-bandwidth": 16 * MiB},
                              guest_options={"disk_targets": [DiskTarget(0, str(target))]},
                              before_start=lambda m: at_stop.update(
@@ -96,6 +103,8 @@ def test_a_guest_writing_its_disk_moves_with_its_image(tmp_path, scheme):
             assert at_stop["marked"]  # partial until the guest runs there
             assert not os.path.exists(incomplete_marker(str(target)))
             assert info["disk"]["total"] == DISK_BYTES and info["disk"]["remaining"] == 0
+            # the disk's pending bytes are the policy's: the bulk phase's first, not RAM's
+            assert weighed[0].pending_bytes >= FILLED_BYTES + 256 * KiB
             assert FILLED_BYTES <= info["disk"]["transferred"] < 3 * FILLED_BYTES
             assert os.stat(target).st_blocks * 512 < 2 * FILLED_BYTES  # sparse, as the source
             dest = done.destination
