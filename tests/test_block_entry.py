@@ -395,3 +395,49 @@ def test_an_incremental_copy_into_anything_but_the_checkpoints_copy_is_refused(t
         with pytest.raises(DiskError, match=said):
             BlockLoader(copy, 0).load_start(out.records[0][1])
     assert digest(target) == before
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--disk-dir", "/nonexistent/dir"], "--disk-dir /nonexistent/dir: no such directory"),
+    (["--disk", "disk0=/t.img,sparse"], "unknown option(s) ['sparse'] (known: overwrite)"),
+    (["--disk", "disk0=/a.img", "--disk", "disk0=/b.img"], "a disk named twice as a target"),
+])
+def test_pymig_incoming_refuses_disk_targets_it_cannot_use(args, said):
+    from click.testing import CliRunner
+
+    from pymig.cli import main
+
+    done = CliRunner().invoke(main, ["incoming", "tcp:127.0.0.1:0", *args])
+    assert done.exit_code != 0 and said in done.output, done.output
+
+
+def test_pymig_migrate_inc_and_blk_reach_the_migrate_command(monkeypatch):
+    from click.testing import CliRunner
+
+    from pymig import cli
+
+    sent: list = []
+
+    class Stop(Exception):
+        pass
+
+    class Client:  # a source's control socket that takes the migrate command, then stops
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def command(self, name, **arguments):
+            sent.append((name, arguments))
+            if name == "migrate":
+                raise Stop
+
+    monkeypatch.setattr(cli, "_connect", lambda control, token: Client())
+    monkeypatch.setattr("pymig.settings.apply", lambda client, settings: {
+        "parameters": {}, "capabilities": {}})
+    monkeypatch.setattr("pymig.settings.describe", lambda p, c: "")
+    done = CliRunner().invoke(cli.main, ["migrate", "--control", "/nowhere",
+                                         "tcp:127.0.0.1:1", "--blk", "--inc"])
+    assert isinstance(done.exception, Stop)
+    assert ("migrate", {"uri": "tcp:127.0.0.1:1", "blk": True, "inc": True}) in sent

@@ -266,6 +266,9 @@ def _serve(session, **options) -> None:
                    "is refused.  diskN=PATH: where disk N goes when its image travels with "
                    "the guest (migrate --blk): created sparse if missing; one of another "
                    "size is refused, and one holding data unless ,overwrite")
+@click.option("--disk-dir", type=click.Path(file_okay=False), default=None,
+              help="where each disk that travels with the guest and has no diskN=PATH goes: "
+                   "its image's file name in this directory")
 @click.option("--tls-creds", metavar="DIR[,verify-peer=off]", default=None, help=TLS_CREDS_HELP)
 @click.option("--tls-authz", "tls_authz", multiple=True, metavar="DN",
               help="accept only a source whose certificate's subject is DN (RFC 4514, e.g. "
@@ -273,7 +276,7 @@ def _serve(session, **options) -> None:
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
              max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, disks,
-             tls_creds, tls_authz, quiet) -> None:
+             disk_dir, tls_creds, tls_authz, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -312,7 +315,10 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
             shared.append(text)
     if len({t.unit for t in targets}) != len(targets):
         _fail("--disk: a disk named twice as a target")
-    guest_options = {"backing": mem_backing, "disk_paths": shared, "disk_targets": targets}
+    if disk_dir is not None and not os.path.isdir(disk_dir):
+        _fail(f"--disk-dir {disk_dir}: no such directory")
+    guest_options = {"backing": mem_backing, "disk_paths": shared, "disk_targets": targets,
+                     "disk_dir": disk_dir}
     if mem_prealloc:
         if memory is None:
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")

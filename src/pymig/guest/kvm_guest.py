@@ -99,7 +99,8 @@ class KvmGuest:
                initially_set: bool = False, dirty_ring: int = 0,
                kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None,
                disk_paths: Sequence[str] | None = None,
-               disk_targets: Sequence[DiskTarget] = ()) -> "KvmGuest":
+               disk_targets: Sequence[DiskTarget] = (),
+               disk_dir: str | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
 
         ``backing``/``hugepages`` shape the RAM blocks (``prealloc``: blocks a destination
@@ -111,7 +112,8 @@ class KvmGuest:
         ``pymig incoming --disk`` names); the stream's paths are only ever checked against it.
         ``disk_targets``: where a destination writes the disks that travel with the guest
         (block migration, ``pymig incoming --disk disk0=PATH``); the guest's configuration
-        then names the target.
+        then names the target; ``disk_dir``: where a disk with no target of its own goes,
+        under its image's file name (``pymig incoming --disk-dir``).
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
@@ -122,7 +124,7 @@ class KvmGuest:
         kvm = kvm or Kvm()
         machine = None
         try:
-            disks = open_disks(config, incoming, disk_paths, disk_targets)
+            disks = open_disks(config, incoming, disk_paths, disk_targets, disk_dir)
             if incoming and any(not d.shared for d in config.disks):
                 config = dataclasses.replace(config, disks=[
                     dataclasses.replace(d, path=image.path)
@@ -428,13 +430,15 @@ class KvmGuest:
 
 
 def open_disks(config: GuestConfig, incoming: bool, allowed: Sequence[str] | None = None,
-               targets: Sequence[DiskTarget] = ()) -> list[DiskImage]:
+               targets: Sequence[DiskTarget] = (), target_dir: str | None = None
+               ) -> list[DiskImage]:
     """The images of ``config``'s disks, each the size the configuration says.
 
     A destination's configuration comes from the stream, which may say anything: it opens
     only shared images among ``allowed``, the images its operator named, and writes a disk
     that travels with the guest only into the target its operator named for it
-    (``targets``), so a stream cannot make it open, and its guest write, any file it
+    (``targets``) or into ``target_dir`` under the image's own file name (one name, never
+    ``.`` or ``..``), so a stream cannot make it open, and its guest write, any file it
     likes."""
     permitted = {os.path.realpath(p) for p in allowed or ()}
     by_unit = {t.unit: t for t in targets}
@@ -443,6 +447,8 @@ def open_disks(config: GuestConfig, incoming: bool, allowed: Sequence[str] | Non
         for unit, disk in enumerate(config.disks):
             if incoming and not disk.shared:
                 target = by_unit.get(unit)
+                if target is None and target_dir is not None:
+                    target = _target_in(target_dir, unit, disk.path)
                 if target is None:
                     raise DiskError(f"disk {unit} ({disk.path}) travels with the guest (block "
                                     f"migration): name where it goes, pymig incoming --disk "
@@ -463,6 +469,16 @@ def open_disks(config: GuestConfig, incoming: bool, allowed: Sequence[str] | Non
             image.close()
         raise
     return images
+
+
+def _target_in(directory: str, unit: int, source_path: str) -> DiskTarget:
+    """Disk ``unit``'s target in ``directory``: the source image's file name there (the
+    stream's path, so no more than one plain name of it)."""
+    name = os.path.basename(source_path)
+    if name in ("", ".", ".."):
+        raise DiskError(f"disk {unit} ({source_path}) has no file name to take in "
+                        f"{directory}; name its target: --disk {disk_id(unit)}=PATH")
+    return DiskTarget(unit, os.path.join(os.path.abspath(directory), name))
 
 
 def _enter(vcpu, entry: loader.Entry) -> None:
