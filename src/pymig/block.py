@@ -3,10 +3,10 @@
 One live entry per such disk (``block``, instance = the disk's unit on the ATA channel), in
 QEMU's shape (``migration/block.c``): the disk's dirty-chunk log
 (:meth:`pymig.disk.DiskImage.start_dirty_log`) goes on at setup, so every write from the
-start of the migration is known; a first pass (the bulk phase) sends every chunk that may
-hold data, one bounded slice per iteration of the migration loop, taking turns with RAM;
-chunks the guest writes meanwhile are sent again (the dirty phase); the last ones go in the
-stop-and-copy.  :meth:`BlockSaver.pending` (the chunks still to send) is what the
+start of the migration is known; a first pass (the bulk phase) sends every 1 MiB chunk that
+may hold data, one bounded slice per iteration of the migration loop, taking turns with RAM;
+what the guest writes meanwhile is sent again in the log's 64 KiB units (the dirty phase);
+the last ones go in the stop-and-copy.  :meth:`BlockSaver.pending` (the chunks still to send) is what the
 convergence policy weighs with RAM's pending bytes.
 
 Holes are never read: the chunks to send are taken from ``SEEK_DATA`` / ``SEEK_HOLE``, a
@@ -54,6 +54,9 @@ MAX_CHUNK_BYTES = 64 << 20
 # pair of a chunk that alternates data and hole
 # An iterate() sends for about as long as the rest of the loop took since the previous one
 # (RAM's pass), within these bounds: neither the disk nor RAM waits on the other for long.
+# The dirty log's unit: a guest's write makes this much go again (QEMU's is the 1 MiB chunk;
+# a 4 KiB write would then cost a 1 MiB re-send).  The bulk phase still sends whole chunks.
+TRACK_BYTES = 64 << 10
 SLICE_MIN_S = 0.05
 SLICE_MAX_S = 0.25
 
@@ -76,21 +79,26 @@ class BlockCounters:
     transferred: int = 0  # bytes of block records on the wire
     data_bytes: int = 0  # disk bytes sent as data
     zero_bytes: int = 0  # disk bytes sent as zero records
-    chunks: int = 0
+    parts: int = 0
 
 
 class BlockSaver:
     """Source half of one disk's live entry."""
 
-    def __init__(self, image: DiskImage, unit: int, chunk_bytes: int = DIRTY_CHUNK_BYTES):
+    def __init__(self, image: DiskImage, unit: int, chunk_bytes: int = DIRTY_CHUNK_BYTES,
+                 track_bytes: int = TRACK_BYTES):
+        if chunk_bytes % track_bytes or track_bytes % SECTOR_BYTES:
+            raise ValueError(f"a chunk of {chunk_bytes} bytes is not whole tracking units of "
+                             f"{track_bytes}")
         self.image = image
         self.unit = unit
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes  # the most one PART covers
+        self.track_bytes = track_bytes  # the dirty log's unit: what a write makes go again
         self.counters = BlockCounters()
         # pending() as of the migration loop's last call (what query-migrate reports: only
-        # the migration thread touches the chunks still to send)
+        # the migration thread touches the units still to send)
         self.last_pending = 0
-        self._todo = np.zeros(0, dtype=bool)
+        self._todo = np.zeros(0, dtype=bool)  # per tracking unit: still to send
         self._cursor = 0
         self.swept = False  # the bulk phase is over: every chunk that held data went once
         self._last_end: float | None = None
@@ -103,28 +111,28 @@ class BlockSaver:
         self.on_sent: Callable[[int, float], None] = lambda nbytes, seconds: None
 
     @property
-    def chunks(self) -> int:
-        return -(-self.image.size_bytes // self.chunk_bytes)
+    def units(self) -> int:
+        return -(-self.image.size_bytes // self.track_bytes)
 
     def setup(self, out) -> None:
-        """Log writes from now on, then take every chunk that may hold data: one written
+        """Log writes from now on, then take every unit that may hold data: one written
         before the log began holds data now, one written after is in the log."""
         image = self.image
-        image.start_dirty_log(self.chunk_bytes)
-        self._todo = np.zeros(self.chunks, dtype=bool)
+        image.start_dirty_log(self.track_bytes)
+        self._todo = np.zeros(self.units, dtype=bool)
         checkpoint = self.checkpoint
         if checkpoint is not None:
-            # (the checkpoint's chunks are the log's: both DIRTY_CHUNK_BYTES)
-            self._todo |= checkpoint.written()[: self.chunks]
+            per_chunk = checkpoint.chunk_bytes // self.track_bytes
+            self._todo |= np.repeat(checkpoint.written(), per_chunk)[: self.units]
         else:
             for offset, length in image.data_extents():
-                self._todo[offset // self.chunk_bytes:
-                           (offset + length - 1) // self.chunk_bytes + 1] = True
+                self._todo[offset // self.track_bytes:
+                           (offset + length - 1) // self.track_bytes + 1] = True
         self._cursor = 0
         self.swept = False
         self._last_end = None
         self.counters = BlockCounters()
-        self.last_pending = int(np.count_nonzero(self._todo)) * self.chunk_bytes
+        self.last_pending = self._pending_bytes()
         if checkpoint is None:
             out.start(DISK_START.pack(image.size_bytes, self.chunk_bytes, 0))
         else:
@@ -136,23 +144,25 @@ class BlockSaver:
         if not self.image.logging:
             return
         words = self.image.sync_dirty()
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.chunks]
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.units]
         self._todo |= bits.astype(bool)
+
+    def _pending_bytes(self) -> int:
+        count = int(np.count_nonzero(self._todo))
+        if count and self._todo[-1]:
+            tail = self.image.size_bytes - (self.units - 1) * self.track_bytes
+            return (count - 1) * self.track_bytes + tail
+        return count * self.track_bytes
 
     def pending(self) -> int:
         """Bytes of the disk still to send, as far as the dirty log knows now."""
         self._sync()
-        count = int(np.count_nonzero(self._todo))
-        if count and self._todo[-1]:
-            tail = self.image.size_bytes - (self.chunks - 1) * self.chunk_bytes
-            self.last_pending = (count - 1) * self.chunk_bytes + tail
-        else:
-            self.last_pending = count * self.chunk_bytes
+        self.last_pending = self._pending_bytes()
         return self.last_pending
 
     def iterate(self, out) -> bool:
-        """Send chunks from where the last call stopped for one slice; True when none is
-        left to send."""
+        """Send from where the last call stopped for one slice; True when nothing is left to
+        send."""
         now = time.monotonic()
         others = SLICE_MIN_S if self._last_end is None else now - self._last_end
         deadline = now + min(max(others, SLICE_MIN_S), SLICE_MAX_S)
@@ -163,7 +173,7 @@ class BlockSaver:
             self._last_end = time.monotonic()
 
     def complete(self, out) -> None:
-        """With the guest stopped: every chunk left, then END."""
+        """With the guest stopped: everything left, then END."""
         self._sync()
         self._send(out, float("inf"))
         self.last_pending = 0
@@ -174,33 +184,39 @@ class BlockSaver:
         self._buffer = None
 
     def _send(self, out, deadline: float) -> bool:
+        """One PART at a time: the first unit to send from the cursor on (wrapping around),
+        and the units after it that are to be sent too, up to a chunk: whole chunks in the
+        bulk phase, only what was written in the dirty phase."""
         todo = self._todo
+        per_part = self.chunk_bytes // self.track_bytes
         while True:
             if self.cancelled():
                 raise MigrationError("migration cancelled")
             ahead = np.flatnonzero(todo[self._cursor:])
             if ahead.size:
-                chunk = self._cursor + int(ahead[0])
+                first = self._cursor + int(ahead[0])
             else:
                 self.swept = True
                 behind = np.flatnonzero(todo[: self._cursor])
                 if not behind.size:
                     return True
-                chunk = int(behind[0])
-            todo[chunk] = False  # before the read: a write after it is logged again
-            self._send_chunk(out, chunk)
-            self._cursor = chunk + 1
+                first = int(behind[0])
+            run = todo[first:first + per_part]
+            stop = first + (int(np.argmin(run)) if not run.all() else len(run))
+            todo[first:stop] = False  # before the read: a write after it is logged again
+            self._send_range(out, first * self.track_bytes,
+                             min(stop * self.track_bytes, self.image.size_bytes))
+            self._cursor = stop
             if self._cursor >= len(todo):
                 self._cursor = 0
                 self.swept = True
             if time.monotonic() >= deadline:
                 return not todo.any()
 
-    def _send_chunk(self, out, chunk: int) -> None:
+    def _send_range(self, out, start: int, end: int) -> None:
+        """``[start, end)``, at most a chunk, as one PART."""
         t0 = time.monotonic()
         image = self.image
-        start = chunk * self.chunk_bytes
-        end = min(start + self.chunk_bytes, image.size_bytes)
         if self._buffer is None or len(self._buffer) < self.chunk_bytes:
             # one buffer for every chunk: fresh memory for each read would cost a fault per
             # page, and the record is on the wire (or copied) before the next read
@@ -232,7 +248,7 @@ class BlockSaver:
         c.transferred += sum(map(len, payload))
         c.data_bytes += data_bytes
         c.zero_bytes += end - start - data_bytes
-        c.chunks += 1
+        c.parts += 1
         self.on_sent(end - start, time.monotonic() - t0)
 
 
