@@ -225,7 +225,8 @@ def test_downtime_with_a_guest_writing_its_disk(tmp_path):
             info = migration.query()
             assert info["status"] == "completed", info
             rows[writing].append((info["total-time"], info["downtime"],
-                                  info["disk"]["transferred"]))
+                                  info["disk"]["transferred"],
+                                  info.get("downtime-breakdown", {})))
         finally:
             stop.set()
             guest.close()
@@ -241,6 +242,9 @@ def test_downtime_with_a_guest_writing_its_disk(tmp_path):
         print(f"  {'writing ' + format(statistics.median(rates) / 1e6, '.0f') + ' MB/s' if writing else 'no writes':>16}: "
               f"total {total} ms, downtime {down} ms, disk sent {sent / 1e6:.0f} MB "
               f"(runs: {', '.join(f'{r[0]}/{r[1]}' for r in rows[writing])} ms)")
+        for r in rows[writing]:
+            print("      downtime by phase (ms): " + ", ".join(
+                f"{phase} {ms:g}" for phase, ms in r[3].items()))
     ratio = statistics.median(r[1] for r in rows[True]) / statistics.median(
         r[1] for r in rows[False])
     print(f"  downtime ratio writing / not writing: {ratio:.2f} (target <= 2)")
