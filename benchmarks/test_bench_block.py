@@ -239,7 +239,9 @@ def test_downtime_with_a_guest_writing_its_disk(tmp_path):
         total = statistics.median(r[0] for r in rows[writing])
         down = statistics.median(r[1] for r in rows[writing])
         sent = statistics.median(r[2] for r in rows[writing])
-        print(f"  {'writing ' + format(statistics.median(rates) / 1e6, '.0f') + ' MB/s' if writing else 'no writes':>16}: "
+        label = (f"writing {statistics.median(rates) / 1e6:.0f} MB/s" if writing
+                 else "no writes")
+        print(f"  {label:>16}: "
               f"total {total} ms, downtime {down} ms, disk sent {sent / 1e6:.0f} MB "
               f"(runs: {', '.join(f'{r[0]}/{r[1]}' for r in rows[writing])} ms)")
         for r in rows[writing]:

@@ -4,8 +4,9 @@ It reads a stream (a ``file:`` snapshot, or anything piped in) without a guest: 
 every section (type, id, idstr, instance, version, size, offset), RAM statistics from the
 packets' headers and run records (zero and normal pages, bytes, packets, checksum failures;
 no page is copied), each travelling disk's block records (data and zero records, bytes, each
-held to the bounds a destination holds it to), the guest configuration, and the vCPU and device state decoded field by
-field through the state descriptions of the guest kind the configuration names.
+held to the bounds a destination holds it to), the guest configuration, and the vCPU and
+device state decoded field by field through the state descriptions of the guest kind the
+configuration names.
 
 A damaged stream is reported with the offset of the first problem.  Damage inside a record
 (a footer or packet checksum that does not match, state or configuration that does not

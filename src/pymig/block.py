@@ -6,8 +6,8 @@ QEMU's shape (``migration/block.c``): the disk's dirty-chunk log
 start of the migration is known; a first pass (the bulk phase) sends every 1 MiB chunk that
 may hold data, one bounded slice per iteration of the migration loop, taking turns with RAM;
 what the guest writes meanwhile is sent again in the log's 64 KiB units (the dirty phase);
-the last ones go in the stop-and-copy.  :meth:`BlockSaver.pending` (the chunks still to send) is what the
-convergence policy weighs with RAM's pending bytes.
+the last ones go in the stop-and-copy.  :meth:`BlockSaver.pending` (what is still to send) is
+what the convergence policy weighs with RAM's pending bytes.
 
 Holes are never read: the chunks to send are taken from ``SEEK_DATA`` / ``SEEK_HOLE``, a
 hole inside a chunk goes as a zero record, and so does data that reads as zeroes; the
@@ -50,13 +50,11 @@ RECORD = struct.Struct("<BxxxIQ")  # kind, length, offset
 KIND_DATA = 1
 KIND_ZERO = 2
 MAX_CHUNK_BYTES = 64 << 20
-# a PART holds one chunk: its data and one record per extent or hole, at most one per sector
-# pair of a chunk that alternates data and hole
-# An iterate() sends for about as long as the rest of the loop took since the previous one
-# (RAM's pass), within these bounds: neither the disk nor RAM waits on the other for long.
 # The dirty log's unit: a guest's write makes this much go again (QEMU's is the 1 MiB chunk;
 # a 4 KiB write would then cost a 1 MiB re-send).  The bulk phase still sends whole chunks.
 TRACK_BYTES = 64 << 10
+# An iterate() sends for about as long as the rest of the loop took since the previous one
+# (RAM's pass), within these bounds: neither the disk nor RAM waits on the other for long.
 SLICE_MIN_S = 0.05
 SLICE_MAX_S = 0.25
 
