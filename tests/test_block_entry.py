@@ -14,6 +14,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pymig import stream
 from pymig.block import (DISK_START, KIND_DATA, KIND_ZERO, RECORD, BlockLoader, BlockSaver,
@@ -442,3 +444,41 @@ def test_pymig_migrate_inc_and_blk_reach_the_migrate_command(monkeypatch):
                                          "tcp:127.0.0.1:1", "--blk", "--inc"])
     assert isinstance(done.exception, Stop)
     assert ("migrate", {"uri": "tcp:127.0.0.1:1", "blk": True, "inc": True}) in sent
+
+
+# --- any bytes at all ------------------------------------------------------------------------
+
+
+@st.composite
+def block_parts(draw):
+    """PARTs near the valid shape (records whose fields a mutation may push anywhere) and
+    arbitrary bytes."""
+    records = []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from([KIND_DATA, KIND_ZERO, 0, 3, 255]))
+        length = draw(st.one_of(st.sampled_from([0, 1, 512, 4096, MiB, MiB + 512]),
+                                st.integers(0, (1 << 32) - 1)))
+        offset = draw(st.one_of(st.sampled_from([0, 512, 4 * MiB - 512, 4 * MiB]),
+                                st.integers(0, (1 << 64) - 1)))
+        data = draw(st.binary(max_size=2048)) if kind == KIND_DATA else b""
+        records.append(RECORD.pack(kind, length, offset) + data)
+    return draw(st.one_of(st.just(b"".join(records)), st.binary(max_size=256)))
+
+
+@given(block_parts())
+def test_any_part_is_refused_with_a_packet_error_or_stays_inside_the_disk(payload):
+    size, chunk = 4 * MiB, MiB
+    try:
+        records = parse_part(payload, size, chunk)
+    except PacketError as exc:
+        assert 0 <= exc.offset <= len(payload)
+        return
+    covered = 0
+    for kind, offset, length, at in records:
+        assert kind in (KIND_DATA, KIND_ZERO)
+        assert offset % 512 == 0 and length % 512 == 0 and 0 < length <= chunk
+        assert offset + length <= size
+        if kind == KIND_DATA:
+            assert at + length <= len(payload)
+        covered += length
+    assert covered <= chunk
