@@ -133,16 +133,25 @@ def migrate_locally(guest, uri: str, *, params: dict | None = None,
                     digests: bool = True, guest_options: dict | None = None,
                     limits: DestinationLimits = ANY_KIND,
                     progress_timeout: float | None = 60.0, tls=None,
-                    credentials=None) -> LocalMigration:
+                    credentials=None, before_start=None,
+                    start_options: dict | None = None) -> LocalMigration:
     """Migrate ``guest`` to a destination in this process (its guest built with
     ``guest_options``, within ``limits``); ``during(migration)`` runs in the test's thread
     once the migration is under way.  ``tls``: the destination's (credentials, tls-authz);
-    ``credentials``: the CredentialStore the source's tls-creds parameter names."""
+    ``credentials``: the CredentialStore the source's tls-creds parameter names;
+    ``before_start(machine)``: called at the destination once everything is loaded, before its
+    guest runs; ``start_options``: more arguments for :meth:`Migration.start`."""
     at_load: list[str] = []
+
+    def loaded(machine) -> None:
+        if digests:
+            at_load.extend(block_digests(machine.guest.ram_blocks))
+        if before_start is not None:
+            before_start(machine)
+
     incoming = Incoming(uri, accept_timeout=timeout, guest_options=guest_options,
                         limits=limits, progress_timeout=progress_timeout, tls=tls,
-                        before_start=(lambda m: at_load.extend(block_digests(
-                            m.guest.ram_blocks))) if digests else None)
+                        before_start=loaded if digests or before_start else None)
     bound = incoming.listen()
     box: dict = {}
 
@@ -161,7 +170,7 @@ def migrate_locally(guest, uri: str, *, params: dict | None = None,
         store.set_capabilities(**capabilities)
     kwargs = {"decide": decide} if decide is not None else {}
     migration = Migration(Machine.source(guest), store, credentials=credentials, **kwargs)
-    migration.start(bound, trace_path=trace_path)
+    migration.start(bound, trace_path=trace_path, **(start_options or {}))
     if during is not None:
         during(migration)
     migration.wait(timeout)

@@ -84,13 +84,15 @@ def test_parameters_set_and_query(source):
 def test_capabilities_set_and_query(source):
     client = source.client()
     caps = client.command("query-migrate-capabilities")
-    assert caps == [{"capability": "auto-converge", "state": False},
+    assert caps == [{"capability": "block", "state": False},
+                    {"capability": "auto-converge", "state": False},
                     {"capability": "dirty-limit", "state": False},
                     {"capability": "pause-before-switchover", "state": False}]
     client.command("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}])
     assert {c["capability"]: c["state"] for c in client.command(
-        "query-migrate-capabilities")} == {"auto-converge": True, "dirty-limit": False,
+        "query-migrate-capabilities")} == {"block": False, "auto-converge": True,
+                                           "dirty-limit": False,
                                            "pause-before-switchover": False}
 
 

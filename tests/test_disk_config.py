@@ -77,7 +77,8 @@ def test_a_destination_opens_only_shared_disks_it_was_given_of_the_stream_size(t
     path = make_image(tmp_path / "d.img", 2 * MiB)
     other = make_image(tmp_path / "other.img", 2 * MiB)
     config = make_config(memory_bytes=16 * MiB, disks=[str(path)])
-    with pytest.raises(DiskError, match="not on shared storage"):
+    # a disk not on shared storage goes only where the operator said (block migration)
+    with pytest.raises(DiskError, match="travels with the guest .* --disk disk0=PATH"):
         open_disks(config, incoming=True, allowed=[str(path)])
     shared = make_config(memory_bytes=16 * MiB, disks=[f"{path},shared"])
     for allowed in (None, [], [str(other)]):  # a stream names a file: only the operator's open
@@ -181,3 +182,26 @@ def test_a_swapped_or_foreign_sector_is_found(tmp_path):
     assert not verify_diskcheck(path, diskcheck_config()).ok
     word = np.frombuffer(diskcheck_block(0, 1), dtype="<u4")
     assert word[0] == 0x4B444D50
+
+
+def test_a_destination_puts_a_travelling_disk_where_it_is_told(tmp_path):
+    from pymig.block import DiskTarget
+
+    source = make_image(tmp_path / "d.img", 2 * MiB)
+    config = make_config(memory_bytes=16 * MiB, disks=[str(source)])
+    (tmp_path / "named").mkdir()
+    (tmp_path / "dir").mkdir()
+    named = tmp_path / "named" / "t.img"
+    for images in (open_disks(config, True, targets=[DiskTarget(0, str(named))],
+                              target_dir=str(tmp_path / "dir")),  # a named target first
+                   open_disks(config, True, target_dir=str(tmp_path / "dir"))):
+        for image in images:
+            assert image.size_bytes == 2 * MiB
+            image.close()
+    assert named.exists() and (tmp_path / "dir" / "d.img").exists()
+    # a stream's path gives one file name in the directory, never a way out of it
+    sneaky = GuestConfig.from_dict(dict(config.to_dict(), disks=[
+        dict(config.to_dict()["disks"][0], path=f"{tmp_path}/x/..")]))
+    with pytest.raises(DiskError, match=r"has no file name to take in .*--disk disk0=PATH"):
+        open_disks(sneaky, True, target_dir=str(tmp_path / "dir"))
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["d.img"]

@@ -3,8 +3,10 @@
 It reads a stream (a ``file:`` snapshot, or anything piped in) without a guest: the header,
 every section (type, id, idstr, instance, version, size, offset), RAM statistics from the
 packets' headers and run records (zero and normal pages, bytes, packets, checksum failures;
-no page is copied), the guest configuration, and the vCPU and device state decoded field by
-field through the state descriptions of the guest kind the configuration names.
+no page is copied), each travelling disk's block records (data and zero records, bytes, each
+held to the bounds a destination holds it to), the guest configuration, and the vCPU and
+device state decoded field by field through the state descriptions of the guest kind the
+configuration names.
 
 A damaged stream is reported with the offset of the first problem.  Damage inside a record
 (a footer or packet checksum that does not match, state or configuration that does not
@@ -29,7 +31,9 @@ from typing import Any
 import xxhash
 
 from pymig import stream, vmstate
-from pymig.errors import PymigError, SourceCancelled, StreamError
+from pymig.block import BLOCK_IDSTR, KIND_DATA, MAX_CHUNK_BYTES, parse_part, parse_start
+from pymig.disk import SECTOR_BYTES
+from pymig.errors import PacketError, PymigError, SourceCancelled, StreamError
 from pymig.machine import CONFIG_IDSTR
 from pymig.ram import RAM_IDSTR
 from pymig.transport import PeerClosedError
@@ -67,11 +71,34 @@ class RamStats:
 
 
 @dataclass
+class DiskStats:
+    """One disk's block section (:mod:`pymig.block`), from its records' headers."""
+
+    size: int | None = None  # as its START says
+    chunk: int | None = None
+    parts: int = 0
+    data_records: int = 0
+    zero_records: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    ended: bool = False
+    checkpoint: dict | None = None  # an incremental section's: its name and id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "chunk": self.chunk, "checkpoint": self.checkpoint,
+                "parts": self.parts,
+                "data-records": self.data_records, "zero-records": self.zero_records,
+                "data-bytes": self.data_bytes, "zero-bytes": self.zero_bytes,
+                "ended": self.ended}
+
+
+@dataclass
 class Analysis:
     version: int | None = None
     sections: list[dict] = field(default_factory=list)
     config: dict | None = None
     ram: RamStats = field(default_factory=RamStats)
+    disks: dict[str, DiskStats] = field(default_factory=dict)  # block/N: a disk that travels
     state: dict[str, dict] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     complete: bool = False  # an EOF record was reached
@@ -99,6 +126,7 @@ class Analysis:
                     "page-bytes": self.ram.page_bytes,
                     "checksum-failures": self.ram.checksum_failures,
                     "blocks": self.ram.blocks},
+            "disks": {name: disk.to_dict() for name, disk in self.disks.items()},
             "state": self.state,
             "index": self.index,
         }
@@ -165,6 +193,8 @@ def analyze(channel) -> Analysis:
                 descriptions = state_descriptions(result.config)
             elif idstr == RAM_IDSTR:
                 pages = _ram(record, payload, payload_offset, result)
+            elif idstr == BLOCK_IDSTR:
+                _block(record, f"{idstr}/{instance}", payload, payload_offset, result)
             elif idstr in descriptions and version is not None:
                 key = f"{idstr}/{instance}"
                 result.state[key] = _plain(vmstate.decode(descriptions[idstr], payload, version))
@@ -267,6 +297,40 @@ def _problem(exc: BaseException, offset: int) -> Problem:
     if isinstance(exc, SourceCancelled) and exc.offset is not None:
         return Problem(exc.offset, f"{exc} (a CANCEL record: the stream ends unfinished)")
     return Problem(offset, str(exc))
+
+
+def _block(record, name: str, payload, offset: int, result: Analysis) -> None:
+    """One record of a disk's block section, its records held to the bounds a destination
+    holds them to (against the disk size its START says)."""
+    disk = result.disks.setdefault(name, DiskStats())
+    if record.type == stream.RecordType.START:
+        try:
+            size, chunk, _flags, disk.checkpoint = parse_start(payload, name)
+        except PacketError as exc:
+            result.problems.append(Problem(offset + exc.offset, exc.reason))
+            return
+        if not SECTOR_BYTES <= chunk <= MAX_CHUNK_BYTES or chunk % SECTOR_BYTES:
+            raise ValueError(f"a chunk of {chunk} bytes")
+        disk.size, disk.chunk = size, chunk
+        return
+    if record.type == stream.RecordType.END:
+        disk.ended = True
+        return
+    if disk.size is None or disk.chunk is None:
+        raise ValueError("disk data before its header")
+    disk.parts += 1
+    try:
+        records = parse_part(payload, disk.size, disk.chunk)
+    except PacketError as exc:
+        result.problems.append(Problem(offset + exc.offset, f"{name}: {exc.reason}"))
+        return
+    for kind, _offset, length, _at in records:
+        if kind == KIND_DATA:
+            disk.data_records += 1
+            disk.data_bytes += length
+        else:
+            disk.zero_records += 1
+            disk.zero_bytes += length
 
 
 def _ram(record, payload, offset: int, result: Analysis) -> Pages | None:
@@ -391,6 +455,13 @@ def render(analysis: Analysis, console) -> None:
                        f"compressed), {ram.zero_pages:,} zero pages, "
                        f"{format_bytes(ram.bytes)} on the wire, {ram.checksum_failures} "
                        f"checksum failures"))
+    for name, disk in analysis.disks.items():
+        size = format_bytes(disk.size) if disk.size is not None else "?"
+        console.print(Text(f"{name}: a {size} disk, {disk.parts:,} parts, "
+                           f"{format_bytes(disk.data_bytes)} of data in "
+                           f"{disk.data_records:,} records, {format_bytes(disk.zero_bytes)} "
+                           f"as {disk.zero_records:,} zero records"
+                           + ("" if disk.ended else ", never ended")))
     for key, fields in analysis.state.items():
         console.print(Text(key, style="bold"))
         for name, value in _flatten(fields):

@@ -114,10 +114,13 @@ def _report_warnings_and_logs() -> None:
 @click.option("--pattern", type=click.Choice(PATTERNS), default=None, help="dirtier pattern")
 @click.option("--hot-fraction", type=float, default=None, help="hotspot: hot share of the set")
 @click.option("--rounds", type=int, default=None, help="compute: rounds")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,shared]",
+@click.option("--disk", "disks", multiple=True,
+              metavar="PATH[,readonly][,shared][,checkpoint=NAME]",
               help="a raw disk image on the ATA channel (ports 0x1f0-0x1f7, 0x3f6): the first "
                    "--disk is the master, a second the slave; readonly: the guest's writes "
-                   "fail; shared: a migration's destination opens the same file")
+                   "fail; shared: a migration's destination opens the same file; "
+                   "checkpoint=NAME: from now on, a map beside the image of the chunks "
+                   "written since (migrate --inc sends only those)")
 @click.option("--disk-working-set", type=SIZE, default=None,
               help="diskcheck: how much of the disk it writes and checks")
 @click.option("--simulated", is_flag=True, help="use the simulated guest instead of KVM")
@@ -257,9 +260,15 @@ def _serve(session, **options) -> None:
 @click.option("--mem-prealloc", is_flag=True,
               help="map the --memory RAM and fault it all in before listening, so the "
                    "migration does not pay for first touches (QEMU's -mem-prealloc)")
-@click.option("--disk", "disks", multiple=True, metavar="PATH",
-              help="a disk image on shared storage the incoming guest may use (its source ran "
-                   "it with --disk PATH,shared); a stream naming any other image is refused")
+@click.option("--disk", "disks", multiple=True, metavar="PATH | diskN=PATH[,overwrite]",
+              help="PATH: a disk image on shared storage the incoming guest may use (its "
+                   "source ran it with --disk PATH,shared); a stream naming any other image "
+                   "is refused.  diskN=PATH: where disk N goes when its image travels with "
+                   "the guest (migrate --blk): created sparse if missing; one of another "
+                   "size is refused, and one holding data unless ,overwrite")
+@click.option("--disk-dir", type=click.Path(file_okay=False), default=None,
+              help="where each disk that travels with the guest and has no diskN=PATH goes: "
+                   "its image's file name in this directory")
 @click.option("--tls-creds", metavar="DIR[,verify-peer=off]", default=None, help=TLS_CREDS_HELP)
 @click.option("--tls-authz", "tls_authz", multiple=True, metavar="DN",
               help="accept only a source whose certificate's subject is DN (RFC 4514, e.g. "
@@ -267,7 +276,7 @@ def _serve(session, **options) -> None:
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
              max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, disks,
-             tls_creds, tls_authz, quiet) -> None:
+             disk_dir, tls_creds, tls_authz, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -276,7 +285,8 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
     stream, within this destination's limits (--accept-kind, --max-memory, --max-vcpus),
     checked before anything is allocated; --memory/--vcpus ask for exactly that guest,
     --mem-prealloc readies that much RAM ahead of it, and --disk names the shared disk images
-    the guest may open (a stream naming any other file is refused).  With --tls-creds the
+    the guest may open (a stream naming any other file is refused) and, as diskN=PATH, where
+    each disk that travels with the guest goes (migrate --blk or --inc).  With --tls-creds the
     source must come over TLS with a certificate that DIR's CA signed (and, with --tls-authz,
     one of those identities); anything else is refused before a byte of its stream is read.
     """
@@ -290,10 +300,25 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
                                    memory_bytes=memory, vcpus=vcpus)
     except ValueError as exc:
         _fail(str(exc))
-    for path in disks:  # the stream names them later; a wrong name should not wait for it
-        if not os.path.exists(path):
-            _fail(f"--disk {path}: no such file")
-    guest_options = {"backing": mem_backing, "disk_paths": list(disks)}
+    from pymig.block import DiskTarget, is_target
+
+    shared, targets = [], []
+    for text in disks:  # the stream names them later; a wrong name should not wait for it
+        if is_target(text):
+            try:
+                targets.append(DiskTarget.parse(text))
+            except ValueError as exc:
+                _fail(str(exc))
+        elif not os.path.exists(text):
+            _fail(f"--disk {text}: no such file")
+        else:
+            shared.append(text)
+    if len({t.unit for t in targets}) != len(targets):
+        _fail("--disk: a disk named twice as a target")
+    if disk_dir is not None and not os.path.isdir(disk_dir):
+        _fail(f"--disk-dir {disk_dir}: no such directory")
+    guest_options = {"backing": mem_backing, "disk_paths": shared, "disk_targets": targets,
+                     "disk_dir": disk_dir}
     if mem_prealloc:
         if memory is None:
             _fail("--mem-prealloc needs --memory: the size of the RAM to make ready")
@@ -340,11 +365,18 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--stop", "stop_guest", is_flag=True,
               help="file: snapshots: stop the guest once the snapshot is taken (by default "
                    "it carries on)")
+@click.option("--blk", is_flag=True,
+              help="move the images of disks not on shared storage with the guest (block "
+                   "migration; the destination names where each goes: --disk diskN=PATH)")
+@click.option("--inc", is_flag=True,
+              help="incremental block migration: only the chunks written since the disk's "
+                   "checkpoint (pymig run --disk PATH,checkpoint=NAME) travel; the "
+                   "destination's target is the copy taken for it")
 @click.option("--json", "as_json", is_flag=True,
               help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
             auto_converge, dirty_limit, no_dirty_limit, trace, keep_source, stop_guest,
-            as_json) -> None:
+            blk, inc, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar.
 
     Every run sets each parameter and capability it has a flag for, to the flag's value or its
@@ -373,6 +405,10 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
         arguments["trace"] = trace
     if stop_guest:
         arguments["resume"] = False
+    if blk:
+        arguments["blk"] = True
+    if inc:
+        arguments["inc"] = True
     console = Console(stderr=True)
 
     def say(text: str) -> None:

@@ -77,7 +77,8 @@ class Command:
 
 
 def _migrate(s: Session, a: dict) -> None:
-    s.migrate(_uri(a), trace_path=a.get("trace"), resume=a.get("resume"))
+    s.migrate(_uri(a), trace_path=a.get("trace"), resume=a.get("resume"),
+              blk=bool(a.get("blk")), inc=bool(a.get("inc")))
 
 
 def _uri(args: dict) -> str:
@@ -108,11 +109,14 @@ COMMANDS: dict[str, Command] = {
                               "every command this server knows"),
     "query-version": Command(lambda s, a: _version(), {}, "pymig's version"),
     "migrate": Command(_migrate, {"uri": Arg("string", True), "detach": Arg("boolean"),
-                                  "trace": Arg("string"), "resume": Arg("boolean")},
+                                  "trace": Arg("string"), "resume": Arg("boolean"),
+                                  "blk": Arg("boolean"), "inc": Arg("boolean")},
                        "start migrating the guest to uri; returns at once, whatever 'detach' "
                        "says (as QEMU), so follow it with query-migrate or MIGRATION events; "
                        "resume: whether the guest runs on here afterwards (default: only for "
-                       "file: snapshots); trace: a file for one JSON line per iteration"),
+                       "file: snapshots); trace: a file for one JSON line per iteration; "
+                       "blk: disks not on shared storage travel with the guest; inc: only "
+                       "what was written to them since their checkpoint"),
     "migrate-incoming": Command(lambda s, a: {"uri": s.migrate_incoming(_uri(a))},
                                 {"uri": Arg("string", True)},
                                 "a destination started with 'defer': receive on uri now"),

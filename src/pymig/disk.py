@@ -18,6 +18,10 @@ bytes may have reached the file.
 ``--disk PATH[,readonly][,shared]`` (:class:`DiskSpec`): ``readonly`` opens the file
 ``O_RDONLY`` and the guest's writes fail; ``shared`` says the destination of a migration opens
 the same file (shared storage), so the image need not travel with the guest.
+
+An image an incoming block migration is writing (:mod:`pymig.block`) has a marker file beside
+it, ``PATH.incomplete``, until the guest runs on it; opening it for a guest is refused, with
+the marker's reason (:func:`check_complete`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
+import re
 import stat
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -56,29 +64,158 @@ class DiskSpec:
     path: str
     readonly: bool = False
     shared: bool = False
+    checkpoint: str | None = None  # a checkpoint to create if the image has none by the name
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":
-        """``PATH[,readonly][,shared]`` (ValueError naming what is wrong)."""
+        """``PATH[,readonly][,shared][,checkpoint=NAME]`` (ValueError naming what is
+        wrong)."""
         path, *options = text.split(",")
         if not path:
             raise ValueError(f"--disk {text!r}: no image path")
-        unknown = [o for o in options if o not in DISK_OPTIONS]
+        checkpoint = None
+        for option in [o for o in options if o.startswith("checkpoint=")]:
+            checkpoint = option.partition("=")[2]
+            if not CHECKPOINT_NAME.match(checkpoint):
+                raise ValueError(f"--disk {text!r}: a checkpoint name is 1 to 64 letters, "
+                                 f"digits, '.', '_' or '-'")
+        unknown = [o for o in options if o not in DISK_OPTIONS
+                   and not o.startswith("checkpoint=")]
         if unknown:
             raise ValueError(f"--disk {text!r}: unknown option(s) {unknown} (known: "
-                             f"{', '.join(DISK_OPTIONS)})")
-        return cls(path, readonly="readonly" in options, shared="shared" in options)
+                             f"{', '.join(DISK_OPTIONS)}, checkpoint=NAME)")
+        return cls(path, readonly="readonly" in options, shared="shared" in options,
+                   checkpoint=checkpoint)
 
     def open(self) -> "DiskImage":
-        return DiskImage(self.path, readonly=self.readonly)
+        image = DiskImage(self.path, readonly=self.readonly)
+        if self.checkpoint is not None:
+            try:
+                image.add_checkpoint(self.checkpoint)
+            except BaseException:
+                image.close()
+                raise
+        return image
+
+
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+CHECKPOINT_SUFFIX = ".checkpoint-"
+
+
+def checkpoint_files(path: str, name: str) -> tuple[str, str]:
+    """The identity (JSON) and the map (a bit per chunk) of checkpoint ``name`` of the image
+    at ``path``."""
+    base = f"{os.fspath(path)}{CHECKPOINT_SUFFIX}{name}"
+    return base + ".json", base + ".map"
+
+
+def checkpoint_names(path: str) -> list[str]:
+    """The checkpoints kept beside the image at ``path``."""
+    prefix = os.path.basename(os.fspath(path)) + CHECKPOINT_SUFFIX
+    try:
+        entries = os.listdir(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return []
+    return sorted(e[len(prefix):-len(".json")] for e in entries
+                  if e.startswith(prefix) and e.endswith(".json")
+                  and CHECKPOINT_NAME.match(e[len(prefix):-len(".json")]))
+
+
+class Checkpoint:
+    """A named point in an image's history and the chunks written since (``--disk
+    PATH,checkpoint=NAME``): an identity file (its name, a random id, the image's size) and a
+    persistent map, a bit per :data:`DIRTY_CHUNK_BYTES` chunk, beside the image.  Every
+    write to the image marks its chunks in the map *before* its bytes go to the file, so the
+    map never misses a chunk, even if the process dies between the two.  A copy of the image
+    taken any time after the checkpoint was made, with its identity file, differs from the
+    image only in chunks the map names: what an incremental block migration sends."""
+
+    def __init__(self, path: str, name: str, size_bytes: int, *, readonly: bool = False,
+                 create: bool = False):
+        self.name = name
+        self.identity_path, self.map_path = checkpoint_files(path, name)
+        self.chunk_bytes = DIRTY_CHUNK_BYTES
+        self.chunks = -(-size_bytes // self.chunk_bytes)
+        map_bytes = -(-self.chunks // 8)
+        if create and not os.path.exists(self.identity_path):
+            with open(self.map_path, "wb") as handle:
+                handle.truncate(map_bytes)
+            identity = {"name": name, "id": uuid.uuid4().hex, "size_bytes": size_bytes,
+                        "chunk_bytes": self.chunk_bytes,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            with open(self.identity_path + ".tmp", "w") as handle:
+                json.dump(identity, handle)
+            os.replace(self.identity_path + ".tmp", self.identity_path)
+        self.identity = read_checkpoint_identity(self.identity_path)
+        if (self.identity["size_bytes"] != size_bytes
+                or self.identity["chunk_bytes"] != self.chunk_bytes):
+            raise DiskError(f"checkpoint {name} of {path} is of a {self.identity['size_bytes']}"
+                            f"-byte image in {self.identity['chunk_bytes']}-byte chunks, not "
+                            f"{size_bytes} in {self.chunk_bytes}")
+        try:
+            if not os.path.exists(self.map_path) and not readonly:
+                with open(self.map_path, "wb") as handle:  # a copy given its identity alone
+                    handle.truncate(map_bytes)
+            if os.path.getsize(self.map_path) != map_bytes:
+                raise DiskError(f"checkpoint {name} of {path}: its map {self.map_path} is "
+                                f"{os.path.getsize(self.map_path)} bytes, not {map_bytes}")
+            self._map = np.memmap(self.map_path, dtype=np.uint8,
+                                  mode="r" if readonly else "r+", shape=(map_bytes,))
+        except OSError as exc:
+            raise DiskError(f"checkpoint {name} of {path}: {exc.strerror or exc}") from None
+
+    @property
+    def id(self) -> str:
+        return self.identity["id"]
+
+    def mark(self, offset: int, length: int) -> None:
+        first = offset // self.chunk_bytes
+        last = (offset + length - 1) // self.chunk_bytes
+        for chunk in range(first, last + 1):
+            self._map[chunk >> 3] |= np.uint8(1 << (chunk & 7))
+
+    def written(self) -> np.ndarray:
+        """Per chunk, whether it was written since the checkpoint (bools)."""
+        return np.unpackbits(np.asarray(self._map), bitorder="little")[: self.chunks] \
+            .astype(bool)
+
+    def flush(self) -> None:
+        if self._map is not None and self._map.mode != "r":
+            self._map.flush()
+
+    def close(self) -> None:
+        if self._map is not None:
+            self.flush()
+            self._map = None
+
+
+def read_checkpoint_identity(identity_path: str) -> dict:
+    """A checkpoint's identity file, checked (DiskError saying what is wrong)."""
+    try:
+        with open(identity_path, "rb") as handle:
+            identity = json.loads(handle.read(4096))
+    except FileNotFoundError:
+        raise DiskError(f"no checkpoint identity {identity_path}") from None
+    except (OSError, ValueError) as exc:
+        raise DiskError(f"checkpoint identity {identity_path} cannot be read: {exc}") from None
+    if not (isinstance(identity, dict) and isinstance(identity.get("id"), str)
+            and re.fullmatch(r"[0-9a-f]{32}", identity["id"])
+            and isinstance(identity.get("name"), str)
+            and type(identity.get("size_bytes")) is int
+            and type(identity.get("chunk_bytes")) is int):
+        raise DiskError(f"checkpoint identity {identity_path} is not one pymig wrote")
+    return identity
 
 
 class DiskImage:
     """A raw disk image, opened for the guest (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False,
+                 allow_incomplete: bool = False):
         self.path = os.fspath(path)
         self.readonly = readonly
+        if not allow_incomplete:
+            check_complete(self.path)
         try:
             self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR)
                               | os.O_CLOEXEC)
@@ -92,6 +229,24 @@ class DiskImage:
         self._lock = threading.Lock()
         self._dirty: np.ndarray | None = None
         self._chunk_bytes = DIRTY_CHUNK_BYTES
+        # every checkpoint kept beside the image marks what is written from now on too,
+        # whether or not this run named it: a write it missed would never reach a copy
+        self.checkpoints: dict[str, Checkpoint] = {}
+        try:
+            for name in checkpoint_names(self.path):
+                self.checkpoints[name] = Checkpoint(self.path, name, self.size_bytes,
+                                                    readonly=readonly)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_checkpoint(self, name: str) -> "Checkpoint":
+        """Checkpoint ``name`` of this image, made now if it has none by that name."""
+        if name not in self.checkpoints:
+            if self.readonly:
+                raise DiskError(f"{self.path} is read-only: a checkpoint cannot be made")
+            self.checkpoints[name] = Checkpoint(self.path, name, self.size_bytes, create=True)
+        return self.checkpoints[name]
 
     @property
     def sectors(self) -> int:
@@ -119,6 +274,21 @@ class DiskImage:
             done += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the image's bytes from ``offset`` (inside the image): a reused
+        buffer, where :meth:`pread` would allocate fresh memory for each read."""
+        length = len(view)
+        self._check_range(offset, length)
+        done = 0
+        while done < length:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if not got:
+                size = os.fstat(self.fd).st_size
+                raise OSError(errno.EIO, f"the image ends at byte {size}, before "
+                                         f"{offset + length} (it shrank from "
+                                         f"{self.size_bytes})")
+            done += got
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset`` (inside the image), or raise OSError."""
         length = len(data)
@@ -126,6 +296,7 @@ class DiskImage:
         if self.readonly:
             raise OSError(errno.EROFS, f"{self.path} is open read-only")
         view = memoryview(data).cast("B")
+        self._mark_checkpoints(offset, length)
         done = 0
         try:
             while done < length:
@@ -139,6 +310,7 @@ class DiskImage:
         self._check_range(offset, length)
         if self.readonly:
             raise OSError(errno.EROFS, f"{self.path} is open read-only")
+        self._mark_checkpoints(offset, length)
         try:
             if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
                                length) == 0:
@@ -156,7 +328,10 @@ class DiskImage:
             self._mark(offset, length)
 
     def flush(self) -> None:
-        """Everything written so far is on stable storage when this returns (fdatasync)."""
+        """Everything written so far is on stable storage when this returns (fdatasync),
+        and so are the checkpoints' maps."""
+        for checkpoint in self.checkpoints.values():
+            checkpoint.flush()
         os.fdatasync(self.fd)
 
     def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
@@ -182,6 +357,8 @@ class DiskImage:
             pos = hole
 
     def close(self) -> None:
+        for checkpoint in getattr(self, "checkpoints", {}).values():
+            checkpoint.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -235,6 +412,12 @@ class DiskImage:
             self._dirty = np.zeros_like(taken)
         return taken
 
+    def _mark_checkpoints(self, offset: int, length: int) -> None:
+        if length and self.checkpoints:
+            with self._lock:
+                for checkpoint in self.checkpoints.values():
+                    checkpoint.mark(offset, length)
+
     def _mark(self, offset: int, length: int) -> None:
         if not length:
             return
@@ -246,6 +429,33 @@ class DiskImage:
             last = (offset + length - 1) // self._chunk_bytes
             for chunk in range(first, last + 1):
                 bitmap[chunk >> 6] |= np.uint64(1 << (chunk & 63))
+
+
+def incomplete_marker(path: str) -> str:
+    """The file beside an image that says it is partial (an incoming block migration into
+    it has not completed)."""
+    return os.fspath(path) + ".incomplete"
+
+
+def check_complete(path: str) -> None:
+    """DiskError, with the reason, if ``path`` is marked partial (:func:`incomplete_marker`):
+    a guest must never run on half a disk."""
+    marker = incomplete_marker(path)
+    try:
+        with open(marker, "rb") as handle:
+            text = handle.read(4096)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DiskError(f"disk image {path}: its marker {marker} cannot be read "
+                        f"({exc.strerror})") from None
+    try:
+        info = json.loads(text)
+        reason = f"{info['reason']} (began {info['began']})"
+    except (ValueError, KeyError, TypeError):
+        reason = "an incoming migration into it has not completed"
+    raise DiskError(f"disk image {path} is incomplete: {reason}; migrate into it again, or "
+                    f"remove {marker} to use it as it is")
 
 
 def _size_of(fd: int, path: str) -> int:

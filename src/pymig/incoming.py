@@ -155,6 +155,8 @@ class Incoming:
                     log.warning("the guest runs here, but its ACK did not reach the source: %s",
                                 describe(exc))
             self.machine.release_load_buffers()
+            # the disks that travelled are whole: flushed, their incomplete markers gone
+            self.machine.finish_incoming()
             self._set_status("completed")
             return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
                                   self.machine.load_counters())

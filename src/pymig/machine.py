@@ -3,6 +3,8 @@
 The registry of a machine holds, in stream order:
 
 * ``ram`` (live, RAM priority): :class:`pymig.ram.RamSaver` / :class:`pymig.ram.RamLoader`;
+* ``block`` instance *unit* (live) per disk not on shared storage: its image travels in the
+  stream (:mod:`pymig.block`);
 * ``cpu`` instance *i* per vCPU (or simulated writer): the vCPU state description;
 * one entry per device the guest has (serial port, control port, ...).
 
@@ -22,7 +24,8 @@ import time
 from collections.abc import Callable
 
 from pymig import stream, vmstate
-from pymig.errors import PacketError, StateError, StreamError
+from pymig.block import BLOCK_IDSTR, BLOCK_VERSION, BlockLoader, BlockSaver, disk_id
+from pymig.errors import MigrationError, PacketError, StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import ConfigError, GuestState, StateSpec
 from pymig.ram import (PACKET_BYTES, RAM_IDSTR, RAM_VERSION, PacketWorker, RamLoader,
@@ -95,6 +98,38 @@ class _RamHandlers:
             machine.ram_saver.cleanup()
 
 
+class _BlockHandlers:
+    """Adapts one disk's :class:`~pymig.block.BlockSaver` / :class:`~pymig.block.BlockLoader`
+    to the live-handler protocol (the opaque is the saver or the loader)."""
+
+    def setup(self, saver: BlockSaver, out: SectionOut) -> None:
+        saver.setup(out)
+
+    def iterate(self, saver: BlockSaver, out: SectionOut) -> bool:
+        return saver.iterate(out)
+
+    def pending(self, saver: BlockSaver) -> int:
+        return saver.pending()
+
+    def complete(self, saver: BlockSaver, out: SectionOut) -> None:
+        saver.complete(out)
+
+    def load(self, loader: BlockLoader, data, version_id: int, section_type: int) -> None:
+        if section_type == stream.RecordType.START:
+            loader.load_start(data)
+        elif section_type == stream.RecordType.PART:
+            loader.load_part(data)
+        elif section_type == stream.RecordType.END:
+            loader.load_end(data)
+        else:
+            raise StateError(f"{loader.name} cannot load a section of type {section_type}",
+                             entry=BLOCK_IDSTR)
+
+    def cleanup(self, saver: BlockSaver) -> None:
+        if isinstance(saver, BlockSaver):
+            saver.cleanup()
+
+
 class Machine:
     """A guest and its registry, as a migration source or destination."""
 
@@ -105,6 +140,24 @@ class Machine:
         self.ram_saver = None if incoming else RamSaver(guest)
         self.ram_loader = RamLoader(guest) if incoming else None
         self.registry.register_savevm_live(RAM_IDSTR, 0, RAM_VERSION, _RamHandlers(), self)
+        self.block_savers: list[BlockSaver] = []
+        self.block_loaders: list[BlockLoader] = []
+        images = getattr(guest, "disk_images", [])
+        for unit, disk in enumerate(guest.config.disks):
+            if disk.shared:
+                continue
+            if incoming:
+                opaque = BlockLoader(images[unit], unit)
+                self.block_loaders.append(opaque)
+            else:
+                opaque = BlockSaver(images[unit], unit)
+                # the disk's bytes count with RAM's in the rates the policy weighs: the
+                # bandwidth is what moves both
+                opaque.on_sent = self.ram_saver.count_sent
+                opaque.cancelled = lambda: self.ram_saver.cancelled()
+                self.block_savers.append(opaque)
+            self.registry.register_savevm_live(BLOCK_IDSTR, unit, BLOCK_VERSION,
+                                               _BlockHandlers(), opaque)
         for reason in guest.migration_blockers():  # e.g. a disk the destination cannot open
             self.registry.add_blocker(reason)
         self.ram_bytes = sum(b.size_bytes for b in guest.ram_blocks)
@@ -127,6 +180,47 @@ class Machine:
         return cls(create(config, incoming=True, **guest_options), incoming=True)
 
     # -- source ------------------------------------------------------------------------------
+    def check_migratable(self, block: bool, incremental: bool = False) -> None:
+        """MigrationError naming every reason this guest cannot migrate now: the registry's
+        blockers, and each disk not on shared storage unless its image travels too
+        (``block``: ``migrate --blk``, the ``block`` capability; ``incremental``: ``migrate
+        --inc``, only what was written since the disk's checkpoint, which it must have
+        exactly one of).  Sets each disk's mode for the migration that follows."""
+        reasons = self.registry.blockers()
+        for saver in self.block_savers:
+            saver.checkpoint = None
+            if not incremental:
+                continue
+            names = sorted(saver.image.checkpoints)
+            if len(names) != 1:
+                reasons.append(
+                    f"disk {saver.unit} ({saver.image.path}) has "
+                    f"{'no checkpoint' if not names else 'checkpoints ' + ', '.join(names)}: "
+                    f"an incremental migration sends what was written since its one "
+                    f"checkpoint (pymig run --disk PATH,checkpoint=NAME makes it)")
+            else:
+                saver.checkpoint = saver.image.checkpoints[names[0]]
+        if not block and not incremental:
+            reasons += [f"disk {s.unit} ({s.image.path}) is not on shared storage: migrate "
+                        f"with --blk (QMP: blk, or the block capability) to move its image "
+                        f"with the guest, or run it as --disk {s.image.path},shared if the "
+                        f"destination opens the same file" for s in self.block_savers]
+        if reasons:
+            raise MigrationError("migration is blocked: " + "; ".join(reasons))
+
+    def disk_counters(self) -> dict | None:
+        """query-migrate's ``disk``: bytes of the disks moved, left and in all (None: no disk
+        travels)."""
+        if not self.block_savers:
+            return None
+        return {"transferred": sum(s.counters.transferred for s in self.block_savers),
+                "remaining": sum(s.last_pending for s in self.block_savers),
+                "total": sum(s.image.size_bytes for s in self.block_savers),
+                "disks": {disk_id(s.unit): {"data-bytes": s.counters.data_bytes,
+                                            "zero-bytes": s.counters.zero_bytes,
+                                            "bulk-completed": s.swept}
+                          for s in self.block_savers}}
+
     def save_config(self, writer: "stream.StreamWriter") -> None:
         payload = json.dumps(self.guest.config.to_dict()).encode()
         writer.full(CONFIG_SECTION_ID, CONFIG_IDSTR, 0, CONFIG_VERSION, payload)
@@ -206,7 +300,9 @@ class Machine:
                     self._load_part_behind(decoder, reader, record, entry, version, report)
                     continue
                 decoder.drain()
-                self._load_record(entry, record, reader.read_payload(), version, state)
+                payload = reader.read_payload()
+                self._load_record(entry, record, payload, version, state,
+                                  reader.offset - stream.FOOTER_BYTES - len(payload))
                 if report is not None:
                     report.loaded(reader.offset)
             decoder.drain()
@@ -240,12 +336,13 @@ class Machine:
 
         def job() -> None:
             try:
-                entry.handlers.load(self, payload, version, record.type)
+                entry.handlers.load(entry.opaque, payload, version, record.type)
             except PacketError as exc:
                 # its offset is into the packet: the stream's is what analyze and a hex dump
                 # of the file show
+                what = "RAM packet" if entry.idstr == RAM_IDSTR else f"{entry.name} record"
                 raise PacketError(start + exc.offset,
-                                  f"{exc.reason} (RAM packet at byte {start})") from None
+                                  f"{exc.reason} ({what} at byte {start})") from None
             if progress is not None:
                 progress.loaded(end)
 
@@ -272,9 +369,16 @@ class Machine:
         return entry, versions[record.section_id]
 
     def _load_record(self, entry: SaveStateEntry, record, payload, version: int,
-                     state: GuestState) -> None:
+                     state: GuestState, start: int = 0) -> None:
         if entry.is_live:
-            entry.handlers.load(self, payload, version, record.type)
+            try:
+                entry.handlers.load(entry.opaque, payload, version, record.type)
+            except PacketError as exc:
+                if entry.idstr == RAM_IDSTR:
+                    raise
+                raise PacketError(start + exc.offset,
+                                  f"{exc.reason} ({entry.name} record at byte {start})") \
+                    from None
         else:
             self._decode_state(entry, payload, version, state)
 
@@ -309,6 +413,16 @@ class Machine:
             raise StateError(f"the stream ended without state for {', '.join(missing)}")
         if not self.ram_loader.ended:
             raise StateError("the stream ended before the RAM was complete", entry=RAM_IDSTR)
+        for loader in self.block_loaders:
+            if not loader.ended:
+                raise StateError(f"the stream ended before {loader.name} (disk {loader.unit}) "
+                                 f"was complete", entry=BLOCK_IDSTR)
+
+    def finish_incoming(self) -> None:
+        """The guest runs here now: each disk that travelled is flushed and no longer marked
+        incomplete."""
+        for loader in self.block_loaders:
+            loader.finish()
 
     def load_counters(self) -> dict:
         c = self.ram_loader.counters

@@ -147,13 +147,16 @@ class Migration:
 
     # -- control -----------------------------------------------------------------------------
     def start(self, uri: str, *, trace_path: str | None = None,
-              resume_source: bool | None = None) -> None:
+              resume_source: bool | None = None, blk: bool = False,
+              inc: bool = False) -> None:
         """Begin migrating to ``uri`` in the background; refuses while one is active.
 
         ``resume_source``: whether the source guest runs on after success, if it was running
         before.  By default it does for ``file:`` (a live snapshot: the guest carries on, the
         file holds its state at the switchover) and does not otherwise (the guest now runs at
         the destination).  A guest paused before the migration stays paused whatever happens.
+        ``blk`` (or the ``block`` capability): disks not on shared storage travel too;
+        ``inc``: only what was written to them since their checkpoint.
         """
         parsed = transport.parse_uri(uri)  # a bad URI is the caller's error, before any change
         if resume_source is None:
@@ -165,7 +168,9 @@ class Migration:
         # the run that completed last decides: after a snapshot the guest is still here
         if current == Status.COMPLETED and not self.resume_source:
             raise MigrationError("this guest has already migrated away")
-        self.machine.registry.check_migratable()
+        self.machine.check_migratable(
+            block=blk or self.params.snapshot().capabilities.get("block", False),
+            incremental=inc)
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
         tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         self.resume_source = resume_source
@@ -190,7 +195,7 @@ class Migration:
         self._trace = trace
         self.stats = MigrationStats(page_size=blocks[0].page_size,
                                     ram_total_bytes=sum(b.size_bytes for b in blocks),
-                                    trace=self._trace)
+                                    trace=self._trace, disk=self.machine.disk_counters)
         self.stats.set_status(Status.SETUP.value)
         self._thread = threading.Thread(target=self._run, args=(uri,), name="pymig-migration",
                                         daemon=True)

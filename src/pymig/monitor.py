@@ -140,8 +140,9 @@ class ProgressView:
 
     def update(self, info: dict) -> None:
         ram = info.get("ram", {})
-        total = max(ram.get("total", 0), 1)
-        remaining = ram.get("remaining", total)
+        disk = info.get("disk", {})  # disks that travel with the guest count as RAM does
+        total = max(ram.get("total", 0) + disk.get("total", 0), 1)
+        remaining = ram.get("remaining", total) + disk.get("remaining", 0)
         done = info.get("status") == "completed"
         self.progress.update(
             self.task, total=total, completed=total if done else max(total - remaining, 0),
@@ -156,6 +157,11 @@ def progress_figures(info: dict) -> str:
     done = info.get("status") == "completed"
     figures = [f"pass {info.get('iterations', 0)}",
                f"{format_bytes(0 if done else ram.get('remaining', 0))} left", rates(ram)]
+    disk = info.get("disk")
+    if disk:
+        figures[1] = (f"RAM {figures[1]}, disk "
+                      f"{format_bytes(0 if done else disk.get('remaining', 0))} left "
+                      f"({format_bytes(disk.get('transferred', 0))} sent)")
     ratio = compression_ratio(ram)
     if ratio is not None and ratio >= 1.05:  # what zero pages and LZ4 save on the wire
         figures[-1] += f" ({ratio:,.0f}x less)" if ratio >= 10 else f" ({ratio:.1f}x less)"
@@ -232,6 +238,8 @@ _ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("ram.dirty-pages-rate", "dirty rate", lambda v: f"{v:,} pages dirtied/s (last sync)"),
     ("=wire-rate", "throughput (wire)", _wire_rate),
     ("=page-rate", "throughput (pages)", _page_rate),
+    ("disk.total", "disks moved (images)", format_bytes),
+    ("disk.transferred", "disk data sent (wire bytes)", format_bytes),
     ("cpu-throttle-percentage", "vCPU throttle (now)", lambda v: f"{v} %"),
     ("cpu-throttle-peak", "vCPU throttle (highest)", lambda v: f"{v} %"),
     ("error-desc", "error", str),

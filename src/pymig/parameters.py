@@ -94,6 +94,7 @@ PARAMETERS: tuple[Parameter, ...] = (
 )
 
 CAPABILITIES: dict[str, str] = {
+    "block": "move the images of disks not on shared storage with the guest (migrate blk)",
     "auto-converge": "throttle the vCPUs when the guest dirties memory faster than it moves",
     "dirty-limit": "cap the dirty rate of each vCPU instead of throttling them all",
     "pause-before-switchover": "wait for 'migrate-continue' before stopping the guest",

@@ -254,6 +254,9 @@ class PacketWorker:
                     self._free.put(buf)
 
 
+_NO_PAGES = core.EncodeResult(0, 0, 0, 0, 0, 0)
+
+
 class RamSaver:
     """Source half of the RAM entry for one guest."""
 
@@ -433,6 +436,15 @@ class RamSaver:
             self.on_packet(result)
 
         return job
+
+    def count_sent(self, nbytes: int, seconds: float) -> None:
+        """Another live entry (a disk, :mod:`pymig.block`) put ``nbytes`` of guest data on the
+        wire in ``seconds``: they count with the pages in the rates the policy weighs and in
+        the destination's progress ledger, the bandwidth being what moves both (an empty
+        result for :attr:`on_packet`: no RAM went)."""
+        self.page_bytes_sent += nbytes
+        self.busy_seconds += seconds
+        self.on_packet(_NO_PAGES)
 
     def cap_packets(self, max_bandwidth: int) -> None:
         """Size the packets for a bandwidth cap of ``max_bandwidth`` bytes/s (0: none):

@@ -201,10 +201,12 @@ class Session:
 
     # -- outgoing migration ------------------------------------------------------------------
     def migrate(self, uri: str, *, trace_path: str | None = None,
-                resume: bool | None = None) -> None:
+                resume: bool | None = None, blk: bool = False, inc: bool = False) -> None:
         """Start migrating to ``uri`` (returns at once).  ``resume``: whether the guest runs on
         here after success if it ran before (default: only for ``file:``, a live snapshot); a
-        guest paused before stays paused."""
+        guest paused before stays paused.  ``blk``: the images of disks not on shared storage
+        travel with the guest (block migration); ``inc``: only what was written to them since
+        their checkpoint."""
         with self._command_lock:
             if self.machine is None:
                 raise CommandError("there is no guest to migrate" + (
@@ -225,7 +227,7 @@ class Session:
             previous, self.migration = self.migration, migration
             try:
                 migration.start(uri, trace_path=trace_path or self.trace_path,
-                                resume_source=resume)
+                                resume_source=resume, blk=blk, inc=inc)
             except (MigrationError, ValueError) as exc:
                 self.migration = previous
                 raise CommandError(str(exc)) from None

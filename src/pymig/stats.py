@@ -175,8 +175,11 @@ class MigrationStats:
 
     def __init__(self, *, page_size: int = 4096, ram_total_bytes: int = 0,
                  trace: TraceWriter | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 disk: Callable[[], dict | None] | None = None):
         self._lock = threading.Lock()
+        # the disks that travel with the guest (block migration): query-migrate's "disk"
+        self._disk = disk
         self._clock = clock
         self._trace = trace
         self.page_size = page_size
@@ -374,6 +377,11 @@ class MigrationStats:
                 "pages-per-second": int(round(self._pages_per_second)),
                 "page-size": self.page_size,
             }
+            disk = self._disk() if self._disk is not None else None
+            if disk is not None:
+                # the policy's pending bytes at the last sync were RAM's and the disks'
+                info["ram"]["remaining"] = max(self._remaining - disk["remaining"], 0)
+                info["disk"] = disk
             info["cpu-throttle-percentage"] = self._throttle
             info["cpu-throttle-peak"] = self._throttle_peak
             if self._vcpu_dirty_limits is not None:

@@ -49,7 +49,7 @@ class _Session(Session):
     """Everything of a session except what would start a migration or end the process."""
 
     def migrate(self, uri: str, *, trace_path: str | None = None,
-                resume: bool | None = None) -> None:
+                resume: bool | None = None, blk: bool = False, inc: bool = False) -> None:
         if self.machine is None:
             raise CommandError("there is no guest to migrate")
         transport.parse_uri(uri)

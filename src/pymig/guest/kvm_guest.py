@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from pymig._core import kvm as _kvm
+from pymig.block import DiskTarget, disk_id, open_target
 from pymig.disk import DiskImage
 from pymig.errors import DiskError, GuestError
 from pymig.guest import builtin, loader
@@ -98,7 +99,9 @@ class KvmGuest:
                hugepages: bool = True, irqchip: bool = True, manual_protect: bool = True,
                initially_set: bool = False, dirty_ring: int = 0,
                kvm: Kvm | None = None, prealloc: PreallocatedRam | None = None,
-               disk_paths: Sequence[str] | None = None) -> "KvmGuest":
+               disk_paths: Sequence[str] | None = None,
+               disk_targets: Sequence[DiskTarget] = (),
+               disk_dir: str | None = None) -> "KvmGuest":
         """A new, paused guest for ``config`` (see the module docstring for ``incoming``).
 
         ``backing``/``hugepages`` shape the RAM blocks (``prealloc``: blocks a destination
@@ -108,6 +111,10 @@ class KvmGuest:
         ``dirty_ring`` (:data:`DIRTY_LIMIT_RING_ENTRIES` is a good size for them).
         ``disk_paths``: the images a destination may open for the guest's shared disks (what
         ``pymig incoming --disk`` names); the stream's paths are only ever checked against it.
+        ``disk_targets``: where a destination writes the disks that travel with the guest
+        (block migration, ``pymig incoming --disk disk0=PATH``); the guest's configuration
+        then names the target; ``disk_dir``: where a disk with no target of its own goes,
+        under its image's file name (``pymig incoming --disk-dir``).
         """
         if config.kind != "kvm":
             raise ValueError(f"KvmGuest runs kind 'kvm' configurations, not {config.kind!r}")
@@ -118,7 +125,11 @@ class KvmGuest:
         kvm = kvm or Kvm()
         machine = None
         try:
-            disks = open_disks(config, incoming, disk_paths)
+            disks = open_disks(config, incoming, disk_paths, disk_targets, disk_dir)
+            if incoming and any(not d.shared for d in config.disks):
+                config = dataclasses.replace(config, disks=[
+                    dataclasses.replace(d, path=image.path)
+                    for d, image in zip(config.disks, disks)])
             blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
                                   prealloc=prealloc)
             console = Console()
@@ -354,12 +365,9 @@ class KvmGuest:
                           disk_sectors=tuple(d.sectors for d in self.disk_images))
 
     def migration_blockers(self) -> list[str]:
-        """A disk whose image is not shared keeps the guest here: its image would have to
-        travel with it, which this build cannot do."""
-        return [f"disk {unit} ({disk.path}) is not on shared storage: moving its image with "
-                f"the guest (block migration) is not available yet; give it as --disk "
-                f"{disk.path},shared if the destination opens the same file"
-                for unit, disk in enumerate(self.config.disks) if not disk.shared]
+        """None of its own: a disk whose image is not shared travels with the guest (block
+        migration), which :meth:`pymig.machine.Machine.check_migratable` asks for."""
+        return []
 
     def _disk_error(self, event: DiskErrorEvent) -> None:
         self.disk_errors.append(event)
@@ -422,22 +430,32 @@ class KvmGuest:
         return read_mailbox(self.ram_blocks, self.vcpu_count)
 
 
-def open_disks(config: GuestConfig, incoming: bool,
-               allowed: Sequence[str] | None = None) -> list[DiskImage]:
+def open_disks(config: GuestConfig, incoming: bool, allowed: Sequence[str] | None = None,
+               targets: Sequence[DiskTarget] = (), target_dir: str | None = None
+               ) -> list[DiskImage]:
     """The images of ``config``'s disks, each the size the configuration says.
 
     A destination's configuration comes from the stream, which may say anything: it opens
-    only shared images (any other is the source's own), and only those among ``allowed``, the
-    images its operator named, so a stream cannot make it open, and its guest write, any file
-    it likes."""
+    only shared images among ``allowed``, the images its operator named, and writes a disk
+    that travels with the guest only into the target its operator named for it
+    (``targets``) or into ``target_dir`` under the image's own file name (one name, never
+    ``.`` or ``..``), so a stream cannot make it open, and its guest write, any file it
+    likes."""
     permitted = {os.path.realpath(p) for p in allowed or ()}
+    by_unit = {t.unit: t for t in targets}
     images: list[DiskImage] = []
     try:
         for unit, disk in enumerate(config.disks):
             if incoming and not disk.shared:
-                raise DiskError(f"disk {unit} ({disk.path}) is not on shared storage: this "
-                                f"destination has no copy of the source's image (block "
-                                f"migration is not available yet)")
+                target = by_unit.get(unit)
+                if target is None and target_dir is not None:
+                    target = _target_in(target_dir, unit, disk.path)
+                if target is None:
+                    raise DiskError(f"disk {unit} ({disk.path}) travels with the guest (block "
+                                    f"migration): name where it goes, pymig incoming --disk "
+                                    f"{disk_id(unit)}=PATH")
+                images.append(open_target(target, disk.size_bytes, disk.path))
+                continue
             if incoming and os.path.realpath(disk.path) not in permitted:
                 raise DiskError(f"disk {unit} of the incoming guest is {disk.path} on shared "
                                 f"storage; this destination opens only the images it is given "
@@ -452,6 +470,16 @@ def open_disks(config: GuestConfig, incoming: bool,
             image.close()
         raise
     return images
+
+
+def _target_in(directory: str, unit: int, source_path: str) -> DiskTarget:
+    """Disk ``unit``'s target in ``directory``: the source image's file name there (the
+    stream's path, so no more than one plain name of it)."""
+    name = os.path.basename(source_path)
+    if name in ("", ".", ".."):
+        raise DiskError(f"disk {unit} ({source_path}) has no file name to take in "
+                        f"{directory}; name its target: --disk {disk_id(unit)}=PATH")
+    return DiskTarget(unit, os.path.join(os.path.abspath(directory), name))
 
 
 def _enter(vcpu, entry: loader.Entry) -> None:

@@ -157,10 +157,11 @@ class SimulatedGuest:
     def create(cls, config: GuestConfig, incoming: bool = False, *, backing: Backing = "anon",
                hugepages: bool = True, dirty_ring: int = 0,
                prealloc: PreallocatedRam | None = None,
-               disk_paths: Sequence[str] | None = None) -> "SimulatedGuest":
+               disk_paths: Sequence[str] | None = None,
+               disk_targets: Sequence = (), disk_dir: str | None = None) -> "SimulatedGuest":
         """A new, stopped guest with fresh RAM (or RAM made ready earlier: ``prealloc``).
 
-        ``dirty_ring`` and ``disk_paths`` are accepted so that one set of options builds either
+        ``dirty_ring`` and the disk options are accepted so that one set of options builds either
         kind of guest; the writers count their own dirty pages and need no ring, and a
         simulated guest has no disk.
 
