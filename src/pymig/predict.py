@@ -54,6 +54,14 @@ BINS = 128
 #: of a page.
 ZERO_PAGE_WIRE_SHARE = 0.002
 PAGE_FRAMING_SHARE = 0.0026
+#: The destination's reports trail what was sent by the time these wire bytes take to
+#: cross (socket buffers, the packet it is loading), and by this much (it reports every few
+#: ms); measured on loopback under max-bandwidth.
+REPORT_LAG_WIRE_BYTES = 160 << 10
+REPORT_LAG_S = 0.002
+#: The rate limiter's bucket, full when the migration starts (pymig.transport.ratelimit).
+BURST_SECONDS = 0.1
+BURST_MIN_BYTES = 1 << 20
 #: A model that never switches over ends after this much migration time...
 HORIZON_S = 600.0
 #: ... or once this many syncs found no lower expected downtime than before (by 0.1 %), with
@@ -179,6 +187,8 @@ class LinkModel:
     setup_s: float = 0.003  # connection, header, configuration, before the first sync
     per_sync_s: float = 0.0005  # a dirty-log sync and a decision
     switchover_s: float = 0.0  # the switchover's fixed cost (0: pymig.estimate's figure)
+    # from the start until the destination has built its guest and loads (and reports)
+    destination_ready_s: float = 0.0
 
 
 @dataclass
@@ -234,6 +244,7 @@ class Step:
     dirty_limits: tuple[int, ...] | None
     expected_downtime_s: float
     hot_periods: int
+    wait_s: float = 0.0  # wait this long for the destination, then sync and ask again
 
 
 def ask_policy(state: "_State", params: MigrationParameters) -> Step:
@@ -269,17 +280,27 @@ def ask_policy(state: "_State", params: MigrationParameters) -> Step:
         hot_periods=state.hot_periods,
     )
     decision = policy.decide(metrics, migration.policy_params(params))
-    action, reason = decision.action.value, decision.reason
+    action, reason, wait_s = decision.action.value, decision.reason, 0.0
     if decision.action == policy.Action.SWITCHOVER:
-        # The holds the migration thread still keeps beside the policy, asked as it asks
-        # them: the model's destination keeps up (no backlog, no catch-up wait).
+        # What the migration thread still decides beside the policy, asked as it asks it: a
+        # switchover held for another pass, or one that first waits for the destination to
+        # load what was sent and is decided again.
+        backlog = state.backlog()
         held = migration.switchover_held(
-            decision, expected_before_wait=math.inf, passes_after_wait=0, swept=state.swept,
-            backlog_bytes=0, bandwidth_bps=state.bandwidth.bytes_per_s, caught_up=True)
+            decision, expected_before_wait=state.expected_before_wait,
+            passes_after_wait=state.passes_after_wait, swept=state.swept,
+            backlog_bytes=round(backlog), bandwidth_bps=state.bandwidth.bytes_per_s,
+            caught_up=backlog <= 0)
         if held is not None:
             action, reason = policy.Action.CONTINUE.value, f"held: {held.name.lower()}"
+            if held == migration.Held.RESEND:
+                state.passes_after_wait += 1
+        elif backlog > 0:
+            action, wait_s = policy.Action.CONTINUE.value, state.catch_up_s()
+            reason = f"{decision.reason}; waiting for the destination"
+    state.expected_before_wait = decision.expected_downtime_s if wait_s else math.inf
     return Step(action, reason, decision.throttle_pct, decision.vcpu_dirty_limits,
-                decision.expected_downtime_s, decision.hot_periods)
+                decision.expected_downtime_s, decision.hot_periods, wait_s)
 
 
 def _slice_s(params: MigrationParameters) -> float:
@@ -327,6 +348,8 @@ class _State:
         self.closed: tuple[int, int] | None = None
         self.next_bin = 0  # where a sliced pass goes on
         self.swept = False  # the first pass over the data pages is through
+        self.expected_before_wait = math.inf  # the decision a catch-up wait followed
+        self.passes_after_wait = 0
         self.switchover_s = link.switchover_s or estimate.SwitchoverCost().seconds(
             guest.vcpus, guest.ram_bytes)
         self.bandwidth = estimate.Bandwidth()
@@ -336,6 +359,10 @@ class _State:
         self.trigger = estimate.TriggerPeriod()
         self.trigger.begin(self.now, 0)
         self.bandwidth.observe(self.now, 0)
+        self.history: list[tuple[float, float]] = [(self.now, 0.0)]  # (time, page bytes sent)
+        cap = self.live_wire_bps()
+        self.burst_left = (max(BURST_SECONDS * cap, BURST_MIN_BYTES) if math.isfinite(cap)
+                           else 0.0)
         self.source_rate.observe(0.0, 0)
 
     # -- the guest --
@@ -401,9 +428,12 @@ class _State:
     def send_time(self, pages: float, wire_bytes: float, first_time: bool,
                   wire_bps: float) -> tuple[float, float]:
         """(seconds to send ``pages`` in ``wire_bytes``, of which the source is busy): the
-        wire, the source and the destination's first touch, the slowest of them."""
+        wire, the source and the destination's first touch, the slowest of them.  The
+        rate limiter's bucket starts full: its burst goes at once."""
         ps = self.guest.page_size
-        wire = wire_bytes / wire_bps if math.isfinite(wire_bps) else 0.0
+        free = min(self.burst_left, wire_bytes) if math.isfinite(wire_bps) else 0.0
+        self.burst_left -= free
+        wire = (wire_bytes - free) / wire_bps if math.isfinite(wire_bps) else 0.0
         link = wire_bytes / self.link.bandwidth_bps if self.link.bandwidth_bps > 0 else 0.0
         source = pages * ps / self.link.source_rate_bps
         touch = (pages * ps / self.link.first_touch_bps
@@ -433,6 +463,7 @@ class _State:
             self.wire_sent += wire
             self.pending[b] = 0.0
             self.sent_before[b] = True
+            self.history.append((self.now, self.page_sent))
         else:
             step = n
         if not self.swept and self.sent_before.all():
@@ -441,8 +472,31 @@ class _State:
         if self.now == began:
             self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
         self.sent_period = self.page_sent - page0
-        self.bandwidth.observe(self.now, round(self.page_sent))
+        self.bandwidth.observe(self.now, round(self.delivered()))
         self.source_rate.observe(self.busy_s, round(self.page_sent))
+
+    def lag_s(self) -> float:
+        """How long the destination's reports trail what was sent: the bytes between
+        sender and loader, crossing at the wire's rate."""
+        wire_bps = self.live_wire_bps()
+        return REPORT_LAG_S + (REPORT_LAG_WIRE_BYTES / wire_bps
+                               if math.isfinite(wire_bps) else 0.0)
+
+    def delivered(self) -> float:
+        """Page bytes the destination has reported loading: what was sent :meth:`lag_s`
+        ago, nothing before it has built its guest."""
+        if self.now < self.link.setup_s + self.link.destination_ready_s:
+            return 0.0
+        times = [h[0] for h in self.history]
+        return float(np.interp(self.now - self.lag_s(), times, [h[1] for h in self.history]))
+
+    def backlog(self) -> float:
+        return max(self.page_sent - self.delivered(), 0.0)
+
+    def catch_up_s(self) -> float:
+        """Until the destination has reported loading everything sent."""
+        ready = self.link.setup_s + self.link.destination_ready_s
+        return max(self.history[-1][0] + self.lag_s(), ready) - self.now + REPORT_LAG_S
 
     def page_per_wire(self) -> float:
         return self.page_sent / self.wire_sent if self.wire_sent and self.page_sent else 1.0
@@ -507,6 +561,11 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
             return _result(state, "completed", step, downtime, trace)
         if step.action == "cancel":
             return _result(state, "cancelled", step, math.nan, trace)
+        if step.wait_s > 0:
+            state.advance(step.wait_s)
+            state.bandwidth.observe(state.now, round(state.page_sent))
+            state.sent_period = 0.0
+            continue
         if state.now >= horizon_s:
             return _result(state, "does-not-converge", step, math.nan, trace)
         if step.expected_downtime_s < best_expected * 0.999:

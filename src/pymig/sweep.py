@@ -35,6 +35,9 @@ MiB = 1 << 20
 #: or :data:`DOWNTIME_SLACK_MS`.
 TIME_TOLERANCE = 0.15
 DOWNTIME_SLACK_MS = 2.0
+#: A destination process started for the run builds its guest when the stream's
+#: configuration arrives, and loads nothing before: this long after the start, here.
+DESTINATION_READY_S = float(os.environ.get("PYMIG_SWEEP_DESTINATION_READY_S", "0.5"))
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                        pattern=spec.pattern if spec.pattern in ("uniform", "sequential")
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
                        zero_share=zero_pages / data_pages if data_pages else 0.0)
-    return predict(guest, LinkModel(), parameters(**qmp, capabilities=caps))
+    return predict(guest, LinkModel(destination_ready_s=DESTINATION_READY_S),
+                   parameters(**qmp, capabilities=caps))
 
 
 def run_point(spec: SweepSpec, point: dict[str, Any], run: int) -> dict[str, Any]:
@@ -105,23 +109,49 @@ def run_point(spec: SweepSpec, point: dict[str, Any], run: int) -> dict[str, Any
     with Source.start("dirtier", kind=spec.kind, memory=spec.memory, vcpus=spec.vcpus,
                       working_set=point["working_set_bytes"], rate=point["rate_pages_per_s"],
                       pattern=spec.pattern, warmup_s=spec.warmup_s) as source:
-        row["data_pages"], row["zero_pages"] = source.data_pages()
-        predicted = predict_point(spec, point, row["data_pages"], row["zero_pages"]).summary()
         with Destination(process=True) as destination:
+            row["data_pages"], row["zero_pages"] = source.data_pages()
+            predicted = predict_point(spec, point, row["data_pages"],
+                                      row["zero_pages"]).summary()
             result = source.migrate(destination, timeout=spec.max_total_time_ms / 1000 + 120,
                                     trace=False, **settings(spec, point))
     measured = result.summary()
     for key in ("status", "converged", "switchover_reason", "total_ms", "downtime_ms",
                 "expected_downtime_ms", "iterations", "transferred_bytes", "error"):
         row[key] = measured.get(key)
-    row.update({"predicted_status": predicted["status"],
-                "predicted_converged": predicted["converged"],
-                "predicted_reason": predicted["reason"],
-                "predicted_total_ms": predicted["total_ms"],
-                "predicted_downtime_ms": predicted["downtime_ms"],
-                "predicted_iterations": predicted["iterations"],
-                "predicted_transferred_bytes": predicted["transferred_bytes"]})
+    row.update(_predicted_fields(predicted))
     return row
+
+
+def _predicted_fields(predicted: dict[str, Any]) -> dict[str, Any]:
+    return {"predicted_status": predicted["status"],
+            "predicted_converged": predicted["converged"],
+            "predicted_reason": predicted["reason"],
+            "predicted_total_ms": predicted["total_ms"],
+            "predicted_downtime_ms": predicted["downtime_ms"],
+            "predicted_iterations": predicted["iterations"],
+            "predicted_transferred_bytes": predicted["transferred_bytes"]}
+
+
+def repredict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with their predictions made again by the model as it is now (from each
+    run's point and the pages its guest held), the measurements as they were."""
+    out = []
+    for row in rows:
+        if row.get("data_pages") is None:
+            out.append(row)
+            continue
+        point = {k: row[k] for k in POINT_KEYS}
+        predicted = predict_point(spec, point, row["data_pages"], row.get("zero_pages", 0))
+        out.append({**row, **_predicted_fields(predicted.summary())})
+    return out
+
+
+def load_spec(out_dir: str) -> SweepSpec:
+    """The spec a sweep in ``out_dir`` ran with."""
+    with open(os.path.join(out_dir, "spec.json"), encoding="utf-8") as handle:
+        data = json.load(handle)
+    return SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
