@@ -685,7 +685,8 @@ def _int_list(text: str, convert=int) -> tuple:
                    "continues from what is there)")
 @click.option("--rates", default="400,800,1600,3200,6400,12800", show_default=True,
               help="dirty rates, pages/s, comma-separated")
-@click.option("--bandwidths", default="4M,6M,9M,13.5M,20M,30M", show_default=True,
+@click.option("--bandwidths", default="4000000,6000000,9000000,13500000,20000000,30000000",
+              show_default=True,
               help="bandwidths (max-bandwidth), bytes/s, comma-separated")
 @click.option("--working-sets", default="16M", show_default=True, help="comma-separated")
 @click.option("--downtime-limits", default="100", show_default=True, help="ms, comma-separated")
