@@ -309,6 +309,18 @@ def _slice_s(params: MigrationParameters) -> float:
     return migration.iteration_slice_s(params)
 
 
+def _behind_wait_s(state: "_State", began: float) -> float:
+    """After an iteration that began at ``began``: how long the migration thread waits for
+    the destination's next report, being further behind than the iteration sent."""
+    from pymig import migration
+
+    left = migration.BEHIND_PERIOD_S - (state.now - began)
+    if state.backlog() <= max(state.sent_period, 0) or left <= 0:
+        return 0.0
+    ready = state.link.setup_s + state.link.destination_ready_s
+    return min(left, max(ready - state.now, REPORT_LAG_S))
+
+
 # -- the model's state -----------------------------------------------------------------------
 
 class _State:
@@ -472,8 +484,6 @@ class _State:
         if self.now == began:
             self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
         self.sent_period = self.page_sent - page0
-        self.bandwidth.observe(self.now, round(self.delivered()))
-        self.source_rate.observe(self.busy_s, round(self.page_sent))
 
     def lag_s(self) -> float:
         """How long the destination's reports trail what was sent: the bytes between
@@ -574,7 +584,11 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
             stalled += 1
             if stalled >= STALL_SYNCS and not _limits_pending(params):
                 return _result(state, "does-not-converge", step, math.nan, trace)
+        began = state.now
         state.send_pass(_slice_s(params))
+        state.advance(_behind_wait_s(state, began))
+        state.bandwidth.observe(state.now, round(state.delivered()))
+        state.source_rate.observe(state.busy_s, round(state.page_sent))
 
 
 def _limits_pending(params: MigrationParameters) -> bool:
