@@ -86,7 +86,7 @@ def settings(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
 
 
 def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
-                  zero_pages: int = 0):
+                  zero_pages: int = 0, *, bins: int | None = None):
     """The prediction for ``point`` (a :class:`pymig.predict.Prediction`)."""
     from pymig.experiment import migration_settings
     from pymig.predict import GuestModel, LinkModel, parameters, predict
@@ -98,7 +98,7 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
                        zero_share=zero_pages / data_pages if data_pages else 0.0)
     return predict(guest, LinkModel(destination_ready_s=DESTINATION_READY_S),
-                   parameters(**qmp, capabilities=caps))
+                   parameters(**qmp, capabilities=caps), **({"bins": bins} if bins else {}))
 
 
 def run_point(spec: SweepSpec, point: dict[str, Any], run: int) -> dict[str, Any]:
@@ -359,7 +359,8 @@ def _axes_values(grid: list[Cell]) -> tuple[list[int], list[int]]:
 
 
 def predicted_boundary(spec: SweepSpec, point: dict[str, Any], rates: list[int],
-                       bandwidths: list[int], steps: int = 24, data_pages: int = 0):
+                       bandwidths: list[int], steps: int = 14, data_pages: int = 0,
+                       zero_pages: int = 0):
     """Predicted convergence over a finer log grid spanning ``rates`` x ``bandwidths``:
     (rate values, bandwidth values, converges matrix [rate][bandwidth])."""
     import numpy as np
@@ -370,7 +371,7 @@ def predicted_boundary(spec: SweepSpec, point: dict[str, Any], rates: list[int],
     for i, rate in enumerate(rate_axis):
         for j, bw in enumerate(bw_axis):
             p = dict(point, rate_pages_per_s=int(rate), bandwidth_bps=int(bw))
-            conv[i, j] = predict_point(spec, p, data_pages).converges
+            conv[i, j] = predict_point(spec, p, data_pages, zero_pages, bins=32).converges
     return rate_axis, bw_axis, conv
 
 
@@ -396,8 +397,10 @@ def plot_maps(rows: list[dict[str, Any]], spec: SweepSpec, path: str) -> list[st
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
         data_pages = int(_median(r.get("data_pages") for r in rows
                                  if r.get("working_set_bytes") == ws) or 0)
+        zero_pages = int(_median(r.get("zero_pages") for r in rows
+                                 if r.get("working_set_bytes") == ws) or 0)
         r_axis, b_axis, conv = predicted_boundary(spec, sub[0].point, rates, bandwidths,
-                                                  data_pages=data_pages)
+                                                  data_pages=data_pages, zero_pages=zero_pages)
         for ax, figure, label in ((axes[0], "total_ms", "total time (ms)"),
                                   (axes[1], "downtime_ms", "downtime (ms)")):
             values = np.full((len(rates), len(bandwidths)), np.nan)
