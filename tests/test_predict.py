@@ -216,3 +216,26 @@ def test_pymig_predict_prints_json_and_refuses_a_guest_described_twice(tmp_path)
     assert table.returncode == 0 and "converges" in table.stdout
     both = run_pymig("predict", "--rate", "10", "--profile", str(tmp_path / "g.json"))
     assert both.returncode == 1 and "one way" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_pymig_predict_measures_a_running_guest(tmp_path):
+    from _migration_helpers import finish, pymig_process, wait_for_path
+
+    ctl = str(tmp_path / "src.sock")
+    proc = pymig_process("run", "--workload", "dirtier", "--memory", "64M", "--working-set",
+                         "16M", "--rate", "8000", "--simulated", "--control", ctl, "--quiet")
+    try:
+        wait_for_path(ctl, proc)
+        done = run_pymig("predict", "--control", ctl, "--memory", "64M", "--calc-time",
+                         "500ms", "--bandwidth", "20000000", "--downtime-limit", "100",
+                         "--json", "--save-profile", str(tmp_path / "guest.json"))
+    finally:
+        finish(proc)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    model = out["guest"]
+    assert model["write_rate_pps"] == pytest.approx(8000, rel=0.3)
+    assert model["pattern"] == "curve" and len(model["curve"]) >= 3
+    # 8,000 pages/s is 33 MB/s of pages against a 20 MB/s link
+    assert out["converged"] is False
+    assert load_guest(tmp_path / "guest.json").write_rate_pps == model["write_rate_pps"]
