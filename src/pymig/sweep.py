@@ -36,8 +36,9 @@ MiB = 1 << 20
 TIME_TOLERANCE = 0.15
 DOWNTIME_SLACK_MS = 2.0
 #: A destination process started for the run builds its guest when the stream's
-#: configuration arrives, and loads nothing before: this long after the start, here.
-DESTINATION_READY_S = float(os.environ.get("PYMIG_SWEEP_DESTINATION_READY_S", "0.5"))
+#: configuration arrives, and loads nothing before: this long after the start, here (a
+#: 64 MiB guest; its imports and probes done while it settled).
+DESTINATION_READY_S = float(os.environ.get("PYMIG_SWEEP_DESTINATION_READY_S", "0.1"))
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class SweepSpec:
     compression: str = "none"
     max_total_time_ms: int = 4000
     warmup_s: float = 1.0
+    # a destination process just started imports and probes what building a guest needs in
+    # the background (pymig.machine.WarmUp): let it, or it delays the run by as much
+    settle_s: float = 1.0
 
     def points(self) -> list[dict[str, Any]]:
         return [{"kind": self.kind, "pattern": self.pattern, "working_set_bytes": ws,
@@ -110,6 +114,7 @@ def run_point(spec: SweepSpec, point: dict[str, Any], run: int) -> dict[str, Any
                       working_set=point["working_set_bytes"], rate=point["rate_pages_per_s"],
                       pattern=spec.pattern, warmup_s=spec.warmup_s) as source:
         with Destination(process=True) as destination:
+            time.sleep(spec.settle_s)
             row["data_pages"], row["zero_pages"] = source.data_pages()
             predicted = predict_point(spec, point, row["data_pages"],
                                       row["zero_pages"]).summary()
