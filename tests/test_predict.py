@@ -214,6 +214,11 @@ def test_pymig_predict_prints_json_and_refuses_a_guest_described_twice(tmp_path)
     assert json.loads(again.stdout)["total_ms"] == out["total_ms"]
     table = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--bandwidth", "10M")
     assert table.returncode == 0 and "converges" in table.stdout
+    measured = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--measure-link",
+                         "--json")
+    assert measured.returncode == 0, measured.stderr
+    assert "the link carried" in measured.stderr
+    assert json.loads(measured.stdout)["total_ms"] > 0
     both = run_pymig("predict", "--rate", "10", "--profile", str(tmp_path / "g.json"))
     assert both.returncode == 1 and "one way" in both.stderr and "Traceback" not in both.stderr
 

@@ -553,6 +553,9 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
 @click.option("--vcpus", type=click.IntRange(1, 8), default=None)
 @click.option("--bandwidth", type=SIZE, default="0",
               help="the link, bytes/s (0: the source's own rate bounds)")
+@click.option("--measure-link", is_flag=True,
+              help="measure the link instead: loopback TCP to a receiving process, as a "
+                   "destination on this host would get it")
 @click.option("--rtt", type=click.FloatRange(0, None), default=0.0, metavar="MS",
               help="the link's round trip")
 @click.option("--source-rate", type=SIZE, default=None,
@@ -580,7 +583,8 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
 @click.option("--trace", "show_trace", is_flag=True, help="also print the model's syncs")
 @click.option("--json", "as_json", is_flag=True, help="print the prediction as JSON")
 def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, working_set,
-            pattern, data, zero_share, compressed_share, vcpus, bandwidth, rtt, source_rate,
+            pattern, data, zero_share, compressed_share, vcpus, bandwidth, measure_link, rtt,
+            source_rate,
             first_touch, downtime_limit, max_bandwidth, switchover_capped, auto_converge,
             throttle_mode, dirty_limit, compression, max_total_time, limit_action,
             save_profile, show_trace, as_json) -> None:
@@ -629,6 +633,12 @@ def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, 
                 _fail("--auto-converge and --dirty-limit exclude each other")
             qmp["vcpu-dirty-limit"] = dirty_limit
             caps["dirty-limit"] = True
+        if measure_link:
+            from pymig.transport.ceiling import raw_socket_throughput
+
+            bandwidth = raw_socket_throughput("tcp", 1 << 20, total_bytes=256 << 20,
+                                              receiver="process")
+            click.echo(f"pymig: the link carried {bandwidth / 1e6:,.0f} MB/s", err=True)
         link = LinkModel(bandwidth_bps=bandwidth, rtt_s=rtt / 1000, first_touch_bps=first_touch,
                          **({"source_rate_bps": source_rate} if source_rate else {}))
         result = run_model(guest, link, parameters(**qmp, capabilities=caps))
