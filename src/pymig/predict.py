@@ -28,10 +28,16 @@ The stop-and-copy sends what is left at the link's rate, capped only with
 ``x-switchover-capped``, after the fixed switchover cost and with the LOADED / COMMIT / ACK
 exchange's round trips.
 
-Not modelled yet: the waits the migration thread keeps outside the policy today (the catch-up
-wait for the destination before a switchover, pacing behind a slow destination, the first
-pass held until swept); they move into the policy as one pure rule, and then come with it
-through :func:`ask_policy`.
+What the migration thread still decides beside the policy today - a switchover held for
+another pass (:func:`pymig.migration.switchover_held`), the catch-up wait for the destination
+before a switchover, a pass that waits for the destination's next report while it is behind
+(``BEHIND_PERIOD_S``) - is asked of :mod:`pymig.migration` from :func:`ask_policy` and
+:func:`_behind_wait_s`, never written again here: when that moves into the policy as one pure
+rule, those two functions are what changes.
+
+A model that never switches over ends at a limit the policy applies, at :data:`HORIZON_S`, or
+once :data:`STALL_SYNCS` syncs in a row expected no shorter downtime with nothing left to
+throttle: "does-not-converge".
 """
 
 from __future__ import annotations
