@@ -19,6 +19,7 @@ _results: dict[str, dict] = {}
 _migrations: list = []  # pymig.benchmigrate.ScenarioResult, one per scenario run
 _modes: list[dict] = []  # test_bench_modes.py: one row per mode and loop
 _dirtyrate: list[dict] = []  # test_bench_dirtyrate.py: one row per kind, mode and case
+_predict: list[dict] = []  # test_bench_predict.py: one row per point of the grid
 
 
 @pytest.fixture
@@ -31,6 +32,12 @@ def migration_results() -> list:
 def mode_results() -> list[dict]:
     """Where test_bench_modes.py puts each mode's rate and ratio for the summary table."""
     return _modes
+
+
+@pytest.fixture
+def predict_results() -> list[dict]:
+    """Where test_bench_predict.py puts each point's prediction errors for the summary."""
+    return _predict
 
 
 @pytest.fixture
@@ -101,3 +108,16 @@ def pytest_terminal_summary(terminalreporter):
                 f"{row['median_error'] * 100:+6.1f} % (worst {row['worst_error'] * 100:+6.1f} %)"
                 f"  guest wrote {row['median_written']:9,.0f} pages/s, "
                 f"{row['median_slowdown'] * 100:+5.1f} % slower")
+    if _predict:
+        terminalreporter.write_sep("-", "pymig predict against the migration: medians per point "
+                                   "(predicted / measured - 1; downtime in ms)")
+        for row in _predict:
+            total = ("-" if row["total_error"] is None
+                     else f"{row['total_error'] * 100:+6.1f} %")
+            down = ("-" if row["downtime_error_ms"] is None
+                    else f"{row['downtime_error_ms']:+7.1f} ms")
+            terminalreporter.write_line(
+                f"{row['rate']:6,} pages/s {row['bandwidth'] / 1e6:5.1f} MB/s  converges "
+                f"{'yes' if row['converged'] else 'no ':3s} "
+                f"({'right' if row['convergence_right'] else 'WRONG'})  total time {total}  "
+                f"downtime {down}")

@@ -561,6 +561,227 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
             click.echo(plot_png)
 
 
+# -- predict --------------------------------------------------------------------------------------
+@main.command()
+@click.option("--control", default=None,
+              help="measure the running guest behind this control socket (pymig dirtyrate)")
+@click.option("--control-tcp-token", type=click.Path(dir_okay=False), default=None,
+              help=CONTROL_TCP_TOKEN_HELP)
+@click.option("--calc-time", default="2s", show_default=True,
+              help="--control: how long to measure (500ms, 2s, 1.5)")
+@click.option("--mode", type=click.Choice(["page-sampling", "dirty-bitmap", "dirty-ring"]),
+              default="dirty-bitmap", show_default=True, help="--control: how to measure")
+@click.option("--profile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a saved guest model (--save-profile), a saved 'pymig dirtyrate --json' or "
+                   "a migration's --trace")
+@click.option("--memory", type=SIZE, default=None,
+              help="the guest's RAM (needed with --control, a measurement or a trace)")
+@click.option("--rate", type=float, default=None, help="the guest's write rate, pages/s")
+@click.option("--working-set", type=SIZE, default=None, help="the guest's working set")
+@click.option("--pattern", type=click.Choice(["uniform", "sequential"]), default=None,
+              help="how the guest writes its working set (default uniform)")
+@click.option("--data", type=SIZE, default=None,
+              help="memory holding data when the migration starts (default: the working set)")
+@click.option("--zero-share", type=click.FloatRange(0, 1), default=None,
+              help="share of that memory all zero")
+@click.option("--compressed-share", type=click.FloatRange(0.001, 1), default=None,
+              help="wire bytes per page byte of a data page under LZ4 (1: incompressible)")
+@click.option("--vcpus", type=click.IntRange(1, 8), default=None)
+@click.option("--bandwidth", type=SIZE, default="0",
+              help="the link, bytes/s (0: the source's own rate bounds)")
+@click.option("--measure-link", is_flag=True,
+              help="measure the link instead: loopback TCP to a receiving process, as a "
+                   "destination on this host would get it")
+@click.option("--rtt", type=click.FloatRange(0, None), default=0.0, metavar="MS",
+              help="the link's round trip")
+@click.option("--source-rate", type=SIZE, default=None,
+              help="page bytes/s the source moves when nothing else bounds it (default 1.5G)")
+@click.option("--first-touch", type=SIZE, default="0",
+              help="page bytes/s a destination takes pages it never had at (0: no bound)")
+@click.option("--downtime-limit", type=click.IntRange(1, None), default=300, show_default=True,
+              metavar="MS")
+@click.option("--max-bandwidth", type=SIZE, default="0", help="bytes/s (0: uncapped)")
+@click.option("--switchover-capped", is_flag=True,
+              help="keep max-bandwidth during the stop-and-copy (x-switchover-capped)")
+@click.option("--auto-converge", is_flag=True)
+@click.option("--throttle-mode", type=click.Choice(["step", "aim"]), default="step",
+              show_default=True)
+@click.option("--dirty-limit", type=click.IntRange(1, None), default=None, metavar="PAGES",
+              help="cap each vCPU at PAGES pages/s (the dirty-limit capability)")
+@click.option("--compression", type=click.Choice(["lz4", "none"]), default="lz4",
+              show_default=True)
+@click.option("--max-total-time", type=click.IntRange(0, None), default=0, metavar="MS",
+              help="give up (or switch over: --limit-action) after this long (0: never)")
+@click.option("--limit-action", type=click.Choice(["switchover", "cancel"]),
+              default="switchover", show_default=True)
+@click.option("--save-profile", type=click.Path(dir_okay=False), default=None,
+              help="write the guest model as JSON (for --profile)")
+@click.option("--trace", "show_trace", is_flag=True, help="also print the model's syncs")
+@click.option("--json", "as_json", is_flag=True, help="print the prediction as JSON")
+def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, working_set,
+            pattern, data, zero_share, compressed_share, vcpus, bandwidth, measure_link, rtt,
+            source_rate,
+            first_touch, downtime_limit, max_bandwidth, switchover_capped, auto_converge,
+            throttle_mode, dirty_limit, compression, max_total_time, limit_action,
+            save_profile, show_trace, as_json) -> None:
+    """Predict a migration before running it: total time, downtime, bytes, passes, and
+    whether it converges, by running pymig's convergence policy over a model of the guest
+    (measured behind --control, a saved --profile, or given by --rate and --working-set) and
+    of the link."""
+    from pymig.errors import PymigError
+    from pymig.predict import GuestModel, LinkModel, load_guest, parameters
+    from pymig.predict import predict as run_model
+    from pymig.qmp import QmpError
+
+    given = sum(x is not None for x in (control, profile, rate))
+    if given != 1:
+        _fail("describe the guest one way: --control (measure it), --profile FILE, or --rate "
+              "with --working-set and --memory")
+    overrides = {k: v for k, v in {"pattern": pattern, "zero_share": zero_share,
+                                   "compressed_share": compressed_share,
+                                   "vcpus": vcpus}.items() if v is not None}
+    if data is not None:
+        overrides["data_pages"] = data // 4096
+    try:
+        if control is not None:
+            from pymig.dirtyrate import measure, parse_calc_time
+
+            if memory is None:
+                _fail("--control needs --memory: the guest's RAM size")
+            client = _connect(control, control_tcp_token)
+            with client:
+                info = measure(client, parse_calc_time(calc_time), mode)
+            guest = GuestModel.from_dirty_rate(info, memory, **overrides)
+        elif profile is not None:
+            guest = load_guest(profile, memory, **overrides)
+        else:
+            if working_set is None or memory is None:
+                _fail("--rate needs --working-set and --memory")
+            guest = GuestModel(ram_bytes=memory, write_rate_pps=rate,
+                               working_set_pages=working_set // 4096, **overrides)
+        qmp = {"downtime-limit": downtime_limit, "max-bandwidth": max_bandwidth,
+               "x-switchover-capped": switchover_capped, "x-cpu-throttle-mode": throttle_mode,
+               "compression": compression, "max-total-time": max_total_time,
+               "limit-action": limit_action}
+        caps = {"auto-converge": auto_converge}
+        if dirty_limit is not None:
+            if auto_converge:
+                _fail("--auto-converge and --dirty-limit exclude each other")
+            qmp["vcpu-dirty-limit"] = dirty_limit
+            caps["dirty-limit"] = True
+        if measure_link:
+            from pymig.transport.ceiling import raw_socket_throughput
+
+            bandwidth = raw_socket_throughput("tcp", 1 << 20, total_bytes=256 << 20,
+                                              receiver="process")
+            click.echo(f"pymig: the link carried {bandwidth / 1e6:,.0f} MB/s", err=True)
+        link = LinkModel(bandwidth_bps=bandwidth, rtt_s=rtt / 1000, first_touch_bps=first_touch,
+                         **({"source_rate_bps": source_rate} if source_rate else {}))
+        result = run_model(guest, link, parameters(**qmp, capabilities=caps))
+    except QmpError as exc:
+        _fail(exc.desc)
+    except (PymigError, ValueError, OSError) as exc:
+        _fail(_reason(exc))
+    if save_profile:
+        with open(save_profile, "w", encoding="utf-8") as handle:
+            json.dump(guest.to_dict(), handle)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(dict(summary, guest=guest.to_dict(),
+                                   **({"trace": result.trace} if show_trace else {}))))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"predicted: {guest.ram_bytes >> 20} MiB guest writing "
+                        f"{guest.write_rate_pps:,.0f} pages/s over {guest.working_set_pages:,} "
+                        f"pages")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    verdict = ("converges" if result.converges else
+               {"cancelled": "does not converge: cancelled by a limit",
+                "does-not-converge": "does not converge"}.get(result.status,
+                                                              f"{result.status} (forced)"))
+    rows = [("outcome", verdict), ("policy's last word", result.reason),
+            ("total time", f"{summary['total_ms']:,.0f} ms"),
+            ("downtime", "-" if summary["downtime_ms"] is None
+             else f"{summary['downtime_ms']:,.1f} ms"),
+            ("downtime expected at switchover", "-" if summary["expected_downtime_ms"] is None
+             else f"{summary['expected_downtime_ms']:,.1f} ms"),
+            ("bytes sent", f"{result.bytes_sent:,}"), ("passes (syncs)", f"{result.passes}"),
+            ("highest throttle", f"{result.throttle_peak_pct} %")]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+    if show_trace:
+        for record in result.trace:
+            click.echo(json.dumps(record))
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+def _int_list(text: str, convert=int) -> tuple:
+    try:
+        return tuple(convert(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="directory for runs.jsonl, runs.csv and the figures (a sweep killed "
+                   "continues from what is there)")
+@click.option("--rates", default="400,800,1600,3200,6400,12800", show_default=True,
+              help="dirty rates, pages/s, comma-separated")
+@click.option("--bandwidths", default="4000000,6000000,9000000,13500000,20000000,30000000",
+              show_default=True,
+              help="bandwidths (max-bandwidth), bytes/s, comma-separated")
+@click.option("--working-sets", default="16M", show_default=True, help="comma-separated")
+@click.option("--downtime-limits", default="100", show_default=True, help="ms, comma-separated")
+@click.option("--kind", type=click.Choice(["simulated", "kvm", "auto"]), default="simulated",
+              show_default=True)
+@click.option("--memory", type=SIZE, default="64M", show_default=True)
+@click.option("--pattern", type=click.Choice(["uniform", "sequential"]), default="uniform",
+              show_default=True)
+@click.option("--runs", type=click.IntRange(1, None), default=3, show_default=True,
+              help="migrations per point (the point is their median)")
+@click.option("--compression", type=click.Choice(["lz4", "none"]), default="none",
+              show_default=True)
+@click.option("--max-total-time", type=click.IntRange(100, None), default=6000,
+              show_default=True, metavar="MS", help="a run not converged by then is cancelled")
+@click.option("--plot-only", is_flag=True, help="draw the figures from what is in --out")
+def sweep(out_dir, rates, bandwidths, working_sets, downtime_limits, kind, memory, pattern, runs,
+          compression, max_total_time, plot_only) -> None:
+    """Migrate a grid of dirty rate x bandwidth (x working set x downtime limit), each point
+    --runs times and predicted too; rows to runs.jsonl and runs.csv, the convergence map and
+    predicted against measured to PNGs, the errors to stdout."""
+    from pymig.experiment import resolve_kind
+    from pymig.sweep import (SweepSpec, accuracy, cells, load_spec, plot_maps, plot_predicted,
+                             read_rows, repredict, run_sweep, table)
+
+    if plot_only:
+        try:
+            spec = load_spec(out_dir)
+        except OSError as exc:
+            _fail(f"{out_dir}: no sweep there ({_reason(exc)})")
+    else:
+        from pymig.units import parse_size
+
+        spec = SweepSpec(rates=_int_list(rates), bandwidths=_int_list(bandwidths, parse_size),
+                         working_sets=_int_list(working_sets, parse_size),
+                         downtime_limits=_int_list(downtime_limits), kind=resolve_kind(kind),
+                         memory=memory, pattern=pattern, runs=runs, compression=compression,
+                         max_total_time_ms=max_total_time)
+        run_sweep(spec, out_dir, say=lambda text: click.echo(text, err=True))
+    rows = repredict(spec, read_rows(os.path.join(out_dir, "runs.jsonl")))
+    if not rows:
+        _fail(f"{out_dir}: no runs yet")
+    for path in plot_maps(rows, spec, os.path.join(out_dir, "map.png")):
+        click.echo(path, err=True)
+    click.echo(plot_predicted(rows, os.path.join(out_dir, "predicted.png")), err=True)
+    grid = cells(rows)
+    click.echo(table(grid))
+    click.echo(json.dumps(accuracy(grid)))
+
+
 # -- demo -----------------------------------------------------------------------------------------
 @main.command()
 @click.option("--simulated", is_flag=True, default=None,

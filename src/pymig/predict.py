@@ -1,0 +1,639 @@
+"""Predicting a migration before running it: the real convergence policy run over a model of
+the guest and the link.
+
+The model steps through a migration as the migration thread does - a dirty-log sync, the
+policy's decision, an iteration of sending, again - with modelled figures in place of
+measured ones, and asks :mod:`pymig.policy` what to do at every sync through one function,
+:func:`ask_policy`.  Nothing here decides whether to switch over, throttle or give up: the
+policy does, on the same :class:`~pymig.policy.Metrics` the migration would give it, built
+with the same estimators (:mod:`pymig.estimate`: the bandwidth, the logged rate, the guest's
+own rate, the trigger period).
+
+The guest (:class:`GuestModel`) is its working-set curve ``D(t)``: the distinct pages it
+writes in a window of ``t`` seconds of run time (uniform writes over ``W`` pages at ``r``
+pages/s: ``W (1 - exp(-r t / W))``; a sequential sweep: ``min(r t, W)``; or the curve ``pymig
+dirtyrate`` measured).  A throttle of ``p`` % leaves it ``1 - p/100`` of the run time, and a
+dirty limit caps each vCPU's share of ``r``.  Its memory is the pages holding data when the
+migration starts (the first pass sends only those: pages never touched are never read),
+cut into bins in address order, the working set first (where the built-in workloads keep
+it).  A sync finds, in each bin, ``W_bin * D(run time since the last sync) / W`` pages: what
+the dirty log shows, the distinct pages written over the period (fewer than the writes once
+pages are written twice), including pages written after the last sync and sent since,
+which go again.
+
+The link (:class:`LinkModel`) carries wire bytes at its bandwidth (and ``max-bandwidth``'s cap
+while the guest runs); the source encodes page bytes at its own rate; the destination takes
+first-time pages at its first-touch rate; zero and compressible pages take less of the wire.
+The stop-and-copy sends what is left at the link's rate, capped only with
+``x-switchover-capped``, after the fixed switchover cost and with the LOADED / COMMIT / ACK
+exchange's round trips.
+
+What the migration thread still decides beside the policy today - a switchover held for
+another pass (:func:`pymig.migration.switchover_held`), the catch-up wait for the destination
+before a switchover, a pass that waits for the destination's next report while it is behind
+(``BEHIND_PERIOD_S``) - is asked of :mod:`pymig.migration` from :func:`ask_policy` and
+:func:`_behind_wait_s`, never written again here: when that moves into the policy as one pure
+rule, those two functions are what changes.
+
+A model that never switches over ends at a limit the policy applies, at :data:`HORIZON_S`, or
+once :data:`STALL_SYNCS` syncs in a row expected no shorter downtime with nothing left to
+throttle: "does-not-converge".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from pymig import estimate, policy
+from pymig.parameters import MigrationParameters, ParameterStore
+
+PAGE_SIZE = 4096
+#: Bins the data pages are cut into (more: finer, slower).
+BINS = 128
+#: Wire bytes of a zero page (a run record's share) and a normal page's framing, as a share
+#: of a page.
+ZERO_PAGE_WIRE_SHARE = 0.002
+PAGE_FRAMING_SHARE = 0.0026
+#: The destination's reports trail what was sent by the time these wire bytes take to
+#: cross (socket buffers, the packet it is loading), and by this much (it reports every few
+#: ms); measured on loopback under max-bandwidth.
+REPORT_LAG_WIRE_BYTES = 160 << 10
+REPORT_LAG_S = 0.002
+#: The rate limiter's bucket, full when the migration starts (pymig.transport.ratelimit).
+BURST_SECONDS = 0.1
+BURST_MIN_BYTES = 1 << 20
+#: A model that never switches over ends after this much migration time...
+HORIZON_S = 600.0
+#: ... or once this many syncs found no lower expected downtime than before (by 0.1 %), with
+#: nothing left for a throttle or a limit to change.
+STALL_SYNCS = 60
+
+
+@dataclass(frozen=True)
+class GuestModel:
+    """A guest as a migration sees it."""
+
+    ram_bytes: int
+    write_rate_pps: float  # pages/s first written, unthrottled (the curve's slope at 0)
+    working_set_pages: int
+    pattern: str = "uniform"  # "uniform" | "sequential" | "curve" (the measured points)
+    curve: tuple[tuple[float, float], ...] = ()  # (window s, distinct pages), ascending
+    data_pages: int = 0  # pages holding data at the start (0: the working set)
+    zero_share: float = 0.0  # of the data pages, those all zero
+    compressed_share: float = 1.0  # wire bytes / page bytes of a data page under LZ4
+    vcpus: int = 1
+    page_size: int = PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        if self.ram_bytes <= 0 or self.ram_bytes % self.page_size:
+            raise ValueError(f"ram_bytes must be a positive multiple of {self.page_size}")
+        if self.write_rate_pps < 0 or self.working_set_pages < 0:
+            raise ValueError("the write rate and the working set cannot be negative")
+        if self.working_set_pages > self.ram_pages:
+            raise ValueError(f"a working set of {self.working_set_pages} pages does not fit "
+                             f"{self.ram_pages} pages of RAM")
+        if self.pattern not in ("uniform", "sequential", "curve"):
+            raise ValueError(f"pattern is uniform, sequential or curve, not {self.pattern!r}")
+        if self.pattern == "curve" and not self.curve:
+            raise ValueError("pattern 'curve' needs the curve's points")
+        if not (0 <= self.zero_share <= 1 and 0 < self.compressed_share <= 1):
+            raise ValueError("zero_share is in [0, 1], compressed_share in (0, 1]")
+
+    @property
+    def ram_pages(self) -> int:
+        return self.ram_bytes // self.page_size
+
+    @property
+    def first_pass_pages(self) -> int:
+        return min(max(self.data_pages, self.working_set_pages, 1), self.ram_pages)
+
+    def distinct(self, window_s: float) -> float:
+        """Distinct pages written in a window of ``window_s`` seconds of run time."""
+        t, w, r = max(window_s, 0.0), float(self.working_set_pages), self.write_rate_pps
+        if w <= 0 or r <= 0 or t <= 0:
+            return 0.0
+        if self.pattern == "uniform":
+            return w * -math.expm1(-r * t / w)
+        if self.pattern == "sequential":
+            return min(r * t, w)
+        times = [p[0] for p in self.curve]
+        pages = [max(p[1], 1e-9) for p in self.curve]
+        if t <= times[0]:
+            return min(r * t, pages[0]) if r * times[0] >= pages[0] else pages[0] * t / times[0]
+        if t >= times[-1]:
+            return pages[-1]
+        return float(np.exp(np.interp(math.log(t), np.log(times), np.log(pages))))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["curve"] = [list(p) for p in self.curve]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GuestModel":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown guest model fields: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        values["curve"] = tuple(tuple(map(float, p)) for p in values.get("curve", ()))
+        return cls(**values)
+
+    @classmethod
+    def from_dirty_rate(cls, info: dict[str, Any], ram_bytes: int, *, vcpus: int = 1,
+                        use_curve: bool = True, **overrides: Any) -> "GuestModel":
+        """From ``query-dirty-rate``'s answer (a measured guest): its write rate, its working
+        set and, with ``use_curve``, the curve itself."""
+        ws = info.get("working-set") or {}
+        page_size = int(info.get("page-size", PAGE_SIZE))
+        rate = float(info.get("write-rate-pages") or 0.0)
+        pages = int(ws.get("pages", 0))
+        curve = tuple((p["window-ms"] / 1000.0, float(p["pages"])) for p in ws.get("curve", ())
+                      if p.get("window-ms", 0) > 0 and p.get("pages", 0) > 0)
+        values: dict[str, Any] = dict(ram_bytes=ram_bytes, write_rate_pps=rate,
+                                      working_set_pages=pages, vcpus=vcpus, page_size=page_size,
+                                      pattern="curve" if use_curve and curve else "uniform",
+                                      curve=curve if use_curve else ())
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_trace(cls, records: list[dict[str, Any]], ram_bytes: int,
+                   **overrides: Any) -> "GuestModel":
+        """From a migration's trace (``--trace``): the dirty rate it logged with no throttle
+        on (the median of the syncs after the first), and the most pages one sync found as
+        the working set (a lower bound, as the log's counts are)."""
+        rates = [r["dirty_rate"] for r in records[1:] if r.get("throttle_pct", 0) == 0
+                 and r.get("dirty_rate", 0) > 0]
+        found = [r["dirty_pages"] for r in records[1:]]
+        if not rates:
+            raise ValueError("the trace has no sync with a dirty rate to model the guest on")
+        values: dict[str, Any] = dict(ram_bytes=ram_bytes, write_rate_pps=float(np.median(rates)),
+                                      working_set_pages=max(max(found, default=0), 1),
+                                      page_size=int(records[0].get("page_size", PAGE_SIZE)))
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """The path the pages take.  Figures measured on the development host are the defaults
+    where a user gives none (docs/convergence.md)."""
+
+    bandwidth_bps: float = 0.0  # wire bytes/s the link carries (0: the source's rate bounds)
+    rtt_s: float = 0.0
+    source_rate_bps: float = 1.5e9  # page bytes/s the source reads, encodes and sends
+    first_touch_bps: float = 0.0  # page bytes/s a destination takes first-time pages at (0: any)
+    setup_s: float = 0.003  # connection, header, configuration, before the first sync
+    per_sync_s: float = 0.0005  # a dirty-log sync and a decision
+    switchover_s: float = 0.0  # the switchover's fixed cost (0: pymig.estimate's figure)
+    # from the start until the destination has built its guest and loads (and reports)
+    destination_ready_s: float = 0.0
+
+
+@dataclass
+class Prediction:
+    """What the model says the migration does."""
+
+    status: str  # "completed", "cancelled" (by a limit) or "does-not-converge"
+    converges: bool  # switched over on the estimate's word (fits-limit)
+    reason: str  # the policy's last reason
+    total_s: float
+    downtime_s: float  # math.nan unless completed
+    expected_downtime_s: float  # what the policy expected at the switchover
+    bytes_sent: int  # on the wire
+    page_bytes_sent: int
+    passes: int  # dirty-log syncs, as the migration's "iterations"
+    throttle_peak_pct: int
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """One flat row (ms, bytes), the names :meth:`pymig.experiment.Run.summary` uses."""
+        return {"status": self.status, "converged": self.converges, "reason": self.reason,
+                "total_ms": _ms(self.total_s), "downtime_ms": _ms(self.downtime_s),
+                "expected_downtime_ms": _ms(self.expected_downtime_s),
+                "transferred_bytes": self.bytes_sent, "page_bytes": self.page_bytes_sent,
+                "iterations": self.passes, "throttle_peak_pct": self.throttle_peak_pct}
+
+
+def _ms(seconds: float) -> float | None:
+    return round(float(seconds) * 1000, 3) if math.isfinite(seconds) else None
+
+
+def parameters(**qmp: Any) -> MigrationParameters:
+    """Migration parameters (and capabilities, as ``capabilities={...}``) by QMP name,
+    checked as ``migrate-set-parameters`` checks them."""
+    caps = qmp.pop("capabilities", None) or {}
+    store = ParameterStore()
+    if qmp:
+        store.set(**qmp)
+    if caps:
+        store.set_capabilities(**caps)
+    return store.snapshot()
+
+
+# -- the one meeting point with the policy ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """What the policy said, in the model's terms."""
+
+    action: str  # "continue" | "switchover" | "cancel"
+    reason: str
+    throttle_pct: int
+    dirty_limits: tuple[int, ...] | None
+    expected_downtime_s: float
+    hot_periods: int
+    wait_s: float = 0.0  # wait this long for the destination, then sync and ask again
+
+
+def ask_policy(state: "_State", params: MigrationParameters) -> Step:
+    """Build the policy's inputs from the model's state, ask the policy, and map its answer.
+
+    Every call into the convergence rule goes through here (and :func:`_slice_s`), so that
+    when the rule's interface changes this is the function to change."""
+    from pymig import migration
+
+    metrics = policy.Metrics(
+        iteration=state.iteration,
+        elapsed_s=state.now,
+        ram_bytes=state.guest.ram_bytes,
+        page_size=state.guest.page_size,
+        pending_bytes=state.pending_bytes,
+        bandwidth_bps=state.bandwidth.bytes_per_s,
+        resend_bytes=state.resend_bytes,
+        stopped_bandwidth_bps=migration.stopped_rate(
+            max(state.bandwidth.bytes_per_s, state.source_rate.bytes_per_s),
+            state.bandwidth, params),
+        dirty_rate_bps=state.dirty_pps * state.guest.page_size,
+        bytes_sent_total=round(state.wire_sent),
+        bytes_sent_period=round(state.sent_period),
+        bytes_dirtied_period=round(state.dirty_pps * state.period * state.guest.page_size),
+        throttle_pct=state.throttle,
+        switchover_s=state.switchover_s,
+        in_flight_bytes=0,  # a return path: the guest stops once everything sent is loaded
+        own_dirty_rate_bps=state.own_rate_bps,
+        vcpu_dirty_rates=state.vcpu_rates(params),
+        dirty_limited=state.dirty_limits is not None,
+        period_sent_bytes=state.closed[0] if state.closed else None,
+        period_dirtied_bytes=state.closed[1] if state.closed else 0,
+        hot_periods=state.hot_periods,
+    )
+    decision = policy.decide(metrics, migration.policy_params(params))
+    action, reason, wait_s = decision.action.value, decision.reason, 0.0
+    if decision.action == policy.Action.SWITCHOVER:
+        # What the migration thread still decides beside the policy, asked as it asks it: a
+        # switchover held for another pass, or one that first waits for the destination to
+        # load what was sent and is decided again.
+        backlog = state.backlog()
+        held = migration.switchover_held(
+            decision, expected_before_wait=state.expected_before_wait,
+            passes_after_wait=state.passes_after_wait, swept=state.swept,
+            backlog_bytes=round(backlog), bandwidth_bps=state.bandwidth.bytes_per_s,
+            caught_up=backlog <= 0)
+        if held is not None:
+            action, reason = policy.Action.CONTINUE.value, f"held: {held.name.lower()}"
+            if held == migration.Held.RESEND:
+                state.passes_after_wait += 1
+        elif backlog > 0:
+            action, wait_s = policy.Action.CONTINUE.value, state.catch_up_s()
+            reason = f"{decision.reason}; waiting for the destination"
+    state.expected_before_wait = decision.expected_downtime_s if wait_s else math.inf
+    return Step(action, reason, decision.throttle_pct, decision.vcpu_dirty_limits,
+                decision.expected_downtime_s, decision.hot_periods, wait_s)
+
+
+def _slice_s(params: MigrationParameters) -> float:
+    from pymig import migration
+
+    return migration.iteration_slice_s(params)
+
+
+def _behind_wait_s(state: "_State", began: float) -> float:
+    """After an iteration that began at ``began``: how long the migration thread waits for
+    the destination's next report, being further behind than the iteration sent."""
+    from pymig import migration
+
+    left = migration.BEHIND_PERIOD_S - (state.now - began)
+    if state.backlog() <= max(state.sent_period, 0) or left <= 0:
+        return 0.0
+    ready = state.link.setup_s + state.link.destination_ready_s
+    return min(left, max(ready - state.now, REPORT_LAG_S))
+
+
+# -- the model's state -----------------------------------------------------------------------
+
+class _State:
+    """The guest's memory in bins, the link's counters and the estimators' state."""
+
+    def __init__(self, guest: GuestModel, link: LinkModel, params: MigrationParameters,
+                 bins: int):
+        self.guest, self.link, self.params = guest, link, params
+        n = guest.first_pass_pages
+        edges = np.linspace(0, n, min(bins, n) + 1).round().astype(np.int64)
+        self.pages = np.diff(edges).astype(float)
+        ws = guest.working_set_pages
+        self.ws_pages = np.clip(np.minimum(edges[1:], ws) - edges[:-1], 0, None).astype(float)
+        self.pending = np.ones_like(self.pages)  # share of each bin in the migration bitmap
+        self.sent_before = np.zeros_like(self.pages, dtype=bool)
+        ps = guest.page_size
+        compressed = guest.compressed_share if params.compression == "lz4" else 1.0
+        self.zero_wire = ps * ZERO_PAGE_WIRE_SHARE
+        self.data_wire = ps * (compressed + PAGE_FRAMING_SHARE)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.ws_share = np.where(self.pages > 0, self.ws_pages / self.pages, 0.0)
+        self.now = link.setup_s + 1.5 * link.rtt_s  # connect, header, configuration
+        self.tau = self.now  # the guest's run time (it ran through the setup)
+        self.synced_tau = 0.0  # ... when the dirty log was last harvested (logging began at 0)
+        self.iteration = 0
+        self.period = 0.0
+        self.sent_period = 0.0
+        self.page_sent = 0.0
+        self.wire_sent = 0.0
+        self.busy_s = 0.0  # sending, not waiting on max-bandwidth's token bucket
+        self.throttle = 0
+        self.throttle_peak = 0
+        self.dirty_limits: tuple[int, ...] | None = None
+        self.hot_periods = 0
+        self.dirty_pps = 0.0
+        self.own_rate_bps = 0.0
+        self.closed: tuple[int, int] | None = None
+        self.next_bin = 0  # where a sliced pass goes on
+        self.swept = False  # the first pass over the data pages is through
+        self.expected_before_wait = math.inf  # the decision a catch-up wait followed
+        self.passes_after_wait = 0
+        self.switchover_s = link.switchover_s or estimate.SwitchoverCost().seconds(
+            guest.vcpus, guest.ram_bytes)
+        self.bandwidth = estimate.Bandwidth()
+        self.source_rate = estimate.Bandwidth()
+        self.logged = estimate.LoggedRate()
+        self.own = estimate.DirtyRate()
+        self.trigger = estimate.TriggerPeriod()
+        self.trigger.begin(self.now, 0)
+        self.bandwidth.observe(self.now, 0)
+        self.history: list[tuple[float, float]] = [(self.now, 0.0)]  # (time, page bytes sent)
+        cap = self.live_wire_bps()
+        self.burst_left = (max(BURST_SECONDS * cap, BURST_MIN_BYTES) if math.isfinite(cap)
+                           else 0.0)
+        self.source_rate.observe(0.0, 0)
+
+    # -- the guest --
+    def run_share(self) -> float:
+        """The share of the guest's unthrottled writing it does now."""
+        share = 1 - self.throttle / 100
+        rate = self.guest.write_rate_pps
+        if self.dirty_limits is not None and rate > 0:
+            per_vcpu = rate / max(self.guest.vcpus, 1)
+            capped = sum(min(per_vcpu, limit) for limit in
+                         (self.dirty_limits * self.guest.vcpus)[:self.guest.vcpus])
+            share *= capped / rate
+        return share
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.tau += seconds * self.run_share()
+
+    def vcpu_rates(self, params: MigrationParameters) -> tuple[float, ...] | None:
+        if not params.capabilities.get("dirty-limit"):
+            return None
+        each = self.dirty_pps / max(self.guest.vcpus, 1)
+        return (each,) * self.guest.vcpus
+
+    # -- the dirty log --
+    def sync(self) -> int:
+        """Harvest the dirty log into the migration bitmap; returns the pages it showed."""
+        self.advance(self.link.per_sync_s)
+        w = self.guest.working_set_pages
+        share = self.guest.distinct(self.tau - self.synced_tau) / w if w > 0 else 0.0
+        self.synced_tau = self.tau
+        found = self.ws_pages * share
+        with np.errstate(invalid="ignore", divide="ignore"):
+            new = np.where(self.pages > 0, found / self.pages, 0.0)
+        self.pending = np.minimum(self.pending + new * (1 - self.pending), 1.0)
+        return int(round(found.sum()))
+
+    @property
+    def pending_bytes(self) -> int:
+        return int(round((self.pending * self.pages).sum())) * self.guest.page_size
+
+    @property
+    def resend_bytes(self) -> int:
+        pages = (self.pending * self.pages)[self.sent_before].sum()
+        return int(round(pages)) * self.guest.page_size
+
+    # -- the link --
+    def live_wire_bps(self) -> float:
+        rates = [r for r in (self.link.bandwidth_bps, self.params.max_bandwidth) if r > 0]
+        return min(rates) if rates else math.inf
+
+    def wire_bytes(self, pages: float, b: int | None) -> float:
+        """Wire bytes of ``pages`` of bin ``b`` sent for the first time (None: re-sent, so
+        written, so not zero): a page still zero (never written since the start) takes a
+        few bytes."""
+        if b is None:
+            return pages * self.data_wire
+        w = self.guest.working_set_pages
+        written = self.guest.distinct(self.tau) / w if w > 0 else 0.0
+        zero = self.guest.zero_share * (1 - self.ws_share[b] * min(written, 1.0))
+        return pages * (zero * self.zero_wire + (1 - zero) * self.data_wire)
+
+    def send_time(self, pages: float, wire_bytes: float, first_time: bool,
+                  wire_bps: float) -> tuple[float, float]:
+        """(seconds to send ``pages`` in ``wire_bytes``, of which the source is busy): the
+        wire, the source and the destination's first touch, the slowest of them.  The
+        rate limiter's bucket starts full: its burst goes at once."""
+        ps = self.guest.page_size
+        free = min(self.burst_left, wire_bytes) if math.isfinite(wire_bps) else 0.0
+        self.burst_left -= free
+        wire = (wire_bytes - free) / wire_bps if math.isfinite(wire_bps) else 0.0
+        link = wire_bytes / self.link.bandwidth_bps if self.link.bandwidth_bps > 0 else 0.0
+        source = pages * ps / self.link.source_rate_bps
+        touch = (pages * ps / self.link.first_touch_bps
+                 if first_time and self.link.first_touch_bps > 0 else 0.0)
+        busy = max(source, link, touch)
+        return max(wire, busy), busy
+
+    def send_pass(self, slice_s: float) -> None:
+        """One iteration: the pending pages in address order, from where the last one
+        stopped, until none is left or the slice's time is up."""
+        began, page0 = self.now, self.page_sent
+        wire_bps = self.live_wire_bps()
+        n = len(self.pages)
+        for step in range(n):
+            if self.now - began >= slice_s:
+                break
+            b = (self.next_bin + step) % n
+            pages = self.pending[b] * self.pages[b]
+            if pages <= 0:
+                continue
+            first = not self.sent_before[b]
+            wire = self.wire_bytes(pages, b if first else None)
+            seconds, busy = self.send_time(pages, wire, first, wire_bps)
+            self.advance(seconds)
+            self.busy_s += busy
+            self.page_sent += pages * self.guest.page_size
+            self.wire_sent += wire
+            self.pending[b] = 0.0
+            self.sent_before[b] = True
+            self.history.append((self.now, self.page_sent))
+        else:
+            step = n
+        if not self.swept and self.sent_before.all():
+            self.swept = True
+        self.next_bin = (self.next_bin + step) % n if math.isfinite(slice_s) else 0
+        if self.now == began:
+            self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
+        self.sent_period = self.page_sent - page0
+
+    def lag_s(self) -> float:
+        """How long the destination's reports trail what was sent: the bytes between
+        sender and loader, crossing at the wire's rate."""
+        wire_bps = self.live_wire_bps()
+        return REPORT_LAG_S + (REPORT_LAG_WIRE_BYTES / wire_bps
+                               if math.isfinite(wire_bps) else 0.0)
+
+    def delivered(self) -> float:
+        """Page bytes the destination has reported loading: what was sent :meth:`lag_s`
+        ago, nothing before it has built its guest."""
+        if self.now < self.link.setup_s + self.link.destination_ready_s:
+            return 0.0
+        times = [h[0] for h in self.history]
+        return float(np.interp(self.now - self.lag_s(), times, [h[1] for h in self.history]))
+
+    def backlog(self) -> float:
+        return max(self.page_sent - self.delivered(), 0.0)
+
+    def catch_up_s(self) -> float:
+        """Until the destination has reported loading everything sent."""
+        ready = self.link.setup_s + self.link.destination_ready_s
+        return max(self.history[-1][0] + self.lag_s(), ready) - self.now + REPORT_LAG_S
+
+    def page_per_wire(self) -> float:
+        return self.page_sent / self.wire_sent if self.wire_sent and self.page_sent else 1.0
+
+    def stop_and_copy_s(self) -> float:
+        """Seconds the guest stays stopped: the fixed cost, what is pending at the link's
+        rate (max-bandwidth's too with x-switchover-capped), the COMMIT / ACK round trip."""
+        wire_bps = (self.live_wire_bps() if self.params.switchover_capped
+                    else (self.link.bandwidth_bps or math.inf))
+        pages = self.pending * self.pages
+        seconds = 0.0
+        for first_time in (False, True):
+            chosen = pages[self.sent_before != first_time].sum()
+            if chosen > 0:
+                seconds += self.send_time(chosen, self.wire_bytes(chosen, None), first_time,
+                                          wire_bps)[0]
+        return self.switchover_s + seconds + self.link.rtt_s
+
+    def record(self, found: int, step: Step) -> dict[str, Any]:
+        return {"time": self.now, "iteration": self.iteration, "dirty_pages": found,
+                "pending_bytes": self.pending_bytes, "bandwidth": self.bandwidth.bytes_per_s,
+                "dirty_rate": self.dirty_pps, "throttle_pct": self.throttle,
+                "expected_downtime": (step.expected_downtime_s * 1000
+                                      if math.isfinite(step.expected_downtime_s) else None),
+                "action": step.action, "reason": step.reason}
+
+
+def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | None = None, *,
+            bins: int = BINS, horizon_s: float = HORIZON_S) -> Prediction:
+    """Run the model of ``guest`` over ``link`` with ``params`` until the policy switches over
+    or gives up, or until it is clear it never will."""
+    params = params or MigrationParameters()
+    state = _State(guest, link, params, bins)
+    best_expected, stalled = math.inf, 0
+    adjustable = bool(params.capabilities.get("auto-converge")
+                      or params.capabilities.get("dirty-limit"))
+    trace: list[dict[str, Any]] = []
+    while True:
+        previous_sync = state.now
+        state.bandwidth.cap(round(params.max_bandwidth * state.page_per_wire()))
+        found = state.sync()
+        state.iteration += 1
+        state.period = max(state.now - previous_sync, 1e-6) if state.iteration > 1 else 1e-6
+        state.dirty_pps = state.logged.add(state.now, state.period, found)
+        dirtied = state.dirty_pps * state.period * guest.page_size
+        state.own_rate_bps = state.own.update(dirtied / state.period, state.throttle,
+                                              state.period)
+        state.closed = state.trigger.add(state.now, round(state.page_sent),
+                                         found * guest.page_size)
+        step = ask_policy(state, params)
+        state.hot_periods = step.hot_periods
+        trace.append(state.record(found, step))
+        if step.throttle_pct != state.throttle:
+            state.throttle = step.throttle_pct
+            state.throttle_peak = max(state.throttle_peak, state.throttle)
+        state.dirty_limits = step.dirty_limits
+        if step.action == "switchover":
+            downtime = state.stop_and_copy_s()
+            page_left = (state.pending * state.pages).sum()
+            state.page_sent += page_left * guest.page_size
+            state.wire_sent += state.wire_bytes(page_left, None)
+            return _result(state, "completed", step, downtime, trace)
+        if step.action == "cancel":
+            return _result(state, "cancelled", step, math.nan, trace)
+        if step.wait_s > 0:
+            state.advance(step.wait_s)
+            state.bandwidth.observe(state.now, round(state.page_sent))
+            state.sent_period = 0.0
+            continue
+        if state.now >= horizon_s:
+            return _result(state, "does-not-converge", step, math.nan, trace)
+        if step.expected_downtime_s < best_expected * 0.999:
+            best_expected, stalled = step.expected_downtime_s, 0
+        elif not adjustable or state.throttle >= params.throttle_max_pct:
+            stalled += 1
+            if stalled >= STALL_SYNCS and not _limits_pending(params):
+                return _result(state, "does-not-converge", step, math.nan, trace)
+        began = state.now
+        state.send_pass(_slice_s(params))
+        state.advance(_behind_wait_s(state, began))
+        state.bandwidth.observe(state.now, round(state.delivered()))
+        state.source_rate.observe(state.busy_s, round(state.page_sent))
+
+
+def _limits_pending(params: MigrationParameters) -> bool:
+    """A limit (time, iterations, bytes) would end a stalled migration: run the model to it."""
+    return bool(params.max_iterations or params.max_total_time_ms or params.max_bytes_ratio)
+
+
+def _result(state: _State, status: str, step: Step, downtime: float,
+            trace: list) -> Prediction:
+    total = float(state.now + (downtime if math.isfinite(downtime) else 0.0))
+    return Prediction(status=status, converges=status == "completed"
+                      and step.reason == "fits-limit", reason=step.reason, total_s=total,
+                      downtime_s=float(downtime),
+                      expected_downtime_s=float(step.expected_downtime_s),
+                      bytes_sent=round(state.wire_sent), page_bytes_sent=round(state.page_sent),
+                      passes=state.iteration, throttle_peak_pct=state.throttle_peak,
+                      trace=trace)
+
+
+def load_guest(path: str | os.PathLike, ram_bytes: int | None = None,
+               **overrides: Any) -> GuestModel:
+    """A guest model from a file: a saved model (:meth:`GuestModel.to_dict` as JSON), a saved
+    ``query-dirty-rate`` answer (``pymig dirtyrate --json``; needs ``ram_bytes``), or a
+    migration's trace (JSON lines; needs ``ram_bytes``)."""
+    from pymig.stats import read_trace
+
+    text = open(path, encoding="utf-8").read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and "write_rate_pps" in data:
+        return GuestModel.from_dict({**data, **overrides})
+    if ram_bytes is None:
+        raise ValueError(f"{os.fspath(path)}: a measurement or a trace does not say the "
+                         f"guest's RAM size; give it (--memory)")
+    if isinstance(data, dict) and "working-set" in data:
+        return GuestModel.from_dirty_rate(data, ram_bytes, **overrides)
+    if isinstance(data, dict) and "return" in data and "working-set" in data["return"]:
+        return GuestModel.from_dirty_rate(data["return"], ram_bytes, **overrides)
+    return GuestModel.from_trace(read_trace(path), ram_bytes, **overrides)
+

@@ -1,0 +1,246 @@
+"""pymig predict: the convergence policy over a model of the guest and the link."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from _migration_helpers import run_pymig
+from pymig import migration, policy
+from pymig.predict import GuestModel, LinkModel, load_guest, parameters, predict
+
+MiB = 1 << 20
+
+
+def guest(rate: float, working_set: int = 64 * MiB, **extra) -> GuestModel:
+    return GuestModel(ram_bytes=256 * MiB, write_rate_pps=rate,
+                      working_set_pages=working_set // 4096, **extra)
+
+
+def capped(bandwidth: float, **qmp):
+    """max-bandwidth standing for the link (the stop-and-copy held to it too)."""
+    return parameters(**{"max-bandwidth": int(bandwidth), "x-switchover-capped": True,
+                         "downtime-limit": 100, **qmp})
+
+
+def test_a_prediction_says_time_downtime_bytes_passes_and_convergence():
+    result = predict(guest(2000), LinkModel(bandwidth_bps=100e6),
+                     parameters(**{"downtime-limit": 100}))
+    assert result.status == "completed" and result.converges
+    assert result.reason == "fits-limit"
+    # the first pass alone is 64 MiB at 100 MB/s
+    assert result.total_s > 64 * MiB / 100e6
+    assert 0 < result.downtime_s <= result.total_s
+    assert result.bytes_sent >= 64 * MiB
+    assert result.passes >= 2
+    row = result.summary()
+    assert set(row) >= {"status", "converged", "total_ms", "downtime_ms", "transferred_bytes",
+                        "iterations", "expected_downtime_ms", "throttle_peak_pct"}
+    json.dumps(row)  # plain numbers
+    assert [r["iteration"] for r in result.trace] == list(range(1, result.passes + 1))
+    assert result.trace[-1]["action"] == "switchover"
+
+
+@pytest.mark.parametrize("pattern", ["uniform", "sequential"])
+@pytest.mark.parametrize("rate", [500, 4000, 20000])
+@pytest.mark.parametrize("switchover_capped", [False, True])
+def test_more_bandwidth_never_predicts_a_longer_migration(pattern, rate, switchover_capped):
+    model = guest(rate, pattern=pattern, data_pages=80 * MiB // 4096, zero_share=0.2)
+    previous = None
+    for bandwidth in np.geomspace(5e6, 2e9, 16):
+        if switchover_capped:
+            result = predict(model, LinkModel(), capped(bandwidth))
+        else:
+            result = predict(model, LinkModel(bandwidth_bps=bandwidth),
+                             parameters(**{"downtime-limit": 100}))
+        if previous is not None and previous.converges:
+            assert result.converges, f"converged at {previous}, not with more bandwidth"
+            assert result.total_s <= previous.total_s * (1 + 1e-9), (bandwidth, previous,
+                                                                     result)
+        previous = result
+    assert previous.converges  # 2 GB/s carries any of these
+
+
+def test_a_guest_dirtying_faster_than_the_link_is_predicted_not_to_converge():
+    # 50,000 pages/s is 205 MB/s against a 50 MB/s link
+    result = predict(guest(50_000), LinkModel(bandwidth_bps=50e6),
+                     parameters(**{"downtime-limit": 100}))
+    assert not result.converges
+    assert result.status == "does-not-converge"
+    assert math.isnan(result.downtime_s)
+    assert result.summary()["downtime_ms"] is None
+
+
+def test_a_limit_cancels_what_does_not_converge_when_the_policy_says_so():
+    result = predict(guest(50_000), LinkModel(), capped(50e6, **{
+        "max-total-time": 3000, "limit-action": "cancel"}))
+    assert result.status == "cancelled" and not result.converges
+    assert result.reason == "cancelled-by-limit: max_total_time_s"
+    # decided at the first sync past the limit (a pass is a sync apart)
+    assert result.trace[-1]["time"] >= 3.0 > result.trace[-2]["time"]
+
+
+def test_auto_converge_throttles_a_guest_into_converging():
+    plain = predict(guest(50_000), LinkModel(), capped(50e6))
+    throttled = predict(guest(50_000), LinkModel(),
+                        capped(50e6, capabilities={"auto-converge": True}))
+    assert not plain.converges
+    assert throttled.converges and throttled.throttle_peak_pct > 0
+    assert any(r["reason"].startswith("throttling: step") for r in throttled.trace)
+
+
+def test_a_dirty_limit_caps_the_guest_into_converging():
+    model = guest(50_000, vcpus=2)
+    result = predict(model, LinkModel(), capped(50e6, **{
+        "vcpu-dirty-limit": 1000, "capabilities": {"dirty-limit": True}}))
+    assert result.converges
+    assert any("dirty limit" in r["reason"] for r in result.trace)
+
+
+def test_compression_and_zero_pages_shrink_what_goes_on_the_wire():
+    link, params = LinkModel(bandwidth_bps=50e6), parameters(**{"compression": "none"})
+    full = predict(guest(1000), link, params)
+    zero = predict(guest(1000, data_pages=128 * MiB // 4096, zero_share=0.75), link, params)
+    lz4 = predict(guest(1000, compressed_share=0.01), link, parameters())
+    assert lz4.bytes_sent < full.bytes_sent / 10
+    assert lz4.total_s < full.total_s
+    # twice the pages to go through, three quarters of them zero: fewer bytes on the wire
+    assert zero.bytes_sent < full.bytes_sent
+
+
+def test_every_decision_comes_from_the_policy(monkeypatch):
+    """The model decides nothing itself: policy.decide is asked at every sync, with the
+    policy's own inputs, and what it says is what the model does."""
+    asked = []
+    real = policy.decide
+
+    def spy(metrics, params):
+        assert isinstance(metrics, policy.Metrics) and isinstance(params, policy.PolicyParams)
+        asked.append(metrics)
+        return real(metrics, params)
+
+    monkeypatch.setattr(policy, "decide", spy)
+    result = predict(guest(2000), LinkModel(bandwidth_bps=100e6), parameters())
+    assert len(asked) == result.passes
+    assert [m.iteration for m in asked] == list(range(1, result.passes + 1))
+    assert asked[0].pending_bytes == 64 * MiB  # the first sync: the whole working set
+
+    def cancel_at_third(metrics, params):
+        decision = real(metrics, params)
+        if metrics.iteration == 3:
+            return policy.Decision(policy.Action.CANCEL, "told to", 0, None, math.inf)
+        return policy.Decision(policy.Action.CONTINUE, "told to", 0, None,
+                               decision.expected_downtime_s)
+
+    monkeypatch.setattr(policy, "decide", cancel_at_third)
+    told = predict(guest(2000), LinkModel(bandwidth_bps=100e6), parameters())
+    assert told.status == "cancelled" and told.passes == 3 and told.reason == "told to"
+
+
+def test_the_migration_threads_holds_are_asked_too(monkeypatch):
+    calls = []
+    real = migration.switchover_held
+
+    def spy(decision, **kwargs):
+        calls.append(kwargs)
+        return real(decision, **kwargs)
+
+    monkeypatch.setattr(migration, "switchover_held", spy)
+    # 1 GB/s: the whole working set fits the limit before a page is sent, and the first
+    # pass holds it back
+    result = predict(guest(1000), LinkModel(), capped(1e9))
+    assert calls and calls[0]["swept"] is False
+    assert result.trace[0]["reason"] == "held: first_pass"
+    assert result.converges and result.passes >= 2
+
+
+def test_the_working_set_curve_shapes_what_each_sync_finds():
+    uniform = guest(10_000, 16 * MiB)
+    assert uniform.distinct(0.01) == pytest.approx(100, rel=0.02)
+    assert uniform.distinct(100) == pytest.approx(4096)
+    sequential = guest(10_000, 16 * MiB, pattern="sequential")
+    assert sequential.distinct(0.2) == pytest.approx(2000)
+    measured = GuestModel(ram_bytes=256 * MiB, write_rate_pps=10_000, working_set_pages=4096,
+                          pattern="curve", curve=((0.01, 100), (0.1, 900), (1.0, 4000)))
+    assert measured.distinct(0.1) == pytest.approx(900)
+    assert 100 < measured.distinct(0.03) < 900
+    assert measured.distinct(5) == pytest.approx(4000)
+    with pytest.raises(ValueError, match="does not fit"):
+        GuestModel(ram_bytes=MiB, write_rate_pps=1, working_set_pages=1000)
+
+
+def test_a_model_saved_and_loaded_predicts_the_same(tmp_path):
+    model = guest(3000, pattern="sequential", zero_share=0.5, data_pages=20_000)
+    path = tmp_path / "guest.json"
+    path.write_text(json.dumps(model.to_dict()))
+    assert load_guest(path) == model
+    link, params = LinkModel(bandwidth_bps=80e6), parameters()
+    assert predict(load_guest(path), link, params).summary() == \
+        predict(model, link, params).summary()
+
+
+def test_a_measurement_or_a_trace_becomes_a_model(tmp_path):
+    info = {"page-size": 4096, "write-rate-pages": 5000.0,
+            "working-set": {"pages": 4096, "curve": [
+                {"window-ms": 10, "pages": 50}, {"window-ms": 1000, "pages": 2900}]}}
+    path = tmp_path / "rate.json"
+    path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="RAM size"):
+        load_guest(path)
+    model = load_guest(path, 64 * MiB)
+    assert model.write_rate_pps == 5000 and model.working_set_pages == 4096
+    assert model.pattern == "curve" and model.distinct(1.0) == pytest.approx(2900)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"dirty_rate": rate, "dirty_pages": pages,
+                                         "throttle_pct": 0, "page_size": 4096}) + "\n"
+                             for rate, pages in ((0, 0), (3000, 700), (3100, 650), (2900, 640))))
+    from_trace = load_guest(trace, 64 * MiB)
+    assert from_trace.write_rate_pps == 3000 and from_trace.working_set_pages == 700
+
+
+def test_pymig_predict_prints_json_and_refuses_a_guest_described_twice(tmp_path):
+    done = run_pymig("predict", "--rate", "2000", "--working-set", "64M", "--memory", "256M",
+                     "--bandwidth", "100000000", "--downtime-limit", "100", "--json",
+                     "--save-profile", str(tmp_path / "g.json"))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["converged"] is True and out["total_ms"] > 0 and out["iterations"] >= 2
+    again = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--bandwidth",
+                      "100000000", "--downtime-limit", "100", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["total_ms"] == out["total_ms"]
+    table = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--bandwidth", "10M")
+    assert table.returncode == 0 and "converges" in table.stdout
+    measured = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--measure-link",
+                         "--json")
+    assert measured.returncode == 0, measured.stderr
+    assert "the link carried" in measured.stderr
+    assert json.loads(measured.stdout)["total_ms"] > 0
+    both = run_pymig("predict", "--rate", "10", "--profile", str(tmp_path / "g.json"))
+    assert both.returncode == 1 and "one way" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_pymig_predict_measures_a_running_guest(tmp_path):
+    from _migration_helpers import finish, pymig_process, wait_for_path
+
+    ctl = str(tmp_path / "src.sock")
+    proc = pymig_process("run", "--workload", "dirtier", "--memory", "64M", "--working-set",
+                         "16M", "--rate", "8000", "--simulated", "--control", ctl, "--quiet")
+    try:
+        wait_for_path(ctl, proc)
+        done = run_pymig("predict", "--control", ctl, "--memory", "64M", "--calc-time",
+                         "500ms", "--bandwidth", "20000000", "--downtime-limit", "100",
+                         "--json", "--save-profile", str(tmp_path / "guest.json"))
+    finally:
+        finish(proc)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    model = out["guest"]
+    assert model["write_rate_pps"] == pytest.approx(8000, rel=0.3)
+    assert model["pattern"] == "curve" and len(model["curve"]) >= 3
+    # 8,000 pages/s is 33 MB/s of pages against a 20 MB/s link
+    assert out["converged"] is False
+    assert load_guest(tmp_path / "guest.json").write_rate_pps == model["write_rate_pps"]

@@ -1,0 +1,113 @@
+"""pymig sweep: grids of migrations and predictions, resumable, into tables and maps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from _migration_helpers import run_pymig
+from pymig.sweep import (SweepSpec, accuracy, cells, plot_maps, plot_predicted, read_rows,
+                         repredict, run_sweep, table)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SPEC = SweepSpec(rates=(1000, 4000, 16000), bandwidths=(5_000_000, 20_000_000), runs=2)
+
+
+def fake_run(calls):
+    """A run that returns a made-up row at once (a slow link converges less)."""
+
+    def run(spec, point, index):
+        calls.append((point["rate_pages_per_s"], point["bandwidth_bps"], index))
+        converged = point["rate_pages_per_s"] * 4096 < point["bandwidth_bps"]
+        total = 1000.0 * (1 + index * 0.1)
+        return {**point, "run": index, "status": "completed" if converged else "cancelled",
+                "converged": converged, "total_ms": total,
+                "downtime_ms": 50.0 if converged else None, "iterations": 3,
+                "data_pages": 4608, "zero_pages": 500, "predicted_converged": converged,
+                "predicted_total_ms": total * 1.05,
+                "predicted_downtime_ms": 51.0 if converged else None,
+                "predicted_iterations": 3}
+
+    return run
+
+
+def test_a_killed_sweep_goes_on_where_it_was(tmp_path):
+    calls = []
+    run = fake_run(calls)
+
+    def dies_after_four(spec, point, index):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed mid-sweep
+        return run(spec, point, index)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SPEC, str(tmp_path), run=dies_after_four)
+    assert len(read_rows(str(tmp_path / "runs.jsonl"))) == 4
+    with open(tmp_path / "runs.jsonl", "a") as handle:
+        handle.write('{"rate_pages_per_s": 1')  # a line cut short by the kill
+    first = list(calls)
+    rows = run_sweep(SPEC, str(tmp_path), run=run)
+    assert len(calls) - len(first) == 12 - 4  # only what was missing ran
+    assert sorted(calls) == sorted({*calls})  # nothing twice
+    assert len(rows) == 12 == len(read_rows(str(tmp_path / "runs.jsonl")))
+    with open(tmp_path / "runs.csv") as handle:
+        table_rows = list(csv.DictReader(handle))
+    assert len(table_rows) == 12 and table_rows[0]["rate_pages_per_s"] == "1000"
+    again = run_sweep(SPEC, str(tmp_path), run=run)
+    assert len(again) == 12 and len(calls) == 12
+
+
+def test_a_point_that_cannot_run_is_a_row_saying_why(tmp_path):
+    def broken(spec, point, index):
+        raise RuntimeError("no guest today")
+
+    rows = run_sweep(SweepSpec(rates=(1000,), bandwidths=(5_000_000,), runs=1),
+                     str(tmp_path), run=broken)
+    assert rows[0]["status"] == "error" and rows[0]["error"] == "no guest today"
+    assert cells(rows) == []
+
+
+def test_cells_take_medians_and_accuracy_counts_what_held(tmp_path):
+    rows = run_sweep(SPEC, str(tmp_path), run=fake_run([]))
+    grid = cells(rows)
+    assert len(grid) == 6 and all(c.runs == 2 for c in grid)
+    converging = [c for c in grid if c.converged]
+    assert converging and all(c.total_ms == pytest.approx(1050.0) for c in converging)
+    assert all(c.total_error == pytest.approx(0.05) for c in converging)
+    summary = accuracy(grid)
+    assert summary["points"] == 6 and summary["convergence_right"] == 6
+    assert summary["total_within"] == summary["total_checked"] == len(converging)
+    assert summary["downtime_within"] == len(converging)
+    text = table(grid)
+    assert text.count("\n") == 6 + 1 and "| 16,000 | 5 | no / no |" in text
+
+
+def test_the_maps_and_the_comparison_are_drawn(tmp_path):
+    rows = repredict(SPEC, run_sweep(SPEC, str(tmp_path), run=fake_run([])))
+    assert all(r["predicted_total_ms"] is not None for r in rows)
+    (written,) = plot_maps(rows, SPEC, str(tmp_path / "map.png"))
+    path = plot_predicted(rows, str(tmp_path / "predicted.png"))
+    for png in (written, path):
+        with open(png, "rb") as handle:
+            assert handle.read(8) == PNG_MAGIC
+        assert os.path.getsize(png) > 10_000
+
+
+def test_pymig_sweep_migrates_a_point_and_draws_it(tmp_path):
+    out = tmp_path / "sweep"
+    done = run_pymig("sweep", "--out", str(out), "--rates", "1000", "--bandwidths",
+                     "30000000", "--runs", "1", "--memory", "32M", "--working-sets", "4M",
+                     "--max-total-time", "3000", timeout=300)
+    assert done.returncode == 0, done.stderr
+    (row,) = read_rows(str(out / "runs.jsonl"))
+    assert row["status"] == "completed" and row["converged"] is True
+    assert row["predicted_converged"] is True and row["total_ms"] > 0
+    assert row["data_pages"] >= 1024
+    assert json.loads(done.stdout.strip().splitlines()[-1])["points"] == 1
+    for name in ("runs.csv", "map.png", "predicted.png", "spec.json"):
+        assert (out / name).exists()
+    again = run_pymig("sweep", "--out", str(out), "--plot-only")
+    assert again.returncode == 0, again.stderr
