@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _migration_helpers import run_pymig
-from pymig import migration, policy
+from pymig import policy
 from pymig.predict import GuestModel, LinkModel, load_guest, parameters, predict
 
 MiB = 1 << 20
@@ -142,17 +142,17 @@ def test_every_decision_comes_from_the_policy(monkeypatch):
 
 def test_the_migration_threads_holds_are_asked_too(monkeypatch):
     calls = []
-    real = migration.switchover_held
+    real = policy.switchover_held
 
-    def spy(decision, **kwargs):
-        calls.append(kwargs)
-        return real(decision, **kwargs)
+    def spy(decision, metrics):
+        calls.append(metrics)
+        return real(decision, metrics)
 
-    monkeypatch.setattr(migration, "switchover_held", spy)
+    monkeypatch.setattr(policy, "switchover_held", spy)
     # 1 GB/s: the whole working set fits the limit before a page is sent, and the first
     # pass holds it back
     result = predict(guest(1000), LinkModel(), capped(1e9))
-    assert calls and calls[0]["swept"] is False
+    assert calls and calls[0].swept is False
     assert result.trace[0]["reason"] == "held: first_pass"
     assert result.converges and result.passes >= 2
 

@@ -28,12 +28,11 @@ The stop-and-copy sends what is left at the link's rate, capped only with
 ``x-switchover-capped``, after the fixed switchover cost and with the LOADED / COMMIT / ACK
 exchange's round trips.
 
-What the migration thread still decides beside the policy today - a switchover held for
-another pass (:func:`pymig.migration.switchover_held`), the catch-up wait for the destination
-before a switchover, a pass that waits for the destination's next report while it is behind
-(``BEHIND_PERIOD_S``) - is asked of :mod:`pymig.migration` from :func:`ask_policy` and
-:func:`_behind_wait_s`, never written again here: when that moves into the policy as one pure
-rule, those two functions are what changes.
+The rule is the policy's whole rule, :func:`pymig.policy.next_step`, asked from
+:func:`ask_policy` with the metrics a migration would have at that sync: the verdict, a
+switchover held for another pass, the catch-up wait for the destination before a switchover;
+between passes, a pass behind the destination waits up to ``policy.BEHIND_PERIOD_S`` for its
+next report.  None of it is written again here.
 
 A model that never switches over ends at a limit the policy applies, at :data:`HORIZON_S`, or
 once :data:`STALL_SYNCS` syncs in a row expected no shorter downtime with nothing left to
@@ -254,12 +253,13 @@ class Step:
 
 
 def ask_policy(state: "_State", params: MigrationParameters) -> Step:
-    """Build the policy's inputs from the model's state, ask the policy, and map its answer.
+    """Build the policy's metrics from the model's state, ask the whole rule
+    (:func:`pymig.policy.next_step`, as the migration thread asks it), and map its move.
 
-    Every call into the convergence rule goes through here (and :func:`_slice_s`), so that
-    when the rule's interface changes this is the function to change."""
-    from pymig import migration
+    Every call into the convergence rule goes through here (and :func:`_slice_s`)."""
+    from pymig import measure, migration
 
+    backlog = state.backlog()
     metrics = policy.Metrics(
         iteration=state.iteration,
         elapsed_s=state.now,
@@ -268,7 +268,7 @@ def ask_policy(state: "_State", params: MigrationParameters) -> Step:
         pending_bytes=state.pending_bytes,
         bandwidth_bps=state.bandwidth.bytes_per_s,
         resend_bytes=state.resend_bytes,
-        stopped_bandwidth_bps=migration.stopped_rate(
+        stopped_bandwidth_bps=measure.stopped_rate(
             max(state.bandwidth.bytes_per_s, state.source_rate.bytes_per_s),
             state.bandwidth, params),
         dirty_rate_bps=state.dirty_pps * state.guest.page_size,
@@ -284,26 +284,25 @@ def ask_policy(state: "_State", params: MigrationParameters) -> Step:
         period_sent_bytes=state.closed[0] if state.closed else None,
         period_dirtied_bytes=state.closed[1] if state.closed else 0,
         hot_periods=state.hot_periods,
+        backlog_bytes=round(backlog),
+        swept=state.swept,
+        caught_up=backlog <= 0,
+        expected_before_wait_s=state.expected_before_wait,
+        passes_after_wait=state.passes_after_wait,
     )
-    decision = policy.decide(metrics, migration.policy_params(params))
-    action, reason, wait_s = decision.action.value, decision.reason, 0.0
-    if decision.action == policy.Action.SWITCHOVER:
-        # What the migration thread still decides beside the policy, asked as it asks it: a
-        # switchover held for another pass, or one that first waits for the destination to
-        # load what was sent and is decided again.
-        backlog = state.backlog()
-        held = migration.switchover_held(
-            decision, expected_before_wait=state.expected_before_wait,
-            passes_after_wait=state.passes_after_wait, swept=state.swept,
-            backlog_bytes=round(backlog), bandwidth_bps=state.bandwidth.bytes_per_s,
-            caught_up=backlog <= 0)
-        if held is not None:
-            action, reason = policy.Action.CONTINUE.value, f"held: {held.name.lower()}"
-            if held == migration.Held.RESEND:
-                state.passes_after_wait += 1
-        elif backlog > 0:
-            action, wait_s = policy.Action.CONTINUE.value, state.catch_up_s()
-            reason = f"{decision.reason}; waiting for the destination"
+    # policy.decide looked up now, so that a test's stand-in for it is the one asked
+    step = policy.next_step(metrics, migration.policy_params(params), policy.decide)
+    decision, move = step.decision, step.move
+    action, reason, wait_s = policy.Action.CONTINUE.value, decision.reason, 0.0
+    if move in (policy.Move.SWITCHOVER, policy.Move.CANCEL):
+        action = move.value
+    elif move in (policy.Move.RESEND, policy.Move.HOLD):
+        reason = f"held: {policy.Held(step.reason).name.lower()}"
+        if move == policy.Move.RESEND:
+            state.passes_after_wait += 1
+    elif move == policy.Move.WAIT:
+        wait_s = state.catch_up_s()
+        reason = f"{decision.reason}; waiting for the destination"
     state.expected_before_wait = decision.expected_downtime_s if wait_s else math.inf
     return Step(action, reason, decision.throttle_pct, decision.vcpu_dirty_limits,
                 decision.expected_downtime_s, decision.hot_periods, wait_s)
@@ -318,9 +317,7 @@ def _slice_s(params: MigrationParameters) -> float:
 def _behind_wait_s(state: "_State", began: float) -> float:
     """After an iteration that began at ``began``: how long the migration thread waits for
     the destination's next report, being further behind than the iteration sent."""
-    from pymig import migration
-
-    left = migration.BEHIND_PERIOD_S - (state.now - began)
+    left = policy.BEHIND_PERIOD_S - (state.now - began)
     if state.backlog() <= max(state.sent_period, 0) or left <= 0:
         return 0.0
     ready = state.link.setup_s + state.link.destination_ready_s
