@@ -120,6 +120,10 @@ COMMANDS: dict[str, Command] = {
                               "cancel the outgoing migration; the guest keeps running here"),
     "migrate-continue": Command(_continue, {"state": Arg("string")},
                                 "release a migration paused before switchover"),
+    "migrate-start-postcopy": Command(lambda s, a: s.migrate_start_postcopy(), {},
+                                      "switch the outgoing migration to post-copy (needs the "
+                                      "postcopy-ram capability on both sides): the guest runs "
+                                      "at the destination at once, its missing pages follow"),
     "x-migrate-switchover": Command(lambda s, a: s.migrate_switchover(), {},
                                     "switch over now, whatever the expected downtime"),
     "query-migrate": Command(lambda s, a: s.query_migrate(), {}, "migration status and stats"),

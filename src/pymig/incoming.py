@@ -43,7 +43,9 @@ from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateErro
                           TransportError)
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
-from pymig.machine import Machine, WarmUp, load_config
+from pymig.machine import LOAD_BUFFER_BYTES, Machine, WarmUp, load_config
+from pymig.postcopy import OP_ADVISE, PostcopyDestination, check_backing, probe_userfaultfd
+from pymig.ram import RAM_IDSTR
 from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
 from pymig.transport.tls import PlaintextPeerError
@@ -86,7 +88,7 @@ class Incoming:
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None,
                  after_start: Callable[[Machine], None] | None = None,
-                 tls: tuple | None = None):
+                 tls: tuple | None = None, postcopy: bool = False):
         parsed = transport.parse_uri(uri)
         if tls is not None and parsed.scheme not in ("tcp", "unix", "fd"):
             raise ValueError(f"tls-creds is set, and TLS protects tcp:, unix: and fd: sockets "
@@ -107,6 +109,11 @@ class Incoming:
         # (TlsCredentials, tls-authz patterns): the source must open a TLS session that
         # these credentials accept before a byte of its stream is read
         self.tls = tls
+        # the postcopy-ram capability: a source may switch to post-copy (pymig.postcopy)
+        self.postcopy_enabled = postcopy
+        self.postcopy: PostcopyDestination | None = None
+        self._rp: stream.ReturnPathWriter | None = None
+        self._reader: stream.StreamReader | None = None
         self.status = "none"
         self.error: BaseException | None = None
         self.machine: Machine | None = None
@@ -154,6 +161,8 @@ class Incoming:
                 except PymigError as exc:
                     log.warning("the guest runs here, but its ACK did not reach the source: %s",
                                 describe(exc))
+            if self.postcopy is not None:
+                self._receive_postcopy(channel, rp)
             self.machine.release_load_buffers()
             self._set_status("completed")
             return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
@@ -185,6 +194,7 @@ class Incoming:
             t0 = time.monotonic()
             if channel.has_return_path:
                 rp = stream.ReturnPathWriter(channel)
+            self._rp = rp
             try:
                 self._load(channel, rp)
             except (StreamError, StateError, SnapshotIndexError) as exc:
@@ -251,6 +261,7 @@ class Incoming:
     def _load(self, channel, rp) -> None:
         """Read the stream into a new, paused machine (``self.machine``)."""
         reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
+        self._reader = reader
         reader.read_header()
         config = load_config(reader)
         # before anything is mapped or created for the guest
@@ -261,6 +272,8 @@ class Incoming:
         if self._warm_up is not None:
             self._warm_up.finish()
         self.machine = Machine.incoming(config, **self.guest_options)
+        if self.postcopy_enabled:
+            self.machine.postcopy_record = self._postcopy_record
         self.machine.rehearse_state_load()
         # READY once the guest exists and what the source sent while it was being built is
         # loaded, CAUGHT_UP each time the backlog is: the source stops its guest only after
@@ -272,7 +285,68 @@ class Incoming:
             self.machine.load_stream(reader, _best_effort(_reporter(rp)),
                                      _best_effort(rp.progress))
 
+    # -- post-copy ---------------------------------------------------------------------------
+    def _postcopy_record(self, op: int, payload, offset: int) -> None:
+        """ADVISE: check that post-copy can work here, while the source's guest still runs;
+        LISTEN: drop the stale pages, register guest RAM with userfaultfd, start the fault
+        thread (before anything lands in a missing page)."""
+        guest = self.machine.guest
+        if op == OP_ADVISE:
+            if self._rp is None:
+                raise MigrationError("post-copy needs a return path, and this stream has none")
+            check_backing(guest.ram_blocks)
+            probe_userfaultfd()
+            return
+        if self.postcopy is not None:
+            raise StreamError(offset, "a second post-copy LISTEN")
+        pc = PostcopyDestination(guest, self._rp.page_request,
+                                 getattr(guest, "vcpu_thread_ids", None))
+        pc.listen(payload, offset)
+        self.postcopy = pc
+        self.machine.ram_loader.placer = pc
+        self._set_status("postcopy-active")
+
+    def _receive_postcopy(self, channel, rp) -> None:
+        """The guest runs: place the pages that follow (asked for or pushed) until the source
+        ends the stream, then hand the RAM back to the kernel.  A stream that breaks (or lies)
+        leaves the guest paused in its faults, never on made-up pages: ``postcopy-paused``."""
+        pc, reader, machine = self.postcopy, self._reader, self.machine
+        buf = bytearray(LOAD_BUFFER_BYTES)
+        try:
+            while True:
+                record = reader.next_record()
+                if record.type == stream.RecordType.EOF:
+                    break
+                entry = machine.stream_entries.get(record.section_id)
+                if (record.type not in (stream.RecordType.PART, stream.RecordType.END)
+                        or entry is None or entry.idstr != RAM_IDSTR):
+                    raise StreamError(record.offset, f"post-copy carries RAM records only, not "
+                                                     f"a {record.describe()}")
+                payload = reader.read_payload(buf if record.payload_len <= len(buf)
+                                              else bytearray(record.payload_len))
+                if record.type == stream.RecordType.PART:
+                    machine.ram_loader.load_part(payload)
+                else:
+                    machine.ram_loader.load_end(payload)
+            left = pc.pages_left()
+            if left:
+                raise MigrationError(f"the source ended post-copy with {left} pages never sent")
+        except BaseException as exc:
+            self.error = exc
+            self._set_status("postcopy-paused")
+            raise MigrationError(f"post-copy paused, the guest waits for its missing pages "
+                                 f"({pc.pages_left()} left): {describe(exc)}") from exc
+        pc.finish()
+        try:
+            rp.shut()
+        except PymigError as exc:
+            log.warning("the guest has all its pages, but SHUT did not reach the source: %s",
+                        describe(exc))
+
     def _discard_machine(self) -> None:
+        if self.postcopy is not None:
+            self.postcopy.abandon()
+            self.postcopy = None
         if self.machine is not None:
             self.machine.close()
             self.machine = None

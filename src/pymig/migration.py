@@ -6,6 +6,10 @@
         none --> setup : migrate(uri)
         setup --> active : entries set up, stream header sent
         active --> device : policy says switch over; vCPUs stop
+        active --> postcopy_active : migrate-start-postcopy (or x-postcopy-after passes); vCPUs stop
+        postcopy_active --> completed : every page placed at the destination
+        postcopy_active --> postcopy_paused : connection lost after the commit
+        postcopy_active --> failed : before the commit (the guest runs on here)
         device --> completed : destination loaded everything, committed, started
         setup --> failed
         active --> failed
@@ -37,6 +41,7 @@ import time
 from typing import Callable
 
 from pymig import policy as policy_mod
+from pymig import postcopy as postcopy_mod
 from pymig import stream, transport
 from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRate, StopSpeedup,
                             SwitchoverCost, TriggerPeriod, host_cpu_seconds, in_flight_bytes,
@@ -44,6 +49,7 @@ from pymig.estimate import (Bandwidth, DestinationProgress, DirtyRate, LoggedRat
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
 from pymig.parameters import MigrationParameters, ParameterStore
+from pymig.postcopy import PostcopySource
 from pymig.ram import RAM_IDSTR
 from pymig.stats import MigrationStats, TraceWriter
 
@@ -59,19 +65,26 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
 
 
 _ALLOWED: dict[Status, set[Status]] = {
     Status.NONE: {Status.SETUP},
     Status.SETUP: {Status.ACTIVE, Status.FAILED, Status.CANCELLING},
-    Status.ACTIVE: {Status.DEVICE, Status.FAILED, Status.CANCELLING},
+    Status.ACTIVE: {Status.DEVICE, Status.POSTCOPY_ACTIVE, Status.FAILED, Status.CANCELLING},
+    Status.POSTCOPY_ACTIVE: {Status.COMPLETED, Status.POSTCOPY_PAUSED, Status.FAILED,
+                             Status.CANCELLING},
+    # neither side holds the whole guest: only a recovery moves on from here
+    Status.POSTCOPY_PAUSED: set(),
     Status.DEVICE: {Status.COMPLETED, Status.FAILED, Status.CANCELLING},
     Status.CANCELLING: {Status.CANCELLED, Status.FAILED},
     Status.FAILED: {Status.SETUP},
     Status.CANCELLED: {Status.SETUP},
     Status.COMPLETED: {Status.SETUP},  # only after a snapshot: the guest ran on here
 }
-ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING}
+ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING,
+                 Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED}
 
 
 class Cancelled(MigrationError):
@@ -98,6 +111,8 @@ class Migration:
         self._cancel = threading.Event()
         self._manual_switchover = threading.Event()
         self._continue_switchover = threading.Event()
+        self._start_postcopy = threading.Event()
+        self.postcopy = None  # a postcopy.PostcopySource with the postcopy-ram capability
         self._channel = None
         self._uncapped = False  # the stop-and-copy lifted max-bandwidth
         self._trace: TraceWriter | None = None
@@ -159,6 +174,7 @@ class Migration:
         self.scheme = parsed.scheme
         self.machine.registry.check_migratable()
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
+        check_postcopy(self.params.snapshot(), parsed.scheme, self.machine.guest)
         tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         with self._lock:
             current = self._status
@@ -180,6 +196,8 @@ class Migration:
         self._committed = False
         self._manual_switchover.clear()
         self._continue_switchover.clear()
+        self._start_postcopy.clear()
+        self.postcopy = None
         self.error = None
         blocks = self.machine.guest.ram_blocks
         self._trace = trace
@@ -204,7 +222,7 @@ class Migration:
             if self._committed:
                 raise MigrationError("too late to cancel: the destination is starting the guest")
             self._cancel.set()
-        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE):
             if self._transition(state, Status.CANCELLING):
                 break
         # The migration thread sees the cancel between two records and tells the destination
@@ -224,6 +242,16 @@ class Migration:
     def switchover(self) -> None:
         """Switch over at the next decision, whatever the expected downtime (manual)."""
         self._manual_switchover.set()
+
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: switch to post-copy at the next decision.  Needs the
+        postcopy-ram capability and a migration under way (QEMU's conditions and words)."""
+        if not self.params.snapshot().capabilities.get("postcopy-ram"):
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start "
+                                 "of migration")
+        if self._status not in (Status.SETUP, Status.ACTIVE):
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self._start_postcopy.set()
 
     def continue_switchover(self) -> None:
         """Release a migration waiting with the pause-before-switchover capability."""
@@ -279,10 +307,20 @@ class Migration:
                     progress.packet_sent(writer.bytes_written, saver.page_bytes_sent)
 
             saver.on_packet = packet_sent
+            if params.capabilities.get("postcopy-ram"):
+                if not channel.has_return_path:
+                    raise MigrationError(f"post-copy needs a return path, which "
+                                         f"{channel.name} has not")
+                self.postcopy = PostcopySource(saver, stats)
+                stats.set_postcopy(self.postcopy.query)
             if channel.has_return_path:
-                ret = ReturnPath(channel, on_loaded=progress.reported)
+                ret = ReturnPath(channel, on_loaded=progress.reported,
+                                 on_page_request=self.postcopy.page_request
+                                 if self.postcopy is not None else None)
             writer.write_header()
             machine.save_config(writer)
+            if self.postcopy is not None:
+                postcopy_mod.advise(writer)
             saver.cap_packets(params.max_bandwidth)
             for entry in machine.registry.live_entries():
                 entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
@@ -350,6 +388,7 @@ class Migration:
             expected_before_wait = math.inf  # the decision a catch-up wait followed
             passes_after_wait = 0
             waited_s = 0.0  # the catch-up wait before the next sync
+            to_postcopy = False
             while True:
                 self._check(ret)
                 keep_alive.tick()
@@ -416,6 +455,13 @@ class Migration:
                 waited_s = 0.0
                 for callback in list(self._pass_listeners):
                     callback(record)
+                if self.postcopy is not None and postcopy_due(self._start_postcopy.is_set(),
+                                                               iteration, params):
+                    # Asked for, post-copy goes first (as QEMU's), whatever this decision
+                    # says, and before any throttle it carries: post-copy needs none.
+                    stats.switchover("postcopy", decision.expected_downtime_s)
+                    to_postcopy = True
+                    break
                 if decision.throttle_pct != throttle:
                     throttle = decision.throttle_pct
                     guest.set_throttle(throttle)
@@ -473,6 +519,10 @@ class Migration:
                 source_rate.observe(sending_seconds(), saver.page_bytes_sent)
                 observe_cpu()
 
+            if to_postcopy:
+                paused_by_us = guest.status == "running"
+                self._postcopy_switch(writer, channel, ret)
+                return
             if params.capabilities.get("pause-before-switchover"):
                 while not self._continue_switchover.wait(0.05):
                     self._check(ret)
@@ -623,8 +673,54 @@ class Migration:
         if ret is not None and ret.error is not None:
             raise MigrationError(f"destination failed: {ret.error}")
 
+    def _postcopy_switch(self, writer: "stream.StreamWriter", channel,
+                         ret: "ReturnPath") -> None:
+        """Switch to post-copy: stop the vCPUs, send LISTEN (the pages still to send), the
+        device state and EOF; on COMMIT the destination runs the guest, and every page
+        still here follows, those it asks for first (pymig.postcopy)."""
+        machine, guest, saver, stats = self.machine, self.machine.guest, \
+            self.machine.ram_saver, self.stats
+        if not self._transition(Status.ACTIVE, Status.POSTCOPY_ACTIVE):
+            raise Cancelled("migration cancelled")
+        phases = DowntimePhases(time.time_ns())
+        guest.pause()
+        if not self.params.snapshot().switchover_capped:
+            self._uncapped = True
+            channel.set_max_bandwidth(0)
+        phases.mark("pause")
+        writer.hold()
+        saver.sync()  # what the guest wrote since the last pass: still to send
+        self.postcopy.listen(writer)
+        phases.mark("last-ram")
+        machine.save_device_state(writer)
+        phases.mark("device-state")
+        writer.eof()
+        phases.mark("send")
+        ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
+        self._check(ret)
+        self._commit()
+        committed_ns = time.time_ns()
+        stream.ReturnPathWriter(channel).commit()
+        ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
+        started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
+        phases.mark("destination", started_ns)
+        stats.set_downtime(phases.total_s, phases.seconds)
+        ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
+        self.postcopy.run(ram, check=lambda: ret.check_alive())
+        writer.eof()
+        ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+        stats.completed(phases.total_s, phases.seconds)
+        self._transition(Status.POSTCOPY_ACTIVE, Status.COMPLETED)
+
     def _fail(self, exc: BaseException, *, resume: bool, committed: bool) -> None:
         guest = self.machine.guest
+        if committed and self._status == Status.POSTCOPY_ACTIVE:
+            # Neither side holds the whole guest: this one keeps what it did not send, paused,
+            # for a recovery; the destination's vCPUs wait in their faults.
+            self.error = exc
+            self.stats.paused(f"post-copy paused: {exc}")
+            self._transition(Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED)
+            return
         if resume:
             try:
                 guest.resume()
@@ -641,13 +737,14 @@ class Migration:
         self.error = exc
         if cancelled:
             self.stats.cancelled()
-            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE):
                 if self._transition(state, Status.CANCELLING):
                     break
             self._transition(Status.CANCELLING, Status.CANCELLED)
         else:
             self.stats.failed(text)
-            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING):
+            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE,
+                          Status.CANCELLING):
                 if self._transition(state, Status.FAILED):
                     break
 
@@ -798,6 +895,23 @@ def check_dirty_limit(params: MigrationParameters, guest) -> None:
                              "(pymig run --dirty-ring N)")
 
 
+def check_postcopy(params: MigrationParameters, scheme: str, guest) -> None:
+    """Refuse a post-copy migration that could not switch, before anything starts."""
+    if not params.capabilities.get("postcopy-ram"):
+        return
+    if scheme not in TLS_SCHEMES:
+        raise MigrationError(f"the postcopy-ram capability needs a return path (tcp:, unix: or "
+                             f"fd: sockets), which a {scheme}: migration has not")
+    postcopy_mod.check_backing(guest.ram_blocks)
+
+
+def postcopy_due(requested: bool, iteration: int, params: MigrationParameters) -> bool:
+    """Whether to switch to post-copy at this sync: asked for (migrate-start-postcopy), or
+    ``x-postcopy-after`` passes over RAM are through (the sync after pass N is number N+1)."""
+    after = params.postcopy_after_passes
+    return requested or (after > 0 and iteration > after)
+
+
 def apply_dirty_limits(guest, limits: tuple[int, ...] | None) -> tuple[int, ...] | None:
     """Cap each vCPU's dirty rate at ``limits`` (one per vCPU, or one for all), or lift every
     cap (None).  Returns what is now in force."""
@@ -889,8 +1003,11 @@ def tls_for(params: MigrationParameters, uri, credentials):
 class ReturnPath:
     """Reads the destination's messages in a thread; an error fails the migration at once."""
 
-    def __init__(self, channel, on_loaded: Callable[[int], None] | None = None):
+    def __init__(self, channel, on_loaded: Callable[[int], None] | None = None,
+                 on_page_request: Callable[["stream.PageRequest"], None] | None = None):
         self.reader = stream.ReturnPathReader(channel)
+        # on_page_request(message), in this object's thread: post-copy's requests, in order
+        self._on_page_request = on_page_request
         # on_loaded(offset), in this object's thread: the destination loaded the stream up to
         # offset (a PROGRESS or CAUGHT_UP report)
         self._on_loaded = on_loaded
@@ -915,6 +1032,10 @@ class ReturnPath:
                     self._stopped = True
                     self._cond.notify_all()
                 return
+            if isinstance(message, stream.PageRequest):
+                if self._on_page_request is not None:
+                    self._on_page_request(message)
+                    continue
             report = isinstance(message, (stream.Progress, stream.CaughtUp))
             if report and self._on_loaded is not None:
                 self._on_loaded(message.offset)
@@ -924,6 +1045,14 @@ class ReturnPath:
                     self.error = message.text
                 self._messages[type(message)] = message
                 self._cond.notify_all()
+
+    def check_alive(self) -> None:
+        """Raise if the destination failed or the return path is gone (before SHUT)."""
+        with self._cond:
+            if self.error is not None:
+                raise MigrationError(f"destination failed: {self.error}")
+            if self._stopped and stream.Shut not in self._messages:
+                raise MigrationError("the connection to the destination was lost")
 
     def caught_up(self, offset: int) -> bool:
         """Whether the destination said it loaded the stream up to ``offset`` or beyond."""

@@ -245,6 +245,16 @@ class Session:
             raise CommandError("no migration is waiting before switchover")
         self.migration.continue_switchover()
 
+    def migrate_start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: the migration switches to post-copy at its next
+        decision."""
+        if self.migration is None:
+            raise CommandError("Postcopy must be started after migration has been started")
+        try:
+            self.migration.start_postcopy()
+        except MigrationError as exc:
+            raise CommandError(str(exc)) from None
+
     def migrate_switchover(self) -> None:
         if self.migration is None or self.migration.status != Status.ACTIVE:
             raise CommandError("no active migration to switch over")
@@ -268,12 +278,14 @@ class Session:
                 r = self.incoming_result
                 out["ram"] = dict(r.stats, received=r.bytes_received)
                 out["load-time"] = round(r.load_time_s * 1000)
+            if self.incoming.postcopy is not None:
+                out["postcopy"] = self.incoming.postcopy.query()
             return out
         return {}
 
     def _migration_status(self, old: Status, new: Status) -> None:
         self.emit("MIGRATION", {"status": new.value})
-        if new == Status.DEVICE:
+        if new in (Status.DEVICE, Status.POSTCOPY_ACTIVE):
             # (called before the vCPUs stop: a guest already paused by the user stops no more)
             if self.machine is not None and self.machine.guest.status == "running":
                 self._stopped_for_switchover = True
@@ -415,8 +427,10 @@ class Session:
                 self._guest_arrived(machine)
 
             try:
+                postcopy = self.params.snapshot().capabilities.get("postcopy-ram", False)
                 incoming = Incoming(uri, before_start=before_start,
-                                    after_start=self._guest_started, tls=tls, **options)
+                                    after_start=self._guest_started, tls=tls,
+                                    postcopy=postcopy, **options)
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))
@@ -450,6 +464,10 @@ class Session:
         try:
             result = self.incoming.run()
         except BaseException as exc:  # noqa: BLE001 - kept for the process to report
+            if self.incoming.status == "postcopy-paused":
+                # The guest runs here, its vCPUs waiting for pages only the source holds:
+                # the process keeps it (query-migrate says why).
+                return
             self.incoming_failed = exc
             self.quit_requested.set()
             return

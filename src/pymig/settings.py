@@ -58,6 +58,8 @@ COMMAND_LINE: tuple[Setting, ...] = (
     Setting("auto-converge", capability=True, show=_on_off),
     Setting("dirty-limit", capability=True, show=_on_off),
     Setting("vcpu-dirty-limit", show=lambda v: f"{v:,} pages/s per vCPU" if v else "none"),
+    Setting("postcopy-ram", capability=True, show=_on_off),
+    Setting("x-postcopy-after", show=lambda v: f"{v} passes" if v else "on request"),
 )
 
 

@@ -72,8 +72,8 @@ from dataclasses import dataclass
 from typing import Any
 
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling",
-            "cancelled")
-IN_PROGRESS = ("setup", "active", "device", "cancelling")
+            "cancelled", "postcopy-active", "postcopy-paused")
+IN_PROGRESS = ("setup", "active", "device", "cancelling", "postcopy-active")
 ENDED = ("completed", "failed", "cancelled")
 
 
@@ -205,6 +205,7 @@ class MigrationStats:
         self._switchover_reason: str | None = None
         self._expected_at_switchover: float | None = None
         self._tls: dict[str, Any] | None = None
+        self._postcopy: Callable[[], dict] | None = None
 
     # --- the migration thread's side --------------------------------------------------------
 
@@ -322,6 +323,29 @@ class MigrationStats:
             self._remaining = 0
             self._finish(now, "completed")
 
+    def set_postcopy(self, query: Callable[[], dict]) -> None:
+        """Post-copy's counters come from ``query()`` (query-migrate's ``postcopy``)."""
+        with self._lock:
+            self._postcopy = query
+
+    def set_downtime(self, downtime_s: float, phases: dict[str, float] | None = None) -> None:
+        """The downtime is known before the end (post-copy: the guest runs at the destination
+        while its last pages follow)."""
+        with self._lock:
+            self._downtime_s = downtime_s
+            self._downtime_phases = dict(phases) if phases else None
+
+    def paused(self, error: str) -> None:
+        """Post-copy lost its connection: nothing is finished, nothing failed."""
+        with self._lock:
+            self._error = error
+            self._status = "postcopy-paused"
+
+    @property
+    def switchover_reason(self) -> str | None:
+        with self._lock:
+            return self._switchover_reason
+
     def failed(self, error: str) -> None:
         with self._lock:
             self._error = error
@@ -356,7 +380,8 @@ class MigrationStats:
             info["total-time"] = _ms(end - self._start)
             if self._setup_end is not None:
                 info["setup-time"] = _ms(self._setup_end - self._start)
-            if self._status == "completed" and self._downtime_s is not None:
+            if self._status in ("completed", "postcopy-active", "postcopy-paused") \
+                    and self._downtime_s is not None:
                 info["downtime"] = _ms(self._downtime_s)
             if self._status in IN_PROGRESS and math.isfinite(self._expected_downtime_s):
                 info["expected-downtime"] = _ms(self._expected_downtime_s)
@@ -380,7 +405,7 @@ class MigrationStats:
                 info["vcpu-dirty-limit"] = list(self._vcpu_dirty_limits)
             if self._vcpu_dirty_rates is not None:
                 info["vcpu-dirty-rates"] = [int(round(r)) for r in self._vcpu_dirty_rates]
-            if self._status == "failed":
+            if self._status in ("failed", "postcopy-paused"):
                 info["error-desc"] = self._error or "unknown error"
             if self._switchover_reason is not None:
                 info["switchover-reason"] = self._switchover_reason
@@ -391,10 +416,13 @@ class MigrationStats:
                     self._expected_at_switchover):
                 info["downtime-expected-at-switchover"] = round(
                     self._expected_at_switchover * 1000, 2)
-            if self._status == "completed" and self._downtime_phases:
+            if self._downtime_s is not None and self._downtime_phases:
                 info["downtime-breakdown"] = {phase: round(seconds * 1000, 2) for phase, seconds
                                               in self._downtime_phases.items()}
-            return info
+            postcopy = self._postcopy
+        if postcopy is not None:
+            info["postcopy"] = postcopy()
+        return info
 
 
 def _list_or_none(values, kind) -> list | None:

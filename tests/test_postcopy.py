@@ -1,0 +1,333 @@
+"""Post-copy (the postcopy-ram capability): the guest runs at the destination before all of its
+RAM is there, vCPUs fault for the missing pages through userfaultfd, and a cut connection
+leaves both sides paused with nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from _migration_helpers import ANY_KIND, MiB, assert_consistent, guest_config, wait_for
+
+from pymig import core, postcopy
+from pymig._core import kvm as _kvm
+from pymig.errors import KvmError, MigrationError, StreamError
+from pymig.guest import create
+from pymig.incoming import Incoming
+from pymig.machine import Machine
+from pymig.memory import RamBlock, touch_without_gil
+from pymig.migration import Migration
+from pymig.parameters import ParameterStore
+
+POSTCOPY_KINDS = [
+    pytest.param("simulated", id="simulated"),
+    pytest.param("kvm", id="kvm", marks=pytest.mark.kvm),
+]
+
+
+def _uffd_usable() -> bool:
+    try:
+        fd = _kvm.userfaultfd_open(os.O_CLOEXEC)
+    except KvmError:
+        return False
+    os.close(fd)
+    return True
+
+
+needs_uffd = pytest.mark.skipif(not _uffd_usable(), reason="userfaultfd is not available here")
+
+
+class Run:
+    """A post-copy migration between two threads of this process."""
+
+    def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
+                 timeout=120.0):
+        self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
+                                 postcopy=dest_postcopy)
+        bound = self.incoming.listen()
+        self.box: dict = {}
+        self.dest_statuses: list[str] = []
+        self.incoming.on_status(lambda old, new: self.dest_statuses.append(new))
+        self.thread = threading.Thread(target=self._destination, daemon=True)
+        self.thread.start()
+        store = ParameterStore()
+        store.set(**(params or {}))
+        store.set_capabilities(**{"postcopy-ram": True, **(capabilities or {})})
+        self.migration = Migration(Machine.source(guest), store)
+        self.statuses: list[str] = []
+        self.migration.on_status(lambda old, new: self.statuses.append(new.value))
+        self.migration.start(bound)
+
+    def _destination(self) -> None:
+        try:
+            self.box["result"] = self.incoming.run()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            self.box["error"] = exc
+
+    def wait(self, timeout=120.0) -> None:
+        self.migration.wait(timeout)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the destination did not finish"
+
+    @property
+    def destination(self):
+        return self.incoming.machine.guest if self.incoming.machine is not None else None
+
+
+@pytest.fixture
+def cleanup():
+    things = []
+    yield things.append
+    for thing in reversed(things):
+        if isinstance(thing, Run):
+            if thing.incoming.postcopy is not None:
+                thing.incoming.postcopy.abandon()  # a paused guest's vCPUs wait: release them
+            if thing.incoming.machine is not None:
+                thing.incoming.machine.close()
+        else:
+            thing.close()
+
+
+def _running(config, cleanup):
+    guest = create(config)
+    cleanup(guest)
+    guest.start()
+    wait_for(lambda: guest.progress()["passes"] >= 1, what="the guest to run")
+    return guest
+
+
+# -- the wire --------------------------------------------------------------------------------
+
+def _blocks(*npages):
+    blocks = [RamBlock.allocate(f"b{i}", n * 4096, block_id=i, hugepages=False)
+              for i, n in enumerate(npages)]
+    return blocks
+
+
+def test_listen_round_trips_each_blocks_bitmap():
+    blocks = _blocks(100, 64)
+    bitmaps = [core.new_bitmap(100), core.new_bitmap(64)]
+    core.bitmap_set_range(bitmaps[0], 100, 3, 40)
+    core.bitmap_set_range(bitmaps[1], 64, 63, 1)
+    payload = postcopy.listen_payload(blocks, bitmaps)
+    assert postcopy.parse_op(payload, 0) == postcopy.OP_LISTEN
+    parsed = postcopy.parse_listen(payload, blocks, 0)
+    assert np.array_equal(parsed[0], bitmaps[0]) and np.array_equal(parsed[1], bitmaps[1])
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "count", "block-id", "npages", "tail-bit",
+                                    "reserved"])
+def test_listen_that_does_not_fit_this_guest_is_refused(damage):
+    blocks = _blocks(100, 64)
+    payload = bytearray(postcopy.listen_payload(blocks, [core.new_bitmap(100),
+                                                         core.new_bitmap(64)]))
+    first_block = 4 + 4
+    if damage == "short":
+        payload = payload[:-8]
+    elif damage == "long":
+        payload += bytes(8)
+    elif damage == "count":
+        payload[4] = 3
+    elif damage == "block-id":
+        payload[first_block] = 9
+    elif damage == "npages":
+        payload[first_block + 8] = 101
+    elif damage == "tail-bit":
+        payload[first_block + 16 + 8 + 7] = 0x80  # page 127 of a 100-page block
+    elif damage == "reserved":
+        payload[first_block + 4] = 1
+    with pytest.raises(StreamError):
+        postcopy.parse_listen(bytes(payload), blocks, 0)
+
+
+def test_an_unknown_operation_is_refused():
+    with pytest.raises(StreamError):
+        postcopy.parse_op(bytes([7, 0, 0, 0]), 0)
+    with pytest.raises(StreamError):
+        postcopy.parse_op(bytes([1, 0, 0, 0, 5]), 0)  # ADVISE carries nothing
+
+
+@pytest.mark.parametrize("call,args,name", [
+    (_kvm.uffdio_api, (0,), "UFFDIO_API"),
+    (_kvm._unsafe_uffdio_register, (0, 4096, 1), "UFFDIO_REGISTER"),
+    (_kvm._unsafe_uffdio_unregister, (0, 4096), "UFFDIO_UNREGISTER"),
+    (_kvm._unsafe_uffdio_copy, (0, 0, 4096), "UFFDIO_COPY"),
+    (_kvm._unsafe_uffdio_zeropage, (0, 4096), "UFFDIO_ZEROPAGE"),
+    (_kvm._unsafe_uffdio_wake, (0, 4096), "UFFDIO_WAKE"),
+])
+def test_every_userfaultfd_wrapper_raises_ebadf_on_a_bad_fd(call, args, name):
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(KvmError) as info:
+        call(fd, *args)
+    assert (info.value.errno, info.value.ioctl) == (errno.EBADF, name)
+
+
+@needs_uffd
+def test_a_page_is_placed_once():
+    """UFFDIO_COPY onto a page already there says so (EEXIST) and changes nothing: the page
+    asked for and the same page pushed can both arrive, the first one wins."""
+    block = RamBlock.allocate("ram", 4 * 4096, hugepages=False)
+    uffd = _kvm.userfaultfd_open(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        _kvm.uffdio_api(uffd, 0)
+        _kvm._unsafe_uffdio_register(uffd, block.address, block.size_bytes,
+                                     _kvm.REGISTER_MODE_MISSING)
+        src = np.full(2 * 4096, 0xAB, dtype=np.uint8)
+        assert _kvm._unsafe_uffdio_copy(uffd, block.address + 4096, src.ctypes.data,
+                                        4096) == (4096, 0)
+        src[:] = 0xCD
+        # page 0 placed, then it stops at page 1, which was there
+        assert _kvm._unsafe_uffdio_copy(uffd, block.address, src.ctypes.data,
+                                        2 * 4096) == (4096, errno.EAGAIN)
+        assert _kvm._unsafe_uffdio_copy(uffd, block.address + 4096, src.ctypes.data,
+                                        4096) == (0, errno.EEXIST)
+        assert block.array[0] == 0xCD and block.array[4096] == 0xAB
+        assert _kvm._unsafe_uffdio_zeropage(uffd, block.address + 4096, 4096)[1] == errno.EEXIST
+    finally:
+        os.close(uffd)
+        block.close()
+
+
+# -- whole migrations ------------------------------------------------------------------------
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_selfcheck_guest_runs_on_with_no_error_after_postcopy(kind, cleanup):
+    """Switched to post-copy after one pass, with the guest writing all along: the
+    destination runs it before its pages arrive, and it finds every page it checks right."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1})
+    cleanup(run)
+    run.wait()
+    assert "error" not in run.box, run.box.get("error")
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    assert "postcopy-active" in run.statuses and "device" not in run.statuses
+    assert query["switchover-reason"] == "postcopy"
+    assert guest.status == "paused"  # the guest is the destination's now
+    assert "postcopy-active" in run.dest_statuses and run.incoming.status == "completed"
+    dest = run.destination
+    stats = run.incoming.postcopy.query()
+    assert stats["pages-left"] == 0
+    pushed = query["postcopy"]
+    assert pushed["pages-pushed"] + pushed["pages-requested"] > 0
+    passes = dest.progress()["passes"]
+    wait_for(lambda: dest.progress()["passes"] > passes + 1, what="the guest to run on")
+    assert_consistent(dest)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_migrate_start_postcopy_switches_a_migration_under_way(kind, cleanup):
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup)
+    # a link too slow for the guest's writes: pre-copy alone would not end
+    run = Run(guest, params={"max-bandwidth": 8 * MiB})
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("ram", {}).get("dirty-sync-count", 0) >= 2,
+             what="two passes")
+    run.migration.start_postcopy()
+    run.wait()
+    assert run.migration.query()["status"] == "completed", run.migration.query()
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_a_guest_that_outruns_its_link_completes_without_throttling(cleanup):
+    """A guest that dirties its working set far faster than a capped link moves it never
+    converges in pre-copy; with post-copy it moves, and no throttle touches it."""
+    guest = _running(guest_config("simulated", memory=128 * MiB, working_set=64 * MiB,
+                                  rate=0), cleanup)
+    run = Run(guest, params={"max-bandwidth": 32 * MiB, "x-postcopy-after": 2,
+                             "downtime-limit": 1})
+    cleanup(run)
+    run.wait()
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    assert query["cpu-throttle-peak"] == 0
+    # what the guest dirtied outran the link at every pass: pre-copy had not converged
+    assert query["iterations"] == 3
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_a_destination_without_the_capability_refuses_before_the_guest_stops(cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1}, dest_postcopy=False)
+    cleanup(run)
+    run.wait()
+    query = run.migration.query()
+    assert query["status"] == "failed"
+    assert "postcopy-ram" in query["error-desc"]
+    assert "postcopy-active" not in run.statuses
+    assert guest.status == "running"
+
+
+def test_migrate_start_postcopy_needs_the_capability(cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    migration = Migration(Machine.source(guest))
+    with pytest.raises(MigrationError, match="Enable postcopy"):
+        migration.start_postcopy()
+
+
+def test_postcopy_needs_a_return_path(cleanup, tmp_path):
+    guest = _running(guest_config("simulated"), cleanup)
+    store = ParameterStore()
+    store.set_capabilities(**{"postcopy-ram": True})
+    with pytest.raises(MigrationError, match="return path"):
+        Migration(Machine.source(guest), store).start(f"file:{tmp_path / 'snap'}")
+
+
+def _touch_in_thread(guest, page: int) -> threading.Thread:
+    block = guest.ram_blocks[0]
+
+    def touch() -> None:
+        # faults if missing, and waits for the page (without the GIL, as any reader must)
+        touch_without_gil(block.address + page * block.page_size, 8)
+
+    thread = threading.Thread(target=touch, daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_a_cut_connection_pauses_both_sides_and_loses_nothing(kind, cleanup):
+    """The connection goes while the pages are being pushed: neither side claims success;
+    the source keeps its copy of what it did not send, paused; the destination reports
+    postcopy-paused and a thread touching a missing page waits for it rather than read a
+    made-up zero page."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=48 * MiB), cleanup)
+    # the push goes at the cap too, so that the cut lands while pages remain
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 4 * MiB,
+                             "x-switchover-capped": True, "compression": "none"})
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    run.migration._channel.shutdown()  # the network goes
+    run.wait()
+    query = run.migration.query()
+    assert run.migration.status.value == "postcopy-paused", query
+    assert query["status"] == "postcopy-paused" and "error-desc" in query
+    assert guest.status == "paused"
+    left_at_source = run.migration.postcopy.saver.pending_pages()
+    assert left_at_source > 0
+    assert run.incoming.status == "postcopy-paused"
+    assert isinstance(run.box.get("error"), MigrationError)
+    pc = run.incoming.postcopy
+    assert pc.pages_left() > 0 and run.incoming.machine is not None
+    # one missing page: touching it waits (its thread is still blocked a while later)
+    block = run.destination.ram_blocks[0]
+    page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[0])
+    toucher = _touch_in_thread(run.destination, page)
+    time.sleep(0.5)
+    assert toucher.is_alive(), "a missing page read without its data"
+    # only a guest given up is released (onto zero pages, with its memory discarded)
+    pc.abandon()
+    toucher.join(10)
+    assert not toucher.is_alive()
