@@ -134,6 +134,9 @@ def describe(parameters: Mapping[str, Any], capabilities: Mapping[str, bool]) ->
     for setting in COMMAND_LINE:
         if setting.name == "vcpu-dirty-limit" and not capabilities.get("dirty-limit"):
             continue  # it means nothing without the capability
+        if setting.name in ("postcopy-ram", "x-postcopy-after") \
+                and not capabilities.get("postcopy-ram"):
+            continue  # named only where a migration may switch to post-copy
         if setting.name in values:
             own.append(f"{setting.name} {setting.show(values[setting.name])}")
     names = _setting_names()
