@@ -23,6 +23,7 @@ from pymig.machine import Machine
 from pymig.memory import RamBlock, touch_without_gil
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
+from pymig.stats import read_trace
 
 POSTCOPY_KINDS = [
     pytest.param("simulated", id="simulated"),
@@ -46,7 +47,7 @@ class Run:
     """A post-copy migration between two threads of this process."""
 
     def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
-                 timeout=120.0):
+                 timeout=120.0, trace=None):
         self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
                                  postcopy=dest_postcopy)
         bound = self.incoming.listen()
@@ -61,7 +62,7 @@ class Run:
         self.migration = Migration(Machine.source(guest), store)
         self.statuses: list[str] = []
         self.migration.on_status(lambda old, new: self.statuses.append(new.value))
-        self.migration.start(bound)
+        self.migration.start(bound, trace_path=trace)
 
     def _destination(self) -> None:
         try:
@@ -198,11 +199,11 @@ def test_a_page_is_placed_once():
 
 @needs_uffd
 @pytest.mark.parametrize("kind", POSTCOPY_KINDS)
-def test_selfcheck_guest_runs_on_with_no_error_after_postcopy(kind, cleanup):
+def test_selfcheck_guest_runs_on_with_no_error_after_postcopy(kind, cleanup, tmp_path):
     """Switched to post-copy after one pass, with the guest writing all along: the
     destination runs it before its pages arrive, and it finds every page it checks right."""
     guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup)
-    run = Run(guest, params={"x-postcopy-after": 1})
+    run = Run(guest, params={"x-postcopy-after": 1}, trace=tmp_path / "trace")
     cleanup(run)
     run.wait()
     assert "error" not in run.box, run.box.get("error")
@@ -217,6 +218,12 @@ def test_selfcheck_guest_runs_on_with_no_error_after_postcopy(kind, cleanup):
     assert stats["pages-left"] == 0
     pushed = query["postcopy"]
     assert pushed["pages-pushed"] + pushed["pages-requested"] > 0
+    if kind == "kvm":
+        assert len(stats["postcopy-vcpu-blocktime"]) == dest.vcpu_count
+    # the trace follows the post-copy phase to its end
+    lines = [line for line in read_trace(tmp_path / "trace") if line["action"] == "postcopy"]
+    assert lines and lines[-1]["pending_bytes"] == 0
+    assert lines[-1]["postcopy"] == query["postcopy"]
     passes = dest.progress()["passes"]
     wait_for(lambda: dest.progress()["passes"] > passes + 1, what="the guest to run on")
     assert_consistent(dest)
@@ -252,6 +259,14 @@ def test_a_guest_that_outruns_its_link_completes_without_throttling(cleanup):
     assert query["cpu-throttle-peak"] == 0
     # what the guest dirtied outran the link at every pass: pre-copy had not converged
     assert query["iterations"] == 3
+    # the guest ran into pages not there yet, asked for them and waited for them
+    source_side = query["postcopy"]
+    dest_side = run.incoming.postcopy.query()
+    assert source_side["requests"] > 0 and source_side["pages-requested"] > 0
+    assert dest_side["requests"] > 0 and dest_side["blocktime-faults"] > 0
+    assert dest_side["blocktime-total"] > 0 and dest_side["pages-left"] == 0
+    assert dest_side["pages-requested"] + dest_side["pages-pushed"] == \
+        source_side["pages-requested"] + source_side["pages-pushed"]
     assert_consistent(run.destination)
 
 

@@ -74,6 +74,8 @@ PUSH_PACKET_BYTES = 128 << 10
 #: The page-request queue is read this often while pushing (between packets: each packet is
 #: one check, this is only the wait when there is nothing to push).
 REQUEST_POLL_S = 0.05
+#: The source writes a trace line of the post-copy phase this often.
+TRACE_INTERVAL_S = 0.1
 _FAULT = struct.Struct("<B7xQQI4x")  # uffd_msg: event, pagefault flags, address, thread id
 
 
@@ -185,11 +187,15 @@ class PostcopySource:
         saver = self.saver
         buf = bytearray(PUSH_PACKET_BYTES)
         compress = saver._compress_state if saver.compress else None
+        traced = time.monotonic()
         for index, (block, bitmap) in enumerate(zip(saver.blocks, saver.bitmaps)):
             cursor = 0
             while True:
                 check()
                 self._serve(out, buf)
+                if self.stats is not None and time.monotonic() - traced >= TRACE_INTERVAL_S:
+                    traced = time.monotonic()
+                    self.stats.record_postcopy(self.query(), saver.pending())
                 result = core.encode_packet(block.array, block.page_size, block.block_id,
                                             bitmap, block.npages, cursor, buf, compress)
                 if result.nbytes == 0:
@@ -199,6 +205,8 @@ class PostcopySource:
                 cursor = result.cursor
         self._serve(out, buf)
         out.end(b"")
+        if self.stats is not None:
+            self.stats.record_postcopy(self.query(), 0)
 
     def _serve(self, out, buf: bytearray) -> None:
         """Send what the requests received so far ask for and is still pending."""

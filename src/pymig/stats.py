@@ -105,6 +105,9 @@ class TraceRecord:
     # page bytes sent that the destination had not loaded yet, as its reports on the return
     # path say (without a return path: what the socket's queues hold)
     backlog_bytes: int = 0
+    # after a switch to post-copy (action "postcopy"): requests served, pages sent because
+    # asked for and pages pushed so far (a record every POSTCOPY_TRACE_S and one at the end)
+    postcopy: dict | None = None
 
     def to_json(self) -> str:
         line = dataclasses.asdict(self)
@@ -114,7 +117,7 @@ class TraceRecord:
         return json.dumps(line, separators=(",", ":"))
 
 
-OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits")
+OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits", "postcopy")
 
 
 class TraceWriter:
@@ -298,6 +301,33 @@ class MigrationStats:
                 vcpu_dirty_rates=rates, vcpu_dirty_limits=_list_or_none(vcpu_dirty_limits, int),
                 action=action, reason=reason, caught_up_wait_s=caught_up_wait_s,
                 backlog_bytes=backlog_bytes)
+            if self._trace is not None:
+                self._trace.write(record)
+            return record
+
+    def record_postcopy(self, counters: dict, pending_bytes: int) -> TraceRecord:
+        """A trace line of the post-copy phase: what went since the last line, what is left,
+        and the post-copy counters so far."""
+        with self._lock:
+            now = self._clock()
+            period = now - (self._last_sync_time if self._last_sync_time is not None else now)
+            sent_bytes = self._transferred - self._last_sync_bytes
+            pages = self._normal + self._duplicate
+            sent_pages = pages - self._last_sync_pages
+            if period > 0:
+                self._mbps = sent_bytes * 8 / period / 1e6
+                self._pages_per_second = sent_pages / period
+            self._last_sync_time, self._last_sync_bytes, self._last_sync_pages = now, \
+                self._transferred, pages
+            self._remaining = pending_bytes
+            record = TraceRecord(
+                time=now - (self._start if self._start is not None else now),
+                iteration=self._iterations, dirty_pages=0, pages_sent=sent_pages,
+                bytes=sent_bytes, bandwidth=sent_pages * self.page_size / period
+                if period > 0 else 0.0, stopped_bandwidth=0.0, expected_downtime=None,
+                pending_bytes=pending_bytes, throttle_pct=self._throttle, dirty_rate=0.0,
+                page_size=self.page_size, action="postcopy", reason="postcopy",
+                postcopy=dict(counters))
             if self._trace is not None:
                 self._trace.write(record)
             return record
