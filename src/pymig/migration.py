@@ -319,8 +319,10 @@ class Migration:
                                  if self.postcopy is not None else None)
             writer.write_header()
             machine.save_config(writer)
+            advised_at = 0  # the stream offset past ADVISE
             if self.postcopy is not None:
                 postcopy_mod.advise(writer)
+                advised_at = writer.bytes_written
             saver.cap_packets(params.max_bandwidth)
             for entry in machine.registry.live_entries():
                 entry.handlers.setup(entry.opaque, SectionOut(writer, entry))
@@ -455,8 +457,10 @@ class Migration:
                 waited_s = 0.0
                 for callback in list(self._pass_listeners):
                     callback(record)
-                if self.postcopy is not None and postcopy_due(self._start_postcopy.is_set(),
-                                                               iteration, params):
+                if (self.postcopy is not None and ret.loaded_up_to(advised_at)
+                        and postcopy_due(self._start_postcopy.is_set(), iteration, params)):
+                    # (not before the destination loaded ADVISE: one that cannot take
+                    # post-copy says so then, and the guest must not have stopped for it)
                     # Asked for, post-copy goes first (as QEMU's), whatever this decision
                     # says, and before any throttle it carries: post-copy needs none.
                     stats.switchover("postcopy", decision.expected_downtime_s)
@@ -1012,6 +1016,7 @@ class ReturnPath:
         # offset (a PROGRESS or CAUGHT_UP report)
         self._on_loaded = on_loaded
         self._reports = 0  # PROGRESS and CAUGHT_UP messages so far
+        self._loaded = 0  # the furthest offset they said the destination loaded
         self.error: str | None = None
         self._messages: dict[type, object] = {}
         self._cond = threading.Condition()
@@ -1041,10 +1046,17 @@ class ReturnPath:
                 self._on_loaded(message.offset)
             with self._cond:
                 self._reports += report
+                if report:
+                    self._loaded = max(self._loaded, message.offset)
                 if isinstance(message, stream.LoadError):
                     self.error = message.text
                 self._messages[type(message)] = message
                 self._cond.notify_all()
+
+    def loaded_up_to(self, offset: int) -> bool:
+        """Whether the destination reported loading the stream up to ``offset`` or beyond."""
+        with self._cond:
+            return self._loaded >= offset
 
     def check_alive(self) -> None:
         """Raise if the destination failed or the return path is gone (before SHUT)."""
