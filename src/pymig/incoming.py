@@ -33,6 +33,7 @@ nor restores an older page, and the error a damaged stream gets names its offset
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateErro
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
 from pymig.machine import LOAD_BUFFER_BYTES, Machine, WarmUp, load_config
-from pymig.postcopy import OP_ADVISE, PostcopyDestination, check_backing, probe_userfaultfd
+from pymig.postcopy import (OP_ADVISE, PostcopyDestination, check_backing, probe_userfaultfd,
+                            shrink_queue)
 from pymig.ram import RAM_IDSTR
 from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
@@ -311,6 +313,7 @@ class Incoming:
         ends the stream, then hand the RAM back to the kernel.  A stream that breaks (or lies)
         leaves the guest paused in its faults, never on made-up pages: ``postcopy-paused``."""
         pc, reader, machine = self.postcopy, self._reader, self.machine
+        shrink_queue(channel, socket.SO_RCVBUF)
         buf = bytearray(LOAD_BUFFER_BYTES)
         try:
             while True:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import socket
 import math
 import threading
 import time
@@ -709,6 +710,7 @@ class Migration:
         started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
         phases.mark("destination", started_ns)
         stats.set_downtime(phases.total_s, phases.seconds)
+        postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
         ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
         self.postcopy.run(ram, check=lambda: ret.check_alive())
         writer.eof()

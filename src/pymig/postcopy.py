@@ -83,6 +83,24 @@ def advise_payload() -> bytes:
     return _OP.pack(OP_ADVISE)
 
 
+#: During post-copy each end's socket queues at most about this much: a page asked for waits
+#: behind whatever pushed pages are queued ahead of it, so the less, the sooner it comes.
+QUEUE_BYTES = 256 << 10
+
+
+def shrink_queue(channel, option: int) -> None:
+    """Hold ``channel``'s socket queue (SO_SNDBUF or SO_RCVBUF) to :data:`QUEUE_BYTES`, where
+    it is a socket; best effort."""
+    import socket
+
+    sock = getattr(channel, "sock", None)
+    if isinstance(sock, socket.socket):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, QUEUE_BYTES)
+        except OSError as exc:
+            log.debug("post-copy: cannot shrink the socket queue: %s", exc)
+
+
 def advise(writer: "stream.StreamWriter") -> None:
     """ADVISE, right after the configuration: the source may switch to post-copy, so the
     destination checks now, while the guest still runs at the source, that it can."""
