@@ -685,6 +685,10 @@ class Migration:
         still here follows, those it asks for first (pymig.postcopy)."""
         machine, guest, saver, stats = self.machine, self.machine.guest, \
             self.machine.ram_saver, self.stats
+        # The guest stops only once the destination has loaded everything sent: a backlog
+        # left in the socket would be loaded inside the downtime (as before a stop-and-copy).
+        # What the guest writes meanwhile is only more for LISTEN to name.
+        ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S, check=self._check)
         if not self._transition(Status.ACTIVE, Status.POSTCOPY_ACTIVE):
             raise Cancelled("migration cancelled")
         phases = DowntimePhases(time.time_ns())

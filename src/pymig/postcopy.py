@@ -362,7 +362,7 @@ class PostcopyDestination:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.fault_error: BaseException | None = None
         self.requests_lost = False  # the return path broke: faults now wait for a recovery
-        self.started_at: float | None = None
+        self.listen_ms: dict = {}
 
     # -- LISTEN ------------------------------------------------------------------------------
     def listen(self, payload, offset: int) -> None:
@@ -370,17 +370,22 @@ class PostcopyDestination:
         thread; from here on a missing page is placed, never written."""
         from pymig._core import kvm as _kvm
 
+        began = time.perf_counter()
         bitmaps = parse_listen(payload, self.blocks, offset)
         check_backing(self.blocks)
         self.missing = bitmaps
+        stale_runs = 0
         self.missing_pages = sum(core.bitmap_count(bitmaps[b.block_id], b.npages)
                                  for b in self.blocks)
         for block in self.blocks:
             # What the destination holds of a page the guest wrote since it went is stale:
             # drop it, so that the page faults as one never sent did.
             stale = bitmaps[block.block_id] & block.touched()
-            block.discard(core.bitmap_runs(stale, block.npages))
+            runs = core.bitmap_runs(stale, block.npages)
+            block.discard(runs)
+            stale_runs += len(runs)
             block.no_hugepages()  # pages are placed 4 KiB at a time
+        discarded = time.perf_counter()
         uffd = _kvm.userfaultfd_open(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             features, _ = _kvm.uffdio_api(uffd, _kvm.FEATURE_THREAD_ID)
@@ -391,6 +396,10 @@ class PostcopyDestination:
             os.close(uffd)
             raise
         self._uffd = uffd
+        # inside the downtime: what LISTEN cost, and how much of it went on stale pages
+        self.listen_ms = {"discard": round((discarded - began) * 1000, 2),
+                          "stale-runs": stale_runs,
+                          "register": round((time.perf_counter() - discarded) * 1000, 2)}
         self._thread = threading.Thread(target=self._fault_loop, name="pymig-postcopy-faults",
                                         daemon=True)
         self._thread.start()
@@ -613,6 +622,7 @@ class PostcopyDestination:
                 "blocktime-faults": bt.faults,
                 "blocktime-per-fault-us": round(bt.wait_s / bt.faults * 1e6, 1)
                 if bt.faults else 0.0,
+                "listen": dict(self.listen_ms),
             }
             per_thread = dict(bt.per_thread_s)
         tids = self._vcpu_threads()
