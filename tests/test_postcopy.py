@@ -5,6 +5,7 @@ leaves both sides paused with nothing lost."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -47,9 +48,9 @@ class Run:
     """A post-copy migration between two threads of this process."""
 
     def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
-                 timeout=120.0, trace=None):
+                 timeout=120.0, trace=None, guest_options=None):
         self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
-                                 postcopy=dest_postcopy)
+                                 postcopy=dest_postcopy, guest_options=guest_options)
         bound = self.incoming.listen()
         self.box: dict = {}
         self.dest_statuses: list[str] = []
@@ -94,8 +95,8 @@ def cleanup():
             thing.close()
 
 
-def _running(config, cleanup):
-    guest = create(config)
+def _running(config, cleanup, **options):
+    guest = create(config, **options)
     cleanup(guest)
     guest.start()
     wait_for(lambda: guest.progress()["passes"] >= 1, what="the guest to run")
@@ -268,6 +269,23 @@ def test_a_guest_that_outruns_its_link_completes_without_throttling(cleanup):
 
 
 @needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_postcopy_into_memfd_ram(kind, cleanup):
+    """memfd RAM (shared memory): stale pages are dropped from the file too (MADV_REMOVE), and
+    zero pages are placed by copy (shmem has no UFFDIO_ZEROPAGE)."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup,
+                     backing="memfd")
+    run = Run(guest, params={"x-postcopy-after": 1, "downtime-limit": 1},
+              guest_options={"backing": "memfd"})
+    cleanup(run)
+    run.wait()
+    assert run.migration.query()["status"] == "completed", run.migration.query()
+    assert run.destination.ram_blocks[0].backing == "memfd"
+    assert run.incoming.postcopy.query()["pages-left"] == 0
+    assert_consistent(run.destination)
+
+
+@needs_uffd
 def test_a_destination_without_the_capability_refuses_before_the_guest_stops(cleanup):
     guest = _running(guest_config("simulated"), cleanup)
     run = Run(guest, params={"x-postcopy-after": 1}, dest_postcopy=False)
@@ -343,3 +361,80 @@ def test_a_cut_connection_pauses_both_sides_and_loses_nothing(kind, cleanup):
     pc.abandon()
     toucher.join(10)
     assert not toucher.is_alive()
+
+
+class _Out:
+    """A RAM section writer that keeps what it is given."""
+
+    def __init__(self):
+        self.parts = []
+
+    def part(self, payload, *, nocsum=False, stands_for=0):
+        self.parts.append(bytes(payload))
+
+    def end(self, payload):
+        self.parts.append(("end", bytes(payload)))
+
+
+def test_page_requests_are_bounded_and_served_once(cleanup):
+    """A request names pages of guest RAM or is ignored (counted); a page already sent is
+    not sent again for a request."""
+    from pymig import stream
+    from pymig.ram import RamSaver
+
+    guest = _running(guest_config("simulated", memory=16 * MiB, working_set=4 * MiB), cleanup)
+    saver = RamSaver(guest)
+    block = saver.blocks[0]
+    core.bitmap_set_range(saver.bitmaps[0], block.npages, 10, 4)
+    source = postcopy.PostcopySource(saver)
+    out = _Out()
+    for request in (stream.PageRequest(7, 0, 1),  # no such block
+                    stream.PageRequest(block.block_id, block.npages, 1),  # past the end
+                    stream.PageRequest(block.block_id, block.npages - 1, 2),  # runs past it
+                    stream.PageRequest(block.block_id, 0, 0),  # no page
+                    stream.PageRequest(block.block_id, 11, 2),
+                    stream.PageRequest(block.block_id, 11, 2)):  # sent already
+        source.page_request(request)
+    source._serve(out, bytearray(postcopy.PUSH_PACKET_BYTES))
+    assert source.counters.bad_requests == 4 and source.counters.requests == 6
+    assert source.counters.pages_requested == 2 and len(out.parts) == 1
+    runs = core.packet_runs(out.parts[0], block.page_size, block.block_id, block.npages)
+    assert runs.tolist() == [[11, 2]]
+    # what is left goes out pushed, then END
+    source.run(out, check=lambda: None)
+    assert source.counters.pages_pushed == 2 and out.parts[-1] == ("end", b"")
+    assert saver.pending_pages() == 0
+
+
+@needs_uffd
+def test_pymig_migrate_postcopy_between_processes(tmp_path):
+    """pymig incoming --postcopy and pymig migrate --postcopy --postcopy-after 1: the
+    MIGRATION events go through postcopy-active, the guest runs on at the destination with
+    its self-check clean, and query-migrate there reports the post-copy figures."""
+    from _migration_helpers import (assert_carries_on, finish, run_pymig, start_destination,
+                                    start_source)
+    from pymig.qmp import QmpClient
+
+    src, src_ctl = start_source("simulated", tmp_path)
+    dst, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--postcopy")
+    try:
+        with QmpClient(dst_ctl) as watcher:
+            done = run_pymig("migrate", "--control", src_ctl, bound, "--postcopy",
+                             "--postcopy-after", "1", "--downtime-limit", "1", "--json")
+            assert done.returncode == 0, done.stderr
+            info = json.loads(done.stdout)
+            assert info["status"] == "completed" and info["switchover-reason"] == "postcopy"
+            assert info["settings"]["capabilities"]["postcopy-ram"] is True
+            assert "postcopy-ram on" in done.stderr
+            wait_for(lambda: watcher.command("query-migrate")["status"] == "completed",
+                     what="the destination to complete")
+            statuses = []
+            while not watcher.events.empty():
+                event = watcher.events.get_nowait()
+                if event["event"] == "MIGRATION":
+                    statuses.append(event["data"]["status"])
+            assert statuses[-2:] == ["postcopy-active", "completed"], statuses
+            assert watcher.command("query-migrate")["postcopy"]["pages-left"] == 0
+        assert_carries_on(dst_ctl)
+    finally:
+        finish(src, dst)

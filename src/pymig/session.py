@@ -170,6 +170,11 @@ class Session:
         """The workload's progress (and, when asked and the guest is paused or self-checking,
         the self-check verdict), plus the console output so far."""
         guest = self._require_guest()
+        if verify and self.incoming is not None and self.incoming.status.startswith("postcopy"):
+            # Its pages are still coming: reading all of RAM here would wait for them holding
+            # the GIL that the threads bringing them need (docs/architecture.md, "Post-copy").
+            raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
+                               f"verify it once the migration has completed")
         result: dict[str, Any] = {"progress": guest.progress(), "workload": guest.config.workload,
                                   "kind": guest.config.kind, "status": guest.status}
         if verify and guest.config.workload == "selfcheck":
