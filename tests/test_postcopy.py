@@ -438,3 +438,73 @@ def test_pymig_migrate_postcopy_between_processes(tmp_path):
         assert_carries_on(dst_ctl)
     finally:
         finish(src, dst)
+
+
+@needs_uffd
+def test_a_cut_before_the_commit_fails_and_the_source_guest_runs_on(cleanup, monkeypatch):
+    """The connection goes after the switch but before COMMIT (the destination has registered
+    its RAM and loaded the state; LOADED never arrives): the source still holds every page,
+    so the migration fails there as a stop-and-copy's would, its guest running again, and the
+    destination discards its guest."""
+    from pymig import stream
+
+    def cut_instead(rp):
+        rp.channel.shutdown()
+        raise MigrationError("cut")
+
+    monkeypatch.setattr(stream.ReturnPathWriter, "loaded", cut_instead)
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "downtime-limit": 1})
+    cleanup(run)
+    run.wait()
+    assert "postcopy-active" in run.statuses
+    assert run.migration.status.value == "failed", run.migration.query()
+    assert guest.status == "running"
+    passes = guest.progress()["passes"]
+    wait_for(lambda: guest.progress()["passes"] > passes, what="the source guest to run on")
+    assert run.incoming.status == "failed" and run.incoming.machine is None
+    assert_consistent(guest)
+
+
+@needs_uffd
+@pytest.mark.parametrize("seed", range(5))
+def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup):
+    """Whenever the connection goes (pre-copy, the switch, post-copy, the very end), the two
+    sides end in one of three agreed outcomes: failed before the commit (the source's guest
+    runs on, whole; the destination has none), paused after it (both postcopy-paused, or the
+    destination complete if only SHUT was lost; a missing page waits), or completed (the
+    destination's guest whole).  The moments spread over the whole migration: its first pass
+    takes about a second at the cap, the post-copy push about as long."""
+    delay = 0.3 + 0.5 * seed
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 16 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1})
+    cleanup(run)
+    time.sleep(delay)
+    channel = run.migration._channel
+    if channel is not None:
+        channel.shutdown()
+    run.wait()
+    source, dest = run.migration.status.value, run.incoming.status
+    if source == "failed":
+        assert guest.status == "running" and run.incoming.machine is None, (source, dest)
+        assert_consistent(guest)
+    elif source == "postcopy-paused":
+        assert guest.status == "paused"
+        assert dest in ("postcopy-paused", "completed"), dest
+        if dest == "postcopy-paused":
+            pc = run.incoming.postcopy
+            assert pc.pages_left() > 0
+            block = run.destination.ram_blocks[0]
+            page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[0])
+            toucher = _touch_in_thread(run.destination, page)
+            time.sleep(0.3)
+            assert toucher.is_alive(), "a missing page read without its data"
+            pc.abandon()
+            toucher.join(10)
+        else:
+            assert_consistent(run.destination)
+    else:
+        assert (source, dest) == ("completed", "completed")
+        assert_consistent(run.destination)
