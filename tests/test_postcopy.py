@@ -508,3 +508,54 @@ def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup
     else:
         assert (source, dest) == ("completed", "completed")
         assert_consistent(run.destination)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_a_paused_postcopy_recovers_and_the_guest_checks_clean(kind, cleanup):
+    """Cut during the push, then migrate-recover at the destination and migrate
+    resume=true at the source: the pages follow on the new connection (those a vCPU waits
+    for asked again), both sides complete, and the guest finds every page right."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1})
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    run.migration._channel.shutdown()
+    run.wait()
+    assert run.migration.status.value == "postcopy-paused"
+    assert run.incoming.status == "postcopy-paused"
+    left = run.incoming.postcopy.pages_left()
+    assert left > 0
+    block = run.destination.ram_blocks[0]
+    page = int(core.bitmap_indices(run.incoming.postcopy.missing[block.block_id],
+                                   block.npages)[-1])
+    toucher = _touch_in_thread(run.destination, page)  # waits across the recovery
+    run.migration.params.set(**{"max-bandwidth": 0})
+    bound = run.incoming.recover("tcp:127.0.0.1:0")
+    assert run.incoming.status == "postcopy-recover"
+    run.migration.recover(bound)
+    run.migration.wait(120)
+    wait_for(lambda: run.incoming.status == "completed", timeout=120,
+             what="the destination to complete")
+    assert run.migration.status.value == "completed", run.migration.query()
+    assert "postcopy-recover" in run.statuses and "postcopy-recover" in run.dest_statuses
+    toucher.join(10)
+    assert not toucher.is_alive()
+    assert run.incoming.postcopy.pages_left() == 0
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_recover_is_only_for_a_paused_postcopy(cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "downtime-limit": 1})
+    cleanup(run)
+    run.wait()
+    assert run.migration.status.value == "completed"
+    with pytest.raises(MigrationError, match="paused in post-copy"):
+        run.incoming.recover("tcp:127.0.0.1:0")
+    with pytest.raises(MigrationError, match="paused in post-copy"):
+        run.migration.recover("tcp:127.0.0.1:1")

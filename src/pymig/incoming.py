@@ -45,8 +45,8 @@ from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateErro
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
 from pymig.machine import LOAD_BUFFER_BYTES, Machine, WarmUp, load_config
-from pymig.postcopy import (OP_ADVISE, PostcopyDestination, check_backing, probe_userfaultfd,
-                            shrink_queue)
+from pymig.postcopy import (OP_ADVISE, OP_RESUME, POSTCOPY_IDSTR, PostcopyDestination,
+                            check_backing, parse_op, probe_userfaultfd, shrink_queue)
 from pymig.ram import RAM_IDSTR
 from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
@@ -307,6 +307,63 @@ class Incoming:
         self.postcopy = pc
         self.machine.ram_loader.placer = pc
         self._set_status("postcopy-active")
+
+    def recover(self, uri: str) -> str:
+        """``migrate-recover``: listen on ``uri`` for the source's reconnection (``migrate
+        uri resume=true``) of a migration paused in post-copy; returns the address bound.
+        The pages follow on the new connection, in a thread; the status says how it ends."""
+        if self.status != "postcopy-paused":
+            raise MigrationError(f"migrate-recover resumes a migration paused in post-copy; "
+                                 f"this one is {self.status}")
+        parsed = transport.parse_uri(uri)
+        if parsed.scheme not in ("tcp", "unix", "fd"):
+            raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
+                                 f"fd: sockets), which a {parsed.scheme}: URI has not")
+        listener = transport.listen(uri)
+        self._set_status("postcopy-recover")
+        thread = threading.Thread(target=self._recover, args=(listener,),
+                                  name="pymig-incoming", daemon=True)
+        thread.start()
+        return str(listener.uri)
+
+    def _recover(self, listener) -> None:
+        channel = None
+        try:
+            try:
+                channel = listener.accept(self.accept_timeout)
+            finally:
+                listener.close()
+            if self.tls is not None:
+                channel = self._secure(channel)
+            channel.settimeout(self.idle_timeout)
+            rp = stream.ReturnPathWriter(channel)
+            reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
+            reader.read_header()
+            record = reader.next_record()
+            payload = reader.read_payload() if record.payload_len else b""
+            if (record.type != stream.RecordType.FULL or record.idstr != POSTCOPY_IDSTR
+                    or parse_op(payload, record.offset) != OP_RESUME):
+                raise StreamError(record.offset, "a recovered connection starts with the "
+                                                 "post-copy RESUME record")
+            self._reader = reader
+            self.postcopy.reconnect(rp.page_request)
+            self._set_status("postcopy-active")
+        except BaseException as exc:  # noqa: BLE001 - paused as before, nothing changed
+            self.error = exc
+            if channel is not None:
+                channel.close()
+            self._set_status("postcopy-paused")
+            log.warning("post-copy recovery failed: %s", describe(exc))
+            return
+        try:
+            self._receive_postcopy(channel, rp)
+        except MigrationError as exc:
+            log.warning("%s", exc)
+            return
+        finally:
+            channel.close()
+        self.machine.release_load_buffers()
+        self._set_status("completed")
 
     def _receive_postcopy(self, channel, rp) -> None:
         """The guest runs: place the pages that follow (asked for or pushed) until the source

@@ -10,6 +10,9 @@
         postcopy_active --> completed : every page placed at the destination
         postcopy_active --> postcopy_paused : connection lost after the commit
         postcopy_active --> failed : before the commit (the guest runs on here)
+        postcopy_paused --> postcopy_recover : migrate uri resume=true
+        postcopy_recover --> postcopy_active : reconnected; the pages follow again
+        postcopy_recover --> postcopy_paused : the new connection failed too
         device --> completed : destination loaded everything, committed, started
         setup --> failed
         active --> failed
@@ -68,6 +71,7 @@ class Status(str, enum.Enum):
     CANCELLED = "cancelled"
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
 
 
 _ALLOWED: dict[Status, set[Status]] = {
@@ -77,7 +81,8 @@ _ALLOWED: dict[Status, set[Status]] = {
     Status.POSTCOPY_ACTIVE: {Status.COMPLETED, Status.POSTCOPY_PAUSED, Status.FAILED,
                              Status.CANCELLING},
     # neither side holds the whole guest: only a recovery moves on from here
-    Status.POSTCOPY_PAUSED: set(),
+    Status.POSTCOPY_PAUSED: {Status.POSTCOPY_RECOVER},
+    Status.POSTCOPY_RECOVER: {Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED},
     Status.DEVICE: {Status.COMPLETED, Status.FAILED, Status.CANCELLING},
     Status.CANCELLING: {Status.CANCELLED, Status.FAILED},
     Status.FAILED: {Status.SETUP},
@@ -85,7 +90,7 @@ _ALLOWED: dict[Status, set[Status]] = {
     Status.COMPLETED: {Status.SETUP},  # only after a snapshot: the guest ran on here
 }
 ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING,
-                 Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED}
+                 Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER}
 
 
 class Cancelled(MigrationError):
@@ -243,6 +248,57 @@ class Migration:
     def switchover(self) -> None:
         """Switch over at the next decision, whatever the expected downtime (manual)."""
         self._manual_switchover.set()
+
+    def recover(self, uri: str) -> None:
+        """``migrate uri resume=true`` on a migration paused in post-copy: connect to the
+        destination's ``migrate-recover`` URI and send it every page it may still lack."""
+        parsed = transport.parse_uri(uri)
+        if parsed.scheme not in TLS_SCHEMES:
+            raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
+                                 f"fd: sockets), which a {parsed.scheme}: URI has not")
+        if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
+            raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
+                                 f"{self._status.value}")
+        self.stats.set_status(Status.POSTCOPY_RECOVER.value)
+        self._thread = threading.Thread(target=self._recover, args=(uri,),
+                                        name="pymig-migration", daemon=True)
+        self._thread.start()
+
+    def _recover(self, uri: str) -> None:
+        machine, stats = self.machine, self.stats
+        ret = None
+        try:
+            channel = transport.connect(uri, timeout=10.0)
+            self._channel = channel
+            if self._tls is not None:
+                channel = self._secure(channel)
+            channel.settimeout(SEND_TIMEOUT_S)
+            writer = stream.StreamWriter(channel)
+            self.postcopy.rewind()
+            ret = ReturnPath(channel, on_page_request=self.postcopy.page_request)
+            writer.write_header()
+            postcopy_mod.resume(writer)
+            postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
+            if not self._transition(Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
+                raise MigrationError("the recovery was interrupted")
+            ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
+            self.postcopy.run(ram, check=lambda: ret.check_alive())
+            writer.eof()
+            ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+            stats.completed(stats.downtime_s, stats.downtime_phases)
+            self._transition(Status.POSTCOPY_ACTIVE, Status.COMPLETED)
+        except BaseException as exc:  # noqa: BLE001 - paused again, nothing lost
+            self.error = exc
+            stats.paused(f"post-copy paused: {exc}")
+            for state in (Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
+                if self._transition(state, Status.POSTCOPY_PAUSED):
+                    break
+        finally:
+            if ret is not None:
+                ret.stop()
+            if self._channel is not None:
+                _quietly("closing the channel", self._channel.close, level=logging.DEBUG)
+                self._channel = None
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to post-copy at the next decision.  Needs the
@@ -1038,7 +1094,8 @@ class ReturnPath:
             except PymigError as exc:
                 with self._cond:
                     if not self._stopped and self.error is None \
-                            and stream.Ack not in self._messages:
+                            and stream.Ack not in self._messages \
+                            and stream.Shut not in self._messages:
                         self.error = f"return path lost: {exc}"
                     self._stopped = True
                     self._cond.notify_all()

@@ -65,6 +65,7 @@ POSTCOPY_SECTION_ID = 0xFFFF_FFFE  # outside the registry's ids, as the config's
 POSTCOPY_VERSION = 1
 OP_ADVISE = 1
 OP_LISTEN = 2
+OP_RESUME = 3  # the first record of a recovered connection: the pages follow again
 _OP = struct.Struct("<B3x")  # op, reserved
 _LISTEN_HEAD = struct.Struct("<I")  # block count
 _LISTEN_BLOCK = struct.Struct("<IIQ")  # block id, reserved, npages; then the bitmap words
@@ -107,6 +108,11 @@ def advise(writer: "stream.StreamWriter") -> None:
     writer.full(POSTCOPY_SECTION_ID, POSTCOPY_IDSTR, 0, POSTCOPY_VERSION, advise_payload())
 
 
+def resume(writer: "stream.StreamWriter") -> None:
+    """RESUME, after a recovered connection's stream header: post-copy's pages follow."""
+    writer.full(POSTCOPY_SECTION_ID, POSTCOPY_IDSTR, 0, POSTCOPY_VERSION, _OP.pack(OP_RESUME))
+
+
 def listen_payload(blocks: list[RamBlock], bitmaps: list[np.ndarray]) -> bytes:
     """LISTEN: per block, the bitmap (KVM layout, uint64 little-endian words) of the pages
     the destination must fault for."""
@@ -123,12 +129,12 @@ def parse_op(payload, offset: int) -> int:
     if len(payload) < _OP.size:
         raise StreamError(offset, f"{POSTCOPY_IDSTR} record of {len(payload)} bytes is too short")
     op = payload[0]
-    if op not in (OP_ADVISE, OP_LISTEN) or any(bytes(payload[1:4])):
+    if op not in (OP_ADVISE, OP_LISTEN, OP_RESUME) or any(bytes(payload[1:4])):
         raise StreamError(offset, f"unknown {POSTCOPY_IDSTR} operation {op} (or reserved "
                                   f"bytes set)")
-    if op == OP_ADVISE and len(payload) != _OP.size:
-        raise StreamError(offset, f"{POSTCOPY_IDSTR} ADVISE carries {len(payload) - 4} bytes; "
-                                  f"it carries none")
+    if op in (OP_ADVISE, OP_RESUME) and len(payload) != _OP.size:
+        raise StreamError(offset, f"{POSTCOPY_IDSTR} operation {op} carries "
+                                  f"{len(payload) - 4} bytes; it carries none")
     return op
 
 
@@ -197,7 +203,17 @@ class PostcopySource:
         saver = self.saver
         writer.full(POSTCOPY_SECTION_ID, POSTCOPY_IDSTR, 0, POSTCOPY_VERSION,
                     listen_payload(saver.blocks, saver.bitmaps))
+        # what the destination faults for, for as long as it may: a recovery sends it again
+        self.listened = [bitmap.copy() for bitmap in saver.bitmaps]
         return saver.pending_pages()
+
+    def rewind(self) -> None:
+        """After a lost connection: every page LISTEN named is pending again.  What went before
+        the cut may have died in the sockets' queues; the destination skips the pages it
+        placed (a page is placed once), and its waiting vCPUs ask again first."""
+        for bitmap, listened in zip(self.saver.bitmaps, self.listened):
+            bitmap[:] = listened
+        self._requests = queue.SimpleQueue()
 
     def run(self, out, check: Callable[[], None]) -> None:
         """Send every page still pending, those asked for first, then END; ``check()`` raises
@@ -555,6 +571,17 @@ class PostcopyDestination:
             _kvm._unsafe_uffdio_wake(self._uffd, dst, block.page_size)
         else:
             self.zero_faults += 1
+
+    def reconnect(self, request: Callable[[int, int, int], None]) -> None:
+        """A recovered connection: requests go there, and every page a thread waits for is
+        asked for again (what was asked before the cut may never have been answered)."""
+        with self._lock:
+            self._request = request
+            self.requests_lost = False
+            waited = list(self._asked)
+        for block_id, page in waited:
+            request(block_id, page, 1)
+            self.requests += 1
 
     # -- the end -----------------------------------------------------------------------------
     def finish(self) -> None:

@@ -218,6 +218,13 @@ class Session:
             if self.machine.guest.status in ("shutdown", "error"):
                 raise CommandError(f"the guest is {self.machine.guest.status}; nothing to "
                                    f"migrate")
+            if resume and self.migration is not None \
+                    and self.migration.status == Status.POSTCOPY_PAUSED:
+                try:  # QEMU's resume=true: a post-copy paused by a lost connection goes on
+                    self.migration.recover(uri)
+                except (MigrationError, ValueError) as exc:
+                    raise CommandError(str(exc)) from None
+                return
             if self.moved_away():
                 raise CommandError("the guest has already migrated away")
             if self.migration is not None and self.migration.status in ACTIVE_STATES:
@@ -249,6 +256,16 @@ class Session:
         if self.migration is None or self.migration.status != Status.ACTIVE:
             raise CommandError("no migration is waiting before switchover")
         self.migration.continue_switchover()
+
+    def migrate_recover(self, uri: str) -> str:
+        """``migrate-recover``: a destination paused in post-copy listens on ``uri`` for its
+        source to reconnect (``migrate uri resume=true``)."""
+        if self.incoming is None:
+            raise CommandError("migrate-recover is for a destination whose post-copy paused")
+        try:
+            return self.incoming.recover(uri)
+        except (MigrationError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
 
     def migrate_start_postcopy(self) -> None:
         """``migrate-start-postcopy``: the migration switches to post-copy at its next

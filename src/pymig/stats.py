@@ -72,8 +72,9 @@ from dataclasses import dataclass
 from typing import Any
 
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling",
-            "cancelled", "postcopy-active", "postcopy-paused")
-IN_PROGRESS = ("setup", "active", "device", "cancelling", "postcopy-active")
+            "cancelled", "postcopy-active", "postcopy-paused", "postcopy-recover")
+IN_PROGRESS = ("setup", "active", "device", "cancelling", "postcopy-active",
+               "postcopy-recover")
 ENDED = ("completed", "failed", "cancelled")
 
 
@@ -372,6 +373,16 @@ class MigrationStats:
             self._status = "postcopy-paused"
 
     @property
+    def downtime_s(self) -> float | None:
+        with self._lock:
+            return self._downtime_s
+
+    @property
+    def downtime_phases(self) -> dict[str, float] | None:
+        with self._lock:
+            return dict(self._downtime_phases) if self._downtime_phases else None
+
+    @property
     def switchover_reason(self) -> str | None:
         with self._lock:
             return self._switchover_reason
@@ -435,7 +446,7 @@ class MigrationStats:
                 info["vcpu-dirty-limit"] = list(self._vcpu_dirty_limits)
             if self._vcpu_dirty_rates is not None:
                 info["vcpu-dirty-rates"] = [int(round(r)) for r in self._vcpu_dirty_rates]
-            if self._status in ("failed", "postcopy-paused"):
+            if self._status in ("failed", "postcopy-paused", "postcopy-recover"):
                 info["error-desc"] = self._error or "unknown error"
             if self._switchover_reason is not None:
                 info["switchover-reason"] = self._switchover_reason
