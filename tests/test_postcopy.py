@@ -472,8 +472,8 @@ def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup
     """Whenever the connection goes (pre-copy, the switch, post-copy, the very end), the two
     sides end in one of three agreed outcomes: failed before the commit (the source's guest
     runs on, whole; the destination has none), paused after it (both postcopy-paused, or the
-    destination complete if only SHUT was lost; a missing page waits), or completed (the
-    destination's guest whole).  The moments spread over the whole migration: its first pass
+    destination complete if only SHUT was lost; a missing page waits, and a recovery brings
+    the rest), or completed (the destination's guest whole).  The moments spread over the whole migration: its first pass
     takes about a second at the cap, the post-copy push about as long."""
     delay = 0.3 + 0.5 * seed
     guest = _running(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB), cleanup)
@@ -501,8 +501,14 @@ def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup
             toucher = _touch_in_thread(run.destination, page)
             time.sleep(0.3)
             assert toucher.is_alive(), "a missing page read without its data"
-            pc.abandon()
+            # and a recovery brings the rest: the guest checks clean
+            run.migration.recover(run.incoming.recover("tcp:127.0.0.1:0"))
+            run.migration.wait(120)
+            wait_for(lambda: run.incoming.status == "completed", timeout=120,
+                     what="the destination to complete after the recovery")
+            assert run.migration.status.value == "completed"
             toucher.join(10)
+            assert_consistent(run.destination)
         else:
             assert_consistent(run.destination)
     else:
