@@ -524,6 +524,10 @@ class Session:
             # Its thread releases what it holds after its status is final: let it finish
             # before the guest goes away under it.
             migration.wait(30)
+        if self.incoming is not None and self.incoming.postcopy is not None:
+            # a guest paused in post-copy goes with the process: release the vCPUs that wait
+            # in their faults, or closing the guest would wait for them for ever
+            self.incoming.postcopy.abandon()
         if self.machine is not None:
             self.machine.close()
         self.emit("SHUTDOWN", {"time": time.time()})
