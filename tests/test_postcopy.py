@@ -243,20 +243,23 @@ def test_migrate_start_postcopy_switches_a_migration_under_way(kind, cleanup):
 
 
 @needs_uffd
-def test_a_guest_that_outruns_its_link_completes_without_throttling(cleanup):
+def test_a_guest_that_outruns_its_link_completes_without_throttling(cleanup, tmp_path):
     """A guest that dirties its working set far faster than a capped link moves it never
     converges in pre-copy; with post-copy it moves, and no throttle touches it."""
     guest = _running(guest_config("simulated", memory=128 * MiB, working_set=64 * MiB,
                                   rate=0), cleanup)
+    trace = tmp_path / "trace"
     run = Run(guest, params={"max-bandwidth": 32 * MiB, "x-postcopy-after": 2,
-                             "downtime-limit": 1})
+                             "downtime-limit": 1}, trace=trace)
     cleanup(run)
     run.wait()
     query = run.migration.query()
     assert query["status"] == "completed", query
     assert query["cpu-throttle-peak"] == 0
-    # what the guest dirtied outran the link at every pass: pre-copy had not converged
-    assert query["iterations"] == 3
+    # two passes (at least: the switch also waits for the destination to have loaded
+    # ADVISE), and what the guest dirtied outran the link at every one: no convergence
+    assert query["iterations"] >= 3
+    assert all(line["action"] != "switchover" for line in read_trace(trace))
     # the guest ran into pages not there yet, asked for them and waited for them
     source_side = query["postcopy"]
     dest_side = run.incoming.postcopy.query()

@@ -177,7 +177,7 @@ def parse_listen(payload, blocks: list[RamBlock], offset: int) -> dict[int, np.n
 class SourceCounters:
     """What the source sent after the switch (query-migrate's ``postcopy``)."""
 
-    requests: int = 0  # PAGE_REQUEST messages received
+    requests: int = 0  # PAGE_REQUEST messages received (some after every page went)
     pages_requested: int = 0  # pages sent because a request named them
     pages_pushed: int = 0  # pages sent in the background
     bad_requests: int = 0  # requests outside guest RAM, ignored
@@ -195,6 +195,7 @@ class PostcopySource:
 
     def page_request(self, message: "stream.PageRequest") -> None:
         """From the return path's thread: a vCPU at the destination waits for these pages."""
+        self.counters.requests += 1
         self._requests.put(message)
 
     def listen(self, writer: "stream.StreamWriter") -> int:
@@ -250,7 +251,6 @@ class PostcopySource:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return
-            self.counters.requests += 1
             index = self._by_id.get(request.block_id)
             block = saver.blocks[index] if index is not None else None
             if (block is None or request.npages < 1
