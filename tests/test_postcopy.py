@@ -568,3 +568,15 @@ def test_recover_is_only_for_a_paused_postcopy(cleanup):
         run.incoming.recover("tcp:127.0.0.1:0")
     with pytest.raises(MigrationError, match="paused in post-copy"):
         run.migration.recover("tcp:127.0.0.1:1")
+
+
+def test_hugetlb_ram_is_refused_with_the_reason():
+    """Huge pages would be placed 2 MiB at a time; post-copy here places 4 KiB pages, so
+    hugetlb RAM is refused before anything changes (the source at start, the destination at
+    ADVISE)."""
+    from types import SimpleNamespace
+
+    postcopy.check_backing([SimpleNamespace(name="ram", backing="anon"),
+                            SimpleNamespace(name="ram2", backing="memfd")])
+    with pytest.raises(MigrationError, match="'ram' is hugetlb"):
+        postcopy.check_backing([SimpleNamespace(name="ram", backing="hugetlb")])
