@@ -580,3 +580,18 @@ def test_hugetlb_ram_is_refused_with_the_reason():
                             SimpleNamespace(name="ram2", backing="memfd")])
     with pytest.raises(MigrationError, match="'ram' is hugetlb"):
         postcopy.check_backing([SimpleNamespace(name="ram", backing="hugetlb")])
+
+
+@needs_uffd
+def test_the_benchmark_measures_what_it_reports():
+    """python -m pymig.benchpostcopy, small: the bare round trip and a post-copy migration
+    with its downtime, blocktime and a clean self-check."""
+    from pymig import benchpostcopy
+
+    bare = benchpostcopy.bare_round_trip(50)
+    assert bare["pages"] == 50 and bare["uffd_fault_median_us"] > 0
+    assert bare["first_touch_median_us"] > 0
+    run = benchpostcopy.postcopy_migration("simulated", 32, 8)
+    assert run["status"] == "completed" and run["selfcheck_errors"] == 0
+    assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
+    assert run["destination"]["pages-left"] == 0
