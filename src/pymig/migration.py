@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import enum
 import logging
-import socket
 import math
+import socket
 import threading
 import time
 from typing import Callable
@@ -259,7 +259,6 @@ class Migration:
         if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
             raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
                                  f"{self._status.value}")
-        self.stats.set_status(Status.POSTCOPY_RECOVER.value)
         self._thread = threading.Thread(target=self._recover, args=(uri,),
                                         name="pymig-migration", daemon=True)
         self._thread.start()
@@ -516,10 +515,10 @@ class Migration:
                     callback(record)
                 if (self.postcopy is not None and ret.loaded_up_to(advised_at)
                         and postcopy_due(self._start_postcopy.is_set(), iteration, params)):
-                    # (not before the destination loaded ADVISE: one that cannot take
-                    # post-copy says so then, and the guest must not have stopped for it)
                     # Asked for, post-copy goes first (as QEMU's), whatever this decision
-                    # says, and before any throttle it carries: post-copy needs none.
+                    # says, and before any throttle it carries: post-copy needs none.  Not
+                    # before the destination loaded ADVISE, though: one that cannot take
+                    # post-copy says so then, and the guest must not stop for nothing.
                     stats.switchover("postcopy", decision.expected_downtime_s)
                     to_postcopy = True
                     break

@@ -382,11 +382,6 @@ class MigrationStats:
         with self._lock:
             return dict(self._downtime_phases) if self._downtime_phases else None
 
-    @property
-    def switchover_reason(self) -> str | None:
-        with self._lock:
-            return self._switchover_reason
-
     def failed(self, error: str) -> None:
         with self._lock:
             self._error = error
