@@ -273,10 +273,13 @@ def _serve(session, **options) -> None:
 @click.option("--tls-authz", "tls_authz", multiple=True, metavar="DN",
               help="accept only a source whose certificate's subject is DN (RFC 4514, e.g. "
                    "'CN=src.example,O=Example'; a glob matches too; repeat for more)")
+@click.option("--postcopy", is_flag=True,
+              help="the postcopy-ram capability: take a source that switches to post-copy "
+                   "(the guest runs here before all of its RAM has come)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
              max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, disks,
-             disk_dir, tls_creds, tls_authz, quiet) -> None:
+             disk_dir, tls_creds, tls_authz, postcopy, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -329,6 +332,8 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
     if uri == "defer" and control is None and control_tcp is None:
         _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
     session = Session(destination=True)
+    if postcopy:
+        session.params.set_capabilities(**{"postcopy-ram": True})
     _load_tls(session, tls_creds, tls_authz)
     session.incoming_options = {"limits": limits, "guest_options": guest_options,
                                 "progress_timeout": progress_timeout or None}
@@ -358,6 +363,12 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
                    "need pymig run --dirty-ring N)")
 @click.option("--no-dirty-limit", is_flag=True,
               help="no per-vCPU dirty cap (the default)")
+@click.option("--postcopy", is_flag=True, default=None,
+              help="the postcopy-ram capability: the migration may switch to post-copy (the "
+                   "destination needs pymig incoming --postcopy)")
+@click.option("--postcopy-after", type=click.IntRange(1, None), default=None, metavar="N",
+              help="with --postcopy: switch to post-copy by itself once N passes over RAM "
+                   "are through (default: only on migrate-start-postcopy)")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="write one JSON line per iteration to this file (on the source's side)")
 @click.option("--keep-source", is_flag=True,
@@ -375,8 +386,8 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--json", "as_json", is_flag=True,
               help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
-            auto_converge, dirty_limit, no_dirty_limit, trace, keep_source, stop_guest,
-            blk, inc, as_json) -> None:
+            auto_converge, dirty_limit, no_dirty_limit, postcopy, postcopy_after, trace,
+            keep_source, stop_guest, blk, inc, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar.
 
     Every run sets each parameter and capability it has a flag for, to the flag's value or its
@@ -399,7 +410,10 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
         "max-bandwidth": max_bandwidth, "downtime-limit": downtime_limit,
         "compression": compression, "auto-converge": auto_converge,
         "dirty-limit": True if dirty_limit is not None else None,
-        "vcpu-dirty-limit": dirty_limit})
+        "vcpu-dirty-limit": dirty_limit, "postcopy-ram": postcopy,
+        "x-postcopy-after": postcopy_after})
+    if postcopy_after is not None and not postcopy:
+        _fail("--postcopy-after needs --postcopy")
     arguments = {"uri": uri}
     if trace:
         arguments["trace"] = trace
@@ -443,8 +457,8 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
     info = followed.info
     where = outcome(followed, state, quit_source=moved and not keep_source, control=control)
     # The cause first: a migration that failed before anything moved has no figures to show.
-    if info.get("status") == "failed":
-        say(f"migration failed: {info.get('error-desc', 'unknown error')}")
+    if info.get("status") in ("failed", "postcopy-paused"):
+        say(f"migration {info['status']}: {info.get('error-desc', 'unknown error')}")
     if as_json:
         click.echo(json.dumps(dict(info, settings=settings_in_force, outcome=followed.status,
                                    guest=where)))

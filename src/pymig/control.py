@@ -114,9 +114,10 @@ COMMANDS: dict[str, Command] = {
                        "start migrating the guest to uri; returns at once, whatever 'detach' "
                        "says (as QEMU), so follow it with query-migrate or MIGRATION events; "
                        "resume: whether the guest runs on here afterwards (default: only for "
-                       "file: snapshots); trace: a file for one JSON line per iteration; "
-                       "blk: disks not on shared storage travel with the guest; inc: only "
-                       "what was written to them since their checkpoint"),
+                       "file: snapshots), or, for a migration paused in post-copy, reconnect "
+                       "it to the destination's migrate-recover uri; trace: a file for one "
+                       "JSON line per iteration; blk: disks not on shared storage travel with "
+                       "the guest; inc: only what was written to them since their checkpoint"),
     "migrate-incoming": Command(lambda s, a: {"uri": s.migrate_incoming(_uri(a))},
                                 {"uri": Arg("string", True)},
                                 "a destination started with 'defer': receive on uri now"),
@@ -124,6 +125,14 @@ COMMANDS: dict[str, Command] = {
                               "cancel the outgoing migration; the guest keeps running here"),
     "migrate-continue": Command(_continue, {"state": Arg("string")},
                                 "release a migration paused before switchover"),
+    "migrate-recover": Command(lambda s, a: {"uri": s.migrate_recover(_uri(a))},
+                               {"uri": Arg("string", True)},
+                               "a destination paused in post-copy: listen on uri for the "
+                               "source's 'migrate uri resume=true'"),
+    "migrate-start-postcopy": Command(lambda s, a: s.migrate_start_postcopy(), {},
+                                      "switch the outgoing migration to post-copy (needs the "
+                                      "postcopy-ram capability on both sides): the guest runs "
+                                      "at the destination at once, its missing pages follow"),
     "x-migrate-switchover": Command(lambda s, a: s.migrate_switchover(), {},
                                     "switch over now, whatever the expected downtime"),
     "query-migrate": Command(lambda s, a: s.query_migrate(), {}, "migration status and stats"),

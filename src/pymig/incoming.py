@@ -33,6 +33,7 @@ nor restores an older page, and the error a damaged stream gets names its offset
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,10 @@ from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateErro
                           TransportError)
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
-from pymig.machine import Machine, WarmUp, load_config
+from pymig.machine import LOAD_BUFFER_BYTES, Machine, WarmUp, load_config
+from pymig.postcopy import (OP_ADVISE, OP_RESUME, POSTCOPY_IDSTR, PostcopyDestination,
+                            check_backing, parse_op, probe_userfaultfd, shrink_queue)
+from pymig.ram import RAM_IDSTR
 from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
 from pymig.transport.tls import PlaintextPeerError
@@ -86,7 +90,7 @@ class Incoming:
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None,
                  after_start: Callable[[Machine], None] | None = None,
-                 tls: tuple | None = None):
+                 tls: tuple | None = None, postcopy: bool = False):
         parsed = transport.parse_uri(uri)
         if tls is not None and parsed.scheme not in ("tcp", "unix", "fd"):
             raise ValueError(f"tls-creds is set, and TLS protects tcp:, unix: and fd: sockets "
@@ -107,6 +111,11 @@ class Incoming:
         # (TlsCredentials, tls-authz patterns): the source must open a TLS session that
         # these credentials accept before a byte of its stream is read
         self.tls = tls
+        # the postcopy-ram capability: a source may switch to post-copy (pymig.postcopy)
+        self.postcopy_enabled = postcopy
+        self.postcopy: PostcopyDestination | None = None
+        self._rp: stream.ReturnPathWriter | None = None
+        self._reader: stream.StreamReader | None = None
         self.status = "none"
         self.error: BaseException | None = None
         self.machine: Machine | None = None
@@ -154,6 +163,8 @@ class Incoming:
                 except PymigError as exc:
                     log.warning("the guest runs here, but its ACK did not reach the source: %s",
                                 describe(exc))
+            if self.postcopy is not None:
+                self._receive_postcopy(channel, rp)
             self.machine.release_load_buffers()
             # the disks that travelled are whole: flushed, their incomplete markers gone
             self.machine.finish_incoming()
@@ -187,6 +198,7 @@ class Incoming:
             t0 = time.monotonic()
             if channel.has_return_path:
                 rp = stream.ReturnPathWriter(channel)
+            self._rp = rp
             try:
                 self._load(channel, rp)
             except (StreamError, StateError, SnapshotIndexError) as exc:
@@ -253,6 +265,7 @@ class Incoming:
     def _load(self, channel, rp) -> None:
         """Read the stream into a new, paused machine (``self.machine``)."""
         reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
+        self._reader = reader
         reader.read_header()
         config = load_config(reader)
         # before anything is mapped or created for the guest
@@ -263,6 +276,8 @@ class Incoming:
         if self._warm_up is not None:
             self._warm_up.finish()
         self.machine = Machine.incoming(config, **self.guest_options)
+        if self.postcopy_enabled:
+            self.machine.postcopy_record = self._postcopy_record
         self.machine.rehearse_state_load()
         # READY once the guest exists and what the source sent while it was being built is
         # loaded, CAUGHT_UP each time the backlog is: the source stops its guest only after
@@ -274,7 +289,126 @@ class Incoming:
             self.machine.load_stream(reader, _best_effort(_reporter(rp)),
                                      _best_effort(rp.progress))
 
+    # -- post-copy ---------------------------------------------------------------------------
+    def _postcopy_record(self, op: int, payload, offset: int) -> None:
+        """ADVISE: check that post-copy can work here, while the source's guest still runs;
+        LISTEN: drop the stale pages, register guest RAM with userfaultfd, start the fault
+        thread (before anything lands in a missing page)."""
+        guest = self.machine.guest
+        if op == OP_ADVISE:
+            if self._rp is None:
+                raise MigrationError("post-copy needs a return path, and this stream has none")
+            check_backing(guest.ram_blocks)
+            probe_userfaultfd()
+            return
+        if self.postcopy is not None:
+            raise StreamError(offset, "a second post-copy LISTEN")
+        pc = PostcopyDestination(guest, self._rp.page_request,
+                                 getattr(guest, "vcpu_thread_ids", None))
+        pc.listen(payload, offset)
+        self.postcopy = pc
+        self.machine.ram_loader.placer = pc
+        self._set_status("postcopy-active")
+
+    def recover(self, uri: str) -> str:
+        """``migrate-recover``: listen on ``uri`` for the source's reconnection (``migrate
+        uri resume=true``) of a migration paused in post-copy; returns the address bound.
+        The pages follow on the new connection, in a thread; the status says how it ends."""
+        if self.status != "postcopy-paused":
+            raise MigrationError(f"migrate-recover resumes a migration paused in post-copy; "
+                                 f"this one is {self.status}")
+        parsed = transport.parse_uri(uri)
+        if parsed.scheme not in ("tcp", "unix", "fd"):
+            raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
+                                 f"fd: sockets), which a {parsed.scheme}: URI has not")
+        listener = transport.listen(uri)
+        self._set_status("postcopy-recover")
+        thread = threading.Thread(target=self._recover, args=(listener,),
+                                  name="pymig-incoming", daemon=True)
+        thread.start()
+        return str(listener.uri)
+
+    def _recover(self, listener) -> None:
+        channel = None
+        try:
+            try:
+                channel = listener.accept(self.accept_timeout)
+            finally:
+                listener.close()
+            if self.tls is not None:
+                channel = self._secure(channel)
+            channel.settimeout(self.idle_timeout)
+            rp = stream.ReturnPathWriter(channel)
+            reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
+            reader.read_header()
+            record = reader.next_record()
+            payload = reader.read_payload() if record.payload_len else b""
+            if (record.type != stream.RecordType.FULL or record.idstr != POSTCOPY_IDSTR
+                    or parse_op(payload, record.offset) != OP_RESUME):
+                raise StreamError(record.offset, "a recovered connection starts with the "
+                                                 "post-copy RESUME record")
+            self._reader = reader
+            self.postcopy.reconnect(rp.page_request)
+            self._set_status("postcopy-active")
+        except BaseException as exc:  # noqa: BLE001 - paused as before, nothing changed
+            self.error = exc
+            if channel is not None:
+                channel.close()
+            self._set_status("postcopy-paused")
+            log.warning("post-copy recovery failed: %s", describe(exc))
+            return
+        try:
+            self._receive_postcopy(channel, rp)
+        except MigrationError as exc:
+            log.warning("%s", exc)
+            return
+        finally:
+            channel.close()
+        self.machine.release_load_buffers()
+        self._set_status("completed")
+
+    def _receive_postcopy(self, channel, rp) -> None:
+        """The guest runs: place the pages that follow (asked for or pushed) until the source
+        ends the stream, then hand the RAM back to the kernel.  A stream that breaks (or lies)
+        leaves the guest paused in its faults, never on made-up pages: ``postcopy-paused``."""
+        pc, reader, machine = self.postcopy, self._reader, self.machine
+        shrink_queue(channel, socket.SO_RCVBUF)
+        buf = bytearray(LOAD_BUFFER_BYTES)
+        try:
+            while True:
+                record = reader.next_record()
+                if record.type == stream.RecordType.EOF:
+                    break
+                entry = machine.stream_entries.get(record.section_id)
+                if (record.type not in (stream.RecordType.PART, stream.RecordType.END)
+                        or entry is None or entry.idstr != RAM_IDSTR):
+                    raise StreamError(record.offset, f"post-copy carries RAM records only, not "
+                                                     f"a {record.describe()}")
+                payload = reader.read_payload(buf if record.payload_len <= len(buf)
+                                              else bytearray(record.payload_len))
+                if record.type == stream.RecordType.PART:
+                    machine.ram_loader.load_part(payload)
+                else:
+                    machine.ram_loader.load_end(payload)
+            left = pc.pages_left()
+            if left:
+                raise MigrationError(f"the source ended post-copy with {left} pages never sent")
+        except BaseException as exc:
+            self.error = exc
+            self._set_status("postcopy-paused")
+            raise MigrationError(f"post-copy paused, the guest waits for its missing pages "
+                                 f"({pc.pages_left()} left): {describe(exc)}") from exc
+        pc.finish()
+        try:
+            rp.shut()
+        except PymigError as exc:
+            log.warning("the guest has all its pages, but SHUT did not reach the source: %s",
+                        describe(exc))
+
     def _discard_machine(self) -> None:
+        if self.postcopy is not None:
+            self.postcopy.abandon()
+            self.postcopy = None
         if self.machine is not None:
             self.machine.close()
             self.machine = None

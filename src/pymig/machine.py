@@ -28,6 +28,7 @@ from pymig.block import BLOCK_IDSTR, BLOCK_VERSION, BlockLoader, BlockSaver, dis
 from pymig.errors import MigrationError, PacketError, StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import ConfigError, GuestState, StateSpec
+from pymig.postcopy import OP_LISTEN, POSTCOPY_IDSTR, POSTCOPY_VERSION, parse_op
 from pymig.ram import (PACKET_BYTES, RAM_IDSTR, RAM_VERSION, PacketWorker, RamLoader,
                        RamSaver)
 from pymig.savevm import SaveStateEntry, SaveStateRegistry
@@ -163,6 +164,11 @@ class Machine:
         self.ram_bytes = sum(b.size_bytes for b in guest.ram_blocks)
         self.specs: dict[int, StateSpec] = {}
         self._load_worker: PacketWorker | None = None
+        # the destination's answer to a pymig.postcopy record: postcopy_record(op, payload,
+        # offset) (None: this destination refuses post-copy)
+        self.postcopy_record: Callable[[int, object, int], None] | None = None
+        self.postcopy_listening = False
+        self.stream_entries: dict[int, SaveStateEntry] = {}
         for spec in guest.state_specs():
             if spec.shape is None:  # its fields could not be bounded against this guest
                 raise TypeError(f"state entry {spec.idstr}/{spec.instance_id} comes without the "
@@ -294,6 +300,10 @@ class Machine:
                     raise
                 if record.type == stream.RecordType.EOF:
                     break
+                if record.type == stream.RecordType.FULL and record.idstr == POSTCOPY_IDSTR:
+                    decoder.drain()  # LISTEN: nothing decodes into guest RAM from here
+                    self._load_postcopy(record, reader.read_payload())
+                    continue
                 entry, version = self._entry_for(record, by_stream_id, versions)
                 loaded.add(entry.section_id)
                 if record.type == stream.RecordType.PART and entry.is_live:
@@ -311,6 +321,7 @@ class Machine:
             # Its buffers are freed once the guest runs (release_load_buffers): unmapping
             # megabytes costs the downtime a TLB shootdown across CPUs (0.5-1 ms here).
             self._load_worker = decoder
+        self.stream_entries = by_stream_id  # post-copy's RAM records follow EOF
         self._check_complete(state, loaded)
         self.guest.load_state(state)
 
@@ -347,6 +358,20 @@ class Machine:
                 progress.loaded(end)
 
         decoder.submit(buf, job)
+
+    def _load_postcopy(self, record, payload) -> None:
+        if record.version_id != POSTCOPY_VERSION:
+            raise StreamError(record.offset, f"{POSTCOPY_IDSTR} version {record.version_id} is "
+                                             f"not supported (this build reads "
+                                             f"{POSTCOPY_VERSION})")
+        op = parse_op(payload, record.offset)
+        if self.postcopy_record is None:
+            raise StateError("the source may switch to post-copy, and this destination does "
+                             "not take it: set the postcopy-ram capability here too",
+                             entry=POSTCOPY_IDSTR)
+        self.postcopy_record(op, payload, record.offset)
+        if op == OP_LISTEN:
+            self.postcopy_listening = True
 
     def _entry_for(self, record, by_stream_id: dict[int, SaveStateEntry],
                    versions: dict[int, int]) -> tuple[SaveStateEntry, int]:
@@ -411,7 +436,7 @@ class Machine:
         missing = [e.name for e in self.registry.entries() if e.section_id not in loaded]
         if missing:
             raise StateError(f"the stream ended without state for {', '.join(missing)}")
-        if not self.ram_loader.ended:
+        if not self.ram_loader.ended and not self.postcopy_listening:
             raise StateError("the stream ended before the RAM was complete", entry=RAM_IDSTR)
         for loader in self.block_loaders:
             if not loader.ended:

@@ -40,6 +40,28 @@ if _malloc_trim is not None:
     _malloc_trim.restype = ctypes.c_int
 
 
+MADV_DONTNEED = 4  # linux/mman.h
+MADV_REMOVE = 9
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on [address, address + length), without the GIL; raises OSError."""
+    while _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"madvise({advice}) of {length} bytes at {address:#x}: "
+                               f"{os.strerror(err)}")
+
+
+def touch_without_gil(address: int, nbytes: int) -> None:
+    """Read [address, address + nbytes) once with the GIL released (ctypes lets go of it for
+    the call).  A reader of guest RAM calls it first where a page may still be missing in
+    post-copy: a thread that waits for a page while holding the GIL would stop the very
+    threads that fetch and place it."""
+    scratch = ctypes.create_string_buffer(nbytes)
+    ctypes.memmove(scratch, ctypes.c_void_p(address), nbytes)
+
+
 def release_freed_memory() -> None:
     """Free what a finished migration left to the collector (its packet buffers sit in
     reference cycles with the machine they served) and hand the C heap's free pages back to
@@ -269,6 +291,23 @@ class RamBlock:
             if err != errno.EINTR:
                 raise OSError(err, f"faulting in bytes [{start}, {end}) of RAM block "
                                    f"{self.name!r}: {os.strerror(err)}")
+
+    def discard(self, runs) -> None:
+        """Drop the contents of pages ``runs`` ((first page, count) pairs): they read as zero
+        again and are no longer resident (anonymous memory: MADV_DONTNEED; memfd: the file's
+        pages too, MADV_REMOVE), so a page registered with userfaultfd faults again."""
+        advice = MADV_REMOVE if self.backing == "memfd" else MADV_DONTNEED
+        for first, count in runs:
+            first, count = int(first), int(count)
+            if first < 0 or count < 0 or first + count > self.npages:
+                raise ValueError(f"pages [{first}, {first + count}) outside RAM block "
+                                 f"{self.name!r} of {self.npages}")
+            madvise(self.address + first * self.page_size, count * self.page_size, advice)
+
+    def no_hugepages(self) -> None:
+        """Stop asking for transparent huge pages (pages placed one by one stay that way)."""
+        if self.backing != "hugetlb":
+            self.mem.madvise(mmap.MADV_NOHUGEPAGE)
 
     def page(self, index: int) -> memoryview:
         """A writable view of one page (tests and tools; hot paths use the compiled core)."""

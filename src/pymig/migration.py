@@ -6,6 +6,13 @@
         none --> setup : migrate(uri)
         setup --> active : entries set up, stream header sent
         active --> device : policy says switch over; vCPUs stop
+        active --> postcopy_active : migrate-start-postcopy (or x-postcopy-after passes); vCPUs stop
+        postcopy_active --> completed : every page placed at the destination
+        postcopy_active --> postcopy_paused : connection lost after the commit
+        postcopy_active --> failed : before the commit (the guest runs on here)
+        postcopy_paused --> postcopy_recover : migrate uri resume=true
+        postcopy_recover --> postcopy_active : reconnected; the pages follow again
+        postcopy_recover --> postcopy_paused : the new connection failed too
         device --> completed : destination loaded everything, committed, started
         setup --> failed
         active --> failed
@@ -32,11 +39,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import socket
 import threading
 import time
 from typing import Callable
 
 from pymig import policy as policy_mod
+from pymig import postcopy as postcopy_mod
 from pymig import stream, transport
 from pymig.estimate import DestinationProgress
 from pymig.errors import MigrationError, PymigError, TransportError
@@ -44,6 +53,7 @@ from pymig.machine import Machine, SectionOut
 from pymig.measure import Course, Estimators
 from pymig.parameters import MigrationParameters, ParameterStore
 from pymig.policy import Move, Step
+from pymig.postcopy import PostcopySource
 from pymig.ram import RAM_IDSTR
 from pymig.stats import MigrationStats, TraceWriter
 
@@ -59,19 +69,28 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
 
 
 _ALLOWED: dict[Status, set[Status]] = {
     Status.NONE: {Status.SETUP},
     Status.SETUP: {Status.ACTIVE, Status.FAILED, Status.CANCELLING},
-    Status.ACTIVE: {Status.DEVICE, Status.FAILED, Status.CANCELLING},
+    Status.ACTIVE: {Status.DEVICE, Status.POSTCOPY_ACTIVE, Status.FAILED, Status.CANCELLING},
+    Status.POSTCOPY_ACTIVE: {Status.COMPLETED, Status.POSTCOPY_PAUSED, Status.FAILED,
+                             Status.CANCELLING},
+    # neither side holds the whole guest: only a recovery moves on from here
+    Status.POSTCOPY_PAUSED: {Status.POSTCOPY_RECOVER},
+    Status.POSTCOPY_RECOVER: {Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED},
     Status.DEVICE: {Status.COMPLETED, Status.FAILED, Status.CANCELLING},
     Status.CANCELLING: {Status.CANCELLED, Status.FAILED},
     Status.FAILED: {Status.SETUP},
     Status.CANCELLED: {Status.SETUP},
     Status.COMPLETED: {Status.SETUP},  # only after a snapshot: the guest ran on here
 }
-ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING}
+ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING,
+                 Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER}
 
 
 class Cancelled(MigrationError):
@@ -101,6 +120,8 @@ class Migration:
         self._cancel = threading.Event()
         self._manual_switchover = threading.Event()
         self._continue_switchover = threading.Event()
+        self._start_postcopy = threading.Event()
+        self.postcopy = None  # a postcopy.PostcopySource with the postcopy-ram capability
         self._channel = None
         self._uncapped = False  # the stop-and-copy lifted max-bandwidth
         self._trace: TraceWriter | None = None
@@ -172,6 +193,7 @@ class Migration:
             block=blk or self.params.snapshot().capabilities.get("block", False),
             incremental=inc)
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
+        check_postcopy(self.params.snapshot(), parsed.scheme, self.machine.guest)
         tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         self.resume_source = resume_source
         self.scheme = parsed.scheme
@@ -190,6 +212,8 @@ class Migration:
         self._uncapped = False  # a snapshot's stop-and-copy lifted the cap of that run only
         self._manual_switchover.clear()
         self._continue_switchover.clear()
+        self._start_postcopy.clear()
+        self.postcopy = None
         self.error = None
         blocks = self.machine.guest.ram_blocks
         self._trace = trace
@@ -214,7 +238,7 @@ class Migration:
             if self._committed:
                 raise MigrationError("too late to cancel: the destination is starting the guest")
             self._cancel.set()
-        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE):
             if self._transition(state, Status.CANCELLING):
                 break
         # The migration thread sees the cancel between two records and tells the destination
@@ -234,6 +258,66 @@ class Migration:
     def switchover(self) -> None:
         """Switch over at the next decision, whatever the expected downtime (manual)."""
         self._manual_switchover.set()
+
+    def recover(self, uri: str) -> None:
+        """``migrate uri resume=true`` on a migration paused in post-copy: connect to the
+        destination's ``migrate-recover`` URI and send it every page it may still lack."""
+        parsed = transport.parse_uri(uri)
+        if parsed.scheme not in TLS_SCHEMES:
+            raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
+                                 f"fd: sockets), which a {parsed.scheme}: URI has not")
+        if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
+            raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
+                                 f"{self._status.value}")
+        self._thread = threading.Thread(target=self._recover, args=(uri,),
+                                        name="pymig-migration", daemon=True)
+        self._thread.start()
+
+    def _recover(self, uri: str) -> None:
+        machine, stats = self.machine, self.stats
+        ret = None
+        try:
+            channel = transport.connect(uri, timeout=10.0)
+            self._channel = channel
+            if self._tls is not None:
+                channel = self._secure(channel)
+            channel.settimeout(SEND_TIMEOUT_S)
+            writer = stream.StreamWriter(channel)
+            self.postcopy.rewind()
+            ret = ReturnPath(channel, on_page_request=self.postcopy.page_request)
+            writer.write_header()
+            postcopy_mod.resume(writer)
+            postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
+            if not self._transition(Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
+                raise MigrationError("the recovery was interrupted")
+            ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
+            self.postcopy.run(ram, check=lambda: ret.check_alive())
+            writer.eof()
+            ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+            stats.completed(stats.downtime_s, stats.downtime_phases)
+            self._transition(Status.POSTCOPY_ACTIVE, Status.COMPLETED)
+        except BaseException as exc:  # noqa: BLE001 - paused again, nothing lost
+            self.error = exc
+            stats.paused(f"post-copy paused: {exc}")
+            for state in (Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
+                if self._transition(state, Status.POSTCOPY_PAUSED):
+                    break
+        finally:
+            if ret is not None:
+                ret.stop()
+            if self._channel is not None:
+                _quietly("closing the channel", self._channel.close, level=logging.DEBUG)
+                self._channel = None
+
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: switch to post-copy at the next decision.  Needs the
+        postcopy-ram capability and a migration under way (QEMU's conditions and words)."""
+        if not self.params.snapshot().capabilities.get("postcopy-ram"):
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start "
+                                 "of migration")
+        if self._status not in (Status.SETUP, Status.ACTIVE):
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self._start_postcopy.set()
 
     def continue_switchover(self) -> None:
         """Release a migration waiting with the pause-before-switchover capability."""
@@ -324,8 +408,59 @@ class Migration:
         if ret is not None and ret.error is not None:
             raise MigrationError(f"destination failed: {ret.error}")
 
+    def _postcopy_switch(self, writer: "stream.StreamWriter", channel,
+                         ret: "ReturnPath") -> None:
+        """Switch to post-copy: stop the vCPUs, send LISTEN (the pages still to send), the
+        device state and EOF; on COMMIT the destination runs the guest, and every page
+        still here follows, those it asks for first (pymig.postcopy)."""
+        machine, guest, saver, stats = self.machine, self.machine.guest, \
+            self.machine.ram_saver, self.stats
+        # The guest stops only once the destination has loaded everything sent: a backlog
+        # left in the socket would be loaded inside the downtime (as before a stop-and-copy).
+        # What the guest writes meanwhile is only more for LISTEN to name.
+        ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S, check=self._check)
+        if not self._transition(Status.ACTIVE, Status.POSTCOPY_ACTIVE):
+            raise Cancelled("migration cancelled")
+        phases = DowntimePhases(time.time_ns())
+        guest.pause()
+        if not self.params.snapshot().switchover_capped:
+            self._uncapped = True
+            channel.set_max_bandwidth(0)
+        phases.mark("pause")
+        writer.hold()
+        saver.sync()  # what the guest wrote since the last pass: still to send
+        self.postcopy.listen(writer)
+        phases.mark("last-ram")
+        machine.save_device_state(writer)
+        phases.mark("device-state")
+        writer.eof()
+        phases.mark("send")
+        ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
+        self._check(ret)
+        self._commit()
+        committed_ns = time.time_ns()
+        stream.ReturnPathWriter(channel).commit()
+        ack = ret.wait_for(stream.Ack, timeout=ACK_TIMEOUT_S, check=None)
+        started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
+        phases.mark("destination", started_ns)
+        stats.set_downtime(phases.total_s, phases.seconds)
+        postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
+        ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
+        self.postcopy.run(ram, check=lambda: ret.check_alive())
+        writer.eof()
+        ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+        stats.completed(phases.total_s, phases.seconds)
+        self._transition(Status.POSTCOPY_ACTIVE, Status.COMPLETED)
+
     def _fail(self, exc: BaseException, *, resume: bool, committed: bool) -> None:
         guest = self.machine.guest
+        if committed and self._status == Status.POSTCOPY_ACTIVE:
+            # Neither side holds the whole guest: this one keeps what it did not send, paused,
+            # for a recovery; the destination's vCPUs wait in their faults.
+            self.error = exc
+            self.stats.paused(f"post-copy paused: {exc}")
+            self._transition(Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED)
+            return
         if resume:
             try:
                 guest.resume()
@@ -342,13 +477,14 @@ class Migration:
         self.error = exc
         if cancelled:
             self.stats.cancelled()
-            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE):
                 if self._transition(state, Status.CANCELLING):
                     break
             self._transition(Status.CANCELLING, Status.CANCELLED)
         else:
             self.stats.failed(text)
-            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING):
+            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE,
+                          Status.CANCELLING):
                 if self._transition(state, Status.FAILED):
                     break
 
@@ -429,6 +565,23 @@ def check_dirty_limit(params: MigrationParameters, guest) -> None:
         raise MigrationError("the dirty-limit capability needs per-vCPU dirty rates, which this "
                              "guest cannot measure: a KVM guest needs the dirty ring "
                              "(pymig run --dirty-ring N)")
+
+
+def check_postcopy(params: MigrationParameters, scheme: str, guest) -> None:
+    """Refuse a post-copy migration that could not switch, before anything starts."""
+    if not params.capabilities.get("postcopy-ram"):
+        return
+    if scheme not in TLS_SCHEMES:
+        raise MigrationError(f"the postcopy-ram capability needs a return path (tcp:, unix: or "
+                             f"fd: sockets), which a {scheme}: migration has not")
+    postcopy_mod.check_backing(guest.ram_blocks)
+
+
+def postcopy_due(requested: bool, iteration: int, params: MigrationParameters) -> bool:
+    """Whether to switch to post-copy at this sync: asked for (migrate-start-postcopy), or
+    ``x-postcopy-after`` passes over RAM are through (the sync after pass N is number N+1)."""
+    after = params.postcopy_after_passes
+    return requested or (after > 0 and iteration > after)
 
 
 def apply_dirty_limits(guest, limits: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -541,6 +694,8 @@ class _Run:
         self.estimators: Estimators | None = None
         self.course = Course()
         self.paused_by_us = False  # the stop-and-copy stopped a running guest: run it again after
+        self.advised_at = 0  # the stream offset past post-copy's ADVISE
+        self.to_postcopy = False  # converging ended in a switch to post-copy
 
     def _live(self, handler: str) -> None:
         """Call ``handler`` of every live entry (RAM, and whatever else iterates beside it)."""
@@ -566,10 +721,21 @@ class _Run:
         saver.compress = params.compression == "lz4"
         self.writer = writer = stream.StreamWriter(channel)
         saver.on_packet = self._packet_sent
+        if params.capabilities.get("postcopy-ram"):
+            if not channel.has_return_path:
+                raise MigrationError(f"post-copy needs a return path, which {channel.name} "
+                                     f"has not")
+            m.postcopy = PostcopySource(saver, self.stats)
+            self.stats.set_postcopy(m.postcopy.query)
         if channel.has_return_path:
-            self.ret = ReturnPath(channel, on_loaded=self.progress.reported)
+            self.ret = ReturnPath(channel, on_loaded=self.progress.reported,
+                                  on_page_request=m.postcopy.page_request
+                                  if m.postcopy is not None else None)
         writer.write_header()
         self.machine.save_config(writer)
+        if m.postcopy is not None:
+            postcopy_mod.advise(writer)
+            self.advised_at = writer.bytes_written
         saver.cap_packets(params.max_bandwidth)
         self._live("setup")
         self.keep_alive = KeepAlive(writer, lambda: saver.keep_alive(
@@ -595,6 +761,9 @@ class _Run:
         """Sync, ask the policy, do what it says, until it says switch over (or cancel)."""
         while True:
             step = self._sync_and_ask()
+            if self.to_postcopy:
+                self.stats.switchover("postcopy", step.decision.expected_downtime_s)
+                return
             if step.move is Move.SWITCHOVER:
                 self.stats.switchover(step.reason, step.decision.expected_downtime_s)
                 return
@@ -626,6 +795,14 @@ class _Run:
         step = policy_mod.next_step(metrics, policy_params(params), m.decide)
         course.hot_periods = step.decision.hot_periods
         self._record(found, metrics, step.decision)
+        if (m.postcopy is not None and self.ret.loaded_up_to(self.advised_at)
+                and postcopy_due(m._start_postcopy.is_set(), course.iteration, params)):
+            # Asked for, post-copy goes first (as QEMU's), whatever the policy says, and
+            # before any throttle it wants: post-copy needs none.  Not before the destination
+            # loaded ADVISE, though: one that cannot take post-copy says so then, and the
+            # guest must not stop for nothing.
+            self.to_postcopy = True
+            return step
         self._apply(step.decision)
         return step
 
@@ -689,6 +866,10 @@ class _Run:
         completed.  From the stop on the guest is paused until the destination runs it, or
         until it resumes here because something failed before the commit."""
         m, guest, saver, ret = self.migration, self.guest, self.saver, self.ret
+        if self.to_postcopy:
+            self.paused_by_us = guest.status == "running"
+            m._postcopy_switch(self.writer, self.channel, ret)
+            return
         if self.params.capabilities.get("pause-before-switchover"):
             while not m._continue_switchover.wait(0.05):
                 m._check(ret)
@@ -796,12 +977,16 @@ class _Run:
 class ReturnPath:
     """Reads the destination's messages in a thread; an error fails the migration at once."""
 
-    def __init__(self, channel, on_loaded: Callable[[int], None] | None = None):
+    def __init__(self, channel, on_loaded: Callable[[int], None] | None = None,
+                 on_page_request: Callable[["stream.PageRequest"], None] | None = None):
         self.reader = stream.ReturnPathReader(channel)
+        # on_page_request(message), in this object's thread: post-copy's requests, in order
+        self._on_page_request = on_page_request
         # on_loaded(offset), in this object's thread: the destination loaded the stream up to
         # offset (a PROGRESS or CAUGHT_UP report)
         self._on_loaded = on_loaded
         self._reports = 0  # PROGRESS and CAUGHT_UP messages so far
+        self._loaded = 0  # the furthest offset they said the destination loaded
         self.error: str | None = None
         self._messages: dict[type, object] = {}
         self._cond = threading.Condition()
@@ -817,20 +1002,40 @@ class ReturnPath:
             except PymigError as exc:
                 with self._cond:
                     if not self._stopped and self.error is None \
-                            and stream.Ack not in self._messages:
+                            and stream.Ack not in self._messages \
+                            and stream.Shut not in self._messages:
                         self.error = f"return path lost: {exc}"
                     self._stopped = True
                     self._cond.notify_all()
                 return
+            if isinstance(message, stream.PageRequest):
+                if self._on_page_request is not None:
+                    self._on_page_request(message)
+                    continue
             report = isinstance(message, (stream.Progress, stream.CaughtUp))
             if report and self._on_loaded is not None:
                 self._on_loaded(message.offset)
             with self._cond:
                 self._reports += report
+                if report:
+                    self._loaded = max(self._loaded, message.offset)
                 if isinstance(message, stream.LoadError):
                     self.error = message.text
                 self._messages[type(message)] = message
                 self._cond.notify_all()
+
+    def loaded_up_to(self, offset: int) -> bool:
+        """Whether the destination reported loading the stream up to ``offset`` or beyond."""
+        with self._cond:
+            return self._loaded >= offset
+
+    def check_alive(self) -> None:
+        """Raise if the destination failed or the return path is gone (before SHUT)."""
+        with self._cond:
+            if self.error is not None:
+                raise MigrationError(f"destination failed: {self.error}")
+            if self._stopped and stream.Shut not in self._messages:
+                raise MigrationError("the connection to the destination was lost")
 
     def caught_up(self, offset: int) -> bool:
         """Whether the destination said it loaded the stream up to ``offset`` or beyond."""

@@ -23,7 +23,8 @@ from pymig.qmp import Interrupted, QmpClient, QmpError
 from pymig.signals import CaughtSignals
 from pymig.units import format_bytes, format_rate
 
-ENDED = ("completed", "failed", "cancelled")
+# (post-copy paused: nothing more happens without a recovery)
+ENDED = ("completed", "failed", "cancelled", "postcopy-paused")
 
 
 def follow(client: QmpClient, *, interval: float = 0.05, timeout: float | None = None,

@@ -88,6 +88,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "a destination accepts only sources whose certificate's subject (RFC 4514, as "
               "CN=src.example,O=Example) is one of these, each exact or a glob ([]: any the "
               "CA vouches for)"),
+    Parameter("x-postcopy-after", "postcopy_after_passes", int, 0,
+              "with the postcopy-ram capability: switch to post-copy by itself once this many "
+              "passes over RAM are through (0: only on migrate-start-postcopy)", 0, None),
     Parameter("x-switchover-capped", "switchover_capped", bool, False,
               "keep max-bandwidth in force during the stop-and-copy too (by default, as in "
               "QEMU, the guest is stopped then and the last pass goes uncapped)"),
@@ -98,6 +101,9 @@ CAPABILITIES: dict[str, str] = {
     "auto-converge": "throttle the vCPUs when the guest dirties memory faster than it moves",
     "dirty-limit": "cap the dirty rate of each vCPU instead of throttling them all",
     "pause-before-switchover": "wait for 'migrate-continue' before stopping the guest",
+    "postcopy-ram": "switch to post-copy on migrate-start-postcopy: the guest runs at the "
+                    "destination at once and its missing pages follow, those it touches first "
+                    "(both sides)",
 }
 
 _BY_NAME = {p.name: p for p in PARAMETERS}
@@ -125,6 +131,7 @@ class MigrationParameters:
     tls_hostname: str = ""
     tls_authz: tuple[str, ...] = ()
     switchover_capped: bool = False
+    postcopy_after_passes: int = 0
     capabilities: dict[str, bool] = dataclasses.field(
         default_factory=lambda: {name: False for name in CAPABILITIES})
 

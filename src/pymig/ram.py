@@ -490,6 +490,8 @@ class RamLoader:
         self.counters = RamCounters()
         self.started = False
         self.ended = False
+        # post-copy, from LISTEN on: pages are placed through userfaultfd, never written
+        self.placer = None
 
     def load_start(self, payload) -> None:
         # The block list must equal this guest's own, field for field: every value in it is
@@ -511,6 +513,11 @@ class RamLoader:
     def load_part(self, payload) -> None:
         if not self.started:
             raise StateError("RAM data before the RAM block list", entry=RAM_IDSTR)
+        if self.placer is not None:
+            self.placer.place(payload)
+            self.counters.packets += 1
+            self.counters.bytes += len(payload)
+            return
         info = core.packet_info(payload)
         block = self.by_id.get(info.block_id)
         if block is None:

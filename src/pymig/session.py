@@ -170,6 +170,11 @@ class Session:
         """The workload's progress (and, when asked and the guest is paused or self-checking,
         the self-check verdict), plus the console output so far."""
         guest = self._require_guest()
+        if verify and self.incoming is not None and self.incoming.status.startswith("postcopy"):
+            # Its pages are still coming: reading all of RAM here would wait for them holding
+            # the GIL that the threads bringing them need (docs/architecture.md, "Post-copy").
+            raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
+                               f"verify it once the migration has completed")
         result: dict[str, Any] = {"progress": guest.progress(), "workload": guest.config.workload,
                                   "kind": guest.config.kind, "status": guest.status}
         if verify and guest.config.workload == "selfcheck":
@@ -215,6 +220,13 @@ class Session:
             if self.machine.guest.status in ("shutdown", "error"):
                 raise CommandError(f"the guest is {self.machine.guest.status}; nothing to "
                                    f"migrate")
+            if resume and self.migration is not None \
+                    and self.migration.status == Status.POSTCOPY_PAUSED:
+                try:  # QEMU's resume=true: a post-copy paused by a lost connection goes on
+                    self.migration.recover(uri)
+                except (MigrationError, ValueError) as exc:
+                    raise CommandError(str(exc)) from None
+                return
             if self.moved_away():
                 raise CommandError("the guest has already migrated away")
             if self.migration is not None and self.migration.status in ACTIVE_STATES:
@@ -247,6 +259,26 @@ class Session:
             raise CommandError("no migration is waiting before switchover")
         self.migration.continue_switchover()
 
+    def migrate_recover(self, uri: str) -> str:
+        """``migrate-recover``: a destination paused in post-copy listens on ``uri`` for its
+        source to reconnect (``migrate uri resume=true``)."""
+        if self.incoming is None:
+            raise CommandError("migrate-recover is for a destination whose post-copy paused")
+        try:
+            return self.incoming.recover(uri)
+        except (MigrationError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+
+    def migrate_start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: the migration switches to post-copy at its next
+        decision."""
+        if self.migration is None:
+            raise CommandError("Postcopy must be started after migration has been started")
+        try:
+            self.migration.start_postcopy()
+        except MigrationError as exc:
+            raise CommandError(str(exc)) from None
+
     def migrate_switchover(self) -> None:
         if self.migration is None or self.migration.status != Status.ACTIVE:
             raise CommandError("no active migration to switch over")
@@ -270,12 +302,14 @@ class Session:
                 r = self.incoming_result
                 out["ram"] = dict(r.stats, received=r.bytes_received)
                 out["load-time"] = round(r.load_time_s * 1000)
+            if self.incoming.postcopy is not None:
+                out["postcopy"] = self.incoming.postcopy.query()
             return out
         return {}
 
     def _migration_status(self, old: Status, new: Status) -> None:
         self.emit("MIGRATION", {"status": new.value})
-        if new == Status.DEVICE:
+        if new in (Status.DEVICE, Status.POSTCOPY_ACTIVE):
             # (called before the vCPUs stop: a guest already paused by the user stops no more)
             if self.machine is not None and self.machine.guest.status == "running":
                 self._stopped_for_switchover = True
@@ -417,8 +451,10 @@ class Session:
                 self._guest_arrived(machine)
 
             try:
+                postcopy = self.params.snapshot().capabilities.get("postcopy-ram", False)
                 incoming = Incoming(uri, before_start=before_start,
-                                    after_start=self._guest_started, tls=tls, **options)
+                                    after_start=self._guest_started, tls=tls,
+                                    postcopy=postcopy, **options)
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))
@@ -452,6 +488,10 @@ class Session:
         try:
             result = self.incoming.run()
         except BaseException as exc:  # noqa: BLE001 - kept for the process to report
+            if self.incoming.status == "postcopy-paused":
+                # The guest runs here, its vCPUs waiting for pages only the source holds:
+                # the process keeps it (query-migrate says why).
+                return
             self.incoming_failed = exc
             self.quit_requested.set()
             return
@@ -486,6 +526,10 @@ class Session:
             # Its thread releases what it holds after its status is final: let it finish
             # before the guest goes away under it.
             migration.wait(30)
+        if self.incoming is not None and self.incoming.postcopy is not None:
+            # a guest paused in post-copy goes with the process: release the vCPUs that wait
+            # in their faults, or closing the guest would wait for them for ever
+            self.incoming.postcopy.abandon()
         if self.machine is not None:
             self.machine.close()
         self.emit("SHUTDOWN", {"time": time.time()})

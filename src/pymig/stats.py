@@ -72,8 +72,9 @@ from dataclasses import dataclass
 from typing import Any
 
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling",
-            "cancelled")
-IN_PROGRESS = ("setup", "active", "device", "cancelling")
+            "cancelled", "postcopy-active", "postcopy-paused", "postcopy-recover")
+IN_PROGRESS = ("setup", "active", "device", "cancelling", "postcopy-active",
+               "postcopy-recover")
 ENDED = ("completed", "failed", "cancelled")
 
 
@@ -105,6 +106,9 @@ class TraceRecord:
     # page bytes sent that the destination had not loaded yet, as its reports on the return
     # path say (without a return path: what the socket's queues hold)
     backlog_bytes: int = 0
+    # after a switch to post-copy (action "postcopy"): requests served, pages sent because
+    # asked for and pages pushed so far (a record every POSTCOPY_TRACE_S and one at the end)
+    postcopy: dict | None = None
 
     def to_json(self) -> str:
         line = dataclasses.asdict(self)
@@ -114,7 +118,7 @@ class TraceRecord:
         return json.dumps(line, separators=(",", ":"))
 
 
-OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits")
+OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits", "postcopy")
 
 
 class TraceWriter:
@@ -208,6 +212,7 @@ class MigrationStats:
         self._switchover_reason: str | None = None
         self._expected_at_switchover: float | None = None
         self._tls: dict[str, Any] | None = None
+        self._postcopy: Callable[[], dict] | None = None
 
     # --- the migration thread's side --------------------------------------------------------
 
@@ -304,6 +309,33 @@ class MigrationStats:
                 self._trace.write(record)
             return record
 
+    def record_postcopy(self, counters: dict, pending_bytes: int) -> TraceRecord:
+        """A trace line of the post-copy phase: what went since the last line, what is left,
+        and the post-copy counters so far."""
+        with self._lock:
+            now = self._clock()
+            period = now - (self._last_sync_time if self._last_sync_time is not None else now)
+            sent_bytes = self._transferred - self._last_sync_bytes
+            pages = self._normal + self._duplicate
+            sent_pages = pages - self._last_sync_pages
+            if period > 0:
+                self._mbps = sent_bytes * 8 / period / 1e6
+                self._pages_per_second = sent_pages / period
+            self._last_sync_time, self._last_sync_bytes, self._last_sync_pages = now, \
+                self._transferred, pages
+            self._remaining = pending_bytes
+            record = TraceRecord(
+                time=now - (self._start if self._start is not None else now),
+                iteration=self._iterations, dirty_pages=0, pages_sent=sent_pages,
+                bytes=sent_bytes, bandwidth=sent_pages * self.page_size / period
+                if period > 0 else 0.0, stopped_bandwidth=0.0, expected_downtime=None,
+                pending_bytes=pending_bytes, throttle_pct=self._throttle, dirty_rate=0.0,
+                page_size=self.page_size, action="postcopy", reason="postcopy",
+                postcopy=dict(counters))
+            if self._trace is not None:
+                self._trace.write(record)
+            return record
+
     def switchover(self, reason: str, expected_downtime_s: float) -> None:
         """The guest is being stopped for the last pass (status ``device``)."""
         with self._lock:
@@ -324,6 +356,34 @@ class MigrationStats:
             self._downtime_phases = dict(phases) if phases else None
             self._remaining = 0
             self._finish(now, "completed")
+
+    def set_postcopy(self, query: Callable[[], dict]) -> None:
+        """Post-copy's counters come from ``query()`` (query-migrate's ``postcopy``)."""
+        with self._lock:
+            self._postcopy = query
+
+    def set_downtime(self, downtime_s: float, phases: dict[str, float] | None = None) -> None:
+        """The downtime is known before the end (post-copy: the guest runs at the destination
+        while its last pages follow)."""
+        with self._lock:
+            self._downtime_s = downtime_s
+            self._downtime_phases = dict(phases) if phases else None
+
+    def paused(self, error: str) -> None:
+        """Post-copy lost its connection: nothing is finished, nothing failed."""
+        with self._lock:
+            self._error = error
+            self._status = "postcopy-paused"
+
+    @property
+    def downtime_s(self) -> float | None:
+        with self._lock:
+            return self._downtime_s
+
+    @property
+    def downtime_phases(self) -> dict[str, float] | None:
+        with self._lock:
+            return dict(self._downtime_phases) if self._downtime_phases else None
 
     def failed(self, error: str) -> None:
         with self._lock:
@@ -359,7 +419,8 @@ class MigrationStats:
             info["total-time"] = _ms(end - self._start)
             if self._setup_end is not None:
                 info["setup-time"] = _ms(self._setup_end - self._start)
-            if self._status == "completed" and self._downtime_s is not None:
+            if self._status in ("completed", "postcopy-active", "postcopy-paused") \
+                    and self._downtime_s is not None:
                 info["downtime"] = _ms(self._downtime_s)
             if self._status in IN_PROGRESS and math.isfinite(self._expected_downtime_s):
                 info["expected-downtime"] = _ms(self._expected_downtime_s)
@@ -388,7 +449,7 @@ class MigrationStats:
                 info["vcpu-dirty-limit"] = list(self._vcpu_dirty_limits)
             if self._vcpu_dirty_rates is not None:
                 info["vcpu-dirty-rates"] = [int(round(r)) for r in self._vcpu_dirty_rates]
-            if self._status == "failed":
+            if self._status in ("failed", "postcopy-paused", "postcopy-recover"):
                 info["error-desc"] = self._error or "unknown error"
             if self._switchover_reason is not None:
                 info["switchover-reason"] = self._switchover_reason
@@ -399,10 +460,13 @@ class MigrationStats:
                     self._expected_at_switchover):
                 info["downtime-expected-at-switchover"] = round(
                     self._expected_at_switchover * 1000, 2)
-            if self._status == "completed" and self._downtime_phases:
+            if self._downtime_s is not None and self._downtime_phases:
                 info["downtime-breakdown"] = {phase: round(seconds * 1000, 2) for phase, seconds
                                               in self._downtime_phases.items()}
-            return info
+            postcopy = self._postcopy
+        if postcopy is not None:
+            info["postcopy"] = postcopy()
+        return info
 
 
 def _list_or_none(values, kind) -> list | None:

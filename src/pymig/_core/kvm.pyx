@@ -1033,3 +1033,180 @@ EXIT_SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
 EXIT_DIRTY_RING_FULL = KVM_EXIT_DIRTY_RING_FULL
 DIRTY_LOG_PAGE_OFFSET = KVM_DIRTY_LOG_PAGE_OFFSET
 DIRTY_GFN_BYTES = 16
+
+
+# --------------------------------------------------------------------------------------------
+# userfaultfd (post-copy): the destination's guest RAM faults to a handler thread, which
+# places each page once it has arrived.  The same module as KVM's ioctls: one place calls
+# ioctl, whatever the device.
+
+cdef extern from *:
+    """
+    #include <unistd.h>
+    #include <sys/syscall.h>
+    #include <linux/userfaultfd.h>
+
+    /* The fault message the handler thread parses with struct (pymig.postcopy). */
+    _Static_assert(sizeof(struct uffd_msg) == 32, "uffd_msg size");
+    _Static_assert(offsetof(struct uffd_msg, arg.pagefault.flags) == 8, "uffd_msg flags");
+    _Static_assert(offsetof(struct uffd_msg, arg.pagefault.address) == 16, "uffd_msg address");
+    _Static_assert(offsetof(struct uffd_msg, arg.pagefault.feat.ptid) == 24, "uffd_msg ptid");
+    _Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy");
+
+    static long pymig_userfaultfd(int flags) { return syscall(__NR_userfaultfd, flags); }
+    """
+    long pymig_userfaultfd(int flags) nogil
+    const unsigned long long UFFD_API
+    const unsigned long long UFFD_FEATURE_THREAD_ID
+    const unsigned long long UFFDIO_REGISTER_MODE_MISSING
+    const unsigned long long UFFDIO_COPY_MODE_DONTWAKE
+    const int UFFD_EVENT_PAGEFAULT
+    const unsigned long long UFFD_PAGEFAULT_FLAG_WRITE
+    const unsigned long UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_COPY
+    const unsigned long UFFDIO_ZEROPAGE, UFFDIO_WAKE
+    struct c_uffdio_api "uffdio_api":
+        unsigned long long api
+        unsigned long long features
+        unsigned long long ioctls
+    struct c_uffdio_range "uffdio_range":
+        unsigned long long start
+        unsigned long long len
+    struct c_uffdio_register "uffdio_register":
+        c_uffdio_range range
+        unsigned long long mode
+        unsigned long long ioctls
+    struct c_uffdio_copy "uffdio_copy":
+        unsigned long long dst
+        unsigned long long src
+        unsigned long long len
+        unsigned long long mode
+        long long copy
+    struct c_uffdio_zeropage "uffdio_zeropage":
+        c_uffdio_range range
+        unsigned long long mode
+        long long zeropage
+
+from libc.errno cimport EEXIST
+
+FEATURE_THREAD_ID = UFFD_FEATURE_THREAD_ID
+REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING
+COPY_MODE_DONTWAKE = UFFDIO_COPY_MODE_DONTWAKE
+EVENT_PAGEFAULT = UFFD_EVENT_PAGEFAULT
+PAGEFAULT_FLAG_WRITE = UFFD_PAGEFAULT_FLAG_WRITE
+UFFD_MSG_BYTES = 32
+
+
+def userfaultfd_open(int flags):
+    """The userfaultfd(2) system call: a new userfaultfd (``flags``: O_CLOEXEC, O_NONBLOCK).
+
+    Not an ioctl, but the start of every one below.  Errnos: EPERM (unprivileged and
+    vm.unprivileged_userfaultfd 0), ENOSYS (a kernel without it), EMFILE, ENOMEM."""
+    cdef long fd = pymig_userfaultfd(flags)
+    if fd < 0:
+        _fail(b"userfaultfd", errno)
+    return fd
+
+
+def uffdio_api(int uffd, unsigned long long features):
+    """UFFDIO_API on a new userfaultfd: the API handshake, asking for ``features`` (e.g.
+    :data:`FEATURE_THREAD_ID`); returns (the features the kernel offers, the ioctls bitmask).
+    Must be the first ioctl on the fd.  Errnos: EBADF, EINVAL (a feature the kernel lacks,
+    or a second handshake), EFAULT."""
+    cdef c_uffdio_api api
+    api.api = UFFD_API
+    api.features = features
+    api.ioctls = 0
+    _io(uffd, UFFDIO_API, &api, b"UFFDIO_API")
+    return api.features, api.ioctls
+
+
+def _unsafe_uffdio_register(int uffd, unsigned long long start, unsigned long long length,
+                            unsigned long long mode):
+    """UFFDIO_REGISTER: faults of ``mode`` (:data:`REGISTER_MODE_MISSING`) on
+    [start, start + length) go to the userfaultfd; returns the ioctls the range supports.
+
+    Safety: the range must be a mapping the caller owns (guest RAM) for as long as it is
+    registered; every thread touching a missing page there blocks until the handler places
+    it, so a handler that does not run hangs them (closing the fd releases them, with the
+    pages zero-filled).  Errnos: EBADF, EINVAL (unaligned, a mapping that cannot be
+    registered), EBUSY (registered with another userfaultfd), ENOMEM, EPERM."""
+    cdef c_uffdio_register reg
+    reg.range.start = start
+    reg.range.len = length
+    reg.mode = mode
+    reg.ioctls = 0
+    _io(uffd, UFFDIO_REGISTER, &reg, b"UFFDIO_REGISTER")
+    return reg.ioctls
+
+
+def _unsafe_uffdio_unregister(int uffd, unsigned long long start, unsigned long long length):
+    """UFFDIO_UNREGISTER: [start, start + length) faults as ordinary memory again (missing
+    pages zero-filled).  Safety: as for :func:`_unsafe_uffdio_register`.  Errnos: EBADF,
+    EINVAL, ENOMEM."""
+    cdef c_uffdio_range rng
+    rng.start = start
+    rng.len = length
+    _io(uffd, UFFDIO_UNREGISTER, &rng, b"UFFDIO_UNREGISTER")
+
+
+def _unsafe_uffdio_copy(int uffd, unsigned long long dst, unsigned long long src,
+                        unsigned long long length, unsigned long long mode=0):
+    """UFFDIO_COPY: place ``length`` bytes from ``src`` at ``dst`` (whole pages of a
+    registered range) atomically, and wake the threads waiting on them (unless ``mode`` has
+    :data:`COPY_MODE_DONTWAKE`).  Returns (bytes placed, 0) or, when it stopped at a page
+    already there, (bytes placed before it, EEXIST): a page is placed once, and the caller
+    skips it; or (bytes placed, EAGAIN) when it stopped early (at a page already there, or
+    the mapping changing): the caller goes on from there.
+
+    Safety: ``src`` must be ``length`` readable bytes the caller owns; ``dst`` inside a range
+    registered on ``uffd``.  Errnos (raised): EBADF, EINVAL, EFAULT, ENOENT (the mapping
+    changed), ENOSPC (the faulting process exited)."""
+    cdef c_uffdio_copy cp
+    cdef long rc
+    cdef int err = 0
+    cp.dst = dst
+    cp.src = src
+    cp.len = length
+    cp.mode = mode
+    cp.copy = 0
+    with nogil:
+        rc = ioctl(uffd, UFFDIO_COPY, &cp)
+        if rc < 0:
+            err = errno
+    if rc < 0:
+        if err == EEXIST or err == EAGAIN:
+            return (cp.copy if cp.copy > 0 else 0), err
+        _fail(b"UFFDIO_COPY", err)
+    return cp.copy, 0
+
+
+def _unsafe_uffdio_zeropage(int uffd, unsigned long long start, unsigned long long length):
+    """UFFDIO_ZEROPAGE: map zero pages on [start, start + length) of a registered anonymous
+    range and wake the threads waiting there.  Returns as :func:`_unsafe_uffdio_copy` does.
+    Safety: as for UFFDIO_COPY's ``dst``.  Errnos (raised): EBADF, EINVAL (shmem: use
+    UFFDIO_COPY of zeros), EFAULT, ENOENT, ENOSPC."""
+    cdef c_uffdio_zeropage zp
+    cdef long rc
+    cdef int err = 0
+    zp.range.start = start
+    zp.range.len = length
+    zp.mode = 0
+    zp.zeropage = 0
+    with nogil:
+        rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zp)
+        if rc < 0:
+            err = errno
+    if rc < 0:
+        if err == EEXIST or err == EAGAIN:
+            return (zp.zeropage if zp.zeropage > 0 else 0), err
+        _fail(b"UFFDIO_ZEROPAGE", err)
+    return zp.zeropage, 0
+
+
+def _unsafe_uffdio_wake(int uffd, unsigned long long start, unsigned long long length):
+    """UFFDIO_WAKE: wake the threads waiting on [start, start + length) (a page another path
+    placed meanwhile).  Safety: as for UFFDIO_COPY's ``dst``.  Errnos: EBADF, EINVAL."""
+    cdef c_uffdio_range rng
+    rng.start = start
+    rng.len = length
+    _io(uffd, UFFDIO_WAKE, &rng, b"UFFDIO_WAKE")

@@ -41,6 +41,8 @@ from pymig.guest.base import (
     DirtyRateMeter,
     GuestConfig,
     GuestState,
+    MAILBOX_GPA,
+    MAILBOX_RECORD_BYTES,
     PreallocatedRam,
     StateShape,
     allocate_ram,
@@ -56,7 +58,7 @@ from pymig.kvm import cpustate
 from pymig.kvm.ata import AtaChannel, DiskErrorEvent
 from pymig.kvm.machine import Machine
 from pymig.kvm.system import Kvm
-from pymig.memory import RamBlock
+from pymig.memory import RamBlock, touch_without_gil
 
 
 class KvmGuest:
@@ -180,7 +182,9 @@ class KvmGuest:
     def read_phys(self, gpa: int, size: int) -> bytes:
         """``size`` bytes from guest-physical ``gpa`` (the range must lie inside one block)."""
         index, offset = locate(self.ram_blocks, gpa, size)
-        return bytes(self.ram_blocks[index].array[offset:offset + size])
+        block = self.ram_blocks[index]
+        touch_without_gil(block.address + offset, size)  # a post-copy page may be on its way
+        return bytes(block.array[offset:offset + size])
 
     # --- run control ---------------------------------------------------------------------------
 
@@ -374,6 +378,11 @@ class KvmGuest:
         for observer in list(self.disk_error_observers):
             observer(event)
 
+    def vcpu_thread_ids(self) -> list[int]:
+        """The kernel thread id of each vCPU's thread, in vCPU order (post-copy attributes
+        the time a fault waits to the vCPU that took it)."""
+        return [thread.native_id for thread in self.machine.threads]
+
     def set_throttle(self, percent: int) -> None:
         self.machine.set_throttle(percent)
 
@@ -423,11 +432,19 @@ class KvmGuest:
     def progress(self) -> dict[str, int]:
         """The workload's counters from the mailbox in guest RAM (see
         :func:`pymig.guest.workloads.progress_from_mailbox`)."""
+        self._touch_mailbox()
         return progress_from_mailbox(self.ram_blocks, self.vcpu_count)
 
     def mailbox(self) -> list[MailboxRecord]:
         """Each vCPU's mailbox record."""
+        self._touch_mailbox()
         return read_mailbox(self.ram_blocks, self.vcpu_count)
+
+    def _touch_mailbox(self) -> None:
+        # During post-copy the mailbox page may still be missing: fault it in without the GIL.
+        nbytes = MAILBOX_RECORD_BYTES * self.vcpu_count
+        index, offset = locate(self.ram_blocks, MAILBOX_GPA, nbytes)
+        touch_without_gil(self.ram_blocks[index].address + offset, nbytes)
 
 
 def open_disks(config: GuestConfig, incoming: bool, allowed: Sequence[str] | None = None,

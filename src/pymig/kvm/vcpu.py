@@ -146,6 +146,11 @@ class VcpuThread:
         """The Python thread id of the vCPU thread (for per-thread CPU clocks)."""
         return self._thread.ident
 
+    @property
+    def native_id(self) -> int | None:
+        """The kernel's id of the vCPU thread (a userfaultfd fault message names it)."""
+        return self._thread.native_id
+
     def request_pause(self) -> None:
         with self._cond:
             self._run_allowed = False

@@ -1,0 +1,158 @@
+"""Post-copy's benchmark: downtime and blocktime against a bare userfaultfd round trip,
+measured in the same run (``python -m pymig.benchpostcopy``).
+
+* **bare round trip**: one thread touches pages of a registered anonymous range one after
+  the other (without the GIL, as a vCPU does); a handler thread built as post-copy's fault
+  thread (poll, read the message, UFFDIO_COPY from a ready page) serves each.  Per fault:
+  the time from the touch to its return.  A plain first touch of fresh memory beside it.
+* **post-copy**: a guest migrated over loopback TCP between two threads of this process,
+  switched to post-copy after one pass, its working set written all along: the downtime
+  (vCPUs stopped at the source to running at the destination) with its phases, the total
+  time, and the destination's blocktime per fault that waited for the source.
+
+Figures go to docs/performance.md, never into code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import select
+import struct
+import threading
+import time
+
+import numpy as np
+
+PAGE = 4096
+
+
+def bare_round_trip(npages: int = 2000) -> dict:
+    """Median and mean µs per fault through a userfaultfd handler thread, and per plain
+    first touch, over ``npages`` pages each."""
+    from pymig._core import kvm as _kvm
+
+    region = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_NOHUGEPAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    source = np.full(PAGE, 0x5A, dtype=np.uint8)
+    uffd = _kvm.userfaultfd_open(os.O_CLOEXEC | os.O_NONBLOCK)
+    _kvm.uffdio_api(uffd, _kvm.FEATURE_THREAD_ID)
+    _kvm._unsafe_uffdio_register(uffd, base, npages * PAGE, _kvm.REGISTER_MODE_MISSING)
+    stop_r, stop_w = os.pipe()
+    fault = struct.Struct("<B7xQQI4x")
+
+    def handler() -> None:
+        poller = select.poll()
+        poller.register(uffd, select.POLLIN)
+        poller.register(stop_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if stop_r in events:
+                return
+            try:
+                data = os.read(uffd, 32 * 64)
+            except BlockingIOError:
+                continue
+            for at in range(0, len(data), 32):
+                _, _, address, _ = fault.unpack_from(data, at)
+                page = address & ~(PAGE - 1)
+                _kvm._unsafe_uffdio_copy(uffd, page, source.ctypes.data, PAGE)
+
+    thread = threading.Thread(target=handler, daemon=True)
+    thread.start()
+    scratch = ctypes.create_string_buffer(8)
+    faults = []
+    for page in range(npages):
+        t0 = time.perf_counter_ns()
+        ctypes.memmove(scratch, base + page * PAGE, 8)  # the GIL is let go for the call
+        faults.append(time.perf_counter_ns() - t0)
+    os.write(stop_w, b"x")
+    thread.join()
+    os.close(uffd)
+    os.close(stop_r)
+    os.close(stop_w)
+    plain_region = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    plain_region.madvise(mmap.MADV_NOHUGEPAGE)
+    plain_base = ctypes.addressof(ctypes.c_char.from_buffer(plain_region))
+    touches = []
+    for page in range(npages):
+        t0 = time.perf_counter_ns()
+        ctypes.memmove(plain_base + page * PAGE, scratch, 8)
+        touches.append(time.perf_counter_ns() - t0)
+    return {"pages": npages,
+            "uffd_fault_median_us": float(np.median(faults)) / 1000,
+            "uffd_fault_mean_us": float(np.mean(faults)) / 1000,
+            "first_touch_median_us": float(np.median(touches)) / 1000}
+
+
+def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int) -> dict:
+    """One post-copy migration of a self-checking guest between two threads (loopback TCP)."""
+    from pymig.guest import GuestConfig, create
+    from pymig.guest.workloads import verify_selfcheck
+    from pymig.incoming import Incoming
+    from pymig.limits import DestinationLimits
+    from pymig.machine import Machine
+    from pymig.migration import Migration
+    from pymig.parameters import ParameterStore
+
+    params = {"working_set_bytes": working_set_mib << 20,
+              "rate_pages_per_s": 0 if kind == "kvm" else 1_000_000}
+    config = GuestConfig(kind, memory_mib << 20, vcpus=1, workload="selfcheck", params=params)
+    guest = create(config)
+    guest.start()
+    while guest.progress()["passes"] < 1:
+        time.sleep(0.01)
+    incoming = Incoming("tcp:127.0.0.1:0", limits=DestinationLimits(
+        accept_kinds=("kvm", "simulated")), postcopy=True)
+    bound = incoming.listen()
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", incoming.run()),
+                              daemon=True)
+    thread.start()
+    store = ParameterStore()
+    store.set(**{"x-postcopy-after": 1})
+    store.set_capabilities(**{"postcopy-ram": True})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(bound)
+    migration.wait(600)
+    thread.join(600)
+    source = migration.query()
+    dest = incoming.postcopy.query() if incoming.postcopy is not None else {}
+    out = {"kind": kind, "memory_mib": memory_mib, "working_set_mib": working_set_mib,
+           "status": source["status"], "downtime_ms": source.get("downtime"),
+           "downtime_breakdown_ms": source.get("downtime-breakdown"),
+           "total_ms": source.get("total-time"), "source": source.get("postcopy"),
+           "destination": dest}
+    if incoming.machine is not None:
+        dguest = incoming.machine.guest
+        dguest.pause()
+        report = verify_selfcheck(dguest)
+        out["selfcheck_errors"] = report.errors
+        incoming.machine.close()
+    guest.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pymig.benchpostcopy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=("kvm", "simulated"), default="kvm")
+    parser.add_argument("--memory", type=int, default=1024, metavar="MIB")
+    parser.add_argument("--working-set", type=int, default=256, metavar="MIB")
+    parser.add_argument("--faults", type=int, default=2000)
+    args = parser.parse_args(argv)
+    bare = bare_round_trip(args.faults)
+    print(json.dumps({"bare": bare}), flush=True)
+    run = postcopy_migration(args.kind, args.memory, args.working_set)
+    per_fault = run["destination"].get("blocktime-per-fault-us")
+    run["blocktime_per_fault_over_bare_round_trip"] = (
+        round(per_fault / bare["uffd_fault_median_us"], 2) if per_fault else None)
+    print(json.dumps({"postcopy": run}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

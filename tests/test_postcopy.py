@@ -1,0 +1,600 @@
+"""Post-copy (the postcopy-ram capability): the guest runs at the destination before all of its
+RAM is there, vCPUs fault for the missing pages through userfaultfd, and a cut connection
+leaves both sides paused with nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from _migration_helpers import ANY_KIND, MiB, assert_consistent, guest_config, wait_for
+
+from pymig import core, postcopy
+from pymig._core import kvm as _kvm
+from pymig.errors import KvmError, MigrationError, StreamError
+from pymig.guest import create
+from pymig.incoming import Incoming
+from pymig.machine import Machine
+from pymig.memory import RamBlock, touch_without_gil
+from pymig.migration import Migration
+from pymig.parameters import ParameterStore
+from pymig.stats import read_trace
+
+POSTCOPY_KINDS = [
+    pytest.param("simulated", id="simulated"),
+    pytest.param("kvm", id="kvm", marks=pytest.mark.kvm),
+]
+
+
+def _uffd_usable() -> bool:
+    try:
+        fd = _kvm.userfaultfd_open(os.O_CLOEXEC)
+    except KvmError:
+        return False
+    os.close(fd)
+    return True
+
+
+needs_uffd = pytest.mark.skipif(not _uffd_usable(), reason="userfaultfd is not available here")
+
+
+class Run:
+    """A post-copy migration between two threads of this process."""
+
+    def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
+                 timeout=120.0, trace=None, guest_options=None):
+        self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
+                                 postcopy=dest_postcopy, guest_options=guest_options)
+        bound = self.incoming.listen()
+        self.box: dict = {}
+        self.dest_statuses: list[str] = []
+        self.incoming.on_status(lambda old, new: self.dest_statuses.append(new))
+        self.thread = threading.Thread(target=self._destination, daemon=True)
+        self.thread.start()
+        store = ParameterStore()
+        store.set(**(params or {}))
+        store.set_capabilities(**{"postcopy-ram": True, **(capabilities or {})})
+        self.migration = Migration(Machine.source(guest), store)
+        self.statuses: list[str] = []
+        self.migration.on_status(lambda old, new: self.statuses.append(new.value))
+        self.migration.start(bound, trace_path=trace)
+
+    def _destination(self) -> None:
+        try:
+            self.box["result"] = self.incoming.run()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            self.box["error"] = exc
+
+    def wait(self, timeout=120.0) -> None:
+        self.migration.wait(timeout)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the destination did not finish"
+
+    @property
+    def destination(self):
+        return self.incoming.machine.guest if self.incoming.machine is not None else None
+
+
+@pytest.fixture
+def cleanup():
+    things = []
+    yield things.append
+    for thing in reversed(things):
+        if isinstance(thing, Run):
+            if thing.incoming.postcopy is not None:
+                thing.incoming.postcopy.abandon()  # a paused guest's vCPUs wait: release them
+            if thing.incoming.machine is not None:
+                thing.incoming.machine.close()
+        else:
+            thing.close()
+
+
+def _running(config, cleanup, **options):
+    guest = create(config, **options)
+    cleanup(guest)
+    guest.start()
+    wait_for(lambda: guest.progress()["passes"] >= 1, what="the guest to run")
+    return guest
+
+
+# -- the wire --------------------------------------------------------------------------------
+
+def _blocks(*npages):
+    blocks = [RamBlock.allocate(f"b{i}", n * 4096, block_id=i, hugepages=False)
+              for i, n in enumerate(npages)]
+    return blocks
+
+
+def test_listen_round_trips_each_blocks_bitmap():
+    blocks = _blocks(100, 64)
+    bitmaps = [core.new_bitmap(100), core.new_bitmap(64)]
+    core.bitmap_set_range(bitmaps[0], 100, 3, 40)
+    core.bitmap_set_range(bitmaps[1], 64, 63, 1)
+    payload = postcopy.listen_payload(blocks, bitmaps)
+    assert postcopy.parse_op(payload, 0) == postcopy.OP_LISTEN
+    parsed = postcopy.parse_listen(payload, blocks, 0)
+    assert np.array_equal(parsed[0], bitmaps[0]) and np.array_equal(parsed[1], bitmaps[1])
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "count", "block-id", "npages", "tail-bit",
+                                    "reserved"])
+def test_listen_that_does_not_fit_this_guest_is_refused(damage):
+    blocks = _blocks(100, 64)
+    payload = bytearray(postcopy.listen_payload(blocks, [core.new_bitmap(100),
+                                                         core.new_bitmap(64)]))
+    first_block = 4 + 4
+    if damage == "short":
+        payload = payload[:-8]
+    elif damage == "long":
+        payload += bytes(8)
+    elif damage == "count":
+        payload[4] = 3
+    elif damage == "block-id":
+        payload[first_block] = 9
+    elif damage == "npages":
+        payload[first_block + 8] = 101
+    elif damage == "tail-bit":
+        payload[first_block + 16 + 8 + 7] = 0x80  # page 127 of a 100-page block
+    elif damage == "reserved":
+        payload[first_block + 4] = 1
+    with pytest.raises(StreamError):
+        postcopy.parse_listen(bytes(payload), blocks, 0)
+
+
+def test_an_unknown_operation_is_refused():
+    with pytest.raises(StreamError):
+        postcopy.parse_op(bytes([7, 0, 0, 0]), 0)
+    with pytest.raises(StreamError):
+        postcopy.parse_op(bytes([1, 0, 0, 0, 5]), 0)  # ADVISE carries nothing
+
+
+@pytest.mark.parametrize("call,args,name", [
+    (_kvm.uffdio_api, (0,), "UFFDIO_API"),
+    (_kvm._unsafe_uffdio_register, (0, 4096, 1), "UFFDIO_REGISTER"),
+    (_kvm._unsafe_uffdio_unregister, (0, 4096), "UFFDIO_UNREGISTER"),
+    (_kvm._unsafe_uffdio_copy, (0, 0, 4096), "UFFDIO_COPY"),
+    (_kvm._unsafe_uffdio_zeropage, (0, 4096), "UFFDIO_ZEROPAGE"),
+    (_kvm._unsafe_uffdio_wake, (0, 4096), "UFFDIO_WAKE"),
+])
+def test_every_userfaultfd_wrapper_raises_ebadf_on_a_bad_fd(call, args, name):
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(KvmError) as info:
+        call(fd, *args)
+    assert (info.value.errno, info.value.ioctl) == (errno.EBADF, name)
+
+
+@needs_uffd
+def test_a_page_is_placed_once():
+    """UFFDIO_COPY onto a page already there says so (EEXIST) and changes nothing: the page
+    asked for and the same page pushed can both arrive, the first one wins."""
+    block = RamBlock.allocate("ram", 4 * 4096, hugepages=False)
+    uffd = _kvm.userfaultfd_open(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        _kvm.uffdio_api(uffd, 0)
+        _kvm._unsafe_uffdio_register(uffd, block.address, block.size_bytes,
+                                     _kvm.REGISTER_MODE_MISSING)
+        src = np.full(2 * 4096, 0xAB, dtype=np.uint8)
+        assert _kvm._unsafe_uffdio_copy(uffd, block.address + 4096, src.ctypes.data,
+                                        4096) == (4096, 0)
+        src[:] = 0xCD
+        # page 0 placed, then it stops at page 1, which was there
+        assert _kvm._unsafe_uffdio_copy(uffd, block.address, src.ctypes.data,
+                                        2 * 4096) == (4096, errno.EAGAIN)
+        assert _kvm._unsafe_uffdio_copy(uffd, block.address + 4096, src.ctypes.data,
+                                        4096) == (0, errno.EEXIST)
+        assert block.array[0] == 0xCD and block.array[4096] == 0xAB
+        assert _kvm._unsafe_uffdio_zeropage(uffd, block.address + 4096, 4096)[1] == errno.EEXIST
+    finally:
+        os.close(uffd)
+        block.close()
+
+
+# -- whole migrations ------------------------------------------------------------------------
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_selfcheck_guest_runs_on_with_no_error_after_postcopy(kind, cleanup, tmp_path):
+    """Switched to post-copy after one pass, with the guest writing all along: the
+    destination runs it before its pages arrive, and it finds every page it checks right."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1}, trace=tmp_path / "trace")
+    cleanup(run)
+    run.wait()
+    assert "error" not in run.box, run.box.get("error")
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    assert "postcopy-active" in run.statuses and "device" not in run.statuses
+    assert query["switchover-reason"] == "postcopy"
+    assert guest.status == "paused"  # the guest is the destination's now
+    assert "postcopy-active" in run.dest_statuses and run.incoming.status == "completed"
+    dest = run.destination
+    stats = run.incoming.postcopy.query()
+    assert stats["pages-left"] == 0
+    if kind == "kvm":
+        assert len(stats["postcopy-vcpu-blocktime"]) == dest.vcpu_count
+    # the trace follows the post-copy phase to its end
+    lines = [line for line in read_trace(tmp_path / "trace") if line["action"] == "postcopy"]
+    assert lines and lines[-1]["pending_bytes"] == 0
+    last, final = lines[-1]["postcopy"], query["postcopy"]
+    assert (last["pages-requested"], last["pages-pushed"]) == \
+        (final["pages-requested"], final["pages-pushed"])
+    assert last["requests"] <= final["requests"]  # (requests may come after the last page)
+    passes = dest.progress()["passes"]
+    wait_for(lambda: dest.progress()["passes"] > passes + 1, what="the guest to run on")
+    assert_consistent(dest)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_migrate_start_postcopy_switches_a_migration_under_way(kind, cleanup):
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup)
+    # a link too slow for the guest's writes: pre-copy alone would not end
+    run = Run(guest, params={"max-bandwidth": 8 * MiB, "downtime-limit": 1})
+    cleanup(run)
+    wait_for(lambda: run.migration.status.value == "active", what="the migration to start")
+    run.migration.start_postcopy()
+    run.wait()
+    assert run.migration.query()["status"] == "completed", run.migration.query()
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_a_guest_that_outruns_its_link_completes_without_throttling(cleanup, tmp_path):
+    """A guest that dirties its working set far faster than a capped link moves it never
+    converges in pre-copy; with post-copy it moves, and no throttle touches it."""
+    guest = _running(guest_config("simulated", memory=128 * MiB, working_set=64 * MiB,
+                                  rate=0), cleanup)
+    trace = tmp_path / "trace"
+    run = Run(guest, params={"max-bandwidth": 32 * MiB, "x-postcopy-after": 2,
+                             "downtime-limit": 1}, trace=trace)
+    cleanup(run)
+    run.wait()
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    assert query["cpu-throttle-peak"] == 0
+    # two passes (at least: the switch also waits for the destination to have loaded
+    # ADVISE), and what the guest dirtied outran the link at every one: no convergence
+    assert query["iterations"] >= 3
+    assert all(line["action"] != "switchover" for line in read_trace(trace))
+    # the guest ran into pages not there yet, asked for them and waited for them
+    source_side = query["postcopy"]
+    dest_side = run.incoming.postcopy.query()
+    assert source_side["requests"] > 0
+    assert dest_side["requests"] > 0 and dest_side["blocktime-faults"] > 0
+    assert dest_side["blocktime-total"] > 0 and dest_side["pages-left"] == 0
+    assert dest_side["pages-requested"] + dest_side["pages-pushed"] == \
+        source_side["pages-requested"] + source_side["pages-pushed"]
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_postcopy_into_memfd_ram(kind, cleanup):
+    """memfd RAM (shared memory): stale pages are dropped from the file too (MADV_REMOVE), and
+    zero pages are placed by copy (shmem has no UFFDIO_ZEROPAGE)."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), cleanup,
+                     backing="memfd")
+    run = Run(guest, params={"x-postcopy-after": 1, "downtime-limit": 1},
+              guest_options={"backing": "memfd"})
+    cleanup(run)
+    run.wait()
+    assert run.migration.query()["status"] == "completed", run.migration.query()
+    assert run.destination.ram_blocks[0].backing == "memfd"
+    assert run.incoming.postcopy.query()["pages-left"] == 0
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_a_destination_without_the_capability_refuses_before_the_guest_stops(cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1}, dest_postcopy=False)
+    cleanup(run)
+    run.wait()
+    query = run.migration.query()
+    assert query["status"] == "failed"
+    assert "postcopy-ram" in query["error-desc"]
+    assert "postcopy-active" not in run.statuses
+    assert guest.status == "running"
+
+
+def test_migrate_start_postcopy_needs_the_capability(cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    migration = Migration(Machine.source(guest))
+    with pytest.raises(MigrationError, match="Enable postcopy"):
+        migration.start_postcopy()
+
+
+def test_postcopy_needs_a_return_path(cleanup, tmp_path):
+    guest = _running(guest_config("simulated"), cleanup)
+    store = ParameterStore()
+    store.set_capabilities(**{"postcopy-ram": True})
+    with pytest.raises(MigrationError, match="return path"):
+        Migration(Machine.source(guest), store).start(f"file:{tmp_path / 'snap'}")
+
+
+def _touch_in_thread(guest, page: int) -> threading.Thread:
+    block = guest.ram_blocks[0]
+
+    def touch() -> None:
+        # faults if missing, and waits for the page (without the GIL, as any reader must)
+        touch_without_gil(block.address + page * block.page_size, 8)
+
+    thread = threading.Thread(target=touch, daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_a_cut_connection_pauses_both_sides_and_loses_nothing(kind, cleanup):
+    """The connection goes while the pages are being pushed: neither side claims success;
+    the source keeps its copy of what it did not send, paused; the destination reports
+    postcopy-paused and a thread touching a missing page waits for it rather than read a
+    made-up zero page."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=48 * MiB), cleanup)
+    # the push goes at the cap too, so that the cut lands while pages remain
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 4 * MiB,
+                             "x-switchover-capped": True, "compression": "none"})
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    run.migration._channel.shutdown()  # the network goes
+    run.wait()
+    query = run.migration.query()
+    assert run.migration.status.value == "postcopy-paused", query
+    assert query["status"] == "postcopy-paused" and "error-desc" in query
+    assert guest.status == "paused"
+    left_at_source = run.migration.postcopy.saver.pending_pages()
+    assert left_at_source > 0
+    assert run.incoming.status == "postcopy-paused"
+    assert isinstance(run.box.get("error"), MigrationError)
+    pc = run.incoming.postcopy
+    assert pc.pages_left() > 0 and run.incoming.machine is not None
+    # one missing page: touching it waits (its thread is still blocked a while later)
+    block = run.destination.ram_blocks[0]
+    page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[0])
+    toucher = _touch_in_thread(run.destination, page)
+    time.sleep(0.5)
+    assert toucher.is_alive(), "a missing page read without its data"
+    # only a guest given up is released (onto zero pages, with its memory discarded)
+    pc.abandon()
+    toucher.join(10)
+    assert not toucher.is_alive()
+
+
+class _Out:
+    """A RAM section writer that keeps what it is given."""
+
+    def __init__(self):
+        self.parts = []
+
+    def part(self, payload, *, nocsum=False, stands_for=0):
+        self.parts.append(bytes(payload))
+
+    def end(self, payload):
+        self.parts.append(("end", bytes(payload)))
+
+
+def test_page_requests_are_bounded_and_served_once(cleanup):
+    """A request names pages of guest RAM or is ignored (counted); a page already sent is
+    not sent again for a request."""
+    from pymig import stream
+    from pymig.ram import RamSaver
+
+    guest = _running(guest_config("simulated", memory=16 * MiB, working_set=4 * MiB), cleanup)
+    saver = RamSaver(guest)
+    block = saver.blocks[0]
+    core.bitmap_set_range(saver.bitmaps[0], block.npages, 10, 4)
+    source = postcopy.PostcopySource(saver)
+    out = _Out()
+    for request in (stream.PageRequest(7, 0, 1),  # no such block
+                    stream.PageRequest(block.block_id, block.npages, 1),  # past the end
+                    stream.PageRequest(block.block_id, block.npages - 1, 2),  # runs past it
+                    stream.PageRequest(block.block_id, 0, 0),  # no page
+                    stream.PageRequest(block.block_id, 11, 2),
+                    stream.PageRequest(block.block_id, 11, 2)):  # sent already
+        source.page_request(request)
+    source._serve(out, bytearray(postcopy.PUSH_PACKET_BYTES))
+    assert source.counters.bad_requests == 4 and source.counters.requests == 6
+    assert source.counters.pages_requested == 2 and len(out.parts) == 1
+    runs = core.packet_runs(out.parts[0], block.page_size, block.block_id, block.npages)
+    assert runs.tolist() == [[11, 2]]
+    # what is left goes out pushed, then END
+    source.run(out, check=lambda: None)
+    assert source.counters.pages_pushed == 2 and out.parts[-1] == ("end", b"")
+    assert saver.pending_pages() == 0
+
+
+@needs_uffd
+def test_pymig_migrate_postcopy_between_processes(tmp_path):
+    """pymig incoming --postcopy and pymig migrate --postcopy --postcopy-after 1: the
+    MIGRATION events go through postcopy-active, the guest runs on at the destination with
+    its self-check clean, and query-migrate there reports the post-copy figures."""
+    from _migration_helpers import (assert_carries_on, finish, run_pymig, start_destination,
+                                    start_source)
+    from pymig.qmp import QmpClient
+
+    src, src_ctl = start_source("simulated", tmp_path)
+    dst, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--postcopy")
+    try:
+        with QmpClient(dst_ctl) as watcher:
+            done = run_pymig("migrate", "--control", src_ctl, bound, "--postcopy",
+                             "--postcopy-after", "1", "--downtime-limit", "1", "--json")
+            assert done.returncode == 0, done.stderr
+            info = json.loads(done.stdout)
+            assert info["status"] == "completed" and info["switchover-reason"] == "postcopy"
+            assert info["settings"]["capabilities"]["postcopy-ram"] is True
+            assert "postcopy-ram on" in done.stderr
+            wait_for(lambda: watcher.command("query-migrate")["status"] == "completed",
+                     what="the destination to complete")
+            statuses = []
+            while not watcher.events.empty():
+                event = watcher.events.get_nowait()
+                if event["event"] == "MIGRATION":
+                    statuses.append(event["data"]["status"])
+            assert statuses[-2:] == ["postcopy-active", "completed"], statuses
+            assert watcher.command("query-migrate")["postcopy"]["pages-left"] == 0
+        assert_carries_on(dst_ctl)
+    finally:
+        finish(src, dst)
+
+
+@needs_uffd
+def test_a_cut_before_the_commit_fails_and_the_source_guest_runs_on(cleanup, monkeypatch):
+    """The connection goes after the switch but before COMMIT (the destination has registered
+    its RAM and loaded the state; LOADED never arrives): the source still holds every page,
+    so the migration fails there as a stop-and-copy's would, its guest running again, and the
+    destination discards its guest."""
+    from pymig import stream
+
+    def cut_instead(rp):
+        rp.channel.shutdown()
+        raise MigrationError("cut")
+
+    monkeypatch.setattr(stream.ReturnPathWriter, "loaded", cut_instead)
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "downtime-limit": 1})
+    cleanup(run)
+    run.wait()
+    assert "postcopy-active" in run.statuses
+    assert run.migration.status.value == "failed", run.migration.query()
+    assert guest.status == "running"
+    passes = guest.progress()["passes"]
+    wait_for(lambda: guest.progress()["passes"] > passes, what="the source guest to run on")
+    assert run.incoming.status == "failed" and run.incoming.machine is None
+    assert_consistent(guest)
+
+
+@needs_uffd
+@pytest.mark.parametrize("seed", range(5))
+def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup):
+    """Whenever the connection goes (pre-copy, the switch, post-copy, the very end), the two
+    sides end in one of three agreed outcomes: failed before the commit (the source's guest
+    runs on, whole; the destination has none), paused after it (both postcopy-paused, or the
+    destination complete if only SHUT was lost; a missing page waits, and a recovery brings
+    the rest), or completed (the destination's guest whole).  The moments spread over the whole migration: its first pass
+    takes about a second at the cap, the post-copy push about as long."""
+    delay = 0.3 + 0.5 * seed
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 16 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1})
+    cleanup(run)
+    time.sleep(delay)
+    channel = run.migration._channel
+    if channel is not None:
+        channel.shutdown()
+    run.wait()
+    source, dest = run.migration.status.value, run.incoming.status
+    if source == "failed":
+        assert guest.status == "running" and run.incoming.machine is None, (source, dest)
+        assert_consistent(guest)
+    elif source == "postcopy-paused":
+        assert guest.status == "paused"
+        assert dest in ("postcopy-paused", "completed"), dest
+        if dest == "postcopy-paused":
+            pc = run.incoming.postcopy
+            assert pc.pages_left() > 0
+            block = run.destination.ram_blocks[0]
+            page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[0])
+            toucher = _touch_in_thread(run.destination, page)
+            time.sleep(0.3)
+            assert toucher.is_alive(), "a missing page read without its data"
+            # and a recovery brings the rest: the guest checks clean
+            run.migration.recover(run.incoming.recover("tcp:127.0.0.1:0"))
+            run.migration.wait(120)
+            wait_for(lambda: run.incoming.status == "completed", timeout=120,
+                     what="the destination to complete after the recovery")
+            assert run.migration.status.value == "completed"
+            toucher.join(10)
+            assert_consistent(run.destination)
+        else:
+            assert_consistent(run.destination)
+    else:
+        assert (source, dest) == ("completed", "completed")
+        assert_consistent(run.destination)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_a_paused_postcopy_recovers_and_the_guest_checks_clean(kind, cleanup):
+    """Cut during the push, then migrate-recover at the destination and migrate
+    resume=true at the source: the pages follow on the new connection (those a vCPU waits
+    for asked again), both sides complete, and the guest finds every page right."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1})
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    run.migration._channel.shutdown()
+    run.wait()
+    assert run.migration.status.value == "postcopy-paused"
+    assert run.incoming.status == "postcopy-paused"
+    left = run.incoming.postcopy.pages_left()
+    assert left > 0
+    block = run.destination.ram_blocks[0]
+    page = int(core.bitmap_indices(run.incoming.postcopy.missing[block.block_id],
+                                   block.npages)[-1])
+    toucher = _touch_in_thread(run.destination, page)  # waits across the recovery
+    run.migration.params.set(**{"max-bandwidth": 0})
+    bound = run.incoming.recover("tcp:127.0.0.1:0")
+    assert run.incoming.status == "postcopy-recover"
+    run.migration.recover(bound)
+    run.migration.wait(120)
+    wait_for(lambda: run.incoming.status == "completed", timeout=120,
+             what="the destination to complete")
+    assert run.migration.status.value == "completed", run.migration.query()
+    assert "postcopy-recover" in run.statuses and "postcopy-recover" in run.dest_statuses
+    toucher.join(10)
+    assert not toucher.is_alive()
+    assert run.incoming.postcopy.pages_left() == 0
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_recover_is_only_for_a_paused_postcopy(cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "downtime-limit": 1})
+    cleanup(run)
+    run.wait()
+    assert run.migration.status.value == "completed"
+    with pytest.raises(MigrationError, match="paused in post-copy"):
+        run.incoming.recover("tcp:127.0.0.1:0")
+    with pytest.raises(MigrationError, match="paused in post-copy"):
+        run.migration.recover("tcp:127.0.0.1:1")
+
+
+def test_hugetlb_ram_is_refused_with_the_reason():
+    """Huge pages would be placed 2 MiB at a time; post-copy here places 4 KiB pages, so
+    hugetlb RAM is refused before anything changes (the source at start, the destination at
+    ADVISE)."""
+    from types import SimpleNamespace
+
+    postcopy.check_backing([SimpleNamespace(name="ram", backing="anon"),
+                            SimpleNamespace(name="ram2", backing="memfd")])
+    with pytest.raises(MigrationError, match="'ram' is hugetlb"):
+        postcopy.check_backing([SimpleNamespace(name="ram", backing="hugetlb")])
+
+
+@needs_uffd
+def test_the_benchmark_measures_what_it_reports():
+    """python -m pymig.benchpostcopy, small: the bare round trip and a post-copy migration
+    with its downtime, blocktime and a clean self-check."""
+    from pymig import benchpostcopy
+
+    bare = benchpostcopy.bare_round_trip(50)
+    assert bare["pages"] == 50 and bare["uffd_fault_median_us"] > 0
+    assert bare["first_touch_median_us"] > 0
+    run = benchpostcopy.postcopy_migration("simulated", 32, 8)
+    assert run["status"] == "completed" and run["selfcheck_errors"] == 0
+    assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
+    assert run["destination"]["pages-left"] == 0
