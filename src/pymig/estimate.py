@@ -301,10 +301,8 @@ class StopSpeedup:
     bandwidth cap, the destination's faults), and stopping the guest changes nothing: the
     factor fades from the full figure at ``full_at`` busy to 1 at ``none_at`` busy and below.
 
-    Measured here (2 vCPUs, a guest rewriting 100 MiB flat out into a hugetlb destination):
-    the live phase moved 0.64-0.9 GB/s while the guest took about one CPU, this gives
-    1.6-1.9, and the stop-and-copy moved 1.2-1.9 GB/s.  Over a window of ``window_s``
-    seconds, because /proc/stat counts in 10 ms ticks.
+    How well that held on one host: docs/performance.md, "Figures behind the code".  Over a
+    window of ``window_s`` seconds, because /proc/stat counts in 10 ms ticks.
     """
 
     window_s: float = 0.5

@@ -319,7 +319,7 @@ class Machine:
         finally:
             decoder.close()
             # Its buffers are freed once the guest runs (release_load_buffers): unmapping
-            # megabytes costs the downtime a TLB shootdown across CPUs (0.5-1 ms here).
+            # megabytes costs the downtime a TLB shootdown across CPUs.
             self._load_worker = decoder
         self.stream_entries = by_stream_id  # post-copy's RAM records follow EOF
         self._check_complete(state, loaded)

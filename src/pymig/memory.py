@@ -31,7 +31,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
 # Called through ctypes, which lets go of the GIL for the call: Python's own mmap.madvise
-# keeps it, so one thread faulting in a GiB of cold memory (seconds here) froze every other.
+# keeps it, so one thread faulting in a GiB of cold memory (seconds) froze every other.
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 _malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc's; other C libraries lack it

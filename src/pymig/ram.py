@@ -54,14 +54,14 @@ PACKET_BYTES = 1 << 20  # 256 pages of 4 KiB: ~1k Python calls per GiB, each GIL
 PACKET_BUFFERS = 4  # one being encoded, one held back, one queued, one being sent
 # Re-protect 4 MiB (four packets) at a time, just ahead of the sender: a page the guest writes
 # again after its clear is sent again next iteration, so the shorter the time from a page's
-# clear to the end of the pass, the less there is to resend; each clear costs one ioctl
-# (~20 us with pymig's bookkeeping), 256 per GiB sent.
+# clear to the end of the pass, the less there is to resend; each clear costs one ioctl,
+# 256 per GiB sent.
 CLEAR_CHUNK_PAGES = 1 << 10
 # A packet worker overlaps the two halves of moving a packet in two threads, which pays only
-# where each busy thread has a CPU of its own.  On a host of two CPUs carrying both ends (a
-# loopback migration), four busy threads took turns and moved random content 25-40 % slower
-# than two did (docs/performance.md): the handovers cost wake-ups, and each packet crossed
-# between the CPUs' caches twice more.  So a worker overlaps from this many CPUs up.
+# where each busy thread has a CPU of its own: with fewer CPUs than busy threads, the
+# handovers cost wake-ups and each packet crosses between the CPUs' caches twice more, which
+# made a loopback migration slower (docs/performance.md, "Figures behind the code").  So a
+# worker overlaps from this many CPUs up.
 OVERLAP_MIN_CPUS = 4
 OVERLAP_ENV = "PYMIG_PACKET_OVERLAP"  # "on" / "off" override the CPU count (tests, profiling)
 # Under a bandwidth cap, a packet carries at most what the cap lets through in this long.

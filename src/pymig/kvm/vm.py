@@ -9,8 +9,8 @@ re-protects everything it returns and clear is a no-op.
 
 ``initially_set=True`` adds KVM_DIRTY_LOG_INITIALLY_SET: turning logging on protects nothing
 and every page reads as dirty until its first clear, so the guest runs unhindered until the
-sender reaches each chunk (measured here: ~2x the guest's write rate during the first pass and
-a 3x cheaper enable).  The price is that the first sync reports every page.
+sender reaches each chunk (the guest writes faster during the first pass, and enabling the
+log costs less: docs/performance.md, "Figures behind the code").  The price is that the first sync reports every page.
 
 ``dirty_ring=N`` uses KVM's dirty ring instead (KVM_CAP_DIRTY_LOG_RING, N entries per vCPU):
 KVM appends each newly dirtied page to the writing vCPU's ring; a sync harvests every ring
