@@ -22,7 +22,6 @@ from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
 from pymig.qmp import QmpClient
-from pymig.ram import block_digests
 
 MiB = 1 << 20
 
@@ -33,6 +32,13 @@ GUEST_KINDS = [
 # A destination that takes either kind of guest (by default a KVM host takes KVM guests only)
 ANY_KIND = DestinationLimits(accept_kinds=("kvm", "simulated"))
 ANY_KIND_ARGS = ("--accept-kind", "kvm,simulated")
+
+
+def block_digests(blocks) -> list[str]:
+    """A digest per RAM block of its whole content, to compare source and destination."""
+    import xxhash
+
+    return [xxhash.xxh3_128_hexdigest(b.mem) for b in blocks]
 
 
 def guest_config(kind: str, workload: str = "selfcheck", *, memory: int = 64 * MiB,

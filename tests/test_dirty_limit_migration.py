@@ -18,7 +18,7 @@ from pymig.guest.workloads import read_mailbox
 from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
-from pymig.ram import block_digests
+from _migration_helpers import block_digests
 from pymig.stats import read_trace
 
 BANDWIDTH = 24 << 20  # 6k pages/s: far below vCPU 0 flat out

@@ -21,7 +21,8 @@ from pymig.errors import MigrationError
 from pymig.guest import GuestConfig
 from pymig.incoming import Incoming
 from pymig.migration import KEEPALIVE_INTERVAL_S
-from pymig.ram import RamLoader, RamSaver, block_digests, describe_blocks, empty_packet
+from _migration_helpers import block_digests
+from pymig.ram import RamLoader, RamSaver, describe_blocks, empty_packet
 from pymig.transport import BytesChannel, DeadlineExceeded, FdChannel, SocketChannel
 
 MiB = 1 << 20

@@ -7,7 +7,7 @@ from _migration_helpers import assert_consistent, guest_config, migrate_locally
 
 from pymig.machine import Machine
 from pymig.policy import Action, Decision
-from pymig.ram import block_digests
+from _migration_helpers import block_digests
 
 EXTRA_BYTES = 64 << 20  # what the extra entry has pending per pass still to go
 

@@ -17,7 +17,7 @@ from pymig.incoming import Incoming
 from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.policy import Action, Decision
-from pymig.ram import block_digests
+from _migration_helpers import block_digests
 from pymig.stats import read_trace
 
 

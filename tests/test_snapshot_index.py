@@ -22,7 +22,7 @@ from pymig.incoming import Incoming
 from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import ParameterStore
-from pymig.ram import block_digests
+from _migration_helpers import block_digests
 from pymig.transport import BytesChannel
 from pymig.transport.file import IndexedFileChannel
 from pymig import core

@@ -545,11 +545,3 @@ def _layout_text(blocks) -> str:
         return repr(blocks)
     return ", ".join(f"{b.get('name')}={b.get('size')} bytes" if isinstance(b, dict) else repr(b)
                      for b in blocks)
-
-
-def block_digests(blocks: list[RamBlock]) -> list[str]:
-    """A digest per block of its whole content (tests compare source and destination)."""
-    import xxhash
-
-    return [xxhash.xxh3_128_hexdigest(b.mem) for b in blocks]
-
