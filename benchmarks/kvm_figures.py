@@ -71,7 +71,7 @@ def sync_figures(writer: Path, sizes=(1, 4, 16), repeat: int = 30) -> list[dict]
                 guest.start()
                 write_round(guest, [])
                 guest.start_dirty_log()
-                slot = guest.machine.slots[1]
+                slot = guest.runtime.slots[1]
                 slot.sync()
                 slot.clear(0, slot.npages)
                 clean = _median_us(slot.sync, repeat)

@@ -38,7 +38,7 @@ def test_dirty_log_sync(benchmark, writer, slot_gib, dirty):
         guest.start()
         write_round(guest, [])
         guest.start_dirty_log()
-        slot = guest.machine.slots[1]
+        slot = guest.runtime.slots[1]
         if dirty == "1pct":
             benchmark.extra_info["dirty_pages"] = kvm_figures.dirty_one_percent(guest)
         benchmark(slot.sync)

@@ -284,7 +284,7 @@ def _pymig_sample(guest: KvmGuest) -> tuple[int, float, float, int]:
 
 
 def _vcpu_clock(guest: KvmGuest) -> float:
-    return time.clock_gettime(time.pthread_getcpuclockid(guest.machine.threads[0].thread_ident))
+    return time.clock_gettime(time.pthread_getcpuclockid(guest.runtime.threads[0].thread_ident))
 
 
 def measure_pymig(path: Path, mode: str, kind: str, seconds: float = 1.0,

@@ -30,7 +30,7 @@ def test_without_the_ring_there_is_no_per_vcpu_rate():
         for call in (guest.vcpu_dirty_rates, lambda: guest.set_vcpu_dirty_limit(0, 1000)):
             with pytest.raises(GuestError, match="dirty_ring=N"):
                 call()
-        assert not guest.machine.dirty_limits
+        assert not guest.runtime.dirty_limits
     finally:
         guest.close()
 
@@ -40,20 +40,20 @@ def test_each_ring_entry_counts_once_for_the_vcpu_that_made_it(writer_image):
         guest.start()
         write_round(guest, [])
         guest.start_dirty_log()
-        before = guest.machine.dirty_counts()
+        before = guest.runtime.dirty_counts()
         written = [0x100000 + 4096 * i for i in (0, 1, 64, 999)]
         write_round(guest, written)
         write_round(guest, written)  # already dirty since the last harvest: no new entries
-        assert guest.machine.dirty_counts()[0] - before[0] == len(written) + 1  # + CMD_PAGE
+        assert guest.runtime.dirty_counts()[0] - before[0] == len(written) + 1  # + CMD_PAGE
         write_round(guest, written)  # the harvest re-protected them: counted again
-        assert guest.machine.dirty_counts()[0] - before[0] == 2 * (len(written) + 1)
+        assert guest.runtime.dirty_counts()[0] - before[0] == 2 * (len(written) + 1)
         assert dirty(guest) == [{gpa >> 12 for gpa in written} | {CMD_PAGE}]  # nothing lost
         guest.pause()
 
 
 def test_a_limits_own_logging_leaves_the_sync_contract_alone(writer_image):
     with make_writer_guest(writer_image, dirty_ring=1024) as guest:
-        slots = guest.machine.slots
+        slots = guest.runtime.slots
         guest.start()
         write_round(guest, [])
         guest.set_vcpu_dirty_limit(0, 1e9)  # tracks, never holds
@@ -78,7 +78,7 @@ def test_ring_full_exits_hold_the_vcpu_and_lose_nothing():
         guest.start_dirty_log()
         shadow = [block.array.copy() for block in guest.ram_blocks]
         guest.set_vcpu_dirty_limit(0, 10_000)  # a ring-full exit (192 pages) costs 19 ms
-        thread = guest.machine.threads[0]
+        thread = guest.runtime.threads[0]
         guest.vcpu_dirty_rates()  # the rate window starts with the limit
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pymig.guest.base import DirtyRateMeter, check_dirty_limit, check_vcpu_index
-from pymig.kvm.machine import DIRTY_LIMIT_CREDIT_S, DirtyQuota
+from pymig.kvm.runtime import DIRTY_LIMIT_CREDIT_S, DirtyQuota
 
 
 def test_a_vcpu_within_quota_is_never_held():

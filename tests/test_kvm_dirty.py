@@ -81,7 +81,7 @@ def test_two_slots_of_the_pc_layout(writer_image):
 
 def test_without_manual_protection_sync_clears(writer_image):
     with make_writer_guest(writer_image, manual_protect=False) as guest:
-        assert not guest.machine.vm.manual_protect
+        assert not guest.runtime.vm.manual_protect
         guest.start()
         guest.start_dirty_log()
         write_round(guest, [0x300000])
@@ -111,7 +111,7 @@ def test_dirty_bitmaps_are_uint64_words_in_kvm_layout(writer_image):
 
 def test_initially_set_reports_every_page_until_its_first_clear(writer_image):
     with make_writer_guest(writer_image, initially_set=True) as guest:
-        assert guest.machine.vm.initially_set
+        assert guest.runtime.vm.initially_set
         npages = guest.ram_blocks[0].npages
         guest.start()
         write_round(guest, [])
@@ -129,7 +129,7 @@ def test_initially_set_reports_every_page_until_its_first_clear(writer_image):
 
 def test_dirty_ring_reports_exactly_the_pages_written(writer_image):
     with make_writer_guest(writer_image, dirty_ring=1024) as guest:
-        vm = guest.machine.vm
+        vm = guest.runtime.vm
         assert vm.dirty_ring == 1024 and not vm.manual_protect
         guest.start()
         write_round(guest, [])

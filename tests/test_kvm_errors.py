@@ -152,7 +152,7 @@ def _stopped_vcpu(reason: int, union: bytes):
 def test_failed_entry_and_internal_error_carry_their_exit_data():
     import struct
 
-    from pymig.kvm.machine import describe_stop
+    from pymig.kvm.runtime import describe_stop
     from pymig.kvm.vcpu import Exit
 
     vcpu = _stopped_vcpu(_kvm.EXIT_FAIL_ENTRY, struct.pack("<QI", 0x80000021, 1))

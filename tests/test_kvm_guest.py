@@ -21,7 +21,7 @@ MP_STATE_HALTED = 3
 
 
 def thread_cpu_seconds(guest: KvmGuest, index: int = 0) -> float:
-    ident = guest.machine.threads[index].thread_ident
+    ident = guest.runtime.threads[index].thread_ident
     return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
 
@@ -75,7 +75,7 @@ def test_throttle_takes_run_time_away_from_the_vcpu():
         time.sleep(0.5)
         cpu = thread_cpu_seconds(guest) - cpu0
         wall = time.monotonic() - wall0
-        assert guest.machine.threads[0].naps > 0
+        assert guest.runtime.threads[0].naps > 0
         assert cpu < 0.6 * wall  # 80 % throttled: well under the whole time
         guest.set_throttle(0)
         guest.pause()
@@ -180,9 +180,9 @@ def test_memfd_backed_ram_is_guest_memory_other_processes_can_map():
 
 def test_without_irqchip_a_halted_vcpu_parks_in_the_vmm():
     with KvmGuest.create(kvm_config("idle"), irqchip=False) as guest:
-        assert not guest.machine.vm.irqchip
+        assert not guest.runtime.vm.irqchip
         guest.start()
-        wait_for(lambda: guest.machine.threads[0].parked is False, what="the vCPU to run")
+        wait_for(lambda: guest.runtime.threads[0].parked is False, what="the vCPU to run")
         time.sleep(0.05)  # long enough to reach HLT; the test holds either way
         guest.pause()
         state = guest.save_state()

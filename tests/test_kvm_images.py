@@ -100,7 +100,7 @@ def test_boot_sector_runs_in_real_mode_and_prints_over_the_uart(build):
     with image_guest(path, "bootsector") as guest:
         guest.start()
         assert guest.wait(30) == "shutdown"
-        assert guest.machine.exit_code == HELLO_EXIT_CODE
+        assert guest.runtime.exit_code == HELLO_EXIT_CODE
         assert guest.console.data() == HELLO_OUTPUT
 
 
@@ -123,7 +123,7 @@ def test_flat64_binary_at_cpl3_uses_the_uart_and_the_control_port(build):
         assert guest.wait(30) == "shutdown"
         assert guest.console.text() == "flat64 ok\n"
         assert guest.read_phys(0x9000, 4) == b"PMIG"
-        assert guest.machine.exit_code == 5
+        assert guest.runtime.exit_code == 5
         cpu = guest.save_state().cpus[0]
         assert cpu.sregs.cs.dpl == 3 and cpu.regs.rflags & 0x3000 == 0  # CPL 3, IOPL 0
 
@@ -167,7 +167,7 @@ def test_boot_sector_guest_pauses_and_resumes_while_halted(build):
     path, _ = build("halt16", source, 0x7C00)
     with image_guest(path, "bootsector") as guest:
         guest.start()
-        wait_for(lambda: guest.machine.threads[0].parked is False, what="the vCPU to run")
+        wait_for(lambda: guest.runtime.threads[0].parked is False, what="the vCPU to run")
         guest.pause()
         guest.resume()
         guest.pause()

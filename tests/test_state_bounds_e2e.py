@@ -263,8 +263,8 @@ def test_set_xsave_takes_exactly_the_vms_xsave_size():
     from pymig.kvm import cpustate
 
     with create(guest_config("kvm", "idle", memory=16 << 20)) as guest:
-        vcpu = guest.machine.vcpus[0]
-        size = guest.machine.vm.xsave_size
+        vcpu = guest.runtime.vcpus[0]
+        size = guest.runtime.vm.xsave_size
         state = cpustate.capture(vcpu)
         assert len(state.xsave) == size
         for wrong in (state.xsave + bytes(64), state.xsave[:-64], state.xsave + bytes(4096)):

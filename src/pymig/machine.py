@@ -134,12 +134,12 @@ class _BlockHandlers:
 class Machine:
     """A guest and its registry, as a migration source or destination."""
 
-    def __init__(self, guest, *, incoming: bool):
+    def __init__(self, guest, *, destination: bool):
         self.guest = guest
-        self.incoming = incoming
+        self.is_destination = destination
         self.registry = SaveStateRegistry()
-        self.ram_saver = None if incoming else RamSaver(guest)
-        self.ram_loader = RamLoader(guest) if incoming else None
+        self.ram_saver = None if destination else RamSaver(guest)
+        self.ram_loader = RamLoader(guest) if destination else None
         self.registry.register_savevm_live(RAM_IDSTR, 0, RAM_VERSION, _RamHandlers(), self)
         self.block_savers: list[BlockSaver] = []
         self.block_loaders: list[BlockLoader] = []
@@ -147,7 +147,7 @@ class Machine:
         for unit, disk in enumerate(guest.config.disks):
             if disk.shared:
                 continue
-            if incoming:
+            if destination:
                 opaque = BlockLoader(images[unit], unit)
                 self.block_loaders.append(opaque)
             else:
@@ -178,12 +178,12 @@ class Machine:
 
     @classmethod
     def source(cls, guest) -> "Machine":
-        return cls(guest, incoming=False)
+        return cls(guest, destination=False)
 
     @classmethod
     def incoming(cls, config: GuestConfig, **guest_options) -> "Machine":
         """A destination machine: a new paused guest with fresh RAM for ``config``."""
-        return cls(create(config, incoming=True, **guest_options), incoming=True)
+        return cls(create(config, incoming=True, **guest_options), destination=True)
 
     # -- source ------------------------------------------------------------------------------
     def check_migratable(self, block: bool, incremental: bool = False) -> None:

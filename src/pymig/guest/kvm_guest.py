@@ -1,6 +1,6 @@
 """``KvmGuest``: the :class:`~pymig.guest.base.Guest` protocol on a real KVM virtual machine.
 
-One :class:`~pymig.kvm.machine.Machine` (VM, RAM slots, vCPU threads, UART / A20 / control
+One :class:`~pymig.kvm.runtime.KvmRuntime` (VM, RAM slots, vCPU threads, UART / A20 / control
 port, and the ATA channel when the configuration names disks) per guest.  A source guest
 (``incoming=False``) gets its workload loaded and its vCPUs set up at creation; a destination
 (``incoming=True``) gets fresh, untouched RAM and default vCPUs, and takes memory from the
@@ -15,7 +15,7 @@ Status::
 Dirty tracking: the slots log while dirty logging is on (:meth:`start_dirty_log`) or any vCPU
 has a dirty limit, which needs the dirty ring (``create(..., dirty_ring=N)``): the ring names
 the vCPU that dirtied each page, so :meth:`vcpu_dirty_rates` counts each vCPU's ring entries and
-the dirty limit (:class:`~pymig.kvm.machine.Machine`) holds a vCPU that produces them too fast.
+the dirty limit (:class:`~pymig.kvm.runtime.KvmRuntime`) holds a vCPU that produces them too fast.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_ma
                                    write_fill)
 from pymig.kvm import cpustate
 from pymig.kvm.ata import AtaChannel, DiskErrorEvent
-from pymig.kvm.machine import Machine
+from pymig.kvm.runtime import KvmRuntime
 from pymig.kvm.system import Kvm
 from pymig.memory import RamBlock, touch_without_gil
 
@@ -64,7 +64,7 @@ from pymig.memory import RamBlock, touch_without_gil
 class KvmGuest:
     """A KVM guest running a built-in workload or a user image."""
 
-    def __init__(self, config: GuestConfig, ram_blocks: list[RamBlock], machine: Machine,
+    def __init__(self, config: GuestConfig, ram_blocks: list[RamBlock], runtime: KvmRuntime,
                  console: Console, kvm: Kvm, owns_kvm: bool, disks: list[DiskImage] = ()):
         self.config = config
         self.disk_images = list(disks)
@@ -74,11 +74,11 @@ class KvmGuest:
         self.ata: AtaChannel | None = None
         if self.disk_images:
             self.ata = AtaChannel(self.disk_images, on_error=self._disk_error)
-            machine.ports.attach(self.ata)
+            runtime.ports.attach(self.ata)
         self.ram_blocks = ram_blocks
         self.vcpu_count = config.vcpus
         self.console = console
-        self.machine = machine
+        self.runtime = runtime
         self.kvm = kvm
         self._owns_kvm = owns_kvm
         self._status = "created"
@@ -87,12 +87,12 @@ class KvmGuest:
         self._tracking = False  # the slots are logging, for any reason
         # the log's readers besides the migration (a dirty-rate measurement); its lock also
         # keeps close() from unmapping what a sync, clear or harvest uses
-        self._share = DirtyLogShare([slot.bitmap.size for slot in machine.slots])
+        self._share = DirtyLogShare([slot.bitmap.size for slot in runtime.slots])
         self._rates = DirtyRateMeter()
         self.pause_latencies: list[float] = []
         # the guest's latest control-port events: (vcpu, code, argument)
         self.events: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
-        machine.ports.control.observers.append(lambda *event: self.events.append(event))
+        runtime.ports.control.observers.append(lambda *event: self.events.append(event))
 
     # --- construction ------------------------------------------------------------------------
 
@@ -125,7 +125,7 @@ class KvmGuest:
         disks: list[DiskImage] = []
         owns_kvm = kvm is None
         kvm = kvm or Kvm()
-        machine = None
+        runtime = None
         try:
             disks = open_disks(config, incoming, disk_paths, disk_targets, disk_dir)
             if incoming and any(not d.shared for d in config.disks):
@@ -135,16 +135,16 @@ class KvmGuest:
             blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
                                   prealloc=prealloc)
             console = Console()
-            machine = Machine(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
+            runtime = KvmRuntime(kvm, blocks, config.vcpus, console.write, irqchip=irqchip,
                               manual_protect=manual_protect, initially_set=initially_set,
                               dirty_ring=dirty_ring)
-            guest = cls(config, blocks, machine, console, kvm, owns_kvm, disks)
+            guest = cls(config, blocks, runtime, console, kvm, owns_kvm, disks)
             if not incoming:
                 guest._load()
             return guest
         except BaseException:
-            if machine is not None:
-                machine.close()
+            if runtime is not None:
+                runtime.close()
             for block in blocks:
                 block.close()
             for disk in disks:
@@ -155,7 +155,7 @@ class KvmGuest:
 
     def _load(self) -> None:
         """Load the workload or image and point the vCPUs at it."""
-        base = [cpustate.sregs_from_kvm(_kvm.get_sregs(v.fd)) for v in self.machine.vcpus]
+        base = [cpustate.sregs_from_kvm(_kvm.get_sregs(v.fd)) for v in self.runtime.vcpus]
         top = max(b.guest_phys_addr + b.size_bytes for b in self.ram_blocks)
         if self.config.workload == "image":
             p = self.config.params
@@ -171,7 +171,7 @@ class KvmGuest:
             write_fill(self.ram_blocks, workload)
             entries = [builtin.entry(workload.name, base[i], i)
                        for i in range(self.config.vcpus)]
-        for vcpu, entry in zip(self.machine.vcpus, entries):
+        for vcpu, entry in zip(self.runtime.vcpus, entries):
             _enter(vcpu, entry)
 
     # --- memory --------------------------------------------------------------------------------
@@ -190,28 +190,28 @@ class KvmGuest:
 
     @property
     def status(self) -> str:
-        if self.machine.error is not None:
+        if self.runtime.error is not None:
             return "error"
-        if self.machine.stop_reason is not None:
+        if self.runtime.stop_reason is not None:
             return "shutdown"
         return self._status
 
     @property
     def stop_reason(self) -> str | None:
         """Why the guest stopped by itself (power off, reset), or None."""
-        return self.machine.stop_reason
+        return self.runtime.stop_reason
 
     @property
     def exit_code(self) -> int | None:
         """The code a guest passed when it powered off through the control port."""
-        return self.machine.exit_code
+        return self.runtime.exit_code
 
     def start(self) -> None:
         """Run a freshly created guest."""
         with self._lock:
             if self.status != "created":
                 raise GuestError(f"start() needs a created guest; this one is {self.status}")
-            self.machine.resume()
+            self.runtime.resume()
             self._status = "running"
 
     def pause(self) -> None:
@@ -219,9 +219,9 @@ class KvmGuest:
         with self._lock:
             if self._status != "running":
                 return
-            self.pause_latencies.append(self.machine.pause())
+            self.pause_latencies.append(self.runtime.pause())
             self._status = "paused"
-        self.machine.raise_if_failed()
+        self.runtime.raise_if_failed()
 
     def resume(self) -> None:
         """Continue a paused guest, or run a destination after load_state()."""
@@ -229,21 +229,21 @@ class KvmGuest:
             if self.status not in ("paused", "created"):
                 if self.status == "running":
                     return
-                self.machine.raise_if_failed()
+                self.runtime.raise_if_failed()
                 raise GuestError(f"cannot resume a guest that is {self.status}")
-            self.machine.resume()
+            self.runtime.resume()
             self._status = "running"
 
     def wait(self, timeout: float | None = None) -> str:
         """Wait until the guest stops by itself (power off, reset, error) or ``timeout``
         passes; returns the status.  Raises the GuestError when it failed."""
-        self.machine.stopped.wait(timeout)
-        self.machine.raise_if_failed()
+        self.runtime.stopped.wait(timeout)
+        self.runtime.raise_if_failed()
         return self.status
 
     def close(self) -> None:
         with self._lock, self._share.lock:
-            self.machine.close()
+            self.runtime.close()
             for block in self.ram_blocks:
                 block.close()
             for disk in self.disk_images:
@@ -266,7 +266,7 @@ class KvmGuest:
         (handed to the dirty-log readers, whose it is).  While a reader keeps the slots
         logging, the first sync also reports what was written since its last harvest."""
         with self._lock, self._share.lock:
-            vm = self.machine.vm
+            vm = self.runtime.vm
             if vm.dirty_ring:
                 self._share.migration_fetched(vm.fetch_and_clear(self._share.new_bitmaps()))
             self._share.start_migration()
@@ -283,11 +283,11 @@ class KvmGuest:
 
     def _update_tracking(self) -> None:
         """(both locks held)"""
-        on = self._dirty_log or bool(self.machine.dirty_limits) or self._share.wanted
-        for slot in self.machine.slots:
+        on = self._dirty_log or bool(self.runtime.dirty_limits) or self._share.wanted
+        for slot in self.runtime.slots:
             slot.set_logging(on)
-        if on and not self._tracking and self.machine.vm.dirty_ring:
-            self._rates.restart(self.machine.dirty_counts(), time.monotonic())
+        if on and not self._tracking and self.runtime.vm.dirty_ring:
+            self._rates.restart(self.runtime.dirty_counts(), time.monotonic())
         self._tracking = on
 
     def sync_dirty(self) -> list[np.ndarray]:
@@ -296,12 +296,12 @@ class KvmGuest:
         each array stays valid until the next sync."""
         with self._share.lock:
             self._check_open()
-            return self._share.migration_fetched(self.machine.vm.sync_dirty())
+            return self._share.migration_fetched(self.runtime.vm.sync_dirty())
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
         with self._share.lock:
             self._check_open()
-            self.machine.slots[block_index].clear(start_page, npages)
+            self.runtime.slots[block_index].clear(start_page, npages)
 
     def open_dirty_reader(self) -> DirtyLogReader:
         """A reader of the dirty log beside the migration (:class:`DirtyLogShare`); the slots
@@ -317,7 +317,7 @@ class KvmGuest:
             return reader
 
     def _reader_fetch(self, reader: DirtyLogReader) -> list[np.ndarray]:
-        fetched = self.machine.vm.fetch_and_clear(self._share.new_bitmaps())
+        fetched = self.runtime.vm.fetch_and_clear(self._share.new_bitmaps())
         return self._share.reader_fetched(reader, fetched)
 
     def _reader_harvest(self, reader: DirtyLogReader) -> list[np.ndarray]:
@@ -337,20 +337,20 @@ class KvmGuest:
         """vCPUs and devices of a guest that is not running."""
         if self.status == "running":
             raise GuestError("save_state() needs a paused guest")
-        cpus = [cpustate.capture(v) for v in self.machine.vcpus]
-        devices = {name: dataclasses.replace(s) for name, s in self.machine.ports.save().items()}
+        cpus = [cpustate.capture(v) for v in self.runtime.vcpus]
+        devices = {name: dataclasses.replace(s) for name, s in self.runtime.ports.save().items()}
         return GuestState(cpus=cpus, devices=devices)
 
     def load_state(self, state: GuestState) -> None:
         """Put a saved guest's vCPUs and devices into this (not running) guest."""
         if self.status == "running":
             raise GuestError("load_state() needs a paused guest")
-        if len(state.cpus) != len(self.machine.vcpus):
+        if len(state.cpus) != len(self.runtime.vcpus):
             raise GuestError(f"state has {len(state.cpus)} vCPUs, this guest "
-                             f"{len(self.machine.vcpus)}")
-        for vcpu, cpu in zip(self.machine.vcpus, state.cpus):
+                             f"{len(self.runtime.vcpus)}")
+        for vcpu, cpu in zip(self.runtime.vcpus, state.cpus):
             cpustate.restore(vcpu, cpu)
-        self.machine.ports.load(state.devices)
+        self.runtime.ports.load(state.devices)
 
     def state_specs(self) -> list:
         """One ``cpu`` entry per vCPU, then the serial port, the A20 gate, the control port."""
@@ -358,13 +358,13 @@ class KvmGuest:
 
         # Which MSRs a vCPU's state carries is probed once per process; do it now, while the
         # guest runs, rather than inside a migration's downtime.
-        self.kvm.migratable_msrs(self.machine.vm.irqchip)
+        self.kvm.migratable_msrs(self.runtime.vm.irqchip)
         return kvm_state_specs(self.state_shape())
 
     def state_shape(self, instance: int = 0) -> StateShape:
         """What the bounds of state entry ``instance`` check a stream against."""
-        vm = self.machine.vm
-        return StateShape(len(self.machine.vcpus), self.config.memory_bytes, instance,
+        vm = self.runtime.vm
+        return StateShape(len(self.runtime.vcpus), self.config.memory_bytes, instance,
                           xsave_size=vm.xsave_size, irqchip=vm.irqchip,
                           disk_sectors=tuple(d.sectors for d in self.disk_images))
 
@@ -381,17 +381,17 @@ class KvmGuest:
     def vcpu_thread_ids(self) -> list[int]:
         """The kernel thread id of each vCPU's thread, in vCPU order (post-copy attributes
         the time a fault waits to the vCPU that took it)."""
-        return [thread.native_id for thread in self.machine.threads]
+        return [thread.native_id for thread in self.runtime.threads]
 
     def set_throttle(self, percent: int) -> None:
-        self.machine.set_throttle(percent)
+        self.runtime.set_throttle(percent)
 
     # --- per-vCPU dirty rates and limits (Guest protocol; dirty ring only) -------------------
 
     @property
     def supports_dirty_limit(self) -> bool:
         """True with the dirty ring, whose entries say which vCPU dirtied each page."""
-        return bool(self.machine.vm.dirty_ring)
+        return bool(self.runtime.vm.dirty_ring)
 
     def vcpu_dirty_rates(self) -> list[float]:
         """Per vCPU, ring entries per second (pages newly dirtied since KVM last re-protected
@@ -400,7 +400,7 @@ class KvmGuest:
         or while nothing is tracking."""
         with self._lock:
             self._check_open()
-            counts = self.machine.dirty_counts()  # GuestError without the ring
+            counts = self.runtime.dirty_counts()  # GuestError without the ring
             if not self._tracking:
                 raise GuestError("vcpu_dirty_rates() measures while dirty logging is on or a "
                                  "dirty limit is set; call start_dirty_log() first")
@@ -409,12 +409,12 @@ class KvmGuest:
     def set_vcpu_dirty_limit(self, index: int, pages_per_s: float | None) -> None:
         """Cap vCPU ``index`` at ``pages_per_s`` ring entries per second (None: lift it).
         The slots log while any limit is set; over quota, the vCPU's thread stays out of
-        guest mode until the excess is paid for (:class:`~pymig.kvm.machine.DirtyQuota`)."""
+        guest mode until the excess is paid for (:class:`~pymig.kvm.runtime.DirtyQuota`)."""
         index = check_vcpu_index(index, self.vcpu_count)
         limit = check_dirty_limit(pages_per_s)
         with self._lock, self._share.lock:
             self._check_open()
-            self.machine.set_dirty_limit(index, limit)
+            self.runtime.set_dirty_limit(index, limit)
             self._update_tracking()
 
     def vcpu_dirty_counts(self) -> list[int]:
@@ -423,7 +423,7 @@ class KvmGuest:
         GuestError without the dirty ring."""
         with self._lock:
             self._check_open()
-            return self.machine.dirty_counts()
+            return self.runtime.dirty_counts()
 
     def _check_open(self) -> None:
         if self._status == "closed":

@@ -2,7 +2,7 @@
 
 ``Kvm`` (/dev/kvm: API version, capabilities, MSRs to save, TSC kHz) → ``Vm`` (slots, vCPUs)
 → ``MemorySlot`` (a RamBlock in the guest, its dirty log) and ``Vcpu`` (kvm_run, exits);
-``Machine`` adds vCPU threads and devices; ``cpustate`` captures and restores vCPUs.
+``KvmRuntime`` adds vCPU threads and devices; ``cpustate`` captures and restores vCPUs.
 Each object owns its file descriptor and closes it.
 """
 

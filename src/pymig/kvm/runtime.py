@@ -1,4 +1,4 @@
-"""``Machine``: a VM with its RAM slots, vCPU threads and port devices, and the controls
+"""``KvmRuntime``: a VM with its RAM slots, vCPU threads and port devices, and the controls
 migration needs from it: run, pause (bounded latency), throttle, per-vCPU dirty limits, and how
 it stopped.
 
@@ -39,7 +39,7 @@ PAUSE_TIMEOUT_S = 10.0
 MMIO_FILL = b"\xff" * 8
 
 
-class Machine:
+class KvmRuntime:
     """RAM slots + vCPUs + devices of one guest.  Threads start parked; :meth:`resume` runs."""
 
     def __init__(self, kvm, blocks, vcpus: int, serial_output, *, irqchip: bool = True,
