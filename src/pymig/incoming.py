@@ -32,6 +32,7 @@ nor restores an older page, and the error a damaged stream gets names its offset
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import threading
@@ -68,6 +69,34 @@ class IncomingResult:
 
 #: How long the stream header, and then each record, may take to arrive whole (seconds).
 DEFAULT_PROGRESS_TIMEOUT_S = 60.0
+
+
+class IncomingStatus(enum.StrEnum):
+    """The destination's side of a migration, under QEMU's names (its ``query-migrate``)."""
+
+    NONE = "none"
+    SETUP = "setup"  # listening
+    ACTIVE = "active"  # a source connected: loading
+    POSTCOPY_ACTIVE = "postcopy-active"  # LISTEN loaded; after the commit the guest runs here
+    POSTCOPY_PAUSED = "postcopy-paused"  # the source is gone with pages the guest still lacks
+    POSTCOPY_RECOVER = "postcopy-recover"  # listening for the source's reconnection
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[IncomingStatus, set[IncomingStatus]] = {
+    IncomingStatus.NONE: {IncomingStatus.SETUP},
+    IncomingStatus.SETUP: {IncomingStatus.ACTIVE, IncomingStatus.FAILED},
+    IncomingStatus.ACTIVE: {IncomingStatus.POSTCOPY_ACTIVE, IncomingStatus.COMPLETED,
+                            IncomingStatus.FAILED},
+    IncomingStatus.POSTCOPY_ACTIVE: {IncomingStatus.POSTCOPY_PAUSED, IncomingStatus.COMPLETED,
+                                     IncomingStatus.FAILED},
+    IncomingStatus.POSTCOPY_PAUSED: {IncomingStatus.POSTCOPY_RECOVER},
+    IncomingStatus.POSTCOPY_RECOVER: {IncomingStatus.POSTCOPY_ACTIVE,
+                                      IncomingStatus.POSTCOPY_PAUSED},
+    IncomingStatus.COMPLETED: set(),
+    IncomingStatus.FAILED: set(),
+}
 
 
 class Incoming:
@@ -116,28 +145,43 @@ class Incoming:
         self.postcopy: PostcopyDestination | None = None
         self._rp: stream.ReturnPathWriter | None = None
         self._reader: stream.StreamReader | None = None
-        self.status = "none"
+        self.status = IncomingStatus.NONE
         self.error: BaseException | None = None
         self.machine: Machine | None = None
         self._listener = None
         self._warm_up = None
-        self._listeners: list[Callable[[str, str], None]] = []
+        self._listeners: list[Callable[[IncomingStatus, IncomingStatus], None]] = []
         self._lock = threading.Lock()
 
-    def on_status(self, callback: Callable[[str, str], None]) -> None:
+    def on_status(self, callback: Callable[[IncomingStatus, IncomingStatus], None]) -> None:
         self._listeners.append(callback)
 
-    def _set_status(self, new: str) -> None:
+    def _set_status(self, new: IncomingStatus) -> None:
+        """Move to ``new`` from whatever the status is; a move the table does not allow is a
+        bug (AssertionError)."""
         with self._lock:
-            old, self.status = self.status, new
+            old = self.status
+        if not self._transition(old, new):
+            raise AssertionError(f"destination status moved from {old} under a move to {new}")
+
+    def _transition(self, expected: IncomingStatus, new: IncomingStatus) -> bool:
+        """Compare-and-set: ``expected`` → ``new``, or False if the status is no longer
+        ``expected``."""
+        with self._lock:
+            if self.status != expected:
+                return False
+            if new not in _ALLOWED[expected]:
+                raise AssertionError(f"destination transition {expected} -> {new} not allowed")
+            self.status = new
         for callback in list(self._listeners):
-            callback(old, new)
+            callback(expected, new)
+        return True
 
     def listen(self) -> str:
         """Start listening; returns the address actually bound (e.g. the port for tcp:...:0)."""
         self._listener = transport.listen(self.uri)
         self._warm_up = WarmUp()  # while no stream is coming, not once it is
-        self._set_status("setup")
+        self._set_status(IncomingStatus.SETUP)
         return str(self._listener.uri)
 
     def close(self) -> None:
@@ -168,7 +212,7 @@ class Incoming:
             self.machine.release_load_buffers()
             # the disks that travelled are whole: flushed, their incomplete markers gone
             self.machine.finish_incoming()
-            self._set_status("completed")
+            self._set_status(IncomingStatus.COMPLETED)
             return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
                                   self.machine.load_counters())
         finally:
@@ -194,7 +238,7 @@ class Incoming:
                     rp = stream.ReturnPathWriter(raw)  # the source reads its answer in plaintext
                     raise
             channel.settimeout(self.idle_timeout)
-            self._set_status("active")
+            self._set_status(IncomingStatus.ACTIVE)
             t0 = time.monotonic()
             if channel.has_return_path:
                 rp = stream.ReturnPathWriter(channel)
@@ -238,7 +282,7 @@ class Incoming:
                 except PymigError:
                     pass
             self._discard_machine()
-            self._set_status("failed")
+            self._set_status(IncomingStatus.FAILED)
             if channel is not None:
                 channel.close()
             if isinstance(exc, (PymigError, ValueError)):
@@ -308,21 +352,25 @@ class Incoming:
         pc.listen(payload, offset)
         self.postcopy = pc
         self.machine.ram_loader.placer = pc
-        self._set_status("postcopy-active")
+        self._set_status(IncomingStatus.POSTCOPY_ACTIVE)
 
     def recover(self, uri: str) -> str:
         """``migrate-recover``: listen on ``uri`` for the source's reconnection (``migrate
         uri resume=true``) of a migration paused in post-copy; returns the address bound.
         The pages follow on the new connection, in a thread; the status says how it ends."""
-        if self.status != "postcopy-paused":
-            raise MigrationError(f"migrate-recover resumes a migration paused in post-copy; "
-                                 f"this one is {self.status}")
         parsed = transport.parse_uri(uri)
         if parsed.scheme not in ("tcp", "unix", "fd"):
             raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
                                  f"fd: sockets), which a {parsed.scheme}: URI has not")
+        if self.status != IncomingStatus.POSTCOPY_PAUSED:
+            raise MigrationError(f"migrate-recover resumes a migration paused in post-copy; "
+                                 f"this one is {self.status}")
         listener = transport.listen(uri)
-        self._set_status("postcopy-recover")
+        if not self._transition(IncomingStatus.POSTCOPY_PAUSED,
+                                IncomingStatus.POSTCOPY_RECOVER):
+            listener.close()
+            raise MigrationError(f"migrate-recover resumes a migration paused in post-copy; "
+                                 f"this one is {self.status}")
         thread = threading.Thread(target=self._recover, args=(listener,),
                                   name="pymig-incoming", daemon=True)
         thread.start()
@@ -349,12 +397,12 @@ class Incoming:
                                                  "post-copy RESUME record")
             self._reader = reader
             self.postcopy.reconnect(rp.page_request)
-            self._set_status("postcopy-active")
+            self._set_status(IncomingStatus.POSTCOPY_ACTIVE)
         except BaseException as exc:  # noqa: BLE001 - paused as before, nothing changed
             self.error = exc
             if channel is not None:
                 channel.close()
-            self._set_status("postcopy-paused")
+            self._set_status(IncomingStatus.POSTCOPY_PAUSED)
             log.warning("post-copy recovery failed: %s", describe(exc))
             return
         try:
@@ -365,7 +413,7 @@ class Incoming:
         finally:
             channel.close()
         self.machine.release_load_buffers()
-        self._set_status("completed")
+        self._set_status(IncomingStatus.COMPLETED)
 
     def _receive_postcopy(self, channel, rp) -> None:
         """The guest runs: place the pages that follow (asked for or pushed) until the source
@@ -395,7 +443,7 @@ class Incoming:
                 raise MigrationError(f"the source ended post-copy with {left} pages never sent")
         except BaseException as exc:
             self.error = exc
-            self._set_status("postcopy-paused")
+            self._set_status(IncomingStatus.POSTCOPY_PAUSED)
             raise MigrationError(f"post-copy paused, the guest waits for its missing pages "
                                  f"({pc.pages_left()} left): {describe(exc)}") from exc
         pc.finish()
