@@ -14,10 +14,10 @@ import pytest
 
 from pymig import stream
 from pymig.errors import PymigError, StreamError, TransportError
+from _migration_helpers import block_digests
 from pymig.guest import GuestConfig, create
 from pymig.machine import Machine, SectionOut, load_config
-from pymig.ram import (OVERLAP_ENV, OVERLAP_MIN_CPUS, PacketWorker, RamSaver,
-                       block_digests, packet_overlap)
+from pymig.ram import OVERLAP_ENV, OVERLAP_MIN_CPUS, PacketWorker, RamSaver, packet_overlap
 from pymig.transport import BytesChannel
 from pymig.transport.channel import SocketChannel
 
