@@ -83,20 +83,23 @@ class _RamHandlers:
         machine.ram_saver.complete(out)
 
     def load(self, machine: "Machine", data, version_id: int, section_type: int) -> None:
-        loader = machine.ram_loader
-        if section_type == stream.RecordType.START:
-            loader.load_start(data)
-        elif section_type == stream.RecordType.PART:
-            loader.load_part(data)
-        elif section_type == stream.RecordType.END:
-            loader.load_end(data)
-        else:
-            raise StateError(f"RAM cannot load a section of type {section_type}",
-                             entry=RAM_IDSTR)
+        _load_section(machine.ram_loader, data, section_type, "RAM", RAM_IDSTR)
 
     def cleanup(self, machine: "Machine") -> None:
         if machine.ram_saver is not None:
             machine.ram_saver.cleanup()
+
+
+def _load_section(loader, data, section_type: int, what: str, idstr: str) -> None:
+    """A live entry's START, PART or END record into its loader."""
+    if section_type == stream.RecordType.START:
+        loader.load_start(data)
+    elif section_type == stream.RecordType.PART:
+        loader.load_part(data)
+    elif section_type == stream.RecordType.END:
+        loader.load_end(data)
+    else:
+        raise StateError(f"{what} cannot load a section of type {section_type}", entry=idstr)
 
 
 class _BlockHandlers:
@@ -116,15 +119,7 @@ class _BlockHandlers:
         saver.complete(out)
 
     def load(self, loader: BlockLoader, data, version_id: int, section_type: int) -> None:
-        if section_type == stream.RecordType.START:
-            loader.load_start(data)
-        elif section_type == stream.RecordType.PART:
-            loader.load_part(data)
-        elif section_type == stream.RecordType.END:
-            loader.load_end(data)
-        else:
-            raise StateError(f"{loader.name} cannot load a section of type {section_type}",
-                             entry=BLOCK_IDSTR)
+        _load_section(loader, data, section_type, loader.name, BLOCK_IDSTR)
 
     def cleanup(self, saver: BlockSaver) -> None:
         if isinstance(saver, BlockSaver):

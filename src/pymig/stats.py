@@ -272,17 +272,7 @@ class MigrationStats:
                     backlog_bytes: int = 0) -> TraceRecord:
         """A dirty-log sync happened: update the rates and write a trace line (if tracing)."""
         with self._lock:
-            now = self._clock()
-            since = self._last_sync_time if self._last_sync_time is not None else now
-            period = now - since
-            sent_bytes = self._transferred - self._last_sync_bytes
-            pages = self._normal + self._duplicate
-            sent_pages = pages - self._last_sync_pages
-            if period > 0:
-                self._mbps = sent_bytes * 8 / period / 1e6
-                self._pages_per_second = sent_pages / period
-            self._last_sync_time, self._last_sync_bytes, self._last_sync_pages = now, \
-                self._transferred, pages
+            now, period, sent_bytes, sent_pages = self._close_period()
             self._syncs += 1
             self._iterations = iteration
             self._remaining = remaining_bytes
@@ -309,20 +299,26 @@ class MigrationStats:
                 self._trace.write(record)
             return record
 
+    def _close_period(self) -> tuple[float, float, int, int]:
+        """End the period since the last sync (or trace line), under the lock: the rates over
+        it, and (now, its length, bytes and pages sent in it)."""
+        now = self._clock()
+        period = now - (self._last_sync_time if self._last_sync_time is not None else now)
+        sent_bytes = self._transferred - self._last_sync_bytes
+        pages = self._normal + self._duplicate
+        sent_pages = pages - self._last_sync_pages
+        if period > 0:
+            self._mbps = sent_bytes * 8 / period / 1e6
+            self._pages_per_second = sent_pages / period
+        self._last_sync_time, self._last_sync_bytes, self._last_sync_pages = now, \
+            self._transferred, pages
+        return now, period, sent_bytes, sent_pages
+
     def record_postcopy(self, counters: dict, pending_bytes: int) -> TraceRecord:
         """A trace line of the post-copy phase: what went since the last line, what is left,
         and the post-copy counters so far."""
         with self._lock:
-            now = self._clock()
-            period = now - (self._last_sync_time if self._last_sync_time is not None else now)
-            sent_bytes = self._transferred - self._last_sync_bytes
-            pages = self._normal + self._duplicate
-            sent_pages = pages - self._last_sync_pages
-            if period > 0:
-                self._mbps = sent_bytes * 8 / period / 1e6
-                self._pages_per_second = sent_pages / period
-            self._last_sync_time, self._last_sync_bytes, self._last_sync_pages = now, \
-                self._transferred, pages
+            now, period, sent_bytes, sent_pages = self._close_period()
             self._remaining = pending_bytes
             record = TraceRecord(
                 time=now - (self._start if self._start is not None else now),
