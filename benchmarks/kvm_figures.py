@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import numpy as np  # noqa: E402
 from _kvm_helpers import build_writer, kvm_config, wait_for, write_round  # noqa: E402
 
-from pymig.guest.base import GiB, GuestConfig, RamLayout  # noqa: E402
+from pymig.guest.base import GuestConfig
+from pymig.guest.layout import GiB, RamLayout
 from pymig.guest.kvm_guest import KvmGuest  # noqa: E402
 
 MiB = 1 << 20

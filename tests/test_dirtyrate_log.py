@@ -20,7 +20,8 @@ from _kvm_helpers import CMD_PAGE, build_writer, make_writer_guest, pages, write
 from _migration_helpers import guests  # noqa: F401 - fixture
 from _migration_helpers import GUEST_KINDS, assert_arrived_and_runs, guest_config, migrate_locally
 from pymig.dirtyrate import DirtyRateConfig, DirtyRateMeasurement
-from pymig.guest.base import MAILBOX_GPA, DirtyLogReader, DirtyLogShare
+from pymig.guest.base import DirtyLogReader, DirtyLogShare
+from pymig.guest.layout import MAILBOX_GPA
 from pymig.guest.workloads import dirtier_pages
 
 MiB = 1 << 20

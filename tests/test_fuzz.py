@@ -27,7 +27,7 @@ from pymig.fuzz import state as state_harness
 from pymig.fuzz import streamload
 from pymig.fuzz.guarded import GUARD_BYTES, Pool
 from pymig.guest import GuestConfig
-from pymig.guest.base import pc_layout
+from pymig.guest.layout import pc_layout
 from pymig.guest.simulated import SimulatedGuest
 from pymig.ram import RamLoader
 from pymig.transport import BytesChannel

@@ -20,7 +20,7 @@ from _migration_helpers import (GUEST_KINDS, assert_consistent, finish, guest_co
 from pymig import stream, transport
 from pymig.errors import MigrationError
 from pymig.guest import GuestConfig, make_config
-from pymig.guest.base import MAX_VCPUS, pc_layout
+from pymig.guest.layout import MAX_VCPUS, pc_layout
 from pymig.incoming import Incoming
 from pymig.limits import DestinationLimits, Host, LimitError, parse_kinds
 from pymig.machine import CONFIG_IDSTR, CONFIG_SECTION_ID, CONFIG_VERSION, Machine

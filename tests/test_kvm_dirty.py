@@ -13,7 +13,7 @@ import pytest
 from _kvm_helpers import CMD_PAGE, build_writer, dirty, make_writer_guest, write_round
 
 from pymig.errors import KvmError
-from pymig.guest.base import GiB
+from pymig.guest.layout import GiB
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 

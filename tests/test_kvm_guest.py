@@ -10,7 +10,8 @@ import pytest
 from _kvm_helpers import kvm_config, wait_for
 
 from pymig.errors import GuestError
-from pymig.guest.base import WORKSET_GPA, Guest, GuestState
+from pymig.guest.base import Guest, GuestState
+from pymig.guest.layout import WORKSET_GPA
 from pymig.guest.kvm_guest import KvmGuest
 from pymig.guest.workloads import resolve
 from pymig.kvm.cpustate import CpuState

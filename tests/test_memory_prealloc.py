@@ -16,7 +16,8 @@ from test_migration_streams import records, saved_stream  # noqa: F401 - a fixtu
 
 from pymig import stream
 from pymig.errors import MigrationError
-from pymig.guest.base import GuestConfig, PreallocatedRam, RamLayout
+from pymig.guest.base import GuestConfig, PreallocatedRam
+from pymig.guest.layout import RamLayout
 from pymig.incoming import Incoming
 
 MiB = 1 << 20

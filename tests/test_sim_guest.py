@@ -22,7 +22,8 @@ from _sim_helpers import (
 )
 from pymig.errors import GuestError
 from pymig.guest import create
-from pymig.guest.base import MAILBOX_GPA, PARAMS_GPA, WORKSET_GPA, Guest, GuestConfig
+from pymig.guest.base import Guest, GuestConfig
+from pymig.guest.layout import MAILBOX_GPA, PARAMS_GPA, WORKSET_GPA
 from pymig.guest.simulated import SimulatedGuest
 from pymig.guest.workloads import (
     compute_share,

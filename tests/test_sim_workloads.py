@@ -7,14 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymig.guest.base import (
+from pymig.guest.base import GuestConfig, GuestState
+from pymig.guest.layout import (
     GUEST_PAGE_SIZE,
     MAILBOX_GPA,
     MAX_VCPUS,
     PARAMS_GPA,
     WORKSET_GPA,
-    GuestConfig,
-    GuestState,
     RamLayout,
     locate,
 )

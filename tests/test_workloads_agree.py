@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pymig.guest import GuestConfig, create
-from pymig.guest.base import PARAMS_GPA, WORKSET_GPA
+from pymig.guest.layout import PARAMS_GPA, WORKSET_GPA
 from pymig.guest.workloads import (
     compute_share,
     dirtier_counts,

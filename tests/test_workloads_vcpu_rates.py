@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymig.guest import GuestConfig, create
-from pymig.guest.base import GUEST_PAGE_SIZE, MAX_VCPUS, PARAMS_GPA
+from pymig.guest.layout import GUEST_PAGE_SIZE, MAX_VCPUS, PARAMS_GPA
 from pymig.guest.workloads import (
     make_workload,
     pacing,
@@ -99,8 +99,12 @@ def test_each_vcpu_runs_at_its_own_rate(kind):
         time.sleep(1.0)
         after, elapsed = read_mailbox(guest, 3), time.monotonic() - start
         rates = [(b.pages_written - a.pages_written) / elapsed for a, b in zip(before, after)]
-        assert 0.8 * 3000 < rates[1] < 1.2 * 3000, rates
-        assert 0.8 * 800 < rates[2] < 1.2 * 800, rates
+        # Never faster than its rate; slower only by what a busy host's scheduler takes
+        # (the unpaced vCPU keeps a CPU to itself, and a paced one gives up catching up on
+        # what it lost beyond MAX_LAG_SECONDS), so the lower bounds leave room for that.
+        assert 0.5 * 3000 < rates[1] < 1.2 * 3000, rates
+        assert 0.5 * 800 < rates[2] < 1.2 * 800, rates
+        assert rates[1] > 2 * rates[2], rates  # each at its own rate
         assert rates[0] > 10 * 3000, rates  # unpaced
     finally:
         guest.pause()

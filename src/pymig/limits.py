@@ -17,7 +17,7 @@ Each limit left at None takes its default, worked out when the stream arrives:
   memfd RAM, the free pages of the hugetlb pool for hugetlb RAM, the RAM itself when it was
   made ready before the stream came (``--mem-prealloc``).  With an exact ``memory_bytes`` the
   operator has said how much, and the host's figure is not consulted.
-* ``max_vcpus``: the VMM's limit, :data:`pymig.guest.base.MAX_VCPUS` for every kind of guest,
+* ``max_vcpus``: the VMM's limit, :data:`pymig.guest.layout.MAX_VCPUS` for every kind of guest,
   and on KVM no more than the host's KVM_CAP_MAX_VCPUS.
 
 ``memory_bytes`` and ``vcpus`` ask for exactly that much (``pymig incoming --memory
@@ -34,7 +34,8 @@ from typing import Iterable
 
 from pymig.errors import MigrationError
 from pymig.guest import GuestConfig, validate_config
-from pymig.guest.base import MAX_VCPUS, PreallocatedRam
+from pymig.guest.base import PreallocatedRam
+from pymig.guest.layout import MAX_VCPUS
 from pymig.units import format_bytes
 
 GUEST_KINDS = ("kvm", "simulated")

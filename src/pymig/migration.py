@@ -274,7 +274,7 @@ class Migration:
         self._thread.start()
 
     def _recover(self, uri: str) -> None:
-        machine, stats = self.machine, self.stats
+        stats = self.stats
         ret = None
         try:
             channel = transport.connect(uri, timeout=10.0)
@@ -287,13 +287,9 @@ class Migration:
             ret = ReturnPath(channel, on_page_request=self.postcopy.page_request)
             writer.write_header()
             postcopy_mod.resume(writer)
-            postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
             if not self._transition(Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
                 raise MigrationError("the recovery was interrupted")
-            ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
-            self.postcopy.run(ram, check=lambda: ret.check_alive())
-            writer.eof()
-            ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+            self._push_the_rest(writer, channel, ret)
             stats.completed(stats.downtime_s, stats.downtime_phases)
             self._transition(Status.POSTCOPY_ACTIVE, Status.COMPLETED)
         except BaseException as exc:  # noqa: BLE001 - paused again, nothing lost
@@ -444,13 +440,18 @@ class Migration:
         started_ns = min(max(ack.vcpu_start_ns, committed_ns), time.time_ns())
         phases.mark("destination", started_ns)
         stats.set_downtime(phases.total_s, phases.seconds)
-        postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
-        ram = SectionOut(writer, machine.registry.find(RAM_IDSTR, 0))
-        self.postcopy.run(ram, check=lambda: ret.check_alive())
-        writer.eof()
-        ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+        self._push_the_rest(writer, channel, ret)
         stats.completed(phases.total_s, phases.seconds)
         self._transition(Status.POSTCOPY_ACTIVE, Status.COMPLETED)
+
+    def _push_the_rest(self, writer: "stream.StreamWriter", channel, ret: "ReturnPath") -> None:
+        """Post-copy with the guest running at the destination: every page still here goes,
+        those it asks for first, then EOF, until the destination says it has them all."""
+        postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
+        ram = SectionOut(writer, self.machine.registry.find(RAM_IDSTR, 0))
+        self.postcopy.run(ram, check=ret.check_alive)
+        writer.eof()
+        ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
 
     def _fail(self, exc: BaseException, *, resume: bool, committed: bool) -> None:
         guest = self.machine.guest

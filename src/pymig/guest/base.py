@@ -16,9 +16,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 import numpy as np
 
 from pymig.disk import MAX_DISK_BYTES, MAX_PATH_CHARS, SECTOR_BYTES
-from pymig.guest.layout import (  # re-exported: the guest layer's basics, named from here
-    GUEST_PAGE_SIZE, HIGH_RAM_BASE, LOW_RAM_LIMIT, MAILBOX_GPA, MAILBOX_RECORD_BYTES, MAX_VCPUS,
-    PARAMS_GPA, WORKSET_GPA, GiB, RamLayout, locate, pc_layout)
+from pymig.guest.layout import GUEST_PAGE_SIZE, RamLayout, locate, pc_layout
 from pymig.guest.loader import check_image_params
 from pymig.guest.workloads import DEFAULTS, parse_params
 from pymig.memory import RamBlock, not_enough_memory

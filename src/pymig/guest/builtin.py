@@ -21,7 +21,8 @@ from __future__ import annotations
 from importlib import resources
 
 from pymig.guest import loader
-from pymig.guest.base import MAX_VCPUS, PARAMS_GPA, GuestConfig
+from pymig.guest.base import GuestConfig
+from pymig.guest.layout import MAX_VCPUS, PARAMS_GPA
 from pymig.guest.workloads import Workload, pack_params, resolve
 from pymig.kvm.cpustate import SpecialRegisters
 

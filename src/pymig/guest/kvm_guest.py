@@ -41,16 +41,14 @@ from pymig.guest.base import (
     DirtyRateMeter,
     GuestConfig,
     GuestState,
-    MAILBOX_GPA,
-    MAILBOX_RECORD_BYTES,
     PreallocatedRam,
     StateShape,
     allocate_ram,
     check_dirty_limit,
     check_vcpu_index,
-    locate,
     write_phys,
 )
+from pymig.guest.layout import MAILBOX_GPA, MAILBOX_RECORD_BYTES, locate
 from pymig.guest.config import validate_config
 from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
                                    write_fill)

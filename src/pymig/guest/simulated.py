@@ -44,7 +44,6 @@ import numpy as np
 from pymig._core.simguest import CPU_FIELDS, Writers
 from pymig.errors import GuestError, StateError
 from pymig.guest.base import (
-    PARAMS_GPA,
     Console,
     DirtyLogReader,
     DirtyLogShare,
@@ -59,6 +58,7 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
+from pymig.guest.layout import PARAMS_GPA
 from pymig.guest.workloads import (KVM_ONLY, Workload, pack_params, progress_from_mailbox,
                                    resolve, write_fill)
 from pymig.memory import Backing, RamBlock
