@@ -273,3 +273,18 @@ class RegistryMachine(RuleBasedStateMachine):
 
 
 TestRegistryMachine = RegistryMachine.TestCase
+
+
+def test_state_goes_in_and_out_as_values_and_the_entry_is_untouched():
+    # The machine registers its vCPU and device entries without an object: each save takes
+    # the object to encode, each load returns a new one, and the entry stays as registered.
+    reg = SaveStateRegistry()
+    vmsd = VMStateDescription("serial", 2, 1, [Field.u8("lcr"), Field.u8("ier")],
+                              factory=Serial)
+    entry = reg.register_vmstate("com1", 0, vmsd, None)
+    first, second = entry.save_state(Serial(lcr=3)), entry.save_state(Serial(ier=1))
+    loaded = entry.load_state(first, entry.version_id)
+    assert loaded == Serial(lcr=3) and entry.load_state(second, 2) == Serial(ier=1)
+    assert entry.opaque is None
+    into = Serial()
+    assert entry.load_state(first, 2, into=into) is into and into == Serial(lcr=3)

@@ -245,11 +245,7 @@ class Machine:
                 log.debug("state save rehearsal of %s stopped: %s", entry.name, exc)
 
     def _encode_state(self, entry: SaveStateEntry, state: GuestState) -> bytes:
-        entry.opaque = self.specs[entry.section_id].get(state)
-        try:
-            return entry.save_state()
-        finally:
-            entry.opaque = None
+        return entry.save_state(self.specs[entry.section_id].get(state))
 
     # -- destination -------------------------------------------------------------------------
     def load_stream(self, reader: "stream.StreamReader",
@@ -405,12 +401,7 @@ class Machine:
     def _decode_state(self, entry: SaveStateEntry, payload, version: int,
                       state: GuestState) -> None:
         spec = self.specs[entry.section_id]
-        entry.opaque = spec.vmsd.factory() if spec.vmsd.factory else {}
-        try:
-            entry.load_state(payload, version, spec.shape)
-            spec.put(state, entry.opaque)
-        finally:
-            entry.opaque = None
+        spec.put(state, entry.load_state(payload, version, spec.shape))
 
     def rehearse_state_load(self) -> None:
         """Put this new, paused guest's own vCPU and device state through a save, an encoding,

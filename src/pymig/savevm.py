@@ -125,16 +125,24 @@ class SaveStateEntry:
                 f"{minimum}..{self.version_id}",
                 entry=self.idstr, versions=(version_id, minimum, self.version_id))
 
-    def save_state(self) -> bytes:
-        """The encoded state of a state entry's object."""
-        return self._with_entry_name(vmstate.save, self._description(), self.opaque)
+    def save_state(self, obj: Any = None) -> bytes:
+        """``obj`` encoded as the entry's description says (None: the object registered
+        with the entry).  The entry itself is not touched, so saves may run at once."""
+        return self._with_entry_name(vmstate.save, self._description(),
+                                     self.opaque if obj is None else obj)
 
     def load_state(self, data: bytes | bytearray | memoryview, version_id: int,
-                   shape: Any = None) -> None:
-        """Load a state entry's object from ``data`` written at ``version_id``, its fields
-        bounded for the guest ``shape`` describes (see :class:`pymig.vmstate.Bound`)."""
-        self._with_entry_name(vmstate.load, self._description(), self.opaque, data, version_id,
-                              shape)
+                   shape: Any = None, into: Any = None) -> Any:
+        """The object ``data`` (written at ``version_id``) describes, its fields bounded for
+        the guest ``shape`` describes (see :class:`pymig.vmstate.Bound`): loaded into
+        ``into``, else into the object registered with the entry, else into a new one from
+        the description's factory; returned.  The entry itself is not touched."""
+        vmsd = self._description()
+        target = into if into is not None else self.opaque
+        if target is None:
+            target = vmsd.factory() if vmsd.factory else {}
+        self._with_entry_name(vmstate.load, vmsd, target, data, version_id, shape)
+        return target
 
     def _description(self) -> VMStateDescription:
         if self.vmsd is None:
