@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymig.guest.base import Console, Guest, GuestConfig
+from pymig.guest.base import Console, Guest, GuestConfig, GuestStatus
 from pymig.guest.config import make_config, validate_config
 from pymig.guest.layout import RamLayout, pc_layout
 
-__all__ = ["Console", "Guest", "GuestConfig", "RamLayout", "create", "make_config", "pc_layout",
-           "validate_config"]
+__all__ = ["Console", "Guest", "GuestConfig", "GuestStatus", "RamLayout", "create", "make_config",
+           "pc_layout", "validate_config"]
 
 
 def create(config: GuestConfig, **options: Any) -> Guest:

@@ -7,6 +7,7 @@ only through :class:`Guest`, so the same code paths run on a machine without /de
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import math
 import threading
@@ -644,6 +645,18 @@ def check_dirty_limit(pages_per_s: Any) -> float | None:
     return limit
 
 
+
+class GuestStatus(enum.StrEnum):
+    """A guest's run state, the same for every kind of guest (equal to its name as text)."""
+
+    CREATED = "created"  # built, paused, never started
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # its workload ended (or it powered off)
+    ERROR = "error"  # it stopped in a state it cannot go on from
+    CLOSED = "closed"  # released: nothing of it runs or is mapped any more
+
+
 @runtime_checkable
 class Guest(Protocol):
     """A running guest as migration sees it.  ``KvmGuest`` and ``SimulatedGuest`` implement it.
@@ -684,8 +697,8 @@ class Guest(Protocol):
     console: Console
 
     @property
-    def status(self) -> str:
-        """``created`` | ``running`` | ``paused`` | ``shutdown`` | ``error``."""
+    def status(self) -> GuestStatus:
+        """Where the guest is in its life (:class:`GuestStatus`)."""
 
     def start(self) -> None: ...
     def pause(self) -> None:

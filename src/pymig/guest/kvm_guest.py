@@ -41,6 +41,7 @@ from pymig.guest.base import (
     DirtyRateMeter,
     GuestConfig,
     GuestState,
+    GuestStatus,
     PreallocatedRam,
     StateShape,
     allocate_ram,
@@ -79,7 +80,7 @@ class KvmGuest:
         self.runtime = runtime
         self.kvm = kvm
         self._owns_kvm = owns_kvm
-        self._status = "created"
+        self._status = GuestStatus.CREATED
         self._lock = threading.Lock()
         self._dirty_log = False  # start_dirty_log() is in force (a limit may log on its own)
         self._tracking = False  # the slots are logging, for any reason
@@ -187,11 +188,11 @@ class KvmGuest:
     # --- run control ---------------------------------------------------------------------------
 
     @property
-    def status(self) -> str:
+    def status(self) -> GuestStatus:
         if self.runtime.error is not None:
-            return "error"
+            return GuestStatus.ERROR
         if self.runtime.stop_reason is not None:
-            return "shutdown"
+            return GuestStatus.SHUTDOWN
         return self._status
 
     @property
@@ -207,30 +208,30 @@ class KvmGuest:
     def start(self) -> None:
         """Run a freshly created guest."""
         with self._lock:
-            if self.status != "created":
+            if self.status != GuestStatus.CREATED:
                 raise GuestError(f"start() needs a created guest; this one is {self.status}")
             self.runtime.resume()
-            self._status = "running"
+            self._status = GuestStatus.RUNNING
 
     def pause(self) -> None:
         """Return once every vCPU is out of guest mode (a no-op unless running)."""
         with self._lock:
-            if self._status != "running":
+            if self._status != GuestStatus.RUNNING:
                 return
             self.pause_latencies.append(self.runtime.pause())
-            self._status = "paused"
+            self._status = GuestStatus.PAUSED
         self.runtime.raise_if_failed()
 
     def resume(self) -> None:
         """Continue a paused guest, or run a destination after load_state()."""
         with self._lock:
-            if self.status not in ("paused", "created"):
-                if self.status == "running":
+            if self.status not in (GuestStatus.PAUSED, GuestStatus.CREATED):
+                if self.status == GuestStatus.RUNNING:
                     return
                 self.runtime.raise_if_failed()
                 raise GuestError(f"cannot resume a guest that is {self.status}")
             self.runtime.resume()
-            self._status = "running"
+            self._status = GuestStatus.RUNNING
 
     def wait(self, timeout: float | None = None) -> str:
         """Wait until the guest stops by itself (power off, reset, error) or ``timeout``
@@ -248,7 +249,7 @@ class KvmGuest:
                 disk.close()
             if self._owns_kvm:
                 self.kvm.close()
-            self._status = "closed"
+            self._status = GuestStatus.CLOSED
 
     def __enter__(self) -> "KvmGuest":
         return self
@@ -326,14 +327,14 @@ class KvmGuest:
     def _reader_close(self, reader: DirtyLogReader) -> None:
         with self._lock, self._share.lock:
             self._share.remove(reader)
-            if self._status != "closed":
+            if self._status != GuestStatus.CLOSED:
                 self._update_tracking()
 
     # --- state -----------------------------------------------------------------------------------
 
     def save_state(self) -> GuestState:
         """vCPUs and devices of a guest that is not running."""
-        if self.status == "running":
+        if self.status == GuestStatus.RUNNING:
             raise GuestError("save_state() needs a paused guest")
         cpus = [cpustate.capture(v) for v in self.runtime.vcpus]
         devices = {name: dataclasses.replace(s) for name, s in self.runtime.ports.save().items()}
@@ -341,7 +342,7 @@ class KvmGuest:
 
     def load_state(self, state: GuestState) -> None:
         """Put a saved guest's vCPUs and devices into this (not running) guest."""
-        if self.status == "running":
+        if self.status == GuestStatus.RUNNING:
             raise GuestError("load_state() needs a paused guest")
         if len(state.cpus) != len(self.runtime.vcpus):
             raise GuestError(f"state has {len(state.cpus)} vCPUs, this guest "
@@ -424,7 +425,7 @@ class KvmGuest:
             return self.runtime.dirty_counts()
 
     def _check_open(self) -> None:
-        if self._status == "closed":
+        if self._status == GuestStatus.CLOSED:
             raise GuestError("the guest is closed")
 
     def progress(self) -> dict[str, int]:

@@ -50,6 +50,7 @@ from pymig.guest.base import (
     DirtyRateMeter,
     GuestConfig,
     GuestState,
+    GuestStatus,
     PreallocatedRam,
     StateShape,
     StateSpec,
@@ -143,7 +144,7 @@ class SimulatedGuest:
         self.console = Console()
         self.incoming = incoming
         self._writers = writers
-        self._status = "created"
+        self._status = GuestStatus.CREATED
         self._has_state = not incoming
         self._logging = False  # the migration's log (start_dirty_log)
         self._writers_logging = False  # the writers log: for the migration or a reader
@@ -193,13 +194,13 @@ class SimulatedGuest:
     # --- lifecycle ---------------------------------------------------------------------------
 
     @property
-    def status(self) -> str:
+    def status(self) -> GuestStatus:
         return self._status
 
     def start(self) -> None:
         """Run the workload from its start (a source) or from the loaded state (a destination)."""
         with self._lock:
-            if self._status != "created":
+            if self._status != GuestStatus.CREATED:
                 raise GuestError(f"start() needs a created guest; this one is {self._status}")
             if not self.incoming:
                 self.console.write(f"pymig simulated guest: {self.vcpu_count} vCPU(s), workload "
@@ -209,9 +210,9 @@ class SimulatedGuest:
     def resume(self) -> None:
         """Continue a paused guest, or run a created one (a destination after load_state)."""
         with self._lock:
-            if self._status == "running":
+            if self._status == GuestStatus.RUNNING:
                 return
-            if self._status not in ("created", "paused"):
+            if self._status not in (GuestStatus.CREATED, GuestStatus.PAUSED):
                 raise GuestError(f"cannot resume a guest that is {self._status}")
             self._run()
 
@@ -220,15 +221,15 @@ class SimulatedGuest:
             raise GuestError("an incoming guest runs only after load_state() gave it its vCPU "
                              "state")
         self._writers.run()
-        self._status = "running"
+        self._status = GuestStatus.RUNNING
 
     def pause(self) -> None:
         """Return once every writer is stopped between two page writes (within one batch)."""
         with self._lock:
-            if self._status == "running":
+            if self._status == GuestStatus.RUNNING:
                 self._writers.pause()
-                self._status = "paused"
-            elif self._status == "shutdown":
+                self._status = GuestStatus.PAUSED
+            elif self._status == GuestStatus.SHUTDOWN:
                 raise GuestError("the guest is shut down")
 
     def close(self) -> None:
@@ -238,11 +239,11 @@ class SimulatedGuest:
         stays mapped until the last such view is gone; the guest is shut down either way.
         """
         with self._lock:
-            if self._status == "shutdown":
+            if self._status == GuestStatus.SHUTDOWN:
                 return
             self._writers.close()
             self._dirty_limits.clear()  # limits die with the writers
-            self._status = "shutdown"
+            self._status = GuestStatus.SHUTDOWN
             for block in self.ram_blocks:
                 try:
                     block.close()
@@ -256,7 +257,7 @@ class SimulatedGuest:
         self.close()
 
     def _check_open(self) -> None:
-        if self._status == "shutdown":
+        if self._status == GuestStatus.SHUTDOWN:
             raise GuestError("the guest is shut down")
 
     # --- dirty log ---------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class SimulatedGuest:
         with self._lock:
             with self._share.lock:
                 self._share.remove(reader)
-                if self._status != "shutdown":
+                if self._status != GuestStatus.SHUTDOWN:
                     self._update_logging()
 
     def clear_dirty(self, block_index: int, start_page: int, npages: int) -> None:
@@ -352,7 +353,7 @@ class SimulatedGuest:
     def save_state(self) -> GuestState:
         """Every writer's state; the guest must be stopped (created or paused)."""
         with self._lock:
-            if self._status not in ("created", "paused"):
+            if self._status not in (GuestStatus.CREATED, GuestStatus.PAUSED):
                 raise GuestError(f"save_state() needs a stopped guest; this one is "
                                  f"{self._status}")
             if not self._has_state:
@@ -366,7 +367,7 @@ class SimulatedGuest:
     def load_state(self, state: GuestState) -> None:
         """Give every writer the state a source saved; the guest must be stopped."""
         with self._lock:
-            if self._status not in ("created", "paused"):
+            if self._status not in (GuestStatus.CREATED, GuestStatus.PAUSED):
                 raise GuestError(f"load_state() needs a stopped guest; this one is "
                                  f"{self._status}")
             if len(state.cpus) != self.vcpu_count:
