@@ -35,7 +35,8 @@ CHUNK = 64 * 1024
 
 @dataclass
 class Trigger:
-    """Where the fault goes: ``kind`` forward | return-type | return-record | forward-record;
+    """Where the fault goes: ``kind`` accept | forward | return-type | return-record |
+    forward-record (``accept``: the connection made, no byte through yet);
     ``skip``: forward bytes to let pass first; ``value``: the message type, or the TLS
     record's length; ``after``: fire once the matched bytes were forwarded (a point *after*
     a message, such as after COMMIT) instead of while holding them."""
@@ -51,10 +52,11 @@ class FaultProxy:
     unix socket path), with at most one armed trigger at a time."""
 
     def __init__(self, listen: str | tuple[str, int], upstream: str | tuple[str, int], *,
-                 tls: bool = False, rng=None):
+                 tls: bool = False, return_path: bool = True, rng=None):
         family = socket.AF_UNIX if isinstance(listen, str) else socket.AF_INET
         self.upstream = upstream
         self.tls = tls
+        self.return_path = return_path  # whether the return direction is in messages
         self.rng = rng
         self._server = socket.socket(family, socket.SOCK_STREAM)
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,6 +118,9 @@ class FaultProxy:
             server.close()
             return
         self.connected.set()
+        with self._lock:
+            if self._trigger is not None and self._trigger.kind == "accept":
+                self._apply(self._fire("accept"), None, None)
         for direction, src, dst in (("forward", client, server), ("return", server, client)):
             t = threading.Thread(target=self._pump, args=(direction, src, dst),
                                  name=f"fault-proxy-{direction}", daemon=True)
@@ -123,7 +128,7 @@ class FaultProxy:
             t.start()
 
     def _pump(self, direction: str, src: socket.socket, dst: socket.socket) -> None:
-        framed = direction == "return" or self.tls
+        framed = (direction == "return" and self.return_path) or self.tls
         pending = b""
         while True:
             if self._stalled.is_set():
@@ -271,6 +276,9 @@ class FaultProxy:
         if isinstance(self.address, str):
             _quiet(os.unlink, self.address)
         for sock in self._sockets:
+            # shutdown first: a pump blocked in recv holds the socket open past close(),
+            # and the peer would never see the end
+            _quiet(sock.shutdown, socket.SHUT_RDWR)
             _quiet(sock.close)
         for t in self._threads:
             t.join(5)

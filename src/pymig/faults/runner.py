@@ -130,6 +130,19 @@ def source_status(info: dict) -> str:
     return status
 
 
+def phase_hit(status: str, what: str = "") -> str:
+    """The phase a fault hit, from the source's status at that moment and where the proxy
+    stood: in ``device``, the destination's LOADED held back is ``loaded``, its ACK
+    ``committed``."""
+    if status == "device":
+        if what in (f"return message {LOADED}", f"return record of {TLS_LOADED_RECORD}"):
+            return "loaded"
+        if what in (f"return message {ACK}", f"return record of {TLS_ACK_RECORD}"):
+            return "committed"
+        return "stop-and-copy"
+    return {"active": "live"}.get(status, status)
+
+
 def _counts(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
@@ -383,7 +396,8 @@ class SocketTrial(_Trial):
                 src.cmd("migrate-set-parameters", **{"tls-hostname": "not.this.host"})
             src.cmd("migrate-set-capabilities", capabilities=[
                 {"capability": "pause-before-switchover", "state": True}])
-            src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth})
+            src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth,
+                                                   "compression": "none"})
             baseline = _settled_counts(src.proc.pid, None)
             self.drive(src, dst, proxy)
             self.settle(src, dst, proxy)
@@ -404,7 +418,8 @@ class SocketTrial(_Trial):
                 if time.monotonic() > deadline:
                     raise TimeoutError("the destination's relay did not listen")
                 time.sleep(0.01)
-            proxy = FaultProxy(os.path.join(self.dir, "proxy"), relay, rng=self.rng)
+            proxy = FaultProxy(os.path.join(self.dir, "proxy"), relay, return_path=False,
+                               rng=self.rng)
             self.uri = (f"exec:{sys.executable} -m pymig.faults.relay send "
                         f"{os.path.join(self.dir, 'proxy')}")
         elif r.transport == "unix":
@@ -425,7 +440,8 @@ class SocketTrial(_Trial):
         """The proxy's callback, run while it holds the bytes: record the phase hit, then
         kill a process or return the fault for the proxy to apply."""
         info = src.try_cmd("query-migrate")
-        self.r.hit = self.r.hit or (source_status(info) if info is not None else "dead")
+        self.r.hit = self.r.hit or phase_hit(source_status(info) if info is not None else
+                                             "dead", what)
         self.r.detail = (self.r.detail + " " if self.r.detail else "") + f"at {what}"
         fault = self.r.fault
         if fault == "kill-src":
@@ -443,7 +459,8 @@ class SocketTrial(_Trial):
         phase, tls = r.phase, r.transport == "tls"
         callback = lambda what: self.inject(src, dst, what)  # noqa: E731
         if phase == "setup":
-            proxy.arm(Trigger("forward", skip=self.rng.randrange(0, 2048)), callback)
+            # the connection accepted (for TLS, before the handshake), or its first bytes
+            proxy.arm(Trigger("accept"), callback)
         src.cmd("migrate", uri=self.uri)
         if phase == "live":
             if self.wait_status(src, ("active",), 30) == "active":
@@ -592,41 +609,51 @@ class FileTrial(_Trial):
         src = self.spawn("src", self.c.source_argv(r.kind))
         try:
             src.connect()
-            src.cmd("migrate-set-capabilities", capabilities=[
-                {"capability": "pause-before-switchover", "state": True}])
-            src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth})
+            src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth,
+                                                   "compression": "none"})
             baseline = _settled_counts(src.proc.pid, None)
             if fault == "enospc":
+                # the free space is set from this guest's own snapshot size, taken first
+                size = self.calibrate(src, directory)
                 _fill(filler, directory, self.rng.randrange(0, 4096) if phase == "setup"
-                      else self.rng.randrange(64 << 10, 1 << 20) if phase == "live" else
-                      16 << 20)
+                      else self.rng.randrange(8192, max(size // 2, 8193)) if phase == "live"
+                      else 16 << 20)
+            src.cmd("migrate-set-capabilities", capabilities=[
+                {"capability": "pause-before-switchover", "state": True}])
             src.cmd("migrate", uri=f"file:{path}")
             status = self.wait_status(src, ("active",), 30)
             first_active = _written(directory)
             if fault == "kill-src" and phase in ("setup", "live"):
                 if phase == "live":
-                    time.sleep(self.rng.uniform(0, 0.05))
-                r.hit = source_status(src.try_cmd("query-migrate") or {}) or status
+                    time.sleep(self.rng.uniform(0, 0.01))
+                r.hit = phase_hit(source_status(src.try_cmd("query-migrate") or {}) or status)
                 src.kill()
             status = self.wait_status(src, ("pre-switchover",), 30)
-            if not r.hit:
-                r.hit = status
+            if fault == "enospc" and status in ("failed", "cancelled"):
+                r.hit = "live" if first_active else "setup"
+            elif not r.hit:
+                r.hit = phase_hit(status)
             at_pause = _written(directory)
             if status == "pre-switchover":
                 if fault == "kill-src" and phase == "pre-switchover":
                     src.kill()
                 if fault == "enospc" and phase == "stop-and-copy":
-                    # what is left to write is small now: leave a random part of it room
-                    _fill(filler, directory, self.rng.randrange(0, 64 << 10))
+                    # what is left to write is small now: room for a random part of a page
+                    _fill(filler, directory, self.rng.randrange(0, 4096))
+                    r.hit = "stop-and-copy"
                 src.try_cmd("migrate-continue", state="pre-switchover")
                 if fault == "kill-src" and phase == "stop-and-copy":
-                    r.hit = self.wait_status(src, ("device",), 5)
+                    r.hit = phase_hit(self.wait_status(src, ("device",), 5))
                     src.kill()
             final = self.wait_status(src, (), 60)
             info = src.try_cmd("query-migrate") or {}
             r.detail = (f"written at first active {first_active}, at pre-switchover "
                         f"{at_pause}; {final} {info.get('error-desc', '')}").strip()
             complete = final == "completed"
+            if fault == "enospc" and r.hit == "pre-switchover" and not complete:
+                r.hit = "stop-and-copy"  # it failed once continued
+            if not r.outcome:
+                r.outcome = "source" if not src.killed else "none"
             if os.path.exists(filler):
                 os.unlink(filler)
             if fault == "enospc" and complete:
@@ -672,6 +699,16 @@ class FileTrial(_Trial):
             self.end()
             for leftover in os.listdir(directory) if fault == "enospc" else ():
                 os.unlink(os.path.join(directory, leftover))
+
+    def calibrate(self, src: Proc, directory: str) -> int:
+        """The size of a snapshot of this source now (removed again)."""
+        path = os.path.join(directory, "calibration.pymig")
+        src.cmd("migrate", uri=f"file:{path}")
+        if self.wait_status(src, (), 60) != "completed":
+            raise RuntimeError("the calibration snapshot failed")
+        size = os.path.getsize(path)
+        os.unlink(path)
+        return size
 
     def restore(self, path: str, whole: bool) -> None:
         r = self.r
