@@ -615,9 +615,12 @@ class FileTrial(_Trial):
             if fault == "enospc":
                 # the free space is set from this guest's own snapshot size, taken first
                 size = self.calibrate(src, directory)
-                _fill(filler, directory, self.rng.randrange(0, 4096) if phase == "setup"
-                      else self.rng.randrange(8192, max(size // 2, 8193)) if phase == "live"
-                      else 16 << 20)
+                # tmpfs counts whole pages: none free fails the stream's first write (its
+                # header, in setup); one or more lets the header, the configuration and the
+                # RAM section's start (under 1 KiB) through, and fails in the RAM pages
+                free = 0 if phase == "setup" else self.rng.randrange(
+                    4096, max(size // 2, 4097)) if phase == "live" else 16 << 20
+                _fill(filler, directory, free)
             src.cmd("migrate-set-capabilities", capabilities=[
                 {"capability": "pause-before-switchover", "state": True}])
             src.cmd("migrate", uri=f"file:{path}")
@@ -630,7 +633,7 @@ class FileTrial(_Trial):
                 src.kill()
             status = self.wait_status(src, ("pre-switchover",), 30)
             if fault == "enospc" and status in ("failed", "cancelled"):
-                r.hit = "live" if first_active else "setup"
+                r.hit = "setup" if free < 4096 else "live"
             elif not r.hit:
                 r.hit = phase_hit(status)
             at_pause = _written(directory)
