@@ -24,7 +24,9 @@ run state it had before the migration (running if it ran, paused if it was stopp
 only a guest that was running is started again) with its memory intact, dirty logging off, the
 throttle lifted and the channel closed; so does a ``file:`` snapshot's source, unless asked to
 stop.  After the commit the guest belongs to the destination: the source stays paused even if
-the final acknowledgement is lost, so a guest never runs in two places.
+the final acknowledgement is lost, so a guest never runs in two places; only a destination that
+answers the commit with LOAD_ERROR (which it sends before its guest runs, and never after)
+gives the guest back to the source.
 """
 
 from __future__ import annotations
@@ -540,8 +542,10 @@ class Migration:
                     exc = MigrationError(f"destination failed: {reason}")
             elif not self._committed and (ret is None or ret.error is None):
                 self._tell_destination(writer, ret, exc)
-            self._fail(exc, resume=paused_by_us and not self._committed,
-                       committed=self._committed)
+            # A destination that answered COMMIT with LOAD_ERROR never ran its guest (it says
+            # so only before it runs, and discards it): the guest can only run here.
+            committed = self._committed and not (ret is not None and ret.refused())
+            self._fail(exc, resume=paused_by_us and not committed, committed=committed)
         finally:
             # Each step on its own: a guest closed under a running migration (its process
             # quitting) must not keep the others from releasing what they hold.
@@ -924,6 +928,11 @@ class ReturnPath:
                     self.error = message.text
                 self._messages[type(message)] = message
                 self._cond.notify_all()
+
+    def refused(self) -> bool:
+        """Whether the destination said it failed (LOAD_ERROR) and never acknowledged."""
+        with self._cond:
+            return stream.LoadError in self._messages and stream.Ack not in self._messages
 
     def caught_up(self, offset: int) -> bool:
         """Whether the destination said it loaded the stream up to ``offset`` or beyond."""

@@ -124,8 +124,8 @@ class FaultProxy:
         for direction, src, dst in (("forward", client, server), ("return", server, client)):
             t = threading.Thread(target=self._pump, args=(direction, src, dst),
                                  name=f"fault-proxy-{direction}", daemon=True)
-            self._threads.append(t)
             t.start()
+            self._threads.append(t)
 
     def _pump(self, direction: str, src: socket.socket, dst: socket.socket) -> None:
         framed = (direction == "return" and self.return_path) or self.tls
