@@ -147,6 +147,24 @@ def _counts(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
+def _describe(pid: int) -> str:
+    """What a process's descriptors point at and its threads' names, for a report."""
+    fds = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            fds.append(f"{fd}:{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            pass
+    threads = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as handle:
+                threads.append(handle.read().strip())
+        except OSError:
+            pass
+    return f"fds {' '.join(fds)}; threads {' '.join(sorted(threads))}"
+
+
 def _settled_counts(pid: int, want: tuple[int, int] | None, timeout: float = 10.0):
     """Descriptor and thread counts once a migration's threads and descriptors are gone (they
     go a moment after it reports): the lowest seen until they match ``want`` or ``timeout``."""
@@ -590,7 +608,8 @@ class SocketTrial(_Trial):
         if src.alive and src.killed is False:
             counts = _settled_counts(src.proc.pid, baseline)
             if counts != baseline:
-                r.problems.append(f"src: descriptors/threads {baseline} -> {counts}")
+                r.problems.append(f"src: descriptors/threads {baseline} -> {counts} "
+                                  f"({_describe(src.proc.pid)})")
             self.check_files(src)
         if dst_runs:
             key = (r.transport, r.kind)
@@ -848,12 +867,13 @@ def parse_id(text: str) -> tuple[str, str, str, str, int]:
 
 
 def summary(results: list[dict]) -> str:
-    """A table: trials and correct ones per fault × phase, a column per transport."""
+    """A table: trials and correct ones per fault × the phase really hit (the phase aimed at
+    where none was recorded), a column per transport."""
     cells: dict[tuple[str, str], dict[str, list[int]]] = {}
     transports = sorted({r["transport"] for r in results}, key=lambda t: (
         TRANSPORTS.index(t) if t in TRANSPORTS else 99))
     for r in results:
-        cell = cells.setdefault((r["fault"], r["phase"]), {})
+        cell = cells.setdefault((r["fault"], r.get("hit") or r["phase"]), {})
         counts = cell.setdefault(r["transport"], [0, 0])
         counts[0] += 1
         counts[1] += bool(r["correct"])
@@ -868,7 +888,8 @@ def summary(results: list[dict]) -> str:
             f"{row[t][1]}/{row[t][0]}" if t in row else "" for t in transports) + " |")
     total = len(results)
     good = sum(bool(r["correct"]) for r in results)
-    lines.append(f"\n{good}/{total} trials correct")
+    on_target = sum((r.get("hit") or r["phase"]) == r["phase"] for r in results)
+    lines.append(f"\n{good}/{total} trials correct; {on_target} hit the phase aimed at")
     return "\n".join(lines)
 
 
@@ -896,6 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k for k in kinds if k != "kvm") or ("simulated",)
     trials = [parse_id(t) for t in args.replay] if args.replay else \
         plan(args.trials, args.seed, tuple(args.transport or TRANSPORTS), kinds)
+    # SIGTERM ends the campaign through its cleanup (the tmpfs unmounted, processes ended)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     root = tempfile.mkdtemp(prefix="pymig-faults-", dir=args.dir)
     campaign = Campaign(root, say=lambda t: print(t, file=sys.stderr, flush=True))
     results = []
