@@ -147,6 +147,16 @@ def _counts(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
+def _fd_links(pid: int) -> list[str]:
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return links
+
+
 def _describe(pid: int) -> str:
     """What a process's descriptors point at and its threads' names, for a report."""
     fds = []
@@ -740,6 +750,12 @@ class FileTrial(_Trial):
             raise RuntimeError("the calibration snapshot failed")
         size = os.path.getsize(path)
         os.unlink(path)
+        # its space comes back only once the source closed it, a moment after it reports:
+        # the free space set after that must stay as set
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                directory in link for link in _fd_links(src.proc.pid)):
+            time.sleep(0.01)
         return size
 
     def restore(self, path: str, whole: bool) -> None:
