@@ -691,7 +691,8 @@ class FileTrial(_Trial):
             info = src.try_cmd("query-migrate") or {}
             r.detail = (f"written at first active {first_active}, at pre-switchover "
                         f"{at_pause}; {final} {info.get('error-desc', '')}").strip()
-            complete = final == "completed"
+            # (a snapshot can be done before the kill reaches it: then it is whole)
+            complete = final == "completed" or r.hit == "completed"
             if fault == "enospc" and r.hit == "pre-switchover" and not complete:
                 r.hit = "stop-and-copy"  # it failed once continued
             if not r.outcome:
@@ -732,7 +733,7 @@ class FileTrial(_Trial):
                 temps = [n for n in temps if not n.endswith((".log", ".sock"))]
                 if temps:
                     r.problems.append(f"src: left beside the snapshot: {temps}")
-            elif os.path.exists(path):
+            elif os.path.exists(path) and not complete:
                 r.problems.append("a source killed mid-snapshot left a snapshot in place")
             self.restore(path, whole=complete)
             if not src.killed and r.source == "running":
