@@ -351,6 +351,17 @@ class _Trial:
             time.sleep(0.005)
         return status
 
+    def running_counts(self, proc: Proc) -> tuple[int, int]:
+        """A source's descriptors and threads once its guest runs: the control socket comes
+        before the guest starts, and KVM starts a thread of its own (the NX huge page
+        recovery worker) with the first vCPU run."""
+        deadline = time.monotonic() + 30
+        while proc.cmd("query-guest")["progress"]["passes"] < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {proc.name} guest made no pass in 30 s")
+            time.sleep(0.02)
+        return _settled_counts(proc.proc.pid, None)
+
     def guest_state(self, proc: Proc) -> str:
         if not proc.alive:
             return "dead" if proc.killed else f"exited {proc.proc.returncode}"
@@ -426,7 +437,7 @@ class SocketTrial(_Trial):
                 {"capability": "pause-before-switchover", "state": True}])
             src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth,
                                                    "compression": "none"})
-            baseline = _settled_counts(src.proc.pid, None)
+            baseline = self.running_counts(src)
             self.drive(src, dst, proxy)
             self.settle(src, dst, proxy)
             self.judge(src, dst, baseline)
@@ -650,7 +661,7 @@ class FileTrial(_Trial):
             src.connect()
             src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth,
                                                    "compression": "none"})
-            baseline = _settled_counts(src.proc.pid, None)
+            baseline = self.running_counts(src)
             if fault == "enospc":
                 # the free space is set from this guest's own snapshot size, taken first
                 size = self.calibrate(src, directory)
