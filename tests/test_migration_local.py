@@ -396,6 +396,27 @@ def test_a_destination_that_fails_after_commit_leaves_the_guest_running_at_the_s
         assert_consistent(source)
 
 
+def test_peer_closed_sees_the_end_waiting_in_the_receive_queue():
+    # What the source looks at between LOADED and COMMIT: a destination that died as it said
+    # LOADED has its connection's end queued here, behind what the return path thread read.
+    import socket
+
+    from pymig.migration import peer_closed
+    from pymig.transport import SocketChannel
+
+    ours, theirs = socket.socketpair()
+    channel = SocketChannel(ours, "test")
+    assert not peer_closed(channel)  # open, nothing waiting
+    theirs.sendall(b"x")
+    assert not peer_closed(channel)  # data first: not the end yet
+    assert ours.recv(1) == b"x"
+    theirs.close()
+    assert peer_closed(channel)  # the end, waiting
+    assert peer_closed(channel)  # and it stays
+    channel.close()
+    assert not peer_closed(object())  # no socket (a pipe, a file): nothing to tell
+
+
 def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
         tmp_path, guests, monkeypatch):
     # A destination that builds its guest only once the source has decided: its READY comes

@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import socket
 import threading
 import time
 from typing import Callable
@@ -508,6 +509,12 @@ class Migration:
                 phases.mark("send")
                 ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=self._check)
                 self._check(ret)
+                if peer_closed(channel):
+                    # LOADED came with the connection's end right behind it (a destination
+                    # that died as it said LOADED): a COMMIT now would reach no one, and the
+                    # guest would stay paused here for want of an ACK
+                    raise MigrationError("the destination closed the connection before the "
+                                         "commit")
                 self._commit()
                 committed_ns = time.time_ns()
                 stream.ReturnPathWriter(channel).commit()
@@ -654,6 +661,21 @@ class Migration:
             for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING):
                 if self._transition(state, Status.FAILED):
                     break
+
+
+def peer_closed(channel) -> bool:
+    """Whether the end of ``channel``'s connection is already waiting in its receive queue
+    (a FIN or a reset the return path's thread may not have read yet); False for a channel
+    without a socket, or with data still to read before the end."""
+    sock = getattr(channel, "sock", None)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 ACK_TIMEOUT_S = 60.0
