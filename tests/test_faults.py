@@ -7,8 +7,6 @@ import os
 import random
 import socket
 import struct
-import threading
-import time
 
 import pytest
 

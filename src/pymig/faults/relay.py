@@ -2,7 +2,7 @@
 
 ::
 
-    source ─exec: stdin─► relay send PATH ──unix──► proxy ──unix──► relay recv PATH ─stdout─► destination
+    source ─exec: stdin─► relay send PATH ─unix─► proxy ─unix─► relay recv PATH ─stdout─► dest
 
 ``send PATH`` copies its standard input to the unix socket PATH, ends its side and waits for
 the far end's SHA-256 of what it read: its exit status is 0 only if that is the digest of what
