@@ -376,6 +376,52 @@ def test_a_destination_whose_ack_is_lost_keeps_running_the_guest(tmp_path, guest
         assert source.status != "running"  # committed: the source never runs it again
 
 
+def test_a_destination_that_fails_after_commit_leaves_the_guest_running_at_the_source(
+        tmp_path, guests, monkeypatch):
+    # COMMIT went out, and the destination answered LOAD_ERROR instead of ACK (here: it fails
+    # right after reading COMMIT; in the fault campaign, COMMIT was lost with the connection's
+    # forward direction).  A destination says LOAD_ERROR only before its guest runs, and
+    # discards it: the source's copy is the only one, and runs on.
+    from pymig import incoming as incoming_mod
+
+    def commit_then_fail(channel, timeout):
+        incoming_mod_await(channel, timeout)
+        raise MigrationError("the destination failed after COMMIT (the test's)")
+
+    incoming_mod_await = incoming_mod.await_commit
+    monkeypatch.setattr(incoming_mod, "await_commit", commit_then_fail)
+    source = guests(guest_config("simulated"))
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock", timeout=60) as done:
+        assert done.error is not None and "after COMMIT" in str(done.error)
+        assert done.migration.status.value == "failed"
+        assert "after COMMIT" in done.migration.query()["error-desc"]
+        assert source.status == "running"  # resumed: the destination never ran it
+        passes = source.progress()["passes"]
+        wait_for(lambda: source.progress()["passes"] > passes, what="the guest to run on")
+        assert_consistent(source)
+
+
+def test_peer_closed_sees_the_end_waiting_in_the_receive_queue():
+    # What the source looks at between LOADED and COMMIT: a destination that died as it said
+    # LOADED has its connection's end queued here, behind what the return path thread read.
+    import socket
+
+    from pymig.migration import peer_closed
+    from pymig.transport import SocketChannel
+
+    ours, theirs = socket.socketpair()
+    channel = SocketChannel(ours, "test")
+    assert not peer_closed(channel)  # open, nothing waiting
+    theirs.sendall(b"x")
+    assert not peer_closed(channel)  # data first: not the end yet
+    assert ours.recv(1) == b"x"
+    theirs.close()
+    assert peer_closed(channel)  # the end, waiting
+    assert peer_closed(channel)  # and it stays
+    channel.close()
+    assert not peer_closed(object())  # no socket (a pipe, a file): nothing to tell
+
+
 def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
         tmp_path, guests, monkeypatch):
     # A destination that builds its guest only once the source has decided: its READY comes

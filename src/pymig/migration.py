@@ -31,7 +31,9 @@ run state it had before the migration (running if it ran, paused if it was stopp
 only a guest that was running is started again) with its memory intact, dirty logging off, the
 throttle lifted and the channel closed; so does a ``file:`` snapshot's source, unless asked to
 stop.  After the commit the guest belongs to the destination: the source stays paused even if
-the final acknowledgement is lost, so a guest never runs in two places.
+the final acknowledgement is lost, so a guest never runs in two places; only a destination that
+answers the commit with LOAD_ERROR (which it sends before its guest runs, and never after)
+gives the guest back to the source.
 """
 
 from __future__ import annotations
@@ -490,6 +492,21 @@ class Migration:
                     break
 
 
+def peer_closed(channel) -> bool:
+    """Whether the end of ``channel``'s connection is already waiting in its receive queue
+    (a FIN or a reset the return path's thread may not have read yet); False for a channel
+    without a socket, or with data still to read before the end."""
+    sock = getattr(channel, "sock", None)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 ACK_TIMEOUT_S = 60.0
 #: How long a cancel waits for the migration thread to reach a record boundary (and send the
 #: destination a CANCEL record) before it cuts the channel under a send that is stuck.
@@ -911,6 +928,11 @@ class _Run:
         phases.mark("send")
         ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=m._check)
         m._check(ret)
+        if peer_closed(self.channel):
+            # LOADED came with the connection's end right behind it (a destination that died
+            # as it said LOADED): a COMMIT now would reach no one, and the guest would stay
+            # paused here for want of an ACK
+            raise MigrationError("the destination closed the connection before the commit")
         m._commit()
         committed_ns = time.time_ns()
         stream.ReturnPathWriter(self.channel).commit()
@@ -946,7 +968,10 @@ class _Run:
                 exc = MigrationError(f"destination failed: {reason}")
         elif not m._committed and (ret is None or ret.error is None):
             m._tell_destination(self.writer, ret, exc)
-        m._fail(exc, resume=self.paused_by_us and not m._committed, committed=m._committed)
+        # A destination that answered COMMIT with LOAD_ERROR never ran its guest (it says so
+        # only before it runs, and discards it): the guest can only run here.
+        committed = m._committed and not (ret is not None and ret.refused())
+        m._fail(exc, resume=self.paused_by_us and not committed, committed=committed)
 
     def release(self) -> None:
         """Whatever happened: the live entries cleaned up, the throttle and caps lifted, the
@@ -1037,6 +1062,11 @@ class ReturnPath:
                 raise MigrationError(f"destination failed: {self.error}")
             if self._stopped and stream.Shut not in self._messages:
                 raise MigrationError("the connection to the destination was lost")
+
+    def refused(self) -> bool:
+        """Whether the destination said it failed (LOAD_ERROR) and never acknowledged."""
+        with self._cond:
+            return stream.LoadError in self._messages and stream.Ack not in self._messages
 
     def caught_up(self, offset: int) -> bool:
         """Whether the destination said it loaded the stream up to ``offset`` or beyond."""

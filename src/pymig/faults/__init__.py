@@ -1,0 +1,1 @@
+"""The fault campaign: ``python -m pymig.faults`` (see :mod:`pymig.faults.runner`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from pymig.faults.runner import main
+
+sys.exit(main())
