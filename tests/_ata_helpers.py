@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pymig.disk import SECTOR_BYTES, DiskImage
 from pymig.kvm import ata
+from pymig.qmp import QmpClient
 
 BASE = ata.CMD_BASE
 
@@ -298,3 +299,21 @@ BOOT_DISK_MESSAGE = b"pymig ata: sectors written, read back and flushed\n"
 def boot_disk_pattern() -> bytes:
     """What the boot sector writes to sector 2."""
     return b"".join(((0x1234 + 0x0101 * i) & 0xFFFF).to_bytes(2, "little") for i in range(256))
+
+
+def diskcheck_runs_clean_behind(control: str) -> dict:
+    """The diskcheck guest behind ``control`` runs (two more passes), then, stopped, checks
+    its disk and memory with no error; its ``query-guest verify`` report."""
+    from _migration_helpers import wait_for
+
+    with QmpClient(control) as client:
+        wait_for(lambda: client.command("query-status")["status"] == "running", timeout=60,
+                 what="the destination to run")
+        first = client.command("query-guest")["progress"]["passes"]
+        wait_for(lambda: client.command("query-guest")["progress"]["passes"] >= first + 2,
+                 timeout=120, what="two passes at the destination")
+        client.command("stop")
+        report = client.command("query-guest", verify=True)
+    assert report["diskcheck"]["ok"], report["diskcheck"]
+    assert report["progress"]["errors"] == 0
+    return report

@@ -16,8 +16,8 @@ import subprocess
 import time
 
 import pytest
-from _ata_helpers import BOOT_DISK_MESSAGE, BOOT_SECTOR_DISK, boot_disk_pattern, file_bytes, \
-    make_image
+from _ata_helpers import BOOT_DISK_MESSAGE, BOOT_SECTOR_DISK, boot_disk_pattern, \
+    diskcheck_runs_clean_behind, file_bytes, make_image
 from _kvm_helpers import build_image
 from _migration_helpers import migrate_locally, pymig_process, run_pymig, start_destination, \
     wait_for, wait_for_path
@@ -302,16 +302,7 @@ def test_diskcheck_migrates_between_processes_with_a_shared_disk(tmp_path):
                                                  str(disk))
         done = run_pymig("migrate", "--control", src_ctl, bound, "--json")
         assert done.returncode == 0, done.stdout + done.stderr
-        with QmpClient(dst_ctl) as client:
-            wait_for(lambda: client.command("query-status")["status"] == "running", timeout=60,
-                     what="the destination to run")
-            first = client.command("query-guest")["progress"]["passes"]
-            wait_for(lambda: client.command("query-guest")["progress"]["passes"] >= first + 2,
-                     timeout=120, what="two passes at the destination")
-            client.command("stop")
-            report = client.command("query-guest", verify=True)
-        assert report["diskcheck"]["ok"], report["diskcheck"]
-        assert report["progress"]["errors"] == 0
+        diskcheck_runs_clean_behind(dst_ctl)
     finally:
         for proc in (source, dest):
             if proc is not None and proc.poll() is None:
