@@ -928,10 +928,11 @@ class _Run:
         phases.mark("send")
         ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=m._check)
         m._check(ret)
-        if peer_closed(self.channel):
+        if peer_closed(self.channel) and not ret.acknowledged():
             # LOADED came with the connection's end right behind it (a destination that died
             # as it said LOADED): a COMMIT now would reach no one, and the guest would stay
-            # paused here for want of an ACK
+            # paused here for want of an ACK.  (One that said ACK already claims the guest
+            # runs there: resuming it here could run it twice.)
             raise MigrationError("the destination closed the connection before the commit")
         m._commit()
         committed_ns = time.time_ns()
@@ -1062,6 +1063,11 @@ class ReturnPath:
                 raise MigrationError(f"destination failed: {self.error}")
             if self._stopped and stream.Shut not in self._messages:
                 raise MigrationError("the connection to the destination was lost")
+
+    def acknowledged(self) -> bool:
+        """Whether the destination said its guest runs (ACK)."""
+        with self._cond:
+            return stream.Ack in self._messages
 
     def refused(self) -> bool:
         """Whether the destination said it failed (LOAD_ERROR) and never acknowledged."""
