@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pymig import core, stream
+from pymig.demo import kvm_usable
 from pymig.fuzz import TARGETS, destination, packet, state
 from pymig.guest import GuestConfig, create
 from pymig.machine import CONFIG_IDSTR, Machine
@@ -92,15 +93,6 @@ QMP_CONVERSATIONS = [
     b'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n{"execute": "qmp_capabilities"}',
     b'{"a": "\\"}\\\\", "b": [[[{}]]]}\n{"execute": "qmp_capabilities"}',
 ]
-
-
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 def snapshot(config: GuestConfig, path: Path, params: dict | None = None,
