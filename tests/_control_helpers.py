@@ -12,7 +12,7 @@ import pytest
 
 from _migration_helpers import ANY_KIND, guest_config, running_guest, wait_for
 from pymig.control import ControlServer
-from pymig.qmp import QmpClient
+from pymig.qmp import QmpClient, QmpError
 from pymig.session import Session
 
 MiB = 1 << 20
@@ -185,3 +185,11 @@ def pair(tmp_path):
     yield src, dst
     dst.close()
     src.close()
+
+
+def refused(client, command, **arguments) -> str:
+    """The GenericError text ``command`` is refused with."""
+    with pytest.raises(QmpError) as info:
+        client.command(command, **arguments)
+    assert info.value.klass == "GenericError"
+    return info.value.desc

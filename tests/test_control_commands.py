@@ -7,8 +7,8 @@ import time
 import pytest
 
 from _control_helpers import pair, source  # noqa: F401 - fixtures
-from _control_helpers import (WAIT_S, migrate_incoming, next_event, start_slow_migration,
-                              wait_status)
+from _control_helpers import (WAIT_S, migrate_incoming, next_event, refused,
+                              start_slow_migration, statuses_until_end, wait_status)
 from _migration_helpers import assert_carries_on, wait_for
 from pymig.control import COMMANDS, ControlServer
 from pymig.qmp import QmpClient, control_address
@@ -166,13 +166,32 @@ def test_pause_before_switchover_waits_for_migrate_continue(pair, tmp_path):
     sc.command("migrate-set-capabilities", capabilities=[
         {"capability": "pause-before-switchover", "state": True}])
     sc.command("migrate", uri=uri)
-    wait_for(lambda: "switchover-reason" in sc.command("query-migrate"),
-             what="the policy to decide to switch over")
-    time.sleep(0.3)
-    assert sc.command("query-migrate")["status"] == "active"  # held before stopping the guest
-    assert sc.command("query-status")["status"] == "running"
+    assert "Migration not in expected state" in refused(sc, "migrate-continue",
+                                                         state="pre-switchover")
+    assert wait_status(sc, "pre-switchover")["status"] == "pre-switchover"
+    time.sleep(0.3)  # it stays there, the guest stopped, until told
+    assert sc.command("query-migrate")["status"] == "pre-switchover"
+    assert sc.command("query-status") == {"running": False, "status": "finish-migrate"}
     sc.command("migrate-continue", state="pre-switchover")
     assert wait_status(sc, "completed")["status"] == "completed"
+    assert statuses_until_end(sc) == ["setup", "active", "pre-switchover", "device",
+                                      "completed"]
+    assert "pre-switchover" in sc.command("query-migrate")["downtime-breakdown"]
+
+
+def test_a_cancel_in_pre_switchover_runs_the_source_guest_on(pair, tmp_path):
+    src, dst = pair
+    sc, dc = src.client(), dst.client()
+    uri = migrate_incoming(dc, tmp_path)
+    sc.command("migrate-set-capabilities", capabilities=[
+        {"capability": "pause-before-switchover", "state": True}])
+    sc.command("migrate", uri=uri)
+    wait_status(sc, "pre-switchover")
+    assert sc.command("query-status")["status"] == "finish-migrate"
+    sc.command("migrate_cancel")
+    assert wait_status(sc, "cancelled")["status"] == "cancelled"
+    assert sc.command("query-status") == {"running": True, "status": "running"}
+    assert_carries_on(src.path)
 
 
 def test_x_migrate_switchover_forces_a_manual_switchover(pair, tmp_path):

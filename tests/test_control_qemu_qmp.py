@@ -185,19 +185,24 @@ async def migrate_with_qemu_qmp(src_ctl: str, dst_ctl: str, uri: str) -> None:
         params = await src.execute("query-migrate-parameters")
         assert params["downtime-limit"] == 300 and params["max-bandwidth"] == 0
         await src.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "auto-converge", "state": True}]})
+            {"capability": "auto-converge", "state": True},
+            {"capability": "pause-before-switchover", "state": True}]})
         capabilities = {c["capability"]: c["state"]
                         for c in await src.execute("query-migrate-capabilities")}
-        assert capabilities["auto-converge"] is True
+        assert capabilities["auto-converge"] and capabilities["pause-before-switchover"]
 
         src_events = EventListener(("MIGRATION", "MIGRATION_PASS", "STOP"))
         dst_events = EventListener(("MIGRATION", "RESUME"))
         with src.listen(src_events), dst.listen(dst_events):
             assert await src.execute("migrate", {"uri": uri, "detach": True}) == {}
-            seen = await until(src_events, migration_ended, timeout=120)
+            seen = await until(src_events, lambda e: e["event"] == "MIGRATION"
+                               and e["data"]["status"] == "pre-switchover", timeout=120)
+            assert await src.execute("query-status") == {"running": False,
+                                                         "status": "finish-migrate"}
+            assert await src.execute("migrate-continue", {"state": "pre-switchover"}) == {}
+            seen += await until(src_events, migration_ended, timeout=120)
             arrived = await until(dst_events, lambda e: e["event"] == "RESUME")
-        assert statuses(seen)[0] == "setup" and statuses(seen)[-1] == "completed", seen
-        assert "active" in statuses(seen)
+        assert statuses(seen) == ["setup", "active", "pre-switchover", "device", "completed"]
         passes = [e["data"]["pass"] for e in seen if e["event"] == "MIGRATION_PASS"]
         assert passes and passes == sorted(passes) and passes[0] >= 1
         assert any(e["event"] == "STOP" for e in seen)  # the guest paused for the switchover

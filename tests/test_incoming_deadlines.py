@@ -305,15 +305,15 @@ def test_a_source_waiting_for_migrate_continue_is_not_dropped(tmp_path, guests):
     def hold(migration) -> None:
         # the policy has decided and the source waits for migrate-continue: quiet for longer
         # than the destination's deadline
-        wait_for(lambda: migration.query()["status"] == "device"
-                 and migration.status.value == "active", what="the wait before switchover")
+        wait_for(lambda: migration.status.value == "pre-switchover",
+                 what="the wait before switchover")
         time.sleep(3 * DEADLINE_S)
         waited.append(migration.status.value)
         migration.continue_switchover()
 
     with migrate_locally(source, f"unix:{tmp_path}/m.sock", progress_timeout=DEADLINE_S,
                          capabilities={"pause-before-switchover": True}, during=hold) as done:
-        assert waited == ["active"]
+        assert waited == ["pre-switchover"]
         assert_arrived_and_runs(done, source)
 
 

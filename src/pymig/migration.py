@@ -66,6 +66,7 @@ class Status(str, enum.Enum):
     NONE = "none"
     SETUP = "setup"
     ACTIVE = "active"
+    PRE_SWITCHOVER = "pre-switchover"
     DEVICE = "device"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -79,7 +80,10 @@ class Status(str, enum.Enum):
 _ALLOWED: dict[Status, set[Status]] = {
     Status.NONE: {Status.SETUP},
     Status.SETUP: {Status.ACTIVE, Status.FAILED, Status.CANCELLING},
-    Status.ACTIVE: {Status.DEVICE, Status.POSTCOPY_ACTIVE, Status.FAILED, Status.CANCELLING},
+    Status.ACTIVE: {Status.PRE_SWITCHOVER, Status.DEVICE, Status.POSTCOPY_ACTIVE, Status.FAILED,
+                    Status.CANCELLING},
+    # the guest is stopped, waiting for migrate-continue (pause-before-switchover)
+    Status.PRE_SWITCHOVER: {Status.DEVICE, Status.FAILED, Status.CANCELLING},
     Status.POSTCOPY_ACTIVE: {Status.COMPLETED, Status.POSTCOPY_PAUSED, Status.FAILED,
                              Status.CANCELLING},
     # neither side holds the whole guest: only a recovery moves on from here
@@ -91,8 +95,11 @@ _ALLOWED: dict[Status, set[Status]] = {
     Status.CANCELLED: {Status.SETUP},
     Status.COMPLETED: {Status.SETUP},  # only after a snapshot: the guest ran on here
 }
-ACTIVE_STATES = {Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.CANCELLING,
-                 Status.POSTCOPY_ACTIVE, Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER}
+#: The states a cancel or a failure moves on from, in the order a migration passes them.
+CANCELLABLE_STATES = (Status.SETUP, Status.ACTIVE, Status.PRE_SWITCHOVER, Status.DEVICE,
+                      Status.POSTCOPY_ACTIVE)
+ACTIVE_STATES = {*CANCELLABLE_STATES, Status.CANCELLING, Status.POSTCOPY_PAUSED,
+                 Status.POSTCOPY_RECOVER}
 
 
 class Cancelled(MigrationError):
@@ -240,7 +247,7 @@ class Migration:
             if self._committed:
                 raise MigrationError("too late to cancel: the destination is starting the guest")
             self._cancel.set()
-        for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE):
+        for state in CANCELLABLE_STATES:
             if self._transition(state, Status.CANCELLING):
                 break
         # The migration thread sees the cancel between two records and tells the destination
@@ -318,8 +325,12 @@ class Migration:
         self._start_postcopy.set()
 
     def continue_switchover(self) -> None:
-        """Release a migration waiting with the pause-before-switchover capability."""
-        self._continue_switchover.set()
+        """``migrate-continue``: release a migration waiting in ``pre-switchover`` (the
+        pause-before-switchover capability); refused in any other state, as QEMU does."""
+        with self._lock:
+            if self._status != Status.PRE_SWITCHOVER:
+                raise MigrationError(f"Migration not in expected state: {self._status.value}")
+            self._continue_switchover.set()
 
     def wait(self, timeout: float | None = None) -> Status:
         """Block until the migration ends (or ``timeout``); returns the status."""
@@ -480,14 +491,13 @@ class Migration:
         self.error = exc
         if cancelled:
             self.stats.cancelled()
-            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE):
+            for state in CANCELLABLE_STATES:
                 if self._transition(state, Status.CANCELLING):
                     break
             self._transition(Status.CANCELLING, Status.CANCELLED)
         else:
             self.stats.failed(text)
-            for state in (Status.SETUP, Status.ACTIVE, Status.DEVICE, Status.POSTCOPY_ACTIVE,
-                          Status.CANCELLING):
+            for state in (*CANCELLABLE_STATES, Status.CANCELLING):
                 if self._transition(state, Status.FAILED):
                     break
 
@@ -639,7 +649,8 @@ def policy_params(params: MigrationParameters) -> policy_mod.PolicyParams:
 
 class DowntimePhases:
     """Where a downtime went, phase by phase, in seconds (``seconds``, in the order they
-    ended): ``pause`` (the vCPUs stopping), ``last-ram`` (the last sync and pages),
+    ended): ``pause`` (the vCPUs stopping), ``pre-switchover`` (with that capability: the
+    wait for ``migrate-continue``), ``last-ram`` (the last sync and pages),
     ``device-state`` (saving and encoding the vCPUs and devices), ``send`` (the held records
     and EOF written), ``destination`` (loading, LOADED / COMMIT, until its vCPUs ran: a
     channel with a return path only).  The downtime is their sum, from the stop to the
@@ -888,13 +899,11 @@ class _Run:
             self.paused_by_us = guest.status == "running"
             m._postcopy_switch(self.writer, self.channel, ret)
             return
-        if self.params.capabilities.get("pause-before-switchover"):
-            while not m._continue_switchover.wait(0.05):
-                m._check(ret)
-                self.keep_alive.tick()  # the wait may be minutes; the destination's clock runs
         # (with a return path converging ended caught up: the destination has built its
         # guest, READY came before any CAUGHT_UP, and loaded everything sent)
-        if not m._transition(Status.ACTIVE, Status.DEVICE):
+        pause_first = self.params.capabilities.get("pause-before-switchover")
+        if not m._transition(Status.ACTIVE,
+                             Status.PRE_SWITCHOVER if pause_first else Status.DEVICE):
             raise Cancelled("migration cancelled")
         phases = DowntimePhases(time.time_ns())
         # Only a guest that was running is started again, after a failure or a snapshot
@@ -908,6 +917,11 @@ class _Run:
             self.channel.set_max_bandwidth(0)
             saver.cap_packets(0)
         phases.mark("pause")
+        if pause_first:
+            self._wait_for_continue()
+            phases.mark("pre-switchover")
+            if not m._transition(Status.PRE_SWITCHOVER, Status.DEVICE):
+                raise Cancelled("migration cancelled")
         self.writer.hold()  # what is left goes out in as few writes as it can (EOF sends it)
         self._live("complete")
         phases.mark("last-ram")
@@ -921,6 +935,15 @@ class _Run:
         if m.resume_source and self.paused_by_us:
             guest.resume()
         m._transition(Status.DEVICE, Status.COMPLETED)
+
+    def _wait_for_continue(self) -> None:
+        """pause-before-switchover: with the guest stopped, wait in ``pre-switchover`` for
+        ``migrate-continue`` (QEMU's order: the operator acts on a guest that no longer
+        runs, before its device state is saved); the wait is downtime."""
+        m = self.migration
+        while not m._continue_switchover.wait(0.05):
+            m._check(self.ret)
+            self.keep_alive.tick()  # the wait may be minutes; the destination's clock runs
 
     def _commit_two_way(self, phases: DowntimePhases) -> None:
         m, ret = self.migration, self.ret

@@ -98,7 +98,7 @@ def migration_figures(session: Session) -> list[str]:
         if status == "active":
             return ["receiving the guest"]
         return []
-    if status in ("setup", "active", "device", "cancelling"):
+    if status in ("setup", "active", "pre-switchover", "device", "cancelling"):
         ram = migration.get("ram", {})
         return [f"migration {status}: {format_bytes(ram.get('remaining', 0))} of pages left"]
     return []

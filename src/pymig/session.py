@@ -135,7 +135,7 @@ class Session:
         if self.moved_away():
             return "postmigrate"
         migration = self.migration
-        if migration is not None and migration.status == Status.DEVICE:
+        if migration is not None and migration.status in (Status.PRE_SWITCHOVER, Status.DEVICE):
             return "finish-migrate"
         status = self.machine.guest.status
         return {"running": "running", "paused": "paused", "created": "paused",
@@ -255,9 +255,12 @@ class Session:
                                " cancel it on the source")
 
     def migrate_continue(self) -> None:
-        if self.migration is None or self.migration.status != Status.ACTIVE:
-            raise CommandError("no migration is waiting before switchover")
-        self.migration.continue_switchover()
+        if self.migration is None:
+            raise CommandError("Migration not in expected state: none")
+        try:
+            self.migration.continue_switchover()
+        except MigrationError as exc:
+            raise CommandError(str(exc)) from None
 
     def migrate_recover(self, uri: str) -> str:
         """``migrate-recover``: a destination paused in post-copy listens on ``uri`` for its
@@ -290,7 +293,7 @@ class Session:
             out = migration.query()
             # The state machine's status, as the MIGRATION events report it: the stats turn
             # to "device" when the policy decides, while the guest may still run (waiting for
-            # migrate-continue or for the destination to be ready).
+            # the destination to be ready).
             out["status"] = migration.status.value
             return out
         if self.incoming is not None:
@@ -309,7 +312,7 @@ class Session:
 
     def _migration_status(self, old: Status, new: Status) -> None:
         self.emit("MIGRATION", {"status": new.value})
-        if new in (Status.DEVICE, Status.POSTCOPY_ACTIVE):
+        if new in (Status.PRE_SWITCHOVER, Status.DEVICE, Status.POSTCOPY_ACTIVE):
             # (called before the vCPUs stop: a guest already paused by the user stops no more)
             if self.machine is not None and self.machine.guest.status == "running":
                 self._stopped_for_switchover = True

@@ -71,10 +71,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling",
-            "cancelled", "postcopy-active", "postcopy-paused", "postcopy-recover")
-IN_PROGRESS = ("setup", "active", "device", "cancelling", "postcopy-active",
-               "postcopy-recover")
+STATUSES = ("none", "setup", "active", "pre-switchover", "device", "completed", "failed",
+            "cancelling", "cancelled", "postcopy-active", "postcopy-paused", "postcopy-recover")
+IN_PROGRESS = ("setup", "active", "pre-switchover", "device", "cancelling",
+               "postcopy-active", "postcopy-recover")
 ENDED = ("completed", "failed", "cancelled")
 
 

@@ -119,16 +119,6 @@ def _child_env(tmp: str) -> dict[str, str]:
     return env
 
 
-def source_status(info: dict) -> str:
-    """The source's migration status, with the wait for ``migrate-continue`` named as QEMU
-    names it (``pre-switchover``): pymig stays ``active`` there, with the policy's decision
-    (``switchover-reason``) already made."""
-    status = info.get("status", "")
-    if status == "active" and "switchover-reason" in info:
-        return "pre-switchover"
-    return status
-
-
 def phase_hit(status: str, what: str = "") -> str:
     """The phase a fault hit, from the source's status at that moment and where the proxy
     stood: in ``device``, the destination's LOADED held back is ``loaded``, its ACK
@@ -344,7 +334,7 @@ class _Trial:
             info = proc.try_cmd("query-migrate")
             if info is None:
                 return "dead" if not proc.alive else status
-            status = source_status(info)
+            status = info.get("status", "")
             if status in wanted or status in ("completed", "failed", "cancelled"):
                 return status
             time.sleep(0.005)
@@ -478,7 +468,7 @@ class SocketTrial(_Trial):
         """The proxy's callback, run while it holds the bytes: record the phase hit, then
         kill a process or return the fault for the proxy to apply."""
         info = src.try_cmd("query-migrate")
-        self.r.hit = self.r.hit or phase_hit(source_status(info) if info is not None else
+        self.r.hit = self.r.hit or phase_hit(info.get("status", "") if info is not None else
                                              "dead", what)
         self.r.detail = (self.r.detail + " " if self.r.detail else "") + f"at {what}"
         fault = self.r.fault
@@ -678,7 +668,7 @@ class FileTrial(_Trial):
             if fault == "kill-src" and phase in ("setup", "live"):
                 if phase == "live":
                     time.sleep(self.rng.uniform(0, 0.01))
-                r.hit = phase_hit(source_status(src.try_cmd("query-migrate") or {}) or status)
+                r.hit = phase_hit((src.try_cmd("query-migrate") or {}).get("status", "") or status)
                 src.kill()
             status = self.wait_status(src, ("pre-switchover",), 30)
             if fault == "enospc" and status in ("failed", "cancelled"):
