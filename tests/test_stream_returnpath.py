@@ -162,3 +162,13 @@ def test_a_load_error_reaches_the_source_printable():
     got = _recv_raw(encode_return(LoadError("bad\x1b[2J\nsection\u2028é\x00")))
     assert got == LoadError("bad\\x1b[2J\\nsection\\u2028é\\x00")
     assert got.text.isprintable()
+
+
+def test_the_commit_a_destination_awaits_counts_in_the_stream_offsets():
+    """Post-copy pages follow COMMIT on the same channel: the destination counts its bytes, so
+    an error in a later record names the record's position on the connection."""
+    from pymig.incoming import await_commit
+
+    with channel_pair("socketpair", None) as (src, dst):
+        ReturnPathWriter(src).send(Commit())
+        assert await_commit(dst, WAIT_S) == len(encode_return(Commit())) == dst.bytes_received

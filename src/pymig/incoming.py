@@ -267,7 +267,8 @@ class Incoming:
                     raise
                 # COMMIT, all 8 bytes of it, by then: not a byte now and then
                 channel.set_recv_deadline(time.monotonic() + self.commit_timeout)
-                await_commit(channel, self.commit_timeout)
+                # (after it, post-copy's pages: their offsets count the COMMIT's bytes)
+                self._reader.offset += await_commit(channel, self.commit_timeout)
             channel.set_recv_deadline(None)
             if self.before_start is not None:
                 self.before_start(self.machine)
@@ -462,10 +463,12 @@ class Incoming:
             self.machine = None
 
 
-def await_commit(channel, timeout: float) -> None:
-    """Block until the source's COMMIT; anything else (or nothing in time) is a failure."""
+def await_commit(channel, timeout: float) -> int:
+    """Block until the source's COMMIT, and return how many bytes of the channel it took;
+    anything else (or nothing in time) is a failure."""
+    reader = stream.ReturnPathReader(channel)
     try:
-        message = stream.ReturnPathReader(channel).recv(timeout)
+        message = reader.recv(timeout)
     except DeadlineExceeded:
         message = None  # begun, never finished
     if message is None:
@@ -475,6 +478,7 @@ def await_commit(channel, timeout: float) -> None:
         raise SourceCancelled(message.text)
     if not isinstance(message, stream.Commit):
         raise MigrationError(f"expected COMMIT from the source, got {type(message).__name__}")
+    return reader.offset
 
 
 def _cancelled_meanwhile(channel) -> SourceCancelled | None:
