@@ -4,14 +4,16 @@ with userfaultfd and each page saved before the guest's first write to it."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
 
 import pytest
 
-from _migration_helpers import (ANY_KIND, MiB, assert_consistent, block_digests, guest_config,
-                                wait_for)
+from _migration_helpers import (ANY_KIND, MiB, assert_carries_on, assert_consistent,
+                                block_digests, e2e_kind, finish, guest_config, guest_passes,
+                                run_pymig, start_destination, start_source, wait_for)
 
 from pymig import bgsnapshot
 from pymig._core import kvm as _kvm
@@ -214,6 +216,42 @@ def test_a_failed_write_leaves_the_guest_running_with_every_page_writable(closin
     passes = guest.progress()["passes"]
     wait_for(lambda: guest.progress()["passes"] > passes + 1, what="the guest to run on")
     assert_consistent(guest)
+
+
+def test_pymig_migrate_background_snapshot_and_restore(tmp_path):
+    """``pymig migrate --background-snapshot file:PATH``: the flag sets the capability, the
+    summary says the snapshot is taken and the guest runs on; the file restores like any."""
+    kind = e2e_kind()
+    src, ctl = start_source(kind, tmp_path, memory="64M", working_set="16M")
+    try:
+        wait_for(lambda: guest_passes(ctl) >= 1, what="a first pass")
+        done = run_pymig("migrate", "--control", ctl, "--background-snapshot", "--json",
+                         f"file:{tmp_path}/s.pymig")
+        assert done.returncode == 0, done.stderr
+        assert "background-snapshot on" in done.stderr
+        info = json.loads(done.stdout)
+        assert info["settings"]["capabilities"]["background-snapshot"] is True
+        assert info["background-snapshot"]["pages-saved"] == \
+            info["background-snapshot"]["pages-total"] > 0
+        assert "snapshot complete; the guest stays at the source, running" in done.stderr
+        assert_carries_on(ctl)
+        # a destination is no place for one
+        refused = run_pymig("migrate", "--control", ctl, "--background-snapshot",
+                            "tcp:127.0.0.1:1")
+        assert refused.returncode == 1
+        assert "one-way stream" in refused.stderr and "Traceback" not in refused.stderr
+        refused = run_pymig("migrate", "--control", ctl, "--background-snapshot",
+                            "--auto-converge", f"file:{tmp_path}/t.pymig")
+        assert refused.returncode == 1
+        assert "Background-snapshot is not compatible with auto-converge" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        finish(src)
+    dst, dst_ctl, _ = start_destination(tmp_path, f"file:{tmp_path}/s.pymig")
+    try:
+        assert_carries_on(dst_ctl)
+    finally:
+        finish(dst)
 
 
 # -- refusals --------------------------------------------------------------------------------
