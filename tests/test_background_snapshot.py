@@ -292,3 +292,22 @@ def test_the_writeprotect_wrapper_raises_ebadf_on_a_bad_fd():
     with pytest.raises(KvmError) as info:
         _kvm._unsafe_uffdio_writeprotect(-1, 0, 4096, _kvm.WRITEPROTECT_MODE_WP)
     assert info.value.errno == 9
+
+
+@needs_uffd
+def test_the_benchmark_measures_what_it_reports(tmp_path):
+    """python -m pymig.benchbgsnapshot, small: the guest's rate alone, a background and a live
+    snapshot with their times and the guest's rate during each, each restored clean."""
+    from pymig import benchbgsnapshot
+
+    run = benchbgsnapshot.run("simulated", 32, 8, str(tmp_path), {"compression": "none"})
+    assert run["guest_pages_per_s_alone"] > 0
+    for name in ("background", "live"):
+        assert run[name]["status"] == "completed", run[name]
+        assert run[name]["restored_selfcheck_errors"] == 0
+        assert run[name]["total_ms"] is not None and run[name]["downtime_ms"] is not None
+        assert run[name]["guest_pages_per_s_during"] is not None
+    counters = run["background"]["background_snapshot"]
+    assert counters["pages-saved"] == counters["pages-total"] > 0
+    assert run["live"]["background_snapshot"] is None
+    assert not list(tmp_path.iterdir())  # each snapshot removed once restored

@@ -12,8 +12,9 @@ each as it was at the stop::
                     as they were at the stop) are copied to a staging shadow of the block, the
                     chunk is un-protected, and the copies are encoded and sent;
                     a write to a page still protected faults (WRITE|WP) to the fault thread:
-                    a page the pass has not taken yet is copied aside first, then un-protected,
-                    and the vCPU goes on; the copies go into the stream between chunks
+                    the pages of its 64-page neighbourhood the pass has not taken yet are
+                    copied aside, the neighbourhood is un-protected, and the vCPU goes on; the
+                    copies go into the stream between chunks
     END ram, the device state held since the stop, EOF
 
 The stream is a snapshot stream like any other (RAM, then the device state, then EOF): every
@@ -35,6 +36,7 @@ page is writable again.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -117,7 +119,7 @@ class WriteTracker:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.fault_error: BaseException | None = None
         self.wp_faults = 0  # write faults on protected pages
-        self.pages_copied = 0  # of them, pages copied aside before the pass reached them
+        self.pages_copied = 0  # pages the fault thread copied aside before the pass reached them
         self.waited_for_pass = 0  # faults on a page the pass was staging: waited for it
         self.pages_total = 0  # pages to save, noted at the stop
         self.pages_saved = 0  # of them, in the stream
@@ -199,8 +201,11 @@ class WriteTracker:
         with self._lock:
             shadow = self._shadow(index)
         ps = block.page_size
+        to = shadow.ctypes.data
         for first, count in core.bitmap_runs(taken, block.npages):
-            shadow[first * ps:(first + count) * ps] = block.array[first * ps:(first + count) * ps]
+            # (ctypes lets go of the GIL for the copy: the fault thread needs it meanwhile)
+            at, nbytes = int(first) * ps, int(count) * ps
+            ctypes.memmove(to + at, block.address + at, nbytes)
         return shadow
 
     def release(self, index: int, first: int, end: int) -> None:
@@ -282,25 +287,31 @@ class WriteTracker:
         if index is None:
             return
         block = self.blocks[index]
-        page = (address - block.address) // block.page_size
-        word, bit = page >> 6, np.uint64(1 << (page & 63))
-        at = page * block.page_size
+        ps = block.page_size
+        page = (address - block.address) // ps
+        # The pages around it too (those of its bitmap word): a guest that writes one page
+        # mostly writes its neighbours next, and each fault is a round trip through this thread.
+        word = page >> 6
+        first, end = word * 64, min(word * 64 + 64, block.npages)
         with self._lock:
             self.wp_faults += 1
-            pending = self.pending[index]
-            if pending[word] & bit:
-                # not saved yet: as it is now (still protected, so as it was at the stop)
-                shadow = self._shadow(index)
-                shadow[at:at + block.page_size] = block.array[at:at + block.page_size]
-                pending[word] &= ~bit
-                self._copied[index][word] |= bit
-                self.pages_copied += 1
-            elif self._busy is not None and self._busy[0] == index \
+            if self._busy is not None and self._busy[0] == index \
                     and self._busy[1] <= page < self._busy[2]:
                 # the pass is staging it: release() un-protects it and wakes the vCPU
                 self.waited_for_pass += 1
                 return
-        _writeprotect(self._uffd, block.address + at, block.page_size, 0)
+            pending = self.pending[index]
+            bits = int(pending[word])
+            if bits:
+                # not saved yet: as they are now (still protected, so as at the stop)
+                to = self._shadow(index).ctypes.data
+                for run_first, count in _runs(bits):
+                    at = (first + run_first) * ps
+                    ctypes.memmove(to + at, block.address + at, count * ps)
+                pending[word] = 0
+                self._copied[index][word] |= np.uint64(bits)
+                self.pages_copied += bits.bit_count()
+        _writeprotect(self._uffd, block.address + first * ps, (end - first) * ps, 0)
 
     def _shadow(self, index: int) -> np.ndarray:
         """Block ``index``'s shadow, mapped on first use (under the lock)."""
@@ -311,6 +322,19 @@ class WriteTracker:
                             | getattr(mmap, "MAP_NORESERVE", 0x4000))
             found = self._shadows[index] = (mem, np.frombuffer(mem, dtype=np.uint8))
         return found[1]
+
+
+def _runs(bits: int):
+    """(first bit, count) of each run of set bits in ``bits``, lowest first."""
+    at = 0
+    while bits:
+        skip = (bits & -bits).bit_length() - 1
+        bits >>= skip
+        at += skip
+        count = (~bits & (bits + 1)).bit_length() - 1
+        yield at, count
+        bits >>= count
+        at += count
 
 
 def _writeprotect(uffd: int, start: int, length: int, mode: int) -> None:
