@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -24,6 +27,7 @@ from pymig.machine import Machine
 from pymig.migration import Migration
 from pymig.parameters import BACKGROUND_SNAPSHOT_EXCLUDES, ParameterStore
 from pymig.stats import read_trace
+from pymig.transport.snapshot_index import read_index
 
 KINDS = [
     pytest.param("simulated", id="simulated"),
@@ -134,6 +138,12 @@ def test_the_snapshot_holds_the_guest_as_it_was_when_it_began(kind, closing, tmp
     counters = query["background-snapshot"]
     assert counters["wp-faults"] > 0 and counters["pages-copied"] > 0, counters
     assert counters["pages-saved"] == counters["pages-total"] > 0
+    # every page once: the stream carries as many pages as there were to save, and its
+    # restore index has nothing to supersede
+    assert query["ram"]["normal"] + query["ram"]["duplicate"] == counters["pages-total"]
+    with open(tmp_path / "snap", "rb") as handle:
+        index = read_index(handle.fileno())
+    assert index is not None and index.superseded == []
     assert set(query["downtime-breakdown"]) == {"pause", "protect", "device-state", "resume"}
     # the snapshot over, no page is write-protected any more
     assert _protected_pages(guest) == 0
@@ -252,6 +262,53 @@ def test_pymig_migrate_background_snapshot_and_restore(tmp_path):
         assert_carries_on(dst_ctl)
     finally:
         finish(dst)
+
+
+ENOSPC_CHILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from _migration_helpers import MiB, assert_consistent, guest_config, running_guest, wait_for
+from test_background_snapshot import _protected_pages, _snapshot
+guest = running_guest(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB))
+migration = _snapshot(guest, sys.argv[1])
+print("status", migration.wait(60).value)
+query = migration.query()
+print("error", query.get("error-desc"))
+counters = query["background-snapshot"]
+print("in the pass", 0 < counters["pages-saved"] < counters["pages-total"])
+print("guest", guest.status.value, "protected", _protected_pages(guest))
+passes = guest.progress()["passes"]
+wait_for(lambda: guest.progress()["passes"] > passes + 1, what="the guest to run on")
+assert_consistent(guest)
+print("consistent")
+"""
+
+
+@needs_uffd
+def test_a_full_file_system_fails_the_snapshot_and_the_guest_runs_on(tmp_path):
+    """A 4 MiB tmpfs in a private mount namespace (nothing outside this test sees it): the
+    snapshot's write fails with ENOSPC in the middle of the pass, and the guest runs on,
+    consistent, with no page write-protected."""
+    from _childenv import child_env
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("util-linux unshare is not installed")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = (f"mount -t tmpfs -o size=4m tmpfs {mnt} && "
+              f"exec {sys.executable} -c '{ENOSPC_CHILD}' {mnt}/snap {tests}")
+    done = subprocess.run([unshare, "--mount", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=120, env=child_env())
+    if done.returncode != 0 and "Operation not permitted" in done.stderr:
+        pytest.skip(f"no private mount namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "status failed" in done.stdout, done.stdout
+    assert "ENOSPC" in done.stdout, done.stdout
+    assert "in the pass True" in done.stdout, done.stdout
+    assert "guest running protected 0" in done.stdout, done.stdout
+    assert "consistent" in done.stdout, done.stdout
 
 
 # -- refusals --------------------------------------------------------------------------------
