@@ -29,8 +29,8 @@ once it is encoded), so what they cost is one chunk plus the pages the guest wri
 the pass reaches them, at most the guest's RAM.  The two sets of pages never meet: a page
 leaves the pending bitmap once, to the one or to the other.
 
-Whatever ends the snapshot (success, failure, cancel), :meth:`WriteTracker.stop` un-protects
-all RAM and unregisters it before the fault thread stops, so no vCPU is left waiting and every
+Whatever ends the snapshot (success, failure, cancel), :meth:`WriteTracker.stop` stops the
+fault thread, then un-protects all RAM and unregisters it, so no vCPU is left waiting and every
 page is writable again.
 """
 
@@ -151,22 +151,23 @@ class WriteTracker:
         self.protect_ms = (time.perf_counter() - began) * 1000
 
     def stop(self) -> None:
-        """Un-protect all RAM (waking any vCPU waiting), unregister it, stop the fault thread,
+        """Stop the fault thread, un-protect all RAM (waking any vCPU waiting), unregister it,
         free the copies aside.  Safe to call twice."""
         from pymig._core import kvm as _kvm
 
+        if self._thread is not None:
+            # first, so that it never un-protects a page of a range no longer registered; a
+            # vCPU that faults meanwhile is woken by the un-protection right below
+            os.write(self._stop_w, b"x")
+            self._thread.join()
+            self._thread = None
         if self._uffd >= 0:
             for block in self.blocks:
                 try:
                     _writeprotect(self._uffd, block.address, block.size_bytes, 0)
                     _kvm._unsafe_uffdio_unregister(self._uffd, block.address, block.size_bytes)
-                except KvmError as exc:  # closing the fd below lifts it all the same
+                except (KvmError, MigrationError) as exc:  # closing the fd lifts it all the same
                     log.warning("background snapshot: releasing %s: %s", block.name, exc)
-        if self._thread is not None:
-            os.write(self._stop_w, b"x")
-            self._thread.join()
-            self._thread = None
-        if self._uffd >= 0:
             os.close(self._uffd)
             self._uffd = -1
         for mem, _ in self._shadows.values():
