@@ -337,6 +337,23 @@ def test_a_migration_to_a_destination_is_refused(uri, closing):
     assert migration.status.value == "none" and guest.status == "running"
 
 
+def test_a_socket_passed_as_fd_is_refused_before_anything_is_protected(closing):
+    import socket
+
+    guest = _running("simulated", closing)
+    ours, theirs = socket.socketpair()
+    closing(theirs)
+    store = ParameterStore()
+    store.set_capabilities(**{"background-snapshot": True})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(f"fd:{ours.detach()}")
+    assert migration.wait(30).value == "failed"
+    query = migration.query()
+    assert "a socket with a return path" in query["error-desc"]
+    assert "background-snapshot" not in query  # refused before the tracker existed
+    assert guest.status == "running" and _protected_pages(guest) == 0
+
+
 def test_ram_it_cannot_protect_is_refused():
     class Block:
         name, backing = "pc.ram", "hugetlb"

@@ -607,10 +607,10 @@ def check_background_snapshot(params: MigrationParameters, scheme: str, guest) -
     """Refuse a background snapshot that could not be taken, before anything starts."""
     if not params.capabilities.get("background-snapshot"):
         return
-    if scheme in TLS_SCHEMES:
+    if scheme in ("tcp", "unix"):  # (an fd: socket is refused once connected: setup)
         raise MigrationError(f"the background-snapshot capability writes a snapshot, a one-way "
-                             f"stream (file: or exec:), not a migration to a destination "
-                             f"({scheme}:)")
+                             f"stream (file:, exec:, a file or pipe as fd:), not a migration "
+                             f"to a destination ({scheme}:)")
     bgsnapshot.check_guest(guest.ram_blocks)
 
 
@@ -761,8 +761,9 @@ class _Run:
         background = params.capabilities.get("background-snapshot", False)
         if background:
             if channel.has_return_path:
-                raise MigrationError(f"a background snapshot is a one-way stream, and "
-                                     f"{channel.name} has a return path")
+                raise MigrationError(f"the background-snapshot capability writes a snapshot, "
+                                     f"a one-way stream, and {channel.name} is a socket with "
+                                     f"a return path")
             self.tracker = bgsnapshot.WriteTracker(saver.blocks, saver.bitmaps)
             self.stats.set_background_snapshot(self.tracker.query)
         saver.track_dirty = not background
