@@ -13,6 +13,8 @@ import sys
 import threading
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from _migration_helpers import (ANY_KIND, MiB, assert_carries_on, assert_consistent,
                                 block_digests, e2e_kind, finish, guest_config, guest_passes,
@@ -160,9 +162,10 @@ def test_the_snapshot_holds_the_guest_as_it_was_when_it_began(kind, closing, tmp
 
 
 @needs_uffd
-def test_memfd_ram(closing, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_memfd_ram(kind, closing, tmp_path):
     """Shared-memory RAM is protected as well (userfaultfd's shmem write protection)."""
-    guest = _running("simulated", closing, backing="memfd")
+    guest = _running(kind, closing, backing="memfd")
     start = AtStart(guest)
     migration = _snapshot(guest, tmp_path / "snap")
     assert migration.wait(120).value == "completed", migration.query()
@@ -171,6 +174,34 @@ def test_memfd_ram(closing, tmp_path):
     loaded, restored = _restore(tmp_path / "snap", closing)
     assert loaded == start.digests
     assert_consistent(restored)
+
+
+@needs_uffd
+def test_asked_to_stop_the_guest_stays_paused_once_the_snapshot_is_taken(closing, tmp_path):
+    """migrate ... resume=false (pymig migrate --stop): the snapshot still holds the guest as
+    it was when it began; the guest, which ran meanwhile, is stopped at the end."""
+    guest = _running("simulated", closing)
+    start = AtStart(guest)
+    store = ParameterStore()
+    store.set_capabilities(**{"background-snapshot": True})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(f"file:{tmp_path / 'snap'}", resume_source=False)
+    assert migration.wait(60).value == "completed", migration.query()
+    assert guest.status == "paused" and not migration.moved_away
+    loaded, _ = _restore(tmp_path / "snap", closing)
+    assert loaded == start.digests
+
+
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1))
+def test_runs_of_set_bits(bits):
+    expected = []
+    for page in range(64):
+        if bits >> page & 1:
+            if expected and sum(expected[-1]) == page:
+                expected[-1] = (expected[-1][0], expected[-1][1] + 1)
+            else:
+                expected.append((page, 1))
+    assert list(bgsnapshot._runs(bits)) == expected
 
 
 @needs_uffd
