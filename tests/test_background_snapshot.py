@@ -58,8 +58,9 @@ def closing():
         thing.close()
 
 
-def _running(kind, closing, **options):
-    guest = create(guest_config(kind, memory=64 * MiB, working_set=16 * MiB), **options)
+def _running(kind, closing, vcpus=1, **options):
+    guest = create(guest_config(kind, memory=64 * MiB, working_set=16 * MiB, vcpus=vcpus),
+                   **options)
     closing(guest)
     guest.start()
     wait_for(lambda: guest.progress()["passes"] >= 1, what="the guest to run")
@@ -120,11 +121,16 @@ def _restore(path, closing):
 
 
 @needs_uffd
-@pytest.mark.parametrize("kind", KINDS)
-def test_the_snapshot_holds_the_guest_as_it_was_when_it_began(kind, closing, tmp_path):
+@pytest.mark.parametrize("kind,vcpus", [
+    pytest.param("simulated", 1, id="simulated"),
+    pytest.param("simulated", 2, id="simulated-2vcpus"),
+    pytest.param("kvm", 1, id="kvm", marks=pytest.mark.kvm),
+    pytest.param("kvm", 2, id="kvm-2vcpus", marks=pytest.mark.kvm),
+])
+def test_the_snapshot_holds_the_guest_as_it_was_when_it_began(kind, vcpus, closing, tmp_path):
     """The guest writes its pages all along the snapshot; the restored RAM is exactly what it
     was at the snapshot's start, byte for byte, and the restored guest checks clean."""
-    guest = _running(kind, closing)
+    guest = _running(kind, closing, vcpus)
     start = AtStart(guest)
     statuses: list[str] = []
     migration = _snapshot(guest, tmp_path / "snap", trace=tmp_path / "trace")
