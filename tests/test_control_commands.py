@@ -11,7 +11,7 @@ from _control_helpers import (WAIT_S, migrate_incoming, next_event, refused,
                               start_slow_migration, statuses_until_end, wait_status)
 from _migration_helpers import assert_carries_on, wait_for
 from pymig.control import COMMANDS, ControlServer
-from pymig.qmp import QmpClient, control_address
+from pymig.qmp import QmpClient, QmpError, control_address
 from pymig.session import Session
 
 MiB = 1 << 20
@@ -88,14 +88,26 @@ def test_capabilities_set_and_query(source):
                     {"capability": "auto-converge", "state": False},
                     {"capability": "dirty-limit", "state": False},
                     {"capability": "pause-before-switchover", "state": False},
-                    {"capability": "postcopy-ram", "state": False}]
+                    {"capability": "postcopy-ram", "state": False},
+                    {"capability": "background-snapshot", "state": False}]
     client.command("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}])
     assert {c["capability"]: c["state"] for c in client.command(
         "query-migrate-capabilities")} == {"block": False, "auto-converge": True,
                                            "dirty-limit": False,
                                            "pause-before-switchover": False,
-                                           "postcopy-ram": False}
+                                           "postcopy-ram": False,
+                                           "background-snapshot": False}
+    # capabilities that exclude each other are refused together, as QEMU refuses them
+    with pytest.raises(QmpError, match="Background-snapshot is not compatible with "
+                                       "auto-converge"):
+        client.command("migrate-set-capabilities", capabilities=[
+            {"capability": "background-snapshot", "state": True}])
+    client.command("migrate-set-capabilities", capabilities=[
+        {"capability": "auto-converge", "state": False},
+        {"capability": "background-snapshot", "state": True}])
+    assert {c["capability"]: c["state"] for c in client.command(
+        "query-migrate-capabilities")}["background-snapshot"] is True
 
 
 def test_migrate_to_a_deferred_destination(pair, tmp_path):

@@ -369,6 +369,10 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--postcopy-after", type=click.IntRange(1, None), default=None, metavar="N",
               help="with --postcopy: switch to post-copy by itself once N passes over RAM "
                    "are through (default: only on migrate-start-postcopy)")
+@click.option("--background-snapshot", is_flag=True, default=None,
+              help="the background-snapshot capability (file: or exec: only): the snapshot "
+                   "holds the guest as it was when it began, and the guest runs on while it "
+                   "is written (pauses only to write-protect its RAM)")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="write one JSON line per iteration to this file (on the source's side)")
 @click.option("--keep-source", is_flag=True,
@@ -386,8 +390,8 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--json", "as_json", is_flag=True,
               help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
-            auto_converge, dirty_limit, no_dirty_limit, postcopy, postcopy_after, trace,
-            keep_source, stop_guest, blk, inc, as_json) -> None:
+            auto_converge, dirty_limit, no_dirty_limit, postcopy, postcopy_after,
+            background_snapshot, trace, keep_source, stop_guest, blk, inc, as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar.
 
     Every run sets each parameter and capability it has a flag for, to the flag's value or its
@@ -411,7 +415,7 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
         "compression": compression, "auto-converge": auto_converge,
         "dirty-limit": True if dirty_limit is not None else None,
         "vcpu-dirty-limit": dirty_limit, "postcopy-ram": postcopy,
-        "x-postcopy-after": postcopy_after})
+        "x-postcopy-after": postcopy_after, "background-snapshot": background_snapshot})
     if postcopy_after is not None and not postcopy:
         _fail("--postcopy-after needs --postcopy")
     arguments = {"uri": uri}

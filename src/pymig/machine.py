@@ -228,10 +228,21 @@ class Machine:
 
     def save_device_state(self, writer: "stream.StreamWriter") -> None:
         """Every state entry as a FULL section (vCPUs paused)."""
+        self.write_device_state(writer, self.encode_device_state())
+
+    def encode_device_state(self) -> list[tuple[SaveStateEntry, bytes]]:
+        """Every state entry and its encoded state, as of now (vCPUs paused): a background
+        snapshot encodes them at its start and writes them after RAM."""
         state = self.guest.save_state()
-        for entry in self.registry.state_entries():
+        return [(entry, self._encode_state(entry, state))
+                for entry in self.registry.state_entries()]
+
+    @staticmethod
+    def write_device_state(writer: "stream.StreamWriter",
+                           records: list[tuple[SaveStateEntry, bytes]]) -> None:
+        for entry, payload in records:
             writer.full(entry.section_id, entry.idstr, entry.instance_id, entry.version_id,
-                        self._encode_state(entry, state))
+                        payload)
 
     def rehearse_state_save(self) -> None:
         """Encode a blank object of every state entry's description, so that the switchover's

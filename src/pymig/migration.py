@@ -5,6 +5,7 @@
     stateDiagram-v2
         none --> setup : migrate(uri)
         setup --> active : entries set up, stream header sent
+        active --> completed : background-snapshot: every page saved (the guest ran all along)
         active --> device : policy says switch over; vCPUs stop
         active --> postcopy_active : migrate-start-postcopy (or x-postcopy-after passes); vCPUs stop
         postcopy_active --> completed : every page placed at the destination
@@ -46,9 +47,10 @@ import threading
 import time
 from typing import Callable
 
+from pymig import bgsnapshot
 from pymig import policy as policy_mod
 from pymig import postcopy as postcopy_mod
-from pymig import stream, transport
+from pymig import core, stream, transport
 from pymig.estimate import DestinationProgress
 from pymig.errors import MigrationError, PymigError, TransportError
 from pymig.machine import Machine, SectionOut
@@ -80,8 +82,9 @@ class Status(str, enum.Enum):
 _ALLOWED: dict[Status, set[Status]] = {
     Status.NONE: {Status.SETUP},
     Status.SETUP: {Status.ACTIVE, Status.FAILED, Status.CANCELLING},
-    Status.ACTIVE: {Status.PRE_SWITCHOVER, Status.DEVICE, Status.POSTCOPY_ACTIVE, Status.FAILED,
-                    Status.CANCELLING},
+    # (active -> completed: a background snapshot, which has no stop-and-copy)
+    Status.ACTIVE: {Status.PRE_SWITCHOVER, Status.DEVICE, Status.POSTCOPY_ACTIVE,
+                    Status.COMPLETED, Status.FAILED, Status.CANCELLING},
     # the guest is stopped, waiting for migrate-continue (pause-before-switchover)
     Status.PRE_SWITCHOVER: {Status.DEVICE, Status.FAILED, Status.CANCELLING},
     Status.POSTCOPY_ACTIVE: {Status.COMPLETED, Status.POSTCOPY_PAUSED, Status.FAILED,
@@ -203,6 +206,7 @@ class Migration:
             incremental=inc)
         check_dirty_limit(self.params.snapshot(), self.machine.guest)
         check_postcopy(self.params.snapshot(), parsed.scheme, self.machine.guest)
+        check_background_snapshot(self.params.snapshot(), parsed.scheme, self.machine.guest)
         tls = tls_for(self.params.snapshot(), parsed, self.credentials)
         self.resume_source = resume_source
         self.scheme = parsed.scheme
@@ -352,8 +356,11 @@ class Migration:
         run = _Run(self)
         try:
             run.setup(uri)
-            run.converge()
-            run.stop_and_copy()
+            if run.tracker is not None:
+                run.background_snapshot()
+            else:
+                run.converge()
+                run.stop_and_copy()
         except BaseException as exc:  # noqa: BLE001 - every failure leaves the guest as it was
             run.failed(exc)
         finally:
@@ -605,6 +612,17 @@ def check_postcopy(params: MigrationParameters, scheme: str, guest) -> None:
     postcopy_mod.check_backing(guest.ram_blocks)
 
 
+def check_background_snapshot(params: MigrationParameters, scheme: str, guest) -> None:
+    """Refuse a background snapshot that could not be taken, before anything starts."""
+    if not params.capabilities.get("background-snapshot"):
+        return
+    if scheme in ("tcp", "unix"):  # (an fd: socket is refused once connected: setup)
+        raise MigrationError(f"the background-snapshot capability writes a snapshot, a one-way "
+                             f"stream (file:, exec:, a file or pipe as fd:), not a migration "
+                             f"to a destination ({scheme}:)")
+    bgsnapshot.check_guest(guest.ram_blocks)
+
+
 def postcopy_due(requested: bool, iteration: int, params: MigrationParameters) -> bool:
     """Whether to switch to post-copy at this sync: asked for (migrate-start-postcopy), or
     ``x-postcopy-after`` passes over RAM are through (the sync after pass N is number N+1)."""
@@ -724,6 +742,8 @@ class _Run:
         self.course = Course()
         self.paused_by_us = False  # the stop-and-copy stopped a running guest: run it again after
         self.advised_at = 0  # the stream offset past post-copy's ADVISE
+        # with the background-snapshot capability: RAM's write protection (setup makes it)
+        self.tracker: bgsnapshot.WriteTracker | None = None
         self.to_postcopy = False  # converging ended in a switch to post-copy
 
     def _live(self, handler: str) -> None:
@@ -748,6 +768,15 @@ class _Run:
             raise Cancelled("migration cancelled")
         channel.set_max_bandwidth(params.max_bandwidth)
         saver.compress = params.compression == "lz4"
+        background = params.capabilities.get("background-snapshot", False)
+        if background:
+            if channel.has_return_path:
+                raise MigrationError(f"the background-snapshot capability writes a snapshot, "
+                                     f"a one-way stream, and {channel.name} is a socket with "
+                                     f"a return path")
+            self.tracker = bgsnapshot.WriteTracker(saver.blocks, saver.bitmaps)
+            self.stats.set_background_snapshot(self.tracker.query)
+        saver.track_dirty = not background
         self.writer = writer = stream.StreamWriter(channel)
         saver.on_packet = self._packet_sent
         if params.capabilities.get("postcopy-ram"):
@@ -980,10 +1009,48 @@ class _Run:
             raise
         phases.mark("send")
 
+    # -- background snapshot ---------------------------------------------------------------------
+    def background_snapshot(self) -> None:
+        """Stop the vCPUs, write-protect RAM, encode the device state, let the vCPUs run on;
+        then save every page as it was at the stop, and the device state after them
+        (pymig.bgsnapshot); active → completed.  The downtime is the stop alone."""
+        m, guest, saver, tracker = self.migration, self.guest, self.saver, self.tracker
+        phases = DowntimePhases(time.time_ns())
+        self.paused_by_us = guest.status == "running"
+        guest.pause()
+        phases.mark("pause")
+        for bitmap, block in zip(saver.bitmaps, saver.blocks):
+            # with the vCPUs stopped: a page first written before now is resident now
+            core.bitmap_merge(bitmap, block.touched(), block.npages)
+        tracker.protect()
+        phases.mark("protect")
+        device_state = self.machine.encode_device_state()
+        phases.mark("device-state")
+        if self.paused_by_us:
+            guest.resume()
+            self.paused_by_us = False
+        phases.mark("resume")
+        self.stats.set_downtime(phases.total_s, phases.seconds)
+        ram = SectionOut(self.writer, self.machine.registry.find(RAM_IDSTR, 0))
+        bgsnapshot.save_ram(
+            saver, ram, tracker, check=lambda: m._check(None),
+            trace=lambda: self.stats.record_background_snapshot(
+                tracker.query(), tracker.pending_pages() * self.stats.page_size))
+        self.machine.write_device_state(self.writer, device_state)
+        self._commit_one_way(DowntimePhases(time.time_ns()))
+        tracker.stop()
+        self.stats.completed(phases.total_s, phases.seconds)
+        if not m.resume_source and guest.status == "running":
+            guest.pause()  # asked to stop once the snapshot is taken
+        m._transition(Status.ACTIVE, Status.COMPLETED)
+
     # -- the end, whatever it is -----------------------------------------------------------------
     def failed(self, exc: BaseException) -> None:
         """The migration failed or was cancelled: the guest as it was, the destination told."""
         m, ret = self.migration, self.ret
+        if self.tracker is not None:
+            # before the guest resumes: every page writable again, no vCPU left waiting
+            _quietly("lifting the write protection", self.tracker.stop)
         if ret is not None and isinstance(exc, TransportError):
             # A destination that refuses the stream says why on the return path, then
             # closes; that reason matters more than the broken pipe it causes here.
@@ -1003,6 +1070,8 @@ class _Run:
         closed under a running migration (its process quitting) must not keep the others
         from releasing what they hold."""
         m, guest, stats, course = self.migration, self.guest, self.stats, self.course
+        if self.tracker is not None:
+            _quietly("lifting the write protection", self.tracker.stop)
         for entry in self.machine.registry.live_entries():
             _quietly(f"cleaning up {entry.name}", entry.handlers.cleanup, entry.opaque)
         if course.throttle_pct:

@@ -104,9 +104,27 @@ CAPABILITIES: dict[str, str] = {
     "postcopy-ram": "switch to post-copy on migrate-start-postcopy: the guest runs at the "
                     "destination at once and its missing pages follow, those it touches first "
                     "(both sides)",
+    "background-snapshot": "a one-way snapshot (file:, exec:) of the guest as it was when it "
+                           "began, taken while the guest runs on: RAM is write-protected and "
+                           "each page saved before the guest's first write to it",
 }
 
 _BY_NAME = {p.name: p for p in PARAMETERS}
+
+#: Capabilities a background snapshot refuses to run with: QEMU's list
+#: (check_caps_background_snapshot) where pymig has the capability, and dirty-limit and
+#: block, which need passes tracking dirty pages that a background snapshot does not make.
+BACKGROUND_SNAPSHOT_EXCLUDES = ("postcopy-ram", "pause-before-switchover", "auto-converge",
+                                "dirty-limit", "block")
+
+
+def check_capabilities(caps: dict[str, bool]) -> None:
+    """Refuse a set of capabilities that exclude each other, as QEMU's migrate_caps_check
+    does when they are set (its words)."""
+    if caps.get("background-snapshot"):
+        for name in BACKGROUND_SNAPSHOT_EXCLUDES:
+            if caps.get(name):
+                raise ValueError(f"Background-snapshot is not compatible with {name}")
 
 
 @dataclass
@@ -210,6 +228,8 @@ class ParameterStore:
             if not isinstance(value, bool):
                 raise ValueError(f"capability {name} must be true or false, not {value!r}")
         with self._lock:
+            combined = {**self._params.capabilities, **caps}
+            check_capabilities(combined)
             self._params.capabilities.update(caps)
 
     def on_change(self, callback) -> None:

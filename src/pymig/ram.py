@@ -275,6 +275,9 @@ class RamSaver:
         self.compress = True
         self._compress_state = core.new_compress_state()
         self._logging = False
+        # False for a background snapshot: its one pass saves pages as they were at its start,
+        # whatever the guest writes since (pymig.bgsnapshot), so nothing tracks dirty pages
+        self.track_dirty = True
         self.cancelled: Callable[[], bool] = lambda: False
         # iterate() stops at the first chunk boundary after this time.monotonic() (inf: it
         # sends everything); the next call goes on from there, wrapping around at the end
@@ -302,8 +305,9 @@ class RamSaver:
         here, or an earlier migration's (a failed one, a snapshot) would read as this one's
         backlog and bandwidth.  Bits a failed migration left in the migration bitmap stay:
         they only send a page again."""
-        self.guest.start_dirty_log()
-        self._logging = True
+        if self.track_dirty:
+            self.guest.start_dirty_log()
+            self._logging = True
         self._resume = (0, 0)
         self.swept = False
         self.page_bytes_sent = 0
@@ -408,6 +412,34 @@ class RamSaver:
         self._mark_sent(before)
         self.swept = True
         return True
+
+    def send_pages(self, out, index: int, array: np.ndarray, bitmap: np.ndarray, first: int,
+                   end: int) -> int:
+        """Encode the pages of ``bitmap`` in [first, end) of block ``index`` from ``array``
+        (the block's memory, or a copy of it laid out the same) and send them; returns how
+        many pages went.  The bits sent are cleared.  Every page is encoded when this returns
+        (the packets may still be on their way: :attr:`sender`'s ``drain`` waits for them)."""
+        block = self.blocks[index]
+        compress = self._compress_state if self.compress else None
+        cursor, pages = first, 0
+        try:
+            while True:
+                if self.cancelled():
+                    raise MigrationError("migration cancelled")
+                buf = self.sender.buffer()
+                limit = self.packet_limit_bytes
+                out_buf = buf if limit >= len(buf) else memoryview(buf)[:limit]
+                result = core.encode_packet(array, block.page_size, block.block_id, bitmap, end,
+                                            cursor, out_buf, compress)
+                if result.nbytes == 0:
+                    self.sender.give_back(buf)
+                    return pages
+                pages += result.normal_pages + result.zero_pages
+                self.sender.submit(buf, self._send_job(out, buf, result, block.page_size))
+                cursor = result.cursor
+        except BaseException:
+            self.sender.abandon()
+            raise
 
     def _mark_sent(self, before: list[np.ndarray]) -> None:
         """Bits taken from the migration bitmaps since ``before`` were sent."""

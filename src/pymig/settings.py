@@ -60,6 +60,7 @@ COMMAND_LINE: tuple[Setting, ...] = (
     Setting("vcpu-dirty-limit", show=lambda v: f"{v:,} pages/s per vCPU" if v else "none"),
     Setting("postcopy-ram", capability=True, show=_on_off),
     Setting("x-postcopy-after", show=lambda v: f"{v} passes" if v else "on request"),
+    Setting("background-snapshot", capability=True, show=_on_off),
 )
 
 
@@ -137,6 +138,8 @@ def describe(parameters: Mapping[str, Any], capabilities: Mapping[str, bool]) ->
         if setting.name in ("postcopy-ram", "x-postcopy-after") \
                 and not capabilities.get("postcopy-ram"):
             continue  # named only where a migration may switch to post-copy
+        if setting.name == "background-snapshot" and not capabilities.get(setting.name):
+            continue  # named only where the snapshot is one
         if setting.name in values:
             own.append(f"{setting.name} {setting.show(values[setting.name])}")
     names = _setting_names()

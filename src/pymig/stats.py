@@ -109,6 +109,9 @@ class TraceRecord:
     # after a switch to post-copy (action "postcopy"): requests served, pages sent because
     # asked for and pages pushed so far (a record every POSTCOPY_TRACE_S and one at the end)
     postcopy: dict | None = None
+    # during a background snapshot's pass (action "background-snapshot"): its write faults,
+    # the pages copied aside before the pass reached them, and the pages saved so far
+    background_snapshot: dict | None = None
 
     def to_json(self) -> str:
         line = dataclasses.asdict(self)
@@ -118,7 +121,8 @@ class TraceRecord:
         return json.dumps(line, separators=(",", ":"))
 
 
-OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits", "postcopy")
+OPTIONAL_TRACE_KEYS = ("vcpu_dirty_rates", "vcpu_dirty_limits", "postcopy",
+                       "background_snapshot")
 
 
 class TraceWriter:
@@ -213,6 +217,7 @@ class MigrationStats:
         self._expected_at_switchover: float | None = None
         self._tls: dict[str, Any] | None = None
         self._postcopy: Callable[[], dict] | None = None
+        self._background_snapshot: Callable[[], dict] | None = None
 
     # --- the migration thread's side --------------------------------------------------------
 
@@ -317,6 +322,13 @@ class MigrationStats:
     def record_postcopy(self, counters: dict, pending_bytes: int) -> TraceRecord:
         """A trace line of the post-copy phase: what went since the last line, what is left,
         and the post-copy counters so far."""
+        return self._record_phase("postcopy", counters, pending_bytes)
+
+    def record_background_snapshot(self, counters: dict, pending_bytes: int) -> TraceRecord:
+        """A trace line of a background snapshot's pass, as :meth:`record_postcopy`'s."""
+        return self._record_phase("background-snapshot", counters, pending_bytes)
+
+    def _record_phase(self, action: str, counters: dict, pending_bytes: int) -> TraceRecord:
         with self._lock:
             now, period, sent_bytes, sent_pages = self._close_period()
             self._remaining = pending_bytes
@@ -326,8 +338,8 @@ class MigrationStats:
                 bytes=sent_bytes, bandwidth=sent_pages * self.page_size / period
                 if period > 0 else 0.0, stopped_bandwidth=0.0, expected_downtime=None,
                 pending_bytes=pending_bytes, throttle_pct=self._throttle, dirty_rate=0.0,
-                page_size=self.page_size, action="postcopy", reason="postcopy",
-                postcopy=dict(counters))
+                page_size=self.page_size, action=action, reason=action,
+                **{action.replace("-", "_"): dict(counters)})
             if self._trace is not None:
                 self._trace.write(record)
             return record
@@ -357,6 +369,12 @@ class MigrationStats:
         """Post-copy's counters come from ``query()`` (query-migrate's ``postcopy``)."""
         with self._lock:
             self._postcopy = query
+
+    def set_background_snapshot(self, query: Callable[[], dict]) -> None:
+        """A background snapshot's counters come from ``query()`` (query-migrate's
+        ``background-snapshot``)."""
+        with self._lock:
+            self._background_snapshot = query
 
     def set_downtime(self, downtime_s: float, phases: dict[str, float] | None = None) -> None:
         """The downtime is known before the end (post-copy: the guest runs at the destination
@@ -460,8 +478,11 @@ class MigrationStats:
                 info["downtime-breakdown"] = {phase: round(seconds * 1000, 2) for phase, seconds
                                               in self._downtime_phases.items()}
             postcopy = self._postcopy
+            background = self._background_snapshot
         if postcopy is not None:
             info["postcopy"] = postcopy()
+        if background is not None:
+            info["background-snapshot"] = background()
         return info
 
 

@@ -1037,8 +1037,9 @@ DIRTY_GFN_BYTES = 16
 
 # --------------------------------------------------------------------------------------------
 # userfaultfd (post-copy): the destination's guest RAM faults to a handler thread, which
-# places each page once it has arrived.  The same module as KVM's ioctls: one place calls
-# ioctl, whatever the device.
+# places each page once it has arrived; (background snapshots) a write to a write-protected
+# page of the source's RAM faults to a thread that saves the page before it lets the write
+# through.  The same module as KVM's ioctls: one place calls ioctl, whatever the device.
 
 cdef extern from *:
     """
@@ -1052,6 +1053,7 @@ cdef extern from *:
     _Static_assert(offsetof(struct uffd_msg, arg.pagefault.address) == 16, "uffd_msg address");
     _Static_assert(offsetof(struct uffd_msg, arg.pagefault.feat.ptid) == 24, "uffd_msg ptid");
     _Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy");
+    _Static_assert(sizeof(struct uffdio_writeprotect) == 24, "uffdio_writeprotect");
 
     static long pymig_userfaultfd(int flags) { return syscall(__NR_userfaultfd, flags); }
     """
@@ -1059,11 +1061,17 @@ cdef extern from *:
     const unsigned long long UFFD_API
     const unsigned long long UFFD_FEATURE_THREAD_ID
     const unsigned long long UFFDIO_REGISTER_MODE_MISSING
+    const unsigned long long UFFDIO_REGISTER_MODE_WP
+    const unsigned long long UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    const unsigned long long UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    const unsigned long long UFFD_PAGEFAULT_FLAG_WP
+    const unsigned long long UFFDIO_WRITEPROTECT_MODE_WP
+    const unsigned long long UFFDIO_WRITEPROTECT_MODE_DONTWAKE
     const unsigned long long UFFDIO_COPY_MODE_DONTWAKE
     const int UFFD_EVENT_PAGEFAULT
     const unsigned long long UFFD_PAGEFAULT_FLAG_WRITE
     const unsigned long UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_COPY
-    const unsigned long UFFDIO_ZEROPAGE, UFFDIO_WAKE
+    const unsigned long UFFDIO_ZEROPAGE, UFFDIO_WAKE, UFFDIO_WRITEPROTECT
     struct c_uffdio_api "uffdio_api":
         unsigned long long api
         unsigned long long features
@@ -1085,6 +1093,9 @@ cdef extern from *:
         c_uffdio_range range
         unsigned long long mode
         long long zeropage
+    struct c_uffdio_writeprotect "uffdio_writeprotect":
+        c_uffdio_range range
+        unsigned long long mode
 
 from libc.errno cimport EEXIST
 
@@ -1093,6 +1104,12 @@ REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING
 COPY_MODE_DONTWAKE = UFFDIO_COPY_MODE_DONTWAKE
 EVENT_PAGEFAULT = UFFD_EVENT_PAGEFAULT
 PAGEFAULT_FLAG_WRITE = UFFD_PAGEFAULT_FLAG_WRITE
+REGISTER_MODE_WP = UFFDIO_REGISTER_MODE_WP
+FEATURE_PAGEFAULT_FLAG_WP = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+FEATURE_WP_HUGETLBFS_SHMEM = UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+PAGEFAULT_FLAG_WP = UFFD_PAGEFAULT_FLAG_WP
+WRITEPROTECT_MODE_WP = UFFDIO_WRITEPROTECT_MODE_WP
+WRITEPROTECT_MODE_DONTWAKE = UFFDIO_WRITEPROTECT_MODE_DONTWAKE
 UFFD_MSG_BYTES = 32
 
 
@@ -1122,7 +1139,8 @@ def uffdio_api(int uffd, unsigned long long features):
 
 def _unsafe_uffdio_register(int uffd, unsigned long long start, unsigned long long length,
                             unsigned long long mode):
-    """UFFDIO_REGISTER: faults of ``mode`` (:data:`REGISTER_MODE_MISSING`) on
+    """UFFDIO_REGISTER: faults of ``mode`` (:data:`REGISTER_MODE_MISSING`,
+    :data:`REGISTER_MODE_WP`, or both) on
     [start, start + length) go to the userfaultfd; returns the ioctls the range supports.
 
     Safety: the range must be a mapping the caller owns (guest RAM) for as long as it is
@@ -1210,3 +1228,29 @@ def _unsafe_uffdio_wake(int uffd, unsigned long long start, unsigned long long l
     rng.start = start
     rng.len = length
     _io(uffd, UFFDIO_WAKE, &rng, b"UFFDIO_WAKE")
+
+
+def _unsafe_uffdio_writeprotect(int uffd, unsigned long long start, unsigned long long length,
+                                unsigned long long mode):
+    """UFFDIO_WRITEPROTECT: with ``mode`` :data:`WRITEPROTECT_MODE_WP`, a write to a page of
+    [start, start + length) faults to the userfaultfd (a WRITE|WP fault) until the range is
+    un-protected; with ``mode`` 0, un-protect it and wake the threads waiting there (unless
+    :data:`WRITEPROTECT_MODE_DONTWAKE`).  KVM drops its writable mappings of a range protected
+    here, so a vCPU's write faults too.
+
+    Safety: the range must be registered on ``uffd`` with :data:`REGISTER_MODE_WP`; a thread
+    writing a protected page blocks until the handler un-protects it (closing the fd releases
+    it).  Errnos: EBADF, EINVAL (unaligned, a mode not allowed), ENOENT (a range not
+    registered for write protection), EAGAIN (the mapping changing: retry), EFAULT."""
+    cdef c_uffdio_writeprotect wp
+    cdef long rc
+    cdef int err = 0
+    wp.range.start = start
+    wp.range.len = length
+    wp.mode = mode
+    with nogil:
+        rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &wp)
+        if rc < 0:
+            err = errno
+    if rc < 0:
+        _fail(b"UFFDIO_WRITEPROTECT", err)
