@@ -6,7 +6,10 @@ the whole migration:
 
 * a page nobody touched since the mmap is zero and is not resident, so :meth:`RamBlock.touched`
   (``mincore``) tells which pages may hold data without reading a single page: an idle guest
-  with 16 GiB of RAM costs what it touched, not what it has;
+  with 16 GiB of RAM costs what it touched, not what it has.  A page the host swapped out is
+  not resident either, yet holds data: with swap in use, ``touched`` also asks where each
+  page is (the page map's swap bit; a memfd's SEEK_DATA, shmem keeping no swap entry in the
+  page tables);
 * the first write to a fresh page costs a fault (~1.5 us per 4 KiB page here, a third of that
   with transparent huge pages; on a host that is itself a VM, ten times that for memory its
   hypervisor took back), so blocks ask for huge pages and a destination can populate its RAM
@@ -51,6 +54,50 @@ def madvise(address: int, length: int, advice: int) -> None:
         if err != errno.EINTR:
             raise OSError(err, f"madvise({advice}) of {length} bytes at {address:#x}: "
                                f"{os.strerror(err)}")
+
+
+def swap_in_use() -> bool:
+    """Whether the host has swap space (a swap device or file, zram and zswap included);
+    True when /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"SwapTotal:"):
+                    return int(line.split()[1]) > 0
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _pread_whole(path: str, view: memoryview, offset: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{path}: {done} of {len(view)} bytes at {offset:#x}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def _data_pages(fd: int, host_pages: int) -> np.ndarray:
+    """Per host page of the file ``fd``, whether it holds data (SEEK_DATA / SEEK_HOLE)."""
+    pages = np.zeros(host_pages, dtype=bool)
+    end = host_pages * mmap.PAGESIZE
+    at = 0
+    while at < end:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data past here
+                break
+            raise
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        pages[start // mmap.PAGESIZE:(stop + mmap.PAGESIZE - 1) // mmap.PAGESIZE] = True
+        at = stop
+    return pages
 
 
 def touch_without_gil(address: int, nbytes: int) -> None:
@@ -228,7 +275,8 @@ class RamBlock:
 
         A clear bit means the page was never faulted in since allocation, so it is zero and need
         not be read.  Set bits are a superset of the written pages (reads and huge pages fault
-        in neighbours too); callers still zero-check them.
+        in neighbours too); callers still zero-check them.  A page swapped out counts as
+        touched: it holds data the migration must read.
         """
         vec = np.empty(self.npages * self.page_size // mmap.PAGESIZE, dtype=np.uint8)
         if _libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size_bytes),
@@ -236,6 +284,9 @@ class RamBlock:
             err = ctypes.get_errno()
             raise OSError(err, f"mincore on RAM block {self.name!r}: {os.strerror(err)}")
         resident = (vec & 1).astype(bool)
+        # (asked after mincore: a page swapped out before it was, swap is still there now)
+        if self.backing != "hugetlb" and swap_in_use():
+            resident |= self._swapped_or_allocated()
         if self.page_size != mmap.PAGESIZE:
             resident = resident.reshape(self.npages, -1).any(axis=1)
         words = (self.npages + 63) // 64
@@ -243,6 +294,18 @@ class RamBlock:
         bits = np.packbits(resident, bitorder="little")
         packed[: bits.size] = bits
         return packed.view("<u8").astype(np.uint64, copy=False)
+
+    def _swapped_or_allocated(self) -> np.ndarray:
+        """Per host page, whether it may hold data mincore cannot see: for anonymous memory,
+        swapped out (bit 62 of its page map entry, readable without privileges); for a
+        memfd, every page of the file that holds data (SEEK_DATA), swapped or not."""
+        host_pages = self.size_bytes // mmap.PAGESIZE
+        if self.fd is not None:
+            return _data_pages(self.fd, host_pages)
+        entries = np.empty(host_pages, dtype="<u8")
+        _pread_whole("/proc/self/pagemap", memoryview(entries).cast("B"),
+                     self.address // mmap.PAGESIZE * 8)
+        return ((entries >> np.uint64(62)) & np.uint64(1)).astype(bool)
 
     def populate(self, first_page: int, npages: int, *, threads: int | None = None,
                  chunk_bytes: int = POPULATE_CHUNK_BYTES) -> None:

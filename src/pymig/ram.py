@@ -318,7 +318,8 @@ class RamSaver:
             seen[:] = 0
             sent[:] = 0
         # Order matters: logging first, then mincore. A page first written after the mincore
-        # is in the dirty log; one written before is resident, so it is in `touched`.
+        # is in the dirty log; one written before is resident or swapped out, so it is in
+        # `touched`.
         for bitmap, block in zip(self.bitmaps, self.blocks):
             core.bitmap_merge(bitmap, block.touched(), block.npages)
         out.start(describe_blocks(self.blocks))
