@@ -88,14 +88,16 @@ def test_capabilities_set_and_query(source):
                     {"capability": "auto-converge", "state": False},
                     {"capability": "dirty-limit", "state": False},
                     {"capability": "pause-before-switchover", "state": False},
-                    {"capability": "postcopy-ram", "state": False}]
+                    {"capability": "postcopy-ram", "state": False},
+                    {"capability": "postcopy-preempt", "state": False}]
     client.command("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}])
     assert {c["capability"]: c["state"] for c in client.command(
         "query-migrate-capabilities")} == {"block": False, "auto-converge": True,
                                            "dirty-limit": False,
                                            "pause-before-switchover": False,
-                                           "postcopy-ram": False}
+                                           "postcopy-ram": False,
+                                           "postcopy-preempt": False}
 
 
 def test_migrate_to_a_deferred_destination(pair, tmp_path):

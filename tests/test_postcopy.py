@@ -48,9 +48,12 @@ class Run:
     """A post-copy migration between two threads of this process."""
 
     def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
-                 timeout=120.0, trace=None, guest_options=None):
+                 timeout=120.0, trace=None, guest_options=None, dest_preempt=None):
+        if dest_preempt is None:  # as the source, unless the test says otherwise
+            dest_preempt = bool((capabilities or {}).get("postcopy-preempt"))
         self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
-                                 postcopy=dest_postcopy, guest_options=guest_options)
+                                 postcopy=dest_postcopy, guest_options=guest_options,
+                                 postcopy_preempt=dest_preempt)
         bound = self.incoming.listen()
         self.box: dict = {}
         self.dest_statuses: list[str] = []
@@ -413,25 +416,30 @@ def test_page_requests_are_bounded_and_served_once(cleanup):
 
 
 @needs_uffd
-def test_pymig_migrate_postcopy_between_processes(tmp_path):
-    """pymig incoming --postcopy and pymig migrate --postcopy --postcopy-after 1: the
-    MIGRATION events go through postcopy-active, the guest runs on at the destination with
-    its self-check clean, and query-migrate there reports the post-copy figures."""
+@pytest.mark.parametrize("preempt", [False, True], ids=["main", "preempt"])
+def test_pymig_migrate_postcopy_between_processes(preempt, tmp_path):
+    """pymig incoming --postcopy and pymig migrate --postcopy --postcopy-after 1 (and
+    --postcopy-preempt on both): the MIGRATION events go through postcopy-active, the guest
+    runs on at the destination with its self-check clean, and query-migrate there reports
+    the post-copy figures."""
     from _migration_helpers import (assert_carries_on, finish, run_pymig, start_destination,
                                     start_source)
     from pymig.qmp import QmpClient
 
+    flags = ("--postcopy-preempt",) if preempt else ()
     src, src_ctl = start_source("simulated", tmp_path)
-    dst, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--postcopy")
+    dst, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--postcopy", *flags)
     try:
         with QmpClient(dst_ctl) as watcher:
-            done = run_pymig("migrate", "--control", src_ctl, bound, "--postcopy",
+            done = run_pymig("migrate", "--control", src_ctl, bound, "--postcopy", *flags,
                              "--postcopy-after", "1", "--downtime-limit", "1", "--json")
             assert done.returncode == 0, done.stderr
             info = json.loads(done.stdout)
             assert info["status"] == "completed" and info["switchover-reason"] == "postcopy"
             assert info["settings"]["capabilities"]["postcopy-ram"] is True
+            assert info["settings"]["capabilities"]["postcopy-preempt"] is preempt
             assert "postcopy-ram on" in done.stderr
+            assert ("postcopy-preempt on" in done.stderr) is preempt
             wait_for(lambda: watcher.command("query-migrate")["status"] == "completed",
                      what="the destination to complete")
             statuses = []
@@ -557,6 +565,149 @@ def test_a_paused_postcopy_recovers_and_the_guest_checks_clean(kind, cleanup):
     toucher.join(10)
     assert not toucher.is_alive()
     assert run.incoming.postcopy.pages_left() == 0
+    assert_consistent(run.destination)
+
+
+# -- the preempt channel (postcopy-preempt) ---------------------------------------------------
+
+PREEMPT = {"postcopy-preempt": True}
+
+
+def test_advise_resume_and_preempt_carry_the_token_or_are_refused():
+    token = postcopy.new_token()
+    for op, payload in ((postcopy.OP_ADVISE, postcopy.advise_payload(token)),
+                        (postcopy.OP_ADVISE, postcopy.advise_payload())):
+        assert postcopy.parse_op(payload, 0) == op
+    assert postcopy.parse_token(postcopy.advise_payload(token), 0) == token
+    assert postcopy.parse_token(postcopy.advise_payload(), 0) is None
+    preempt = postcopy._WITH_TOKEN.pack(postcopy.OP_PREEMPT, 0, token)
+    assert postcopy.parse_op(preempt, 0) == postcopy.OP_PREEMPT
+    assert postcopy.parse_token(preempt, 0) == token
+    for bad in (postcopy._OP.pack(postcopy.OP_PREEMPT),  # PREEMPT without its token
+                postcopy._WITH_TOKEN.pack(postcopy.OP_ADVISE, 0x02, token),  # unknown flag
+                postcopy._WITH_TOKEN.pack(postcopy.OP_RESUME, 0, token),  # token, no flag
+                postcopy._WITH_TOKEN.pack(postcopy.OP_PREEMPT, 1, token),
+                postcopy.advise_payload(token) + b"\0",
+                bytes([postcopy.OP_ADVISE, 0, 1, 0])):
+        with pytest.raises(StreamError):
+            postcopy.parse_op(bad, 0)
+
+
+@pytest.mark.parametrize("uri", ["exec:cat > /dev/null", "file:{tmp}/snap", "fd:0"])
+def test_postcopy_preempt_is_refused_where_no_second_connection_can_be_made(uri, cleanup,
+                                                                           tmp_path):
+    """Both sides refuse postcopy-preempt on a transport that gives one stream (QEMU's
+    condition), and without postcopy-ram, before anything starts."""
+    uri = uri.format(tmp=tmp_path)
+    guest = _running(guest_config("simulated"), cleanup)
+    store = ParameterStore()
+    store.set_capabilities(**{"postcopy-ram": True, **PREEMPT})
+    migration = Migration(Machine.source(guest), store)
+    with pytest.raises(MigrationError, match="postcopy-preempt capability needs a second "
+                                             "connection"):
+        migration.start(uri)
+    assert migration.status.value == "none" and guest.status == "running"
+    with pytest.raises(ValueError, match="second connection"):
+        Incoming(uri, postcopy=True, postcopy_preempt=True)
+    store = ParameterStore()
+    store.set_capabilities(**PREEMPT)
+    with pytest.raises(MigrationError, match="needs postcopy-ram"):
+        Migration(Machine.source(guest), store).start("tcp:127.0.0.1:1")
+    with pytest.raises(ValueError, match="needs postcopy-ram"):
+        Incoming("tcp:127.0.0.1:0", postcopy_preempt=True)
+
+
+@needs_uffd
+@pytest.mark.parametrize("source_preempt", [True, False])
+def test_postcopy_preempt_on_one_side_only_is_refused_before_the_guest_stops(source_preempt,
+                                                                            cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1},
+              capabilities=PREEMPT if source_preempt else None,
+              dest_preempt=not source_preempt)
+    cleanup(run)
+    run.wait()
+    query = run.migration.query()
+    assert query["status"] == "failed", query
+    assert "postcopy-preempt" in query["error-desc"]
+    assert "postcopy-active" not in run.statuses
+    assert guest.status == "running"
+    assert run.incoming.status == "failed" and run.incoming.machine is None
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_preempt_channel_carries_requested_pages_while_the_push_goes_on(kind, cleanup):
+    """With postcopy-preempt the pages a vCPU asks for arrive on the preempt channel while
+    the capped push on the main channel still has pages to send; the guest checks clean."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=48 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    seen = {}
+
+    def preempted_mid_push() -> bool:
+        pc = run.incoming.postcopy
+        if pc is None:
+            return False
+        query = pc.query()  # one snapshot: both figures under the same lock
+        seen.update(query)
+        return query["pages-preempt"] > 0 and query["pages-left"] > 0
+
+    wait_for(preempted_mid_push, timeout=60, what="a requested page on the preempt channel "
+                                                  "during the push")
+    run.wait()
+    assert "error" not in run.box, run.box.get("error")
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    # the source served them there: every page sent for a request went on the preempt
+    # channel, none in the main channel's push
+    assert query["postcopy"]["pages-preempt"] == query["postcopy"]["pages-requested"] > 0
+    dest = run.incoming.postcopy.query()
+    assert dest["pages-left"] == 0 and dest["pages-preempt"] > 0
+    assert run.incoming._preempt is None  # closed with the main channel
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+@pytest.mark.parametrize("cut", ["main", "preempt"])
+def test_a_cut_of_either_channel_pauses_and_both_recover(cut, kind, cleanup):
+    """Either connection goes during the push: both sides pause, nothing lost; a recovery
+    reconnects both channels, the page a thread waits for across it comes on the new preempt
+    channel, and the guest checks clean."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    channel = run.migration._channel if cut == "main" else run.migration._preempt_channel
+    channel.shutdown()
+    run.wait()
+    assert run.migration.status.value == "postcopy-paused", run.migration.query()
+    assert run.incoming.status == "postcopy-paused"
+    assert run.migration._preempt_channel is None and run.incoming._preempt is None
+    pc = run.incoming.postcopy
+    assert pc.pages_left() > 0
+    block = run.destination.ram_blocks[0]
+    page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[-1])
+    toucher = _touch_in_thread(run.destination, page)
+    time.sleep(0.2)
+    assert toucher.is_alive(), "a missing page read without its data"
+    before = pc.query()["pages-preempt"]
+    bound = run.incoming.recover("tcp:127.0.0.1:0")
+    run.migration.recover(bound)
+    run.migration.wait(120)
+    wait_for(lambda: run.incoming.status == "completed", timeout=120,
+             what="the destination to complete")
+    assert run.migration.status.value == "completed", run.migration.query()
+    toucher.join(10)
+    assert not toucher.is_alive()
+    assert pc.pages_left() == 0
+    assert pc.query()["pages-preempt"] > before  # the new preempt channel carried pages
     assert_consistent(run.destination)
 
 

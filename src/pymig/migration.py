@@ -55,7 +55,7 @@ from pymig.machine import Machine, SectionOut
 from pymig.measure import Course, Estimators
 from pymig.parameters import MigrationParameters, ParameterStore
 from pymig.policy import Move, Step
-from pymig.postcopy import PostcopySource
+from pymig.postcopy import PREEMPT_SCHEMES, PostcopySource
 from pymig.ram import RAM_IDSTR
 from pymig.stats import MigrationStats, TraceWriter
 
@@ -125,6 +125,9 @@ class Migration:
         self._start_postcopy = threading.Event()
         self.postcopy = None  # a postcopy.PostcopySource with the postcopy-ram capability
         self._channel = None
+        # postcopy-preempt: the second connection, on which requested pages go, its writer
+        self._preempt_channel = None
+        self._preempt_writer: stream.StreamWriter | None = None
         self._uncapped = False  # the stop-and-copy lifted max-bandwidth
         self._trace: TraceWriter | None = None
         self.resume_source = False
@@ -268,6 +271,10 @@ class Migration:
         if parsed.scheme not in TLS_SCHEMES:
             raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
                                  f"fd: sockets), which a {parsed.scheme}: URI has not")
+        if (self.params.snapshot().capabilities.get("postcopy-preempt")
+                and parsed.scheme not in PREEMPT_SCHEMES):
+            raise MigrationError(f"with postcopy-preempt a recovery reconnects both channels, "
+                                 f"which a {parsed.scheme}: URI cannot (tcp: and unix: can)")
         if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
             raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
                                  f"{self._status.value}")
@@ -288,7 +295,10 @@ class Migration:
             self.postcopy.rewind()
             ret = ReturnPath(channel, on_page_request=self.postcopy.page_request)
             writer.write_header()
-            postcopy_mod.resume(writer)
+            token = self._preempt_token()
+            postcopy_mod.resume(writer, token)
+            if token is not None:
+                self._connect_preempt(uri, token)
             if not self._transition(Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
                 raise MigrationError("the recovery was interrupted")
             self._push_the_rest(writer, channel, ret)
@@ -306,6 +316,7 @@ class Migration:
             if self._channel is not None:
                 _quietly("closing the channel", self._channel.close, level=logging.DEBUG)
                 self._channel = None
+            self._close_preempt()
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to post-copy at the next decision.  Needs the
@@ -362,6 +373,40 @@ class Migration:
         self._channel = secured
         self.stats.set_tls(secured.version, secured.cipher, secured.handshake_s)
         return secured
+
+    # -- the preempt channel (postcopy-preempt) ----------------------------------------------
+    def _preempt_token(self) -> int | None:
+        """A fresh token for ADVISE or RESUME if a preempt channel is to follow, else None."""
+        if not self.params.snapshot().capabilities.get("postcopy-preempt"):
+            return None
+        return postcopy_mod.new_token()
+
+    def _connect_preempt(self, uri: str, token: int) -> None:
+        """Open the preempt channel to ``uri`` (where the main one went, behind it: the
+        destination accepts it once it has read ADVISE or RESUME), over TLS if the main
+        channel is, and send its header and PREEMPT with ``token``."""
+        from pymig.errors import TlsError
+        from pymig.transport import tls
+        from pymig.transport.channel import SocketChannel
+
+        channel = transport.connect(uri, timeout=10.0)
+        self._preempt_channel = channel
+        if self._tls is not None:
+            creds, hostname = self._tls
+            if not isinstance(channel, SocketChannel):
+                raise TlsError(f"TLS needs a socket, and {channel.name} is not one")
+            channel.settimeout(SEND_TIMEOUT_S)
+            self._preempt_channel = channel = tls.connect(channel, creds, hostname)
+        channel.settimeout(SEND_TIMEOUT_S)
+        writer = stream.StreamWriter(channel)
+        postcopy_mod.open_preempt(writer, token)
+        self._preempt_writer = writer
+
+    def _close_preempt(self) -> None:
+        channel, self._preempt_channel = self._preempt_channel, None
+        self._preempt_writer = None
+        if channel is not None:
+            _quietly("closing the preempt channel", channel.close, level=logging.DEBUG)
 
     def _tell_destination(self, writer: "stream.StreamWriter | None",
                           ret: "ReturnPath | None", exc: BaseException) -> None:
@@ -450,8 +495,13 @@ class Migration:
         """Post-copy with the guest running at the destination: every page still here goes,
         those it asks for first, then EOF, until the destination says it has them all."""
         postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
-        ram = SectionOut(writer, self.machine.registry.find(RAM_IDSTR, 0))
-        self.postcopy.run(ram, check=ret.check_alive)
+        entry = self.machine.registry.find(RAM_IDSTR, 0)
+        ram = SectionOut(writer, entry)
+        preempt = self._preempt_writer
+        self.postcopy.run(ram, check=ret.check_alive,
+                          preempt=SectionOut(preempt, entry) if preempt is not None else None)
+        if preempt is not None:
+            preempt.eof()  # before the main channel's: the destination waits for it then
         writer.eof()
         ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
 
@@ -587,6 +637,11 @@ def check_dirty_limit(params: MigrationParameters, guest) -> None:
 
 def check_postcopy(params: MigrationParameters, scheme: str, guest) -> None:
     """Refuse a post-copy migration that could not switch, before anything starts."""
+    try:
+        postcopy_mod.check_preempt(params.capabilities.get("postcopy-ram", False),
+                      params.capabilities.get("postcopy-preempt", False), scheme)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
     if not params.capabilities.get("postcopy-ram"):
         return
     if scheme not in TLS_SCHEMES:
@@ -752,8 +807,11 @@ class _Run:
         writer.write_header()
         self.machine.save_config(writer)
         if m.postcopy is not None:
-            postcopy_mod.advise(writer)
+            token = m._preempt_token()
+            postcopy_mod.advise(writer, token)
             self.advised_at = writer.bytes_written
+            if token is not None:
+                m._connect_preempt(uri, token)
         saver.cap_packets(params.max_bandwidth)
         self._live("setup")
         self.keep_alive = KeepAlive(writer, lambda: saver.keep_alive(
@@ -997,6 +1055,7 @@ class _Run:
                      level=logging.WARNING if m._status == Status.COMPLETED
                      else logging.DEBUG)
             m._channel = None
+        m._close_preempt()
         if self.trace:
             self.trace.close()
 

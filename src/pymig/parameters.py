@@ -104,6 +104,9 @@ CAPABILITIES: dict[str, str] = {
     "postcopy-ram": "switch to post-copy on migrate-start-postcopy: the guest runs at the "
                     "destination at once and its missing pages follow, those it touches first "
                     "(both sides)",
+    "postcopy-preempt": "with postcopy-ram: send the pages a vCPU at the destination waits for "
+                        "on a second connection of their own, never behind the background "
+                        "push (both sides; tcp: and unix: only)",
 }
 
 _BY_NAME = {p.name: p for p in PARAMETERS}
