@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from _migration_helpers import ANY_KIND, MiB, assert_consistent, guest_config, wait_for
+from _tls_helpers import pki  # noqa: F401
 
 from pymig import core, postcopy
 from pymig._core import kvm as _kvm
@@ -48,12 +49,13 @@ class Run:
     """A post-copy migration between two threads of this process."""
 
     def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
-                 timeout=120.0, trace=None, guest_options=None, dest_preempt=None):
+                 timeout=120.0, trace=None, guest_options=None, dest_preempt=None,
+                 tls=None, credentials=None):
         if dest_preempt is None:  # as the source, unless the test says otherwise
             dest_preempt = bool((capabilities or {}).get("postcopy-preempt"))
         self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
                                  postcopy=dest_postcopy, guest_options=guest_options,
-                                 postcopy_preempt=dest_preempt)
+                                 postcopy_preempt=dest_preempt, tls=tls)
         bound = self.incoming.listen()
         self.box: dict = {}
         self.dest_statuses: list[str] = []
@@ -63,7 +65,7 @@ class Run:
         store = ParameterStore()
         store.set(**(params or {}))
         store.set_capabilities(**{"postcopy-ram": True, **(capabilities or {})})
-        self.migration = Migration(Machine.source(guest), store)
+        self.migration = Migration(Machine.source(guest), store, credentials=credentials)
         self.statuses: list[str] = []
         self.migration.on_status(lambda old, new: self.statuses.append(new.value))
         self.migration.start(bound, trace_path=trace)
@@ -671,6 +673,35 @@ def test_preempt_channel_carries_requested_pages_while_the_push_goes_on(kind, cl
 
 
 @needs_uffd
+def test_the_preempt_channel_is_tls_when_the_main_one_is(cleanup, pki):
+    from _tls_helpers import SOURCE_DN
+
+    from pymig.transport.tls import TlsChannel
+
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "tls-creds": "tls0"},
+              capabilities=PREEMPT, credentials=pki.store(pki.dir()),
+              tls=(pki.creds(), (SOURCE_DN,)))
+    cleanup(run)
+    channels = []
+
+    def preempted() -> bool:
+        pc, preempt = run.incoming.postcopy, run.incoming._preempt
+        if pc is None or preempt is None:
+            return False
+        channels.append((preempt[0], run.migration._preempt_channel))
+        return pc.query()["pages-preempt"] > 0
+
+    wait_for(preempted, timeout=60, what="a requested page on the preempt channel")
+    run.wait()
+    assert run.migration.query()["status"] == "completed", run.migration.query()
+    dest_side, source_side = channels[-1]
+    assert isinstance(dest_side, TlsChannel) and isinstance(source_side, TlsChannel)
+    assert_consistent(run.destination)
+
+
+@needs_uffd
 @pytest.mark.parametrize("kind", POSTCOPY_KINDS)
 @pytest.mark.parametrize("cut", ["main", "preempt"])
 def test_a_cut_of_either_channel_pauses_and_both_recover(cut, kind, cleanup):
@@ -745,7 +776,8 @@ def test_the_benchmark_measures_what_it_reports():
     bare = benchpostcopy.bare_round_trip(50)
     assert bare["pages"] == 50 and bare["uffd_fault_median_us"] > 0
     assert bare["first_touch_median_us"] > 0
-    run = benchpostcopy.postcopy_migration("simulated", 32, 8)
-    assert run["status"] == "completed" and run["selfcheck_errors"] == 0
-    assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
-    assert run["destination"]["pages-left"] == 0
+    for preempt in (False, True):
+        run = benchpostcopy.postcopy_migration("simulated", 32, 8, preempt=preempt)
+        assert run["status"] == "completed" and run["selfcheck_errors"] == 0
+        assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
+        assert run["destination"]["pages-left"] == 0 and run["preempt"] is preempt
