@@ -462,13 +462,7 @@ class Incoming:
                 else:
                     machine.ram_loader.load_end(payload)
             if preempt is not None:
-                # what was asked for last may still be on its way there: the source ends
-                # the preempt channel before the main one
-                preempt.join(self.progress_timeout or self.idle_timeout)
-                if preempt.is_alive():
-                    raise MigrationError("the preempt channel did not end with the main one")
-                if self._preempt_error is not None:
-                    raise self._preempt_error
+                self._await_preempted_pages(preempt)
             left = pc.pages_left()
             if left:
                 raise MigrationError(f"the source ended post-copy with {left} pages never sent")
@@ -562,6 +556,19 @@ class Incoming:
                 log.warning("post-copy: the preempt channel failed: %s", describe(exc))
                 main.shutdown()
 
+    def _await_preempted_pages(self, thread: threading.Thread) -> None:
+        """At the main channel's EOF: the pages the preempt channel alone carried (asked for
+        before the push came to them) may still be on their way; wait for them (as long as
+        the progress timeout), then close the preempt channel, the source's cue to stop."""
+        pc = self.postcopy
+        deadline = time.monotonic() + (self.progress_timeout or self.idle_timeout)
+        while pc.pages_left() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(PREEMPT_POLL_S)
+        if self._preempt_error is not None:
+            raise self._preempt_error
+        self._close_preempt()
+        thread.join()
+
     def _close_preempt(self) -> None:
         preempt, self._preempt = self._preempt, None
         if preempt is not None:
@@ -574,6 +581,11 @@ class Incoming:
         if self.machine is not None:
             self.machine.close()
             self.machine = None
+
+
+#: How often the destination looks whether the pages the preempt channel carries are all
+#: there, once the main channel has ended.
+PREEMPT_POLL_S = 0.001
 
 
 def _first_postcopy_record(reader: stream.StreamReader, op: int, what: str):

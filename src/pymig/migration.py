@@ -498,12 +498,16 @@ class Migration:
         entry = self.machine.registry.find(RAM_IDSTR, 0)
         ram = SectionOut(writer, entry)
         preempt = self._preempt_writer
-        self.postcopy.run(ram, check=ret.check_alive,
-                          preempt=SectionOut(preempt, entry) if preempt is not None else None)
         if preempt is not None:
-            preempt.eof()  # before the main channel's: the destination waits for it then
-        writer.eof()
-        ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+            self.postcopy.start_preempt(SectionOut(preempt, entry))
+        try:
+            self.postcopy.run(ram, check=ret.check_alive)
+            writer.eof()
+            # (requests are served on the preempt channel until the destination has every
+            # page: the end of the push is still on its way to it)
+            ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+        finally:
+            self.postcopy.stop_preempt()
 
     def _fail(self, exc: BaseException, *, resume: bool, committed: bool) -> None:
         guest = self.machine.guest

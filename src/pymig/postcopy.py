@@ -22,6 +22,11 @@ sends the pages asked for first and pushes every other one behind them::
     END ram, EOF ─────────────────────────────────► every page placed: unregister
                       ◄──────────────────────────── SHUT
 
+With ``postcopy-preempt`` the source opens a second connection right after ADVISE (the
+preempt channel), and after COMMIT sends each page asked for there the moment the request
+comes, from a thread of its own, while the push goes on on the main channel: a page asked for
+never waits behind pushed data (QEMU's design).
+
 A page is placed once: UFFDIO_COPY onto a page already there fails with EEXIST and changes
 nothing, so the page a vCPU asked for and the same page pushed behind it cannot both land,
 whichever comes first.  Pages the destination received during pre-copy and the guest has not
@@ -267,6 +272,7 @@ class PostcopySource:
         # thread each take a page's bit under it, so that a page goes once
         self._lock = threading.Lock()
         self._stop_preempt = threading.Event()
+        self._preempt_thread: threading.Thread | None = None
         self.preempt_error: BaseException | None = None
         self.listened: list[np.ndarray] | None = None  # LISTEN's bitmaps, from the switch on
         self._scratch: dict[int, np.ndarray] = {}  # per block: the pages of one request
@@ -296,51 +302,54 @@ class PostcopySource:
         self._scratch = {}  # (a send cut short may have left bits there)
         self.preempt_error = None
 
-    def run(self, out, check: Callable[[], None], preempt=None) -> None:
-        """Send every page still pending, those asked for first, then END; ``check()`` raises
-        to stop (the destination failed, the return path was lost).  ``preempt``: the RAM
-        section's writer on the preempt channel, where the pages asked for then go (its
-        thread has ended when this returns, whatever happened)."""
+    def start_preempt(self, out) -> None:
+        """Serve the requests from now on in a thread of their own, on ``out`` (the RAM
+        section's writer on the preempt channel), until :meth:`stop_preempt`: after the push
+        too, as long as the destination has not placed every page (pushed pages still queued
+        towards it are what a vCPU would wait behind)."""
+        self._stop_preempt.clear()
+        self.preempt_error = None
+        self._preempt_thread = threading.Thread(target=self._preempt_loop, args=(out,),
+                                                name="pymig-postcopy-preempt", daemon=True)
+        self._preempt_thread.start()
+
+    def stop_preempt(self) -> None:
+        thread, self._preempt_thread = self._preempt_thread, None
+        if thread is not None:
+            self._stop_preempt.set()
+            thread.join()
+
+    def run(self, out, check: Callable[[], None]) -> None:
+        """Send every page still pending, those asked for first (between packets, or at once
+        on the preempt channel if :meth:`start_preempt` started its thread), then END;
+        ``check()`` raises to stop (the destination failed, the return path was lost)."""
         saver = self.saver
         buf = bytearray(PUSH_PACKET_BYTES)
         compress = saver._compress_state if saver.compress else None
         traced = time.monotonic()
-        server = None
-        if preempt is not None:
-            self._stop_preempt.clear()
-            server = threading.Thread(target=self._preempt_loop, args=(preempt,),
-                                      name="pymig-postcopy-preempt", daemon=True)
-            server.start()
-        try:
-            for index, (block, bitmap) in enumerate(zip(saver.blocks, saver.bitmaps)):
-                cursor = 0
-                while True:
-                    check()
-                    if server is None:
-                        self._serve(out, buf)
-                    elif self.preempt_error is not None:
-                        raise self.preempt_error
-                    if self.stats is not None and time.monotonic() - traced >= TRACE_INTERVAL_S:
-                        traced = time.monotonic()
-                        self.stats.record_postcopy(self.query(), saver.pending())
-                    with self._lock:
-                        result = core.encode_packet(block.array, block.page_size,
-                                                    block.block_id, bitmap, block.npages,
-                                                    cursor, buf, compress)
-                    if result.nbytes == 0:
-                        break
-                    self._send(out, buf, result, block.page_size)
-                    with self._lock:
-                        self.counters.pages_pushed += result.normal_pages + result.zero_pages
-                    cursor = result.cursor
-        finally:
-            if server is not None:
-                self._stop_preempt.set()
-                server.join()
-        if server is None:
+        preempt = self._preempt_thread is not None
+        for index, (block, bitmap) in enumerate(zip(saver.blocks, saver.bitmaps)):
+            cursor = 0
+            while True:
+                check()
+                if not preempt:
+                    self._serve(out, buf)
+                elif self.preempt_error is not None:
+                    raise self.preempt_error
+                if self.stats is not None and time.monotonic() - traced >= TRACE_INTERVAL_S:
+                    traced = time.monotonic()
+                    self.stats.record_postcopy(self.query(), saver.pending())
+                with self._lock:
+                    result = core.encode_packet(block.array, block.page_size, block.block_id,
+                                                bitmap, block.npages, cursor, buf, compress)
+                if result.nbytes == 0:
+                    break
+                self._send(out, buf, result, block.page_size)
+                with self._lock:
+                    self.counters.pages_pushed += result.normal_pages + result.zero_pages
+                cursor = result.cursor
+        if not preempt:
             self._serve(out, buf)
-        elif self.preempt_error is not None:
-            raise self.preempt_error
         out.end(b"")
         if self.stats is not None:
             self.stats.record_postcopy(self.query(), 0)
@@ -364,7 +373,8 @@ class PostcopySource:
                 sent = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - the push raises it
             self.preempt_error = exc
-            log.warning("post-copy: the preempt channel failed: %s", exc)
+            # (once every page is placed the destination closes it: nothing lost)
+            log.info("post-copy: the preempt channel ended: %s", exc)
 
     def _serve(self, out, buf: bytearray) -> None:
         """Send what the requests received so far ask for and is still pending."""
