@@ -533,6 +533,43 @@ def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup
 
 
 @needs_uffd
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("cut", ["main", "preempt"])
+def test_a_cut_of_either_channel_at_any_moment_never_claims_success_nor_loses_a_page(
+        cut, seed, cleanup):
+    """With postcopy-preempt, either connection going at any moment ends in one of the same
+    three outcomes: failed before the commit (the source's guest runs on, whole), paused after
+    it (a recovery reconnects both channels and brings the rest), or completed."""
+    delay = 0.3 + 0.6 * seed
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 16 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    time.sleep(delay)
+    channel = run.migration._channel if cut == "main" else run.migration._preempt_channel
+    if channel is not None:
+        channel.shutdown()
+    run.wait()
+    source, dest = run.migration.status.value, run.incoming.status
+    if source == "failed":
+        assert guest.status == "running" and run.incoming.machine is None, (source, dest)
+        assert_consistent(guest)
+        return
+    if source == "postcopy-paused" and dest == "postcopy-paused":
+        assert run.incoming.postcopy.pages_left() > 0
+        run.migration.recover(run.incoming.recover("tcp:127.0.0.1:0"))
+        run.migration.wait(120)
+        wait_for(lambda: run.incoming.status == "completed", timeout=120,
+                 what="the destination to complete after the recovery")
+        source, dest = run.migration.status.value, run.incoming.status
+    assert dest == "completed", (source, dest)
+    assert source in ("completed", "postcopy-paused"), source  # (only SHUT lost)
+    assert run.incoming.postcopy.pages_left() == 0
+    assert_consistent(run.destination)
+
+
+@needs_uffd
 @pytest.mark.parametrize("kind", POSTCOPY_KINDS)
 def test_a_paused_postcopy_recovers_and_the_guest_checks_clean(kind, cleanup):
     """Cut during the push, then migrate-recover at the destination and migrate

@@ -462,6 +462,10 @@ class Migration:
         # left in the socket would be loaded inside the downtime (as before a stop-and-copy).
         # What the guest writes meanwhile is only more for LISTEN to name.
         ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S, check=self._check)
+        if self._preempt_channel is not None and peer_closed(self._preempt_channel):
+            # idle since the setup: lost now, it would pause the post-copy at its first page;
+            # the guest can still run on here
+            raise MigrationError("the preempt channel was lost before the switch to post-copy")
         if not self._transition(Status.ACTIVE, Status.POSTCOPY_ACTIVE):
             raise Cancelled("migration cancelled")
         phases = DowntimePhases(time.time_ns())
