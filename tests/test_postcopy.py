@@ -18,7 +18,7 @@ from _tls_helpers import pki  # noqa: F401
 
 from pymig import core, postcopy
 from pymig._core import kvm as _kvm
-from pymig.errors import KvmError, MigrationError, StreamError
+from pymig.errors import KvmError, MigrationError, PacketError, StateError, StreamError
 from pymig.guest import create
 from pymig.incoming import Incoming
 from pymig.machine import Machine
@@ -530,6 +530,49 @@ def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup
     else:
         assert (source, dest) == ("completed", "completed")
         assert_consistent(run.destination)
+
+
+@needs_uffd
+@pytest.mark.parametrize("bad", ["past-the-end", "unknown-block", "garbage", "not-ram"])
+def test_the_preempt_channel_is_bounded_like_the_main_one(bad, cleanup, monkeypatch):
+    """What comes on the preempt channel is checked as the main stream is: a page past the
+    end of guest RAM, a block the guest has not, a packet that does not parse or a record
+    that is not a RAM page pauses the post-copy (nothing placed from it, nothing lost) with
+    the reason, rather than write anything."""
+    original = postcopy.PostcopySource._serve_one
+
+    def serve(self, out, buf, request, preempt=False):
+        if not preempt:
+            return original(self, out, buf, request, preempt)
+        block = self.saver.blocks[0]
+        if bad in ("past-the-end", "unknown-block"):
+            npages = block.npages + 1
+            fake = np.full(npages * block.page_size, 0x5A, dtype=np.uint8)
+            bitmap = core.new_bitmap(npages)
+            core.bitmap_set_range(bitmap, npages, block.npages, 1)  # the page after the last
+            block_id = block.block_id if bad == "past-the-end" else 99
+            result = core.encode_packet(fake, block.page_size, block_id, bitmap, npages,
+                                        block.npages, buf, None)
+            out.part(memoryview(buf)[:result.nbytes], nocsum=True)
+        elif bad == "garbage":
+            out.part(b"\xff" * 64, nocsum=True)
+        else:
+            out.writer.full(0x1234, "nonsense", 0, 1, b"x")
+
+    monkeypatch.setattr(postcopy.PostcopySource, "_serve_one", serve)
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    run.wait()
+    assert run.incoming.status == "postcopy-paused", run.incoming.status
+    assert run.migration.status.value == "postcopy-paused", run.migration.query()
+    assert isinstance(run.box.get("error"), MigrationError)
+    # the cause, not the main channel it shut behind it
+    assert isinstance(run.incoming.error, (PacketError, StateError, StreamError))
+    assert run.incoming.postcopy.pages_left() > 0
+    assert run.incoming.postcopy.query()["pages-preempt"] == 0
 
 
 @needs_uffd
