@@ -835,16 +835,51 @@ def test_recover_is_only_for_a_paused_postcopy(cleanup):
         run.migration.recover("tcp:127.0.0.1:1")
 
 
-def test_hugetlb_ram_is_refused_with_the_reason():
-    """Huge pages would be placed 2 MiB at a time; post-copy here places 4 KiB pages, so
-    hugetlb RAM is refused before anything changes (the source at start, the destination at
-    ADVISE)."""
+def test_ram_post_copy_cannot_place_is_refused_with_the_reason():
+    """Anonymous, memfd and hugetlb RAM take post-copy; anything else is refused before
+    anything changes (the source at start, the destination at ADVISE)."""
     from types import SimpleNamespace
 
     postcopy.check_backing([SimpleNamespace(name="ram", backing="anon"),
                             SimpleNamespace(name="ram2", backing="memfd")])
-    with pytest.raises(MigrationError, match="'ram' is hugetlb"):
-        postcopy.check_backing([SimpleNamespace(name="ram", backing="hugetlb")])
+    with pytest.raises(MigrationError, match="'ram' is file"):
+        postcopy.check_backing([SimpleNamespace(name="ram", backing="file")])
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+@pytest.mark.parametrize("preempt", [False, True], ids=["main", "preempt"])
+def test_postcopy_into_hugetlb_ram_places_whole_huge_pages(preempt, kind, cleanup):
+    """A destination on hugetlb RAM: a huge page holding a page the guest wrote since it went
+    is dropped whole (its other pages kept aside), a fault asks for the whole huge page, and
+    each is placed once all of it is there; the guest checks clean, its RAM still hugetlb."""
+    from _hugetlb import free_huge_pages
+
+    with free_huge_pages(40):  # the destination's 64 MiB
+        # written slowly enough that a huge page holds pages written since they went
+        # beside pages that were not
+        guest = _running(guest_config(kind, memory=64 * MiB, working_set=32 * MiB,
+                                      rate=2000), cleanup)
+        run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 16 * MiB,
+                                 "x-switchover-capped": True, "compression": "none",
+                                 "downtime-limit": 1},
+                  capabilities=PREEMPT if preempt else None,
+                  guest_options={"backing": "hugetlb"})
+        try:
+            run.wait()
+            assert "error" not in run.box, run.box.get("error")
+            assert run.migration.query()["status"] == "completed", run.migration.query()
+            dest = run.destination
+            assert {b.backing for b in dest.ram_blocks} == {"hugetlb"}
+            stats = run.incoming.postcopy.query()
+            assert stats["pages-left"] == 0 and stats["requests"] > 0
+            assert stats["listen"]["stale-runs"] > 0  # huge pages dropped and gathered again
+            assert_consistent(dest)
+        finally:
+            if run.incoming.postcopy is not None:
+                run.incoming.postcopy.abandon()
+            if run.incoming.machine is not None:
+                run.incoming.machine.close()
 
 
 @needs_uffd

@@ -450,9 +450,23 @@ class PostcopySource:
 def check_backing(blocks: list[RamBlock]) -> None:
     """Refuse RAM that post-copy cannot serve here (before anything is changed)."""
     for block in blocks:
-        if block.backing not in ("anon", "memfd"):
-            raise MigrationError(f"post-copy needs anonymous or memfd guest RAM; block "
-                                 f"{block.name!r} is {block.backing}")
+        if block.backing not in ("anon", "memfd", "hugetlb"):
+            raise MigrationError(f"post-copy needs anonymous, memfd or hugetlb guest RAM; "
+                                 f"block {block.name!r} is {block.backing}")
+        if block.backing == "hugetlb":
+            huge = huge_page_pages(block)
+            if huge < 1 or block.npages % huge:
+                raise MigrationError(f"post-copy places whole huge pages: block "
+                                     f"{block.name!r} is not made of them")
+
+
+def huge_page_pages(block: RamBlock) -> int:
+    """How many of the block's pages make one of its host pages (1 unless hugetlb)."""
+    if block.backing != "hugetlb":
+        return 1
+    from pymig.memory import hugetlb_pool
+
+    return hugetlb_pool()[0] // block.page_size
 
 
 def probe_userfaultfd() -> None:
@@ -539,6 +553,13 @@ class PostcopyDestination:
         self.fault_error: BaseException | None = None
         self.requests_lost = False  # the return path broke: faults now wait for a recovery
         self.listen_ms: dict = {}
+        # hugetlb blocks: a huge page is placed whole, once every page of it is in the
+        # staging area (``arrived``); both channels' packets go through one staging area
+        # under one lock, so that a huge page gathers what either brings
+        self._huge: dict[int, int] = {b.block_id: huge_page_pages(b) for b in self.blocks
+                                      if b.backing == "hugetlb"}
+        self._arrived: dict[int, np.ndarray] = {}
+        self._huge_lock = threading.Lock()
 
     # -- LISTEN ------------------------------------------------------------------------------
     def listen(self, payload, offset: int) -> None:
@@ -557,6 +578,9 @@ class PostcopyDestination:
             # What the destination holds of a page the guest wrote since it went is stale:
             # drop it, so that the page faults as one never sent did.
             stale = bitmaps[block.block_id] & block.touched()
+            if block.block_id in self._huge:
+                stale_runs += self._listen_huge(block, bitmaps[block.block_id], stale)
+                continue
             runs = core.bitmap_runs(stale, block.npages)
             block.discard(runs)
             stale_runs += len(runs)
@@ -582,6 +606,32 @@ class PostcopyDestination:
         log.info("post-copy: %d pages to come, RAM registered with userfaultfd",
                  self.missing_pages)
 
+    def _listen_huge(self, block: RamBlock, listened: np.ndarray, stale: np.ndarray) -> int:
+        """LISTEN on a hugetlb block: a huge page holding a stale page is dropped whole, so
+        the pages of it that are not stale go to the staging area first, to be placed with
+        the rest once that comes.  Every page LISTEN does not name has arrived already (held,
+        or zero).  Returns the runs of huge pages dropped."""
+        huge, ps = self._huge[block.block_id], block.page_size
+        _, array, present = self._staging_for(block, False)
+        arrived = np.bitwise_not(listened)
+        tail = block.npages % 64
+        if tail:
+            arrived[-1] &= np.uint64((1 << tail) - 1)
+        self._arrived[block.block_id] = arrived
+        indices = core.bitmap_indices(stale, block.npages)
+        firsts = sorted({int(i) - int(i) % huge for i in indices})
+        runs = []
+        for first in firsts:
+            at, length = first * ps, huge * ps
+            array[at:at + length] = block.array[at:at + length]
+            core.bitmap_set_range(present, block.npages, first, huge)
+            if runs and runs[-1][0] + runs[-1][1] == first:
+                runs[-1][1] += huge
+            else:
+                runs.append([first, huge])
+        block.discard(runs)
+        return len(runs)
+
     # -- placing pages -----------------------------------------------------------------------
     def place(self, payload, preempt: bool = False) -> None:
         """Decode a RAM packet (checked whole first, as always) into a staging area, then
@@ -594,6 +644,10 @@ class PostcopyDestination:
         block = self.by_id.get(info.block_id)
         if block is None:
             raise StateError(f"RAM packet for unknown block id {info.block_id}", entry="ram")
+        if block.block_id in self._huge:
+            with self._huge_lock:
+                self._place_huge(_kvm, block, payload, preempt)
+            return
         staging, array, present = self._staging_for(block, preempt)
         result = core.decode_packet(payload, array, block.page_size, block.block_id,
                                     block.npages, present)
@@ -608,6 +662,10 @@ class PostcopyDestination:
                 _madvise(array.ctypes.data + first * ps, count * ps, mmap.MADV_DONTNEED)
             placed_runs.append((first, count))
             del placed
+        self._placed(block, placed_runs, result.normal_pages + result.zero_pages, preempt)
+
+    def _placed(self, block: RamBlock, placed_runs, pages: int, preempt: bool) -> None:
+        """Runs of pages are placed: no longer missing; the threads waiting for them run."""
         now = time.monotonic()
         with self._lock:
             missing = self.missing[block.block_id]
@@ -620,9 +678,40 @@ class PostcopyDestination:
                     self.blocktime.placed(tid, now)
                 waited += 1
             self.pages_requested += waited
-            self.pages_pushed += result.normal_pages + result.zero_pages - waited
+            self.pages_pushed += pages - waited
             if preempt:
-                self.pages_preempt += result.normal_pages + result.zero_pages
+                self.pages_preempt += pages
+
+    def _place_huge(self, _kvm, block: RamBlock, payload, preempt: bool) -> None:
+        """A packet for a hugetlb block: its pages join the staging area, and each huge page
+        it completes is placed whole (UFFDIO_COPY of the huge page)."""
+        huge, ps = self._huge[block.block_id], block.page_size
+        _, array, present = self._staging_for(block, False)
+        arrived = self._arrived[block.block_id]
+        result = core.decode_packet(payload, array, ps, block.block_id, block.npages, present)
+        runs = core.packet_runs(payload, ps, block.block_id, block.npages).tolist()
+        firsts = set()
+        for first, count in runs:
+            core.bitmap_set_range(arrived, block.npages, first, count)
+            firsts.update(range(first - first % huge, first + count, huge))
+        placed_runs = []
+        for first in sorted(firsts):
+            if _count_bits(arrived, first, huge) < huge:
+                continue
+            at, length = first * ps, huge * ps
+            with self._lock:
+                wanted = _count_bits(self.missing[block.block_id], first, huge)
+            if wanted:  # (else placed already: what came again is dropped)
+                done, err = 0, errno.EAGAIN
+                while err == errno.EAGAIN and done < length:
+                    more, err = _kvm._unsafe_uffdio_copy(self._uffd, block.address + at + done,
+                                                         array.ctypes.data + at + done,
+                                                         length - done)
+                    done += more
+                placed_runs.append((first, huge))  # (EEXIST: a zero page was, and stays)
+            _clear_bits(present, first, huge)
+            _madvise(array.ctypes.data + at, length, mmap.MADV_DONTNEED)
+        self._placed(block, placed_runs, result.normal_pages + result.zero_pages, preempt)
 
     def _place_run(self, _kvm, block: RamBlock, array: np.ndarray, first: int, count: int,
                    data: bool) -> int:
@@ -714,10 +803,16 @@ class PostcopyDestination:
         if block is None:
             return
         page = (address - block.address) // block.page_size
+        huge = self._huge.get(block.block_id, 1)
+        page -= page % huge  # a hugetlb block faults, and is asked for, a huge page at once
         dst = block.address + page * block.page_size
         now = time.monotonic()
         with self._lock:
-            waiting = bool((int(self.missing[block.block_id][page >> 6]) >> (page & 63)) & 1)
+            if huge > 1:
+                waiting = _count_bits(self.missing[block.block_id], page, huge) > 0
+            else:
+                waiting = bool((int(self.missing[block.block_id][page >> 6])
+                                >> (page & 63)) & 1)
             if waiting:
                 self.blocktime.fault(tid, now)
                 key = (block.block_id, page)
@@ -726,16 +821,16 @@ class PostcopyDestination:
         if waiting:
             if first and not self.requests_lost:
                 try:
-                    self._request(block.block_id, page, 1)
+                    self._request(block.block_id, page, huge)
                     self.requests += 1
                 except Exception as exc:  # noqa: BLE001 - the vCPU waits for a recovery
                     self.requests_lost = True
                     log.warning("post-copy: a page request could not go: %s", exc)
             return
         # Never sent and never written here: a zero page (or one placed meanwhile: wake).
-        done, err = self._place_zero(_kvm, block, dst, block.page_size)
+        done, err = self._place_zero(_kvm, block, dst, huge * block.page_size)
         if err == errno.EEXIST:
-            _kvm._unsafe_uffdio_wake(self._uffd, dst, block.page_size)
+            _kvm._unsafe_uffdio_wake(self._uffd, dst, huge * block.page_size)
         else:
             self.zero_faults += 1
 
@@ -747,7 +842,7 @@ class PostcopyDestination:
             self.requests_lost = False
             waited = list(self._asked)
         for block_id, page in waited:
-            request(block_id, page, 1)
+            request(block_id, page, self._huge.get(block_id, 1))
             self.requests += 1
 
     # -- the end -----------------------------------------------------------------------------
@@ -836,6 +931,17 @@ def _clear_bits(bitmap: np.ndarray, first: int, count: int) -> None:
         mask = ((1 << n) - 1) << bit
         bitmap[word] = np.uint64(int(bitmap[word]) & ~mask & 0xFFFF_FFFF_FFFF_FFFF)
         first += n
+
+
+def _count_bits(bitmap: np.ndarray, first: int, count: int) -> int:
+    """How many bits of [first, first + count) are set in a uint64-word bitmap."""
+    total, end = 0, first + count
+    while first < end:
+        word, bit = first >> 6, first & 63
+        n = min(64 - bit, end - first)
+        total += ((int(bitmap[word]) >> bit) & ((1 << n) - 1)).bit_count()
+        first += n
+    return total
 
 
 def _copy_bits(source: np.ndarray, target: np.ndarray, first: int, count: int) -> None:
