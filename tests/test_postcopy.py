@@ -835,6 +835,45 @@ def test_recover_is_only_for_a_paused_postcopy(cleanup):
         run.migration.recover("tcp:127.0.0.1:1")
 
 
+@needs_uffd
+def test_a_cut_postcopy_into_hugetlb_ram_recovers(cleanup):
+    """Cut during the push into hugetlb RAM: a thread touching a missing huge page waits
+    across the pause; after the recovery (both channels) it and the rest come whole."""
+    from _hugetlb import free_huge_pages
+
+    with free_huge_pages(40):
+        guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB,
+                                      rate=2000), cleanup)
+        run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                                 "x-switchover-capped": True, "compression": "none",
+                                 "downtime-limit": 1}, capabilities=PREEMPT,
+                  guest_options={"backing": "hugetlb"})
+        try:
+            wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0)
+                     > 0, timeout=60, what="pages to be pushed")
+            run.migration._channel.shutdown()
+            run.wait()
+            assert run.incoming.status == "postcopy-paused"
+            pc = run.incoming.postcopy
+            block = run.destination.ram_blocks[0]
+            page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[-1])
+            toucher = _touch_in_thread(run.destination, page)
+            time.sleep(0.2)
+            assert toucher.is_alive(), "a missing page read without its data"
+            run.migration.recover(run.incoming.recover("tcp:127.0.0.1:0"))
+            run.migration.wait(120)
+            wait_for(lambda: run.incoming.status == "completed", timeout=120,
+                     what="the destination to complete")
+            toucher.join(10)
+            assert not toucher.is_alive() and pc.pages_left() == 0
+            assert_consistent(run.destination)
+        finally:
+            if run.incoming.postcopy is not None:
+                run.incoming.postcopy.abandon()
+            if run.incoming.machine is not None:
+                run.incoming.machine.close()
+
+
 def test_ram_post_copy_cannot_place_is_refused_with_the_reason():
     """Anonymous, memfd and hugetlb RAM take post-copy; anything else is refused before
     anything changes (the source at start, the destination at ADVISE)."""
