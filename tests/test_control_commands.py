@@ -89,7 +89,8 @@ def test_capabilities_set_and_query(source):
                     {"capability": "dirty-limit", "state": False},
                     {"capability": "pause-before-switchover", "state": False},
                     {"capability": "postcopy-ram", "state": False},
-                    {"capability": "background-snapshot", "state": False}]
+                    {"capability": "background-snapshot", "state": False},
+                    {"capability": "postcopy-preempt", "state": False}]
     client.command("migrate-set-capabilities", capabilities=[
         {"capability": "auto-converge", "state": True}])
     assert {c["capability"]: c["state"] for c in client.command(
@@ -97,7 +98,8 @@ def test_capabilities_set_and_query(source):
                                            "dirty-limit": False,
                                            "pause-before-switchover": False,
                                            "postcopy-ram": False,
-                                           "background-snapshot": False}
+                                           "background-snapshot": False,
+                                           "postcopy-preempt": False}
     # capabilities that exclude each other are refused together, as QEMU refuses them
     with pytest.raises(QmpError, match="Background-snapshot is not compatible with "
                                        "auto-converge"):

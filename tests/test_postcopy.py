@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from _migration_helpers import ANY_KIND, MiB, assert_consistent, guest_config, wait_for
+from _tls_helpers import pki  # noqa: F401
 
 from pymig import core, postcopy
 from pymig._core import kvm as _kvm
-from pymig.errors import KvmError, MigrationError, StreamError
+from pymig.errors import KvmError, MigrationError, PacketError, StateError, StreamError
 from pymig.guest import create
 from pymig.incoming import Incoming
 from pymig.machine import Machine
@@ -48,9 +49,13 @@ class Run:
     """A post-copy migration between two threads of this process."""
 
     def __init__(self, guest, *, params=None, capabilities=None, dest_postcopy=True,
-                 timeout=120.0, trace=None, guest_options=None):
+                 timeout=120.0, trace=None, guest_options=None, dest_preempt=None,
+                 tls=None, credentials=None):
+        if dest_preempt is None:  # as the source, unless the test says otherwise
+            dest_preempt = bool((capabilities or {}).get("postcopy-preempt"))
         self.incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=timeout, limits=ANY_KIND,
-                                 postcopy=dest_postcopy, guest_options=guest_options)
+                                 postcopy=dest_postcopy, guest_options=guest_options,
+                                 postcopy_preempt=dest_preempt, tls=tls)
         bound = self.incoming.listen()
         self.box: dict = {}
         self.dest_statuses: list[str] = []
@@ -60,7 +65,7 @@ class Run:
         store = ParameterStore()
         store.set(**(params or {}))
         store.set_capabilities(**{"postcopy-ram": True, **(capabilities or {})})
-        self.migration = Migration(Machine.source(guest), store)
+        self.migration = Migration(Machine.source(guest), store, credentials=credentials)
         self.statuses: list[str] = []
         self.migration.on_status(lambda old, new: self.statuses.append(new.value))
         self.migration.start(bound, trace_path=trace)
@@ -413,25 +418,30 @@ def test_page_requests_are_bounded_and_served_once(cleanup):
 
 
 @needs_uffd
-def test_pymig_migrate_postcopy_between_processes(tmp_path):
-    """pymig incoming --postcopy and pymig migrate --postcopy --postcopy-after 1: the
-    MIGRATION events go through postcopy-active, the guest runs on at the destination with
-    its self-check clean, and query-migrate there reports the post-copy figures."""
+@pytest.mark.parametrize("preempt", [False, True], ids=["main", "preempt"])
+def test_pymig_migrate_postcopy_between_processes(preempt, tmp_path):
+    """pymig incoming --postcopy and pymig migrate --postcopy --postcopy-after 1 (and
+    --postcopy-preempt on both): the MIGRATION events go through postcopy-active, the guest
+    runs on at the destination with its self-check clean, and query-migrate there reports
+    the post-copy figures."""
     from _migration_helpers import (assert_carries_on, finish, run_pymig, start_destination,
                                     start_source)
     from pymig.qmp import QmpClient
 
+    flags = ("--postcopy-preempt",) if preempt else ()
     src, src_ctl = start_source("simulated", tmp_path)
-    dst, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--postcopy")
+    dst, dst_ctl, bound = start_destination(tmp_path, "tcp:127.0.0.1:0", "--postcopy", *flags)
     try:
         with QmpClient(dst_ctl) as watcher:
-            done = run_pymig("migrate", "--control", src_ctl, bound, "--postcopy",
+            done = run_pymig("migrate", "--control", src_ctl, bound, "--postcopy", *flags,
                              "--postcopy-after", "1", "--downtime-limit", "1", "--json")
             assert done.returncode == 0, done.stderr
             info = json.loads(done.stdout)
             assert info["status"] == "completed" and info["switchover-reason"] == "postcopy"
             assert info["settings"]["capabilities"]["postcopy-ram"] is True
+            assert info["settings"]["capabilities"]["postcopy-preempt"] is preempt
             assert "postcopy-ram on" in done.stderr
+            assert ("postcopy-preempt on" in done.stderr) is preempt
             wait_for(lambda: watcher.command("query-migrate")["status"] == "completed",
                      what="the destination to complete")
             statuses = []
@@ -523,6 +533,86 @@ def test_a_cut_at_any_moment_never_claims_success_nor_loses_a_page(seed, cleanup
 
 
 @needs_uffd
+@pytest.mark.parametrize("bad", ["past-the-end", "unknown-block", "garbage", "not-ram"])
+def test_the_preempt_channel_is_bounded_like_the_main_one(bad, cleanup, monkeypatch):
+    """What comes on the preempt channel is checked as the main stream is: a page past the
+    end of guest RAM, a block the guest has not, a packet that does not parse or a record
+    that is not a RAM page pauses the post-copy (nothing placed from it, nothing lost) with
+    the reason, rather than write anything."""
+    original = postcopy.PostcopySource._serve_one
+
+    def serve(self, out, buf, request, preempt=False):
+        if not preempt:
+            return original(self, out, buf, request, preempt)
+        block = self.saver.blocks[0]
+        if bad in ("past-the-end", "unknown-block"):
+            npages = block.npages + 1
+            fake = np.full(npages * block.page_size, 0x5A, dtype=np.uint8)
+            bitmap = core.new_bitmap(npages)
+            core.bitmap_set_range(bitmap, npages, block.npages, 1)  # the page after the last
+            block_id = block.block_id if bad == "past-the-end" else 99
+            result = core.encode_packet(fake, block.page_size, block_id, bitmap, npages,
+                                        block.npages, buf, None)
+            out.part(memoryview(buf)[:result.nbytes], nocsum=True)
+        elif bad == "garbage":
+            out.part(b"\xff" * 64, nocsum=True)
+        else:
+            out.writer.full(0x1234, "nonsense", 0, 1, b"x")
+
+    monkeypatch.setattr(postcopy.PostcopySource, "_serve_one", serve)
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    run.wait()
+    assert run.incoming.status == "postcopy-paused", run.incoming.status
+    assert run.migration.status.value == "postcopy-paused", run.migration.query()
+    assert isinstance(run.box.get("error"), MigrationError)
+    # the cause, not the main channel it shut behind it
+    assert isinstance(run.incoming.error, (PacketError, StateError, StreamError))
+    assert run.incoming.postcopy.pages_left() > 0
+    assert run.incoming.postcopy.query()["pages-preempt"] == 0
+
+
+@needs_uffd
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("cut", ["main", "preempt"])
+def test_a_cut_of_either_channel_at_any_moment_never_claims_success_nor_loses_a_page(
+        cut, seed, cleanup):
+    """With postcopy-preempt, either connection going at any moment ends in one of the same
+    three outcomes: failed before the commit (the source's guest runs on, whole), paused after
+    it (a recovery reconnects both channels and brings the rest), or completed."""
+    delay = 0.3 + 0.6 * seed
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=16 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 16 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    time.sleep(delay)
+    channel = run.migration._channel if cut == "main" else run.migration._preempt_channel
+    if channel is not None:
+        channel.shutdown()
+    run.wait()
+    source, dest = run.migration.status.value, run.incoming.status
+    if source == "failed":
+        assert guest.status == "running" and run.incoming.machine is None, (source, dest)
+        assert_consistent(guest)
+        return
+    if source == "postcopy-paused" and dest == "postcopy-paused":
+        assert run.incoming.postcopy.pages_left() > 0
+        run.migration.recover(run.incoming.recover("tcp:127.0.0.1:0"))
+        run.migration.wait(120)
+        wait_for(lambda: run.incoming.status == "completed", timeout=120,
+                 what="the destination to complete after the recovery")
+        source, dest = run.migration.status.value, run.incoming.status
+    assert dest == "completed", (source, dest)
+    assert source in ("completed", "postcopy-paused"), source  # (only SHUT lost)
+    assert run.incoming.postcopy.pages_left() == 0
+    assert_consistent(run.destination)
+
+
+@needs_uffd
 @pytest.mark.parametrize("kind", POSTCOPY_KINDS)
 def test_a_paused_postcopy_recovers_and_the_guest_checks_clean(kind, cleanup):
     """Cut during the push, then migrate-recover at the destination and migrate
@@ -560,6 +650,178 @@ def test_a_paused_postcopy_recovers_and_the_guest_checks_clean(kind, cleanup):
     assert_consistent(run.destination)
 
 
+# -- the preempt channel (postcopy-preempt) ---------------------------------------------------
+
+PREEMPT = {"postcopy-preempt": True}
+
+
+def test_advise_resume_and_preempt_carry_the_token_or_are_refused():
+    token = postcopy.new_token()
+    for op, payload in ((postcopy.OP_ADVISE, postcopy.advise_payload(token)),
+                        (postcopy.OP_ADVISE, postcopy.advise_payload())):
+        assert postcopy.parse_op(payload, 0) == op
+    assert postcopy.parse_token(postcopy.advise_payload(token), 0) == token
+    assert postcopy.parse_token(postcopy.advise_payload(), 0) is None
+    preempt = postcopy._WITH_TOKEN.pack(postcopy.OP_PREEMPT, 0, token)
+    assert postcopy.parse_op(preempt, 0) == postcopy.OP_PREEMPT
+    assert postcopy.parse_token(preempt, 0) == token
+    for bad in (postcopy._OP.pack(postcopy.OP_PREEMPT),  # PREEMPT without its token
+                postcopy._WITH_TOKEN.pack(postcopy.OP_ADVISE, 0x02, token),  # unknown flag
+                postcopy._WITH_TOKEN.pack(postcopy.OP_RESUME, 0, token),  # token, no flag
+                postcopy._WITH_TOKEN.pack(postcopy.OP_PREEMPT, 1, token),
+                postcopy.advise_payload(token) + b"\0",
+                bytes([postcopy.OP_ADVISE, 0, 1, 0])):
+        with pytest.raises(StreamError):
+            postcopy.parse_op(bad, 0)
+
+
+@pytest.mark.parametrize("uri", ["exec:cat > /dev/null", "file:{tmp}/snap", "fd:0"])
+def test_postcopy_preempt_is_refused_where_no_second_connection_can_be_made(uri, cleanup,
+                                                                           tmp_path):
+    """Both sides refuse postcopy-preempt on a transport that gives one stream (QEMU's
+    condition), and without postcopy-ram, before anything starts."""
+    uri = uri.format(tmp=tmp_path)
+    guest = _running(guest_config("simulated"), cleanup)
+    store = ParameterStore()
+    store.set_capabilities(**{"postcopy-ram": True, **PREEMPT})
+    migration = Migration(Machine.source(guest), store)
+    with pytest.raises(MigrationError, match="postcopy-preempt capability needs a second "
+                                             "connection"):
+        migration.start(uri)
+    assert migration.status.value == "none" and guest.status == "running"
+    with pytest.raises(ValueError, match="second connection"):
+        Incoming(uri, postcopy=True, postcopy_preempt=True)
+    store = ParameterStore()
+    store.set_capabilities(**PREEMPT)
+    with pytest.raises(MigrationError, match="needs postcopy-ram"):
+        Migration(Machine.source(guest), store).start("tcp:127.0.0.1:1")
+    with pytest.raises(ValueError, match="needs postcopy-ram"):
+        Incoming("tcp:127.0.0.1:0", postcopy_preempt=True)
+
+
+@needs_uffd
+@pytest.mark.parametrize("source_preempt", [True, False])
+def test_postcopy_preempt_on_one_side_only_is_refused_before_the_guest_stops(source_preempt,
+                                                                            cleanup):
+    guest = _running(guest_config("simulated"), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1},
+              capabilities=PREEMPT if source_preempt else None,
+              dest_preempt=not source_preempt)
+    cleanup(run)
+    run.wait()
+    query = run.migration.query()
+    assert query["status"] == "failed", query
+    assert "postcopy-preempt" in query["error-desc"]
+    assert "postcopy-active" not in run.statuses
+    assert guest.status == "running"
+    assert run.incoming.status == "failed" and run.incoming.machine is None
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_preempt_channel_carries_requested_pages_while_the_push_goes_on(kind, cleanup):
+    """With postcopy-preempt the pages a vCPU asks for arrive on the preempt channel while
+    the capped push on the main channel still has pages to send; the guest checks clean."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=48 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    seen = {}
+
+    def preempted_mid_push() -> bool:
+        pc = run.incoming.postcopy
+        if pc is None:
+            return False
+        query = pc.query()  # one snapshot: both figures under the same lock
+        seen.update(query)
+        return query["pages-preempt"] > 0 and query["pages-left"] > 0
+
+    wait_for(preempted_mid_push, timeout=60, what="a requested page on the preempt channel "
+                                                  "during the push")
+    run.wait()
+    assert "error" not in run.box, run.box.get("error")
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    # the source served them there: every page sent for a request went on the preempt
+    # channel, none in the main channel's push
+    assert query["postcopy"]["pages-preempt"] == query["postcopy"]["pages-requested"] > 0
+    dest = run.incoming.postcopy.query()
+    assert dest["pages-left"] == 0 and dest["pages-preempt"] > 0
+    assert run.incoming._preempt is None  # closed with the main channel
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+def test_the_preempt_channel_is_tls_when_the_main_one_is(cleanup, pki):
+    from _tls_helpers import SOURCE_DN
+
+    from pymig.transport.tls import TlsChannel
+
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "tls-creds": "tls0"},
+              capabilities=PREEMPT, credentials=pki.store(pki.dir()),
+              tls=(pki.creds(), (SOURCE_DN,)))
+    cleanup(run)
+    channels = []
+
+    def preempted() -> bool:
+        pc, preempt = run.incoming.postcopy, run.incoming._preempt
+        if pc is None or preempt is None:
+            return False
+        channels.append((preempt[0], run.migration._preempt_channel))
+        return pc.query()["pages-preempt"] > 0
+
+    wait_for(preempted, timeout=60, what="a requested page on the preempt channel")
+    run.wait()
+    assert run.migration.query()["status"] == "completed", run.migration.query()
+    dest_side, source_side = channels[-1]
+    assert isinstance(dest_side, TlsChannel) and isinstance(source_side, TlsChannel)
+    assert_consistent(run.destination)
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+@pytest.mark.parametrize("cut", ["main", "preempt"])
+def test_a_cut_of_either_channel_pauses_and_both_recover(cut, kind, cleanup):
+    """Either connection goes during the push: both sides pause, nothing lost; a recovery
+    reconnects both channels, the page a thread waits for across it comes on the new preempt
+    channel, and the guest checks clean."""
+    guest = _running(guest_config(kind, memory=64 * MiB, working_set=32 * MiB), cleanup)
+    run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                             "x-switchover-capped": True, "compression": "none",
+                             "downtime-limit": 1}, capabilities=PREEMPT)
+    cleanup(run)
+    wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    channel = run.migration._channel if cut == "main" else run.migration._preempt_channel
+    channel.shutdown()
+    run.wait()
+    assert run.migration.status.value == "postcopy-paused", run.migration.query()
+    assert run.incoming.status == "postcopy-paused"
+    assert run.migration._preempt_channel is None and run.incoming._preempt is None
+    pc = run.incoming.postcopy
+    assert pc.pages_left() > 0
+    block = run.destination.ram_blocks[0]
+    page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[-1])
+    toucher = _touch_in_thread(run.destination, page)
+    time.sleep(0.2)
+    assert toucher.is_alive(), "a missing page read without its data"
+    before = pc.query()["pages-preempt"]
+    bound = run.incoming.recover("tcp:127.0.0.1:0")
+    run.migration.recover(bound)
+    run.migration.wait(120)
+    wait_for(lambda: run.incoming.status == "completed", timeout=120,
+             what="the destination to complete")
+    assert run.migration.status.value == "completed", run.migration.query()
+    toucher.join(10)
+    assert not toucher.is_alive()
+    assert pc.pages_left() == 0
+    assert pc.query()["pages-preempt"] > before  # the new preempt channel carried pages
+    assert_consistent(run.destination)
+
+
 @needs_uffd
 def test_recover_is_only_for_a_paused_postcopy(cleanup):
     guest = _running(guest_config("simulated"), cleanup)
@@ -573,16 +835,90 @@ def test_recover_is_only_for_a_paused_postcopy(cleanup):
         run.migration.recover("tcp:127.0.0.1:1")
 
 
-def test_hugetlb_ram_is_refused_with_the_reason():
-    """Huge pages would be placed 2 MiB at a time; post-copy here places 4 KiB pages, so
-    hugetlb RAM is refused before anything changes (the source at start, the destination at
-    ADVISE)."""
+@needs_uffd
+def test_a_cut_postcopy_into_hugetlb_ram_recovers(cleanup):
+    """Cut during the push into hugetlb RAM: a thread touching a missing huge page waits
+    across the pause; after the recovery (both channels) it and the rest come whole."""
+    from _hugetlb import free_huge_pages
+
+    with free_huge_pages(40):
+        guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB,
+                                      rate=2000), cleanup)
+        run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 8 * MiB,
+                                 "x-switchover-capped": True, "compression": "none",
+                                 "downtime-limit": 1}, capabilities=PREEMPT,
+                  guest_options={"backing": "hugetlb"})
+        try:
+            wait_for(lambda: run.migration.query().get("postcopy", {}).get("pages-pushed", 0)
+                     > 0, timeout=60, what="pages to be pushed")
+            run.migration._channel.shutdown()
+            run.wait()
+            assert run.incoming.status == "postcopy-paused"
+            pc = run.incoming.postcopy
+            block = run.destination.ram_blocks[0]
+            page = int(core.bitmap_indices(pc.missing[block.block_id], block.npages)[-1])
+            toucher = _touch_in_thread(run.destination, page)
+            time.sleep(0.2)
+            assert toucher.is_alive(), "a missing page read without its data"
+            run.migration.recover(run.incoming.recover("tcp:127.0.0.1:0"))
+            run.migration.wait(120)
+            wait_for(lambda: run.incoming.status == "completed", timeout=120,
+                     what="the destination to complete")
+            toucher.join(10)
+            assert not toucher.is_alive() and pc.pages_left() == 0
+            assert_consistent(run.destination)
+        finally:
+            if run.incoming.postcopy is not None:
+                run.incoming.postcopy.abandon()
+            if run.incoming.machine is not None:
+                run.incoming.machine.close()
+
+
+def test_ram_post_copy_cannot_place_is_refused_with_the_reason():
+    """Anonymous, memfd and hugetlb RAM take post-copy; anything else is refused before
+    anything changes (the source at start, the destination at ADVISE)."""
     from types import SimpleNamespace
 
     postcopy.check_backing([SimpleNamespace(name="ram", backing="anon"),
                             SimpleNamespace(name="ram2", backing="memfd")])
-    with pytest.raises(MigrationError, match="'ram' is hugetlb"):
-        postcopy.check_backing([SimpleNamespace(name="ram", backing="hugetlb")])
+    with pytest.raises(MigrationError, match="'ram' is file"):
+        postcopy.check_backing([SimpleNamespace(name="ram", backing="file")])
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+@pytest.mark.parametrize("preempt", [False, True], ids=["main", "preempt"])
+def test_postcopy_into_hugetlb_ram_places_whole_huge_pages(preempt, kind, cleanup):
+    """A destination on hugetlb RAM: a huge page holding a page the guest wrote since it went
+    is dropped whole (its other pages kept aside), a fault asks for the whole huge page, and
+    each is placed once all of it is there; the guest checks clean, its RAM still hugetlb."""
+    from _hugetlb import free_huge_pages
+
+    with free_huge_pages(40):  # the destination's 64 MiB
+        # written slowly enough that a huge page holds pages written since they went
+        # beside pages that were not
+        guest = _running(guest_config(kind, memory=64 * MiB, working_set=32 * MiB,
+                                      rate=2000), cleanup)
+        run = Run(guest, params={"x-postcopy-after": 1, "max-bandwidth": 16 * MiB,
+                                 "x-switchover-capped": True, "compression": "none",
+                                 "downtime-limit": 1},
+                  capabilities=PREEMPT if preempt else None,
+                  guest_options={"backing": "hugetlb"})
+        try:
+            run.wait()
+            assert "error" not in run.box, run.box.get("error")
+            assert run.migration.query()["status"] == "completed", run.migration.query()
+            dest = run.destination
+            assert {b.backing for b in dest.ram_blocks} == {"hugetlb"}
+            stats = run.incoming.postcopy.query()
+            assert stats["pages-left"] == 0 and stats["requests"] > 0
+            assert stats["listen"]["stale-runs"] > 0  # huge pages dropped and gathered again
+            assert_consistent(dest)
+        finally:
+            if run.incoming.postcopy is not None:
+                run.incoming.postcopy.abandon()
+            if run.incoming.machine is not None:
+                run.incoming.machine.close()
 
 
 @needs_uffd
@@ -594,7 +930,8 @@ def test_the_benchmark_measures_what_it_reports():
     bare = benchpostcopy.bare_round_trip(50)
     assert bare["pages"] == 50 and bare["uffd_fault_median_us"] > 0
     assert bare["first_touch_median_us"] > 0
-    run = benchpostcopy.postcopy_migration("simulated", 32, 8)
-    assert run["status"] == "completed" and run["selfcheck_errors"] == 0
-    assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
-    assert run["destination"]["pages-left"] == 0
+    for preempt in (False, True):
+        run = benchpostcopy.postcopy_migration("simulated", 32, 8, preempt=preempt)
+        assert run["status"] == "completed" and run["selfcheck_errors"] == 0
+        assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
+        assert run["destination"]["pages-left"] == 0 and run["preempt"] is preempt

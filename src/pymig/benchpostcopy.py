@@ -8,7 +8,9 @@ measured in the same run (``python -m pymig.benchpostcopy``).
 * **post-copy**: a guest migrated over loopback TCP between two threads of this process,
   switched to post-copy after one pass, its working set written all along: the downtime
   (vCPUs stopped at the source to running at the destination) with its phases, the total
-  time, and the destination's blocktime per fault that waited for the source.
+  time, and the destination's blocktime per fault that waited for the source; once with
+  the requested pages on the main channel, once on a preempt channel (postcopy-preempt),
+  unless ``--preempt`` says one of them.
 
 Figures go to docs/performance.md, never into code.
 """
@@ -89,8 +91,10 @@ def bare_round_trip(npages: int = 2000) -> dict:
             "first_touch_median_us": float(np.median(touches)) / 1000}
 
 
-def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int) -> dict:
-    """One post-copy migration of a self-checking guest between two threads (loopback TCP)."""
+def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int,
+                       preempt: bool = False) -> dict:
+    """One post-copy migration of a self-checking guest between two threads (loopback TCP);
+    ``preempt``: with the postcopy-preempt capability."""
     from pymig.guest import GuestConfig, create
     from pymig.guest.workloads import verify_selfcheck
     from pymig.incoming import Incoming
@@ -107,7 +111,7 @@ def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int) -> dict
     while guest.progress()["passes"] < 1:
         time.sleep(0.01)
     incoming = Incoming("tcp:127.0.0.1:0", limits=DestinationLimits(
-        accept_kinds=("kvm", "simulated")), postcopy=True)
+        accept_kinds=("kvm", "simulated")), postcopy=True, postcopy_preempt=preempt)
     bound = incoming.listen()
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", incoming.run()),
@@ -115,7 +119,7 @@ def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int) -> dict
     thread.start()
     store = ParameterStore()
     store.set(**{"x-postcopy-after": 1})
-    store.set_capabilities(**{"postcopy-ram": True})
+    store.set_capabilities(**{"postcopy-ram": True, "postcopy-preempt": preempt})
     migration = Migration(Machine.source(guest), store)
     migration.start(bound)
     migration.wait(600)
@@ -123,6 +127,7 @@ def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int) -> dict
     source = migration.query()
     dest = incoming.postcopy.query() if incoming.postcopy is not None else {}
     out = {"kind": kind, "memory_mib": memory_mib, "working_set_mib": working_set_mib,
+           "preempt": preempt,
            "status": source["status"], "downtime_ms": source.get("downtime"),
            "downtime_breakdown_ms": source.get("downtime-breakdown"),
            "total_ms": source.get("total-time"), "source": source.get("postcopy"),
@@ -144,14 +149,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", type=int, default=1024, metavar="MIB")
     parser.add_argument("--working-set", type=int, default=256, metavar="MIB")
     parser.add_argument("--faults", type=int, default=2000)
+    parser.add_argument("--preempt", choices=("off", "on", "both"), default="both",
+                        help="requested pages on the main channel, on a preempt channel, or "
+                             "one run of each (default)")
     args = parser.parse_args(argv)
     bare = bare_round_trip(args.faults)
     print(json.dumps({"bare": bare}), flush=True)
-    run = postcopy_migration(args.kind, args.memory, args.working_set)
-    per_fault = run["destination"].get("blocktime-per-fault-us")
-    run["blocktime_per_fault_over_bare_round_trip"] = (
-        round(per_fault / bare["uffd_fault_median_us"], 2) if per_fault else None)
-    print(json.dumps({"postcopy": run}), flush=True)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.preempt]
+    for preempt in modes:
+        run = postcopy_migration(args.kind, args.memory, args.working_set, preempt)
+        per_fault = run["destination"].get("blocktime-per-fault-us")
+        run["blocktime_per_fault_over_bare_round_trip"] = (
+            round(per_fault / bare["uffd_fault_median_us"], 2) if per_fault else None)
+        print(json.dumps({"postcopy": run}), flush=True)
 
 
 if __name__ == "__main__":

@@ -276,10 +276,13 @@ def _serve(session, **options) -> None:
 @click.option("--postcopy", is_flag=True,
               help="the postcopy-ram capability: take a source that switches to post-copy "
                    "(the guest runs here before all of its RAM has come)")
+@click.option("--postcopy-preempt", is_flag=True,
+              help="with --postcopy: the postcopy-preempt capability, take the pages the "
+                   "guest waits for on a second connection of the source's (tcp: and unix:)")
 @click.option("--quiet", is_flag=True, help="no serial output or status lines on the console")
 def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus, accept_kinds,
              max_memory, max_vcpus, progress_timeout, mem_backing, mem_prealloc, disks,
-             disk_dir, tls_creds, tls_authz, postcopy, quiet) -> None:
+             disk_dir, tls_creds, tls_authz, postcopy, postcopy_preempt, quiet) -> None:
     """Receive a migration on URI, then run the guest here.
 
     URI: tcp:HOST:PORT, unix:PATH, exec:COMMAND (read the command's output), fd:N (an
@@ -332,8 +335,11 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
     if uri == "defer" and control is None and control_tcp is None:
         _fail("'defer' needs --control or --control-tcp (migrate-incoming gives the URI later)")
     session = Session(destination=True)
+    if postcopy_preempt and not postcopy:
+        _fail("--postcopy-preempt needs --postcopy")
     if postcopy:
-        session.params.set_capabilities(**{"postcopy-ram": True})
+        session.params.set_capabilities(**{"postcopy-ram": True,
+                                           "postcopy-preempt": bool(postcopy_preempt)})
     _load_tls(session, tls_creds, tls_authz)
     session.incoming_options = {"limits": limits, "guest_options": guest_options,
                                 "progress_timeout": progress_timeout or None}
@@ -366,6 +372,10 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--postcopy", is_flag=True, default=None,
               help="the postcopy-ram capability: the migration may switch to post-copy (the "
                    "destination needs pymig incoming --postcopy)")
+@click.option("--postcopy-preempt", is_flag=True, default=None,
+              help="with --postcopy: the postcopy-preempt capability, the pages the guest "
+                   "waits for go on a second connection, never behind the background push "
+                   "(tcp: and unix:; the destination needs pymig incoming --postcopy-preempt)")
 @click.option("--postcopy-after", type=click.IntRange(1, None), default=None, metavar="N",
               help="with --postcopy: switch to post-copy by itself once N passes over RAM "
                    "are through (default: only on migrate-start-postcopy)")
@@ -390,8 +400,9 @@ def incoming(uri, control, control_tcp, control_tcp_token, serial, memory, vcpus
 @click.option("--json", "as_json", is_flag=True,
               help="print the final stats as JSON, with the settings in force")
 def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, compression,
-            auto_converge, dirty_limit, no_dirty_limit, postcopy, postcopy_after,
-            background_snapshot, trace, keep_source, stop_guest, blk, inc, as_json) -> None:
+            auto_converge, dirty_limit, no_dirty_limit, postcopy, postcopy_preempt,
+            postcopy_after, background_snapshot, trace, keep_source, stop_guest, blk, inc,
+            as_json) -> None:
     """Migrate the guest behind --control to URI, with a progress bar.
 
     Every run sets each parameter and capability it has a flag for, to the flag's value or its
@@ -415,9 +426,12 @@ def migrate(control, uri, control_tcp_token, max_bandwidth, downtime_limit, comp
         "compression": compression, "auto-converge": auto_converge,
         "dirty-limit": True if dirty_limit is not None else None,
         "vcpu-dirty-limit": dirty_limit, "postcopy-ram": postcopy,
-        "x-postcopy-after": postcopy_after, "background-snapshot": background_snapshot})
+        "postcopy-preempt": postcopy_preempt, "x-postcopy-after": postcopy_after,
+        "background-snapshot": background_snapshot})
     if postcopy_after is not None and not postcopy:
         _fail("--postcopy-after needs --postcopy")
+    if postcopy_preempt and not postcopy:
+        _fail("--postcopy-preempt needs --postcopy")
     arguments = {"uri": uri}
     if trace:
         arguments["trace"] = trace

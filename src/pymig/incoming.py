@@ -46,8 +46,10 @@ from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateErro
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
 from pymig.machine import LOAD_BUFFER_BYTES, Machine, WarmUp, load_config
-from pymig.postcopy import (OP_ADVISE, OP_RESUME, POSTCOPY_IDSTR, PostcopyDestination,
-                            check_backing, parse_op, probe_userfaultfd, shrink_queue)
+from pymig.postcopy import (OP_ADVISE, OP_LISTEN, OP_PREEMPT, OP_RESUME, POSTCOPY_IDSTR,
+                            PREEMPT_SCHEMES, PostcopyDestination, check_backing,
+                            check_preempt, parse_op, parse_token, probe_userfaultfd,
+                            shrink_queue)
 from pymig.ram import RAM_IDSTR
 from pymig.transport.channel import DeadlineExceeded
 from pymig.transport.file import IndexedFileChannel, SnapshotIndexError
@@ -119,8 +121,10 @@ class Incoming:
                  commit_timeout: float = 60.0, idle_timeout: float = 120.0,
                  before_start: Callable[[Machine], None] | None = None,
                  after_start: Callable[[Machine], None] | None = None,
-                 tls: tuple | None = None, postcopy: bool = False):
+                 tls: tuple | None = None, postcopy: bool = False,
+                 postcopy_preempt: bool = False):
         parsed = transport.parse_uri(uri)
+        check_preempt(postcopy, postcopy_preempt, parsed.scheme)
         if tls is not None and parsed.scheme not in ("tcp", "unix", "fd"):
             raise ValueError(f"tls-creds is set, and TLS protects tcp:, unix: and fd: sockets "
                              f"only: a {parsed.scheme}: stream cannot be received over TLS")
@@ -143,6 +147,11 @@ class Incoming:
         # the postcopy-ram capability: a source may switch to post-copy (pymig.postcopy)
         self.postcopy_enabled = postcopy
         self.postcopy: PostcopyDestination | None = None
+        # postcopy-preempt: the source opens a second connection on this URI right after
+        # ADVISE (and RESUME), on which the pages a vCPU waits for come
+        self.postcopy_preempt = postcopy_preempt
+        self._preempt = None  # (channel, reader) of the preempt channel
+        self._preempt_error: BaseException | None = None
         self._rp: stream.ReturnPathWriter | None = None
         self._reader: stream.StreamReader | None = None
         self.status = IncomingStatus.NONE
@@ -218,6 +227,7 @@ class Incoming:
         finally:
             if channel is not None:
                 channel.close()
+            self._close_preempt()
             if self._listener is not None:
                 self._listener.close()
 
@@ -229,7 +239,8 @@ class Incoming:
         rp = None
         try:
             channel = self._listener.accept(self.accept_timeout)
-            self._listener.close()
+            if not self.postcopy_preempt:  # (else ADVISE's preempt channel comes here too)
+                self._listener.close()
             if self.tls is not None:
                 raw = channel
                 try:
@@ -343,9 +354,15 @@ class Incoming:
         if op == OP_ADVISE:
             if self._rp is None:
                 raise MigrationError("post-copy needs a return path, and this stream has none")
+            token = parse_token(payload, offset)
+            self._check_preempt_token(token)
             check_backing(guest.ram_blocks)
             probe_userfaultfd()
+            if token is not None:
+                self._preempt = self._accept_preempt(self._listener, token)
             return
+        if op != OP_LISTEN:
+            raise StreamError(offset, f"post-copy operation {op} in the migration stream")
         if self.postcopy is not None:
             raise StreamError(offset, "a second post-copy LISTEN")
         pc = PostcopyDestination(guest, self._rp.page_request,
@@ -366,6 +383,9 @@ class Incoming:
         if self.status != IncomingStatus.POSTCOPY_PAUSED:
             raise MigrationError(f"migrate-recover resumes a migration paused in post-copy; "
                                  f"this one is {self.status}")
+        if self.postcopy_preempt and parsed.scheme not in PREEMPT_SCHEMES:
+            raise MigrationError(f"with postcopy-preempt a recovery reconnects both channels, "
+                                 f"which a {parsed.scheme}: URI cannot (tcp: and unix: can)")
         listener = transport.listen(uri)
         if not self._transition(IncomingStatus.POSTCOPY_PAUSED,
                                 IncomingStatus.POSTCOPY_RECOVER):
@@ -382,20 +402,20 @@ class Incoming:
         try:
             try:
                 channel = listener.accept(self.accept_timeout)
+                if self.tls is not None:
+                    channel = self._secure(channel)
+                channel.settimeout(self.idle_timeout)
+                rp = stream.ReturnPathWriter(channel)
+                reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
+                reader.read_header()
+                payload, offset = _first_postcopy_record(reader, OP_RESUME, "a recovered "
+                                                         "connection")
+                token = parse_token(payload, offset)
+                self._check_preempt_token(token)
+                if token is not None:
+                    self._preempt = self._accept_preempt(listener, token)
             finally:
                 listener.close()
-            if self.tls is not None:
-                channel = self._secure(channel)
-            channel.settimeout(self.idle_timeout)
-            rp = stream.ReturnPathWriter(channel)
-            reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
-            reader.read_header()
-            record = reader.next_record()
-            payload = reader.read_payload() if record.payload_len else b""
-            if (record.type != stream.RecordType.FULL or record.idstr != POSTCOPY_IDSTR
-                    or parse_op(payload, record.offset) != OP_RESUME):
-                raise StreamError(record.offset, "a recovered connection starts with the "
-                                                 "post-copy RESUME record")
             self._reader = reader
             self.postcopy.reconnect(rp.page_request)
             self._set_status(IncomingStatus.POSTCOPY_ACTIVE)
@@ -403,6 +423,7 @@ class Incoming:
             self.error = exc
             if channel is not None:
                 channel.close()
+            self._close_preempt()
             self._set_status(IncomingStatus.POSTCOPY_PAUSED)
             log.warning("post-copy recovery failed: %s", describe(exc))
             return
@@ -413,6 +434,7 @@ class Incoming:
             return
         finally:
             channel.close()
+            self._close_preempt()
         self.machine.release_load_buffers()
         self._set_status(IncomingStatus.COMPLETED)
 
@@ -423,6 +445,7 @@ class Incoming:
         pc, reader, machine = self.postcopy, self._reader, self.machine
         shrink_queue(channel, socket.SO_RCVBUF)
         buf = bytearray(LOAD_BUFFER_BYTES)
+        preempt = self._start_preempt(channel)
         try:
             while True:
                 record = reader.next_record()
@@ -439,20 +462,118 @@ class Incoming:
                     machine.ram_loader.load_part(payload)
                 else:
                     machine.ram_loader.load_end(payload)
+            if preempt is not None:
+                self._await_preempted_pages(preempt)
             left = pc.pages_left()
             if left:
                 raise MigrationError(f"the source ended post-copy with {left} pages never sent")
         except BaseException as exc:
+            if self._preempt_error is not None:
+                exc = self._preempt_error  # the cause; the main channel was shut behind it
+            self._close_preempt()
+            if preempt is not None:
+                preempt.join()
             self.error = exc
             self._set_status(IncomingStatus.POSTCOPY_PAUSED)
             raise MigrationError(f"post-copy paused, the guest waits for its missing pages "
                                  f"({pc.pages_left()} left): {describe(exc)}") from exc
+        self._close_preempt()
         pc.finish()
         try:
             rp.shut()
         except PymigError as exc:
             log.warning("the guest has all its pages, but SHUT did not reach the source: %s",
                         describe(exc))
+
+    # -- the preempt channel (postcopy-preempt) ----------------------------------------------
+    def _check_preempt_token(self, token: int | None) -> None:
+        """Both sides have postcopy-preempt, or neither (as QEMU wants it)."""
+        if token is not None and not self.postcopy_preempt:
+            raise MigrationError("the source sends requested pages on a preempt channel "
+                                 "(postcopy-preempt), and this destination takes none: set the "
+                                 "postcopy-preempt capability here too")
+        if token is None and self.postcopy_preempt:
+            raise MigrationError("this destination has the postcopy-preempt capability, and the "
+                                 "source opens no preempt channel: set it on both sides")
+
+    def _accept_preempt(self, listener, token: int):
+        """The source's second connection on this URI, right behind ADVISE or RESUME: TLS if
+        the main channel is, a stream header, then PREEMPT with ``token`` (a connection
+        without it is refused).  Returns (channel, reader)."""
+        try:
+            channel = listener.accept(self.progress_timeout or self.idle_timeout)
+        except TransportError as exc:
+            raise MigrationError(f"the source's preempt channel did not come: "
+                                 f"{describe(exc)}") from exc
+        finally:
+            listener.close()
+        try:
+            if self.tls is not None:
+                channel = self._secure(channel)
+            channel.settimeout(self.idle_timeout)
+            reader = stream.StreamReader(channel, progress_timeout=self.progress_timeout)
+            reader.read_header()
+            payload, offset = _first_postcopy_record(reader, OP_PREEMPT, "a preempt channel")
+            if parse_token(payload, offset) != token:
+                raise StreamError(offset, "the preempt channel's token is not the one of this "
+                                          "migration's ADVISE or RESUME")
+        except BaseException:
+            channel.close()
+            raise
+        log.info("post-copy: preempt channel %s", channel.name)
+        return channel, reader
+
+    def _start_preempt(self, main) -> threading.Thread | None:
+        """The preempt channel's thread, placing the pages that come on it; if it fails, it
+        shuts ``main`` down, which pauses the post-copy."""
+        if self._preempt is None:
+            return None
+        self._preempt_error = None
+        thread = threading.Thread(target=self._receive_preempt, args=(main,),
+                                  name="pymig-postcopy-preempt", daemon=True)
+        thread.start()
+        return thread
+
+    def _receive_preempt(self, main) -> None:
+        channel, reader = self._preempt
+        pc, machine = self.postcopy, self.machine
+        buf = bytearray(LOAD_BUFFER_BYTES)
+        try:
+            while True:
+                record = reader.next_record()
+                if record.type == stream.RecordType.EOF:
+                    return
+                entry = machine.stream_entries.get(record.section_id)
+                if (record.type != stream.RecordType.PART or entry is None
+                        or entry.idstr != RAM_IDSTR):
+                    raise StreamError(record.offset, f"a preempt channel carries RAM pages only, "
+                                                     f"not a {record.describe()}")
+                payload = reader.read_payload(buf if record.payload_len <= len(buf)
+                                              else bytearray(record.payload_len))
+                pc.place(payload, preempt=True)
+        except BaseException as exc:  # noqa: BLE001 - the main thread reports it
+            if not channel.closed:  # (closed by the main thread: not the cause)
+                self._preempt_error = exc
+                log.warning("post-copy: the preempt channel failed: %s", describe(exc))
+                main.shutdown()
+
+    def _await_preempted_pages(self, thread: threading.Thread) -> None:
+        """At the main channel's EOF: the pages the preempt channel alone carried (asked for
+        before the push came to them) may still be on their way; wait for them (as long as
+        the progress timeout), then close the preempt channel, the source's cue to stop."""
+        pc = self.postcopy
+        deadline = time.monotonic() + (self.progress_timeout or self.idle_timeout)
+        while pc.pages_left() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(PREEMPT_POLL_S)
+        if self._preempt_error is not None:
+            raise self._preempt_error
+        self._close_preempt()
+        thread.join()
+
+    def _close_preempt(self) -> None:
+        preempt, self._preempt = self._preempt, None
+        if preempt is not None:
+            preempt[0].close()
 
     def _discard_machine(self) -> None:
         if self.postcopy is not None:
@@ -461,6 +582,25 @@ class Incoming:
         if self.machine is not None:
             self.machine.close()
             self.machine = None
+
+
+#: How often the destination looks whether the pages the preempt channel carries are all
+#: there, once the main channel has ended.
+PREEMPT_POLL_S = 0.001
+
+
+def _first_postcopy_record(reader: stream.StreamReader, op: int, what: str):
+    """The first record of a recovered or preempt channel: a small ``pymig.postcopy`` record
+    of operation ``op``; returns (payload, offset)."""
+    record = reader.next_record()
+    if (record.type != stream.RecordType.FULL or record.idstr != POSTCOPY_IDSTR
+            or record.payload_len > 64):
+        raise StreamError(record.offset, f"{what} starts with a {POSTCOPY_IDSTR} record")
+    payload = bytes(reader.read_payload()) if record.payload_len else b""
+    if parse_op(payload, record.offset) != op:
+        raise StreamError(record.offset, f"{what} starts with the wrong {POSTCOPY_IDSTR} "
+                                         f"operation")
+    return payload, record.offset
 
 
 def await_commit(channel, timeout: float) -> int:

@@ -57,7 +57,7 @@ from pymig.machine import Machine, SectionOut
 from pymig.measure import Course, Estimators
 from pymig.parameters import MigrationParameters, ParameterStore
 from pymig.policy import Move, Step
-from pymig.postcopy import PostcopySource
+from pymig.postcopy import PREEMPT_SCHEMES, PostcopySource
 from pymig.ram import RAM_IDSTR
 from pymig.stats import MigrationStats, TraceWriter
 
@@ -135,6 +135,9 @@ class Migration:
         self._start_postcopy = threading.Event()
         self.postcopy = None  # a postcopy.PostcopySource with the postcopy-ram capability
         self._channel = None
+        # postcopy-preempt: the second connection, on which requested pages go, its writer
+        self._preempt_channel = None
+        self._preempt_writer: stream.StreamWriter | None = None
         self._uncapped = False  # the stop-and-copy lifted max-bandwidth
         self._trace: TraceWriter | None = None
         self.resume_source = False
@@ -279,6 +282,10 @@ class Migration:
         if parsed.scheme not in TLS_SCHEMES:
             raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
                                  f"fd: sockets), which a {parsed.scheme}: URI has not")
+        if (self.params.snapshot().capabilities.get("postcopy-preempt")
+                and parsed.scheme not in PREEMPT_SCHEMES):
+            raise MigrationError(f"with postcopy-preempt a recovery reconnects both channels, "
+                                 f"which a {parsed.scheme}: URI cannot (tcp: and unix: can)")
         if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
             raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
                                  f"{self._status.value}")
@@ -299,7 +306,10 @@ class Migration:
             self.postcopy.rewind()
             ret = ReturnPath(channel, on_page_request=self.postcopy.page_request)
             writer.write_header()
-            postcopy_mod.resume(writer)
+            token = self._preempt_token()
+            postcopy_mod.resume(writer, token)
+            if token is not None:
+                self._connect_preempt(uri, token)
             if not self._transition(Status.POSTCOPY_RECOVER, Status.POSTCOPY_ACTIVE):
                 raise MigrationError("the recovery was interrupted")
             self._push_the_rest(writer, channel, ret)
@@ -317,6 +327,7 @@ class Migration:
             if self._channel is not None:
                 _quietly("closing the channel", self._channel.close, level=logging.DEBUG)
                 self._channel = None
+            self._close_preempt()
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to post-copy at the next decision.  Needs the
@@ -381,6 +392,40 @@ class Migration:
         self.stats.set_tls(secured.version, secured.cipher, secured.handshake_s)
         return secured
 
+    # -- the preempt channel (postcopy-preempt) ----------------------------------------------
+    def _preempt_token(self) -> int | None:
+        """A fresh token for ADVISE or RESUME if a preempt channel is to follow, else None."""
+        if not self.params.snapshot().capabilities.get("postcopy-preempt"):
+            return None
+        return postcopy_mod.new_token()
+
+    def _connect_preempt(self, uri: str, token: int) -> None:
+        """Open the preempt channel to ``uri`` (where the main one went, behind it: the
+        destination accepts it once it has read ADVISE or RESUME), over TLS if the main
+        channel is, and send its header and PREEMPT with ``token``."""
+        from pymig.errors import TlsError
+        from pymig.transport import tls
+        from pymig.transport.channel import SocketChannel
+
+        channel = transport.connect(uri, timeout=10.0)
+        self._preempt_channel = channel
+        if self._tls is not None:
+            creds, hostname = self._tls
+            if not isinstance(channel, SocketChannel):
+                raise TlsError(f"TLS needs a socket, and {channel.name} is not one")
+            channel.settimeout(SEND_TIMEOUT_S)
+            self._preempt_channel = channel = tls.connect(channel, creds, hostname)
+        channel.settimeout(SEND_TIMEOUT_S)
+        writer = stream.StreamWriter(channel)
+        postcopy_mod.open_preempt(writer, token)
+        self._preempt_writer = writer
+
+    def _close_preempt(self) -> None:
+        channel, self._preempt_channel = self._preempt_channel, None
+        self._preempt_writer = None
+        if channel is not None:
+            _quietly("closing the preempt channel", channel.close, level=logging.DEBUG)
+
     def _tell_destination(self, writer: "stream.StreamWriter | None",
                           ret: "ReturnPath | None", exc: BaseException) -> None:
         """The migration ends here, before the commit, for a reason of the source's own (a
@@ -435,6 +480,10 @@ class Migration:
         # left in the socket would be loaded inside the downtime (as before a stop-and-copy).
         # What the guest writes meanwhile is only more for LISTEN to name.
         ret.wait_caught_up(writer.bytes_written, timeout=ACK_TIMEOUT_S, check=self._check)
+        if self._preempt_channel is not None and peer_closed(self._preempt_channel):
+            # idle since the setup: lost now, it would pause the post-copy at its first page;
+            # the guest can still run on here
+            raise MigrationError("the preempt channel was lost before the switch to post-copy")
         if not self._transition(Status.ACTIVE, Status.POSTCOPY_ACTIVE):
             raise Cancelled("migration cancelled")
         phases = DowntimePhases(time.time_ns())
@@ -468,10 +517,19 @@ class Migration:
         """Post-copy with the guest running at the destination: every page still here goes,
         those it asks for first, then EOF, until the destination says it has them all."""
         postcopy_mod.shrink_queue(channel, socket.SO_SNDBUF)
-        ram = SectionOut(writer, self.machine.registry.find(RAM_IDSTR, 0))
-        self.postcopy.run(ram, check=ret.check_alive)
-        writer.eof()
-        ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+        entry = self.machine.registry.find(RAM_IDSTR, 0)
+        ram = SectionOut(writer, entry)
+        preempt = self._preempt_writer
+        if preempt is not None:
+            self.postcopy.start_preempt(SectionOut(preempt, entry))
+        try:
+            self.postcopy.run(ram, check=ret.check_alive)
+            writer.eof()
+            # (requests are served on the preempt channel until the destination has every
+            # page: the end of the push is still on its way to it)
+            ret.wait_for(stream.Shut, timeout=ACK_TIMEOUT_S, check=None)
+        finally:
+            self.postcopy.stop_preempt()
 
     def _fail(self, exc: BaseException, *, resume: bool, committed: bool) -> None:
         guest = self.machine.guest
@@ -604,6 +662,11 @@ def check_dirty_limit(params: MigrationParameters, guest) -> None:
 
 def check_postcopy(params: MigrationParameters, scheme: str, guest) -> None:
     """Refuse a post-copy migration that could not switch, before anything starts."""
+    try:
+        postcopy_mod.check_preempt(params.capabilities.get("postcopy-ram", False),
+                      params.capabilities.get("postcopy-preempt", False), scheme)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
     if not params.capabilities.get("postcopy-ram"):
         return
     if scheme not in TLS_SCHEMES:
@@ -792,8 +855,11 @@ class _Run:
         writer.write_header()
         self.machine.save_config(writer)
         if m.postcopy is not None:
-            postcopy_mod.advise(writer)
+            token = m._preempt_token()
+            postcopy_mod.advise(writer, token)
             self.advised_at = writer.bytes_written
+            if token is not None:
+                m._connect_preempt(uri, token)
         saver.cap_packets(params.max_bandwidth)
         self._live("setup")
         self.keep_alive = KeepAlive(writer, lambda: saver.keep_alive(
@@ -1089,6 +1155,7 @@ class _Run:
                      level=logging.WARNING if m._status == Status.COMPLETED
                      else logging.DEBUG)
             m._channel = None
+        m._close_preempt()
         if self.trace:
             self.trace.close()
 

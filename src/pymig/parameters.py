@@ -107,6 +107,9 @@ CAPABILITIES: dict[str, str] = {
     "background-snapshot": "a one-way snapshot (file:, exec:) of the guest as it was when it "
                            "began, taken while the guest runs on: RAM is write-protected and "
                            "each page saved before the guest's first write to it",
+    "postcopy-preempt": "with postcopy-ram: send the pages a vCPU at the destination waits for "
+                        "on a second connection of their own, never behind the background "
+                        "push (both sides; tcp: and unix: only)",
 }
 
 _BY_NAME = {p.name: p for p in PARAMETERS}

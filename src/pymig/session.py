@@ -454,10 +454,12 @@ class Session:
                 self._guest_arrived(machine)
 
             try:
-                postcopy = self.params.snapshot().capabilities.get("postcopy-ram", False)
+                caps = self.params.snapshot().capabilities
                 incoming = Incoming(uri, before_start=before_start,
                                     after_start=self._guest_started, tls=tls,
-                                    postcopy=postcopy, **options)
+                                    postcopy=caps.get("postcopy-ram", False),
+                                    postcopy_preempt=caps.get("postcopy-preempt", False),
+                                    **options)
             except ValueError as exc:
                 raise CommandError(str(exc)) from None
             incoming.on_status(lambda old, new: self.emit("MIGRATION", {"status": new}))

@@ -59,6 +59,7 @@ COMMAND_LINE: tuple[Setting, ...] = (
     Setting("dirty-limit", capability=True, show=_on_off),
     Setting("vcpu-dirty-limit", show=lambda v: f"{v:,} pages/s per vCPU" if v else "none"),
     Setting("postcopy-ram", capability=True, show=_on_off),
+    Setting("postcopy-preempt", capability=True, show=_on_off),
     Setting("x-postcopy-after", show=lambda v: f"{v} passes" if v else "on request"),
     Setting("background-snapshot", capability=True, show=_on_off),
 )
@@ -135,7 +136,7 @@ def describe(parameters: Mapping[str, Any], capabilities: Mapping[str, bool]) ->
     for setting in COMMAND_LINE:
         if setting.name == "vcpu-dirty-limit" and not capabilities.get("dirty-limit"):
             continue  # it means nothing without the capability
-        if setting.name in ("postcopy-ram", "x-postcopy-after") \
+        if setting.name in ("postcopy-ram", "postcopy-preempt", "x-postcopy-after") \
                 and not capabilities.get("postcopy-ram"):
             continue  # named only where a migration may switch to post-copy
         if setting.name == "background-snapshot" and not capabilities.get(setting.name):
