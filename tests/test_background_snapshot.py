@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from _migration_helpers import (ANY_KIND, MiB, assert_carries_on, assert_consistent,
                                 block_digests, e2e_kind, finish, guest_config, guest_passes,
                                 run_pymig, start_destination, start_source, wait_for)
+from _uffd import needs_uffd
 
 from pymig import bgsnapshot
 from pymig._core import kvm as _kvm
@@ -38,16 +39,6 @@ KINDS = [
 PAGEMAP_UFFD_WP = 1 << 57  # /proc/PID/pagemap: the page's PTE is uffd write-protected
 
 
-def _uffd_usable() -> bool:
-    try:
-        fd = _kvm.userfaultfd_open(os.O_CLOEXEC)
-    except KvmError:
-        return False
-    os.close(fd)
-    return True
-
-
-needs_uffd = pytest.mark.skipif(not _uffd_usable(), reason="userfaultfd is not available here")
 
 
 @pytest.fixture

@@ -181,6 +181,8 @@ def test_wrong_state_during_a_migration(pair, tmp_path):
     assert "already active" in refused(sc, "migrate", uri=f"unix:{tmp_path}/other.sock")
     assert "cannot stop during a migration" in refused(sc, "stop")
     assert "cannot cont during a migration" in refused(sc, "cont")
+    assert "not in expected state: active" in refused(sc, "migrate-continue",
+                                                      state="pre-switchover")
     assert "during a migration" in refused(
         sc, "migrate-set-capabilities",
         capabilities=[{"capability": "auto-converge", "state": True}])

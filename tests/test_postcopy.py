@@ -15,6 +15,7 @@ import pytest
 
 from _migration_helpers import ANY_KIND, MiB, assert_consistent, guest_config, wait_for
 from _tls_helpers import pki  # noqa: F401
+from _uffd import needs_uffd
 
 from pymig import core, postcopy
 from pymig._core import kvm as _kvm
@@ -33,16 +34,6 @@ POSTCOPY_KINDS = [
 ]
 
 
-def _uffd_usable() -> bool:
-    try:
-        fd = _kvm.userfaultfd_open(os.O_CLOEXEC)
-    except KvmError:
-        return False
-    os.close(fd)
-    return True
-
-
-needs_uffd = pytest.mark.skipif(not _uffd_usable(), reason="userfaultfd is not available here")
 
 
 class Run:

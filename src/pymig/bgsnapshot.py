@@ -41,8 +41,6 @@ import errno
 import logging
 import mmap
 import os
-import select
-import struct
 import threading
 import time
 from typing import Callable
@@ -52,6 +50,7 @@ import numpy as np
 from pymig import core
 from pymig.errors import KvmError, MigrationError
 from pymig.memory import RamBlock
+from pymig.uffd import read_faults
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ log = logging.getLogger(__name__)
 CHUNK_PAGES = 1 << 10
 #: The trace gets a line of the pass this often.
 TRACE_INTERVAL_S = 0.1
-_FAULT = struct.Struct("<B7xQQI4x")  # uffd_msg: event, pagefault flags, address, thread id
 BACKINGS = ("anon", "memfd")
 
 
@@ -260,20 +258,8 @@ class WriteTracker:
 
     # -- the fault thread --------------------------------------------------------------------
     def _fault_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._uffd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
         try:
-            while True:
-                events = dict(poller.poll())
-                if self._stop_r in events:
-                    return
-                try:
-                    data = os.read(self._uffd, 32 * 64)
-                except BlockingIOError:
-                    continue
-                for at in range(0, len(data) - len(data) % 32, 32):
-                    self._fault(*_FAULT.unpack_from(data, at))
+            read_faults(self._uffd, self._stop_r, self._fault)
         except BaseException as exc:  # noqa: BLE001 - the pass checks, stop() releases
             self.fault_error = exc
             log.error("background snapshot: fault thread stopped: %s", exc)

@@ -50,7 +50,6 @@ import logging
 import mmap
 import os
 import queue
-import select
 import struct
 import threading
 import time
@@ -62,6 +61,7 @@ import numpy as np
 from pymig import core, stream
 from pymig.errors import KvmError, MigrationError, StateError, StreamError
 from pymig.memory import RamBlock
+from pymig.uffd import read_faults
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ REQUEST_POLL_S = 0.05
 PREEMPT_KEEPALIVE_S = 1.0
 #: The source writes a trace line of the post-copy phase this often.
 TRACE_INTERVAL_S = 0.1
-_FAULT = struct.Struct("<B7xQQI4x")  # uffd_msg: event, pagefault flags, address, thread id
 
 
 def advise_payload(token: int | None = None) -> bytes:
@@ -775,20 +774,8 @@ class PostcopyDestination:
 
     # -- the fault thread --------------------------------------------------------------------
     def _fault_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._uffd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
         try:
-            while True:
-                events = dict(poller.poll())
-                if self._stop_r in events:
-                    return
-                try:
-                    data = os.read(self._uffd, 32 * 64)
-                except BlockingIOError:
-                    continue
-                for at in range(0, len(data) - len(data) % 32, 32):
-                    self._fault(*_FAULT.unpack_from(data, at))
+            read_faults(self._uffd, self._stop_r, self._fault)
         except BaseException as exc:  # noqa: BLE001 - reported by query and at the end
             self.fault_error = exc
             log.error("post-copy fault thread stopped: %s", exc)
