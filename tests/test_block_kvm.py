@@ -7,7 +7,7 @@ target, a target that holds data, and a block record that points past the disk's
 migrate --blk between processes, with the disk counters; the switchover waits for the disk's
 bulk phase.
 
-(The simulated guest has no disk controller, so block migration is a KVM guest's.)"""
+(The simulated guest's disks, which no controller drives, migrate too: test_block_simulated.py.)"""
 
 from __future__ import annotations
 
