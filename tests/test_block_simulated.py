@@ -108,3 +108,26 @@ def test_a_shared_disk_of_a_simulated_guest_stays_where_it_is(tmp_path):
             assert done.destination.disk_images[0].path == str(disk)
     assert sha(disk) == before
     assert DiskSpec.parse(f"{disk},shared").shared
+
+
+def test_pymig_qmp_makes_a_checkpoint_whose_argument_is_called_name(tmp_path):
+    """``pymig qmp ... name=NAME``: a command argument called ``name`` reaches the server (the
+    client's own first parameter is the command's name)."""
+    from _control_helpers import Served
+    from _migration_helpers import run_pymig
+    from pymig.disk import checkpoint_names
+    from pymig.session import Session
+
+    disk, guest = disk_guest(tmp_path)
+    served = Served(Session(guest), str(tmp_path / "ctl.sock"))
+    try:
+        done = run_pymig("qmp", "--control", served.path, "block-dirty-bitmap-add",
+                         "node=disk0", "name=nightly", "persistent=true")
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        assert checkpoint_names(str(disk)) == ["nightly"]
+        done = run_pymig("qmp", "--control", served.path, "query-block")
+        assert done.returncode == 0, done.stderr
+        assert '"name": "nightly"' in done.stdout
+    finally:
+        served.close()
