@@ -4,9 +4,10 @@ the source's as it was at the stop and diskcheck finding no error there; a cance
 connection leave the source's image and guest as they were and the destination's image marked
 incomplete, which pymig run then refuses; a destination refuses a stream whose disk has no
 target, a target that holds data, and a block record that points past the disk's end; pymig
-migrate --blk between processes, with the disk counters.
+migrate --blk between processes, with the disk counters; the switchover waits for the disk's
+bulk phase.
 
-(The simulated guest has no disk controller, so block migration is a KVM guest's.)"""
+(The simulated guest's disks, which no controller drives, migrate too: test_block_simulated.py.)"""
 
 from __future__ import annotations
 
@@ -122,6 +123,39 @@ def test_a_guest_writing_its_disk_moves_with_its_image(tmp_path, scheme):
             assert_diskcheck_runs_clean(dest, target)
         report = verify_diskcheck(str(disk), config, guest.mailbox()[0])
         assert report.ok and report.errors == 0, report.detail
+
+
+def test_the_switchover_waits_for_the_disk_bulk_phase(tmp_path):
+    """A downtime limit the whole disk fits in lets the estimate switch over at the first
+    sync; the migration still sends the disk's first copy with the guest running (QEMU's
+    block migration holds the switchover through its bulk phase), and stops the guest only
+    at a sync where the bulk phase is through."""
+    disk, config, guest = disk_guest(tmp_path)
+    target = tmp_path / "target.img"
+    weighed: list = []
+
+    def decide(metrics, params):
+        weighed.append(metrics)
+        return policy.decide(metrics, params)
+
+    with guest:
+        with migrate_locally(guest, "tcp:127.0.0.1:0", capabilities={"block": True},
+                             decide=decide,
+                             params={"max-bandwidth": 4 * MiB, "downtime-limit": 60_000},
+                             guest_options={"disk_targets": [DiskTarget(0, str(target))]}
+                             ) as done:
+            assert done.error is None, done.error
+            assert done.migration.query()["status"] == "completed"
+    # the estimate allowed a switchover while the disk's bulk phase was under way ...
+    early = [m for m in weighed if not m.swept]
+    assert early and all(policy.decide(m, policy.PolicyParams(downtime_limit_s=60)).action
+                         == policy.Action.SWITCHOVER for m in early)
+    assert early[0].pending_bytes >= FILLED_BYTES
+    # ... and the guest stopped only once it was through: what was left then is what the
+    # guest wrote since the last pass (its 256 KiB working set at most) and its RAM's few
+    # pages, never megabytes of the disk's first copy
+    assert weighed[-1].swept and weighed.index(early[-1]) < len(weighed) - 1
+    assert weighed[-1].pending_bytes < 1 * MiB, weighed[-1]
 
 
 def test_a_snapshot_carries_the_disk_and_restores_into_a_target(tmp_path):

@@ -190,15 +190,14 @@ class BlockSaver:
         while True:
             if self.cancelled():
                 raise MigrationError("migration cancelled")
-            ahead = np.flatnonzero(todo[self._cursor:])
-            if ahead.size:
-                first = self._cursor + int(ahead[0])
-            else:
+            # argmax stops at the first unit to send; flatnonzero would list them all, a
+            # scan of the rest of the disk for every chunk
+            first = _first_set(todo, self._cursor, len(todo))
+            if first < 0:
                 self.swept = True
-                behind = np.flatnonzero(todo[: self._cursor])
-                if not behind.size:
+                first = _first_set(todo, 0, self._cursor)
+                if first < 0:
                     return True
-                first = int(behind[0])
             run = todo[first:first + per_part]
             stop = first + (int(np.argmin(run)) if not run.all() else len(run))
             todo[first:stop] = False  # before the read: a write after it is logged again
@@ -250,9 +249,19 @@ class BlockSaver:
         self.on_sent(end - start, time.monotonic() - t0)
 
 
+def _first_set(todo: np.ndarray, start: int, stop: int) -> int:
+    """The first True in ``todo[start:stop]`` (its index in ``todo``), or -1."""
+    if start >= stop:
+        return -1
+    at = int(todo[start:stop].argmax())
+    return start + at if todo[start + at] else -1
+
+
 def _all_zero(data) -> bool:
     words = np.frombuffer(data, dtype=np.uint64)  # whole sectors: a multiple of 8 bytes
-    return not words.any()
+    # data that is not zero nearly always says so in its first words: a pass over the whole
+    # chunk only for those that may be
+    return not words[:8].any() and not words.any()
 
 
 def _merge_zero_records(parts: list[bytes]) -> list[bytes]:

@@ -163,6 +163,23 @@ COMMANDS: dict[str, Command] = {
                            {"verify": Arg("boolean")},
                            "workload progress, self-check (verify: pause-free only when "
                            "stopped), console tail"),
+    "query-block": Command(lambda s, a: s.query_block(), {},
+                           "the guest's disks: image, node name, and each checkpoint as a "
+                           "persistent dirty bitmap (inserted.dirty-bitmaps)"),
+    "block-dirty-bitmap-add": Command(lambda s, a: s.block_dirty_bitmap_add(a),
+                                      {"node": Arg("string", True),
+                                       "name": Arg("string", True),
+                                       "granularity": Arg("integer"),
+                                       "persistent": Arg("boolean"),
+                                       "disabled": Arg("boolean")},
+                                      "make checkpoint name of disk node (ide0-hd0 or disk0), "
+                                      "kept beside its image, recording from now on: what "
+                                      "migrate inc sends from (persistent: true needed)"),
+    "block-dirty-bitmap-remove": Command(lambda s, a: s.block_dirty_bitmap_remove(a),
+                                         {"node": Arg("string", True),
+                                          "name": Arg("string", True)},
+                                         "delete checkpoint name of disk node (refused while "
+                                         "a migration sends from it)"),
     "stop": Command(lambda s, a: s.stop(), {}, "pause the guest"),
     "cont": Command(lambda s, a: s.cont(), {}, "resume the guest"),
     "quit": Command(lambda s, a: None, {}, "end this process (after answering)"),

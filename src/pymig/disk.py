@@ -179,6 +179,14 @@ class Checkpoint:
         return np.unpackbits(np.asarray(self._map), bitorder="little")[: self.chunks] \
             .astype(bool)
 
+    def written_bytes(self) -> int:
+        """Bytes of the image in the chunks written since the checkpoint (QMP's ``count``)."""
+        written = self.written()
+        count = int(np.count_nonzero(written)) * self.chunk_bytes
+        if self.chunks and written[-1]:  # the last chunk may be partial
+            count -= self.chunks * self.chunk_bytes - self.identity["size_bytes"]
+        return count
+
     def flush(self) -> None:
         if self._map is not None and self._map.mode != "r":
             self._map.flush()
@@ -242,11 +250,25 @@ class DiskImage:
 
     def add_checkpoint(self, name: str) -> "Checkpoint":
         """Checkpoint ``name`` of this image, made now if it has none by that name."""
-        if name not in self.checkpoints:
-            if self.readonly:
-                raise DiskError(f"{self.path} is read-only: a checkpoint cannot be made")
-            self.checkpoints[name] = Checkpoint(self.path, name, self.size_bytes, create=True)
-        return self.checkpoints[name]
+        with self._lock:  # a write in flight marks every checkpoint or none of it
+            if name not in self.checkpoints:
+                if self.readonly:
+                    raise DiskError(f"{self.path} is read-only: a checkpoint cannot be made")
+                self.checkpoints[name] = Checkpoint(self.path, name, self.size_bytes,
+                                                    create=True)
+            return self.checkpoints[name]
+
+    def remove_checkpoint(self, name: str) -> None:
+        """Forget checkpoint ``name`` and delete its identity and map (KeyError if there is
+        none by that name)."""
+        with self._lock:
+            checkpoint = self.checkpoints.pop(name)
+        checkpoint.close()
+        for path in (checkpoint.identity_path, checkpoint.map_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     @property
     def sectors(self) -> int:

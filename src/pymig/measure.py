@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from pymig.block import BLOCK_IDSTR
 from pymig.estimate import (Bandwidth, DirtyRate, LoggedRate, StopSpeedup, SwitchoverCost,
                             TriggerPeriod, host_cpu_seconds, in_flight_bytes,
                             thread_cpu_seconds)
@@ -131,6 +132,13 @@ class Estimators:
         self.bandwidth.observe(time.monotonic(), self._saver.page_bytes_sent)
         self._rate_held = True
 
+    def disks_swept(self) -> bool:
+        """Every disk that travels has been through its bulk phase (QEMU's block migration
+        holds the switchover as long as one has not: what its bulk phase has yet to send is
+        a first write at the destination, not a re-send)."""
+        return all(e.opaque.swept for e in self._registry.live_entries()
+                   if e.idstr == BLOCK_IDSTR)
+
     # -- the policy's input --------------------------------------------------------------------
     def metrics(self, found_pages: int, params: MigrationParameters, course: Course, *,
                 manual_switchover: bool) -> Metrics:
@@ -168,7 +176,7 @@ class Estimators:
             vcpu_dirty_rates=vcpu_rates, dirty_limited=course.dirty_limits is not None,
             period_sent_bytes=closed[0] if closed else None,
             period_dirtied_bytes=closed[1] if closed else 0, hot_periods=course.hot_periods,
-            backlog_bytes=self.backlog_page_bytes(), swept=saver.swept,
+            backlog_bytes=self.backlog_page_bytes(), swept=saver.swept and self.disks_swept(),
             caught_up=self.caught_up(), expected_before_wait_s=course.expected_before_wait_s,
             passes_after_wait=course.passes_after_wait)
 

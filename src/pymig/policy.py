@@ -59,7 +59,8 @@ What the migration does with it (:func:`next_step`), in order:
    during the wait goes once more with the guest running (the destination holds those pages,
    so they cost it no first touch), at most :data:`MAX_PASSES_AFTER_WAIT` times.
 8. **hold** - a switchover the estimate allowed waits for another pass while (a) the first
-   pass over RAM is not through (:attr:`Metrics.swept`: a page never sent costs the
+   pass over RAM, or a travelling disk's bulk phase, is not through (:attr:`Metrics.swept`,
+   as QEMU's block migration holds it through the bulk phase: a page never sent costs the
    destination a first touch of fresh memory, whose rate a VM host varies widely from one
    region to the next, docs/performance.md: the estimate is not trusted with it), or (b) the
    destination is further behind than it loads in the downtime expected
@@ -136,7 +137,7 @@ class Metrics:
     # What the holds and the catch-up wait weigh (steps 7-9 of the rule); their defaults are
     # a migration with nothing to hold for: the first pass through, the destination caught up
     backlog_bytes: int = 0  # sent, not yet loaded by the destination (as page bytes)
-    swept: bool = True  # the first pass over RAM is through
+    swept: bool = True  # the first pass over RAM, and every disk's bulk phase, is through
     caught_up: bool = True  # the destination has loaded everything sent (always, one way)
     expected_before_wait_s: float = math.inf  # the downtime the decision before a catch-up
     # wait expected, on the sync right after that wait (math.inf on every other sync)

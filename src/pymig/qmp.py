@@ -112,9 +112,11 @@ class QmpClient:
             else:
                 self._answers.put(message)
 
-    def command(self, name: str, *, interrupted: Callable[[], bool] | None = None,
+    def command(self, name: str, /, *, interrupted: Callable[[], bool] | None = None,
                 **arguments: Any) -> Any:
-        """Run one command; returns its value or raises :class:`QmpError`.
+        """Run one command; returns its value or raises :class:`QmpError`.  ``name`` is
+        positional only: a command's own argument may be called ``name`` (QEMU's
+        ``block-dirty-bitmap-add`` has one).
 
         ``interrupted``: polled while waiting for the answer; once it returns true the wait
         ends with :class:`Interrupted` (the command may still run on the server)."""

@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from pymig import blockdev
 from pymig.errors import MigrationError, PymigError
 from pymig.guest import Guest
 from pymig.incoming import Incoming, IncomingResult
@@ -192,6 +193,29 @@ class Session:
                                    "errors": report.errors, "detail": report.detail}
         result["console"] = guest.console.text()[-4096:]
         return result
+
+    # -- disks -------------------------------------------------------------------------------
+    def _checkpoints_in_use(self) -> dict[int, set[str]]:
+        """Per disk unit, the checkpoint an incremental migration under way sends from."""
+        migration, machine = self.migration, self.machine
+        if machine is None or migration is None or migration.status not in ACTIVE_STATES:
+            return {}
+        return {saver.unit: {saver.checkpoint.name} for saver in machine.block_savers
+                if saver.checkpoint is not None}
+
+    def query_block(self) -> list[dict[str, Any]]:
+        if self.machine is None:
+            return []
+        return blockdev.query_block(self.machine.guest, self._checkpoints_in_use())
+
+    def block_dirty_bitmap_add(self, args: dict) -> None:
+        blockdev.add_bitmap(self._require_guest(), args["node"], args["name"],
+                            granularity=args.get("granularity"),
+                            persistent=args.get("persistent"), disabled=args.get("disabled"))
+
+    def block_dirty_bitmap_remove(self, args: dict) -> None:
+        blockdev.remove_bitmap(self._require_guest(), args["node"], args["name"],
+                               self._checkpoints_in_use())
 
     def _require_guest(self) -> Guest:
         if self.machine is None:

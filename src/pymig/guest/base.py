@@ -43,10 +43,10 @@ class GuestConfig:
     ``kind`` is ``"kvm"`` or ``"simulated"``; ``workload`` names a built-in workload (or
     ``"image"`` for a user's boot sector / flat binary) and ``params`` its parameters.  The
     guest's memory and vCPU state travel in the migration stream, so an image itself is not part
-    of the configuration.  ``disks`` (KVM only) are the ATA channel's master and slave
-    (:class:`DiskConfig`: an image file named by its absolute path, its size, whether it is
-    read-only and whether it is shared: a destination opens a shared image where the source
-    did).
+    of the configuration.  ``disks`` are the ATA channel's master and slave (:class:`DiskConfig`:
+    an image file named by its absolute path, its size, whether it is read-only and whether it
+    is shared: a destination opens a shared image where the source did); a simulated guest
+    has the images, with no controller to drive them.
     """
 
     kind: str
@@ -231,11 +231,9 @@ MAX_DISKS = 2  # the ATA channel's master and slave
 
 def _disk_list(value: list, config: dict) -> str | None:
     """At most :data:`MAX_DISKS` disks, each an object of exactly the :class:`DiskConfig` keys:
-    an absolute path, a size in whole sectors that LBA48 addresses, two flags; KVM only."""
+    an absolute path, a size in whole sectors that LBA48 addresses, two flags."""
     if len(value) > MAX_DISKS:
         return f"{len(value)} disks, more than the {MAX_DISKS} of an ATA channel"
-    if value and config.get("kind") != "kvm":
-        return "only a KVM guest has disks"
     keys = {f.name for f in dataclasses.fields(DiskConfig)}
     for i, disk in enumerate(value):
         if not isinstance(disk, dict) or set(disk) != keys:

@@ -34,7 +34,7 @@ def make_config(*, kind: str = "kvm", workload: str = "idle", params: dict[str, 
     [,shared]`` or a :class:`~pymig.disk.DiskSpec`; each image is opened here to check it can
     be a disk and to take its size, and named by its absolute path.
     """
-    disk_configs = _disk_configs(kind, disks)
+    disk_configs = _disk_configs(disks)
     if kind not in GUEST_KINDS:
         raise ValueError(f"unknown guest kind {kind!r} (use {' or '.join(GUEST_KINDS)})")
     if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0 \
@@ -81,11 +81,9 @@ def validate_config(config: GuestConfig) -> None:
         workloads.resolve(config)
 
 
-def _disk_configs(kind: str, disks: Sequence[str | DiskSpec]) -> list[DiskConfig]:
+def _disk_configs(disks: Sequence[str | DiskSpec]) -> list[DiskConfig]:
     if not disks:
         return []
-    if kind != "kvm":
-        raise ValueError("disks need a KVM guest: the simulated guest has no disk controller")
     if len(disks) > MAX_DISKS:
         raise ValueError(f"{len(disks)} disks: the ATA channel holds a master and a slave")
     configs = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import threading
 import time
 from typing import Sequence
@@ -30,9 +29,9 @@ from typing import Sequence
 import numpy as np
 
 from pymig._core import kvm as _kvm
-from pymig.block import DiskTarget, disk_id, open_target
+from pymig.block import DiskTarget
 from pymig.disk import DiskImage
-from pymig.errors import DiskError, GuestError
+from pymig.errors import GuestError
 from pymig.guest import builtin, loader
 from pymig.guest.base import (
     Console,
@@ -51,6 +50,7 @@ from pymig.guest.base import (
 )
 from pymig.guest.layout import MAILBOX_GPA, MAILBOX_RECORD_BYTES, locate
 from pymig.guest.config import validate_config
+from pymig.guest.disks import open_disks, with_targets
 from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
                                    write_fill)
 from pymig.kvm import cpustate
@@ -127,10 +127,7 @@ class KvmGuest:
         runtime = None
         try:
             disks = open_disks(config, incoming, disk_paths, disk_targets, disk_dir)
-            if incoming and any(not d.shared for d in config.disks):
-                config = dataclasses.replace(config, disks=[
-                    dataclasses.replace(d, path=image.path)
-                    for d, image in zip(config.disks, disks)])
+            config = with_targets(config, disks)
             blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
                                   prealloc=prealloc)
             console = Console()
@@ -444,58 +441,6 @@ class KvmGuest:
         nbytes = MAILBOX_RECORD_BYTES * self.vcpu_count
         index, offset = locate(self.ram_blocks, MAILBOX_GPA, nbytes)
         touch_without_gil(self.ram_blocks[index].address + offset, nbytes)
-
-
-def open_disks(config: GuestConfig, incoming: bool, allowed: Sequence[str] | None = None,
-               targets: Sequence[DiskTarget] = (), target_dir: str | None = None
-               ) -> list[DiskImage]:
-    """The images of ``config``'s disks, each the size the configuration says.
-
-    A destination's configuration comes from the stream, which may say anything: it opens
-    only shared images among ``allowed``, the images its operator named, and writes a disk
-    that travels with the guest only into the target its operator named for it
-    (``targets``) or into ``target_dir`` under the image's own file name (one name, never
-    ``.`` or ``..``), so a stream cannot make it open, and its guest write, any file it
-    likes."""
-    permitted = {os.path.realpath(p) for p in allowed or ()}
-    by_unit = {t.unit: t for t in targets}
-    images: list[DiskImage] = []
-    try:
-        for unit, disk in enumerate(config.disks):
-            if incoming and not disk.shared:
-                target = by_unit.get(unit)
-                if target is None and target_dir is not None:
-                    target = _target_in(target_dir, unit, disk.path)
-                if target is None:
-                    raise DiskError(f"disk {unit} ({disk.path}) travels with the guest (block "
-                                    f"migration): name where it goes, pymig incoming --disk "
-                                    f"{disk_id(unit)}=PATH")
-                images.append(open_target(target, disk.size_bytes, disk.path))
-                continue
-            if incoming and os.path.realpath(disk.path) not in permitted:
-                raise DiskError(f"disk {unit} of the incoming guest is {disk.path} on shared "
-                                f"storage; this destination opens only the images it is given "
-                                f"(pymig incoming --disk {disk.path})")
-            image = DiskImage(disk.path, readonly=disk.readonly)
-            images.append(image)
-            if image.size_bytes != disk.size_bytes:
-                raise DiskError(f"disk {unit} ({disk.path}) is {image.size_bytes} bytes, the "
-                                f"guest's configuration says {disk.size_bytes}")
-    except BaseException:
-        for image in images:
-            image.close()
-        raise
-    return images
-
-
-def _target_in(directory: str, unit: int, source_path: str) -> DiskTarget:
-    """Disk ``unit``'s target in ``directory``: the source image's file name there (the
-    stream's path, so no more than one plain name of it)."""
-    name = os.path.basename(source_path)
-    if name in ("", ".", ".."):
-        raise DiskError(f"disk {unit} ({source_path}) has no file name to take in "
-                        f"{directory}; name its target: --disk {disk_id(unit)}=PATH")
-    return DiskTarget(unit, os.path.join(os.path.abspath(directory), name))
 
 
 def _enter(vcpu, entry: loader.Entry) -> None:

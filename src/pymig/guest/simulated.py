@@ -42,6 +42,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from pymig._core.simguest import CPU_FIELDS, Writers
+from pymig.disk import DiskImage
 from pymig.errors import GuestError, StateError
 from pymig.guest.base import (
     Console,
@@ -59,6 +60,7 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
+from pymig.guest.disks import open_disks, with_targets
 from pymig.guest.layout import PARAMS_GPA
 from pymig.guest.workloads import (KVM_ONLY, Workload, pack_params, progress_from_mailbox,
                                    resolve, write_fill)
@@ -136,8 +138,11 @@ class SimulatedGuest:
     """A :class:`~pymig.guest.base.Guest` whose vCPUs are native writer threads."""
 
     def __init__(self, config: GuestConfig, workload: Workload, ram_blocks: list[RamBlock],
-                 writers: Writers, incoming: bool):
+                 writers: Writers, incoming: bool, disks: Sequence[DiskImage] = ()):
         self.config = config
+        # its disks have no device model: nothing in the guest writes them, only the host
+        # through these images (as the KVM guest's ATA channel does), and they travel with it
+        self.disk_images = list(disks)
         self.workload = workload
         self.ram_blocks = ram_blocks
         self.vcpu_count = config.vcpus
@@ -162,9 +167,10 @@ class SimulatedGuest:
                disk_targets: Sequence = (), disk_dir: str | None = None) -> "SimulatedGuest":
         """A new, stopped guest with fresh RAM (or RAM made ready earlier: ``prealloc``).
 
-        ``dirty_ring`` and the disk options are accepted so that one set of options builds either
-        kind of guest; the writers count their own dirty pages and need no ring, and a
-        simulated guest has no disk.
+        ``dirty_ring`` is accepted so that one set of options builds either kind of guest; the
+        writers count their own dirty pages and need no ring.  Disks are opened as a KVM
+        guest's are (:func:`pymig.guest.disks.open_disks`: ``disk_paths``, ``disk_targets``,
+        ``disk_dir``), with no device to drive them.
 
         A source (``incoming=False``) gets its parameter block (and an idle guest's random fill)
         written and its writers set at the workload's start.  A destination
@@ -173,19 +179,25 @@ class SimulatedGuest:
         """
         if config.kind != "simulated":
             raise ValueError(f"a SimulatedGuest needs kind 'simulated', not {config.kind!r}")
-        if config.disks or config.workload in KVM_ONLY:
-            raise ValueError("the simulated guest has no disk: disks and diskcheck need a KVM "
-                             "guest")
+        if config.workload in KVM_ONLY:
+            raise ValueError(f"{config.workload} drives a disk controller, which only a KVM "
+                             f"guest has")
         workload = resolve(config)
         params = pack_params(workload, TICK_KHZ)
-        blocks = allocate_ram(config, backing=backing, hugepages=hugepages, prealloc=prealloc)
+        disks = open_disks(config, incoming, disk_paths, disk_targets, disk_dir)
+        blocks: list[RamBlock] = []
         try:
+            config = with_targets(config, disks)
+            blocks = allocate_ram(config, backing=backing, hugepages=hugepages,
+                                  prealloc=prealloc)
             writers = Writers([(b.guest_phys_addr, b.array) for b in blocks], params)
         except BaseException:
             for block in blocks:
                 block.close()
+            for disk in disks:
+                disk.close()
             raise
-        guest = cls(config, workload, blocks, writers, incoming)
+        guest = cls(config, workload, blocks, writers, incoming, disks)
         if not incoming:
             write_phys(blocks, PARAMS_GPA, params)
             write_fill(blocks, workload)
@@ -244,6 +256,8 @@ class SimulatedGuest:
             self._writers.close()
             self._dirty_limits.clear()  # limits die with the writers
             self._status = GuestStatus.SHUTDOWN
+            for disk in self.disk_images:
+                disk.close()
             for block in self.ram_blocks:
                 try:
                     block.close()
