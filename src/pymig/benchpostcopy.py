@@ -22,12 +22,12 @@ import ctypes
 import json
 import mmap
 import os
-import select
-import struct
 import threading
 import time
 
 import numpy as np
+
+from pymig.uffd import read_faults
 
 PAGE = 4096
 
@@ -45,24 +45,13 @@ def bare_round_trip(npages: int = 2000) -> dict:
     _kvm.uffdio_api(uffd, _kvm.FEATURE_THREAD_ID)
     _kvm._unsafe_uffdio_register(uffd, base, npages * PAGE, _kvm.REGISTER_MODE_MISSING)
     stop_r, stop_w = os.pipe()
-    fault = struct.Struct("<B7xQQI4x")
+
+    def place(event: int, flags: int, address: int, tid: int) -> None:
+        page = address & ~(PAGE - 1)
+        _kvm._unsafe_uffdio_copy(uffd, page, source.ctypes.data, PAGE)
 
     def handler() -> None:
-        poller = select.poll()
-        poller.register(uffd, select.POLLIN)
-        poller.register(stop_r, select.POLLIN)
-        while True:
-            events = dict(poller.poll())
-            if stop_r in events:
-                return
-            try:
-                data = os.read(uffd, 32 * 64)
-            except BlockingIOError:
-                continue
-            for at in range(0, len(data), 32):
-                _, _, address, _ = fault.unpack_from(data, at)
-                page = address & ~(PAGE - 1)
-                _kvm._unsafe_uffdio_copy(uffd, page, source.ctypes.data, PAGE)
+        read_faults(uffd, stop_r, place)
 
     thread = threading.Thread(target=handler, daemon=True)
     thread.start()
