@@ -158,9 +158,12 @@ class Destination:
     or with ``process=True`` a ``pymig incoming`` child process.  Either takes guests of both
     kinds.  ``uri`` is the address it actually listens on once started."""
 
-    def __init__(self, listen: str = "tcp:127.0.0.1:0", *, process: bool = False):
+    def __init__(self, listen: str = "tcp:127.0.0.1:0", *, process: bool = False,
+                 command_prefix: tuple[str, ...] = ()):
         self.listen = listen
         self.process = process
+        # the process's command runs behind this (e.g. ip netns exec NAME)
+        self.command_prefix = tuple(command_prefix)
         self.uri: str | None = None
         self.session = None
         self._proc: subprocess.Popen | None = None
@@ -186,8 +189,8 @@ class Destination:
         self._tmp = tempfile.TemporaryDirectory(prefix="pymig-dst-")
         self._control = os.path.join(self._tmp.name, "dst.sock")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pymig", "incoming", self.listen, "--control",
-             self._control, "--quiet", "--accept-kind", "kvm,simulated"],
+            [*self.command_prefix, sys.executable, "-m", "pymig", "incoming", self.listen,
+             "--control", self._control, "--quiet", "--accept-kind", "kvm,simulated"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_socket(self._control, self._proc, "destination", 60)
         with QmpClient(self._control) as client:
