@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from _migration_helpers import GUEST_KINDS, wait_for
@@ -32,6 +33,10 @@ def test_measure_migrate_and_read_the_rows(kind):
                       warmup_s=0.3) as source:
         data, zero = source.data_pages()
         assert data >= 2048 and 0 <= zero <= data
+        profile = source.zero_profile(16)
+        assert len(profile) == 16 and all(0 <= share <= 1 for share in profile)
+        # the stretches are equal, so their mean is the zero share (to a page)
+        assert np.mean(profile) == pytest.approx(zero / data, abs=16 / data)
         rate = source.dirty_rate("500ms", mode="dirty-bitmap")
         assert rate["status"] == "measured"
         assert rate["write-rate-pages"] == pytest.approx(5000, rel=0.3)

@@ -295,6 +295,29 @@ class Source:
             zero += int(np.unpackbits(np.asarray(zeros).view(np.uint8)).sum())
         return touched, zero
 
+    def zero_profile(self, stretches: int = 128) -> list[float]:
+        """Where the all-zero pages are: of the pages that may hold data (those a first pass
+        reads), in address order across the RAM blocks, cut into ``stretches`` equal
+        stretches, the share of each that is all zero now."""
+        import numpy as np
+
+        from pymig import core
+
+        touched_all, zero_all = [], []
+        for block in self.guest.ram_blocks:
+            bitmap = block.touched()
+            zeros = core.zero_bitmap(block.mem, block.page_size, bitmap, block.npages)
+            bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:block.npages]
+            zbits = np.unpackbits(np.asarray(zeros).view(np.uint8),
+                                  bitorder="little")[:block.npages]
+            touched_all.append(bits.astype(bool))
+            zero_all.append(zbits.astype(bool))
+        touched = np.concatenate(touched_all) if touched_all else np.zeros(0, bool)
+        zero = np.concatenate(zero_all)[touched] if zero_all else np.zeros(0, bool)
+        if not zero.size:
+            return []
+        return [float(part.mean()) for part in np.array_split(zero, min(stretches, zero.size))]
+
     def dirty_rate(self, calc_time: str | int = "1s", mode: str = "dirty-bitmap",
                    sample_pages: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
         """Measure the guest's dirty rate (QEMU's calc-dirty-rate; ``calc_time`` as ``pymig

@@ -98,9 +98,10 @@ def settings(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
 
 def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                   zero_pages: int = 0, *, bins: int | None = None,
-                  goodput_bps: float | None = None):
+                  goodput_bps: float | None = None, zero_profile=()):
     """The prediction for ``point`` (a :class:`pymig.predict.Prediction`); ``goodput_bps``:
-    what a shaped link was measured to carry (``netns``; the point's bandwidth without)."""
+    what a shaped link was measured to carry (``netns``; the point's bandwidth without);
+    ``zero_profile``: where the guest's zero pages were (:meth:`Source.zero_profile`)."""
     from pymig.experiment import migration_settings
     from pymig.predict import GuestModel, LinkModel, parameters, predict
 
@@ -112,7 +113,8 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                        working_set_pages=point["working_set_bytes"] // 4096,
                        pattern=spec.pattern if spec.pattern in ("uniform", "sequential")
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
-                       zero_share=zero_pages / data_pages if data_pages else 0.0)
+                       zero_share=zero_pages / data_pages if data_pages else 0.0,
+                       zero_profile=tuple(zero_profile or ()))
     return predict(guest, LinkModel(bandwidth_bps=link_bps,
                                     destination_ready_s=DESTINATION_READY_S),
                    parameters(**qmp, capabilities=caps), **({"bins": bins} if bins else {}))
@@ -137,8 +139,10 @@ def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) ->
                 row["measured_slowdown"] = (measured.get("guest-cost") or {}).get("slowdown")
             time.sleep(max(spec.settle_s - (time.monotonic() - began), 0.0))
             row["data_pages"], row["zero_pages"] = source.data_pages()
+            row["zero_profile"] = [round(z, 4) for z in source.zero_profile()]
             predicted = predict_point(spec, point, row["data_pages"], row["zero_pages"],
-                                      goodput_bps=row.get("link_goodput_bps")).summary()
+                                      goodput_bps=row.get("link_goodput_bps"),
+                                      zero_profile=row["zero_profile"]).summary()
             result = source.migrate(link.uri(destination),
                                     timeout=spec.max_total_time_ms / 1000 + 120,
                                     trace=True, **settings(spec, point))
@@ -173,7 +177,8 @@ def repredict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any
             continue
         point = {k: row[k] for k in POINT_KEYS}
         predicted = predict_point(spec, point, row["data_pages"], row.get("zero_pages", 0),
-                                  goodput_bps=row.get("link_goodput_bps"))
+                                  goodput_bps=row.get("link_goodput_bps"),
+                                  zero_profile=row.get("zero_profile"))
         out.append({**row, **_predicted_fields(predicted.summary())})
     return out
 
@@ -617,7 +622,8 @@ def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, pa
             point = {k: row[k] for k in POINT_KEYS}
             predicted = predict_point(spec, point, row["data_pages"],
                                       row.get("zero_pages", 0),
-                                      goodput_bps=row.get("link_goodput_bps"))
+                                      goodput_bps=row.get("link_goodput_bps"),
+                                      zero_profile=row.get("zero_profile"))
             ax.plot([t["time"] for t in predicted.trace],
                     [t["pending_bytes"] / MiB for t in predicted.trace], ls="--", marker=".",
                     color=colour, alpha=0.8,
