@@ -286,3 +286,22 @@ def test_zero_pages_at_the_end_of_the_first_pass_leave_the_destination_behind_at
         model.ask_policy = real
     at_end, spread = (backlogs[1] for backlogs in seen.values())
     assert at_end >= 2 * MiB > spread
+
+
+def test_a_destination_slower_to_fault_pages_in_than_the_link_bounds_the_migration():
+    params = parameters(**{"downtime-limit": 100})
+    model = guest(100, data_pages=20480, zero_share=0.5)
+    fast = predict(model, LinkModel(bandwidth_bps=1e9), params)
+    slow = predict(model, LinkModel(bandwidth_bps=1e9, first_touch_zero_s=50e-6,
+                                    first_touch_data_s=150e-6), params)
+    assert fast.converges and slow.converges
+    assert fast.total_s < 0.5
+    # 10,240 pages of each kind: 2.05 s to fault them in, whatever the link carries
+    assert slow.total_s >= 10240 * (50e-6 + 150e-6)
+
+
+def test_first_touch_is_measured_per_page_on_fresh_memory():
+    from pymig.predict import measure_first_touch
+
+    zero_s, data_s = measure_first_touch(pages=256, repeats=1)
+    assert 0 < zero_s < 0.01 and 0 < data_s < 0.01  # seconds per page

@@ -45,6 +45,7 @@ import bisect
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -77,7 +78,7 @@ BURST_MIN_BYTES = 1 << 20
 #: A model that never switches over ends after this much migration time...
 HORIZON_S = 600.0
 #: ... or once this many syncs found no lower expected downtime than before (by 0.1 %), with
-#: nothing left for a throttle or a limit to change.
+#: nothing left for a throttle or a limit to change and the destination caught up.
 STALL_SYNCS = 60
 
 
@@ -208,6 +209,49 @@ class LinkModel:
     switchover_s: float = 0.0  # the switchover's fixed cost (0: pymig.estimate's figure)
     # from the start until the destination has built its guest and loads (and reports)
     destination_ready_s: float = 0.0
+    # seconds the destination takes to load a page it never had, all zero or holding data
+    # (faulting fresh memory in): measure_first_touch() measures them (0: no time)
+    first_touch_zero_s: float = 0.0
+    first_touch_data_s: float = 0.0
+
+
+def measure_first_touch(page_size: int = PAGE_SIZE, pages: int = 2048,
+                        repeats: int = 3) -> tuple[float, float]:
+    """(seconds per all-zero page, seconds per data page) this host takes to load pages into
+    memory never touched before, as a destination loads a first pass: RAM packets made by the
+    source's encoder (``core.encode_packet``) decoded by the destination's
+    (``core.decode_packet``) into a fresh anonymous mapping; the best of ``repeats``."""
+    import mmap
+
+    from pymig import core
+
+    best = []
+    for kind in ("zero", "data"):
+        source = mmap.mmap(-1, pages * page_size)
+        if kind == "data":
+            view = np.frombuffer(source, dtype=np.uint8).reshape(pages, page_size)
+            view[:, :8] = 1
+            del view
+        bitmap = np.full((pages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+        packets, cursor = [], 0
+        while True:
+            out = bytearray((1 << 20) + page_size)
+            result = core.encode_packet(source, page_size, 0, bitmap, pages, cursor, out, None)
+            if result.nbytes == 0:
+                break
+            packets.append(bytes(out[:result.nbytes]))
+            cursor = result.cursor
+        source.close()
+        seconds = math.inf
+        for _ in range(repeats):
+            fresh = mmap.mmap(-1, pages * page_size)
+            began = time.perf_counter()
+            for packet in packets:
+                core.decode_packet(packet, fresh, page_size, 0, pages)
+            seconds = min(seconds, time.perf_counter() - began)
+            fresh.close()
+        best.append(seconds / pages)
+    return best[0], best[1]
 
 
 @dataclass
@@ -377,6 +421,12 @@ class _State:
         with np.errstate(invalid="ignore", divide="ignore"):
             self.ws_share = np.where(self.pages > 0, self.ws_pages / self.pages, 0.0)
         self.zero_at_start = zero_by_bin(guest, edges)
+        # page bytes/s the destination loads the first pass at (0: as fast as they come)
+        self.first_pass_bytes = float(self.pages.sum()) * ps
+        load_s = float((self.pages * (self.zero_at_start * link.first_touch_zero_s
+                                      + (1 - self.zero_at_start)
+                                      * link.first_touch_data_s)).sum())
+        self.first_pass_rate = self.first_pass_bytes / load_s if load_s > 0 else 0.0
         self.now = link.setup_s + 1.5 * link.rtt_s  # connect, header, configuration
         self.tau = self.now  # the guest's run time (it ran through the setup)
         self.synced_tau = 0.0  # ... when the dirty log was last harvested (logging began at 0)
@@ -551,6 +601,13 @@ class _State:
             return 0.0
         times = [h[0] for h in self.history]
         loaded = float(np.interp(self.now - self.lag_s(), times, [h[1] for h in self.history]))
+        if self.first_pass_rate:
+            # the first pass's pages load no faster than the destination faults them in
+            first = self.first_pass_bytes
+            ready = self.link.setup_s + self.link.destination_ready_s
+            capacity = max(self.now - self.lag_s() - ready, 0.0) * self.first_pass_rate
+            first_loaded = min(loaded, first, capacity)
+            loaded = first_loaded + (max(loaded - first, 0.0) if first_loaded >= first else 0.0)
         if loaded >= self.page_sent:
             return loaded  # caught up: the last packet of a pass is flushed as it ends
         # whole packets only, a pass's first packet starting where the pass did
@@ -564,7 +621,11 @@ class _State:
     def catch_up_s(self) -> float:
         """Until the destination has reported loading everything sent."""
         ready = self.link.setup_s + self.link.destination_ready_s
-        return max(self.history[-1][0] + self.lag_s(), ready) - self.now + REPORT_LAG_S
+        done = max(self.history[-1][0] + self.lag_s(), ready)
+        if self.first_pass_rate:
+            done = max(done, ready + self.first_pass_bytes / self.first_pass_rate
+                       + self.lag_s())
+        return done - self.now + REPORT_LAG_S
 
     def page_per_wire(self) -> float:
         return self.page_sent / self.wire_sent if self.wire_sent and self.page_sent else 1.0
@@ -638,6 +699,8 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
             return _result(state, "does-not-converge", step, math.nan, trace)
         if step.expected_downtime_s < best_expected * 0.999:
             best_expected, stalled = step.expected_downtime_s, 0
+        elif state.backlog() > 0:
+            pass  # held for a destination still loading: its catching up ends that
         elif not adjustable or state.throttle >= params.throttle_max_pct:
             stalled += 1
             if stalled >= STALL_SYNCS and not _limits_pending(params):

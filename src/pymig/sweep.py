@@ -80,7 +80,8 @@ ROW_KEYS = POINT_KEYS + (
     "expected_downtime_ms", "iterations", "transferred_bytes", "data_pages", "zero_pages",
     "predicted_status", "predicted_converged", "predicted_reason", "predicted_total_ms",
     "predicted_downtime_ms", "predicted_iterations", "predicted_transferred_bytes",
-    "link_goodput_bps", "measured_rate_pps", "measured_slowdown", "error")
+    "link_goodput_bps", "measured_rate_pps", "measured_slowdown", "first_touch_zero_us",
+    "first_touch_data_us", "error")
 
 
 def point_key(row: dict[str, Any]) -> tuple:
@@ -98,10 +99,13 @@ def settings(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
 
 def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                   zero_pages: int = 0, *, bins: int | None = None,
-                  goodput_bps: float | None = None, zero_profile=()):
+                  goodput_bps: float | None = None, zero_profile=(),
+                  first_touch: tuple[float, float] | None = None):
     """The prediction for ``point`` (a :class:`pymig.predict.Prediction`); ``goodput_bps``:
     what a shaped link was measured to carry (``netns``; the point's bandwidth without);
-    ``zero_profile``: where the guest's zero pages were (:meth:`Source.zero_profile`)."""
+    ``zero_profile``: where the guest's zero pages were (:meth:`Source.zero_profile`);
+    ``first_touch``: seconds per zero and per data page the destination takes to load a page
+    it never had (:func:`pymig.predict.measure_first_touch`; None: measured now, once)."""
     from pymig.experiment import migration_settings
     from pymig.predict import GuestModel, LinkModel, parameters, predict
 
@@ -115,15 +119,37 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
                        zero_share=zero_pages / data_pages if data_pages else 0.0,
                        zero_profile=tuple(zero_profile or ()))
+    zero_s, data_s = first_touch or host_first_touch()
     return predict(guest, LinkModel(bandwidth_bps=link_bps,
-                                    destination_ready_s=DESTINATION_READY_S),
+                                    destination_ready_s=DESTINATION_READY_S,
+                                    first_touch_zero_s=zero_s, first_touch_data_s=data_s),
                    parameters(**qmp, capabilities=caps), **({"bins": bins} if bins else {}))
+
+
+_FIRST_TOUCH: list[tuple[float, float]] = []
+
+
+def host_first_touch() -> tuple[float, float]:
+    """This host's first-touch costs, measured once per process (rows from before a sweep
+    measured them per run)."""
+    if not _FIRST_TOUCH:
+        from pymig.predict import measure_first_touch
+
+        _FIRST_TOUCH.append(measure_first_touch())
+    return _FIRST_TOUCH[0]
+
+
+def row_first_touch(row: dict[str, Any]) -> tuple[float, float] | None:
+    if row.get("first_touch_zero_us") is None or row.get("first_touch_data_us") is None:
+        return None
+    return row["first_touch_zero_us"] / 1e6, row["first_touch_data_us"] / 1e6
 
 
 def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) -> dict[str, Any]:
     """Migrate ``point``'s guest once over ``link`` (a :mod:`pymig.sweeplink` link, open;
     by default the rate limiter), predicted first; its row."""
     from pymig.experiment import Source
+    from pymig.predict import PAGE_SIZE, measure_first_touch
     from pymig.sweeplink import RateLimitLink
 
     link = link or RateLimitLink()
@@ -140,9 +166,13 @@ def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) ->
             time.sleep(max(spec.settle_s - (time.monotonic() - began), 0.0))
             row["data_pages"], row["zero_pages"] = source.data_pages()
             row["zero_profile"] = [round(z, 4) for z in source.zero_profile()]
+            zero_s, data_s = measure_first_touch(PAGE_SIZE)
+            row["first_touch_zero_us"] = round(zero_s * 1e6, 3)
+            row["first_touch_data_us"] = round(data_s * 1e6, 3)
             predicted = predict_point(spec, point, row["data_pages"], row["zero_pages"],
                                       goodput_bps=row.get("link_goodput_bps"),
-                                      zero_profile=row["zero_profile"]).summary()
+                                      zero_profile=row["zero_profile"],
+                                      first_touch=row_first_touch(row)).summary()
             result = source.migrate(link.uri(destination),
                                     timeout=spec.max_total_time_ms / 1000 + 120,
                                     trace=True, **settings(spec, point))
@@ -178,7 +208,8 @@ def repredict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any
         point = {k: row[k] for k in POINT_KEYS}
         predicted = predict_point(spec, point, row["data_pages"], row.get("zero_pages", 0),
                                   goodput_bps=row.get("link_goodput_bps"),
-                                  zero_profile=row.get("zero_profile"))
+                                  zero_profile=row.get("zero_profile"),
+                                  first_touch=row_first_touch(row))
         out.append({**row, **_predicted_fields(predicted.summary())})
     return out
 
@@ -623,7 +654,8 @@ def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, pa
             predicted = predict_point(spec, point, row["data_pages"],
                                       row.get("zero_pages", 0),
                                       goodput_bps=row.get("link_goodput_bps"),
-                                      zero_profile=row.get("zero_profile"))
+                                      zero_profile=row.get("zero_profile"),
+                                      first_touch=row_first_touch(row))
             ax.plot([t["time"] for t in predicted.trace],
                     [t["pending_bytes"] / MiB for t in predicted.trace], ls="--", marker=".",
                     color=colour, alpha=0.8,
