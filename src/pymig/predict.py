@@ -699,7 +699,7 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
             return _result(state, "does-not-converge", step, math.nan, trace)
         if step.expected_downtime_s < best_expected * 0.999:
             best_expected, stalled = step.expected_downtime_s, 0
-        elif state.backlog() > 0:
+        elif step.reason.startswith("held") and state.backlog() > 0:
             pass  # held for a destination still loading: its catching up ends that
         elif not adjustable or state.throttle >= params.throttle_max_pct:
             stalled += 1

@@ -616,6 +616,9 @@ def default_cells(grid: list[Cell], count: int = 4) -> list[tuple[int, int]]:
     return [(c.point["rate_pages_per_s"], c.point["bandwidth_bps"]) for c in ranked[:count]]
 
 
+FLOOR_MIB = 0.01  # where remaining.png draws nothing left, on its log scale
+
+
 def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, path: str,
                    chosen: list[tuple[int, int]] | None = None) -> str | None:
     """Remaining to send (pending after each dirty-log sync) against time, one panel per
@@ -647,7 +650,8 @@ def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, pa
     for ax, ((rate, bandwidth), traced) in zip(axes.flat, panels):
         for i, (row, trace) in enumerate(traced):
             colour = f"C{i % 10}"
-            ax.plot([t["time"] for t in trace], [t["pending_bytes"] / MiB for t in trace],
+            ax.plot([t["time"] for t in trace],
+                    [max(t["pending_bytes"] / MiB, FLOOR_MIB) for t in trace],
                     marker="o", ms=3.5, color=colour,
                     label=f"run {row['run']}: {row.get('status')}, {row.get('total_ms')} ms")
             point = {k: row[k] for k in POINT_KEYS}
@@ -657,16 +661,17 @@ def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, pa
                                       zero_profile=row.get("zero_profile"),
                                       first_touch=row_first_touch(row))
             ax.plot([t["time"] for t in predicted.trace],
-                    [t["pending_bytes"] / MiB for t in predicted.trace], ls="--", marker=".",
+                    [max(t["pending_bytes"] / MiB, FLOOR_MIB) for t in predicted.trace],
+                    ls="--", marker=".",
                     color=colour, alpha=0.8,
                     label=f"predicted: {predicted.status}, {predicted.total_s * 1000:,.0f} ms")
         limit_mb = row["downtime_limit_ms"] / 1000 * bandwidth / MiB
         ax.axhline(limit_mb, color="grey", lw=0.8, ls=":")
         ax.annotate("downtime limit x bandwidth", (0, limit_mb), fontsize=7, color="grey",
                     va="bottom")
-        ax.set_yscale("symlog", linthresh=max(limit_mb / 4, 0.01))
+        ax.set_yscale("log")
         ax.set_xlabel("time since the migration began (s)")
-        ax.set_ylabel("remaining after the sync (MiB)")
+        ax.set_ylabel(f"remaining after the sync (MiB; nothing drawn at {FLOOR_MIB})")
         ax.set_title(f"{rate:,} pages/s at {bandwidth / 1e6:g} MB/s")
         ax.legend(fontsize=7)
     fig.suptitle(f"{spec.kind} guests: remaining to send at each pass, measured (solid) and "
