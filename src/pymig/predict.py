@@ -54,6 +54,7 @@ import numpy as np
 from pymig import estimate, policy
 from pymig.machine import CAUGHT_UP_INTERVAL_S, PROGRESS_INTERVAL_S
 from pymig.ram import CLEAR_CHUNK_PAGES, capped_packet_bytes
+from pymig.transport.ratelimit import MIN_BURST_BYTES
 from pymig.parameters import MigrationParameters, ParameterStore
 
 PAGE_SIZE = 4096
@@ -72,9 +73,10 @@ PAGE_FRAMING_SHARE = 0.0026
 #: many as fit its buffer (ram.capped_packet_bytes).
 REPORT_LAG_WIRE_BYTES = 160 << 10
 REPORT_LAG_S = max(PROGRESS_INTERVAL_S, CAUGHT_UP_INTERVAL_S)
-#: The rate limiter's bucket, full when the migration starts (pymig.transport.ratelimit).
-BURST_SECONDS = 0.1
-BURST_MIN_BYTES = 1 << 20
+#: What the rate limiter's bucket holds when the migration starts: its smallest burst, as
+#: pymig.transport.ratelimit makes a new one (it grows to BURST_SECONDS of the cap only by
+#: refilling while the sender is idle).
+BURST_START_BYTES = MIN_BURST_BYTES
 #: A model that never switches over ends after this much migration time...
 HORIZON_S = 600.0
 #: ... or once this many syncs found no lower expected downtime than before (by 0.1 %), with
@@ -461,9 +463,7 @@ class _State:
         self.pass_starts: list[float] = [0.0]  # page bytes sent when each pass began
         self.pass_packets: list[float] = [self.packet_page_bytes()]  # ... and its packets'
 
-        cap = self.live_wire_bps()
-        self.burst_left = (max(BURST_SECONDS * cap, BURST_MIN_BYTES) if math.isfinite(cap)
-                           else 0.0)
+        self.burst_left = float(BURST_START_BYTES) if params.max_bandwidth > 0 else 0.0
         self.source_rate.observe(0.0, 0)
 
     # -- the guest --
