@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
 
 from _migration_helpers import GUEST_KINDS, wait_for
@@ -32,6 +34,14 @@ def test_measure_migrate_and_read_the_rows(kind):
                       warmup_s=0.3) as source:
         data, zero = source.data_pages()
         assert data >= 2048 and 0 <= zero <= data
+        began = time.monotonic()
+        profile = source.zero_profile(16)
+        data, zero = source.data_pages()
+        # the guest goes on writing, at most its rate's worth of pages (twice over) meanwhile
+        written = 2 * 5000 * (time.monotonic() - began)
+        assert len(profile) == 16 and all(0 <= share <= 1 for share in profile)
+        # the stretches are equal, so their mean is the zero share (to a page a stretch)
+        assert np.mean(profile) == pytest.approx(zero / data, abs=(16 + written) / data)
         rate = source.dirty_rate("500ms", mode="dirty-bitmap")
         assert rate["status"] == "measured"
         assert rate["write-rate-pages"] == pytest.approx(5000, rel=0.3)

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from _migration_helpers import run_pymig
-from pymig.sweep import (SweepSpec, accuracy, cells, plot_maps, plot_predicted, read_rows,
-                         repredict, run_sweep, table)
+from pymig.sweep import (SweepSpec, accuracy, cells, parse_cells, plot_maps, plot_predicted,
+                         plot_remaining, read_rows, read_trace, repredict, run_sweep, table)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = SweepSpec(rates=(1000, 4000, 16000), bandwidths=(5_000_000, 20_000_000), runs=2)
@@ -90,24 +90,57 @@ def test_the_maps_and_the_comparison_are_drawn(tmp_path):
     assert all(r["predicted_total_ms"] is not None for r in rows)
     (written,) = plot_maps(rows, SPEC, str(tmp_path / "map.png"))
     path = plot_predicted(rows, str(tmp_path / "predicted.png"))
+    # the fake runs kept no trace: no passes to draw
+    assert plot_remaining(rows, SPEC, str(tmp_path), str(tmp_path / "remaining.png")) is None
     for png in (written, path):
         with open(png, "rb") as handle:
             assert handle.read(8) == PNG_MAGIC
         assert os.path.getsize(png) > 10_000
 
 
+def test_a_runs_trace_is_kept_beside_its_row_not_in_it(tmp_path):
+    def traced(spec, point, index):
+        row = fake_run([])(spec, point, index)
+        return {**row, "trace": [{"time": 0.1 * (index + 1), "iteration": 1,
+                                  "pending_bytes": 1 << 20}]}
+
+    spec = SweepSpec(rates=(1000,), bandwidths=(5_000_000,), runs=2)
+    rows = run_sweep(spec, str(tmp_path), run=traced)
+    assert all("trace" not in r for r in read_rows(str(tmp_path / "runs.jsonl")))
+    assert [read_trace(str(tmp_path), r)[0]["time"] for r in rows] == [0.1, 0.2]
+    assert read_trace(str(tmp_path), {**rows[0], "run": 7}) == []
+
+
+def test_cells_are_chosen_as_rate_colon_bandwidth():
+    assert parse_cells("1000:20M, 4000:45000000") == [(1000, 20 << 20), (4000, 45_000_000)]
+    with pytest.raises(ValueError, match="RATE:BANDWIDTH"):
+        parse_cells("1000x20M")
+
+
 def test_pymig_sweep_migrates_a_point_and_draws_it(tmp_path):
     out = tmp_path / "sweep"
     done = run_pymig("sweep", "--out", str(out), "--rates", "1000", "--bandwidths",
                      "30000000", "--runs", "1", "--memory", "32M", "--working-sets", "4M",
-                     "--max-total-time", "3000", timeout=300)
+                     "--max-total-time", "3000", "--cells", "1000:30000000", timeout=300)
     assert done.returncode == 0, done.stderr
     (row,) = read_rows(str(out / "runs.jsonl"))
     assert row["status"] == "completed" and row["converged"] is True
     assert row["predicted_converged"] is True and row["total_ms"] > 0
     assert row["data_pages"] >= 1024
     assert json.loads(done.stdout.strip().splitlines()[-1])["points"] == 1
-    for name in ("runs.csv", "map.png", "predicted.png", "spec.json"):
+    for name in ("runs.csv", "map.png", "predicted.png", "remaining.png", "spec.json"):
         assert (out / name).exists()
-    again = run_pymig("sweep", "--out", str(out), "--plot-only")
+    # the run's passes, as its migration traced them: the first sync finds the whole first
+    # pass pending, the last one what went in the stop-and-copy
+    trace = read_trace(str(out), row)
+    assert len(trace) == row["iterations"] >= 2
+    assert trace[0]["pending_bytes"] >= row["data_pages"] * 4096 * 0.9
+    assert trace[-1]["action"] == "switchover"
+    with open(out / "remaining.png", "rb") as handle:
+        assert handle.read(8) == PNG_MAGIC
+    os.remove(out / "remaining.png")
+    again = run_pymig("sweep", "--out", str(out), "--plot-only", "--cells", "1000:30000000")
     assert again.returncode == 0, again.stderr
+    assert (out / "remaining.png").exists()
+    none = run_pymig("sweep", "--out", str(out), "--plot-only", "--cells", "2000:30000000")
+    assert none.returncode == 0 and "remaining.png not drawn" in none.stderr

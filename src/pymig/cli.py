@@ -779,15 +779,31 @@ def _int_list(text: str, convert=int) -> tuple:
               show_default=True)
 @click.option("--max-total-time", type=click.IntRange(100, None), default=6000,
               show_default=True, metavar="MS", help="a run not converged by then is cancelled")
+@click.option("--link", type=click.Choice(["ratelimit", "netns"]), default="ratelimit",
+              show_default=True,
+              help="what shapes the link: pymig's rate limiter (max-bandwidth) on loopback, or "
+                   "tc on a pair of network namespaces (root; the goodput measured per "
+                   "bandwidth)")
+@click.option("--cells", "chosen_cells", default=None, metavar="RATE:BANDWIDTH,...",
+              help="cells whose passes remaining.png draws (remaining against time, measured "
+                   "and predicted); by default the converging ones with the most passes")
 @click.option("--plot-only", is_flag=True, help="draw the figures from what is in --out")
 def sweep(out_dir, rates, bandwidths, working_sets, downtime_limits, kind, memory, pattern, runs,
-          compression, max_total_time, plot_only) -> None:
+          compression, max_total_time, link, chosen_cells, plot_only) -> None:
     """Migrate a grid of dirty rate x bandwidth (x working set x downtime limit), each point
-    --runs times and predicted too; rows to runs.jsonl and runs.csv, the convergence map and
-    predicted against measured to PNGs, the errors to stdout."""
+    --runs times and predicted too; rows to runs.jsonl and runs.csv, every run's per-sync
+    trace to traces/, the convergence map, predicted against measured and remaining against
+    time per pass to PNGs, the errors to stdout."""
+    from pymig.errors import PymigError
     from pymig.experiment import resolve_kind
-    from pymig.sweep import (SweepSpec, accuracy, cells, load_spec, plot_maps, plot_predicted,
-                             read_rows, repredict, run_sweep, table)
+    from pymig.sweep import (SweepSpec, accuracy, cells, load_spec, parse_cells, plot_maps,
+                             plot_predicted, plot_remaining, read_rows, repredict, run_sweep,
+                             table)
+
+    try:
+        chosen = parse_cells(chosen_cells) if chosen_cells else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cells") from None
 
     if plot_only:
         try:
@@ -801,14 +817,23 @@ def sweep(out_dir, rates, bandwidths, working_sets, downtime_limits, kind, memor
                          working_sets=_int_list(working_sets, parse_size),
                          downtime_limits=_int_list(downtime_limits), kind=resolve_kind(kind),
                          memory=memory, pattern=pattern, runs=runs, compression=compression,
-                         max_total_time_ms=max_total_time)
-        run_sweep(spec, out_dir, say=lambda text: click.echo(text, err=True))
+                         max_total_time_ms=max_total_time, link=link)
+        try:
+            run_sweep(spec, out_dir, say=lambda text: click.echo(text, err=True))
+        except PymigError as exc:
+            _fail(f"sweep: {exc}")
     rows = repredict(spec, read_rows(os.path.join(out_dir, "runs.jsonl")))
     if not rows:
         _fail(f"{out_dir}: no runs yet")
     for path in plot_maps(rows, spec, os.path.join(out_dir, "map.png")):
         click.echo(path, err=True)
     click.echo(plot_predicted(rows, os.path.join(out_dir, "predicted.png")), err=True)
+    remaining = plot_remaining(rows, spec, out_dir, os.path.join(out_dir, "remaining.png"),
+                               chosen)
+    if remaining:
+        click.echo(remaining, err=True)
+    elif chosen:
+        click.echo("no trace of the chosen cells: remaining.png not drawn", err=True)
     grid = cells(rows)
     click.echo(table(grid))
     click.echo(json.dumps(accuracy(grid)))

@@ -158,9 +158,12 @@ class Destination:
     or with ``process=True`` a ``pymig incoming`` child process.  Either takes guests of both
     kinds.  ``uri`` is the address it actually listens on once started."""
 
-    def __init__(self, listen: str = "tcp:127.0.0.1:0", *, process: bool = False):
+    def __init__(self, listen: str = "tcp:127.0.0.1:0", *, process: bool = False,
+                 command_prefix: tuple[str, ...] = ()):
         self.listen = listen
         self.process = process
+        # the process's command runs behind this (e.g. ip netns exec NAME)
+        self.command_prefix = tuple(command_prefix)
         self.uri: str | None = None
         self.session = None
         self._proc: subprocess.Popen | None = None
@@ -186,8 +189,8 @@ class Destination:
         self._tmp = tempfile.TemporaryDirectory(prefix="pymig-dst-")
         self._control = os.path.join(self._tmp.name, "dst.sock")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pymig", "incoming", self.listen, "--control",
-             self._control, "--quiet", "--accept-kind", "kvm,simulated"],
+            [*self.command_prefix, sys.executable, "-m", "pymig", "incoming", self.listen,
+             "--control", self._control, "--quiet", "--accept-kind", "kvm,simulated"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_socket(self._control, self._proc, "destination", 60)
         with QmpClient(self._control) as client:
@@ -291,6 +294,29 @@ class Source:
             zeros = core.zero_bitmap(block.mem, block.page_size, bitmap, block.npages)
             zero += int(np.unpackbits(np.asarray(zeros).view(np.uint8)).sum())
         return touched, zero
+
+    def zero_profile(self, stretches: int = 128) -> list[float]:
+        """Where the all-zero pages are: of the pages that may hold data (those a first pass
+        reads), in address order across the RAM blocks, cut into ``stretches`` equal
+        stretches, the share of each that is all zero now."""
+        import numpy as np
+
+        from pymig import core
+
+        touched_all, zero_all = [], []
+        for block in self.guest.ram_blocks:
+            bitmap = block.touched()
+            zeros = core.zero_bitmap(block.mem, block.page_size, bitmap, block.npages)
+            bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:block.npages]
+            zbits = np.unpackbits(np.asarray(zeros).view(np.uint8),
+                                  bitorder="little")[:block.npages]
+            touched_all.append(bits.astype(bool))
+            zero_all.append(zbits.astype(bool))
+        touched = np.concatenate(touched_all) if touched_all else np.zeros(0, bool)
+        zero = np.concatenate(zero_all)[touched] if zero_all else np.zeros(0, bool)
+        if not zero.size:
+            return []
+        return [float(part.mean()) for part in np.array_split(zero, min(stretches, zero.size))]
 
     def dirty_rate(self, calc_time: str | int = "1s", mode: str = "dirty-bitmap",
                    sample_pages: int | None = None, timeout: float = 120.0) -> dict[str, Any]:

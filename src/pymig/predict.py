@@ -41,15 +41,20 @@ throttle: "does-not-converge".
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from pymig import estimate, policy
+from pymig.machine import CAUGHT_UP_INTERVAL_S, PROGRESS_INTERVAL_S
+from pymig.ram import CLEAR_CHUNK_PAGES, capped_packet_bytes
+from pymig.transport.ratelimit import MIN_BURST_BYTES
 from pymig.parameters import MigrationParameters, ParameterStore
 
 PAGE_SIZE = 4096
@@ -60,17 +65,22 @@ BINS = 128
 ZERO_PAGE_WIRE_SHARE = 0.002
 PAGE_FRAMING_SHARE = 0.0026
 #: The destination's reports trail what was sent by the time these wire bytes take to
-#: cross (socket buffers, the packet it is loading), and by this much (it reports every few
-#: ms); measured on loopback under max-bandwidth.
+#: cross (socket buffers, the packet it is loading), and by its report period: it reports
+#: at most every PROGRESS_INTERVAL_S while loading, and CAUGHT_UP once nothing more arrived
+#: for CAUGHT_UP_INTERVAL_S (pymig.machine).  Its reports count whole RAM packets (the source
+#: turns a loaded offset into the page bytes of the packets before it), and a packet holds
+#: the pending pages of one re-protect chunk (ram.CLEAR_CHUNK_PAGES of address space), as
+#: many as fit its buffer (ram.capped_packet_bytes).
 REPORT_LAG_WIRE_BYTES = 160 << 10
-REPORT_LAG_S = 0.002
-#: The rate limiter's bucket, full when the migration starts (pymig.transport.ratelimit).
-BURST_SECONDS = 0.1
-BURST_MIN_BYTES = 1 << 20
+REPORT_LAG_S = max(PROGRESS_INTERVAL_S, CAUGHT_UP_INTERVAL_S)
+#: What the rate limiter's bucket holds when the migration starts: its smallest burst, as
+#: pymig.transport.ratelimit makes a new one (it grows to BURST_SECONDS of the cap only by
+#: refilling while the sender is idle).
+BURST_START_BYTES = MIN_BURST_BYTES
 #: A model that never switches over ends after this much migration time...
 HORIZON_S = 600.0
 #: ... or once this many syncs found no lower expected downtime than before (by 0.1 %), with
-#: nothing left for a throttle or a limit to change.
+#: nothing left for a throttle or a limit to change and the destination caught up.
 STALL_SYNCS = 60
 
 
@@ -85,6 +95,9 @@ class GuestModel:
     curve: tuple[tuple[float, float], ...] = ()  # (window s, distinct pages), ascending
     data_pages: int = 0  # pages holding data at the start (0: the working set)
     zero_share: float = 0.0  # of the data pages, those all zero
+    # where they are: the share all zero of each equal stretch of the data pages, in address
+    # order (what Source.zero_profile measures); empty: zero_share everywhere
+    zero_profile: tuple[float, ...] = ()
     compressed_share: float = 1.0  # wire bytes / page bytes of a data page under LZ4
     vcpus: int = 1
     page_size: int = PAGE_SIZE
@@ -103,6 +116,8 @@ class GuestModel:
             raise ValueError("pattern 'curve' needs the curve's points")
         if not (0 <= self.zero_share <= 1 and 0 < self.compressed_share <= 1):
             raise ValueError("zero_share is in [0, 1], compressed_share in (0, 1]")
+        if any(not 0 <= z <= 1 for z in self.zero_profile):
+            raise ValueError("a zero profile's shares are in [0, 1]")
 
     @property
     def ram_pages(self) -> int:
@@ -132,6 +147,7 @@ class GuestModel:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["curve"] = [list(p) for p in self.curve]
+        out["zero_profile"] = list(self.zero_profile)
         return out
 
     @classmethod
@@ -142,6 +158,7 @@ class GuestModel:
             raise ValueError(f"unknown guest model fields: {', '.join(sorted(unknown))}")
         values = dict(data)
         values["curve"] = tuple(tuple(map(float, p)) for p in values.get("curve", ()))
+        values["zero_profile"] = tuple(map(float, values.get("zero_profile", ())))
         return cls(**values)
 
     @classmethod
@@ -194,6 +211,49 @@ class LinkModel:
     switchover_s: float = 0.0  # the switchover's fixed cost (0: pymig.estimate's figure)
     # from the start until the destination has built its guest and loads (and reports)
     destination_ready_s: float = 0.0
+    # seconds the destination takes to load a page it never had, all zero or holding data
+    # (faulting fresh memory in): measure_first_touch() measures them (0: no time)
+    first_touch_zero_s: float = 0.0
+    first_touch_data_s: float = 0.0
+
+
+def measure_first_touch(page_size: int = PAGE_SIZE, pages: int = 2048,
+                        repeats: int = 3) -> tuple[float, float]:
+    """(seconds per all-zero page, seconds per data page) this host takes to load pages into
+    memory never touched before, as a destination loads a first pass: RAM packets made by the
+    source's encoder (``core.encode_packet``) decoded by the destination's
+    (``core.decode_packet``) into a fresh anonymous mapping; the best of ``repeats``."""
+    import mmap
+
+    from pymig import core
+
+    best = []
+    for kind in ("zero", "data"):
+        source = mmap.mmap(-1, pages * page_size)
+        if kind == "data":
+            view = np.frombuffer(source, dtype=np.uint8).reshape(pages, page_size)
+            view[:, :8] = 1
+            del view
+        bitmap = np.full((pages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+        packets, cursor = [], 0
+        while True:
+            out = bytearray((1 << 20) + page_size)
+            result = core.encode_packet(source, page_size, 0, bitmap, pages, cursor, out, None)
+            if result.nbytes == 0:
+                break
+            packets.append(bytes(out[:result.nbytes]))
+            cursor = result.cursor
+        source.close()
+        seconds = math.inf
+        for _ in range(repeats):
+            fresh = mmap.mmap(-1, pages * page_size)
+            began = time.perf_counter()
+            for packet in packets:
+                core.decode_packet(packet, fresh, page_size, 0, pages)
+            seconds = min(seconds, time.perf_counter() - began)
+            fresh.close()
+        best.append(seconds / pages)
+    return best[0], best[1]
 
 
 @dataclass
@@ -324,6 +384,23 @@ def _behind_wait_s(state: "_State", began: float) -> float:
     return min(left, max(ready - state.now, REPORT_LAG_S))
 
 
+def zero_by_bin(guest: GuestModel, edges: np.ndarray) -> np.ndarray:
+    """The share of each bin's pages (``edges``: page indices) all zero at the start: the
+    guest's zero profile spread over the bins, or its zero share everywhere."""
+    n = len(edges) - 1
+    if not guest.zero_profile:
+        return np.full(n, guest.zero_share)
+    profile = np.asarray(guest.zero_profile, dtype=float)
+    total = float(edges[-1]) or 1.0
+    # zero pages up to each page index, the profile's stretches being equal in pages
+    stretch = np.linspace(0.0, total, len(profile) + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(profile * np.diff(stretch))])
+    at_edges = np.interp(edges.astype(float), stretch, cumulative)
+    sizes = np.diff(edges).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.clip(np.where(sizes > 0, np.diff(at_edges) / sizes, 0.0), 0.0, 1.0)
+
+
 # -- the model's state -----------------------------------------------------------------------
 
 class _State:
@@ -345,6 +422,13 @@ class _State:
         self.data_wire = ps * (compressed + PAGE_FRAMING_SHARE)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.ws_share = np.where(self.pages > 0, self.ws_pages / self.pages, 0.0)
+        self.zero_at_start = zero_by_bin(guest, edges)
+        # page bytes/s the destination loads the first pass at (0: as fast as they come)
+        self.first_pass_bytes = float(self.pages.sum()) * ps
+        load_s = float((self.pages * (self.zero_at_start * link.first_touch_zero_s
+                                      + (1 - self.zero_at_start)
+                                      * link.first_touch_data_s)).sum())
+        self.first_pass_rate = self.first_pass_bytes / load_s if load_s > 0 else 0.0
         self.now = link.setup_s + 1.5 * link.rtt_s  # connect, header, configuration
         self.tau = self.now  # the guest's run time (it ran through the setup)
         self.synced_tau = 0.0  # ... when the dirty log was last harvested (logging began at 0)
@@ -353,6 +437,7 @@ class _State:
         self.sent_period = 0.0
         self.page_sent = 0.0
         self.wire_sent = 0.0
+        self.wire_period = 0.0  # wire bytes the last pass sent
         self.busy_s = 0.0  # sending, not waiting on max-bandwidth's token bucket
         self.throttle = 0
         self.throttle_peak = 0
@@ -375,9 +460,10 @@ class _State:
         self.trigger.begin(self.now, 0)
         self.bandwidth.observe(self.now, 0)
         self.history: list[tuple[float, float]] = [(self.now, 0.0)]  # (time, page bytes sent)
-        cap = self.live_wire_bps()
-        self.burst_left = (max(BURST_SECONDS * cap, BURST_MIN_BYTES) if math.isfinite(cap)
-                           else 0.0)
+        self.pass_starts: list[float] = [0.0]  # page bytes sent when each pass began
+        self.pass_packets: list[float] = [self.packet_page_bytes()]  # ... and its packets'
+
+        self.burst_left = float(BURST_START_BYTES) if params.max_bandwidth > 0 else 0.0
         self.source_rate.observe(0.0, 0)
 
     # -- the guest --
@@ -437,7 +523,7 @@ class _State:
             return pages * self.data_wire
         w = self.guest.working_set_pages
         written = self.guest.distinct(self.tau) / w if w > 0 else 0.0
-        zero = self.guest.zero_share * (1 - self.ws_share[b] * min(written, 1.0))
+        zero = self.zero_at_start[b] * (1 - self.ws_share[b] * min(written, 1.0))
         return pages * (zero * self.zero_wire + (1 - zero) * self.data_wire)
 
     def send_time(self, pages: float, wire_bytes: float, first_time: bool,
@@ -459,7 +545,10 @@ class _State:
     def send_pass(self, slice_s: float) -> None:
         """One iteration: the pending pages in address order, from where the last one
         stopped, until none is left or the slice's time is up."""
-        began, page0 = self.now, self.page_sent
+        began, page0, wire0 = self.now, self.page_sent, self.wire_sent
+        if page0 > self.pass_starts[-1]:
+            self.pass_starts.append(page0)
+            self.pass_packets.append(self.packet_page_bytes())
         wire_bps = self.live_wire_bps()
         n = len(self.pages)
         for step in range(n):
@@ -487,13 +576,23 @@ class _State:
         if self.now == began:
             self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
         self.sent_period = self.page_sent - page0
+        self.wire_period = self.wire_sent - wire0
+
+    def packet_page_bytes(self) -> float:
+        """Page bytes of a RAM packet in a pass starting now: a chunk's pending pages, at
+        most what the packet's buffer holds of data pages."""
+        ps = self.guest.page_size
+        wire_limit = capped_packet_bytes(int(self.params.max_bandwidth), ps)
+        pending_share = float((self.pending * self.pages).sum()) / max(self.pages.sum(), 1.0)
+        pages = min(CLEAR_CHUNK_PAGES * pending_share, wire_limit / self.data_wire)
+        return max(pages, 1.0) * ps
 
     def lag_s(self) -> float:
         """How long the destination's reports trail what was sent: the bytes between
-        sender and loader, crossing at the wire's rate."""
+        sender and loader (no more than the last pass sent), crossing at the wire's rate."""
         wire_bps = self.live_wire_bps()
-        return REPORT_LAG_S + (REPORT_LAG_WIRE_BYTES / wire_bps
-                               if math.isfinite(wire_bps) else 0.0)
+        queued = min(REPORT_LAG_WIRE_BYTES, self.wire_period)
+        return REPORT_LAG_S + (queued / wire_bps if math.isfinite(wire_bps) else 0.0)
 
     def delivered(self) -> float:
         """Page bytes the destination has reported loading: what was sent :meth:`lag_s`
@@ -501,7 +600,20 @@ class _State:
         if self.now < self.link.setup_s + self.link.destination_ready_s:
             return 0.0
         times = [h[0] for h in self.history]
-        return float(np.interp(self.now - self.lag_s(), times, [h[1] for h in self.history]))
+        loaded = float(np.interp(self.now - self.lag_s(), times, [h[1] for h in self.history]))
+        if self.first_pass_rate:
+            # the first pass's pages load no faster than the destination faults them in
+            first = self.first_pass_bytes
+            ready = self.link.setup_s + self.link.destination_ready_s
+            capacity = max(self.now - self.lag_s() - ready, 0.0) * self.first_pass_rate
+            first_loaded = min(loaded, first, capacity)
+            loaded = first_loaded + (max(loaded - first, 0.0) if first_loaded >= first else 0.0)
+        if loaded >= self.page_sent:
+            return loaded  # caught up: the last packet of a pass is flushed as it ends
+        # whole packets only, a pass's first packet starting where the pass did
+        i = max(bisect.bisect_right(self.pass_starts, loaded) - 1, 0)
+        base, packet = self.pass_starts[i], self.pass_packets[i]
+        return base + (loaded - base) // packet * packet
 
     def backlog(self) -> float:
         return max(self.page_sent - self.delivered(), 0.0)
@@ -509,7 +621,11 @@ class _State:
     def catch_up_s(self) -> float:
         """Until the destination has reported loading everything sent."""
         ready = self.link.setup_s + self.link.destination_ready_s
-        return max(self.history[-1][0] + self.lag_s(), ready) - self.now + REPORT_LAG_S
+        done = max(self.history[-1][0] + self.lag_s(), ready)
+        if self.first_pass_rate:
+            done = max(done, ready + self.first_pass_bytes / self.first_pass_rate
+                       + self.lag_s())
+        return done - self.now + REPORT_LAG_S
 
     def page_per_wire(self) -> float:
         return self.page_sent / self.wire_sent if self.wire_sent and self.page_sent else 1.0
@@ -583,6 +699,8 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
             return _result(state, "does-not-converge", step, math.nan, trace)
         if step.expected_downtime_s < best_expected * 0.999:
             best_expected, stalled = step.expected_downtime_s, 0
+        elif step.reason.startswith("held") and state.backlog() > 0:
+            pass  # held for a destination still loading: its catching up ends that
         elif not adjustable or state.throttle >= params.throttle_max_pct:
             stalled += 1
             if stalled >= STALL_SYNCS and not _limits_pending(params):

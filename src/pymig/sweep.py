@@ -2,13 +2,14 @@
 migrated N times and also predicted, into rows and maps.
 
 Every run starts a fresh guest running the dirtier at the point's rate over its working set
-(:class:`pymig.experiment.Source`), migrates it to a destination in this process over
-loopback TCP, with the link shaped by pymig's own rate limiter: ``max-bandwidth`` at the
-point's bandwidth and ``x-switchover-capped``, since the cap stands for the link and a link
-does not speed up when the guest stops.  ``max-total-time`` with ``limit-action cancel`` ends
-a run that does not converge.  Before migrating, the same guest is predicted
-(:func:`pymig.predict.predict`, the real policy over the model) from what the point sets and
-the pages its guest holds.
+(:class:`pymig.experiment.Source`), migrates it to a fresh ``pymig incoming`` process over
+a link shaped to the point's bandwidth (:mod:`pymig.sweeplink`): by pymig's own rate limiter
+on loopback (``max-bandwidth`` and ``x-switchover-capped``, since a link does not speed up
+when the guest stops), or by ``tc`` on a pair of network namespaces.  ``max-total-time``
+with ``limit-action cancel`` ends a run that does not converge.  Before migrating, the
+guest's dirty rate is measured (``measure_ms`` of dirty-bitmap) and the same guest is
+predicted (:func:`pymig.predict.predict`, the real policy over the model) from what the
+point sets and the pages its guest holds.
 
 Each run is one row, appended to ``runs.jsonl`` as soon as it ends (and ``runs.csv``
 rewritten from them), so a sweep that is killed continues where it was: the runs already in
@@ -59,6 +60,10 @@ class SweepSpec:
     # a destination process just started imports and probes what building a guest needs in
     # the background (pymig.machine.WarmUp): let it, or it delays the run by as much
     settle_s: float = 1.0
+    # before each run the guest's dirty rate is measured this long (dirty-bitmap: the rate it
+    # writes at while its writes are logged, as during a migration); 0: not measured
+    measure_ms: int = 500
+    link: str = "ratelimit"  # pymig.sweeplink.LINKS
 
     def points(self) -> list[dict[str, Any]]:
         return [{"kind": self.kind, "pattern": self.pattern, "working_set_bytes": ws,
@@ -74,7 +79,9 @@ ROW_KEYS = POINT_KEYS + (
     "run", "status", "converged", "switchover_reason", "total_ms", "downtime_ms",
     "expected_downtime_ms", "iterations", "transferred_bytes", "data_pages", "zero_pages",
     "predicted_status", "predicted_converged", "predicted_reason", "predicted_total_ms",
-    "predicted_downtime_ms", "predicted_iterations", "predicted_transferred_bytes", "error")
+    "predicted_downtime_ms", "predicted_iterations", "predicted_transferred_bytes",
+    "link_goodput_bps", "measured_rate_pps", "measured_slowdown", "first_touch_zero_us",
+    "first_touch_data_us", "error")
 
 
 def point_key(row: dict[str, Any]) -> tuple:
@@ -83,43 +90,96 @@ def point_key(row: dict[str, Any]) -> tuple:
 
 def settings(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
     """The migration settings of ``point`` (pymig.experiment's keywords)."""
-    return {"downtime_limit": point["downtime_limit_ms"], "max_bandwidth": point["bandwidth_bps"],
-            "compression": spec.compression, "switchover_capped": True,
-            "max_total_time": spec.max_total_time_ms, "limit_action": "cancel"}
+    from pymig.sweeplink import open_link
+
+    return {"downtime_limit": point["downtime_limit_ms"], "compression": spec.compression,
+            "max_total_time": spec.max_total_time_ms, "limit_action": "cancel",
+            **open_link(spec.link).settings(point)}
 
 
 def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
-                  zero_pages: int = 0, *, bins: int | None = None):
-    """The prediction for ``point`` (a :class:`pymig.predict.Prediction`)."""
+                  zero_pages: int = 0, *, bins: int | None = None,
+                  goodput_bps: float | None = None, zero_profile=(),
+                  first_touch: tuple[float, float] | None = None):
+    """The prediction for ``point`` (a :class:`pymig.predict.Prediction`); ``goodput_bps``:
+    what a shaped link was measured to carry (``netns``; the point's bandwidth without);
+    ``zero_profile``: where the guest's zero pages were (:meth:`Source.zero_profile`);
+    ``first_touch``: seconds per zero and per data page the destination takes to load a page
+    it never had (:func:`pymig.predict.measure_first_touch`; None: measured now, once)."""
     from pymig.experiment import migration_settings
     from pymig.predict import GuestModel, LinkModel, parameters, predict
 
     qmp, caps = migration_settings(**settings(spec, point))
+    link_bps = 0.0
+    if spec.link == "netns":
+        link_bps = float(goodput_bps or point["bandwidth_bps"])
     guest = GuestModel(ram_bytes=spec.memory, write_rate_pps=point["rate_pages_per_s"],
                        working_set_pages=point["working_set_bytes"] // 4096,
                        pattern=spec.pattern if spec.pattern in ("uniform", "sequential")
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
-                       zero_share=zero_pages / data_pages if data_pages else 0.0)
-    return predict(guest, LinkModel(destination_ready_s=DESTINATION_READY_S),
+                       zero_share=zero_pages / data_pages if data_pages else 0.0,
+                       zero_profile=tuple(zero_profile or ()))
+    zero_s, data_s = first_touch or host_first_touch()
+    return predict(guest, LinkModel(bandwidth_bps=link_bps,
+                                    destination_ready_s=DESTINATION_READY_S,
+                                    first_touch_zero_s=zero_s, first_touch_data_s=data_s),
                    parameters(**qmp, capabilities=caps), **({"bins": bins} if bins else {}))
 
 
-def run_point(spec: SweepSpec, point: dict[str, Any], run: int) -> dict[str, Any]:
-    """Migrate ``point``'s guest once, predicted first; its row."""
-    from pymig.experiment import Destination, Source
+_FIRST_TOUCH: list[tuple[float, float]] = []
 
-    row: dict[str, Any] = {**point, "run": run}
+
+def host_first_touch() -> tuple[float, float]:
+    """This host's first-touch costs, measured once per process (rows from before a sweep
+    measured them per run)."""
+    if not _FIRST_TOUCH:
+        from pymig.predict import measure_first_touch
+
+        _FIRST_TOUCH.append(measure_first_touch())
+    return _FIRST_TOUCH[0]
+
+
+def row_first_touch(row: dict[str, Any]) -> tuple[float, float] | None:
+    if row.get("first_touch_zero_us") is None or row.get("first_touch_data_us") is None:
+        return None
+    return row["first_touch_zero_us"] / 1e6, row["first_touch_data_us"] / 1e6
+
+
+def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) -> dict[str, Any]:
+    """Migrate ``point``'s guest once over ``link`` (a :mod:`pymig.sweeplink` link, open;
+    by default the rate limiter), predicted first; its row."""
+    from pymig.experiment import Source
+    from pymig.predict import PAGE_SIZE, measure_first_touch
+    from pymig.sweeplink import RateLimitLink
+
+    link = link or RateLimitLink()
+    row: dict[str, Any] = {**point, "run": run, **link.prepare(point)}
     with Source.start("dirtier", kind=spec.kind, memory=spec.memory, vcpus=spec.vcpus,
                       working_set=point["working_set_bytes"], rate=point["rate_pages_per_s"],
                       pattern=spec.pattern, warmup_s=spec.warmup_s) as source:
-        with Destination(process=True) as destination:
-            time.sleep(spec.settle_s)
+        with link.destination() as destination:
+            began = time.monotonic()
+            if spec.measure_ms:
+                measured = source.dirty_rate(spec.measure_ms, mode="dirty-bitmap")
+                row["measured_rate_pps"] = measured.get("write-rate-pages")
+                row["measured_slowdown"] = (measured.get("guest-cost") or {}).get("slowdown")
+            time.sleep(max(spec.settle_s - (time.monotonic() - began), 0.0))
             row["data_pages"], row["zero_pages"] = source.data_pages()
-            predicted = predict_point(spec, point, row["data_pages"],
-                                      row["zero_pages"]).summary()
-            result = source.migrate(destination, timeout=spec.max_total_time_ms / 1000 + 120,
-                                    trace=False, **settings(spec, point))
+            row["zero_profile"] = [round(z, 4) for z in source.zero_profile()]
+            zero_s, data_s = measure_first_touch(PAGE_SIZE)
+            row["first_touch_zero_us"] = round(zero_s * 1e6, 3)
+            row["first_touch_data_us"] = round(data_s * 1e6, 3)
+            predicted = predict_point(spec, point, row["data_pages"], row["zero_pages"],
+                                      goodput_bps=row.get("link_goodput_bps"),
+                                      zero_profile=row["zero_profile"],
+                                      first_touch=row_first_touch(row)).summary()
+            result = source.migrate(link.uri(destination),
+                                    timeout=spec.max_total_time_ms / 1000 + 120,
+                                    trace=True, **settings(spec, point))
+            if result.status == "completed":
+                destination.wait_guest()
     measured = result.summary()
+    row["trace"] = result.trace
     for key in ("status", "converged", "switchover_reason", "total_ms", "downtime_ms",
                 "expected_downtime_ms", "iterations", "transferred_bytes", "error"):
         row[key] = measured.get(key)
@@ -146,13 +206,17 @@ def repredict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any
             out.append(row)
             continue
         point = {k: row[k] for k in POINT_KEYS}
-        predicted = predict_point(spec, point, row["data_pages"], row.get("zero_pages", 0))
+        predicted = predict_point(spec, point, row["data_pages"], row.get("zero_pages", 0),
+                                  goodput_bps=row.get("link_goodput_bps"),
+                                  zero_profile=row.get("zero_profile"),
+                                  first_touch=row_first_touch(row))
         out.append({**row, **_predicted_fields(predicted.summary())})
     return out
 
 
 def load_spec(out_dir: str) -> SweepSpec:
-    """The spec a sweep in ``out_dir`` ran with."""
+    """The spec a sweep in ``out_dir`` ran with (one from before a field existed takes its
+    default)."""
     with open(os.path.join(out_dir, "spec.json"), encoding="utf-8") as handle:
         data = json.load(handle)
     return SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -183,9 +247,16 @@ def write_csv(rows: list[dict[str, Any]], path: str) -> None:
 
 def run_sweep(spec: SweepSpec, out_dir: str, *,
               say: Callable[[str], None] = lambda text: None,
-              run: Callable[[SweepSpec, dict, int], dict] = run_point) -> list[dict[str, Any]]:
+              run: Callable[[SweepSpec, dict, int], dict] | None = None) -> list[dict[str, Any]]:
     """Run every point of ``spec`` ``spec.runs`` times, skipping runs ``out_dir/runs.jsonl``
-    already holds; returns all its rows.  ``run(spec, point, index)`` makes one row."""
+    already holds; returns all its rows.  ``run(spec, point, index)`` makes one row (by
+    default :func:`run_point` over the spec's link, opened once for the sweep)."""
+    if run is None:
+        from pymig.sweeplink import open_link
+
+        with open_link(spec.link) as link:
+            return run_sweep(spec, out_dir, say=say,
+                             run=lambda s, p, i: run_point(s, p, i, link=link))
     os.makedirs(out_dir, exist_ok=True)
     jsonl, csv_path = os.path.join(out_dir, "runs.jsonl"), os.path.join(out_dir, "runs.csv")
     with open(os.path.join(out_dir, "spec.json"), "w", encoding="utf-8") as handle:
@@ -203,6 +274,9 @@ def run_sweep(spec: SweepSpec, out_dir: str, *,
             row = run(spec, point, index)
         except Exception as exc:  # noqa: BLE001 - a point that cannot run is a row saying why
             row = {**point, "run": index, "status": "error", "error": str(exc)}
+        trace = row.pop("trace", None)
+        if trace:
+            write_trace(out_dir, row, trace)
         with open(jsonl, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
@@ -215,6 +289,28 @@ def run_sweep(spec: SweepSpec, out_dir: str, *,
             f"{row.get('downtime_ms')} ms (predicted {row.get('predicted_downtime_ms')}) "
             f"[{time.monotonic() - began:.1f} s]")
     return rows
+
+
+def trace_path(out_dir: str, row: dict[str, Any]) -> str:
+    """Where a run's per-sync trace is kept: ``traces/RATE-BANDWIDTH-WS-LIMIT-rRUN.jsonl``."""
+    return os.path.join(out_dir, "traces", "{}-{}-{}-{}-r{}.jsonl".format(
+        row["rate_pages_per_s"], row["bandwidth_bps"], row["working_set_bytes"],
+        row["downtime_limit_ms"], row["run"]))
+
+
+def write_trace(out_dir: str, row: dict[str, Any], trace: list[dict[str, Any]]) -> str:
+    path = trace_path(out_dir, row)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in trace)
+    os.replace(f"{path}.tmp", path)
+    return path
+
+
+def read_trace(out_dir: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's per-sync trace, or [] when the sweep kept none for it."""
+    path = trace_path(out_dir, row)
+    return read_rows(path) if os.path.exists(path) else []
 
 
 def _drop_torn_tail(path: str) -> None:
@@ -364,7 +460,7 @@ def _axes_values(grid: list[Cell]) -> tuple[list[int], list[int]]:
 
 def predicted_boundary(spec: SweepSpec, point: dict[str, Any], rates: list[int],
                        bandwidths: list[int], steps: int = 14, data_pages: int = 0,
-                       zero_pages: int = 0):
+                       zero_pages: int = 0, goodput_share: float = 1.0):
     """Predicted convergence over a finer log grid spanning ``rates`` x ``bandwidths``:
     (rate values, bandwidth values, converges matrix [rate][bandwidth])."""
     import numpy as np
@@ -375,7 +471,8 @@ def predicted_boundary(spec: SweepSpec, point: dict[str, Any], rates: list[int],
     for i, rate in enumerate(rate_axis):
         for j, bw in enumerate(bw_axis):
             p = dict(point, rate_pages_per_s=int(rate), bandwidth_bps=int(bw))
-            conv[i, j] = predict_point(spec, p, data_pages, zero_pages, bins=32).converges
+            conv[i, j] = predict_point(spec, p, data_pages, zero_pages, bins=32,
+                                       goodput_bps=bw * goodput_share).converges
     return rate_axis, bw_axis, conv
 
 
@@ -403,8 +500,11 @@ def plot_maps(rows: list[dict[str, Any]], spec: SweepSpec, path: str) -> list[st
                                  if r.get("working_set_bytes") == ws) or 0)
         zero_pages = int(_median(r.get("zero_pages") for r in rows
                                  if r.get("working_set_bytes") == ws) or 0)
+        share = _median(r["link_goodput_bps"] / r["bandwidth_bps"] for r in rows
+                        if r.get("link_goodput_bps")) or 1.0
         r_axis, b_axis, conv = predicted_boundary(spec, sub[0].point, rates, bandwidths,
-                                                  data_pages=data_pages, zero_pages=zero_pages)
+                                                  data_pages=data_pages, zero_pages=zero_pages,
+                                                  goodput_share=share)
         for ax, figure, label in ((axes[0], "total_ms", "total time (ms)"),
                                   (axes[1], "downtime_ms", "downtime (ms)")):
             values = np.full((len(rates), len(bandwidths)), np.nan)
@@ -430,7 +530,8 @@ def plot_maps(rows: list[dict[str, Any]], spec: SweepSpec, path: str) -> list[st
                 ax.contour(b_axis, r_axis, conv, levels=[0.5], colors="orange", linewidths=2)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("bandwidth (max-bandwidth, bytes/s)")
+            ax.set_xlabel("bandwidth (tc on a namespace pair, bytes/s)" if spec.link == "netns"
+                          else "bandwidth (max-bandwidth, bytes/s)")
             ax.set_ylabel("guest write rate (pages/s)")
             ax.set_title(f"{label}: x = did not converge, orange = predicted boundary")
         fig.suptitle(f"{spec.kind} guest, dirtier {spec.pattern} over {ws // MiB} MiB of "
@@ -488,6 +589,93 @@ def plot_predicted(rows: list[dict[str, Any]], path: str) -> str:
         ax.set_ylabel(f"predicted {label}")
         ax.legend()
     fig.suptitle("pymig predict against the migrations it predicted (medians per point)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_cells(text: str) -> list[tuple[int, int]]:
+    """``RATE:BANDWIDTH,...`` (pages/s, bytes/s; sizes such as ``20M`` too) as pairs."""
+    from pymig.units import parse_size
+
+    chosen = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        rate, sep, bandwidth = part.partition(":")
+        if not sep:
+            raise ValueError(f"a cell is RATE:BANDWIDTH, not {part!r}")
+        chosen.append((int(rate), parse_size(bandwidth)))
+    return chosen
+
+
+def default_cells(grid: list[Cell], count: int = 4) -> list[tuple[int, int]]:
+    """Cells worth a look when none are chosen: of the points that converged, those with
+    the most passes (where the passes' shape decides the time), then ones that did not."""
+    ranked = sorted(grid, key=lambda c: (not c.converged, -(c.iterations or 0)))
+    return [(c.point["rate_pages_per_s"], c.point["bandwidth_bps"]) for c in ranked[:count]]
+
+
+FLOOR_MIB = 0.01  # where remaining.png draws nothing left, on its log scale
+
+
+def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, path: str,
+                   chosen: list[tuple[int, int]] | None = None) -> str | None:
+    """Remaining to send (pending after each dirty-log sync) against time, one panel per
+    chosen cell (``(rate, bandwidth)``; every working set and downtime limit the sweep has
+    of it): every run's trace as measured, a dot per pass, and the model's prediction of
+    the same run dashed.  None when no chosen cell has a trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = chosen if chosen is not None else default_cells(cells(rows))
+    panels = []
+    for rate, bandwidth in chosen:
+        runs = [r for r in rows if r.get("rate_pages_per_s") == rate
+                and r.get("bandwidth_bps") == bandwidth and r.get("data_pages") is not None]
+        traced = [(r, read_trace(out_dir, r)) for r in runs]
+        traced = [(r, t) for r, t in traced if t]
+        if traced:
+            panels.append(((rate, bandwidth), traced))
+    if not panels:
+        return None
+    columns = min(len(panels), 2)
+    rows_n = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows_n, columns, figsize=(6.5 * columns, 4.4 * rows_n),
+                             constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, ((rate, bandwidth), traced) in zip(axes.flat, panels):
+        for i, (row, trace) in enumerate(traced):
+            colour = f"C{i % 10}"
+            ax.plot([t["time"] for t in trace],
+                    [max(t["pending_bytes"] / MiB, FLOOR_MIB) for t in trace],
+                    marker="o", ms=3.5, color=colour,
+                    label=f"run {row['run']}: {row.get('status')}, {row.get('total_ms')} ms")
+            point = {k: row[k] for k in POINT_KEYS}
+            predicted = predict_point(spec, point, row["data_pages"],
+                                      row.get("zero_pages", 0),
+                                      goodput_bps=row.get("link_goodput_bps"),
+                                      zero_profile=row.get("zero_profile"),
+                                      first_touch=row_first_touch(row))
+            ax.plot([t["time"] for t in predicted.trace],
+                    [max(t["pending_bytes"] / MiB, FLOOR_MIB) for t in predicted.trace],
+                    ls="--", marker=".",
+                    color=colour, alpha=0.8,
+                    label=f"predicted: {predicted.status}, {predicted.total_s * 1000:,.0f} ms")
+        limit_mb = row["downtime_limit_ms"] / 1000 * bandwidth / MiB
+        ax.axhline(limit_mb, color="grey", lw=0.8, ls=":")
+        ax.annotate("downtime limit x bandwidth", (0, limit_mb), fontsize=7, color="grey",
+                    va="bottom")
+        ax.set_yscale("log")
+        ax.set_xlabel("time since the migration began (s)")
+        ax.set_ylabel(f"remaining after the sync (MiB; nothing drawn at {FLOOR_MIB})")
+        ax.set_title(f"{rate:,} pages/s at {bandwidth / 1e6:g} MB/s")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{spec.kind} guests: remaining to send at each pass, measured (solid) and "
+                 f"predicted (dashed)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
