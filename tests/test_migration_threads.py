@@ -83,7 +83,7 @@ def test_tls_corrupted_in_flight_joins_the_return_path(guests, pki, slow_return_
     finally:
         proxy.close()
         destination.join(30)
-    assert fired and proxy.corrupted is not None, ("the proxy never corrupted a byte", migration.error)
+    assert fired and proxy.corrupted is not None, f"no byte corrupted: {migration.error}"
     assert migration.status.value == "failed", migration.query()
     assert guest.status == "running"
     assert left == [], f"threads of the failed migration still alive: {left}"
