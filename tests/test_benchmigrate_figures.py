@@ -73,7 +73,7 @@ def test_the_tls_comparison_reports_the_ratio_as_a_fraction_of_its_ceilings():
     figures = TlsComparison(ScenarioResult(SCENARIOS["random-1g"], [run]),
                             ScenarioResult(SCENARIOS["random-1g-tls"], [tls_run]),
                             {"encrypt_bps": 2 * GiB, "decrypt_bps": 4 * GiB}).figures()
-    assert figures["throughput_ratio"] == pytest.approx(0.5)
+    assert figures["throughput_ratio"] == pytest.approx(0.5) == figures["pair_ratio_median"]
     assert figures["fraction_of_cpu_ceiling"] == pytest.approx(0.5 * 1.75)
     assert figures["fraction_of_thread_ceiling"] == pytest.approx(0.5 * 1.5)
     assert (figures["plaintext_cpu_s_per_gib"], figures["tls_cpu_s_per_gib"]) == (1.0, 2.5)

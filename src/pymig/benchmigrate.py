@@ -553,6 +553,7 @@ class TlsComparison:
         ratio = secured["throughput_bps"] / plain["throughput_bps"]
         out = {"plaintext_bps": plain["throughput_bps"], "tls_bps": secured["throughput_bps"],
                "throughput_ratio": ratio, "pair_ratios": pairs,
+               "pair_ratio_median": statistics.median(pairs),
                "plaintext_setup_ms": plain["setup_ms"], "tls_setup_ms": secured["setup_ms"],
                "tls_handshake_ms": secured.get("tls_handshake_ms", math.nan),
                "plaintext_total_ms": plain["total_ms"], "tls_total_ms": secured["total_ms"],
