@@ -111,3 +111,39 @@ def test_a_cancel_leaves_no_grace_timer_behind(guests):
     assert migration.status.value == "cancelled", migration.query()
     assert guest.status == "running"
     assert left == [], f"threads of the cancelled migration still alive: {left}"
+
+
+def test_a_migration_started_as_the_last_one_fails_is_not_undone_by_its_release(guests,
+                                                                               monkeypatch):
+    """The status says failed before the failed run has released what it held; a new
+    ``migrate`` right then waits for that release rather than have it clean up the new run's
+    live entries and close the new run's channel."""
+    from pymig import migration as migration_mod
+    from pymig.limits import DestinationLimits
+
+    release = migration_mod._Run.release
+
+    def slow_release(self):
+        time.sleep(SLOW_EXIT_S)  # a busy host's scheduler, between the status and the rest
+        release(self)
+
+    monkeypatch.setattr(migration_mod._Run, "release", slow_release)
+    guest = guests(guest_config("simulated", memory=32 << 20, working_set=4 << 20, rate=200))
+    # the first destination takes KVM guests only: it refuses this one once the stream began
+    refusing = Incoming("tcp:127.0.0.1:0", accept_timeout=60, progress_timeout=10,
+                        limits=DestinationLimits(accept_kinds=("kvm",)))
+    first = refusing.listen()
+    threading.Thread(target=_run, args=(refusing,), daemon=True).start()
+    second, destination = _destination("tcp:127.0.0.1:0")
+    store = ParameterStore()
+    store.set(**{"max-bandwidth": 2_000_000, "compression": "none"})  # the second: seconds
+    migration = Migration(Machine.source(guest), store)
+    migration.start(first)
+    deadline = time.monotonic() + 30
+    while migration.status.value != "failed":
+        assert time.monotonic() < deadline, migration.query()
+        time.sleep(0.001)
+    migration.start(second)
+    migration.wait(60)
+    destination.join(60)
+    assert migration.status.value == "completed", migration.query()
