@@ -147,3 +147,37 @@ def test_a_migration_started_as_the_last_one_fails_is_not_undone_by_its_release(
     migration.wait(60)
     destination.join(60)
     assert migration.status.value == "completed", migration.query()
+
+
+def test_a_session_waits_for_the_last_migrations_release_before_the_next(guests, monkeypatch):
+    """``migrate`` through the session (QMP's path) makes a new Migration each time; the new one
+    shares the machine's live entries with the last, so it waits for the last one's release
+    too, and completes."""
+    from pymig import migration as migration_mod
+    from pymig.limits import DestinationLimits
+    from pymig.session import Session
+
+    release = migration_mod._Run.release
+
+    def slow_release(self):
+        time.sleep(SLOW_EXIT_S)
+        release(self)
+
+    monkeypatch.setattr(migration_mod._Run, "release", slow_release)
+    session = Session(guests(guest_config("simulated", memory=32 << 20, working_set=4 << 20,
+                                          rate=200)))
+    session.params.set(**{"max-bandwidth": 2_000_000, "compression": "none"})
+    refusing = Incoming("tcp:127.0.0.1:0", accept_timeout=60, progress_timeout=10,
+                        limits=DestinationLimits(accept_kinds=("kvm",)))
+    first = refusing.listen()
+    threading.Thread(target=_run, args=(refusing,), daemon=True).start()
+    second, destination = _destination("tcp:127.0.0.1:0")
+    session.migrate(first)
+    deadline = time.monotonic() + 30
+    while session.migration.status.value != "failed":
+        assert time.monotonic() < deadline, session.migration.query()
+        time.sleep(0.001)
+    session.migrate(second)
+    session.migration.wait(60)
+    destination.join(60)
+    assert session.migration.status.value == "completed", session.migration.query()

@@ -189,7 +189,7 @@ class Migration:
             current = self._status
         if current in ACTIVE_STATES:
             raise MigrationError(f"a migration is already {current.value}")
-        self._wait_released()
+        self.wait_released()
         # the run that completed last decides: after a snapshot the guest is still here
         if current == Status.COMPLETED and not self.resume_source:
             raise MigrationError("this guest has already migrated away")
@@ -273,10 +273,12 @@ class Migration:
             if timer is not threading.current_thread():
                 timer.join()
 
-    def _wait_released(self) -> None:
-        """The previous run's thread ends right after its status does, once it has closed
-        its channel and joined its threads; a new run waits for that, so that the old one
-        never closes what the new one opened."""
+    def wait_released(self) -> None:
+        """Until the last run's thread has ended: it does right after its status, once it has
+        cleaned up the live entries, closed its channel and joined its threads.  A new run,
+        of this migration or another of the same machine, waits for that, so that the old one
+        never cleans up or closes what the new one set up; MigrationError if it takes more
+        than RELEASE_WAIT_S."""
         previous = self._thread
         if previous is None or previous is threading.current_thread():
             return
@@ -296,7 +298,7 @@ class Migration:
         if parsed.scheme not in TLS_SCHEMES:
             raise MigrationError(f"a post-copy recovery needs a return path (tcp:, unix: or "
                                  f"fd: sockets), which a {parsed.scheme}: URI has not")
-        self._wait_released()
+        self.wait_released()
         if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
             raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
                                  f"{self._status.value}")
