@@ -51,3 +51,32 @@ def test_fresh_memory_command_prints_each_run(capsys):
     assert len(lines) == 2
     assert all(line.startswith("fresh memory after 0 s idle ") and "raw socket" in line
                for line in lines)
+
+
+def test_the_tls_ceiling_adds_the_cipher_to_the_plaintext_cost_both_ways():
+    from pymig.benchmigrate import GiB, tls_ceilings
+
+    # the plaintext migration: 1 CPU-second per GiB, both ends; 1 GiB/s. The cipher: a GiB
+    # sealed in 0.5 s and opened in 0.25 s on one core.
+    c = tls_ceilings(GiB, 1.0, {"encrypt_bps": 2 * GiB, "decrypt_bps": 4 * GiB})
+    assert c["cipher_cpu_s_per_gib"] == pytest.approx(0.75)
+    assert c["cpu_ceiling_ratio"] == pytest.approx(1 / 1.75)
+    # the source's thread: 1 s of plaintext work and 0.5 s of sealing per GiB
+    assert c["thread_ceiling_ratio"] == pytest.approx(1 / 1.5)
+
+
+def test_the_tls_comparison_reports_the_ratio_as_a_fraction_of_its_ceilings():
+    from pymig.benchmigrate import GiB, SCENARIOS, ScenarioResult, TlsComparison
+
+    run = {"throughput_bps": GiB, "setup_ms": 5.0, "total_ms": 1000.0, "cpu_s_per_gib": 1.0}
+    tls_run = run | {"throughput_bps": 0.5 * GiB, "cpu_s_per_gib": 2.5, "tls_handshake_ms": 4}
+    figures = TlsComparison(ScenarioResult(SCENARIOS["random-1g"], [run]),
+                            ScenarioResult(SCENARIOS["random-1g-tls"], [tls_run]),
+                            {"encrypt_bps": 2 * GiB, "decrypt_bps": 4 * GiB}).figures()
+    assert figures["throughput_ratio"] == pytest.approx(0.5) == figures["pair_ratio_median"]
+    assert figures["fraction_of_cpu_ceiling"] == pytest.approx(0.5 * 1.75)
+    assert figures["fraction_of_thread_ceiling"] == pytest.approx(0.5 * 1.5)
+    assert (figures["plaintext_cpu_s_per_gib"], figures["tls_cpu_s_per_gib"]) == (1.0, 2.5)
+    without = TlsComparison(ScenarioResult(SCENARIOS["random-1g"], [run]),
+                            ScenarioResult(SCENARIOS["random-1g-tls"], [tls_run])).figures()
+    assert "cpu_ceiling_ratio" not in without  # no cipher measured: no ceiling claimed

@@ -122,6 +122,14 @@ def test_the_plan_covers_every_combination_and_a_seed_replays_it():
     assert runner.parse_id(":".join(map(str, trial))) == trial
 
 
+def test_the_plan_of_one_fault_holds_that_fault_in_every_phase():
+    plan = runner.plan(24, 7, ("tls",), ("kvm", "simulated"), ("corrupt",))
+    assert {t[:3] for t in plan} == {("tls", "kvm", "corrupt"), ("tls", "simulated", "corrupt")}
+    assert {t[3] for t in plan} == set(runner.PHASES)
+    with pytest.raises(ValueError, match="no trial of enospc over tls"):
+        runner.plan(1, 7, ("tls",), faults=("enospc",))
+
+
 def test_the_summary_counts_trials_per_fault_phase_and_transport():
     results = [{"transport": "tcp", "fault": "cut", "phase": "live", "correct": True},
                {"transport": "tcp", "fault": "cut", "phase": "live", "correct": False},

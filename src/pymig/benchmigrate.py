@@ -114,7 +114,8 @@ class Scenario:
 FIGURES = ("total_ms", "downtime_ms", "expected_downtime_ms", "expected_error", "setup_ms",
            "transferred_bytes", "throughput_bps", "iterations", "throttle_pct",
            "rss_overhead_bytes", "rss_overhead_ratio", "ceiling_bps", "throughput_ratio",
-           "fresh_ceiling_bps", "fresh_ratio", "tls_handshake_ms")
+           "fresh_ceiling_bps", "fresh_ratio", "tls_handshake_ms", "source_cpu_s",
+           "destination_cpu_s", "cpu_s_per_gib")
 
 SCENARIOS: dict[str, Scenario] = {}
 
@@ -244,6 +245,13 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU-seconds ``pid`` has used so far, user and system, its ended threads included."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _reset_peak_rss(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as handle:
@@ -328,8 +336,10 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
             time.sleep(scenario.warmup_s)
             rss_before = _proc_status(src.pid)["VmRSS"]
             peak_reset = _reset_peak_rss(src.pid)
+            cpu_before = _cpu_seconds(src.pid), _cpu_seconds(dst.pid)
             client.command("migrate", uri=uri, **({"trace": trace} if trace else {}))
             final = _wait_migration(client, scenario.timeout_s)
+            cpu = _cpu_seconds(src.pid) - cpu_before[0], _cpu_seconds(dst.pid) - cpu_before[1]
             peak = _proc_status(src.pid)["VmHWM"] if peak_reset else math.nan
             try:
                 client.command("quit")
@@ -341,6 +351,11 @@ def run_once(scenario: Scenario, workdir: str, *, say: Callable[[str], None] = l
         figures = figures_from_stats(final, scenario.memory_bytes)
         figures["rss_overhead_bytes"] = max(peak - rss_before, 0)
         figures["rss_overhead_ratio"] = figures["rss_overhead_bytes"] / scenario.memory_bytes
+        figures["source_cpu_s"], figures["destination_cpu_s"] = cpu
+        if figures["transferred_bytes"]:
+            figures["cpu_s_per_gib"] = sum(cpu) / (figures["transferred_bytes"] / GiB)
+        if "tls" in final:
+            figures["tls_cipher"] = final["tls"]["cipher"]
         with QmpClient(dst_ctl) as client:
             client.command("quit")
         dst.wait(30)
@@ -528,16 +543,65 @@ class TlsComparison:
     plaintext: ScenarioResult
     tls: ScenarioResult
 
+    #: What the cipher alone costs on one core (:func:`cipher_throughput`), when measured.
+    cipher: dict[str, float] | None = None
+
     def figures(self) -> dict[str, float]:
         plain, secured = self.plaintext.medians, self.tls.medians
         pairs = [t["throughput_bps"] / p["throughput_bps"]
                  for p, t in zip(self.plaintext.runs, self.tls.runs)]
-        return {"plaintext_bps": plain["throughput_bps"], "tls_bps": secured["throughput_bps"],
-                "throughput_ratio": secured["throughput_bps"] / plain["throughput_bps"],
-                "pair_ratios": pairs,
-                "plaintext_setup_ms": plain["setup_ms"], "tls_setup_ms": secured["setup_ms"],
-                "tls_handshake_ms": secured.get("tls_handshake_ms", math.nan),
-                "plaintext_total_ms": plain["total_ms"], "tls_total_ms": secured["total_ms"]}
+        ratio = secured["throughput_bps"] / plain["throughput_bps"]
+        out = {"plaintext_bps": plain["throughput_bps"], "tls_bps": secured["throughput_bps"],
+               "throughput_ratio": ratio, "pair_ratios": pairs,
+               "pair_ratio_median": statistics.median(pairs),
+               "plaintext_setup_ms": plain["setup_ms"], "tls_setup_ms": secured["setup_ms"],
+               "tls_handshake_ms": secured.get("tls_handshake_ms", math.nan),
+               "plaintext_total_ms": plain["total_ms"], "tls_total_ms": secured["total_ms"],
+               "plaintext_cpu_s_per_gib": plain.get("cpu_s_per_gib", math.nan),
+               "tls_cpu_s_per_gib": secured.get("cpu_s_per_gib", math.nan)}
+        if self.cipher is not None:
+            out |= tls_ceilings(plain["throughput_bps"], out["plaintext_cpu_s_per_gib"],
+                                self.cipher)
+            out["fraction_of_cpu_ceiling"] = ratio / out["cpu_ceiling_ratio"]
+            out["fraction_of_thread_ceiling"] = ratio / out["thread_ceiling_ratio"]
+        return out
+
+
+def tls_ceilings(plaintext_bps: float, plaintext_cpu_s_per_gib: float,
+                 cipher: dict[str, float]) -> dict[str, float]:
+    """The best ratio to the plaintext migration a TLS that cost nothing but its cipher could
+    reach, two ways: ``cpu_ceiling_ratio`` where the host's CPUs are what limits both
+    migrations (both ends share them: every byte costs the plaintext migration's CPU-seconds
+    and an encryption and a decryption more); ``thread_ceiling_ratio`` where each end's one
+    thread is what limits them (the source's thread encrypts each byte on top of its
+    plaintext work, the destination's decrypts it: the slower of the two sets the pace)."""
+    cipher_s_per_gib = GiB / cipher["encrypt_bps"] + GiB / cipher["decrypt_bps"]
+    slower = min(cipher["encrypt_bps"], cipher["decrypt_bps"])
+    return {"cipher_encrypt_bps": cipher["encrypt_bps"],
+            "cipher_decrypt_bps": cipher["decrypt_bps"],
+            "cipher_cpu_s_per_gib": cipher_s_per_gib,
+            "cpu_ceiling_ratio": plaintext_cpu_s_per_gib / (plaintext_cpu_s_per_gib
+                                                            + cipher_s_per_gib),
+            "thread_ceiling_ratio": 1 / (1 + plaintext_bps / slower)}
+
+
+#: TLS 1.3's suites as OpenSSL names them, and their AEAD as ``openssl speed -evp`` does.
+_SUITE_AEADS = {"TLS_AES_128_GCM_SHA256": "aes-128-gcm", "TLS_AES_256_GCM_SHA384": "aes-256-gcm",
+                "TLS_CHACHA20_POLY1305_SHA256": "chacha20-poly1305"}
+
+
+def cipher_throughput(suite: str, seconds: int = 1, record_bytes: int = 16384) -> dict[str, float]:
+    """Bytes/s of the AEAD of the TLS 1.3 ``suite`` on one core, sealing and opening
+    ``record_bytes`` records (TLS's largest), as ``openssl speed -evp`` measures it with the
+    libcrypto Python's ``ssl`` uses: the cipher alone, none of TLS's copies."""
+    out = {}
+    for way, extra in (("encrypt_bps", []), ("decrypt_bps", ["-decrypt"])):
+        run = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "-bytes",
+                              str(record_bytes), *extra, "-evp", _SUITE_AEADS[suite]],
+                             capture_output=True, text=True, timeout=60, check=True)
+        # the last line: the cipher's name, then thousands of bytes per second
+        out[way] = float(run.stdout.strip().splitlines()[-1].split()[-1].rstrip("k")) * 1000
+    return out
 
 
 def tls_comparison(name: str, runs: int, tls_creds: str, *,
@@ -546,17 +610,26 @@ def tls_comparison(name: str, runs: int, tls_creds: str, *,
     host's speed moves from minute to minute: each pair sees the same host)."""
     plain, secured = SCENARIOS[name], SCENARIOS[f"{name}-tls"]
     workdir = tempfile.mkdtemp(prefix="pymig-bench-")
-    plain_runs, tls_runs = [], []
+    plain_runs, tls_runs, ciphers = [], [], []
     try:
         for _ in range(runs):
             plain_runs.append(run_once(plain, workdir, say=say))
             tls_runs.append(run_once(secured, workdir, say=say, tls_creds=tls_creds))
+            try:  # the cipher the session agreed, alone, in the same minute as the pair
+                ciphers.append(cipher_throughput(tls_runs[-1]["tls_cipher"]))
+            except (OSError, KeyError, ValueError, IndexError, subprocess.SubprocessError):
+                pass  # no openssl command here, or a suite it does not name
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return TlsComparison(ScenarioResult(plain, plain_runs), ScenarioResult(secured, tls_runs))
+    cipher = {key: statistics.median(c[key] for c in ciphers)
+              for key in ("encrypt_bps", "decrypt_bps")} if ciphers else None
+    return TlsComparison(ScenarioResult(plain, plain_runs), ScenarioResult(secured, tls_runs),
+                         cipher)
 
 
 def _fmt(value: float) -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return str(value)
     if abs(value) >= 1e6:

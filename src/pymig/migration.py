@@ -129,6 +129,7 @@ class Migration:
         self._listeners: list[Callable[[Status, Status], None]] = []
         self._pass_listeners: list[Callable[[dict], None]] = []
         self._thread: threading.Thread | None = None
+        self._cut_timer: threading.Timer | None = None  # a cancel's grace period, running
         self._cancel = threading.Event()
         self._manual_switchover = threading.Event()
         self._continue_switchover = threading.Event()
@@ -201,6 +202,7 @@ class Migration:
             current = self._status
         if current in ACTIVE_STATES:
             raise MigrationError(f"a migration is already {current.value}")
+        self.wait_released()
         # the run that completed last decides: after a snapshot the guest is still here
         if current == Status.COMPLETED and not self.resume_source:
             raise MigrationError("this guest has already migrated away")
@@ -261,15 +263,43 @@ class Migration:
         # (a CANCEL record); a send stuck on a destination that stopped reading is cut short
         # after a grace period.
         channel = self._channel
-        if channel is not None:
-            timer = threading.Timer(CANCEL_GRACE_S, self._cut, args=(channel,))
-            timer.daemon = True
-            timer.start()
+        with self._lock:
+            # Not once the migration has ended: its release no longer waits for the timer.
+            if channel is not None and self._status == Status.CANCELLING \
+                    and self._cut_timer is None:
+                timer = threading.Timer(CANCEL_GRACE_S, self._cut, args=(channel,))
+                timer.name = "pymig-cancel-grace"
+                timer.daemon = True
+                timer.start()
+                self._cut_timer = timer
 
     def _cut(self, channel) -> None:
         """A cancel's grace period is over: unblock a send still stuck on ``channel``."""
         if self._channel is channel and self._status == Status.CANCELLING:
             channel.shutdown()
+
+    def _stop_cut_timer(self) -> None:
+        """The migration is over: a cancel's grace period has nothing left to cut."""
+        with self._lock:
+            timer, self._cut_timer = self._cut_timer, None
+        if timer is not None:
+            timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join()
+
+    def wait_released(self) -> None:
+        """Until the last run's thread has ended: it does right after its status, once it has
+        cleaned up the live entries, closed its channel and joined its threads.  A new run,
+        of this migration or another of the same machine, waits for that, so that the old one
+        never cleans up or closes what the new one set up; MigrationError if it takes more
+        than RELEASE_WAIT_S."""
+        previous = self._thread
+        if previous is None or previous is threading.current_thread():
+            return
+        previous.join(RELEASE_WAIT_S)
+        if previous.is_alive():
+            raise MigrationError(f"the previous migration is still releasing its resources "
+                                 f"after {RELEASE_WAIT_S:g} s")
 
     def switchover(self) -> None:
         """Switch over at the next decision, whatever the expected downtime (manual)."""
@@ -286,6 +316,7 @@ class Migration:
                 and parsed.scheme not in PREEMPT_SCHEMES):
             raise MigrationError(f"with postcopy-preempt a recovery reconnects both channels, "
                                  f"which a {parsed.scheme}: URI cannot (tcp: and unix: can)")
+        self.wait_released()
         if not self._transition(Status.POSTCOPY_PAUSED, Status.POSTCOPY_RECOVER):
             raise MigrationError(f"only a migration paused in post-copy resumes; this one is "
                                  f"{self._status.value}")
@@ -328,6 +359,8 @@ class Migration:
                 _quietly("closing the channel", self._channel.close, level=logging.DEBUG)
                 self._channel = None
             self._close_preempt()
+            if ret is not None:
+                ret.join()
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy``: switch to post-copy at the next decision.  Needs the
@@ -588,6 +621,12 @@ ACK_TIMEOUT_S = 60.0
 CANCEL_GRACE_S = 1.0
 #: How long sending that CANCEL record may take.
 CANCEL_SEND_TIMEOUT_S = 1.0
+#: How long a closed channel's return-path thread may take to end (it wakes at once: the close
+#: shuts the socket down under its receive).
+RETURN_PATH_JOIN_S = 10.0
+#: How long a new migration waits for the previous one's thread to release what it held (an
+#: exec: command's exit is waited for up to 30 s).
+RELEASE_WAIT_S = 60.0
 #: After this long without writing a record, the source sends an empty RAM packet: a
 #: destination drops a source from which nothing whole came for its progress timeout, and a
 #: source may rightly have nothing to send for longer (a converged idle guest that cannot
@@ -1156,6 +1195,9 @@ class _Run:
                      else logging.DEBUG)
             m._channel = None
         m._close_preempt()
+        if self.ret is not None:
+            self.ret.join()  # it ends once the channel is closed under it
+        m._stop_cut_timer()
         if self.trace:
             self.trace.close()
 
@@ -1296,3 +1338,13 @@ class ReturnPath:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+
+    def join(self, timeout: float = RETURN_PATH_JOIN_S) -> None:
+        """Wait for the thread to end: call once the channel is closed, which wakes a
+        receive blocked in it with the end of the stream."""
+        if self.thread is threading.current_thread():
+            return
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("the return path's thread did not end within %g s of its channel's "
+                        "close", timeout)

@@ -255,6 +255,11 @@ class Session:
                 raise CommandError("the guest has already migrated away")
             if self.migration is not None and self.migration.status in ACTIVE_STATES:
                 raise CommandError(f"a migration is already {self.migration.status.value}")
+            if self.migration is not None:
+                try:  # the last one's live entries are the new one's: cleaned up first
+                    self.migration.wait_released()
+                except MigrationError as exc:
+                    raise CommandError(str(exc)) from None
             # A new Migration each time: one that ended (a snapshot that completed, a failure)
             # keeps its own stats and status for query-migrate until then.
             migration = Migration(self.machine, self.params, credentials=self.credentials)

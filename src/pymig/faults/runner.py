@@ -865,11 +865,14 @@ def make_pki(directory: str) -> dict[str, str]:
     return out
 
 
-def plan(count: int, seed: int, transports=TRANSPORTS, kinds=KINDS) -> list[tuple]:
-    """``count`` trials: every combination in turn (shuffled by ``seed``), each with its own
-    seed derived from the campaign's."""
+def plan(count: int, seed: int, transports=TRANSPORTS, kinds=KINDS,
+         faults: tuple[str, ...] = ()) -> list[tuple]:
+    """``count`` trials: every combination (of ``faults`` only, if given) in turn (shuffled by
+    ``seed``), each with its own seed derived from the campaign's."""
     rng = random.Random(seed)
-    every = combos(transports, kinds)
+    every = [c for c in combos(transports, kinds) if not faults or c[2] in faults]
+    if not every:
+        raise ValueError(f"no trial of {', '.join(faults)} over {', '.join(transports)}")
     trials = []
     while len(trials) < count:
         batch = list(every)
@@ -919,6 +922,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--transport", action="append", choices=TRANSPORTS)
     parser.add_argument("--kind", action="append", choices=("kvm", "simulated"))
+    parser.add_argument("--fault", action="append",
+                        choices=SOCKET_FAULTS + ("tls-handshake", "enospc"),
+                        help="only this fault (again for more)")
     parser.add_argument("--replay", action="append", metavar="ID",
                         help="run this trial (TRANSPORT:KIND:FAULT:PHASE:SEED) again")
     parser.add_argument("--out", metavar="JSONL", help="append a JSON line per trial")
@@ -933,7 +939,8 @@ def main(argv: list[str] | None = None) -> int:
     if "kvm" in kinds and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         kinds = tuple(k for k in kinds if k != "kvm") or ("simulated",)
     trials = [parse_id(t) for t in args.replay] if args.replay else \
-        plan(args.trials, args.seed, tuple(args.transport or TRANSPORTS), kinds)
+        plan(args.trials, args.seed, tuple(args.transport or TRANSPORTS), kinds,
+             tuple(args.fault or ()))
     # SIGTERM ends the campaign through its cleanup (the tmpfs unmounted, processes ended)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     if os.geteuid() != 0 and any(t[2] == "enospc" for t in trials):
