@@ -91,10 +91,15 @@ class MemoryCgroup:
         if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_PAGEOUT):
             raise OSError(ctypes.get_errno(), "MADV_PAGEOUT")
         if self.v1:
-            for limit in (1 << 20, 64 << 10, 4 << 10):
+            limit = os.path.join(self.path, "memory.limit_in_bytes")
+            for size in (1 << 20, 64 << 10, 4 << 10):
                 with contextlib.suppress(OSError):  # EBUSY: could not get under it
-                    with open(os.path.join(self.path, "memory.limit_in_bytes"), "w") as f:
-                        f.write(str(limit))
+                    with open(limit, "w") as f:
+                        f.write(str(size))
+            # and no limit again: what comes back in from swap is charged here, and under a
+            # limit of a few pages every read of one would push another out
+            with open(limit, "w") as f:
+                f.write("-1")
         else:
             with contextlib.suppress(OSError):  # EAGAIN: reclaimed less than asked
                 with open(os.path.join(self.path, "memory.reclaim"), "w") as f:
