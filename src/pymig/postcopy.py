@@ -618,9 +618,10 @@ class PostcopyDestination:
             arrived[-1] &= np.uint64((1 << tail) - 1)
         self._arrived[block.block_id] = arrived
         indices = core.bitmap_indices(stale, block.npages)
-        firsts = sorted({int(i) - int(i) % huge for i in indices})
+        # (inside the downtime: one step per huge page, none per stale page)
+        firsts = np.unique(np.asarray(indices, dtype=np.int64) // huge) * huge
         runs = []
-        for first in firsts:
+        for first in firsts.tolist():
             at, length = first * ps, huge * ps
             array[at:at + length] = block.array[at:at + length]
             core.bitmap_set_range(present, block.npages, first, huge)
