@@ -372,6 +372,7 @@ class RamSaver:
     def _send(self, out, deadline: float, *, rearm: bool) -> bool:
         """:meth:`iterate`'s work; ``rearm`` re-protects each chunk before reading it."""
         sender = self.sender
+        compress = self._compress_state if self.compress else None
         before = [bitmap.copy() for bitmap in self.bitmaps]
         try:
             chunks = self._chunks()
@@ -384,7 +385,20 @@ class RamSaver:
                     # after this is logged again, a write before it is in the copy.
                     self.guest.clear_dirty(index, first, end - first)
                     self._seen[index][first // 64:(end + 63) // 64] = 0
-                self._encode_range(out, index, block.array, bitmap, first, end)
+                cursor = first
+                limit = self.packet_limit_bytes
+                while True:
+                    if self.cancelled():
+                        raise MigrationError("migration cancelled")
+                    buf = sender.buffer()
+                    out_buf = buf if limit >= len(buf) else memoryview(buf)[:limit]
+                    result = core.encode_packet(block.array, block.page_size, block.block_id,
+                                                bitmap, end, cursor, out_buf, compress)
+                    if result.nbytes == 0:  # the chunk is sent
+                        sender.give_back(buf)
+                        break
+                    sender.submit(buf, self._send_job(out, buf, result, block.page_size))
+                    cursor = result.cursor
                 if (index, first) == last_in_ram:
                     self.swept = True
                 if time.monotonic() >= deadline and number + 1 < len(chunks):
@@ -406,33 +420,27 @@ class RamSaver:
         (the block's memory, or a copy of it laid out the same) and send them; returns how
         many pages went.  The bits sent are cleared.  Every page is encoded when this returns
         (the packets may still be on their way: :attr:`sender`'s ``drain`` waits for them)."""
+        block = self.blocks[index]
+        compress = self._compress_state if self.compress else None
+        cursor, pages = first, 0
         try:
-            return self._encode_range(out, index, array, bitmap, first, end)
+            while True:
+                if self.cancelled():
+                    raise MigrationError("migration cancelled")
+                buf = self.sender.buffer()
+                limit = self.packet_limit_bytes
+                out_buf = buf if limit >= len(buf) else memoryview(buf)[:limit]
+                result = core.encode_packet(array, block.page_size, block.block_id, bitmap, end,
+                                            cursor, out_buf, compress)
+                if result.nbytes == 0:
+                    self.sender.give_back(buf)
+                    return pages
+                pages += result.normal_pages + result.zero_pages
+                self.sender.submit(buf, self._send_job(out, buf, result, block.page_size))
+                cursor = result.cursor
         except BaseException:
             self.sender.abandon()
             raise
-
-    def _encode_range(self, out, index: int, array: np.ndarray, bitmap: np.ndarray,
-                      first: int, end: int) -> int:
-        """Packets of the pages of ``bitmap`` in [first, end) of block ``index``, encoded from
-        ``array`` and handed to the sender; how many pages they carry."""
-        block, sender = self.blocks[index], self.sender
-        compress = self._compress_state if self.compress else None
-        limit = self.packet_limit_bytes
-        cursor, pages = first, 0
-        while True:
-            if self.cancelled():
-                raise MigrationError("migration cancelled")
-            buf = sender.buffer()
-            out_buf = buf if limit >= len(buf) else memoryview(buf)[:limit]
-            result = core.encode_packet(array, block.page_size, block.block_id, bitmap, end,
-                                        cursor, out_buf, compress)
-            if result.nbytes == 0:  # the range is sent
-                sender.give_back(buf)
-                return pages
-            pages += result.normal_pages + result.zero_pages
-            sender.submit(buf, self._send_job(out, buf, result, block.page_size))
-            cursor = result.cursor
 
     def _mark_sent(self, before: list[np.ndarray]) -> None:
         """Bits taken from the migration bitmaps since ``before`` were sent."""
