@@ -2,7 +2,7 @@
 
 Run with pytest-benchmark (``pytest benchmarks/bench_sim_rate.py``: each case records asked,
 achieved, achieved/asked and the writers' CPU share in ``extra_info``) or as a script for a
-table: ``PYTHONPATH=src python benchmarks/bench_sim_rate.py [seconds]``.
+table: ``.venv/bin/python benchmarks/bench_sim_rate.py [seconds]``.
 
 The ceiling for "as fast as it can" is measured in the same run: numpy incrementing the first
 byte of random pages of an equally large, pre-faulted buffer (one cache line per page, so the

@@ -1,6 +1,6 @@
 """Channel and stream throughput against the raw socket ceiling, measured in the same run.
 
-Run: ``PYTHONPATH=src python -m pytest benchmarks/bench_transport.py --benchmark-only``.
+Run: ``.venv/bin/python -m pytest benchmarks/bench_transport.py --benchmark-only``.
 Each case first interleaves a few raw ``socket.sendall`` runs with runs of the
 sender under test (the host is noisy: interleaving spreads the noise over
 both), records the medians and their ratio in ``extra_info``, then lets

@@ -1,6 +1,6 @@
 """How fast a guest's own code runs in each x86 mode, under pymig and (optionally) QEMU.
 
-    PYTHONPATH=src:tests python benchmarks/guest_modes.py [--seconds S] [--qemu] [--json F]
+    PYTHONPATH=tests .venv/bin/python benchmarks/guest_modes.py [--seconds S] [--qemu] [--json F]
 
 The images and loops are those of ``tests/_mode_images.py``: a register loop and a store loop
 in real mode, 16-bit and 32-bit protected mode (paging off and on), long mode with 32-bit code,

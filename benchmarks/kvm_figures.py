@@ -1,6 +1,6 @@
 """Figures for the KVM side of pymig, measured on this host in this run.
 
-    PYTHONPATH=src:tests python benchmarks/kvm_figures.py [--quick] [--json out.json]
+    PYTHONPATH=tests .venv/bin/python benchmarks/kvm_figures.py [--quick] [--json out.json]
 
 * dirty-log sync time (KVM_GET_DIRTY_LOG + the copy pymig keeps) for 1, 4 and 16 GiB slots,
   all clean and 1 % dirty, with and without manual protection; KVM_CLEAR_DIRTY_LOG of 1 %;

@@ -1,6 +1,6 @@
 """Block migration's bulk throughput against the raw socket, measured in the same run.
 
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_block.py -s
+    .venv/bin/python -m pytest benchmarks/test_bench_block.py -s
 
 A KVM guest (idle workload, 32 MiB of RAM) whose disk is not on shared storage migrates
 between two processes over loopback TCP with ``pymig migrate --blk``; its image holds
@@ -38,10 +38,9 @@ pytestmark = pytest.mark.skipif(not kvm_usable(), reason="needs /dev/kvm")
 
 
 def _pymig(*args: str, **popen) -> subprocess.Popen:
-    env = dict(os.environ)
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "pymig", *args], env=env,
+    # the pymig this interpreter imports (an installed one has its compiled core; src/ alone
+    # does not)
+    return subprocess.Popen([sys.executable, "-m", "pymig", *args],
                             stdin=subprocess.DEVNULL, **popen)
 
 

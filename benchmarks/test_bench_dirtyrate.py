@@ -1,7 +1,7 @@
 """pytest-benchmark: how far a dirty-rate measurement (pymig.dirtyrate) is from the truth, per
 mode and guest kind; the error is the figure.
 
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_dirtyrate.py --benchmark-only -s
+    .venv/bin/python -m pytest benchmarks/test_bench_dirtyrate.py --benchmark-only -s
 
 Each case runs the dirtier on a guest of 256 MiB (two vCPUs) and measures it for 2 s
 (``PYMIG_BENCH_RUNS`` times, default 3):

@@ -1,6 +1,6 @@
 """pytest-benchmark entry points for the KVM figures (outside the default test paths).
 
-    PYTHONPATH=src:tests python -m pytest benchmarks/test_bench_kvm.py --benchmark-only
+    PYTHONPATH=tests .venv/bin/python -m pytest benchmarks/test_bench_kvm.py --benchmark-only
 
 Each benchmark records the figure it stands for in ``extra_info``; kvm_figures.py prints the
 whole set as JSON.

@@ -1,7 +1,7 @@
 """The migration speed targets of issues 4 and 5, measured as users migrate: a source process
 and a destination process over loopback TCP (pymig.benchmigrate), each scenario several times.
 
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_migration.py --benchmark-only -s
+    .venv/bin/python -m pytest benchmarks/test_bench_migration.py --benchmark-only -s
 
 ``PYMIG_BENCH_RUNS`` (default 5) sets the runs per scenario, ``PYMIG_BENCH_SCENARIOS`` (comma
 separated) picks scenarios.  Every figure's median, its target and their ratio go to

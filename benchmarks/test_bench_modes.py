@@ -1,6 +1,6 @@
 """pytest-benchmark: how fast user code runs in each x86 mode, against 64-bit code at CPL 3.
 
-    PYTHONPATH=src:tests python -m pytest benchmarks/test_bench_modes.py --benchmark-only -s
+    PYTHONPATH=tests .venv/bin/python -m pytest benchmarks/test_bench_modes.py --benchmark-only -s
 
 For every mode of ``tests/_mode_images.py`` (real mode, 16/32-bit protected mode with paging
 off and on, long mode with 32-bit code, 64-bit code at CPL 0 and CPL 3, the ``--flat`` and

@@ -1,7 +1,7 @@
 """pytest-benchmark: how far ``pymig predict`` is from the migrations it predicts, on a small
 grid of simulated guests; the prediction error is the figure.
 
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_predict.py --benchmark-only -s
+    .venv/bin/python -m pytest benchmarks/test_bench_predict.py --benchmark-only -s
 
 Each point runs the dirtier (uniform writes at the point's rate over a 32 MiB working set of
 a 64 MiB guest) and migrates it to a ``pymig incoming`` process over loopback TCP with

@@ -1,6 +1,6 @@
 """Restoring a live file snapshot against reading the whole file, measured in the same run.
 
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_snapshot.py --benchmark-only -s
+    .venv/bin/python -m pytest benchmarks/test_bench_snapshot.py --benchmark-only -s
 
 A live snapshot of a guest that keeps dirtying its working set holds several versions of many
 pages (each pass re-sends what the guest dirtied meanwhile).  Restoring reads each page's last
