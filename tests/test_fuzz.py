@@ -406,15 +406,16 @@ def test_the_index_harness_catches_an_index_that_restores_another_guest(snapshot
 def test_the_returnpath_harness_migrates_as_its_destination_says(monkeypatch):
     from pymig.fuzz import returnpath
 
-    ends = []
+    ends, errors = [], []
     check = returnpath._check
     monkeypatch.setattr(returnpath, "_check", lambda migration, guest, data: (
-        ends.append((migration.status.value, guest.status)), check(migration, guest, data)))
+        ends.append((migration.status.value, guest.status)),
+        errors.append(migration.query().get("error-desc")), check(migration, guest, data)))
     through, refused = fuzz_seeds.returnpath_seeds()[:2]
     returnpath.test_one_input(through)
     returnpath.test_one_input(refused)
     returnpath.test_one_input(b"")  # a destination that says nothing and goes
-    assert ends == [("completed", "paused"), ("failed", "running"), ("failed", "running")]
+    assert ends == [("completed", "paused"), ("failed", "running"), ("failed", "running")], errors
     # the custom mutator changes the conversation and keeps every message framed right
     custom = returnpath.mutator(lambda data, size: bytes(data) + b"!")
     mutated = [custom(through, 4096, seed) for seed in range(50)]

@@ -422,6 +422,30 @@ def test_peer_closed_sees_the_end_waiting_in_the_receive_queue():
     assert not peer_closed(object())  # no socket (a pipe, a file): nothing to tell
 
 
+def test_an_ack_still_in_the_return_path_thread_when_the_end_is_queued_counts(monkeypatch):
+    # A destination that said everything, ACK included, and closed: between LOADED and COMMIT
+    # the source sees the end queued on the socket while the return path's thread may still
+    # hold the ACK it read.  The migration completes (ACK claims the guest runs there); it
+    # failed when the thread was slower to hand the ACK over than the source to look.
+    from pymig import stream
+    from pymig.fuzz import returnpath, seeds
+
+    recv = stream.ReturnPathReader.recv
+
+    def slow_ack(self, *args, **kwargs):
+        message = recv(self, *args, **kwargs)
+        if isinstance(message, stream.Ack):
+            time.sleep(0.5)
+        return message
+
+    monkeypatch.setattr(stream.ReturnPathReader, "recv", slow_ack)
+    ends = []
+    monkeypatch.setattr(returnpath, "_check", lambda migration, guest, data: ends.append(
+        (migration.status.value, migration.query().get("error-desc"))))
+    returnpath.test_one_input(seeds.returnpath_seeds()[0])
+    assert ends == [("completed", None)]
+
+
 def test_the_guest_stops_only_on_a_decision_taken_after_the_destination_caught_up(
         tmp_path, guests, monkeypatch):
     # A destination that builds its guest only once the source has decided: its READY comes

@@ -1085,7 +1085,7 @@ class _Run:
         phases.mark("send")
         ret.wait_for(stream.Loaded, timeout=ACK_TIMEOUT_S, check=m._check)
         m._check(ret)
-        if peer_closed(self.channel) and not ret.acknowledged():
+        if peer_closed(self.channel) and not ret.acknowledged_before_end(ACK_TIMEOUT_S):
             # LOADED came with the connection's end right behind it (a destination that died
             # as it said LOADED): a COMMIT now would reach no one, and the guest would stay
             # paused here for want of an ACK.  (One that said ACK already claims the guest
@@ -1268,6 +1268,15 @@ class ReturnPath:
     def acknowledged(self) -> bool:
         """Whether the destination said its guest runs (ACK)."""
         with self._cond:
+            return stream.Ack in self._messages
+
+    def acknowledged_before_end(self, timeout: float) -> bool:
+        """Whether the destination said ACK before its end, which is in the socket's queue: its
+        messages may still be in this object's thread, read from the socket but not yet
+        handed over, so this waits (at most ``timeout``) for that thread to reach the end."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopped or stream.Ack in self._messages,
+                                timeout)
             return stream.Ack in self._messages
 
     def refused(self) -> bool:
