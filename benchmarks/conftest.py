@@ -71,6 +71,18 @@ def run_case(benchmark):
     return run
 
 
+#: A benchmark runs whole migrations in turns (five pairs of 1 GiB migrations over TLS take
+#: minutes on a busy host): the suite's five-minute timeout is for tests, not for these.
+BENCHMARK_TIMEOUT_S = 3600
+
+
+def pytest_collection_modifyitems(items):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if str(item.path).startswith(here + os.sep) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(BENCHMARK_TIMEOUT_S))
+
+
 def pytest_terminal_summary(terminalreporter):
     from rich.console import Console
 
