@@ -888,3 +888,13 @@ def test_the_benchmark_measures_what_it_reports():
         assert run["status"] == "completed" and run["selfcheck_errors"] == 0
         assert run["downtime_ms"] is not None and "destination" in run["downtime_breakdown_ms"]
         assert run["destination"]["pages-left"] == 0 and run["preempt"] is preempt
+    # against pre-copy: the same non-converging guest, auto-converge throttling it there,
+    # never under post-copy
+    precopy = benchpostcopy.postcopy_migration("simulated", 32, 16, postcopy=False,
+                                               workload="dirtier")
+    assert precopy["status"] == "completed" and precopy["mode"] == "precopy-auto-converge"
+    assert precopy["destination"] == {} and precopy["passes"] > 2
+    post = benchpostcopy.postcopy_migration("simulated", 32, 16, preempt=True,
+                                            workload="dirtier")
+    assert post["status"] == "completed" and post["cpu_throttle_peak"] == 0
+    assert post["destination"]["pages-left"] == 0

@@ -11,6 +11,11 @@ measured in the same run (``python -m pymig.benchpostcopy``).
   time, and the destination's blocktime per fault that waited for the source; once with
   the requested pages on the main channel, once on a preempt channel (postcopy-preempt),
   unless ``--preempt`` says one of them.
+* **against pre-copy** (``--against-precopy``): the non-converging guest of the pre-copy
+  benchmarks (``nonconv-512m``: a byte incremented in every page of the working set, 512 MiB
+  by default, flat out) moved by pre-copy with auto-converge (``aim``), uncapped, then by
+  post-copy after one pass: total time, downtime and the highest vCPU throttle of each
+  (post-copy never throttles the guest).
 
 Figures go to docs/performance.md, never into code.
 """
@@ -81,9 +86,13 @@ def bare_round_trip(npages: int = 2000) -> dict:
 
 
 def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int,
-                       preempt: bool = False) -> dict:
+                       preempt: bool = False, postcopy: bool = True,
+                       workload: str = "selfcheck") -> dict:
     """One post-copy migration of a self-checking guest between two threads (loopback TCP);
-    ``preempt``: with the postcopy-preempt capability."""
+    ``preempt``: with the postcopy-preempt capability.  ``postcopy`` False: pre-copy with
+    auto-converge (``aim``) instead, the guest otherwise the same.  ``workload`` "dirtier":
+    the benchmarks' non-converging guest (a byte incremented in every page of the working
+    set in turn, flat out) instead of the self-checking one."""
     from pymig.guest import GuestConfig, create
     from pymig.guest.workloads import verify_selfcheck
     from pymig.incoming import Incoming
@@ -94,21 +103,28 @@ def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int,
 
     params = {"working_set_bytes": working_set_mib << 20,
               "rate_pages_per_s": 0 if kind == "kvm" else 1_000_000}
-    config = GuestConfig(kind, memory_mib << 20, vcpus=1, workload="selfcheck", params=params)
+    if workload == "dirtier":
+        params = {"working_set_bytes": working_set_mib << 20, "pattern": "sequential",
+                  "rate_pages_per_s": 0}
+    config = GuestConfig(kind, memory_mib << 20, vcpus=1, workload=workload, params=params)
     guest = create(config)
     guest.start()
     while guest.progress()["passes"] < 1:
         time.sleep(0.01)
     incoming = Incoming("tcp:127.0.0.1:0", limits=DestinationLimits(
-        accept_kinds=("kvm", "simulated")), postcopy=True, postcopy_preempt=preempt)
+        accept_kinds=("kvm", "simulated")), postcopy=postcopy, postcopy_preempt=preempt)
     bound = incoming.listen()
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("result", incoming.run()),
                               daemon=True)
     thread.start()
     store = ParameterStore()
-    store.set(**{"x-postcopy-after": 1})
-    store.set_capabilities(**{"postcopy-ram": True, "postcopy-preempt": preempt})
+    if postcopy:
+        store.set(**{"x-postcopy-after": 1})
+        store.set_capabilities(**{"postcopy-ram": True, "postcopy-preempt": preempt})
+    else:
+        store.set(**{"x-cpu-throttle-mode": "aim"})
+        store.set_capabilities(**{"auto-converge": True})
     migration = Migration(Machine.source(guest), store)
     migration.start(bound)
     migration.wait(600)
@@ -116,7 +132,9 @@ def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int,
     source = migration.query()
     dest = incoming.postcopy.query() if incoming.postcopy is not None else {}
     out = {"kind": kind, "memory_mib": memory_mib, "working_set_mib": working_set_mib,
-           "preempt": preempt,
+           "mode": "postcopy" if postcopy else "precopy-auto-converge", "preempt": preempt,
+           "cpu_throttle_peak": source.get("cpu-throttle-peak"),
+           "passes": source.get("ram", {}).get("dirty-sync-count"),
            "status": source["status"], "downtime_ms": source.get("downtime"),
            "downtime_breakdown_ms": source.get("downtime-breakdown"),
            "total_ms": source.get("total-time"), "source": source.get("postcopy"),
@@ -124,8 +142,8 @@ def postcopy_migration(kind: str, memory_mib: int, working_set_mib: int,
     if incoming.machine is not None:
         dguest = incoming.machine.guest
         dguest.pause()
-        report = verify_selfcheck(dguest)
-        out["selfcheck_errors"] = report.errors
+        if workload == "selfcheck":
+            out["selfcheck_errors"] = verify_selfcheck(dguest).errors
         incoming.machine.close()
     guest.close()
     return out
@@ -141,7 +159,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preempt", choices=("off", "on", "both"), default="both",
                         help="requested pages on the main channel, on a preempt channel, or "
                              "one run of each (default)")
+    parser.add_argument("--against-precopy", action="store_true",
+                        help="move the same guest by pre-copy with auto-converge, then by "
+                             "post-copy (with preempt), and compare their total times")
     args = parser.parse_args(argv)
+    if args.against_precopy:
+        runs = [postcopy_migration(args.kind, args.memory, args.working_set, postcopy=False,
+                                   workload="dirtier"),
+                postcopy_migration(args.kind, args.memory, args.working_set, preempt=True,
+                                   workload="dirtier")]
+        for run in runs:
+            print(json.dumps({"run": run}), flush=True)
+        precopy, post = (r["total_ms"] for r in runs)
+        print(json.dumps({"postcopy_total_over_precopy": round(post / precopy, 2)
+                          if precopy and post else None}), flush=True)
+        return
     bare = bare_round_trip(args.faults)
     print(json.dumps({"bare": bare}), flush=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.preempt]
