@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pymig.policy import (BEHIND_PERIOD_S, MAX_PASSES_AFTER_WAIT, RESEND_GROWTH, Action,
                           Decision, Held, Metrics, Move, PolicyParams, behind_wait_s, decide,
-                          keep_sending, next_step, switchover_held)
+                          held_wait, keep_sending, next_step, switchover_held)
 
 MB = 1_000_000
 PAGE = 4096
@@ -134,6 +134,23 @@ def test_a_pass_behind_a_slow_destination_waits_for_its_next_report(backlog, sen
     assert behind_wait_s(backlog, sent, pass_s) == pytest.approx(wait_s)
 
 
+@pytest.mark.parametrize("dirty_rate, stopped, at_most_s", [
+    (0.0, 0.0, math.inf),  # a guest that dirties nothing: until the destination is close
+    # 50 ms more of downtime at 100 MB/s is 5 MB: half a second of a guest dirtying 10 MB/s
+    (10 * MB, 0.0, 0.5),
+    (10 * MB, 200 * MB, 1.0),  # the stop-and-copy's own rate when known
+    (1000 * MB, 0.0, BEHIND_PERIOD_S),  # a guest that dirties fast: the behind period
+])
+def test_a_pass_held_for_a_destination_far_behind_waits_while_the_guests_writes_stay_small(
+        dirty_rate, stopped, at_most_s):
+    decision = Decision(Action.SWITCHOVER, "fits-limit", 0, None, 0.05)
+    m = metrics(**BEHIND, dirty_rate_bps=dirty_rate, stopped_bandwidth_bps=stopped)
+    assert next_step(replace(m, pending_bytes=5 * MB), PolicyParams()).move is Move.HOLD
+    held = held_wait(decision, m)
+    assert held.backlog_bytes == 5 * MB  # what it loads in the 50 ms expected, at 100 MB/s
+    assert held.at_most_s == pytest.approx(at_most_s)
+
+
 # -- properties -----------------------------------------------------------------------------------
 sizes = st.integers(0, 4000 * MB)
 rates = st.one_of(st.just(0.0), st.floats(1e3, 1e10))
@@ -220,3 +237,16 @@ def test_a_pass_waits_at_most_to_the_behind_period(backlog, sent, pass_s):
     wait_s = behind_wait_s(backlog, sent, pass_s)
     assert 0 <= wait_s <= BEHIND_PERIOD_S
     assert wait_s == 0 or (backlog > sent and pass_s + wait_s == pytest.approx(BEHIND_PERIOD_S))
+
+
+@given(sync_metrics, st.floats(0, 2))
+def test_a_held_pass_waits_no_longer_than_the_guest_takes_to_grow_the_downtime(m, expected):
+    decision = Decision(Action.SWITCHOVER, "fits-limit", 0, None, expected)
+    held = held_wait(decision, m)
+    assert held.backlog_bytes >= 0 and held.at_most_s >= BEHIND_PERIOD_S
+    if m.dirty_rate_bps > 0 and held.at_most_s > BEHIND_PERIOD_S:
+        # what the guest dirties over the wait adds at most (RESEND_GROWTH - 1) times the
+        # downtime expected, at the stop-and-copy's rate
+        stopped = m.stopped_bandwidth_bps or m.bandwidth_bps
+        added = m.dirty_rate_bps * held.at_most_s / stopped
+        assert added <= (RESEND_GROWTH - 1) * expected * (1 + 1e-9)

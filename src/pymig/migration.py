@@ -616,6 +616,9 @@ def peer_closed(channel) -> bool:
 
 
 ACK_TIMEOUT_S = 60.0
+#: A pass held for a destination far behind waits for its reports in slices this long at most,
+#: to see a cancel or the user's switchover between them.
+HELD_WAIT_SLICE_S = 0.1
 #: How long a cancel waits for the migration thread to reach a record boundary (and send the
 #: destination a CANCEL record) before it cuts the channel under a send that is stuck.
 CANCEL_GRACE_S = 1.0
@@ -842,6 +845,7 @@ class _Run:
         self.keep_alive: KeepAlive | None = None
         self.estimators: Estimators | None = None
         self.course = Course()
+        self.metrics: policy_mod.Metrics | None = None  # the last sync's
         self.paused_by_us = False  # the stop-and-copy stopped a running guest: run it again after
         self.advised_at = 0  # the stream offset past post-copy's ADVISE
         # with the background-snapshot capability: RAM's write protection (setup makes it)
@@ -941,7 +945,10 @@ class _Run:
                 # destination's backlog; this pass, caught up and all re-sends, is what the
                 # stop-and-copy will be like: measure the source's rate on it alone.
                 self.estimators.restart_source_rate()
-            self._iterate()
+            held = None
+            if step.move is Move.HOLD and step.reason == policy_mod.Held.BEHIND.value:
+                held = policy_mod.held_wait(step.decision, self.metrics)
+            self._iterate(held)
 
     def _sync_and_ask(self) -> Step:
         m, course = self.migration, self.course
@@ -955,6 +962,7 @@ class _Run:
         metrics = self.estimators.metrics(found, params, course,
                                           manual_switchover=m._manual_switchover.is_set())
         course.expected_before_wait_s = math.inf
+        self.metrics = metrics
         step = policy_mod.next_step(metrics, policy_params(params), m.decide)
         course.hot_periods = step.decision.hot_periods
         self._record(found, metrics, step.decision)
@@ -1008,20 +1016,37 @@ class _Run:
         self.estimators.all_loaded()
         self.course.expected_before_wait_s = decision.expected_downtime_s
 
-    def _iterate(self) -> None:
+    def _iterate(self, held: policy_mod.HeldWait | None = None) -> None:
         """One pass (or slice) of every live entry, then, behind a slow destination, its
-        next report (:func:`pymig.policy.behind_wait_s`)."""
+        next report (:func:`pymig.policy.behind_wait_s`), or, ``held`` for a destination far
+        behind, its reports until it is close enough (:func:`pymig.policy.held_wait`)."""
         saver, ret = self.saver, self.ret
         t0, b0 = time.monotonic(), saver.page_bytes_sent
         saver.slice_deadline = t0 + iteration_slice_s(self.params)
         self._live("iterate")
         sent = saver.page_bytes_sent - b0
-        if ret is not None:
+        if ret is not None and held is not None:
+            self._wait_behind(held, t0)
+        elif ret is not None:
             wait_s = policy_mod.behind_wait_s(self.estimators.backlog_page_bytes(), sent,
                                               time.monotonic() - t0)
             if wait_s > 0:
                 ret.wait_for_report(wait_s)
         self.estimators.passed(sent)
+
+    def _wait_behind(self, held: policy_mod.HeldWait, began: float) -> None:
+        """The destination's reports until its backlog is down to ``held.backlog_bytes`` or
+        ``held.at_most_s`` after ``began``; a cancel, the user's switchover or a return path
+        gone ends it."""
+        m = self.migration
+        deadline = began + held.at_most_s
+        while self.estimators.backlog_page_bytes() > held.backlog_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0 or m._manual_switchover.is_set():
+                return
+            self.ret.wait_for_report(min(left, HELD_WAIT_SLICE_S))
+            m._check(self.ret)
+            self.ret.check_alive()
 
     # -- stop-and-copy ---------------------------------------------------------------------------
     def stop_and_copy(self) -> None:

@@ -76,7 +76,11 @@ What the migration does with it (:func:`next_step`), in order:
 Between two passes (:func:`behind_wait_s`): with a return path, a pass that sent less than the
 destination's backlog and took less than :data:`BEHIND_PERIOD_S` waits for the destination's
 next report before the next sync: syncing again at once finds little and takes CPU the
-destination needs.
+destination needs.  A pass held for a destination far behind (step 8, b) waits longer
+(:func:`held_wait`): until the destination is no further behind than it loads in the downtime
+expected, or until the guest has dirtied what makes that downtime :data:`RESEND_GROWTH` times
+longer, whichever comes first; so a guest that dirties little waits out a slow destination in
+one pass or a few, where a sync every :data:`BEHIND_PERIOD_S` would find a few pages each.
 """
 
 from __future__ import annotations
@@ -377,6 +381,30 @@ def keep_sending(decision: Decision, backlog_bytes: int, bandwidth_bps: float) -
     if decision.reason != "fits-limit" or backlog_bytes <= 0 or bandwidth_bps <= 0:
         return False
     return backlog_bytes / bandwidth_bps > decision.expected_downtime_s
+
+
+@dataclass(frozen=True)
+class HeldWait:
+    """How long a pass held for a destination far behind waits for it (:func:`held_wait`)."""
+
+    backlog_bytes: int  # until the destination is behind by no more than this (page bytes)
+    at_most_s: float  # ... or this long after the sync the pass began at (math.inf: no bound)
+
+
+def held_wait(decision: Decision, metrics: Metrics) -> HeldWait:
+    """The wait after a pass held because the destination is further behind than it loads in
+    the downtime ``decision`` expects (:attr:`Held.BEHIND`): until it is no further behind
+    than that, at most as long as the guest (at the rate of ``metrics``) takes to dirty what
+    would add ``RESEND_GROWTH - 1`` times that downtime at the stop-and-copy's rate, and at
+    least :data:`BEHIND_PERIOD_S`.  A guest that dirties nothing waits for the destination."""
+    expected = decision.expected_downtime_s
+    bandwidth = max(metrics.bandwidth_bps, 0.0)
+    target = int(expected * bandwidth) if math.isfinite(expected) else 0
+    if metrics.dirty_rate_bps <= 0:
+        return HeldWait(target, math.inf)
+    stopped = metrics.stopped_bandwidth_bps or bandwidth
+    room = (RESEND_GROWTH - 1) * expected * stopped if math.isfinite(expected) else 0.0
+    return HeldWait(target, max(room / metrics.dirty_rate_bps, BEHIND_PERIOD_S))
 
 
 def behind_wait_s(backlog_bytes: int, sent_bytes: int, pass_s: float) -> float:

@@ -32,7 +32,8 @@ The rule is the policy's whole rule, :func:`pymig.policy.next_step`, asked from
 :func:`ask_policy` with the metrics a migration would have at that sync: the verdict, a
 switchover held for another pass, the catch-up wait for the destination before a switchover;
 between passes, a pass behind the destination waits up to ``policy.BEHIND_PERIOD_S`` for its
-next report.  None of it is written again here.
+next report, and a pass held for a destination far behind as long as ``policy.held_wait``
+says.  None of it is written again here.
 
 A model that never switches over ends at a limit the policy applies, at :data:`HORIZON_S`, or
 once :data:`STALL_SYNCS` syncs in a row expected no shorter downtime with nothing left to
@@ -310,6 +311,7 @@ class Step:
     expected_downtime_s: float
     hot_periods: int
     wait_s: float = 0.0  # wait this long for the destination, then sync and ask again
+    held: policy.HeldWait | None = None  # after the pass, wait so for a destination far behind
 
 
 def ask_policy(state: "_State", params: MigrationParameters) -> Step:
@@ -353,19 +355,21 @@ def ask_policy(state: "_State", params: MigrationParameters) -> Step:
     # policy.decide looked up now, so that a test's stand-in for it is the one asked
     step = policy.next_step(metrics, migration.policy_params(params), policy.decide)
     decision, move = step.decision, step.move
-    action, reason, wait_s = policy.Action.CONTINUE.value, decision.reason, 0.0
+    action, reason, wait_s, held = policy.Action.CONTINUE.value, decision.reason, 0.0, None
     if move in (policy.Move.SWITCHOVER, policy.Move.CANCEL):
         action = move.value
     elif move in (policy.Move.RESEND, policy.Move.HOLD):
         reason = f"held: {policy.Held(step.reason).name.lower()}"
         if move == policy.Move.RESEND:
             state.passes_after_wait += 1
+        if policy.Held(step.reason) is policy.Held.BEHIND:
+            held = policy.held_wait(decision, metrics)
     elif move == policy.Move.WAIT:
         wait_s = state.catch_up_s()
         reason = f"{decision.reason}; waiting for the destination"
     state.expected_before_wait = decision.expected_downtime_s if wait_s else math.inf
     return Step(action, reason, decision.throttle_pct, decision.vcpu_dirty_limits,
-                decision.expected_downtime_s, decision.hot_periods, wait_s)
+                decision.expected_downtime_s, decision.hot_periods, wait_s, held)
 
 
 def _slice_s(params: MigrationParameters) -> float:
@@ -382,6 +386,21 @@ def _behind_wait_s(state: "_State", began: float) -> float:
         return 0.0
     ready = state.link.setup_s + state.link.destination_ready_s
     return min(left, max(ready - state.now, REPORT_LAG_S))
+
+
+def _held_wait_s(state: "_State", held: policy.HeldWait, began: float) -> float:
+    """After a pass held for a destination far behind, begun at ``began``: how long the
+    migration thread waits for its reports (until its backlog is down to
+    ``held.backlog_bytes``, at most ``held.at_most_s`` after ``began``), seen report period by
+    report period."""
+    deadline = min(began + held.at_most_s, state.now + HORIZON_S)
+    now = state.now
+    try:
+        while state.backlog() > held.backlog_bytes and state.now < deadline:
+            state.now = min(state.now + REPORT_LAG_S, deadline)
+        return state.now - now
+    finally:
+        state.now = now
 
 
 def zero_by_bin(guest: GuestModel, edges: np.ndarray) -> np.ndarray:
@@ -663,12 +682,14 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
     adjustable = bool(params.capabilities.get("auto-converge")
                       or params.capabilities.get("dirty-limit"))
     trace: list[dict[str, Any]] = []
+    previous_sync = 0.0
     while True:
-        previous_sync = state.now
         state.bandwidth.cap(round(params.max_bandwidth * state.page_per_wire()))
         found = state.sync()
         state.iteration += 1
+        # the log's count over the time since the previous sync, the pass and any wait in it
         state.period = max(state.now - previous_sync, 1e-6) if state.iteration > 1 else 1e-6
+        previous_sync = state.now
         state.dirty_pps = state.logged.add(state.now, state.period, found)
         dirtied = state.dirty_pps * state.period * guest.page_size
         state.own_rate_bps = state.own.update(dirtied / state.period, state.throttle,
@@ -707,7 +728,8 @@ def predict(guest: GuestModel, link: LinkModel, params: MigrationParameters | No
                 return _result(state, "does-not-converge", step, math.nan, trace)
         began = state.now
         state.send_pass(_slice_s(params))
-        state.advance(_behind_wait_s(state, began))
+        state.advance(_held_wait_s(state, step.held, began) if step.held is not None
+                      else _behind_wait_s(state, began))
         state.bandwidth.observe(state.now, round(state.delivered()))
         state.source_rate.observe(state.busy_s, round(state.page_sent))
 

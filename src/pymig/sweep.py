@@ -100,12 +100,18 @@ def settings(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
 def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                   zero_pages: int = 0, *, bins: int | None = None,
                   goodput_bps: float | None = None, zero_profile=(),
-                  first_touch: tuple[float, float] | None = None):
+                  first_touch: tuple[float, float] | None = None,
+                  slowdown: float | None = None):
     """The prediction for ``point`` (a :class:`pymig.predict.Prediction`); ``goodput_bps``:
     what a shaped link was measured to carry (``netns``; the point's bandwidth without);
     ``zero_profile``: where the guest's zero pages were (:meth:`Source.zero_profile`);
     ``first_touch``: seconds per zero and per data page the destination takes to load a page
-    it never had (:func:`pymig.predict.measure_first_touch`; None: measured now, once)."""
+    it never had (:func:`pymig.predict.measure_first_touch`; None: measured now, once);
+    ``slowdown``: how much slower the guest wrote while its writes were logged (the
+    ``guest-cost`` of the measurement before the run: on KVM each page the log write-protects
+    costs the guest a fault), so it writes at the point's rate times ``1 - slowdown`` during
+    the migration too (never faster than the point's rate: a guest measured slower before
+    than during was held up then)."""
     from pymig.experiment import migration_settings
     from pymig.predict import GuestModel, LinkModel, parameters, predict
 
@@ -113,7 +119,9 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
     link_bps = 0.0
     if spec.link == "netns":
         link_bps = float(goodput_bps or point["bandwidth_bps"])
-    guest = GuestModel(ram_bytes=spec.memory, write_rate_pps=point["rate_pages_per_s"],
+    logged_share = 1.0 - min(max(slowdown or 0.0, 0.0), 1.0)
+    guest = GuestModel(ram_bytes=spec.memory,
+                       write_rate_pps=point["rate_pages_per_s"] * logged_share,
                        working_set_pages=point["working_set_bytes"] // 4096,
                        pattern=spec.pattern if spec.pattern in ("uniform", "sequential")
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
@@ -172,7 +180,8 @@ def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) ->
             predicted = predict_point(spec, point, row["data_pages"], row["zero_pages"],
                                       goodput_bps=row.get("link_goodput_bps"),
                                       zero_profile=row["zero_profile"],
-                                      first_touch=row_first_touch(row)).summary()
+                                      first_touch=row_first_touch(row),
+                                      slowdown=row.get("measured_slowdown")).summary()
             result = source.migrate(link.uri(destination),
                                     timeout=spec.max_total_time_ms / 1000 + 120,
                                     trace=True, **settings(spec, point))
@@ -209,7 +218,8 @@ def repredict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any
         predicted = predict_point(spec, point, row["data_pages"], row.get("zero_pages", 0),
                                   goodput_bps=row.get("link_goodput_bps"),
                                   zero_profile=row.get("zero_profile"),
-                                  first_touch=row_first_touch(row))
+                                  first_touch=row_first_touch(row),
+                                  slowdown=row.get("measured_slowdown"))
         out.append({**row, **_predicted_fields(predicted.summary())})
     return out
 
@@ -659,7 +669,8 @@ def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, pa
                                       row.get("zero_pages", 0),
                                       goodput_bps=row.get("link_goodput_bps"),
                                       zero_profile=row.get("zero_profile"),
-                                      first_touch=row_first_touch(row))
+                                      first_touch=row_first_touch(row),
+                                      slowdown=row.get("measured_slowdown"))
             ax.plot([t["time"] for t in predicted.trace],
                     [max(t["pending_bytes"] / MiB, FLOOR_MIB) for t in predicted.trace],
                     ls="--", marker=".",
