@@ -972,6 +972,182 @@ def kick_thread(unsigned long tid):
 
 
 # --------------------------------------------------------------------------------------------
+# Parking a kicked vCPU without the GIL
+
+cdef extern from *:
+    """
+    #include <limits.h>
+    #include <linux/futex.h>
+    #include <sys/syscall.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    /* What a vCPU thread and the threads pausing it share.  ``request`` is 1 while a pause is
+     * asked for (set before the kick, withdrawn by resume or stop); ``parked`` is 1 while the
+     * vCPU is out of guest mode and parked, in C or in the VMM's loop, or its thread has
+     * ended.  Both are futex words.  The *_ns fields are the last pause's timeline. */
+    struct pymig_gate {
+        int request;
+        int parked;
+        int park_here;
+        long long kicked_ns, exited_ns, parked_ns;
+    };
+
+    static long long pymig_now_ns(void)
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+
+    static void pymig_futex_wake_all(int *word)
+    {
+        syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    }
+
+    static void pymig_gate_request(struct pymig_gate *g, int on)
+    {
+        if (on)
+            __atomic_store_n(&g->kicked_ns, pymig_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&g->request, on, __ATOMIC_SEQ_CST);
+        if (!on)
+            pymig_futex_wake_all(&g->request);
+    }
+
+    static void pymig_gate_set_parked(struct pymig_gate *g, int parked)
+    {
+        if (parked)
+            __atomic_store_n(&g->parked_ns, pymig_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&g->parked, parked, __ATOMIC_SEQ_CST);
+        if (parked)
+            pymig_futex_wake_all(&g->parked);
+    }
+
+    /* Wait up to timeout_ns (< 0: for ever) for ``parked``; returns it. */
+    static int pymig_gate_wait_parked(struct pymig_gate *g, long long timeout_ns)
+    {
+        long long deadline = timeout_ns < 0 ? 0 : pymig_now_ns() + timeout_ns;
+        while (!__atomic_load_n(&g->parked, __ATOMIC_SEQ_CST)) {
+            struct timespec rel, *relp = NULL;
+            if (timeout_ns >= 0) {
+                long long left = deadline - pymig_now_ns();
+                if (left <= 0)
+                    break;
+                rel.tv_sec = left / 1000000000LL;
+                rel.tv_nsec = left % 1000000000LL;
+                relp = &rel;
+            }
+            syscall(SYS_futex, &g->parked, FUTEX_WAIT_PRIVATE, 0, relp, NULL, 0);
+        }
+        return __atomic_load_n(&g->parked, __ATOMIC_SEQ_CST);
+    }
+
+    /* One KVM_RUN.  When a kick ended it (EINTR/EAGAIN) and a pause is requested, the vCPU
+     * parks right here, with no GIL, until the request is withdrawn; KVM has completed any
+     * I/O the guest exited for before returning EINTR.  immediate_exit is cleared before the
+     * request is read, as the kick protocol requires.  Returns 0 or -errno. */
+    static int pymig_run_gated(int fd, struct kvm_run *run, struct pymig_gate *g)
+    {
+        int err;
+        if (ioctl(fd, KVM_RUN, 0) >= 0)
+            return 0;
+        err = errno;
+        if (err != EINTR && err != EAGAIN)
+            return -err;
+        __atomic_store_n(&g->exited_ns, pymig_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+        if (!__atomic_load_n(&g->park_here, __ATOMIC_RELAXED)
+                || !__atomic_load_n(&g->request, __ATOMIC_SEQ_CST))
+            return -err;
+        pymig_gate_set_parked(g, 1);
+        while (__atomic_load_n(&g->request, __ATOMIC_SEQ_CST))
+            syscall(SYS_futex, &g->request, FUTEX_WAIT_PRIVATE, 1, NULL, NULL, 0);
+        __atomic_store_n(&g->parked, 0, __ATOMIC_SEQ_CST);
+        return -err;
+    }
+    """
+    struct pymig_gate:
+        int request
+        int parked
+        int park_here
+        long long kicked_ns
+        long long exited_ns
+        long long parked_ns
+    void pymig_gate_request(pymig_gate *g, int on) nogil
+    void pymig_gate_set_parked(pymig_gate *g, int parked) nogil
+    int pymig_gate_wait_parked(pymig_gate *g, long long timeout_ns) nogil
+    int pymig_run_gated(int fd, kvm_run *run, pymig_gate *g) nogil
+
+
+cdef class RunGate:
+    """Where a vCPU thread parks on a pause without taking the GIL (see :func:`run_gated`).
+
+    Requesters call :meth:`request` (under the vCPU thread's lock, before the kick) and
+    :meth:`wait_parked`; the vCPU thread's own loop calls :meth:`set_parked` when it parks in
+    Python instead (it was not in KVM_RUN when the pause came) and when its thread ends.
+    """
+
+    cdef pymig_gate g
+
+    def __cinit__(self):
+        memset(&self.g, 0, sizeof(self.g))
+        self.g.park_here = 1
+
+    def request(self, bint on):
+        """Ask for a pause (True, before the kick) or withdraw it (False: resume, stop)."""
+        pymig_gate_request(&self.g, on)
+
+    def set_parked(self, bint parked):
+        pymig_gate_set_parked(&self.g, parked)
+
+    @property
+    def parked(self):
+        return bool(self.g.parked)
+
+    @property
+    def requested(self):
+        return bool(self.g.request)
+
+    @property
+    def park_here(self):
+        """False makes :func:`run_gated` return on every kick (the vCPU parks in Python)."""
+        return bool(self.g.park_here)
+
+    @park_here.setter
+    def park_here(self, bint value):
+        self.g.park_here = value
+
+    def wait_parked(self, double timeout):
+        """Wait (GIL released) up to ``timeout`` seconds (< 0: no limit) until parked."""
+        cdef long long ns = -1 if timeout < 0 else <long long>(timeout * 1e9)
+        cdef int parked
+        with nogil:
+            parked = pymig_gate_wait_parked(&self.g, ns)
+        return bool(parked)
+
+    def timeline(self):
+        """``(kicked, exited, parked)`` CLOCK_MONOTONIC ns of the last pause request, the last
+        KVM_RUN a kick ended and the last park: with exited > kicked, exited - kicked is the
+        kernel and scheduler's share of a pause and parked - exited the VMM's."""
+        return self.g.kicked_ns, self.g.exited_ns, self.g.parked_ns
+
+
+def run_gated(int vcpu_fd, unsigned char[::1] area not None, RunGate gate not None):
+    """KVM_RUN like :func:`run`, but a kick that finds a pause requested in ``gate`` parks the
+    vCPU inside this call, GIL released, until the request is withdrawn; then returns EINTR.
+    Clears ``kvm_run.immediate_exit`` after a kick.  Errnos raised as for :func:`run`."""
+    cdef kvm_run *run = _run_area(area)
+    cdef int rc
+    with nogil:
+        rc = pymig_run_gated(vcpu_fd, run, &gate.g)
+    if rc == -EINTR or rc == -EAGAIN:
+        return -rc
+    if rc < 0:
+        _fail(b"KVM_RUN", -rc)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Numbers from linux/kvm.h that callers need by name
 
 cdef extern from "linux/kvm.h":
