@@ -985,10 +985,16 @@ cdef extern from *:
     /* What a vCPU thread and the threads pausing it share.  ``request`` is 1 while a pause is
      * asked for (set before the kick, withdrawn by resume or stop); ``parked`` is 1 while the
      * vCPU is out of guest mode and parked, in C or in the VMM's loop, or its thread has
-     * ended.  Both are futex words.  The *_ns fields are the last pause's timeline. */
+     * ended.  Both are futex words.  ``in_c`` is 1 while the vCPU thread is inside
+     * pymig_run_gated (it needs no GIL to park from there); ``changes``, a futex word too,
+     * counts the parks and the returns from there.  The *_ns fields are the last pause's
+     * timeline. */
     struct pymig_gate {
         int request;
         int parked;
+        int in_c;
+        int changes;
+        int waiters;  /* requesters waiting on ``changes`` */
         int park_here;
         long long kicked_ns, exited_ns, parked_ns;
     };
@@ -1019,8 +1025,12 @@ cdef extern from *:
         if (parked)
             __atomic_store_n(&g->parked_ns, pymig_now_ns(), __ATOMIC_RELAXED);
         __atomic_store_n(&g->parked, parked, __ATOMIC_SEQ_CST);
-        if (parked)
+        if (parked) {
             pymig_futex_wake_all(&g->parked);
+            __atomic_add_fetch(&g->changes, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&g->waiters, __ATOMIC_SEQ_CST))
+                pymig_futex_wake_all(&g->changes);
+        }
     }
 
     /* Wait up to timeout_ns (< 0: for ever) for ``parked``; returns it. */
@@ -1042,6 +1052,36 @@ cdef extern from *:
         return __atomic_load_n(&g->parked, __ATOMIC_SEQ_CST);
     }
 
+    /* The same, but only while the vCPU thread is inside pymig_run_gated: returns 1 once
+     * parked, 0 as soon as the thread is back in the VMM (or the time is up). */
+    static int pymig_gate_wait_parked_in_c(struct pymig_gate *g, long long timeout_ns)
+    {
+        long long deadline = pymig_now_ns() + timeout_ns;
+        int parked;
+        __atomic_add_fetch(&g->waiters, 1, __ATOMIC_SEQ_CST);
+        for (;;) {
+            struct timespec rel;
+            int seen = __atomic_load_n(&g->changes, __ATOMIC_SEQ_CST);
+            long long left = deadline - pymig_now_ns();
+            parked = __atomic_load_n(&g->parked, __ATOMIC_SEQ_CST);
+            if (parked || left <= 0 || !__atomic_load_n(&g->in_c, __ATOMIC_SEQ_CST))
+                break;
+            rel.tv_sec = left / 1000000000LL;
+            rel.tv_nsec = left % 1000000000LL;
+            syscall(SYS_futex, &g->changes, FUTEX_WAIT_PRIVATE, seen, &rel, NULL, 0);
+        }
+        __atomic_sub_fetch(&g->waiters, 1, __ATOMIC_SEQ_CST);
+        return parked;
+    }
+
+    static void pymig_gate_leave_c(struct pymig_gate *g)
+    {
+        __atomic_store_n(&g->in_c, 0, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&g->changes, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g->waiters, __ATOMIC_SEQ_CST))
+            pymig_futex_wake_all(&g->changes);  /* a requester holding the GIL looks again */
+    }
+
     /* One KVM_RUN.  When a kick ended it (EINTR/EAGAIN) and a pause is requested, the vCPU
      * parks right here, with no GIL, until the request is withdrawn; KVM has completed any
      * I/O the guest exited for before returning EINTR.  immediate_exit is cleared before the
@@ -1049,26 +1089,35 @@ cdef extern from *:
     static int pymig_run_gated(int fd, struct kvm_run *run, struct pymig_gate *g)
     {
         int err;
-        if (ioctl(fd, KVM_RUN, 0) >= 0)
+        __atomic_store_n(&g->in_c, 1, __ATOMIC_SEQ_CST);
+        if (ioctl(fd, KVM_RUN, 0) >= 0) {
+            pymig_gate_leave_c(g);
             return 0;
+        }
         err = errno;
-        if (err != EINTR && err != EAGAIN)
+        if (err != EINTR && err != EAGAIN) {
+            pymig_gate_leave_c(g);
             return -err;
+        }
         __atomic_store_n(&g->exited_ns, pymig_now_ns(), __ATOMIC_RELAXED);
         __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
-        if (!__atomic_load_n(&g->park_here, __ATOMIC_RELAXED)
-                || !__atomic_load_n(&g->request, __ATOMIC_SEQ_CST))
-            return -err;
-        pymig_gate_set_parked(g, 1);
-        while (__atomic_load_n(&g->request, __ATOMIC_SEQ_CST))
-            syscall(SYS_futex, &g->request, FUTEX_WAIT_PRIVATE, 1, NULL, NULL, 0);
-        __atomic_store_n(&g->parked, 0, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g->park_here, __ATOMIC_RELAXED)
+                && __atomic_load_n(&g->request, __ATOMIC_SEQ_CST)) {
+            pymig_gate_set_parked(g, 1);
+            while (__atomic_load_n(&g->request, __ATOMIC_SEQ_CST))
+                syscall(SYS_futex, &g->request, FUTEX_WAIT_PRIVATE, 1, NULL, NULL, 0);
+            __atomic_store_n(&g->parked, 0, __ATOMIC_SEQ_CST);
+        }
+        pymig_gate_leave_c(g);
         return -err;
     }
     """
     struct pymig_gate:
         int request
         int parked
+        int in_c
+        int changes
+        int waiters
         int park_here
         long long kicked_ns
         long long exited_ns
@@ -1076,6 +1125,7 @@ cdef extern from *:
     void pymig_gate_request(pymig_gate *g, int on) nogil
     void pymig_gate_set_parked(pymig_gate *g, int parked) nogil
     int pymig_gate_wait_parked(pymig_gate *g, long long timeout_ns) nogil
+    int pymig_gate_wait_parked_in_c(pymig_gate *g, long long timeout_ns) nogil
     int pymig_run_gated(int fd, kvm_run *run, pymig_gate *g) nogil
 
 
@@ -1124,6 +1174,15 @@ cdef class RunGate:
         with nogil:
             parked = pymig_gate_wait_parked(&self.g, ns)
         return bool(parked)
+
+    def wait_parked_holding_gil(self, double timeout):
+        """Wait up to ``timeout`` seconds *keeping the GIL* until parked, but only while the
+        vCPU thread is inside :func:`run_gated`, where it parks without the GIL; returns
+        False at once when it is in the VMM (it may need the GIL to get to its park).  The
+        requester then has the GIL when the vCPU parks, instead of waiting for it a switch
+        interval or more behind the process's busy threads; other threads wait meanwhile,
+        so keep ``timeout`` short."""
+        return bool(pymig_gate_wait_parked_in_c(&self.g, <long long>(max(timeout, 0.0) * 1e9)))
 
     def timeline(self):
         """``(kicked, exited, parked)`` CLOCK_MONOTONIC ns of the last pause request, the last
