@@ -14,8 +14,9 @@ struct the vCPU thread reads right after KVM_RUN returns: a kicked vCPU with a p
 parks inside the KVM_RUN call (a futex wait, GIL released) and the requester waits on the
 same struct, so a pause never waits for the vCPU thread to get the GIL, however busy the
 process's other threads are.  Any other request (nap, hold, stop) returns to the Python loop,
-which reads it under the lock.  A vCPU that was in the VMM when the pause came parks in the
-loop instead and marks the gate parked there.
+which reads it under the lock.  A vCPU that was handling an exit when the pause came
+completes it through the same call and parks there; one that was napping, held or never
+started parks in the loop and marks the gate parked there.
 
 A vCPU only parks after a KVM_RUN that returned EINTR, so an I/O exit it was handling is
 always completed by KVM first (KVM's rule before saving state).  With an in-kernel irqchip,
