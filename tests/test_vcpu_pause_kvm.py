@@ -134,3 +134,17 @@ def test_a_hundred_pauses_neither_lose_nor_repeat_a_guest_step(stepper_image, pa
         guest.pause()
         assert port.steps == list(range(1, len(port.steps) + 1))
         assert len(port.steps) > 200
+
+
+@pytest.mark.parametrize("park", ["kvm-run", "loop"])
+def test_the_pause_benchmark_times_every_pause_in_parts(park):
+    """python -m pymig.benchpause, small: each pause has a total, and its kick, park and wake
+    when the vCPU was in guest mode; the parts are times, never negative."""
+    from pymig import benchpause
+
+    run = benchpause.run(pauses=5, busy=1, park=park, memory_mib=16)
+    assert run["parks_in"] == park and run["total"]["n"] == 5
+    timed = run["kick"].get("n", 0)
+    assert timed + run["pauses_not_in_kvm_run"] == 5 and timed >= 1
+    for part in ("kick", "park", "wake"):
+        assert run[part]["n"] == timed and run[part]["min"] >= 0
