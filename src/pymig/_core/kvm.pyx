@@ -17,6 +17,8 @@ vCPU kicks: :func:`install_kick_handler` installs a no-op C handler (no ``SA_RES
 real-time signal, so ``pthread_kill`` on a vCPU thread makes a blocking KVM_RUN return
 ``EINTR``; paired with ``kvm_run.immediate_exit`` this is race-free (a kick that lands just
 before KVM_RUN still makes it return at once).  Python-level signal handlers are never involved.
+:func:`run_gated` and :class:`RunGate` let a kicked vCPU park for a pause inside the KVM_RUN
+call, without the GIL, and its requester wait for that on the same struct.
 """
 
 from libc.errno cimport EINTR, EAGAIN, EINVAL, errno
