@@ -40,6 +40,7 @@ CALLS = [
     (_kvm.reset_dirty_rings, (), "KVM_RESET_DIRTY_RINGS"),
     (_kvm.create_vcpu, (0,), "KVM_CREATE_VCPU"),
     (_kvm.run, (), "KVM_RUN"),
+    (_kvm.run_gated, (bytearray(4096), _kvm.RunGate()), "KVM_RUN"),
     (_kvm.get_regs, (), "KVM_GET_REGS"),
     (_kvm.set_regs, (REGS,), "KVM_SET_REGS"),
     (_kvm.get_sregs, (), "KVM_GET_SREGS"),

@@ -17,6 +17,8 @@ vCPU kicks: :func:`install_kick_handler` installs a no-op C handler (no ``SA_RES
 real-time signal, so ``pthread_kill`` on a vCPU thread makes a blocking KVM_RUN return
 ``EINTR``; paired with ``kvm_run.immediate_exit`` this is race-free (a kick that lands just
 before KVM_RUN still makes it return at once).  Python-level signal handlers are never involved.
+:func:`run_gated` and :class:`RunGate` let a kicked vCPU park for a pause inside the KVM_RUN
+call, without the GIL, and its requester wait for that on the same struct.
 """
 
 from libc.errno cimport EINTR, EAGAIN, EINVAL, errno
@@ -969,6 +971,241 @@ def kick_thread(unsigned long tid):
     cdef int rc = pymig_kick_thread(tid)
     if rc < 0:
         raise OSError(-rc, "pthread_kill of a vCPU thread failed")
+
+
+# --------------------------------------------------------------------------------------------
+# Parking a kicked vCPU without the GIL
+
+cdef extern from *:
+    """
+    #include <limits.h>
+    #include <linux/futex.h>
+    #include <sys/syscall.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    /* What a vCPU thread and the threads pausing it share.  ``request`` is 1 while a pause is
+     * asked for (set before the kick, withdrawn by resume or stop); ``parked`` is 1 while the
+     * vCPU is out of guest mode and parked, in C or in the VMM's loop, or its thread has
+     * ended.  Both are futex words.  ``in_c`` is 1 while the vCPU thread is inside
+     * pymig_run_gated (it needs no GIL to park from there); ``changes``, a futex word too,
+     * counts the parks and the returns from there.  The *_ns fields are the last pause's
+     * timeline. */
+    struct pymig_gate {
+        int request;
+        int parked;
+        int in_c;
+        int changes;
+        int waiters;  /* requesters waiting on ``changes`` */
+        int park_here;
+        long long kicked_ns, exited_ns, parked_ns;
+    };
+
+    static long long pymig_now_ns(void)
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+
+    static void pymig_futex_wake_all(int *word)
+    {
+        syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    }
+
+    static void pymig_gate_request(struct pymig_gate *g, int on)
+    {
+        if (on)
+            __atomic_store_n(&g->kicked_ns, pymig_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&g->request, on, __ATOMIC_SEQ_CST);
+        if (!on)
+            pymig_futex_wake_all(&g->request);
+    }
+
+    static void pymig_gate_set_parked(struct pymig_gate *g, int parked)
+    {
+        if (parked)
+            __atomic_store_n(&g->parked_ns, pymig_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&g->parked, parked, __ATOMIC_SEQ_CST);
+        if (parked) {
+            pymig_futex_wake_all(&g->parked);
+            __atomic_add_fetch(&g->changes, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&g->waiters, __ATOMIC_SEQ_CST))
+                pymig_futex_wake_all(&g->changes);
+        }
+    }
+
+    /* Wait up to timeout_ns (< 0: for ever) for ``parked``; returns it. */
+    static int pymig_gate_wait_parked(struct pymig_gate *g, long long timeout_ns)
+    {
+        long long deadline = timeout_ns < 0 ? 0 : pymig_now_ns() + timeout_ns;
+        while (!__atomic_load_n(&g->parked, __ATOMIC_SEQ_CST)) {
+            struct timespec rel, *relp = NULL;
+            if (timeout_ns >= 0) {
+                long long left = deadline - pymig_now_ns();
+                if (left <= 0)
+                    break;
+                rel.tv_sec = left / 1000000000LL;
+                rel.tv_nsec = left % 1000000000LL;
+                relp = &rel;
+            }
+            syscall(SYS_futex, &g->parked, FUTEX_WAIT_PRIVATE, 0, relp, NULL, 0);
+        }
+        return __atomic_load_n(&g->parked, __ATOMIC_SEQ_CST);
+    }
+
+    /* The same, but only while the vCPU thread is inside pymig_run_gated: returns 1 once
+     * parked, 0 as soon as the thread is back in the VMM (or the time is up). */
+    static int pymig_gate_wait_parked_in_c(struct pymig_gate *g, long long timeout_ns)
+    {
+        long long deadline = pymig_now_ns() + timeout_ns;
+        int parked;
+        __atomic_add_fetch(&g->waiters, 1, __ATOMIC_SEQ_CST);
+        for (;;) {
+            struct timespec rel;
+            int seen = __atomic_load_n(&g->changes, __ATOMIC_SEQ_CST);
+            long long left = deadline - pymig_now_ns();
+            parked = __atomic_load_n(&g->parked, __ATOMIC_SEQ_CST);
+            if (parked || left <= 0 || !__atomic_load_n(&g->in_c, __ATOMIC_SEQ_CST))
+                break;
+            rel.tv_sec = left / 1000000000LL;
+            rel.tv_nsec = left % 1000000000LL;
+            syscall(SYS_futex, &g->changes, FUTEX_WAIT_PRIVATE, seen, &rel, NULL, 0);
+        }
+        __atomic_sub_fetch(&g->waiters, 1, __ATOMIC_SEQ_CST);
+        return parked;
+    }
+
+    static void pymig_gate_leave_c(struct pymig_gate *g)
+    {
+        __atomic_store_n(&g->in_c, 0, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&g->changes, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g->waiters, __ATOMIC_SEQ_CST))
+            pymig_futex_wake_all(&g->changes);  /* a requester holding the GIL looks again */
+    }
+
+    /* One KVM_RUN.  When a kick ended it (EINTR/EAGAIN) and a pause is requested, the vCPU
+     * parks right here, with no GIL, until the request is withdrawn; KVM has completed any
+     * I/O the guest exited for before returning EINTR.  immediate_exit is cleared before the
+     * request is read, as the kick protocol requires.  Returns 0 or -errno. */
+    static int pymig_run_gated(int fd, struct kvm_run *run, struct pymig_gate *g)
+    {
+        int err;
+        __atomic_store_n(&g->in_c, 1, __ATOMIC_SEQ_CST);
+        if (ioctl(fd, KVM_RUN, 0) >= 0) {
+            pymig_gate_leave_c(g);
+            return 0;
+        }
+        err = errno;
+        if (err != EINTR && err != EAGAIN) {
+            pymig_gate_leave_c(g);
+            return -err;
+        }
+        __atomic_store_n(&g->exited_ns, pymig_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g->park_here, __ATOMIC_RELAXED)
+                && __atomic_load_n(&g->request, __ATOMIC_SEQ_CST)) {
+            pymig_gate_set_parked(g, 1);
+            while (__atomic_load_n(&g->request, __ATOMIC_SEQ_CST))
+                syscall(SYS_futex, &g->request, FUTEX_WAIT_PRIVATE, 1, NULL, NULL, 0);
+            __atomic_store_n(&g->parked, 0, __ATOMIC_SEQ_CST);
+        }
+        pymig_gate_leave_c(g);
+        return -err;
+    }
+    """
+    struct pymig_gate:
+        int request
+        int parked
+        int in_c
+        int changes
+        int waiters
+        int park_here
+        long long kicked_ns
+        long long exited_ns
+        long long parked_ns
+    void pymig_gate_request(pymig_gate *g, int on) nogil
+    void pymig_gate_set_parked(pymig_gate *g, int parked) nogil
+    int pymig_gate_wait_parked(pymig_gate *g, long long timeout_ns) nogil
+    int pymig_gate_wait_parked_in_c(pymig_gate *g, long long timeout_ns) nogil
+    int pymig_run_gated(int fd, kvm_run *run, pymig_gate *g) nogil
+
+
+cdef class RunGate:
+    """Where a vCPU thread parks on a pause without taking the GIL (see :func:`run_gated`).
+
+    Requesters call :meth:`request` (under the vCPU thread's lock, before the kick) and
+    :meth:`wait_parked`; the vCPU thread's own loop calls :meth:`set_parked` when it parks in
+    Python instead (it was not in KVM_RUN when the pause came) and when its thread ends.
+    """
+
+    cdef pymig_gate g
+
+    def __cinit__(self):
+        memset(&self.g, 0, sizeof(self.g))
+        self.g.park_here = 1
+
+    def request(self, bint on):
+        """Ask for a pause (True, before the kick) or withdraw it (False: resume, stop)."""
+        pymig_gate_request(&self.g, on)
+
+    def set_parked(self, bint parked):
+        pymig_gate_set_parked(&self.g, parked)
+
+    @property
+    def parked(self):
+        return bool(self.g.parked)
+
+    @property
+    def requested(self):
+        return bool(self.g.request)
+
+    @property
+    def park_here(self):
+        """False makes :func:`run_gated` return on every kick (the vCPU parks in Python)."""
+        return bool(self.g.park_here)
+
+    @park_here.setter
+    def park_here(self, bint value):
+        self.g.park_here = value
+
+    def wait_parked(self, double timeout):
+        """Wait (GIL released) up to ``timeout`` seconds (< 0: no limit) until parked."""
+        cdef long long ns = -1 if timeout < 0 else <long long>(timeout * 1e9)
+        cdef int parked
+        with nogil:
+            parked = pymig_gate_wait_parked(&self.g, ns)
+        return bool(parked)
+
+    def wait_parked_holding_gil(self, double timeout):
+        """Wait up to ``timeout`` seconds *keeping the GIL* until parked, but only while the
+        vCPU thread is inside :func:`run_gated`, where it parks without the GIL; returns
+        False at once when it is in the VMM (it may need the GIL to get to its park).  The
+        requester then has the GIL when the vCPU parks, instead of waiting for it a switch
+        interval or more behind the process's busy threads; other threads wait meanwhile,
+        so keep ``timeout`` short."""
+        return bool(pymig_gate_wait_parked_in_c(&self.g, <long long>(max(timeout, 0.0) * 1e9)))
+
+    def timeline(self):
+        """``(kicked, exited, parked)`` CLOCK_MONOTONIC ns of the last pause request, the last
+        KVM_RUN a kick ended and the last park: with exited > kicked, exited - kicked is the
+        kernel and scheduler's share of a pause and parked - exited the VMM's."""
+        return self.g.kicked_ns, self.g.exited_ns, self.g.parked_ns
+
+
+def run_gated(int vcpu_fd, unsigned char[::1] area not None, RunGate gate not None):
+    """KVM_RUN like :func:`run`, but a kick that finds a pause requested in ``gate`` parks the
+    vCPU inside this call, GIL released, until the request is withdrawn; then returns EINTR.
+    Clears ``kvm_run.immediate_exit`` after a kick.  Errnos raised as for :func:`run`."""
+    cdef kvm_run *run = _run_area(area)
+    cdef int rc
+    with nogil:
+        rc = pymig_run_gated(vcpu_fd, run, &gate.g)
+    if rc == -EINTR or rc == -EAGAIN:
+        return -rc
+    if rc < 0:
+        _fail(b"KVM_RUN", -rc)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,16 @@ EINTR).  Requests are always recorded under the thread's lock *before* the kick,
 thread clears ``immediate_exit`` *before* it looks at the requests, so no kick is lost:
 
     requester: lock; set request; immediate_exit = 1; unlock; pthread_kill
-    vCPU:      KVM_RUN -> EINTR; immediate_exit = 0; lock; read requests; unlock; KVM_RUN
+    vCPU:      KVM_RUN -> EINTR; immediate_exit = 0; read requests; park or handle them; KVM_RUN
+
+A pause request is also written to the vCPU's :class:`~pymig._core.kvm.RunGate`, a small C
+struct the vCPU thread reads right after KVM_RUN returns: a kicked vCPU with a pause requested
+parks inside the KVM_RUN call (a futex wait, GIL released) and the requester waits on the
+same struct, so a pause never waits for the vCPU thread to get the GIL, however busy the
+process's other threads are.  Any other request (nap, hold, stop) returns to the Python loop,
+which reads it under the lock.  A vCPU that was handling an exit when the pause came
+completes it through the same call and parks there; one that was napping, held or never
+started parks in the loop and marks the gate parked there.
 
 A vCPU only parks after a KVM_RUN that returned EINTR, so an I/O exit it was handling is
 always completed by KVM first (KVM's rule before saving state).  With an in-kernel irqchip,
@@ -28,6 +37,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pymig._core import kvm as _kvm
+
+#: The longest a pause request waits holding the GIL for a vCPU in guest mode to park; other
+#: Python threads of the process wait meanwhile.
+PARK_WAIT_WITH_GIL_S = 0.020
 
 _kick_handler_installed = False
 _install_lock = threading.Lock()
@@ -72,9 +85,10 @@ class Vcpu:
             self.close()
             raise
 
-    def run(self) -> Exit | None:
-        """One KVM_RUN (GIL released).  None when a kick interrupted it, else the exit."""
-        if _kvm.run(self.fd):
+    def run(self, gate: _kvm.RunGate | None = None) -> Exit | None:
+        """One KVM_RUN (GIL released).  None when a kick interrupted it, else the exit.  With
+        a ``gate``, a kick that finds a pause requested parks inside the call until resumed."""
+        if _kvm.run(self.fd) if gate is None else _kvm.run_gated(self.fd, self.run_area, gate):
             return None
         reason = _kvm.run_exit_reason(self.run_area)
         return Exit(reason, _kvm.EXIT_REASONS.get(reason, f"exit {reason}"))
@@ -125,7 +139,8 @@ class VcpuThread:
         self._hold_until = 0.0  # dirty limit: no KVM_RUN before this time.monotonic()
         self._holding = False
         self.holds = 0  # dirty-limit holds taken
-        self._parked = True
+        self._gate = _kvm.RunGate()
+        self._gate.set_parked(True)
         self._tid: int | None = None
         self.stopped_by: BaseException | None = None  # set once the thread has ended
         self._thread = threading.Thread(target=self._main, name=f"pymig-vcpu{vcpu.index}",
@@ -139,6 +154,7 @@ class VcpuThread:
     def resume(self) -> None:
         with self._cond:
             self._run_allowed = True
+            self._gate.request(False)
             self._cond.notify_all()
 
     @property
@@ -154,12 +170,13 @@ class VcpuThread:
     def request_pause(self) -> None:
         with self._cond:
             self._run_allowed = False
+            self._gate.request(True)
             self._kick_locked()
 
     def request_nap(self, seconds: float) -> None:
         """Take ``seconds`` of run time away from the vCPU (throttling), if it is running."""
         with self._cond:
-            if self._run_allowed and not self._parked:
+            if self._run_allowed and not self._gate.parked:
                 self._nap_request = max(self._nap_request, seconds)
                 self._kick_locked()
 
@@ -172,28 +189,40 @@ class VcpuThread:
             later = deadline > self._hold_until
             self._hold_until = deadline
             self._cond.notify_all()  # a hold in progress re-reads its deadline
-            if (later and self._run_allowed and not self._parked and not self._holding
+            if (later and self._run_allowed and not self._gate.parked and not self._holding
                     and threading.get_ident() != self._thread.ident):
                 self._kick_locked()
 
     def wait_parked(self, timeout: float) -> bool:
-        """True once the vCPU is out of guest mode and parked (or has stopped for good)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._parked or self.stopped_by is not None,
-                                       timeout)
+        """True once the vCPU is out of guest mode and parked (or has stopped for good).
+
+        While the vCPU thread is inside KVM_RUN's wrapper it parks without the GIL, so the
+        wait keeps the GIL then (for up to PARK_WAIT_WITH_GIL_S): the caller, who goes on
+        with the stop-and-copy, would otherwise wait its turn for the GIL behind every busy
+        thread of the process once the vCPU has parked.  Otherwise, or after that, the wait
+        releases the GIL."""
+        t0 = time.monotonic()
+        if self._gate.wait_parked_holding_gil(min(timeout, PARK_WAIT_WITH_GIL_S)):
+            return True
+        return self._gate.wait_parked(max(0.0, timeout - (time.monotonic() - t0)))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread (the vCPU fd stays open for the owner to close)."""
         with self._cond:
             self._quit = True
             self._run_allowed = False
+            self._gate.request(False)  # a vCPU parked in KVM_RUN returns to its loop and ends
             self._kick_locked()
         self._thread.join(timeout)
 
     @property
     def parked(self) -> bool:
-        with self._cond:
-            return self._parked
+        return self._gate.parked
+
+    def pause_timeline(self) -> tuple[int, int, int]:
+        """The last pause as CLOCK_MONOTONIC ns: (kicked, KVM_RUN returned, parked); see
+        :meth:`pymig._core.kvm.RunGate.timeline`."""
+        return self._gate.timeline()
 
     def _kick_locked(self) -> None:
         self._cond.notify_all()  # a vCPU napping in the VMM wakes up too
@@ -237,9 +266,9 @@ class VcpuThread:
         finally:
             with self._cond:
                 self._tid = None  # never kick a thread that has ended
-                self._parked = True
                 if self.stopped_by is None:
                     self.stopped_by = SystemExit("vCPU thread stopped")
+                self._gate.set_parked(True)  # after stopped_by: a waiter then sees why
                 quitting = self._quit
                 self._cond.notify_all()
             if self._on_stop is not None and not quitting:
@@ -253,19 +282,19 @@ class VcpuThread:
                 complete = pending and (self._quit or not self._run_allowed)
                 if not complete:
                     while not self._run_allowed and not self._quit:
-                        self._parked = True
-                        self._cond.notify_all()
+                        if not self._gate.parked:
+                            self._gate.set_parked(True)
                         self._cond.wait()
                     if self._quit:
                         return
-                    self._parked = False
+                    self._gate.set_parked(False)
                     nap, self._nap_request = self._nap_request, 0.0
                     hold = self._hold_until > time.monotonic()
             if complete:
                 # KVM finishes the I/O the guest exited for on the next KVM_RUN; with
                 # immediate_exit set it does only that, so the state is whole when we park.
                 vcpu.set_immediate_exit(True)
-                vcpu.run()
+                vcpu.run(self._gate)  # parks in there when the pause is still requested
                 vcpu.set_immediate_exit(False)
                 pending = False
                 continue
@@ -276,7 +305,7 @@ class VcpuThread:
             if hold:
                 self._hold()
                 continue
-            exit_ = vcpu.run()
+            exit_ = vcpu.run(self._gate)
             if exit_ is None:
                 pending = False
                 vcpu.set_immediate_exit(False)
