@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import select
+import socket
 import struct
 
 import pytest
