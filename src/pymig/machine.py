@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable
 
 from pymig import stream, vmstate
-from pymig.block import BLOCK_IDSTR, BLOCK_VERSION, BlockLoader, BlockSaver, disk_id
+from pymig.block import (BLOCK_IDSTR, BLOCK_VERSION, BlockLoader, BlockSaver, disk_id,
+                         receive_offset)
+from pymig.disk import DIRECT_ALIGN, buffer_address
 from pymig.errors import MigrationError, PacketError, StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import ConfigError, GuestState, StateSpec
@@ -36,7 +38,9 @@ from pymig.savevm import SaveStateEntry, SaveStateRegistry
 log = logging.getLogger(__name__)
 
 CONFIG_IDSTR = "pymig.config"
-LOAD_BUFFER_BYTES = PACKET_BYTES + 4096  # a RAM packet of the source's size fits
+# a RAM packet of the source's size fits, and a PART of a 1 MiB disk chunk placed so that its
+# data starts on a page (block.receive_offset)
+LOAD_BUFFER_BYTES = PACKET_BYTES + 2 * DIRECT_ALIGN
 # Catch-up reports are at most this far apart: a destination faster than its source catches
 # up after every packet, and a message each time would wake the source's return-path thread
 # a thousand times a second for nothing.
@@ -332,13 +336,18 @@ class Machine:
                           progress: "_Progress | None") -> None:
         """Receive a PART record's payload and have the decoder load it, then tell
         ``progress`` where the stream is loaded up to."""
-        if record.payload_len <= decoder.buffer_bytes:
+        # a disk's data goes to its image past the page cache: received page-aligned, it
+        # needs no copy into an aligned buffer first
+        slack = DIRECT_ALIGN if entry.idstr == BLOCK_IDSTR else 0
+        if record.payload_len + slack <= decoder.buffer_bytes:
             buf = decoder.buffer()
         else:  # larger than a RAM packet: a buffer of its own
             buf = None
         try:
-            payload = reader.read_payload(buf if buf is not None
-                                          else bytearray(record.payload_len))
+            into = buf if buf is not None else bytearray(record.payload_len + slack)
+            if slack:
+                into = memoryview(into)[receive_offset(buffer_address(into)):]
+            payload = reader.read_payload(into)
         except BaseException:
             if buf is not None:
                 decoder.give_back(buf)
