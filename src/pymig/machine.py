@@ -130,6 +130,48 @@ class _BlockHandlers:
             saver.cleanup()
 
 
+class _LoadWorkers:
+    """The workers PART records are loaded by, in stream order: RAM packets by the RAM
+    decoder (a thread of its own only where CPUs are many: decoding is CPU work), a disk's
+    records by the disk writer (always a thread of its own: its writes to the target mostly
+    wait on the storage, and the next record is received meanwhile).  Only one of them has
+    work at a time: a record for the other waits until it is done."""
+
+    def __init__(self):
+        self.ram = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        self.disk: PacketWorker | None = None
+        self._busy: PacketWorker | None = None
+
+    def for_entry(self, entry: SaveStateEntry) -> PacketWorker:
+        if entry.idstr == BLOCK_IDSTR:
+            if self.disk is None:
+                self.disk = PacketWorker("pymig-disk-writer", buffer_bytes=LOAD_BUFFER_BYTES,
+                                         overlap=True)
+            worker = self.disk
+        else:
+            worker = self.ram
+        if self._busy is not None and self._busy is not worker:
+            self._busy.drain()
+        self._busy = worker
+        return worker
+
+    def drain(self) -> None:
+        """Until every record handed over is loaded; raises the first failure."""
+        busy, self._busy = self._busy, None
+        try:
+            if busy is not None:
+                busy.drain()
+        finally:
+            for worker in (self.ram, self.disk):
+                if worker is not None and worker is not busy:
+                    worker.drain()
+
+    def close(self) -> None:
+        for worker in (self.ram, self.disk):
+            if worker is not None:
+                worker.close()
+
+
 class Machine:
     """A guest and its registry, as a migration source or destination."""
 
@@ -162,7 +204,7 @@ class Machine:
             self.registry.add_blocker(reason)
         self.ram_bytes = sum(b.size_bytes for b in guest.ram_blocks)
         self.specs: dict[int, StateSpec] = {}
-        self._load_worker: PacketWorker | None = None
+        self._load_worker: _LoadWorkers | None = None
         # the destination's answer to a pymig.postcopy record: postcopy_record(op, payload,
         # offset) (None: this destination refuses post-copy)
         self.postcopy_record: Callable[[int, object, int], None] | None = None
@@ -286,7 +328,7 @@ class Machine:
         versions: dict[int, int] = {}
         state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
         loaded: set[int] = set()
-        decoder = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        decoder = _LoadWorkers()
         reported_offset, reported_at = -1, -math.inf
         report = (_Progress(progress, reader.offset, PROGRESS_INTERVAL_S)
                   if progress is not None else None)
@@ -313,7 +355,8 @@ class Machine:
                 entry, version = self._entry_for(record, by_stream_id, versions)
                 loaded.add(entry.section_id)
                 if record.type == stream.RecordType.PART and entry.is_live:
-                    self._load_part_behind(decoder, reader, record, entry, version, report)
+                    self._load_part_behind(decoder.for_entry(entry), reader, record, entry,
+                                           version, report)
                     continue
                 decoder.drain()
                 payload = reader.read_payload()
