@@ -198,3 +198,164 @@ def test_a_real_full_file_system_fails_the_write_with_enospc(tmp_path):
     assert f"errno {errno.ENOSPC}" in done.stdout
     assert "status 0x61 error 0x4 nospace True at True" in done.stdout, done.stdout
     assert "No space left on device" in done.stderr  # the operator's line
+
+
+# --- writes past the page cache (an incoming block migration's target) ----------------------
+
+def _file_system(path) -> str:
+    """The type of the file system ``path`` is on (/proc/self/mounts, longest mount point)."""
+    path = os.path.realpath(path)
+    best = ("", "")
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, kind = line.split()[:3]
+            point = point.replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) \
+                    and len(point) > len(best[0]):
+                best = (point, kind)
+    return best[1]
+
+
+def _resident_pages(path, offset: int, length: int) -> int:
+    """How many pages of ``[offset, offset + length)`` of the file are in the page cache
+    (mincore of a mapping of it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, offset=offset)
+    try:
+        vec = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
+        pages = np.frombuffer(mapping, dtype=np.uint8)
+        try:
+            if libc.mincore(ctypes.c_void_p(pages.ctypes.data), length, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del pages
+        return sum(b & 1 for b in vec.raw)
+    finally:
+        mapping.close()
+
+
+def _aligned(data: bytes):
+    """``data`` in page-aligned memory."""
+    import mmap
+
+    buf = mmap.mmap(-1, max(len(data), 1))
+    buf[:len(data)] = data
+    return buf
+
+
+def test_writes_through_read_back_equal_however_they_sit_in_memory_and_the_file(tmp_path):
+    """Page-aligned data from page-aligned memory goes straight to the storage; data anywhere
+    else in memory through an aligned buffer; a head or tail that is not whole pages through
+    the page cache.  Whichever way, the image reads back what was written."""
+    rng = np.random.default_rng(20)
+    model = bytearray(16 * MiB)
+    with DiskImage(image(tmp_path, 16 * MiB)) as d:
+        direct = d.open_direct()
+        cases = [
+            (0, _aligned(rng.bytes(MiB))),  # the usual PART: page-aligned both ways
+            (MiB, memoryview(bytearray(16) + rng.bytes(MiB))[16:]),  # memory not aligned
+            (3 * MiB + 512, rng.bytes(2 * MiB)),  # file offset in a page: head and tail
+            (6 * MiB, rng.bytes(4096 * 3 + 512)),  # whole pages, then a sector
+            (8 * MiB + 1024, rng.bytes(1024)),  # inside one page
+            (16 * MiB - 4096, rng.bytes(4096)),  # the last page
+            (10 * MiB, _aligned(rng.bytes(3 * MiB))),  # more than the aligned buffer holds
+            (11 * MiB, memoryview(bytearray(8) + rng.bytes(2 * MiB + 4096))[8:]),
+        ]
+        for offset, data in cases:
+            d.write_through(offset, data)
+            model[offset:offset + len(data)] = data
+        assert d.pread(0, 16 * MiB) == bytes(model)
+        if direct:
+            # only the whole aligned pages went past the cache
+            assert 0 < d.direct_bytes <= sum(len(c[1]) for c in cases)
+        d.close_direct()
+        d.write_through(0, b"after")  # through the cache once closed
+        model[0:5] = b"after"
+        assert d.pread(0, 16 * MiB) == bytes(model)
+    with open(tmp_path / "d.img", "rb") as f:  # and so does the file, from another descriptor
+        assert f.read() == bytes(model)
+
+
+def test_written_through_data_stays_out_of_the_page_cache(tmp_path):
+    """The target of an incoming disk is written past the host's page cache (tmpfs has only
+    the page cache, so this holds on other file systems)."""
+    if _file_system(tmp_path) in ("tmpfs", "ramfs", ""):
+        pytest.skip(f"{tmp_path} is on {_file_system(tmp_path) or 'an unknown'} file system")
+    path = image(tmp_path, 8 * MiB)
+    with DiskImage(path) as d:
+        if not d.open_direct():
+            pytest.skip(f"{_file_system(tmp_path)} refuses O_DIRECT")
+        d.write_through(0, _aligned(os.urandom(4 * MiB)))
+        d.pwrite(4 * MiB, os.urandom(4 * MiB))  # the guest's path: through the cache
+        d.flush()
+    assert _resident_pages(path, 0, 4 * MiB) == 0  # past the cache
+    assert _resident_pages(path, 4 * MiB, 4 * MiB) > 0  # (the measure sees the cache)
+
+
+def test_a_file_system_that_refuses_a_direct_write_gets_it_through_the_cache(tmp_path,
+                                                                             monkeypatch):
+    with DiskImage(image(tmp_path)) as d:
+        d.start_dirty_log()
+        if not d.open_direct():
+            pytest.skip("no O_DIRECT here")
+        real = os.pwrite
+        refused = []
+
+        def refuse_direct(fd, data, offset):
+            if fd != d.fd:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", refuse_direct)
+        data = os.urandom(2 * MiB)
+        d.write_through(MiB, _aligned(data))
+        d.write_through(0, _aligned(data[:MiB]))  # no second try: direct is off now
+        assert refused == [MiB] and d.direct_bytes == 0
+        assert d.pread(MiB, 2 * MiB) == data and d.pread(0, MiB) == data[:MiB]
+        assert int(d.sync_dirty()[0]) == 0b111  # logged like any write
+
+
+def test_a_short_direct_write_has_its_rest_written_through_the_cache(tmp_path, monkeypatch):
+    with DiskImage(image(tmp_path)) as d:
+        if not d.open_direct():
+            pytest.skip("no O_DIRECT here")
+        real = os.pwrite
+        sizes = []
+
+        def short_direct(fd, data, offset):
+            sizes.append((fd == d.fd, len(data)))
+            if fd != d.fd:
+                return real(fd, data[:4096 + 512], offset)  # not whole pages
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", short_direct)
+        data = os.urandom(MiB)
+        d.write_through(0, _aligned(data))
+        monkeypatch.setattr(os, "pwrite", real)
+        assert d.pread(0, MiB) == data
+        assert sizes == [(False, MiB), (True, MiB - 4096 - 512)], sizes
+
+
+def test_a_failing_direct_write_raises_and_is_marked(tmp_path, monkeypatch):
+    with DiskImage(image(tmp_path)) as d:
+        d.start_dirty_log()
+        if not d.open_direct():
+            pytest.skip("no O_DIRECT here")
+        real = os.pwrite
+
+        def no_space(fd, data, offset):
+            if fd != d.fd:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", no_space)
+        with pytest.raises(OSError) as info:
+            d.write_through(2 * MiB, _aligned(b"a" * 8192))
+        assert info.value.errno == errno.ENOSPC
+        assert int(d.sync_dirty()[0]) == 1 << 2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pymig import stream
-from pymig.errors import PymigError, StreamError, TransportError
+from pymig.errors import PacketError, PymigError, StreamError, TransportError
 from _migration_helpers import block_digests
 from pymig.guest import GuestConfig, create
 from pymig.machine import Machine, SectionOut, load_config
@@ -496,3 +496,50 @@ def test_pages_sent_before_count_as_resends_and_fresh_ones_do_not(filled_saver):
     saver.slice_deadline = math.inf
     saver.iterate(out)
     assert saver.pending() == saver.resend_pending() == 0
+
+
+def test_disk_records_are_written_by_a_thread_of_their_own_in_stream_order_with_ram(
+        monkeypatch):
+    """A disk's PART records go to the disk writer, a thread even where RAM packets are
+    decoded in the caller's thread (its writes wait on the storage: the next record is
+    received meanwhile); a RAM packet after them is loaded only once they are, and a disk
+    record's failure is raised before anything after it is loaded."""
+    from types import SimpleNamespace
+
+    from pymig.machine import _LoadWorkers
+
+    monkeypatch.setenv(OVERLAP_ENV, "off")
+    disk, ram = SimpleNamespace(idstr="block"), SimpleNamespace(idstr="ram")
+    workers = _LoadWorkers()
+    done: list[tuple[str, int, str]] = []
+    gate = threading.Event()
+    try:
+        for i in range(4):
+            worker = workers.for_entry(disk)
+
+            def write(i=i) -> None:
+                if i == 1:
+                    gate.wait(5)  # the writer is slow: the RAM packet must wait for it
+                done.append(("disk", i, threading.current_thread().name))
+
+            worker.submit(worker.buffer(), write)
+        gate.set()
+        worker = workers.for_entry(ram)
+        assert [d[:2] for d in done] == [("disk", i) for i in range(4)]
+        worker.submit(worker.buffer(), lambda: done.append(
+            ("ram", 0, threading.current_thread().name)))
+        workers.drain()
+        assert done[-1] == ("ram", 0, threading.current_thread().name)
+        assert {d[2] for d in done[:4]} >= {"pymig-disk-writer"}
+
+        def fail() -> None:
+            raise PacketError(0, "a bad disk record")
+
+        worker = workers.for_entry(disk)
+        worker.submit(worker.buffer(), fail)
+        worker.submit(worker.buffer(), lambda: done.append(("disk", 9, "")))
+        with pytest.raises(PacketError, match="a bad disk record"):
+            workers.for_entry(ram)
+        assert ("disk", 9, "") not in done
+    finally:
+        workers.close()

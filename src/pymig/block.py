@@ -20,6 +20,11 @@ guest runs there, the image carries a marker file beside it (``PATH.incomplete``
 partial; :class:`~pymig.disk.DiskImage` refuses to open an image that has one, so a guest is
 never run on half a disk.
 
+The destination writes each record's data past the page cache where the target's file system
+allows (:meth:`~pymig.disk.DiskImage.write_through`), and receives each PART so that its first
+record's data lands page-aligned in memory (:func:`receive_offset`): the usual PART, one
+chunk of data, goes from the receive buffer to the storage without another copy.
+
 Wire (``docs/stream-format.md``, "Block sections"): START ``<QII`` disk size, chunk size,
 flags; each PART a run of records ``<BxxxIQ`` kind, length, offset (kind 1: the length's
 bytes of data follow; kind 2: that range reads as zeroes); END empty.  Every field is
@@ -37,8 +42,9 @@ from typing import Callable
 
 import numpy as np
 
-from pymig.disk import (CHECKPOINT_NAME, DIRTY_CHUNK_BYTES, SECTOR_BYTES, Checkpoint, DiskImage,
-                        checkpoint_files, incomplete_marker, read_checkpoint_identity)
+from pymig.disk import (CHECKPOINT_NAME, DIRECT_ALIGN, DIRTY_CHUNK_BYTES, SECTOR_BYTES, Checkpoint,
+                        DiskImage, checkpoint_files, incomplete_marker,
+                        read_checkpoint_identity)
 from pymig.errors import DiskError, MigrationError, PacketError
 
 BLOCK_IDSTR = "block"
@@ -279,6 +285,12 @@ def _merge_zero_records(parts: list[bytes]) -> list[bytes]:
     return merged
 
 
+def receive_offset(buffer_address: int) -> int:
+    """Where in a buffer at ``buffer_address`` to receive a PART so that its first record's
+    data starts on a page (:data:`pymig.disk.DIRECT_ALIGN`)."""
+    return -(buffer_address + RECORD.size) % DIRECT_ALIGN
+
+
 def parse_part(payload, size_bytes: int, chunk_bytes: int) -> list[tuple[int, int, int, int]]:
     """The records of a PART as ``(kind, offset, length, payload position of the data)``,
     each checked against a disk of ``size_bytes``: PacketError (offset into the payload)
@@ -381,6 +393,7 @@ class BlockLoader:
                                  f"{MAX_CHUNK_BYTES})")
         if getattr(self.image, "target", None) is not None:
             prepare_target(self.image, incremental)  # before the first write
+        self.image.open_direct()
         self.chunk_bytes = chunk
         self.incremental = incremental is not None
         self.started = True
@@ -394,7 +407,7 @@ class BlockLoader:
         view = memoryview(payload).cast("B")
         for kind, offset, length, data_at in records:
             if kind == KIND_DATA:
-                self.image.pwrite(offset, view[data_at:data_at + length])
+                self.image.write_through(offset, view[data_at:data_at + length])
                 self.bytes_written += length
             else:
                 self.image.write_zeroes(offset, length)
@@ -411,6 +424,7 @@ class BlockLoader:
     def finish(self) -> None:
         """The guest runs on this image now: on stable storage, and no longer partial."""
         self.image.flush()
+        self.image.close_direct()  # the guest's writes go through the page cache
         try:
             os.unlink(incomplete_marker(self.image.path))
         except FileNotFoundError:

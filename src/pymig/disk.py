@@ -21,7 +21,12 @@ the same file (shared storage), so the image need not travel with the guest.
 
 An image an incoming block migration is writing (:mod:`pymig.block`) has a marker file beside
 it, ``PATH.incomplete``, until the guest runs on it; opening it for a guest is refused, with
-the marker's reason (:func:`check_complete`).
+the marker's reason (:func:`check_complete`).  That copy goes past the page cache where the
+file system allows it (:meth:`DiskImage.open_direct`, :meth:`DiskImage.write_through`): a
+whole image written through the cache takes as much fresh memory as it has data, which costs
+more than the copy (first touch of memory the hypervisor took back, docs/performance.md) and
+crowds out the host's cache, and is throttled to the storage's rate all the same once the
+kernel's dirty limit is reached.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import mmap
 import os
 import re
 import stat
@@ -47,6 +53,7 @@ SECTOR_BYTES = 512
 DIRTY_CHUNK_BYTES = 1 << 20
 MAX_DISK_BYTES = SECTOR_BYTES << 48  # what LBA48 addresses
 MAX_PATH_CHARS = 4096
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 DISK_OPTIONS = ("readonly", "shared")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -55,6 +62,10 @@ _libc.fallocate.restype = ctypes.c_int
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 ZERO_WRITE_BYTES = 1 << 20  # zeroes written per call where a hole cannot be punched
+# O_DIRECT I/O: file offsets, lengths and memory aligned to this (a page: every device's
+# logical block and memory alignment divide it)
+DIRECT_ALIGN = 4096
+DIRECT_BOUNCE_BYTES = 1 << 20  # the aligned buffer data that is not aligned goes through
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,9 @@ class DiskImage:
             os.close(self.fd)
             raise
         self._lock = threading.Lock()
+        self._direct_fd = -1  # open_direct(): the same file with O_DIRECT
+        self._bounce: mmap.mmap | None = None
+        self.direct_bytes = 0  # bytes write_through put past the page cache
         self._dirty: np.ndarray | None = None
         self._chunk_bytes = DIRTY_CHUNK_BYTES
         # every checkpoint kept beside the image marks what is written from now on too,
@@ -326,6 +340,86 @@ class DiskImage:
         finally:
             self._mark(offset, length)
 
+    def open_direct(self) -> bool:
+        """Have :meth:`write_through` write past the page cache (``O_DIRECT``); False, and it
+        writes through the cache as :meth:`pwrite` does, where the file system refuses."""
+        if self._direct_fd >= 0:
+            return True
+        if self.readonly or not O_DIRECT:
+            return False
+        try:
+            self._direct_fd = os.open(self.path, os.O_RDWR | O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            return False
+        return True
+
+    def close_direct(self) -> None:
+        """Back to writes through the page cache only (the direct descriptor closed)."""
+        fd, self._direct_fd = self._direct_fd, -1
+        self._bounce = None
+        if fd >= 0:
+            os.close(fd)
+
+    def write_through(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """As :meth:`pwrite`, but after :meth:`open_direct` the whole aligned pages of the
+        range go straight to the storage: from ``data`` itself where it sits page-aligned in
+        memory, else through one reused aligned buffer.  A head or tail that is not whole
+        pages goes through the page cache (other pages: the two never share one)."""
+        length = len(data)
+        if self._direct_fd < 0:
+            self.pwrite(offset, data)
+            return
+        self._check_range(offset, length)
+        view = memoryview(data).cast("B")
+        first = min(-offset % DIRECT_ALIGN, length)
+        last = first + (length - first) // DIRECT_ALIGN * DIRECT_ALIGN
+        if last == first:
+            self.pwrite(offset, view)
+            return
+        self._mark_checkpoints(offset, length)
+        try:
+            if first:
+                self._pwrite_all(self.fd, view[:first], offset)
+            done = self._write_direct(offset + first, view[first:last])
+            self._pwrite_all(self.fd, view[first + done:], offset + first + done)
+        finally:
+            self._mark(offset, length)
+
+    def _write_direct(self, offset: int, view: memoryview) -> int:
+        """Whole pages at a page-aligned ``offset`` with O_DIRECT: how many bytes went (all,
+        unless the file system refused one, or took a short count: then the caller writes
+        the rest through the cache)."""
+        done = 0
+        aligned = buffer_address(view) % DIRECT_ALIGN == 0
+        while done < len(view):
+            if aligned:
+                piece = view[done:]
+            else:
+                if self._bounce is None:
+                    self._bounce = mmap.mmap(-1, DIRECT_BOUNCE_BYTES)
+                n = min(len(view) - done, DIRECT_BOUNCE_BYTES)
+                self._bounce[:n] = view[done:done + n]
+                piece = memoryview(self._bounce)[:n]
+            try:
+                got = os.pwrite(self._direct_fd, piece, offset + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.close_direct()  # this file system takes no O_DIRECT write after all
+                return done
+            finally:
+                piece.release()
+            done += got
+            self.direct_bytes += got
+            if got % DIRECT_ALIGN or not got:
+                break
+        return done
+
+    def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeroes, as a hole where the file system
         punches one, else by writing zeroes."""
@@ -381,6 +475,8 @@ class DiskImage:
     def close(self) -> None:
         for checkpoint in getattr(self, "checkpoints", {}).values():
             checkpoint.close()
+        if getattr(self, "_direct_fd", -1) >= 0:
+            self.close_direct()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -451,6 +547,11 @@ class DiskImage:
             last = (offset + length - 1) // self._chunk_bytes
             for chunk in range(first, last + 1):
                 bitmap[chunk >> 6] |= np.uint64(1 << (chunk & 63))
+
+
+def buffer_address(view) -> int:
+    """Where ``view``'s bytes start in memory."""
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
 def incomplete_marker(path: str) -> str:

@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable
 
 from pymig import stream, vmstate
-from pymig.block import BLOCK_IDSTR, BLOCK_VERSION, BlockLoader, BlockSaver, disk_id
+from pymig.block import (BLOCK_IDSTR, BLOCK_VERSION, BlockLoader, BlockSaver, disk_id,
+                         receive_offset)
+from pymig.disk import DIRECT_ALIGN, buffer_address
 from pymig.errors import MigrationError, PacketError, StateError, StreamError
 from pymig.guest import GuestConfig, create
 from pymig.guest.base import ConfigError, GuestState, StateSpec
@@ -36,7 +38,9 @@ from pymig.savevm import SaveStateEntry, SaveStateRegistry
 log = logging.getLogger(__name__)
 
 CONFIG_IDSTR = "pymig.config"
-LOAD_BUFFER_BYTES = PACKET_BYTES + 4096  # a RAM packet of the source's size fits
+# a RAM packet of the source's size fits, and a PART of a 1 MiB disk chunk placed so that its
+# data starts on a page (block.receive_offset)
+LOAD_BUFFER_BYTES = PACKET_BYTES + 2 * DIRECT_ALIGN
 # Catch-up reports are at most this far apart: a destination faster than its source catches
 # up after every packet, and a message each time would wake the source's return-path thread
 # a thousand times a second for nothing.
@@ -126,6 +130,48 @@ class _BlockHandlers:
             saver.cleanup()
 
 
+class _LoadWorkers:
+    """The workers PART records are loaded by, in stream order: RAM packets by the RAM
+    decoder (a thread of its own only where CPUs are many: decoding is CPU work), a disk's
+    records by the disk writer (always a thread of its own: its writes to the target mostly
+    wait on the storage, and the next record is received meanwhile).  Only one of them has
+    work at a time: a record for the other waits until it is done."""
+
+    def __init__(self):
+        self.ram = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        self.disk: PacketWorker | None = None
+        self._busy: PacketWorker | None = None
+
+    def for_entry(self, entry: SaveStateEntry) -> PacketWorker:
+        if entry.idstr == BLOCK_IDSTR:
+            if self.disk is None:
+                self.disk = PacketWorker("pymig-disk-writer", buffer_bytes=LOAD_BUFFER_BYTES,
+                                         overlap=True)
+            worker = self.disk
+        else:
+            worker = self.ram
+        if self._busy is not None and self._busy is not worker:
+            self._busy.drain()
+        self._busy = worker
+        return worker
+
+    def drain(self) -> None:
+        """Until every record handed over is loaded; raises the first failure."""
+        busy, self._busy = self._busy, None
+        try:
+            if busy is not None:
+                busy.drain()
+        finally:
+            for worker in (self.ram, self.disk):
+                if worker is not None and worker is not busy:
+                    worker.drain()
+
+    def close(self) -> None:
+        for worker in (self.ram, self.disk):
+            if worker is not None:
+                worker.close()
+
+
 class Machine:
     """A guest and its registry, as a migration source or destination."""
 
@@ -158,7 +204,7 @@ class Machine:
             self.registry.add_blocker(reason)
         self.ram_bytes = sum(b.size_bytes for b in guest.ram_blocks)
         self.specs: dict[int, StateSpec] = {}
-        self._load_worker: PacketWorker | None = None
+        self._load_worker: _LoadWorkers | None = None
         # the destination's answer to a pymig.postcopy record: postcopy_record(op, payload,
         # offset) (None: this destination refuses post-copy)
         self.postcopy_record: Callable[[int, object, int], None] | None = None
@@ -282,7 +328,7 @@ class Machine:
         versions: dict[int, int] = {}
         state = GuestState(cpus=[None] * self.guest.vcpu_count, devices={})
         loaded: set[int] = set()
-        decoder = PacketWorker("pymig-ram-decoder", buffer_bytes=LOAD_BUFFER_BYTES)
+        decoder = _LoadWorkers()
         reported_offset, reported_at = -1, -math.inf
         report = (_Progress(progress, reader.offset, PROGRESS_INTERVAL_S)
                   if progress is not None else None)
@@ -309,7 +355,8 @@ class Machine:
                 entry, version = self._entry_for(record, by_stream_id, versions)
                 loaded.add(entry.section_id)
                 if record.type == stream.RecordType.PART and entry.is_live:
-                    self._load_part_behind(decoder, reader, record, entry, version, report)
+                    self._load_part_behind(decoder.for_entry(entry), reader, record, entry,
+                                           version, report)
                     continue
                 decoder.drain()
                 payload = reader.read_payload()
@@ -332,13 +379,18 @@ class Machine:
                           progress: "_Progress | None") -> None:
         """Receive a PART record's payload and have the decoder load it, then tell
         ``progress`` where the stream is loaded up to."""
-        if record.payload_len <= decoder.buffer_bytes:
+        # a disk's data goes to its image past the page cache: received page-aligned, it
+        # needs no copy into an aligned buffer first
+        slack = DIRECT_ALIGN if entry.idstr == BLOCK_IDSTR else 0
+        if record.payload_len + slack <= decoder.buffer_bytes:
             buf = decoder.buffer()
         else:  # larger than a RAM packet: a buffer of its own
             buf = None
         try:
-            payload = reader.read_payload(buf if buf is not None
-                                          else bytearray(record.payload_len))
+            into = buf if buf is not None else bytearray(record.payload_len + slack)
+            if slack:
+                into = memoryview(into)[receive_offset(buffer_address(into)):]
+            payload = reader.read_payload(into)
         except BaseException:
             if buf is not None:
                 decoder.give_back(buf)
