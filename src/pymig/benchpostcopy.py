@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=("kvm", "simulated"), default="kvm")
     parser.add_argument("--memory", type=int, default=1024, metavar="MIB")
-    parser.add_argument("--working-set", type=int, default=256, metavar="MIB")
+    parser.add_argument("--working-set", type=int, default=None, metavar="MIB",
+                        help="256 by default; 512 with --against-precopy (the pre-copy "
+                             "benchmarks' non-converging guest)")
     parser.add_argument("--faults", type=int, default=2000)
     parser.add_argument("--preempt", choices=("off", "on", "both"), default="both",
                         help="requested pages on the main channel, on a preempt channel, or "
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="move the same guest by pre-copy with auto-converge, then by "
                              "post-copy (with preempt), and compare their total times")
     args = parser.parse_args(argv)
+    if args.working_set is None:
+        args.working_set = 512 if args.against_precopy else 256
     if args.against_precopy:
         runs = [postcopy_migration(args.kind, args.memory, args.working_set, postcopy=False,
                                    workload="dirtier"),
