@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from pymig.disk import DIRTY_CHUNK_BYTES, SECTOR_BYTES, DiskImage, DiskSpec
+from pymig.disk import DIRTY_CHUNK_BYTES, DiskImage, DiskSpec
 from pymig.errors import DiskError
 
 MiB = 1 << 20
