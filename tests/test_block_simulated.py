@@ -83,6 +83,39 @@ def test_a_simulated_guest_moves_with_its_disk_written_during_the_migration(tmp_
             assert dest.progress()["errors"] == 0
 
 
+def test_the_destinations_disk_is_on_stable_storage_before_its_ack(tmp_path, monkeypatch):
+    """A source that says completed may be torn down at once: by the ACK that makes it say so,
+    the disk that travelled is flushed (fdatasync) and no longer marked incomplete."""
+    from pymig import disk as disk_mod
+    from pymig import stream
+
+    disk, guest = disk_guest(tmp_path)
+    target = tmp_path / "target.img"
+    events: list = []
+    real_flush, real_ack = disk_mod.DiskImage.flush, stream.ReturnPathWriter.ack
+
+    def flush(image):
+        real_flush(image)
+        events.append(("flush", image.path))
+
+    def ack(writer, *args, **kwargs):
+        events.append(("ack", os.path.exists(incomplete_marker(str(target)))))
+        return real_ack(writer, *args, **kwargs)
+
+    monkeypatch.setattr(disk_mod.DiskImage, "flush", flush)
+    monkeypatch.setattr(stream.ReturnPathWriter, "ack", ack)
+    with guest:
+        with migrate_locally(guest, "tcp:127.0.0.1:0", capabilities={"block": True},
+                             guest_options={"disk_targets": [DiskTarget(0, str(target))]}
+                             ) as done:
+            assert done.error is None, done.error
+            assert done.migration.query()["status"] == "completed"
+    acks = [i for i, e in enumerate(events) if e[0] == "ack"]
+    assert len(acks) == 1, events
+    assert ("flush", str(target)) in events[:acks[0]], events
+    assert events[acks[0]] == ("ack", False), events  # unmarked by then
+
+
 def test_a_simulated_guests_disk_is_refused_without_blk_and_rides_in_a_snapshot(tmp_path):
     disk, guest = disk_guest(tmp_path)
     with guest:

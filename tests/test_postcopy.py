@@ -327,6 +327,28 @@ def _touch_in_thread(guest, page: int) -> threading.Thread:
     return thread
 
 
+def _slow_push(run) -> None:
+    """Cap the push at 1 MiB/s from the switch on (set as the destination starts its guest,
+    before its ACK lets the push begin), so that pages are still missing seconds later."""
+    run.incoming.after_start = lambda machine: run.migration.params.set(
+        **{"max-bandwidth": 1 * MiB})
+
+
+def _ask_for_the_last_missing_page(run) -> None:
+    """Once the guest runs at the destination, touch the page the (slowed) push would send
+    last: that page must be asked for.  (A guest's own accesses are no sure request: on a busy
+    host its vCPU may not run before the push has brought every page it touches.)"""
+    wait_for(lambda: "postcopy-active" in run.dest_statuses, timeout=60,
+             what="the switch to post-copy")
+    pc = run.incoming.postcopy
+    block = run.destination.ram_blocks[0]
+    left = core.bitmap_indices(pc.missing[block.block_id], block.npages)
+    assert len(left), "every page arrived before the test could ask for one"
+    toucher = _touch_in_thread(run.destination, int(left[-1]))
+    toucher.join(60)
+    assert not toucher.is_alive(), "a page asked for did not arrive"
+
+
 @needs_uffd
 @pytest.mark.parametrize("kind", POSTCOPY_KINDS)
 def test_a_cut_connection_pauses_both_sides_and_loses_nothing(kind, cleanup):
@@ -680,6 +702,7 @@ def test_preempt_channel_carries_requested_pages_while_the_push_goes_on(kind, cl
                              "x-switchover-capped": True, "compression": "none",
                              "downtime-limit": 1}, capabilities=PREEMPT)
     cleanup(run)
+    _slow_push(run)
     seen = {}
 
     def preempted_mid_push() -> bool:
@@ -690,8 +713,10 @@ def test_preempt_channel_carries_requested_pages_while_the_push_goes_on(kind, cl
         seen.update(query)
         return query["pages-preempt"] > 0 and query["pages-left"] > 0
 
+    _ask_for_the_last_missing_page(run)
     wait_for(preempted_mid_push, timeout=60, what="a requested page on the preempt channel "
                                                   "during the push")
+    run.migration.params.set(**{"max-bandwidth": 0})
     run.wait()
     assert "error" not in run.box, run.box.get("error")
     query = run.migration.query()
@@ -717,20 +742,26 @@ def test_the_preempt_channel_is_tls_when_the_main_one_is(cleanup, pki):
               capabilities=PREEMPT, credentials=pki.store(pki.dir()),
               tls=(pki.creds(), (SOURCE_DN,)))
     cleanup(run)
-    channels = []
-
-    def preempted() -> bool:
-        pc, preempt = run.incoming.postcopy, run.incoming._preempt
-        if pc is None or preempt is None:
-            return False
-        channels.append((preempt[0], run.migration._preempt_channel))
-        return pc.query()["pages-preempt"] > 0
-
-    wait_for(preempted, timeout=60, what="a requested page on the preempt channel")
+    _slow_push(run)
+    # Both ends of the preempt channel, looked at while it is open: from ADVISE (the setup)
+    # until the destination has every page.  The pages it carried are counted after the end,
+    # from the destination's post-copy state, which outlives the channel.
+    wait_for(lambda: run.incoming._preempt is not None
+             and run.migration._preempt_channel is not None
+             or run.migration.query()["status"] in ("completed", "failed"),
+             timeout=60, what="the preempt channel to open")
+    preempt = run.incoming._preempt
+    dest_side, source_side = preempt[0] if preempt else None, run.migration._preempt_channel
+    _ask_for_the_last_missing_page(run)
+    run.migration.params.set(**{"max-bandwidth": 0})
     run.wait()
-    assert run.migration.query()["status"] == "completed", run.migration.query()
-    dest_side, source_side = channels[-1]
+    query = run.migration.query()
+    assert query["status"] == "completed", query
+    assert "error" not in run.box, run.box.get("error")
     assert isinstance(dest_side, TlsChannel) and isinstance(source_side, TlsChannel)
+    dest = run.incoming.postcopy.query()
+    assert dest["pages-preempt"] > 0 and dest["pages-left"] == 0, dest
+    assert query["postcopy"]["pages-preempt"] == query["postcopy"]["pages-requested"] > 0
     assert_consistent(run.destination)
 
 

@@ -210,6 +210,11 @@ class Incoming:
             channel, rp, load_time, started_ns = self._receive_and_start()
             if self.after_start is not None:
                 self.after_start(self.machine)
+            # The disks that travelled are whole: flushed and their incomplete markers gone
+            # before the ACK, so that a source that says completed (and may be torn down) never
+            # leaves the only copy of the disk in a page cache.  (The guest runs already: the
+            # flush is not in the downtime.)
+            self.machine.finish_incoming()
             if rp is not None:
                 try:
                     rp.ack(started_ns)
@@ -219,8 +224,6 @@ class Incoming:
             if self.postcopy is not None:
                 self._receive_postcopy(channel, rp)
             self.machine.release_load_buffers()
-            # the disks that travelled are whole: flushed, their incomplete markers gone
-            self.machine.finish_incoming()
             self._set_status(IncomingStatus.COMPLETED)
             return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
                                   self.machine.load_counters())
