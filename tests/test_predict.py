@@ -324,3 +324,58 @@ def test_a_slow_dirtying_guest_waits_out_a_destination_far_behind_in_a_pass_or_t
     assert result.total_s >= 8704 * (0.75 * 150e-6 + 0.25 * 250e-6)
     # the logged rate over each pass, not over the sync alone: 500 pages/s as the guest writes
     assert 400 <= held[0]["dirty_rate"] <= 700, held[0]
+
+
+def sweep_guest(rate: float) -> GuestModel:
+    """A sweep's guest: 64 MiB, 34 MiB of it holding data, nearly all zero but the 32 MiB the
+    guest writes uniformly at ``rate`` pages/s."""
+    return GuestModel(ram_bytes=64 * MiB, write_rate_pps=rate, working_set_pages=8192,
+                      data_pages=8704, zero_share=0.88)
+
+
+def test_the_stop_and_copy_takes_what_the_bucket_saved_up_and_pays_the_cap_for_the_rest():
+    # max-bandwidth's bucket refills while the sender waits for the destination (here, the
+    # pass held while it loads the first): a few pages left at the stop go at once, as
+    # pymig.transport.ratelimit lets them; a stop right after a long pass held to the cap
+    # finds it empty, and what is left goes at the cap
+    fixed = LinkModel(switchover_s=0.002)
+    result = predict(sweep_guest(500), fixed, capped(20e6))
+    left = result.trace[-1]["pending_bytes"]
+    assert result.converges and left > 0
+    assert 0.002 <= result.downtime_s < 0.002 + 0.5 * left / 20e6
+    result = predict(sweep_guest(2000), fixed, capped(9e6))
+    left = result.trace[-1]["pending_bytes"]
+    assert result.converges and left > 1 * MiB
+    assert result.downtime_s == pytest.approx(0.002 + left / 9e6, rel=0.1)
+
+
+def test_the_models_token_bucket_is_the_rate_limiters():
+    # its smallest burst at the start, refilled at the cap up to 0.1 s of it while idle,
+    # what it holds going at once and the rest at the cap
+    from pymig.predict import TokenBucket
+
+    bucket = TokenBucket(20e6, 0.0)
+    assert bucket.send(0.0, 1 * MiB) == 0.0
+    assert bucket.send(0.0, 2e6) == pytest.approx(0.1)
+    assert bucket.send(10.0, 2e6) == 0.0  # idle: 0.1 s of the cap, no more
+    assert bucket.send(10.1, 3e6) == pytest.approx(0.05)
+    assert bucket.send(10.1, 1e6, busy_s=0.2) == pytest.approx(0.05)
+    assert bucket.send(10.35, 2e6) == pytest.approx(0.0)  # refilled while the sender was busy
+    assert TokenBucket(0, 0.0).send(0.0, 1e9) == 0.0
+
+
+@pytest.mark.parametrize("rate", [500, 2000])
+@pytest.mark.parametrize("bandwidth", [9e6, 13.5e6, 20e6])
+def test_the_catch_up_wait_before_a_switchover_lasts_the_destinations_report_interval(
+        rate, bandwidth):
+    # After a pass of re-sends on loopback the destination has every packet as the pass
+    # ends and says CAUGHT_UP within its report interval (pymig.machine): the model waits
+    # that long at most before it syncs again and stops the guest, never a report lag more
+    # (what the guest dirtied meanwhile would go in the downtime).
+    from pymig.machine import CAUGHT_UP_INTERVAL_S
+
+    result = predict(sweep_guest(rate), LinkModel(), capped(bandwidth))
+    assert result.converges and result.passes >= 3  # a pass of re-sends before the stop
+    waits = [b["time"] - a["time"] for a, b in zip(result.trace, result.trace[1:])
+             if "waiting for the destination" in a["reason"]]
+    assert all(w <= CAUGHT_UP_INTERVAL_S + LinkModel().per_sync_s for w in waits), waits
