@@ -216,6 +216,13 @@ def test_pymig_predict_prints_json_and_refuses_a_guest_described_twice(tmp_path)
     assert json.loads(again.stdout)["total_ms"] == out["total_ms"]
     table = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--bandwidth", "10M")
     assert table.returncode == 0 and "converges" in table.stdout
+    # the switchover's fixed cost measured on the host, where the built-in figure was not
+    costly = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--bandwidth",
+                       "100000000", "--downtime-limit", "100", "--json",
+                       "--switchover-cost", "20")
+    assert costly.returncode == 0, costly.stderr
+    costly_out = json.loads(costly.stdout)
+    assert costly_out["downtime_ms"] == pytest.approx(out["downtime_ms"] + 20 - 3.0, abs=0.1)
     measured = run_pymig("predict", "--profile", str(tmp_path / "g.json"), "--measure-link",
                          "--json")
     assert measured.returncode == 0, measured.stderr
