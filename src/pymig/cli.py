@@ -655,10 +655,9 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
 @click.option("--json", "as_json", is_flag=True, help="print the prediction as JSON")
 def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, working_set,
             pattern, data, zero_share, compressed_share, vcpus, bandwidth, measure_link, rtt,
-            source_rate,
-            first_touch, switchover_cost, downtime_limit, max_bandwidth, switchover_capped, auto_converge,
-            throttle_mode, dirty_limit, compression, max_total_time, limit_action,
-            save_profile, show_trace, as_json) -> None:
+            source_rate, first_touch, switchover_cost, downtime_limit, max_bandwidth,
+            switchover_capped, auto_converge, throttle_mode, dirty_limit, compression,
+            max_total_time, limit_action, save_profile, show_trace, as_json) -> None:
     """Predict a migration before running it: total time, downtime, bytes, passes, and
     whether it converges, by running pymig's convergence policy over a model of the guest
     (measured behind --control, a saved --profile, or given by --rate and --working-set) and
