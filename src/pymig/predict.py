@@ -603,6 +603,7 @@ class _State:
             self.pass_starts.append(page0)
             self.pass_packets.append(self.packet_page_bytes())
         n = len(self.pages)
+        sent: list[tuple[float, float]] = []  # (pages, wire bytes) of each bin, in order
         for step in range(n):
             if self.now - began >= slice_s:
                 break
@@ -620,15 +621,55 @@ class _State:
             self.pending[b] = 0.0
             self.sent_before[b] = True
             self.history.append((self.now, self.page_sent))
+            sent.append((pages, wire))
         else:
             step = n
         if not self.swept and self.sent_before.all():
             self.swept = True
+            self.end_in_debt(began, self.last_chunk_wire(sent))
         self.next_bin = (self.next_bin + step) % n if math.isfinite(slice_s) else 0
         self.sent_period = self.page_sent - page0
         self.wire_period = self.wire_sent - wire0
         if self.now == began:
             self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
+
+    def last_chunk_wire(self, sent: list[tuple[float, float]]) -> float:
+        """Wire bytes of the first pass's last RAM packet, the pass having sent ``sent``
+        (pages and wire bytes per bin, in order): the data pages of the last re-protect
+        chunk they reach into (they start at page 0), as many as a packet's buffer takes."""
+        tail = self.guest.first_pass_pages % CLEAR_CHUNK_PAGES or CLEAR_CHUNK_PAGES
+        pages = wire = 0.0
+        for bin_pages, bin_wire in reversed(sent):
+            share = min(bin_pages, tail - pages) / bin_pages
+            pages += bin_pages * share
+            wire += bin_wire * share
+            if pages >= tail:
+                break
+        limit = capped_packet_bytes(int(self.params.max_bandwidth), self.guest.page_size)
+        return min(wire, float(limit))
+
+    def end_in_debt(self, began: float, packet_wire: float) -> None:
+        """The rate limiter runs on debt: a packet goes as soon as the bucket is not in debt,
+        and the next send pays for it.  A pass whose last packet went so ends that packet's
+        time at the cap before the fluid bucket has it, the bucket in debt by it: the sync
+        comes that much sooner, and the pass after it pays.
+
+        Only the first pass's is known: it sends every data page, so its last packet is the
+        last chunk's pages.  A pass of re-sends ends with the pages pending in the last
+        chunk that has any, which a guest's own writes outside its working set (a counter,
+        a stack) make a page or a few, and the model does not know where those are."""
+        bucket = self.bucket
+        if bucket.rate <= 0:
+            return
+        owed = max(packet_wire - bucket.tokens, 0.0)
+        back = min(owed / bucket.rate, self.now - began)
+        if back <= 0:
+            return
+        self.now -= back
+        self.tau -= back * self.run_share()
+        bucket.tokens -= back * bucket.rate
+        bucket.stamp = self.now
+        self.history = [(min(t, self.now), b) for t, b in self.history]
 
     def last_packet_wire(self) -> float:
         """Wire bytes of the last pass's packets (its page bytes per wire byte)."""
