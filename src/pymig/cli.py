@@ -630,6 +630,9 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
               help="page bytes/s the source moves when nothing else bounds it (default 1.5G)")
 @click.option("--first-touch", type=SIZE, default="0",
               help="page bytes/s a destination takes pages it never had at (0: no bound)")
+@click.option("--switchover-cost", type=click.FloatRange(0, None), default=0.0, metavar="MS",
+              help="the switchover's fixed cost on the host (the downtime of an idle guest of "
+                   "this shape migrated there; 0: the built-in figure)")
 @click.option("--downtime-limit", type=click.IntRange(1, None), default=300, show_default=True,
               metavar="MS")
 @click.option("--max-bandwidth", type=SIZE, default="0", help="bytes/s (0: uncapped)")
@@ -652,10 +655,9 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
 @click.option("--json", "as_json", is_flag=True, help="print the prediction as JSON")
 def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, working_set,
             pattern, data, zero_share, compressed_share, vcpus, bandwidth, measure_link, rtt,
-            source_rate,
-            first_touch, downtime_limit, max_bandwidth, switchover_capped, auto_converge,
-            throttle_mode, dirty_limit, compression, max_total_time, limit_action,
-            save_profile, show_trace, as_json) -> None:
+            source_rate, first_touch, switchover_cost, downtime_limit, max_bandwidth,
+            switchover_capped, auto_converge, throttle_mode, dirty_limit, compression,
+            max_total_time, limit_action, save_profile, show_trace, as_json) -> None:
     """Predict a migration before running it: total time, downtime, bytes, passes, and
     whether it converges, by running pymig's convergence policy over a model of the guest
     (measured behind --control, a saved --profile, or given by --rate and --working-set) and
@@ -708,6 +710,7 @@ def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, 
                                               receiver="process")
             click.echo(f"pymig: the link carried {bandwidth / 1e6:,.0f} MB/s", err=True)
         link = LinkModel(bandwidth_bps=bandwidth, rtt_s=rtt / 1000, first_touch_bps=first_touch,
+                         switchover_s=switchover_cost / 1000,
                          **({"source_rate_bps": source_rate} if source_rate else {}))
         result = run_model(guest, link, parameters(**qmp, capabilities=caps))
     except QmpError as exc:
@@ -787,9 +790,12 @@ def _int_list(text: str, convert=int) -> tuple:
 @click.option("--cells", "chosen_cells", default=None, metavar="RATE:BANDWIDTH,...",
               help="cells whose passes remaining.png draws (remaining against time, measured "
                    "and predicted); by default the converging ones with the most passes")
+@click.option("--switchover-runs", type=click.IntRange(0, None), default=5, show_default=True,
+              help="idle guests migrated before the first run; their median downtime is the "
+                   "switchover's fixed cost the predictions use (0: the built-in figure)")
 @click.option("--plot-only", is_flag=True, help="draw the figures from what is in --out")
 def sweep(out_dir, rates, bandwidths, working_sets, downtime_limits, kind, memory, pattern, runs,
-          compression, max_total_time, link, chosen_cells, plot_only) -> None:
+          compression, max_total_time, link, chosen_cells, switchover_runs, plot_only) -> None:
     """Migrate a grid of dirty rate x bandwidth (x working set x downtime limit), each point
     --runs times and predicted too; rows to runs.jsonl and runs.csv, every run's per-sync
     trace to traces/, the convergence map, predicted against measured and remaining against
@@ -817,7 +823,8 @@ def sweep(out_dir, rates, bandwidths, working_sets, downtime_limits, kind, memor
                          working_sets=_int_list(working_sets, parse_size),
                          downtime_limits=_int_list(downtime_limits), kind=resolve_kind(kind),
                          memory=memory, pattern=pattern, runs=runs, compression=compression,
-                         max_total_time_ms=max_total_time, link=link)
+                         max_total_time_ms=max_total_time, link=link,
+                         switchover_runs=switchover_runs)
         try:
             run_sweep(spec, out_dir, say=lambda text: click.echo(text, err=True))
         except PymigError as exc:

@@ -21,12 +21,14 @@ the dirty log shows, the distinct pages written over the period (fewer than the 
 pages are written twice), including pages written after the last sync and sent since,
 which go again.
 
-The link (:class:`LinkModel`) carries wire bytes at its bandwidth (and ``max-bandwidth``'s cap
-while the guest runs); the source encodes page bytes at its own rate; the destination takes
-first-time pages at its first-touch rate; zero and compressible pages take less of the wire.
-The stop-and-copy sends what is left at the link's rate, capped only with
-``x-switchover-capped``, after the fixed switchover cost and with the LOADED / COMMIT / ACK
-exchange's round trips.
+The link (:class:`LinkModel`) carries wire bytes at its bandwidth, and through
+``max-bandwidth``'s token bucket (:class:`TokenBucket`) while the guest runs; the source
+encodes page bytes at its own rate; the destination takes first-time pages at its
+first-touch rate; zero and compressible pages take less of the wire.  The stop-and-copy
+sends what is left at the link's rate (through the bucket, as the live phase left it, only
+with ``x-switchover-capped``), after the switchover's fixed cost (the link's, measured where
+it was: :attr:`LinkModel.switchover_s`) and with the LOADED / COMMIT / ACK exchange's round
+trips.
 
 The rule is the policy's whole rule, :func:`pymig.policy.next_step`, asked from
 :func:`ask_policy` with the metrics a migration would have at that sync: the verdict, a
@@ -55,7 +57,7 @@ import numpy as np
 from pymig import estimate, policy
 from pymig.machine import CAUGHT_UP_INTERVAL_S, PROGRESS_INTERVAL_S
 from pymig.ram import CLEAR_CHUNK_PAGES, capped_packet_bytes
-from pymig.transport.ratelimit import MIN_BURST_BYTES
+from pymig.transport.ratelimit import BURST_SECONDS, MIN_BURST_BYTES
 from pymig.parameters import MigrationParameters, ParameterStore
 
 PAGE_SIZE = 4096
@@ -216,6 +218,33 @@ class LinkModel:
     # (faulting fresh memory in): measure_first_touch() measures them (0: no time)
     first_touch_zero_s: float = 0.0
     first_touch_data_s: float = 0.0
+
+
+class TokenBucket:
+    """max-bandwidth's token bucket (:class:`pymig.transport.ratelimit.RateLimiter`) as a
+    fluid: it refills at the cap, up to its burst (``BURST_SECONDS`` of the cap, at least
+    ``MIN_BURST_BYTES``), whenever the sender does not take from it (a catch-up wait, a pass
+    held for the destination, the time a pass waits on the source or the destination), and
+    what it holds goes at once; a new one holds its smallest burst.  A rate of 0: no cap."""
+
+    def __init__(self, rate_bps: float, now: float):
+        self.rate = float(max(rate_bps, 0))
+        self.burst = max(float(MIN_BURST_BYTES), self.rate * BURST_SECONDS)
+        self.tokens = min(float(BURST_START_BYTES), self.burst) if self.rate else 0.0
+        self.stamp = now
+
+    def send(self, now: float, wire_bytes: float, busy_s: float = 0.0) -> float:
+        """Seconds the bucket holds a send of ``wire_bytes`` starting at ``now`` (or where the
+        last send ended, if later), the sender busy ``busy_s`` with it anyway."""
+        if self.rate <= 0:
+            return 0.0
+        start = max(now, self.stamp)
+        tokens = min(self.burst, self.tokens + (start - self.stamp) * self.rate)
+        wait = max(wire_bytes - tokens, 0.0) / self.rate
+        seconds = max(wait, busy_s)
+        self.tokens = min(self.burst, max(tokens - wire_bytes + seconds * self.rate, 0.0))
+        self.stamp = start + seconds
+        return wait
 
 
 def measure_first_touch(page_size: int = PAGE_SIZE, pages: int = 2048,
@@ -397,7 +426,10 @@ def _held_wait_s(state: "_State", held: policy.HeldWait, began: float) -> float:
     now = state.now
     try:
         while state.backlog() > held.backlog_bytes and state.now < deadline:
-            state.now = min(state.now + REPORT_LAG_S, deadline)
+            # the next report: a PROGRESS a report period on, or the CAUGHT_UP before it
+            caught_up = state.caught_up_at()
+            step = caught_up - state.now if caught_up > state.now else REPORT_LAG_S
+            state.now = min(state.now + min(step, REPORT_LAG_S), deadline)
         return state.now - now
     finally:
         state.now = now
@@ -467,10 +499,13 @@ class _State:
         self.closed: tuple[int, int] | None = None
         self.next_bin = 0  # where a sliced pass goes on
         self.swept = False  # the first pass over the data pages is through
+        self.in_first_pass = True  # the last pass sent was (part of) the first
         self.expected_before_wait = math.inf  # the decision a catch-up wait followed
         self.passes_after_wait = 0
-        self.switchover_s = link.switchover_s or estimate.SwitchoverCost().seconds(
-            guest.vcpus, guest.ram_bytes)
+        # the fixed cost the migration's own estimate counts (the policy's), and the one the
+        # stop-and-copy takes: what the host was measured to take, where it was
+        self.switchover_s = estimate.SwitchoverCost().seconds(guest.vcpus, guest.ram_bytes)
+        self.link_switchover_s = link.switchover_s or self.switchover_s
         self.bandwidth = estimate.Bandwidth()
         self.source_rate = estimate.Bandwidth()
         self.logged = estimate.LoggedRate()
@@ -482,7 +517,7 @@ class _State:
         self.pass_starts: list[float] = [0.0]  # page bytes sent when each pass began
         self.pass_packets: list[float] = [self.packet_page_bytes()]  # ... and its packets'
 
-        self.burst_left = float(BURST_START_BYTES) if params.max_bandwidth > 0 else 0.0
+        self.bucket = TokenBucket(params.max_bandwidth, self.now)
         self.source_rate.observe(0.0, 0)
 
     # -- the guest --
@@ -546,30 +581,29 @@ class _State:
         return pages * (zero * self.zero_wire + (1 - zero) * self.data_wire)
 
     def send_time(self, pages: float, wire_bytes: float, first_time: bool,
-                  wire_bps: float) -> tuple[float, float]:
+                  capped: bool = True) -> tuple[float, float]:
         """(seconds to send ``pages`` in ``wire_bytes``, of which the source is busy): the
-        wire, the source and the destination's first touch, the slowest of them.  The
-        rate limiter's bucket starts full: its burst goes at once."""
+        rate limiter (``capped``: max-bandwidth in force), the link, the source and the
+        destination's first touch, the slowest of them."""
         ps = self.guest.page_size
-        free = min(self.burst_left, wire_bytes) if math.isfinite(wire_bps) else 0.0
-        self.burst_left -= free
-        wire = (wire_bytes - free) / wire_bps if math.isfinite(wire_bps) else 0.0
         link = wire_bytes / self.link.bandwidth_bps if self.link.bandwidth_bps > 0 else 0.0
         source = pages * ps / self.link.source_rate_bps
         touch = (pages * ps / self.link.first_touch_bps
                  if first_time and self.link.first_touch_bps > 0 else 0.0)
         busy = max(source, link, touch)
+        wire = self.bucket.send(self.now, wire_bytes, busy) if capped else 0.0
         return max(wire, busy), busy
 
     def send_pass(self, slice_s: float) -> None:
         """One iteration: the pending pages in address order, from where the last one
         stopped, until none is left or the slice's time is up."""
         began, page0, wire0 = self.now, self.page_sent, self.wire_sent
+        self.in_first_pass = not self.swept
         if page0 > self.pass_starts[-1]:
             self.pass_starts.append(page0)
             self.pass_packets.append(self.packet_page_bytes())
-        wire_bps = self.live_wire_bps()
         n = len(self.pages)
+        sent: list[tuple[float, float]] = []  # (pages, wire bytes) of each bin, in order
         for step in range(n):
             if self.now - began >= slice_s:
                 break
@@ -579,7 +613,7 @@ class _State:
                 continue
             first = not self.sent_before[b]
             wire = self.wire_bytes(pages, b if first else None)
-            seconds, busy = self.send_time(pages, wire, first, wire_bps)
+            seconds, busy = self.send_time(pages, wire, first)
             self.advance(seconds)
             self.busy_s += busy
             self.page_sent += pages * self.guest.page_size
@@ -587,15 +621,60 @@ class _State:
             self.pending[b] = 0.0
             self.sent_before[b] = True
             self.history.append((self.now, self.page_sent))
+            sent.append((pages, wire))
         else:
             step = n
         if not self.swept and self.sent_before.all():
             self.swept = True
+            self.end_in_debt(began, self.last_chunk_wire(sent))
         self.next_bin = (self.next_bin + step) % n if math.isfinite(slice_s) else 0
-        if self.now == began:
-            self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
         self.sent_period = self.page_sent - page0
         self.wire_period = self.wire_sent - wire0
+        if self.now == began:
+            self.advance(self.link.per_sync_s)  # nothing to send: the next sync comes at once
+
+    def last_chunk_wire(self, sent: list[tuple[float, float]]) -> float:
+        """Wire bytes of the first pass's last RAM packet, the pass having sent ``sent``
+        (pages and wire bytes per bin, in order): the data pages of the last re-protect
+        chunk they reach into (they start at page 0), as many as a packet's buffer takes."""
+        tail = self.guest.first_pass_pages % CLEAR_CHUNK_PAGES or CLEAR_CHUNK_PAGES
+        pages = wire = 0.0
+        for bin_pages, bin_wire in reversed(sent):
+            share = min(bin_pages, tail - pages) / bin_pages
+            pages += bin_pages * share
+            wire += bin_wire * share
+            if pages >= tail:
+                break
+        limit = capped_packet_bytes(int(self.params.max_bandwidth), self.guest.page_size)
+        return min(wire, float(limit))
+
+    def end_in_debt(self, began: float, packet_wire: float) -> None:
+        """The rate limiter runs on debt: a packet goes as soon as the bucket is not in debt,
+        and the next send pays for it.  A pass whose last packet went so ends that packet's
+        time at the cap before the fluid bucket has it, the bucket in debt by it: the sync
+        comes that much sooner, and the pass after it pays.
+
+        Only the first pass's is known: it sends every data page, so its last packet is the
+        last chunk's pages.  A pass of re-sends ends with the pages pending in the last
+        chunk that has any, which a guest's own writes outside its working set (a counter,
+        a stack) make a page or a few, and the model does not know where those are."""
+        bucket = self.bucket
+        if bucket.rate <= 0:
+            return
+        owed = max(packet_wire - bucket.tokens, 0.0)
+        back = min(owed / bucket.rate, self.now - began)
+        if back <= 0:
+            return
+        self.now -= back
+        self.tau -= back * self.run_share()
+        bucket.tokens -= back * bucket.rate
+        bucket.stamp = self.now
+        self.history = [(min(t, self.now), b) for t, b in self.history]
+
+    def last_packet_wire(self) -> float:
+        """Wire bytes of the last pass's packets (its page bytes per wire byte)."""
+        share = self.wire_period / self.sent_period if self.sent_period > 0 else 1.0
+        return min(self.pass_packets[-1] * share, self.wire_period)
 
     def packet_page_bytes(self) -> float:
         """Page bytes of a RAM packet in a pass starting now: a chunk's pending pages, at
@@ -618,6 +697,8 @@ class _State:
         ago, nothing before it has built its guest."""
         if self.now < self.link.setup_s + self.link.destination_ready_s:
             return 0.0
+        if self.now >= self.caught_up_at():
+            return self.page_sent
         times = [h[0] for h in self.history]
         loaded = float(np.interp(self.now - self.lag_s(), times, [h[1] for h in self.history]))
         if self.first_pass_rate:
@@ -637,31 +718,56 @@ class _State:
     def backlog(self) -> float:
         return max(self.page_sent - self.delivered(), 0.0)
 
+    def caught_up_at(self) -> float:
+        """When the destination reports it has loaded everything sent (CAUGHT_UP).
+
+        After a pass of re-sends, the last packet is there as the pass ends on loopback (the
+        cap paces the sender, not the wire), on a link of its own once the bytes queued
+        ahead of it have crossed.  The destination reports as soon as nothing more is to
+        load, but no sooner than ``CAUGHT_UP_INTERVAL_S`` after its last report, which came
+        as it loaded the packet before (packets a packet's time at the cap apart): so that
+        interval less the packets' spacing later, at most.  A first pass loads no faster
+        than its first touch allows, and nothing loads before the destination has built its
+        guest."""
+        ready = self.link.setup_s + self.link.destination_ready_s
+        if self.in_first_pass:
+            # the first pass ends in a burst of packets its zero pages make small on the
+            # wire, each a chunk of fresh memory to fault in: its reports trail by lag_s
+            done = max(self.history[-1][0] + self.lag_s(), ready)
+            if self.first_pass_rate:
+                done = max(done, ready + self.first_pass_bytes / self.first_pass_rate
+                           + self.lag_s())
+            return done + REPORT_LAG_S
+        cap = self.bucket.rate
+        spacing = self.last_packet_wire() / cap if cap > 0 else 0.0
+        queued = min(REPORT_LAG_WIRE_BYTES, self.wire_period)
+        crossing = queued / self.link.bandwidth_bps if self.link.bandwidth_bps > 0 else 0.0
+        loaded = max(self.history[-1][0] + crossing, ready)
+        if self.first_pass_rate:
+            loaded = max(loaded, ready + self.first_pass_bytes / self.first_pass_rate)
+        return loaded + max(CAUGHT_UP_INTERVAL_S - spacing, 0.0)
+
     def catch_up_s(self) -> float:
         """Until the destination has reported loading everything sent."""
-        ready = self.link.setup_s + self.link.destination_ready_s
-        done = max(self.history[-1][0] + self.lag_s(), ready)
-        if self.first_pass_rate:
-            done = max(done, ready + self.first_pass_bytes / self.first_pass_rate
-                       + self.lag_s())
-        return done - self.now + REPORT_LAG_S
+        return max(self.caught_up_at() - self.now, 0.0)
 
     def page_per_wire(self) -> float:
         return self.page_sent / self.wire_sent if self.wire_sent and self.page_sent else 1.0
 
     def stop_and_copy_s(self) -> float:
         """Seconds the guest stays stopped: the fixed cost, what is pending at the link's
-        rate (max-bandwidth's too with x-switchover-capped), the COMMIT / ACK round trip."""
-        wire_bps = (self.live_wire_bps() if self.params.switchover_capped
-                    else (self.link.bandwidth_bps or math.inf))
+        rate and, with x-switchover-capped, through the rate limiter's bucket as the live
+        phase and the wait before the stop left it (what it holds goes at once, the rest at
+        the cap: the COMMIT that ends the downtime waits for the bucket too), the COMMIT /
+        ACK round trip."""
         pages = self.pending * self.pages
         seconds = 0.0
         for first_time in (False, True):
             chosen = pages[self.sent_before != first_time].sum()
             if chosen > 0:
                 seconds += self.send_time(chosen, self.wire_bytes(chosen, None), first_time,
-                                          wire_bps)[0]
-        return self.switchover_s + seconds + self.link.rtt_s
+                                          self.params.switchover_capped)[0]
+        return self.link_switchover_s + seconds + self.link.rtt_s
 
     def record(self, found: int, step: Step) -> dict[str, Any]:
         return {"time": self.now, "iteration": self.iteration, "dirty_pages": found,

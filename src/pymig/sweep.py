@@ -64,6 +64,10 @@ class SweepSpec:
     # writes at while its writes are logged, as during a migration); 0: not measured
     measure_ms: int = 500
     link: str = "ratelimit"  # pymig.sweeplink.LINKS
+    # before its first run the sweep migrates an idle guest of its shape this many times; the
+    # median downtime is the switchover's fixed cost its predictions use (0: not measured,
+    # pymig.estimate.SwitchoverCost's figure)
+    switchover_runs: int = 5
 
     def points(self) -> list[dict[str, Any]]:
         return [{"kind": self.kind, "pattern": self.pattern, "working_set_bytes": ws,
@@ -81,7 +85,7 @@ ROW_KEYS = POINT_KEYS + (
     "predicted_status", "predicted_converged", "predicted_reason", "predicted_total_ms",
     "predicted_downtime_ms", "predicted_iterations", "predicted_transferred_bytes",
     "link_goodput_bps", "measured_rate_pps", "measured_slowdown", "first_touch_zero_us",
-    "first_touch_data_us", "error")
+    "first_touch_data_us", "switchover_ms", "error")
 
 
 def point_key(row: dict[str, Any]) -> tuple:
@@ -101,7 +105,7 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                   zero_pages: int = 0, *, bins: int | None = None,
                   goodput_bps: float | None = None, zero_profile=(),
                   first_touch: tuple[float, float] | None = None,
-                  slowdown: float | None = None):
+                  slowdown: float | None = None, switchover_s: float | None = None):
     """The prediction for ``point`` (a :class:`pymig.predict.Prediction`); ``goodput_bps``:
     what a shaped link was measured to carry (``netns``; the point's bandwidth without);
     ``zero_profile``: where the guest's zero pages were (:meth:`Source.zero_profile`);
@@ -111,7 +115,8 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
     ``guest-cost`` of the measurement before the run: on KVM each page the log write-protects
     costs the guest a fault), so it writes at the point's rate times ``1 - slowdown`` during
     the migration too (never faster than the point's rate: a guest measured slower before
-    than during was held up then)."""
+    than during was held up then); ``switchover_s``: the switchover's fixed cost on this host
+    (:func:`measure_switchover`; None: :class:`pymig.estimate.SwitchoverCost`'s figure)."""
     from pymig.experiment import migration_settings
     from pymig.predict import GuestModel, LinkModel, parameters, predict
 
@@ -130,7 +135,8 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
     zero_s, data_s = first_touch or host_first_touch()
     return predict(guest, LinkModel(bandwidth_bps=link_bps,
                                     destination_ready_s=DESTINATION_READY_S,
-                                    first_touch_zero_s=zero_s, first_touch_data_s=data_s),
+                                    first_touch_zero_s=zero_s, first_touch_data_s=data_s,
+                                    switchover_s=switchover_s or 0.0),
                    parameters(**qmp, capabilities=caps), **({"bins": bins} if bins else {}))
 
 
@@ -153,9 +159,41 @@ def row_first_touch(row: dict[str, Any]) -> tuple[float, float] | None:
     return row["first_touch_zero_us"] / 1e6, row["first_touch_data_us"] / 1e6
 
 
-def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) -> dict[str, Any]:
+def row_switchover(row: dict[str, Any]) -> float | None:
+    """The switchover's fixed cost a row's sweep measured (None in rows from before)."""
+    value = row.get("switchover_ms")
+    return value / 1000 if value else None
+
+
+def measure_switchover(spec: SweepSpec, link, runs: int | None = None) -> float | None:
+    """The switchover's fixed cost on this host, for guests of ``spec``'s shape: the median
+    downtime (s) of ``runs`` migrations (``spec.switchover_runs``) of an idle guest of its
+    kind, memory and vCPUs, to a fresh destination process over ``link`` (open), uncapped,
+    so that nothing but the fixed part is in it (stopping the vCPUs, the last sync, the
+    device state, LOADED / COMMIT / ACK between two processes); None if none completed.
+    What that costs depends on the host (its CPUs, what else runs there) more than on the
+    guest: :class:`pymig.estimate.SwitchoverCost`'s figure was measured elsewhere."""
+    from pymig.experiment import Source
+
+    downtimes = []
+    for _ in range(spec.switchover_runs if runs is None else runs):
+        with Source.start("idle", kind=spec.kind, memory=spec.memory,
+                          vcpus=spec.vcpus) as source:
+            with link.destination() as destination:
+                time.sleep(spec.settle_s)  # the destination's imports and probes, as a run's
+                result = source.migrate(link.uri(destination), timeout=120, trace=False,
+                                        downtime_limit=max(spec.downtime_limits))
+        downtime = result.summary().get("downtime_ms")
+        if result.status == "completed" and downtime is not None:
+            downtimes.append(downtime / 1000)
+    return statistics.median(downtimes) if downtimes else None
+
+
+def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None,
+              switchover_s: float | None = None) -> dict[str, Any]:
     """Migrate ``point``'s guest once over ``link`` (a :mod:`pymig.sweeplink` link, open;
-    by default the rate limiter), predicted first; its row."""
+    by default the rate limiter), predicted first (with ``switchover_s``, the fixed cost
+    :func:`measure_switchover` measured, if it did); its row."""
     from pymig.experiment import Source
     from pymig.predict import PAGE_SIZE, measure_first_touch
     from pymig.sweeplink import RateLimitLink
@@ -177,11 +215,14 @@ def run_point(spec: SweepSpec, point: dict[str, Any], run: int, *, link=None) ->
             zero_s, data_s = measure_first_touch(PAGE_SIZE)
             row["first_touch_zero_us"] = round(zero_s * 1e6, 3)
             row["first_touch_data_us"] = round(data_s * 1e6, 3)
+            if switchover_s:
+                row["switchover_ms"] = round(switchover_s * 1000, 3)
             predicted = predict_point(spec, point, row["data_pages"], row["zero_pages"],
                                       goodput_bps=row.get("link_goodput_bps"),
                                       zero_profile=row["zero_profile"],
                                       first_touch=row_first_touch(row),
-                                      slowdown=row.get("measured_slowdown")).summary()
+                                      slowdown=row.get("measured_slowdown"),
+                                      switchover_s=row_switchover(row)).summary()
             result = source.migrate(link.uri(destination),
                                     timeout=spec.max_total_time_ms / 1000 + 120,
                                     trace=True, **settings(spec, point))
@@ -219,7 +260,8 @@ def repredict(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any
                                   goodput_bps=row.get("link_goodput_bps"),
                                   zero_profile=row.get("zero_profile"),
                                   first_touch=row_first_touch(row),
-                                  slowdown=row.get("measured_slowdown"))
+                                  slowdown=row.get("measured_slowdown"),
+                                  switchover_s=row_switchover(row))
         out.append({**row, **_predicted_fields(predicted.summary())})
     return out
 
@@ -260,13 +302,23 @@ def run_sweep(spec: SweepSpec, out_dir: str, *,
               run: Callable[[SweepSpec, dict, int], dict] | None = None) -> list[dict[str, Any]]:
     """Run every point of ``spec`` ``spec.runs`` times, skipping runs ``out_dir/runs.jsonl``
     already holds; returns all its rows.  ``run(spec, point, index)`` makes one row (by
-    default :func:`run_point` over the spec's link, opened once for the sweep)."""
+    default :func:`run_point` over the spec's link, opened once for the sweep, after
+    :func:`measure_switchover` before the first run, when there is one to make)."""
     if run is None:
         from pymig.sweeplink import open_link
 
         with open_link(spec.link) as link:
-            return run_sweep(spec, out_dir, say=say,
-                             run=lambda s, p, i: run_point(s, p, i, link=link))
+            measured: list[float | None] = []
+
+            def one(s: SweepSpec, p: dict[str, Any], i: int) -> dict[str, Any]:
+                if not measured:
+                    measured.append(measure_switchover(s, link) if s.switchover_runs else None)
+                    if measured[0] is not None:
+                        say(f"the switchover's fixed cost, here: {measured[0] * 1000:.2f} ms "
+                            f"(median of {s.switchover_runs} idle guests migrated)")
+                return run_point(s, p, i, link=link, switchover_s=measured[0])
+
+            return run_sweep(spec, out_dir, say=say, run=one)
     os.makedirs(out_dir, exist_ok=True)
     jsonl, csv_path = os.path.join(out_dir, "runs.jsonl"), os.path.join(out_dir, "runs.csv")
     with open(os.path.join(out_dir, "spec.json"), "w", encoding="utf-8") as handle:
@@ -470,7 +522,8 @@ def _axes_values(grid: list[Cell]) -> tuple[list[int], list[int]]:
 
 def predicted_boundary(spec: SweepSpec, point: dict[str, Any], rates: list[int],
                        bandwidths: list[int], steps: int = 14, data_pages: int = 0,
-                       zero_pages: int = 0, goodput_share: float = 1.0):
+                       zero_pages: int = 0, goodput_share: float = 1.0,
+                       switchover_s: float | None = None):
     """Predicted convergence over a finer log grid spanning ``rates`` x ``bandwidths``:
     (rate values, bandwidth values, converges matrix [rate][bandwidth])."""
     import numpy as np
@@ -482,7 +535,8 @@ def predicted_boundary(spec: SweepSpec, point: dict[str, Any], rates: list[int],
         for j, bw in enumerate(bw_axis):
             p = dict(point, rate_pages_per_s=int(rate), bandwidth_bps=int(bw))
             conv[i, j] = predict_point(spec, p, data_pages, zero_pages, bins=32,
-                                       goodput_bps=bw * goodput_share).converges
+                                       goodput_bps=bw * goodput_share,
+                                       switchover_s=switchover_s).converges
     return rate_axis, bw_axis, conv
 
 
@@ -514,7 +568,9 @@ def plot_maps(rows: list[dict[str, Any]], spec: SweepSpec, path: str) -> list[st
                         if r.get("link_goodput_bps")) or 1.0
         r_axis, b_axis, conv = predicted_boundary(spec, sub[0].point, rates, bandwidths,
                                                   data_pages=data_pages, zero_pages=zero_pages,
-                                                  goodput_share=share)
+                                                  goodput_share=share,
+                                                  switchover_s=_median(row_switchover(r)
+                                                                       for r in rows))
         for ax, figure, label in ((axes[0], "total_ms", "total time (ms)"),
                                   (axes[1], "downtime_ms", "downtime (ms)")):
             values = np.full((len(rates), len(bandwidths)), np.nan)
@@ -670,7 +726,8 @@ def plot_remaining(rows: list[dict[str, Any]], spec: SweepSpec, out_dir: str, pa
                                       goodput_bps=row.get("link_goodput_bps"),
                                       zero_profile=row.get("zero_profile"),
                                       first_touch=row_first_touch(row),
-                                      slowdown=row.get("measured_slowdown"))
+                                      slowdown=row.get("measured_slowdown"),
+                                      switchover_s=row_switchover(row))
             ax.plot([t["time"] for t in predicted.trace],
                     [max(t["pending_bytes"] / MiB, FLOOR_MIB) for t in predicted.trace],
                     ls="--", marker=".",
