@@ -14,7 +14,7 @@ run: the image's bytes copied over the same loopback into a fresh file beside th
 fastest way this host's kernel offers a program that writes its target past the page cache as
 the destination does (:func:`pymig.transport.ceiling.file_copy_throughput`: ``sendfile`` of
 the image, or a read into one buffer and ``sendall``; received into page-aligned buffers that
-a second thread writes with ``O_DIRECT``), the better of the two ways' medians.  A second
+a second thread writes with ``O_DIRECT``), the better of the two ways' medians.  Another
 case: a sparse image of 10x the size holding the same data, whose time is compared with the
 dense one's.
 """
