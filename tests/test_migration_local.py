@@ -562,3 +562,47 @@ def test_a_slow_dirtying_guest_behind_a_slow_destination_switches_over_in_a_few_
     assert any(line["backlog_bytes"] > 2 << 20 for line in lines), lines
     assert iterations == len(lines) <= 8, [(line["iteration"], line["backlog_bytes"],
                                            line["reason"]) for line in lines]
+
+
+def test_a_held_pass_fails_the_migration_when_the_destination_stops_loading(tmp_path, guests,
+                                                                           monkeypatch):
+    # An idle guest's held pass waits for a destination far behind with no bound of its own
+    # (it dirties nothing meanwhile); a destination that stops loading altogether, its
+    # connection open and what was sent already in its buffers, fails the migration as a
+    # destination that stops reading does, and the guest runs on.
+    from pymig import migration as migration_mod
+    from pymig.ram import RamLoader
+
+    monkeypatch.setattr(migration_mod, "SEND_TIMEOUT_S", 3.0)
+    load_part = RamLoader.load_part
+    stalled, release = threading.Event(), threading.Event()
+    parts = []
+
+    def stalling_load_part(self, payload):
+        parts.append(1)
+        if len(parts) == 3:
+            stalled.set()
+            release.wait(120)  # stuck, as a destination whose storage hangs
+        load_part(self, payload)
+
+    monkeypatch.setattr(RamLoader, "load_part", stalling_load_part)
+    source = guests(guest_config("simulated", "idle", memory=64 << 20))
+    # 3 MiB of data, which the destination's buffers hold whole: the source's sends all
+    # complete, and only the destination's reports can tell it is stuck
+    source.ram_blocks[0].array[:3 << 20] = np.random.default_rng(5).integers(
+        0, 256, 3 << 20, dtype=np.uint8)
+
+    def until_it_ends(migration) -> None:
+        try:
+            migration.wait(60)
+        finally:
+            release.set()
+
+    with migrate_locally(source, f"unix:{tmp_path}/m.sock", digests=False, timeout=60,
+                         params={"downtime-limit": 100, "compression": "none"},
+                         during=until_it_ends) as done:
+        assert done.migration.status.value == "failed", done.migration.query()
+        # (its return path says nothing either: it times out as a send would)
+        assert "timed out after 3 s" in done.migration.query()["error-desc"]
+        assert stalled.is_set()
+    assert source.status == "running"
