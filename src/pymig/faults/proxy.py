@@ -140,20 +140,19 @@ class FaultProxy:
             server = socket.socket(family, socket.SOCK_STREAM)
             if self.on_connect is not None and not self.links:
                 self.on_connect()
-            try:
-                server.connect(self.upstream)
-            except OSError:
-                client.close()
-                server.close()
-                return
-            with self._lock:
+            with self._lock:  # (made before the upstream sees it: a fault can name it then)
                 link = _Link(len(self.links), client, server)
                 self.links.append(link)
-                if self._closed.is_set():  # (closed meanwhile: close() missed these)
-                    for sock in link.sockets:
-                        _quiet(sock.shutdown, socket.SHUT_RDWR)
-                        _quiet(sock.close)
-                    return
+                closed = self._closed.is_set()
+            try:
+                if closed:  # (closed meanwhile: close() may have missed these)
+                    raise OSError("closed")
+                server.connect(self.upstream)
+            except OSError:
+                for sock in link.sockets:
+                    _quiet(sock.shutdown, socket.SHUT_RDWR)
+                    _quiet(sock.close)
+                return
             self.connected.set()
             with self._lock:
                 if self._trigger is not None and self._trigger.kind == "accept" \

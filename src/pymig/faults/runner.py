@@ -13,7 +13,9 @@ LOADED message (``loaded``: everything loaded, COMMIT not sent yet) and its ACK
 (``committed``: the destination got COMMIT and runs its guest, the source does not know yet);
 ``setup`` is the first bytes of the connection, ``live`` a random moment of the first
 iteration.  Each trial records the phase it really hit: the source's migration status read
-while the proxy held the bytes (or, without a proxy, just before the fault).
+while the proxy held the bytes (or, without a proxy, just before the fault).  The post-copy
+phases (``postcopy-active``, ``postcopy-recover``, ``postcopy-preempt``) and what their trials
+must leave are :mod:`pymig.faults.postcopy`'s.
 
 What a trial must leave (``check``):
 
