@@ -898,3 +898,62 @@ def test_the_benchmark_measures_what_it_reports():
                                             workload="dirtier")
     assert post["status"] == "completed" and post["cpu_throttle_peak"] == 0
     assert post["destination"]["pages-left"] == 0
+
+
+_MISSING_MAILBOX = r'''
+import mmap, os, sys, threading
+import numpy as np
+from pymig._core import kvm as _kvm
+from pymig.guest import create
+from pymig.guest.config import GuestConfig
+from pymig.guest.layout import MAILBOX_GPA, locate
+from pymig.uffd import read_faults
+
+kind = sys.argv[1]
+guest = create(GuestConfig(kind, 16 << 20, workload="selfcheck",
+                           params={"working_set_bytes": 4 << 20}))
+index, offset = locate(guest.ram_blocks, MAILBOX_GPA, 64)
+block = guest.ram_blocks[index]
+page = offset - offset % block.page_size
+saved = np.array(block.array[page:page + block.page_size])  # what the source would send
+saved[offset - page] = 0x5A
+uffd = _kvm.userfaultfd_open(os.O_CLOEXEC | os.O_NONBLOCK)
+_kvm.uffdio_api(uffd, 0)
+block.discard([(page // block.page_size, 1)])
+_kvm._unsafe_uffdio_register(uffd, block.address + page, block.page_size,
+                             _kvm.REGISTER_MODE_MISSING)
+stop_r, stop_w = os.pipe()
+
+def serve(event, flags, address, tid):  # Python, as the destination's fault thread
+    _kvm._unsafe_uffdio_copy(uffd, block.address + page, saved.ctypes.data, block.page_size)
+
+server = threading.Thread(target=read_faults, args=(uffd, stop_r, serve), daemon=True)
+server.start()
+guest.progress()  # the page is missing: served by the thread above, or never
+assert block.array[offset] == 0x5A
+os.write(stop_w, b"x")
+server.join()
+print("ok")
+'''
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_progress_reads_a_missing_mailbox_page_without_holding_the_gil(kind, tmp_path):
+    """A destination in post-copy reads its guest's progress (the status line, query-guest)
+    from the mailbox page, which may still be missing (the source paused before sending it,
+    or its request was lost with a connection).  Faulting on it while holding the GIL would
+    stop the thread that fetches it, and the control socket with it: the process hangs and no
+    migrate-recover can reach it.  Run in a child process, which such a hang cannot take the
+    test run down with."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "mailbox.py"
+    script.write_text(_MISSING_MAILBOX)
+    try:
+        done = subprocess.run([sys.executable, str(script), kind], capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("progress() waited for its missing mailbox page holding the GIL: hung")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
