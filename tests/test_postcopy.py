@@ -900,6 +900,67 @@ def test_the_benchmark_measures_what_it_reports():
     assert post["destination"]["pages-left"] == 0
 
 
+# -- a recovery asked for the moment the destination pauses ---------------------------------
+
+@needs_uffd
+@pytest.mark.parametrize("preempt", [False, True], ids=["main", "preempt"])
+def test_migrate_recover_at_once_after_the_pause_keeps_the_destination(preempt, cleanup,
+                                                                       monkeypatch):
+    """An operator (or the fault campaign) who answers postcopy-paused with migrate-recover at
+    once can land between the destination's pause and its process's look at how the incoming
+    migration ended: that look must still see a paused post-copy (the guest runs here, the only
+    holder of its newer pages), not a failure to quit on, and nothing the ended connection
+    leaves to close may close the recovery's channels.  The operator's command is made to land
+    there: inside the incoming migration's end, after the pause."""
+    from pymig.session import Session
+
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    dest = Session(destination=True)
+    dest.incoming_options = {"limits": ANY_KIND}
+    cleanup(dest)
+    dest.params.set_capabilities(**{"postcopy-ram": True, **(PREEMPT if preempt else {})})
+    box: dict = {}
+    original = Incoming._receive_postcopy
+
+    def receive_postcopy(self, channel, rp):
+        try:
+            return original(self, channel, rp)
+        except MigrationError:
+            if box:  # (the recovery's own run: as it is)
+                raise
+            box["uri"] = dest.migrate_recover("tcp:127.0.0.1:0")
+            wait_for(lambda: migration.status.value == "postcopy-paused", timeout=60,
+                     what="the source to pause")
+            migration.recover(box["uri"])
+            # the recovered connection (and its preempt channel) accepted, before the first
+            # connection's end is through
+            wait_for(lambda: self.status == "postcopy-active", timeout=60,
+                     what="the recovery to connect")
+            raise
+
+    monkeypatch.setattr(Incoming, "_receive_postcopy", receive_postcopy)
+    bound = dest.start_incoming("tcp:127.0.0.1:0")
+    store = ParameterStore()
+    store.set(**{"x-postcopy-after": 1, "max-bandwidth": 8 * MiB, "x-switchover-capped": True,
+                 "compression": "none", "downtime-limit": 1})
+    store.set_capabilities(**{"postcopy-ram": True, **(PREEMPT if preempt else {})})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(bound)
+    wait_for(lambda: migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    migration._channel.shutdown()
+    wait_for(lambda: "uri" in box, timeout=60, what="the destination to pause")
+    wait_for(lambda: migration.status.value in ("completed", "postcopy-paused")
+             and dest.incoming.status in ("completed", "postcopy-paused"), timeout=120,
+             what="the recovery to end")
+    assert not dest.quit_requested.is_set(), f"the destination quits: {dest.incoming_failed}"
+    assert dest.incoming_failed is None
+    assert (migration.status.value, dest.incoming.status) == ("completed", "completed"), \
+        (migration.query(), dest.incoming.error)
+    assert dest.run_state() == "running"
+    assert_consistent(dest.machine.guest)
+
+
 _MISSING_MAILBOX = r'''
 import mmap, os, sys, threading
 import numpy as np

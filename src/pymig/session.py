@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable
 
 from pymig import blockdev
-from pymig.errors import MigrationError, PymigError
+from pymig.errors import MigrationError, PostcopyPaused, PymigError
 from pymig.guest import Guest
 from pymig.incoming import Incoming, IncomingResult
 from pymig.machine import Machine
@@ -522,9 +522,10 @@ class Session:
         try:
             result = self.incoming.run()
         except BaseException as exc:  # noqa: BLE001 - kept for the process to report
-            if self.incoming.status == "postcopy-paused":
+            if isinstance(exc, PostcopyPaused):
                 # The guest runs here, its vCPUs waiting for pages only the source holds:
-                # the process keeps it (query-migrate says why).
+                # the process keeps it (query-migrate says why).  (Not read from the status:
+                # a migrate-recover may have moved it on already.)
                 return
             self.incoming_failed = exc
             self.quit_requested.set()
