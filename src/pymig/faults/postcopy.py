@@ -205,6 +205,16 @@ class PostcopyTrialMixin:
                 and self.mig_status(dst) in ENDED_DESTINATION):
             time.sleep(0.02)
         r.detail += f"; then source {self.mig_status(src)}, destination {self.mig_status(dst)}"
+        if r.fault == "corrupt" and faulted.fired.is_set():
+            # every byte after the switch is checked (record checksums, the packets' own,
+            # TLS's): the destination refuses the flipped one and says so, or something of
+            # the stream went into guest RAM unchecked
+            info = dst.try_cmd("query-migrate") or {}
+            if info.get("status") != "postcopy-paused" or not info.get("error-desc"):
+                r.problems.append(f"the destination did not refuse the corrupted stream "
+                                  f"({info.get('status')})")
+            else:
+                r.detail += f" ({info['error-desc'][:100]})"
         if src.alive and dst.alive and self.mig_status(src) == "postcopy-paused" \
                 and self.mig_status(dst) == "postcopy-paused":
             self.recover(src, dst)
