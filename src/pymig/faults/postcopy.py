@@ -50,6 +50,7 @@ PUSH_BANDWIDTH = 16_000_000
 #: (postcopy-recover) the fault lands: a random number of bytes below this.
 PUSH_SKIP = 1 << 20
 RECOVER_SKIP = 256 << 10
+PREEMPT_SKIP = 64 << 10
 LOST = "none (lost by design: post-copy after the switch)"
 ENDED_SOURCE = ("completed", "postcopy-paused", "failed", "cancelled", "dead")
 ENDED_DESTINATION = ("completed", "postcopy-paused", "failed", "dead")
@@ -75,8 +76,8 @@ class PostcopyTrialMixin:
         r = self.r
         self.recover_proxy = None
         src.cmd("migrate", uri=self.uri)
-        if not self.until_pushing(src):
-            return
+        if not self.until_pushing(src) or r.hit:
+            return  # (never switched, or the push was over: recorded)
         if r.phase == "postcopy-active":
             proxy.arm(Trigger("forward", skip=self.rng.randrange(0, PUSH_SKIP)),
                       lambda what: self.inject_postcopy(src, dst, what))
@@ -84,7 +85,7 @@ class PostcopyTrialMixin:
         if r.phase == "postcopy-preempt":
             # the preempt channel is the proxy's second connection: the next bytes on it, a
             # page asked for (or, with none asked for in a second, a keep-alive)
-            proxy.arm(Trigger("forward", skip=self.rng.randrange(0, 64 << 10), link=1),
+            proxy.arm(Trigger("forward", skip=self.rng.randrange(0, PREEMPT_SKIP), link=1),
                       lambda what: self.inject_postcopy(src, dst, what))
             return
         # postcopy-recover: a first cut, both sides pause, then the recovery is hit
@@ -115,7 +116,7 @@ class PostcopyTrialMixin:
             if info.get("postcopy", {}).get("pages-pushed", 0) > 0:
                 return True
             time.sleep(0.005)
-        r.hit = r.hit or self.mig_status(src)
+        r.hit = self.mig_status(src) or "not reached"
         r.detail = "the push was over before the fault"
         return True  # (what the trial left is checked all the same)
 
