@@ -1018,3 +1018,38 @@ def test_progress_reads_a_missing_mailbox_page_without_holding_the_gil(kind, tmp
     except subprocess.TimeoutExpired:
         pytest.fail("progress() waited for its missing mailbox page holding the GIL: hung")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@needs_uffd
+def test_calc_dirty_rate_waits_for_the_guest_ram_to_have_arrived(cleanup):
+    """Measuring the dirty rate hashes sampled pages of guest RAM; at a destination whose
+    post-copy is not over those pages may be missing, and hashing one holding the GIL would
+    hang the process as a missing mailbox page did.  Refused until the migration completed,
+    as a full self-check is."""
+    from pymig.session import CommandError, Session
+
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    dest = Session(destination=True)
+    dest.incoming_options = {"limits": ANY_KIND}
+    cleanup(dest)
+    dest.params.set_capabilities(**{"postcopy-ram": True})
+    bound = dest.start_incoming("tcp:127.0.0.1:0")
+    store = ParameterStore()
+    store.set(**{"x-postcopy-after": 1, "max-bandwidth": 8 * MiB, "x-switchover-capped": True,
+                 "compression": "none", "downtime-limit": 1})
+    store.set_capabilities(**{"postcopy-ram": True})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(bound)
+    wait_for(lambda: migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    migration._channel.shutdown()
+    wait_for(lambda: dest.incoming.status == "postcopy-paused", timeout=60,
+             what="the destination to pause")
+    with pytest.raises(CommandError, match="still arriving"):
+        dest.calc_dirty_rate({"calc-time": 1})
+    migration.recover(dest.migrate_recover("tcp:127.0.0.1:0"))
+    wait_for(lambda: dest.incoming.status == "completed", timeout=120,
+             what="the destination to complete")
+    dest.calc_dirty_rate({"calc-time": 1})  # (its RAM is all there now)
+    wait_for(lambda: dest.query_dirty_rate()["status"] == "measured", timeout=30,
+             what="the measurement")

@@ -366,6 +366,11 @@ class Session:
             raise CommandError("the guest has migrated away; measure it at the destination")
         if guest.status in ("shutdown", "error"):
             raise CommandError(f"the guest is {guest.status}; nothing to measure")
+        if self.incoming is not None and self.incoming.status.startswith("postcopy"):
+            # Sampled pages may still be missing, and are hashed holding the GIL that the
+            # threads bringing them need (as a full self-check would: see query_guest).
+            raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
+                               f"measure its dirty rate once the migration has completed")
         with self._dirty_rate_lock:
             if self.dirty_rate is not None and self.dirty_rate.measuring:
                 raise CommandError("the dirty rate is already being measured.")
