@@ -1053,3 +1053,38 @@ def test_calc_dirty_rate_waits_for_the_guest_ram_to_have_arrived(cleanup):
     dest.calc_dirty_rate({"calc-time": 1})  # (its RAM is all there now)
     wait_for(lambda: dest.query_dirty_rate()["status"] == "measured", timeout=30,
              what="the measurement")
+
+
+@pytest.mark.parametrize("incoming,reads", [("postcopy-active", False), ("postcopy-paused", False),
+                                            ("postcopy-recover", False), ("completed", True)])
+def test_the_status_loop_reads_no_progress_while_the_pages_still_come(incoming, reads):
+    """A destination process's status loop, which also ends the process on quit or a signal,
+    reads the guest's progress (its mailbox page) every second: not while an incoming
+    post-copy's pages still come, when that page may be missing and the loop would wait for
+    it for as long as the post-copy stays paused, deaf to quit and SIGTERM."""
+    from types import SimpleNamespace
+
+    from pymig import process
+    from pymig.session import Session
+
+    session = Session(destination=True)
+    calls = []
+
+    def progress():
+        calls.append(1)
+        return {"pages_written": 0, "passes": 0, "errors": 0, "result": 0, "done": 0}
+
+    guest = SimpleNamespace(status="running", config=SimpleNamespace(workload="selfcheck"),
+                            progress=progress)
+    session.machine = SimpleNamespace(guest=guest)
+    session.incoming = SimpleNamespace(status=incoming, error=None, postcopy=None)
+    timer = threading.Timer(0.6, session.quit_requested.set)
+    timer.start()
+    lines: list[str] = []
+    try:
+        code = process._watch(session, SimpleNamespace(received=None), quiet=False,
+                              interval=0.1, say=lines.append)
+    finally:
+        timer.cancel()
+    assert code == 0 and lines  # it ran, and said where things stand
+    assert bool(calls) is reads, (calls, lines)

@@ -167,11 +167,16 @@ class Session:
         guest.resume()
         self.emit("RESUME", {})
 
+    def ram_arriving(self) -> bool:
+        """Whether this destination's guest runs while its RAM is still coming (an incoming
+        post-copy not over: active, paused or recovering): a page read now may be missing."""
+        return self.incoming is not None and self.incoming.status.startswith("postcopy")
+
     def query_guest(self, verify: bool = False) -> dict[str, Any]:
         """The workload's progress (and, when asked and the guest is paused or self-checking,
         the self-check verdict), plus the console output so far."""
         guest = self._require_guest()
-        if verify and self.incoming is not None and self.incoming.status.startswith("postcopy"):
+        if verify and self.ram_arriving():
             # Its pages are still coming: reading all of RAM here would wait for them holding
             # the GIL that the threads bringing them need (docs/architecture.md, "Post-copy").
             raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
@@ -366,7 +371,7 @@ class Session:
             raise CommandError("the guest has migrated away; measure it at the destination")
         if guest.status in ("shutdown", "error"):
             raise CommandError(f"the guest is {guest.status}; nothing to measure")
-        if self.incoming is not None and self.incoming.status.startswith("postcopy"):
+        if self.ram_arriving():
             # Sampled pages may still be missing, and are hashed holding the GIL that the
             # threads bringing them need (as a full self-check would: see query_guest).
             raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
