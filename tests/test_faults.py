@@ -11,6 +11,9 @@ import struct
 
 import pytest
 
+from _uffd import needs_uffd
+
+from pymig.faults import postcopy as pc_trials
 from pymig.faults import runner
 from pymig.faults.proxy import FaultProxy, Trigger
 
@@ -109,7 +112,12 @@ def test_stall_passes_nothing_and_keeps_both_open(tmp_path):
 
 def test_the_plan_covers_every_combination_and_a_seed_replays_it():
     every = runner.combos()
-    assert {c[3] for c in every if c[0] == "tcp"} == set(runner.PHASES)
+    for transport in ("tcp", "unix", "tls"):  # post-copy needs a return path
+        assert {c[3] for c in every if c[0] == transport} == \
+            set(runner.PHASES + runner.POSTCOPY_PHASES)
+        assert {c[2] for c in every if c[0] == transport and c[3] == "postcopy-preempt"} == \
+            set(runner.SOCKET_FAULTS)
+    assert not {c[3] for c in every if c[0] in ("exec", "file")} & set(runner.POSTCOPY_PHASES)
     assert {c[2] for c in every if c[0] == "tcp"} == set(runner.SOCKET_FAULTS)
     assert ("tls", "kvm", "tls-handshake", "setup") in every
     assert {c[2] for c in every if c[0] == "file"} == {"enospc", "kill-src", "corrupt",
@@ -122,11 +130,51 @@ def test_the_plan_covers_every_combination_and_a_seed_replays_it():
 
 
 def test_the_plan_of_one_fault_holds_that_fault_in_every_phase():
-    plan = runner.plan(24, 7, ("tls",), ("kvm", "simulated"), ("corrupt",))
+    plan = runner.plan(36, 7, ("tls",), ("kvm", "simulated"), ("corrupt",))
     assert {t[:3] for t in plan} == {("tls", "kvm", "corrupt"), ("tls", "simulated", "corrupt")}
-    assert {t[3] for t in plan} == set(runner.PHASES)
-    with pytest.raises(ValueError, match="no trial of enospc over tls"):
+    assert {t[3] for t in plan} == set(runner.PHASES + runner.POSTCOPY_PHASES)
+    with pytest.raises(ValueError, match="no trial of enospc at any phase over tls"):
         runner.plan(1, 7, ("tls",), faults=("enospc",))
+
+
+def test_the_plan_of_one_phase_holds_that_phase_only():
+    plan = runner.plan(30, 3, ("tcp", "unix"), ("simulated",), phases=("postcopy-recover",))
+    assert {t[3] for t in plan} == {"postcopy-recover"}
+    assert {t[2] for t in plan} == set(runner.SOCKET_FAULTS)
+    with pytest.raises(ValueError, match="no trial of any fault at postcopy-active over exec"):
+        runner.plan(1, 3, ("exec",), phases=("postcopy-active",))
+
+
+def test_a_second_link_is_forwarded_and_faulted_on_its_own(tmp_path):
+    """A preempt channel is the proxy's second connection: a trigger names it, and a cut of
+    it leaves the first one carrying."""
+    upstream = socket.socket(socket.AF_UNIX)
+    upstream.bind(str(tmp_path / "up"))
+    upstream.listen(2)
+    proxy = FaultProxy(str(tmp_path / "proxy"), str(tmp_path / "up"), links=2)
+    pairs = []
+    for _ in range(2):
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(tmp_path / "proxy"))
+        server, _ = upstream.accept()
+        for sock in (client, server):
+            sock.settimeout(10)
+        pairs.append((client, server))
+    upstream.close()
+    (main_c, main_s), (pre_c, pre_s) = pairs
+    proxy.arm(Trigger("forward", skip=4, link=1), lambda what: "cut")
+    main_c.sendall(b"main-bytes")
+    assert _read(main_s, 10) == b"main-bytes"  # link 0's bytes do not fire link 1's trigger
+    assert not proxy.fired.is_set()
+    pre_c.sendall(b"pre-bytes")
+    assert _read(pre_s, 9) == b"pre-"  # up to the trigger, then the cut
+    assert proxy.fired_at == "forward byte 4 of link 1"
+    main_c.sendall(b"more")
+    assert _read(main_s, 4) == b"more"
+    main_s.sendall(RP.pack(1, 0, 0))
+    assert _read(main_c, 8) == RP.pack(1, 0, 0)
+    assert proxy.links[1].forwarded["forward"] == 4 and proxy.forwarded["forward"] == 14
+    proxy.close()
 
 
 def test_the_summary_counts_trials_per_fault_phase_and_transport():
@@ -148,8 +196,8 @@ def _run_slice(tmp_path, ids):
                        for r in results)
     assert all(r.correct for r in results), report
     for r in results:
-        if r.phase in ("setup", "pre-switchover", "loaded", "committed", "restore") \
-                and r.fault != "tls-handshake":
+        if r.phase in ("setup", "pre-switchover", "loaded", "committed", "restore",
+                       *runner.POSTCOPY_PHASES) and r.fault != "tls-handshake":
             assert r.hit == r.phase, report  # the proxy or the state put it there
     return results
 
@@ -189,3 +237,107 @@ def test_campaign_slice_enospc(tmp_path):
     results = _run_slice(tmp_path, ENOSPC_SLICE)
     assert [r.hit for r in results] == ["live", "stop-and-copy"]
     assert all(r.source == "running" and r.destination == "no file" for r in results)
+
+
+#: Post-copy: a fault after the switch (recovered, or the guest lost by design), during a
+#: recovery, and on the preempt channel.
+POSTCOPY_SIMULATED_SLICE = [
+    "tcp:simulated:cut:postcopy-active:1", "unix:simulated:kill-dst:postcopy-active:2",
+    "tls:simulated:kill-src:postcopy-active:3", "unix:simulated:corrupt:postcopy-recover:9",
+    "tcp:simulated:stall:postcopy-preempt:12",
+]
+POSTCOPY_KVM_SLICE = ["tls:kvm:corrupt:postcopy-active:24", "unix:kvm:stall:postcopy-recover:26"]
+
+
+@needs_uffd
+def test_campaign_slice_postcopy_simulated(tmp_path):
+    results = _run_slice(tmp_path, POSTCOPY_SIMULATED_SLICE)
+    outcomes = [r.outcome for r in results]
+    assert outcomes == ["destination", pc_trials.LOST, pc_trials.LOST, "destination",
+                        "destination"]
+    assert all("recovered" in r.detail for r in results if r.fault not in ("kill-dst",
+                                                                          "kill-src",
+                                                                          "stall"))
+    assert results[0].source == "postmigrate" and results[1].source == "paused"
+    assert results[2].destination == "running"  # its vCPUs waiting for pages, not failing
+
+
+@needs_uffd
+@pytest.mark.kvm
+def test_campaign_slice_postcopy_kvm(tmp_path):
+    results = _run_slice(tmp_path, POSTCOPY_KVM_SLICE)
+    assert all(r.outcome == "destination" and "recovered" in r.detail for r in results)
+
+
+class _FakeProc:
+    """What the post-copy verdict reads of a process: scripted answers."""
+
+    def __init__(self, name, *, alive=True, killed=False, status="postcopy-paused",
+                 run_state="paused", error="post-copy paused: the connection ended",
+                 takes_cont=False):
+        self.name, self.alive, self.killed = name, alive, killed
+        self.status, self.run_state, self.error = status, run_state, error
+        self.takes_cont = takes_cont
+        self.proc = type("P", (), {"pid": 0, "returncode": -9})()
+
+    def try_cmd(self, name, **args):
+        if not self.alive:
+            return None
+        if name == "query-status":
+            return {"status": self.run_state}
+        if name == "query-migrate":
+            return {"status": self.status, **({"error-desc": self.error} if self.error else {})}
+        return {}
+
+    def cmd(self, name, **args):
+        if name == "cont" and self.takes_cont:
+            self.run_state = "running"
+            return {}
+        raise RuntimeError(f"{name} refused")
+
+
+def _verdict(tmp_path, fault, src, dst):
+    result = runner.TrialResult(f"tcp:simulated:{fault}:postcopy-active:1", "tcp", "simulated",
+                                fault, "postcopy-active", 1, hit="postcopy-active")
+    trial = runner.PostcopyTrial(runner.Campaign(str(tmp_path)), result, str(tmp_path))
+    trial.settled = lambda proc, want: want
+    trial.check_files = trial.quits = lambda proc: None
+    trial.judge(src, dst, (9, 7))
+    return result
+
+
+@pytest.mark.parametrize("case,problem", [
+    ("paused", None),
+    ("failed", None),
+    ("resumed", "the source runs its guest after the switch to post-copy"),
+    ("takes-cont", "the source took cont after the switch to post-copy"),
+    ("no-reason", "src: no reason in query-migrate"),
+    ("completed", "src: completed after the kill-dst, not postcopy-paused or failed"),
+    ("crashed", "the src did not survive the kill-dst"),
+])
+def test_a_destination_killed_after_the_switch_loses_the_guest_by_design_only(
+        case, problem, tmp_path):
+    """kill-dst after the switch: the guest is lost by design, and that alone; the source
+    must live on, say why, and never run the guest whose newer pages were at the
+    destination."""
+    src = _FakeProc("src", status={"failed": "failed", "completed": "completed"}.get(
+        case, "postcopy-paused"), run_state="running" if case == "resumed" else "paused",
+        error=None if case == "no-reason" else "post-copy paused: the connection ended",
+        takes_cont=case == "takes-cont", alive=case != "crashed")
+    dst = _FakeProc("dst", alive=False, killed=True)
+    result = _verdict(tmp_path, "kill-dst", src, dst)
+    assert result.outcome == pc_trials.LOST
+    if problem is None:
+        assert result.correct, result.problems
+    else:
+        assert any(p.startswith(problem) for p in result.problems), result.problems
+
+
+@pytest.mark.parametrize("status,correct", [("postcopy-paused", True), ("failed", False),
+                                            ("completed", False)])
+def test_a_source_killed_after_the_switch_leaves_the_destination_waiting(status, correct,
+                                                                        tmp_path):
+    src = _FakeProc("src", alive=False, killed=True)
+    dst = _FakeProc("dst", status=status, run_state="running")
+    result = _verdict(tmp_path, "kill-src", src, dst)
+    assert result.outcome == pc_trials.LOST and result.correct is correct, result.problems

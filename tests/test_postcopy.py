@@ -929,3 +929,193 @@ def test_the_benchmark_measures_what_it_reports():
                                             workload="dirtier")
     assert post["status"] == "completed" and post["cpu_throttle_peak"] == 0
     assert post["destination"]["pages-left"] == 0
+
+
+# -- a recovery asked for the moment the destination pauses ---------------------------------
+
+@needs_uffd
+@pytest.mark.parametrize("preempt", [False, True], ids=["main", "preempt"])
+def test_migrate_recover_at_once_after_the_pause_keeps_the_destination(preempt, cleanup,
+                                                                       monkeypatch):
+    """An operator (or the fault campaign) who answers postcopy-paused with migrate-recover at
+    once can land between the destination's pause and its process's look at how the incoming
+    migration ended: that look must still see a paused post-copy (the guest runs here, the only
+    holder of its newer pages), not a failure to quit on, and nothing the ended connection
+    leaves to close may close the recovery's channels.  The operator's command is made to land
+    there: inside the incoming migration's end, after the pause."""
+    from pymig.session import Session
+
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    dest = Session(destination=True)
+    dest.incoming_options = {"limits": ANY_KIND}
+    cleanup(dest)
+    dest.params.set_capabilities(**{"postcopy-ram": True, **(PREEMPT if preempt else {})})
+    box: dict = {}
+    original = Incoming._receive_postcopy
+
+    def receive_postcopy(self, channel, rp):
+        try:
+            return original(self, channel, rp)
+        except MigrationError:
+            if box:  # (the recovery's own run: as it is)
+                raise
+            box["uri"] = dest.migrate_recover("tcp:127.0.0.1:0")
+            wait_for(lambda: migration.status.value == "postcopy-paused", timeout=60,
+                     what="the source to pause")
+            migration.recover(box["uri"])
+            # the recovered connection (and its preempt channel) accepted, before the first
+            # connection's end is through
+            wait_for(lambda: self.status == "postcopy-active", timeout=60,
+                     what="the recovery to connect")
+            raise
+
+    monkeypatch.setattr(Incoming, "_receive_postcopy", receive_postcopy)
+    bound = dest.start_incoming("tcp:127.0.0.1:0")
+    store = ParameterStore()
+    store.set(**{"x-postcopy-after": 1, "max-bandwidth": 8 * MiB, "x-switchover-capped": True,
+                 "compression": "none", "downtime-limit": 1})
+    store.set_capabilities(**{"postcopy-ram": True, **(PREEMPT if preempt else {})})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(bound)
+    wait_for(lambda: migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    migration._channel.shutdown()
+    wait_for(lambda: "uri" in box, timeout=60, what="the destination to pause")
+    wait_for(lambda: migration.status.value in ("completed", "postcopy-paused")
+             and dest.incoming.status in ("completed", "postcopy-paused"), timeout=120,
+             what="the recovery to end")
+    assert not dest.quit_requested.is_set(), f"the destination quits: {dest.incoming_failed}"
+    assert dest.incoming_failed is None
+    assert (migration.status.value, dest.incoming.status) == ("completed", "completed"), \
+        (migration.query(), dest.incoming.error)
+    assert dest.run_state() == "running"
+    assert_consistent(dest.machine.guest)
+
+
+_MISSING_MAILBOX = r'''
+import mmap, os, sys, threading
+import numpy as np
+from pymig._core import kvm as _kvm
+from pymig.guest import create
+from pymig.guest.config import GuestConfig
+from pymig.guest.layout import MAILBOX_GPA, locate
+from pymig.uffd import read_faults
+
+kind = sys.argv[1]
+guest = create(GuestConfig(kind, 16 << 20, workload="selfcheck",
+                           params={"working_set_bytes": 4 << 20}))
+index, offset = locate(guest.ram_blocks, MAILBOX_GPA, 64)
+block = guest.ram_blocks[index]
+page = offset - offset % block.page_size
+saved = np.array(block.array[page:page + block.page_size])  # what the source would send
+saved[offset - page] = 0x5A
+uffd = _kvm.userfaultfd_open(os.O_CLOEXEC | os.O_NONBLOCK)
+_kvm.uffdio_api(uffd, 0)
+block.discard([(page // block.page_size, 1)])
+_kvm._unsafe_uffdio_register(uffd, block.address + page, block.page_size,
+                             _kvm.REGISTER_MODE_MISSING)
+stop_r, stop_w = os.pipe()
+
+def serve(event, flags, address, tid):  # Python, as the destination's fault thread
+    _kvm._unsafe_uffdio_copy(uffd, block.address + page, saved.ctypes.data, block.page_size)
+
+server = threading.Thread(target=read_faults, args=(uffd, stop_r, serve), daemon=True)
+server.start()
+guest.progress()  # the page is missing: served by the thread above, or never
+assert block.array[offset] == 0x5A
+os.write(stop_w, b"x")
+server.join()
+print("ok")
+'''
+
+
+@needs_uffd
+@pytest.mark.parametrize("kind", POSTCOPY_KINDS)
+def test_progress_reads_a_missing_mailbox_page_without_holding_the_gil(kind, tmp_path):
+    """A destination in post-copy reads its guest's progress (the status line, query-guest)
+    from the mailbox page, which may still be missing (the source paused before sending it,
+    or its request was lost with a connection).  Faulting on it while holding the GIL would
+    stop the thread that fetches it, and the control socket with it: the process hangs and no
+    migrate-recover can reach it.  Run in a child process, which such a hang cannot take the
+    test run down with."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "mailbox.py"
+    script.write_text(_MISSING_MAILBOX)
+    try:
+        done = subprocess.run([sys.executable, str(script), kind], capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("progress() waited for its missing mailbox page holding the GIL: hung")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@needs_uffd
+def test_calc_dirty_rate_waits_for_the_guest_ram_to_have_arrived(cleanup):
+    """Measuring the dirty rate hashes sampled pages of guest RAM; at a destination whose
+    post-copy is not over those pages may be missing, and hashing one holding the GIL would
+    hang the process as a missing mailbox page did.  Refused until the migration completed,
+    as a full self-check is."""
+    from pymig.session import CommandError, Session
+
+    guest = _running(guest_config("simulated", memory=64 * MiB, working_set=32 * MiB), cleanup)
+    dest = Session(destination=True)
+    dest.incoming_options = {"limits": ANY_KIND}
+    cleanup(dest)
+    dest.params.set_capabilities(**{"postcopy-ram": True})
+    bound = dest.start_incoming("tcp:127.0.0.1:0")
+    store = ParameterStore()
+    store.set(**{"x-postcopy-after": 1, "max-bandwidth": 8 * MiB, "x-switchover-capped": True,
+                 "compression": "none", "downtime-limit": 1})
+    store.set_capabilities(**{"postcopy-ram": True})
+    migration = Migration(Machine.source(guest), store)
+    migration.start(bound)
+    wait_for(lambda: migration.query().get("postcopy", {}).get("pages-pushed", 0) > 0,
+             timeout=60, what="pages to be pushed")
+    migration._channel.shutdown()
+    wait_for(lambda: dest.incoming.status == "postcopy-paused", timeout=60,
+             what="the destination to pause")
+    with pytest.raises(CommandError, match="still arriving"):
+        dest.calc_dirty_rate({"calc-time": 1})
+    migration.recover(dest.migrate_recover("tcp:127.0.0.1:0"))
+    wait_for(lambda: dest.incoming.status == "completed", timeout=120,
+             what="the destination to complete")
+    dest.calc_dirty_rate({"calc-time": 1})  # (its RAM is all there now)
+    wait_for(lambda: dest.query_dirty_rate()["status"] == "measured", timeout=30,
+             what="the measurement")
+
+
+@pytest.mark.parametrize("incoming,reads", [("postcopy-active", False), ("postcopy-paused", False),
+                                            ("postcopy-recover", False), ("completed", True)])
+def test_the_status_loop_reads_no_progress_while_the_pages_still_come(incoming, reads):
+    """A destination process's status loop, which also ends the process on quit or a signal,
+    reads the guest's progress (its mailbox page) every second: not while an incoming
+    post-copy's pages still come, when that page may be missing and the loop would wait for
+    it for as long as the post-copy stays paused, deaf to quit and SIGTERM."""
+    from types import SimpleNamespace
+
+    from pymig import process
+    from pymig.session import Session
+
+    session = Session(destination=True)
+    calls = []
+
+    def progress():
+        calls.append(1)
+        return {"pages_written": 0, "passes": 0, "errors": 0, "result": 0, "done": 0}
+
+    guest = SimpleNamespace(status="running", config=SimpleNamespace(workload="selfcheck"),
+                            progress=progress)
+    session.machine = SimpleNamespace(guest=guest)
+    session.incoming = SimpleNamespace(status=incoming, error=None, postcopy=None)
+    timer = threading.Timer(0.6, session.quit_requested.set)
+    timer.start()
+    lines: list[str] = []
+    try:
+        code = process._watch(session, SimpleNamespace(received=None), quiet=False,
+                              interval=0.1, say=lines.append)
+    finally:
+        timer.cancel()
+    assert code == 0 and lines  # it ran, and said where things stand
+    assert bool(calls) is reads, (calls, lines)

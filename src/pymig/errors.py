@@ -112,6 +112,12 @@ class SourceCancelled(MigrationError):
         return (type(self), (self.reason, self.offset))
 
 
+class PostcopyPaused(MigrationError):
+    """An incoming post-copy paused: the guest runs at the destination, its vCPUs that need a
+    missing page waiting for the source to reconnect (``migrate-recover``).  Not a failure to
+    give up on: this side holds the guest's newest pages."""
+
+
 class StateError(PymigError):
     """Device state that does not save or load.
 

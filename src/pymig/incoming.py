@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pymig import stream, transport
-from pymig.errors import (MigrationError, PymigError, SourceCancelled, StateError, StreamError,
-                          TransportError)
+from pymig.errors import (MigrationError, PostcopyPaused, PymigError, SourceCancelled,
+                          StateError, StreamError, TransportError)
 from pymig.guest import GuestConfig
 from pymig.limits import DestinationLimits
 from pymig.machine import LOAD_BUFFER_BYTES, Machine, WarmUp, load_config
@@ -206,6 +206,7 @@ class Incoming:
         if self._listener is None:
             self.listen()
         channel = None
+        paused = False
         try:
             channel, rp, load_time, started_ns = self._receive_and_start()
             if self.after_start is not None:
@@ -227,10 +228,16 @@ class Incoming:
             self._set_status(IncomingStatus.COMPLETED)
             return IncomingResult(self.machine, channel.bytes_received, load_time, started_ns,
                                   self.machine.load_counters())
+        except PostcopyPaused:
+            # (its channels closed before it said so: a recovery may have begun since, and
+            # the preempt channel it holds now is the recovery's)
+            paused = True
+            raise
         finally:
             if channel is not None:
                 channel.close()
-            self._close_preempt()
+            if not paused:
+                self._close_preempt()
             if self._listener is not None:
                 self._listener.close()
 
@@ -432,12 +439,16 @@ class Incoming:
             return
         try:
             self._receive_postcopy(channel, rp)
-        except MigrationError as exc:
+        except PostcopyPaused as exc:
+            channel.close()  # (the preempt channel was closed before the pause: see run)
             log.warning("%s", exc)
             return
-        finally:
+        except BaseException:
             channel.close()
             self._close_preempt()
+            raise
+        channel.close()
+        self._close_preempt()
         self.machine.release_load_buffers()
         self._set_status(IncomingStatus.COMPLETED)
 
@@ -478,7 +489,7 @@ class Incoming:
                 preempt.join()
             self.error = exc
             self._set_status(IncomingStatus.POSTCOPY_PAUSED)
-            raise MigrationError(f"post-copy paused, the guest waits for its missing pages "
+            raise PostcopyPaused(f"post-copy paused, the guest waits for its missing pages "
                                  f"({pc.pages_left()} left): {describe(exc)}") from exc
         self._close_preempt()
         pc.finish()

@@ -60,7 +60,8 @@ def status_line(session: Session, elapsed: float, rate: float | None) -> str:
     state = session.run_state()
     parts = [f"[pymig] {elapsed:7.1f} s  {state:<14}"]
     guest = session.guest
-    if guest is not None and state in ("running", "paused", "finish-migrate"):
+    if guest is not None and state in ("running", "paused", "finish-migrate") \
+            and not session.ram_arriving():
         parts += workload_figures(guest.config.workload, guest.progress(), rate)
     parts += migration_figures(session)
     return "  ".join(part for part in parts if part).rstrip()
@@ -218,7 +219,11 @@ def _watch(session: Session, signals: _Signals, *, quiet: bool, interval: float,
         next_status = now + interval
         guest = session.guest
         rate = None
-        if guest is not None and guest.status in ("running", "paused"):
+        # (not while an incoming post-copy's pages still come: its mailbox page may be
+        # missing, and this loop, which ends the process on quit or a signal, would wait for
+        # it, for as long as the post-copy stays paused)
+        if guest is not None and guest.status in ("running", "paused") \
+                and not session.ram_arriving():
             written = guest.progress()["pages_written"]
             if last_written is not None:
                 rate = (written - last_written) / max(now - last_t, 1e-9)

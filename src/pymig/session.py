@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable
 
 from pymig import blockdev
-from pymig.errors import MigrationError, PymigError
+from pymig.errors import MigrationError, PostcopyPaused, PymigError
 from pymig.guest import Guest
 from pymig.incoming import Incoming, IncomingResult
 from pymig.machine import Machine
@@ -167,11 +167,16 @@ class Session:
         guest.resume()
         self.emit("RESUME", {})
 
+    def ram_arriving(self) -> bool:
+        """Whether this destination's guest runs while its RAM is still coming (an incoming
+        post-copy not over: active, paused or recovering): a page read now may be missing."""
+        return self.incoming is not None and self.incoming.status.startswith("postcopy")
+
     def query_guest(self, verify: bool = False) -> dict[str, Any]:
         """The workload's progress (and, when asked and the guest is paused or self-checking,
         the self-check verdict), plus the console output so far."""
         guest = self._require_guest()
-        if verify and self.incoming is not None and self.incoming.status.startswith("postcopy"):
+        if verify and self.ram_arriving():
             # Its pages are still coming: reading all of RAM here would wait for them holding
             # the GIL that the threads bringing them need (docs/architecture.md, "Post-copy").
             raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
@@ -366,6 +371,11 @@ class Session:
             raise CommandError("the guest has migrated away; measure it at the destination")
         if guest.status in ("shutdown", "error"):
             raise CommandError(f"the guest is {guest.status}; nothing to measure")
+        if self.ram_arriving():
+            # Sampled pages may still be missing, and are hashed holding the GIL that the
+            # threads bringing them need (as a full self-check would: see query_guest).
+            raise CommandError(f"the guest's RAM is still arriving ({self.incoming.status}); "
+                               f"measure its dirty rate once the migration has completed")
         with self._dirty_rate_lock:
             if self.dirty_rate is not None and self.dirty_rate.measuring:
                 raise CommandError("the dirty rate is already being measured.")
@@ -522,9 +532,10 @@ class Session:
         try:
             result = self.incoming.run()
         except BaseException as exc:  # noqa: BLE001 - kept for the process to report
-            if self.incoming.status == "postcopy-paused":
+            if isinstance(exc, PostcopyPaused):
                 # The guest runs here, its vCPUs waiting for pages only the source holds:
-                # the process keeps it (query-migrate says why).
+                # the process keeps it (query-migrate says why).  (Not read from the status:
+                # a migrate-recover may have moved it on already.)
                 return
             self.incoming_failed = exc
             self.quit_requested.set()

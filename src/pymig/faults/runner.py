@@ -13,7 +13,9 @@ LOADED message (``loaded``: everything loaded, COMMIT not sent yet) and its ACK
 (``committed``: the destination got COMMIT and runs its guest, the source does not know yet);
 ``setup`` is the first bytes of the connection, ``live`` a random moment of the first
 iteration.  Each trial records the phase it really hit: the source's migration status read
-while the proxy held the bytes (or, without a proxy, just before the fault).
+while the proxy held the bytes (or, without a proxy, just before the fault).  The post-copy
+phases (``postcopy-active``, ``postcopy-recover``, ``postcopy-preempt``) and what their trials
+must leave are :mod:`pymig.faults.postcopy`'s.
 
 What a trial must leave (``check``):
 
@@ -48,12 +50,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from pymig.faults import postcopy as pc_trials
 from pymig.faults.proxy import FaultProxy, Trigger
 
 TRANSPORTS = ("tcp", "unix", "tls", "exec", "file")
 KINDS = ("kvm", "simulated")
 SOCKET_FAULTS = ("cut", "cut-forward", "cut-return", "kill-dst", "kill-src", "stall", "corrupt")
 PHASES = ("setup", "live", "pre-switchover", "stop-and-copy", "loaded", "committed")
+#: After the switch to post-copy (pymig.faults.postcopy): tcp, unix and TLS (a return path).
+POSTCOPY_PHASES = pc_trials.PHASES
 #: Return-path message types (docs/stream-format.md) the proxy stops at.
 LOADED, ACK = 8, 3
 #: Their TLS 1.3 records' sizes: the 8-byte header (+16 for ACK), the inner content type byte
@@ -68,7 +73,8 @@ def combos(transports=TRANSPORTS, kinds=KINDS) -> list[tuple[str, str, str, str]
     for transport in transports:
         for kind in kinds:
             if transport in ("tcp", "unix", "tls"):
-                out += [(transport, kind, f, p) for f in SOCKET_FAULTS for p in PHASES]
+                out += [(transport, kind, f, p) for f in SOCKET_FAULTS
+                        for p in PHASES + POSTCOPY_PHASES]
                 if transport == "tls":
                     out.append((transport, kind, "tls-handshake", "setup"))
             elif transport == "exec":
@@ -284,9 +290,12 @@ class Campaign:
         return argv + (["--tls-creds", tls] if tls else [])
 
     def dest_argv(self, kind: str, uri: str = "defer", tls: str | None = None,
-                  authz: str | None = None) -> list[str]:
+                  authz: str | None = None, postcopy: str = "") -> list[str]:
+        """``postcopy``: "" (none), "postcopy" or "preempt" (with postcopy-preempt)."""
         argv = [sys.executable, "-m", "pymig", "incoming", uri, "--accept-kind", kind,
                 "--progress-timeout", "5"]
+        argv += ["--postcopy"] if postcopy else []
+        argv += ["--postcopy-preempt"] if postcopy == "preempt" else []
         argv += ["--tls-creds", tls] if tls else []
         return argv + (["--tls-authz", authz] if authz else [])
 
@@ -300,6 +309,8 @@ class Campaign:
         try:
             if transport == "file":
                 FileTrial(self, result, directory).run()
+            elif phase in POSTCOPY_PHASES:
+                PostcopyTrial(self, result, directory).run()
             else:
                 SocketTrial(self, result, directory).run()
         except Exception as exc:  # noqa: BLE001 - a trial that could not run is a failure
@@ -319,6 +330,7 @@ class _Trial:
         self.dir = directory
         self.rng = random.Random(result.seed)
         self.procs: list[Proc] = []
+        self.recover_uris: list[str] = []  # unix sockets a post-copy recovery listened on
 
     def spawn(self, name: str, argv: list[str]) -> Proc:
         proc = Proc(name, argv, self.dir)
@@ -351,6 +363,12 @@ class _Trial:
             time.sleep(0.02)
         return _settled_counts(proc.proc.pid, None)
 
+    def settled(self, proc: Proc, want: tuple[int, int] | None) -> tuple[int, int]:
+        return _settled_counts(proc.proc.pid, want)
+
+    def describe(self, proc: Proc) -> str:
+        return _describe(proc.proc.pid)
+
     def guest_state(self, proc: Proc) -> str:
         if not proc.alive:
             return "dead" if proc.killed else f"exited {proc.proc.returncode}"
@@ -371,8 +389,11 @@ class _Trial:
 
     def migrate_again(self, proc: Proc) -> None:
         path = os.path.join(proc.tmp, "..", f"again-{proc.name}.pymig")
+        # (a file: snapshot takes neither pausing nor post-copy; a destination of a
+        # post-copy has it on)
         proc.cmd("migrate-set-capabilities", capabilities=[
-            {"capability": "pause-before-switchover", "state": False}])
+            {"capability": name, "state": False} for name in (
+                "pause-before-switchover", "postcopy-preempt", "postcopy-ram")])
         proc.cmd("migrate-set-parameters", **{"tls-creds": "", "max-bandwidth": 0})
         proc.cmd("migrate", uri=f"file:{os.path.abspath(path)}")
         status = self.wait_status(proc, (), 60)
@@ -397,6 +418,10 @@ class _Trial:
 class SocketTrial(_Trial):
     """tcp, unix, TLS and exec: two processes, the proxy between them."""
 
+    postcopy = False
+    links = 1  # connections the proxy forwards
+    recover_proxy: FaultProxy | None = None
+
     def run(self) -> None:
         r = self.r
         transport, kind, fault, phase = r.transport, r.kind, r.fault, r.phase
@@ -412,8 +437,10 @@ class SocketTrial(_Trial):
                          "wrong-host": pki["both"], "outside-authz": pki["both"]}[variant]
             if variant == "outside-authz":
                 authz = "CN=someone.else*"
+        mode = "" if not self.postcopy else \
+            "preempt" if phase == "postcopy-preempt" else "postcopy"
         dst = self.spawn("dst", self.c.dest_argv(kind, tls=pki.get("both") if tls else None,
-                                                 authz=authz))
+                                                 authz=authz, postcopy=mode))
         src = self.spawn("src", self.c.source_argv(kind, src_creds))
         self.proxy = None
         try:
@@ -422,18 +449,22 @@ class SocketTrial(_Trial):
             proxy = self.setup_proxy(dst)
             if fault == "tls-handshake" and r.detail == "wrong-host":
                 src.cmd("migrate-set-parameters", **{"tls-hostname": "not.this.host"})
-            src.cmd("migrate-set-capabilities", capabilities=[
-                {"capability": "pause-before-switchover", "state": True}])
-            src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth,
-                                                   "compression": "none"})
+            self.configure(src)
             baseline = self.running_counts(src)
             self.drive(src, dst, proxy)
             self.settle(src, dst, proxy)
             self.judge(src, dst, baseline)
         finally:
-            if self.proxy is not None:
-                self.proxy.close()
+            for proxy in (self.proxy, self.recover_proxy):
+                if proxy is not None:
+                    proxy.close()
             self.end()
+
+    def configure(self, src: Proc) -> None:
+        src.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "pause-before-switchover", "state": True}])
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": self.c.max_bandwidth,
+                                               "compression": "none"})
 
     def setup_proxy(self, dst: Proc) -> FaultProxy:
         r = self.r
@@ -453,13 +484,14 @@ class SocketTrial(_Trial):
         elif r.transport == "unix":
             upstream = os.path.join(self.dir, "dst.mig")
             dst.cmd("migrate-incoming", uri=f"unix:{upstream}")
-            proxy = FaultProxy(os.path.join(self.dir, "proxy"), upstream, rng=self.rng)
+            proxy = FaultProxy(os.path.join(self.dir, "proxy"), upstream, rng=self.rng,
+                               links=self.links)
             self.uri = f"unix:{proxy.address}"
         else:
             bound = dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")["uri"]
             port = int(bound.rsplit(":", 1)[1])
             proxy = FaultProxy(("127.0.0.1", 0), ("127.0.0.1", port), tls=r.transport == "tls",
-                               rng=self.rng)
+                               rng=self.rng, links=self.links)
             self.uri = f"tcp:127.0.0.1:{proxy.address[1]}"
         self.proxy = proxy
         return proxy
@@ -634,6 +666,14 @@ class SocketTrial(_Trial):
         for proc, runs in ((src, src_runs), (dst, dst_runs)):
             if runs:
                 self.migrate_again(proc)
+
+
+class PostcopyTrial(pc_trials.PostcopyTrialMixin, SocketTrial):
+    """tcp, unix and TLS with post-copy: a fault after the switch (pymig.faults.postcopy)."""
+
+    @property
+    def links(self) -> int:
+        return 2 if self.r.phase == "postcopy-preempt" else 1
 
 
 class FileTrial(_Trial):
@@ -866,13 +906,15 @@ def make_pki(directory: str) -> dict[str, str]:
 
 
 def plan(count: int, seed: int, transports=TRANSPORTS, kinds=KINDS,
-         faults: tuple[str, ...] = ()) -> list[tuple]:
-    """``count`` trials: every combination (of ``faults`` only, if given) in turn (shuffled by
-    ``seed``), each with its own seed derived from the campaign's."""
+         faults: tuple[str, ...] = (), phases: tuple[str, ...] = ()) -> list[tuple]:
+    """``count`` trials: every combination (of ``faults`` and ``phases`` only, if given) in
+    turn (shuffled by ``seed``), each with its own seed derived from the campaign's."""
     rng = random.Random(seed)
-    every = [c for c in combos(transports, kinds) if not faults or c[2] in faults]
+    every = [c for c in combos(transports, kinds)
+             if (not faults or c[2] in faults) and (not phases or c[3] in phases)]
     if not every:
-        raise ValueError(f"no trial of {', '.join(faults)} over {', '.join(transports)}")
+        raise ValueError(f"no trial of {', '.join(faults or ('any fault',))} at "
+                         f"{', '.join(phases or ('any phase',))} over {', '.join(transports)}")
     trials = []
     while len(trials) < count:
         batch = list(every)
@@ -900,9 +942,10 @@ def summary(results: list[dict]) -> str:
     lines = ["| fault | phase | " + " | ".join(transports) + " |",
              "|---|---|" + "---|" * len(transports)]
     order = list(SOCKET_FAULTS) + ["tls-handshake", "enospc"]
+    phases = PHASES + POSTCOPY_PHASES
     for (fault, phase) in sorted(cells, key=lambda k: (
             order.index(k[0]) if k[0] in order else 99,
-            PHASES.index(k[1]) if k[1] in PHASES else 99)):
+            phases.index(k[1]) if k[1] in phases else 99)):
         row = cells[(fault, phase)]
         lines.append(f"| {fault} | {phase} | " + " | ".join(
             f"{row[t][1]}/{row[t][0]}" if t in row else "" for t in transports) + " |")
@@ -925,6 +968,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", action="append",
                         choices=SOCKET_FAULTS + ("tls-handshake", "enospc"),
                         help="only this fault (again for more)")
+    parser.add_argument("--phase", action="append",
+                        choices=PHASES + POSTCOPY_PHASES + ("restore",),
+                        help="only this phase (again for more)")
     parser.add_argument("--replay", action="append", metavar="ID",
                         help="run this trial (TRANSPORT:KIND:FAULT:PHASE:SEED) again")
     parser.add_argument("--out", metavar="JSONL", help="append a JSON line per trial")
@@ -938,9 +984,12 @@ def main(argv: list[str] | None = None) -> int:
     kinds = tuple(args.kind or ("kvm", "simulated"))
     if "kvm" in kinds and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         kinds = tuple(k for k in kinds if k != "kvm") or ("simulated",)
-    trials = [parse_id(t) for t in args.replay] if args.replay else \
-        plan(args.trials, args.seed, tuple(args.transport or TRANSPORTS), kinds,
-             tuple(args.fault or ()))
+    try:
+        trials = [parse_id(t) for t in args.replay] if args.replay else \
+            plan(args.trials, args.seed, tuple(args.transport or TRANSPORTS), kinds,
+                 tuple(args.fault or ()), tuple(args.phase or ()))
+    except ValueError as exc:
+        parser.error(str(exc))
     # SIGTERM ends the campaign through its cleanup (the tmpfs unmounted, processes ended)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     if os.geteuid() != 0 and any(t[2] == "enospc" for t in trials):

@@ -48,11 +48,11 @@ from pymig.guest.base import (
     check_vcpu_index,
     write_phys,
 )
-from pymig.guest.layout import MAILBOX_GPA, MAILBOX_RECORD_BYTES, locate
+from pymig.guest.layout import locate
 from pymig.guest.config import validate_config
 from pymig.guest.disks import open_disks, with_targets
 from pymig.guest.workloads import (MailboxRecord, progress_from_mailbox, read_mailbox,
-                                   write_fill)
+                                   touch_mailbox, write_fill)
 from pymig.kvm import cpustate
 from pymig.kvm.ata import AtaChannel, DiskErrorEvent
 from pymig.kvm.runtime import KvmRuntime
@@ -438,9 +438,7 @@ class KvmGuest:
 
     def _touch_mailbox(self) -> None:
         # During post-copy the mailbox page may still be missing: fault it in without the GIL.
-        nbytes = MAILBOX_RECORD_BYTES * self.vcpu_count
-        index, offset = locate(self.ram_blocks, MAILBOX_GPA, nbytes)
-        touch_without_gil(self.ram_blocks[index].address + offset, nbytes)
+        touch_mailbox(self.ram_blocks, self.vcpu_count)
 
 
 def _enter(vcpu, entry: loader.Entry) -> None:

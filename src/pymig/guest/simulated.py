@@ -63,7 +63,7 @@ from pymig.guest.base import (
 from pymig.guest.disks import open_disks, with_targets
 from pymig.guest.layout import PARAMS_GPA
 from pymig.guest.workloads import (KVM_ONLY, Workload, pack_params, progress_from_mailbox,
-                                   resolve, write_fill)
+                                   resolve, touch_mailbox, write_fill)
 from pymig.memory import Backing, RamBlock
 from pymig.vmstate import Field, VMStateDescription, any_value
 
@@ -467,6 +467,7 @@ class SimulatedGuest:
     def progress(self) -> dict[str, int]:
         """The workload's counters from the mailbox in guest RAM (see progress_from_mailbox)."""
         self._check_open()
+        touch_mailbox(self.ram_blocks, self.vcpu_count)  # (a post-copy page may be missing)
         return progress_from_mailbox(self.ram_blocks, self.vcpu_count)
 
     def __repr__(self) -> str:

@@ -160,6 +160,7 @@ from pymig.guest.layout import (
     WORKSET_GPA,
     locate,
 )
+from pymig.memory import touch_without_gil
 
 if TYPE_CHECKING:
     from pymig.guest.base import GuestConfig
@@ -663,6 +664,15 @@ def read_mailbox(memory: Any, vcpus: int) -> list[MailboxRecord]:
     """The mailbox records of a guest, RAM blocks or :class:`PhysMemory`."""
     phys = memory if isinstance(memory, PhysMemory) else PhysMemory(memory)
     return unpack_mailbox(phys.view(MAILBOX_GPA, MAILBOX_RECORD_BYTES * vcpus), vcpus)
+
+
+def touch_mailbox(blocks: Sequence[Any], vcpus: int) -> None:
+    """Fault the mailbox in without the GIL: during post-copy its page may still be missing at
+    the destination, and a reader that waits for it holding the GIL would stop the threads
+    that fetch it (docs/architecture.md, "Post-copy")."""
+    nbytes = MAILBOX_RECORD_BYTES * vcpus
+    index, offset = locate(blocks, MAILBOX_GPA, nbytes)
+    touch_without_gil(blocks[index].address + offset, nbytes)
 
 
 def progress_from_mailbox(blocks: Any, vcpus: int) -> dict[str, int]:
