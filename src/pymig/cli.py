@@ -619,6 +619,10 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
 @click.option("--compressed-share", type=click.FloatRange(0.001, 1), default=None,
               help="wire bytes per page byte of a data page under LZ4 (1: incompressible)")
 @click.option("--vcpus", type=click.IntRange(1, 8), default=None)
+@click.option("--rearm-at-send", is_flag=True,
+              help="the dirty log is re-armed chunk by chunk as a pass reaches it (a KVM "
+                   "guest's dirty bitmap, manual protection): a page written again before "
+                   "its chunk is re-armed is not sent again")
 @click.option("--bandwidth", type=SIZE, default="0",
               help="the link, bytes/s (0: the source's own rate bounds)")
 @click.option("--measure-link", is_flag=True,
@@ -654,10 +658,10 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
 @click.option("--trace", "show_trace", is_flag=True, help="also print the model's syncs")
 @click.option("--json", "as_json", is_flag=True, help="print the prediction as JSON")
 def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, working_set,
-            pattern, data, zero_share, compressed_share, vcpus, bandwidth, measure_link, rtt,
-            source_rate, first_touch, switchover_cost, downtime_limit, max_bandwidth,
-            switchover_capped, auto_converge, throttle_mode, dirty_limit, compression,
-            max_total_time, limit_action, save_profile, show_trace, as_json) -> None:
+            pattern, data, zero_share, compressed_share, vcpus, rearm_at_send, bandwidth,
+            measure_link, rtt, source_rate, first_touch, switchover_cost, downtime_limit,
+            max_bandwidth, switchover_capped, auto_converge, throttle_mode, dirty_limit,
+            compression, max_total_time, limit_action, save_profile, show_trace, as_json) -> None:
     """Predict a migration before running it: total time, downtime, bytes, passes, and
     whether it converges, by running pymig's convergence policy over a model of the guest
     (measured behind --control, a saved --profile, or given by --rate and --working-set) and
@@ -673,7 +677,8 @@ def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, 
               "with --working-set and --memory")
     overrides = {k: v for k, v in {"pattern": pattern, "zero_share": zero_share,
                                    "compressed_share": compressed_share,
-                                   "vcpus": vcpus}.items() if v is not None}
+                                   "vcpus": vcpus, "rearmed_at_send": rearm_at_send or None,
+                                   }.items() if v is not None}  # else a profile's own
     if data is not None:
         overrides["data_pages"] = data // 4096
     try:

@@ -19,7 +19,9 @@ cut into bins in address order, the working set first (where the built-in worklo
 it).  A sync finds, in each bin, ``W_bin * D(run time since the last sync) / W`` pages: what
 the dirty log shows, the distinct pages written over the period (fewer than the writes once
 pages are written twice), including pages written after the last sync and sent since,
-which go again.
+which go again.  Where the log is re-armed chunk by chunk as a pass reaches it (a KVM
+guest's bitmap, manually protected: ``GuestModel.rearmed_at_send``), a page the last sync
+found counts only if written after its chunk's re-arm: before, it went in the pass's copy.
 
 The link (:class:`LinkModel`) carries wire bytes at its bandwidth, and through
 ``max-bandwidth``'s token bucket (:class:`TokenBucket`) while the guest runs; the source
@@ -102,6 +104,10 @@ class GuestModel:
     # order (what Source.zero_profile measures); empty: zero_share everywhere
     zero_profile: tuple[float, ...] = ()
     compressed_share: float = 1.0  # wire bytes / page bytes of a data page under LZ4
+    # the dirty log is re-armed chunk by chunk as a pass reaches it (KVM's bitmap with manual
+    # protection), not by the sync: a page the sync found and the guest writes again before
+    # its chunk is re-armed goes in this pass's copy and is not logged again
+    rearmed_at_send: bool = False
     vcpus: int = 1
     page_size: int = PAGE_SIZE
 
@@ -498,6 +504,13 @@ class _State:
         self.own_rate_bps = 0.0
         self.closed: tuple[int, int] | None = None
         self.next_bin = 0  # where a sliced pass goes on
+        # with a log re-armed as a pass reaches each chunk: the re-protect chunk of each bin,
+        # the share of each bin's working-set pages the last sync found whose chunk is not
+        # re-armed yet (set in the log: writing them again logs nothing), and the run time
+        # the bin's chunk was re-armed since the last sync (nan: not)
+        self.chunk_of = edges[:-1] // CLEAR_CHUNK_PAGES
+        self.log_set = np.zeros_like(self.pages)
+        self.rearmed_tau = np.full_like(self.pages, np.nan)
         self.swept = False  # the first pass over the data pages is through
         self.in_first_pass = True  # the last pass sent was (part of) the first
         self.expected_before_wait = math.inf  # the decision a catch-up wait followed
@@ -544,12 +557,26 @@ class _State:
 
     # -- the dirty log --
     def sync(self) -> int:
-        """Harvest the dirty log into the migration bitmap; returns the pages it showed."""
+        """Harvest the dirty log into the migration bitmap; returns the pages it showed.
+
+        Each working-set page is found if written in the window since the last sync; with a
+        log re-armed as the pass reaches each chunk, a page the last sync found (its bit still
+        set) only if written after its chunk was re-armed: a write before is in the copy the
+        pass sent, and the log, its bit already set, shows nothing new (ram.RamSaver.sync)."""
         self.advance(self.link.per_sync_s)
         w = self.guest.working_set_pages
         share = self.guest.distinct(self.tau - self.synced_tau) / w if w > 0 else 0.0
         self.synced_tau = self.tau
-        found = self.ws_pages * share
+        if self.guest.rearmed_at_send and w > 0:
+            rearmed = ~np.isnan(self.rearmed_tau)
+            since = np.where(rearmed, self.tau - np.nan_to_num(self.rearmed_tau), 0.0)
+            after = np.array([self.guest.distinct(t) / w for t in since])
+            found_share = (1 - self.log_set) * share + self.log_set * after
+            self.log_set = found_share + np.where(rearmed, 0.0, self.log_set)
+            self.rearmed_tau[:] = np.nan
+            found = self.ws_pages * found_share
+        else:
+            found = self.ws_pages * share
         with np.errstate(invalid="ignore", divide="ignore"):
             new = np.where(self.pages > 0, found / self.pages, 0.0)
         self.pending = np.minimum(self.pending + new * (1 - self.pending), 1.0)
@@ -604,6 +631,7 @@ class _State:
             self.pass_packets.append(self.packet_page_bytes())
         n = len(self.pages)
         sent: list[tuple[float, float]] = []  # (pages, wire bytes) of each bin, in order
+        rearmed: set[int] = set()  # bins whose chunk this pass re-armed
         for step in range(n):
             if self.now - began >= slice_s:
                 break
@@ -611,6 +639,11 @@ class _State:
             pages = self.pending[b] * self.pages[b]
             if pages <= 0:
                 continue
+            if self.guest.rearmed_at_send and b not in rearmed:
+                # the pass re-arms the bin's chunk before it reads any of it
+                chunk = self.chunk_of == self.chunk_of[b]
+                rearmed.update(np.flatnonzero(chunk).tolist())
+                self.rearmed_tau[chunk] = self.tau
             first = not self.sent_before[b]
             wire = self.wire_bytes(pages, b if first else None)
             seconds, busy = self.send_time(pages, wire, first)

@@ -131,7 +131,10 @@ def predict_point(spec: SweepSpec, point: dict[str, Any], data_pages: int = 0,
                        pattern=spec.pattern if spec.pattern in ("uniform", "sequential")
                        else "uniform", data_pages=data_pages, vcpus=spec.vcpus,
                        zero_share=zero_pages / data_pages if data_pages else 0.0,
-                       zero_profile=tuple(zero_profile or ()))
+                       zero_profile=tuple(zero_profile or ()),
+                       # a KVM guest's bitmap log, manually protected, is re-armed chunk by
+                       # chunk as a pass reaches it; a simulated guest's sync re-arms it
+                       rearmed_at_send=spec.kind == "kvm")
     zero_s, data_s = first_touch or host_first_touch()
     return predict(guest, LinkModel(bandwidth_bps=link_bps,
                                     destination_ready_s=DESTINATION_READY_S,
