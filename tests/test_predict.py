@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from _migration_helpers import run_pymig
+from _migration_helpers import GUEST_KINDS, run_pymig
 from pymig import policy
 from pymig.predict import GuestModel, LinkModel, load_guest, parameters, predict
 
@@ -238,12 +238,14 @@ def test_pymig_predict_prints_json_and_refuses_a_guest_described_twice(tmp_path)
     assert both.returncode == 1 and "one way" in both.stderr and "Traceback" not in both.stderr
 
 
-def test_pymig_predict_measures_a_running_guest(tmp_path):
+@pytest.mark.parametrize("kind", GUEST_KINDS)
+def test_pymig_predict_measures_a_running_guest(kind, tmp_path):
     from _migration_helpers import finish, pymig_process, wait_for_path
 
     ctl = str(tmp_path / "src.sock")
     proc = pymig_process("run", "--workload", "dirtier", "--memory", "64M", "--working-set",
-                         "16M", "--rate", "8000", "--simulated", "--control", ctl, "--quiet")
+                         "16M", "--rate", "8000", *(["--simulated"] if kind == "simulated"
+                                                    else []), "--control", ctl, "--quiet")
     try:
         wait_for_path(ctl, proc)
         done = run_pymig("predict", "--control", ctl, "--memory", "64M", "--calc-time",
@@ -256,6 +258,8 @@ def test_pymig_predict_measures_a_running_guest(tmp_path):
     model = out["guest"]
     assert model["write_rate_pps"] == pytest.approx(8000, rel=0.3)
     assert model["pattern"] == "curve" and len(model["curve"]) >= 3
+    # the guest's kind says how its dirty log is re-armed: by the pass (KVM) or the sync
+    assert model["rearmed_at_send"] is (kind == "kvm")
     # 8,000 pages/s is 33 MB/s of pages against a 20 MB/s link
     assert out["converged"] is False
     assert load_guest(tmp_path / "guest.json").write_rate_pps == model["write_rate_pps"]

@@ -690,6 +690,9 @@ def predict(control, control_tcp_token, calc_time, mode, profile, memory, rate, 
             client = _connect(control, control_tcp_token)
             with client:
                 info = measure(client, parse_calc_time(calc_time), mode)
+                # a KVM guest's log is re-armed as each pass reaches a chunk (--rearm-at-send)
+                overrides.setdefault("rearmed_at_send",
+                                     client.command("query-guest").get("kind") == "kvm")
             guest = GuestModel.from_dirty_rate(info, memory, **overrides)
         elif profile is not None:
             guest = load_guest(profile, memory, **overrides)

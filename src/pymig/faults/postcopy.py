@@ -306,15 +306,7 @@ class PostcopyTrialMixin:
         if src_status not in ("completed", "postcopy-paused"):
             r.problems.append(f"src: {src_status} after a completed post-copy")
         self.verify(dst)
-        key = (r.transport, r.kind)
-        counts = self.settled(dst, self.c.dest_counts.get(key))
-        self.c.dest_counts.setdefault(key, counts)
-        if counts != self.c.dest_counts[key]:
-            r.problems.append(f"dst: descriptors/threads {counts}, a clean destination has "
-                              f"{self.c.dest_counts[key]} ({self.describe(dst)})")
-        self.check_files(dst)
-        if os.path.exists(os.path.join(self.dir, "dst.mig")):
-            r.problems.append("dst: its unix migration socket file is still there")
+        self.check_clean_destination(dst)
         self.migrate_again(dst)
 
     def quits(self, proc) -> None:

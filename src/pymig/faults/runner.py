@@ -369,6 +369,20 @@ class _Trial:
     def describe(self, proc: Proc) -> str:
         return _describe(proc.proc.pid)
 
+    def check_clean_destination(self, dst: Proc) -> None:
+        """A destination that runs the guest holds as many descriptors and threads as the
+        first clean one of its transport and kind, no stray files, no socket file left."""
+        r = self.r
+        key = (r.transport, r.kind)
+        counts = self.settled(dst, self.c.dest_counts.get(key))
+        self.c.dest_counts.setdefault(key, counts)
+        if counts != self.c.dest_counts[key]:
+            r.problems.append(f"dst: descriptors/threads {counts}, a clean destination has "
+                              f"{self.c.dest_counts[key]} ({self.describe(dst)})")
+        self.check_files(dst)
+        if os.path.exists(os.path.join(self.dir, "dst.mig")):
+            r.problems.append("dst: its unix migration socket file is still there")
+
     def guest_state(self, proc: Proc) -> str:
         if not proc.alive:
             return "dead" if proc.killed else f"exited {proc.proc.returncode}"
@@ -654,15 +668,7 @@ class SocketTrial(_Trial):
                                   f"({_describe(src.proc.pid)})")
             self.check_files(src)
         if dst_runs:
-            key = (r.transport, r.kind)
-            counts = _settled_counts(dst.proc.pid, self.c.dest_counts.get(key))
-            self.c.dest_counts.setdefault(key, counts)
-            if counts != self.c.dest_counts[key]:
-                r.problems.append(f"dst: descriptors/threads {counts}, a clean destination "
-                                  f"has {self.c.dest_counts[key]}")
-            self.check_files(dst)
-            if os.path.exists(os.path.join(self.dir, "dst.mig")):
-                r.problems.append("dst: its unix migration socket file is still there")
+            self.check_clean_destination(dst)
         for proc, runs in ((src, src_runs), (dst, dst_runs)):
             if runs:
                 self.migrate_again(proc)
