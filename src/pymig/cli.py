@@ -634,7 +634,7 @@ def dirtyrate(control, control_tcp_token, calc_time, mode, sample_pages, as_json
               help="page bytes/s the source moves when nothing else bounds it (default 1.5G)")
 @click.option("--first-touch", type=SIZE, default="0",
               help="page bytes/s a destination takes pages it never had at (0: no bound)")
-@click.option("--switchover-cost", type=click.FloatRange(0, None), default=0.0, metavar="MS",
+@click.option("--switchover-cost", type=click.FloatRange(0, 60_000), default=0.0, metavar="MS",
               help="the switchover's fixed cost on the host (the downtime of an idle guest of "
                    "this shape migrated there; 0: the built-in figure)")
 @click.option("--downtime-limit", type=click.IntRange(1, None), default=300, show_default=True,
@@ -798,7 +798,7 @@ def _int_list(text: str, convert=int) -> tuple:
 @click.option("--cells", "chosen_cells", default=None, metavar="RATE:BANDWIDTH,...",
               help="cells whose passes remaining.png draws (remaining against time, measured "
                    "and predicted); by default the converging ones with the most passes")
-@click.option("--switchover-runs", type=click.IntRange(0, None), default=5, show_default=True,
+@click.option("--switchover-runs", type=click.IntRange(0, 100), default=5, show_default=True,
               help="idle guests migrated before the first run; their median downtime is the "
                    "switchover's fixed cost the predictions use (0: the built-in figure)")
 @click.option("--plot-only", is_flag=True, help="draw the figures from what is in --out")
